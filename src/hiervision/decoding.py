@@ -1,0 +1,103 @@
+"""Turning model scores into paths of the tree.
+
+Every model ends in a :class:`Prediction`, so metrics, the CLI and serving never special-case a
+method. Two decoders live here:
+
+* :func:`exact_best_path` — for heads whose per-node scores do not depend on earlier predictions
+  (flat softmax, per-level heads, Koo's FPL outputs): the best *valid* path is found exactly by
+  summing log-probabilities along every root-to-node path, one matrix product.
+* :func:`threshold_paths` — multi-label: a node is kept when it and all its ancestors pass the
+  threshold (Koo et al., Sec. 4.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hiervision.taxonomy import PAD, Taxonomy
+
+__all__ = ["Prediction", "exact_best_path", "threshold_paths"]
+
+
+@dataclass
+class Prediction:
+    """What every model's ``predict`` returns for a batch of B images.
+
+    Attributes:
+        paths: ``(B, D)`` node ids per level, :data:`~hiervision.taxonomy.PAD` after the end.
+            Autoregressive heads may emit invalid paths; metrics report how often.
+        scores: ``(B, N+1)`` per-node score in [0, 1] (marginal probability for softmax heads,
+            sigmoid for multi-label heads); column 0 unused.
+        path_prob: ``(B,)`` probability the model gives to the returned path.
+        labels: multi-label only — ``(B, N+1)`` bool, the predicted path *ends* (a set of paths).
+    """
+
+    paths: torch.Tensor
+    scores: torch.Tensor
+    path_prob: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    @property
+    def nodes(self) -> torch.Tensor:
+        """``(B,)`` the last node of each path (the predicted class)."""
+        lengths = (self.paths != PAD).sum(1).clamp(min=1)
+        return self.paths.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @staticmethod
+    def cat(parts: list[Prediction]) -> Prediction:
+        """Join per-batch predictions (paths are padded to the longest)."""
+        d = max(p.paths.shape[1] for p in parts)
+        paths = torch.cat([torch.nn.functional.pad(p.paths, (0, d - p.paths.shape[1]), value=PAD) for p in parts])
+        labels = None if parts[0].labels is None else torch.cat([p.labels for p in parts])
+        return Prediction(
+            paths, torch.cat([p.scores for p in parts]), torch.cat([p.path_prob for p in parts]), labels
+        )
+
+
+def exact_best_path(
+    taxonomy: Taxonomy,
+    node_logprob: torch.Tensor,
+    end_nodes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best valid path under independent per-node log-probabilities.
+
+    Args:
+        node_logprob: ``(B, N+1)`` log-probability of each node *given its level* (column 0 ignored).
+        end_nodes: ``(N+1,)`` bool, where a path may end (default: leaves only; pass all nodes
+            for variable-length trees where inner nodes are labels).
+
+    Returns:
+        ``(nodes, logprob)``: the best end node per sample and its path's summed log-probability.
+    """
+    anc = taxonomy.ancestor_matrix.to(node_logprob.device, node_logprob.dtype)
+    lp = node_logprob.clone()
+    lp[:, 0] = 0
+    path_lp = lp @ anc.T  # (B, N+1): sum along each root-to-node path
+    if end_nodes is None:
+        end_nodes = torch.zeros(taxonomy.num_nodes, dtype=torch.bool)
+        end_nodes[list(taxonomy.leaves)] = True
+    path_lp = path_lp.masked_fill(~end_nodes.to(path_lp.device), float("-inf"))
+    best_lp, nodes = path_lp.max(1)
+    return nodes, best_lp
+
+
+def threshold_paths(taxonomy: Taxonomy, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Multi-label decoding: ``(B, N+1)`` sigmoid scores → ``(B, N+1)`` bool set of kept path ends.
+
+    A node is kept when it and every ancestor pass ``threshold``; the kept paths are the kept
+    nodes that have no kept child (the deepest points reached).
+    """
+    passed = scores >= threshold
+    passed[:, 0] = False
+    anc = taxonomy.ancestor_matrix.to(scores.device)
+    # a node survives if the number of passing nodes on its path equals its depth
+    on_path = passed.float() @ anc.T.float()
+    depth = taxonomy.depth_tensor.to(scores.device).float()
+    kept = passed & (on_path == depth)
+    has_kept_child = (kept.float() @ taxonomy.child_mask.T.float().to(scores.device)) > 0
+    return kept & ~has_kept_child
