@@ -42,8 +42,9 @@ class Prediction:
     @property
     def nodes(self) -> torch.Tensor:
         """``(B,)`` the last node of each path (the predicted class)."""
-        lengths = (self.paths != PAD).sum(1).clamp(min=1)
-        return self.paths.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
+        real = self.paths != PAD
+        last = real.shape[1] - 1 - real.flip(1).int().argmax(1)  # index of the last non-PAD entry
+        return self.paths.gather(1, last.unsqueeze(1)).squeeze(1)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -74,14 +75,17 @@ def exact_best_path(
     Returns:
         ``(nodes, logprob)``: the best end node per sample and its path's summed log-probability.
     """
-    anc = taxonomy.ancestor_matrix.to(node_logprob.device, node_logprob.dtype)
-    lp = node_logprob.clone()
+    anc = taxonomy.ancestor_matrix.to(node_logprob.device, torch.float32)
+    # -inf (probability 0) would turn 0·(-inf) into NaN in the product: a large finite floor is exact enough
+    lp = node_logprob.float().clamp(min=-1e4)
     lp[:, 0] = 0
     path_lp = lp @ anc.T  # (B, N+1): sum along each root-to-node path
     if end_nodes is None:
         end_nodes = torch.zeros(taxonomy.num_nodes, dtype=torch.bool)
         end_nodes[list(taxonomy.leaves)] = True
-    path_lp = path_lp.masked_fill(~end_nodes.to(path_lp.device), float("-inf"))
+    end_nodes = end_nodes.to(path_lp.device).clone()
+    end_nodes[0] = False  # the root is not a class
+    path_lp = path_lp.masked_fill(~end_nodes, float("-inf"))
     best_lp, nodes = path_lp.max(1)
     return nodes, best_lp
 
@@ -92,12 +96,11 @@ def threshold_paths(taxonomy: Taxonomy, scores: torch.Tensor, threshold: float) 
     A node is kept when it and every ancestor pass ``threshold``; the kept paths are the kept
     nodes that have no kept child (the deepest points reached).
     """
-    passed = scores >= threshold
-    passed[:, 0] = False
-    anc = taxonomy.ancestor_matrix.to(scores.device)
-    # a node survives if the number of passing nodes on its path equals its depth
-    on_path = passed.float() @ anc.T.float()
-    depth = taxonomy.depth_tensor.to(scores.device).float()
-    kept = passed & (on_path == depth)
-    has_kept_child = (kept.float() @ taxonomy.child_mask.T.float().to(scores.device)) > 0
-    return kept & ~has_kept_child
+    kept = (scores >= threshold).T.contiguous()
+    kept[0] = True  # the root passes, so depth-1 nodes only need themselves
+    parents = taxonomy.parent_tensor.to(scores.device)
+    for level in taxonomy.levels:  # top-down: a node stays only if its parent stayed
+        idx = torch.tensor(level, dtype=torch.long, device=scores.device)
+        kept[idx] &= kept[parents[idx]]
+    kept[0] = False
+    return taxonomy.path_ends(kept.T)

@@ -226,7 +226,11 @@ class Taxonomy:
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or not {"parent", "child"} <= set(reader.fieldnames):
                     raise TaxonomyError(f"{path}: header must name 'parent' and 'child' columns")
-                edges = [(row["parent"].strip(), row["child"].strip()) for row in reader]
+                edges = []
+                for line, row in enumerate(reader, start=2):
+                    if not row.get("parent") or not row.get("child"):
+                        raise TaxonomyError(f"{path}:{line}: row needs both a parent and a child")
+                    edges.append((row["parent"].strip(), row["child"].strip()))
         except OSError as e:
             raise TaxonomyError(f"{path}: cannot read ({e.strerror})") from None
         return cls.from_edges(edges, root=root)
@@ -238,8 +242,8 @@ class Taxonomy:
         if not root_dir.is_dir():
             raise TaxonomyError(f"{root_dir}: not a folder")
         parent_of: dict[str, str | None] = {}
-        for dirpath, dirnames, _ in sorted(os.walk(root_dir)):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for dirpath, dirnames, _ in os.walk(root_dir):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # in place: prunes the walk
             rel = Path(dirpath).relative_to(root_dir)
             for d in dirnames:
                 key = (rel / d).as_posix()
@@ -285,8 +289,7 @@ class Taxonomy:
             raise TaxonomyError(f"{hierarchy_json}: cannot read Open Images hierarchy ({e})") from None
         names: dict[str, str] = {}
         if descriptions_csv is not None:
-            with open(descriptions_csv, newline="", encoding="utf-8") as f:
-                names = {row[0]: row[1] for row in csv.reader(f) if len(row) >= 2}
+            names = {row[0]: row[1] for row in csv.reader(_read_text(descriptions_csv).splitlines()) if len(row) >= 2}
         edges: list[tuple[str, str]] = []
         stack = [(data, None)]
         while stack:
@@ -322,12 +325,12 @@ class Taxonomy:
         """
         names: dict[str, str] = {}
         if names_file is not None:
-            for line in Path(names_file).read_text(encoding="utf-8").splitlines():
+            for line in _read_text(names_file).splitlines():
                 wnid, _, name = line.partition("\t")
                 if wnid:
                     names[wnid] = name.split(",")[0].strip() or wnid
         edges = []
-        for i, line in enumerate(Path(hierarchy_file).read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(_read_text(hierarchy_file).splitlines(), 1):
             parts = line.split()
             if not parts:
                 continue
@@ -543,6 +546,13 @@ class Taxonomy:
         names = [root_name or self.names[0]] + [self.names[n] for n in keep]
         ext = [self.external_ids[0]] + [self.external_ids[n] for n in keep]
         parents = [-1] + [remap[new_parent[n]] for n in keep]
+        # moving nodes up can make two same-named nodes siblings: tell them apart by their id
+        count: dict[tuple[int, str], int] = {}
+        for i in range(1, len(names)):
+            count[(parents[i], names[i])] = count.get((parents[i], names[i]), 0) + 1
+        for i in range(1, len(names)):
+            if count[(parents[i], names[i])] > 1:
+                names[i] = f"{names[i]} ({ext[i] or keep[i - 1]})"
         # parents must come before children for readability: reorder topologically
         tax = Taxonomy(names, parents, ext)
         order = [n for n in tax._topological() if n]
@@ -562,7 +572,7 @@ class Taxonomy:
         return self._rebuild(order, {n: self.parents[n] for n in order})
 
     def collapse(self, remove, root_name: str | None = None) -> Taxonomy:
-        """Remove nodes for which ``remove(self, node)`` is true; their children move up to the nearest kept ancestor."""
+        """Remove the nodes where ``remove(self, node)`` holds; children move up to the nearest kept ancestor."""
         dropped = {n for n in range(1, self.num_nodes) if remove(self, n)}
         keep = [n for n in range(1, self.num_nodes) if n not in dropped]
         new_parent = {}
@@ -574,15 +584,29 @@ class Taxonomy:
         return self._rebuild(keep, new_parent, root_name=root_name)
 
     def collapse_chains(self, protect: Iterable[int] | None = None) -> Taxonomy:
-        """Remove inner nodes with exactly one child (unless protected, e.g. labelled classes)."""
+        """Remove inner nodes with exactly one child (unless protected, e.g. labelled classes).
+
+        The root is treated the same way: while it would be left with a single inner child, that
+        child goes too, so the tree does not start with a chain.
+        """
         protect = set(protect or ())
+        drop = {n for n in range(1, self.num_nodes) if len(self.children[n]) == 1 and n not in protect}
 
-        def single(t: Taxonomy, n: int) -> bool:
-            # an only child of the root that has children is a chain link too
-            lone_top = t.parents[n] == 0 and len(t.children[0]) == 1 and bool(t.children[n])
-            return (len(t.children[n]) == 1 or lone_top) and n not in protect
+        def kept_children(v: int) -> list[int]:
+            out, stack = [], list(self.children[v])
+            while stack:
+                c = stack.pop()
+                if c in drop:
+                    stack.extend(self.children[c])
+                else:
+                    out.append(c)
+            return out
 
-        return self.collapse(single)
+        top = kept_children(0)
+        while len(top) == 1 and self.children[top[0]] and top[0] not in protect:
+            drop.add(top[0])
+            top = kept_children(top[0])
+        return self.collapse(lambda t, n: n in drop)
 
     def cap_depth(self, max_depth: int) -> Taxonomy:
         """Make every path at most ``max_depth`` long by dropping the lowest intermediate nodes.
@@ -691,9 +715,32 @@ class Taxonomy:
             rows.append(self.ancestor_matrix[s].any(0) if s.numel() else torch.zeros(self.num_nodes, dtype=torch.bool))
         return torch.stack(rows).float()
 
+    @cached_property
+    def parent_tensor(self) -> torch.Tensor:
+        """``(N+1,)`` long parent ids; the root points to itself so gathers stay in range."""
+        return torch.tensor([0, *self.parents[1:]], dtype=torch.long)
+
     def close_upwards(self, marks: torch.Tensor) -> torch.Tensor:
-        """``(B, N+1)`` bool end-node marks → every node on a marked path (vectorised :meth:`encode_multihot`)."""
-        return (marks.float() @ self.ancestor_matrix.float().to(marks.device)) > 0
+        """``(B, N+1)`` bool marks → the marks plus all their ancestors (root column cleared).
+
+        Bottom-up OR, one level at a time: O(B·N) rather than a dense O(B·N²) product.
+        """
+        c = marks.T.bool().to(torch.int32).contiguous()
+        parents = self.parent_tensor.to(c.device)
+        for level in reversed(self.levels[1:]):
+            idx = torch.tensor(level, dtype=torch.long, device=c.device)
+            c.index_add_(0, parents[idx], c[idx].clamp(max=1))
+        c[0] = 0
+        return (c > 0).T.contiguous()
+
+    def path_ends(self, closed: torch.Tensor) -> torch.Tensor:
+        """``(B, N+1)`` ancestor-closed bool sets → the nodes with no member child (the paths' ends)."""
+        closed = closed.bool()
+        has_child = torch.zeros(closed.shape[1], closed.shape[0], dtype=torch.int32, device=closed.device)
+        has_child.index_add_(0, self.parent_tensor[1:].to(closed.device), closed[:, 1:].T.to(torch.int32))
+        ends = closed & ~(has_child > 0).T
+        ends[:, 0] = False
+        return ends
 
     # ------------------------------------------------------------------ display
     def render(self, max_nodes: int | None = None) -> str:
@@ -703,7 +750,8 @@ class Taxonomy:
             if max_nodes is not None and len(lines) > max_nodes:
                 lines.append(f"... ({self.num_nodes - len(lines)} more)")
                 break
-            ext = f"  [{self.external_ids[n]}]" if self.external_ids[n] and self.external_ids[n] != self.names[n] else ""
+            e = self.external_ids[n]
+            ext = f"  [{e}]" if e and e != self.names[n] else ""
             lines.append("  " * self.depths[n] + f"{self.names[n]}{ext}")
         return "\n".join(lines)
 
@@ -715,6 +763,13 @@ def _children(parents: Sequence[int]) -> tuple[tuple[int, ...], ...]:
         if i and 0 <= p < len(parents):
             kids[p].append(i)
     return tuple(tuple(k) for k in kids)
+
+
+def _read_text(path: str | os.PathLike) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise TaxonomyError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def _device(x) -> torch.device:

@@ -1,0 +1,461 @@
+"""Evaluation metrics for path predictions in a class tree.
+
+Everything is vectorised torch so that the same code scores 100k images over ~1000 nodes on CPU or
+GPU. Conventions follow :mod:`hiervision.taxonomy`: paths are ``(B, D)`` node ids padded with
+:data:`~hiervision.taxonomy.PAD`; multi-label sets are ``(B, N+1)`` bool masks over nodes whose
+column 0 (the root) never counts.
+
+Single-label metrics take PAD-padded predicted and true paths of any widths (they are padded to a
+common width here), so targets may end at inner nodes (coarse labels, variable-depth trees).
+Multi-label metrics follow Koo et al. (2018), Sec. 4.2: a path is identified by its end node.
+
+Ratios with an empty denominator are reported as ``0.0`` rather than NaN so that reports stay valid
+JSON; :func:`mistake_severity` returns ``None`` when it is undefined (no mistakes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from hiervision.decoding import Prediction
+from hiervision.taxonomy import PAD, Taxonomy
+
+__all__ = [
+    "evaluate",
+    "hierarchical_prf",
+    "leaf_accuracy",
+    "level_accuracy",
+    "mistake_severity",
+    "node_accuracy",
+    "node_accuracy_final_only",
+    "node_f1",
+    "node_prf",
+    "path_accuracy",
+    "path_f1",
+    "path_prf",
+    "select_threshold",
+    "target_paths",
+    "valid_path_rate",
+    "valid_paths",
+]
+
+# rows per chunk for the dense (B, N+1) fallbacks: bounds memory at ~16M elements per tensor
+_CHUNK_ELEMENTS = 1 << 24
+
+
+# ---------------------------------------------------------------------- helpers
+def _div(num: float | torch.Tensor, den: float | torch.Tensor) -> float:
+    """Ratio as a Python float; 0.0 when the denominator is 0 (keeps reports JSON-serialisable)."""
+    num, den = float(num), float(den)
+    return num / den if den else 0.0
+
+
+def _pad_to(paths: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(paths, (0, width - paths.shape[1]), value=PAD)
+
+
+def _as_paths(x: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x).long()
+    if x.dim() != 2:
+        raise ValueError(f"expected (B, D) PAD-padded paths, got shape {tuple(x.shape)}")
+    return x
+
+
+def _align(pred: torch.Tensor, true: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both as long ``(B, D)`` on pred's device, padded to one width."""
+    pred = _as_paths(pred)
+    true = _as_paths(true).to(pred.device)
+    if len(pred) != len(true):
+        raise ValueError(f"{len(pred)} predictions but {len(true)} targets")
+    width = max(pred.shape[1], true.shape[1])
+    return _pad_to(pred, width), _pad_to(true, width)
+
+
+def _last_node(paths: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` last non-PAD entry of each path (PAD for an empty path)."""
+    if paths.shape[1] == 0:
+        return torch.full((len(paths),), PAD, dtype=torch.long, device=paths.device)
+    pos = torch.arange(paths.shape[1], device=paths.device)
+    last = torch.where(paths != PAD, pos, -1).max(1).values
+    return torch.where(last >= 0, paths.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1), PAD)
+
+
+def _parents(taxonomy: Taxonomy, device: torch.device) -> torch.Tensor:
+    return torch.tensor(taxonomy.parents, dtype=torch.long, device=device)
+
+
+def _lca(taxonomy: Taxonomy, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Vectorised :meth:`Taxonomy.lca`: the deepest shared entry of the two root paths (0 = root).
+
+    Ids outside ``1..N`` (PAD, EOS, garbage) share only the root with anything.
+    """
+    pm = taxonomy.path_matrix.to(a.device)
+    n = taxonomy.num_nodes
+    pa = pm[torch.where((a > 0) & (a < n), a, 0)]
+    pb = pm[torch.where((b > 0) & (b < n), b, 0)]
+    shared = ((pa == pb) & (pa != PAD)).long().cumprod(1).sum(1)  # common prefix length
+    return torch.where(shared > 0, pa.gather(1, (shared - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
+
+
+def _multihot(paths: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``(B, D)`` paths → ``(B, N+1)`` bool of the classes they contain (PAD, root and bad ids dropped)."""
+    ids = torch.where((paths > 0) & (paths < num_nodes), paths, 0)
+    out = torch.zeros(len(paths), num_nodes, dtype=torch.bool, device=paths.device)
+    out.scatter_(1, ids, True)
+    out[:, 0] = False
+    return out
+
+
+def _deepest(taxonomy: Taxonomy, marks: torch.Tensor) -> torch.Tensor:
+    """Ancestor-close a node mask and keep the nodes with no marked child: the path ends it implies."""
+    return taxonomy.path_ends(taxonomy.close_upwards(marks))
+
+
+# ---------------------------------------------------------------------- single-label
+def target_paths(targets: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
+    """``(B,)`` target node ids → ``(B, D)`` PAD-padded true paths (inner nodes allowed)."""
+    return taxonomy.encode_paths(torch.as_tensor(targets))
+
+
+def valid_paths(pred: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
+    """``(B,)`` bool: the path is non-empty, every node is a class whose parent is the previous node
+    (the root for the first), and nothing but PAD follows the first PAD.
+
+    Autoregressive decoders can emit anything, so this is checked rather than assumed.
+    """
+    p = _as_paths(pred)
+    if p.shape[1] == 0:
+        return torch.zeros(len(p), dtype=torch.bool, device=p.device)
+    n = taxonomy.num_nodes
+    is_pad = p == PAD
+    is_class = (p > 0) & (p < n)
+    parent = _parents(taxonomy, p.device)[torch.where(is_class, p, 0)]
+    prev = torch.cat([torch.zeros_like(p[:, :1]), p[:, :-1]], dim=1)
+    links_ok = is_pad | (is_class & (parent == prev))
+    after_pad = is_pad.long().cummax(1).values.bool()
+    return links_ok.all(1) & ~(after_pad & ~is_pad).any(1) & ~is_pad[:, 0]
+
+
+def valid_path_rate(pred: torch.Tensor, taxonomy: Taxonomy) -> float:
+    """Share of predicted paths that exist in the tree (see :func:`valid_paths`)."""
+    v = valid_paths(pred, taxonomy)
+    return _div(v.sum(), v.numel())
+
+
+def path_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
+    """Share of samples whose whole predicted path equals the true path (Koo et al.'s path accuracy).
+
+    A prediction that goes deeper or stops earlier than the target is wrong.
+    """
+    p, t = _align(pred, true)
+    return _div((p == t).all(1).sum(), len(p))
+
+
+def node_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
+    """Koo et al.'s node accuracy: share of all *target-path* nodes that the predicted path gets right.
+
+    Positional and micro-averaged: target node at level t counts as correct when ``pred[t] == true[t]``;
+    the sum over samples is divided by the total number of target nodes. Predicted nodes deeper than
+    the target are ignored (they are penalised by :func:`path_accuracy` instead).
+
+    For flat models pass the taxonomy path implied by the predicted class (``taxonomy.encode_paths``):
+    that is Koo's **Remark 1** convention ("if the final node is correctly predicted, all its
+    predecessors are correctly predicted as well"), and it also credits correct ancestors of a wrong
+    class. See :func:`node_accuracy_final_only` for the strict reading.
+    """
+    p, t = _align(pred, true)
+    has = t != PAD
+    return _div(((p == t) & has).sum(), has.sum())
+
+
+def node_accuracy_final_only(pred_nodes: torch.Tensor, true: torch.Tensor) -> float:
+    """Strict node accuracy for models that predict only a final node (no implied ancestors).
+
+    A correct final node earns all ``|target path|`` nodes (as in Koo's Remark 1); a wrong one earns
+    only the target nodes equal to the predicted node itself — 1 when it is an ancestor of the target
+    (it sits at its own level), else 0. Correct ancestors of a wrong class earn nothing, unlike
+    :func:`node_accuracy` on the implied path.
+
+    Args:
+        pred_nodes: ``(B,)`` predicted node ids.
+        true: ``(B, D)`` PAD-padded true paths.
+    """
+    t = _as_paths(true)
+    nodes = torch.as_tensor(pred_nodes).long().to(t.device).reshape(-1)
+    if len(nodes) != len(t):
+        raise ValueError(f"{len(nodes)} predictions but {len(t)} targets")
+    has = t != PAD
+    length = has.sum(1)
+    hits = ((t == nodes[:, None]) & has).sum(1)
+    credit = torch.where(nodes == _last_node(t), length, hits)
+    return _div(credit.sum(), length.sum())
+
+
+def level_accuracy(pred: torch.Tensor, true: torch.Tensor) -> list[float]:
+    """Per-level top-1 accuracy (Guo et al.'s coarse/fine accuracies), one float per target level.
+
+    Level t is scored over the samples whose target reaches level t, so variable-depth targets
+    never count as wrong at levels they do not have. The list is as long as the deepest target.
+    """
+    p, t = _align(pred, true)
+    has = t != PAD
+    depth = int(has.sum(1).max()) if len(t) else 0
+    correct = ((p == t) & has).sum(0)
+    counts = has.sum(0)
+    return [_div(correct[i], counts[i]) for i in range(depth)]
+
+
+def leaf_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
+    """Share of samples whose predicted final node equals the target node (flat top-1 accuracy)."""
+    p, t = _align(pred, true)
+    return _div((_last_node(p) == _last_node(t)).sum(), len(p))
+
+
+def _set_counts(
+    pred: torch.Tensor, true: torch.Tensor, taxonomy: Taxonomy
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample ``|P ∩ T|, |P|, |T|`` of the ancestor-closed node sets (root excluded).
+
+    Valid paths are already ancestor-closed and two root paths share exactly their positional prefix,
+    so the common case is O(B·D). Rows with an invalid path fall back to dense closed masks, in chunks.
+    """
+    p, t = _align(pred, true)
+    inter = ((p == t) & (t != PAD)).sum(1)
+    n_pred = (p != PAD).sum(1)
+    n_true = (t != PAD).sum(1)
+    bad = (~(valid_paths(p, taxonomy) & valid_paths(t, taxonomy))).nonzero().squeeze(1)
+    if bad.numel():
+        n = taxonomy.num_nodes
+        step = max(1, _CHUNK_ELEMENTS // n)
+        for s in range(0, bad.numel(), step):
+            rows = bad[s : s + step]
+            cp = taxonomy.close_upwards(_multihot(p[rows], n))
+            ct = taxonomy.close_upwards(_multihot(t[rows], n))
+            inter[rows] = (cp & ct).sum(1)
+            n_pred[rows] = cp.sum(1)
+            n_true[rows] = ct.sum(1)
+    return inter, n_pred, n_true
+
+
+def hierarchical_prf(
+    pred: torch.Tensor,
+    true: torch.Tensor,
+    taxonomy: Taxonomy,
+    average: Literal["micro", "macro"] = "micro",
+) -> tuple[float, float, float]:
+    """Hierarchical precision, recall and F1 (Kiritchenko et al., 2005) of single-label paths.
+
+    Each sample's sets are its predicted / true nodes plus all their ancestors, root excluded; for a
+    valid path that is just the path's nodes. Every node of an *invalid* predicted path also brings its
+    ancestors (it implies them), which is where this differs from ``hiclass.metrics`` (it takes a row's
+    labels as they are). Empty sets count as 0 (hiclass raises ZeroDivisionError there).
+
+    * ``micro``: ``hP = Σ|P∩T| / Σ|P|``, ``hR = Σ|P∩T| / Σ|T|``, ``hF = 2·hP·hR / (hP + hR)``.
+    * ``macro``: per-sample ``hP_i, hR_i, hF_i`` then the mean of each. As in
+      ``hiclass.metrics.f1(average="macro")``, macro hF is the **mean of per-sample F1**, not the F1
+      of mean precision and recall.
+    """
+    inter, n_pred, n_true = _set_counts(pred, true, taxonomy)
+    if average == "micro":
+        hp, hr = _div(inter.sum(), n_pred.sum()), _div(inter.sum(), n_true.sum())
+        return hp, hr, _div(2 * hp * hr, hp + hr)
+    if average == "macro":
+        if len(inter) == 0:
+            return 0.0, 0.0, 0.0
+        inter, n_pred, n_true = inter.double(), n_pred.double(), n_true.double()
+        p_i = torch.where(n_pred > 0, inter / n_pred.clamp(min=1), 0.0)
+        r_i = torch.where(n_true > 0, inter / n_true.clamp(min=1), 0.0)
+        f_i = torch.where(p_i + r_i > 0, 2 * p_i * r_i / (p_i + r_i).clamp(min=1e-300), 0.0)
+        return float(p_i.mean()), float(r_i.mean()), float(f_i.mean())
+    raise ValueError(f"average must be 'micro' or 'macro', got {average!r}")
+
+
+def mistake_severity(pred_nodes: torch.Tensor, true_nodes: torch.Tensor, taxonomy: Taxonomy) -> float | None:
+    """Mean height of the lowest common ancestor of predicted and true node, over mistakes only.
+
+    Bertinetto et al. (2020), "Making Better Mistakes": accuracy says how often a model is wrong, this
+    says how badly (0 is impossible for a mistake between leaves; the root's height is the worst).
+    Heights are :attr:`Taxonomy.heights`. ``None`` when there are no mistakes. Predicted ids outside
+    the tree (e.g. PAD from an empty path) share only the root.
+    """
+    pred = torch.as_tensor(pred_nodes).long().reshape(-1)
+    true = torch.as_tensor(true_nodes).long().reshape(-1).to(pred.device)
+    if len(pred) != len(true):
+        raise ValueError(f"{len(pred)} predictions but {len(true)} targets")
+    wrong = pred != true
+    if not wrong.any():
+        return None
+    lca = _lca(taxonomy, pred[wrong], true[wrong])
+    heights = torch.tensor(taxonomy.heights, dtype=torch.float64, device=pred.device)
+    return float(heights[lca].mean())
+
+
+# ---------------------------------------------------------------------- multi-label
+def _prf(tp: torch.Tensor, n_pred: torch.Tensor, n_true: torch.Tensor) -> tuple[float, float, float]:
+    return _div(tp, n_pred), _div(tp, n_true), _div(2 * tp, n_pred + n_true)
+
+
+def path_prf(pred_ends: torch.Tensor, true_ends: torch.Tensor) -> tuple[float, float, float]:
+    """Micro precision, recall, F1 over (sample, path) pairs; a path is named by its end node.
+
+    Koo et al.'s path F1 (Sec. 4.2). Inputs are ``(B, N+1)`` bool end marks; column 0 is ignored.
+    """
+    p, t = pred_ends.bool(), true_ends.bool().to(pred_ends.device)
+    p, t = p[:, 1:], t[:, 1:]
+    return _prf(torch.count_nonzero(p & t), torch.count_nonzero(p), torch.count_nonzero(t))
+
+
+def path_f1(pred_ends: torch.Tensor, true_ends: torch.Tensor) -> float:
+    """Koo et al.'s path F1: micro F1 over (sample, path end) pairs (see :func:`path_prf`)."""
+    return path_prf(pred_ends, true_ends)[2]
+
+
+def node_prf(pred_ends: torch.Tensor, true_ends: torch.Tensor, taxonomy: Taxonomy) -> tuple[float, float, float]:
+    """Micro precision, recall, F1 over (sample, node) pairs of the ancestor-closed node sets.
+
+    Koo et al.'s node F1 (Sec. 4.2): a wrong leaf on a right branch still earns its correct ancestors.
+    """
+    p = taxonomy.close_upwards(pred_ends.bool())[:, 1:]
+    t = taxonomy.close_upwards(true_ends.bool().to(pred_ends.device))[:, 1:]
+    return _prf(torch.count_nonzero(p & t), torch.count_nonzero(p), torch.count_nonzero(t))
+
+
+def node_f1(pred_ends: torch.Tensor, true_ends: torch.Tensor, taxonomy: Taxonomy) -> float:
+    """Koo et al.'s node F1 (see :func:`node_prf`)."""
+    return node_prf(pred_ends, true_ends, taxonomy)[2]
+
+
+def _path_min(taxonomy: Taxonomy, scores_t: torch.Tensor) -> torch.Tensor:
+    """Node-major ``(N+1, b)`` scores → lowest score on each node's root path (the largest threshold
+    that keeps the node). Node-major so that each level's update reads contiguous rows.
+    """
+    parents = _parents(taxonomy, scores_t.device)
+    out = scores_t.clone()
+    out[0] = float("inf")
+    for level in taxonomy.levels:  # top-down, so parents are final before their children
+        idx = torch.tensor(level, dtype=torch.long, device=out.device)
+        out[idx] = torch.minimum(out[idx], out[parents[idx]])
+    return out
+
+
+def select_threshold(
+    scores: torch.Tensor,
+    true_ends: torch.Tensor,
+    taxonomy: Taxonomy,
+    metric: Literal["path_f1", "node_f1"] = "path_f1",
+    grid: Sequence[float] | torch.Tensor | None = None,
+) -> tuple[float, float]:
+    """Threshold for :func:`~hiervision.decoding.threshold_paths` that maximises F1 on validation data.
+
+    Koo et al. pick the threshold on the validation set and reuse it on test. Every grid point is
+    scored exactly (same result as calling ``threshold_paths`` per threshold) without decoding each:
+    a node is kept for ``τ ≤ m`` where ``m`` is the lowest score on its path, and is a path end for
+    ``max_child(m) < τ ≤ m``, so per-threshold counts come from two ``searchsorted`` calls.
+
+    Args:
+        scores: ``(B, N+1)`` sigmoid scores.
+        true_ends: ``(B, N+1)`` bool true path ends.
+        metric: ``"path_f1"`` or ``"node_f1"``.
+        grid: candidate thresholds (default 0.05, 0.06, …, 0.95).
+
+    Returns:
+        ``(threshold, value)``; ties go to the smallest threshold.
+    """
+    if metric not in ("path_f1", "node_f1"):
+        raise ValueError(f"metric must be 'path_f1' or 'node_f1', got {metric!r}")
+    if grid is None:
+        nominal = torch.arange(5, 96, dtype=torch.float64) / 100
+    else:
+        nominal = torch.as_tensor(grid, dtype=torch.float64)
+    nominal = nominal.reshape(-1).sort().values
+    if nominal.numel() == 0:
+        raise ValueError("empty threshold grid")
+    dtype = scores.dtype if scores.dtype in (torch.float32, torch.float64) else torch.float32
+    # compare in the scores' dtype, exactly like `scores >= threshold` in threshold_paths
+    g = nominal.to(scores.device, dtype).contiguous()
+    size = len(g)
+    true_ends = true_ends.bool().to(scores.device)
+    truth = true_ends if metric == "path_f1" else taxonomy.close_upwards(true_ends)
+    n_true = int(truth[:, 1:].sum())
+    tp = torch.zeros(size + 1, dtype=torch.long, device=scores.device)
+    n_pred = torch.zeros_like(tp)
+    parents = _parents(taxonomy, scores.device)[1:]
+    step = max(1, _CHUNK_ELEMENTS // taxonomy.num_nodes)
+    for s in range(0, len(scores), step):
+        sc = scores[s : s + step].T.to(dtype).contiguous()  # node-major (N+1, b)
+        sc = sc.masked_fill(sc.isnan(), float("-inf"))  # NaN never passes `>=`
+        m = _path_min(taxonomy, sc)
+        hi = torch.searchsorted(g, m[1:], right=True)  # thresholds g[k] <= m: k < hi
+        if metric == "path_f1":
+            index = parents.unsqueeze(1).expand(-1, m.shape[1])
+            cmax = torch.full_like(m, float("-inf")).scatter_reduce_(0, index, m[1:], "amax")
+            lo = torch.searchsorted(g, cmax[1:], right=True)
+        else:
+            lo = torch.zeros_like(hi)
+        hit = truth[s : s + step, 1:].T
+        for counts, sel in ((n_pred, slice(None)), (tp, hit)):
+            counts += torch.bincount(lo[sel].reshape(-1), minlength=size + 1)
+            counts -= torch.bincount(hi[sel].reshape(-1), minlength=size + 1)
+    tp, n_pred = tp.cumsum(0)[:size], n_pred.cumsum(0)[:size]
+    f1 = torch.where(n_pred + n_true > 0, 2 * tp.double() / (n_pred + n_true).clamp(min=1).double(), 0.0)
+    best = int(f1.argmax())  # first maximum: the smallest threshold among ties
+    return float(nominal[best]), float(f1[best])
+
+
+# ---------------------------------------------------------------------- the report
+def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) -> dict:
+    """The one metrics report used by the CLI and the trainer (plain Python values, JSON-ready).
+
+    ``targets`` decides the task:
+
+    * single-label — ``(B,)`` node ids (inner nodes allowed) or ``(B, D)`` PAD-padded long paths:
+      ``path_accuracy``, ``node_accuracy``, ``level_accuracy`` (list), ``leaf_accuracy``,
+      ``hierarchical_precision/recall/f1`` (micro), ``hierarchical_f1_macro``, ``mistake_severity``
+      (``None`` without mistakes), ``valid_path_rate``, ``num_samples``;
+    * multi-label — ``(B, N+1)`` bool or float marks: ``path_f1``, ``path_precision``,
+      ``path_recall``, ``node_f1``, ``num_samples``. Marks may be path ends or ancestor-closed sets
+      (:meth:`Taxonomy.encode_multihot`): both are reduced to the deepest marked nodes, the form
+      :func:`~hiervision.decoding.threshold_paths` produces. Predicted ``labels`` get the same
+      treatment; a prediction without ``labels`` counts as its single path.
+    """
+    targets = torch.as_tensor(targets)
+    device = prediction.paths.device
+    targets = targets.to(device)
+    if len(targets) != len(prediction):
+        raise ValueError(f"{len(prediction)} predictions but {len(targets)} targets")
+    multi = targets.dim() == 2 and (targets.dtype == torch.bool or targets.is_floating_point())
+    if multi:
+        if targets.shape[1] != taxonomy.num_nodes:
+            raise ValueError(f"multi-label targets need {taxonomy.num_nodes} columns, got {targets.shape[1]}")
+        if prediction.labels is not None:
+            pred_marks = prediction.labels.bool()
+        else:
+            pred_marks = _multihot(_last_node(prediction.paths).unsqueeze(1), taxonomy.num_nodes)
+        pred_ends, true_ends = _deepest(taxonomy, pred_marks), _deepest(taxonomy, targets > 0)
+        pp, pr, pf = path_prf(pred_ends, true_ends)
+        return {
+            "path_f1": pf,
+            "path_precision": pp,
+            "path_recall": pr,
+            "node_f1": node_f1(pred_ends, true_ends, taxonomy),
+            "num_samples": len(targets),
+        }
+    true = target_paths(targets, taxonomy) if targets.dim() == 1 else _as_paths(targets)
+    pred = prediction.paths.long()
+    hp, hr, hf = hierarchical_prf(pred, true, taxonomy, "micro")
+    return {
+        "path_accuracy": path_accuracy(pred, true),
+        "node_accuracy": node_accuracy(pred, true),
+        "level_accuracy": level_accuracy(pred, true),
+        "leaf_accuracy": leaf_accuracy(pred, true),
+        "hierarchical_precision": hp,
+        "hierarchical_recall": hr,
+        "hierarchical_f1": hf,
+        "hierarchical_f1_macro": hierarchical_prf(pred, true, taxonomy, "macro")[2],
+        "mistake_severity": mistake_severity(_last_node(pred), _last_node(true), taxonomy),
+        "valid_path_rate": valid_path_rate(pred, taxonomy),
+        "num_samples": len(true),
+    }

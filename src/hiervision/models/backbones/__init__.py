@@ -1,0 +1,139 @@
+"""Feature extractors behind one timm-style contract, so heads never care which network they sit on.
+
+Every backbone is an :class:`torch.nn.Module` with
+
+* ``forward_features(x) -> list[Tensor]``: one feature map per stage (see each family for which);
+* ``feature_info``: ``[{"num_chs", "reduction", "module"}, ...]``, one dict per returned map;
+* ``num_features``: channels of the last map;
+* ``forward(x)``: global-average-pooled last map, shape ``(B, num_features)``;
+* an ``in_chans`` constructor argument (1 for grey-scale data such as MNIST, 3 for RGB).
+
+Build them by name with :func:`create_backbone`; ``"timm/<model>"`` wraps a timm model when the
+optional ``timm`` extra is installed. Weights only ever come from a local file (``pretrained_path``);
+nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TIMM_PREFIX",
+    "create_backbone",
+    "list_backbones",
+    "load_backbone_weights",
+    "register_backbone",
+]
+
+TIMM_PREFIX = "timm/"
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+def register_backbone(name: str) -> Callable[[F], F]:
+    """Decorator adding a factory ``fn(in_chans=..., **kwargs) -> nn.Module`` under ``name``.
+
+    Names are unique so that a config string always means one network; re-registering raises.
+    """
+    if name.startswith(TIMM_PREFIX):
+        raise ValueError(f"backbone names starting with {TIMM_PREFIX!r} are reserved for the timm adapter")
+
+    def deco(fn: F) -> F:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_backbones() -> list[str]:
+    """Registered names, sorted (``timm/<model>`` names are accepted too but not listed)."""
+    return sorted(_REGISTRY)
+
+
+def create_backbone(
+    name: str,
+    in_chans: int = 3,
+    pretrained_path: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered backbone and optionally load local weights into it.
+
+    Args:
+        name: a name from :func:`list_backbones`, or ``"timm/<model>"`` (needs ``pip install hiervision[timm]``).
+        in_chans: input channels (1 or 3).
+        pretrained_path: a ``.safetensors`` file or a ``torch.save`` state dict; keys must match exactly.
+        **kwargs: forwarded to the family's constructor (e.g. ``shortcut``, ``width``, ``act``).
+    """
+    if name.startswith(TIMM_PREFIX):
+        from hiervision.models.backbones.timm_adapter import TimmBackbone
+
+        model: nn.Module = TimmBackbone(name[len(TIMM_PREFIX) :], in_chans=in_chans, **kwargs)
+    else:
+        if name not in _REGISTRY:
+            known = ", ".join(list_backbones())
+            raise ValueError(f"unknown backbone {name!r}; known: {known} (or '{TIMM_PREFIX}<model>' with timm)")
+        model = _REGISTRY[name](in_chans=in_chans, **kwargs)
+    if pretrained_path is not None:
+        load_backbone_weights(model, pretrained_path)
+    return model
+
+
+def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    """Read a safetensors or torch state dict; torch files are loaded with ``weights_only`` (no pickled code)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    # common checkpoint wrappers: {"state_dict": ...} / {"model": ...}
+    for key in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local weights file strictly, naming missing, unexpected and mis-shaped keys in one error.
+
+    Strict on purpose: a silently half-loaded backbone trains fine but is not the network the file describes.
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
+        if keys:
+            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+            problems.append(f"{label}: {', '.join(keys[:5])}{more}")
+    if problems:
+        raise ValueError(f"{path}: weights do not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+# built-in families register themselves on import
+from hiervision.models.backbones import cifar_resnet as cifar_resnet  # noqa: E402
+from hiervision.models.backbones.cifar_resnet import CifarResNet  # noqa: E402
+from hiervision.models.backbones.timm_adapter import TimmBackbone  # noqa: E402
+
+__all__ += ["CifarResNet", "TimmBackbone"]

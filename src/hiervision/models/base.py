@@ -1,0 +1,83 @@
+"""The contract every hiervision model keeps, and the flow they share.
+
+A model is a plain ``nn.Module`` built on one :class:`~hiervision.taxonomy.Taxonomy` and one
+backbone. Methods override only what differs: :meth:`forward` (raw outputs), :meth:`loss`
+(targets are node ids, or path-end marks for multi-label) and :meth:`decode` (outputs →
+:class:`~hiervision.decoding.Prediction`). ``predict`` and the parameter groups used by freeze
+schedules are shared, the way HiClass's local classifiers share one base.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hiervision.decoding import Prediction
+from hiervision.models.backbones import create_backbone
+from hiervision.taxonomy import Taxonomy
+
+__all__ = ["HierarchicalClassifier"]
+
+
+class HierarchicalClassifier(nn.Module):
+    """Base class: backbone → head → per-method decoding into tree paths.
+
+    Args:
+        taxonomy: the class tree every output refers to.
+        backbone: a registered backbone name or a module keeping the backbone contract
+            (``forward_features``, ``feature_info``, ``num_features``).
+        in_chans: image channels (used when ``backbone`` is a name).
+        multi_label: sigmoid outputs and a set of paths per image (threshold stored with the model).
+    """
+
+    def __init__(
+        self,
+        taxonomy: Taxonomy,
+        backbone: str | nn.Module = "resnet20",
+        in_chans: int = 3,
+        multi_label: bool = False,
+        backbone_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(taxonomy, Taxonomy):
+            raise TypeError(f"taxonomy must be a hiervision.Taxonomy, got {type(taxonomy).__name__}")
+        self.taxonomy = taxonomy
+        self.multi_label = multi_label
+        self.backbone = (
+            create_backbone(backbone, in_chans=in_chans, **(backbone_kwargs or {}))
+            if isinstance(backbone, str)
+            else backbone
+        )
+        # decision threshold for multi-label decoding, tuned on validation data and saved with the weights
+        self.register_buffer("threshold", torch.tensor(0.5))
+
+    # -- to override ---------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Paths (node ids), per-node scores and path probability for a batch of images."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.decode(self(images))
+        finally:
+            self.train(was_training)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named parameter groups that freeze schedules refer to (``backbone``/``cnn`` and ``head``/``rnn``)."""
+        backbone = list(self.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        head = [p for p in self.parameters() if id(p) not in ids]
+        return {"backbone": backbone, "cnn": backbone, "head": head, "rnn": head}
+
+    def extra_repr(self) -> str:
+        return f"taxonomy={self.taxonomy!r}, multi_label={self.multi_label}"

@@ -1,0 +1,88 @@
+"""The flat baseline every table compares against: one softmax over the end classes (or sigmoids).
+
+Its single prediction becomes a path through the taxonomy (the ancestors of the predicted class),
+so every hierarchical metric applies; that implied path is Koo et al.'s Remark 1 convention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiervision.decoding import Prediction, exact_best_path, threshold_paths
+from hiervision.models.base import HierarchicalClassifier
+from hiervision.models.registry import register_model
+from hiervision.taxonomy import Taxonomy
+
+__all__ = ["FlatClassifier"]
+
+
+class FlatClassifier(HierarchicalClassifier):
+    """Backbone + linear layer.
+
+    Single-label: softmax over the *end classes* — the leaves (``end_nodes="leaves"``) or every
+    node (``"all"``, for trees whose labels may stop at inner nodes). With leaves as classes, a
+    target that is an inner node (a coarse-only label) is trained by its marginal: the loss is
+    ``-log Σ p(leaf)`` over the leaves below it, so partially labelled data needs no special case.
+
+    Multi-label: one sigmoid per node, trained with binary cross-entropy on the ancestor-closed
+    label set; decoding keeps paths whose nodes all pass the stored threshold.
+    """
+
+    def __init__(
+        self,
+        taxonomy: Taxonomy,
+        backbone: str | nn.Module = "resnet20",
+        in_chans: int = 3,
+        multi_label: bool = False,
+        end_nodes: str = "leaves",
+        dropout: float = 0.0,
+        backbone_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs)
+        if end_nodes not in ("leaves", "all"):
+            raise ValueError(f"model.end_nodes must be 'leaves' or 'all', got {end_nodes!r}")
+        self.end_nodes = end_nodes
+        classes = list(range(1, taxonomy.num_nodes)) if end_nodes == "all" or multi_label else list(taxonomy.leaves)
+        self.register_buffer("classes", torch.tensor(classes), persistent=False)
+        # (N+1, C): node n lies on the path of class c
+        self.register_buffer("class_paths", taxonomy.ancestor_matrix[classes].T.contiguous(), persistent=False)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(self.backbone.num_features, len(classes))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.fc(self.dropout(self.backbone(images)))}
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        logits = outputs["logits"].float()
+        if self.multi_label:
+            closed = self.taxonomy.close_upwards(targets.bool()).float()[:, 1:]
+            return F.binary_cross_entropy_with_logits(logits, closed)
+        logp = F.log_softmax(logits, dim=1)
+        if self.end_nodes == "all":
+            # every node is its own class: an inner target means "the path ends here"
+            return F.nll_loss(logp, targets - 1)
+        allowed = self.class_paths[targets]  # (B, C): leaves below (or equal to) the target
+        return -torch.logsumexp(logp.masked_fill(~allowed, float("-inf")), dim=1).mean()
+
+    def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
+        logits = outputs["logits"].float()
+        tax = self.taxonomy
+        if self.multi_label:
+            scores = F.pad(torch.sigmoid(logits), (1, 0))
+            labels = threshold_paths(tax, scores, float(self.threshold))
+            # the single most likely valid path, for the single-path metrics
+            nodes, lp = exact_best_path(tax, torch.log(scores.clamp_min(1e-12)), torch.ones_like(scores[0], dtype=bool))
+            return Prediction(tax.path_matrix.to(logits.device)[nodes], scores, lp.exp(), labels)
+        probs = logits.softmax(1)
+        scores = probs @ self.class_paths.T.to(probs.dtype)  # marginal probability of every node
+        best_prob, best = probs.max(1)
+        nodes = self.classes[best]
+        return Prediction(tax.path_matrix.to(logits.device)[nodes], scores, best_prob)
+
+
+@register_model("flat")
+def flat(taxonomy: Taxonomy, **kwargs) -> FlatClassifier:
+    """Flat softmax (or sigmoid, ``multi_label=True``) baseline."""
+    return FlatClassifier(taxonomy, **kwargs)

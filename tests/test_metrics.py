@@ -1,0 +1,291 @@
+"""Hand-computed checks of every metric on Koo's slide tree (plus one deeper node), and hiclass cross-checks."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+
+import pytest
+import torch
+
+from hiervision.decoding import Prediction, threshold_paths
+from hiervision.metrics import (
+    evaluate,
+    hierarchical_prf,
+    leaf_accuracy,
+    level_accuracy,
+    mistake_severity,
+    node_accuracy,
+    node_accuracy_final_only,
+    node_f1,
+    node_prf,
+    path_accuracy,
+    path_f1,
+    path_prf,
+    select_threshold,
+    target_paths,
+    valid_path_rate,
+    valid_paths,
+)
+from hiervision.taxonomy import PAD, Taxonomy
+
+A, B, C, D, E, F, G, H = range(1, 9)
+
+
+@pytest.fixture
+def tree() -> Taxonomy:
+    """Root/A,B; A→C,D; B→E,F,G; C→H. Heights: H,D,E,F,G 0; C,B 1; A 2; root 3."""
+    t = Taxonomy.from_parent_map({"A": None, "B": None, "C": "A", "D": "A", "E": "B", "F": "B", "G": "B", "H": "C"})
+    assert [t.index(n) for n in "ABCDEFGH"] == [A, B, C, D, E, F, G, H]
+    return t
+
+
+def paths(*rows: list[int]) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [PAD] * (width - len(r)) for r in rows])
+
+
+def ends(num_nodes: int, *sets: set[int]) -> torch.Tensor:
+    out = torch.zeros(len(sets), num_nodes, dtype=torch.bool)
+    for i, s in enumerate(sets):
+        out[i, list(s)] = True
+    return out
+
+
+# Four samples with variable-depth targets H, C, E, A (inner nodes are labels):
+#   pred A/C/H  vs true A/C/H  — exact
+#   pred A/D    vs true A/C    — right parent, wrong child
+#   pred B/E    vs true B/E    — exact
+#   pred A/C    vs true A      — deeper than the target
+PRED = [[A, C, H], [A, D], [B, E], [A, C]]
+TARGETS = [H, C, E, A]
+
+
+def test_target_paths(tree):
+    assert target_paths(torch.tensor(TARGETS), tree).tolist() == paths([A, C, H], [A, C], [B, E], [A]).tolist()
+
+
+def test_single_label_accuracies(tree):
+    pred, true = paths(*PRED), target_paths(torch.tensor(TARGETS), tree)
+    assert path_accuracy(pred, true) == 0.5
+    # target nodes 3+2+2+1 = 8, correct 3+1+2+1 = 7 (the extra C of the last row is ignored)
+    assert node_accuracy(pred, true) == 7 / 8
+    assert level_accuracy(pred, true) == pytest.approx([1.0, 2 / 3, 1.0])
+    assert leaf_accuracy(pred, true) == 0.5
+
+
+def test_widths_are_aligned(tree):
+    true = paths([A, C, H], [B, E])
+    assert path_accuracy(paths([A, C], [B, E]), true) == 0.5
+    assert path_accuracy(paths([A, C, H, PAD, PAD], [B, E, PAD, PAD, PAD]), true) == 1.0
+    assert node_accuracy(paths([A, C], [B, E]), true) == 4 / 5
+    assert level_accuracy(paths([A], [B]), true) == [1.0, 0.0, 0.0]
+
+
+def test_node_accuracy_remark1_vs_final_only(tree):
+    pred_nodes = torch.tensor([H, D, A, C])
+    true = paths([A, C, H], [A, C], [A, C], [A])
+    # Remark 1: the implied path A/D of a wrong D still earns A
+    assert node_accuracy(tree.encode_paths(pred_nodes), true) == (3 + 1 + 1 + 1) / 8
+    # final only: D earns nothing, A earns itself at level 1, C is not on the path A
+    assert node_accuracy_final_only(pred_nodes, true) == (3 + 0 + 1 + 0) / 8
+
+
+def test_hierarchical_prf_by_hand(tree):
+    pred, true = paths(*PRED), target_paths(torch.tensor(TARGETS), tree)
+    # |P∩T| = 3,1,2,1  |P| = 3,2,2,2  |T| = 3,2,2,1
+    hp, hr, hf = hierarchical_prf(pred, true, tree)
+    assert (hp, hr) == pytest.approx((7 / 9, 7 / 8))
+    assert hf == pytest.approx(14 / 17)
+    mp, mr, mf = hierarchical_prf(pred, true, tree, average="macro")
+    assert mp == pytest.approx((1 + 0.5 + 1 + 0.5) / 4)
+    assert mr == pytest.approx((1 + 0.5 + 1 + 1) / 4)
+    assert mf == pytest.approx((1 + 0.5 + 1 + 2 / 3) / 4)  # mean of per-sample F1
+    with pytest.raises(ValueError):
+        hierarchical_prf(pred, true, tree, average="weighted")  # type: ignore[arg-type]
+
+
+def test_hierarchical_prf_invalid_path_brings_ancestors(tree):
+    # A/E is not a path: E implies B, so P = {A, B, E}, T = {B, E}
+    hp, hr, _ = hierarchical_prf(paths([A, E]), paths([B, E]), tree)
+    assert (hp, hr) == pytest.approx((2 / 3, 1.0))
+    # an empty prediction has an empty set: precision 0 instead of a division error
+    assert hierarchical_prf(paths([PAD]), paths([B]), tree) == (0.0, 0.0, 0.0)
+
+
+def test_mistake_severity(tree):
+    # E vs H meet at the root (height 3), D vs H at A (2), F vs E at B (1)
+    assert mistake_severity(torch.tensor([E, D, F, G]), torch.tensor([H, H, E, G]), tree) == 2.0
+    assert mistake_severity(torch.tensor([C]), torch.tensor([H]), tree) == 1.0  # an ancestor: LCA is C
+    assert mistake_severity(torch.tensor([PAD]), torch.tensor([D]), tree) == 3.0  # no prediction: root
+    assert mistake_severity(torch.tensor([H, E]), torch.tensor([H, E]), tree) is None
+
+
+def test_valid_paths(tree):
+    pred = paths(
+        [A, C, H],  # valid
+        [A, E],  # E is not A's child
+        [C],  # C is not under the root
+        [PAD, PAD],  # empty
+        [A, PAD, C],  # node after PAD
+        [B, F],  # valid
+        [A, 0],  # EOS / root id inside a path
+        [A, 99],  # not a node
+    )
+    assert valid_paths(pred, tree).tolist() == [True, False, False, False, False, True, False, False]
+    assert valid_path_rate(pred, tree) == 2 / 8
+
+
+def test_multilabel_f1_by_hand(tree):
+    n = tree.num_nodes
+    true = ends(n, {C, E}, {G})
+    pred = ends(n, {C, F}, {G, D})
+    # paths: TP = C, G; 4 predicted, 3 true
+    assert path_prf(pred, true) == pytest.approx((2 / 4, 2 / 3, 4 / 7))
+    assert path_f1(pred, true) == pytest.approx(4 / 7)
+    # nodes: pred {A,C,B,F} + {B,G,A,D}, true {A,C,B,E} + {B,G}: TP 3 + 2
+    assert node_prf(pred, true, tree) == pytest.approx((5 / 8, 5 / 6, 5 / 7))
+    assert node_f1(pred, true, tree) == pytest.approx(5 / 7)
+    # the root column never counts
+    pred[:, 0] = True
+    assert path_f1(pred, true) == pytest.approx(4 / 7)
+
+
+def test_select_threshold_hand_optimum(tree):
+    # one image whose only path is A/D
+    scores = torch.zeros(1, tree.num_nodes)
+    scores[0, [A, B, C, D, E, F, G, H]] = torch.tensor([0.9, 0.45, 0.4, 0.6, 0.1, 0.1, 0.1, 0.3])
+    true = ends(tree.num_nodes, {D})
+    grid = [0.2, 0.35, 0.42, 0.5, 0.7, 0.95]
+    # path ends per threshold: {H,D,B} {C,D,B} {D,B} {D} {A} {} → F1 .5 .5 .67 1 0 0
+    assert select_threshold(scores, true, tree, grid=grid) == (0.5, 1.0)
+    assert select_threshold(scores, true, tree, metric="node_f1", grid=grid) == (0.5, 1.0)
+    # with only the two lowest thresholds the tie goes to the smaller one
+    assert select_threshold(scores, true, tree, grid=[0.35, 0.2]) == (0.2, 0.5)
+    thr, val = select_threshold(scores, true, tree)  # default grid 0.05..0.95
+    assert val == 1.0 and 0.45 < thr <= 0.6
+
+
+def _random_tree(rng: random.Random, top: int = 4, fan: tuple[int, int] = (0, 4)) -> Taxonomy:
+    """Random 3-level tree with unique names (so hiclass label sets match node sets) and variable depth."""
+    parent_of: dict[str, str | None] = {}
+    for i in range(top):
+        parent_of[f"t{i}"] = None
+        for j in range(rng.randint(1, 4)):
+            parent_of[f"t{i}.{j}"] = f"t{i}"
+            for k in range(rng.randint(*fan)):
+                parent_of[f"t{i}.{j}.{k}"] = f"t{i}.{j}"
+    return Taxonomy.from_parent_map(parent_of)
+
+
+@pytest.mark.parametrize("metric", ["path_f1", "node_f1"])
+def test_select_threshold_matches_threshold_paths(metric):
+    rng = random.Random(1)
+    tree = _random_tree(rng)
+    torch.manual_seed(0)
+    b = 300
+    scores = torch.rand(b, tree.num_nodes)
+    true = threshold_paths(tree, (scores + 0.3 * torch.randn_like(scores)).clamp(0, 1), 0.5)
+    grid = [i / 20 for i in range(1, 20)]
+    brute = []
+    for thr in grid:
+        pred = threshold_paths(tree, scores, thr)
+        brute.append(path_f1(pred, true) if metric == "path_f1" else node_f1(pred, true, tree))
+    best = max(range(len(grid)), key=lambda i: (brute[i], -i))
+    thr, val = select_threshold(scores, true, tree, metric=metric, grid=grid)
+    assert thr == grid[best]
+    assert val == pytest.approx(brute[best])
+
+
+def test_hierarchical_prf_matches_hiclass():
+    hiclass_metrics = pytest.importorskip("hiclass.metrics")
+    rng = random.Random(0)
+    tree = _random_tree(rng)
+    classes = list(range(1, tree.num_nodes))
+    n = 200
+    true_nodes = torch.tensor([rng.choice(classes) for _ in range(n)])
+    # mostly near misses so that overlaps vary: a random node of the same top branch, or anywhere
+    pred_nodes = torch.tensor(
+        [t if rng.random() < 0.3 else rng.choice(tree.subtree(tree.path(t)[0])) for t in true_nodes.tolist()]
+    )
+    pred_nodes[::5] = torch.tensor([rng.choice(classes) for _ in range(len(pred_nodes[::5]))])
+    pred, true = tree.encode_paths(pred_nodes), tree.encode_paths(true_nodes)
+
+    def names(p: torch.Tensor) -> list[list[str]]:
+        return [[tree.names[i] if i != PAD else "" for i in row] for row in p.tolist()]
+
+    y_pred, y_true = names(pred), names(true)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hiclass warns on per-sample F1 of disjoint sets
+        for average in ("micro", "macro"):
+            expected = (
+                hiclass_metrics.precision(y_true, y_pred, average=average),
+                hiclass_metrics.recall(y_true, y_pred, average=average),
+                hiclass_metrics.f1(y_true, y_pred, average=average),
+            )
+            assert hierarchical_prf(pred, true, tree, average=average) == pytest.approx(expected)
+
+
+def test_evaluate_single_label(tree):
+    pred = paths(*PRED)
+    prediction = Prediction(pred, torch.rand(4, tree.num_nodes), torch.rand(4))
+    report = evaluate(prediction, torch.tensor(TARGETS), tree)
+    assert report.pop("level_accuracy") == pytest.approx([1.0, 2 / 3, 1.0])
+    assert report == pytest.approx(
+        {
+            "path_accuracy": 0.5,
+            "node_accuracy": 7 / 8,
+            "leaf_accuracy": 0.5,
+            "hierarchical_precision": 7 / 9,
+            "hierarchical_recall": 7 / 8,
+            "hierarchical_f1": 14 / 17,
+            "hierarchical_f1_macro": (1 + 0.5 + 1 + 2 / 3) / 4,
+            "mistake_severity": 2.0,  # D vs C and C vs A both meet at A
+            "valid_path_rate": 1.0,
+            "num_samples": 4,
+        }
+    )
+    json.dumps(report)
+    # targets given as paths give the same report
+    as_paths = evaluate(prediction, target_paths(torch.tensor(TARGETS), tree), tree)
+    assert as_paths.pop("level_accuracy") == pytest.approx([1.0, 2 / 3, 1.0])
+    assert as_paths == report
+    # no mistakes: severity is None, still JSON
+    perfect = evaluate(Prediction(tree.encode_paths([H, E]), torch.zeros(2, 9), torch.ones(2)), [H, E], tree)
+    assert perfect["mistake_severity"] is None and perfect["path_accuracy"] == 1.0
+    json.dumps(perfect)
+
+
+def test_evaluate_multi_label(tree):
+    n = tree.num_nodes
+    true = ends(n, {C, E}, {G})
+    pred = ends(n, {C, F}, {G, D})
+    prediction = Prediction(paths([A, C], [B, G]), torch.rand(2, n), torch.rand(2), labels=pred)
+    report = evaluate(prediction, true, tree)
+    assert report == pytest.approx(
+        {"path_f1": 4 / 7, "path_precision": 0.5, "path_recall": 2 / 3, "node_f1": 5 / 7, "num_samples": 2}
+    )
+    json.dumps(report)
+    # ancestor-closed float targets (Taxonomy.encode_multihot) are reduced to their path ends
+    assert evaluate(prediction, tree.encode_multihot([[C, E], [G]]), tree) == report
+    # without labels a prediction is its single path: C and G are both right, E is missed
+    single = evaluate(Prediction(paths([A, C], [B, G]), torch.rand(2, n), torch.rand(2)), true, tree)
+    assert single["path_precision"] == 1.0 and single["path_recall"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("density", [0.002, 0.05, 0.5])
+def test_closure_matches_dense_reference(density):
+    from hiervision.metrics import _deepest
+
+    tree = _random_tree(random.Random(3))
+    torch.manual_seed(3)
+    marks = torch.rand(200, tree.num_nodes) < density
+    marks[:, 0] = False
+    # reference: the dense product with the ancestor matrix
+    closed = (marks.float() @ tree.ancestor_matrix.float()) > 0
+    assert torch.equal(tree.close_upwards(marks), closed)
+    # path ends of a closed set are its deepest nodes; closing them gives the set back
+    deepest = _deepest(tree, marks)
+    assert torch.equal(tree.close_upwards(deepest), closed)
+    assert torch.equal(_deepest(tree, deepest), deepest)
