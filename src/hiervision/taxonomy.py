@@ -236,23 +236,37 @@ class Taxonomy:
         return cls.from_edges(edges, root=root)
 
     @classmethod
+    def from_paths(cls, paths: Iterable[str], root: str = "root") -> Taxonomy:
+        """Tree of ``/``-separated node paths (``"A"``, ``"A/B"``, ...); every prefix is a node too.
+
+        Siblings are ordered by name, so the same set of paths always gives the same ids. Node
+        names are the last path component; the full path is kept as the external id.
+        """
+        nodes: set[str] = set()
+        for p in paths:
+            parts = [x for x in str(p).strip("/").split("/") if x not in ("", ".")]
+            nodes.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+        if not nodes:
+            raise TaxonomyError("empty tree (no paths)")
+        ordered = sorted(nodes, key=lambda n: n.split("/"))
+        parent_of = {n: (n.rsplit("/", 1)[0] if "/" in n else None) for n in ordered}
+        tax = cls.from_parent_map(parent_of, root=root)
+        return cls([root] + [n.rsplit("/", 1)[-1] for n in tax.names[1:]], tax.parents, [None, *tax.names[1:]])
+
+    @classmethod
     def from_folders(cls, root_dir: str | os.PathLike, root: str = "root") -> Taxonomy:
         """Each sub-folder of ``root_dir`` is a node; nesting gives the tree (hidden folders skipped)."""
         root_dir = Path(root_dir)
         if not root_dir.is_dir():
             raise TaxonomyError(f"{root_dir}: not a folder")
-        parent_of: dict[str, str | None] = {}
+        dirs = []
         for dirpath, dirnames, _ in os.walk(root_dir):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # in place: prunes the walk
             rel = Path(dirpath).relative_to(root_dir)
-            for d in dirnames:
-                key = (rel / d).as_posix()
-                parent_of[key] = None if rel == Path(".") else rel.as_posix()
-        if not parent_of:
+            dirs.extend((rel / d).as_posix() for d in dirnames)
+        if not dirs:
             raise TaxonomyError(f"{root_dir}: empty tree (no sub-folders)")
-        tax = cls.from_parent_map(parent_of, root=root)
-        # show the folder's own name, keep the relative path as external id
-        return cls([root] + [Path(n).name for n in tax.names[1:]], tax.parents, [None, *tax.names[1:]])
+        return cls.from_paths(dirs, root=root)
 
     @classmethod
     def from_coarse_fine(cls, pairs: Iterable[tuple[str, str]], root: str = "root") -> Taxonomy:

@@ -1,0 +1,160 @@
+"""Run configs side by side (same data split, backbone, budget) over several seeds; write RESULTS.md.
+
+    python benchmarks/run.py --profile quick          # ≤ 15 min on 2 CPU cores
+    python benchmarks/run.py --profile foundation     # flat baselines on Fashion-MNIST and Tiny-ImageNet
+
+Every row is mean ± std over the seeds. Each profile writes its own section of
+``benchmarks/RESULTS.md`` (replacing that section only), ``benchmarks/results/<profile>.json`` with
+every seed's metrics, and a per-level accuracy plot ``benchmarks/results/<profile>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hiervision.config import load_config
+from hiervision.training import train
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE.parent / "configs"
+
+# profile -> (rows: (label, config file, overrides), seeds, description)
+PROFILES: dict[str, dict] = {
+    "quick": {
+        "description": "Fashion-MNIST (real), 3-level tree, 12k train images, ResNet-20, 2 epochs",
+        "seeds": [0, 1, 2],
+        "rows": [
+            ("flat", "fmnist-flat.yaml", ["data.limit_train=12000", "train.epochs=2"]),
+        ],
+    },
+    "foundation": {
+        "description": "flat baselines: Fashion-MNIST (3-level tree, ResNet-20, 8 epochs) and Tiny-ImageNet "
+        "(WordNet tree, 32x32, ResNet-20, 8 epochs)",
+        "seeds": [0, 1, 2],
+        "rows": [
+            ("fmnist flat", "fmnist-flat.yaml", ["train.epochs=8"]),
+            ("tiny-imagenet flat", "tinyimagenet-flat.yaml", ["train.epochs=8"]),
+        ],
+    },
+}
+
+COLUMNS = [
+    ("leaf_accuracy", "leaf acc"),
+    ("path_accuracy", "path acc"),
+    ("node_accuracy", "node acc"),
+    ("hierarchical_f1", "hier. F1"),
+    ("mistake_severity", "mistake sev."),
+    ("valid_path_rate", "valid paths"),
+    ("train_images_per_s", "train img/s"),
+]
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    m = statistics.fmean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.1f} ± {s:.1f}" if m > 10 else f"{m:.4f} ± {s:.4f}"
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
+           f"{torch.get_num_threads()} threads"
+
+
+def run_profile(name: str, out_root: Path, seeds: list[int] | None, extra: list[str]) -> dict:
+    prof = PROFILES[name]
+    seeds = seeds or prof["seeds"]
+    results: dict[str, list[dict]] = {}
+    t0 = time.perf_counter()
+    for label, config, overrides in prof["rows"]:
+        for seed in seeds:
+            cfg = load_config(CONFIGS / config, [*overrides, *extra, f"seed={seed}", "train.progress=false"])
+            print(f"[{name}] {label} seed {seed}", flush=True)
+            m = train(cfg, out_root / name / f"{Path(config).stem}-s{seed}", resume=True)
+            results.setdefault(label, []).append(m)
+    wall = time.perf_counter() - t0
+    return {"profile": name, "seeds": seeds, "results": results, "wall_s": wall, "rows": prof["rows"]}
+
+
+def write_results(run: dict, command: str) -> None:
+    name = run["profile"]
+    outdir = HERE / "results"
+    outdir.mkdir(exist_ok=True)
+    (outdir / f"{name}.json").write_text(json.dumps(run, indent=1, default=str), encoding="utf-8")
+    lines = [
+        f"## {name}",
+        "",
+        PROFILES[name]["description"] + f"; mean ± std over seeds {run['seeds']}.",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}  ",
+        f"Wall time: {run['wall_s'] / 60:.1f} min",
+        "",
+        "| method | " + " | ".join(c for _, c in COLUMNS) + " | level acc |",
+        "|---" * (len(COLUMNS) + 2) + "|",
+    ]
+    for label, ms in run["results"].items():
+        cells = [_mean_std([m.get(k) for m in ms]) for k, _ in COLUMNS]
+        levels = list(zip(*[m["level_accuracy"] for m in ms]))
+        lvl = " / ".join(f"{statistics.fmean(v):.3f}" for v in levels)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {lvl} |")
+    lines += ["", f"![per-level accuracy](results/{name}.png)", ""]
+    section = "\n".join(lines)
+    _plot(run, outdir / f"{name}.png")
+
+    path = HERE / "RESULTS.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
+
+
+def _plot(run: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, ms in run["results"].items():
+        levels = list(zip(*[m["level_accuracy"] for m in ms]))
+        means = [statistics.fmean(v) for v in levels]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0 for v in levels]
+        ax.errorbar(range(1, len(means) + 1), means, yerr=stds, marker="o", capsize=3, label=label)
+    ax.set_xlabel("tree level")
+    ax.set_ylabel("top-1 accuracy at level")
+    ax.set_title(f"per-level accuracy ({run['profile']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    p.add_argument("--out", default="runs/bench", help="where the runs go")
+    p.add_argument("--seeds", type=int, nargs="*", default=None)
+    p.add_argument("--set", action="append", default=[], help="override for every row")
+    args = p.parse_args()
+    run = run_profile(args.profile, Path(args.out), args.seeds, args.set)
+    write_results(run, "python benchmarks/run.py " + " ".join(sys.argv[1:]))
+    print((HERE / "RESULTS.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

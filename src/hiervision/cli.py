@@ -1,0 +1,233 @@
+"""Command line: ``hiervision train|evaluate|predict|taxonomy|demo``; a thin layer over the Python API.
+
+Every user error ends in one line on stderr and a non-zero exit code; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from hiervision.checkpoint import CheckpointError
+from hiervision.config import ConfigError, load_config, merge
+from hiervision.taxonomy import Taxonomy, TaxonomyError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+USER_ERRORS = (ConfigError, TaxonomyError, CheckpointError, FileNotFoundError, ValueError, OSError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from hiervision.training import TrainingError
+
+    return (*USER_ERRORS, TrainingError)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from hiervision.training import train
+
+    cfg = load_config(args.config, args.set)
+    if args.quiet:
+        cfg["train"]["progress"] = False
+    result = train(cfg, args.out, resume=not args.no_resume)
+    _print_metrics(result)
+    print(f"run written to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from hiervision.data import build_data
+    from hiervision.training import autocast_dtype, evaluate_split, load_run
+
+    cfg, taxonomy, model, _ = load_run(args.run_dir, which=args.checkpoint)
+    data = build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])})
+    if data.taxonomy != taxonomy:
+        raise CheckpointError(f"{args.run_dir}: the data's taxonomy differs from the run's taxonomy.json")
+    amp = autocast_dtype(cfg["train"]["amp"], torch.device("cpu"))
+    result = evaluate_split(model, data, args.split, cfg["eval"]["batch_size"], torch.device("cpu"), amp)
+    result["split"] = args.split
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def load_image(path: Path, in_chans: int, size: tuple[int, int] | None) -> torch.Tensor:
+    """Decode one image file as a float tensor C×H×W in [0, 1], with a clear error when it is not an image."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if in_chans == 1 else "RGB")
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
+    t = torch.from_numpy(arr.copy())
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    return t.float() / 255
+
+
+def _image_files(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{p}: folder holds no images")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return files
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hiervision.training import load_run
+
+    _, taxonomy, model, meta = load_run(args.run_dir)
+    in_chans = meta.get("in_chans", 3)
+    size = tuple(meta["image_size"]) if meta.get("image_size") else None
+    mean = torch.tensor(meta.get("mean", [0.0] * in_chans)).view(1, -1, 1, 1)
+    std = torch.tensor(meta.get("std", [1.0] * in_chans)).view(1, -1, 1, 1)
+    files = _image_files(args.inputs)
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start : start + args.batch_size]
+        images = torch.stack([load_image(f, in_chans, size) for f in chunk])
+        pred = model.predict((images - mean) / std)
+        for i, f in enumerate(chunk):
+            path = [int(n) for n in pred.paths[i] if n >= 0]
+            line = {"file": str(f), "path": [taxonomy.names[n] for n in path],
+                    "path_probability": round(float(pred.path_prob[i]), 6)}
+            if pred.labels is not None:
+                ends = pred.labels[i].nonzero().flatten().tolist()
+                line["paths"] = [[taxonomy.names[n] for n in taxonomy.path(e)] for e in ends]
+            print(json.dumps(line, ensure_ascii=False))
+    return 0
+
+
+def _read_taxonomy(path: str) -> Taxonomy:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "taxonomy.json"
+    if p.suffix.lower() == ".csv":
+        return Taxonomy.from_csv(p)
+    return Taxonomy.load(p)
+
+
+def cmd_taxonomy(args: argparse.Namespace) -> int:
+    tax = _read_taxonomy(args.file)
+    if args.action == "show":
+        print(tax.render(max_nodes=args.max_nodes))
+    else:
+        print(f"{args.file}: valid tree, {len(tax)} classes, {len(tax.leaves)} leaves, depth {tax.max_depth}"
+              f"{' (fixed depth)' if tax.is_fixed_depth else ' (variable depth)'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+DEMO_BASE = {
+    "seed": 0,
+    "data": {"name": "fashion_mnist", "limit_train": 20000, "fallback": "synthetic"},
+    "model": {"backbone": "resnet20"},
+    "train": {"epochs": 3, "batch_size": 128, "lr": 0.1, "warmup_epochs": 0.2,
+              "augment": {"pad": 2, "flip": True}},
+}
+# (table label, config overrides): every method of the package, same backbone, seed and budget
+DEMO_METHODS: list[tuple[str, dict]] = [
+    ("flat (leaf softmax)", {"model": {"name": "flat"}}),
+]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hiervision.training import train
+
+    base = merge(DEMO_BASE, {"train": {"progress": not args.quiet}})
+    if args.epochs:
+        base["train"]["epochs"] = args.epochs
+    rows, note = [], ""
+    for label, overrides in DEMO_METHODS:
+        cfg = merge(merge(load_config(), base), overrides)
+        out = Path(args.out) / label.split()[0]
+        print(f"== {label}")
+        t0 = time.perf_counter()
+        m = train(cfg, out, resume=False)
+        note = m.get("data_note") or note
+        rows.append((label, m["leaf_accuracy"], m["path_accuracy"], m["node_accuracy"], time.perf_counter() - t0))
+    data = "synthetic images (fallback)" if note else "Fashion-MNIST (real)"
+    print(f"\n{data}, {base['model']['backbone']}, {base['train']['epochs']} epochs, seed {base['seed']}")
+    if note:
+        print(f"note: {note}")
+    print(f"{'method':<24}{'leaf acc':>10}{'path acc':>10}{'node acc':>10}{'time s':>9}")
+    for label, leaf, path, node, secs in rows:
+        print(f"{label:<24}{leaf:>10.4f}{path:>10.4f}{node:>10.4f}{secs:>9.1f}")
+    return 0
+
+
+def _print_metrics(result: dict) -> None:
+    keys = ["path_accuracy", "node_accuracy", "leaf_accuracy", "hierarchical_f1", "path_f1", "node_f1"]
+    shown = {k: round(result[k], 4) for k in keys if isinstance(result.get(k), float)}
+    print(json.dumps(shown))
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hiervision", description="Hierarchical image classification.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one config; writes checkpoints, log.csv and metrics.json to --out")
+    t.add_argument("config", help="YAML config (see configs/)")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.05")
+    t.add_argument("--no-resume", action="store_true", help="start over even if --out holds last.pt")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="metrics of a trained run on a split")
+    e.add_argument("run_dir")
+    e.add_argument("--split", choices=["val", "test"], default="test")
+    e.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="one JSON line per image: file, path, path probability")
+    pr.add_argument("run_dir")
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.set_defaults(func=cmd_predict)
+
+    tx = sub.add_parser("taxonomy", help="show or validate a taxonomy (JSON, parent/child CSV, or run folder)")
+    tx.add_argument("action", choices=["show", "validate"])
+    tx.add_argument("file")
+    tx.add_argument("--max-nodes", type=int, default=None)
+    tx.set_defaults(func=cmd_taxonomy)
+
+    d = sub.add_parser("demo", help="train every method side by side on Fashion-MNIST and print one table")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"hiervision: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hiervision: interrupted (run again with the same --out to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Datasets for hierarchical classification, built from one config dict by :func:`build_data`.
+
+Every dataset yields ``(image, target)``: a float32 ``C×H×W`` image in [0, 1] (normalisation and
+augmentation happen later, on whole batches) and an ``int`` node id of the taxonomy — or, for
+multi-label sets, a bool ``(N+1,)`` tensor marking the labelled path ends.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hiervision.data.base import (
+    FileImageDataset,
+    HierDataset,
+    TensorImageDataset,
+    channel_stats,
+    coarsen_labels,
+    stratified_split,
+    stratified_subset,
+)
+from hiervision.data.loader import BatchLoader, iter_batches, make_loader
+from hiervision.data.synthetic import SYNTHETIC_VARIANTS, make_synthetic
+from hiervision.data.transforms import BatchAugment, hflip, normalize, pad_crop, resize
+from hiervision.taxonomy import Taxonomy
+
+__all__ = [
+    "DATASETS",
+    "BatchAugment",
+    "BatchLoader",
+    "DataBundle",
+    "FileImageDataset",
+    "HierDataset",
+    "TensorImageDataset",
+    "build_data",
+    "hflip",
+    "iter_batches",
+    "make_loader",
+    "normalize",
+    "pad_crop",
+    "resize",
+]
+
+_COMMON = {"name", "root", "val_fraction", "split_seed", "limit_train", "limit_test", "image_size",
+           "coarse_fraction", "coarse_level", "fallback"}  # fmt: skip
+_SYNTH = {"size", "channels", "n_train", "n_test", "seed", "noise"}
+#: dataset name → the config keys it accepts besides the common ones
+DATASETS: dict[str, set[str]] = {
+    "fashion_mnist": set(),
+    "fashion_mnist_var": set(),
+    "tiny_imagenet": {"hierarchy_root", "max_depth", "cache_dir", "workers"},
+    "folder": {"test_fraction", "channels"},
+    "manifest": {"manifest", "taxonomy", "test_fraction", "channels", "multi_label"},
+    "cifar100": set(),
+    **{v: _SYNTH for v in SYNTHETIC_VARIANTS},
+}
+
+
+@dataclass
+class DataBundle:
+    """Everything a training run needs to know about its data."""
+
+    train: HierDataset
+    val: HierDataset
+    test: HierDataset
+    taxonomy: Taxonomy
+    in_chans: int
+    image_size: int | tuple[int, int]  # an int when square
+    multi_label: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+    note: str = ""
+    cfg: dict[str, Any] = field(default_factory=dict)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-channel standardisation with this data's training statistics (applied on whole batches)."""
+        return normalize(images, self.mean, self.std)
+
+    def meta(self) -> dict[str, Any]:
+        """What inference needs without the data (stored in checkpoints): channels, size, statistics."""
+        size = self.image_size if isinstance(self.image_size, (list, tuple)) else (self.image_size, self.image_size)
+        return {"in_chans": self.in_chans, "image_size": list(size), "mean": list(self.mean),
+                "std": list(self.std), "multi_label": self.multi_label, "data": self.name}
+
+    def __repr__(self) -> str:
+        return (f"DataBundle({self.name}: train={len(self.train)}, val={len(self.val)}, test={len(self.test)}, "
+                f"{self.in_chans}x{self.image_size}, {self.taxonomy!r}{', multi-label' if self.multi_label else ''})")
+
+
+# ---------------------------------------------------------------------------------------------- cfg checks
+def _int(cfg: dict, key: str, default: int | None, lo: int = 0) -> int | None:
+    v = cfg.get(key, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"cfg key {key!r}: must be an integer ≥ {lo}, got {v!r}")
+    return v
+
+
+def _frac(cfg: dict, key: str, default: float, lo: float = 0.0, hi: float = 1.0, hi_open: bool = True) -> float:
+    v = cfg.get(key, default)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v and (v < hi if hi_open else v <= hi)
+    if not ok:
+        raise ValueError(f"cfg key {key!r}: must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {v!r}")
+    return float(v)
+
+
+def _size(cfg: dict) -> int | tuple[int, int] | None:
+    v = cfg.get("image_size")
+    if v is None:
+        return None
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+        return v
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and x >= 1 for x in v):
+        return (v[0], v[1])
+    raise ValueError(f"cfg key 'image_size': must be a positive int or [height, width], got {v!r}")
+
+
+def _channels(cfg: dict) -> int | None:
+    v = cfg.get("channels")
+    if v not in (None, 1, 3) or isinstance(v, bool):
+        raise ValueError(f"cfg key 'channels': must be 1 or 3, got {v!r}")
+    return v
+
+
+def _path(cfg: dict, key: str, required: bool = False) -> Path | None:
+    v = cfg.get(key)
+    if v is None:
+        if required:
+            raise ValueError(f"cfg key {key!r}: required for dataset {cfg['name']!r}")
+        return None
+    if not isinstance(v, (str, os.PathLike)):
+        raise ValueError(f"cfg key {key!r}: must be a path, got {v!r}")
+    return Path(v).expanduser()
+
+
+def _check_cfg(cfg: dict) -> str:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"data cfg must be a dict, got {type(cfg).__name__}")
+    name = cfg.get("name")
+    if name not in DATASETS:
+        raise ValueError(f"cfg key 'name': unknown dataset {name!r} (one of {', '.join(DATASETS)})")
+    unknown = sorted(set(cfg) - _COMMON - DATASETS[name])
+    if unknown:
+        raise ValueError(f"cfg key {unknown[0]!r}: not a setting of dataset {name!r}")
+    fb = cfg.get("fallback")
+    if fb is not None and fb not in SYNTHETIC_VARIANTS:
+        raise ValueError(f"cfg key 'fallback': must be one of {', '.join(SYNTHETIC_VARIANTS)} or null, got {fb!r}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+def _resized(ds: HierDataset, size: int | tuple[int, int] | None) -> HierDataset:
+    """Resize in-memory images once (lazy datasets resize per item in their reader)."""
+    if size is None or not isinstance(ds, TensorImageDataset):
+        return ds
+    out = TensorImageDataset(torch.cat([resize(c, size) for c in ds.images.split(4096)]), ds.targets, ds.taxonomy)
+    out.coarse_mask = ds.coarse_mask
+    return out
+
+
+def _limit(ds: HierDataset, k: int | None, seed: int) -> HierDataset:
+    return ds if k is None or k >= len(ds) else ds.subset(stratified_subset(ds.targets, k, seed))
+
+
+def _load_synthetic(cfg: dict, name: str) -> tuple[HierDataset, HierDataset, str]:
+    size, seed = _int(cfg, "size", 32, 8), _int(cfg, "seed", 0)
+    chans = _channels(cfg) or 3
+    noise = _frac(cfg, "noise", 0.08, hi=1.0, hi_open=False)
+    n_train, n_test = _int(cfg, "n_train", 5000, 1), _int(cfg, "n_test", 1000, 1)
+    train = make_synthetic(name, n_train, size, chans, seed, noise, stream=0)
+    test = make_synthetic(name, n_test, size, chans, seed, noise, stream=1)
+    return train, test, f"synthetic data ({name}, seed {seed}), generated in memory"
+
+
+def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, HierDataset | None, str]:
+    """``(train pool, test, predefined val or None, note)`` for one dataset, limits applied."""
+    lim_tr, lim_te = _int(cfg, "limit_train", None, 1), _int(cfg, "limit_test", None, 1)
+    size = _size(cfg)
+    val = None
+    if name.startswith("fashion_mnist"):
+        from hiervision.data.fashion_mnist import default_root, load_fashion_mnist
+
+        root = _path(cfg, "root") or default_root()
+        var = name == "fashion_mnist_var"
+        train, test = load_fashion_mnist(root, "train", var), load_fashion_mnist(root, "test", var)
+        note = f"Fashion-MNIST from {root}"
+    elif name == "tiny_imagenet":
+        from hiervision.data.tiny_imagenet import default_cache_dir, load_tiny_imagenet, tiny_imagenet_taxonomy
+
+        root = _path(cfg, "root")
+        tax = tiny_imagenet_taxonomy(root, _path(cfg, "hierarchy_root"), _int(cfg, "max_depth", None, 1))
+        cache = cfg.get("cache_dir", default_cache_dir())
+        if isinstance(size, tuple):
+            raise ValueError("cfg key 'image_size': Tiny-ImageNet is square, give one int")
+        kw = dict(taxonomy=tax, image_size=size, cache_dir=cache, seed=seed, workers=_int(cfg, "workers", None, 1))
+        train = load_tiny_imagenet(root, "train", limit=lim_tr, **kw)
+        test = load_tiny_imagenet(root, "val", limit=lim_te, **kw)
+        note = "Tiny-ImageNet-200 (test split = the labelled val set)"
+        size = None  # already resized before caching
+    elif name in ("folder", "manifest"):
+        test_fraction = _frac(cfg, "test_fraction", 0.2)
+        if name == "folder":
+            from hiervision.data.folder import load_folder
+
+            pool = load_folder(_path(cfg, "root", required=True), _channels(cfg), size)
+            splits = None
+        else:
+            from hiervision.data.manifest import load_manifest
+
+            ml = cfg.get("multi_label")
+            if ml not in (None, True, False):
+                raise ValueError(f"cfg key 'multi_label': must be true, false or null, got {ml!r}")
+            pool, splits = load_manifest(_path(cfg, "manifest", required=True), _path(cfg, "taxonomy", required=True),
+                                         _path(cfg, "root"), ml, _channels(cfg), size)
+        if splits is not None:
+            col = torch.tensor([("train", "val", "test").index(s) for s in splits])
+            train, val, test = (pool.subset(torch.nonzero(col == k).flatten()) for k in range(3))
+            note = f"{name} with the manifest's own split column"
+        else:
+            rest, held = stratified_split(pool.targets, test_fraction, seed + 1)
+            train, test = pool.subset(rest), pool.subset(held)
+            note = f"{name} {cfg.get('root') or cfg.get('manifest')} (test = seeded {test_fraction:g} split)"
+        size = None  # the reader resizes
+    elif name == "cifar100":
+        from hiervision.data.cifar100 import load_cifar100
+
+        default = Path(os.environ.get("HIERVISION_CIFAR100", Path(__file__).resolve().parents[3].parent / "shared"
+                                      / "data" / "cifar-100-python"))
+        root = _path(cfg, "root") or default
+        train, test = load_cifar100(root)
+        note = f"CIFAR-100 from {root}"
+    else:
+        train, test, note = _load_synthetic(cfg, name)
+    train, test = _limit(train, lim_tr, seed), _limit(test, lim_te, seed)
+    if val is not None:
+        val = _resized(val, size)
+    return _resized(train, size), _resized(test, size), val, note
+
+
+def _stats(ds: HierDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if isinstance(ds, TensorImageDataset):
+        return channel_stats(ds.images)
+    idx = torch.linspace(0, len(ds) - 1, min(len(ds), 256)).long().unique()
+    sample = torch.stack([(ds[int(i)][0] * 255).round().to(torch.uint8) for i in idx])
+    return channel_stats(sample)
+
+
+def build_data(cfg: dict[str, Any]) -> DataBundle:
+    """Build train/val/test datasets and their metadata from a config dict (see :data:`DATASETS` for keys).
+
+    Common keys: ``name``, ``root``, ``val_fraction`` (0.1, carved from train, stratified),
+    ``split_seed`` (0), ``limit_train``/``limit_test`` (class-balanced caps on the train pool
+    before the val split, and on test), ``image_size``, ``coarse_fraction`` (0) and
+    ``coarse_level`` (1), ``fallback`` (a synthetic variant to use when the data files are missing).
+    """
+    name = _check_cfg(cfg)
+    seed = _int(cfg, "split_seed", 0)
+    val_fraction = _frac(cfg, "val_fraction", 0.1)
+    coarse_fraction = _frac(cfg, "coarse_fraction", 0.0, hi_open=False)
+    coarse_level = _int(cfg, "coarse_level", 1, 1)
+    _size(cfg)
+    try:
+        pool, test, val, note = _load(cfg, name, seed)
+    except FileNotFoundError as e:
+        if cfg.get("fallback") is None:
+            raise
+        fb = cfg["fallback"]
+        pool, test, note = _load_synthetic({k: v for k, v in cfg.items() if k in _SYNTH}, fb)
+        pool, test = _limit(pool, cfg.get("limit_train"), seed), _limit(test, cfg.get("limit_test"), seed)
+        pool, test = _resized(pool, _size(cfg)), _resized(test, _size(cfg))
+        val, note, name = None, f"{name} unavailable ({e}); used the {fb!r} synthetic fallback", fb
+    if val is not None:
+        train = pool
+    elif val_fraction > 0:
+        rest, held = stratified_split(pool.targets, val_fraction, seed)
+        train, val = pool.subset(rest), pool.subset(held)
+    else:
+        train, val = pool, pool.subset(torch.zeros(0, dtype=torch.long))
+    if coarse_fraction > 0:
+        new, mask = coarsen_labels(train.targets, train.taxonomy, coarse_fraction, coarse_level, seed + 2)
+        train = train.with_targets(new, mask)
+        note += f"; {int(mask.sum())} train labels ({coarse_fraction:g}) cut to depth {coarse_level}"
+    x0 = train[0][0] if len(train) else test[0][0]
+    h, w = x0.shape[-2:]
+    mean, std = _stats(train if len(train) else test)
+    return DataBundle(
+        train=train, val=val, test=test, taxonomy=train.taxonomy, in_chans=x0.shape[0],
+        image_size=h if h == w else (h, w), multi_label=train.multi_label, mean=mean, std=std,
+        name=name, note=note, cfg=dict(cfg),
+    )  # fmt: skip

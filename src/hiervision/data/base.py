@@ -1,0 +1,210 @@
+"""Dataset base classes and the split/subset/coarsening helpers every loader shares.
+
+Keeping these in one place means every dataset splits, limits and coarsens labels the same
+seeded way, so a run is reproducible from its config alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from hiervision.taxonomy import Taxonomy
+
+__all__ = [
+    "FileImageDataset",
+    "HierDataset",
+    "TensorImageDataset",
+    "channel_stats",
+    "coarsen_labels",
+    "stratified_split",
+    "stratified_subset",
+]
+
+
+class HierDataset(Dataset):
+    """Common interface: ``targets`` (long ``(n,)`` node ids or bool ``(n, N+1)`` path ends), ``taxonomy``, ``subset``.
+
+    Targets are kept as one tensor so splitting, limiting and coarsening never have to touch images.
+    """
+
+    targets: torch.Tensor
+    taxonomy: Taxonomy
+    coarse_mask: torch.Tensor
+
+    @property
+    def multi_label(self) -> bool:
+        return self.targets.dim() == 2
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _target(self, i: int) -> int | torch.Tensor:
+        return self.targets[i].clone() if self.multi_label else int(self.targets[i])
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> HierDataset:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def with_targets(self, targets: torch.Tensor, coarse_mask: torch.Tensor) -> HierDataset:
+        """Same images, new labels (used for coarse-only labels); images are shared, not copied."""
+        out = copy.copy(self)
+        out.targets = targets
+        out.coarse_mask = coarse_mask
+        return out
+
+
+class TensorImageDataset(HierDataset):
+    """In-memory images as one uint8 tensor: float conversion per access, whole-batch indexing via ``.images``.
+
+    Args:
+        images: uint8 ``(n, C, H, W)``.
+        targets: long ``(n,)`` node ids, or bool ``(n, N+1)`` path-end marks for multi-label data.
+        taxonomy: the tree the targets refer to.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be a uint8 (n, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        _check_targets(targets, taxonomy)
+        self.images = images
+        self.targets = targets
+        self.taxonomy = taxonomy
+        self.coarse_mask = torch.zeros(len(targets), dtype=torch.bool)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        return self.images[i].float().div_(255), self._target(i)
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> TensorImageDataset:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        out = TensorImageDataset(self.images[idx], self.targets[idx], self.taxonomy)
+        out.coarse_mask = self.coarse_mask[idx]
+        return out
+
+
+class FileImageDataset(HierDataset):
+    """Lazily decoded images (one file read per item) for sets too big or too varied to hold in memory.
+
+    Args:
+        sources: one entry per image, passed to ``read``.
+        targets: as in :class:`TensorImageDataset`.
+        taxonomy: the tree.
+        read: ``read(source) -> uint8 (C, H, W)`` tensor; raises ``ValueError`` naming the file when corrupt.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[str],
+        targets: torch.Tensor,
+        taxonomy: Taxonomy,
+        read: Callable[[str], torch.Tensor],
+    ) -> None:
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} files but {len(targets)} targets")
+        _check_targets(targets, taxonomy)
+        self.sources = list(sources)
+        self.targets = targets
+        self.taxonomy = taxonomy
+        self.read = read
+        self.coarse_mask = torch.zeros(len(targets), dtype=torch.bool)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        return self.read(self.sources[i]).float().div_(255), self._target(i)
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> FileImageDataset:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        out = FileImageDataset([self.sources[i] for i in idx.tolist()], self.targets[idx], self.taxonomy, self.read)
+        out.coarse_mask = self.coarse_mask[idx]
+        return out
+
+
+def _check_targets(targets: torch.Tensor, taxonomy: Taxonomy) -> None:
+    """Fail at construction, not mid-epoch, when a label is outside the tree."""
+    if targets.dim() == 2:
+        if targets.dtype != torch.bool or targets.shape[1] != taxonomy.num_nodes:
+            raise ValueError(f"multi-label targets must be bool (n, {taxonomy.num_nodes}), got {targets.dtype} "
+                             f"{tuple(targets.shape)}")
+        return
+    if targets.dtype != torch.long or targets.dim() != 1:
+        raise ValueError(f"targets must be a long (n,) tensor, got {targets.dtype} {tuple(targets.shape)}")
+    if len(targets) and (targets.min() < 1 or targets.max() >= taxonomy.num_nodes):
+        raise ValueError(f"target node ids must be in 1..{len(taxonomy)}, got {targets.min()}..{targets.max()}")
+
+
+# ---------------------------------------------------------------------------------------------- splitting
+def _strata(targets: torch.Tensor) -> np.ndarray:
+    """Class id per sample for stratification; multi-label sets are not stratified (one stratum)."""
+    if targets.dim() == 2:
+        return np.zeros(len(targets), dtype=np.int64)
+    return targets.numpy().astype(np.int64)
+
+
+def stratified_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split into ``(rest, held_out)`` index tensors, ``held_out`` ≈ ``fraction`` of every class.
+
+    Samples are shuffled, grouped by class, and every ``1/fraction``-th position of the grouped
+    order is held out, so the total is exactly ``floor(n * fraction)`` and each class gets its
+    share to within one sample. Both outputs are sorted.
+    """
+    n = len(targets)
+    if not 0 <= fraction < 1:
+        raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    order = perm[np.argsort(_strata(targets)[perm], kind="stable")]
+    pos = np.arange(n)
+    # position j is held out when floor((j + 1) f) > floor(j f): exactly floor(n f) hits, evenly spread
+    held = np.floor((pos + 1) * fraction + 1e-9).astype(np.int64) > np.floor(pos * fraction + 1e-9).astype(np.int64)
+    return torch.from_numpy(np.sort(order[~held])), torch.from_numpy(np.sort(order[held]))
+
+
+def stratified_subset(targets: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded, class-balanced subset of size ``min(k, n)`` (for quick runs)."""
+    n = len(targets)
+    if k >= n:
+        return torch.arange(n)
+    _, keep = stratified_split(targets, k / n, seed)
+    if len(keep) < k:  # floating point left one short
+        extra = np.setdiff1d(np.arange(n), keep.numpy())[: k - len(keep)]
+        keep = torch.from_numpy(np.sort(np.concatenate([keep.numpy(), extra])))
+    return keep[:k] if len(keep) > k else keep
+
+
+def coarsen_labels(
+    targets: torch.Tensor, taxonomy: Taxonomy, fraction: float, level: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the labels of a seeded ``fraction`` of samples by their ancestor at depth ``level``.
+
+    Simulates coarse-only annotation. Only samples deeper than ``level`` can be coarsened; exactly
+    ``round(fraction * n)`` of them are (fewer only if not enough are eligible).
+
+    Returns:
+        ``(new_targets, coarse_mask)``.
+    """
+    if targets.dim() != 1:
+        raise ValueError("coarse_fraction: not supported for multi-label datasets")
+    if not 1 <= level < taxonomy.max_depth:
+        raise ValueError(f"coarse_level: must be in 1..{taxonomy.max_depth - 1} for this tree, got {level}")
+    depth = taxonomy.depth_tensor[targets]
+    eligible = torch.nonzero(depth > level).flatten().numpy()
+    count = min(round(fraction * len(targets)), len(eligible))
+    chosen = np.sort(np.random.default_rng(seed).permutation(eligible)[:count])
+    mask = torch.zeros(len(targets), dtype=torch.bool)
+    mask[torch.from_numpy(chosen)] = True
+    new = targets.clone()
+    new[mask] = taxonomy.path_matrix[targets[mask], level - 1]
+    return new, mask
+
+
+def channel_stats(images: torch.Tensor, max_images: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std in [0, 1] units of a uint8 ``(n, C, H, W)`` tensor (evenly spaced sample for speed)."""
+    if len(images) > max_images:
+        images = images[torch.linspace(0, len(images) - 1, max_images).long()]
+    x = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255
+    std = x.std(dim=1).clamp(min=1e-3)
+    return tuple(float(v) for v in x.mean(dim=1)), tuple(float(v) for v in std)

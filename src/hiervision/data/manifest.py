@@ -1,0 +1,105 @@
+"""CSV manifests (``path,label[,split]``) over a taxonomy JSON: any image collection without a folder layout.
+
+A label may be a node name, an external id or an ``A/B`` name path; ``;`` separates several
+labels, which makes the set multi-label (targets mark the labelled path ends).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import torch
+
+from hiervision.data.base import FileImageDataset
+from hiervision.data.imageio import ImageReader, probe_image
+from hiervision.taxonomy import Taxonomy, TaxonomyError
+
+__all__ = ["SPLITS", "load_manifest"]
+
+SPLITS = ("train", "val", "test")
+
+
+def load_manifest(
+    manifest: str | os.PathLike,
+    taxonomy: Taxonomy | str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    multi_label: bool | None = None,
+    channels: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+) -> tuple[FileImageDataset, list[str] | None]:
+    """Read the manifest into one lazy dataset plus the per-row ``split`` column (``None`` when absent).
+
+    Args:
+        manifest: CSV with a header naming ``path`` and ``label`` (optional ``split``: train/val/test).
+        taxonomy: a :class:`Taxonomy` or the path of its JSON file.
+        root: base folder of relative image paths (default: the manifest's folder).
+        multi_label: force single/multi-label; default multi-label when any row has several labels.
+        channels, image_size: as in :func:`hiervision.data.folder.load_folder`.
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: manifest CSV not found (cfg manifest)")
+    tax = taxonomy if isinstance(taxonomy, Taxonomy) else _load_taxonomy(taxonomy)
+    base = Path(root) if root is not None else manifest.parent
+    sources: list[str] = []
+    labels: list[list[int]] = []
+    splits: list[str] = []
+    with open(manifest, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = set(reader.fieldnames or ())
+        if not {"path", "label"} <= fields:
+            raise ValueError(f"{manifest}: header must name 'path' and 'label' columns, got {sorted(fields)}")
+        has_split = "split" in fields
+        for row in reader:
+            line = reader.line_num
+            path = (row["path"] or "").strip()
+            if not path:
+                raise ValueError(f"{manifest}: line {line}: empty path")
+            nodes = []
+            for label in (row["label"] or "").split(";"):
+                label = label.strip()
+                if not label:
+                    continue
+                try:
+                    nodes.append(tax.index(label))
+                except TaxonomyError as e:
+                    raise ValueError(f"{manifest}: line {line}: label {label!r} is not in the taxonomy ({e})") from None
+            if not nodes:
+                raise ValueError(f"{manifest}: line {line}: no label for {path!r}")
+            if has_split:
+                split = (row["split"] or "").strip().lower()
+                if split not in SPLITS:
+                    raise ValueError(f"{manifest}: line {line}: split must be train, val or test, got {split!r}")
+                splits.append(split)
+            full = Path(path) if Path(path).is_absolute() else base / path
+            if not full.is_file():
+                raise FileNotFoundError(f"{full}: image listed in {manifest} line {line} not found")
+            sources.append(str(full))
+            labels.append(nodes)
+    if not sources:
+        raise ValueError(f"{manifest}: no rows")
+    several = next((i for i, n in enumerate(labels) if len(set(n)) > 1), None)
+    if multi_label is None:
+        multi_label = several is not None
+    if not multi_label and several is not None:
+        raise ValueError(f"{manifest}: row {several + 1} has several labels but multi_label is false")
+    if multi_label:
+        targets = torch.zeros(len(labels), tax.num_nodes, dtype=torch.bool)
+        for i, nodes in enumerate(labels):
+            for n in nodes:  # a label that is an ancestor of another one is not a path end
+                if not any(m != n and n in tax.ancestors(m) for m in nodes):
+                    targets[i, n] = True
+    else:
+        targets = torch.tensor([n[0] for n in labels], dtype=torch.long)
+    probe_c, probe_hw = probe_image(ImageReader(3), sources[0])
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    reader = ImageReader(channels or probe_c, tuple(size) if size else probe_hw)
+    return FileImageDataset(sources, targets, tax, reader), (splits if has_split else None)
+
+
+def _load_taxonomy(path: str | os.PathLike) -> Taxonomy:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: taxonomy JSON not found (cfg taxonomy; write one with Taxonomy.save)")
+    return Taxonomy.load(path)
