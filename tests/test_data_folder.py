@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from hiervision import Taxonomy
-from hiervision.data import build_data, make_loader
+from hiervision.data import BatchLoader, build_data
 from hiervision.data.folder import folder_index, load_folder
 
 OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot" / "images_background_small1.zip"
@@ -48,7 +48,7 @@ def test_omniglot_bundle_split_and_lazy_loader() -> None:
     assert (len(b.train) + len(b.val), len(b.test)) == (2040, 680)
     assert b.in_chans == 1 and b.image_size == 28 and 0.8 < b.mean[0] < 1
     assert torch.bincount(b.test.targets)[list(b.taxonomy.leaves)].tolist() == [5] * 136  # stratified
-    xb, yb = next(iter(make_loader(b.train, 16, shuffle=True, seed=1, num_workers=2)))
+    xb, yb = next(iter(BatchLoader(b.train, 16, shuffle=True, seed=1, num_workers=2)))
     assert xb.shape == (16, 1, 28, 28) and yb.dtype == torch.long
 
 
@@ -118,7 +118,7 @@ def test_manifest_multi_label_and_errors(tmp_path: Path) -> None:
     assert ends == [{"cat", "tree"}, {"dog"}, {"cat"}, {"plant"}] and splits is None
     x, y = ds[0]
     assert y.dtype == torch.bool and y.shape == (tax.num_nodes,)
-    xb, yb = next(iter(make_loader(ds, 4)))
+    xb, yb = next(iter(BatchLoader(ds, 4)))
     assert yb.shape == (4, tax.num_nodes) and yb.dtype == torch.bool
     with pytest.raises(ValueError, match="several labels but multi_label is false"):
         load_manifest(csv, tj, multi_label=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hiervision.data import BatchAugment, hflip, iter_batches, make_loader, normalize, pad_crop, resize
+from hiervision.data import BatchAugment, BatchLoader, hflip, iter_batches, normalize, pad_crop, resize
 from hiervision.data.base import TensorImageDataset
 from hiervision.data.synthetic import make_synthetic
 
@@ -63,10 +63,10 @@ def test_batch_augment() -> None:
 
 def test_fast_loader_reproducible_by_epoch() -> None:
     ds = make_synthetic("synthetic", 100, seed=0)
-    loader = make_loader(ds, 32, shuffle=True, seed=5)
+    loader = BatchLoader(ds, 32, shuffle=True, seed=5)
     assert len(loader) == 4
     e0 = [y for _, y in loader.set_epoch(0)]
-    e0_again = [y for _, y in make_loader(ds, 32, shuffle=True, seed=5).set_epoch(0)]
+    e0_again = [y for _, y in BatchLoader(ds, 32, shuffle=True, seed=5).set_epoch(0)]
     e1 = [y for _, y in loader.set_epoch(1)]
     assert all(torch.equal(a, b) for a, b in zip(e0, e0_again))
     assert not all(torch.equal(a, b) for a, b in zip(e0, e1))
@@ -76,7 +76,7 @@ def test_fast_loader_reproducible_by_epoch() -> None:
     assert len(resumed) == 2 and torch.equal(resumed[0], e0[2])
     x, _ = next(iter(loader))
     assert x.dtype == torch.float32 and x.max() <= 1 and x.shape == (32, 3, 32, 32)
-    assert len(make_loader(ds, 32, drop_last=True)) == 3
+    assert len(BatchLoader(ds, 32, drop_last=True)) == 3
 
 
 def test_lazy_loader_matches_fast_path_order() -> None:

@@ -118,3 +118,17 @@ def test_short_real_training_run_learns(tmp_path):
     assert m["leaf_accuracy"] > 0.6  # chance is 0.1
     assert m["level_accuracy"][0] > 0.85  # Clothes vs Goods; chance 0.6
     assert m["valid_path_rate"] == 1.0
+
+
+def test_multilabel_run_tunes_and_stores_threshold(tmp_path):
+    cfg = load_config(overrides=[
+        "data={name: synthetic_multilabel, n_train: 320, n_test: 128, size: 16}",
+        "model={name: flat, backbone: resnet20, backbone_kwargs: {width: 0.5}}",
+        "train.epochs=1", "train.batch_size=64", "train.progress=false", "train.amp=none",
+    ])
+    m = train(cfg, tmp_path)
+    assert {"path_f1", "node_f1", "threshold"} <= set(m)
+    stored = float(load_checkpoint(tmp_path / "best.pt")["model"]["threshold"])
+    assert stored == pytest.approx(m["threshold"]) and 0 < stored < 1
+    _, _, model, _ = load_run(tmp_path)
+    assert float(model.threshold) == pytest.approx(stored)

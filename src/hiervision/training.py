@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from hiervision import metrics as M
 from hiervision.checkpoint import load_checkpoint, save_checkpoint
 from hiervision.config import ConfigError, dump, load_config
-from hiervision.data import BatchAugment, DataBundle, build_data, iter_batches
+from hiervision.data import BatchAugment, BatchLoader, DataBundle, build_data, iter_batches
 from hiervision.decoding import Prediction
 from hiervision.models import create_model
 from hiervision.taxonomy import Taxonomy
@@ -247,6 +247,7 @@ def train(
 
     # --- epochs
     epochs = int(tcfg["epochs"])
+    loader = BatchLoader(data.train, tcfg["batch_size"], shuffle=True, seed=seed, num_workers=tcfg["num_workers"])
     steps_per_epoch = max(1, math.ceil(len(data.train) / tcfg["batch_size"]))
     stop_at = epochs if max_epochs_this_call is None else min(epochs, start_epoch + max_epochs_this_call)
     for epoch in range(start_epoch, stop_at):
@@ -258,9 +259,7 @@ def train(
         total_loss, seen, t0 = 0.0, 0, time.perf_counter()
         bar = tqdm(total=len(data.train), unit="img", unit_scale=True, disable=not tcfg["progress"],
                    desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
-        for step, (images, targets) in enumerate(
-            iter_batches(data.train, tcfg["batch_size"], shuffle=True, seed=seed, epoch=epoch)
-        ):
+        for step, (images, targets) in enumerate(loader.set_epoch(epoch)):
             global_step = epoch * steps_per_epoch + step
             for g, base_lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base_lr * lr_factor(global_step, steps_per_epoch, tcfg)
@@ -289,6 +288,8 @@ def train(
             bar.set_postfix(loss=f"{total_loss / seen:.3f}")
         bar.close()
         train_time = time.perf_counter() - t0
+        if data.multi_label:  # each epoch is judged at its own best threshold, which best.pt then keeps
+            tune_threshold(model, data, cfg["eval"]["batch_size"], device, amp)
         val = evaluate_split(model, data, "val", cfg["eval"]["batch_size"], device, amp)
         row = {
             "epoch": epoch + 1,
@@ -314,12 +315,9 @@ def train(
 
     # --- final evaluation with the best checkpoint
     model.load_state_dict(load_checkpoint(out / "best.pt", taxonomy)["model"])
-    if data.multi_label:
-        tune_threshold(model, data, cfg["eval"]["batch_size"], device, amp)
-        state = load_checkpoint(out / "best.pt", taxonomy)
-        state["model"] = model.state_dict()
-        save_checkpoint(out / "best.pt", state)
     result = evaluate_split(model, data, "test", cfg["eval"]["batch_size"], device, amp)
+    if data.multi_label:
+        result["threshold"] = float(model.threshold)
     result.update(
         split="test",
         train_images_per_s=sum(r["train_images_per_s"] for r in history) / max(len(history), 1),

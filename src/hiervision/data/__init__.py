@@ -20,10 +20,11 @@ from hiervision.data.base import (
     TensorImageDataset,
     channel_stats,
     coarsen_labels,
+    shared_data_dir,
     stratified_split,
     stratified_subset,
 )
-from hiervision.data.loader import BatchLoader, iter_batches, make_loader
+from hiervision.data.loader import BatchLoader, iter_batches
 from hiervision.data.synthetic import SYNTHETIC_VARIANTS, make_synthetic
 from hiervision.data.transforms import BatchAugment, hflip, normalize, pad_crop, resize
 from hiervision.taxonomy import Taxonomy
@@ -39,7 +40,6 @@ __all__ = [
     "build_data",
     "hflip",
     "iter_batches",
-    "make_loader",
     "normalize",
     "pad_crop",
     "resize",
@@ -230,8 +230,7 @@ def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, Hi
     elif name == "cifar100":
         from hiervision.data.cifar100 import load_cifar100
 
-        default = Path(os.environ.get("HIERVISION_CIFAR100", Path(__file__).resolve().parents[3].parent / "shared"
-                                      / "data" / "cifar-100-python"))
+        default = Path(os.environ.get("HIERVISION_CIFAR100", shared_data_dir() / "cifar-100-python"))
         root = _path(cfg, "root") or default
         train, test = load_cifar100(root)
         note = f"CIFAR-100 from {root}"

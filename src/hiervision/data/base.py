@@ -7,7 +7,9 @@ seeded way, so a run is reproducible from its config alone.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,9 +23,15 @@ __all__ = [
     "TensorImageDataset",
     "channel_stats",
     "coarsen_labels",
+    "shared_data_dir",
     "stratified_split",
     "stratified_subset",
 ]
+
+
+def shared_data_dir() -> Path:
+    """Where real data sets live: ``$HIERVISION_DATA``, else ``<checkout>/../shared/data`` (this project's layout)."""
+    return Path(os.environ.get("HIERVISION_DATA", Path(__file__).resolve().parents[4] / "shared" / "data"))
 
 
 class HierDataset(Dataset):

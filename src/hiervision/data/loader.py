@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hiervision.data.base import TensorImageDataset
 
-__all__ = ["BatchLoader", "epoch_permutation", "iter_batches", "make_loader"]
+__all__ = ["BatchLoader", "epoch_permutation", "iter_batches"]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -100,21 +100,8 @@ class BatchLoader:
             yield (x.to(self.device), y) if self.device is not None else (x, y)
 
 
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    num_workers: int = 0,
-    drop_last: bool = False,
-    device: torch.device | str | None = None,
-) -> BatchLoader:
-    """A :class:`BatchLoader`; call ``.set_epoch(e)`` before each epoch."""
-    return BatchLoader(dataset, batch_size, shuffle, seed, num_workers, drop_last, device)
-
-
 def iter_batches(
     dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0, start_batch: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch's batches without keeping a loader object around."""
-    return iter(make_loader(dataset, batch_size, shuffle, seed).set_epoch(epoch, start_batch))
+    return iter(BatchLoader(dataset, batch_size, shuffle, seed).set_epoch(epoch, start_batch))

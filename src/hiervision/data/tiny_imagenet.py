@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from hiervision.data.base import TensorImageDataset, stratified_subset
+from hiervision.data.base import TensorImageDataset, shared_data_dir, stratified_subset
 from hiervision.data.transforms import resize
 from hiervision.taxonomy import Taxonomy
 
@@ -28,17 +28,12 @@ HOW_TO_GET = "set HIERVISION_TINY_IMAGENET or cfg root to the tiny-imagenet-200 
 CACHE_VERSION = 1
 
 
-def _repo_shared() -> Path:
-    """``<repo>/../shared/data``: where this project keeps real data next to the checkout."""
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
-
-
 def default_root() -> Path:
-    return Path(os.environ.get(ENV_VAR, _repo_shared() / "tiny-imagenet-200"))
+    return Path(os.environ.get(ENV_VAR, shared_data_dir() / "tiny-imagenet-200"))
 
 
 def default_hierarchy_root() -> Path:
-    return Path(os.environ.get(HIER_ENV_VAR, _repo_shared() / "imagenet" / "breeds" / "wordnet"))
+    return Path(os.environ.get(HIER_ENV_VAR, shared_data_dir() / "imagenet" / "breeds" / "wordnet"))
 
 
 def default_cache_dir() -> Path:
