@@ -11,7 +11,8 @@ import torch
 from hiervision import Taxonomy
 from hiervision.config import load_config
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED = Path(os.environ.get("HIERVISION_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FMNIST = Path(os.environ.get("HIERVISION_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))

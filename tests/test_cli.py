@@ -81,3 +81,12 @@ def test_taxonomy_show_and_validate(run_dir, tmp_path, capsys):
     assert main(["taxonomy", "validate", str(cyc)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cycle" in err
+
+
+def test_demo_falls_back_to_synthetic_and_says_how_to_get_real_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HIERVISION_FASHION_MNIST", str(tmp_path / "nothing-here"))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--limit-train", "300", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic images (fallback)" in out and "apt-get install dataset-fashion-mnist" in out
+    table = out[out.index("method"):].splitlines()
+    assert table[1].startswith("flat (leaf softmax)") and len(table[1].split()) >= 6

@@ -153,19 +153,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base = merge(DEMO_BASE, {"train": {"progress": not args.quiet}})
     if args.epochs:
         base["train"]["epochs"] = args.epochs
-    rows, note = [], ""
+    if args.limit_train:
+        base["data"]["limit_train"] = args.limit_train
+    rows, used = [], {}
     for label, overrides in DEMO_METHODS:
         cfg = merge(merge(load_config(), base), overrides)
         out = Path(args.out) / label.split()[0]
         print(f"== {label}")
         t0 = time.perf_counter()
         m = train(cfg, out, resume=False)
-        note = m.get("data_note") or note
+        used = m
         rows.append((label, m["leaf_accuracy"], m["path_accuracy"], m["node_accuracy"], time.perf_counter() - t0))
-    data = "synthetic images (fallback)" if note else "Fashion-MNIST (real)"
+    real = used.get("data") == "fashion_mnist"
+    data = "Fashion-MNIST (real)" if real else "synthetic images (fallback)"
     print(f"\n{data}, {base['model']['backbone']}, {base['train']['epochs']} epochs, seed {base['seed']}")
-    if note:
-        print(f"note: {note}")
+    if not real:
+        print(f"note: {used.get('data_note')}")
     print(f"{'method':<24}{'leaf acc':>10}{'path acc':>10}{'node acc':>10}{'time s':>9}")
     for label, leaf, path, node, secs in rows:
         print(f"{label:<24}{leaf:>10.4f}{path:>10.4f}{node:>10.4f}{secs:>9.1f}")
@@ -211,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train every method side by side on Fashion-MNIST and print one table")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--epochs", type=int, default=None, help="epochs per method (default 3)")
+    d.add_argument("--limit-train", type=int, default=None, help="training images (default 20000)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
     return p

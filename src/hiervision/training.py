@@ -28,7 +28,7 @@ from hiervision import metrics as M
 from hiervision.checkpoint import load_checkpoint, save_checkpoint
 from hiervision.config import ConfigError, dump, load_config
 from hiervision.data import BatchAugment, BatchLoader, DataBundle, build_data, iter_batches
-from hiervision.decoding import Prediction
+from hiervision.decoding import Prediction, threshold_paths
 from hiervision.models import create_model
 from hiervision.taxonomy import Taxonomy
 
@@ -157,20 +157,22 @@ def predict_dataset(
     return pred, torch.cat(targets)
 
 
-def evaluate_split(model, data: DataBundle, split: str, batch_size: int = 512, device=None, amp=None) -> dict:
-    """Metrics report (see :func:`hiervision.metrics.evaluate`) of a model on one split."""
+def evaluate_split(
+    model, data: DataBundle, split: str, batch_size: int = 512, device=None, amp=None, tune_threshold: bool = False
+) -> dict:
+    """Metrics report (see :func:`hiervision.metrics.evaluate`) of a model on one split.
+
+    ``tune_threshold`` (multi-label, validation only): first set the model's decision threshold to
+    the one that maximises path F1 on these predictions (Koo et al., Sec. 4.2), then report at it.
+    """
     device = device or next(model.parameters()).device
     dataset = {"train": data.train, "val": data.val, "test": data.test}[split]
     pred, targets = predict_dataset(model, data, dataset, batch_size, device, amp)
+    if tune_threshold and data.multi_label:
+        threshold, _ = M.select_threshold(pred.scores, targets.bool(), data.taxonomy, metric="path_f1")
+        model.threshold.fill_(float(threshold))
+        pred.labels = threshold_paths(data.taxonomy, pred.scores, float(threshold))
     return M.evaluate(pred, targets, data.taxonomy)
-
-
-def tune_threshold(model, data: DataBundle, batch_size: int, device, amp) -> float:
-    """Multi-label: the decision threshold that maximises path F1 on validation, stored in the model."""
-    pred, targets = predict_dataset(model, data, data.val, batch_size, device, amp)
-    threshold, _ = M.select_threshold(pred.scores, targets.bool(), data.taxonomy, metric="path_f1")
-    model.threshold.fill_(float(threshold))
-    return float(threshold)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -288,9 +290,8 @@ def train(
             bar.set_postfix(loss=f"{total_loss / seen:.3f}")
         bar.close()
         train_time = time.perf_counter() - t0
-        if data.multi_label:  # each epoch is judged at its own best threshold, which best.pt then keeps
-            tune_threshold(model, data, cfg["eval"]["batch_size"], device, amp)
-        val = evaluate_split(model, data, "val", cfg["eval"]["batch_size"], device, amp)
+        # multi-label: each epoch is judged at its own best threshold, which best.pt then keeps
+        val = evaluate_split(model, data, "val", cfg["eval"]["batch_size"], device, amp, tune_threshold=True)
         row = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
@@ -326,6 +327,7 @@ def train(
         select=select_key,
         device=str(device),
         amp=str(amp).replace("torch.", "") if amp else "none",
+        data=data.name,
         data_note=data.note,
     )
     (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -98,7 +98,7 @@ def _int(cfg: dict, key: str, default: int | None, lo: int = 0) -> int | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"cfg key {key!r}: must be an integer ≥ {lo}, got {v!r}")
+        raise ValueError(f"data.{key}: must be an integer ≥ {lo}, got {v!r}")
     return v
 
 
@@ -106,7 +106,7 @@ def _frac(cfg: dict, key: str, default: float, lo: float = 0.0, hi: float = 1.0,
     v = cfg.get(key, default)
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v and (v < hi if hi_open else v <= hi)
     if not ok:
-        raise ValueError(f"cfg key {key!r}: must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {v!r}")
+        raise ValueError(f"data.{key}: must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {v!r}")
     return float(v)
 
 
@@ -118,13 +118,13 @@ def _size(cfg: dict) -> int | tuple[int, int] | None:
         return v
     if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and x >= 1 for x in v):
         return (v[0], v[1])
-    raise ValueError(f"cfg key 'image_size': must be a positive int or [height, width], got {v!r}")
+    raise ValueError(f"data.image_size: must be a positive int or [height, width], got {v!r}")
 
 
 def _channels(cfg: dict) -> int | None:
     v = cfg.get("channels")
     if v not in (None, 1, 3) or isinstance(v, bool):
-        raise ValueError(f"cfg key 'channels': must be 1 or 3, got {v!r}")
+        raise ValueError(f"data.channels: must be 1 or 3, got {v!r}")
     return v
 
 
@@ -132,10 +132,10 @@ def _path(cfg: dict, key: str, required: bool = False) -> Path | None:
     v = cfg.get(key)
     if v is None:
         if required:
-            raise ValueError(f"cfg key {key!r}: required for dataset {cfg['name']!r}")
+            raise ValueError(f"data.{key}: required for dataset {cfg['name']!r}")
         return None
     if not isinstance(v, (str, os.PathLike)):
-        raise ValueError(f"cfg key {key!r}: must be a path, got {v!r}")
+        raise ValueError(f"data.{key}: must be a path, got {v!r}")
     return Path(v).expanduser()
 
 
@@ -144,13 +144,13 @@ def _check_cfg(cfg: dict) -> str:
         raise ValueError(f"data cfg must be a dict, got {type(cfg).__name__}")
     name = cfg.get("name")
     if name not in DATASETS:
-        raise ValueError(f"cfg key 'name': unknown dataset {name!r} (one of {', '.join(DATASETS)})")
+        raise ValueError(f"data.name: unknown dataset {name!r} (one of {', '.join(DATASETS)})")
     unknown = sorted(set(cfg) - _COMMON - DATASETS[name])
     if unknown:
-        raise ValueError(f"cfg key {unknown[0]!r}: not a setting of dataset {name!r}")
+        raise ValueError(f"data.{unknown[0]}: not a setting of dataset {name!r}")
     fb = cfg.get("fallback")
     if fb is not None and fb not in SYNTHETIC_VARIANTS:
-        raise ValueError(f"cfg key 'fallback': must be one of {', '.join(SYNTHETIC_VARIANTS)} or null, got {fb!r}")
+        raise ValueError(f"data.fallback: must be one of {', '.join(SYNTHETIC_VARIANTS)} or null, got {fb!r}")
     return name
 
 
@@ -197,7 +197,7 @@ def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, Hi
         tax = tiny_imagenet_taxonomy(root, _path(cfg, "hierarchy_root"), _int(cfg, "max_depth", None, 1))
         cache = cfg.get("cache_dir", default_cache_dir())
         if isinstance(size, tuple):
-            raise ValueError("cfg key 'image_size': Tiny-ImageNet is square, give one int")
+            raise ValueError("data.image_size: Tiny-ImageNet is square, give one int")
         kw = dict(taxonomy=tax, image_size=size, cache_dir=cache, seed=seed, workers=_int(cfg, "workers", None, 1))
         train = load_tiny_imagenet(root, "train", limit=lim_tr, **kw)
         test = load_tiny_imagenet(root, "val", limit=lim_te, **kw)
@@ -215,7 +215,7 @@ def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, Hi
 
             ml = cfg.get("multi_label")
             if ml not in (None, True, False):
-                raise ValueError(f"cfg key 'multi_label': must be true, false or null, got {ml!r}")
+                raise ValueError(f"data.multi_label: must be true, false or null, got {ml!r}")
             pool, splits = load_manifest(_path(cfg, "manifest", required=True), _path(cfg, "taxonomy", required=True),
                                          _path(cfg, "root"), ml, _channels(cfg), size)
         if splits is not None:

@@ -195,9 +195,9 @@ def coarsen_labels(
         ``(new_targets, coarse_mask)``.
     """
     if targets.dim() != 1:
-        raise ValueError("coarse_fraction: not supported for multi-label datasets")
+        raise ValueError("data.coarse_fraction: not supported for multi-label datasets")
     if not 1 <= level < taxonomy.max_depth:
-        raise ValueError(f"coarse_level: must be in 1..{taxonomy.max_depth - 1} for this tree, got {level}")
+        raise ValueError(f"data.coarse_level: must be in 1..{taxonomy.max_depth - 1} for this tree, got {level}")
     depth = taxonomy.depth_tensor[targets]
     eligible = torch.nonzero(depth > level).flatten().numpy()
     count = min(round(fraction * len(targets)), len(eligible))
