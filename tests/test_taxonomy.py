@@ -567,9 +567,8 @@ def test_encode_multihot_and_close_upwards(koo: Taxonomy) -> None:
 def test_tensor_tables(koo: Taxonomy) -> None:
     assert koo.path_matrix[6].tolist() == [2, 6] and koo.path_matrix[0].tolist() == [PAD, PAD]
     assert koo.ancestor_matrix[6].nonzero().flatten().tolist() == [2, 6]
-    assert koo.leaf_matrix.shape == (8, 5) and koo.leaf_matrix[2].tolist() == [False, False, True, True, True]
     assert koo.level_position.tolist() == [-1, 0, 1, 0, 1, 2, 3, 4]
-    assert koo.child_mask[2].nonzero().flatten().tolist() == [5, 6, 7]
+    assert koo.parent_tensor.tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
     assert koo.depth_tensor.tolist() == list(koo.depths)
 
 

@@ -83,10 +83,6 @@ def _last_node(paths: torch.Tensor) -> torch.Tensor:
     return torch.where(last >= 0, paths.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1), PAD)
 
 
-def _parents(taxonomy: Taxonomy, device: torch.device) -> torch.Tensor:
-    return torch.tensor(taxonomy.parents, dtype=torch.long, device=device)
-
-
 def _lca(taxonomy: Taxonomy, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Vectorised :meth:`Taxonomy.lca`: the deepest shared entry of the two root paths (0 = root).
 
@@ -132,7 +128,7 @@ def valid_paths(pred: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
     n = taxonomy.num_nodes
     is_pad = p == PAD
     is_class = (p > 0) & (p < n)
-    parent = _parents(taxonomy, p.device)[torch.where(is_class, p, 0)]
+    parent = taxonomy.parent_tensor.to(p.device)[torch.where(is_class, p, 0)]
     prev = torch.cat([torch.zeros_like(p[:, :1]), p[:, :-1]], dim=1)
     links_ok = is_pad | (is_class & (parent == prev))
     after_pad = is_pad.long().cummax(1).values.bool()
@@ -332,7 +328,7 @@ def _path_min(taxonomy: Taxonomy, scores_t: torch.Tensor) -> torch.Tensor:
     """Node-major ``(N+1, b)`` scores → lowest score on each node's root path (the largest threshold
     that keeps the node). Node-major so that each level's update reads contiguous rows.
     """
-    parents = _parents(taxonomy, scores_t.device)
+    parents = taxonomy.parent_tensor.to(scores_t.device)
     out = scores_t.clone()
     out[0] = float("inf")
     for level in taxonomy.levels:  # top-down, so parents are final before their children
@@ -382,7 +378,7 @@ def select_threshold(
     n_true = int(truth[:, 1:].sum())
     tp = torch.zeros(size + 1, dtype=torch.long, device=scores.device)
     n_pred = torch.zeros_like(tp)
-    parents = _parents(taxonomy, scores.device)[1:]
+    parents = taxonomy.parent_tensor.to(scores.device)[1:]
     step = max(1, _CHUNK_ELEMENTS // taxonomy.num_nodes)
     for s in range(0, len(scores), step):
         sc = scores[s : s + step].T.to(dtype).contiguous()  # node-major (N+1, b)

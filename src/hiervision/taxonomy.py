@@ -654,11 +654,6 @@ class Taxonomy:
         return a
 
     @cached_property
-    def leaf_matrix(self) -> torch.Tensor:
-        """``(N+1, L)`` bool: node n is on the path of leaf ``leaves[j]``."""
-        return self.ancestor_matrix[list(self.leaves)].T.contiguous()
-
-    @cached_property
     def level_position(self) -> torch.Tensor:
         """``(N+1,)`` long: index of each node within its level (root: -1), for per-level heads."""
         pos = torch.full((self.num_nodes,), -1, dtype=torch.long)
@@ -669,14 +664,6 @@ class Taxonomy:
     @cached_property
     def depth_tensor(self) -> torch.Tensor:
         return torch.tensor(self.depths, dtype=torch.long)
-
-    @cached_property
-    def child_mask(self) -> torch.Tensor:
-        """``(N+1, N+1)`` bool: ``C[p, c]`` is true when c is a child of p (used by tree-restricted decoders)."""
-        m = torch.zeros(self.num_nodes, self.num_nodes, dtype=torch.bool)
-        for c in range(1, self.num_nodes):
-            m[self.parents[c], c] = True
-        return m
 
     # ------------------------------------------------------------------ label encodings (one place)
     def _nodes(self, nodes) -> torch.Tensor:
