@@ -155,20 +155,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         base["train"]["epochs"] = args.epochs
     if args.limit_train:
         base["data"]["limit_train"] = args.limit_train
-    rows, used = [], {}
+    rows, m = [], {}
     for label, overrides in DEMO_METHODS:
         cfg = merge(merge(load_config(), base), overrides)
         out = Path(args.out) / label.split()[0]
         print(f"== {label}")
         t0 = time.perf_counter()
         m = train(cfg, out, resume=False)
-        used = m
         rows.append((label, m["leaf_accuracy"], m["path_accuracy"], m["node_accuracy"], time.perf_counter() - t0))
-    real = used.get("data") == "fashion_mnist"
+    real = m.get("data") == "fashion_mnist"
     data = "Fashion-MNIST (real)" if real else "synthetic images (fallback)"
     print(f"\n{data}, {base['model']['backbone']}, {base['train']['epochs']} epochs, seed {base['seed']}")
     if not real:
-        print(f"note: {used.get('data_note')}")
+        print(f"note: {m.get('data_note')}")
     print(f"{'method':<24}{'leaf acc':>10}{'path acc':>10}{'node acc':>10}{'time s':>9}")
     for label, leaf, path, node, secs in rows:
         print(f"{label:<24}{leaf:>10.4f}{path:>10.4f}{node:>10.4f}{secs:>9.1f}")
