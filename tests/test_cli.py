@@ -90,3 +90,25 @@ def test_demo_falls_back_to_synthetic_and_says_how_to_get_real_data(tmp_path, mo
     assert "synthetic images (fallback)" in out and "apt-get install dataset-fashion-mnist" in out
     table = out[out.index("method"):].splitlines()
     assert table[1].startswith("flat (leaf softmax)") and len(table[1].split()) >= 6
+
+
+def test_taxonomy_build_from_wordnet_and_csv(tmp_path, capsys):
+    from conftest import SHARED
+    from hiervision import Taxonomy
+
+    csv = tmp_path / "t.csv"
+    csv.write_text("parent,child\nvehicle,car\ncar,taxi\nvehicle,bus\n")
+    assert main(["taxonomy", "build", str(csv), "--out", str(tmp_path / "t.json")]) == 0
+    assert Taxonomy.load(tmp_path / "t.json") == Taxonomy.from_csv(csv)
+    wn = SHARED / "imagenet" / "breeds" / "wordnet"
+    if not wn.is_dir():
+        pytest.skip("shared WordNet hierarchy not present")
+    (tmp_path / "classes.txt").write_text("n02123045\nn02123159\nn02085620\n")  # two cats, a dog
+    assert main(["taxonomy", "build", str(wn / "class_hierarchy.txt"), "--from", "wordnet", "--names",
+                 str(wn / "node_names.txt"), "--classes", str(tmp_path / "classes.txt"),
+                 "--out", str(tmp_path / "wn.json")]) == 0
+    tax = Taxonomy.load(tmp_path / "wn.json")
+    assert sorted(tax.external_ids[n] for n in tax.leaves) == ["n02085620", "n02123045", "n02123159"]
+    assert len(tax.children[0]) >= 2 or len(tax.leaves) == 1
+    assert main(["taxonomy", "build", str(csv)]) == 1
+    assert "--out" in capsys.readouterr().err

@@ -123,7 +123,27 @@ def _read_taxonomy(path: str) -> Taxonomy:
     return Taxonomy.load(p)
 
 
+def _build_taxonomy(args: argparse.Namespace) -> Taxonomy:
+    """``taxonomy build``: any supported source → the one JSON format."""
+    src = args.file
+    if args.source == "openimages":
+        return Taxonomy.from_openimages(src, args.names)
+    if args.source == "wordnet":
+        classes = Path(args.classes).read_text().split() if args.classes else None
+        return Taxonomy.from_wordnet(src, args.names, classes=classes, max_depth=args.max_depth)
+    if args.source == "folders":
+        return Taxonomy.from_folders(src)
+    return _read_taxonomy(src)
+
+
 def cmd_taxonomy(args: argparse.Namespace) -> int:
+    if args.action == "build":
+        if not args.out:
+            raise ValueError("taxonomy build needs --out FILE")
+        tax = _build_taxonomy(args)
+        tax.save(args.out)
+        print(f"{args.out}: {len(tax)} classes, {len(tax.leaves)} leaves, depth {tax.max_depth}")
+        return 0
     tax = _read_taxonomy(args.file)
     if args.action == "show":
         print(tax.render(max_nodes=args.max_nodes))
@@ -205,10 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=64)
     pr.set_defaults(func=cmd_predict)
 
-    tx = sub.add_parser("taxonomy", help="show or validate a taxonomy (JSON, parent/child CSV, or run folder)")
-    tx.add_argument("action", choices=["show", "validate"])
-    tx.add_argument("file")
-    tx.add_argument("--max-nodes", type=int, default=None)
+    tx = sub.add_parser("taxonomy", help="show, validate or build a taxonomy (JSON, parent/child CSV, run folder)")
+    tx.add_argument("action", choices=["show", "validate", "build"])
+    tx.add_argument("file", help="taxonomy file; for build, the source (see --from)")
+    tx.add_argument("--max-nodes", type=int, default=None, help="show: print at most this many nodes")
+    tx.add_argument("--from", dest="source", choices=["auto", "openimages", "wordnet", "folders"], default="auto",
+                    help="build: the source's kind (auto = our JSON or a parent,child CSV)")
+    tx.add_argument("--names", help="build: Open Images class-descriptions CSV or WordNet node_names.txt")
+    tx.add_argument("--classes", help="build --from wordnet: file of class wnids to keep (prune, collapse)")
+    tx.add_argument("--max-depth", type=int, default=None, help="build --from wordnet: cap path length")
+    tx.add_argument("--out", help="build: where to write the JSON")
     tx.set_defaults(func=cmd_taxonomy)
 
     d = sub.add_parser("demo", help="train every method side by side on Fashion-MNIST and print one table")
