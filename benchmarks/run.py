@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hiervision.config import load_config
-from hiervision.training import train
+from hiervision.training import autocast_dtype, select_device, train
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "configs"
@@ -75,7 +75,9 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    amp = autocast_dtype("auto", select_device("auto"))
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"amp auto = {str(amp).replace('torch.', '') if amp else 'fp32'}")
 
 
 def run_profile(name: str, out_root: Path, seeds: list[int] | None, extra: list[str]) -> dict:

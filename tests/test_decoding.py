@@ -66,6 +66,16 @@ def test_prediction_nodes():
     p = Prediction(torch.tensor([[A, C, H], [B, E, PAD], [A, PAD, PAD]]), torch.zeros(3, 9), torch.ones(3))
     assert p.nodes.tolist() == [H, E, A]
     assert len(p) == 3
+    malformed = Prediction(torch.tensor([[A, PAD, C]]), torch.zeros(1, 9), torch.ones(1))
+    assert malformed.nodes.tolist() == [C]  # the last real entry, not the path length
+
+
+def test_exact_best_path_never_returns_root_and_survives_zero_probabilities(tree):
+    logprob = torch.log_softmax(torch.randn(4, tree.num_nodes), dim=1)
+    logprob[:, A] = float("-inf")  # probability 0: everything below A is impossible
+    nodes, best = exact_best_path(tree, logprob, torch.ones(tree.num_nodes, dtype=torch.bool))
+    assert (nodes != 0).all() and torch.isfinite(best).all()
+    assert all(A not in tree.path(n) for n in nodes.tolist())
 
 
 def test_prediction_cat():

@@ -18,7 +18,16 @@ import torch
 
 from hiervision.taxonomy import PAD, Taxonomy
 
-__all__ = ["Prediction", "exact_best_path", "threshold_paths"]
+__all__ = ["Prediction", "exact_best_path", "last_node", "threshold_paths"]
+
+
+def last_node(paths: torch.Tensor) -> torch.Tensor:
+    """``(B, D)`` padded paths → ``(B,)`` last non-PAD entry of each (PAD for an empty path)."""
+    if paths.shape[1] == 0:
+        return torch.full((len(paths),), PAD, dtype=torch.long, device=paths.device)
+    pos = torch.arange(paths.shape[1], device=paths.device)
+    last = torch.where(paths != PAD, pos, -1).max(1).values
+    return torch.where(last >= 0, paths.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1), PAD)
 
 
 @dataclass
@@ -42,9 +51,7 @@ class Prediction:
     @property
     def nodes(self) -> torch.Tensor:
         """``(B,)`` the last node of each path (the predicted class)."""
-        real = self.paths != PAD
-        last = real.shape[1] - 1 - real.flip(1).int().argmax(1)  # index of the last non-PAD entry
-        return self.paths.gather(1, last.unsqueeze(1)).squeeze(1)
+        return last_node(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -54,7 +61,7 @@ class Prediction:
         """Join per-batch predictions (paths are padded to the longest)."""
         d = max(p.paths.shape[1] for p in parts)
         paths = torch.cat([torch.nn.functional.pad(p.paths, (0, d - p.paths.shape[1]), value=PAD) for p in parts])
-        labels = None if parts[0].labels is None else torch.cat([p.labels for p in parts])
+        labels = None if any(p.labels is None for p in parts) else torch.cat([p.labels for p in parts])
         return Prediction(
             paths, torch.cat([p.scores for p in parts]), torch.cat([p.path_prob for p in parts]), labels
         )

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from hiervision.decoding import Prediction
+from hiervision.decoding import Prediction, last_node
 from hiervision.taxonomy import PAD, Taxonomy
 
 __all__ = [
@@ -72,15 +72,6 @@ def _align(pred: torch.Tensor, true: torch.Tensor) -> tuple[torch.Tensor, torch.
         raise ValueError(f"{len(pred)} predictions but {len(true)} targets")
     width = max(pred.shape[1], true.shape[1])
     return _pad_to(pred, width), _pad_to(true, width)
-
-
-def _last_node(paths: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` last non-PAD entry of each path (PAD for an empty path)."""
-    if paths.shape[1] == 0:
-        return torch.full((len(paths),), PAD, dtype=torch.long, device=paths.device)
-    pos = torch.arange(paths.shape[1], device=paths.device)
-    last = torch.where(paths != PAD, pos, -1).max(1).values
-    return torch.where(last >= 0, paths.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1), PAD)
 
 
 def _lca(taxonomy: Taxonomy, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -186,7 +177,7 @@ def node_accuracy_final_only(pred_nodes: torch.Tensor, true: torch.Tensor) -> fl
     has = t != PAD
     length = has.sum(1)
     hits = ((t == nodes[:, None]) & has).sum(1)
-    credit = torch.where(nodes == _last_node(t), length, hits)
+    credit = torch.where(nodes == last_node(t), length, hits)
     return _div(credit.sum(), length.sum())
 
 
@@ -207,7 +198,7 @@ def level_accuracy(pred: torch.Tensor, true: torch.Tensor) -> list[float]:
 def leaf_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
     """Share of samples whose predicted final node equals the target node (flat top-1 accuracy)."""
     p, t = _align(pred, true)
-    return _div((_last_node(p) == _last_node(t)).sum(), len(p))
+    return _div((last_node(p) == last_node(t)).sum(), len(p))
 
 
 def _set_counts(
@@ -429,7 +420,7 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
         if prediction.labels is not None:
             pred_marks = prediction.labels.bool()
         else:
-            pred_marks = _multihot(_last_node(prediction.paths).unsqueeze(1), taxonomy.num_nodes)
+            pred_marks = _multihot(last_node(prediction.paths).unsqueeze(1), taxonomy.num_nodes)
         pred_ends, true_ends = _deepest(taxonomy, pred_marks), _deepest(taxonomy, targets > 0)
         pp, pr, pf = path_prf(pred_ends, true_ends)
         return {
@@ -451,7 +442,7 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
         "hierarchical_recall": hr,
         "hierarchical_f1": hf,
         "hierarchical_f1_macro": hierarchical_prf(pred, true, taxonomy, "macro")[2],
-        "mistake_severity": mistake_severity(_last_node(pred), _last_node(true), taxonomy),
+        "mistake_severity": mistake_severity(last_node(pred), last_node(true), taxonomy),
         "valid_path_rate": valid_path_rate(pred, taxonomy),
         "num_samples": len(true),
     }

@@ -72,8 +72,8 @@ class FlatClassifier(HierarchicalClassifier):
         if self.multi_label:
             scores = F.pad(torch.sigmoid(logits), (1, 0))
             labels = threshold_paths(tax, scores, float(self.threshold))
-            # the single most likely valid path, for the single-path metrics
-            nodes, lp = exact_best_path(tax, torch.log(scores.clamp_min(1e-12)), torch.ones_like(scores[0], dtype=bool))
+            # besides the set: the single most likely root-to-leaf path (sum of log-sigmoids along it)
+            nodes, lp = exact_best_path(tax, torch.log(scores.clamp_min(1e-12)))
             return Prediction(tax.path_matrix.to(logits.device)[nodes], scores, lp.exp(), labels)
         probs = logits.softmax(1)
         scores = probs @ self.class_paths.T.to(probs.dtype)  # marginal probability of every node
