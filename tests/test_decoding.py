@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 import torch
 
-from hiervision.decoding import Prediction, exact_best_path, threshold_paths
+from hiervision.decoding import Prediction, beam_search, exact_best_path, threshold_paths, transition_mask
 from hiervision.taxonomy import PAD, Taxonomy
 
 A, B, C, D, E, F, G, H = range(1, 9)
@@ -94,3 +95,99 @@ def test_prediction_cat():
     assert out.nodes.tolist() == [C, H, B]
     no_labels = Prediction.cat([Prediction(a.paths, a.scores, a.path_prob)] * 2)
     assert no_labels.labels is None and len(no_labels) == 2
+
+
+# ----------------------------------------------------------------------------- Koo's Algorithm 1
+def _precomputed(step_lp: torch.Tensor, k: int):
+    """A step function over fixed per-step log-probabilities (B, S, N+1), as FPL heads give."""
+    rep = step_lp.repeat_interleave(k, 0)
+    return lambda tokens, t: (rep[:, t], t + 1)
+
+
+def _koo_steps(koo, o1: dict, o2: dict) -> torch.Tensor:
+    """(1, 2, N+1) log-scores from the slides' per-node outputs (missing nodes: probability 0)."""
+    lp = torch.full((1, 2, koo.num_nodes), float("-inf"))
+    for t, o in enumerate((o1, o2)):
+        for name, p in o.items():
+            lp[0, t, koo.index(name)] = math.log(p) if p > 0 else float("-inf")
+    return lp
+
+
+def test_beam_search_slides_worked_example(koo_tree):
+    """Slides: o_1 = (A..G) = (.3,.4,.1,.1,.1,0,..), o_2 = (0,.1,0,.1,.1,.2,.5), k = 1 → {Root, B, G}."""
+    o1 = dict(zip("ABCDEFG", (0.3, 0.4, 0.1, 0.1, 0.1, 0.0, 0.0)))
+    o2 = dict(zip("ABCDEFG", (0.0, 0.1, 0.0, 0.1, 0.1, 0.2, 0.5)))
+    lp = _koo_steps(koo_tree, o1, o2)
+    paths, scores = beam_search(koo_tree, _precomputed(lp, 1), 1, beam_width=1, max_steps=2, state=0)
+    assert [koo_tree.names[n] for n in paths[0, 0].tolist()] == ["B", "G"]
+    assert scores[0, 0].item() == pytest.approx(math.log(0.4 * 0.5))
+
+
+def test_beam_and_exact_differ_when_the_greedy_first_step_is_wrong(koo_tree):
+    # B wins step 1 (.55 > .45) but all of B's children are weak; A → C is the best path overall
+    o1 = {"A": 0.45, "B": 0.55}
+    o2 = {"C": 0.9, "D": 0.1, "E": 0.35, "F": 0.3, "G": 0.3}
+    lp = _koo_steps(koo_tree, o1, o2)
+    node_lp = lp[:, 0].clone()
+    depth2 = [koo_tree.index(c) for c in "CDEFG"]
+    node_lp[0, depth2] = lp[0, 1, depth2]
+    exact, exact_lp = exact_best_path(koo_tree, node_lp)
+    assert koo_tree.names[exact.item()] == "C"
+    greedy, greedy_lp = beam_search(koo_tree, _precomputed(lp, 1), 1, beam_width=1, max_steps=2, state=0)
+    assert [koo_tree.names[n] for n in greedy[0, 0].tolist()] == ["B", "E"]
+    assert greedy_lp[0, 0] < exact_lp[0]
+    wide, wide_lp = beam_search(koo_tree, _precomputed(lp, 2), 1, beam_width=2, max_steps=2, state=0)
+    assert koo_tree.names[wide[0, 0, -1].item()] == "C"
+    assert wide_lp[0, 0].item() == pytest.approx(exact_lp[0].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_full_width_beam_equals_exact_search_and_paths_are_valid(seed, koo_tree):
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.randn(6, 2, koo_tree.num_nodes, generator=g).log_softmax(-1)
+    lp[..., 0] = float("-inf")  # fixed depth: no end token
+    node_lp = torch.zeros(6, koo_tree.num_nodes)
+    for n in range(1, koo_tree.num_nodes):
+        node_lp[:, n] = lp[:, koo_tree.depth(n) - 1, n]
+    _, exact_lp = exact_best_path(koo_tree, node_lp)
+    k = len(koo_tree.leaves)
+    paths, scores = beam_search(koo_tree, _precomputed(lp, k), 6, beam_width=k, max_steps=2, state=0)
+    assert torch.allclose(scores[:, 0], exact_lp, atol=1e-5)
+    for b in range(6):
+        for beam in range(k):
+            assert koo_tree.is_valid_path(paths[b, beam].tolist())
+        assert (scores[b, :-1] >= scores[b, 1:]).all()  # best first
+
+
+def test_beam_search_stops_at_inner_nodes_and_carries_decoder_state(koo_tree):
+    """An autoregressive step: the next distribution depends on the fed token and the state."""
+    A, B, E = (koo_tree.index(x) for x in "ABE")
+    n = koo_tree.num_nodes
+    calls = []
+
+    def step(tokens, state):
+        calls.append(state.clone())
+        lp = torch.full((len(tokens), n), -5.0)
+        lp[tokens == 0, A] = -0.1  # start → A
+        lp[tokens == A, 0] = -0.1  # after A: stop (A is an inner node)
+        lp[tokens == B, E] = -0.1
+        return lp.log_softmax(-1), state + 1
+
+    paths, scores = beam_search(koo_tree, step, 3, beam_width=2, end_nodes="all", state=torch.zeros(6, 1))
+    assert [[n for n in p if n != PAD] for p in paths[:, 0].tolist()] == [[A]] * 3
+    assert torch.isfinite(scores).all()
+    assert [int(c[0]) for c in calls] == list(range(len(calls)))  # the state is threaded through every step
+    # leaves-only ends: A may not stop, so the path must go on to a child of A
+    paths, _ = beam_search(koo_tree, step, 3, beam_width=2, end_nodes="leaves", state=torch.zeros(6, 1))
+    best = [[n for n in p if n != PAD] for p in paths[:, 0].tolist()]
+    assert all(koo_tree.is_valid_path(p) and p[-1] in koo_tree.leaves for p in best)
+
+
+def test_transition_mask(koo_tree):
+    m = transition_mask(koo_tree, "leaves")
+    A, C, D = (koo_tree.index(x) for x in "ACD")
+    assert set(m[A].nonzero().flatten().tolist()) == {C, D}
+    assert m[C].nonzero().flatten().tolist() == [0]  # a leaf may only stop
+    assert not m[0, 0]  # the root may not stop
+    with pytest.raises(ValueError, match="beam_width"):
+        beam_search(koo_tree, lambda t, s: (None, s), 1, beam_width=0)

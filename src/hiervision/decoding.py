@@ -6,19 +6,25 @@ method. Two decoders live here:
 * :func:`exact_best_path` — for heads whose per-node scores do not depend on earlier predictions
   (flat softmax, per-level heads, Koo's FPL outputs): the best *valid* path is found exactly by
   summing log-probabilities along every root-to-node path, one matrix product.
+* :func:`beam_search` — Koo et al.'s Algorithm 1 for decoders whose next step depends on what was
+  predicted before (a seq2seq decoder fed its previous label): keep the ``k`` best partial paths,
+  extend each only by children of its last node (or the end token where a path may stop).
 * :func:`threshold_paths` — multi-label: a node is kept when it and all its ancestors pass the
   threshold (Koo et al., Sec. 4.2).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from hiervision.taxonomy import PAD, Taxonomy
+from hiervision.taxonomy import EOS, PAD, Taxonomy
 
-__all__ = ["Prediction", "exact_best_path", "last_node", "threshold_paths"]
+__all__ = ["Prediction", "beam_search", "end_mask", "exact_best_path", "last_node", "prefix_logprob",
+           "threshold_paths", "transition_mask"]
 
 
 def last_node(paths: torch.Tensor) -> torch.Tensor:
@@ -67,34 +73,146 @@ class Prediction:
         )
 
 
+def end_mask(taxonomy: Taxonomy, end_nodes: torch.Tensor | str | None = None) -> torch.Tensor:
+    """``(N+1,)`` bool: where a path may stop. ``None``/``"leaves"``: leaves only; ``"all"``: every node."""
+    if isinstance(end_nodes, torch.Tensor):
+        mask = end_nodes.bool().clone()
+    elif end_nodes == "all":
+        mask = torch.ones(taxonomy.num_nodes, dtype=torch.bool)
+    elif end_nodes in (None, "leaves"):
+        mask = torch.zeros(taxonomy.num_nodes, dtype=torch.bool)
+        mask[list(taxonomy.leaves)] = True
+    else:
+        raise ValueError(f"end_nodes must be 'leaves', 'all' or a bool tensor, got {end_nodes!r}")
+    mask[0] = False  # the root is not a class
+    return mask
+
+
+def prefix_logprob(taxonomy: Taxonomy, node_logprob: torch.Tensor) -> torch.Tensor:
+    """``(B, N+1)`` per-node log-probabilities → the summed log-probability of each root-to-node path."""
+    anc = taxonomy.ancestor_matrix.to(node_logprob.device, torch.float32)
+    # -inf (probability 0) would turn 0·(-inf) into NaN in the product: a large finite floor is exact enough
+    lp = node_logprob.float().clamp(min=-1e4)
+    lp[:, 0] = 0
+    return lp @ anc.T
+
+
 def exact_best_path(
     taxonomy: Taxonomy,
     node_logprob: torch.Tensor,
-    end_nodes: torch.Tensor | None = None,
+    end_nodes: torch.Tensor | str | None = None,
+    end_logprob: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best valid path under independent per-node log-probabilities.
 
     Args:
         node_logprob: ``(B, N+1)`` log-probability of each node *given its level* (column 0 ignored).
-        end_nodes: ``(N+1,)`` bool, where a path may end (default: leaves only; pass all nodes
-            for variable-length trees where inner nodes are labels).
+        end_nodes: where a path may end (see :func:`end_mask`; default leaves only, ``"all"`` for
+            variable-length trees where inner nodes are labels).
+        end_logprob: ``(B, N+1)`` optional log-probability of *stopping* after each node (a decoder's
+            end token at the step after the node), added to the paths that end there.
 
     Returns:
         ``(nodes, logprob)``: the best end node per sample and its path's summed log-probability.
     """
-    anc = taxonomy.ancestor_matrix.to(node_logprob.device, torch.float32)
-    # -inf (probability 0) would turn 0·(-inf) into NaN in the product: a large finite floor is exact enough
-    lp = node_logprob.float().clamp(min=-1e4)
-    lp[:, 0] = 0
-    path_lp = lp @ anc.T  # (B, N+1): sum along each root-to-node path
-    if end_nodes is None:
-        end_nodes = torch.zeros(taxonomy.num_nodes, dtype=torch.bool)
-        end_nodes[list(taxonomy.leaves)] = True
-    end_nodes = end_nodes.to(path_lp.device).clone()
-    end_nodes[0] = False  # the root is not a class
-    path_lp = path_lp.masked_fill(~end_nodes, float("-inf"))
+    path_lp = prefix_logprob(taxonomy, node_logprob)
+    if end_logprob is not None:
+        path_lp = path_lp + end_logprob.float().clamp(min=-1e4)
+    path_lp = path_lp.masked_fill(~end_mask(taxonomy, end_nodes).to(path_lp.device), float("-inf"))
     best_lp, nodes = path_lp.max(1)
     return nodes, best_lp
+
+
+def transition_mask(taxonomy: Taxonomy, end_nodes: torch.Tensor | str | None = None) -> torch.Tensor:
+    """``(N+1, N+1)`` bool: after node ``i`` the next token may be ``j`` (a child of ``i``, or
+    :data:`~hiervision.taxonomy.EOS` = 0 where a path may end at ``i``). Row 0 is the start (the root)."""
+    n = taxonomy.num_nodes
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    child = torch.arange(1, n)
+    mask[taxonomy.parent_tensor[1:], child] = True
+    mask[:, EOS] = end_mask(taxonomy, end_nodes)
+    return mask
+
+
+#: ``step(tokens, state) -> (logprob, state)``: ``tokens`` ``(B·k,)`` the last node of each beam (0 at
+#: the start), ``logprob`` ``(B·k, N+1)`` over the next token (column 0 = end of path).
+StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+def _reorder(state: Any, index: torch.Tensor) -> Any:
+    """Select beams in a decoder state: tensors are indexed on their batch dim (dim 1 for LSTM
+    ``(h, c)`` of shape ``(layers, B·k, H)``, else dim 0); tuples/lists recurse; ``None`` stays."""
+    if state is None:
+        return None
+    if isinstance(state, (tuple, list)):
+        return type(state)(_reorder(s, index) for s in state)
+    if not isinstance(state, torch.Tensor):
+        return state
+    return state.index_select(1 if state.dim() == 3 else 0, index)
+
+
+def beam_search(
+    taxonomy: Taxonomy,
+    step: StepFn,
+    batch_size: int,
+    beam_width: int = 3,
+    end_nodes: torch.Tensor | str | None = None,
+    max_steps: int | None = None,
+    state: Any = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Koo et al.'s Algorithm 1: beam search restricted to the tree.
+
+    Each step keeps the ``beam_width`` best partial paths by summed log-probability; a beam may only
+    continue to a child of its last node, or stop (token 0) where ``end_nodes`` allows it, so every
+    returned path is valid. A stopped beam stays a candidate with its score. ``state`` (e.g. the
+    decoder's LSTM state, batch ``B·k``) is reordered with the beams. With ``beam_width=1`` this is
+    the greedy decoder of the slides' worked example.
+
+    Returns:
+        ``(paths, logprob)``: ``(B, k, D)`` node ids per level, PAD after the end, best beam first;
+        ``(B, k)`` their log-probabilities (``-inf`` for beams that found no valid path).
+    """
+    k = int(beam_width)
+    if k < 1:
+        raise ValueError(f"beam_width must be ≥ 1, got {beam_width}")
+    n = taxonomy.num_nodes
+    steps = max_steps if max_steps is not None else taxonomy.max_depth + 1
+    trans = transition_mask(taxonomy, end_nodes).to(device)
+    ends = trans[:, EOS]
+    neg = torch.tensor(float("-inf"), device=device)
+    scores = torch.full((batch_size, k), float("-inf"), device=device)
+    scores[:, 0] = 0  # one live beam at the start: no duplicates
+    last = torch.zeros(batch_size, k, dtype=torch.long, device=device)
+    done = torch.zeros(batch_size, k, dtype=torch.bool, device=device)
+    paths = torch.empty(batch_size, k, 0, dtype=torch.long, device=device)
+    rows = torch.arange(batch_size, device=device).unsqueeze(1)
+    for _ in range(steps):
+        lp, state = step(last.reshape(-1), state)
+        lp = lp.float().view(batch_size, k, n).masked_fill(~trans[last], neg)
+        cand = scores.unsqueeze(2) + lp
+        # a stopped beam has exactly one continuation: itself, unchanged
+        stay = torch.full_like(cand, float("-inf"))
+        stay[..., EOS] = scores
+        cand = torch.where(done.unsqueeze(2), stay, cand)
+        scores, flat = cand.view(batch_size, k * n).topk(k, dim=1)
+        beam, tok = flat // n, flat % n
+        state = _reorder(state, (rows * k + beam).reshape(-1))
+        stopped = tok == EOS
+        prev_last = last.gather(1, beam)
+        paths = torch.cat([paths.gather(1, beam.unsqueeze(2).expand(-1, -1, paths.shape[2])),
+                           torch.where(stopped, PAD, tok).unsqueeze(2)], dim=2)
+        done = done.gather(1, beam) | stopped
+        last = torch.where(stopped, prev_last, tok)
+        if bool(done.all()):
+            break
+    # beams cut off by max_steps count only where they may end (fixed-depth heads stop at leaves)
+    scores = scores.masked_fill(~done & ~ends[last], float("-inf"))
+    scores, order = scores.sort(dim=1, descending=True)
+    paths = paths.gather(1, order.unsqueeze(2).expand(-1, -1, paths.shape[2]))
+    # trim the all-PAD tail left by the final end tokens
+    keep = int((paths != PAD).any(0).any(0).nonzero().max()) + 1 if bool((paths != PAD).any()) else 0
+    return paths[..., :keep], scores
 
 
 def threshold_paths(taxonomy: Taxonomy, scores: torch.Tensor, threshold: float) -> torch.Tensor:

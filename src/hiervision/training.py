@@ -203,8 +203,8 @@ def train(
     data = build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", seed)})
     taxonomy = data.taxonomy
     model_cfg = dict(cfg["model"])
-    model = create_model(model_cfg.pop("name"), taxonomy, in_chans=data.in_chans,
-                         multi_label=data.multi_label, **model_cfg).to(device)
+    model = create_model(model_cfg.pop("name"), taxonomy, in_chans=data.in_chans, multi_label=data.multi_label,
+                         image_size=data.image_size, **model_cfg).to(device)
     if tcfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model.parameters(), tcfg)
@@ -356,7 +356,8 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", device: str = "cpu
     meta = state.get("meta", {})
     model_cfg = dict(cfg["model"])
     model = create_model(model_cfg.pop("name"), taxonomy, in_chans=meta.get("in_chans", 3),
-                         multi_label=meta.get("multi_label", False), **model_cfg)
+                         multi_label=meta.get("multi_label", False), image_size=meta.get("image_size", 32),
+                         **model_cfg)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

@@ -48,10 +48,12 @@ __all__ = [
 _COMMON = {"name", "root", "val_fraction", "split_seed", "limit_train", "limit_test", "image_size",
            "coarse_fraction", "coarse_level", "fallback"}  # fmt: skip
 _SYNTH = {"size", "channels", "n_train", "n_test", "seed", "noise"}
+_CANVAS = {"grid", "min_items", "max_items", "n_train", "n_val", "n_test", "seed", "variable_depth"}
 #: dataset name → the config keys it accepts besides the common ones
 DATASETS: dict[str, set[str]] = {
     "fashion_mnist": set(),
     "fashion_mnist_var": set(),
+    "fashion_mnist_canvas": _CANVAS,  # multi-label canvases of real items, see data/canvas.py
     "tiny_imagenet": {"hierarchy_root", "max_depth", "cache_dir", "workers"},
     "folder": {"test_fraction", "channels"},
     "manifest": {"manifest", "taxonomy", "test_fraction", "channels", "multi_label"},
@@ -178,12 +180,45 @@ def _load_synthetic(cfg: dict, name: str) -> tuple[HierDataset, HierDataset, str
     return train, test, f"synthetic data ({name}, seed {seed}), generated in memory"
 
 
+def _load_canvas(
+    cfg: dict, seed: int, lim_tr: int | None, lim_te: int | None
+) -> tuple[HierDataset, HierDataset, HierDataset, str]:
+    """Multi-label canvases of real Fashion-MNIST items; their val canvases come from held-out items."""
+    from hiervision.data.canvas import load_fashion_mnist_canvas
+    from hiervision.data.fashion_mnist import default_root
+
+    grid = _int(cfg, "grid", 2, 1)
+    lo, hi = _int(cfg, "min_items", 1, 1), _int(cfg, "max_items", grid * grid, 1)
+    if hi > grid * grid:
+        raise ValueError(f"data.max_items: at most grid² = {grid * grid} items fit, got {hi}")
+    if lo > hi:
+        raise ValueError(f"data.min_items: must be ≤ max_items ({hi}), got {lo}")
+    var = cfg.get("variable_depth", True)
+    if not isinstance(var, bool):
+        raise ValueError(f"data.variable_depth: must be true or false, got {var!r}")
+    val_fraction = _frac(cfg, "val_fraction", 0.1)
+    n_val = _int(cfg, "n_val", None, 0)
+    if n_val and val_fraction == 0:
+        raise ValueError(f"data.n_val: {n_val} val canvases need val items, but data.val_fraction is 0")
+    root, canvas_seed = _path(cfg, "root") or default_root(), _int(cfg, "seed", 0)
+    s = load_fashion_mnist_canvas(
+        root, variable_depth=var, grid=grid, min_items=lo, max_items=hi, n_train=_int(cfg, "n_train", None, 1),
+        n_val=n_val, n_test=_int(cfg, "n_test", None, 1), limit_train=lim_tr, limit_test=lim_te,
+        val_fraction=val_fraction, split_seed=seed, seed=canvas_seed,
+    )  # fmt: skip
+    note = (f"Fashion-MNIST {grid}x{grid} canvases of {lo}-{hi} items from {root} (seed {canvas_seed}; "
+            f"train/val/test canvases from disjoint item pools)")  # fmt: skip
+    return s.train, s.test, s.val, note
+
+
 def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, HierDataset | None, str]:
     """``(train pool, test, predefined val or None, note)`` for one dataset, limits applied."""
     lim_tr, lim_te = _int(cfg, "limit_train", None, 1), _int(cfg, "limit_test", None, 1)
     size = _size(cfg)
     val = None
-    if name.startswith("fashion_mnist"):
+    if name == "fashion_mnist_canvas":
+        train, test, val, note = _load_canvas(cfg, seed, lim_tr, lim_te)
+    elif name.startswith("fashion_mnist"):
         from hiervision.data.fashion_mnist import default_root, load_fashion_mnist
 
         root = _path(cfg, "root") or default_root()

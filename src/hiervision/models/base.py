@@ -9,6 +9,8 @@ schedules are shared, the way HiClass's local classifiers share one base.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -28,6 +30,8 @@ class HierarchicalClassifier(nn.Module):
             (``forward_features``, ``feature_info``, ``num_features``).
         in_chans: image channels (used when ``backbone`` is a name).
         multi_label: sigmoid outputs and a set of paths per image (threshold stored with the model).
+        image_size: training image size (``int`` or ``(H, W)``); heads that read intermediate
+            feature maps size themselves from it.
     """
 
     def __init__(
@@ -37,8 +41,10 @@ class HierarchicalClassifier(nn.Module):
         in_chans: int = 3,
         multi_label: bool = False,
         backbone_kwargs: dict | None = None,
+        image_size: int | Sequence[int] = 32,
     ) -> None:
         super().__init__()
+        self.image_size = image_size if isinstance(image_size, int) else tuple(int(s) for s in image_size)
         if not isinstance(taxonomy, Taxonomy):
             raise TypeError(f"taxonomy must be a hiervision.Taxonomy, got {type(taxonomy).__name__}")
         self.taxonomy = taxonomy

@@ -39,8 +39,9 @@ class FlatClassifier(HierarchicalClassifier):
         end_nodes: str = "leaves",
         dropout: float = 0.0,
         backbone_kwargs: dict | None = None,
+        image_size: int | tuple[int, int] = 32,
     ) -> None:
-        super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs)
+        super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
         if end_nodes not in ("leaves", "all"):
             raise ValueError(f"model.end_nodes must be 'leaves' or 'all', got {end_nodes!r}")
         self.end_nodes = end_nodes

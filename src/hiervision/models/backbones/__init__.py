@@ -71,7 +71,8 @@ def create_backbone(
     Args:
         name: a name from :func:`list_backbones`, or ``"timm/<model>"`` (needs ``pip install hiervision[timm]``).
         in_chans: input channels (1 or 3).
-        pretrained_path: a ``.safetensors`` file or a ``torch.save`` state dict; keys must match exactly.
+        pretrained_path: a ``.safetensors`` file or a ``torch.save`` state dict; keys must match exactly
+            (classifier keys the model lists in ``pretrained_ignore`` excepted, see :func:`load_backbone_weights`).
         **kwargs: forwarded to the family's constructor (e.g. ``shortcut``, ``width``, ``act``).
     """
     if name.startswith(TIMM_PREFIX):
@@ -110,10 +111,15 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a local weights file strictly, naming missing, unexpected and mis-shaped keys in one error.
 
     Strict on purpose: a silently half-loaded backbone trains fine but is not the network the file describes.
+    The one exception is a classifier the backbone does not have: file keys starting with a prefix in the
+    model's ``pretrained_ignore`` class attribute (e.g. ``("fc.", "classifier.")``), and not the model's own,
+    are dropped, so full-model checkpoints (torchvision's ``resnet50``, ``vgg16``) load without surgery.
     """
     path = Path(path)
     state = _read_state_dict(path)
     own = model.state_dict()
+    ignore = tuple(getattr(model, "pretrained_ignore", ()))
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(ignore)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [
@@ -133,7 +139,11 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 # built-in families register themselves on import
 from hiervision.models.backbones import cifar_resnet as cifar_resnet  # noqa: E402
+from hiervision.models.backbones import resnet as resnet  # noqa: E402
+from hiervision.models.backbones import vgg as vgg  # noqa: E402
 from hiervision.models.backbones.cifar_resnet import CifarResNet  # noqa: E402
+from hiervision.models.backbones.resnet import ResNet  # noqa: E402
 from hiervision.models.backbones.timm_adapter import TimmBackbone  # noqa: E402
+from hiervision.models.backbones.vgg import VGG  # noqa: E402
 
-__all__ += ["CifarResNet", "TimmBackbone"]
+__all__ += ["CifarResNet", "ResNet", "TimmBackbone", "VGG"]

@@ -1,0 +1,370 @@
+"""DHNN (Koo, Klabjan & Utke): CNN stage features read as a sequence by an RNN that emits the path.
+
+Two heads on the same feature sequence ``u_1..u_T`` (:class:`~hiervision.models.conversion.StageSequence`):
+
+* :class:`CnnRnn` — fixed path length (FPL, Sec. 3.1): an LSTM stack over ``u_t`` whose output
+  ``o_t`` at step ``t`` scores *all* N tree nodes for level ``t``; loss ``Σ_t w_t·CE(y_t, softmax(o_t))``;
+  optional residual arc. Needs every leaf at the same depth.
+* :class:`CnnS2S` — general tree (Sec. 3.2): an LSTM encoder over ``u_1..u_T`` and a decoder started
+  from its final state ``h_T`` that emits one node per level and then the end token, so paths may
+  stop at inner nodes and have any length.
+
+Both decode to valid tree paths only: exactly (one matrix product over the tree) where per-step
+outputs do not depend on earlier predictions, or with Koo's Algorithm 1 (tree-restricted beam search).
+Multi-label (Sec. 4.2): sigmoid outputs, a path is kept when all its nodes pass the threshold that
+training tunes on validation data and stores in the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiervision.decoding import Prediction, beam_search, exact_best_path, prefix_logprob, threshold_paths
+from hiervision.models.base import HierarchicalClassifier
+from hiervision.models.conversion import StageSequence, default_steps
+from hiervision.models.registry import register_model
+from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy
+
+__all__ = ["CnnRnn", "CnnS2S"]
+
+
+def _orthogonal_lstm(lstm: nn.LSTM) -> nn.LSTM:
+    """Orthogonal random initialisation (the paper's choice for RNN and S2S weights); forget-gate bias 1."""
+    for name, w in lstm.named_parameters():
+        if name.startswith("weight"):
+            for gate in w.data.chunk(4, 0):
+                nn.init.orthogonal_(gate)
+        else:
+            nn.init.zeros_(w)
+            w.data[lstm.hidden_size : 2 * lstm.hidden_size] = 0.5  # b_ih + b_hh: forget bias 1
+    return lstm
+
+
+class _DHNN(HierarchicalClassifier):
+    """Shared part: backbone stage maps → ``u`` ``(B, T, p)``, step weights, decoding helpers."""
+
+    def __init__(
+        self,
+        taxonomy: Taxonomy,
+        backbone: str | nn.Module = "resnet20",
+        in_chans: int = 3,
+        multi_label: bool = False,
+        backbone_kwargs: dict | None = None,
+        image_size: int | Sequence[int] = 32,
+        conversion: str = "pool",
+        input_size: int = 256,
+        hidden_size: int = 512,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        steps: Sequence[Sequence[int]] | None = None,
+        level_weights: Sequence[float] | None = None,
+        linear_shape: Sequence[int] | None = None,
+        conv_out_size: int | None = None,
+        pool_mode: str = "max",
+        pool_fallback: str = "error",
+        norm: bool = True,
+        dropout: float = 0.0,
+        decode: str | None = None,
+        beam_width: int = 3,
+    ) -> None:
+        super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
+        shapes = self._stage_shapes(in_chans)
+        steps = steps if steps is not None else default_steps(len(shapes), self._default_num_steps(len(shapes)))
+        self.features = StageSequence(shapes, steps, input_size, conversion, linear_shape, conv_out_size,
+                                      pool_mode, pool_fallback, norm)
+        self.num_layers, self.hidden_size, self.bidirectional = num_layers, hidden_size, bidirectional
+        self.dropout = nn.Dropout(dropout)
+        if decode not in (None, "exact", "beam"):
+            raise ValueError(f"model.decode must be 'exact' or 'beam', got {decode!r}")
+        self.decode_mode = decode or "exact"
+        self.beam_width = int(beam_width)
+        n = self.num_out_steps
+        weights = [1.0] * n if level_weights is None else [float(w) for w in level_weights]
+        if len(weights) != n:
+            raise ValueError(f"model.level_weights: {n} output steps need {n} weights, got {len(weights)}")
+        self.register_buffer("level_weights", torch.tensor(weights), persistent=False)
+
+    # subclasses say how many RNN input steps they read by default and how many outputs they emit
+    def _default_num_steps(self, num_stages: int) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_out_steps(self) -> int:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _stage_shapes(self, in_chans: int) -> list[tuple[int, int, int]]:
+        """``(D, H, W)`` of every stage map at the training image size (a dry run; BN stats untouched)."""
+        h, w = (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
+        was = self.backbone.training
+        self.backbone.eval()
+        maps = self.backbone.forward_features(torch.zeros(1, in_chans, h, w))
+        self.backbone.train(was)
+        return [tuple(m.shape[1:]) for m in maps]
+
+    def sequence(self, images: torch.Tensor) -> torch.Tensor:
+        """The RNN input ``u`` ``(B, T, p)`` for a batch of images."""
+        return self.features(self.backbone.forward_features(images))
+
+    def _rnn(self, input_size: int) -> nn.LSTM:
+        return _orthogonal_lstm(nn.LSTM(input_size, self.hidden_size, self.num_layers, batch_first=True,
+                                        bidirectional=self.bidirectional,
+                                        dropout=self.dropout.p if self.num_layers > 1 else 0.0))
+
+    def _weighted(self, per_step: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``Σ_t w_t · mean(loss at step t over the samples that have a step t)``."""
+        per_step = (per_step * valid).sum(0) / valid.sum(0).clamp(min=1)
+        return (self.level_weights * per_step).sum()
+
+    def _node_view(self, step_scores: torch.Tensor) -> torch.Tensor:
+        """``(B, S, N+1)`` per-step scores → ``(B, N+1)``: node ``n`` read at the step of its level."""
+        depth = self.taxonomy.depth_tensor.to(step_scores.device)
+        out = step_scores[:, (depth - 1).clamp(min=0), torch.arange(self.taxonomy.num_nodes)]
+        out[:, 0] = 0
+        return out
+
+    def _best_path(self, node_lp: torch.Tensor, end_nodes: str, end_lp: torch.Tensor | None = None):
+        nodes, lp = exact_best_path(self.taxonomy, node_lp, end_nodes, end_lp)
+        return self.taxonomy.path_matrix.to(node_lp.device)[nodes], lp
+
+    def _beam_precomputed(self, step_lp: torch.Tensor, end_nodes: str):
+        """Algorithm 1 over per-step log-probabilities that do not depend on the prefix."""
+        k = self.beam_width
+        rep = step_lp.repeat_interleave(k, 0)
+
+        def step(tokens: torch.Tensor, t: int):
+            return rep[:, t], t + 1
+
+        paths, lp = beam_search(self.taxonomy, step, len(step_lp), k, end_nodes, step_lp.shape[1], 0,
+                                step_lp.device)
+        return paths[:, 0], lp[:, 0]
+
+    def _multi_label_prediction(self, node_scores: torch.Tensor) -> Prediction:
+        """Sigmoid node scores → the thresholded path set, plus the single best root-to-leaf path."""
+        labels = threshold_paths(self.taxonomy, node_scores, float(self.threshold))
+        paths, lp = self._best_path(torch.log(node_scores.clamp_min(1e-12)), "leaves")
+        return Prediction(paths, node_scores, lp.exp(), labels)
+
+    def _multi_label_targets(self, targets: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """``(B, N+1)`` path-end marks → ``(B, S, N+1)`` per-level multi-hot of the closed label set."""
+        closed = self.taxonomy.close_upwards(targets.bool()).float()
+        depth = self.taxonomy.depth_tensor.to(targets.device)
+        levels = torch.arange(1, num_steps + 1, device=targets.device)
+        return closed.unsqueeze(1) * (depth.unsqueeze(0) == levels.unsqueeze(1)).float().unsqueeze(0)
+
+
+class CnnRnn(_DHNN):
+    """Koo's CNN-RNN for fixed-length paths (FPL, Sec. 3.1).
+
+    Step ``t`` (one per tree level) reads ``u_t``; the LSTM stack (``num_layers``, ``hidden_size``,
+    ``bidirectional``; the paper's real-data setting is 3 layers) gives ``h_t`` and ``o_t = r_o(h_t)``
+    over the N tree nodes.
+
+    Residual arc (``residual=True``): ``o_t^res = u_t + z(o_t)``. The paper leaves the projection
+    back to the N classes implicit; our reading: ``z: R^N → R^p`` is linear, and a second linear map
+    ``c: R^p → R^N`` turns ``o_t^res`` into the logits the loss and decoding use, so the converted CNN
+    features reach the classifier directly, as He et al.'s identity shortcuts intend.
+
+    Decoding: outputs do not depend on earlier predictions, so ``decode="exact"`` (default) finds the
+    best valid path exactly; ``decode="beam"`` runs Algorithm 1 with ``beam_width``.
+    """
+
+    def __init__(self, taxonomy: Taxonomy, residual: bool = False, **kwargs) -> None:
+        if not taxonomy.is_fixed_depth:
+            depths = sorted({taxonomy.depth(n) for n in taxonomy.leaves})
+            raise ValueError(f"model dhnn_rnn needs every leaf at the same depth (this tree has leaves at depths "
+                             f"{depths}); use dhnn_s2s for variable-length paths")
+        self._depth = taxonomy.max_depth
+        super().__init__(taxonomy, **kwargs)
+        n = taxonomy.num_nodes - 1
+        out = self.hidden_size * (2 if self.bidirectional else 1)
+        self.rnn = self._rnn(self.features.p)
+        self.out = nn.Linear(out, n)
+        self.residual = residual
+        if residual:
+            self.z = nn.Linear(n, self.features.p)
+            self.classify = nn.Linear(self.features.p, n)
+
+    def _default_num_steps(self, num_stages: int) -> int:
+        return self._depth
+
+    @property
+    def num_out_steps(self) -> int:
+        return self._depth
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        u = self.sequence(images)
+        if u.shape[1] != self._depth:
+            raise ValueError(f"model.steps: dhnn_rnn needs one step per level ({self._depth}), got {u.shape[1]}")
+        h, _ = self.rnn(u)
+        o = self.out(self.dropout(h))
+        if self.residual:
+            o = self.classify(u + self.z(o))
+        return {"logits": F.pad(o, (1, 0), value=float("-inf"))}  # (B, T, N+1): column 0 (EOS) unused
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        logits = outputs["logits"].float()
+        if self.multi_label:
+            y = self._multi_label_targets(targets, self._depth)[..., 1:]
+            per = F.binary_cross_entropy_with_logits(logits[..., 1:], y, reduction="none").mean(2)
+            return self._weighted(per, torch.ones_like(per))
+        levels = self.taxonomy.encode_levels(targets)  # (B, T) node ids, IGNORE past a coarse label's end
+        per = F.cross_entropy(logits.transpose(1, 2), levels, ignore_index=IGNORE, reduction="none")
+        return self._weighted(per, (levels != IGNORE).float())
+
+    def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
+        logits = outputs["logits"].float()
+        if self.multi_label:
+            return self._multi_label_prediction(self._node_view(torch.sigmoid(logits)))
+        step_lp = logits.log_softmax(-1)
+        node_lp = self._node_view(step_lp)
+        if self.decode_mode == "beam":
+            paths, lp = self._beam_precomputed(step_lp, "leaves")
+        else:
+            paths, lp = self._best_path(node_lp, "leaves")
+        return Prediction(paths, prefix_logprob(self.taxonomy, node_lp).exp(), lp.exp())
+
+
+class CnnS2S(_DHNN):
+    """Koo's CNN-S2S for general trees (Sec. 3.2): encoder over ``u_1..u_T``, decoder from ``h_T``.
+
+    The decoder emits one node per level and then the end token (column 0), so targets may end at
+    inner nodes. ``feed`` chooses what the decoder reads at each step:
+
+    * ``"label"`` (single-label default): the embedding of the previous node (teacher forcing in
+      training, the model's own choice at inference) — decoded with Algorithm 1 (``beam_width``);
+    * ``"output"``: the paper's literal ``h̄_t = r̄_h(ō_{t-1}, h̄_{t-1})`` — the previous output
+      distribution (softmax, or sigmoid for multi-label), so steps do not depend on discrete
+      choices and the best path is found exactly (``decode="exact"``) or by beam search.
+
+    ``end_nodes``: ``"all"`` (a path may stop at any node) or ``"leaves"``. ``steps`` default: one
+    encoder step per backbone stage. A bidirectional encoder hands the decoder both directions'
+    final states concatenated (decoder width ``2·hidden_size``).
+    """
+
+    def __init__(self, taxonomy: Taxonomy, feed: str | None = None, embed_size: int | None = None,
+                 end_nodes: str = "all", **kwargs) -> None:
+        multi = kwargs.get("multi_label", False)
+        feed = feed or ("output" if multi else "label")
+        if feed not in ("label", "output"):
+            raise ValueError(f"model.feed must be 'label' or 'output', got {feed!r}")
+        if multi and feed == "label":
+            raise ValueError("model.feed: multi-label dhnn_s2s reads its previous outputs (feed: output); "
+                             "a single previous label does not exist when an image has several paths")
+        if end_nodes not in ("all", "leaves"):
+            raise ValueError(f"model.end_nodes must be 'all' or 'leaves', got {end_nodes!r}")
+        if feed == "label" and kwargs.get("decode") == "exact":
+            raise ValueError("model.decode: exact search needs steps that do not depend on earlier predictions; "
+                             "use decode: beam, or feed: output")
+        self.feed, self.end_nodes = feed, end_nodes
+        self._out_steps = taxonomy.max_depth + (0 if multi else 1)  # the path, then the end token
+        kwargs.setdefault("decode", "beam" if feed == "label" else "exact")
+        super().__init__(taxonomy, **kwargs)
+        v = taxonomy.num_nodes  # column 0 = end token
+        width = self.hidden_size * (2 if self.bidirectional else 1)
+        self.encoder = self._rnn(self.features.p)
+        if feed == "label":
+            self.embed = nn.Embedding(v, embed_size or self.features.p)  # row 0: the start (root)
+            dec_in = self.embed.embedding_dim
+        else:
+            dec_in = v
+        self.decoder = _orthogonal_lstm(nn.LSTM(dec_in, width, self.num_layers, batch_first=True,
+                                                dropout=self.dropout.p if self.num_layers > 1 else 0.0))
+        self.out = nn.Linear(width, v)
+
+    def _default_num_steps(self, num_stages: int) -> int:
+        return num_stages
+
+    @property
+    def num_out_steps(self) -> int:
+        return self._out_steps
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder final state ``(h_T, c_T)``, each ``(layers, B, width)``: the decoder's start."""
+        _, (h, c) = self.encoder(self.sequence(images))
+        if self.bidirectional:
+            h, c = (x.view(self.num_layers, 2, *x.shape[1:]).transpose(1, 2).flatten(2) for x in (h, c))
+        return h.contiguous(), c.contiguous()
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, c = self.encode(images)
+        if self.feed == "label":
+            return {"h": h, "c": c}  # the decoder runs in loss (teacher forcing) and decode (beam search)
+        prev = torch.zeros(images.shape[0], 1, self.taxonomy.num_nodes, device=images.device, dtype=h.dtype)
+        prev[..., 0] = 1  # start: the root
+        state, logits = (h, c), []
+        for _ in range(self._out_steps):
+            out, state = self.decoder(prev, state)
+            o = self.out(self.dropout(out))
+            logits.append(o)
+            prev = torch.sigmoid(o) if self.multi_label else o.softmax(-1)
+        return {"logits": torch.cat(logits, 1)}
+
+    def _teacher_forced(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
+        """Decoder logits ``(B, D+1, N+1)`` when fed the given paths ``(B, D)`` (PAD after the end)."""
+        tokens = torch.cat([torch.zeros_like(paths[:, :1]), paths.clamp(min=0)], 1)[:, : self._out_steps]
+        out, _ = self.decoder(self.embed(tokens), (outputs["h"], outputs["c"]))
+        return self.out(self.dropout(out))
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        if self.multi_label:
+            logits = outputs["logits"].float()[..., 1:]
+            y = self._multi_label_targets(targets, self._out_steps)[..., 1:]
+            per = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(2)
+            return self._weighted(per, torch.ones_like(per))
+        seq = self.taxonomy.encode_sequence(targets)  # (B, D+1): path, EOS, IGNORE
+        if self.feed == "label":
+            logits = self._teacher_forced(outputs, self.taxonomy.encode_paths(targets)).float()
+        else:
+            logits = outputs["logits"].float()
+        per = F.cross_entropy(logits.transpose(1, 2), seq, ignore_index=IGNORE, reduction="none")
+        return self._weighted(per, (seq != IGNORE).float())
+
+    def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
+        tax = self.taxonomy
+        if self.multi_label:
+            return self._multi_label_prediction(self._node_view(torch.sigmoid(outputs["logits"].float())))
+        if self.feed == "output":
+            step_lp = outputs["logits"].float().log_softmax(-1)
+            node_lp = self._node_view(step_lp)
+            depth = tax.depth_tensor.to(step_lp.device)
+            end_lp = step_lp[:, depth.clamp(max=self._out_steps - 1), EOS]  # stopping right after node n
+            if self.decode_mode == "beam":
+                paths, lp = self._beam_precomputed(step_lp, self.end_nodes)
+            else:
+                paths, lp = self._best_path(node_lp, self.end_nodes, end_lp)
+            return Prediction(paths, prefix_logprob(tax, node_lp).exp(), lp.exp())
+        h, c = outputs["h"], outputs["c"]
+        k = self.beam_width
+
+        def step(tokens: torch.Tensor, state):
+            out, state = self.decoder(self.embed(tokens).unsqueeze(1), state)
+            return self.out(out[:, 0]).float().log_softmax(-1), state
+
+        start = (h.repeat_interleave(k, 1), c.repeat_interleave(k, 1))
+        beams, lp = beam_search(tax, step, h.shape[1], k, self.end_nodes, self._out_steps, start, h.device)
+        paths = beams[:, 0]
+        # per-node scores: the probability of each prefix of the chosen path (other nodes 0)
+        step_lp = self._teacher_forced(outputs, paths).float().log_softmax(-1)
+        taken = step_lp[:, : paths.shape[1]].gather(2, paths.clamp(min=0).unsqueeze(2)).squeeze(2)
+        prefix = taken.masked_fill(paths == PAD, 0).cumsum(1).exp()
+        scores = torch.zeros(len(paths), tax.num_nodes, device=paths.device)
+        scores.scatter_(1, paths.clamp(min=0), torch.where(paths == PAD, 0.0, prefix))
+        scores[:, 0] = 0
+        return Prediction(paths, scores, lp[:, 0].exp())
+
+
+@register_model("dhnn_rnn")
+def dhnn_rnn(taxonomy: Taxonomy, **kwargs) -> CnnRnn:
+    """Koo's CNN-RNN (fixed-depth trees); ``residual=True`` adds the residual arc."""
+    return CnnRnn(taxonomy, **kwargs)
+
+
+@register_model("dhnn_s2s")
+def dhnn_s2s(taxonomy: Taxonomy, **kwargs) -> CnnS2S:
+    """Koo's CNN-S2S (any tree; paths may end at inner nodes)."""
+    return CnnS2S(taxonomy, **kwargs)
