@@ -2,10 +2,13 @@
 
     python benchmarks/run.py --profile quick          # ≤ 15 min on 2 CPU cores
     python benchmarks/run.py --profile foundation     # flat baselines on Fashion-MNIST and Tiny-ImageNet
+    python benchmarks/run.py --profile dhnn --seeds 0 # Koo et al.'s DHNN variants beside flat (~50 min)
 
 Every row is mean ± std over the seeds. Each profile writes its own section of
 ``benchmarks/RESULTS.md`` (replacing that section only), ``benchmarks/results/<profile>.json`` with
-every seed's metrics, and a per-level accuracy plot ``benchmarks/results/<profile>.png``.
+every seed's metrics, and a per-level accuracy plot ``benchmarks/results/<profile>.png``. Rows may
+name a group (4th entry): each group gets its own table, and ``img/s ratio`` compares every row's
+training throughput with the group's first row (its flat baseline).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from hiervision.training import autocast_dtype, select_device, train
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "configs"
 
-# profile -> (rows: (label, config file, overrides), seeds, description)
+# profile -> (rows: (label, config file, overrides[, group]), seeds, description)
 PROFILES: dict[str, dict] = {
     "quick": {
         "description": "Fashion-MNIST (real), 3-level tree, 12k train images, ResNet-20, 2 epochs",
@@ -46,9 +49,36 @@ PROFILES: dict[str, dict] = {
             ("tiny-imagenet flat", "tinyimagenet-flat.yaml", ["train.epochs=5"]),
         ],
     },
+    "dhnn": {
+        "description": "Koo et al.'s DHNN beside the flat baseline on real data, ResNet-20, same seed, split and "
+        "budget per group: Fashion-MNIST 20k train images x 3 epochs (FPL tree, variable-depth tree, 2x2 "
+        "multi-label canvases: 10k x 3 epochs), Tiny-ImageNet 32x32 with its WordNet tree 30k x 3 epochs",
+        "seeds": [0],
+        "rows": [
+            *[(label, cfg, ["data.limit_train=20000", "train.epochs=3"], "Fashion-MNIST, 3-level tree (FPL)")
+              for label, cfg in [("flat", "fmnist-flat.yaml"), ("CNN-RNN", "fmnist-res-rnn.yaml"),
+                                 ("CNN-RNN-Alt", "fmnist-res-rnn-alt.yaml"),
+                                 ("CNN-RNN-Alt-Resi", "fmnist-res-rnn-alt-resi.yaml"),
+                                 ("CNN-RNN-Resi", "fmnist-res-rnn-resi.yaml")]],
+            *[(label, cfg, ["data.limit_train=20000", "train.epochs=3"], "Fashion-MNIST, variable-depth tree")
+              for label, cfg in [("flat (var)", "fmnistvar-flat.yaml"),
+                                 ("CNN-S2S-Linear", "fmnistvar-res-s2s-linear.yaml"),
+                                 ("CNN-S2S-Conv", "fmnistvar-res-s2s-conv.yaml"),
+                                 ("CNN-S2S-Pool", "fmnistvar-res-s2s-pool.yaml")]],
+            *[(label, cfg, ["data.limit_train=10000", "data.limit_test=5000", "train.epochs=3"],
+               "Fashion-MNIST 2x2 canvases, multi-label (path/node F1)")
+              for label, cfg in [("flat-sigmoid", "fmnist-canvas-flat.yaml"),
+                                 ("CNN-S2S-Pool (ML)", "fmnist-canvas-res-s2s-pool.yaml")]],
+            *[(label, cfg, ["data.limit_train=30000", "train.epochs=3"], "Tiny-ImageNet 32x32, WordNet tree")
+              for label, cfg in [("flat (tiny)", "tinyimagenet-flat.yaml"),
+                                 ("CNN-S2S-Pool (tiny)", "tinyimagenet-res-s2s-pool.yaml")]],
+        ],
+    },
 }
 
 COLUMNS = [
+    ("path_f1", "path F1"),
+    ("node_f1", "node F1"),
     ("leaf_accuracy", "leaf acc"),
     ("path_accuracy", "path acc"),
     ("node_accuracy", "node acc"),
@@ -85,7 +115,7 @@ def run_profile(name: str, out_root: Path, seeds: list[int] | None, extra: list[
     seeds = seeds or prof["seeds"]
     results: dict[str, list[dict]] = {}
     t0 = time.perf_counter()
-    for label, config, overrides in prof["rows"]:
+    for label, config, overrides, *_ in prof["rows"]:
         for seed in seeds:
             cfg = load_config(CONFIGS / config, [*overrides, *extra, f"seed={seed}", "train.progress=false"])
             print(f"[{name}] {label} seed {seed}", flush=True)
@@ -108,15 +138,23 @@ def write_results(run: dict, command: str) -> None:
         f"Command: `{command}`  ",
         f"Machine: {machine()}  ",
         f"Wall time: {run['wall_s'] / 60:.1f} min",
-        "",
-        "| method | " + " | ".join(c for _, c in COLUMNS) + " | level acc |",
-        "|---" * (len(COLUMNS) + 2) + "|",
     ]
-    for label, ms in run["results"].items():
-        cells = [_mean_std([m.get(k) for m in ms]) for k, _ in COLUMNS]
-        levels = list(zip(*[m["level_accuracy"] for m in ms]))
-        lvl = " / ".join(f"{statistics.fmean(v):.3f}" for v in levels)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {lvl} |")
+    groups: dict[str, list[str]] = {}
+    for label, _, _, *group in run["rows"]:
+        groups.setdefault(group[0] if group else "", []).append(label)
+    for group, labels in groups.items():
+        results = {label: run["results"][label] for label in labels}
+        cols = [(k, c) for k, c in COLUMNS if any(m.get(k) is not None for ms in results.values() for m in ms)]
+        base_rate = statistics.fmean(m["train_images_per_s"] for m in results[labels[0]])
+        lines += ["", f"### {group}" if group else "", "",
+                  "| method | " + " | ".join(c for _, c in cols) + " | img/s ratio | level acc |",
+                  "|---" * (len(cols) + 3) + "|"]
+        for label, ms in results.items():
+            cells = [_mean_std([m.get(k) for m in ms]) for k, _ in cols]
+            ratio = statistics.fmean(m["train_images_per_s"] for m in ms) / base_rate
+            levels = list(zip(*[m.get("level_accuracy") or [] for m in ms]))
+            lvl = " / ".join(f"{statistics.fmean(v):.3f}" for v in levels) or "–"
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio:.2f} | {lvl} |")
     lines += ["", f"![per-level accuracy](results/{name}.png)", ""]
     section = "\n".join(lines)
     _plot(run, outdir / f"{name}.png")
@@ -136,7 +174,9 @@ def _plot(run: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, ms in run["results"].items():
-        levels = list(zip(*[m["level_accuracy"] for m in ms]))
+        levels = list(zip(*[m.get("level_accuracy") or [] for m in ms]))
+        if not levels:
+            continue
         means = [statistics.fmean(v) for v in levels]
         stds = [statistics.stdev(v) if len(v) > 1 else 0 for v in levels]
         ax.errorbar(range(1, len(means) + 1), means, yerr=stds, marker="o", capsize=3, label=label)
