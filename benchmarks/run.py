@@ -2,7 +2,7 @@
 
     python benchmarks/run.py --profile quick          # ≤ 15 min on 2 CPU cores
     python benchmarks/run.py --profile foundation     # flat baselines on Fashion-MNIST and Tiny-ImageNet
-    python benchmarks/run.py --profile dhnn --seeds 0 # Koo et al.'s DHNN variants beside flat (~50 min)
+    python benchmarks/run.py --profile dhnn --seeds 0 # Koo et al.'s DHNN variants beside flat (~45 min)
 
 Every row is mean ± std over the seeds. Each profile writes its own section of
 ``benchmarks/RESULTS.md`` (replacing that section only), ``benchmarks/results/<profile>.json`` with
@@ -52,7 +52,7 @@ PROFILES: dict[str, dict] = {
     "dhnn": {
         "description": "Koo et al.'s DHNN beside the flat baseline on real data, ResNet-20, same seed, split and "
         "budget per group: Fashion-MNIST 20k train images x 3 epochs (FPL tree, variable-depth tree, 2x2 "
-        "multi-label canvases: 10k x 3 epochs), Tiny-ImageNet 32x32 with its WordNet tree 30k x 3 epochs",
+        "multi-label canvases: 6k x 3 epochs), Tiny-ImageNet 32x32 with its WordNet tree 20k x 3 epochs",
         "seeds": [0],
         "rows": [
             *[(label, cfg, ["data.limit_train=20000", "train.epochs=3"], "Fashion-MNIST, 3-level tree (FPL)")
@@ -65,11 +65,11 @@ PROFILES: dict[str, dict] = {
                                  ("CNN-S2S-Linear", "fmnistvar-res-s2s-linear.yaml"),
                                  ("CNN-S2S-Conv", "fmnistvar-res-s2s-conv.yaml"),
                                  ("CNN-S2S-Pool", "fmnistvar-res-s2s-pool.yaml")]],
-            *[(label, cfg, ["data.limit_train=10000", "data.limit_test=5000", "train.epochs=3"],
+            *[(label, cfg, ["data.limit_train=6000", "data.limit_test=3000", "train.epochs=3"],
                "Fashion-MNIST 2x2 canvases, multi-label (path/node F1)")
               for label, cfg in [("flat-sigmoid", "fmnist-canvas-flat.yaml"),
                                  ("CNN-S2S-Pool (ML)", "fmnist-canvas-res-s2s-pool.yaml")]],
-            *[(label, cfg, ["data.limit_train=30000", "train.epochs=3"], "Tiny-ImageNet 32x32, WordNet tree")
+            *[(label, cfg, ["data.limit_train=20000", "train.epochs=3"], "Tiny-ImageNet 32x32, WordNet tree")
               for label, cfg in [("flat (tiny)", "tinyimagenet-flat.yaml"),
                                  ("CNN-S2S-Pool (tiny)", "tinyimagenet-res-s2s-pool.yaml")]],
         ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +11,11 @@ import torch
 from conftest import FMNIST
 from hiervision import Taxonomy
 from hiervision.config import load_config
+from hiervision.data import _COMMON as COMMON_KEYS
+from hiervision.data import DATASETS
 from hiervision.data.fashion_mnist import fashion_mnist_taxonomy
 from hiervision.models import create_model
-from hiervision.models.backbones import create_backbone
+from hiervision.models.backbones import create_backbone, list_backbones
 from hiervision.models.conversion import (
     ConvConversion,
     LinearConversion,
@@ -330,3 +333,38 @@ def test_short_real_training_run_learns(tmp_path):
     assert losses[1] < losses[0]
     assert metrics["path_accuracy"] > 0.5 and metrics["node_accuracy"] > 0.7
     assert metrics["valid_path_rate"] == 1.0
+
+
+# ----------------------------------------------------------------------------- the named configs
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+KOO = sorted(p for p in (CONFIGS / "koo").glob("table*/*.yaml"))
+
+
+def test_koo_configs_cover_every_table_row():
+    names = {f"{p.parent.name}/{p.stem}" for p in KOO}
+    for cnn in ("vgg", "res"):
+        assert {f"table1/{cnn}-rnn", f"table1/{cnn}-rnn-alt", f"table1/{cnn}-rnn-alt-resi",
+                f"table2/{cnn}-s2s", f"table2/{cnn}-s2s-alt"} <= names
+    for cnn in ("vgg", "res", "se-res", "cbam-res"):
+        for conv in ("linear", "conv", "pool", "pool-L"):
+            assert {f"table3/{cnn}-s2s-{conv}", f"table3/{cnn}-s2s-alt-{conv}"} <= names
+    assert {"table1/vgg16", "table1/res50", "table2/vgg16", "table2/res50", "table3/vgg16", "table3/res50",
+            "table3/se-res50", "table3/cbam-res50"} <= names
+    assert len(KOO) == 8 + 6 + 36
+
+
+@pytest.mark.parametrize("path", [*KOO, *sorted(CONFIGS.glob("*.yaml"))], ids=lambda p: p.stem)
+def test_every_config_builds_its_model(path, fixed_tree, var_tree):
+    """Model keys are checked by building the model (ImageNet backbones swapped for a narrow ResNet to stay
+    fast; their stage shapes are covered above); data keys by the dataset table."""
+    cfg = load_config(path)
+    data, model = cfg["data"], dict(cfg["model"])
+    assert set(data) - {"name"} <= DATASETS[data["name"]] | COMMON_KEYS, path
+    assert model["backbone"] in list_backbones()
+    if model["backbone"] not in ("resnet20",):
+        model["backbone"], model["backbone_kwargs"] = "resnet20", {"width": 0.25}
+    fixed = path.parent.name == "table1" or data["name"] == "fashion_mnist"
+    multi = bool(data.get("multi_label")) or data["name"] == "fashion_mnist_canvas"
+    tax = fixed_tree if fixed else var_tree
+    m = create_model(model.pop("name"), tax, in_chans=3, multi_label=multi, image_size=32, **model)
+    assert m.multi_label == multi

@@ -164,6 +164,10 @@ DEMO_BASE = {
 # (table label, config overrides): every method of the package, same backbone, seed and budget
 DEMO_METHODS: list[tuple[str, dict]] = [
     ("flat (leaf softmax)", {"model": {"name": "flat"}}),
+    # Koo et al.'s best variant in benchmarks/RESULTS.md (dhnn profile): configs/fmnist-res-rnn-resi.yaml
+    ("DHNN CNN-RNN-Resi", {"model": {"name": "dhnn_rnn", "conversion": "pool", "pool_fallback": "project",
+                                     "input_size": 128, "hidden_size": 256, "residual": True},
+                           "train": {"grad_clip": 5.0}}),
 ]
 
 

@@ -123,7 +123,7 @@ class _DHNN(HierarchicalClassifier):
     def _node_view(self, step_scores: torch.Tensor) -> torch.Tensor:
         """``(B, S, N+1)`` per-step scores → ``(B, N+1)``: node ``n`` read at the step of its level."""
         depth = self.taxonomy.depth_tensor.to(step_scores.device)
-        out = step_scores[:, (depth - 1).clamp(min=0), torch.arange(self.taxonomy.num_nodes)]
+        out = step_scores[:, (depth - 1).clamp(min=0), torch.arange(len(depth), device=depth.device)]
         out[:, 0] = 0
         return out
 
