@@ -23,8 +23,8 @@ import torch
 
 from hiervision.taxonomy import EOS, PAD, Taxonomy
 
-__all__ = ["Prediction", "beam_search", "end_mask", "exact_best_path", "last_node", "prefix_logprob",
-           "threshold_paths", "transition_mask"]
+__all__ = ["Prediction", "beam_search", "end_mask", "exact_best_path", "last_node", "multi_label_prediction",
+           "prefix_logprob", "threshold_paths", "transition_mask"]
 
 
 def last_node(paths: torch.Tensor) -> torch.Tensor:
@@ -213,6 +213,14 @@ def beam_search(
     # trim the all-PAD tail left by the final end tokens
     keep = int((paths != PAD).any(0).any(0).nonzero().max()) + 1 if bool((paths != PAD).any()) else 0
     return paths[..., :keep], scores
+
+
+def multi_label_prediction(taxonomy: Taxonomy, scores: torch.Tensor, threshold: float) -> Prediction:
+    """Multi-label heads' :class:`Prediction` from ``(B, N+1)`` sigmoid node scores: the thresholded
+    set of paths, plus the single most likely root-to-leaf path (sum of log-sigmoids along it)."""
+    labels = threshold_paths(taxonomy, scores, threshold)
+    nodes, lp = exact_best_path(taxonomy, torch.log(scores.clamp_min(1e-12)))
+    return Prediction(taxonomy.path_matrix.to(scores.device)[nodes], scores, lp.exp(), labels)
 
 
 def threshold_paths(taxonomy: Taxonomy, scores: torch.Tensor, threshold: float) -> torch.Tensor:

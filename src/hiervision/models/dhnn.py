@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervision.decoding import Prediction, beam_search, exact_best_path, prefix_logprob, threshold_paths
+from hiervision.decoding import Prediction, beam_search, exact_best_path, multi_label_prediction, prefix_logprob
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.conversion import StageSequence, default_steps
 from hiervision.models.registry import register_model
@@ -143,12 +143,6 @@ class _DHNN(HierarchicalClassifier):
                                 step_lp.device)
         return paths[:, 0], lp[:, 0]
 
-    def _multi_label_prediction(self, node_scores: torch.Tensor) -> Prediction:
-        """Sigmoid node scores → the thresholded path set, plus the single best root-to-leaf path."""
-        labels = threshold_paths(self.taxonomy, node_scores, float(self.threshold))
-        paths, lp = self._best_path(torch.log(node_scores.clamp_min(1e-12)), "leaves")
-        return Prediction(paths, node_scores, lp.exp(), labels)
-
     def _multi_label_targets(self, targets: torch.Tensor, num_steps: int) -> torch.Tensor:
         """``(B, N+1)`` path-end marks → ``(B, S, N+1)`` per-level multi-hot of the closed label set."""
         closed = self.taxonomy.close_upwards(targets.bool()).float()
@@ -180,6 +174,9 @@ class CnnRnn(_DHNN):
                              f"{depths}); use dhnn_s2s for variable-length paths")
         self._depth = taxonomy.max_depth
         super().__init__(taxonomy, **kwargs)
+        if len(self.features.steps) != self._depth:
+            raise ValueError(f"model.steps: dhnn_rnn needs one step per level ({self._depth}), "
+                             f"got {len(self.features.steps)}")
         n = taxonomy.num_nodes - 1
         out = self.hidden_size * (2 if self.bidirectional else 1)
         self.rnn = self._rnn(self.features.p)
@@ -198,8 +195,6 @@ class CnnRnn(_DHNN):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         u = self.sequence(images)
-        if u.shape[1] != self._depth:
-            raise ValueError(f"model.steps: dhnn_rnn needs one step per level ({self._depth}), got {u.shape[1]}")
         h, _ = self.rnn(u)
         o = self.out(self.dropout(h))
         if self.residual:
@@ -219,7 +214,8 @@ class CnnRnn(_DHNN):
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
         logits = outputs["logits"].float()
         if self.multi_label:
-            return self._multi_label_prediction(self._node_view(torch.sigmoid(logits)))
+            return multi_label_prediction(self.taxonomy, self._node_view(torch.sigmoid(logits)),
+                                          float(self.threshold))
         step_lp = logits.log_softmax(-1)
         node_lp = self._node_view(step_lp)
         if self.decode_mode == "beam":
@@ -327,7 +323,8 @@ class CnnS2S(_DHNN):
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
         tax = self.taxonomy
         if self.multi_label:
-            return self._multi_label_prediction(self._node_view(torch.sigmoid(outputs["logits"].float())))
+            return multi_label_prediction(tax, self._node_view(torch.sigmoid(outputs["logits"].float())),
+                                          float(self.threshold))
         if self.feed == "output":
             step_lp = outputs["logits"].float().log_softmax(-1)
             node_lp = self._node_view(step_lp)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervision.decoding import Prediction, exact_best_path, threshold_paths
+from hiervision.decoding import Prediction, multi_label_prediction
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
@@ -71,11 +71,7 @@ class FlatClassifier(HierarchicalClassifier):
         logits = outputs["logits"].float()
         tax = self.taxonomy
         if self.multi_label:
-            scores = F.pad(torch.sigmoid(logits), (1, 0))
-            labels = threshold_paths(tax, scores, float(self.threshold))
-            # besides the set: the single most likely root-to-leaf path (sum of log-sigmoids along it)
-            nodes, lp = exact_best_path(tax, torch.log(scores.clamp_min(1e-12)))
-            return Prediction(tax.path_matrix.to(logits.device)[nodes], scores, lp.exp(), labels)
+            return multi_label_prediction(tax, F.pad(torch.sigmoid(logits), (1, 0)), float(self.threshold))
         probs = logits.softmax(1)
         scores = probs @ self.class_paths.T.to(probs.dtype)  # marginal probability of every node
         best_prob, best = probs.max(1)
