@@ -51,8 +51,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if data.taxonomy != taxonomy:
         raise CheckpointError(f"{args.run_dir}: the data's taxonomy differs from the run's taxonomy.json")
     amp = autocast_dtype(cfg["train"]["amp"], torch.device("cpu"))
-    result = evaluate_split(model, data, args.split, cfg["eval"]["batch_size"], torch.device("cpu"), amp)
+    result = evaluate_split(model, data, args.split, cfg["eval"]["batch_size"], torch.device("cpu"), amp,
+                            given_level=args.given_level)
     result["split"] = args.split
+    if args.given_level is not None:
+        result["given_level"] = args.given_level
     print(json.dumps(result, indent=2))
     return 0
 
@@ -221,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--split", choices=["val", "test"], default="test")
     e.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    e.add_argument("--given-level", type=int, default=None, metavar="DEPTH",
+                   help="give the model each image's true ancestor at this depth (Guo et al.'s CNN-RNN*)")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="one JSON line per image: file, path, path probability")

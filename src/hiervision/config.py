@@ -51,9 +51,15 @@ DEFAULTS: dict[str, Any] = {
         "grad_clip": None,
         # list of {epochs: [start, end), frozen: [group, ...]}; groups come from model.param_groups()
         "freeze": [],
+        # train only the head, on pooled backbone features computed once (backbone frozen, no augmentation)
+        "precompute_features": False,
+        # Guo et al. Sec. 4.2: train on S_fine first, pseudo-label S_coarse's fine labels, then train on both
+        "pseudo_labels": False,
         "progress": True,
     },
-    "eval": {"batch_size": 512, "select": "auto"},  # select: val metric that picks best.pt
+    # select: val metric that picks best.pt; given_level: also report test metrics when each image's
+    # true ancestor at that depth is given (Guo et al.'s CNN-RNN*)
+    "eval": {"batch_size": 512, "select": "auto", "given_level": None},
 }
 
 

@@ -24,7 +24,7 @@ import torch
 from hiervision.taxonomy import EOS, PAD, Taxonomy
 
 __all__ = ["Prediction", "beam_search", "end_mask", "exact_best_path", "last_node", "multi_label_prediction",
-           "prefix_logprob", "threshold_paths", "transition_mask"]
+           "path_scores", "prefix_logprob", "threshold_paths", "transition_mask"]
 
 
 def last_node(paths: torch.Tensor) -> torch.Tensor:
@@ -160,6 +160,7 @@ def beam_search(
     max_steps: int | None = None,
     state: Any = None,
     device: torch.device | str = "cpu",
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Koo et al.'s Algorithm 1: beam search restricted to the tree.
 
@@ -168,6 +169,10 @@ def beam_search(
     returned path is valid. A stopped beam stays a candidate with its score. ``state`` (e.g. the
     decoder's LSTM state, batch ``B·k``) is reordered with the beams. With ``beam_width=1`` this is
     the greedy decoder of the slides' worked example.
+
+    ``start`` ``(B,)`` begins each search below a given node instead of the root (Guo et al.'s
+    CNN-RNN*, where the coarse label is known): the first step reads that node and the returned
+    paths hold only the continuation below it.
 
     Returns:
         ``(paths, logprob)``: ``(B, k, D)`` node ids per level, PAD after the end, best beam first;
@@ -184,6 +189,8 @@ def beam_search(
     scores = torch.full((batch_size, k), float("-inf"), device=device)
     scores[:, 0] = 0  # one live beam at the start: no duplicates
     last = torch.zeros(batch_size, k, dtype=torch.long, device=device)
+    if start is not None:
+        last[:] = start.to(device).view(batch_size, 1)
     done = torch.zeros(batch_size, k, dtype=torch.bool, device=device)
     paths = torch.empty(batch_size, k, 0, dtype=torch.long, device=device)
     rows = torch.arange(batch_size, device=device).unsqueeze(1)
@@ -213,6 +220,19 @@ def beam_search(
     # trim the all-PAD tail left by the final end tokens
     keep = int((paths != PAD).any(0).any(0).nonzero().max()) + 1 if bool((paths != PAD).any()) else 0
     return paths[..., :keep], scores
+
+
+def path_scores(taxonomy: Taxonomy, paths: torch.Tensor, step_logprob: torch.Tensor) -> torch.Tensor:
+    """``(B, N+1)`` per-node scores of decoded paths: each node of the path gets the probability of
+    the prefix ending at it (from the decoder's ``(B, S, N+1)`` per-step log-probabilities, step t
+    scoring level t+1); nodes off the path get 0. What autoregressive heads put in ``Prediction.scores``."""
+    idx = paths.clamp(min=0)
+    taken = step_logprob[:, : paths.shape[1]].float().gather(2, idx.unsqueeze(2)).squeeze(2)
+    prefix = taken.masked_fill(paths == PAD, 0).cumsum(1).exp()
+    scores = torch.zeros(len(paths), taxonomy.num_nodes, device=paths.device)
+    scores.scatter_(1, idx, torch.where(paths == PAD, 0.0, prefix))
+    scores[:, 0] = 0
+    return scores
 
 
 def multi_label_prediction(taxonomy: Taxonomy, scores: torch.Tensor, threshold: float) -> Prediction:

@@ -28,6 +28,7 @@ __all__ = [
     "hierarchical_prf",
     "leaf_accuracy",
     "level_accuracy",
+    "path_accuracy_by_length",
     "mistake_severity",
     "node_accuracy",
     "node_accuracy_final_only",
@@ -139,6 +140,15 @@ def path_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
     """
     p, t = _align(pred, true)
     return _div((p == t).all(1).sum(), len(p))
+
+
+def path_accuracy_by_length(pred: torch.Tensor, true: torch.Tensor) -> dict[int, float]:
+    """Path accuracy over the samples whose true path has each length (Guo et al.'s variable-length
+    WordNet paths): ``{length: accuracy}``, lengths that occur only."""
+    p, t = _align(pred, true)
+    lengths = (t != PAD).sum(1)
+    exact = (p == t).all(1)
+    return {int(n): _div(exact[lengths == n].sum(), (lengths == n).sum()) for n in lengths.unique().tolist()}
 
 
 def node_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
@@ -399,7 +409,8 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
     ``targets`` decides the task:
 
     * single-label — ``(B,)`` node ids (inner nodes allowed) or ``(B, D)`` PAD-padded long paths:
-      ``path_accuracy``, ``node_accuracy``, ``level_accuracy`` (list), ``leaf_accuracy``,
+      ``path_accuracy``, ``node_accuracy``, ``level_accuracy`` (list), ``path_accuracy_by_length``
+      (``{length: accuracy}``), ``leaf_accuracy``,
       ``hierarchical_precision/recall/f1`` (micro), ``hierarchical_f1_macro``, ``mistake_severity``
       (``None`` without mistakes), ``valid_path_rate``, ``num_samples``;
     * multi-label — ``(B, N+1)`` bool or float marks: ``path_f1``, ``path_precision``,
@@ -437,6 +448,7 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
         "path_accuracy": path_accuracy(pred, true),
         "node_accuracy": node_accuracy(pred, true),
         "level_accuracy": level_accuracy(pred, true),
+        "path_accuracy_by_length": path_accuracy_by_length(pred, true),
         "leaf_accuracy": leaf_accuracy(pred, true),
         "hierarchical_precision": hp,
         "hierarchical_recall": hr,

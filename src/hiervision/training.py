@@ -13,6 +13,7 @@ exactly what an uninterrupted run would have done.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -26,11 +27,11 @@ from tqdm.auto import tqdm
 
 from hiervision import metrics as M
 from hiervision.checkpoint import load_checkpoint, save_checkpoint
-from hiervision.config import ConfigError, dump, load_config
-from hiervision.data import BatchAugment, BatchLoader, DataBundle, build_data, iter_batches
+from hiervision.config import ConfigError, dump, load_config, merge
+from hiervision.data import BatchAugment, BatchLoader, DataBundle, FeatureDataset, build_data, iter_batches
 from hiervision.decoding import Prediction, threshold_paths
-from hiervision.models import create_model
-from hiervision.taxonomy import Taxonomy
+from hiervision.models import HierarchicalClassifier, create_model
+from hiervision.taxonomy import PAD, Taxonomy
 
 __all__ = ["TrainingError", "evaluate_split", "load_run", "train"]
 
@@ -141,15 +142,33 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict_dataset(
-    model: nn.Module, data: DataBundle, dataset, batch_size: int, device: torch.device, amp: torch.dtype | None
+    model: nn.Module,
+    data: DataBundle,
+    dataset,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    given_level: int | None = None,
 ) -> tuple[Prediction, torch.Tensor]:
-    """Run ``model.predict`` over a dataset; returns the joined prediction and the targets."""
+    """Run ``model.predict`` over a dataset; returns the joined prediction and the targets.
+
+    ``given_level``: each image's true ancestor at that depth (its label where the label is
+    shallower) is given to ``model.predict_given`` — Guo et al.'s CNN-RNN*.
+    """
     model.eval()
+    if given_level is not None and data.multi_label:
+        raise ConfigError("eval.given_level: not defined for multi-label data (an image has several paths)")
+    paths = data.taxonomy.path_matrix
     preds, targets = [], []
     for images, target in iter_batches(dataset, batch_size, shuffle=False):
         images = data.normalize(images.to(device))
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            preds.append(model.predict(images))
+            if given_level is None:
+                preds.append(model.predict(images))
+            else:
+                given = paths[target, min(given_level, paths.shape[1]) - 1]
+                given = torch.where(given == PAD, target, given)
+                preds.append(model.predict_given(images, given.to(device)))
         targets.append(target)
     pred = Prediction.cat(preds)
     pred = Prediction(pred.paths.cpu(), pred.scores.float().cpu(), pred.path_prob.float().cpu(),
@@ -158,21 +177,103 @@ def predict_dataset(
 
 
 def evaluate_split(
-    model, data: DataBundle, split: str, batch_size: int = 512, device=None, amp=None, tune_threshold: bool = False
+    model,
+    data: DataBundle,
+    split: str,
+    batch_size: int = 512,
+    device=None,
+    amp=None,
+    tune_threshold: bool = False,
+    given_level: int | None = None,
 ) -> dict:
     """Metrics report (see :func:`hiervision.metrics.evaluate`) of a model on one split.
 
     ``tune_threshold`` (multi-label, validation only): first set the model's decision threshold to
     the one that maximises path F1 on these predictions (Koo et al., Sec. 4.2), then report at it.
+    ``given_level``: predict with the true ancestor at that depth given (see :func:`predict_dataset`).
     """
     device = device or next(model.parameters()).device
     dataset = {"train": data.train, "val": data.val, "test": data.test}[split]
-    pred, targets = predict_dataset(model, data, dataset, batch_size, device, amp)
+    pred, targets = predict_dataset(model, data, dataset, batch_size, device, amp, given_level)
     if tune_threshold and data.multi_label:
         threshold, _ = M.select_threshold(pred.scores, targets.bool(), data.taxonomy, metric="path_f1")
         model.threshold.fill_(float(threshold))
         pred.labels = threshold_paths(data.taxonomy, pred.scores, float(threshold))
     return M.evaluate(pred, targets, data.taxonomy)
+
+
+# ----------------------------------------------------------------------------- pre-computed features
+class _FeatureHead(nn.Module):
+    """A model that reads only pooled backbone features, driven by pre-computed ones: its head alone."""
+
+    def __init__(self, model: HierarchicalClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.forward_head(features)
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(outputs, targets)
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> Prediction:
+        return self.model.decode(self(features))
+
+    @torch.no_grad()
+    def predict_given(self, features: torch.Tensor, given: torch.Tensor) -> Prediction:
+        return self.model.decode_given(self(features), given)
+
+
+@torch.no_grad()
+def precompute_features(
+    model: HierarchicalClassifier, data: DataBundle, batch_size: int, device: torch.device, amp: torch.dtype | None
+) -> DataBundle:
+    """Every split's pooled backbone features, computed once (eval mode, no augmentation), so that
+    epochs cost only the head — Guo et al.'s RNN trained on extracted CNN features."""
+    if type(model).forward_head is HierarchicalClassifier.forward_head:
+        raise ConfigError(f"train.precompute_features: model {type(model).__name__} reads the backbone's stage "
+                          "maps, not its pooled features")
+    model.eval()
+
+    def run(ds) -> FeatureDataset:
+        feats = [torch.zeros(0, model.backbone.num_features)]
+        for images, _ in iter_batches(ds, batch_size):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                feats.append(model.backbone(data.normalize(images.to(device))).float().cpu())
+        return FeatureDataset(torch.cat(feats).to(device), ds)
+
+    return dataclasses.replace(data, train=run(data.train), val=run(data.val), test=run(data.test), features=True)
+
+
+# ----------------------------------------------------------------------------- pseudo-labels
+def pseudo_label(
+    cfg: dict, data: DataBundle, out: Path, resume: bool, device: torch.device, amp: torch.dtype | None
+) -> DataBundle:
+    """Guo et al.'s S_fine + S_coarse⁻ (Sec. 4.2): a first run on S_fine alone (in ``out``) predicts the
+    full labels of the S_coarse samples, each conditioned on its known coarse label (``predict_given``,
+    i.e. CNN-RNN*). Only those samples' labels change; true labels are never overwritten. How many
+    pseudo-labels are right (checked against the held-back truth) goes to ``out/pseudo_labels.json``."""
+    mask = data.train.coarse_mask
+    if data.cfg.get("fine_fraction") is None or not bool(mask.any()):
+        raise ConfigError("train.pseudo_labels: needs coarse-only training labels (data.fine_fraction and "
+                          "data.coarse_fraction)")
+    first = merge(cfg, {"data": {"coarse_labels": "drop"}, "train": {"pseudo_labels": False},
+                        "eval": {"given_level": None}})
+    train(first, out, resume=resume)
+    _, _, model, meta = load_run(out, device=str(device))
+    round1 = dataclasses.replace(data, mean=tuple(meta["mean"]), std=tuple(meta["std"]))  # its own statistics
+    idx = torch.nonzero(mask).flatten()
+    level = int(data.cfg.get("coarse_level", 1))
+    pred, _ = predict_dataset(model, round1, data.train.subset(idx), cfg["eval"]["batch_size"], device, amp, level)
+    targets = data.train.targets.clone()
+    targets[idx] = pred.nodes.to(targets.device)
+    truth = build_data({**data.cfg, "coarse_labels": "true"}).train.targets[idx]
+    acc = float((targets[idx] == truth).float().mean())
+    (out / "pseudo_labels.json").write_text(json.dumps({"count": len(idx), "level": level, "accuracy": acc}),
+                                            encoding="utf-8")
+    note = f"{data.note}; {len(idx)} S_coarse labels pseudo-labelled by {out.name} ({acc:.1%} right)"
+    return dataclasses.replace(data, train=data.train.with_targets(targets, mask), note=note)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -201,6 +302,9 @@ def train(
     # --- data and model
     torch.manual_seed(seed)
     data = build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", seed)})
+    if tcfg["pseudo_labels"]:
+        data = pseudo_label(cfg, data, out / "round1", resume, device, amp)
+        torch.manual_seed(seed)  # the model starts as it would without the first round
     taxonomy = data.taxonomy
     model_cfg = dict(cfg["model"])
     model = create_model(model_cfg.pop("name"), taxonomy, in_chans=data.in_chans, multi_label=data.multi_label,
@@ -231,6 +335,10 @@ def train(
     else:
         for f in ("last.pt", "best.pt", "log.csv", "metrics.json"):
             (out / f).unlink(missing_ok=True)
+    net: nn.Module = model  # what the epochs run: the model on images, or its head on cached features
+    if tcfg["precompute_features"]:
+        data = precompute_features(model, data, cfg["eval"]["batch_size"], device, amp)
+        net = _FeatureHead(model)
     taxonomy.save(out / "taxonomy.json")
     (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
 
@@ -253,7 +361,8 @@ def train(
     steps_per_epoch = max(1, math.ceil(len(data.train) / tcfg["batch_size"]))
     stop_at = epochs if max_epochs_this_call is None else min(epochs, start_epoch + max_epochs_this_call)
     for epoch in range(start_epoch, stop_at):
-        apply_freeze(model, frozen_groups(epoch, tcfg["freeze"], groups))
+        frozen = frozen_groups(epoch, tcfg["freeze"], groups)
+        apply_freeze(model, frozen | {"backbone"} if data.features else frozen)
         model.train()
         _freeze_batchnorm_stats(model)
         torch.manual_seed(_epoch_seed(seed, epoch))  # dropout and any other torch randomness
@@ -265,12 +374,14 @@ def train(
             global_step = epoch * steps_per_epoch + step
             for g, base_lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base_lr * lr_factor(global_step, steps_per_epoch, tcfg)
-            images = data.normalize(augment(images.to(device, non_blocking=True), gen))
-            if tcfg["channels_last"]:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = images.to(device, non_blocking=True)
+            if not data.features:
+                images = data.normalize(augment(images, gen))
+                if tcfg["channels_last"]:
+                    images = images.contiguous(memory_format=torch.channels_last)
             targets = targets.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = model.loss(model(images), targets)
+                loss = net.loss(net(images), targets)
             if not torch.isfinite(loss):
                 bar.close()
                 raise TrainingError(
@@ -291,7 +402,7 @@ def train(
         bar.close()
         train_time = time.perf_counter() - t0
         # multi-label: each epoch is judged at its own best threshold, which best.pt then keeps
-        val = evaluate_split(model, data, "val", cfg["eval"]["batch_size"], device, amp, tune_threshold=True)
+        val = evaluate_split(net, data, "val", cfg["eval"]["batch_size"], device, amp, tune_threshold=True)
         row = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
@@ -316,9 +427,13 @@ def train(
 
     # --- final evaluation with the best checkpoint
     model.load_state_dict(load_checkpoint(out / "best.pt", taxonomy)["model"])
-    result = evaluate_split(model, data, "test", cfg["eval"]["batch_size"], device, amp)
+    result = evaluate_split(net, data, "test", cfg["eval"]["batch_size"], device, amp)
     if data.multi_label:
         result["threshold"] = float(model.threshold)
+    given_level = cfg["eval"]["given_level"]
+    if given_level is not None:
+        given = evaluate_split(net, data, "test", cfg["eval"]["batch_size"], device, amp, given_level=given_level)
+        result["given"] = {"level": given_level, **given}
     result.update(
         split="test",
         train_images_per_s=sum(r["train_images_per_s"] for r in history) / max(len(history), 1),
@@ -355,6 +470,8 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", device: str = "cpu
     state = load_checkpoint(run / f"{which}.pt", taxonomy)
     meta = state.get("meta", {})
     model_cfg = dict(cfg["model"])
+    if model_cfg.get("backbone_kwargs"):  # the checkpoint holds the weights: the start file need not exist any more
+        model_cfg["backbone_kwargs"] = {k: v for k, v in model_cfg["backbone_kwargs"].items() if k != "pretrained_path"}
     model = create_model(model_cfg.pop("name"), taxonomy, in_chans=meta.get("in_chans", 3),
                          multi_label=meta.get("multi_label", False), image_size=meta.get("image_size", 32),
                          **model_cfg)

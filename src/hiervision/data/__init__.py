@@ -15,12 +15,14 @@ from typing import Any
 import torch
 
 from hiervision.data.base import (
+    FeatureDataset,
     FileImageDataset,
     HierDataset,
     TensorImageDataset,
     channel_stats,
     coarsen_labels,
     shared_data_dir,
+    split_fine_coarse,
     stratified_split,
     stratified_subset,
 )
@@ -34,6 +36,7 @@ __all__ = [
     "BatchAugment",
     "BatchLoader",
     "DataBundle",
+    "FeatureDataset",
     "FileImageDataset",
     "HierDataset",
     "TensorImageDataset",
@@ -46,7 +49,7 @@ __all__ = [
 ]
 
 _COMMON = {"name", "root", "val_fraction", "split_seed", "limit_train", "limit_test", "image_size",
-           "coarse_fraction", "coarse_level", "fallback"}  # fmt: skip
+           "coarse_fraction", "coarse_level", "fine_fraction", "coarse_labels", "fallback"}  # fmt: skip
 _SYNTH = {"size", "channels", "n_train", "n_test", "seed", "noise"}
 _CANVAS = {"grid", "min_items", "max_items", "n_train", "n_val", "n_test", "seed", "variable_depth"}
 #: dataset name → the config keys it accepts besides the common ones
@@ -79,9 +82,11 @@ class DataBundle:
     note: str = ""
     cfg: dict[str, Any] = field(default_factory=dict)
 
+    features: bool = False  # the datasets hold pre-computed backbone features, not images
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Per-channel standardisation with this data's training statistics (applied on whole batches)."""
-        return normalize(images, self.mean, self.std)
+        return images if self.features else normalize(images, self.mean, self.std)
 
     def meta(self) -> dict[str, Any]:
         """What inference needs without the data (stored in checkpoints): channels, size, statistics."""
@@ -298,6 +303,10 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
     val_fraction = _frac(cfg, "val_fraction", 0.1)
     coarse_fraction = _frac(cfg, "coarse_fraction", 0.0, hi_open=False)
     coarse_level = _int(cfg, "coarse_level", 1, 1)
+    fine_fraction = None if cfg.get("fine_fraction") is None else _frac(cfg, "fine_fraction", 1.0, hi_open=False)
+    coarse_labels = cfg.get("coarse_labels", "coarse")
+    if fine_fraction is None and coarse_labels != "coarse":
+        raise ValueError("data.coarse_labels: applies only with data.fine_fraction (the S_fine/S_coarse split)")
     _size(cfg)
     try:
         pool, test, val, note = _load(cfg, name, seed)
@@ -316,7 +325,14 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         train, val = pool.subset(rest), pool.subset(held)
     else:
         train, val = pool, pool.subset(torch.zeros(0, dtype=torch.long))
-    if coarse_fraction > 0:
+    if fine_fraction is not None:
+        keep, new, mask = split_fine_coarse(train.targets, train.taxonomy, fine_fraction, coarse_fraction,
+                                            coarse_level, seed + 2, coarse_labels)
+        n_fine = round(fine_fraction * len(train))
+        train = train.subset(keep).with_targets(new, mask)
+        note += (f"; S_fine {n_fine} ({fine_fraction:g}) + S_coarse {len(keep) - n_fine} "
+                 f"({coarse_fraction:g}, labels: {coarse_labels}, depth {coarse_level})")
+    elif coarse_fraction > 0:
         new, mask = coarsen_labels(train.targets, train.taxonomy, coarse_fraction, coarse_level, seed + 2)
         train = train.with_targets(new, mask)
         note += f"; {int(mask.sum())} train labels ({coarse_fraction:g}) cut to depth {coarse_level}"

@@ -22,7 +22,9 @@ __all__ = [
     "HierDataset",
     "TensorImageDataset",
     "channel_stats",
+    "FeatureDataset",
     "coarsen_labels",
+    "split_fine_coarse",
     "shared_data_dir",
     "stratified_split",
     "stratified_subset",
@@ -92,6 +94,27 @@ class TensorImageDataset(HierDataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         out = TensorImageDataset(self.images[idx], self.targets[idx], self.taxonomy)
         out.coarse_mask = self.coarse_mask[idx]
+        return out
+
+
+class FeatureDataset(HierDataset):
+    """Pre-computed ``(n, F)`` backbone features with the labels of the images they came from."""
+
+    def __init__(self, features: torch.Tensor, source: HierDataset) -> None:
+        if len(features) != len(source):
+            raise ValueError(f"{len(features)} feature rows but {len(source)} samples")
+        self.features = features
+        self.targets = source.targets
+        self.taxonomy = source.taxonomy
+        self.coarse_mask = source.coarse_mask
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        return self.features[i], self._target(i)
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> FeatureDataset:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        out = copy.copy(self)
+        out.features, out.targets, out.coarse_mask = self.features[idx], self.targets[idx], self.coarse_mask[idx]
         return out
 
 
@@ -207,6 +230,48 @@ def coarsen_labels(
     new = targets.clone()
     new[mask] = taxonomy.path_matrix[targets[mask], level - 1]
     return new, mask
+
+
+def split_fine_coarse(
+    targets: torch.Tensor,
+    taxonomy: Taxonomy,
+    fine_fraction: float,
+    coarse_fraction: float,
+    level: int,
+    seed: int,
+    coarse_labels: str = "coarse",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Guo et al.'s Sec. 4.2 set-up: a training set split into disjoint S_fine (full labels, a
+    ``fine_fraction`` of it) and S_coarse (labels cut to depth ``level``, a ``coarse_fraction``);
+    the rest is not used.
+
+    S_coarse is :func:`coarsen_labels`'s choice (it does not depend on ``fine_fraction``) and S_fine
+    a seeded draw from the other samples, so the protocols compared at one setting see the same sets.
+    ``coarse_labels``: ``"coarse"`` (S_coarse keeps only its coarse labels), ``"true"`` (the oracle
+    S_coarse⁺: true labels) or ``"drop"`` (S_fine alone).
+
+    Returns:
+        ``(keep, targets, coarse_mask)``: sorted indices of the kept samples, their labels, and which
+        of them carry a cut label.
+    """
+    if coarse_labels not in ("coarse", "true", "drop"):
+        raise ValueError(f"data.coarse_labels: must be 'coarse', 'true' or 'drop', got {coarse_labels!r}")
+    n = len(targets)
+    if coarse_fraction > 0:
+        cut, mask = coarsen_labels(targets, taxonomy, coarse_fraction, level, seed)
+    else:
+        cut, mask = targets.clone(), torch.zeros(n, dtype=torch.bool)
+    rest = torch.nonzero(~mask).flatten()
+    n_fine = round(fine_fraction * n)
+    if n_fine > len(rest):
+        raise ValueError(f"data.fine_fraction: {fine_fraction:g} + coarse_fraction {coarse_fraction:g} exceed the "
+                         "training set")
+    fine = rest[torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(rest))[:n_fine])]
+    coarse = torch.nonzero(mask).flatten() if coarse_labels != "drop" else fine[:0]
+    keep = torch.cat([fine, coarse]).sort().values
+    if coarse_labels == "true":
+        return keep, targets[keep], torch.zeros(len(keep), dtype=torch.bool)
+    return keep, cut[keep], mask[keep]
 
 
 def channel_stats(images: torch.Tensor, max_images: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...]]:

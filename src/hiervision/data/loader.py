@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hiervision.data.base import TensorImageDataset
+from hiervision.data.base import FeatureDataset, TensorImageDataset
 
 __all__ = ["BatchLoader", "epoch_permutation", "iter_batches"]
 
@@ -77,6 +77,10 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._batches()
+        if isinstance(self.dataset, FeatureDataset):
+            for idx in batches:
+                yield self.dataset.features[idx], self.dataset.targets[idx]
+            return
         if isinstance(self.dataset, TensorImageDataset):
             images, targets = self.dataset.images, self.dataset.targets
             for idx in batches:

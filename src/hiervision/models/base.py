@@ -67,6 +67,17 @@ class HierarchicalClassifier(nn.Module):
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
         raise NotImplementedError
 
+    def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Outputs from the backbone's pooled ``(B, num_features)`` features. Heads that read only
+        those implement it (and ``forward`` is then ``forward_head(backbone(images))``), which lets
+        training run on pre-computed features (``train.precompute_features``)."""
+        raise NotImplementedError(f"model {type(self).__name__} reads the backbone's stage maps, not its pooled "
+                                  "features: train.precompute_features does not apply to it")
+
+    def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
+        """Like :meth:`decode`, but every path must pass through ``given`` ``(B,)`` node ids."""
+        raise NotImplementedError(f"model {type(self).__name__} cannot condition its prediction on a given label")
+
     # -- shared ----------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
@@ -75,6 +86,18 @@ class HierarchicalClassifier(nn.Module):
         self.eval()
         try:
             return self.decode(self(images))
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def predict_given(self, images: torch.Tensor, given: torch.Tensor) -> Prediction:
+        """Predict the rest of the path when part of it is known: ``given`` ``(B,)`` node ids that
+        every returned path passes through (Guo et al.'s CNN-RNN*, which is fed the true coarse label;
+        also how coarse-only samples get pseudo fine labels)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.decode_given(self(images), given)
         finally:
             self.train(was_training)
 

@@ -23,11 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervision.decoding import Prediction, beam_search, exact_best_path, multi_label_prediction, prefix_logprob
+from hiervision.decoding import (
+    Prediction,
+    beam_search,
+    exact_best_path,
+    multi_label_prediction,
+    path_scores,
+    prefix_logprob,
+)
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.conversion import StageSequence, default_steps
 from hiervision.models.registry import register_model
-from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy
+from hiervision.taxonomy import EOS, IGNORE, Taxonomy
 
 __all__ = ["CnnRnn", "CnnS2S"]
 
@@ -345,13 +352,7 @@ class CnnS2S(_DHNN):
         start = (h.repeat_interleave(k, 1), c.repeat_interleave(k, 1))
         beams, lp = beam_search(tax, step, h.shape[1], k, self.end_nodes, self._out_steps, start, h.device)
         paths = beams[:, 0]
-        # per-node scores: the probability of each prefix of the chosen path (other nodes 0)
-        step_lp = self._teacher_forced(outputs, paths).float().log_softmax(-1)
-        taken = step_lp[:, : paths.shape[1]].gather(2, paths.clamp(min=0).unsqueeze(2)).squeeze(2)
-        prefix = taken.masked_fill(paths == PAD, 0).cumsum(1).exp()
-        scores = torch.zeros(len(paths), tax.num_nodes, device=paths.device)
-        scores.scatter_(1, paths.clamp(min=0), torch.where(paths == PAD, 0.0, prefix))
-        scores[:, 0] = 0
+        scores = path_scores(tax, paths, self._teacher_forced(outputs, paths).float().log_softmax(-1))
         return Prediction(paths, scores, lp[:, 0].exp())
 
 

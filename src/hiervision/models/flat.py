@@ -53,7 +53,10 @@ class FlatClassifier(HierarchicalClassifier):
         self.fc = nn.Linear(self.backbone.num_features, len(classes))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.fc(self.dropout(self.backbone(images)))}
+        return self.forward_head(self.backbone(images))
+
+    def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.fc(self.dropout(features))}
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         logits = outputs["logits"].float()
@@ -77,6 +80,17 @@ class FlatClassifier(HierarchicalClassifier):
         best_prob, best = probs.max(1)
         nodes = self.classes[best]
         return Prediction(tax.path_matrix.to(logits.device)[nodes], scores, best_prob)
+
+    def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
+        """The most probable class on a path through ``given`` (its descendants, or itself)."""
+        if self.multi_label:
+            return super().decode_given(outputs, given)
+        logits = outputs["logits"].float()
+        allowed = self.class_paths[given]  # (B, C): classes whose path passes through the given node
+        best_prob, best = logits.softmax(1).masked_fill(~allowed, 0).max(1)
+        pred = self.decode(outputs)
+        nodes = self.classes[best]
+        return Prediction(self.taxonomy.path_matrix.to(logits.device)[nodes], pred.scores, best_prob)
 
 
 @register_model("flat")

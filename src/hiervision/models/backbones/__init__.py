@@ -118,6 +118,9 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     state = _read_state_dict(path)
     own = model.state_dict()
+    if not any(k in state for k in own) and any(k.startswith("backbone.") for k in state):
+        # a hiervision model checkpoint (e.g. a flat run's best.pt): take its backbone
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     ignore = tuple(getattr(model, "pretrained_ignore", ()))
     state = {k: v for k, v in state.items() if k in own or not k.startswith(ignore)}
     missing = [k for k in own if k not in state]
@@ -139,11 +142,15 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 # built-in families register themselves on import
 from hiervision.models.backbones import cifar_resnet as cifar_resnet  # noqa: E402
+from hiervision.models.backbones import cnn7 as cnn7  # noqa: E402
 from hiervision.models.backbones import resnet as resnet  # noqa: E402
 from hiervision.models.backbones import vgg as vgg  # noqa: E402
+from hiervision.models.backbones import wide_resnet as wide_resnet  # noqa: E402
 from hiervision.models.backbones.cifar_resnet import CifarResNet  # noqa: E402
+from hiervision.models.backbones.cnn7 import CNN7  # noqa: E402
 from hiervision.models.backbones.resnet import ResNet  # noqa: E402
 from hiervision.models.backbones.timm_adapter import TimmBackbone  # noqa: E402
 from hiervision.models.backbones.vgg import VGG  # noqa: E402
+from hiervision.models.backbones.wide_resnet import WideResNet, WiderResNet  # noqa: E402
 
-__all__ += ["CifarResNet", "ResNet", "TimmBackbone", "VGG"]
+__all__ += ["CNN7", "CifarResNet", "ResNet", "TimmBackbone", "VGG", "WideResNet", "WiderResNet"]

@@ -1,0 +1,320 @@
+"""Guo et al.'s CNN-RNN framework: one CNN feature ``v``, read by an LSTM that writes the label path.
+
+* :class:`CnnRnnGenerator` (``guo_rnn``, the paper's strategy 4): every tree node is one of the
+  "super categories" (the C+F coarse and fine classes merged); an LSTM whose gates read the
+  previous level's label embedding ``x_t``, its hidden state and the image feature ``v`` at every
+  step (eqs. 2–7) emits one node per level — and then an end token on trees whose paths have
+  different lengths. Trained with teacher forcing (eq. 8); at inference the previous prediction is
+  fed back (greedy, or Koo et al.'s tree-restricted beam search: :func:`~hiervision.decoding.beam_search`).
+* :class:`MultiHeadGenerator` (``guo_multihead``, strategies 1–3): the CNN's last layer replaced by
+  one classification layer per level, in series coarse-to-fine, in series fine-to-coarse, or in
+  parallel, trained with the summed softmax losses (eq. 1). ``levels=[1]`` is the paper's
+  coarse-specific network; the fine-specific one is the ``flat`` model.
+
+Both read only the pooled feature, so they train end to end or on pre-computed features
+(``train.precompute_features``), and both answer :meth:`predict_given` — CNN-RNN* when fed the
+true coarse label, and the pseudo-labelling step of the coarse-only protocols (Sec. 4.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiervision.decoding import Prediction, beam_search, end_mask, exact_best_path, path_scores, prefix_logprob
+from hiervision.models.base import HierarchicalClassifier
+from hiervision.models.registry import register_model
+from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy
+
+__all__ = ["CnnRnnGenerator", "MultiHeadGenerator", "VisualLSTMCell"]
+
+
+class VisualLSTMCell(nn.Module):
+    """The LSTM of eqs. 2–7: every gate reads the input ``x_t``, ``h_{t-1}`` *and* the image feature ``v``.
+
+    ``W_v·v`` does not change over the steps, so :meth:`visual` computes it once per image and each
+    step only adds it (the same arithmetic as concatenating ``[x_t; v]``, at a quarter of the cost).
+    Initialisation: orthogonal recurrent weights per gate, forget-gate bias 1.
+    """
+
+    def __init__(self, input_size: int, visual_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.x2g = nn.Linear(input_size, 4 * hidden_size)  # W_xi, W_xf, W_xo, W_xc and the biases b_*
+        self.h2g = nn.Linear(hidden_size, 4 * hidden_size, bias=False)  # W_h*
+        self.v2g = nn.Linear(visual_size, 4 * hidden_size, bias=False)  # W_v*
+        for gate in self.h2g.weight.data.chunk(4, 0):
+            nn.init.orthogonal_(gate)
+        nn.init.zeros_(self.x2g.bias)
+        self.x2g.bias.data[hidden_size : 2 * hidden_size] = 1.0
+
+    def visual(self, v: torch.Tensor) -> torch.Tensor:
+        """``(B, visual_size) → (B, 4H)``: the image's contribution to all four gates."""
+        return self.v2g(v)
+
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], v_gates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, c = state
+        i, f, o, g = (self.x2g(x) + self.h2g(h) + v_gates).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # eq. 6
+        return torch.sigmoid(o) * torch.tanh(c), c  # eq. 7
+
+
+class CnnRnnGenerator(HierarchicalClassifier):
+    """Guo et al.'s CNN-RNN generator.
+
+    Step ``t`` reads the embedding of the level-``t-1`` node (a start token at ``t=1``) and predicts
+    the level-``t`` node over all tree nodes. Fixed-depth trees take one step per level, as the paper's
+    two-level CIFAR-100 model; on trees with leaves at several depths, or ``end_nodes="all"`` (labels
+    may stop at inner nodes), one more step predicts the end token (column 0).
+
+    Coarse-only labels (an inner node where the tree goes deeper) train only the levels they have —
+    the loss is masked, not filled in; with ``end_nodes="leaves"`` such a label never teaches the end
+    token either.
+
+    Args:
+        embed_size: label embedding width (the paper: 1000 on ImageNet).
+        hidden_size: LSTM memory width (the paper: 1000 on ImageNet).
+        dropout: on ``v`` and on ``h_t`` before the output layer.
+        end_nodes: ``"leaves"`` (paths end at leaves) or ``"all"``.
+        decode: ``"greedy"`` (the paper's: feed back the most likely label) or ``"beam"``; both only
+            follow tree edges, so every prediction is a valid path.
+        beam_width: for ``decode="beam"``.
+    """
+
+    def __init__(
+        self,
+        taxonomy: Taxonomy,
+        backbone: str | nn.Module = "resnet20",
+        in_chans: int = 3,
+        multi_label: bool = False,
+        backbone_kwargs: dict | None = None,
+        image_size: int | Sequence[int] = 32,
+        embed_size: int = 256,
+        hidden_size: int = 512,
+        dropout: float = 0.0,
+        end_nodes: str = "leaves",
+        decode: str = "greedy",
+        beam_width: int = 3,
+    ) -> None:
+        super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
+        if multi_label:
+            raise ValueError("model guo_rnn writes one path per image; multi-label data needs flat or dhnn_s2s")
+        if end_nodes not in ("leaves", "all"):
+            raise ValueError(f"model.end_nodes must be 'leaves' or 'all', got {end_nodes!r}")
+        if decode not in ("greedy", "beam"):
+            raise ValueError(f"model.decode must be 'greedy' or 'beam', got {decode!r}")
+        self.end_nodes, self.decode_mode, self.beam_width = end_nodes, decode, int(beam_width)
+        self.end_token = end_nodes == "all" or not taxonomy.is_fixed_depth
+        self.num_steps = taxonomy.max_depth + int(self.end_token)
+        n = taxonomy.num_nodes
+        self.embed = nn.Embedding(n, embed_size)  # row 0: the start token
+        self.cell = VisualLSTMCell(embed_size, self.backbone.num_features, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, n)  # the super categories; column 0 = end token
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_head(self.backbone(images))
+
+    def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"v": features}  # the LSTM runs in loss (teacher forcing) and decode (fed its own labels)
+
+    def _zero_state(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = like.new_zeros(rows, self.cell.hidden_size)
+        return h, h.clone()
+
+    def unroll(self, v: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, T, N+1)`` when step ``t`` reads ``tokens[:, t]`` (teacher forcing)."""
+        vg = self.cell.visual(self.dropout(v))
+        state, out = self._zero_state(len(v), vg), []
+        for t in range(tokens.shape[1]):
+            state = self.cell(self.embed(tokens[:, t]), state, vg)
+            out.append(self.out(self.dropout(state[0])))
+        return torch.stack(out, 1)
+
+    def _tokens(self, paths: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs for ``(B, D)`` paths: the start token, then the path (0 where it has ended)."""
+        return torch.cat([torch.zeros_like(paths[:, :1]), paths.clamp(min=0)], 1)[:, : self.num_steps]
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        tax = self.taxonomy
+        if self.end_token:
+            seq = tax.encode_sequence(targets)
+            if self.end_nodes == "leaves":  # an inner label here is a coarse-only one: it does not end the path
+                inner = ~end_mask(tax, "leaves").to(targets.device)[targets]
+                seq = seq.masked_fill((seq == EOS) & inner.unsqueeze(1), IGNORE)
+        else:
+            seq = tax.encode_levels(targets)
+        logits = self.unroll(outputs["v"], self._tokens(tax.encode_paths(targets))).float()
+        per = F.cross_entropy(logits.transpose(1, 2), seq, ignore_index=IGNORE, reduction="none")
+        return per.sum(1).mean()  # eq. 8: summed over the steps, averaged over the images
+
+    def _search(self, v: torch.Tensor, given: torch.Tensor | None) -> Prediction:
+        tax, k = self.taxonomy, (self.beam_width if self.decode_mode == "beam" else 1)
+        b, dev = len(v), v.device
+        vg = self.cell.visual(v)
+        if given is None:
+            state, skip, prefix = self._zero_state(b, vg), 0, None
+        else:
+            # feed start, p_1 .. p_{d-1}; the search's first step then reads p_d = the given node
+            prefix = tax.path_matrix.to(dev)[given]
+            depth = tax.depth_tensor.to(dev)[given]
+            tokens = self._tokens(prefix)
+            states = [self._zero_state(b, vg)]
+            for t in range(int(depth.max())):
+                states.append(self.cell(self.embed(tokens[:, t]), states[-1], vg))
+            rows = torch.arange(b, device=dev)
+            state = tuple(torch.stack([s[i] for s in states])[depth, rows] for i in range(2))
+            skip = int(depth.min())
+        vg = vg.repeat_interleave(k, 0)
+
+        def step(tokens: torch.Tensor, state):
+            h, c = self.cell(self.embed(tokens), state, vg)
+            return self.out(h).float().log_softmax(-1), (h, c)
+
+        start = tuple(s.repeat_interleave(k, 0) for s in state)
+        beams, lp = beam_search(tax, step, b, k, self.end_nodes, self.num_steps - skip, start, dev, given)
+        paths = beams[:, 0]
+        if prefix is not None:  # the given prefix, then the continuation written after it
+            cols = depth.unsqueeze(1) + torch.arange(paths.shape[1], device=dev)
+            paths = F.pad(prefix, (0, paths.shape[1]), value=PAD).scatter(1, cols, paths)[:, : tax.max_depth]
+        step_lp = self.unroll(v, self._tokens(paths)).float().log_softmax(-1)
+        return Prediction(paths, path_scores(tax, paths, step_lp), lp[:, 0].exp())
+
+    def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
+        return self._search(outputs["v"], None)
+
+    def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
+        return self._search(outputs["v"], given)
+
+
+STRATEGIES = ("coarse_to_fine", "fine_to_coarse", "parallel")
+
+
+class MultiHeadGenerator(HierarchicalClassifier):
+    """Guo et al.'s CNN-based generators: one softmax classification layer per level.
+
+    ``strategy`` (Fig. 2): ``"parallel"`` — every head reads the CNN feature; ``"coarse_to_fine"``
+    — layers in series, the coarsest reads the feature and each finer one reads the previous
+    layer's output; ``"fine_to_coarse"`` — the reverse. The paper stacks the layers without saying
+    more; we read them as plain linear layers (no non-linearity between), so a series layer sees
+    only the scores of the level before it. Loss: the levels' cross-entropies summed (eq. 1);
+    levels a coarse-only label does not reach are left out.
+
+    ``levels``: which depths get a head (default all); ``[1]`` is the coarse-specific network.
+    ``decode``: ``"independent"`` — each level's argmax, as the paper reads the heads (the levels
+    may disagree with the tree; ``valid_path_rate`` reports how often) — or ``"exact"``, the best
+    path the tree allows under the heads' summed log-probabilities (needs every level).
+    """
+
+    def __init__(
+        self,
+        taxonomy: Taxonomy,
+        backbone: str | nn.Module = "resnet20",
+        in_chans: int = 3,
+        multi_label: bool = False,
+        backbone_kwargs: dict | None = None,
+        image_size: int | Sequence[int] = 32,
+        strategy: str = "parallel",
+        levels: Sequence[int] | None = None,
+        dropout: float = 0.0,
+        decode: str = "independent",
+    ) -> None:
+        super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
+        depth = taxonomy.max_depth
+        if multi_label:
+            raise ValueError("model guo_multihead is single-label; multi-label data needs flat or dhnn_s2s")
+        if not taxonomy.is_fixed_depth:
+            raise ValueError("model guo_multihead needs every leaf at the same depth (one head per level); "
+                             "use guo_rnn for paths of different lengths")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"model.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        levels = list(range(1, depth + 1)) if levels is None else sorted({int(lv) for lv in levels})
+        if not levels or levels[0] < 1 or levels[-1] > depth:
+            raise ValueError(f"model.levels: depths must lie in 1..{depth}, got {levels}")
+        if decode not in ("independent", "exact"):
+            raise ValueError(f"model.decode must be 'independent' or 'exact', got {decode!r}")
+        if decode == "exact" and len(levels) < depth:
+            raise ValueError("model.decode: exact path search needs a head on every level")
+        self.strategy, self.levels, self.decode_mode = strategy, levels, decode
+        sizes = [len(taxonomy.levels[lv - 1]) for lv in levels]
+        feat = self.backbone.num_features
+        if strategy == "parallel":
+            ins = [feat] * len(sizes)
+        elif strategy == "coarse_to_fine":
+            ins = [feat, *sizes[:-1]]
+        else:
+            ins = [*sizes[1:], feat]
+        self.heads = nn.ModuleList(nn.Linear(i, o) for i, o in zip(ins, sizes))
+        self.dropout = nn.Dropout(dropout)
+        for lv in levels:
+            self.register_buffer(f"nodes{lv}", torch.tensor(taxonomy.levels[lv - 1]), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_head(self.backbone(images))
+
+    def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        v = self.dropout(features)
+        order = range(len(self.heads))
+        if self.strategy == "parallel":
+            outs = [h(v) for h in self.heads]
+        else:
+            outs, x = [None] * len(self.heads), v
+            for i in order if self.strategy == "coarse_to_fine" else reversed(order):
+                x = outs[i] = self.heads[i](x)
+        return {f"level{lv}": o for lv, o in zip(self.levels, outs)}
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        pos = self.taxonomy.encode_level_positions(targets)  # (B, D) index within each level, IGNORE past the end
+        total = sum(F.cross_entropy(outputs[f"level{lv}"].float(), pos[:, lv - 1], ignore_index=IGNORE,
+                                    reduction="sum") for lv in self.levels)
+        return total / len(targets)  # eq. 1
+
+    def _node_logprob(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, N+1)``: each node's log-probability within its level (``-inf`` where no head scores it)."""
+        first = outputs[f"level{self.levels[0]}"]
+        lp = first.new_full((len(first), self.taxonomy.num_nodes), float("-inf"), dtype=torch.float32)
+        for lv in self.levels:
+            lp[:, getattr(self, f"nodes{lv}")] = outputs[f"level{lv}"].float().log_softmax(1)
+        return lp
+
+    def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
+        node_lp = self._node_logprob(outputs)
+        if self.decode_mode == "exact":
+            nodes, lp = exact_best_path(self.taxonomy, node_lp)
+            return Prediction(self.taxonomy.path_matrix.to(nodes.device)[nodes], node_lp.exp(), lp.exp())
+        paths = torch.full((len(node_lp), self.levels[-1]), PAD, dtype=torch.long, device=node_lp.device)
+        lp = torch.zeros(len(node_lp), device=node_lp.device)
+        for lv in self.levels:
+            best_lp, best = outputs[f"level{lv}"].float().log_softmax(1).max(1)
+            paths[:, lv - 1] = getattr(self, f"nodes{lv}")[best]
+            lp = lp + best_lp
+        return Prediction(paths, node_lp.exp(), lp.exp())
+
+    def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
+        """The best tree path through ``given`` under the heads' summed log-probabilities."""
+        if len(self.levels) < self.taxonomy.max_depth:
+            return super().decode_given(outputs, given)
+        tax = self.taxonomy
+        node_lp = self._node_logprob(outputs)
+        path_lp = prefix_logprob(tax, node_lp)
+        below = tax.ancestor_matrix.to(given.device)[:, given].T  # (B, N+1): node n is on a path through given
+        ok = below & end_mask(tax, "leaves").to(given.device)
+        lp, nodes = path_lp.masked_fill(~ok, float("-inf")).max(1)
+        return Prediction(tax.path_matrix.to(nodes.device)[nodes], node_lp.exp(), lp.exp())
+
+
+@register_model("guo_rnn")
+def guo_rnn(taxonomy: Taxonomy, **kwargs) -> CnnRnnGenerator:
+    """Guo et al.'s CNN-RNN generator (any tree; variable-length paths end with an end token)."""
+    return CnnRnnGenerator(taxonomy, **kwargs)
+
+
+@register_model("guo_multihead")
+def guo_multihead(taxonomy: Taxonomy, **kwargs) -> MultiHeadGenerator:
+    """Guo et al.'s CNN-based generators (strategies 1–3) and the coarse-specific network (``levels=[1]``)."""
+    return MultiHeadGenerator(taxonomy, **kwargs)
