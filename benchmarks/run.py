@@ -3,6 +3,7 @@
     python benchmarks/run.py --profile quick          # ≤ 15 min on 2 CPU cores
     python benchmarks/run.py --profile foundation     # flat baselines on Fashion-MNIST and Tiny-ImageNet
     python benchmarks/run.py --profile dhnn --seeds 0 # Koo et al.'s DHNN variants beside flat (~45 min)
+    python benchmarks/run.py --profile guo            # Guo et al.'s CNN-RNN, generators, coarse-only data
 
 Every row is mean ± std over the seeds. Each profile writes its own section of
 ``benchmarks/RESULTS.md`` (replacing that section only), ``benchmarks/results/<profile>.json`` with
@@ -74,6 +75,40 @@ PROFILES: dict[str, dict] = {
                                  ("CNN-S2S-Pool (tiny)", "tinyimagenet-res-s2s-pool.yaml")]],
         ],
     },
+    "guo": {
+        "description": "Guo et al.'s CNN-RNN beside its CNN-based generators and the specific networks on real data, "
+        "ResNet-20, same seed and split per group: Fashion-MNIST 3-level tree, 20k train images x 3 epochs (coarse-"
+        "specific = one softmax over the 6 level-2 groups; CNN-RNN* = the same CNN-RNN run with each test image's true "
+        "level-2 group given). Coarse-only data: of the same 18k-image training set, |S_fine| = 0.1/0.2/0.5 keep "
+        "full labels and |S_coarse| = 0.5 only their level-2 group, 3 epochs per training (the pseudo-label protocol "
+        "trains twice: on S_fine, then on both). Tiny-ImageNet 32x32 with its WordNet tree (paths of 2-13 nodes), "
+        "20k x 3 epochs; the frozen-feature CNN-RNN trains 10 epochs of its LSTM on features of the flat row's CNN "
+        "(pre-computed once)",
+        "seeds": [0],
+        "rows": [
+            *[(label, cfg, ["data.limit_train=20000", "train.epochs=3", *extra], "Fashion-MNIST, 3-level tree", opts)
+              for label, cfg, extra, opts in [
+                  ("flat (fine-specific)", "fmnist-flat.yaml", [], {}),
+                  ("coarse-specific (level 2)", "fmnist-guo-coarse.yaml", [], {}),
+                  ("coarse-to-fine", "fmnist-guo-c2f.yaml", [], {}),
+                  ("fine-to-coarse", "fmnist-guo-f2c.yaml", [], {}),
+                  ("fine-and-coarse", "fmnist-guo-fandc.yaml", [], {}),
+                  ("CNN-RNN", "fmnist-guo-rnn.yaml", [], {}),
+                  ("CNN-RNN* (level 2 given)", "fmnist-guo-rnn.yaml", [], {"run": "CNN-RNN", "metrics": "given"})]],
+            *[(f"{proto} |S_fine|={f}", f"fmnist-guo-rnn-partial-{cfg}.yaml",
+               ["data.limit_train=20000", "train.epochs=3", f"data.fine_fraction={f}", "eval.given_level=null"],
+               f"Fashion-MNIST, coarse-only training data (|S_coarse| = 0.5), |S_fine| = {f}")
+              for f in (0.1, 0.2, 0.5)
+              for proto, cfg in [("S_fine", "sfine"), ("S_fine + S_coarse- (pseudo)", "pseudo"),
+                                 ("S_fine + S_coarse masked", "masked"), ("S_fine + S_coarse+ (oracle)", "oracle")]],
+            *[(label, cfg, ["data.limit_train=20000", *extra], "Tiny-ImageNet 32x32, WordNet tree (variable length)")
+              for label, cfg, extra in [
+                  ("flat (tiny)", "tinyimagenet-flat.yaml", ["train.epochs=3"]),
+                  ("CNN-RNN end-to-end (tiny)", "tinyimagenet-guo-rnn.yaml", ["train.epochs=3"]),
+                  ("CNN-RNN on frozen flat features (tiny)", "tinyimagenet-guo-rnn-frozen.yaml",
+                   ["train.epochs=10", "model.backbone_kwargs.pretrained_path={runs}/flat-tiny-s{seed}/best.pt"])]],
+        ],
+    },
 }
 
 COLUMNS = [
@@ -85,6 +120,7 @@ COLUMNS = [
     ("hierarchical_f1", "hier. F1"),
     ("mistake_severity", "mistake sev."),
     ("valid_path_rate", "valid paths"),
+    ("pseudo_label_accuracy", "pseudo-label acc"),
     ("train_images_per_s", "train img/s"),
 ]
 
@@ -115,14 +151,28 @@ def run_profile(name: str, out_root: Path, seeds: list[int] | None, extra: list[
     seeds = seeds or prof["seeds"]
     results: dict[str, list[dict]] = {}
     t0 = time.perf_counter()
-    for label, config, overrides, *_ in prof["rows"]:
+    for label, config, overrides, *rest in prof["rows"]:
+        opts = rest[1] if len(rest) > 1 else {}
         for seed in seeds:
-            cfg = load_config(CONFIGS / config, [*overrides, *extra, f"seed={seed}", "train.progress=false"])
+            # {runs}/{seed} in overrides name other rows' run folders (e.g. a CNN trained by an earlier row)
+            sets = [o.replace("{runs}", str(out_root / name)).replace("{seed}", str(seed))
+                    for o in [*overrides, *extra]]
+            cfg = load_config(CONFIGS / config, [*sets, f"seed={seed}", "train.progress=false"])
             print(f"[{name}] {label} seed {seed}", flush=True)
-            m = train(cfg, out_root / name / f"{Path(config).stem}-s{seed}", resume=True)
+            run_dir = out_root / name / f"{_slug(opts.get('run', label))}-s{seed}"
+            m = train(cfg, run_dir, resume=True)  # a row sharing an earlier row's run only re-evaluates it
+            if opts.get("metrics") == "given":
+                m = {**m["given"], "train_images_per_s": m["train_images_per_s"]}
+            pseudo = run_dir / "round1" / "pseudo_labels.json"
+            if pseudo.exists():
+                m["pseudo_label_accuracy"] = json.loads(pseudo.read_text())["accuracy"]
             results.setdefault(label, []).append(m)
     wall = time.perf_counter() - t0
     return {"profile": name, "seeds": seeds, "results": results, "wall_s": wall, "rows": prof["rows"]}
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", label.replace("*", "-star")).strip("-").lower()
 
 
 def write_results(run: dict, command: str) -> None:
@@ -155,6 +205,13 @@ def write_results(run: dict, command: str) -> None:
             levels = list(zip(*[m.get("level_accuracy") or [] for m in ms]))
             lvl = " / ".join(f"{statistics.fmean(v):.3f}" for v in levels) or "–"
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio:.2f} | {lvl} |")
+        by_len = {label: ms[0].get("path_accuracy_by_length") or {} for label, ms in results.items()}
+        if any(len(v) > 1 for v in by_len.values()):  # variable-length paths: accuracy per true path length
+            lengths = sorted({int(n) for v in by_len.values() for n in v})
+            lines += ["", "path accuracy by true path length (first seed):", "",
+                      "| method | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+            for label, v in by_len.items():
+                lines.append(f"| {label} | " + " | ".join(f"{v.get(n, v.get(str(n), 0)):.3f}" for n in lengths) + " |")
     lines += ["", f"![per-level accuracy](results/{name}.png)", ""]
     section = "\n".join(lines)
     _plot(run, outdir / f"{name}.png")

@@ -346,6 +346,7 @@ def test_short_real_training_run_learns(tmp_path):
 # ----------------------------------------------------------------------------- the named configs
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 KOO = sorted(p for p in (CONFIGS / "koo").glob("table*/*.yaml"))
+GUO = sorted(p for p in (CONFIGS / "guo").glob("table*/*.yaml"))
 
 
 def test_koo_configs_cover_every_table_row():
@@ -361,7 +362,60 @@ def test_koo_configs_cover_every_table_row():
     assert len(KOO) == 8 + 6 + 36
 
 
-@pytest.mark.parametrize("path", [*KOO, *sorted(CONFIGS.glob("*.yaml"))], ids=lambda p: p.stem)
+def test_guo_configs_cover_every_table_row():
+    names = {f"{p.parent.name}/{p.stem}" for p in GUO}
+    table2 = {f"table2/{row}{aug}" for row in ("c2f", "f2c", "fandc", "rnn") for aug in ("", "-aug")}
+    cnns, rows = ("cnn7", "wrn28-10", "wider-resnet"), ("coarse", "fine", "rnn")
+    table4 = {f"table4/{cnn}-{row}" for cnn in cnns for row in rows}
+    table6 = {"table6/rnn-s20", "table6/rnn-s40", "table6/rnn-s100", "table6/cnn", "table6/cnn-rnn",
+              "table6/cnn-rnn-star"}
+    table7 = {f"table7/rnn-fine{f}-{p}" for f in (10, 20, 50) for p in ("pseudo", "sfine", "oracle")}
+    assert names == table2 | table4 | table6 | table7
+    assert len(GUO) == 8 + 9 + 6 + 9
+    for path in GUO:
+        assert path.read_text(encoding="utf-8").startswith("# Guo et al. "), path  # names its row
+        cfg = load_config(path)
+        data, model, tcfg = cfg["data"], cfg["model"], cfg["train"]
+        table, row = path.parent.name, path.stem
+        if table in ("table2", "table4"):
+            assert data["name"] == "cifar100"
+            # C100 rows train without augmentation, C100+ rows with pad-4 crops and flips
+            plain = table == "table2" and not row.endswith("-aug")
+            assert (tcfg["augment"]["pad"], tcfg["augment"]["flip"]) == ((0, False) if plain else (4, True)), path
+        else:
+            assert data["name"] == "manifest" and data["image_size"] == 224 and model["backbone"] == "vgg16"
+            assert "pretrained_path" in model["backbone_kwargs"], path  # the ImageNet weights placeholder
+            assert tcfg["precompute_features"] == row.startswith("rnn-"), path
+        if table == "table4":
+            kind = row.rsplit("-", 1)[1]
+            assert model["name"] == {"coarse": "guo_multihead", "fine": "flat", "rnn": "guo_rnn"}[kind], path
+            assert model.get("levels") == ([1] if kind == "coarse" else None), path  # coarse-specific: level 1 only
+        if table == "table6":
+            assert cfg["eval"]["given_level"] == (1 if row == "cnn-rnn-star" else None), path
+            assert data.get("fine_fraction") == {"rnn-s20": 0.2, "rnn-s40": 0.4}.get(row), path
+        if table == "table7":
+            fine, protocol = row.split("-")[1:]
+            assert data["fine_fraction"] == int(fine[4:]) / 100 and data["coarse_fraction"] == 0.5, path
+            labels = {"pseudo": "coarse", "sfine": "drop", "oracle": "oracle"}[protocol]
+            assert data["coarse_labels"] == labels and tcfg["pseudo_labels"] == (protocol == "pseudo"), path
+
+
+@pytest.mark.parametrize("path", [p for p in GUO if "fine_fraction" in load_config(p)["data"]],
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_guo_split_settings_build_data(path):
+    """The S_fine/S_coarse keys of Tables 6-7, on a small synthetic stand-in for the ImageNet subset."""
+    keys = ("fine_fraction", "coarse_fraction", "coarse_level", "coarse_labels")
+    split = {k: v for k, v in load_config(path)["data"].items() if k in keys}
+    stand_in = {"name": "synthetic", "n_train": 400, "n_test": 40, "size": 8}
+    n = len(build_data(stand_in).train)  # S: the training set after the val split
+    data = build_data({**stand_in, **split})
+    n_fine, n_coarse = round(split["fine_fraction"] * n), round(split["coarse_fraction"] * n)
+    assert len(data.train) == n_fine + (0 if split["coarse_labels"] == "drop" else n_coarse)
+    assert int(data.train.coarse_mask.sum()) == (n_coarse if split["coarse_labels"] == "coarse" else 0)
+
+
+@pytest.mark.parametrize("path", [*KOO, *GUO, *sorted(CONFIGS.glob("*.yaml"))],
+                         ids=lambda p: p.relative_to(CONFIGS).with_suffix("").as_posix())
 def test_every_config_builds_its_model(path, fixed_tree, var_tree):
     """Model keys are checked by building the model (ImageNet backbones swapped for a narrow ResNet to stay
     fast; their stage shapes are covered above); data keys by the dataset table."""
@@ -369,9 +423,11 @@ def test_every_config_builds_its_model(path, fixed_tree, var_tree):
     data, model = cfg["data"], dict(cfg["model"])
     assert set(data) - {"name"} <= DATASETS[data["name"]] | COMMON_KEYS, path
     assert model["backbone"] in list_backbones()
-    if model["backbone"] not in ("resnet20",):
+    if model["backbone"] not in ("resnet20",):  # also drops backbone_kwargs (pretrained_path placeholders)
         model["backbone"], model["backbone_kwargs"] = "resnet20", {"width": 0.25}
-    fixed = path.parent.name == "table1" or data["name"] == "fashion_mnist"
+    # Guo's CIFAR-100 and ImageNet-2010-subset trees have two levels everywhere (guo_multihead needs that)
+    guo = path.parent.parent.name == "guo"
+    fixed = guo or path.parent.name == "table1" or data["name"] == "fashion_mnist"
     multi = bool(data.get("multi_label")) or data["name"] == "fashion_mnist_canvas"
     tax = fixed_tree if fixed else var_tree
     create_model(model.pop("name"), tax, in_chans=3, multi_label=multi, image_size=32, **model)

@@ -232,6 +232,8 @@ def test_evaluate_single_label(tree):
     prediction = Prediction(pred, torch.rand(4, tree.num_nodes), torch.rand(4))
     report = evaluate(prediction, torch.tensor(TARGETS), tree)
     assert report.pop("level_accuracy") == pytest.approx([1.0, 2 / 3, 1.0])
+    # true paths of length 1 (A: predicted A/C, too deep), 2 (C wrong, E right) and 3 (H right)
+    assert report.pop("path_accuracy_by_length") == {1: 0.0, 2: 0.5, 3: 1.0}
     assert report == pytest.approx(
         {
             "path_accuracy": 0.5,
@@ -250,6 +252,7 @@ def test_evaluate_single_label(tree):
     # targets given as paths give the same report
     as_paths = evaluate(prediction, target_paths(torch.tensor(TARGETS), tree), tree)
     assert as_paths.pop("level_accuracy") == pytest.approx([1.0, 2 / 3, 1.0])
+    assert as_paths.pop("path_accuracy_by_length") == {1: 0.0, 2: 0.5, 3: 1.0}
     assert as_paths == report
     # no mistakes: severity is None, still JSON
     perfect = evaluate(Prediction(tree.encode_paths([H, E]), torch.zeros(2, 9), torch.ones(2)), [H, E], tree)

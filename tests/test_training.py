@@ -132,3 +132,12 @@ def test_multilabel_run_tunes_and_stores_threshold(tmp_path):
     assert stored == pytest.approx(m["threshold"]) and 0 < stored < 1
     _, _, model, _ = load_run(tmp_path)
     assert float(model.threshold) == pytest.approx(stored)
+
+
+def test_no_validation_split_keeps_the_last_epoch(tiny_cfg, tmp_path):
+    """data.val_fraction 0 (a paper's full training set): training runs, best.pt is the last epoch."""
+    cfg = load_config(overrides=["data={name: synthetic, n_train: 320, n_test: 128, size: 16, val_fraction: 0}",
+                                 "model={name: flat, backbone: resnet20, backbone_kwargs: {width: 0.5}}",
+                                 "train.epochs=2", "train.progress=false", "train.amp=none"])
+    train(cfg, tmp_path)
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 2

@@ -171,6 +171,9 @@ DEMO_METHODS: list[tuple[str, dict]] = [
     ("DHNN CNN-RNN-Resi", {"model": {"name": "dhnn_rnn", "conversion": "pool", "pool_fallback": "project",
                                      "input_size": 128, "hidden_size": 256, "residual": True},
                            "train": {"grad_clip": 5.0}}),
+    # Guo et al.'s CNN-RNN generator, as configs/fmnist-guo-rnn.yaml (guo profile)
+    ("Guo CNN-RNN", {"model": {"name": "guo_rnn", "embed_size": 128, "hidden_size": 256},
+                     "train": {"grad_clip": 5.0}}),
 ]
 
 

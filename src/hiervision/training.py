@@ -268,7 +268,7 @@ def pseudo_label(
     pred, _ = predict_dataset(model, round1, data.train.subset(idx), cfg["eval"]["batch_size"], device, amp, level)
     targets = data.train.targets.clone()
     targets[idx] = pred.nodes.to(targets.device)
-    truth = build_data({**data.cfg, "coarse_labels": "true"}).train.targets[idx]
+    truth = build_data({**data.cfg, "coarse_labels": "oracle"}).train.targets[idx]
     acc = float((targets[idx] == truth).float().mean())
     (out / "pseudo_labels.json").write_text(json.dumps({"count": len(idx), "level": level, "accuracy": acc}),
                                             encoding="utf-8")
@@ -402,7 +402,9 @@ def train(
         bar.close()
         train_time = time.perf_counter() - t0
         # multi-label: each epoch is judged at its own best threshold, which best.pt then keeps
-        val = evaluate_split(net, data, "val", cfg["eval"]["batch_size"], device, amp, tune_threshold=True)
+        val = (evaluate_split(net, data, "val", cfg["eval"]["batch_size"], device, amp, tune_threshold=True)
+               if len(data.val) else {})
+        score = val.get(select_key, float(epoch))  # no val split (val_fraction 0): the last epoch is kept
         row = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
@@ -415,10 +417,10 @@ def train(
         if tcfg["progress"]:
             tqdm.write(
                 f"epoch {epoch + 1}/{epochs}  loss {row['train_loss']:.4f}  "
-                f"val {select_key} {val[select_key]:.4f}  {row['train_images_per_s']:.0f} img/s"
+                f"val {select_key} {score:.4f}  {row['train_images_per_s']:.0f} img/s"
             )
-        if val[select_key] > best:
-            best = val[select_key]
+        if score > best:
+            best = score
             save_checkpoint(out / "best.pt", checkpoint(epoch + 1))
         save_checkpoint(out / "last.pt", checkpoint(epoch + 1))
 

@@ -247,29 +247,29 @@ def split_fine_coarse(
 
     S_coarse is :func:`coarsen_labels`'s choice (it does not depend on ``fine_fraction``) and S_fine
     a seeded draw from the other samples, so the protocols compared at one setting see the same sets.
-    ``coarse_labels``: ``"coarse"`` (S_coarse keeps only its coarse labels), ``"true"`` (the oracle
+    ``coarse_labels``: ``"coarse"`` (S_coarse keeps only its coarse labels), ``"oracle"`` (the oracle
     S_coarse⁺: true labels) or ``"drop"`` (S_fine alone).
 
     Returns:
         ``(keep, targets, coarse_mask)``: sorted indices of the kept samples, their labels, and which
         of them carry a cut label.
     """
-    if coarse_labels not in ("coarse", "true", "drop"):
-        raise ValueError(f"data.coarse_labels: must be 'coarse', 'true' or 'drop', got {coarse_labels!r}")
+    if coarse_labels not in ("coarse", "oracle", "drop"):
+        raise ValueError(f"data.coarse_labels: must be 'coarse', 'oracle' or 'drop', got {coarse_labels!r}")
+    if fine_fraction + coarse_fraction > 1 + 1e-9:
+        raise ValueError(f"data.fine_fraction: {fine_fraction:g} + coarse_fraction {coarse_fraction:g} exceed the "
+                         "training set")
     n = len(targets)
     if coarse_fraction > 0:
         cut, mask = coarsen_labels(targets, taxonomy, coarse_fraction, level, seed)
     else:
         cut, mask = targets.clone(), torch.zeros(n, dtype=torch.bool)
     rest = torch.nonzero(~mask).flatten()
-    n_fine = round(fine_fraction * n)
-    if n_fine > len(rest):
-        raise ValueError(f"data.fine_fraction: {fine_fraction:g} + coarse_fraction {coarse_fraction:g} exceed the "
-                         "training set")
+    n_fine = min(round(fine_fraction * n), len(rest))  # 0.5 + 0.5 of an odd count: both round up
     fine = rest[torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(rest))[:n_fine])]
     coarse = torch.nonzero(mask).flatten() if coarse_labels != "drop" else fine[:0]
     keep = torch.cat([fine, coarse]).sort().values
-    if coarse_labels == "true":
+    if coarse_labels == "oracle":
         return keep, targets[keep], torch.zeros(len(keep), dtype=torch.bool)
     return keep, cut[keep], mask[keep]
 

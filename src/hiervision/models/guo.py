@@ -206,6 +206,7 @@ class MultiHeadGenerator(HierarchicalClassifier):
     levels a coarse-only label does not reach are left out.
 
     ``levels``: which depths get a head (default all); ``[1]`` is the coarse-specific network.
+    Levels above the deepest head that have no head of their own are read off the tree.
     ``decode``: ``"independent"`` — each level's argmax, as the paper reads the heads (the levels
     may disagree with the tree; ``valid_path_rate`` reports how often) — or ``"exact"``, the best
     path the tree allows under the heads' summed log-probabilities (needs every level).
@@ -293,7 +294,10 @@ class MultiHeadGenerator(HierarchicalClassifier):
             best_lp, best = outputs[f"level{lv}"].float().log_softmax(1).max(1)
             paths[:, lv - 1] = getattr(self, f"nodes{lv}")[best]
             lp = lp + best_lp
-        return Prediction(paths, node_lp.exp(), lp.exp())
+        # levels without a head take the ancestors of the deepest head's choice (a coarse-specific
+        # network on level 2 implies level 1, as a flat prediction implies its path)
+        implied = self.taxonomy.path_matrix.to(paths.device)[paths[:, -1], : paths.shape[1]]
+        return Prediction(torch.where(paths == PAD, implied, paths), node_lp.exp(), lp.exp())
 
     def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
         """The best tree path through ``given`` under the heads' summed log-probabilities."""
