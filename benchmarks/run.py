@@ -4,6 +4,7 @@
     python benchmarks/run.py --profile foundation     # flat baselines on Fashion-MNIST and Tiny-ImageNet
     python benchmarks/run.py --profile dhnn --seeds 0 # Koo et al.'s DHNN variants beside flat (~45 min)
     python benchmarks/run.py --profile guo            # Guo et al.'s CNN-RNN, generators, coarse-only data
+    python benchmarks/run.py --profile hiernet        # HierNet: given / induced trees, conditional vs routing
 
 Every row is mean ± std over the seeds. Each profile writes its own section of
 ``benchmarks/RESULTS.md`` (replacing that section only), ``benchmarks/results/<profile>.json`` with
@@ -27,12 +28,20 @@ from pathlib import Path
 import torch
 
 from hiervision.config import load_config
+from hiervision.induce import induce_from_run, plot_taxonomy
 from hiervision.training import autocast_dtype, select_device, train
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "configs"
 
-# profile -> (rows: (label, config file, overrides[, group]), seeds, description)
+# HierNet rows start from the flat rows' weights (placeholders filled per seed by run_profile)
+_FROM_FLAT = "model.backbone_kwargs.pretrained_path={runs}/flat-3-epochs-s{seed}/best.pt"
+_FROM_TINY = "model.backbone_kwargs.pretrained_path={runs}/flat-tiny-3-epochs-s{seed}/best.pt"
+_TINY_PMIN = 0.012  # 8 groups from the 3-epoch flat model's CPM (the paper: 6-8 groups work best)
+
+# profile -> (rows: (label, config file, overrides[, group[, options]]), seeds, description); options:
+# "run" (reuse another row's run folder), "metrics" ("given" / "routing": report that sub-report),
+# "induce" ({"from": row, "p_min", "g_max"}: induce a tree from that row's run and set data.tree)
 PROFILES: dict[str, dict] = {
     "quick": {
         "description": "Fashion-MNIST (real), 3-level tree, 12k train images, ResNet-20, 2 epochs",
@@ -81,7 +90,7 @@ PROFILES: dict[str, dict] = {
         "specific = one softmax over the 6 level-2 groups; CNN-RNN* = the same CNN-RNN run with each test image's true "
         "level-2 group given). Coarse-only data: of the same 18k-image training set, |S_fine| = 0.1/0.2/0.5 keep "
         "full labels and |S_coarse| = 0.5 only their level-2 group, 3 epochs per training (the pseudo-label protocol "
-        "trains twice: on S_fine, then on both). Tiny-ImageNet 32x32 with its WordNet tree (paths of 2-13 nodes), "
+        "trains twice: on S_fine, then on both). Tiny-ImageNet 32x32 with its WordNet tree (paths of 1-12 nodes), "
         "20k x 3 epochs; the frozen-feature CNN-RNN trains 10 epochs of its LSTM on features of the flat row's CNN "
         "(pre-computed once)",
         "seeds": [0],
@@ -109,6 +118,41 @@ PROFILES: dict[str, dict] = {
                    ["train.epochs=10", "model.backbone_kwargs.pretrained_path={runs}/flat-tiny-s{seed}/best.pt"])]],
         ],
     },
+    "hiernet": {
+        "description": "Tempfli & Sandor's HierNet beside its backbone on real data, ResNet-20, same seed and split: "
+        "Fashion-MNIST 20k train images, Tiny-ImageNet 32x32 20k train images. Budget: the flat backbone trains 3 "
+        "epochs; HierNet starts from that run's weights (transfer, Sec. 5.4) and trains 3 more, so it has seen 6 "
+        "epochs in all (the 'flat, 6 epochs' row is the equal-budget backbone). Induced trees come from the 3-epoch "
+        "flat run's confusion on the validation split. Eval img/s: test-set prediction, batch 512 (conditional = "
+        "every branch, routing = one route per image)",
+        "seeds": [0],
+        "rows": [
+            *[(label, cfg, ["data.limit_train=20000", *extra], "Fashion-MNIST, ResNet-20", opts)
+              for label, cfg, extra, opts in [
+                  ("flat, 3 epochs", "fmnist-flat.yaml", ["train.epochs=3"], {}),
+                  ("flat, 6 epochs", "fmnist-flat.yaml", ["train.epochs=6"], {}),
+                  ("HierNet given tree, conditional", "fmnist-hiernet.yaml", ["train.epochs=3", _FROM_FLAT], {}),
+                  ("HierNet given tree, routing", "fmnist-hiernet.yaml", ["train.epochs=3", _FROM_FLAT],
+                   {"run": "HierNet given tree, conditional", "metrics": "routing"}),
+                  ("HierNet induced tree, conditional", "fmnist-hiernet-induced.yaml", ["train.epochs=3", _FROM_FLAT],
+                   {"induce": {"from": "flat, 3 epochs", "p_min": 0.02, "g_max": 5}}),
+                  ("HierNet induced tree, routing", "fmnist-hiernet-induced.yaml", ["train.epochs=3", _FROM_FLAT],
+                   {"run": "HierNet induced tree, conditional", "metrics": "routing",
+                    "induce": {"from": "flat, 3 epochs", "p_min": 0.02, "g_max": 5}})]],
+            *[(label, cfg, ["data.limit_train=20000", "train.epochs=3", *extra],
+               "Tiny-ImageNet 32x32 (200 classes), ResNet-20", opts)
+              for label, cfg, extra, opts in [
+                  ("flat (tiny), 3 epochs", "tinyimagenet-flat.yaml", [], {}),
+                  ("HierNet (tiny) induced tree, conditional", "tinyimagenet-hiernet-induced.yaml", [_FROM_TINY],
+                   {"induce": {"from": "flat (tiny), 3 epochs", "p_min": _TINY_PMIN, "g_max": 100}}),
+                  ("HierNet (tiny) induced tree, routing", "tinyimagenet-hiernet-induced.yaml", [_FROM_TINY],
+                   {"run": "HierNet (tiny) induced tree, conditional", "metrics": "routing",
+                    "induce": {"from": "flat (tiny), 3 epochs", "p_min": _TINY_PMIN, "g_max": 100}}),
+                  ("HierNet (tiny) WordNet tree, conditional", "tinyimagenet-hiernet-wordnet.yaml", [_FROM_TINY], {}),
+                  ("HierNet (tiny) WordNet tree, routing", "tinyimagenet-hiernet-wordnet.yaml", [_FROM_TINY],
+                   {"run": "HierNet (tiny) WordNet tree, conditional", "metrics": "routing"})]],
+        ],
+    },
 }
 
 COLUMNS = [
@@ -121,6 +165,7 @@ COLUMNS = [
     ("mistake_severity", "mistake sev."),
     ("valid_path_rate", "valid paths"),
     ("pseudo_label_accuracy", "pseudo-label acc"),
+    ("eval_images_per_s", "eval img/s"),
     ("train_images_per_s", "train img/s"),
 ]
 
@@ -157,12 +202,26 @@ def run_profile(name: str, out_root: Path, seeds: list[int] | None, extra: list[
             # {runs}/{seed} in overrides name other rows' run folders (e.g. a CNN trained by an earlier row)
             sets = [o.replace("{runs}", str(out_root / name)).replace("{seed}", str(seed))
                     for o in [*overrides, *extra]]
+            tree = None
+            if "induce" in opts:  # HierNet's own hierarchy, from another row's trained run
+                spec = opts["induce"]
+                tree_path = out_root / name / f"{_slug(opts.get('run', label))}-s{seed}-tree.json"
+                tree = induce_from_run(out_root / name / f"{_slug(spec['from'])}-s{seed}", spec["p_min"],
+                                       spec["g_max"])
+                tree.save(tree_path)
+                plot_taxonomy(tree, str(HERE / "results" / f"{name}-{_slug(label)}-tree.png"),
+                              f"induced from '{spec['from']}' (p_min {spec['p_min']}, g_max {spec['g_max']})")
+                sets.append(f"data.tree={tree_path}")
             cfg = load_config(CONFIGS / config, [*sets, f"seed={seed}", "train.progress=false"])
             print(f"[{name}] {label} seed {seed}", flush=True)
             run_dir = out_root / name / f"{_slug(opts.get('run', label))}-s{seed}"
             m = train(cfg, run_dir, resume=True)  # a row sharing an earlier row's run only re-evaluates it
-            if opts.get("metrics") == "given":
-                m = {**m["given"], "train_images_per_s": m["train_images_per_s"]}
+            if opts.get("metrics") in ("given", "routing"):
+                m = {**m[opts["metrics"]], "train_images_per_s": m["train_images_per_s"]}
+            if tree is not None:
+                groups = tree.num_nodes - 1 - len(tree.leaves)
+                m["induced_tree"] = (f"{opts['induce']['from']} → p_min {opts['induce']['p_min']}, g_max "
+                                     f"{opts['induce']['g_max']}: {groups} groups\n" + tree.render(max_nodes=80))
             pseudo = run_dir / "round1" / "pseudo_labels.json"
             if pseudo.exists():
                 m["pseudo_label_accuracy"] = json.loads(pseudo.read_text())["accuracy"]
@@ -205,6 +264,10 @@ def write_results(run: dict, command: str) -> None:
             levels = list(zip(*[m.get("level_accuracy") or [] for m in ms]))
             lvl = " / ".join(f"{statistics.fmean(v):.3f}" for v in levels) or "–"
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio:.2f} | {lvl} |")
+        for label, ms in results.items():
+            if ms[0].get("induced_tree") and "routing" not in label:
+                lines += ["", f"Induced tree ({label}; the picture: `results/{name}-{_slug(label)}-tree.png`):", "",
+                          "```", ms[0]["induced_tree"], "```"]
         by_len = {label: ms[0].get("path_accuracy_by_length") or {} for label, ms in results.items()}
         if any(len(v) > 1 for v in by_len.values()):  # variable-length paths: accuracy per true path length
             lengths = sorted({int(n) for v in by_len.values() for n in v})

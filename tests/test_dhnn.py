@@ -347,6 +347,27 @@ def test_short_real_training_run_learns(tmp_path):
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 KOO = sorted(p for p in (CONFIGS / "koo").glob("table*/*.yaml"))
 GUO = sorted(p for p in (CONFIGS / "guo").glob("table*/*.yaml"))
+HIERNET = sorted(p for p in (CONFIGS / "hiernet").glob("table*/*.yaml"))
+
+
+DEPTH_NAMES = {f"resnet{d}{act}" for d in (20, 32, 44, 56, 110) for act in ("", "_elu")}
+
+
+def test_hiernet_configs_cover_every_table_row():
+    """Tables 1-2: backbone and HierNet for n = 3, 5, 7, 9, 18, with the paper's split and extra blocks."""
+    names = {f"{p.parent.name}/{p.stem}" for p in HIERNET}
+    depths = (20, 32, 44, 56, 110)
+    assert names == {f"table1/resnet{d}{h}" for d in depths for h in ("", "-hiernet")} | {
+        f"table2/resnet{d}-elu{h}" for d in depths for h in ("", "-hiernet")}
+    published = {"table1": ({3: 5, 5: 9, 7: 12, 9: 16, 18: 38}, {3: 2, 5: 3, 7: 4, 9: 5, 18: 4}),
+                 "table2": ({3: 6, 5: 9, 7: 15, 9: 19, 18: 38}, {3: 2, 5: 3, 7: 2, 9: 5, 18: 4})}
+    for path in HIERNET:
+        model = load_config(path)["model"]
+        depth = int(path.stem.split("-")[0].removeprefix("resnet"))
+        assert model["backbone"] == f"resnet{depth}{'_elu' if path.parent.name == 'table2' else ''}"
+        if path.stem.endswith("hiernet"):
+            split, extra = published[path.parent.name]
+            assert (model["split"], model["extra_blocks"]) == (split[(depth - 2) // 6], extra[(depth - 2) // 6])
 
 
 def test_koo_configs_cover_every_table_row():
@@ -414,7 +435,7 @@ def test_guo_split_settings_build_data(path):
     assert int(data.train.coarse_mask.sum()) == (n_coarse if split["coarse_labels"] == "coarse" else 0)
 
 
-@pytest.mark.parametrize("path", [*KOO, *GUO, *sorted(CONFIGS.glob("*.yaml"))],
+@pytest.mark.parametrize("path", [*KOO, *GUO, *HIERNET, *sorted(CONFIGS.glob("*.yaml"))],
                          ids=lambda p: p.relative_to(CONFIGS).with_suffix("").as_posix())
 def test_every_config_builds_its_model(path, fixed_tree, var_tree):
     """Model keys are checked by building the model (ImageNet backbones swapped for a narrow ResNet to stay
@@ -423,7 +444,9 @@ def test_every_config_builds_its_model(path, fixed_tree, var_tree):
     data, model = cfg["data"], dict(cfg["model"])
     assert set(data) - {"name"} <= DATASETS[data["name"]] | COMMON_KEYS, path
     assert model["backbone"] in list_backbones()
-    if model["backbone"] not in ("resnet20",):  # also drops backbone_kwargs (pretrained_path placeholders)
+    if model["backbone"] in DEPTH_NAMES:  # CIFAR ResNets keep their depth (HierNet's split points need it)
+        model["backbone_kwargs"] = {"width": 0.25}
+    elif model["backbone"] != "resnet20":  # also drops backbone_kwargs (pretrained_path placeholders)
         model["backbone"], model["backbone_kwargs"] = "resnet20", {"width": 0.25}
     # Guo's CIFAR-100 and ImageNet-2010-subset trees have two levels everywhere (guo_multihead needs that)
     guo = path.parent.parent.name == "guo"

@@ -24,3 +24,9 @@ def test_readme_python_example_runs(capsys):
     model, images = namespace["model"], namespace["images"]
     pred = model.predict(namespace["data"].normalize(images))
     assert pred.paths.shape == (64, 3) and (pred.paths >= 1).all()
+    # the Guo snippet too: greedy paths and CNN-RNN* paths through the given level-2 nodes
+    guo = re.search(r"## CNN-RNN \(Guo et al.\)\n.*?```python\n(.*?)```", text, re.S).group(1)
+    exec(compile(guo, "README.md", "exec"), namespace)
+    pred, star, groups = namespace["pred"], namespace["star"], namespace["groups"]
+    assert pred.paths.shape == (64, 3) and (pred.paths >= 1).all()
+    assert (star.paths[:, 1] == groups).all()

@@ -1,4 +1,4 @@
-"""Command line: ``hiervision train|evaluate|predict|taxonomy|demo``; a thin layer over the Python API.
+"""Command line: ``hiervision train|evaluate|predict|taxonomy|induce|demo``; a thin layer over the Python API.
 
 Every user error ends in one line on stderr and a non-zero exit code; only bugs show a traceback.
 """
@@ -51,6 +51,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if data.taxonomy != taxonomy:
         raise CheckpointError(f"{args.run_dir}: the data's taxonomy differs from the run's taxonomy.json")
     amp = autocast_dtype(cfg["train"]["amp"], torch.device("cpu"))
+    if args.mode is not None:
+        if args.mode not in model.eval_modes:
+            raise ValueError(f"--mode {args.mode}: model {cfg['model']['name']} has modes {list(model.eval_modes)}")
+        model.set_eval_mode(args.mode)
     result = evaluate_split(model, data, args.split, cfg["eval"]["batch_size"], torch.device("cpu"), amp,
                             given_level=args.given_level)
     result["split"] = args.split
@@ -156,6 +160,21 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_induce(args: argparse.Namespace) -> int:
+    """HierNet's hierarchy from a trained run's confusion probability matrix on its validation split."""
+    from hiervision.induce import induce_from_run, plot_taxonomy
+
+    tree = induce_from_run(args.run_dir, args.p_min, args.g_max)
+    tree.save(args.out)
+    print(tree.render(max_nodes=args.max_nodes))
+    groups = tree.num_nodes - 1 - len(tree.leaves)
+    print(f"{len(tree.leaves)} classes in {groups} groups, depth {tree.max_depth}; written to {args.out}")
+    if args.plot:
+        plot_taxonomy(tree, args.plot, f"induced from {args.run_dir} (p_min {args.p_min}, g_max {args.g_max})")
+        print(f"picture: {args.plot}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 DEMO_BASE = {
     "seed": 0,
@@ -174,6 +193,11 @@ DEMO_METHODS: list[tuple[str, dict]] = [
     # Guo et al.'s CNN-RNN generator, as configs/fmnist-guo-rnn.yaml (guo profile)
     ("Guo CNN-RNN", {"model": {"name": "guo_rnn", "embed_size": 128, "hidden_size": 256},
                      "train": {"grad_clip": 5.0}}),
+    # HierNet on the given tree, as configs/fmnist-hiernet.yaml (hiernet profile): starts from the flat
+    # row's weights (transfer), so its total budget is twice the others'; routing reported beside conditional
+    ("HierNet conditional", {"model": {"name": "hiernet", "split": [5, 7], "extra_blocks": 2,
+                                       "backbone_kwargs": {"pretrained_path": "{flat}"}},
+                             "train": {"lr": 0.05}}),
 ]
 
 
@@ -186,13 +210,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.limit_train:
         base["data"]["limit_train"] = args.limit_train
     rows, m = [], {}
+    flat = str(Path(args.out) / "flat" / "best.pt")
     for label, overrides in DEMO_METHODS:
         cfg = merge(merge(load_config(), base), overrides)
+        if cfg["model"].get("backbone_kwargs", {}).get("pretrained_path") == "{flat}":
+            cfg["model"]["backbone_kwargs"]["pretrained_path"] = flat  # transfer from the flat row
         out = Path(args.out) / label.split()[0]
         print(f"== {label}")
         t0 = time.perf_counter()
         m = train(cfg, out, resume=False)
         rows.append((label, m["leaf_accuracy"], m["path_accuracy"], m["node_accuracy"], time.perf_counter() - t0))
+        if "routing" in m:
+            r = m["routing"]
+            rows.append(("HierNet routing", r["leaf_accuracy"], r["path_accuracy"], r["node_accuracy"], 0.0))
     real = m.get("data") == "fashion_mnist"
     data = "Fashion-MNIST (real)" if real else "synthetic images (fallback)"
     print(f"\n{data}, {base['model']['backbone']}, {base['train']['epochs']} epochs, seed {base['seed']}")
@@ -229,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", choices=["best", "last"], default="best")
     e.add_argument("--given-level", type=int, default=None, metavar="DEPTH",
                    help="give the model each image's true ancestor at this depth (Guo et al.'s CNN-RNN*)")
+    e.add_argument("--mode", default=None, help="how the model predicts, where it has several ways "
+                   "(hiernet: conditional | routing)")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="one JSON line per image: file, path, path probability")
@@ -248,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     tx.add_argument("--max-depth", type=int, default=None, help="build --from wordnet: cap path length")
     tx.add_argument("--out", help="build: where to write the JSON")
     tx.set_defaults(func=cmd_taxonomy)
+
+    ind = sub.add_parser("induce", help="HierNet: a class tree from a trained run's confusion probability matrix")
+    ind.add_argument("run_dir", help="a trained run (its validation split is predicted)")
+    ind.add_argument("--p-min", type=float, nargs="+", required=True,
+                     help="minimum group proximity; several values group recursively, one per depth")
+    ind.add_argument("--g-max", type=int, nargs="+", default=[50], help="maximum group size (per depth)")
+    ind.add_argument("--out", required=True, help="taxonomy JSON to write (use as data.tree)")
+    ind.add_argument("--plot", default=None, help="also draw the tree to this image file")
+    ind.add_argument("--max-nodes", type=int, default=None, help="print at most this many nodes")
+    ind.set_defaults(func=cmd_induce)
 
     d = sub.add_parser("demo", help="train every method side by side on Fashion-MNIST and print one table")
     d.add_argument("--out", default="runs/demo")

@@ -194,12 +194,14 @@ def evaluate_split(
     """
     device = device or next(model.parameters()).device
     dataset = {"train": data.train, "val": data.val, "test": data.test}[split]
+    t0 = time.perf_counter()
     pred, targets = predict_dataset(model, data, dataset, batch_size, device, amp, given_level)
+    seconds = time.perf_counter() - t0
     if tune_threshold and data.multi_label:
         threshold, _ = M.select_threshold(pred.scores, targets.bool(), data.taxonomy, metric="path_f1")
         model.threshold.fill_(float(threshold))
         pred.labels = threshold_paths(data.taxonomy, pred.scores, float(threshold))
-    return M.evaluate(pred, targets, data.taxonomy)
+    return {**M.evaluate(pred, targets, data.taxonomy), "eval_images_per_s": len(targets) / max(seconds, 1e-9)}
 
 
 # ----------------------------------------------------------------------------- pre-computed features
@@ -432,6 +434,13 @@ def train(
     result = evaluate_split(net, data, "test", cfg["eval"]["batch_size"], device, amp)
     if data.multi_label:
         result["threshold"] = float(model.threshold)
+    mode = getattr(model, "eval_mode", None)
+    for other in model.eval_modes:  # e.g. HierNet: routing beside conditional
+        if other != mode:
+            model.set_eval_mode(other)
+            result[other] = evaluate_split(net, data, "test", cfg["eval"]["batch_size"], device, amp)
+    if mode is not None:
+        model.set_eval_mode(mode)
     given_level = cfg["eval"]["given_level"]
     if given_level is not None:
         given = evaluate_split(net, data, "test", cfg["eval"]["batch_size"], device, amp, given_level=given_level)

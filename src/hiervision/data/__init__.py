@@ -21,6 +21,7 @@ from hiervision.data.base import (
     TensorImageDataset,
     channel_stats,
     coarsen_labels,
+    move_to_tree,
     shared_data_dir,
     split_fine_coarse,
     stratified_split,
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 _COMMON = {"name", "root", "val_fraction", "split_seed", "limit_train", "limit_test", "image_size",
-           "coarse_fraction", "coarse_level", "fine_fraction", "coarse_labels", "fallback"}  # fmt: skip
+           "coarse_fraction", "coarse_level", "fine_fraction", "coarse_labels", "tree", "fallback"}  # fmt: skip
 _SYNTH = {"size", "channels", "n_train", "n_test", "seed", "noise"}
 _CANVAS = {"grid", "min_items", "max_items", "n_train", "n_val", "n_test", "seed", "variable_depth"}
 #: dataset name → the config keys it accepts besides the common ones
@@ -296,7 +297,9 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
     Common keys: ``name``, ``root``, ``val_fraction`` (0.1, carved from train, stratified),
     ``split_seed`` (0), ``limit_train``/``limit_test`` (class-balanced caps on the train pool
     before the val split, and on test), ``image_size``, ``coarse_fraction`` (0) and
-    ``coarse_level`` (1), ``fallback`` (a synthetic variant to use when the data files are missing).
+    ``coarse_level`` (1), ``fine_fraction``/``coarse_labels`` (Guo et al.'s S_fine/S_coarse split, see
+    :func:`~hiervision.data.base.split_fine_coarse`), ``tree`` (a taxonomy JSON over the same classes to
+    relabel into, e.g. an induced one), ``fallback`` (a synthetic variant to use when the data files are missing).
     """
     name = _check_cfg(cfg)
     seed = _int(cfg, "split_seed", 0)
@@ -325,6 +328,10 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         train, val = pool.subset(rest), pool.subset(held)
     else:
         train, val = pool, pool.subset(torch.zeros(0, dtype=torch.long))
+    if cfg.get("tree") is not None:  # relabel after splitting, so the splits match a run on the own tree
+        tree = Taxonomy.load(cfg["tree"])
+        train, val, test = (move_to_tree(ds, tree) for ds in (train, val, test))
+        note += f"; relabelled into the tree {cfg['tree']}"
     if fine_fraction is not None:
         keep, new, mask = split_fine_coarse(train.targets, train.taxonomy, fine_fraction, coarse_fraction,
                                             coarse_level, seed + 2, coarse_labels)

@@ -24,6 +24,7 @@ __all__ = [
     "channel_stats",
     "FeatureDataset",
     "coarsen_labels",
+    "move_to_tree",
     "split_fine_coarse",
     "shared_data_dir",
     "stratified_split",
@@ -272,6 +273,31 @@ def split_fine_coarse(
     if coarse_labels == "oracle":
         return keep, targets[keep], torch.zeros(len(keep), dtype=torch.bool)
     return keep, cut[keep], mask[keep]
+
+
+def move_to_tree(dataset: HierDataset, tree: Taxonomy, source: str = "data.tree") -> HierDataset:
+    """The same samples labelled in another tree over the same classes (e.g. one induced from a
+    confusion matrix). Classes are matched by external id where both trees have one, else by name."""
+
+    def key(t: Taxonomy, n: int) -> str:
+        return t.external_ids[n] or t.names[n]
+
+    old = dataset.taxonomy
+    new_of = {key(tree, n): n for n in tree.leaves}
+    old_keys = {key(old, n) for n in old.leaves}
+    if len(new_of) != len(tree.leaves) or len(old_keys) != len(old.leaves):
+        raise ValueError(f"{source}: leaf names repeat, so classes cannot be matched between the trees")
+    if old_keys != set(new_of):
+        diff = sorted(old_keys ^ set(new_of))
+        raise ValueError(f"{source}: the tree's leaves are not the data's classes (e.g. {diff[0]!r})")
+    lut = torch.full((old.num_nodes,), -1, dtype=torch.long)
+    for n in old.leaves:
+        lut[n] = new_of[key(old, n)]
+    if dataset.multi_label or bool((lut[dataset.targets] < 0).any()):
+        raise ValueError(f"{source}: only single labels at the leaves can move to another tree")
+    out = dataset.with_targets(lut[dataset.targets], dataset.coarse_mask)
+    out.taxonomy = tree
+    return out
 
 
 def channel_stats(images: torch.Tensor, max_images: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -34,6 +34,9 @@ class HierarchicalClassifier(nn.Module):
             feature maps size themselves from it.
     """
 
+    #: other ways the model can predict (HierNet: conditional, routing); training reports each on test
+    eval_modes: tuple[str, ...] = ()
+
     def __init__(
         self,
         taxonomy: Taxonomy,

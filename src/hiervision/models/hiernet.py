@@ -1,0 +1,237 @@
+"""HierNet (Tempfli & Sándor): a backbone cut into a tree of routes, one router classifier per node.
+
+Every root-to-leaf route of the network is the whole backbone: a shared trunk (stem + the first
+``split`` residual blocks), then one branch per inner node of the taxonomy holding the next blocks
+(copies, so each branch learns its own weights), down to the last block. In each inner node a
+router — optional extra blocks (Sec. 3.3, the backbone's next blocks, used only by the router),
+global average pooling and a linear layer — scores the node's children.
+
+* **Conditional** output (training, Sec. 3.2): every branch is computed; a class's probability is its
+  leaf-level softmax times the router probabilities along its path. The same product gives every
+  node's route probability (``scores``), and a coarse-only label is trained by its node's probability.
+* **Routing** (Algorithm 1, ``eval_mode="routing"``): follow the argmax router from the root and
+  evaluate only that route. Images are batched by route — each node runs once on the images routed
+  to it — so one image costs one backbone pass plus its routers.
+
+``split``: blocks in the trunk (default 70 % of them, the paper's best range); a list cuts deeper trees
+level by level (``[s1, s2]``: trunk to block ``s1``, depth-1 branches to ``s2``, deeper branches to
+the end; a repeated value leaves a level's branches empty, so ``[6, 6, 6]`` branches at depth 3). A
+node whose children are all classes always runs to the last block. Nodes with one child need no
+router; when that child is a class, no branch either.
+
+Transfer (Sec. 5.4): give a trained backbone — a flat run's ``best.pt`` works — as
+``backbone_kwargs.pretrained_path``; trunk, branches and extra blocks are copies of its weights.
+Backbones need ``stem`` and ``blocks`` (the CIFAR ResNets, ELU ResNets, WRN, wider-ResNet); a final
+``norm``/``act`` pair (pre-activation nets) is copied to the end of every route.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from hiervision.decoding import Prediction, end_mask
+from hiervision.models.base import HierarchicalClassifier
+from hiervision.models.registry import register_model
+from hiervision.taxonomy import Taxonomy
+
+__all__ = ["HierNet"]
+
+
+class _Router(nn.Module):
+    """Extra blocks (router only), global average pooling, dropout, linear over the node's children."""
+
+    def __init__(self, extra: nn.Module, channels: int, num_children: int, dropout: float) -> None:
+        super().__init__()
+        self.extra = extra
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels, num_children)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.extra(x).mean(dim=(2, 3))))
+
+
+class HierNet(HierarchicalClassifier):
+    """Tempfli & Sándor's HierNet on any taxonomy (see the module docstring).
+
+    Args:
+        split: trunk length in residual blocks, or a list of cut points per depth.
+        extra_blocks: blocks added before each router (the backbone's next ones; none where the
+            route has reached the last block, as for the paper's leaf nodes).
+        dropout: before every router's linear layer.
+        eval_mode: ``"conditional"`` or ``"routing"`` — how :meth:`predict` works in eval mode.
+    """
+
+    eval_modes = ("conditional", "routing")
+
+    def __init__(
+        self,
+        taxonomy: Taxonomy,
+        backbone: str | nn.Module = "resnet20",
+        in_chans: int = 3,
+        multi_label: bool = False,
+        backbone_kwargs: dict | None = None,
+        image_size: int | Sequence[int] = 32,
+        split: int | Sequence[int] | None = None,
+        extra_blocks: int = 0,
+        dropout: float = 0.0,
+        eval_mode: str = "conditional",
+    ) -> None:
+        super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
+        if multi_label:
+            raise ValueError("model hiernet is single-label (one route per image)")
+        net = self.backbone
+        if not hasattr(net, "stem") or not hasattr(net, "blocks"):
+            raise ValueError(f"model hiernet: backbone {type(net).__name__} has no 'stem' and 'blocks' to cut")
+        blocks = list(net.blocks)
+        nb = len(blocks)
+        cuts = [round(0.7 * nb)] if split is None else ([int(split)] if isinstance(split, int) else
+                                                         [int(s) for s in split])
+        if not cuts or any(not 1 <= c < nb for c in cuts) or cuts != sorted(cuts):
+            raise ValueError(f"model.split: cut points must not decrease and lie within 1..{nb - 1} (the backbone "
+                             f"has {nb} blocks), got {split}")
+        if extra_blocks < 0:
+            raise ValueError(f"model.extra_blocks must be ≥ 0, got {extra_blocks}")
+        tail = [net.norm, net.act] if hasattr(net, "norm") and hasattr(net, "act") else []
+        channels = self._block_channels(net, blocks, in_chans)
+        self.split, self.extra_blocks = cuts, int(extra_blocks)
+        self.set_eval_mode(eval_mode)
+
+        def ops(start: int, end: int) -> nn.Sequential:
+            """Copies of blocks [start, end), plus the final norm/act where the route ends."""
+            mods = [copy.deepcopy(b) for b in blocks[start:end]]
+            if end == nb and start < end:
+                mods += [copy.deepcopy(m) for m in tail]
+            return nn.Sequential(*mods)
+
+        kids = taxonomy.children
+        inner = [n for level in ((0,), *taxonomy.levels) for n in level if kids[n]]  # parents first
+        self.trunk = nn.Sequential(copy.deepcopy(net.stem), *ops(0, cuts[0]))
+        end = {0: cuts[0]}
+        self.edges, self.routers = nn.ModuleDict(), nn.ModuleDict()
+        for n in inner:
+            d = taxonomy.depth(n)
+            if n:
+                start = end[taxonomy.parents[n]]
+                stop = nb if all(not kids[c] for c in kids[n]) or d >= len(cuts) else max(cuts[d], start)
+                end[n] = stop
+                if len(kids[n]) > 1 or kids[kids[n][0]]:  # a lone class below needs no features
+                    self.edges[str(n)] = ops(start, stop)
+            if len(kids[n]) > 1:
+                stop = min(end[n] + self.extra_blocks, nb)
+                self.routers[str(n)] = _Router(ops(end[n], stop), channels[stop - 1], len(kids[n]), dropout)
+        del self.backbone  # its weights live on, copied, in trunk / edges / routers
+        self.register_buffer("leaf_mask", end_mask(taxonomy, "leaves"), persistent=False)
+        self._inner = inner
+
+    @staticmethod
+    @torch.no_grad()
+    def _block_channels(net: nn.Module, blocks: list[nn.Module], in_chans: int) -> list[int]:
+        """Output channels after each block (a dry run on a small image; BN statistics untouched)."""
+        was = net.training
+        net.eval()
+        x = net.stem(torch.zeros(1, in_chans, 32, 32))
+        out = []
+        for b in blocks:
+            x = b(x)
+            out.append(x.shape[1])
+        net.train(was)
+        return out
+
+    def set_eval_mode(self, mode: str) -> None:
+        """``"conditional"`` (every branch, product of probabilities) or ``"routing"`` (one route per image)."""
+        if mode not in self.eval_modes:
+            raise ValueError(f"model.eval_mode must be one of {', '.join(self.eval_modes)}, got {mode!r}")
+        self.eval_mode = mode
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        convs = [*self.trunk.parameters(), *self.edges.parameters()]
+        routers = list(self.routers.parameters())
+        return {"backbone": convs, "cnn": convs, "head": routers, "rnn": routers}
+
+    # -- conditional: every branch -----------------------------------------------------------------
+    def _node_logprob(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, N+1)`` log-probability of reaching each node (the product of routers on its path)."""
+        tax = self.taxonomy
+        feats = {0: self.trunk(images)}
+        lp = images.new_zeros(len(images), tax.num_nodes, dtype=torch.float32)
+        for n in self._inner:
+            if n:
+                p = tax.parents[n]
+                feats[n] = self.edges[str(n)](feats[p]) if str(n) in self.edges else feats[p]
+            kids = list(tax.children[n])
+            if str(n) in self.routers:
+                step = self.routers[str(n)](feats[n]).float().log_softmax(1)
+                lp[:, kids] = lp[:, n : n + 1] + step
+            else:
+                lp[:, kids] = lp[:, n : n + 1]
+        return lp
+
+    # -- routing: Algorithm 1, batched by route ----------------------------------------------------
+    def _route(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        tax = self.taxonomy
+        b = len(images)
+        node = torch.zeros(b, dtype=torch.long, device=images.device)
+        lp = torch.zeros(b, device=images.device)
+        scores = torch.zeros(b, tax.num_nodes, device=images.device)
+
+        def visit(n: int, x: torch.Tensor, idx: torch.Tensor) -> None:
+            kids = torch.tensor(tax.children[n], device=idx.device)
+            if str(n) in self.routers:
+                step = self.routers[str(n)](x).float().log_softmax(1)
+                best_lp, best = step.max(1)
+            else:
+                best_lp = torch.zeros(len(idx), device=idx.device)
+                best = torch.zeros(len(idx), dtype=torch.long, device=idx.device)
+            lp[idx] += best_lp
+            child = kids[best]
+            scores[idx, child] = lp[idx].exp()
+            for c in child.unique().tolist():
+                sel = child == c
+                if not tax.children[c]:
+                    node[idx[sel]] = c
+                else:
+                    xs = x[sel]
+                    visit(c, self.edges[str(c)](xs) if str(c) in self.edges else xs, idx[sel])
+
+        visit(0, self.trunk(images), torch.arange(b, device=images.device))
+        return {"route": node, "route_logprob": lp, "route_scores": scores}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.training and self.eval_mode == "routing":
+            return self._route(images)
+        return {"node_logprob": self._node_logprob(images)}
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        # cross-entropy on the conditional output; a coarse-only label: -log P(route passes its node)
+        return -outputs["node_logprob"].gather(1, targets.unsqueeze(1)).mean()
+
+    def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
+        paths = self.taxonomy.path_matrix
+        if "route" in outputs:
+            node = outputs["route"]
+            return Prediction(paths.to(node.device)[node], outputs["route_scores"], outputs["route_logprob"].exp())
+        lp = outputs["node_logprob"]
+        best, node = lp.masked_fill(~self.leaf_mask, float("-inf")).max(1)
+        return Prediction(paths.to(node.device)[node], lp.exp(), best.exp())
+
+    def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
+        """The most probable class below ``given`` (conditional output)."""
+        if "route" in outputs:
+            return super().decode_given(outputs, given)
+        lp = outputs["node_logprob"]
+        below = self.taxonomy.ancestor_matrix.to(given.device)[:, given].T & self.leaf_mask
+        best, node = lp.masked_fill(~below, float("-inf")).max(1)
+        return Prediction(self.taxonomy.path_matrix.to(node.device)[node], lp.exp(), best.exp())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, split={self.split}, extra_blocks={self.extra_blocks}, eval={self.eval_mode}"
+
+
+@register_model("hiernet")
+def hiernet(taxonomy: Taxonomy, **kwargs) -> HierNet:
+    """Tempfli & Sándor's HierNet: a tree-shaped CNN cut from a CIFAR-style backbone."""
+    return HierNet(taxonomy, **kwargs)
