@@ -23,8 +23,8 @@ import torch
 
 from hiervision.taxonomy import EOS, PAD, Taxonomy
 
-__all__ = ["Prediction", "beam_search", "end_mask", "exact_best_path", "last_node", "multi_label_prediction",
-           "path_scores", "prefix_logprob", "threshold_paths", "transition_mask"]
+__all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "last_node",
+           "multi_label_prediction", "path_scores", "prefix_logprob", "threshold_paths", "transition_mask"]
 
 
 def last_node(paths: torch.Tensor) -> torch.Tensor:
@@ -121,6 +121,17 @@ def exact_best_path(
     path_lp = path_lp.masked_fill(~end_mask(taxonomy, end_nodes).to(path_lp.device), float("-inf"))
     best_lp, nodes = path_lp.max(1)
     return nodes, best_lp
+
+
+def best_leaf_below(
+    taxonomy: Taxonomy, path_logprob: torch.Tensor, given: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best leaf on a path through ``given`` ``(B,)`` (a node or the leaf itself), from ``(B, N+1)``
+    log-probabilities of whole root-to-node paths: ``(nodes, logprob)``. What conditioning on a known
+    coarse label (Guo et al.'s CNN-RNN*) means for heads that score every path at once."""
+    below = taxonomy.ancestor_matrix.to(given.device)[:, given].T & end_mask(taxonomy, "leaves").to(given.device)
+    lp, nodes = path_logprob.masked_fill(~below, float("-inf")).max(1)
+    return nodes, lp
 
 
 def transition_mask(taxonomy: Taxonomy, end_nodes: torch.Tensor | str | None = None) -> torch.Tensor:

@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervision.decoding import Prediction, beam_search, end_mask, exact_best_path, path_scores, prefix_logprob
+from hiervision.decoding import (
+    Prediction,
+    beam_search,
+    best_leaf_below,
+    end_mask,
+    exact_best_path,
+    path_scores,
+    prefix_logprob,
+)
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy
@@ -305,10 +313,7 @@ class MultiHeadGenerator(HierarchicalClassifier):
             return super().decode_given(outputs, given)
         tax = self.taxonomy
         node_lp = self._node_logprob(outputs)
-        path_lp = prefix_logprob(tax, node_lp)
-        below = tax.ancestor_matrix.to(given.device)[:, given].T  # (B, N+1): node n is on a path through given
-        ok = below & end_mask(tax, "leaves").to(given.device)
-        lp, nodes = path_lp.masked_fill(~ok, float("-inf")).max(1)
+        nodes, lp = best_leaf_below(tax, prefix_logprob(tax, node_lp), given)
         return Prediction(tax.path_matrix.to(nodes.device)[nodes], node_lp.exp(), lp.exp())
 
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from hiervision.decoding import Prediction, end_mask
+from hiervision.decoding import Prediction, best_leaf_below, end_mask
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
@@ -222,9 +222,8 @@ class HierNet(HierarchicalClassifier):
         """The most probable class below ``given`` (conditional output)."""
         if "route" in outputs:
             return super().decode_given(outputs, given)
-        lp = outputs["node_logprob"]
-        below = self.taxonomy.ancestor_matrix.to(given.device)[:, given].T & self.leaf_mask
-        best, node = lp.masked_fill(~below, float("-inf")).max(1)
+        lp = outputs["node_logprob"]  # already whole-path log-probabilities
+        node, best = best_leaf_below(self.taxonomy, lp, given)
         return Prediction(self.taxonomy.path_matrix.to(node.device)[node], lp.exp(), best.exp())
 
     def extra_repr(self) -> str:
