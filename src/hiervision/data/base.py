@@ -18,15 +18,15 @@ from torch.utils.data import Dataset
 from hiervision.taxonomy import Taxonomy
 
 __all__ = [
+    "FeatureDataset",
     "FileImageDataset",
     "HierDataset",
     "TensorImageDataset",
     "channel_stats",
-    "FeatureDataset",
     "coarsen_labels",
     "move_to_tree",
-    "split_fine_coarse",
     "shared_data_dir",
+    "split_fine_coarse",
     "stratified_split",
     "stratified_subset",
 ]

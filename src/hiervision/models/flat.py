@@ -72,25 +72,22 @@ class FlatClassifier(HierarchicalClassifier):
 
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
         logits = outputs["logits"].float()
-        tax = self.taxonomy
         if self.multi_label:
-            return multi_label_prediction(tax, F.pad(torch.sigmoid(logits), (1, 0)), float(self.threshold))
-        probs = logits.softmax(1)
-        scores = probs @ self.class_paths.T.to(probs.dtype)  # marginal probability of every node
-        best_prob, best = probs.max(1)
-        nodes = self.classes[best]
-        return Prediction(tax.path_matrix.to(logits.device)[nodes], scores, best_prob)
+            return multi_label_prediction(self.taxonomy, F.pad(torch.sigmoid(logits), (1, 0)), float(self.threshold))
+        return self._best_class(logits.softmax(1))
 
     def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
         """The most probable class on a path through ``given`` (its descendants, or itself)."""
         if self.multi_label:
             return super().decode_given(outputs, given)
-        logits = outputs["logits"].float()
         allowed = self.class_paths[given]  # (B, C): classes whose path passes through the given node
-        best_prob, best = logits.softmax(1).masked_fill(~allowed, 0).max(1)
-        pred = self.decode(outputs)
+        return self._best_class(outputs["logits"].float().softmax(1), allowed)
+
+    def _best_class(self, probs: torch.Tensor, allowed: torch.Tensor | None = None) -> Prediction:
+        scores = probs @ self.class_paths.T.to(probs.dtype)  # marginal probability of every node
+        best_prob, best = (probs if allowed is None else probs.masked_fill(~allowed, 0)).max(1)
         nodes = self.classes[best]
-        return Prediction(self.taxonomy.path_matrix.to(logits.device)[nodes], pred.scores, best_prob)
+        return Prediction(self.taxonomy.path_matrix.to(probs.device)[nodes], scores, best_prob)
 
 
 @register_model("flat")

@@ -124,6 +124,7 @@ class CnnRnnGenerator(HierarchicalClassifier):
         self.cell = VisualLSTMCell(embed_size, self.backbone.num_features, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_size, n)  # the super categories; column 0 = end token
+        self.register_buffer("leaf_mask", end_mask(taxonomy, "leaves"), persistent=False)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_head(self.backbone(images))
@@ -153,7 +154,7 @@ class CnnRnnGenerator(HierarchicalClassifier):
         if self.end_token:
             seq = tax.encode_sequence(targets)
             if self.end_nodes == "leaves":  # an inner label here is a coarse-only one: it does not end the path
-                inner = ~end_mask(tax, "leaves").to(targets.device)[targets]
+                inner = ~self.leaf_mask[targets]
                 seq = seq.masked_fill((seq == EOS) & inner.unsqueeze(1), IGNORE)
         else:
             seq = tax.encode_levels(targets)
