@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from hiervision.data import build_data
-from hiervision.training import load_run
+from hiervision.experiment import load_run, run_data
 
 
 def main() -> int:
@@ -39,7 +38,7 @@ def main() -> int:
                 clone.set_eval_mode(mode)
             models[f"{run.rstrip('/').split('/')[-1]}{f' ({mode})' if mode else ''}"] = clone.eval()
     cfg = load_run(args.runs[0])[0]
-    data = build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])})
+    data = run_data(cfg)
     n = min(args.images, len(data.test))
     images = data.normalize(torch.stack([data.test[i][0] for i in range(n)]))
     images = images.contiguous(memory_format=torch.channels_last)

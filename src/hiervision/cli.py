@@ -24,9 +24,10 @@ USER_ERRORS = (ConfigError, TaxonomyError, CheckpointError, FileNotFoundError, V
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from hiervision.experiment import RunError
     from hiervision.training import TrainingError
 
-    return (*USER_ERRORS, TrainingError)
+    return (*USER_ERRORS, TrainingError, RunError)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -43,19 +44,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from hiervision.data import build_data
-    from hiervision.training import autocast_dtype, evaluate_split, load_run
+    from hiervision.experiment import load_run, run_data
+    from hiervision.training import autocast_dtype, evaluate_split, select_device
 
-    cfg, taxonomy, model, _ = load_run(args.run_dir, which=args.checkpoint)
-    data = build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])})
+    device = select_device(args.device)
+    cfg, taxonomy, model, _ = load_run(args.run_dir, which=args.checkpoint, device=device)
+    data = run_data(cfg)
     if data.taxonomy != taxonomy:
         raise CheckpointError(f"{args.run_dir}: the data's taxonomy differs from the run's taxonomy.json")
-    amp = autocast_dtype(cfg["train"]["amp"], torch.device("cpu"))
+    amp = autocast_dtype(cfg["train"]["amp"], device)
     if args.mode is not None:
         if args.mode not in model.eval_modes:
             raise ValueError(f"--mode {args.mode}: model {cfg['model']['name']} has modes {list(model.eval_modes)}")
         model.set_eval_mode(args.mode)
-    result = evaluate_split(model, data, args.split, cfg["eval"]["batch_size"], torch.device("cpu"), amp,
+    result = evaluate_split(model, data, args.split, cfg["eval"]["batch_size"], device, amp,
                             given_level=args.given_level)
     result["split"] = args.split
     if args.given_level is not None:
@@ -261,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the model each image's true ancestor at this depth (Guo et al.'s CNN-RNN*)")
     e.add_argument("--mode", default=None, help="how the model predicts, where it has several ways "
                    "(hiernet: conditional | routing)")
+    e.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda | cuda:N")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="one JSON line per image: file, path, path probability")
@@ -301,12 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hiervision.training import Preempted
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except _user_errors() as e:
         print(f"hiervision: error: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:  # SIGTERM/SIGINT during training: a checkpoint was saved
+        print(f"hiervision: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("hiervision: interrupted (run again with the same --out to resume)", file=sys.stderr)
         return 130

@@ -49,6 +49,14 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 0,
         "deterministic": True,
         "grad_clip": None,
+        # the optimizer step's batch (train.batch_size, the global batch under DDP) in this many micro-batches
+        "accumulate": 1,
+        # also write last.pt every this many steps inside an epoch (0: at epoch ends only)
+        "checkpoint_every": 0,
+        # stop when a step's loss is above this (a diverging run), not only when it is NaN/inf; null: off
+        "max_loss": 1.0e4,
+        "sync_bn": False,  # DDP on CUDA: batch-norm statistics over the global batch
+        "compile": False,  # torch.compile the model's forward
         # list of {epochs: [start, end), frozen: [group, ...]}; groups come from model.param_groups()
         "freeze": [],
         # train only the head, on pooled backbone features computed once (backbone frozen, no augmentation)

@@ -131,18 +131,19 @@ def induce_taxonomy(
 
 
 def induce_from_run(run_dir: str | os.PathLike, p_min: float | Sequence[float],
-                    g_max: int | Sequence[int] = 50) -> Taxonomy:
+                    g_max: int | Sequence[int] = 50, device: str = "auto") -> Taxonomy:
     """The induced tree of a trained run: its model's class probabilities on its own validation split
     (a flat model's softmax; other models' leaf scores, renormalised) → CPM → :func:`induce_taxonomy`."""
-    from hiervision.data import build_data
-    from hiervision.training import autocast_dtype, load_run, predict_dataset
+    from hiervision.experiment import load_run, run_data
+    from hiervision.training import autocast_dtype, predict_dataset, select_device
 
-    cfg, taxonomy, model, _ = load_run(run_dir)
-    data = build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])})
+    dev = select_device(device)
+    cfg, taxonomy, model, _ = load_run(run_dir, device=dev)
+    data = run_data(cfg)
     if data.multi_label or not len(data.val):
         raise ValueError(f"{run_dir}: inducing a tree needs single-label data with a validation split")
-    amp = autocast_dtype(cfg["train"]["amp"], torch.device("cpu"))
-    pred, targets = predict_dataset(model, data, data.val, cfg["eval"]["batch_size"], torch.device("cpu"), amp)
+    amp = autocast_dtype(cfg["train"]["amp"], dev)
+    pred, targets = predict_dataset(model, data, data.val, cfg["eval"]["batch_size"], dev, amp)
     leaves = list(taxonomy.leaves)
     index = torch.full((taxonomy.num_nodes,), -1, dtype=torch.long)
     index[leaves] = torch.arange(len(leaves))

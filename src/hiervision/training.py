@@ -12,28 +12,37 @@ exactly what an uninterrupted run would have done.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from hiervision import distributed
 from hiervision import metrics as M
 from hiervision.checkpoint import load_checkpoint, save_checkpoint
-from hiervision.config import ConfigError, dump, load_config, merge
+from hiervision.config import ConfigError, dump, merge
 from hiervision.data import BatchAugment, BatchLoader, DataBundle, FeatureDataset, build_data, iter_batches
 from hiervision.decoding import Prediction, threshold_paths
-from hiervision.models import HierarchicalClassifier, create_model
-from hiervision.taxonomy import PAD, Taxonomy
+from hiervision.distributed import DistEnv, any_flag, barrier, gather_rows, shard_indices
+from hiervision.experiment import load_run, run_data, run_model
+from hiervision.models import HierarchicalClassifier
+from hiervision.taxonomy import PAD
 
-__all__ = ["TrainingError", "evaluate_split", "load_run", "train"]
+__all__ = ["Preempted", "TrainingError", "evaluate_split", "load_run", "train", "train_one_epoch"]
 
 
 class TrainingError(RuntimeError):
@@ -67,8 +76,8 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if setting != "auto":
         raise ConfigError(f"train.amp must be auto, bf16, fp16 or none, got {setting!r}")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # native bf16 from Ampere (sm 8.0) on; emulated bf16 (V100, T4) is slow: fp16 there
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return torch.bfloat16 if _cpu_has_bf16() else None
 
 
@@ -135,10 +144,6 @@ def _freeze_batchnorm_stats(model: nn.Module) -> None:
                 m.eval()
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919) % (2**31)
-
-
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict_dataset(
@@ -149,19 +154,24 @@ def predict_dataset(
     device: torch.device,
     amp: torch.dtype | None,
     given_level: int | None = None,
+    env: DistEnv | None = None,
 ) -> tuple[Prediction, torch.Tensor]:
-    """Run ``model.predict`` over a dataset; returns the joined prediction and the targets.
+    """Run ``model.predict`` over a dataset; returns the joined prediction and the targets (on the CPU).
 
     ``given_level``: each image's true ancestor at that depth (its label where the label is
-    shallower) is given to ``model.predict_given`` — Guo et al.'s CNN-RNN*.
+    shallower) is given to ``model.predict_given`` — Guo et al.'s CNN-RNN*. Under DDP (``env``)
+    each rank predicts its shard and every rank gets the whole, in dataset order.
     """
     model.eval()
     if given_level is not None and data.multi_label:
         raise ConfigError("eval.given_level: not defined for multi-label data (an image has several paths)")
+    env = env or DistEnv(0, 1, 0, device)
+    n = len(dataset)
+    shard = dataset.subset(shard_indices(n, env)) if env.enabled else dataset
     paths = data.taxonomy.path_matrix
     preds, targets = [], []
-    for images, target in iter_batches(dataset, batch_size, shuffle=False):
-        images = data.normalize(images.to(device))
+    for images, target in iter_batches(shard, batch_size, shuffle=False):
+        images = data.normalize(images.to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             if given_level is None:
                 preds.append(model.predict(images))
@@ -170,10 +180,13 @@ def predict_dataset(
                 given = torch.where(given == PAD, target, given)
                 preds.append(model.predict_given(images, given.to(device)))
         targets.append(target)
-    pred = Prediction.cat(preds)
-    pred = Prediction(pred.paths.cpu(), pred.scores.float().cpu(), pred.path_prob.float().cpu(),
-                      None if pred.labels is None else pred.labels.cpu())
-    return pred, torch.cat(targets)
+    pred = Prediction.cat(preds) if preds else model.predict(torch.zeros(0, *dataset[0][0].shape, device=device))
+    target = torch.cat(targets) if targets else dataset.targets[:0]
+    parts = [pred.paths, pred.scores.float(), pred.path_prob.float(), target]
+    if pred.labels is not None:
+        parts.append(pred.labels)
+    parts = [gather_rows(t.cpu(), n, env) for t in parts]
+    return Prediction(*parts[:3], parts[4] if len(parts) > 4 else None), parts[3]
 
 
 def evaluate_split(
@@ -185,6 +198,7 @@ def evaluate_split(
     amp=None,
     tune_threshold: bool = False,
     given_level: int | None = None,
+    env: DistEnv | None = None,
 ) -> dict:
     """Metrics report (see :func:`hiervision.metrics.evaluate`) of a model on one split.
 
@@ -195,7 +209,7 @@ def evaluate_split(
     device = device or next(model.parameters()).device
     dataset = {"train": data.train, "val": data.val, "test": data.test}[split]
     t0 = time.perf_counter()
-    pred, targets = predict_dataset(model, data, dataset, batch_size, device, amp, given_level)
+    pred, targets = predict_dataset(model, data, dataset, batch_size, device, amp, given_level, env)
     seconds = time.perf_counter() - t0
     if tune_threshold and data.multi_label:
         threshold, _ = M.select_threshold(pred.scores, targets.bool(), data.taxonomy, metric="path_f1")
@@ -211,6 +225,10 @@ class _FeatureHead(nn.Module):
     def __init__(self, model: HierarchicalClassifier) -> None:
         super().__init__()
         self.model = model
+
+    @property
+    def threshold(self) -> torch.Tensor:  # multi-label: the threshold tuned on validation lives in the model
+        return self.model.threshold
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model.forward_head(features)
@@ -229,21 +247,30 @@ class _FeatureHead(nn.Module):
 
 @torch.no_grad()
 def precompute_features(
-    model: HierarchicalClassifier, data: DataBundle, batch_size: int, device: torch.device, amp: torch.dtype | None
+    model: HierarchicalClassifier,
+    data: DataBundle,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    env: DistEnv | None = None,
 ) -> DataBundle:
     """Every split's pooled backbone features, computed once (eval mode, no augmentation), so that
-    epochs cost only the head — Guo et al.'s RNN trained on extracted CNN features."""
+    epochs cost only the head — Guo et al.'s RNN trained on extracted CNN features. Under DDP each
+    rank computes a shard and every rank gets all of them."""
     if type(model).forward_head is HierarchicalClassifier.forward_head:
         raise ConfigError(f"train.precompute_features: model {type(model).__name__} reads the backbone's stage "
                           "maps, not its pooled features")
     model.eval()
 
+    env = env or DistEnv(0, 1, 0, device)
+
     def run(ds) -> FeatureDataset:
         feats = [torch.zeros(0, model.backbone.num_features)]
-        for images, _ in iter_batches(ds, batch_size):
+        shard = ds.subset(shard_indices(len(ds), env)) if env.enabled else ds
+        for images, _ in iter_batches(shard, batch_size):
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 feats.append(model.backbone(data.normalize(images.to(device))).float().cpu())
-        return FeatureDataset(torch.cat(feats).to(device), ds)
+        return FeatureDataset(gather_rows(torch.cat(feats), len(ds), env).to(device), ds)
 
     return dataclasses.replace(data, train=run(data.train), val=run(data.val), test=run(data.test), features=True)
 
@@ -263,7 +290,7 @@ def pseudo_label(
     first = merge(cfg, {"data": {"coarse_labels": "drop"}, "train": {"pseudo_labels": False},
                         "eval": {"given_level": None}})
     train(first, out, resume=resume)
-    _, _, model, meta = load_run(out, device=str(device))
+    _, _, model, meta = load_run(out, device=device)
     round1 = dataclasses.replace(data, mean=tuple(meta["mean"]), std=tuple(meta["std"]))  # its own statistics
     idx = torch.nonzero(mask).flatten()
     level = int(data.cfg.get("coarse_level", 1))
@@ -278,6 +305,180 @@ def pseudo_label(
     return dataclasses.replace(data, train=data.train.with_targets(targets, mask), note=note)
 
 
+# ----------------------------------------------------------------------------- preemption
+class Preempted(TrainingError):
+    """SIGTERM/SIGINT arrived: a checkpoint was saved and the run stopped; rerunning the command resumes it."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignal:
+    """Catches SIGTERM/SIGINT while training, so a cluster's preemption saves a checkpoint instead of losing the epoch.
+
+    The handler only records the signal; the loop looks at :attr:`requested` between steps (all ranks
+    together) and stops cleanly. Outside the main thread signals cannot be caught and this does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.requested = signum
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+# ----------------------------------------------------------------------------- one epoch
+@dataclass
+class Progress:
+    """Where a run is: ``epoch`` epochs done, ``step`` batches of the next one done (0 at an epoch boundary)."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float = -math.inf
+    history: list[dict] = dataclasses.field(default_factory=list)
+    loss_sum: float = 0.0  # of the epoch in progress, for its log row
+    seen: int = 0
+    seconds: float = 0.0
+
+    def end_epoch(self) -> None:
+        self.epoch, self.step, self.loss_sum, self.seen, self.seconds = self.epoch + 1, 0, 0.0, 0, 0.0
+
+
+@dataclass
+class Loop:
+    """What the steps of every epoch share (built once by :func:`train`)."""
+
+    model: HierarchicalClassifier
+    net: nn.Module  # the model, or its head on pre-computed features
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    augment: BatchAugment
+    data: DataBundle
+    loader: BatchLoader
+    tcfg: dict
+    seed: int
+    device: torch.device
+    amp: torch.dtype | None
+    env: DistEnv
+    base_lrs: list[float]
+    steps_per_epoch: int
+    forward: nn.Module | None = None  # DDP / compiled wrapper of ``net``, rebuilt when the frozen set changes
+    frozen: frozenset[str] | None = None
+
+
+def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Seeds augmentation and dropout per step, so resuming mid-epoch replays exactly (no RNG state to carry)."""
+    return (seed * 1_000_003 + epoch * 7919 + step * 104_729 + rank * 15_485_863) % (2**31)
+
+
+def prepare_epoch(loop: Loop, epoch: int) -> None:
+    """Freeze schedule, train mode, and the DDP/compiled wrapper over the parameters that train this epoch."""
+    tcfg = loop.tcfg
+    frozen = frozen_groups(epoch, tcfg["freeze"], set(loop.model.param_groups()))
+    apply_freeze(loop.model, frozen | {"backbone"} if loop.data.features else frozen)
+    loop.model.train()
+    _freeze_batchnorm_stats(loop.model)
+    if loop.forward is None or frozenset(frozen) != loop.frozen:
+        fwd: nn.Module = loop.net
+        if loop.env.enabled:  # DDP registers the parameters that require grad now
+            ids = [loop.device.index] if loop.device.type == "cuda" else None
+            fwd = DistributedDataParallel(fwd, device_ids=ids, find_unused_parameters=loop.model.ddp_unused_parameters)
+        if tcfg["compile"]:
+            fwd = torch.compile(fwd)
+        loop.forward, loop.frozen = fwd, frozenset(frozen)
+
+
+def train_one_epoch(
+    loop: Loop, epoch: int, progress: Progress, stop: StopSignal, save: Callable[[], None], epochs: int
+) -> bool:
+    """Run the batches of ``epoch`` from ``progress.step`` on; False when a signal stopped it (checkpoint saved).
+
+    ``train.batch_size`` is the global batch: each rank gets its slice, split again into
+    ``train.accumulate`` micro-batches whose gradients add up before one optimizer step.
+    """
+    tcfg, env, device = loop.tcfg, loop.env, loop.device
+    prepare_epoch(loop, epoch)
+    loader = loop.loader.set_epoch(epoch, progress.step)
+    accumulate, every = int(tcfg["accumulate"]), int(tcfg["checkpoint_every"])
+    check_every = 1 if device.type == "cpu" else 25  # loss checks read the device: not every step on a GPU
+    max_loss = tcfg["max_loss"]
+    loss_sum = torch.zeros((), device=device)
+    window = torch.zeros((), device=device)  # worst loss since the last check
+    bar = tqdm(total=len(loop.data.train), initial=min(progress.seen * env.world_size, len(loop.data.train)),
+               unit="img", unit_scale=True, disable=not (tcfg["progress"] and env.is_main),
+               desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+    t0 = time.perf_counter() - progress.seconds
+    for step, (images, targets) in enumerate(loader, start=progress.step):
+        global_step = epoch * loop.steps_per_epoch + step
+        for g, base_lr in zip(loop.optimizer.param_groups, loop.base_lrs):
+            g["lr"] = base_lr * lr_factor(global_step, loop.steps_per_epoch, tcfg)
+        torch.manual_seed(_step_seed(loop.seed, epoch, step, env.rank))  # dropout and other torch randomness
+        gen = torch.Generator().manual_seed(_step_seed(loop.seed, epoch, step, env.rank))  # augmentation
+        images = images.to(device, non_blocking=True)
+        if not loop.data.features:
+            images = loop.data.normalize(loop.augment(images, gen))
+            if tcfg["channels_last"]:
+                images = images.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        loop.optimizer.zero_grad(set_to_none=True)
+        n = len(images)
+        chunks = list(zip(images.tensor_split(accumulate), targets.tensor_split(accumulate)))
+        chunks = [(x, y) for x, y in chunks if len(x)]
+        for i, (x, y) in enumerate(chunks):
+            sync = i == len(chunks) - 1 or not env.enabled
+            with (contextlib.nullcontext() if sync else loop.forward.no_sync()):
+                with torch.autocast(device.type, dtype=loop.amp, enabled=loop.amp is not None):
+                    loss = loop.net.loss(loop.forward(x), y)
+                loop.scaler.scale(loss * (len(x) / n)).backward()
+            loss = loss.detach().float()
+            loss_sum += loss * len(x)
+            window = torch.maximum(window, torch.where(torch.isfinite(loss), loss, torch.inf))
+        if tcfg["grad_clip"]:
+            loop.scaler.unscale_(loop.optimizer)
+            nn.utils.clip_grad_norm_(loop.model.parameters(), float(tcfg["grad_clip"]))
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+        progress.step, progress.seen = step + 1, progress.seen + n
+        bar.update(n * env.world_size)
+        if (step + 1) % check_every == 0 or progress.step == len(loop.loader):
+            worst = float(window)
+            bad = not math.isfinite(worst) or (max_loss is not None and worst > float(max_loss))
+            window.zero_()
+            if any_flag(bad, env):
+                bar.close()
+                what = f"loss is {worst}" if not math.isfinite(worst) else f"loss {worst:.4g} > train.max_loss"
+                raise TrainingError(f"{what} at epoch {epoch + 1}, step {step + 1} "
+                                    f"(lr {loop.optimizer.param_groups[0]['lr']:.3g}): lower train.lr, set "
+                                    "train.grad_clip, or set train.amp=none")
+            progress.loss_sum += float(loss_sum)
+            loss_sum.zero_()
+            bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.3f}")
+            progress.seconds = time.perf_counter() - t0
+            stopping = any_flag(stop.requested is not None, env)
+            if stopping or (every and progress.step % every == 0 and progress.step < len(loop.loader)):
+                save()
+            if stopping:
+                bar.close()
+                return False
+    bar.close()
+    progress.loss_sum += float(loss_sum)
+    progress.seconds = time.perf_counter() - t0
+    return True
+
+
 # ----------------------------------------------------------------------------- the run
 def train(
     cfg: dict,
@@ -287,43 +488,47 @@ def train(
 ) -> dict[str, Any]:
     """Train and evaluate one config; returns the test metrics (also written to ``metrics.json``).
 
-    ``max_epochs_this_call`` stops after that many epochs (as a kill would, but cleanly): calling
-    again with ``resume=True`` continues from ``last.pt``.
+    Under ``torchrun`` every rank calls this; rank 0 alone writes the run folder. ``max_epochs_this_call``
+    stops after that many epochs (as a kill would, but cleanly): calling again with ``resume=True``
+    continues from ``last.pt``. SIGTERM/SIGINT save a mid-epoch checkpoint and raise :class:`Preempted`.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tcfg, seed = cfg["train"], int(cfg["seed"])
     if tcfg["threads"]:
         torch.set_num_threads(int(tcfg["threads"]))
-    if tcfg["deterministic"]:
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    device = select_device(tcfg["device"])
+    # set both ways: a later run in the same process must not inherit an earlier run's choice
+    torch.backends.cudnn.deterministic = bool(tcfg["deterministic"])
+    torch.backends.cudnn.benchmark = not tcfg["deterministic"]
+    env = distributed.setup(select_device(tcfg["device"]))
+    device = env.device
     amp = autocast_dtype(tcfg["amp"], device)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
     # --- data and model
     torch.manual_seed(seed)
-    data = build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", seed)})
+    data = run_data(cfg)
     if tcfg["pseudo_labels"]:
         data = pseudo_label(cfg, data, out / "round1", resume, device, amp)
         torch.manual_seed(seed)  # the model starts as it would without the first round
     taxonomy = data.taxonomy
-    model_cfg = dict(cfg["model"])
-    model = create_model(model_cfg.pop("name"), taxonomy, in_chans=data.in_chans, multi_label=data.multi_label,
-                         image_size=data.image_size, **model_cfg).to(device)
+    model = run_model(cfg, taxonomy, data.meta())
+    if tcfg["sync_bn"] and env.enabled:
+        if device.type != "cuda":
+            raise ConfigError("train.sync_bn: PyTorch's SyncBatchNorm runs on CUDA devices only (use it with NCCL)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     if tcfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model.parameters(), tcfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them with scheduled values
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    augment = BatchAugment(**(tcfg["augment"] or {}))
-    groups = set(model.param_groups())
     select_key = cfg["eval"]["select"]
     if select_key == "auto":
         select_key = "path_f1" if data.multi_label else "path_accuracy"
 
-    # --- resume, or start a fresh run folder
-    start_epoch, best, history = 0, -math.inf, []
+    # --- resume, or start a fresh run (old files are replaced as new ones are written, never deleted first)
+    progress = Progress()
     last = out / "last.pt"
     if resume and last.exists():
         state = load_checkpoint(last, taxonomy)
@@ -333,132 +538,127 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        start_epoch, best, history = state["epoch"], state["best"], list(state["history"])
-    else:
-        for f in ("last.pt", "best.pt", "log.csv", "metrics.json"):
-            (out / f).unlink(missing_ok=True)
+        progress = Progress(state["epoch"], state.get("step", 0), state["best"], list(state["history"]),
+                            **state.get("partial", {}))
     net: nn.Module = model  # what the epochs run: the model on images, or its head on cached features
     if tcfg["precompute_features"]:
-        data = precompute_features(model, data, cfg["eval"]["batch_size"], device, amp)
+        data = precompute_features(model, data, cfg["eval"]["batch_size"], device, amp, env)
         net = _FeatureHead(model)
-    taxonomy.save(out / "taxonomy.json")
-    (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
+    if env.is_main:
+        taxonomy.save(out / "taxonomy.json")
+        (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
 
-    def checkpoint(epoch: int) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "best": best,
-            "history": history,
-            "config": dump(cfg),
-            "taxonomy_fingerprint": taxonomy.fingerprint,
-            "meta": data.meta(),
-        }
+    def save_checkpoint_as(*names: str) -> None:
+        """Rank 0 writes; every rank waits, so a later read (resume, best.pt for the test) sees the file."""
+        if env.is_main:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": progress.epoch,
+                "step": progress.step,
+                "partial": {"loss_sum": progress.loss_sum, "seen": progress.seen, "seconds": progress.seconds},
+                "best": progress.best,
+                "history": progress.history,
+                "config": dump(cfg),
+                "taxonomy_fingerprint": taxonomy.fingerprint,
+                "meta": data.meta(),
+                "world_size": env.world_size,
+            }
+            for name in names:
+                save_checkpoint(out / name, state)
+        barrier(env)
 
     # --- epochs
     epochs = int(tcfg["epochs"])
-    loader = BatchLoader(data.train, tcfg["batch_size"], shuffle=True, seed=seed, num_workers=tcfg["num_workers"])
-    steps_per_epoch = max(1, math.ceil(len(data.train) / tcfg["batch_size"]))
-    stop_at = epochs if max_epochs_this_call is None else min(epochs, start_epoch + max_epochs_this_call)
-    for epoch in range(start_epoch, stop_at):
-        frozen = frozen_groups(epoch, tcfg["freeze"], groups)
-        apply_freeze(model, frozen | {"backbone"} if data.features else frozen)
-        model.train()
-        _freeze_batchnorm_stats(model)
-        torch.manual_seed(_epoch_seed(seed, epoch))  # dropout and any other torch randomness
-        gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))  # augmentation
-        total_loss, seen, t0 = 0.0, 0, time.perf_counter()
-        bar = tqdm(total=len(data.train), unit="img", unit_scale=True, disable=not tcfg["progress"],
-                   desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
-        for step, (images, targets) in enumerate(loader.set_epoch(epoch)):
-            global_step = epoch * steps_per_epoch + step
-            for g, base_lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base_lr * lr_factor(global_step, steps_per_epoch, tcfg)
-            images = images.to(device, non_blocking=True)
-            if not data.features:
-                images = data.normalize(augment(images, gen))
-                if tcfg["channels_last"]:
-                    images = images.contiguous(memory_format=torch.channels_last)
-            targets = targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = net.loss(net(images), targets)
-            if not torch.isfinite(loss):
-                bar.close()
-                raise TrainingError(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                    f"(lr {optimizer.param_groups[0]['lr']:.3g}): lower train.lr or set train.amp=none"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tcfg["grad_clip"]:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))
-            scaler.step(optimizer)
-            scaler.update()
-            total_loss += loss.item() * len(images)
-            seen += len(images)
-            bar.update(len(images))
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
-        bar.close()
-        train_time = time.perf_counter() - t0
-        # multi-label: each epoch is judged at its own best threshold, which best.pt then keeps
-        val = (evaluate_split(net, data, "val", cfg["eval"]["batch_size"], device, amp, tune_threshold=True)
-               if len(data.val) else {})
-        score = val.get(select_key, float(epoch))  # no val split (val_fraction 0): the last epoch is kept
-        row = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": total_loss / max(seen, 1),
-            "train_images_per_s": seen / train_time,
-            **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
-        }
-        history.append(row)
-        _write_log(out / "log.csv", history)
-        if tcfg["progress"]:
-            tqdm.write(
-                f"epoch {epoch + 1}/{epochs}  loss {row['train_loss']:.4f}  "
-                f"val {select_key} {score:.4f}  {row['train_images_per_s']:.0f} img/s"
-            )
-        if score > best:
-            best = score
-            save_checkpoint(out / "best.pt", checkpoint(epoch + 1))
-        save_checkpoint(out / "last.pt", checkpoint(epoch + 1))
-
+    loop = Loop(
+        model, net, optimizer, scaler, BatchAugment(**(tcfg["augment"] or {})), data,
+        BatchLoader(data.train, tcfg["batch_size"], shuffle=True, seed=seed, num_workers=tcfg["num_workers"],
+                    rank=env.rank, world_size=env.world_size),
+        tcfg, seed, device, amp, env, base_lrs, max(1, math.ceil(len(data.train) / tcfg["batch_size"])),
+    )
+    stop_at = epochs if max_epochs_this_call is None else min(epochs, progress.epoch + max_epochs_this_call)
+    with StopSignal() as stop:
+        while progress.epoch < stop_at:
+            epoch = progress.epoch
+            if not train_one_epoch(loop, epoch, progress, stop, lambda: save_checkpoint_as("last.pt"), epochs):
+                raise Preempted(f"stopped by signal {stop.requested} at epoch {epoch + 1}, step {progress.step}; "
+                                f"checkpoint saved to {last} — run the same command again to resume",
+                                int(stop.requested or signal.SIGTERM))
+            row = validate(loop, epoch, progress, select_key, cfg["eval"]["batch_size"])
+            names = ["last.pt"]
+            if row["score"] > progress.best:
+                progress.best = row["score"]
+                names.insert(0, "best.pt")
+            progress.history.append(row["log"])
+            progress.end_epoch()
+            save_checkpoint_as(*names)
+            if env.is_main:
+                _write_log(out / "log.csv", progress.history)
     if stop_at < epochs:
         return {"stopped_at_epoch": stop_at}
+    result = test_report(loop, cfg, out, progress, select_key)
+    if env.is_main:
+        (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    barrier(env)
+    return result
 
-    # --- final evaluation with the best checkpoint
-    model.load_state_dict(load_checkpoint(out / "best.pt", taxonomy)["model"])
-    result = evaluate_split(net, data, "test", cfg["eval"]["batch_size"], device, amp)
+
+def validate(loop: Loop, epoch: int, progress: Progress, select_key: str, batch_size: int) -> dict[str, Any]:
+    """Validation metrics after an epoch and the log row (multi-label: at the epoch's own best threshold)."""
+    data, env = loop.data, loop.env
+    val = (evaluate_split(loop.net, data, "val", batch_size, loop.device, loop.amp, tune_threshold=True, env=env)
+           if len(data.val) else {})
+    score = val.get(select_key, float(epoch))  # no val split (val_fraction 0): the last epoch is kept
+    seen = progress.seen * env.world_size
+    log = {
+        "epoch": epoch + 1,
+        "lr": loop.optimizer.param_groups[0]["lr"],
+        "train_loss": progress.loss_sum / max(progress.seen, 1),
+        "train_images_per_s": seen / max(progress.seconds, 1e-9),
+        **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
+    }
+    if loop.tcfg["progress"] and env.is_main:
+        tqdm.write(f"epoch {epoch + 1}/{loop.tcfg['epochs']}  loss {log['train_loss']:.4f}  "
+                   f"val {select_key} {score:.4f}  {log['train_images_per_s']:.0f} img/s")
+    return {"score": score, "log": log}
+
+
+def test_report(loop: Loop, cfg: dict, out: Path, progress: Progress, select_key: str) -> dict[str, Any]:
+    """Test metrics of ``best.pt``: the configured evaluation mode, the others (e.g. HierNet routing), CNN-RNN*."""
+    model, data, env, bs = loop.model, loop.data, loop.env, cfg["eval"]["batch_size"]
+
+    def report(**kw) -> dict[str, Any]:
+        return evaluate_split(loop.net, data, "test", bs, loop.device, loop.amp, env=env, **kw)
+
+    model.load_state_dict(load_checkpoint(out / "best.pt", data.taxonomy)["model"])
+    result = report()
     if data.multi_label:
         result["threshold"] = float(model.threshold)
     mode = getattr(model, "eval_mode", None)
     for other in model.eval_modes:  # e.g. HierNet: routing beside conditional
         if other != mode:
             model.set_eval_mode(other)
-            result[other] = evaluate_split(net, data, "test", cfg["eval"]["batch_size"], device, amp)
+            result[other] = report()
     if mode is not None:
         model.set_eval_mode(mode)
     given_level = cfg["eval"]["given_level"]
     if given_level is not None:
-        given = evaluate_split(net, data, "test", cfg["eval"]["batch_size"], device, amp, given_level=given_level)
-        result["given"] = {"level": given_level, **given}
+        result["given"] = {"level": given_level, **report(given_level=given_level)}
+    history = progress.history
     result.update(
         split="test",
         train_images_per_s=sum(r["train_images_per_s"] for r in history) / max(len(history), 1),
-        epochs=epochs,
-        best_val=best,
+        epochs=int(loop.tcfg["epochs"]),
+        best_val=progress.best,
         select=select_key,
-        device=str(device),
-        amp=str(amp).replace("torch.", "") if amp else "none",
+        device=str(loop.device),
+        world_size=env.world_size,
+        amp=str(loop.amp).replace("torch.", "") if loop.amp else "none",
         data=data.name,
         data_note=data.note,
     )
-    (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
-
 
 def _write_log(path: Path, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -470,25 +670,3 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------- loading a finished run
-def load_run(run_dir: str | os.PathLike, which: str = "best", device: str = "cpu"):
-    """``(cfg, taxonomy, model, meta)`` of a run folder written by :func:`train`."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise TrainingError(f"{run}: not a hiervision run folder (no config.yaml)")
-    cfg = load_config(run / "config.yaml")
-    taxonomy = Taxonomy.load(run / "taxonomy.json")
-    state = load_checkpoint(run / f"{which}.pt", taxonomy)
-    meta = state.get("meta", {})
-    model_cfg = dict(cfg["model"])
-    if model_cfg.get("backbone_kwargs"):  # the checkpoint holds the weights: the start file need not exist any more
-        model_cfg["backbone_kwargs"] = {k: v for k, v in model_cfg["backbone_kwargs"].items() if k != "pretrained_path"}
-    model = create_model(model_cfg.pop("name"), taxonomy, in_chans=meta.get("in_chans", 3),
-                         multi_label=meta.get("multi_label", False), image_size=meta.get("image_size", 32),
-                         **model_cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise TrainingError(f"{run / (which + '.pt')}: weights do not fit the configured model ({first})") from None
-    return cfg, taxonomy, model.to(device).eval(), meta

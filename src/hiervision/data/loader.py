@@ -44,6 +44,9 @@ class BatchLoader:
         num_workers: worker processes for lazy datasets (ignored by the fast path).
         drop_last: drop the last incomplete batch.
         device: fast path only — move uint8 batches there before the float conversion (saves bandwidth).
+        rank, world_size: DDP — ``batch_size`` is the global batch; rank ``r`` yields the ``r``-th of
+            ``world_size`` contiguous slices of each global batch, so the ranks together see exactly the
+            batches one process would, and the order stays a function of ``(seed, epoch)``.
     """
 
     def __init__(
@@ -55,9 +58,14 @@ class BatchLoader:
         num_workers: int = 0,
         drop_last: bool = False,
         device: torch.device | str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if batch_size < world_size:
+            raise ValueError(f"batch_size {batch_size} is the global batch: it must be ≥ the {world_size} processes")
+        self.rank, self.world_size = rank, world_size
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
         self.num_workers, self.drop_last, self.device = num_workers, drop_last, device
         self.epoch, self.start_batch = 0, 0
@@ -69,11 +77,16 @@ class BatchLoader:
 
     def __len__(self) -> int:
         n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        # under DDP a last batch too small to give every rank a sample is dropped
+        drop = self.drop_last or (self.world_size > 1 and n % self.batch_size < self.world_size)
+        return n // self.batch_size if drop else -(-n // self.batch_size)
 
     def _batches(self) -> list[torch.Tensor]:
         perm = epoch_permutation(len(self.dataset), self.seed, self.epoch, self.shuffle)
-        return list(perm.split(self.batch_size))[self.start_batch : len(self)]
+        batches = list(perm.split(self.batch_size))[self.start_batch : len(self)]
+        if self.world_size > 1:
+            batches = [b.tensor_split(self.world_size)[self.rank] for b in batches]
+        return batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._batches()

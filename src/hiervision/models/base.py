@@ -36,6 +36,8 @@ class HierarchicalClassifier(nn.Module):
 
     #: other ways the model can predict (HierNet: conditional, routing); training reports each on test
     eval_modes: tuple[str, ...] = ()
+    #: DDP: some parameters may get no gradient in a step (e.g. a branch no image reached)
+    ddp_unused_parameters: bool = False
 
     def __init__(
         self,

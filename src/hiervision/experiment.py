@@ -1,0 +1,65 @@
+"""One way to turn a config into a run's data and model, and a run folder back into them.
+
+Training, ``evaluate``, ``predict``, ``induce``, export, serving and the benchmarks all go through
+these functions, so none of them can re-derive a split or build a model differently from the run
+that trained it (the split seed defaults to the run's seed in exactly one place: :func:`run_data`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hiervision.checkpoint import CheckpointError, load_checkpoint
+from hiervision.config import load_config
+from hiervision.data import DataBundle, build_data
+from hiervision.models import create_model
+from hiervision.taxonomy import Taxonomy
+
+__all__ = ["RunError", "load_run", "run_data", "run_model"]
+
+
+class RunError(RuntimeError):
+    """A run folder that cannot be used (not a run, weights that do not fit its config)."""
+
+
+def run_data(cfg: dict[str, Any]) -> DataBundle:
+    """The data of a run: ``data.split_seed`` defaults to the run's ``seed``."""
+    return build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])})
+
+
+def run_model(cfg: dict[str, Any], taxonomy: Taxonomy, meta: dict[str, Any], from_checkpoint: bool = False
+              ) -> nn.Module:
+    """The model of a run, from its config and its data's ``meta()`` (channels, image size, multi-label).
+
+    ``from_checkpoint``: the weights come from a checkpoint next, so a ``pretrained_path`` the run
+    started from is not read (it may not exist any more).
+    """
+    model_cfg = dict(cfg["model"])
+    if from_checkpoint and model_cfg.get("backbone_kwargs"):
+        model_cfg["backbone_kwargs"] = {k: v for k, v in model_cfg["backbone_kwargs"].items() if k != "pretrained_path"}
+    return create_model(model_cfg.pop("name"), taxonomy, in_chans=meta.get("in_chans", 3),
+                        multi_label=meta.get("multi_label", False), image_size=meta.get("image_size", 32),
+                        **model_cfg)
+
+
+def load_run(run_dir: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu"):
+    """``(cfg, taxonomy, model, meta)`` of a run folder written by :func:`hiervision.training.train`."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise RunError(f"{run}: not a hiervision run folder (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    taxonomy = Taxonomy.load(run / "taxonomy.json")
+    state = load_checkpoint(run / f"{which}.pt", taxonomy)
+    meta = state.get("meta", {})
+    model = run_model(cfg, taxonomy, meta, from_checkpoint=True)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise CheckpointError(f"{run / (which + '.pt')}: weights do not fit the configured model ({first})") from None
+    return cfg, taxonomy, model.to(device).eval(), meta
