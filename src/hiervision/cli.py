@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,8 +39,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.quiet:
         cfg["train"]["progress"] = False
     result = train(cfg, args.out, resume=not args.no_resume)
-    _print_metrics(result)
-    print(f"run written to {args.out}")
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one rank reports
+        _print_metrics(result)
+        print(f"run written to {args.out}")
     return 0
 
 

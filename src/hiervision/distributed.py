@@ -49,7 +49,7 @@ def setup(device: torch.device) -> DistEnv:
 
     ``device`` is the configured device type; under torchrun each rank takes ``cuda:LOCAL_RANK``.
     """
-    world, rank, local = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    world, local = _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     if world <= 1:
         return DistEnv(0, 1, 0, device)
     if device.type == "cuda":
