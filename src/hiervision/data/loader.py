@@ -52,7 +52,7 @@ def gather_order(n: int, world_size: int) -> torch.Tensor:
 
 def _check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in 0..world_size-1 with world_size ≥ 1, got rank {rank}, world_size {world_size}")
+        raise ValueError(f"rank must be in 0..world_size-1 (world_size ≥ 1), got rank {rank}, world_size {world_size}")
 
 
 def _worker_init(worker_id: int) -> None:

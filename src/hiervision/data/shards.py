@@ -82,7 +82,8 @@ def _write_split(ds: HierDataset, out: Path, split: str, shard_size: int) -> dic
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
             for i in range(start, min(n, start + shard_size)):
                 data, ext = _raw_image(ds, i)
-                for member, payload in ((f"{i:09d}.{ext}", data), (f"{i:09d}.cls", _label_text(ds.targets[i]).encode())):
+                label = _label_text(ds.targets[i]).encode()
+                for member, payload in ((f"{i:09d}.{ext}", data), (f"{i:09d}.cls", label)):
                     info = tarfile.TarInfo(member)
                     info.size, info.mtime, info.mode = len(payload), 0, 0o644
                     tf.addfile(info, io.BytesIO(payload))
