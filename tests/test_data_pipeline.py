@@ -180,3 +180,15 @@ def test_evaluation_shards_cover_every_sample_once() -> None:
     assert torch.equal(gathered[gather_order(n, world)], values)
     with pytest.raises(ValueError, match="rank"):
         shard_indices(5, 3, 3)
+
+
+def test_bundle_meta_tells_inference_the_eval_transform(tmp_path: Path) -> None:
+    from hiervision.cli import load_image
+
+    root = _image_folder(tmp_path / "imgs", 2)
+    b = build_data(_cfg(root, resize=40))
+    assert b.meta()["resize"] == 40 and b.meta()["image_size"] == [32, 32]
+    assert "resize" not in build_data({"name": "folder", "root": str(root)}).meta()
+    i = 0
+    x = load_image(Path(b.test.base.sources[i]), 3, (32, 32), resize=40)
+    assert torch.equal(x, b.test[i][0])  # predict sees what evaluation saw

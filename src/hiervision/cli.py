@@ -64,10 +64,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_image(path: Path, in_chans: int, size: tuple[int, int] | None) -> torch.Tensor:
-    """Decode one image file as a float tensor C×H×W in [0, 1], with a clear error when it is not an image."""
+def load_image(path: Path, in_chans: int, size: tuple[int, int] | None, resize: int | None = None) -> torch.Tensor:
+    """Decode one image file as a float tensor C×H×W in [0, 1], with a clear error when it is not an image.
+
+    ``resize``: the run used ``data.pipeline`` (shorter side to ``resize``, then the centre ``size`` crop).
+    """
     try:
         with Image.open(path) as img:
+            if resize is not None and size is not None:
+                from hiervision.data.pipeline import CenterCrop
+
+                return CenterCrop(size[0], resize)(img, in_chans).float() / 255
             img = img.convert("L" if in_chans == 1 else "RGB")
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.BILINEAR)
@@ -108,7 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = _image_files(args.inputs)
     for start in range(0, len(files), args.batch_size):
         chunk = files[start : start + args.batch_size]
-        images = torch.stack([load_image(f, in_chans, size) for f in chunk])
+        images = torch.stack([load_image(f, in_chans, size, meta.get("resize")) for f in chunk])
         pred = model.predict((images - mean) / std)
         for i, f in enumerate(chunk):
             path = [int(n) for n in pred.paths[i] if n >= 0]

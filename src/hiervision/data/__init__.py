@@ -28,7 +28,7 @@ from hiervision.data.base import (
     stratified_subset,
 )
 from hiervision.data.loader import BatchLoader, iter_batches
-from hiervision.data.pipeline import PIPELINE_KEYS, pipeline_from_cfg
+from hiervision.data.pipeline import PIPELINE_KEYS, CenterCrop, pipeline_from_cfg
 from hiervision.data.synthetic import SYNTHETIC_VARIANTS, make_synthetic
 from hiervision.data.transforms import BatchAugment, hflip, normalize, pad_crop, resize
 from hiervision.taxonomy import Taxonomy
@@ -95,8 +95,12 @@ class DataBundle:
     def meta(self) -> dict[str, Any]:
         """What inference needs without the data (stored in checkpoints): channels, size, statistics."""
         size = self.image_size if isinstance(self.image_size, (list, tuple)) else (self.image_size, self.image_size)
-        return {"in_chans": self.in_chans, "image_size": list(size), "mean": list(self.mean),
+        meta = {"in_chans": self.in_chans, "image_size": list(size), "mean": list(self.mean),
                 "std": list(self.std), "multi_label": self.multi_label, "data": self.name}
+        transform = getattr(self.test, "transform", None)
+        if isinstance(transform, CenterCrop):  # data.pipeline: inference resizes and centre-crops the same way
+            meta["resize"] = transform.resize
+        return meta
 
     def __repr__(self) -> str:
         return (f"DataBundle({self.name}: train={len(self.train)}, val={len(self.val)}, test={len(self.test)}, "
