@@ -192,3 +192,23 @@ def test_bundle_meta_tells_inference_the_eval_transform(tmp_path: Path) -> None:
     i = 0
     x = load_image(Path(b.test.base.sources[i]), 3, (32, 32), resize=40)
     assert torch.equal(x, b.test[i][0])  # predict sees what evaluation saw
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_loader_augment_and_normalize_match_cpu(tmp_path: Path) -> None:
+    from hiervision.data import normalize
+
+    ds = make_synthetic("synthetic", 40, seed=0)
+    cpu = list(BatchLoader(ds, 16, shuffle=True, seed=1))
+    gpu = list(BatchLoader(ds, 16, shuffle=True, seed=1, device="cuda"))
+    for (xc, yc), (xg, yg) in zip(cpu, gpu):
+        assert xg.is_cuda and torch.equal(xg.cpu(), xc) and torch.equal(yg, yc)
+    x = cpu[0][0]
+    aug = BatchAugment(4, True)
+    assert torch.equal(aug(x.cuda(), torch.Generator().manual_seed(2)).cpu(), aug(x, torch.Generator().manual_seed(2)))
+    n1 = normalize(x.cuda(), (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    assert torch.allclose(n1.cpu(), normalize(x, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)))
+    b = build_data(_cfg(_image_folder(tmp_path / "imgs")))
+    lazy_c = [x for x, _ in BatchLoader(b.train, 5, shuffle=True, num_workers=2)]
+    lazy_g = [x for x, _ in BatchLoader(b.train, 5, shuffle=True, num_workers=2, device="cuda")]
+    assert all(g.is_cuda and torch.equal(g.cpu(), c) for c, g in zip(lazy_c, lazy_g))
