@@ -46,6 +46,8 @@ def test_pack_cli_writes_shards_that_read_back_exactly(tmp_path: Path, capsys: p
     assert tax.fingerprint == ref.taxonomy.fingerprint
     tr = splits["train"]
     assert isinstance(tr, ShardDataset) and torch.equal(tr.targets, ref.train.targets)
+    assert tr.ids == list(getattr(ref.train, "ids", ref.train.sources))  # stable sample names survive packing
+    assert tr.subset([2, 0]).ids == [tr.ids[2], tr.ids[0]]
     # the stored bytes are the original files: the same pixels as the folder data set
     for i in (0, 3, len(tr) - 1):
         assert tr.raw(i) == Path(ref.train.sources[i]).read_bytes()

@@ -140,6 +140,7 @@ class PipelineDataset(HierDataset):
         self.base, self.transform = base, transform
         self.targets, self.taxonomy, self.coarse_mask = base.targets, base.taxonomy, base.coarse_mask
         self.channels = _channels(base)
+        self.ids = getattr(base, "ids", None)  # stable sample names, where the data set has them
 
     def load(self, i: int, seed: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         """Decode and transform sample ``i`` with its own seed (runs in a DataLoader worker)."""
@@ -160,6 +161,7 @@ class PipelineDataset(HierDataset):
         out = copy.copy(self)
         out.base = self.base.subset(idx)
         out.targets, out.coarse_mask = self.targets[idx], self.coarse_mask[idx]
+        out.ids = getattr(out.base, "ids", None)
         return out
 
 

@@ -67,6 +67,17 @@ def _raw_image(ds: HierDataset, i: int) -> tuple[bytes, str]:
     return buf.getvalue(), "png"
 
 
+def _sample_ids(ds: HierDataset, split: str) -> list[str]:
+    """Each sample's stable name, kept through packing: the data set's own ids, else its file, else its position."""
+    ids = getattr(ds, "ids", None)
+    if ids is not None:
+        return [str(i) for i in ids]
+    base = getattr(ds, "base", ds)
+    if isinstance(base, FileImageDataset):
+        return [str(s) for s in base.sources]
+    return [f"{split}/{i}" for i in range(len(ds))]
+
+
 def _label_text(target: torch.Tensor) -> str:
     if target.dim() == 0:
         return str(int(target))
@@ -98,7 +109,8 @@ def _write_split(ds: HierDataset, out: Path, split: str, shard_size: int) -> dic
         files.append({"file": name, "count": min(n, start + shard_size) - start})
     targets = ds.targets.numpy()
     np.savez(out / f"{split}.npz", shard=np.asarray(shard_no, dtype=np.int32), offset=np.asarray(offsets, np.int64),
-             size=np.asarray(sizes, np.int64), target=targets, ext=np.asarray(exts, dtype="U8"))
+             size=np.asarray(sizes, np.int64), target=targets, ext=np.asarray(exts, dtype="U8"),
+             id=np.asarray(_sample_ids(ds, split), dtype=str))
     return {"count": n, "shards": files}
 
 
@@ -138,12 +150,14 @@ class ShardDataset(HierDataset):
         root: the packed directory; files: its shard file names; shard/offset/size/exts: per sample.
         targets, taxonomy: as in every data set.
         channels: 1 or 3; image_size: ``(H, W)`` every image is resized to on a plain read.
+        ids: stable sample names (splits are drawn from them).
     """
 
     def __init__(self, root: Path, files: Sequence[str], shard: np.ndarray, offset: np.ndarray, size: np.ndarray,
                  exts: Sequence[str], targets: torch.Tensor, taxonomy: Taxonomy, channels: int,
-                 image_size: tuple[int, int] | None) -> None:
+                 image_size: tuple[int, int] | None, ids: Sequence[str] | None = None) -> None:
         self.root, self.files = Path(root), list(files)
+        self.ids = [str(i) for i in range(len(targets))] if ids is None else list(ids)
         self.shard, self.offset, self.size, self.exts = shard, offset, size, list(exts)
         self.targets, self.taxonomy, self.channels, self.image_size = targets, taxonomy, channels, image_size
         self.coarse_mask = torch.zeros(len(targets), dtype=torch.bool)
@@ -203,7 +217,7 @@ class ShardDataset(HierDataset):
         k = idx.numpy()
         out = ShardDataset(self.root, self.files, self.shard[k], self.offset[k], self.size[k],
                            [self.exts[j] for j in k.tolist()], self.targets[idx], self.taxonomy, self.channels,
-                           self.image_size)
+                           self.image_size, [self.ids[j] for j in k.tolist()])
         out.coarse_mask, out.shard_order = self.coarse_mask[idx], self.shard_order
         return out
 
@@ -248,7 +262,7 @@ def load_shards(root: str | os.PathLike, channels: int | None = None,
         npz_path = root / f"{split}.npz"
         try:
             with np.load(npz_path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in ("shard", "offset", "size", "target", "ext")}
+                arrays = {k: z[k] for k in ("shard", "offset", "size", "target", "ext", "id")}
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"{npz_path}: cannot read the split's index ({e})") from None
         target = torch.from_numpy(arrays["target"])
@@ -256,7 +270,7 @@ def load_shards(root: str | os.PathLike, channels: int | None = None,
         if len(target) != info["count"]:
             raise ValueError(f"{npz_path}: {len(target)} samples but index.json says {info['count']}")
         out[split] = ShardDataset(root, [s["file"] for s in info["shards"]], arrays["shard"], arrays["offset"],
-                                  arrays["size"], arrays["ext"].tolist(), target, tax, 3, None)
+                                  arrays["size"], arrays["ext"].tolist(), target, tax, 3, None, arrays["id"].tolist())
     first = next((ds for ds in out.values() if len(ds)), None)
     if first is None:
         raise ValueError(f"{index_path}: the packed set is empty")
