@@ -84,39 +84,44 @@ def _label_text(target: torch.Tensor) -> str:
     return ";".join(str(int(n)) for n in torch.nonzero(target).flatten())
 
 
-def _write_split(ds: HierDataset, out: Path, split: str, shard_size: int) -> dict[str, Any]:
-    shard_no, offsets, sizes, exts, files = [], [], [], [], []
+def _write_split(ds: HierDataset, out: Path, split: str, shard_size: int, seed: int) -> dict[str, Any]:
+    """Write one split. Samples are placed in the shards in a seeded shuffled order, so a shard mixes classes
+    (a folder lists them class by class), while the index keeps the data set's own order."""
     n = len(ds)
+    placement = np.random.default_rng(seed).permutation(n)
+    shard_no, offsets = np.zeros(n, np.int32), np.zeros(n, np.int64)
+    sizes, exts, files = np.zeros(n, np.int64), [""] * n, []
     for s, start in enumerate(range(0, n, shard_size)):
         name = f"{split}-{s:06d}.tar"
         tmp = out / (name + ".tmp")
+        members: dict[str, int] = {}
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for i in range(start, min(n, start + shard_size)):
-                data, ext = _raw_image(ds, i)
+            for i in placement[start : start + shard_size].tolist():
+                data, exts[i] = _raw_image(ds, i)
+                members[f"{i:09d}.{exts[i]}"] = i
                 label = _label_text(ds.targets[i]).encode()
-                for member, payload in ((f"{i:09d}.{ext}", data), (f"{i:09d}.cls", label)):
+                for member, payload in ((f"{i:09d}.{exts[i]}", data), (f"{i:09d}.cls", label)):
                     info = tarfile.TarInfo(member)
                     info.size, info.mtime, info.mode = len(payload), 0, 0o644
                     tf.addfile(info, io.BytesIO(payload))
-                exts.append(ext)
         with tarfile.open(tmp) as tf:  # the offsets tarfile actually wrote
             for m in tf.getmembers():
-                if not m.name.endswith(".cls"):
-                    shard_no.append(s)
-                    offsets.append(m.offset_data)
-                    sizes.append(m.size)
+                if m.name in members:
+                    i = members[m.name]
+                    shard_no[i], offsets[i], sizes[i] = s, m.offset_data, m.size
         os.replace(tmp, out / name)
-        files.append({"file": name, "count": min(n, start + shard_size) - start})
-    targets = ds.targets.numpy()
-    np.savez(out / f"{split}.npz", shard=np.asarray(shard_no, dtype=np.int32), offset=np.asarray(offsets, np.int64),
-             size=np.asarray(sizes, np.int64), target=targets, ext=np.asarray(exts, dtype="U8"),
-             id=np.asarray(_sample_ids(ds, split), dtype=str))
+        files.append({"file": name, "count": len(members)})
+    np.savez(out / f"{split}.npz", shard=shard_no, offset=offsets, size=sizes, target=ds.targets.numpy(),
+             ext=np.asarray(exts, dtype="U8"), id=np.asarray(_sample_ids(ds, split), dtype=str))
     return {"count": n, "shards": files}
 
 
 def pack(splits: dict[str, HierDataset], taxonomy: Taxonomy, out: str | os.PathLike, shard_size: int = 1000,
-         channels: int | None = None) -> dict[str, Any]:
-    """Write ``splits`` (``train``/``val``/``test`` data sets over ``taxonomy``) as tar shards; returns the index."""
+         channels: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Write ``splits`` (``train``/``val``/``test`` data sets over ``taxonomy``) as tar shards; returns the index.
+
+    ``seed`` places the samples in the shards (shuffled, so each shard mixes classes).
+    """
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard-size: must be a positive integer, got {shard_size!r}")
     unknown = sorted(set(splits) - set(_SPLITS))
@@ -131,7 +136,7 @@ def pack(splits: dict[str, HierDataset], taxonomy: Taxonomy, out: str | os.PathL
                              "multi_label": any(ds.targets.dim() == 2 for ds in splits.values()), "splits": {}}
     per_class: dict[str, dict[str, int]] = {}
     for split, ds in splits.items():
-        index["splits"][split] = _write_split(ds, out, split, shard_size)
+        index["splits"][split] = _write_split(ds, out, split, shard_size, seed)
         if ds.targets.dim() == 1:
             for node, k in zip(*np.unique(ds.targets.numpy(), return_counts=True)):
                 per_class.setdefault(taxonomy.path_name(int(node)), {})[split] = int(k)
