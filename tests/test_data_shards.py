@@ -113,3 +113,17 @@ def test_shard_order_gives_each_rank_its_own_shards(tmp_path: Path, world: int) 
     # the single-rank order is reproducible and differs between epochs
     assert torch.equal(ds.epoch_order(3, 0, 4, 1), ds.epoch_order(3, 0, 4, 1))
     assert not torch.equal(ds.epoch_order(3, 0, 4, 1), ds.epoch_order(3, 1, 4, 1))
+
+
+def test_pack_cli_from_a_config_keeps_its_splits(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = _folder(tmp_path / "imgs", 4)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"seed: 3\ndata: {{name: folder, root: {src}, pipeline: imagenet, crop: 16}}\n", encoding="utf-8")
+    out = tmp_path / "packed"
+    assert main(["data", "pack", str(cfg), "--out", str(out), "--set", "data.test_fraction=0.25"]) == 0
+    ref = build_data({"name": "folder", "root": str(src), "test_fraction": 0.25, "split_seed": 3})
+    splits, _ = load_shards(out)
+    for k in ("train", "val", "test"):
+        assert splits[k].ids == list(getattr(getattr(ref, k), "ids", getattr(ref, k).sources))
+    assert main(["data", "pack", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
+    assert "no such config file or image folder" in capsys.readouterr().err
