@@ -212,3 +212,27 @@ def test_cuda_loader_augment_and_normalize_match_cpu(tmp_path: Path) -> None:
     lazy_c = [x for x, _ in BatchLoader(b.train, 5, shuffle=True, num_workers=2)]
     lazy_g = [x for x, _ in BatchLoader(b.train, 5, shuffle=True, num_workers=2, device="cuda")]
     assert all(g.is_cuda and torch.equal(g.cpu(), c) for c, g in zip(lazy_c, lazy_g))
+
+
+def test_pipeline_reads_upright_and_transparent_images_as_viewers_show_them(tmp_path: Path) -> None:
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    arr[:, :20] = 255  # left half white, right half black
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored rotated: shown turned 90° clockwise, 20 wide and 40 tall
+    im.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "rot.jpg") as f:
+        x = CenterCrop(8, 8)(f, 3)
+    # upright, the image is 20x40 (w x h): the centre square spans the white top / black bottom halves
+    assert x[:, :3].float().mean() > 200 and x[:, -3:].float().mean() < 50
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)  # fully transparent black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    with Image.open(tmp_path / "clear.png") as f:
+        assert CenterCrop(8, 8)(f, 3).min() == 255  # on white
+
+
+def test_pipeline_honours_the_readers_pixel_limit(tmp_path: Path) -> None:
+    b = build_data(_cfg(_image_folder(tmp_path / "imgs", 2)))
+    b.train.base.read.max_pixels = 100  # the limit a reader carries (data.max_pixels)
+    with pytest.raises(ValueError, match="over the limit 100"):
+        b.train.load(0, 0)

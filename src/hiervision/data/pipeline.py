@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hiervision.data.base import FileImageDataset, HierDataset
 
@@ -46,9 +46,20 @@ def _decode(im: Image.Image, box: Box, out: int, channels: int) -> Image.Image:
         im.draft(mode, req)
         sx, sy = im.size[0] / w, im.size[1] / h
         box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")  # transparency on a white page, as a viewer shows it
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     if im.mode != mode:
         im = im.convert(mode)
     return im.resize((out, out), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation first (a phone photo stored sideways), so the crop box is drawn upright.
+    Only rotated images pay for it: they are decoded in full, without a JPEG draft."""
+    if im.getexif().get(0x0112, 1) in (None, 1):
+        return im
+    return ImageOps.exif_transpose(im)
 
 
 def _to_tensor(im: Image.Image) -> torch.Tensor:
@@ -84,6 +95,7 @@ class RandomResizedCrop:
         return (x0, y0, x0 + cw, y0 + ch)
 
     def __call__(self, im: Image.Image, channels: int, rng: random.Random) -> torch.Tensor:
+        im = _upright(im)
         out = _decode(im, self.box(*im.size, rng), self.size, channels)
         if self.flip and rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -104,6 +116,7 @@ class CenterCrop:
         return (x0, y0, x0 + side, y0 + side)
 
     def __call__(self, im: Image.Image, channels: int, rng: random.Random | None = None) -> torch.Tensor:
+        im = _upright(im)
         return _to_tensor(_decode(im, self.box(*im.size), self.size, channels))
 
 
@@ -145,6 +158,10 @@ class PipelineDataset(HierDataset):
     def load(self, i: int, seed: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         """Decode and transform sample ``i`` with its own seed (runs in a DataLoader worker)."""
         im, name = _open(self.base, i)
+        limit = getattr(getattr(self.base, "read", None), "max_pixels", None)  # the reader's pixel limit, if any
+        if limit is not None and im.size[0] * im.size[1] > limit:
+            im.close()
+            raise ValueError(f"{name}: image is {im.size[0]}x{im.size[1]} pixels, over the limit {limit}")
         try:
             with im:
                 x = self.transform(im, self.channels, random.Random(seed))
