@@ -1,4 +1,4 @@
-"""Command line: ``hiervision train|evaluate|predict|taxonomy|induce|demo``; a thin layer over the Python API.
+"""Command line: ``hiervision train|evaluate|predict|taxonomy|induce|data|demo``; a thin layer over the Python API.
 
 Every user error ends in one line on stderr and a non-zero exit code; only bugs show a traceback.
 """
@@ -68,10 +68,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_image(path: Path, in_chans: int, size: tuple[int, int] | None) -> torch.Tensor:
-    """Decode one image file as a float tensor C×H×W in [0, 1], with a clear error when it is not an image."""
+def load_image(path: Path, in_chans: int, size: tuple[int, int] | None, resize: int | None = None) -> torch.Tensor:
+    """Decode one image file as a float tensor C×H×W in [0, 1], with a clear error when it is not an image.
+
+    ``resize``: the run used ``data.pipeline`` (shorter side to ``resize``, then the centre ``size`` crop).
+    """
     try:
         with Image.open(path) as img:
+            if resize is not None and size is not None:
+                from hiervision.data.pipeline import CenterCrop
+
+                return CenterCrop(size[0], resize)(img, in_chans).float() / 255
             img = img.convert("L" if in_chans == 1 else "RGB")
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.BILINEAR)
@@ -112,7 +119,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = _image_files(args.inputs)
     for start in range(0, len(files), args.batch_size):
         chunk = files[start : start + args.batch_size]
-        images = torch.stack([load_image(f, in_chans, size) for f in chunk])
+        images = torch.stack([load_image(f, in_chans, size, meta.get("resize")) for f in chunk])
         pred = model.predict((images - mean) / std)
         for i, f in enumerate(chunk):
             path = [int(n) for n in pred.paths[i] if n >= 0]
@@ -238,6 +245,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """``data pack``: any folder/CSV data set (a folder, or a config's ``data`` section) as tar shards."""
+    from hiervision.data import build_data
+    from hiervision.data.pipeline import PIPELINE_KEYS
+    from hiervision.data.shards import pack
+
+    src = Path(args.source)
+    if src.is_dir() or src.suffix.lower() == ".zip":
+        data_cfg: dict = {"name": "folder", "root": str(src)}
+    elif src.is_file():
+        cfg = load_config(src, args.set)
+        data_cfg = {**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])}  # training's splits
+    else:
+        raise FileNotFoundError(f"{src}: no such config file or image folder")
+    data_cfg = {k: v for k, v in data_cfg.items() if k not in PIPELINE_KEYS}  # pack the images as stored
+    data = build_data(data_cfg)
+    t0 = time.perf_counter()
+    index = pack({"train": data.train, "val": data.val, "test": data.test}, data.taxonomy, args.out,
+                 args.shard_size, data.in_chans)
+    counts = ", ".join(f"{k} {v['count']} in {len(v['shards'])} shards" for k, v in index["splits"].items())
+    print(f"packed {counts} to {args.out} ({time.perf_counter() - t0:.1f} s); "
+          f"train on it with data: {{name: shards, root: {args.out}}}")
+    return 0
+
+
 def _print_metrics(result: dict) -> None:
     keys = ["path_accuracy", "node_accuracy", "leaf_accuracy", "hierarchical_f1", "path_f1", "node_f1"]
     shown = {k: round(result[k], 4) for k in keys if isinstance(result.get(k), float)}
@@ -295,6 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     ind.add_argument("--plot", default=None, help="also draw the tree to this image file")
     ind.add_argument("--max-nodes", type=int, default=None, help="print at most this many nodes")
     ind.set_defaults(func=cmd_induce)
+
+    da = sub.add_parser("data", help="data tools: pack a folder/CSV data set into tar shards (data.name: shards)")
+    da.add_argument("action", choices=["pack"])
+    da.add_argument("source", metavar="SRC_CONFIG_OR_FOLDER",
+                    help="a config whose data section names the set, or a folder of class folders")
+    da.add_argument("--out", required=True, help="folder to write the shards, taxonomy.json and index.json to")
+    da.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    da.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    da.set_defaults(func=cmd_data)
 
     d = sub.add_parser("demo", help="train every method side by side on Fashion-MNIST and print one table")
     d.add_argument("--out", default="runs/demo")

@@ -155,6 +155,7 @@ def predict_dataset(
     amp: torch.dtype | None,
     given_level: int | None = None,
     env: DistEnv | None = None,
+    num_workers: int = 0,
 ) -> tuple[Prediction, torch.Tensor]:
     """Run ``model.predict`` over a dataset; returns the joined prediction and the targets (on the CPU).
 
@@ -170,8 +171,8 @@ def predict_dataset(
     shard = dataset.subset(shard_indices(n, env)) if env.enabled else dataset
     paths = data.taxonomy.path_matrix
     preds, targets = [], []
-    for images, target in iter_batches(shard, batch_size, shuffle=False):
-        images = data.normalize(images.to(device, non_blocking=True))
+    for images, target in iter_batches(shard, batch_size, shuffle=False, num_workers=num_workers, device=device):
+        images = data.normalize(images)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             if given_level is None:
                 preds.append(model.predict(images))
@@ -199,6 +200,7 @@ def evaluate_split(
     tune_threshold: bool = False,
     given_level: int | None = None,
     env: DistEnv | None = None,
+    num_workers: int = 0,
 ) -> dict:
     """Metrics report (see :func:`hiervision.metrics.evaluate`) of a model on one split.
 
@@ -209,7 +211,7 @@ def evaluate_split(
     device = device or next(model.parameters()).device
     dataset = {"train": data.train, "val": data.val, "test": data.test}[split]
     t0 = time.perf_counter()
-    pred, targets = predict_dataset(model, data, dataset, batch_size, device, amp, given_level, env)
+    pred, targets = predict_dataset(model, data, dataset, batch_size, device, amp, given_level, env, num_workers)
     seconds = time.perf_counter() - t0
     if tune_threshold and data.multi_label:
         threshold, _ = M.select_threshold(pred.scores, targets.bool(), data.taxonomy, metric="path_f1")
@@ -427,9 +429,10 @@ def train_one_epoch(
             g["lr"] = base_lr * lr_factor(global_step, loop.steps_per_epoch, tcfg)
         torch.manual_seed(_step_seed(loop.seed, epoch, step, env.rank))  # dropout and other torch randomness
         gen = torch.Generator().manual_seed(_step_seed(loop.seed, epoch, step, env.rank))  # augmentation
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True)  # the loader already put them there
         if not loop.data.features:
-            images = loop.data.normalize(loop.augment(images, gen))
+            # lazy sets with a per-image pipeline were augmented in the loader's workers
+            images = loop.data.normalize(images if loop.data.augmented else loop.augment(images, gen))
             if tcfg["channels_last"]:
                 images = images.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
@@ -574,9 +577,10 @@ def train(
     loop = Loop(
         model, net, optimizer, scaler, BatchAugment(**(tcfg["augment"] or {})), data,
         BatchLoader(data.train, tcfg["batch_size"], shuffle=True, seed=seed, num_workers=tcfg["num_workers"],
-                    rank=env.rank, world_size=env.world_size),
-        tcfg, seed, device, amp, env, base_lrs, max(1, math.ceil(len(data.train) / tcfg["batch_size"])),
+                    device=device, rank=env.rank, world_size=env.world_size),
+        tcfg, seed, device, amp, env, base_lrs, 1,
     )
+    loop.steps_per_epoch = max(1, len(loop.loader))
     stop_at = epochs if max_epochs_this_call is None else min(epochs, progress.epoch + max_epochs_this_call)
     with StopSignal() as stop:
         while progress.epoch < stop_at:
@@ -607,8 +611,8 @@ def train(
 def validate(loop: Loop, epoch: int, progress: Progress, select_key: str, batch_size: int) -> dict[str, Any]:
     """Validation metrics after an epoch and the log row (multi-label: at the epoch's own best threshold)."""
     data, env = loop.data, loop.env
-    val = (evaluate_split(loop.net, data, "val", batch_size, loop.device, loop.amp, tune_threshold=True, env=env)
-           if len(data.val) else {})
+    val = (evaluate_split(loop.net, data, "val", batch_size, loop.device, loop.amp, tune_threshold=True, env=env,
+                          num_workers=loop.tcfg["num_workers"]) if len(data.val) else {})
     score = val.get(select_key, float(epoch))  # no val split (val_fraction 0): the last epoch is kept
     seen = progress.seen * env.world_size
     log = {
@@ -629,7 +633,8 @@ def test_report(loop: Loop, cfg: dict, out: Path, progress: Progress, select_key
     model, data, env, bs = loop.model, loop.data, loop.env, cfg["eval"]["batch_size"]
 
     def report(**kw) -> dict[str, Any]:
-        return evaluate_split(loop.net, data, "test", bs, loop.device, loop.amp, env=env, **kw)
+        return evaluate_split(loop.net, data, "test", bs, loop.device, loop.amp, env=env,
+                              num_workers=loop.tcfg["num_workers"], **kw)
 
     model.load_state_dict(load_checkpoint(out / "best.pt", data.taxonomy)["model"])
     result = report()

@@ -28,6 +28,7 @@ from hiervision.data.base import (
     stratified_subset,
 )
 from hiervision.data.loader import BatchLoader, iter_batches
+from hiervision.data.pipeline import PIPELINE_KEYS, CenterCrop, pipeline_from_cfg
 from hiervision.data.synthetic import SYNTHETIC_VARIANTS, make_synthetic
 from hiervision.data.transforms import BatchAugment, hflip, normalize, pad_crop, resize
 from hiervision.taxonomy import Taxonomy
@@ -59,8 +60,9 @@ DATASETS: dict[str, set[str]] = {
     "fashion_mnist_var": set(),
     "fashion_mnist_canvas": _CANVAS,  # multi-label canvases of real items, see data/canvas.py
     "tiny_imagenet": {"hierarchy_root", "max_depth", "cache_dir", "workers"},
-    "folder": {"test_fraction", "channels"},
-    "manifest": {"manifest", "taxonomy", "test_fraction", "channels", "multi_label"},
+    "folder": {"test_fraction", "channels", *PIPELINE_KEYS},
+    "manifest": {"manifest", "taxonomy", "test_fraction", "channels", "multi_label", *PIPELINE_KEYS},
+    "shards": {"channels", "shard_order", *PIPELINE_KEYS},  # written by `hiervision data pack`, see data/shards.py
     "cifar100": set(),
     **{v: _SYNTH for v in SYNTHETIC_VARIANTS},
 }
@@ -84,6 +86,7 @@ class DataBundle:
     cfg: dict[str, Any] = field(default_factory=dict)
 
     features: bool = False  # the datasets hold pre-computed backbone features, not images
+    augmented: bool = False  # the training set augments each image in the loader (data.pipeline): no batch augment
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Per-channel standardisation with this data's training statistics (applied on whole batches)."""
@@ -92,8 +95,12 @@ class DataBundle:
     def meta(self) -> dict[str, Any]:
         """What inference needs without the data (stored in checkpoints): channels, size, statistics."""
         size = self.image_size if isinstance(self.image_size, (list, tuple)) else (self.image_size, self.image_size)
-        return {"in_chans": self.in_chans, "image_size": list(size), "mean": list(self.mean),
+        meta = {"in_chans": self.in_chans, "image_size": list(size), "mean": list(self.mean),
                 "std": list(self.std), "multi_label": self.multi_label, "data": self.name}
+        transform = getattr(self.test, "transform", None)
+        if isinstance(transform, CenterCrop):  # data.pipeline: inference resizes and centre-crops the same way
+            meta["resize"] = transform.resize
+        return meta
 
     def __repr__(self) -> str:
         return (f"DataBundle({self.name}: train={len(self.train)}, val={len(self.val)}, test={len(self.test)}, "
@@ -268,6 +275,21 @@ def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, Hi
             train, test = pool.subset(rest), pool.subset(held)
             note = f"{name} {cfg.get('root') or cfg.get('manifest')} (test = seeded {test_fraction:g} split)"
         size = None  # the reader resizes
+    elif name == "shards":
+        from hiervision.data.shards import load_shards
+
+        splits, _ = load_shards(_path(cfg, "root", required=True), _channels(cfg), size)
+        order = cfg.get("shard_order", False)
+        if not isinstance(order, bool):
+            raise ValueError(f"data.shard_order: must be true or false, got {order!r}")
+        for ds in splits.values():
+            ds.shard_order = order
+        if "train" not in splits or "test" not in splits:
+            raise ValueError(f"data.root: {cfg['root']} has no {'train' if 'train' not in splits else 'test'} split")
+        train, test = splits["train"], splits["test"]
+        val = splits["val"] if len(splits.get("val", ())) else None
+        note = f"shards {cfg['root']} (the packed train/val/test splits)"
+        size = None  # the shards' reader resizes
     elif name == "cifar100":
         from hiervision.data.cifar100 import load_cifar100
 
@@ -310,7 +332,7 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
     coarse_labels = cfg.get("coarse_labels", "coarse")
     if fine_fraction is None and coarse_labels != "coarse":
         raise ValueError("data.coarse_labels: applies only with data.fine_fraction (the S_fine/S_coarse split)")
-    _size(cfg)
+    pipe = pipeline_from_cfg(cfg, _size(cfg))
     try:
         pool, test, val, note = _load(cfg, name, seed)
     except FileNotFoundError as e:
@@ -321,6 +343,7 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         pool, test = _limit(pool, cfg.get("limit_train"), seed), _limit(test, cfg.get("limit_test"), seed)
         pool, test = _resized(pool, _size(cfg)), _resized(test, _size(cfg))
         val, note, name = None, f"{name} unavailable ({e}); used the {fb!r} synthetic fallback", fb
+        pipe = None  # in-memory synthetic images keep the batch augmentation
     if val is not None:
         train = pool
     elif val_fraction > 0:
@@ -343,11 +366,17 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         new, mask = coarsen_labels(train.targets, train.taxonomy, coarse_fraction, coarse_level, seed + 2)
         train = train.with_targets(new, mask)
         note += f"; {int(mask.sum())} train labels ({coarse_fraction:g}) cut to depth {coarse_level}"
+    if pipe is not None:
+        lazy = [type(ds).__name__ for ds in (train, val, test) if isinstance(ds, (TensorImageDataset, FeatureDataset))]
+        if lazy:
+            raise ValueError(f"data.pipeline: needs a lazy data set of image files (folder, manifest, shards), "
+                             f"not {name} ({lazy[0]})")
+        train, val, test = pipe.wrap(train, True), pipe.wrap(val, False), pipe.wrap(test, False)
     x0 = train[0][0] if len(train) else test[0][0]
     h, w = x0.shape[-2:]
     mean, std = _stats(train if len(train) else test)
     return DataBundle(
         train=train, val=val, test=test, taxonomy=train.taxonomy, in_chans=x0.shape[0],
         image_size=h if h == w else (h, w), multi_label=train.multi_label, mean=mean, std=std,
-        name=name, note=note, cfg=dict(cfg),
+        name=name, note=note, cfg=dict(cfg), augmented=pipe is not None,
     )  # fmt: skip

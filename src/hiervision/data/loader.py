@@ -1,7 +1,14 @@
 """Batch iteration whose order is a pure function of ``(seed, epoch)``, so a resumed run sees the same batches.
 
 In-memory datasets are indexed a whole batch at a time (one gather instead of ``batch_size``
-``__getitem__`` calls and a collate); lazy datasets go through a seeded torch ``DataLoader``.
+``__getitem__`` calls and a collate); lazy datasets go through a torch ``DataLoader`` whose workers
+decode (and, for the ImageNet-style pipeline, augment) each image. Images stay uint8 until they
+reach the target device (a quarter of the bytes of float32 on the copy), from pinned memory on CUDA.
+
+Distributed runs: every rank computes the same global order; each global batch of ``batch_size``
+is cut into ``world_size`` contiguous slices and rank ``r`` takes slice ``r``, so the union of the
+ranks' batches is exactly the single-process batch (``batch_size`` is the global batch).
+Evaluation shards are :func:`hiervision.distributed.shard_indices`.
 """
 
 from __future__ import annotations
@@ -13,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hiervision.data.base import FeatureDataset, TensorImageDataset
+from hiervision.data.base import FeatureDataset, FileImageDataset, TensorImageDataset
 
-__all__ = ["BatchLoader", "epoch_permutation", "iter_batches"]
+__all__ = ["BatchLoader", "epoch_permutation", "iter_batches", "sample_seed"]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -26,6 +33,16 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> to
     return torch.randperm(n, generator=g)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's per-image augmentation: the same whichever worker or rank decodes it."""
+    return ((int(seed) * 1_000_003 + int(epoch)) * 0x9E3779B1 + int(index)) % (2**63)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..world_size-1 (world_size ≥ 1), got rank {rank}, world_size {world_size}")
+
+
 def _worker_init(worker_id: int) -> None:
     """Seed numpy/random in each worker from torch's per-worker seed (itself derived from the loader's generator)."""
     s = torch.initial_seed() % 2**32
@@ -33,20 +50,57 @@ def _worker_init(worker_id: int) -> None:
     random.seed(s)
 
 
+class _Items(Dataset):
+    """What the DataLoader workers index: ``(i, sample seed)`` pairs → ``(uint8 or float image, target)``.
+
+    Lazy file datasets hand over their uint8 decode (converted to float on the device); datasets with a
+    per-image pipeline get the sample's seed, so augmentation does not depend on the worker count.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int | torch.Tensor]:
+        i, s = key
+        ds = self.dataset
+        if hasattr(ds, "load"):
+            return ds.load(i, s)
+        if isinstance(ds, FileImageDataset):
+            return ds.read(ds.sources[i]), ds._target(i)
+        return ds[i]
+
+
+class _Batches:
+    """A re-iterable batch sampler whose content the loader replaces each epoch (persistent workers keep it)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class BatchLoader:
     """Reproducible batches: call :meth:`set_epoch` before iterating (like ``DistributedSampler``).
 
     Args:
         dataset: a :class:`TensorImageDataset` (fast path) or any map-style dataset.
-        batch_size: samples per batch.
+        batch_size: samples per global batch (all ranks together).
         shuffle: reshuffle every epoch (from ``seed`` and the epoch number).
         seed: base seed.
-        num_workers: worker processes for lazy datasets (ignored by the fast path).
+        num_workers: worker processes for lazy datasets (ignored by the in-memory paths).
         drop_last: drop the last incomplete batch.
-        device: fast path only — move uint8 batches there before the float conversion (saves bandwidth).
-        rank, world_size: DDP — ``batch_size`` is the global batch; rank ``r`` yields the ``r``-th of
-            ``world_size`` contiguous slices of each global batch, so the ranks together see exactly the
-            batches one process would, and the order stays a function of ``(seed, epoch)``.
+        device: move uint8 batches there before the float conversion (saves bandwidth); pinned on CUDA.
+        rank, world_size: this process's slice of every global batch.
+        persistent_workers: keep lazy datasets' workers alive between epochs (no re-fork per epoch).
+        prefetch_factor: batches each worker decodes ahead.
+        pin_memory: page-locked batches so the device copy overlaps compute (default: when ``device`` is CUDA).
     """
 
     def __init__(
@@ -60,33 +114,70 @@ class BatchLoader:
         device: torch.device | str | None = None,
         rank: int = 0,
         world_size: int = 1,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 4,
+        pin_memory: bool | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        _check_rank(rank, world_size)
         if batch_size < world_size:
-            raise ValueError(f"batch_size {batch_size} is the global batch: it must be ≥ the {world_size} processes")
-        self.rank, self.world_size = rank, world_size
+            raise ValueError(f"batch_size {batch_size} (the global batch) is smaller than the world size {world_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be ≥ 0, got {num_workers}")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
-        self.num_workers, self.drop_last, self.device = num_workers, drop_last, device
+        self.num_workers, self.drop_last = num_workers, drop_last
+        self.device = None if device is None else torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.persistent_workers, self.prefetch_factor = persistent_workers, prefetch_factor
+        self.pin_memory = (self.device is not None and self.device.type == "cuda") if pin_memory is None else pin_memory
         self.epoch, self.start_batch = 0, 0
+        self._sampler = _Batches()
+        self._loader: DataLoader | None = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> BatchLoader:
         """Select the epoch whose order to replay; ``start_batch`` skips batches already seen (mid-epoch resume)."""
         self.epoch, self.start_batch = int(epoch), int(start_batch)
         return self
 
+    def _shard_order(self) -> Dataset | None:
+        """The data set (or the one a pipeline view reads) when it asks for its own shard-local order."""
+        src = getattr(self.dataset, "base", self.dataset)
+        return src if self.shuffle and getattr(src, "shard_order", False) else None
+
+    def _order(self) -> torch.Tensor:
+        src = self._shard_order()
+        if src is not None:
+            return src.epoch_order(self.seed, self.epoch, self.batch_size, self.world_size)
+        return epoch_permutation(len(self.dataset), self.seed, self.epoch, self.shuffle)  # type: ignore[arg-type]
+
+    def _count(self, n: int) -> int:
+        full, rest = divmod(n, self.batch_size)
+        # a last batch too small to give every rank a sample is dropped, so no rank ever gets an empty batch
+        return full + (rest > 0 and not self.drop_last and rest >= self.world_size)
+
     def __len__(self) -> int:
-        n = len(self.dataset)
-        # under DDP a last batch too small to give every rank a sample is dropped
-        drop = self.drop_last or (self.world_size > 1 and n % self.batch_size < self.world_size)
-        return n // self.batch_size if drop else -(-n // self.batch_size)
+        """Global batches per epoch (the same count on every rank)."""
+        n = len(self._order()) if self._shard_order() is not None else len(self.dataset)  # type: ignore[arg-type]
+        return self._count(n)
+
+    def global_batches(self) -> list[torch.Tensor]:
+        """This epoch's global batches (sample indices), after ``start_batch``; the same on every rank."""
+        perm = self._order()
+        return list(perm.split(self.batch_size))[self.start_batch : self._count(len(perm))]
 
     def _batches(self) -> list[torch.Tensor]:
-        perm = epoch_permutation(len(self.dataset), self.seed, self.epoch, self.shuffle)
-        batches = list(perm.split(self.batch_size))[self.start_batch : len(self)]
-        if self.world_size > 1:
-            batches = [b.tensor_split(self.world_size)[self.rank] for b in batches]
-        return batches
+        batches = self.global_batches()
+        if self.world_size == 1:
+            return batches
+        return [b.tensor_split(self.world_size)[self.rank] for b in batches]
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device is None:
+            return x
+        if self.pin_memory and self.device.type == "cuda" and not x.is_pinned():
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._batches()
@@ -97,28 +188,43 @@ class BatchLoader:
         if isinstance(self.dataset, TensorImageDataset):
             images, targets = self.dataset.images, self.dataset.targets
             for idx in batches:
-                x = images[idx]
-                if self.device is not None:
-                    x = x.to(self.device, non_blocking=True)
-                yield x.float().div_(255), targets[idx]
+                yield self._to_device(images[idx]).float().div_(255), targets[idx]
             return
-        g = torch.Generator().manual_seed((int(self.seed) * 1_000_003 + self.epoch) % (2**63))
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=[b.tolist() for b in batches],
-            num_workers=self.num_workers,
-            worker_init_fn=_worker_init,
-            generator=g,
-            persistent_workers=False,
-        )
-        for x, y in loader:
+        self._sampler.batches = [[(i, sample_seed(self.seed, self.epoch, i)) for i in b.tolist()] for b in batches]
+        for x, y in self._dataloader():
             if not isinstance(y, torch.Tensor):
                 y = torch.as_tensor(y)
-            yield (x.to(self.device), y) if self.device is not None else (x, y)
+            x = self._to_device(x)
+            yield (x.float().div_(255) if x.dtype == torch.uint8 else x), y
+
+    def _dataloader(self) -> DataLoader:
+        if self._loader is None:
+            workers = self.num_workers
+            g = torch.Generator().manual_seed(int(self.seed) % (2**63))
+            self._loader = DataLoader(
+                _Items(self.dataset),
+                batch_sampler=self._sampler,
+                num_workers=workers,
+                worker_init_fn=_worker_init,
+                generator=g,
+                pin_memory=self.pin_memory and torch.cuda.is_available(),
+                persistent_workers=self.persistent_workers and workers > 0,
+                prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            )
+        return self._loader
 
 
 def iter_batches(
-    dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0, start_batch: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch's batches without keeping a loader object around."""
-    return iter(BatchLoader(dataset, batch_size, shuffle, seed).set_epoch(epoch, start_batch))
+    """One epoch's batches without keeping a loader object around (evaluation: workers decode lazy sets)."""
+    loader = BatchLoader(dataset, batch_size, shuffle, seed, num_workers=num_workers, device=device,
+                         persistent_workers=False)
+    return iter(loader.set_epoch(epoch, start_batch))
