@@ -352,12 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as e:
-        print(f"hiervision: error: {e}", file=sys.stderr)
-        return 1
     except Preempted as e:  # SIGTERM/SIGINT during training: a checkpoint was saved
         print(f"hiervision: {e}", file=sys.stderr)
         return 128 + e.signum
+    except _user_errors() as e:
+        print(f"hiervision: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hiervision: interrupted (run again with the same --out to resume)", file=sys.stderr)
         return 130
