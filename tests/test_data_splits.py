@@ -31,7 +31,7 @@ def test_coarse_fraction_exact_train_only_ancestors() -> None:
     plain = build_data({**cfg, "coarse_fraction": 0.0})
     tax = b.taxonomy
     mask = b.train.coarse_mask
-    assert int(mask.sum()) == round(0.3 * len(b.train)) == 270
+    assert int(mask.sum()) == round(0.3 * len(b.train)) and 850 < len(b.train) < 950  # val: ~10 % by id hash
     changed = b.train.targets != plain.train.targets
     assert torch.equal(changed, mask)
     assert (tax.depth_tensor[b.train.targets[mask]] == 2).all()
@@ -57,7 +57,7 @@ def test_coarsen_var_tree_only_deep_labels() -> None:
 
 def test_limits_and_image_size() -> None:
     b = build_data({"name": "synthetic", "limit_train": 200, "limit_test": 50, "image_size": 16, "val_fraction": 0.25})
-    assert (len(b.train), len(b.val), len(b.test)) == (150, 50, 50)
+    assert len(b.train) + len(b.val) == 200 and 30 <= len(b.val) <= 70 and len(b.test) == 50
     assert b.image_size == 16 and b.train.images.shape[1:] == (3, 16, 16)
     b0 = build_data({"name": "synthetic", "n_train": 100, "val_fraction": 0})
     assert len(b0.train) == 100 and len(b0.val) == 0
