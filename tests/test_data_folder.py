@@ -141,3 +141,101 @@ def test_manifest_split_column(tmp_path: Path) -> None:
     assert (len(b.train), len(b.val), len(b.test)) == (2, 1, 1) and b.in_chans == 1
     assert b.taxonomy.names[b.test[0][1]] == "plant"
     assert np.isclose(b.val[0][0].mean().item(), 40 / 255, atol=1e-6)
+
+
+# ------------------------------------------------------------------ folder safety: symlinks, empty classes, checks
+def _tree(root: Path, counts: dict[str, int]) -> None:
+    for folder, n in counts.items():
+        for i in range(n):
+            _png(root / folder / f"{i:03d}.png", (37 * i) % 256)
+
+
+def test_symlinked_class_folder_is_read_once(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere" / "dog"
+    _tree(tmp_path / "elsewhere", {"dog": 3})
+    root = tmp_path / "data"
+    _tree(root, {"animal/cat": 2})
+    (root / "animal" / "dog").symlink_to(elsewhere, target_is_directory=True)
+    tax, sources, folders, _ = folder_index(root)
+    assert sorted(tax.external_ids[1:]) == ["animal", "animal/cat", "animal/dog"]
+    assert folders.count("animal/dog") == 3 and folders.count("animal/cat") == 2
+    ds = load_folder(root)
+    assert sorted(ds.ids)[2:] == ["animal/dog/000.png", "animal/dog/001.png", "animal/dog/002.png"]
+    # a second way into the same folder would count its images under two classes
+    (root / "twin").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"twin: the same folder as .*animal/dog \(symlink\)"):
+        folder_index(root)
+
+
+def test_symlink_loop_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _tree(root, {"a/b": 1})
+    (root / "a" / "b" / "back").symlink_to(root / "a", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"a/b/back: symlink loop \(points back to .*/data/a, a folder above it\)"):
+        build_data({"name": "folder", "root": str(root)})
+
+
+def test_empty_class_folder_is_an_error(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _tree(root, {"cat": 2, "dog": 1})
+    (root / "bird" / "sparrow").mkdir(parents=True)
+    (root / "bird" / ".hidden.png").write_bytes(b"")  # hidden files are not images
+    with pytest.raises(ValueError, match=r"data/bird: class folder holds no images \(and 1 more\)"):
+        folder_index(root)
+    with zipfile.ZipFile(tmp_path / "z.zip", "w") as zf:
+        zf.writestr("cat/a.png", (root / "cat" / "000.png").read_bytes())
+        zf.writestr("empty/", b"")
+    with pytest.raises(ValueError, match=r"z\.zip:/?empty: class folder holds no images"):
+        folder_index(tmp_path / "z.zip")
+
+
+def test_check_lists_every_bad_file_and_skip_counts_them(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _tree(root, {"cat": 6, "dog": 6})
+    (root / "cat" / "bad1.png").write_bytes(b"\x89PNG truncated")
+    (root / "dog" / "bad2.jpg").write_bytes(b"")
+    Image.new("L", (300, 300)).save(root / "dog" / "huge.png")
+    cfg = {"name": "folder", "root": str(root), "check_cache": None, "max_pixels": 200 * 200, "val_fraction": 0.0}
+    with pytest.raises(ValueError, match=r"data\.check: 3 of 15 images cannot be used") as e:
+        build_data(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in ("bad1.png", "bad2.jpg", "huge.png: image is 300x300"))
+    b = build_data({**cfg, "on_bad_image": "skip"})
+    assert b.skipped == 3 and len(b.bad_images) == 3 and len(b.train) + len(b.test) == 12
+    assert "3 unreadable images skipped" in b.note
+    assert not any("bad" in i or "huge" in i for i in b.train.ids + b.test.ids)
+    with pytest.raises(ValueError, match="on_bad_image: 'skip' needs data.check: true"):
+        build_data({**cfg, "on_bad_image": "skip", "check": False})
+    with pytest.raises(ValueError, match="data.on_bad_image: must be 'error' or 'skip'"):
+        build_data({**cfg, "on_bad_image": "ignore"})
+    with pytest.raises(ValueError, match="data.max_pixels: must be a positive integer"):
+        build_data({**cfg, "max_pixels": -1})
+    with pytest.raises(ValueError, match="cannot read image"):  # unchecked: a bad file fails when it is read
+        build_data({**cfg, "check": False})
+
+
+def test_check_cache_skips_unchanged_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hiervision.data import check
+
+    root = tmp_path / "data"
+    _tree(root, {"cat": 4, "dog": 4})
+    calls: list[str] = []
+    real = check._verify
+    monkeypatch.setattr(check, "_verify", lambda reader, s: calls.append(s) or real(reader, s))
+    cfg = {"name": "folder", "root": str(root), "check_cache": str(tmp_path / "c.json")}
+    build_data(cfg)
+    assert len(calls) == 8
+    calls.clear()
+    build_data(cfg)
+    assert calls == []  # all cached by size + mtime
+    _png(root / "cat" / "000.png", 99, size=(9, 9))  # changed file, and one new one
+    _png(root / "dog" / "new.png", 1)
+    build_data(cfg)
+    assert sorted(Path(c).name for c in calls) == ["000.png", "new.png"]
+    calls.clear()
+    b = build_data({**cfg, "max_pixels": 70, "on_bad_image": "skip"})  # a lower limit: the cache cannot vouch
+    assert sorted(Path(c).name for c in calls) == ["000.png"] and b.skipped == 1  # for the 9x9 image any more
+    (tmp_path / "c.json").write_text("{broken")
+    calls.clear()
+    build_data(cfg)
+    assert len(calls) == 9  # a damaged cache costs a re-check, not an error

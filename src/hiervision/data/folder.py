@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from hiervision.data.base import FileImageDataset
-from hiervision.data.imageio import DEFAULT_MAX_PIXELS, ImageReader, is_hidden, is_image_name, probe_image
+from hiervision.data.imageio import DEFAULT_MAX_PIXELS, ImageReader, first_readable, is_hidden, is_image_name
 from hiervision.taxonomy import Taxonomy
 
 __all__ = ["folder_index", "load_folder"]
@@ -124,7 +124,7 @@ def load_folder(
     tax, sources, folders, archive = folder_index(root)
     if not sources:
         raise FileNotFoundError(f"{root}: no image files found (expected root/<class>/.../*.png)")
-    probe_c, probe_hw = probe_image(ImageReader(3, None, archive, max_pixels), sources[0])
+    probe_c, probe_hw = first_readable(ImageReader(3, None, archive, max_pixels), sources)
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
     reader = ImageReader(channels or probe_c, tuple(size) if size else probe_hw, archive, max_pixels)
     targets = torch.tensor([tax.external_index[f] for f in folders], dtype=torch.long)

@@ -33,6 +33,7 @@ from PIL import Image, ImageOps
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "first_readable",
     "IMAGE_EXTENSIONS",
     "ImageReader",
     "find_images",
@@ -214,3 +215,15 @@ def probe_image(reader: ImageReader, source: str) -> tuple[int, tuple[int, int]]
 
     name = reader.name(source)
     return _guarded(probe, name)
+
+
+def first_readable(reader: ImageReader, sources: list[str]) -> tuple[int, tuple[int, int]]:
+    """:func:`probe_image` of the first source that can be probed, so one bad file (which ``data.check``
+    reports or skips) does not decide the data set's channels and size; the first error when none can."""
+    first: ValueError | None = None
+    for s in sources:
+        try:
+            return probe_image(reader, s)
+        except ValueError as e:
+            first = first or e
+    raise first if first is not None else ValueError("no images to probe")

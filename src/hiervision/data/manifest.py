@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from hiervision.data.base import FileImageDataset
-from hiervision.data.imageio import DEFAULT_MAX_PIXELS, ImageReader, is_hidden, probe_image
+from hiervision.data.imageio import DEFAULT_MAX_PIXELS, ImageReader, first_readable, is_hidden
 from hiervision.taxonomy import Taxonomy, TaxonomyError
 
 __all__ = ["SPLITS", "load_manifest"]
@@ -106,7 +106,7 @@ def load_manifest(
                     targets[i, n] = True
     else:
         targets = torch.tensor([n[0] for n in labels], dtype=torch.long)
-    probe_c, probe_hw = probe_image(ImageReader(3, max_pixels=max_pixels), sources[0])
+    probe_c, probe_hw = first_readable(ImageReader(3, max_pixels=max_pixels), sources)
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
     reader = ImageReader(channels or probe_c, tuple(size) if size else probe_hw, max_pixels=max_pixels)
     return FileImageDataset(sources, targets, tax, reader, ids=ids), (splits if has_split else None)
