@@ -239,3 +239,20 @@ def test_check_cache_skips_unchanged_files(tmp_path: Path, monkeypatch: pytest.M
     calls.clear()
     build_data(cfg)
     assert len(calls) == 9  # a damaged cache costs a re-check, not an error
+
+
+def test_manifest_check_skip_duplicates_and_ids(tmp_path: Path) -> None:
+    csv, tj = _manifest_setup(tmp_path, ["cat", "dog", "tree", "plant", "cat", "dog"])
+    (tmp_path / "img" / "3.png").write_bytes(b"broken")
+    cfg = {"name": "manifest", "manifest": str(csv), "taxonomy": str(tj), "val_fraction": 0.0, "check_cache": None}
+    with pytest.raises(ValueError, match=r"data\.check: 1 of 6 images cannot be used .*img/3\.png: cannot read"):
+        build_data(cfg)
+    b = build_data({**cfg, "on_bad_image": "skip"})
+    assert b.skipped == 1 and sorted(b.train.ids + b.test.ids) == [f"img/{i}.png" for i in (0, 1, 2, 4, 5)]
+    csv.write_text(csv.read_text() + "img/1.png,cat\n")
+    with pytest.raises(ValueError, match=r"m\.csv: line 8: 'img/1\.png' already listed on line 3"):
+        build_data(cfg)
+    (tmp_path / "img" / ".x.png").write_bytes((tmp_path / "img" / "0.png").read_bytes())
+    csv.write_text("path,label\nimg/.x.png,cat\n")
+    with pytest.raises(ValueError, match=r"line 2: 'img/\.x\.png' is a hidden file"):
+        build_data(cfg)

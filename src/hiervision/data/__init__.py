@@ -365,12 +365,20 @@ def _stats(ds: HierDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def build_data(cfg: dict[str, Any]) -> DataBundle:
     """Build train/val/test datasets and their metadata from a config dict (see :data:`DATASETS` for keys).
 
-    Common keys: ``name``, ``root``, ``val_fraction`` (0.1, carved from train, stratified),
-    ``split_seed`` (0), ``limit_train``/``limit_test`` (class-balanced caps on the train pool
-    before the val split, and on test), ``image_size``, ``coarse_fraction`` (0) and
+    Common keys: ``name``, ``root``, ``val_fraction`` (0.1, carved from train by a seeded hash of each
+    sample's id, so about that fraction of every class), ``split_seed`` (0), ``limit_train``/``limit_test``
+    (class-balanced caps on the train pool before the val split, and on test, chosen by id hash),
+    ``image_size``, ``coarse_fraction`` (0) and
     ``coarse_level`` (1), ``fine_fraction``/``coarse_labels`` (Guo et al.'s S_fine/S_coarse split, see
     :func:`~hiervision.data.base.split_fine_coarse`), ``tree`` (a taxonomy JSON over the same classes to
     relabel into, e.g. an induced one), ``fallback`` (a synthetic variant to use when the data files are missing).
+
+    Folder and manifest sets also take ``test_fraction`` (0.2, by path hash), ``check`` (true: decode every
+    image once before training, cached in ``check_cache``, default ``"auto"`` = under ``$HIERVISION_CACHE``,
+    ``null`` = no cache), ``on_bad_image`` (``error``: one error listing every bad file; ``skip``: drop them,
+    counted in :attr:`DataBundle.skipped`) and ``max_pixels`` (64e6 per image; ``null``: Pillow's own guard only).
+    Splits depend only on sample ids (see :mod:`hiervision.data.splits`); :meth:`DataBundle.split_record`
+    records them for a run folder.
     """
     name = _check_cfg(cfg)
     seed = _int(cfg, "split_seed", 0)
