@@ -192,3 +192,24 @@ def test_builtin_sets_keep_official_splits_and_tag_ids() -> None:
            "fine_fraction": 0.3}
     x, y = build_data(cfg), build_data(cfg)
     assert x.train.ids == y.train.ids and torch.equal(x.train.coarse_mask, y.train.coarse_mask)
+
+
+def test_a_test_split_that_holds_nothing_is_an_error(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    from PIL import Image
+
+    for i in range(3):
+        (root / "a").mkdir(parents=True, exist_ok=True)
+        Image.new("L", (4, 4), i).save(root / "a" / f"{i}.png")
+    outcomes = set()
+    for seed in range(12):
+        cfg = {"name": "folder", "root": str(root), "split_seed": seed, "test_fraction": 0.2, "check_cache": None}
+        ids = ["a/0.png", "a/1.png", "a/2.png"]
+        if (hash_split(ids, 0.2, seed, "test")[1]).numel() == 0:
+            with pytest.raises(ValueError, match="data.test_fraction: a 0.2 split of 3 images by path hash holds none"):
+                build_data(cfg)
+            outcomes.add("error")
+        else:
+            assert len(build_data(cfg).test) >= 1
+            outcomes.add("ok")
+    assert outcomes == {"error", "ok"}

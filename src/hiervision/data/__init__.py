@@ -287,6 +287,9 @@ def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, Hi
             note = f"{name} with the manifest's own split column"
         else:
             rest, held = hash_split(pool.ids, test_fraction, seed, "test")
+            if test_fraction > 0 and len(held) == 0:
+                raise ValueError(f"data.test_fraction: a {test_fraction:g} split of {len(pool)} images by path hash "
+                                 "holds none of them; add images, raise the fraction or change data.split_seed")
             train, test = pool.subset(rest), pool.subset(held)
             note = f"{name} {cfg.get('root') or cfg.get('manifest')} (test = {test_fraction:g} split by path hash)"
         if bad:

@@ -113,15 +113,20 @@ def _guarded(fn: Callable[[], T], name: str) -> T:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked instead
             return fn()
     except Image.DecompressionBombError as e:
-        raise ValueError(f"{name}: image too large, refused as a possible decompression bomb ({e})") from None
+        raise ValueError(f"{name}: image too large, refused as a possible decompression bomb ({_line(e)})") from None
     except FileNotFoundError:
         raise ValueError(f"{name}: cannot read image (no such file)") from None
     except ValueError as e:
         if str(e).startswith(f"{name}: "):
             raise
-        raise ValueError(f"{name}: cannot read image ({e})") from None
+        raise ValueError(f"{name}: cannot read image ({_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure on an untrusted file is a bad image, not a crash
-        raise ValueError(f"{name}: cannot read image ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{name}: cannot read image ({type(e).__name__}: {_line(e)})") from None
+
+
+def _line(e: BaseException) -> str:
+    """A decoder's message on one line (some span several), so error lists stay one line per run."""
+    return " ".join(str(e).split())[:300]
 
 
 def _decode(opener: Callable[[], Image.Image], name: str, channels: int, size: tuple[int, int] | None,
