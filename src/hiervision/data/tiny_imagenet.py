@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from hiervision.data.base import TensorImageDataset, shared_data_dir
+from hiervision.data.imageio import ImageReader
 from hiervision.data.splits import hash_subset
 from hiervision.data.transforms import resize
 from hiervision.taxonomy import Taxonomy
@@ -98,12 +98,8 @@ def tiny_imagenet_files(root: str | os.PathLike, split: str) -> tuple[list[str],
 
 
 def _decode(path: str) -> np.ndarray:
-    """One JPEG → uint8 (3, H, W); grayscale images are expanded to RGB."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB")).transpose(2, 0, 1).copy()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"{path}: cannot decode image ({e})") from None
+    """One JPEG → uint8 (3, H, W) under the shared conversion rules (grey expanded to RGB, EXIF, pixel limit)."""
+    return ImageReader(3)(path).numpy()
 
 
 def _decode_all(paths: Sequence[str], workers: int, desc: str) -> np.ndarray:
