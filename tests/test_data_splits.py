@@ -213,3 +213,18 @@ def test_a_test_split_that_holds_nothing_is_an_error(tmp_path: Path) -> None:
             assert len(build_data(cfg).test) >= 1
             outcomes.add("ok")
     assert outcomes == {"error", "ok"}
+
+
+def test_verify_split_record_refuses_or_reports(tmp_path: Path) -> None:
+    from hiervision.data.splits import verify_split_record
+
+    rec = build_data({"name": "synthetic", "n_train": 100, "n_test": 30, "size": 8}).split_record()
+    changed = build_data({"name": "synthetic", "n_train": 100, "n_test": 31, "size": 8}).split_record()
+    path = tmp_path / "splits.json"
+    assert verify_split_record(path, rec) is None  # no record yet (an older run): nothing to compare
+    write_split_record(path, rec)
+    assert verify_split_record(path, rec) is None
+    with pytest.raises(ValueError, match=r"splits\.json: data changed .* test \+1/-0 .*--allow-changed-data"):
+        verify_split_record(path, changed)
+    assert verify_split_record(path, changed, allow_changed=True).endswith("0 of the 31 test samples were in the old "
+                                                                           "train split")

@@ -29,6 +29,7 @@ __all__ = [
     "hash_unit",
     "read_split_record",
     "split_record",
+    "verify_split_record",
     "write_split_record",
 ]
 
@@ -153,3 +154,20 @@ def read_split_record(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(rec, dict) or not isinstance(rec.get("splits"), dict):
         raise ValueError(f"{path}: not a split record (no 'splits' object)")
     return rec
+
+
+def verify_split_record(
+    path: str | os.PathLike, record: Mapping[str, Any], allow_changed: bool = False
+) -> str | None:
+    """Compare the run folder's record at ``path`` with the data as it is now (``record``).
+
+    Returns ``None`` when they match or ``path`` does not exist (a run from before records), the
+    change line when ``allow_changed`` (print it as a warning), and otherwise raises ``ValueError``
+    with that line and the override to use.
+    """
+    if not Path(path).is_file():
+        return None
+    change = compare_split_records(read_split_record(path), record)
+    if change is None or allow_changed:
+        return change
+    raise ValueError(f"{path}: {change} (--allow-changed-data to go on anyway)")
