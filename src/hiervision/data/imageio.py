@@ -4,7 +4,8 @@ training, ``predict`` and the server, so a picture means the same thing wherever
 Conversion rules (:func:`to_array`):
 
 * EXIF orientation is applied first (a phone photo stored sideways is read upright).
-* 16-bit (and 32-bit integer) grey is scaled to 8 bit (``v / 257``, rounded), never clipped;
+* 16-bit (and 32-bit integer, mode ``I``) grey is scaled to 8 bit (``v / 257``, rounded), never
+  clipped — an ``I`` image holding 0..255 values therefore reads dark; save such images as 8 bit;
   ``F`` (float) images are taken as [0, 1] when their maximum is ≤ 1, else as [0, 255].
 * Transparency (RGBA, LA, PA, palette with a transparent colour) is composited on **white**: what
   lies under a transparent pixel is arbitrary (often black), a white page is what a viewer shows.
@@ -83,13 +84,16 @@ def _to_8bit(im: Image.Image) -> Image.Image:
         a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
         scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
         return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
-    a = np.asarray(im).astype(np.int64)  # I;16* and I (Pillow opens 16-bit PNGs as I;16 or I)
+    a = np.asarray(im).astype(np.float32)  # I;16* and I (Pillow opens 16-bit PNGs as I;16 or I)
     return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L")
 
 
 def to_array(im: Image.Image, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
     """An opened image as uint8 ``(C, H, W)`` under the module's conversion rules, resized to ``size = (H, W)``."""
-    im = ImageOps.exif_transpose(im)
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - damaged EXIF: the pixels are still good, read them as stored
+        pass
     if im.mode.startswith("I") or im.mode == "F":
         im = _to_8bit(im)
     if im.mode == "P" and "transparency" in im.info:
@@ -213,13 +217,20 @@ def probe_image(reader: ImageReader, source: str) -> tuple[int, tuple[int, int]]
         with reader._open(source) as im:
             _check_pixels(im, reader.max_pixels, name)
             w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap width and height
+            if _orientation(im) in (5, 6, 7, 8):  # EXIF orientations that swap width and height
                 w, h = h, w
             gray = im.mode in _GRAY_MODES or (im.mode == "P" and im.palette is not None and im.palette.mode == "L")
             return (1 if gray else 3), (h, w)
 
     name = reader.name(source)
     return _guarded(probe, name)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - damaged EXIF is ignored, as in to_array
+        return 1
 
 
 def first_readable(reader: ImageReader, sources: list[str]) -> tuple[int, tuple[int, int]]:
