@@ -163,7 +163,7 @@ def test_symlinked_class_folder_is_read_once(tmp_path: Path) -> None:
     assert sorted(ds.ids)[2:] == ["animal/dog/000.png", "animal/dog/001.png", "animal/dog/002.png"]
     # a second way into the same folder would count its images under two classes
     (root / "twin").symlink_to(elsewhere, target_is_directory=True)
-    with pytest.raises(ValueError, match=r"twin: the same folder as .*animal/dog \(symlink\)"):
+    with pytest.raises(ValueError, match=r"data/animal/dog: the same folder as .*data/twin \(symlink\)"):
         folder_index(root)
 
 
@@ -256,3 +256,15 @@ def test_manifest_check_skip_duplicates_and_ids(tmp_path: Path) -> None:
     csv.write_text("path,label\nimg/.x.png,cat\n")
     with pytest.raises(ValueError, match=r"line 2: 'img/\.x\.png' is a hidden file"):
         build_data(cfg)
+
+
+def test_link_to_a_real_class_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _tree(root, {"zcat": 1})
+    (root / "a_link").symlink_to(root / "zcat", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"data/a_link: the same folder as .*data/zcat \(symlink\)"):
+        folder_index(root)
+    (root / "a_link").unlink()
+    (root / "zcat" / "self").symlink_to(".", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"zcat/self: symlink loop"):
+        folder_index(root)

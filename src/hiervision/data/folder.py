@@ -31,32 +31,36 @@ def _walk(root: Path) -> tuple[list[str], list[str], list[str]]:
     folders: list[str] = []
     seen: dict[str, str] = {os.path.realpath(root): "."}
 
-    def visit(path: Path, rel: str, above: tuple[str, ...]) -> None:
+    stack: list[tuple[str, str, str]] = [(str(root), ".", os.path.realpath(root))]
+    while stack:  # depth-first, in name order, without recursion (trees may be very deep)
+        path, rel, here = stack.pop()
         try:
             entries = sorted(os.scandir(path), key=lambda e: e.name)
         except OSError as e:
             raise ValueError(f"{path}: cannot list folder ({e.strerror or e})") from None
+        below: list[tuple[str, str, str]] = []
         for e in entries:
             if is_hidden(e.name):
                 continue
             sub = e.name if rel == "." else f"{rel}/{e.name}"
             if e.is_dir():  # follows symlinks
                 real = os.path.realpath(e.path)
-                if real in above:
+                if here == real or here.startswith(real.rstrip(os.sep) + os.sep):  # real is this folder or above
                     raise ValueError(f"{e.path}: symlink loop (points back to {real}, a folder above it)")
                 if real in seen:
-                    raise ValueError(f"{e.path}: the same folder as {root / seen[real]} (symlink); a folder can "
-                                     "be one class only")
+                    first, second = str(root / seen[real]), e.path
+                    if os.path.islink(first) and not e.is_symlink():
+                        first, second = second, first  # name the link as the culprit
+                    raise ValueError(f"{second}: the same folder as {first} (symlink); a folder can be one class only")
                 seen[real] = sub
                 dirs.append(sub)
-                visit(Path(e.path), sub, (*above, real))
+                below.append((e.path, sub, real))
             elif is_image_name(e.name):
                 if rel == ".":
                     raise ValueError(f"{e.path}: image at the top of the folder has no class folder")
                 sources.append(e.path)
                 folders.append(rel)
-
-    visit(root, ".", (os.path.realpath(root),))
+        stack.extend(reversed(below))
     return dirs, sources, folders
 
 
