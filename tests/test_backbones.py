@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -294,3 +296,29 @@ def test_timm_adapter_contract() -> None:
     for f, info in zip(feats, m.feature_info, strict=True):
         assert f.shape[1] == info["num_chs"] and f.shape[-1] == 64 // info["reduction"]
     assert pooled.shape == (2, m.num_features)
+
+
+def test_pretrained_path_that_is_not_weights_is_one_line(tmp_path: Path) -> None:
+    """Folders, junk, non-tensor pickles and code-carrying pickles are all one line naming the file."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"stem.0.weight": Payload()}))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00not weights at all")
+    fake_st = tmp_path / "junk.safetensors"
+    fake_st.write_bytes(b"{not json")
+    numbers = tmp_path / "numbers.pt"
+    torch.save({"stem.0.weight": 3}, numbers)
+    cases = [(tmp_path, "not a file"), (evil, "not a readable weights file"), (junk, "not a readable weights file"),
+             (fake_st, "not a readable weights file"), (numbers, "not a state dict of tensors"),
+             (7, "pretrained_path: must be a weights file path")]
+    for path, message in cases:
+        with pytest.raises(ValueError, match=message) as err:
+            create_backbone("resnet20", pretrained_path=path)
+        assert "\n" not in str(err.value) and (path == 7 or str(path) in str(err.value))
+    assert not marker.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -12,7 +13,13 @@ import pytest
 import torch
 
 from hiervision.data import build_data
-from hiervision.data.cifar100 import CIFAR100_MD5, CIFAR100_URL, load_cifar100, read_cifar100_meta
+from hiervision.data.cifar100 import (
+    CIFAR100_MD5,
+    CIFAR100_URL,
+    load_cifar100,
+    read_cifar100_meta,
+    read_cifar100_split,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 META = SHARED / "cifar-100-python" / "meta"
@@ -76,7 +83,8 @@ def test_reader_labels_match_real_hierarchy(folder: Path) -> None:
 
 def test_bundle_and_missing_files(folder: Path, tmp_path: Path) -> None:
     b = build_data({"name": "cifar100", "root": str(folder), "val_fraction": 0.2})
-    assert (len(b.train), len(b.val), len(b.test)) == (389, 97, 916) and b.in_chans == 3 and b.image_size == 32
+    assert len(b.train) + len(b.val) == 486 and 70 < len(b.val) < 125 and len(b.test) == 916  # val by index hash
+    assert b.in_chans == 3 and b.image_size == 32 and b.val.ids[0].startswith("train/")
     with pytest.raises(FileNotFoundError, match=r"cifar-100-python/train: CIFAR-100 train pickle missing"):
         build_data({"name": "cifar100", "root": str(META.parent)})
     (tmp_path / "train").write_bytes(b"not a pickle")
@@ -85,3 +93,45 @@ def test_bundle_and_missing_files(folder: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="train: corrupt CIFAR-100 pickle"):
         load_cifar100(tmp_path)
     assert CIFAR100_URL.endswith("cifar-100-python.tar.gz") and CIFAR100_MD5["train"].startswith("16019d7e")
+
+
+def _evil(marker: Path) -> bytes:
+    """A pickle that creates ``marker`` when plain ``pickle.load`` reads it (a real code-execution payload)."""
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    return pickle.dumps({b"data": Payload(), b"fine_labels": [1]}, protocol=2)
+
+
+def test_crafted_pickle_is_refused_not_run(folder: Path, tmp_path: Path) -> None:
+    proof = tmp_path / "proof"
+    payload = _evil(proof)
+    pickle.loads(payload)  # noqa: S301 - shows the payload is live: plain pickle runs it
+    assert proof.exists()
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "cifar-100-python"
+    bad.mkdir()
+    shutil.copy(META, bad / "meta")
+    shutil.copy(folder / "test", bad / "test")
+    (bad / "train").write_bytes(_evil(marker))
+    with pytest.raises(ValueError, match=r"train: refused to unpickle: it names posix\.system") as err:
+        load_cifar100(tmp_path)
+    assert "\n" not in str(err.value) and not marker.exists()
+    # an object array would unpickle its items as code too
+    (bad / "train").write_bytes(pickle.dumps({b"data": np.array([1, "x"], dtype=object)}, protocol=2))
+    with pytest.raises(ValueError, match="refused to unpickle"):
+        load_cifar100(tmp_path)
+
+
+def test_python2_style_globals_are_read(folder: Path, tmp_path: Path) -> None:
+    """The official files were pickled by Python 2's numpy, which names ``numpy.core.multiarray``."""
+    raw = (folder / "train").read_bytes()
+    old_style = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert old_style != raw
+    for name in ("meta", "test"):
+        shutil.copy(folder / name, tmp_path / name)
+    (tmp_path / "train").write_bytes(old_style)
+    x, fine, _ = read_cifar100_split(tmp_path, "train")
+    assert x.shape == (486, 3, 32, 32) and x.dtype == np.uint8 and len(fine) == 486

@@ -45,9 +45,11 @@ def test_omniglot_zip_tree_and_labels() -> None:
 @needs_omniglot
 def test_omniglot_bundle_split_and_lazy_loader() -> None:
     b = build_data({"name": "folder", "root": str(OMNIGLOT), "image_size": 28, "test_fraction": 0.25})
-    assert (len(b.train) + len(b.val), len(b.test)) == (2040, 680)
+    assert len(b.train) + len(b.val) + len(b.test) == 2720 and 620 < len(b.test) < 740  # ~25 % by path hash
     assert b.in_chans == 1 and b.image_size == 28 and 0.8 < b.mean[0] < 1
-    assert torch.bincount(b.test.targets)[list(b.taxonomy.leaves)].tolist() == [5] * 136  # stratified
+    per_class = torch.bincount(b.test.targets, minlength=b.taxonomy.num_nodes)[list(b.taxonomy.leaves)]
+    assert per_class.float().mean() == len(b.test) / 136 and per_class.max() <= 12  # every class near its 5
+    assert b.test.ids[0].startswith("Balinese/character01/") and not set(b.test.ids) & set(b.train.ids)
     xb, yb = next(iter(BatchLoader(b.train, 16, shuffle=True, seed=1, num_workers=2)))
     assert xb.shape == (16, 1, 28, 28) and yb.dtype == torch.long
 
@@ -139,3 +141,130 @@ def test_manifest_split_column(tmp_path: Path) -> None:
     assert (len(b.train), len(b.val), len(b.test)) == (2, 1, 1) and b.in_chans == 1
     assert b.taxonomy.names[b.test[0][1]] == "plant"
     assert np.isclose(b.val[0][0].mean().item(), 40 / 255, atol=1e-6)
+
+
+# ------------------------------------------------------------------ folder safety: symlinks, empty classes, checks
+def _tree(root: Path, counts: dict[str, int]) -> None:
+    for folder, n in counts.items():
+        for i in range(n):
+            _png(root / folder / f"{i:03d}.png", (37 * i) % 256)
+
+
+def test_symlinked_class_folder_is_read_once(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere" / "dog"
+    _tree(tmp_path / "elsewhere", {"dog": 3})
+    root = tmp_path / "data"
+    _tree(root, {"animal/cat": 2})
+    (root / "animal" / "dog").symlink_to(elsewhere, target_is_directory=True)
+    tax, sources, folders, _ = folder_index(root)
+    assert sorted(tax.external_ids[1:]) == ["animal", "animal/cat", "animal/dog"]
+    assert folders.count("animal/dog") == 3 and folders.count("animal/cat") == 2
+    ds = load_folder(root)
+    assert sorted(ds.ids)[2:] == ["animal/dog/000.png", "animal/dog/001.png", "animal/dog/002.png"]
+    # a second way into the same folder would count its images under two classes
+    (root / "twin").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"data/animal/dog: the same folder as .*data/twin \(symlink\)"):
+        folder_index(root)
+
+
+def test_symlink_loop_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _tree(root, {"a/b": 1})
+    (root / "a" / "b" / "back").symlink_to(root / "a", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"a/b/back: symlink loop \(points back to .*/data/a, a folder above it\)"):
+        build_data({"name": "folder", "root": str(root)})
+
+
+def test_empty_class_folder_is_an_error(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _tree(root, {"cat": 2, "dog": 1})
+    (root / "bird" / "sparrow").mkdir(parents=True)
+    (root / "bird" / ".hidden.png").write_bytes(b"")  # hidden files are not images
+    with pytest.raises(ValueError, match=r"data/bird: class folder holds no images \(and 1 more\)"):
+        folder_index(root)
+    with zipfile.ZipFile(tmp_path / "z.zip", "w") as zf:
+        zf.writestr("cat/a.png", (root / "cat" / "000.png").read_bytes())
+        zf.writestr("empty/", b"")
+    with pytest.raises(ValueError, match=r"z\.zip:/?empty: class folder holds no images"):
+        folder_index(tmp_path / "z.zip")
+
+
+def test_check_lists_every_bad_file_and_skip_counts_them(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _tree(root, {"cat": 6, "dog": 6})
+    (root / "cat" / "bad1.png").write_bytes(b"\x89PNG truncated")
+    (root / "dog" / "bad2.jpg").write_bytes(b"")
+    Image.new("L", (300, 300)).save(root / "dog" / "huge.png")
+    cfg = {"name": "folder", "root": str(root), "check_cache": None, "max_pixels": 200 * 200, "val_fraction": 0.0}
+    with pytest.raises(ValueError, match=r"data\.check: 3 of 15 images cannot be used") as e:
+        build_data(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in ("bad1.png", "bad2.jpg", "huge.png: image is 300x300"))
+    b = build_data({**cfg, "on_bad_image": "skip"})
+    assert b.skipped == 3 and len(b.bad_images) == 3 and len(b.train) + len(b.test) == 12
+    assert "3 unreadable images skipped" in b.note
+    assert not any("bad" in i or "huge" in i for i in b.train.ids + b.test.ids)
+    with pytest.raises(ValueError, match="on_bad_image: 'skip' needs data.check: true"):
+        build_data({**cfg, "on_bad_image": "skip", "check": False})
+    with pytest.raises(ValueError, match="data.on_bad_image: must be 'error' or 'skip'"):
+        build_data({**cfg, "on_bad_image": "ignore"})
+    with pytest.raises(ValueError, match="data.max_pixels: must be a positive integer"):
+        build_data({**cfg, "max_pixels": -1})
+    with pytest.raises(ValueError, match="cannot read image"):  # unchecked: a bad file fails when it is read
+        build_data({**cfg, "check": False})
+
+
+def test_check_cache_skips_unchanged_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hiervision.data import check
+
+    root = tmp_path / "data"
+    _tree(root, {"cat": 4, "dog": 4})
+    calls: list[str] = []
+    real = check._verify
+    monkeypatch.setattr(check, "_verify", lambda reader, s: calls.append(s) or real(reader, s))
+    cfg = {"name": "folder", "root": str(root), "check_cache": str(tmp_path / "c.json")}
+    build_data(cfg)
+    assert len(calls) == 8
+    calls.clear()
+    build_data(cfg)
+    assert calls == []  # all cached by size + mtime
+    _png(root / "cat" / "000.png", 99, size=(9, 9))  # changed file, and one new one
+    _png(root / "dog" / "new.png", 1)
+    build_data(cfg)
+    assert sorted(Path(c).name for c in calls) == ["000.png", "new.png"]
+    calls.clear()
+    b = build_data({**cfg, "max_pixels": 70, "on_bad_image": "skip"})  # a lower limit: the cache cannot vouch
+    assert sorted(Path(c).name for c in calls) == ["000.png"] and b.skipped == 1  # for the 9x9 image any more
+    (tmp_path / "c.json").write_text("{broken")
+    calls.clear()
+    build_data(cfg)
+    assert len(calls) == 9  # a damaged cache costs a re-check, not an error
+
+
+def test_manifest_check_skip_duplicates_and_ids(tmp_path: Path) -> None:
+    csv, tj = _manifest_setup(tmp_path, ["cat", "dog", "tree", "plant", "cat", "dog"])
+    (tmp_path / "img" / "3.png").write_bytes(b"broken")
+    cfg = {"name": "manifest", "manifest": str(csv), "taxonomy": str(tj), "val_fraction": 0.0, "check_cache": None}
+    with pytest.raises(ValueError, match=r"data\.check: 1 of 6 images cannot be used .*img/3\.png: cannot read"):
+        build_data(cfg)
+    b = build_data({**cfg, "on_bad_image": "skip"})
+    assert b.skipped == 1 and sorted(b.train.ids + b.test.ids) == [f"img/{i}.png" for i in (0, 1, 2, 4, 5)]
+    csv.write_text(csv.read_text() + "img/1.png,cat\n")
+    with pytest.raises(ValueError, match=r"m\.csv: line 8: 'img/1\.png' already listed on line 3"):
+        build_data(cfg)
+    (tmp_path / "img" / ".x.png").write_bytes((tmp_path / "img" / "0.png").read_bytes())
+    csv.write_text("path,label\nimg/.x.png,cat\n")
+    with pytest.raises(ValueError, match=r"line 2: 'img/\.x\.png' is a hidden file"):
+        build_data(cfg)
+
+
+def test_link_to_a_real_class_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _tree(root, {"zcat": 1})
+    (root / "a_link").symlink_to(root / "zcat", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"data/a_link: the same folder as .*data/zcat \(symlink\)"):
+        folder_index(root)
+    (root / "a_link").unlink()
+    (root / "zcat" / "self").symlink_to(".", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"zcat/self: symlink loop"):
+        folder_index(root)

@@ -62,8 +62,8 @@ def test_bundle_and_speed() -> None:
     t = time.perf_counter()
     b = build_data({"name": "synthetic_var", "n_train": 3000, "n_test": 500, "seed": 1, "size": 24, "channels": 1})
     assert time.perf_counter() - t < 3.0  # < 1 s on an idle core; generous for loaded CI
-    assert (len(b.train), len(b.val), len(b.test)) == (2700, 300, 500)
+    assert len(b.train) + len(b.val) == 3000 and 240 < len(b.val) < 360 and len(b.test) == 500  # val by id hash
     assert b.in_chans == 1 and b.image_size == 24 and not b.multi_label
     assert not torch.equal(b.train.images[:500], b.test.images)  # train and test are different draws
     ml = build_data({"name": "synthetic_multilabel", "n_train": 200, "n_test": 50})
-    assert ml.multi_label and len(ml.val) == 20
+    assert ml.multi_label and 5 < len(ml.val) < 40

@@ -24,11 +24,11 @@ from hiervision.data.base import (
     move_to_tree,
     shared_data_dir,
     split_fine_coarse,
-    stratified_split,
-    stratified_subset,
 )
+from hiervision.data.imageio import DEFAULT_MAX_PIXELS
 from hiervision.data.loader import BatchLoader, iter_batches
 from hiervision.data.pipeline import PIPELINE_KEYS, CenterCrop, pipeline_from_cfg
+from hiervision.data.splits import RECORD_SPLITS, hash_split, hash_subset, split_record
 from hiervision.data.synthetic import SYNTHETIC_VARIANTS, make_synthetic
 from hiervision.data.transforms import BatchAugment, hflip, normalize, pad_crop, resize
 from hiervision.taxonomy import Taxonomy
@@ -48,11 +48,13 @@ __all__ = [
     "normalize",
     "pad_crop",
     "resize",
+    "split_record",
 ]
 
 _COMMON = {"name", "root", "val_fraction", "split_seed", "limit_train", "limit_test", "image_size",
            "coarse_fraction", "coarse_level", "fine_fraction", "coarse_labels", "tree", "fallback"}  # fmt: skip
 _SYNTH = {"size", "channels", "n_train", "n_test", "seed", "noise"}
+_FILES = {"check", "on_bad_image", "max_pixels", "check_cache"}  # file-backed sets: verification and limits
 _CANVAS = {"grid", "min_items", "max_items", "n_train", "n_val", "n_test", "seed", "variable_depth"}
 #: dataset name → the config keys it accepts besides the common ones
 DATASETS: dict[str, set[str]] = {
@@ -60,8 +62,8 @@ DATASETS: dict[str, set[str]] = {
     "fashion_mnist_var": set(),
     "fashion_mnist_canvas": _CANVAS,  # multi-label canvases of real items, see data/canvas.py
     "tiny_imagenet": {"hierarchy_root", "max_depth", "cache_dir", "workers"},
-    "folder": {"test_fraction", "channels", *PIPELINE_KEYS},
-    "manifest": {"manifest", "taxonomy", "test_fraction", "channels", "multi_label", *PIPELINE_KEYS},
+    "folder": {"test_fraction", "channels", *_FILES, *PIPELINE_KEYS},
+    "manifest": {"manifest", "taxonomy", "test_fraction", "channels", "multi_label", *_FILES, *PIPELINE_KEYS},
     "shards": {"channels", "shard_order", *PIPELINE_KEYS},  # written by `hiervision data pack`, see data/shards.py
     "cifar100": set(),
     **{v: _SYNTH for v in SYNTHETIC_VARIANTS},
@@ -87,6 +89,14 @@ class DataBundle:
 
     features: bool = False  # the datasets hold pre-computed backbone features, not images
     augmented: bool = False  # the training set augments each image in the loader (data.pipeline): no batch augment
+    skipped: int = 0  # unreadable images dropped under data.on_bad_image: skip (report it in metrics.json)
+    bad_images: list[str] = field(default_factory=list)  # their one-line reasons, file named first
+
+    def split_record(self) -> dict[str, Any]:
+        """Which samples each split holds (count, sha256, sorted ids): write it into the run folder and compare
+        it later with :func:`~hiervision.data.splits.compare_split_records` before evaluating or resuming."""
+        splits = dict(zip(RECORD_SPLITS, (self.train.ids, self.val.ids, self.test.ids)))
+        return split_record(splits, self.name, self.skipped)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Per-channel standardisation with this data's training statistics (applied on whole batches)."""
@@ -174,13 +184,20 @@ def _resized(ds: HierDataset, size: int | tuple[int, int] | None) -> HierDataset
     """Resize in-memory images once (lazy datasets resize per item in their reader)."""
     if size is None or not isinstance(ds, TensorImageDataset):
         return ds
-    out = TensorImageDataset(torch.cat([resize(c, size) for c in ds.images.split(4096)]), ds.targets, ds.taxonomy)
+    out = TensorImageDataset(torch.cat([resize(c, size) for c in ds.images.split(4096)]), ds.targets, ds.taxonomy,
+                             ds.ids)
     out.coarse_mask = ds.coarse_mask
     return out
 
 
 def _limit(ds: HierDataset, k: int | None, seed: int) -> HierDataset:
-    return ds if k is None or k >= len(ds) else ds.subset(stratified_subset(ds.targets, k, seed))
+    return ds if k is None or k >= len(ds) else ds.subset(hash_subset(ds.ids, ds.targets, k, seed))
+
+
+def _tag(ds: HierDataset, split: str) -> HierDataset:
+    """Name the samples of a built-in split by their official index (``train/123``), its stable identity."""
+    ds.ids = [f"{split}/{i}" for i in ds.ids]
+    return ds
 
 
 def _load_synthetic(cfg: dict, name: str) -> tuple[HierDataset, HierDataset, str]:
@@ -188,8 +205,8 @@ def _load_synthetic(cfg: dict, name: str) -> tuple[HierDataset, HierDataset, str
     chans = _channels(cfg) or 3
     noise = _frac(cfg, "noise", 0.08, hi=1.0, hi_open=False)
     n_train, n_test = _int(cfg, "n_train", 5000, 1), _int(cfg, "n_test", 1000, 1)
-    train = make_synthetic(name, n_train, size, chans, seed, noise, stream=0)
-    test = make_synthetic(name, n_test, size, chans, seed, noise, stream=1)
+    train = _tag(make_synthetic(name, n_train, size, chans, seed, noise, stream=0), "train")
+    test = _tag(make_synthetic(name, n_test, size, chans, seed, noise, stream=1), "test")
     return train, test, f"synthetic data ({name}, seed {seed}), generated in memory"
 
 
@@ -221,14 +238,15 @@ def _load_canvas(
     )  # fmt: skip
     note = (f"Fashion-MNIST {grid}x{grid} canvases of {lo}-{hi} items from {root} (seed {canvas_seed}; "
             f"train/val/test canvases from disjoint item pools)")  # fmt: skip
-    return s.train, s.test, s.val, note
+    return _tag(s.train, "train"), _tag(s.test, "test"), _tag(s.val, "val"), note
 
 
-def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, HierDataset | None, str]:
-    """``(train pool, test, predefined val or None, note)`` for one dataset, limits applied."""
+def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, HierDataset | None, str, list[str]]:
+    """``(train pool, test, predefined val or None, note, skipped bad images)`` for one dataset, limits applied."""
     lim_tr, lim_te = _int(cfg, "limit_train", None, 1), _int(cfg, "limit_test", None, 1)
     size = _size(cfg)
     val = None
+    bad: list[str] = []
     if name == "fashion_mnist_canvas":
         train, test, val, note = _load_canvas(cfg, seed, lim_tr, lim_te)
     elif name.startswith("fashion_mnist"):
@@ -236,7 +254,8 @@ def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, Hi
 
         root = _path(cfg, "root") or default_root()
         var = name == "fashion_mnist_var"
-        train, test = load_fashion_mnist(root, "train", var), load_fashion_mnist(root, "test", var)
+        train = _tag(load_fashion_mnist(root, "train", var), "train")
+        test = _tag(load_fashion_mnist(root, "test", var), "test")
         note = f"Fashion-MNIST from {root}"
     elif name == "tiny_imagenet":
         from hiervision.data.tiny_imagenet import default_cache_dir, load_tiny_imagenet, tiny_imagenet_taxonomy
@@ -253,10 +272,11 @@ def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, Hi
         size = None  # already resized before caching
     elif name in ("folder", "manifest"):
         test_fraction = _frac(cfg, "test_fraction", 0.2)
+        max_pixels = _max_pixels(cfg)
         if name == "folder":
             from hiervision.data.folder import load_folder
 
-            pool = load_folder(_path(cfg, "root", required=True), _channels(cfg), size)
+            pool = load_folder(_path(cfg, "root", required=True), _channels(cfg), size, max_pixels)
             splits = None
         else:
             from hiervision.data.manifest import load_manifest
@@ -265,15 +285,22 @@ def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, Hi
             if ml not in (None, True, False):
                 raise ValueError(f"data.multi_label: must be true, false or null, got {ml!r}")
             pool, splits = load_manifest(_path(cfg, "manifest", required=True), _path(cfg, "taxonomy", required=True),
-                                         _path(cfg, "root"), ml, _channels(cfg), size)
+                                         _path(cfg, "root"), ml, _channels(cfg), size, max_pixels)
+        pool, keep, bad = _checked(cfg, name, pool)
         if splits is not None:
+            splits = [splits[i] for i in keep]
             col = torch.tensor([("train", "val", "test").index(s) for s in splits])
             train, val, test = (pool.subset(torch.nonzero(col == k).flatten()) for k in range(3))
             note = f"{name} with the manifest's own split column"
         else:
-            rest, held = stratified_split(pool.targets, test_fraction, seed + 1)
+            rest, held = hash_split(pool.ids, test_fraction, seed, "test")
+            if test_fraction > 0 and len(held) == 0:
+                raise ValueError(f"data.test_fraction: a {test_fraction:g} split of {len(pool)} images by path hash "
+                                 "holds none of them; add images, raise the fraction or change data.split_seed")
             train, test = pool.subset(rest), pool.subset(held)
-            note = f"{name} {cfg.get('root') or cfg.get('manifest')} (test = seeded {test_fraction:g} split)"
+            note = f"{name} {cfg.get('root') or cfg.get('manifest')} (test = {test_fraction:g} split by path hash)"
+        if bad:
+            note += f"; {len(bad)} unreadable images skipped"
         size = None  # the reader resizes
     elif name == "shards":
         from hiervision.data.shards import load_shards
@@ -296,13 +323,60 @@ def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, Hi
         default = Path(os.environ.get("HIERVISION_CIFAR100", shared_data_dir() / "cifar-100-python"))
         root = _path(cfg, "root") or default
         train, test = load_cifar100(root)
+        train, test = _tag(train, "train"), _tag(test, "test")
         note = f"CIFAR-100 from {root}"
     else:
         train, test, note = _load_synthetic(cfg, name)
     train, test = _limit(train, lim_tr, seed), _limit(test, lim_te, seed)
     if val is not None:
         val = _resized(val, size)
-    return _resized(train, size), _resized(test, size), val, note
+    return _resized(train, size), _resized(test, size), val, note, bad
+
+
+def _max_pixels(cfg: dict) -> int | None:
+    v = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # 64e6 in YAML is a float
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"data.max_pixels: must be a positive integer or null (no limit), got {v!r}")
+    return v
+
+
+def _checked(cfg: dict, name: str, pool: FileImageDataset) -> tuple[FileImageDataset, list[int], list[str]]:
+    """``data.check``/``data.on_bad_image``: verify every image now; ``(kept pool, kept indices, bad messages)``."""
+    check = cfg.get("check", True)
+    if not isinstance(check, bool):
+        raise ValueError(f"data.check: must be true or false, got {check!r}")
+    mode = cfg.get("on_bad_image", "error")
+    if mode not in ("error", "skip"):
+        raise ValueError(f"data.on_bad_image: must be 'error' or 'skip', got {mode!r}")
+    if mode == "skip" and not check:
+        raise ValueError("data.on_bad_image: 'skip' needs data.check: true (bad images are found by the check)")
+    everything = list(range(len(pool)))
+    if not check:
+        return pool, everything, []
+    from hiervision.data.check import check_images, default_check_cache
+
+    where = str(cfg.get("root") if name == "folder" else cfg.get("manifest"))
+    cache = cfg.get("check_cache", "auto")
+    if cache == "auto":
+        cache = default_check_cache(where)
+    elif cache is not None and not isinstance(cache, (str, os.PathLike)):
+        raise ValueError(f"data.check_cache: must be a file path, 'auto' or null, got {cache!r}")
+    bad = check_images(pool, cache)
+    if not bad:
+        return pool, everything, []
+    messages = [m for _, m in bad]
+    if mode == "error":
+        raise ValueError(f"data.check: {len(bad)} of {len(pool)} images cannot be used (data.on_bad_image: skip "
+                         f"drops them): {'; '.join(messages)}")
+    drop = {i for i, _ in bad}
+    keep = [i for i in everything if i not in drop]
+    if not keep:
+        raise ValueError(f"data.check: none of the {len(pool)} images can be read: {messages[0]}")
+    return pool.subset(keep), keep, messages
 
 
 def _stats(ds: HierDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -316,12 +390,20 @@ def _stats(ds: HierDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def build_data(cfg: dict[str, Any]) -> DataBundle:
     """Build train/val/test datasets and their metadata from a config dict (see :data:`DATASETS` for keys).
 
-    Common keys: ``name``, ``root``, ``val_fraction`` (0.1, carved from train, stratified),
-    ``split_seed`` (0), ``limit_train``/``limit_test`` (class-balanced caps on the train pool
-    before the val split, and on test), ``image_size``, ``coarse_fraction`` (0) and
+    Common keys: ``name``, ``root``, ``val_fraction`` (0.1, carved from train by a seeded hash of each
+    sample's id, so about that fraction of every class), ``split_seed`` (0), ``limit_train``/``limit_test``
+    (class-balanced caps on the train pool before the val split, and on test, chosen by id hash),
+    ``image_size``, ``coarse_fraction`` (0) and
     ``coarse_level`` (1), ``fine_fraction``/``coarse_labels`` (Guo et al.'s S_fine/S_coarse split, see
     :func:`~hiervision.data.base.split_fine_coarse`), ``tree`` (a taxonomy JSON over the same classes to
     relabel into, e.g. an induced one), ``fallback`` (a synthetic variant to use when the data files are missing).
+
+    Folder and manifest sets also take ``test_fraction`` (0.2, by path hash), ``check`` (true: decode every
+    image once before training, cached in ``check_cache``, default ``"auto"`` = under ``$HIERVISION_CACHE``,
+    ``null`` = no cache), ``on_bad_image`` (``error``: one error listing every bad file; ``skip``: drop them,
+    counted in :attr:`DataBundle.skipped`) and ``max_pixels`` (64e6 per image; ``null``: Pillow's own guard only).
+    Splits depend only on sample ids (see :mod:`hiervision.data.splits`); :meth:`DataBundle.split_record`
+    records them for a run folder.
     """
     name = _check_cfg(cfg)
     seed = _int(cfg, "split_seed", 0)
@@ -334,7 +416,7 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         raise ValueError("data.coarse_labels: applies only with data.fine_fraction (the S_fine/S_coarse split)")
     pipe = pipeline_from_cfg(cfg, _size(cfg))
     try:
-        pool, test, val, note = _load(cfg, name, seed)
+        pool, test, val, note, bad = _load(cfg, name, seed)
     except FileNotFoundError as e:
         if cfg.get("fallback") is None:
             raise
@@ -342,12 +424,12 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         pool, test, note = _load_synthetic({k: v for k, v in cfg.items() if k in _SYNTH}, fb)
         pool, test = _limit(pool, cfg.get("limit_train"), seed), _limit(test, cfg.get("limit_test"), seed)
         pool, test = _resized(pool, _size(cfg)), _resized(test, _size(cfg))
-        val, note, name = None, f"{name} unavailable ({e}); used the {fb!r} synthetic fallback", fb
+        val, note, name, bad = None, f"{name} unavailable ({e}); used the {fb!r} synthetic fallback", fb, []
         pipe = None  # in-memory synthetic images keep the batch augmentation
     if val is not None:
         train = pool
     elif val_fraction > 0:
-        rest, held = stratified_split(pool.targets, val_fraction, seed)
+        rest, held = hash_split(pool.ids, val_fraction, seed, "val")
         train, val = pool.subset(rest), pool.subset(held)
     else:
         train, val = pool, pool.subset(torch.zeros(0, dtype=torch.long))
@@ -357,13 +439,14 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         note += f"; relabelled into the tree {cfg['tree']}"
     if fine_fraction is not None:
         keep, new, mask = split_fine_coarse(train.targets, train.taxonomy, fine_fraction, coarse_fraction,
-                                            coarse_level, seed + 2, coarse_labels)
+                                            coarse_level, seed + 2, coarse_labels, ids=train.ids)
         n_fine = round(fine_fraction * len(train))
         train = train.subset(keep).with_targets(new, mask)
         note += (f"; S_fine {n_fine} ({fine_fraction:g}) + S_coarse {len(keep) - n_fine} "
                  f"({coarse_fraction:g}, labels: {coarse_labels}, depth {coarse_level})")
     elif coarse_fraction > 0:
-        new, mask = coarsen_labels(train.targets, train.taxonomy, coarse_fraction, coarse_level, seed + 2)
+        new, mask = coarsen_labels(train.targets, train.taxonomy, coarse_fraction, coarse_level, seed + 2,
+                                   ids=train.ids)
         train = train.with_targets(new, mask)
         note += f"; {int(mask.sum())} train labels ({coarse_fraction:g}) cut to depth {coarse_level}"
     if pipe is not None:
@@ -378,5 +461,5 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
     return DataBundle(
         train=train, val=val, test=test, taxonomy=train.taxonomy, in_chans=x0.shape[0],
         image_size=h if h == w else (h, w), multi_label=train.multi_label, mean=mean, std=std,
-        name=name, note=note, cfg=dict(cfg), augmented=pipe is not None,
+        name=name, note=note, cfg=dict(cfg), augmented=pipe is not None, skipped=len(bad), bad_images=list(bad),
     )  # fmt: skip

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hiervision.data.splits import hash_unit
 from hiervision.taxonomy import Taxonomy
 
 __all__ = [
@@ -41,11 +42,14 @@ class HierDataset(Dataset):
     """Common interface: ``targets`` (long ``(n,)`` node ids or bool ``(n, N+1)`` path ends), ``taxonomy``, ``subset``.
 
     Targets are kept as one tensor so splitting, limiting and coarsening never have to touch images.
+    ``ids`` name each sample stably (a relative path, or ``train/123`` for an official index): splits
+    are drawn from them, so they do not move when other samples are added or removed.
     """
 
     targets: torch.Tensor
     taxonomy: Taxonomy
     coarse_mask: torch.Tensor
+    ids: list[str]
 
     @property
     def multi_label(self) -> bool:
@@ -77,7 +81,9 @@ class TensorImageDataset(HierDataset):
         taxonomy: the tree the targets refer to.
     """
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> None:
+    def __init__(
+        self, images: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, ids: Sequence[str] | None = None
+    ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 (n, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(targets):
@@ -87,13 +93,14 @@ class TensorImageDataset(HierDataset):
         self.targets = targets
         self.taxonomy = taxonomy
         self.coarse_mask = torch.zeros(len(targets), dtype=torch.bool)
+        self.ids = _ids(ids, len(targets))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         return self.images[i].float().div_(255), self._target(i)
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> TensorImageDataset:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        out = TensorImageDataset(self.images[idx], self.targets[idx], self.taxonomy)
+        out = TensorImageDataset(self.images[idx], self.targets[idx], self.taxonomy, _pick(self.ids, idx))
         out.coarse_mask = self.coarse_mask[idx]
         return out
 
@@ -108,6 +115,7 @@ class FeatureDataset(HierDataset):
         self.targets = source.targets
         self.taxonomy = source.taxonomy
         self.coarse_mask = source.coarse_mask
+        self.ids = source.ids
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         return self.features[i], self._target(i)
@@ -116,6 +124,7 @@ class FeatureDataset(HierDataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         out = copy.copy(self)
         out.features, out.targets, out.coarse_mask = self.features[idx], self.targets[idx], self.coarse_mask[idx]
+        out.ids = _pick(self.ids, idx)
         return out
 
 
@@ -127,6 +136,7 @@ class FileImageDataset(HierDataset):
         targets: as in :class:`TensorImageDataset`.
         taxonomy: the tree.
         read: ``read(source) -> uint8 (C, H, W)`` tensor; raises ``ValueError`` naming the file when corrupt.
+        ids: stable sample names (default: the sources).
     """
 
     def __init__(
@@ -135,6 +145,7 @@ class FileImageDataset(HierDataset):
         targets: torch.Tensor,
         taxonomy: Taxonomy,
         read: Callable[[str], torch.Tensor],
+        ids: Sequence[str] | None = None,
     ) -> None:
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} files but {len(targets)} targets")
@@ -144,15 +155,33 @@ class FileImageDataset(HierDataset):
         self.taxonomy = taxonomy
         self.read = read
         self.coarse_mask = torch.zeros(len(targets), dtype=torch.bool)
+        self.ids = _ids(self.sources if ids is None else ids, len(targets))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         return self.read(self.sources[i]).float().div_(255), self._target(i)
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> FileImageDataset:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        out = FileImageDataset([self.sources[i] for i in idx.tolist()], self.targets[idx], self.taxonomy, self.read)
+        out = FileImageDataset([self.sources[i] for i in idx.tolist()], self.targets[idx], self.taxonomy, self.read,
+                               _pick(self.ids, idx))
         out.coarse_mask = self.coarse_mask[idx]
         return out
+
+
+def _ids(ids: Sequence[str] | None, n: int) -> list[str]:
+    """Given ids (checked: one per sample, no repeats), else positions: a set built in memory is its own index."""
+    if ids is None:
+        return [str(i) for i in range(n)]
+    out = [str(i) for i in ids]
+    if len(out) != n:
+        raise ValueError(f"{len(out)} sample ids for {n} samples")
+    if len(set(out)) != n:
+        raise ValueError("sample ids repeat; every sample needs its own id")
+    return out
+
+
+def _pick(ids: list[str], idx: torch.Tensor) -> list[str]:
+    return [ids[i] for i in idx.tolist()]
 
 
 def _check_targets(targets: torch.Tensor, taxonomy: Taxonomy) -> None:
@@ -208,12 +237,19 @@ def stratified_subset(targets: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 
 def coarsen_labels(
-    targets: torch.Tensor, taxonomy: Taxonomy, fraction: float, level: int, seed: int
+    targets: torch.Tensor,
+    taxonomy: Taxonomy,
+    fraction: float,
+    level: int,
+    seed: int,
+    ids: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace the labels of a seeded ``fraction`` of samples by their ancestor at depth ``level``.
 
     Simulates coarse-only annotation. Only samples deeper than ``level`` can be coarsened; exactly
-    ``round(fraction * n)`` of them are (fewer only if not enough are eligible).
+    ``round(fraction * n)`` of them are (fewer only if not enough are eligible). With ``ids`` the
+    choice is the eligible samples of lowest seeded id hash (stable when other samples come or go),
+    else a seeded permutation of positions.
 
     Returns:
         ``(new_targets, coarse_mask)``.
@@ -225,7 +261,7 @@ def coarsen_labels(
     depth = taxonomy.depth_tensor[targets]
     eligible = torch.nonzero(depth > level).flatten().numpy()
     count = min(round(fraction * len(targets)), len(eligible))
-    chosen = np.sort(np.random.default_rng(seed).permutation(eligible)[:count])
+    chosen = np.sort(_draw(eligible, count, seed, ids, "coarse"))
     mask = torch.zeros(len(targets), dtype=torch.bool)
     mask[torch.from_numpy(chosen)] = True
     new = targets.clone()
@@ -241,6 +277,7 @@ def split_fine_coarse(
     level: int,
     seed: int,
     coarse_labels: str = "coarse",
+    ids: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Guo et al.'s Sec. 4.2 set-up: a training set split into disjoint S_fine (full labels, a
     ``fine_fraction`` of it) and S_coarse (labels cut to depth ``level``, a ``coarse_fraction``);
@@ -248,6 +285,7 @@ def split_fine_coarse(
 
     S_coarse is :func:`coarsen_labels`'s choice (it does not depend on ``fine_fraction``) and S_fine
     a seeded draw from the other samples, so the protocols compared at one setting see the same sets.
+    ``ids``: draw by seeded id hash instead of by position (see :func:`coarsen_labels`).
     ``coarse_labels``: ``"coarse"`` (S_coarse keeps only its coarse labels), ``"oracle"`` (the oracle
     S_coarse⁺: true labels) or ``"drop"`` (S_fine alone).
 
@@ -262,17 +300,25 @@ def split_fine_coarse(
                          "training set")
     n = len(targets)
     if coarse_fraction > 0:
-        cut, mask = coarsen_labels(targets, taxonomy, coarse_fraction, level, seed)
+        cut, mask = coarsen_labels(targets, taxonomy, coarse_fraction, level, seed, ids)
     else:
         cut, mask = targets.clone(), torch.zeros(n, dtype=torch.bool)
     rest = torch.nonzero(~mask).flatten()
     n_fine = min(round(fine_fraction * n), len(rest))  # 0.5 + 0.5 of an odd count: both round up
-    fine = rest[torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(rest))[:n_fine])]
+    fine = torch.from_numpy(_draw(rest.numpy(), n_fine, seed + 1, ids, "fine"))
     coarse = torch.nonzero(mask).flatten() if coarse_labels != "drop" else fine[:0]
     keep = torch.cat([fine, coarse]).sort().values
     if coarse_labels == "oracle":
         return keep, targets[keep], torch.zeros(len(keep), dtype=torch.bool)
     return keep, cut[keep], mask[keep]
+
+
+def _draw(candidates: np.ndarray, count: int, seed: int, ids: Sequence[str] | None, salt: str) -> np.ndarray:
+    """``count`` of the candidate indices: lowest id hash when ids are given, else a seeded permutation."""
+    if ids is None:
+        return candidates[np.random.default_rng(seed).permutation(len(candidates))[:count]]
+    u = hash_unit([ids[i] for i in candidates.tolist()], seed, salt)
+    return candidates[np.argsort(u, kind="stable")[:count]]
 
 
 def move_to_tree(dataset: HierDataset, tree: Taxonomy, source: str = "data.tree") -> HierDataset:

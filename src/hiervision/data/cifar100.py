@@ -12,6 +12,7 @@ import pickle
 import tarfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,14 +45,99 @@ def _folder(root: str | os.PathLike) -> Path:
     return root / "cifar-100-python" if (root / "cifar-100-python").is_dir() else root
 
 
+class RefusedPickle(pickle.UnpicklingError):
+    """The file asks the unpickler for something a CIFAR-100 file never holds (a function, a class)."""
+
+
+def _reconstruct(subtype: type, shape: Any, dtype: Any) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise RefusedPickle(f"array subclass {getattr(subtype, '__name__', subtype)!r}")
+    return np.ndarray(shape, dtype)  # the empty array numpy's own _reconstruct makes; BUILD fills it
+
+
+def _dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype:
+    dt = np.dtype(spec, align, copy)
+    if dt.hasobject:
+        raise RefusedPickle("an object array (its items would be unpickled as code)")
+    return dt
+
+
+def _scalar(dtype: Any, data: Any = None) -> np.generic:
+    """A numpy scalar (e.g. a ``numpy.bytes_`` file name) from its dtype and raw bytes."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        raise RefusedPickle("a numpy scalar that is not plain data")
+    if len(data) != dtype.itemsize:
+        raise ValueError(f"numpy scalar of {dtype} needs {dtype.itemsize} bytes, got {len(data)}")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+def _latin1(text: Any, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    """Protocol-2 pickles written by Python 3 spell a bytes object as ``_codecs.encode(str, 'latin1')``."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise RefusedPickle(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin-1")
+
+
+#: every global a CIFAR-100 pickle (Python 2 original, or rewritten by Python 3) needs, mapped to a guarded stand-in
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, bytes, numbers and numeric numpy arrays; any other global is refused.
+
+    ``pickle.load`` would import and call whatever a file names, so a crafted ``cifar-100-python``
+    folder could run code (the MD5 check only guards downloads). This reader never imports anything.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise RefusedPickle(f"it names {module}.{name}") from None
+
+
+def _check_plain(obj: Any, depth: int = 0) -> None:
+    """What came out is only dicts, lists, tuples, bytes, str, numbers and numeric arrays."""
+    if depth > 20:
+        raise RefusedPickle("nesting deeper than a CIFAR-100 file has")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_plain(k, depth + 1)
+            _check_plain(v, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _check_plain(v, depth + 1)
+    elif isinstance(obj, (np.ndarray, np.generic)):
+        if obj.dtype.hasobject:
+            raise RefusedPickle("an object array")
+    elif not isinstance(obj, (bytes, str, int, float, bool, type(None))):
+        raise RefusedPickle(f"a {type(obj).__name__} object")
+
+
 def _unpickle(path: Path) -> dict:
+    """Read one CIFAR-100 pickle through the restricted unpickler; refusals and damage are one-line ``ValueError``."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: CIFAR-100 file missing ({HOW_TO_GET})")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise ValueError(f"{path}: corrupt CIFAR-100 pickle ({e})") from None
+            out = _CifarUnpickler(f, encoding="bytes").load()
+        _check_plain(out)
+    except RefusedPickle as e:
+        raise ValueError(f"{path}: refused to unpickle: {e}, which a CIFAR-100 file never holds (it may be "
+                         "crafted to run code; re-extract the official archive)") from None
+    except Exception as e:  # noqa: BLE001 - any other failure of an untrusted file is a corrupt file
+        raise ValueError(f"{path}: corrupt CIFAR-100 pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: not a CIFAR-100 file (holds a {type(out).__name__}, not a dict)")
+    return out
 
 
 def read_cifar100_meta(root: str | os.PathLike) -> tuple[list[str], list[str]]:

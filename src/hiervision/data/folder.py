@@ -13,25 +13,77 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from hiervision.data.base import FileImageDataset
-from hiervision.data.imageio import ImageReader, is_image_name, probe_image
+from hiervision.data.imageio import DEFAULT_MAX_PIXELS, ImageReader, first_readable, is_hidden, is_image_name
 from hiervision.taxonomy import Taxonomy
 
 __all__ = ["folder_index", "load_folder"]
 
 
-def _hidden(part: str) -> bool:
-    return part.startswith(".") or part == "__MACOSX"
+def _walk(root: Path) -> tuple[list[str], list[str], list[str]]:
+    """``(class folders, image paths, their folder)`` relative to ``root``, symlinks followed once.
+
+    A linked folder is read like a real one; a link back to a folder above it (a loop) or a second
+    way into a folder already read is an error naming the link, since its images would otherwise be
+    counted twice or under two classes.
+    """
+    dirs: list[str] = []
+    sources: list[str] = []
+    folders: list[str] = []
+    seen: dict[str, str] = {os.path.realpath(root): "."}
+
+    stack: list[tuple[str, str, str]] = [(str(root), ".", os.path.realpath(root))]
+    while stack:  # depth-first, in name order, without recursion (trees may be very deep)
+        path, rel, here = stack.pop()
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot list folder ({e.strerror or e})") from None
+        below: list[tuple[str, str, str]] = []
+        for e in entries:
+            if is_hidden(e.name):
+                continue
+            sub = e.name if rel == "." else f"{rel}/{e.name}"
+            if e.is_dir():  # follows symlinks
+                real = os.path.realpath(e.path)
+                if here == real or here.startswith(real.rstrip(os.sep) + os.sep):  # real is this folder or above
+                    raise ValueError(f"{e.path}: symlink loop (points back to {real}, a folder above it)")
+                if real in seen:
+                    first, second = str(root / seen[real]), e.path
+                    if os.path.islink(first) and not e.is_symlink():
+                        first, second = second, first  # name the link as the culprit
+                    raise ValueError(f"{second}: the same folder as {first} (symlink); a folder can be one class only")
+                seen[real] = sub
+                dirs.append(sub)
+                below.append((e.path, sub, real))
+            elif is_image_name(e.name):
+                if rel == ".":
+                    raise ValueError(f"{e.path}: image at the top of the folder has no class folder")
+                sources.append(e.path)
+                folders.append(rel)
+        stack.extend(reversed(below))
+    return dirs, sources, folders
+
+
+def _no_empty(dirs: list[str] | set[str], folders: list[str], where: str) -> None:
+    """Every class folder must hold an image somewhere below it: an empty class is a silent data error."""
+    full = {f for f in folders}
+    full |= {"/".join(f.split("/")[: i + 1]) for f in full for i in range(f.count("/"))}
+    empty = sorted(d for d in dirs if d not in full)
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise ValueError(f"{where}/{empty[0]}: class folder holds no images{more}; add images or remove it")
 
 
 def folder_index(root: str | os.PathLike) -> tuple[Taxonomy, list[str], list[str], str | None]:
     """Scan a folder or zip: ``(taxonomy, sources, relative folder of each image, archive or None)``.
 
     A zip whose entries all sit under one top folder (as Omniglot's do) is read from inside it.
+    Hidden files and folders are skipped; empty class folders and symlink loops are errors.
     """
     root = Path(root)
     if root.is_file() and zipfile.is_zipfile(root):
         with zipfile.ZipFile(root) as zf:
-            names = [n for n in zf.namelist() if not any(_hidden(p) for p in PurePosixPath(n).parts)]
+            names = [n for n in zf.namelist() if not any(is_hidden(p) for p in PurePosixPath(n).parts)]
         parts = {PurePosixPath(n).parts[0] for n in names}
         prefix = ""
         if len(parts) == 1 and all("/" in n for n in names):
@@ -50,38 +102,35 @@ def folder_index(root: str | os.PathLike) -> tuple[Taxonomy, list[str], list[str
                 sources.append(n)
                 folders.append(folder)
                 dirs.add(folder)
+        _no_empty(dirs, folders, f"{root}:{prefix.rstrip('/')}" if prefix else f"{root}:")
         return Taxonomy.from_paths(dirs), sources, folders, str(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder or zip file (give cfg root: a folder of class folders)")
-    tax = Taxonomy.from_folders(root)
-    sources, folders = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        rel = Path(dirpath).relative_to(root).as_posix()
-        for f in sorted(filenames):
-            if not is_image_name(f) or _hidden(f):
-                continue
-            if rel == ".":
-                raise ValueError(f"{Path(dirpath) / f}: image at the top of the folder has no class folder")
-            sources.append(str(Path(dirpath) / f))
-            folders.append(rel)
-    return tax, sources, folders, None
+    dirs, sources, folders = _walk(root)
+    if not dirs:
+        raise ValueError(f"{root}: no class folders (expected root/<class>/.../*.png)")
+    _no_empty(dirs, folders, str(root))
+    return Taxonomy.from_paths(dirs), sources, folders, None
 
 
 def load_folder(
     root: str | os.PathLike,
     channels: int | None = None,
     image_size: int | tuple[int, int] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> FileImageDataset:
     """All images under ``root`` as one lazy dataset (the caller splits it).
 
     ``channels``/``image_size`` default to those of the first image; other sizes are resized to it.
+    Sample ids are the images' paths relative to ``root`` (inside the zip's top folder for archives),
+    so a split keyed on them survives moving the data set.
     """
     tax, sources, folders, archive = folder_index(root)
     if not sources:
         raise FileNotFoundError(f"{root}: no image files found (expected root/<class>/.../*.png)")
-    probe_c, probe_hw = probe_image(ImageReader(3, None, archive), sources[0])
+    probe_c, probe_hw = first_readable(ImageReader(3, None, archive, max_pixels), sources)
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    reader = ImageReader(channels or probe_c, tuple(size) if size else probe_hw, archive)
+    reader = ImageReader(channels or probe_c, tuple(size) if size else probe_hw, archive, max_pixels)
     targets = torch.tensor([tax.external_index[f] for f in folders], dtype=torch.long)
-    return FileImageDataset(sources, targets, tax, reader)
+    ids = [f"{f}/{PurePosixPath(s).name}" for s, f in zip(sources, folders)]
+    return FileImageDataset(sources, targets, tax, reader, ids=ids)

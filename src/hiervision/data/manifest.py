@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from hiervision.data.base import FileImageDataset
-from hiervision.data.imageio import ImageReader, probe_image
+from hiervision.data.imageio import DEFAULT_MAX_PIXELS, ImageReader, first_readable, is_hidden
 from hiervision.taxonomy import Taxonomy, TaxonomyError
 
 __all__ = ["SPLITS", "load_manifest"]
@@ -28,6 +28,7 @@ def load_manifest(
     multi_label: bool | None = None,
     channels: int | None = None,
     image_size: int | tuple[int, int] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[FileImageDataset, list[str] | None]:
     """Read the manifest into one lazy dataset plus the per-row ``split`` column (``None`` when absent).
 
@@ -36,7 +37,10 @@ def load_manifest(
         taxonomy: a :class:`Taxonomy` or the path of its JSON file.
         root: base folder of relative image paths (default: the manifest's folder).
         multi_label: force single/multi-label; default multi-label when any row has several labels.
-        channels, image_size: as in :func:`hiervision.data.folder.load_folder`.
+        channels, image_size, max_pixels: as in :func:`hiervision.data.folder.load_folder`.
+
+    Sample ids are the ``path`` column as written (``/``-separated), so splits follow the rows, not
+    their order; a path listed twice is an error (its copies could land in train and test).
     """
     manifest = Path(manifest)
     if not manifest.is_file():
@@ -46,6 +50,8 @@ def load_manifest(
     sources: list[str] = []
     labels: list[list[int]] = []
     splits: list[str] = []
+    ids: list[str] = []
+    first_line: dict[str, int] = {}
     with open(manifest, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields = set(reader.fieldnames or ())
@@ -68,6 +74,10 @@ def load_manifest(
                     raise ValueError(f"{manifest}: line {line}: label {label!r} is not in the taxonomy ({e})") from None
             if not nodes:
                 raise ValueError(f"{manifest}: line {line}: no label for {path!r}")
+            key = PurePosixPath(path.replace("\\", "/")).as_posix()
+            if key in first_line:
+                raise ValueError(f"{manifest}: line {line}: {path!r} already listed on line {first_line[key]}")
+            first_line[key] = line
             if has_split:
                 split = (row["split"] or "").strip().lower()
                 if split not in SPLITS:
@@ -76,7 +86,10 @@ def load_manifest(
             full = Path(path) if Path(path).is_absolute() else base / path
             if not full.is_file():
                 raise FileNotFoundError(f"{full}: image listed in {manifest} line {line} not found")
+            if is_hidden(full.name):
+                raise ValueError(f"{manifest}: line {line}: {path!r} is a hidden file")
             sources.append(str(full))
+            ids.append(key)
             labels.append(nodes)
     if not sources:
         raise ValueError(f"{manifest}: no rows")
@@ -93,10 +106,10 @@ def load_manifest(
                     targets[i, n] = True
     else:
         targets = torch.tensor([n[0] for n in labels], dtype=torch.long)
-    probe_c, probe_hw = probe_image(ImageReader(3), sources[0])
+    probe_c, probe_hw = first_readable(ImageReader(3, max_pixels=max_pixels), sources)
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    reader = ImageReader(channels or probe_c, tuple(size) if size else probe_hw)
-    return FileImageDataset(sources, targets, tax, reader), (splits if has_split else None)
+    reader = ImageReader(channels or probe_c, tuple(size) if size else probe_hw, max_pixels=max_pixels)
+    return FileImageDataset(sources, targets, tax, reader, ids=ids), (splits if has_split else None)
 
 
 def _load_taxonomy(path: str | os.PathLike) -> Taxonomy:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from hiervision.data.base import TensorImageDataset, shared_data_dir, stratified_subset
+from hiervision.data.base import TensorImageDataset, shared_data_dir
+from hiervision.data.imageio import ImageReader
+from hiervision.data.splits import hash_subset
 from hiervision.data.transforms import resize
 from hiervision.taxonomy import Taxonomy
 
@@ -74,7 +75,8 @@ def tiny_imagenet_files(root: str | os.PathLike, split: str) -> tuple[list[str],
             folder = root / "train" / wnid / "images"
             if not folder.is_dir():
                 raise FileNotFoundError(f"{folder}: missing train folder of class {wnid} ({HOW_TO_GET})")
-            names = sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpeg", ".jpg", ".png")))
+            names = sorted(f for f in os.listdir(folder)
+                           if f.lower().endswith((".jpeg", ".jpg", ".png")) and not f.startswith("."))
             files += [f"train/{wnid}/images/{f}" for f in names]
             labels += [wnid] * len(names)
     elif split == "val":
@@ -96,12 +98,8 @@ def tiny_imagenet_files(root: str | os.PathLike, split: str) -> tuple[list[str],
 
 
 def _decode(path: str) -> np.ndarray:
-    """One JPEG → uint8 (3, H, W); grayscale images are expanded to RGB."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB")).transpose(2, 0, 1).copy()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"{path}: cannot decode image ({e})") from None
+    """One JPEG → uint8 (3, H, W) under the shared conversion rules (grey expanded to RGB, EXIF, pixel limit)."""
+    return ImageReader(3)(path).numpy()
 
 
 def _decode_all(paths: Sequence[str], workers: int, desc: str) -> np.ndarray:
@@ -188,11 +186,11 @@ def load_tiny_imagenet(
         raise ValueError(f"class {missing[0]} of {root} is not in the taxonomy")
     targets = torch.tensor([tax.external_index[w] for w in wnids], dtype=torch.long)
     if limit is not None:
-        keep = stratified_subset(targets, limit, seed)
+        keep = hash_subset(files, targets, limit, seed)  # by file name: stable when files come or go
         files, targets = [files[i] for i in keep.tolist()], targets[keep]
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     images = load_images_cached(root, files, image_size, Path(cache_dir) if cache_dir else None, workers,
                                 f"tiny-imagenet {split}")
-    ds = TensorImageDataset(images, targets, tax)
+    ds = TensorImageDataset(images, targets, tax, ids=[str(f) for f in files])
     ds.files = files  # type: ignore[attr-defined]  # kept so tests and users can trace an image to its file
     return ds

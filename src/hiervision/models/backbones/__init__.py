@@ -90,20 +90,37 @@ def create_backbone(
 
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
-    """Read a safetensors or torch state dict; torch files are loaded with ``weights_only`` (no pickled code)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Read a safetensors or torch state dict; torch files are loaded with ``weights_only`` (no pickled code).
 
-        return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    Whatever is wrong with the file (not there, a folder, unreadable, not weights, a pickle that asks
+    for code) is one line naming it, not a loader's multi-line traceback.
+    """
+    what = "backbone_kwargs.pretrained_path"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: weights file not found ({what})")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file ({what} must name a .safetensors or torch.save weights file)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure of an untrusted file is "not a weights file"
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        raise ValueError(f"{path}: not a readable weights file ({what}: .safetensors or a torch.save state dict; "
+                         f"{why})") from None
     # common checkpoint wrappers: {"state_dict": ...} / {"model": ...}
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    odd = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise ValueError(f"{path}: not a state dict of tensors (entry {odd!r} is a {type(state[odd]).__name__})")
     return state
 
 
@@ -115,6 +132,8 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
     model's ``pretrained_ignore`` class attribute (e.g. ``("fc.", "classifier.")``), and not the model's own,
     are dropped, so full-model checkpoints (torchvision's ``resnet50``, ``vgg16``) load without surgery.
     """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"backbone_kwargs.pretrained_path: must be a weights file path, got {path!r}")
     path = Path(path)
     state = _read_state_dict(path)
     own = model.state_dict()
