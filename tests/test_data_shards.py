@@ -80,7 +80,7 @@ def test_shards_from_in_memory_data_and_errors(tmp_path: Path) -> None:
     ref = build_data({"name": "synthetic", "n_train": 30, "n_test": 10, "size": 8, "val_fraction": 0.0})
     pack({"train": ref.train, "test": ref.test}, ref.taxonomy, tmp_path / "p", shard_size=7)
     b = build_data({"name": "shards", "root": str(tmp_path / "p"), "val_fraction": 0.2})
-    assert len(b.train) + len(b.val) == 30 and len(b.val) == 6  # no packed val: carved from train
+    assert len(b.train) + len(b.val) == 30 and 0 < len(b.val) < 15  # no packed val: carved from train (by id hash)
     assert torch.equal(torch.stack([b.test[i][0] for i in range(10)]), ref.test.images.float() / 255)
     with pytest.raises(FileNotFoundError, match="hiervision data pack"):
         build_data({"name": "shards", "root": str(tmp_path)})
