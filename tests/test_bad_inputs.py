@@ -284,7 +284,7 @@ def test_checkpoint_truncated(capsys, run):
 
 def test_checkpoint_with_code_is_refused_and_never_run(capsys, run, tmp_path):
     marker = tmp_path / "pwned"
-    (run / "best.pt").write_bytes(pickle.dumps({"model": Boom(marker)}))
+    (run / "best.pt").write_bytes(pickle.dumps({"model": Boom(marker)}, protocol=2))
     rc, err, _ = cli(capsys, "evaluate", run)
     assert rc == 1 and "best.pt: not a readable hiervision checkpoint" in err
     assert not marker.exists()
@@ -453,13 +453,28 @@ def test_train_force_writes_beside_the_users_files(capsys, tiny_yaml, tmp_path):
 def test_train_disk_full_keeps_the_previous_run(capsys, run, tiny_yaml, monkeypatch):
     before = snapshot(run)
 
-    def full(*a, **k):
+    def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(runfolder.os, "fsync", full)  # every atomic write fails as on a full disk
     rc, err, _ = cli(capsys, "train", tiny_yaml, "--out", run, "--no-resume", "--quiet")
-    assert rc == 1 and "disk full" in err and ".pt" in err
+    assert rc == 1 and "cannot write (disk full)" in err
     assert_kept(run, before)
+
+
+def test_checkpoint_write_on_a_full_disk_keeps_the_old_one(run, monkeypatch):
+    from hiervision.checkpoint import save_checkpoint
+
+    before = snapshot(run)
+    state = load_checkpoint(run / "best.pt")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runfolder.os, "fsync", full)
+    with pytest.raises(runfolder.RunFolderError, match=r"best.pt: cannot write \(disk full\) \(the previous file"):
+        save_checkpoint(run / "best.pt", state)
+    assert snapshot(run) == before  # old checkpoint intact, no temp file left
 
 
 @needs("lead", "train holds runfolder.claim_run_dir's lock for the whole run")
