@@ -7,12 +7,14 @@ another tree are refused with a clear message instead of a shape error deep insi
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hiervision.runfolder import atomic_write_bytes
 from hiervision.taxonomy import Taxonomy
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
@@ -23,11 +25,12 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write to a temp file in the same folder, then rename: a kill never leaves a half file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Serialise in memory, then write atomically (temp file, fsync, rename): a kill never leaves a
+    half file, and a full disk is a one-line error that keeps the previous checkpoint (torch would
+    report a failed write to a file as an opaque RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike, taxonomy: Taxonomy | None = None) -> dict[str, Any]:

@@ -164,7 +164,12 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
         return 0
     tax = _read_taxonomy(args.file)
     if args.action == "show":
-        print(tax.render(max_nodes=args.max_nodes))
+        try:
+            for line in tax.iter_render(max_nodes=args.max_nodes):  # streamed: huge trees print in bounded memory
+                print(line)
+        except BrokenPipeError:  # `| head`: the reader is gone, which is not an error
+            sys.stdout = open(os.devnull, "w")  # keeps the final flush quiet
+        return 0
     else:
         print(f"{args.file}: valid tree, {len(tax)} classes, {len(tax.leaves)} leaves, depth {tax.max_depth}"
               f"{' (fixed depth)' if tax.is_fixed_depth else ' (variable depth)'}")
@@ -277,6 +282,28 @@ def _print_metrics(result: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number ≥ 1 (argparse names the flag in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hiervision", description="Hierarchical image classification.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -303,18 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="one JSON line per image: file, path, path probability")
     pr.add_argument("run_dir")
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
-    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--batch-size", type=_positive_int, default=64)
     pr.set_defaults(func=cmd_predict)
 
     tx = sub.add_parser("taxonomy", help="show, validate or build a taxonomy (JSON, parent/child CSV, run folder)")
     tx.add_argument("action", choices=["show", "validate", "build"])
     tx.add_argument("file", help="taxonomy file; for build, the source (see --from)")
-    tx.add_argument("--max-nodes", type=int, default=None, help="show: print at most this many nodes")
+    tx.add_argument("--max-nodes", type=_count, default=None, help="show: print at most this many nodes")
     tx.add_argument("--from", dest="source", choices=["auto", "openimages", "wordnet", "folders"], default="auto",
                     help="build: the source's kind (auto = our JSON or a parent,child CSV)")
     tx.add_argument("--names", help="build: Open Images class-descriptions CSV or WordNet node_names.txt")
     tx.add_argument("--classes", help="build --from wordnet: file of class wnids to keep (prune, collapse)")
-    tx.add_argument("--max-depth", type=int, default=None, help="build --from wordnet: cap path length")
+    tx.add_argument("--max-depth", type=_positive_int, default=None, help="build --from wordnet: cap path length")
     tx.add_argument("--out", help="build: where to write the JSON")
     tx.set_defaults(func=cmd_taxonomy)
 

@@ -10,12 +10,28 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-__all__ = ["DEFAULTS", "ConfigError", "apply_overrides", "load_config", "merge"]
+if TYPE_CHECKING:
+    from hiervision.taxonomy import Taxonomy
+
+__all__ = [
+    "DEFAULTS",
+    "SCHEMA",
+    "ConfigError",
+    "apply_overrides",
+    "check_given_level",
+    "check_loss",
+    "load_config",
+    "merge",
+    "validate_config",
+]
 
 
 class ConfigError(ValueError):
@@ -64,12 +80,242 @@ DEFAULTS: dict[str, Any] = {
         # Guo et al. Sec. 4.2: train on S_fine first, pseudo-label S_coarse's fine labels, then train on both
         "pseudo_labels": False,
         "progress": True,
+        # save last.pt every this many optimizer steps inside an epoch too (0: only at epoch ends)
+        "checkpoint_every": 0,
+        # optimizer step every this many batches (gradient accumulation; 1: every batch)
+        "accumulate": 1,
+        "sync_bn": False,  # multi-GPU: synchronise batch-norm statistics across processes
+        "compile": False,  # torch.compile the model
+        # stop when a batch's loss exceeds this (null: only NaN/inf stop). Our losses are means of
+        # per-level cross-entropies, about ln(classes) per level at chance (< 12 even for 100k
+        # classes), so 1e4 never stops a healthy run but stops a diverging one long before inf.
+        "max_loss": 1.0e4,
     },
     # select: val metric that picks best.pt; given_level: also report test metrics when each image's
     # true ancestor at that depth is given (Guo et al.'s CNN-RNN*)
     "eval": {"batch_size": 512, "select": "auto", "given_level": None},
 }
 
+
+# ----------------------------------------------------------------------------- value rules
+# A rule takes (key, value) and returns the value to use (numeric text like "1e-3", which YAML 1.1
+# reads as a string, becomes a float) or raises ConfigError naming the key. Values are checked at
+# the boundary so that a wrong one fails before any data is read, not as a traceback mid-run.
+Rule = Callable[[str, Any], Any]
+
+
+def _fail(key: str, what: str, value: Any) -> ConfigError:
+    return ConfigError(f"config key '{key}' must be {what}, got {value!r}")
+
+
+def _int(lo: int | None = None, hi: int | None = None, null: bool = False) -> Rule:
+    def rule(key: str, v: Any) -> Any:
+        if v is None and null:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int):
+            what = "a whole number" + (" or null" if null else "")
+            raise _fail(key, what, v)
+        if lo is not None and v < lo:
+            raise _fail(key, f"≥ {lo}", v)
+        if hi is not None and v > hi:
+            raise _fail(key, f"≤ {hi}", v)
+        return v
+
+    return rule
+
+
+def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+         null: bool = False) -> Rule:
+    def rule(key: str, v: Any) -> Any:
+        if v is None and null:
+            return v
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _fail(key, "a finite number" + (" or null" if null else ""), v)
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            raise _fail(key, f"{'>' if lo_open else '≥'} {lo:g}", v)
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            raise _fail(key, f"{'<' if hi_open else '≤'} {hi:g}", v)
+        return v
+
+    return rule
+
+
+def _bool(key: str, v: Any) -> Any:
+    if not isinstance(v, bool):
+        raise _fail(key, "true or false", v)
+    return v
+
+
+def _str(null: bool = False, empty: bool = False) -> Rule:
+    def rule(key: str, v: Any) -> Any:
+        if (v is None and null) or (isinstance(v, str) and (v or empty)):
+            return v
+        raise _fail(key, "a " + ("" if empty else "non-empty ") + "text" + (" or null" if null else ""), v)
+
+    return rule
+
+
+def _enum(*choices: str) -> Rule:
+    def rule(key: str, v: Any) -> Any:
+        if v not in choices:
+            raise _fail(key, "one of " + ", ".join(choices), v)
+        return v
+
+    return rule
+
+
+def _match(pattern: str, what: str) -> Rule:
+    def rule(key: str, v: Any) -> Any:
+        if not isinstance(v, str) or not re.fullmatch(pattern, v):
+            raise _fail(key, what, v)
+        return v
+
+    return rule
+
+
+def _list(item: Rule) -> Rule:
+    def rule(key: str, v: Any) -> Any:
+        if not isinstance(v, list):
+            raise _fail(key, "a list", v)
+        return [item(f"{key}[{i}]", x) for i, x in enumerate(v)]
+
+    return rule
+
+
+def _mapping(fields: dict[str, Rule], null: bool = False) -> Rule:
+    def rule(key: str, v: Any) -> Any:
+        if v is None and null:
+            return v
+        if not isinstance(v, dict):
+            raise _fail(key, "a mapping" + (" or null" if null else ""), v)
+        out = {}
+        for k, x in v.items():
+            if k not in fields:
+                raise ConfigError(f"config key '{key}.{k}' is not known (known: {', '.join(fields)})")
+            out[k] = fields[k](f"{key}.{k}", x)
+        return out
+
+    return rule
+
+
+def _freeze_entry(key: str, v: Any) -> Any:
+    if not isinstance(v, dict) or set(v) != {"epochs", "frozen"}:
+        raise ConfigError(f"config key '{key}' must look like {{epochs: [start, end], frozen: [group, ...]}}")
+    ep = v["epochs"]
+    if not isinstance(ep, list) or len(ep) != 2:
+        raise _fail(f"{key}.epochs", "a list [start, end]", ep)
+    start, end = (_int(lo=0)(f"{key}.epochs", x) for x in ep)
+    if end < start:
+        raise _fail(f"{key}.epochs", "[start, end] with start ≤ end", ep)
+    return {"epochs": [start, end], "frozen": _list(_str())(f"{key}.frozen", v["frozen"])}
+
+
+# what every key of seed/train/eval may hold (data and model keys are checked by their builders)
+SCHEMA: dict[str, Any] = {
+    "name": _str(null=True),
+    "description": _str(empty=True),
+    "seed": _int(lo=0, hi=2**63 - 1),
+    "train": {
+        "epochs": _int(lo=1),
+        "batch_size": _int(lo=1),
+        "optimizer": _enum("sgd", "adam", "adamw"),
+        "lr": _num(lo=0, lo_open=True),
+        "momentum": _num(lo=0, hi=1, hi_open=True),
+        "nesterov": _bool,
+        "weight_decay": _num(lo=0),
+        "schedule": _enum("cosine", "step", "multistep", "constant"),
+        "step_size": _num(lo=0, lo_open=True),
+        "milestones": _list(_num(lo=0)),
+        "gamma": _num(lo=0, lo_open=True),
+        "warmup_epochs": _num(lo=0),
+        "augment": _mapping({"pad": _int(lo=0), "flip": _bool, "pad_mode": _enum("constant", "reflect")},
+                            null=True),
+        "channels_last": _bool,
+        "amp": _enum("auto", "bf16", "fp16", "none"),
+        "device": _match(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, mps, cuda or cuda:N"),
+        "threads": _int(lo=1, null=True),
+        "num_workers": _int(lo=0),
+        "deterministic": _bool,
+        "grad_clip": _num(lo=0, lo_open=True, null=True),
+        "freeze": _list(_freeze_entry),
+        "precompute_features": _bool,
+        "pseudo_labels": _bool,
+        "progress": _bool,
+        "checkpoint_every": _int(lo=0),
+        "accumulate": _int(lo=1),
+        "sync_bn": _bool,
+        "compile": _bool,
+        "max_loss": _num(lo=0, lo_open=True, null=True),
+    },
+    "eval": {
+        "batch_size": _int(lo=1),
+        "select": _str(),
+        "given_level": _int(lo=1, null=True),
+    },
+}
+
+
+def validate_config(cfg: dict) -> dict:
+    """Check every ``seed``/``train``/``eval`` value (type, range, choice) and every key's name.
+
+    Returns a copy with numeric text turned into numbers; raises :class:`ConfigError` naming the
+    first bad key. :func:`load_config` calls it; call it yourself on a dict built in Python.
+    """
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"a config must be a mapping of keys, got {type(cfg).__name__}")
+    _check(cfg, DEFAULTS)
+    out = copy.deepcopy(cfg)
+    for key, rule in SCHEMA.items():
+        if key not in out:
+            continue
+        if isinstance(rule, dict):
+            for sub, r in rule.items():
+                if sub in out[key]:
+                    out[key][sub] = r(f"{key}.{sub}", out[key][sub])
+        else:
+            out[key] = rule(key, out[key])
+    for key in ("data", "model"):
+        if key in out and not isinstance(out[key], dict):
+            raise ConfigError(f"config key '{key}' must be a mapping")
+    return out
+
+
+def check_given_level(level: Any, taxonomy: Taxonomy, key: str = "--given-level") -> int | None:
+    """The depth whose true ancestor is given must lie strictly above the deepest level: 1..depth−1.
+
+    Level 0 or a level at/below the leaves would give away the answer (path accuracy 1.0).
+    """
+    if level is None:
+        return None
+    if isinstance(level, bool) or not isinstance(level, int):
+        raise ConfigError(f"{key} must be a whole number, got {level!r}")
+    top = taxonomy.max_depth - 1
+    if top < 1:
+        raise ConfigError(f"{key} {level}: the tree has one level only, so there is no ancestor to give")
+    if not 1 <= level <= top:
+        raise ConfigError(f"{key} {level}: must be between 1 and {top} (the tree is {taxonomy.max_depth} deep)")
+    return level
+
+
+def check_loss(loss: float, epoch: int, step: int, max_loss: float | None = None, lr: float | None = None) -> None:
+    """Stop training when a batch's loss is NaN/inf or above ``train.max_loss`` (a diverging run).
+
+    Raises :class:`hiervision.training.TrainingError` with one line: where, the value, what to try.
+    ``epoch`` and ``step`` are 1-based, as shown to the user.
+    """
+    finite = math.isfinite(loss)
+    if finite and (max_loss is None or loss <= max_loss):
+        return
+    from hiervision.training import TrainingError  # here, not at the top: training imports this module
+
+    at = f"at epoch {epoch}, step {step}" + (f" (lr {lr:.3g})" if lr is not None else "")
+    what = f"loss is {loss}" if not finite else f"loss {loss:.4g} exceeds train.max_loss={max_loss:g}"
+    raise TrainingError(f"{what} {at}: the run diverged; lower train.lr, set train.grad_clip or train.amp=none")
 
 def merge(base: dict, override: dict) -> dict:
     """Deep merge: dicts merge key by key, everything else is replaced."""
@@ -89,6 +335,10 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML (nested too deeply)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -96,6 +346,8 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys")
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file name, got {base!r}")
     if base:
         data = merge(_read((path.parent / base).resolve(), (*seen, path)), data)
     return data
@@ -104,7 +356,7 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 def _check(cfg: dict, schema: dict, prefix: str = "") -> None:
     for k, v in cfg.items():
         if k not in schema:
-            hint = difflib.get_close_matches(k, list(schema), n=1)
+            hint = difflib.get_close_matches(k, list(schema), n=1) if isinstance(k, str) else []
             extra = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
             raise ConfigError(f"config key '{prefix}{k}' is not known{extra}")
         if isinstance(schema[k], dict) and k not in ("data", "model", "augment"):
@@ -120,9 +372,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         user["name"] = Path(path).stem
     user = apply_overrides(user, overrides or [])
     _check(user, DEFAULTS)
-    if "data" in user and "name" not in user["data"]:
+    if isinstance(user.get("data"), dict) and "name" not in user["data"]:
         raise ConfigError("config key 'data.name' is required")
-    return merge(DEFAULTS, user)
+    return validate_config(merge(DEFAULTS, user))
 
 
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
@@ -134,7 +386,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         try:
             value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             raise ConfigError(f"override {item!r}: value is not valid YAML") from None
         node = cfg
         parts = key.strip().split(".")

@@ -20,7 +20,7 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -33,6 +33,7 @@ PAD = -1
 IGNORE = -100
 EOS = 0
 FORMAT = "hiervision-taxonomy"
+MAX_INDENT = 32  # render: deeper nodes are not indented further
 
 
 class TaxonomyError(ValueError):
@@ -174,7 +175,10 @@ class Taxonomy:
         parents_of: dict[str, list[str]] = {}
         order: dict[str, None] = {}
         for parent, child in edges:
-            order.setdefault(parent)
+            if child == root:
+                raise TaxonomyError(f"node {root!r} is the root: it cannot be the child of {parent!r}")
+            if parent != root:  # naming the root explicitly hangs the child under it
+                order.setdefault(parent)
             order.setdefault(child)
             lst = parents_of.setdefault(child, [])
             if parent not in lst:
@@ -184,22 +188,12 @@ class Taxonomy:
                 raise TaxonomyError(f"node {child!r} has two parents: {ps[0]!r} and {ps[1]!r}")
         chosen: dict[str, str] = {}
         if multi_parent == "deepest":
-            height: dict[str, int] = {}
-
-            def top_distance(v: str, trail: frozenset = frozenset()) -> int:
-                if v in height:
-                    return height[v]
-                if v in trail:
-                    raise TaxonomyError(f"cycle through node {v!r}")
-                ps = parents_of.get(v, [])
-                height[v] = 0 if not ps else 1 + max(top_distance(p, trail | {v}) for p in ps)
-                return height[v]
-
+            height = _top_distances(parents_of, root)
             for child, ps in parents_of.items():
-                chosen[child] = min(ps, key=lambda p: (-top_distance(p), p))
+                chosen[child] = min(ps, key=lambda p: (-height.get(p, 0), p))
         else:
             chosen = {c: ps[0] for c, ps in parents_of.items()}
-        parent_map = {n: chosen.get(n) for n in order}
+        parent_map = {n: (None if chosen.get(n) == root else chosen.get(n)) for n in order}
         _check_acyclic(parent_map)
         ordered = _parents_first(parent_map)
         idx = {n: i + 1 for i, n in enumerate(ordered)}
@@ -219,7 +213,10 @@ class Taxonomy:
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike, root: str = "root") -> Taxonomy:
-        """Build from a CSV file with a header holding ``parent`` and ``child`` columns."""
+        """Build from a CSV file with a header holding ``parent`` and ``child`` columns.
+
+        A row whose parent is ``root`` (the root's name) hangs its child directly under the root.
+        """
         path = Path(path)
         try:
             with open(path, newline="", encoding="utf-8") as f:
@@ -230,9 +227,18 @@ class Taxonomy:
                 for line, row in enumerate(reader, start=2):
                     if not row.get("parent") or not row.get("child"):
                         raise TaxonomyError(f"{path}:{line}: row needs both a parent and a child")
-                    edges.append((row["parent"].strip(), row["child"].strip()))
+                    if not isinstance(row["parent"], str) or not isinstance(row["child"], str):
+                        raise TaxonomyError(f"{path}:{line}: row needs both a parent and a child")
+                    parent, child = row["parent"].strip(), row["child"].strip()
+                    if not parent or not child:
+                        raise TaxonomyError(f"{path}:{line}: row needs both a parent and a child")
+                    edges.append((parent, child))
         except OSError as e:
             raise TaxonomyError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise TaxonomyError(f"{path}: not a UTF-8 text file") from None
+        except csv.Error as e:
+            raise TaxonomyError(f"{path}: not a readable CSV ({e})") from None
         return cls.from_edges(edges, root=root)
 
     @classmethod
@@ -299,8 +305,11 @@ class Taxonomy:
         """
         try:
             data = json.loads(Path(hierarchy_json).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise TaxonomyError(f"{hierarchy_json}: cannot read Open Images hierarchy ({e})") from None
+        except (OSError, ValueError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+            raise TaxonomyError(f"{hierarchy_json}: cannot read Open Images hierarchy ({why})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("LabelName"), str):
+            raise TaxonomyError(f"{hierarchy_json}: not an Open Images hierarchy (no top 'LabelName')")
         names: dict[str, str] = {}
         if descriptions_csv is not None:
             names = {row[0]: row[1] for row in csv.reader(_read_text(descriptions_csv).splitlines()) if len(row) >= 2}
@@ -308,7 +317,9 @@ class Taxonomy:
         stack = [(data, None)]
         while stack:
             node, parent = stack.pop()
-            label = node["LabelName"]
+            label = node.get("LabelName") if isinstance(node, dict) else None
+            if not isinstance(label, str) or not isinstance(node.get("Subcategory", []), list):
+                raise TaxonomyError(f"{hierarchy_json}: malformed entry under {parent!r} (needs LabelName)")
             if parent is not None:
                 edges.append((parent, label))
             for child in reversed(node.get("Subcategory", [])):
@@ -389,15 +400,16 @@ class Taxonomy:
                 [n["parent"] for n in nodes],
                 [n.get("external_id") for n in nodes],
             )
-        except (KeyError, TypeError) as e:
+        except TaxonomyError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise TaxonomyError(f"{source}: malformed node entry ({e!r})") from None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the JSON format atomically (temp file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
+        """Write the JSON format atomically: a failed write leaves the old file (see :mod:`hiervision.runfolder`)."""
+        from hiervision.runfolder import atomic_write_json
+
+        atomic_write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Taxonomy:
@@ -407,6 +419,10 @@ class Taxonomy:
             raise TaxonomyError(f"{path}: cannot read ({e.strerror})") from None
         except json.JSONDecodeError as e:
             raise TaxonomyError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise TaxonomyError(f"{path}: not a UTF-8 text file") from None
+        except RecursionError:
+            raise TaxonomyError(f"{path}: invalid JSON (nested too deeply)") from None
         return cls.from_dict(data, source=str(path))
 
     @cached_property
@@ -746,15 +762,26 @@ class Taxonomy:
     # ------------------------------------------------------------------ display
     def render(self, max_nodes: int | None = None) -> str:
         """Indented text view of the tree (what ``hiervision taxonomy show`` prints)."""
-        lines = [f"{self.names[0]}  ({len(self)} classes, {len(self.leaves)} leaves, depth {self.max_depth})"]
-        for n in self._topological()[1:]:
-            if max_nodes is not None and len(lines) > max_nodes:
-                lines.append(f"... ({self.num_nodes - len(lines)} more)")
-                break
+        return "\n".join(self.iter_render(max_nodes))
+
+    def iter_render(self, max_nodes: int | None = None) -> Iterator[str]:
+        """:meth:`render` one line at a time, depth-first without recursion, so that printing a
+        100k-node or 100k-deep tree needs memory for the tree only. Indentation stops growing at
+        depth :data:`MAX_INDENT`; deeper lines show their depth instead (else line i would be i wide)."""
+        yield f"{self.names[0]}  ({len(self)} classes, {len(self.leaves)} leaves, depth {self.max_depth})"
+        shown, stack = 1, list(reversed(self.children[0]))
+        while stack:
+            n = stack.pop()
+            if max_nodes is not None and shown > max_nodes:
+                yield f"... ({self.num_nodes - shown} more)"
+                return
             e = self.external_ids[n]
             ext = f"  [{e}]" if e and e != self.names[n] else ""
-            lines.append("  " * self.depths[n] + f"{self.names[n]}{ext}")
-        return "\n".join(lines)
+            d = self.depths[n]
+            indent = "  " * d if d <= MAX_INDENT else "  " * MAX_INDENT + f"[depth {d}] "
+            yield f"{indent}{self.names[n]}{ext}"
+            shown += 1
+            stack.extend(reversed(self.children[n]))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -775,6 +802,30 @@ def _read_text(path: str | os.PathLike) -> str:
 
 def _device(x) -> torch.device:
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _top_distances(parents_of: Mapping[str, Sequence[str]], root: str) -> dict[str, int]:
+    """Longest chain of ancestors above every node (0 for a top node), iteratively: trees can be deep."""
+    height: dict[str, int] = {root: -1}
+    for start in parents_of:
+        if start in height:
+            continue
+        on_path, frames = {start}, [(start, iter(parents_of.get(start, ())))]
+        while frames:
+            v, pending = frames[-1]
+            for p in pending:
+                if p in height:
+                    continue
+                if p in on_path:
+                    raise TaxonomyError(f"cycle through node {p!r}")
+                on_path.add(p)
+                frames.append((p, iter(parents_of.get(p, ()))))
+                break
+            else:  # every parent is done
+                height[v] = 1 + max((height[p] for p in parents_of.get(v, ())), default=-1)
+                frames.pop()
+                on_path.discard(v)
+    return height
 
 
 def _check_acyclic(parent_map: Mapping[str, str | None]) -> None:
