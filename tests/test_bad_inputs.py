@@ -368,14 +368,12 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
     return path
 
 
-@needs("datasafe", "a pixel limit with a one-line error naming the file")
 def test_predict_decompression_bomb(capsys, trained, tmp_path):
     bomb = _png_header_only(tmp_path / "bomb.png", 20000, 20000)
     rc, err, _ = cli(capsys, "predict", trained, bomb)
     assert rc == 1 and "bomb.png" in err
 
 
-@needs("datasafe", "predict skips hidden files as training does")
 def test_predict_skips_hidden_files(capsys, trained, tmp_path):
     write_png(tmp_path / "imgs" / "a.png", mode="RGB")
     (tmp_path / "imgs" / ".a.png").write_bytes(b"resource fork, not an image")
@@ -383,7 +381,6 @@ def test_predict_skips_hidden_files(capsys, trained, tmp_path):
     assert rc == 0 and len(out.splitlines()) == 1
 
 
-@needs("datasafe", "16-bit PNGs scaled to 8 bits, not clipped")
 def test_predict_16_bit_png_reads_as_its_8_bit_twin(capsys, trained, tmp_path):
     arr = np.tile(np.arange(0, 256, 16, dtype=np.uint16), (16, 1))
     Image.fromarray(arr.astype(np.uint8), mode="L").save(tmp_path / "g8.png")
@@ -396,7 +393,6 @@ def test_predict_16_bit_png_reads_as_its_8_bit_twin(capsys, trained, tmp_path):
     assert outs[0] == outs[1]
 
 
-@needs("lead", "evaluate checks --given-level with config.check_given_level")
 @pytest.mark.parametrize("level", ["99", "0", "-1"])
 def test_evaluate_given_level_out_of_range(capsys, trained, level):
     rc, err, out = cli(capsys, "evaluate", trained, "--given-level", level)
@@ -428,7 +424,6 @@ def test_train_resume_with_another_config(capsys, run, tiny_yaml):
     assert_kept(run, before)
 
 
-@needs("lead", "train claims --out with runfolder.claim_run_dir")
 def test_train_into_a_users_folder_is_refused(capsys, tiny_yaml, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
@@ -440,7 +435,6 @@ def test_train_into_a_users_folder_is_refused(capsys, tiny_yaml, tmp_path):
     assert snapshot(out) == before
 
 
-@needs("lead", "train --force passes force=True to runfolder.claim_run_dir")
 def test_train_force_writes_beside_the_users_files(capsys, tiny_yaml, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
@@ -449,7 +443,6 @@ def test_train_force_writes_beside_the_users_files(capsys, tiny_yaml, tmp_path):
     assert rc == 0 and (out / "notes.txt").read_text() == "keep me" and (out / "best.pt").is_file()
 
 
-@needs("lead", "a failed checkpoint write is one line and a fresh start moves old files aside (runfolder.set_aside)")
 def test_train_disk_full_keeps_the_previous_run(capsys, run, tiny_yaml, monkeypatch):
     before = snapshot(run)
 
@@ -477,7 +470,6 @@ def test_checkpoint_write_on_a_full_disk_keeps_the_old_one(run, monkeypatch):
     assert snapshot(run) == before  # old checkpoint intact, no temp file left
 
 
-@needs("lead", "train holds runfolder.claim_run_dir's lock for the whole run")
 def test_second_training_into_the_same_run_fails_at_once(capsys, tiny_yaml, tmp_path):
     long_cfg = tmp_path / "long.yaml"
     long_cfg.write_text(TINY.replace("epochs: 1", "epochs: 200"))
@@ -501,7 +493,6 @@ def test_loss_nan_stops_with_one_line(capsys, tiny_yaml, tmp_path):
     assert rc == 1 and "loss is nan" in err and "train.lr" in err
 
 
-@needs("lead", "the training loop calls config.check_loss with train.max_loss")
 def test_loss_explosion_stops_with_one_line(capsys, tiny_yaml, tmp_path):
     rc, err, _ = cli(capsys, "train", tiny_yaml, "--out", tmp_path / "out", "--set", "train.max_loss=0.01", "--quiet")
     assert rc == 1 and "exceeds train.max_loss=0.01" in err
@@ -528,7 +519,6 @@ def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     assert load_checkpoint(out / "last.pt")["epoch"] >= 1
 
 
-@needs("lead", "SIGTERM saves a checkpoint and exits with one line")
 def test_sigterm_saves_and_says_so(tmp_path):
     proc, err, out = _interrupt(tmp_path, signal.SIGTERM)
     assert proc.returncode not in (0, -signal.SIGTERM)
@@ -557,7 +547,6 @@ def test_data_image_at_the_top_has_no_class(capsys, tmp_path):
     assert rc == 1 and "stray.png: image at the top of the folder has no class folder" in err
 
 
-@needs("datasafe", "data.check verifies every image before training and lists every bad file")
 def test_data_corrupt_images_listed_before_training(capsys, tmp_path):
     root = image_folder(tmp_path / "imgs")
     broken = ["animal/cat/broken1.png", "animal/dog/broken2.png", "plant/tree/broken3.png"]
@@ -568,7 +557,6 @@ def test_data_corrupt_images_listed_before_training(capsys, tmp_path):
     assert not (tmp_path / "out" / "last.pt").exists()  # failed before the first epoch
 
 
-@needs("datasafe", "an empty class folder is an error or an explicit warning naming it")
 def test_data_empty_class_folder(capsys, tmp_path):
     root = image_folder(tmp_path / "imgs")
     (root / "plant" / "moss").mkdir()
@@ -581,7 +569,6 @@ def test_data_empty_class_folder(capsys, tmp_path):
     assert "moss" in err and (rc == 1 or "warning" in err)
 
 
-@needs("datasafe", "symlink loops are detected and named")
 def test_data_symlink_loop(capsys, tmp_path):
     root = image_folder(tmp_path / "imgs")
     os.symlink(root / "animal", root / "animal" / "cat" / "loop")
@@ -589,7 +576,6 @@ def test_data_symlink_loop(capsys, tmp_path):
     assert rc == 1 and "loop" in err
 
 
-@needs("datasafe", "a symlinked class folder is followed once")
 def test_data_symlinked_class_folder_keeps_its_images(tmp_path):
     from hiervision.data import build_data
 
@@ -601,7 +587,6 @@ def test_data_symlinked_class_folder_keeps_its_images(tmp_path):
     assert len(data.train) + len(data.test) == 14
 
 
-@needs("datasafe", "CIFAR-100 pickles go through a restricted unpickler")
 def test_data_cifar_pickle_with_code_never_runs(capsys, tiny_yaml, tmp_path):
     marker = tmp_path / "pwned"
     folder = tmp_path / "c" / "cifar-100-python"
@@ -614,7 +599,6 @@ def test_data_cifar_pickle_with_code_never_runs(capsys, tiny_yaml, tmp_path):
     assert rc == 1 and "cifar-100-python" in err
 
 
-@needs("datasafe", "a run records its splits; evaluate refuses changed data (--allow-changed-data overrides)")
 def test_data_changed_after_training_is_refused(capsys, tmp_path):
     root = image_folder(tmp_path / "imgs", per_class=6)
     out = tmp_path / "out"

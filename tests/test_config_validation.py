@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hiervision import Taxonomy
-from hiervision.config import DEFAULTS, ConfigError, check_given_level, check_loss, load_config, validate_config
-from hiervision.training import TrainingError
+from hiervision.config import DEFAULTS, ConfigError, check_given_level, load_config, validate_config
+from hiervision.training import TrainingError, check_loss
 
 BAD = [
     ("train.epochs=2.7", r"'train.epochs' must be a whole number, got 2.7"),
@@ -109,5 +109,5 @@ def test_check_loss_stops_nan_and_explosions():
     check_loss(1e12, 1, 1, max_loss=None)  # null: only NaN/inf stop
     with pytest.raises(TrainingError, match=r"loss 1e\+12 exceeds train.max_loss=10000 at epoch 2, step 7 \(lr 0.1\)"):
         check_loss(1e12, 2, 7, max_loss=1e4, lr=0.1)
-    with pytest.raises(TrainingError, match="loss is nan at epoch 1, step 1"):
+    with pytest.raises(TrainingError, match="loss is not finite at epoch 1, step 1"):
         check_loss(float("nan"), 1, 1, max_loss=None)

@@ -109,5 +109,5 @@ def test_exploding_loss_stops_with_a_clear_message(tmp_path):
 
     cfg = load_config(overrides=[*OVERRIDES[:2], "train.epochs=1", "train.batch_size=32", "train.progress=false",
                                  "train.amp=none", "train.max_loss=0.5"])
-    with pytest.raises(TrainingError, match=r"loss .* > train.max_loss at epoch 1, step 1"):
+    with pytest.raises(TrainingError, match=r"loss .* exceeds train.max_loss=0.5 at epoch 1, step 1"):
         train(cfg, tmp_path)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from hiervision.checkpoint import CheckpointError
-from hiervision.config import ConfigError, load_config, merge
+from hiervision.config import ConfigError, check_given_level, load_config, merge
 from hiervision.taxonomy import Taxonomy, TaxonomyError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -38,7 +38,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if args.quiet:
         cfg["train"]["progress"] = False
-    result = train(cfg, args.out, resume=not args.no_resume)
+    result = train(cfg, args.out, resume=not args.no_resume, force=args.force,
+                   allow_changed_data=args.allow_changed_data)
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one rank reports
         _print_metrics(result)
         print(f"run written to {args.out}")
@@ -51,7 +52,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = select_device(args.device)
     cfg, taxonomy, model, _ = load_run(args.run_dir, which=args.checkpoint, device=device)
-    data = run_data(cfg)
+    check_given_level(args.given_level, taxonomy)
+    data = run_data(cfg, args.run_dir, args.allow_changed_data)
     if data.taxonomy != taxonomy:
         raise CheckpointError(f"{args.run_dir}: the data's taxonomy differs from the run's taxonomy.json")
     amp = autocast_dtype(cfg["train"]["amp"], device)
@@ -314,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.05")
     t.add_argument("--no-resume", action="store_true", help="start over even if --out holds last.pt")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--force", action="store_true", help="write into an --out folder that is not a hiervision run")
+    t.add_argument("--allow-changed-data", action="store_true",
+                   help="resume although the data's splits differ from the run's splits.json")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="metrics of a trained run on a split")
@@ -325,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", default=None, help="how the model predicts, where it has several ways "
                    "(hiernet: conditional | routing)")
     e.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda | cuda:N")
+    e.add_argument("--allow-changed-data", action="store_true",
+                   help="evaluate although the data's splits differ from the run's splits.json (prints the overlap)")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="one JSON line per image: file, path, path probability")

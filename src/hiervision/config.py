@@ -27,7 +27,6 @@ __all__ = [
     "ConfigError",
     "apply_overrides",
     "check_given_level",
-    "check_loss",
     "load_config",
     "merge",
     "validate_config",
@@ -65,14 +64,6 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 0,
         "deterministic": True,
         "grad_clip": None,
-        # the optimizer step's batch (train.batch_size, the global batch under DDP) in this many micro-batches
-        "accumulate": 1,
-        # also write last.pt every this many steps inside an epoch (0: at epoch ends only)
-        "checkpoint_every": 0,
-        # stop when a step's loss is above this (a diverging run), not only when it is NaN/inf; null: off
-        "max_loss": 1.0e4,
-        "sync_bn": False,  # DDP on CUDA: batch-norm statistics over the global batch
-        "compile": False,  # torch.compile the model's forward
         # list of {epochs: [start, end), frozen: [group, ...]}; groups come from model.param_groups()
         "freeze": [],
         # train only the head, on pooled backbone features computed once (backbone frozen, no augmentation)
@@ -82,10 +73,10 @@ DEFAULTS: dict[str, Any] = {
         "progress": True,
         # save last.pt every this many optimizer steps inside an epoch too (0: only at epoch ends)
         "checkpoint_every": 0,
-        # optimizer step every this many batches (gradient accumulation; 1: every batch)
+        # the step's batch (train.batch_size, the global batch under DDP) in this many micro-batches
         "accumulate": 1,
-        "sync_bn": False,  # multi-GPU: synchronise batch-norm statistics across processes
-        "compile": False,  # torch.compile the model
+        "sync_bn": False,  # DDP on CUDA: batch-norm statistics over the global batch
+        "compile": False,  # torch.compile the model's forward
         # stop when a batch's loss exceeds this (null: only NaN/inf stop). Our losses are means of
         # per-level cross-entropies, about ln(classes) per level at chance (< 12 even for 100k
         # classes), so 1e4 never stops a healthy run but stops a diverging one long before inf.
@@ -301,21 +292,6 @@ def check_given_level(level: Any, taxonomy: Taxonomy, key: str = "--given-level"
         raise ConfigError(f"{key} {level}: must be between 1 and {top} (the tree is {taxonomy.max_depth} deep)")
     return level
 
-
-def check_loss(loss: float, epoch: int, step: int, max_loss: float | None = None, lr: float | None = None) -> None:
-    """Stop training when a batch's loss is NaN/inf or above ``train.max_loss`` (a diverging run).
-
-    Raises :class:`hiervision.training.TrainingError` with one line: where, the value, what to try.
-    ``epoch`` and ``step`` are 1-based, as shown to the user.
-    """
-    finite = math.isfinite(loss)
-    if finite and (max_loss is None or loss <= max_loss):
-        return
-    from hiervision.training import TrainingError  # here, not at the top: training imports this module
-
-    at = f"at epoch {epoch}, step {step}" + (f" (lr {lr:.3g})" if lr is not None else "")
-    what = f"loss is {loss}" if not finite else f"loss {loss:.4g} exceeds train.max_loss={max_loss:g}"
-    raise TrainingError(f"{what} {at}: the run diverged; lower train.lr, set train.grad_clip or train.amp=none")
 
 def merge(base: dict, override: dict) -> dict:
     """Deep merge: dicts merge key by key, everything else is replaced."""

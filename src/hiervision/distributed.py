@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "any_flag", "barrier", "gather_rows", "setup", "shard_indices"]
+__all__ = ["DistEnv", "any_flag", "barrier", "gather_rows", "max_over_ranks", "setup", "shard_indices"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,15 @@ def any_flag(flag: bool, env: DistEnv) -> bool:
     t = torch.tensor([int(flag)], device=_comm_device(env))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def max_over_ranks(value: float, env: DistEnv) -> float:
+    """The largest of every rank's ``value`` (e.g. the worst loss, so all ranks take the same decision)."""
+    if not env.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device(env))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def barrier(env: DistEnv) -> None:

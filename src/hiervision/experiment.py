@@ -8,6 +8,7 @@ that trained it (the split seed defaults to the run's seed in exactly one place:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from hiervision.checkpoint import CheckpointError, load_checkpoint
 from hiervision.config import load_config
 from hiervision.data import DataBundle, build_data
+from hiervision.data.splits import verify_split_record
 from hiervision.models import create_model
 from hiervision.taxonomy import Taxonomy
 
@@ -27,9 +29,20 @@ class RunError(RuntimeError):
     """A run folder that cannot be used (not a run, weights that do not fit its config)."""
 
 
-def run_data(cfg: dict[str, Any]) -> DataBundle:
-    """The data of a run: ``data.split_seed`` defaults to the run's ``seed``."""
-    return build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])})
+def run_data(cfg: dict[str, Any], run_dir: str | os.PathLike | None = None, allow_changed: bool = False
+             ) -> DataBundle:
+    """The data of a run: ``data.split_seed`` defaults to the run's ``seed``.
+
+    With ``run_dir``, the splits are checked against the ones the run recorded (``splits.json``):
+    a change (images added, removed or moved) is refused in one line unless ``allow_changed``, when
+    it is printed as a warning instead, so a test set can never silently contain training images.
+    """
+    data = build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])})
+    if run_dir is not None:
+        change = verify_split_record(Path(run_dir) / "splits.json", data.split_record(), allow_changed)
+        if change:
+            print(f"hiervision: warning: {Path(run_dir) / 'splits.json'}: {change}", file=sys.stderr)
+    return data
 
 
 def run_model(cfg: dict[str, Any], taxonomy: Taxonomy, meta: dict[str, Any], from_checkpoint: bool = False

@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import json
+import io
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,12 +35,14 @@ from tqdm.auto import tqdm
 from hiervision import distributed
 from hiervision import metrics as M
 from hiervision.checkpoint import load_checkpoint, save_checkpoint
-from hiervision.config import ConfigError, dump, merge
+from hiervision.config import ConfigError, check_given_level, dump, merge, validate_config
 from hiervision.data import BatchAugment, BatchLoader, DataBundle, FeatureDataset, build_data, iter_batches
+from hiervision.data.splits import verify_split_record, write_split_record
 from hiervision.decoding import Prediction, threshold_paths
-from hiervision.distributed import DistEnv, any_flag, barrier, gather_rows, shard_indices
+from hiervision.distributed import DistEnv, any_flag, barrier, gather_rows, max_over_ranks, shard_indices
 from hiervision.experiment import load_run, run_data, run_model
 from hiervision.models import HierarchicalClassifier
+from hiervision.runfolder import RunFolderError, atomic_write_json, atomic_write_text, claim_run_dir, set_aside
 from hiervision.taxonomy import PAD
 
 __all__ = ["Preempted", "TrainingError", "evaluate_split", "load_run", "train", "train_one_epoch"]
@@ -47,6 +50,20 @@ __all__ = ["Preempted", "TrainingError", "evaluate_split", "load_run", "train", 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, a finished run asked to resume with other settings, ...)."""
+
+
+def check_loss(loss: float, epoch: int, step: int, max_loss: float | None = None, lr: float | None = None) -> None:
+    """Stop when a step's loss is NaN/inf or above ``train.max_loss`` (a diverging run), in one line.
+
+    Our losses are means of per-level cross-entropies (about ln(classes) per level at chance), so the
+    default limit of 1e4 never stops a healthy run. ``epoch`` and ``step`` are 1-based, as shown to the user.
+    """
+    finite = math.isfinite(loss)
+    if finite and (max_loss is None or loss <= max_loss):
+        return
+    at = f"at epoch {epoch}, step {step}" + (f" (lr {lr:.3g})" if lr is not None else "")
+    what = "loss is not finite" if not finite else f"loss {loss:.4g} exceeds train.max_loss={max_loss:g}"
+    raise TrainingError(f"{what} {at}: the run diverged; lower train.lr, set train.grad_clip or train.amp=none")
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -279,7 +296,7 @@ def precompute_features(
 
 # ----------------------------------------------------------------------------- pseudo-labels
 def pseudo_label(
-    cfg: dict, data: DataBundle, out: Path, resume: bool, device: torch.device, amp: torch.dtype | None
+    cfg: dict, data: DataBundle, out: Path, resume: bool, env: DistEnv, amp: torch.dtype | None
 ) -> DataBundle:
     """Guo et al.'s S_fine + S_coarse⁻ (Sec. 4.2): a first run on S_fine alone (in ``out``) predicts the
     full labels of the S_coarse samples, each conditioned on its known coarse label (``predict_given``,
@@ -292,17 +309,18 @@ def pseudo_label(
     first = merge(cfg, {"data": {"coarse_labels": "drop"}, "train": {"pseudo_labels": False},
                         "eval": {"given_level": None}})
     train(first, out, resume=resume)
-    _, _, model, meta = load_run(out, device=device)
+    _, _, model, meta = load_run(out, device=env.device)
     round1 = dataclasses.replace(data, mean=tuple(meta["mean"]), std=tuple(meta["std"]))  # its own statistics
     idx = torch.nonzero(mask).flatten()
     level = int(data.cfg.get("coarse_level", 1))
-    pred, _ = predict_dataset(model, round1, data.train.subset(idx), cfg["eval"]["batch_size"], device, amp, level)
+    pred, _ = predict_dataset(model, round1, data.train.subset(idx), cfg["eval"]["batch_size"], env.device, amp,
+                              level, env)
     targets = data.train.targets.clone()
     targets[idx] = pred.nodes.to(targets.device)
     truth = build_data({**data.cfg, "coarse_labels": "oracle"}).train.targets[idx]
     acc = float((targets[idx] == truth).float().mean())
-    (out / "pseudo_labels.json").write_text(json.dumps({"count": len(idx), "level": level, "accuracy": acc}),
-                                            encoding="utf-8")
+    if env.is_main:
+        atomic_write_json(out / "pseudo_labels.json", {"count": len(idx), "level": level, "accuracy": acc})
     note = f"{data.note}; {len(idx)} S_coarse labels pseudo-labelled by {out.name} ({acc:.1%} right)"
     return dataclasses.replace(data, train=data.train.with_targets(targets, mask), note=note)
 
@@ -457,15 +475,11 @@ def train_one_epoch(
         progress.step, progress.seen = step + 1, progress.seen + n
         bar.update(n * env.world_size)
         if (step + 1) % check_every == 0 or progress.step == len(loop.loader):
-            worst = float(window)
-            bad = not math.isfinite(worst) or (max_loss is not None and worst > float(max_loss))
+            worst = max_over_ranks(float(window), env)  # every rank stops together, or none does
             window.zero_()
-            if any_flag(bad, env):
+            if not math.isfinite(worst) or (max_loss is not None and worst > float(max_loss)):
                 bar.close()
-                what = f"loss is {worst}" if not math.isfinite(worst) else f"loss {worst:.4g} > train.max_loss"
-                raise TrainingError(f"{what} at epoch {epoch + 1}, step {step + 1} "
-                                    f"(lr {loop.optimizer.param_groups[0]['lr']:.3g}): lower train.lr, set "
-                                    "train.grad_clip, or set train.amp=none")
+                check_loss(worst, epoch + 1, step + 1, max_loss, loop.optimizer.param_groups[0]["lr"])
             progress.loss_sum += float(loss_sum)
             loss_sum.zero_()
             bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.3f}")
@@ -488,31 +502,49 @@ def train(
     out_dir: str | os.PathLike,
     resume: bool = True,
     max_epochs_this_call: int | None = None,
+    force: bool = False,
+    allow_changed_data: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate one config; returns the test metrics (also written to ``metrics.json``).
 
-    Under ``torchrun`` every rank calls this; rank 0 alone writes the run folder. ``max_epochs_this_call``
-    stops after that many epochs (as a kill would, but cleanly): calling again with ``resume=True``
-    continues from ``last.pt``. SIGTERM/SIGINT save a mid-epoch checkpoint and raise :class:`Preempted`.
+    Under ``torchrun`` every rank calls this; rank 0 alone writes the run folder, which it owns
+    (:func:`~hiervision.runfolder.claim_run_dir`: absent, empty or a hiervision run unless ``force``;
+    locked against a second process). ``max_epochs_this_call`` stops after that many epochs (as a kill
+    would, but cleanly): calling again with ``resume=True`` continues from ``last.pt``, refusing when
+    the data's splits changed (``allow_changed_data`` to go on). SIGTERM/SIGINT save a mid-epoch
+    checkpoint and raise :class:`Preempted`.
     """
-    out = Path(out_dir)
+    cfg = validate_config(cfg)
+    env = distributed.setup(select_device(cfg["train"]["device"]))
+    with contextlib.ExitStack() as stack:
+        failed: Exception | None = None
+        if env.is_main:
+            try:
+                stack.enter_context(claim_run_dir(out_dir, force))
+            except RunFolderError as e:
+                failed = e
+        if any_flag(failed is not None, env):
+            raise failed or TrainingError(f"{out_dir}: rank 0 could not claim the run folder")
+        return _train(cfg, Path(out_dir), env, resume, max_epochs_this_call, allow_changed_data)
+
+
+def _train(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_this_call: int | None,
+           allow_changed_data: bool) -> dict[str, Any]:
     tcfg, seed = cfg["train"], int(cfg["seed"])
     if tcfg["threads"]:
         torch.set_num_threads(int(tcfg["threads"]))
     # set both ways: a later run in the same process must not inherit an earlier run's choice
     torch.backends.cudnn.deterministic = bool(tcfg["deterministic"])
     torch.backends.cudnn.benchmark = not tcfg["deterministic"]
-    env = distributed.setup(select_device(tcfg["device"]))
     device = env.device
     amp = autocast_dtype(tcfg["amp"], device)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
 
     # --- data and model
     torch.manual_seed(seed)
     data = run_data(cfg)
+    check_given_level(cfg["eval"]["given_level"], data.taxonomy, "eval.given_level")
     if tcfg["pseudo_labels"]:
-        data = pseudo_label(cfg, data, out / "round1", resume, device, amp)
+        data = pseudo_label(cfg, data, out / "round1", resume, env, amp)
         torch.manual_seed(seed)  # the model starts as it would without the first round
     taxonomy = data.taxonomy
     model = run_model(cfg, taxonomy, data.meta())
@@ -530,13 +562,17 @@ def train(
     if select_key == "auto":
         select_key = "path_f1" if data.multi_label else "path_accuracy"
 
-    # --- resume, or start a fresh run (old files are replaced as new ones are written, never deleted first)
+    # --- resume, or start a fresh run (a previous run's outputs are moved to previous/, never deleted)
     progress = Progress()
     last = out / "last.pt"
+    record = data.split_record()
     if resume and last.exists():
         state = load_checkpoint(last, taxonomy)
         if state["config"] != dump(cfg):
             raise TrainingError(f"{out}: holds a run with another config; use a new --out folder or --no-resume")
+        change = verify_split_record(out / "splits.json", record, allow_changed_data)
+        if change and env.is_main:
+            print(f"hiervision: warning: {out / 'splits.json'}: {change}", file=sys.stderr)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
@@ -548,8 +584,11 @@ def train(
         data = precompute_features(model, data, cfg["eval"]["batch_size"], device, amp, env)
         net = _FeatureHead(model)
     if env.is_main:
+        if progress.epoch == 0 and progress.step == 0:
+            set_aside(out)
         taxonomy.save(out / "taxonomy.json")
-        (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
+        atomic_write_text(out / "config.yaml", dump(cfg))
+        write_split_record(out / "splits.json", record)
 
     def save_checkpoint_as(*names: str) -> None:
         """Rank 0 writes; every rank waits, so a later read (resume, best.pt for the test) sees the file."""
@@ -603,7 +642,7 @@ def train(
         return {"stopped_at_epoch": stop_at}
     result = test_report(loop, cfg, out, progress, select_key)
     if env.is_main:
-        (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        atomic_write_json(out / "metrics.json", result)
     barrier(env)
     return result
 
@@ -662,16 +701,16 @@ def test_report(loop: Loop, cfg: dict, out: Path, progress: Progress, select_key
         amp=str(loop.amp).replace("torch.", "") if loop.amp else "none",
         data=data.name,
         data_note=data.note,
+        skipped_images=data.skipped,
     )
     return result
 
 def _write_log(path: Path, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
