@@ -182,6 +182,7 @@ def test_bundle_meta_tells_inference_the_eval_transform(tmp_path: Path) -> None:
     assert torch.equal(x, b.test[i][0])  # predict sees what evaluation saw
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_loader_augment_and_normalize_match_cpu(tmp_path: Path) -> None:
     from hiervision.data import normalize

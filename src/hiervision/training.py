@@ -625,9 +625,10 @@ def _train(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_this_cal
         while progress.epoch < stop_at:
             epoch = progress.epoch
             if not train_one_epoch(loop, epoch, progress, stop, lambda: save_checkpoint_as("last.pt"), epochs):
-                raise Preempted(f"stopped by signal {stop.requested} at epoch {epoch + 1}, step {progress.step}; "
-                                f"checkpoint saved to {last} — run the same command again to resume",
-                                int(stop.requested or signal.SIGTERM))
+                signum = int(stop.requested or signal.SIGTERM)
+                raise Preempted(f"interrupted by {signal.Signals(signum).name} at epoch {epoch + 1}, step "
+                                f"{progress.step}; checkpoint saved to {last} — run the same command again to resume",
+                                signum)
             row = validate(loop, epoch, progress, select_key, cfg["eval"]["batch_size"])
             names = ["last.pt"]
             if row["score"] > progress.best:
