@@ -61,7 +61,8 @@ BUDGETS = {  # throughput batch/steps/rounds; training: images, epochs
 def _model(cfg: dict, tax: Taxonomy, in_chans: int, size: int, device: torch.device):
     model_cfg = dict(cfg["model"])
     bk = model_cfg.get("backbone_kwargs") or {}
-    model_cfg["backbone_kwargs"] = {k: v for k, v in bk.items() if k != "pretrained_path"}  # random weights time the same
+    # random weights time the same as transferred ones
+    model_cfg["backbone_kwargs"] = {k: v for k, v in bk.items() if k != "pretrained_path"}
     model = create_model(model_cfg.pop("name"), tax, in_chans=in_chans, image_size=size, **model_cfg)
     return model.to(device).to(memory_format=torch.channels_last).train()
 
@@ -127,7 +128,8 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} ({p.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def write_results(report: dict, command: str) -> None:
@@ -159,7 +161,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="full")
-    p.add_argument("--tiny-tree", default=None, help="Tiny-ImageNet taxonomy.json (default: built from HIERVISION_DATA)")
+    p.add_argument("--tiny-tree", default=None,
+                   help="Tiny-ImageNet taxonomy.json (default: built from HIERVISION_DATA)")
     p.add_argument("--runs", default="runs/gpu_check", help="where the short trainings write their run folders")
     p.add_argument("--json", default=None, help="also write the report to this file")
     p.add_argument("--write-results", action="store_true", help="update results/gpu_check.json and RESULTS.md")
