@@ -353,6 +353,9 @@ def _fmt_diff(d: dict, scale: float) -> str:
     return s
 
 
+_PLACEHOLDER = "not measured yet"
+
+
 def which_method(summary: dict, min_seeds: int = 3) -> str:
     """The README's "Which method?" paragraph, generated from the paired intervals on path accuracy.
 
@@ -364,7 +367,7 @@ def which_method(summary: dict, min_seeds: int = 3) -> str:
         rows = data["rows"]
         short = [r["label"] for r in rows.values() if r["n"] < min_seeds]
         if short:
-            parts.append(f"*{data['label']}*: not measured yet with >= {min_seeds} seeds "
+            parts.append(f"*{data['label']}*: {_PLACEHOLDER} with >= {min_seeds} seeds "
                          f"({', '.join(short)}); placeholder until `benchmarks/run.py --profile comparison` fills it.")
             continue
         said = []
@@ -492,7 +495,9 @@ README_START, README_END = "<!-- which-method:start -->", "<!-- which-method:end
 def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s: float,
                   results_dir: Path = HERE / "results", results_md: Path = HERE / "RESULTS.md",
                   readme: Path | None = HERE.parent / "README.md") -> str:
-    """JSON, plots, the RESULTS.md section and (CPU budget's name ``comparison``) the README paragraph."""
+    """JSON, plots, the RESULTS.md section and the README's "Which method?" paragraph (between
+    :data:`README_START` and :data:`README_END`; replaced only by a paragraph with no more placeholders
+    than the one there, so a partial sitting never erases measured claims)."""
     name = "comparison" if budget == "cpu" else f"comparison-{budget}"
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{name}.json").write_text(json.dumps(
@@ -506,10 +511,11 @@ def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s
         text = readme.read_text(encoding="utf-8")
         if README_START in text and README_END in text:
             head, rest = text.split(README_START, 1)
-            _, tail = rest.split(README_END, 1)
+            old, tail = rest.split(README_END, 1)
             para = which_method(summary) + f"\n\n(Generated from `{command}`; protocol and tables: " \
                 "benchmarks/RESULTS.md, section `" + name + "`.)"
-            readme.write_text(f"{head}{README_START}\n{para}\n{README_END}{tail}", encoding="utf-8")
+            if para.count(_PLACEHOLDER) <= old.count(_PLACEHOLDER):
+                readme.write_text(f"{head}{README_START}\n{para}\n{README_END}{tail}", encoding="utf-8")
     return body
 
 
