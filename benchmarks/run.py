@@ -323,8 +323,9 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], help="override for every row")
     p.add_argument("--device", default=None, help="train.device for every row (e.g. cuda)")
     c = p.add_argument_group("comparison profile (resumable: finished cells are skipped)")
-    c.add_argument("--budget", choices=["cpu", "gpu"], default="cpu",
-                   help="gpu: more epochs, and Tiny-ImageNet at 64x64 as well")
+    c.add_argument("--budget", choices=["cpu", "gpu", "tiny"], default="cpu",
+                   help="gpu: more epochs, and Tiny-ImageNet at 64x64 as well; tiny: a smoke test (2 epochs on "
+                   "2000 images, tables under --out only)")
     c.add_argument("--status", action="store_true", help="print which cells are done and exit")
     c.add_argument("--only", nargs="*", default=None, metavar="METHOD/DATA",
                    help="glob patterns, e.g. 'guo_rnn/*' '*/fmnist' flat")

@@ -152,9 +152,21 @@ def test_induced_hiernet_gets_flat_pretrain_and_the_rest_of_the_budget(tmp_path,
         calls.append(("induce", Path(run_dir), p_min, g_max))
         return Taxonomy.from_parent_map({"g": None, "a": "g", "b": "g"})
 
-    C.run_cells(cells, train_fn=fake_train, induce_fn=fake_induce, log=lambda *_: None)
-    assert calls == [("train", "flat", 2), ("induce", pre.run_dir, 0.05, 3), ("train", "hiernet", 2)]
+    def fake_score(run_dir):
+        calls.append(("score", Path(run_dir)))
+        return {"path_accuracy": 0.25, "scored_in": "given tree"}
+
+    C.run_cells(cells, train_fn=fake_train, induce_fn=fake_induce, score_fn=fake_score, log=lambda *_: None)
+    assert calls == [("train", "flat", 2), ("induce", pre.run_dir, 0.05, 3), ("train", "hiernet", 2),
+                     ("score", hier.run_dir)]
     assert hier.tree.exists() and all(c.done() for c in cells)
+    assert hier.metrics()["path_accuracy"] == 0.25  # the given tree's numbers replace the induced tree's
+    # a trained cell whose given-tree scores are missing only gets scored (no training)
+    (hier.run_dir / C.GIVEN_TREE).unlink()
+    assert hier.trained() and not hier.done()
+    calls.clear()
+    C.run_cells(cells, train_fn=fake_train, induce_fn=fake_induce, score_fn=fake_score, log=lambda *_: None)
+    assert calls == [("score", hier.run_dir)]
     summary = C.summarize(cells)  # the pre-train is not a row: flat is there (the baseline) with n = 0
     assert set(summary["toy"]["rows"]) == {"flat", "hiernet"}
     assert summary["toy"]["rows"]["hiernet"]["n"] == 1 and summary["toy"]["rows"]["flat"]["n"] == 0
