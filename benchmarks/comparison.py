@@ -110,7 +110,7 @@ METRICS = [
 
 PROTOCOL = """Protocol (issue 14). Data: Fashion-MNIST with its 3-level tree (full training set, 10 % carved
 off as validation, the official test set); Tiny-ImageNet-200 with its WordNet tree (variable depth;
-all training images, 10 % carved off as validation, the official val set as test) at 32x32, and on
+every training image in shared/data, 10 % carved off as validation, the official val set as test) at 32x32, and on
 the gpu budget also at 64x64. One frozen flat recipe (configs/comparison/*-flat.yaml: ResNet-20, SGD
 lr 0.1 Nesterov, wd 5e-4, cosine with 0.2-epoch warm-up, batch 128, pad+flip augmentation) and every
 method gets the same backbone, epochs, augmentation and data order (the seed fixes split and order;
@@ -225,7 +225,7 @@ def plan(budget: str, seeds: list[int], root: Path, device: str | None = None, o
     """Every cell of the budget, seed-major (seed 0 of every row first, so pairs fill in early).
 
     ``only``: ``METHOD/DATA`` glob patterns (``guo_rnn/*``, ``*/fmnist``, ``flat``); the pre-train an
-    induced cell needs is included with it.
+    induced cell needs is included with it. Optional rows come with ``optional`` or when named.
     """
     if budget not in BUDGETS:
         raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
@@ -234,7 +234,12 @@ def plan(budget: str, seeds: list[int], root: Path, device: str | None = None, o
     def wanted(m: Method, d: DataSet) -> bool:
         if not only:
             return optional or not m.optional
-        return any(fnmatch.fnmatch(f"{m.key}/{d.key}", p if "/" in p else f"{p}/*") for p in only)
+        for p in only:
+            p = p if "/" in p else f"{p}/*"
+            # an optional row needs --optional, or its own name (not a wildcard) in the pattern
+            if fnmatch.fnmatch(f"{m.key}/{d.key}", p) and (optional or not m.optional or p.split("/")[0] == m.key):
+                return True
+        return False
 
     cells: list[Cell] = []
     for seed in seeds:
@@ -450,7 +455,8 @@ def which_method(summary: dict, min_seeds: int = 3) -> str:
     return "\n\n".join(parts)
 
 
-def section(summary: dict, budget: str, command: str, machine: str, wall_s: float, name: str) -> str:
+def section(summary: dict, budget: str, command: str, machine: str, wall_s: float, name: str,
+            progress: str = "") -> str:
     """The RESULTS.md section: protocol, machine, command, then per data set the table (n per row),
     the paired differences, per-level accuracy and the length diagnostics of variable-length paths."""
     epochs = ", ".join(f"{d['label']}: {d['epochs']} epochs, HierNet tree p_min {d['induce'][0]}, g_max "
@@ -459,7 +465,7 @@ def section(summary: dict, budget: str, command: str, machine: str, wall_s: floa
     lines = [f"## {name}", "", PROTOCOL.format(budget=f"{budget} ({epochs})", pre=pre).replace("\n", " "), "",
              f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Wall time of this sitting: {wall_s / 60:.1f} min (cells are cached: earlier sittings add to the "
-             "tables)"]
+             "tables)" + ("  " if progress else ""), *([progress] if progress else [])]
     for key, data in summary.items():
         rows = data["rows"]
         lines += ["", f"### {data['label']}", "",
@@ -538,6 +544,7 @@ def plot(summary: dict, name: str, outdir: Path) -> list[Path]:
             ax.grid(alpha=0.3, axis="x")
         axes[0].set_yticks(range(len(rows)), [f"{r['label']} (n={r['vs_flat']['path_accuracy']['n']})"
                                               for r in rows])
+        axes[0].invert_yaxis()  # rows top to bottom as in the tables
         fig.suptitle(f"{data['label']}: paired difference to flat")
         fig.tight_layout()
         path = outdir / Path(_plot_name(name, key)).name
@@ -561,7 +568,7 @@ README_START, README_END = "<!-- which-method:start -->", "<!-- which-method:end
 
 def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s: float,
                   results_dir: Path = HERE / "results", results_md: Path = HERE / "RESULTS.md",
-                  readme: Path | None = HERE.parent / "README.md") -> str:
+                  readme: Path | None = HERE.parent / "README.md", progress: str = "") -> str:
     """JSON, plots, the RESULTS.md section and the README's "Which method?" paragraph (between
     :data:`README_START` and :data:`README_END`; replaced only by a paragraph with no more placeholders
     than the one there, so a partial sitting never erases measured claims)."""
@@ -571,7 +578,7 @@ def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s
         {"profile": name, "budget": budget, "command": command, "machine": machine, "summary": summary},
         indent=1, default=str), encoding="utf-8")
     plot(summary, name, results_dir)
-    body = section(summary, budget, command, machine, wall_s, name)
+    body = section(summary, budget, command, machine, wall_s, name, progress)
     text = results_md.read_text(encoding="utf-8") if results_md.exists() else "# Benchmark results\n"
     results_md.write_text(replace_section(text, name, body), encoding="utf-8")
     if readme is not None and readme.exists():
@@ -604,6 +611,12 @@ def main(args, machine_fn) -> int:
     if args.budget == "tiny":  # a smoke test: keep its numbers out of the project's results
         root = Path(args.out) / "comparison-tiny"
         where = {"results_dir": root / "results", "results_md": root / "RESULTS.md", "readme": None}
-    print(write_outputs(summary, args.budget, command, machine_fn(), time.perf_counter() - t0, **where))
+    done = sum(c.done() for c in cells)
+    again = " ".join(a for a in ["python benchmarks/run.py", *sys.argv[1:]] if a != "--table-only")
+    progress = (f"Progress: {done} of {len(cells)} cells done (seeds {args.seeds or [0, 1, 2]}); "
+                f"{'complete' if done == len(cells) else f'continue with `{again}`'} "
+                f"(`--status` lists the cells).")
+    print(write_outputs(summary, args.budget, command, machine_fn(), time.perf_counter() - t0, progress=progress,
+                        **where))
     print(status(cells))
     return 0

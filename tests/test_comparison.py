@@ -201,6 +201,8 @@ def test_run_py_status_lists_every_cell_of_the_real_plan(tmp_path):
     assert flat == {"fmnist": 20, "tiny32": 30, "tiny64": 30}
     tuned = C.plan("cpu", [0], tmp_path, only=["guo_rnn_tuned/tiny32"])
     assert [c.name for c in tuned] == ["guo_rnn_tuned/tiny32/s0"]
+    assert not any(c.method.optional for c in C.plan("cpu", [0], tmp_path, only=["*/tiny32"]))
+    assert any(c.method.optional for c in C.plan("cpu", [0], tmp_path, only=["*/tiny32"], optional=True))
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "comparison").glob("*.yaml")), ids=lambda p: p.stem)
