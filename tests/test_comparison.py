@@ -217,3 +217,20 @@ def test_comparison_configs_build_their_models(path):
     for size in sizes:  # the gpu budget's Tiny-ImageNet at 64x64 too
         create_model(model["name"], tax, in_chans=3, image_size=size,
                      **{k: v for k, v in model.items() if k != "name"})
+
+
+def test_diagnose_reports_a_trained_run(tmp_path, configs):
+    import diagnose
+
+    cells = C.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(), config_dir=configs, only=["guo_rnn"])
+    C.run_cells(cells, log=lambda *_: None)
+    report = diagnose.diagnose(cells[0].run_dir)
+    saved = cells[0].metrics()
+    assert report["path_accuracy"] == pytest.approx(saved["path_accuracy"])  # the same predictions again
+    assert report["length_diagnostics"]["right_length"] == pytest.approx(
+        saved["length_diagnostics"]["right_length"])
+    out = tmp_path / "d.json"
+    assert diagnose.main([str(cells[0].run_dir), "--json", str(out)]) == 0
+    text = diagnose.table({"run": report})
+    assert text.startswith("| run | path acc | too short") and "length 2" in text  # variable-depth tree
+    assert json.loads(out.read_text())[str(cells[0].run_dir)]["num_samples"] == report["num_samples"]
