@@ -5,6 +5,9 @@
     python benchmarks/run.py --profile dhnn --seeds 0 # Koo et al.'s DHNN variants beside flat (~45 min)
     python benchmarks/run.py --profile guo            # Guo et al.'s CNN-RNN, generators, coarse-only data
     python benchmarks/run.py --profile hiernet        # HierNet: given / induced trees, conditional vs routing
+    python benchmarks/run.py --profile comparison     # issue 14: every method vs flat, 3 seeds, paired, resumable
+                                                      # (--status, --budget gpu --device cuda, --only M/D,
+                                                      #  --max-hours H; see benchmarks/comparison.py)
 
 Every row is mean ± std over the seeds. Each profile writes its own section of
 ``benchmarks/RESULTS.md`` (replacing that section only), ``benchmarks/results/<profile>.json`` with
@@ -314,11 +317,28 @@ def _plot(run: dict, path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    p.add_argument("--profile", choices=sorted([*PROFILES, "comparison"]), default="quick")
     p.add_argument("--out", default="runs/bench", help="where the runs go")
     p.add_argument("--seeds", type=int, nargs="*", default=None)
     p.add_argument("--set", action="append", default=[], help="override for every row")
+    p.add_argument("--device", default=None, help="train.device for every row (e.g. cuda)")
+    c = p.add_argument_group("comparison profile (resumable: finished cells are skipped)")
+    c.add_argument("--budget", choices=["cpu", "gpu", "tiny"], default="cpu",
+                   help="gpu: more epochs, and Tiny-ImageNet at 64x64 as well; tiny: a smoke test (2 epochs on "
+                   "2000 images, tables under --out only)")
+    c.add_argument("--status", action="store_true", help="print which cells are done and exit")
+    c.add_argument("--only", nargs="*", default=None, metavar="METHOD/DATA",
+                   help="glob patterns, e.g. 'guo_rnn/*' '*/fmnist' flat")
+    c.add_argument("--optional", action="store_true", help="also the optional (tuned) rows")
+    c.add_argument("--max-hours", type=float, default=None, help="start no new cell after this many hours")
+    c.add_argument("--table-only", action="store_true", help="train nothing; rewrite tables from finished cells")
     args = p.parse_args()
+    if args.profile == "comparison":
+        import comparison  # benchmarks/comparison.py, beside this file
+
+        return comparison.main(args, machine)
+    if args.device:
+        args.set.append(f"train.device={args.device}")
     run = run_profile(args.profile, Path(args.out), args.seeds, args.set)
     write_results(run, "python benchmarks/run.py " + " ".join(sys.argv[1:]))
     print((HERE / "RESULTS.md").read_text())

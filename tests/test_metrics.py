@@ -14,6 +14,7 @@ from hiervision.metrics import (
     evaluate,
     hierarchical_prf,
     leaf_accuracy,
+    length_diagnostics,
     level_accuracy,
     mistake_severity,
     node_accuracy,
@@ -227,6 +228,26 @@ def test_hierarchical_prf_matches_hiclass():
             assert hierarchical_prf(pred, true, tree, average=average) == pytest.approx(expected)
 
 
+def test_length_diagnostics_by_hand(tree):
+    true = target_paths(torch.tensor(TARGETS), tree)  # A/C/H, A/C, B/E, A
+    d = length_diagnostics(paths(*PRED), true)
+    # A/D vs A/C: right length, wrong at level 2; A/C vs A: one node too many (ran on past the end)
+    assert d["length_confusion"] == {1: {2: 1}, 2: {2: 2}, 3: {3: 1}}
+    assert (d["too_short"], d["too_long"], d["right_length"]) == (0.0, 0.25, 0.75)
+    assert (d["stopped_early"], d["ran_on"]) == (0.0, 0.25)
+    assert d["first_wrong_level"] == {2: 2}
+    assert d["level_accuracy_given_prefix"] == pytest.approx([1.0, 2 / 3, 1.0])
+    assert d["path_accuracy_by_length"] == {1: 0.0, 2: 0.5, 3: 1.0}
+    assert d["num_samples_by_length"] == {1: 1, 2: 2, 3: 1}
+    # stopping early on a right prefix vs a wrong first branch that compounds
+    d = length_diagnostics(paths([A], [B, E], [A, C, H]), paths([A, C, H], [A, C, H], [A, C, H]))
+    assert (d["too_short"], d["stopped_early"], d["ran_on"]) == (pytest.approx(2 / 3), pytest.approx(1 / 3), 0.0)
+    assert d["first_wrong_level"] == {1: 1, 2: 1}
+    # level 2 is scored only where level 1 was right (A and A/C/H): one of the two gets it
+    assert d["level_accuracy_given_prefix"] == pytest.approx([2 / 3, 0.5, 1.0])
+    json.dumps(d)
+
+
 def test_evaluate_single_label(tree):
     pred = paths(*PRED)
     prediction = Prediction(pred, torch.rand(4, tree.num_nodes), torch.rand(4))
@@ -234,6 +255,7 @@ def test_evaluate_single_label(tree):
     assert report.pop("level_accuracy") == pytest.approx([1.0, 2 / 3, 1.0])
     # true paths of length 1 (A: predicted A/C, too deep), 2 (C wrong, E right) and 3 (H right)
     assert report.pop("path_accuracy_by_length") == {1: 0.0, 2: 0.5, 3: 1.0}
+    assert report.pop("length_diagnostics") == length_diagnostics(pred, target_paths(torch.tensor(TARGETS), tree))
     assert report == pytest.approx(
         {
             "path_accuracy": 0.5,
@@ -253,6 +275,7 @@ def test_evaluate_single_label(tree):
     as_paths = evaluate(prediction, target_paths(torch.tensor(TARGETS), tree), tree)
     assert as_paths.pop("level_accuracy") == pytest.approx([1.0, 2 / 3, 1.0])
     assert as_paths.pop("path_accuracy_by_length") == {1: 0.0, 2: 0.5, 3: 1.0}
+    as_paths.pop("length_diagnostics")
     assert as_paths == report
     # no mistakes: severity is None, still JSON
     perfect = evaluate(Prediction(tree.encode_paths([H, E]), torch.zeros(2, 9), torch.ones(2)), [H, E], tree)

@@ -24,7 +24,8 @@ import torch
 from hiervision.taxonomy import EOS, PAD, Taxonomy
 
 __all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "last_node",
-           "multi_label_prediction", "path_scores", "prefix_logprob", "threshold_paths", "transition_mask"]
+           "multi_label_prediction", "path_scores", "prefix_logprob", "scheduled_feed", "threshold_paths",
+           "transition_mask"]
 
 
 def last_node(paths: torch.Tensor) -> torch.Tensor:
@@ -143,6 +144,23 @@ def transition_mask(taxonomy: Taxonomy, end_nodes: torch.Tensor | str | None = N
     mask[taxonomy.parent_tensor[1:], child] = True
     mask[:, EOS] = end_mask(taxonomy, end_nodes)
     return mask
+
+
+def scheduled_feed(
+    logits: torch.Tensor, prev: torch.Tensor, teacher: torch.Tensor, p: float, trans: torch.Tensor
+) -> torch.Tensor:
+    """The next token an autoregressive head reads in training under scheduled sampling (Bengio et al., 2015).
+
+    Teacher forcing feeds the true previous node, so at test the head meets its own mistakes for the
+    first time (exposure bias). Here each image reads, with probability ``p``, the head's own greedy
+    choice from ``logits`` ``(B, N+1)`` instead — restricted to the tree after ``prev`` (``trans``:
+    :func:`transition_mask`), as decoding is, and detached (no gradient through the choice).
+    ``p = 0`` is teacher forcing, ``p = 1`` feeds only the head's own choices.
+    """
+    own = logits.detach().float().masked_fill(~trans[prev], float("-inf")).argmax(-1)
+    if p >= 1:
+        return own
+    return torch.where(torch.rand(len(own), device=own.device) < p, own, teacher)
 
 
 #: ``step(tokens, state) -> (logprob, state)``: ``tokens`` ``(B·k,)`` the last node of each beam (0 at

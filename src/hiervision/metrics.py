@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from hiervision.decoding import Prediction, last_node
 from hiervision.taxonomy import PAD, Taxonomy
@@ -27,6 +28,7 @@ __all__ = [
     "evaluate",
     "hierarchical_prf",
     "leaf_accuracy",
+    "length_diagnostics",
     "level_accuracy",
     "path_accuracy_by_length",
     "mistake_severity",
@@ -149,6 +151,57 @@ def path_accuracy_by_length(pred: torch.Tensor, true: torch.Tensor) -> dict[int,
     lengths = (t != PAD).sum(1)
     exact = (p == t).all(1)
     return {int(n): _div(exact[lengths == n].sum(), (lengths == n).sum()) for n in lengths.unique().tolist()}
+
+
+def length_diagnostics(pred: torch.Tensor, true: torch.Tensor) -> dict:
+    """Where and how autoregressive heads go wrong on variable-length paths (JSON-ready).
+
+    Path accuracy alone cannot say whether a head stops too early, runs on too far, or takes a wrong
+    branch and compounds it; these breakdowns can:
+
+    * ``length_confusion`` — ``{true length: {predicted length: count}}``;
+    * ``too_short`` / ``too_long`` / ``right_length`` — shares of all samples by predicted length;
+    * ``stopped_early`` — share of samples whose prediction is a strict prefix of the true path (every
+      node right, only the stop wrong); ``ran_on`` — the true path is a strict prefix of the prediction;
+    * ``first_wrong_level`` — ``{level: count}`` over wrong predictions: the first level (1-based) where
+      they differ, a missing or an extra node counting as a difference at its level;
+    * ``level_accuracy_given_prefix`` — at each level, accuracy over the samples whose true path reaches
+      it and whose levels above are all right: a per-step error rate free of compounding (a greedy
+      decoder's level accuracy falls faster than this when early mistakes derail later steps);
+    * ``path_accuracy_by_length`` and ``num_samples_by_length`` — ``{true length: ...}``.
+    """
+    p, t = _align(pred, true)
+    width = p.shape[1]
+    p_len, t_len = (p != PAD).sum(1), (t != PAD).sum(1)
+    same = p == t
+    exact = same.all(1)
+    prefix_ok = same.long().cumprod(1)  # 1 while every level so far agrees
+    agree = prefix_ok.sum(1)  # length of the common prefix (PAD == PAD counts, so exact rows reach width)
+    confusion: dict[int, dict[int, int]] = {}
+    for tl, pl in torch.stack([t_len, p_len], 1).tolist():
+        row = confusion.setdefault(int(tl), {})
+        row[int(pl)] = row.get(int(pl), 0) + 1
+    wrong = ~exact
+    first = (agree[wrong] + 1).tolist()
+    first_wrong = {lv: first.count(lv) for lv in sorted(set(first))}
+    has = t != PAD
+    above_ok = F.pad(prefix_ok, (1, 0), value=1)[:, :width].bool()
+    reach = has & above_ok
+    n = len(t)
+    depth = int(t_len.max()) if n else 0
+    given_prefix = [_div((same & reach)[:, i].sum(), reach[:, i].sum()) for i in range(depth)]
+    return {
+        "length_confusion": {k: dict(sorted(v.items())) for k, v in sorted(confusion.items())},
+        "too_short": _div((p_len < t_len).sum(), n),
+        "too_long": _div((p_len > t_len).sum(), n),
+        "right_length": _div((p_len == t_len).sum(), n),
+        "stopped_early": _div((wrong & (agree == p_len) & (p_len < t_len)).sum(), n),
+        "ran_on": _div((wrong & (agree == t_len) & (p_len > t_len)).sum(), n),
+        "first_wrong_level": first_wrong,
+        "level_accuracy_given_prefix": given_prefix,
+        "path_accuracy_by_length": path_accuracy_by_length(p, t),
+        "num_samples_by_length": {int(k): int(c) for k, c in zip(*t_len.unique(return_counts=True))},
+    }
 
 
 def node_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
@@ -410,7 +463,7 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
 
     * single-label — ``(B,)`` node ids (inner nodes allowed) or ``(B, D)`` PAD-padded long paths:
       ``path_accuracy``, ``node_accuracy``, ``level_accuracy`` (list), ``path_accuracy_by_length``
-      (``{length: accuracy}``), ``leaf_accuracy``,
+      (``{length: accuracy}``), ``length_diagnostics`` (:func:`length_diagnostics`), ``leaf_accuracy``,
       ``hierarchical_precision/recall/f1`` (micro), ``hierarchical_f1_macro``, ``mistake_severity``
       (``None`` without mistakes), ``valid_path_rate``, ``num_samples``;
     * multi-label — ``(B, N+1)`` bool or float marks: ``path_f1``, ``path_precision``,
@@ -449,6 +502,7 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
         "node_accuracy": node_accuracy(pred, true),
         "level_accuracy": level_accuracy(pred, true),
         "path_accuracy_by_length": path_accuracy_by_length(pred, true),
+        "length_diagnostics": length_diagnostics(pred, true),
         "leaf_accuracy": leaf_accuracy(pred, true),
         "hierarchical_precision": hp,
         "hierarchical_recall": hr,

@@ -30,6 +30,8 @@ from hiervision.decoding import (
     multi_label_prediction,
     path_scores,
     prefix_logprob,
+    scheduled_feed,
+    transition_mask,
 )
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.conversion import StageSequence, default_steps
@@ -247,10 +249,15 @@ class CnnS2S(_DHNN):
     ``end_nodes``: ``"all"`` (a path may stop at any node) or ``"leaves"``. ``steps`` default: one
     encoder step per backbone stage. A bidirectional encoder hands the decoder both directions'
     final states concatenated (decoder width ``2·hidden_size``).
+
+    Training options for deep variable-length trees: ``end_weight`` multiplies the end token's loss
+    terms; ``scheduled_sampling`` (``feed: label`` only) is the probability that a decoder step reads
+    its own greedy choice instead of the true previous node (Bengio et al., 2015; 0 = teacher forcing).
     """
 
     def __init__(self, taxonomy: Taxonomy, feed: str | None = None, embed_size: int | None = None,
-                 end_nodes: str = "all", **kwargs) -> None:
+                 end_nodes: str = "all", end_weight: float = 1.0, scheduled_sampling: float = 0.0,
+                 **kwargs) -> None:
         multi = kwargs.get("multi_label", False)
         feed = feed or ("output" if multi else "label")
         if feed not in ("label", "output"):
@@ -263,7 +270,15 @@ class CnnS2S(_DHNN):
         if feed == "label" and kwargs.get("decode") == "exact":
             raise ValueError("model.decode: exact search needs steps that do not depend on earlier predictions; "
                              "use decode: beam, or feed: output")
+        if not 0.0 <= float(scheduled_sampling) <= 1.0:
+            raise ValueError(f"model.scheduled_sampling must be a probability in [0, 1], got {scheduled_sampling}")
+        if scheduled_sampling and feed != "label":
+            raise ValueError("model.scheduled_sampling: only a decoder fed its previous label (feed: label) can be "
+                             "fed its own choices")
+        if float(end_weight) < 0:
+            raise ValueError(f"model.end_weight must be >= 0, got {end_weight}")
         self.feed, self.end_nodes = feed, end_nodes
+        self.end_weight, self.scheduled_sampling = float(end_weight), float(scheduled_sampling)
         self._out_steps = taxonomy.max_depth + (0 if multi else 1)  # the path, then the end token
         kwargs.setdefault("decode", "beam" if feed == "label" else "exact")
         super().__init__(taxonomy, **kwargs)
@@ -278,6 +293,7 @@ class CnnS2S(_DHNN):
         self.decoder = _orthogonal_lstm(nn.LSTM(dec_in, width, self.num_layers, batch_first=True,
                                                 dropout=self.dropout.p if self.num_layers > 1 else 0.0))
         self.out = nn.Linear(width, v)
+        self.register_buffer("transitions", transition_mask(taxonomy, end_nodes), persistent=False)
 
     def _default_num_steps(self, num_stages: int) -> int:
         return num_stages
@@ -313,6 +329,20 @@ class CnnS2S(_DHNN):
         out, _ = self.decoder(self.embed(tokens), (outputs["h"], outputs["c"]))
         return self.out(self.dropout(out))
 
+    def sampled(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor, p: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`_teacher_forced`, but each step after the first reads the decoder's own greedy
+        choice with probability ``p`` (:func:`~hiervision.decoding.scheduled_feed`); also returns the
+        tokens read ``(B, D+1)``."""
+        tokens = torch.cat([torch.zeros_like(paths[:, :1]), paths.clamp(min=0)], 1)[:, : self._out_steps]
+        state, out, fed = (outputs["h"], outputs["c"]), [], [tokens[:, 0]]
+        for t in range(tokens.shape[1]):
+            if t:
+                fed.append(scheduled_feed(out[-1], fed[-1], tokens[:, t], p, self.transitions))
+            o, state = self.decoder(self.embed(fed[-1]).unsqueeze(1), state)
+            out.append(self.out(self.dropout(o[:, 0])))
+        return torch.stack(out, 1), torch.stack(fed, 1)
+
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         if self.multi_label:
             logits = outputs["logits"].float()[..., 1:]
@@ -320,11 +350,15 @@ class CnnS2S(_DHNN):
             per = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(2)
             return self._weighted(per, torch.ones_like(per))
         seq = self.taxonomy.encode_sequence(targets)  # (B, D+1): path, EOS, IGNORE
-        if self.feed == "label":
+        if self.feed == "label" and self.training and self.scheduled_sampling > 0:
+            logits = self.sampled(outputs, self.taxonomy.encode_paths(targets), self.scheduled_sampling)[0].float()
+        elif self.feed == "label":
             logits = self._teacher_forced(outputs, self.taxonomy.encode_paths(targets)).float()
         else:
             logits = outputs["logits"].float()
         per = F.cross_entropy(logits.transpose(1, 2), seq, ignore_index=IGNORE, reduction="none")
+        if self.end_weight != 1.0:
+            per = torch.where(seq == EOS, per * self.end_weight, per)
         return self._weighted(per, (seq != IGNORE).float())
 
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:

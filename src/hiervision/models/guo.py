@@ -32,6 +32,8 @@ from hiervision.decoding import (
     exact_best_path,
     path_scores,
     prefix_logprob,
+    scheduled_feed,
+    transition_mask,
 )
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
@@ -92,6 +94,11 @@ class CnnRnnGenerator(HierarchicalClassifier):
         decode: ``"greedy"`` (the paper's: feed back the most likely label) or ``"beam"``; both only
             follow tree edges, so every prediction is a valid path.
         beam_width: for ``decode="beam"``.
+        level_weights: one loss weight per step (the end token's step included), as DHNN's ``w_t``.
+        end_weight: extra factor on the end token's loss terms — on deep variable-length trees the
+            end decision is where greedy decoding stops too early or too late.
+        scheduled_sampling: probability that a training step reads the head's own greedy choice
+            instead of the true previous node (Bengio et al., 2015; 0 = teacher forcing, eq. 8).
     """
 
     def __init__(
@@ -108,8 +115,16 @@ class CnnRnnGenerator(HierarchicalClassifier):
         end_nodes: str = "leaves",
         decode: str = "greedy",
         beam_width: int = 3,
+        level_weights: Sequence[float] | None = None,
+        end_weight: float = 1.0,
+        scheduled_sampling: float = 0.0,
     ) -> None:
         super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
+        if not 0.0 <= float(scheduled_sampling) <= 1.0:
+            raise ValueError(f"model.scheduled_sampling must be a probability in [0, 1], got {scheduled_sampling}")
+        if float(end_weight) < 0:
+            raise ValueError(f"model.end_weight must be >= 0, got {end_weight}")
+        self.scheduled_sampling, self.end_weight = float(scheduled_sampling), float(end_weight)
         if multi_label:
             raise ValueError("model guo_rnn writes one path per image; multi-label data needs flat or dhnn_s2s")
         if end_nodes not in ("leaves", "all"):
@@ -125,6 +140,12 @@ class CnnRnnGenerator(HierarchicalClassifier):
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_size, n)  # the super categories; column 0 = end token
         self.register_buffer("leaf_mask", end_mask(taxonomy, "leaves"), persistent=False)
+        weights = [1.0] * self.num_steps if level_weights is None else [float(w) for w in level_weights]
+        if len(weights) != self.num_steps:
+            raise ValueError(f"model.level_weights: {self.num_steps} steps need {self.num_steps} weights, "
+                             f"got {len(weights)}")
+        self.register_buffer("level_weights", torch.tensor(weights), persistent=False)
+        self.register_buffer("transitions", transition_mask(taxonomy, end_nodes), persistent=False)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_head(self.backbone(images))
@@ -145,6 +166,18 @@ class CnnRnnGenerator(HierarchicalClassifier):
             out.append(self.out(self.dropout(state[0])))
         return torch.stack(out, 1)
 
+    def unroll_sampled(self, v: torch.Tensor, tokens: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`unroll`, but each step after the first reads the head's own greedy choice with
+        probability ``p`` (:func:`~hiervision.decoding.scheduled_feed`); also returns the tokens read."""
+        vg = self.cell.visual(self.dropout(v))
+        state, out, fed = self._zero_state(len(v), vg), [], [tokens[:, 0]]
+        for t in range(tokens.shape[1]):
+            if t:
+                fed.append(scheduled_feed(out[-1], fed[-1], tokens[:, t], p, self.transitions))
+            state = self.cell(self.embed(fed[-1]), state, vg)
+            out.append(self.out(self.dropout(state[0])))
+        return torch.stack(out, 1), torch.stack(fed, 1)
+
     def _tokens(self, paths: torch.Tensor) -> torch.Tensor:
         """Decoder inputs for ``(B, D)`` paths: the start token, then the path (0 where it has ended)."""
         return torch.cat([torch.zeros_like(paths[:, :1]), paths.clamp(min=0)], 1)[:, : self.num_steps]
@@ -158,9 +191,16 @@ class CnnRnnGenerator(HierarchicalClassifier):
                 seq = seq.masked_fill((seq == EOS) & inner.unsqueeze(1), IGNORE)
         else:
             seq = tax.encode_levels(targets)
-        logits = self.unroll(outputs["v"], self._tokens(tax.encode_paths(targets))).float()
+        tokens = self._tokens(tax.encode_paths(targets))
+        if self.training and self.scheduled_sampling > 0:
+            logits = self.unroll_sampled(outputs["v"], tokens, self.scheduled_sampling)[0].float()
+        else:
+            logits = self.unroll(outputs["v"], tokens).float()
         per = F.cross_entropy(logits.transpose(1, 2), seq, ignore_index=IGNORE, reduction="none")
-        return per.sum(1).mean()  # eq. 8: summed over the steps, averaged over the images
+        weights = self.level_weights[: seq.shape[1]].expand_as(per)
+        if self.end_weight != 1.0:
+            weights = torch.where(seq == EOS, weights * self.end_weight, weights)
+        return (per * weights).sum(1).mean()  # eq. 8: summed over the steps, averaged over the images
 
     def _search(self, v: torch.Tensor, given: torch.Tensor | None) -> Prediction:
         tax, k = self.taxonomy, (self.beam_width if self.decode_mode == "beam" else 1)

@@ -1,0 +1,622 @@
+"""Issue 14's comparison: every method against flat at budgets where flat is good, paired by seed.
+
+    python benchmarks/run.py --profile comparison                       # CPU budget, seeds 0 1 2
+    python benchmarks/run.py --profile comparison --status              # which cells are done
+    python benchmarks/run.py --profile comparison --max-hours 2         # one sitting; rerun to continue
+    python benchmarks/run.py --profile comparison --device cuda --budget gpu   # + Tiny-ImageNet at 64x64
+    python benchmarks/run.py --profile comparison --only 'guo_rnn/*' 'flat/fmnist' --seeds 0
+    python benchmarks/run.py --profile comparison --budget tiny --seeds 0   # smoke test, minutes
+
+Resumable and cumulative: each (method, data, seed) cell is one run folder
+``RUNS/comparison-<budget>/<data>/<method>-s<seed>-<digest>`` named by the digest of its full config
+(so a changed recipe makes new cells instead of mixing results); a cell with ``metrics.json`` and a
+matching ``cell.json`` is skipped, an interrupted one resumes from ``last.pt``. Every invocation
+rewrites the tables from every finished cell, with ``n`` per cell: the table fills in over sittings.
+
+HierNet-induced gets the flat row's whole budget: a flat pre-train (same recipe, ``pretrain_fraction``
+of the epochs; its own hidden cell), the tree induced from that run's validation confusion, then
+HierNet for the remaining epochs, transferred from the pre-train.
+
+Statistics: per cell mean ± std over seeds; per method the difference to flat paired by seed, with a
+95 % Student-t interval (small table below, no scipy). Writes ``benchmarks/results/comparison.json``
+(``comparison-gpu.json``), a plot per data set, the ``## comparison`` section of RESULTS.md and the
+README's "Which method?" paragraph (generated from the intervals; a placeholder until every row of a
+data set has >= 3 seeds).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hiervision.config import dump, load_config
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE.parent / "configs" / "comparison"
+
+# two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom; above 30 the normal 1.96
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row: ``key`` is what ``--only`` matches; ``induced`` marks HierNet's pre-train + induce + transfer."""
+
+    key: str
+    label: str
+    config: str
+    induced: bool = False
+    optional: bool = False  # run only when asked for (--optional, or named by --only)
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """One table: its methods (the first is the flat baseline every other row is paired with) and budgets."""
+
+    key: str
+    label: str
+    methods: tuple[Method, ...]
+    epochs: dict[str, int]  # budget -> flat's epochs (the whole budget of every row)
+    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # budget -> overrides for every row
+    induce: tuple[float, int] = (0.02, 5)  # p_min, g_max
+    pretrain_fraction: float = 0.5
+
+
+def _rows(prefix: str, dhnn: tuple[str, str], extra: tuple[Method, ...] = ()) -> tuple[Method, ...]:
+    return (Method("flat", "flat", f"{prefix}-flat.yaml"),
+            Method("dhnn", dhnn[0], f"{prefix}-{dhnn[1]}.yaml"),
+            Method("guo_rnn", "Guo CNN-RNN", f"{prefix}-guo-rnn.yaml"),
+            Method("hiernet", "HierNet (induced tree)", f"{prefix}-hiernet-induced.yaml", induced=True),
+            *extra)
+
+
+_TINY_EXTRA = (Method("guo_rnn_tuned", "Guo CNN-RNN + sched. sampling, end weight, beam",
+                      "tinyimagenet-guo-rnn-tuned.yaml", optional=True),
+               Method("dhnn_tuned", "DHNN CNN-S2S-Pool + sched. sampling, end weight",
+                      "tinyimagenet-dhnn-s2s-pool-tuned.yaml", optional=True))
+_TINY_BUDGET = ("data.limit_train=2000", "data.limit_test=1000")
+DATASETS: tuple[DataSet, ...] = (
+    DataSet("fmnist", "Fashion-MNIST, 3-level tree", _rows("fmnist", ("DHNN CNN-RNN-Resi", "dhnn-rnn-resi")),
+            epochs={"cpu": 8, "gpu": 20, "tiny": 2}, overrides={"tiny": _TINY_BUDGET}, induce=(0.02, 5)),
+    DataSet("tiny32", "Tiny-ImageNet 32x32, WordNet tree (variable depth)",
+            _rows("tinyimagenet", ("DHNN CNN-S2S-Pool", "dhnn-s2s-pool"), _TINY_EXTRA),
+            epochs={"cpu": 10, "gpu": 30, "tiny": 2}, overrides={"tiny": _TINY_BUDGET}, induce=(0.012, 100)),
+    DataSet("tiny64", "Tiny-ImageNet 64x64, WordNet tree (variable depth)",
+            _rows("tinyimagenet", ("DHNN CNN-S2S-Pool", "dhnn-s2s-pool"), _TINY_EXTRA),
+            epochs={"gpu": 30, "tiny": 2}, overrides={"gpu": ("data.image_size=64",),
+                                                       "tiny": ("data.image_size=64", *_TINY_BUDGET)},
+            induce=(0.012, 100)),
+)
+#: cpu and gpu are the comparison's budgets; tiny is a smoke test of the whole machinery on real data
+#: (minutes; its tables go under the runs folder, never into RESULTS.md or the README)
+BUDGETS = ("cpu", "gpu", "tiny")
+
+# (metrics.json key, column, scale, paired, higher is better)
+METRICS = [
+    ("leaf_accuracy", "leaf acc %", 100, True, True),
+    ("path_accuracy", "path acc %", 100, True, True),
+    ("node_accuracy", "node acc %", 100, True, True),
+    ("hierarchical_f1", "hier. F1 %", 100, True, True),
+    ("mistake_severity", "mistake sev.", 1, True, False),
+    ("train_images_per_s", "train img/s", 1, False, True),
+]
+
+PROTOCOL = """Protocol (issue 14). Data: Fashion-MNIST with its 3-level tree (full training set, 10 % carved
+off as validation, the official test set); Tiny-ImageNet-200 with its WordNet tree (variable depth;
+every training image in shared/data, 10 % carved off as validation, the official val set as test) at 32x32, and on
+the gpu budget also at 64x64. One frozen flat recipe (configs/comparison/*-flat.yaml: ResNet-20, SGD
+lr 0.1 Nesterov, wd 5e-4, cosine with 0.2-epoch warm-up, batch 128, pad+flip augmentation) and every
+method gets the same backbone, epochs, augmentation and data order (the seed fixes split and order;
+the LSTM heads add grad_clip 5). Budget: {budget}. HierNet-induced: a flat pre-train of
+{pre} of the epochs, the tree induced from its validation confusion (p_min, g_max per data set), then
+HierNet for the rest, transferred from it: the same total epochs as flat. best.pt is picked on
+validation path accuracy; every number is on the test set. Seeds are paired: each method's
+difference to flat is taken seed by seed (same split and order) and reported as mean, std and a 95 %
+Student-t interval (n-1 degrees of freedom; none for n < 2)."""
+
+
+# ----------------------------------------------------------------------------- statistics
+def t_quantile(df: int) -> float:
+    """Two-sided 95 % Student-t quantile (table up to 30 degrees of freedom, 1.96 above)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return T975[df - 1] if df <= len(T975) else 1.96
+
+
+def mean_std(values: list[float]) -> dict:
+    """``{n, mean, std}`` (std: sample standard deviation, 0 for one value; mean None for none)."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return {"n": 0, "mean": None, "std": None}
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def paired_difference(method: dict[int, float], baseline: dict[int, float]) -> dict:
+    """Seed-paired ``method − baseline``: ``{n, seeds, mean, std, lo, hi}``, a 95 % t-interval (None for n < 2).
+
+    Only seeds present (and not None) in both count: the pairing is what removes the split/order noise
+    both runs share.
+    """
+    seeds = sorted(s for s in method if s in baseline and method[s] is not None and baseline[s] is not None)
+    diffs = [float(method[s]) - float(baseline[s]) for s in seeds]
+    out = {"n": len(diffs), "seeds": seeds, **{k: v for k, v in mean_std(diffs).items() if k != "n"},
+           "lo": None, "hi": None}
+    if len(diffs) >= 2:
+        half = t_quantile(len(diffs) - 1) * out["std"] / math.sqrt(len(diffs))
+        out["lo"], out["hi"] = out["mean"] - half, out["mean"] + half
+    return out
+
+
+GIVEN_TREE = "metrics_given_tree.json"
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass
+class Cell:
+    """One (data, method, seed) run, or a hidden flat pre-train that an induced HierNet cell needs."""
+
+    data: DataSet
+    method: Method
+    seed: int
+    cfg: dict
+    run_dir: Path
+    digest: str
+    needs: Cell | None = None
+    tree: Path | None = None  # HierNet: where the induced tree goes (from ``needs``)
+    hidden: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.method.key}{'-pretrain' if self.hidden else ''}/{self.data.key}/s{self.seed}"
+
+    def trained(self) -> bool:
+        """Training finished: metrics.json written and cell.json naming this very config."""
+        try:
+            meta = json.loads((self.run_dir / "cell.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return meta.get("digest") == self.digest and (self.run_dir / "metrics.json").exists()
+
+    def done(self) -> bool:
+        """Trained, and (induced trees) scored in the data set's own tree as well."""
+        return self.trained() and (self.tree is None or (self.run_dir / GIVEN_TREE).exists())
+
+    def state(self) -> str:
+        if self.done():
+            return "done"
+        if (self.run_dir / "last.pt").exists():
+            log = self.run_dir / "log.csv"
+            epochs = max(0, len(log.read_text().splitlines()) - 1) if log.exists() else 0
+            return f"partial ({epochs}/{self.cfg['train']['epochs']} epochs)"
+        return "todo"
+
+    def metrics(self) -> dict:
+        """Test metrics; an induced-tree run's are those in the data set's own tree (comparable with flat)."""
+        m = json.loads((self.run_dir / "metrics.json").read_text(encoding="utf-8"))
+        if self.tree is not None:
+            m = {**m, **json.loads((self.run_dir / GIVEN_TREE).read_text(encoding="utf-8"))}
+        return m
+
+
+def digest(cfg: dict) -> str:
+    """12 hex digits of the SHA-256 of the resolved config: the cell's identity."""
+    return hashlib.sha256(dump(cfg).encode()).hexdigest()[:12]
+
+
+def _cell(data: DataSet, method: Method, seed: int, root: Path, config_dir: Path, sets: list[str],
+          hidden: bool = False) -> Cell:
+    cfg = load_config(config_dir / method.config, [*sets, f"seed={seed}", "train.progress=false"])
+    d = digest(cfg)
+    tag = f"{method.key}-pretrain" if hidden else method.key
+    return Cell(data, method, seed, cfg, root / data.key / f"{tag}-s{seed}-{d}", d, hidden=hidden)
+
+
+def plan(budget: str, seeds: list[int], root: Path, device: str | None = None, only: list[str] | None = None,
+         optional: bool = False, datasets: tuple[DataSet, ...] = DATASETS, config_dir: Path = CONFIGS,
+         extra: list[str] | None = None) -> list[Cell]:
+    """Every cell of the budget, seed-major (seed 0 of every row first, so pairs fill in early).
+
+    ``only``: ``METHOD/DATA`` glob patterns (``guo_rnn/*``, ``*/fmnist``, ``flat``); the pre-train an
+    induced cell needs is included with it. Optional rows come with ``optional`` or when named.
+    """
+    if budget not in BUDGETS:
+        raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    root = Path(root)
+
+    def wanted(m: Method, d: DataSet) -> bool:
+        if not only:
+            return optional or not m.optional
+        for p in only:
+            p = p if "/" in p else f"{p}/*"
+            # an optional row needs --optional, or its own name (not a wildcard) in the pattern
+            if fnmatch.fnmatch(f"{m.key}/{d.key}", p) and (optional or not m.optional or p.split("/")[0] == m.key):
+                return True
+        return False
+
+    cells: list[Cell] = []
+    for seed in seeds:
+        for data in datasets:
+            if budget not in data.epochs:
+                continue
+            epochs = data.epochs[budget]
+            sets = [*data.overrides.get(budget, ()), *(extra or [])]
+            if device:
+                sets.append(f"train.device={device}")
+            for m in data.methods:
+                if not wanted(m, data):
+                    continue
+                if not m.induced:
+                    cells.append(_cell(data, m, seed, root, config_dir, [*sets, f"train.epochs={epochs}"]))
+                    continue
+                pre_epochs = max(1, round(epochs * data.pretrain_fraction))
+                if pre_epochs >= epochs:
+                    raise ValueError(f"{data.key}: {epochs} epochs leave none for HierNet after a "
+                                     f"{pre_epochs}-epoch pre-train")
+                flat = data.methods[0]
+                pre = _cell(data, flat, seed, root, config_dir, [*sets, f"train.epochs={pre_epochs}"], hidden=True)
+                p_min, g_max = data.induce
+                tree = pre.run_dir / f"induced-p{p_min}-g{g_max}.json"
+                own = [*sets, f"train.epochs={epochs - pre_epochs}", f"data.tree={tree}",
+                       f"model.backbone_kwargs.pretrained_path={pre.run_dir / 'best.pt'}"]
+                cell = _cell(data, m, seed, root, config_dir, own)
+                cell.needs, cell.tree = pre, tree
+                cells += [pre, cell]
+    return cells
+
+
+def status(cells: list[Cell]) -> str:
+    """One line per cell (done / partial / todo) and a count: what ``--status`` prints."""
+    lines = [f"{c.name:<36} {c.state():<24} {c.run_dir}" for c in cells]
+    done = sum(c.done() for c in cells)
+    return "\n".join([*lines, f"{done} of {len(cells)} cells done"])
+
+
+def given_tree_metrics(run_dir: Path) -> dict:
+    """A run on an induced tree scored in the data set's own tree.
+
+    Its path, node and level accuracies, hierarchical F1 and mistake severity are otherwise measured
+    in a tree of its own making (two levels of confusion groups) and do not compare with flat's: here
+    each predicted class is moved to its path in the given tree (classes matched as ``data.tree``
+    matches them: external id, else name) and scored there, with the same test images.
+    """
+    import torch
+
+    from hiervision import metrics as M
+    from hiervision.data import build_data
+    from hiervision.decoding import Prediction, last_node
+    from hiervision.training import autocast_dtype, load_run, predict_dataset, select_device
+
+    cfg, tax, model, _ = load_run(run_dir)
+    device = select_device(cfg["train"]["device"])
+    model = model.to(device)
+    split = {"split_seed": cfg["data"].get("split_seed", cfg["seed"])}
+    data = build_data({**cfg["data"], **split})
+    own = build_data({**cfg["data"], **split, "tree": None}).taxonomy
+    amp = autocast_dtype(cfg["train"]["amp"], device)
+    pred, targets = predict_dataset(model, data, data.test, cfg["eval"]["batch_size"], device, amp)
+    of = {own.external_ids[n] or own.names[n]: n for n in own.leaves}
+    lut = torch.full((tax.num_nodes,), -1, dtype=torch.long)
+    for n in tax.leaves:
+        lut[n] = of[tax.external_ids[n] or tax.names[n].rsplit(" (", 1)[0]]
+    nodes = lut[last_node(pred.paths).clamp(min=0)]
+    paths = own.path_matrix[nodes]
+    report = M.evaluate(Prediction(paths, torch.zeros(len(paths), 1), torch.ones(len(paths))), lut[targets], own)
+    return {**report, "scored_in": "given tree"}
+
+
+def run_cells(cells: list[Cell], max_hours: float | None = None, train_fn=None, induce_fn=None, score_fn=None,
+              log=print) -> dict:
+    """Train every unfinished cell in order (resuming interrupted ones); stop starting new cells after
+    ``max_hours``. Induced-tree cells are then scored in the given tree (``score_fn``:
+    :func:`given_tree_metrics`). Returns ``{"ran": [...], "skipped": [...], "stopped": bool}``."""
+    if train_fn is None:
+        from hiervision.training import train as train_fn
+    if induce_fn is None:
+        from hiervision.induce import induce_from_run as induce_fn
+    score_fn = score_fn or given_tree_metrics
+    t0, ran, skipped = time.monotonic(), [], []
+    for cell in cells:
+        if cell.done():
+            skipped.append(cell.name)
+            continue
+        if cell.trained():  # only the given-tree scoring is missing
+            (cell.run_dir / GIVEN_TREE).write_text(json.dumps(score_fn(cell.run_dir), indent=1), encoding="utf-8")
+            ran.append(cell.name)
+            continue
+        if max_hours is not None and time.monotonic() - t0 > max_hours * 3600:
+            log(f"[comparison] {max_hours} h used: stopping before {cell.name}; run the same command to go on")
+            return {"ran": ran, "skipped": skipped, "stopped": True}
+        if cell.needs is not None:
+            if not cell.needs.done():
+                raise RuntimeError(f"{cell.name} needs {cell.needs.name}, which is not finished")
+            if not cell.tree.exists():
+                p_min, g_max = cell.data.induce
+                tree = induce_fn(cell.needs.run_dir, p_min, g_max)
+                tree.save(cell.tree)
+        log(f"[comparison] {cell.name} ({cell.cfg['train']['epochs']} epochs) -> {cell.run_dir}")
+        cell.run_dir.mkdir(parents=True, exist_ok=True)
+        (cell.run_dir / "cell.json").write_text(json.dumps(
+            {"digest": cell.digest, "data": cell.data.key, "method": cell.method.key, "seed": cell.seed,
+             "hidden": cell.hidden}, indent=1), encoding="utf-8")
+        train_fn(cell.cfg, cell.run_dir, resume=True)
+        if cell.tree is not None:
+            (cell.run_dir / GIVEN_TREE).write_text(json.dumps(score_fn(cell.run_dir), indent=1), encoding="utf-8")
+        ran.append(cell.name)
+    return {"ran": ran, "skipped": skipped, "stopped": False}
+
+
+# ----------------------------------------------------------------------------- the summary
+def _mean_lists(lists: list[list[float]]) -> list[float]:
+    cols = list(zip(*[v for v in lists if v]))
+    return [statistics.fmean(c) for c in cols]
+
+
+def _mean_dict(dicts: list[dict]) -> dict[str, float]:
+    keys = sorted({k for d in dicts for k in d}, key=lambda k: int(k))
+    return {str(k): statistics.fmean(float(d[k]) for d in dicts if k in d) for k in keys}
+
+
+def _shares(counts: dict) -> dict:
+    total = sum(counts.values())
+    return {k: v / total for k, v in counts.items()} if total else {}
+
+
+def summarize(cells: list[Cell], budget: str = "cpu") -> dict:
+    """Per data set and method: n, mean ± std of every metric, per-level accuracy, length diagnostics
+    (means over seeds), and the seed-paired difference to the data set's first row (flat)."""
+    out: dict = {}
+    for data in {c.data.key: c.data for c in cells}.values():
+        rows: dict = {}
+        for m in data.methods:
+            ms = {c.seed: c.metrics() for c in cells if c.data == data and c.method == m and not c.hidden
+                  and c.done()}
+            if not ms and not any(c.method == m and c.data == data for c in cells):
+                continue
+            diag = [x["length_diagnostics"] for x in ms.values() if x.get("length_diagnostics")]
+            rows[m.key] = {
+                "label": m.label,
+                "n": len(ms),
+                "seeds": sorted(ms),
+                "per_seed": {k: {s: x.get(k) for s, x in ms.items()} for k, *_ in METRICS},
+                **{k: mean_std([x.get(k) for x in ms.values()]) for k, *_ in METRICS},
+                "level_accuracy": _mean_lists([x.get("level_accuracy") or [] for x in ms.values()]),
+                "path_accuracy_by_length": _mean_dict([x.get("path_accuracy_by_length") or {} for x in ms.values()]),
+                "diagnostics": {k: statistics.fmean(d[k] for d in diag)
+                                for k in ("too_short", "too_long", "stopped_early", "ran_on")} if diag else {},
+                "level_accuracy_given_prefix": _mean_lists([d.get("level_accuracy_given_prefix") or []
+                                                            for d in diag]),
+                "first_wrong_level": _mean_dict([_shares(d.get("first_wrong_level") or {}) for d in diag]),
+            }
+        base_key = data.methods[0].key
+        for key, row in rows.items():
+            if key != base_key and base_key in rows:
+                row["vs_flat"] = {k: paired_difference(row["per_seed"][k], rows[base_key]["per_seed"][k])
+                                  for k, _, _, paired, _ in METRICS if paired}
+        out[data.key] = {"label": data.label, "epochs": data.epochs.get(budget),
+                         "pretrain_fraction": data.pretrain_fraction, "induce": list(data.induce), "rows": rows}
+    return out
+
+
+def _fmt(stat: dict, scale: float) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    digits = 2 if scale == 1 and abs(stat["mean"]) < 100 else 1
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def _fmt_diff(d: dict, scale: float) -> str:
+    if not d or d["n"] == 0:
+        return "–"
+    digits = 2 if scale == 1 else 1
+    s = f"{d['mean'] * scale:+.{digits}f}"
+    if d["lo"] is not None:
+        s += f" [{d['lo'] * scale:+.{digits}f}, {d['hi'] * scale:+.{digits}f}]"
+    return s
+
+
+_PLACEHOLDER = "not measured yet"
+
+
+def which_method(summary: dict, min_seeds: int = 3) -> str:
+    """The README's "Which method?" paragraph, generated from the paired intervals on path accuracy.
+
+    A data set whose rows do not all have ``min_seeds`` paired seeds gets a placeholder naming what is
+    missing: no claim is written without its interval.
+    """
+    parts = []
+    for data in summary.values():
+        rows = data["rows"]
+        short = [r["label"] for r in rows.values() if r["n"] < min_seeds]
+        if short:
+            parts.append(f"*{data['label']}*: {_PLACEHOLDER} with >= {min_seeds} seeds "
+                         f"({', '.join(short)}); placeholder until `benchmarks/run.py --profile comparison` fills it.")
+            continue
+        said = []
+        for r in rows.values():
+            d = r.get("vs_flat", {}).get("path_accuracy")
+            if not d or d["lo"] is None:
+                continue
+            ci = f"{d['mean'] * 100:+.1f} pt, 95 % CI [{d['lo'] * 100:+.1f}, {d['hi'] * 100:+.1f}], n = {d['n']}"
+            if d["lo"] > 0:
+                said.append(f"{r['label']} beats flat ({ci})")
+            elif d["hi"] < 0:
+                said.append(f"{r['label']} loses to flat ({ci})")
+            else:
+                said.append(f"{r['label']} is not distinguishable from flat ({ci})")
+        parts.append(f"*{data['label']}* (path accuracy, paired by seed): " + "; ".join(said) + ".")
+    return "\n\n".join(parts)
+
+
+def section(summary: dict, budget: str, command: str, machine: str, wall_s: float, name: str,
+            progress: str = "") -> str:
+    """The RESULTS.md section: protocol, machine, command, then per data set the table (n per row),
+    the paired differences, per-level accuracy and the length diagnostics of variable-length paths."""
+    epochs = ", ".join(f"{d['label']}: {d['epochs']} epochs, HierNet tree p_min {d['induce'][0]}, g_max "
+                       f"{d['induce'][1]}" for d in summary.values())
+    pre = ", ".join(sorted({f"{d['pretrain_fraction']:.0%}" for d in summary.values()})) or "–"
+    lines = [f"## {name}", "", PROTOCOL.format(budget=f"{budget} ({epochs})", pre=pre).replace("\n", " "), "",
+             f"Command: `{command}`  ", f"Machine: {machine}  ",
+             f"Wall time of this sitting: {wall_s / 60:.1f} min (cells are cached: earlier sittings add to the "
+             "tables)" + ("  " if progress else ""), *([progress] if progress else [])]
+    for key, data in summary.items():
+        rows = data["rows"]
+        lines += ["", f"### {data['label']}", "",
+                  "| method | n | " + " | ".join(c for _, c, *_ in METRICS) + " | level acc |",
+                  "|---" * (len(METRICS) + 3) + "|"]
+        for r in rows.values():
+            lvl = " / ".join(f"{v:.3f}" for v in r["level_accuracy"]) or "–"
+            lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(_fmt(r[k], s) for k, _, s, *_ in METRICS)
+                         + f" | {lvl} |")
+        paired = [(k, c, s) for k, c, s, p, _ in METRICS if p]
+        lines += ["", "Difference to flat, paired by seed: mean [95 % t-interval] (accuracies in points):", "",
+                  "| method | n pairs | " + " | ".join(f"Δ {c}" for _, c, _ in paired) + " |",
+                  "|---" * (len(paired) + 2) + "|"]
+        for r in rows.values():
+            if "vs_flat" in r:
+                n = r["vs_flat"]["path_accuracy"]["n"]
+                lines.append(f"| {r['label']} | {n} | "
+                             + " | ".join(_fmt_diff(r["vs_flat"][k], s) for k, _, s in paired) + " |")
+        if any(r["diagnostics"] for r in rows.values()):
+            lines += ["", "Where the paths go wrong (means over seeds): shares of test images whose predicted "
+                      "path is too short / too long, a strict prefix of the true one (stopped early) or runs on "
+                      "past its end; where wrong paths first leave the true one (share of errors per level); "
+                      "level accuracy among images whose levels above were right — a per-step error rate free of "
+                      "compounding, to hold beside the plain level accuracy above.", "",
+                      "| method | too short | too long | stopped early | ran on | first wrong level | "
+                      "level acc given right prefix |", "|---|---|---|---|---|---|---|"]
+            for r in rows.values():
+                d = r["diagnostics"]
+                if not d:
+                    continue
+                lvl = " / ".join(f"{v:.3f}" for v in r["level_accuracy_given_prefix"])
+                first = " / ".join(f"{k}: {v:.2f}" for k, v in r["first_wrong_level"].items()) or "–"
+                lines.append(f"| {r['label']} | {d['too_short']:.3f} | {d['too_long']:.3f} | "
+                             f"{d['stopped_early']:.3f} | {d['ran_on']:.3f} | {first} | {lvl} |")
+        lengths = sorted({int(n) for r in rows.values() for n in r["path_accuracy_by_length"]})
+        if len(lengths) > 1:
+            lines += ["", "Path accuracy per true path length (means over seeds):", "",
+                      "| method | " + " | ".join(str(n) for n in lengths) + " |",
+                      "|---" * (len(lengths) + 1) + "|"]
+            for r in rows.values():
+                v = r["path_accuracy_by_length"]
+                lines.append(f"| {r['label']} | " + " | ".join(
+                    f"{v[str(n)]:.3f}" if str(n) in v else "–" for n in lengths) + " |")
+        lines += ["", f"![paired differences]({_plot_name(name, key)})"]
+    lines += ["", "### Which method?", "", which_method(summary), ""]
+    return "\n".join(lines)
+
+
+def _plot_name(name: str, data_key: str) -> str:
+    return f"results/{name}-{data_key}.png"
+
+
+def plot(summary: dict, name: str, outdir: Path) -> list[Path]:
+    """Per data set: each method's paired difference to flat (path accuracy, hierarchical F1) with its
+    95 % interval; methods without an interval (n < 2) are drawn as points only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, data in summary.items():
+        rows = [r for r in data["rows"].values() if "vs_flat" in r]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 0.6 * max(len(rows), 2) + 1.4), sharey=True)
+        for ax, (metric, title) in zip(axes, [("path_accuracy", "path accuracy"),
+                                             ("hierarchical_f1", "hierarchical F1")]):
+            for i, r in enumerate(rows):
+                d = r["vs_flat"][metric]
+                if d["n"] == 0:
+                    continue
+                m = d["mean"] * 100
+                err = [[m - d["lo"] * 100], [d["hi"] * 100 - m]] if d["lo"] is not None else None
+                ax.errorbar([m], [i], xerr=err, fmt="o", capsize=4)
+            ax.axvline(0, color="grey", lw=1)
+            ax.set_xlabel(f"Δ {title} vs flat (pt), 95 % CI")
+            ax.grid(alpha=0.3, axis="x")
+        axes[0].set_yticks(range(len(rows)), [f"{r['label']} (n={r['vs_flat']['path_accuracy']['n']})"
+                                              for r in rows])
+        axes[0].invert_yaxis()  # rows top to bottom as in the tables
+        fig.suptitle(f"{data['label']}: paired difference to flat")
+        fig.tight_layout()
+        path = outdir / Path(_plot_name(name, key)).name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """Replace ``## name`` (up to the next ``## ``) in a markdown file's text, or append it."""
+    import re
+
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    body = body.rstrip() + "\n\n"
+    return pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip() + "\n\n" + body
+
+
+README_START, README_END = "<!-- which-method:start -->", "<!-- which-method:end -->"
+
+
+def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s: float,
+                  results_dir: Path = HERE / "results", results_md: Path = HERE / "RESULTS.md",
+                  readme: Path | None = HERE.parent / "README.md", progress: str = "") -> str:
+    """JSON, plots, the RESULTS.md section and the README's "Which method?" paragraph (between
+    :data:`README_START` and :data:`README_END`; replaced only by a paragraph with no more placeholders
+    than the one there, so a partial sitting never erases measured claims)."""
+    name = "comparison" if budget == "cpu" else f"comparison-{budget}"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(
+        {"profile": name, "budget": budget, "command": command, "machine": machine, "summary": summary},
+        indent=1, default=str), encoding="utf-8")
+    plot(summary, name, results_dir)
+    body = section(summary, budget, command, machine, wall_s, name, progress)
+    text = results_md.read_text(encoding="utf-8") if results_md.exists() else "# Benchmark results\n"
+    results_md.write_text(replace_section(text, name, body), encoding="utf-8")
+    if readme is not None and readme.exists():
+        text = readme.read_text(encoding="utf-8")
+        if README_START in text and README_END in text:
+            head, rest = text.split(README_START, 1)
+            old, tail = rest.split(README_END, 1)
+            para = which_method(summary) + f"\n\n(Generated from `{command}`; protocol and tables: " \
+                "benchmarks/RESULTS.md, section `" + name + "`.)"
+            if para.count(_PLACEHOLDER) <= old.count(_PLACEHOLDER):
+                readme.write_text(f"{head}{README_START}\n{para}\n{README_END}{tail}", encoding="utf-8")
+    return body
+
+
+def main(args, machine_fn) -> int:
+    """``benchmarks/run.py --profile comparison`` lands here (one engine: run.py parses, this runs)."""
+    import sys
+
+    cells = plan(args.budget, args.seeds or [0, 1, 2], Path(args.out) / f"comparison-{args.budget}",
+                 args.device, args.only, args.optional, extra=args.set)
+    if args.status:
+        print(status(cells))
+        return 0
+    t0 = time.perf_counter()
+    if not args.table_only:
+        run_cells(cells, args.max_hours)
+    summary = summarize(cells, args.budget)
+    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    where = {}
+    if args.budget == "tiny":  # a smoke test: keep its numbers out of the project's results
+        root = Path(args.out) / "comparison-tiny"
+        where = {"results_dir": root / "results", "results_md": root / "RESULTS.md", "readme": None}
+    done = sum(c.done() for c in cells)
+    again = " ".join(a for a in ["python benchmarks/run.py", *sys.argv[1:]] if a != "--table-only")
+    progress = (f"Progress: {done} of {len(cells)} cells done (seeds {args.seeds or [0, 1, 2]}); "
+                f"{'complete' if done == len(cells) else f'continue with `{again}`'} "
+                f"(`--status` lists the cells).")
+    print(write_outputs(summary, args.budget, command, machine_fn(), time.perf_counter() - t0, progress=progress,
+                        **where))
+    print(status(cells))
+    return 0

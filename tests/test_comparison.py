@@ -1,0 +1,236 @@
+"""Issue 14's comparison profile: cells cached by config digest, resumable runs, paired statistics, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hiervision import Taxonomy
+from hiervision.config import load_config
+from hiervision.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import comparison as C  # noqa: E402  (benchmarks/ is not a package)
+
+FLAT = """data: {name: synthetic_var, n_train: 256, n_test: 96, size: 16}
+model: {name: flat, backbone: resnet20, backbone_kwargs: {width: 0.25}}
+train: {epochs: 1, batch_size: 64, amp: none}
+eval: {batch_size: 256}
+"""
+
+
+@pytest.fixture
+def configs(tmp_path: Path) -> Path:
+    d = tmp_path / "configs"
+    d.mkdir()
+    (d / "flat.yaml").write_text(FLAT)
+    (d / "guo.yaml").write_text("base: flat.yaml\nmodel: {name: guo_rnn, embed_size: 8, hidden_size: 16}\n")
+    (d / "hiernet.yaml").write_text("base: flat.yaml\ndata: {tree: null}\n"
+                                    "model: {name: hiernet, backbone_kwargs: {pretrained_path: null}}\n")
+    return d
+
+
+def _tiny(induced: bool = False) -> tuple[C.DataSet, ...]:
+    methods = [C.Method("flat", "flat", "flat.yaml"), C.Method("guo_rnn", "Guo CNN-RNN", "guo.yaml")]
+    if induced:
+        methods.append(C.Method("hiernet", "HierNet", "hiernet.yaml", induced=True))
+    return (C.DataSet("toy", "toy tree", tuple(methods), epochs={"cpu": 4 if induced else 1}, induce=(0.05, 3)),)
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_paired_difference_and_t_interval_by_hand():
+    method = {0: 0.90, 1: 0.80, 2: 0.85}
+    flat = {0: 0.88, 1: 0.79, 2: 0.80, 3: 0.70}  # seed 3 has no partner: left out
+    d = C.paired_difference(method, flat)
+    diffs = [0.02, 0.01, 0.05]
+    mean = sum(diffs) / 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2)
+    half = 4.303 * std / math.sqrt(3)  # t(0.975, 2 df)
+    assert d["n"] == 3 and d["seeds"] == [0, 1, 2]
+    assert d["mean"] == pytest.approx(mean) and d["std"] == pytest.approx(std)
+    assert (d["lo"], d["hi"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert d["lo"] < 0 < d["hi"]  # +2.7 pt, but three seeds do not pin it down
+    one = C.paired_difference({0: 0.9}, {0: 0.8})
+    assert one["n"] == 1 and one["mean"] == pytest.approx(0.1) and one["lo"] is None
+    assert C.t_quantile(1) == 12.706 and C.t_quantile(30) == 2.042 and C.t_quantile(100) == 1.96
+    with pytest.raises(ValueError):
+        C.t_quantile(0)
+    assert C.mean_std([1.0, None, 3.0]) == {"n": 2, "mean": 2.0, "std": pytest.approx(math.sqrt(2))}
+
+
+def _row(label: str, n: int, mean: float, lo: float | None, hi: float | None) -> dict:
+    d = {"n": n, "mean": mean, "lo": lo, "hi": hi}
+    return {"label": label, "n": n, "vs_flat": {"path_accuracy": d}}
+
+
+def test_which_method_is_generated_from_intervals_only():
+    rows = {"flat": {"label": "flat", "n": 3}, "a": _row("A", 3, 0.02, 0.01, 0.03),
+            "b": _row("B", 3, -0.1, -0.12, -0.08), "c": _row("C", 3, 0.01, -0.01, 0.03)}
+    text = C.which_method({"x": {"label": "X", "rows": rows}})
+    assert "A beats flat (+2.0 pt, 95 % CI [+1.0, +3.0], n = 3)" in text
+    assert "B loses to flat (-10.0 pt" in text and "C is not distinguishable from flat" in text
+    rows["c"] = _row("C", 2, 0.01, -0.01, 0.03)
+    text = C.which_method({"x": {"label": "X", "rows": rows}})
+    assert "not measured yet" in text and "(C)" in text and "beats" not in text
+
+
+# ----------------------------------------------------------------------------- the profile end to end
+def test_profile_is_resumable_and_cumulative(tmp_path, configs):
+    runs = tmp_path / "runs"
+    cells = C.plan("cpu", [0, 1], runs, datasets=_tiny(), config_dir=configs)
+    assert [c.name for c in cells] == ["flat/toy/s0", "guo_rnn/toy/s0", "flat/toy/s1", "guo_rnn/toy/s1"]
+    assert "0 of 4 cells done" in C.status(cells)
+    first = C.run_cells(cells, log=lambda *_: None)
+    assert len(first["ran"]) == 4 and not first["skipped"]
+    assert "4 of 4 cells done" in C.status(cells) and "todo" not in C.status(cells)
+
+    def must_not_train(*_a, **_k):
+        raise AssertionError("a finished cell was trained again")
+
+    again = C.plan("cpu", [0, 1], runs, datasets=_tiny(), config_dir=configs)
+    second = C.run_cells(again, train_fn=must_not_train, log=lambda *_: None)
+    assert second["ran"] == [] and len(second["skipped"]) == 4
+    # a changed recipe is a new cell (new digest, new folder): cached results are never mixed in
+    changed = C.plan("cpu", [0], runs, datasets=_tiny(), config_dir=configs, extra=["train.lr=0.05"])
+    assert not any(c.done() for c in changed) and changed[0].run_dir != cells[0].run_dir
+    # a third seed adds to the table: n grows per cell
+    more = C.plan("cpu", [0, 1, 2], runs, datasets=_tiny(), config_dir=configs, only=["flat"])
+    assert [c.state() for c in more] == ["done", "done", "todo"]
+
+    summary = C.summarize(again)
+    rows = summary["toy"]["rows"]
+    assert rows["flat"]["n"] == 2 and rows["guo_rnn"]["n"] == 2 and "vs_flat" not in rows["flat"]
+    pa = rows["guo_rnn"]["vs_flat"]["path_accuracy"]
+    per = rows["guo_rnn"]["per_seed"]["path_accuracy"], rows["flat"]["per_seed"]["path_accuracy"]
+    assert pa["n"] == 2 and pa["mean"] == pytest.approx(sum(per[0][s] - per[1][s] for s in (0, 1)) / 2)
+    assert pa["lo"] is not None and pa["lo"] <= pa["mean"] <= pa["hi"]
+    assert rows["guo_rnn"]["diagnostics"]  # variable-depth tree: the stop-early/late breakdown is there
+
+    results, md, readme = tmp_path / "results", tmp_path / "RESULTS.md", tmp_path / "README.md"
+    md.write_text("# Benchmark results\n\n## quick\n\nkept\n")
+    readme.write_text(f"intro\n{C.README_START}\nold: not measured yet, not measured yet\n{C.README_END}\nrest\n")
+    body = C.write_outputs(summary, "cpu", "python benchmarks/run.py --profile comparison", "test machine", 1.0,
+                           results, md, readme)
+    assert "Protocol (issue 14)" in body and "| flat | 2 |" in body and "| Guo CNN-RNN | 2 |" in body
+    assert "Machine: test machine" in body and "too short" in body
+    text = md.read_text()
+    assert "## quick\n\nkept" in text and text.count("## comparison") == 1
+    C.write_outputs(summary, "cpu", "cmd", "m", 1.0, results, md, readme)  # replaces its section, once
+    assert md.read_text().count("## comparison") == 1
+    assert json.loads((results / "comparison.json").read_text())["summary"]["toy"]["rows"]["flat"]["n"] == 2
+    assert (results / "comparison-toy.png").stat().st_size > 0
+    r = readme.read_text()
+    assert "\nold\n" not in r and "not measured yet with >= 3 seeds" in r and r.endswith("rest\n")
+    # a paragraph with measured claims is never replaced by one with more placeholders
+    readme.write_text(f"intro\n{C.README_START}\nA beats flat\n{C.README_END}\nrest\n")
+    C.write_outputs(summary, "cpu", "cmd", "m", 1.0, results, md, readme)
+    assert "A beats flat" in readme.read_text()
+
+
+def test_induced_hiernet_gets_flat_pretrain_and_the_rest_of_the_budget(tmp_path, configs):
+    cells = C.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(induced=True), config_dir=configs,
+                   only=["hiernet/*"])
+    assert [c.name for c in cells] == ["flat-pretrain/toy/s0", "hiernet/toy/s0"]
+    pre, hier = cells
+    assert pre.cfg["train"]["epochs"] == 2 and hier.cfg["train"]["epochs"] == 2  # 2 + 2 = flat's 4
+    assert pre.cfg["model"]["name"] == "flat" and hier.needs is pre
+    assert hier.cfg["data"]["tree"] == str(hier.tree) and hier.tree.parent == pre.run_dir
+    assert hier.cfg["model"]["backbone_kwargs"]["pretrained_path"] == str(pre.run_dir / "best.pt")
+    calls = []
+
+    def fake_train(cfg, out, resume=True):
+        calls.append(("train", cfg["model"]["name"], cfg["train"]["epochs"]))
+        (Path(out) / "metrics.json").write_text(json.dumps({"path_accuracy": 0.5}))
+
+    def fake_induce(run_dir, p_min, g_max):
+        calls.append(("induce", Path(run_dir), p_min, g_max))
+        return Taxonomy.from_parent_map({"g": None, "a": "g", "b": "g"})
+
+    def fake_score(run_dir):
+        calls.append(("score", Path(run_dir)))
+        return {"path_accuracy": 0.25, "scored_in": "given tree"}
+
+    C.run_cells(cells, train_fn=fake_train, induce_fn=fake_induce, score_fn=fake_score, log=lambda *_: None)
+    assert calls == [("train", "flat", 2), ("induce", pre.run_dir, 0.05, 3), ("train", "hiernet", 2),
+                     ("score", hier.run_dir)]
+    assert hier.tree.exists() and all(c.done() for c in cells)
+    assert hier.metrics()["path_accuracy"] == 0.25  # the given tree's numbers replace the induced tree's
+    # a trained cell whose given-tree scores are missing only gets scored (no training)
+    (hier.run_dir / C.GIVEN_TREE).unlink()
+    assert hier.trained() and not hier.done()
+    calls.clear()
+    C.run_cells(cells, train_fn=fake_train, induce_fn=fake_induce, score_fn=fake_score, log=lambda *_: None)
+    assert calls == [("score", hier.run_dir)]
+    summary = C.summarize(cells)  # the pre-train is not a row: flat is there (the baseline) with n = 0
+    assert set(summary["toy"]["rows"]) == {"flat", "hiernet"}
+    assert summary["toy"]["rows"]["hiernet"]["n"] == 1 and summary["toy"]["rows"]["flat"]["n"] == 0
+
+
+def test_status_reports_partial_cells_and_max_hours_stops(tmp_path, configs):
+    cells = C.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(), config_dir=configs)
+    cells[0].run_dir.mkdir(parents=True)
+    (cells[0].run_dir / "last.pt").write_bytes(b"x")
+    assert cells[0].state() == "partial (0/1 epochs)"
+    out = C.run_cells(cells, max_hours=0.0, train_fn=lambda *a, **k: None, log=lambda *_: None)
+    assert out["stopped"] and out["ran"] == []
+    with pytest.raises(ValueError, match="--budget"):
+        C.plan("tpu", [0], tmp_path, datasets=_tiny(), config_dir=configs)
+
+
+def test_run_py_status_lists_every_cell_of_the_real_plan(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--profile", "comparison",
+                          "--status", "--out", str(tmp_path), "--seeds", "0", "1"],
+                         capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    lines = out.stdout.strip().splitlines()
+    # per seed: fmnist and tiny32 each flat, DHNN, Guo, HierNet + its flat pre-train
+    assert lines[-1] == "0 of 20 cells done"
+    assert any(x.startswith("hiernet/tiny32/s1") for x in lines)
+    assert any(x.startswith("flat-pretrain/fmnist/s0") for x in lines)
+    gpu = C.plan("gpu", [0], tmp_path, device="cuda")
+    assert {c.data.key for c in gpu} == {"fmnist", "tiny32", "tiny64"}
+    assert all(c.cfg["train"]["device"] == "cuda" for c in gpu)
+    assert {c.cfg["data"]["image_size"] for c in gpu if c.data.key == "tiny64"} == {64}
+    flat = {c.data.key: c.cfg["train"]["epochs"] for c in gpu if c.method.key == "flat" and not c.hidden}
+    assert flat == {"fmnist": 20, "tiny32": 30, "tiny64": 30}
+    tuned = C.plan("cpu", [0], tmp_path, only=["guo_rnn_tuned/tiny32"])
+    assert [c.name for c in tuned] == ["guo_rnn_tuned/tiny32/s0"]
+    assert not any(c.method.optional for c in C.plan("cpu", [0], tmp_path, only=["*/tiny32"]))
+    assert any(c.method.optional for c in C.plan("cpu", [0], tmp_path, only=["*/tiny32"], optional=True))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "comparison").glob("*.yaml")), ids=lambda p: p.stem)
+def test_comparison_configs_build_their_models(path):
+    cfg = load_config(path)
+    model = dict(cfg["model"])
+    model["backbone_kwargs"] = {"width": 0.25}
+    if cfg["data"]["name"] == "fashion_mnist":
+        tax, sizes = Taxonomy.from_paths(["a/x/1", "a/x/2", "a/y/3", "b/z/4", "b/z/5", "b/w/6"]), [28]
+    else:
+        tax, sizes = Taxonomy.from_paths(["a/x/1", "a/x/2", "a/y", "b/z/4/q", "b/w"]), [32, 64]
+    for size in sizes:  # the gpu budget's Tiny-ImageNet at 64x64 too
+        create_model(model["name"], tax, in_chans=3, image_size=size,
+                     **{k: v for k, v in model.items() if k != "name"})
+
+
+def test_diagnose_reports_a_trained_run(tmp_path, configs):
+    import diagnose
+
+    cells = C.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(), config_dir=configs, only=["guo_rnn"])
+    C.run_cells(cells, log=lambda *_: None)
+    report = diagnose.diagnose(cells[0].run_dir)
+    saved = cells[0].metrics()
+    assert report["path_accuracy"] == pytest.approx(saved["path_accuracy"])  # the same predictions again
+    assert report["length_diagnostics"]["right_length"] == pytest.approx(
+        saved["length_diagnostics"]["right_length"])
+    out = tmp_path / "d.json"
+    assert diagnose.main([str(cells[0].run_dir), "--json", str(out)]) == 0
+    text = diagnose.table({"run": report})
+    assert text.startswith("| run | path acc | too short") and "length 2" in text  # variable-depth tree
+    assert json.loads(out.read_text())[str(cells[0].run_dir)]["num_samples"] == report["num_samples"]
