@@ -53,7 +53,7 @@ TINY_METHODS = {
     "HierNet (WordNet tree)": "tinyimagenet-hiernet-wordnet.yaml",
 }
 BUDGETS = {  # throughput batch/steps/rounds; training: images, epochs
-    "full": {"batch": 256, "steps": 20, "rounds": 3, "limit_train": None, "epochs": 2},
+    "full": {"batch": 256, "steps": 20, "rounds": 3, "limit_train": None, "epochs": 1},
     "tiny": {"batch": 8, "steps": 2, "rounds": 1, "limit_train": 256, "epochs": 1},
 }
 
