@@ -342,11 +342,10 @@ def run_cells(cells: list[Cell], max_hours: float | None = None, train_fn=None, 
                 tree = induce_fn(cell.needs.run_dir, p_min, g_max)
                 tree.save(cell.tree)
         log(f"[comparison] {cell.name} ({cell.cfg['train']['epochs']} epochs) -> {cell.run_dir}")
-        cell.run_dir.mkdir(parents=True, exist_ok=True)
+        train_fn(cell.cfg, cell.run_dir, resume=True)  # the run folder is the engine's: cell.json goes in after
         (cell.run_dir / "cell.json").write_text(json.dumps(
             {"digest": cell.digest, "data": cell.data.key, "method": cell.method.key, "seed": cell.seed,
              "hidden": cell.hidden}, indent=1), encoding="utf-8")
-        train_fn(cell.cfg, cell.run_dir, resume=True)
         if cell.tree is not None:
             (cell.run_dir / GIVEN_TREE).write_text(json.dumps(score_fn(cell.run_dir), indent=1), encoding="utf-8")
         ran.append(cell.name)
