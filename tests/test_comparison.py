@@ -146,6 +146,7 @@ def test_induced_hiernet_gets_flat_pretrain_and_the_rest_of_the_budget(tmp_path,
 
     def fake_train(cfg, out, resume=True):
         calls.append(("train", cfg["model"]["name"], cfg["train"]["epochs"]))
+        Path(out).mkdir(parents=True, exist_ok=True)  # as the engine does
         (Path(out) / "metrics.json").write_text(json.dumps({"path_accuracy": 0.5}))
 
     def fake_induce(run_dir, p_min, g_max):
