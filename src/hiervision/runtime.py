@@ -258,8 +258,11 @@ def read_image(path: str | os.PathLike, in_chans: int, size: Sequence[int] | Non
 # ----------------------------------------------------------------------------- predictor
 class _OnnxEngine:
     def __init__(self, graph: Path, step_graph: Path | None, threads: int | None) -> None:
-        import onnxruntime as ort
-
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ValueError(f"{graph}: running an exported model needs onnxruntime "
+                             "(pip install 'hiervision[export]')") from None
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
