@@ -160,3 +160,16 @@ assert "path" in recs[0] and "error" in recs[1], recs
 assert "torch" not in sys.modules, "torch was imported"
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_torch_engine_predicts_a_single_image_of_every_family():
+    """``hiervision predict RUN one.png`` (and a folder whose last batch holds one image) works for
+    every family, HierNet included (its eager conditional pass refuses a batch of one)."""
+    image = fmnist_images(2)
+    for variant in ("flat", "dhnn_s2s_label", "hiernet_conditional"):
+        model = build(variant)
+        predictor = Predictor(sidecar=sidecar(model, META), engine=torch_engine(model), top_k=2)
+        one = predictor.predict_arrays(image[:1])[0]
+        two = predictor.predict_arrays(image)[0]
+        assert one["path_ids"] == two["path_ids"] and len(one["top_k"]) == 2
+        assert abs(one["path_probability"] - two["path_probability"]) < 1e-5
