@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 
-from hiervision.export import export_model
-from hiervision.runtime import Predictor
-from test_runtime import META, assert_parity, build, fmnist_images, needs_fmnist, reference
+onnx = pytest.importorskip("onnx", reason="the [export] extra is not installed")
+pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
+pytest.importorskip("onnxscript", reason="the [export] extra is not installed")
+
+from hiervision.export import export_model  # noqa: E402
+from hiervision.runtime import Predictor  # noqa: E402
+from test_runtime import META, assert_parity, build, fmnist_images, needs_fmnist, reference  # noqa: E402
 
 # one variant per family; the other decoder kinds are held to model.predict in test_runtime.py
 FAMILIES = ["flat", "dhnn_rnn_exact", "dhnn_s2s_label", "guo_multihead_independent", "guo_rnn_beam",
