@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hiervision.data.base import FileImageDataset
-from hiervision.data.imageio import ImageReader, _check_pixels, _guarded, to_array
+from hiervision.data.imageio import ImageReader
+from hiervision.imagefile import check_pixels, guarded, to_array
 
 __all__ = ["check_images", "default_check_cache"]
 
@@ -79,11 +80,11 @@ def _verify(reader: ImageReader, source: str) -> int:
 
     def run() -> int:
         with reader._open(source) as im:
-            _check_pixels(im, reader.max_pixels, name)
+            check_pixels(im, reader.max_pixels, name)
             to_array(im, reader.channels, reader.size)
             return im.size[0] * im.size[1]
 
-    return _guarded(run, name)
+    return guarded(run, name)
 
 
 def check_images(

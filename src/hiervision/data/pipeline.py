@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from hiervision.data.base import FileImageDataset, HierDataset
+from hiervision.imagefile import center_box, crop_resize, upright
 
 __all__ = ["PIPELINE_KEYS", "CenterCrop", "ImagePipeline", "PipelineDataset", "RandomResizedCrop", "pipeline_from_cfg"]
 
@@ -33,33 +34,6 @@ __all__ = ["PIPELINE_KEYS", "CenterCrop", "ImagePipeline", "PipelineDataset", "R
 PIPELINE_KEYS = {"pipeline", "crop", "resize", "crop_scale", "crop_ratio", "flip"}
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom in source pixels
-
-
-def _decode(im: Image.Image, box: Box, out: int, channels: int) -> Image.Image:
-    """Crop ``box`` out of ``im`` and resize it to ``out``×``out`` in one pass, JPEG-drafted when it can shrink."""
-    w, h = im.size
-    bw, bh = box[2] - box[0], box[3] - box[1]
-    mode = "L" if channels == 1 else "RGB"
-    if im.format == "JPEG":
-        # draft keeps each side ≥ the requested size, so the box still has ≥ `out` pixels per side
-        req = (max(1, math.ceil(w * out / bw)), max(1, math.ceil(h * out / bh)))
-        im.draft(mode, req)
-        sx, sy = im.size[0] / w, im.size[1] / h
-        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")  # transparency on a white page, as a viewer shows it
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    if im.mode != mode:
-        im = im.convert(mode)
-    return im.resize((out, out), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
-
-
-def _upright(im: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation first (a phone photo stored sideways), so the crop box is drawn upright.
-    Only rotated images pay for it: they are decoded in full, without a JPEG draft."""
-    if im.getexif().get(0x0112, 1) in (None, 1):
-        return im
-    return ImageOps.exif_transpose(im)
 
 
 def _to_tensor(im: Image.Image) -> torch.Tensor:
@@ -95,8 +69,8 @@ class RandomResizedCrop:
         return (x0, y0, x0 + cw, y0 + ch)
 
     def __call__(self, im: Image.Image, channels: int, rng: random.Random) -> torch.Tensor:
-        im = _upright(im)
-        out = _decode(im, self.box(*im.size, rng), self.size, channels)
+        im = upright(im)
+        out = crop_resize(im, self.box(*im.size, rng), self.size, channels)
         if self.flip and rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return _to_tensor(out)
@@ -110,14 +84,11 @@ class CenterCrop:
     resize: int = 256
 
     def box(self, w: int, h: int) -> Box:
-        side = min(w, h) * self.size / self.resize  # the crop's side in source pixels
-        side = min(side, w, h)
-        x0, y0 = (w - side) / 2, (h - side) / 2
-        return (x0, y0, x0 + side, y0 + side)
+        return center_box(w, h, self.size, self.resize)
 
     def __call__(self, im: Image.Image, channels: int, rng: random.Random | None = None) -> torch.Tensor:
-        im = _upright(im)
-        return _to_tensor(_decode(im, self.box(*im.size), self.size, channels))
+        im = upright(im)
+        return _to_tensor(crop_resize(im, self.box(*im.size), self.size, channels))
 
 
 def _open(ds: HierDataset, i: int) -> tuple[Image.Image, str]:
