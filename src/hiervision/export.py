@@ -205,7 +205,8 @@ def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = 
     size = meta.get("image_size")
     size = [int(size), int(size)] if isinstance(size, int) else ([int(s) for s in size] if size else None)
     return {"format": SIDECAR_FORMAT, "version": 1, "model": type(model).__name__, "in_chans": in_chans,
-            "image_size": size, "resize": meta.get("resize"), "mean": [float(v) for v in meta.get("mean", [0.0] * in_chans)],
+            "image_size": size, "resize": meta.get("resize"),
+            "mean": [float(v) for v in meta.get("mean", [0.0] * in_chans)],
             "std": [float(v) for v in meta.get("std", [1.0] * in_chans)], "decoder": decoder_settings(model),
             "step_graph": step_graph, "taxonomy": model.taxonomy.to_dict()}
 
