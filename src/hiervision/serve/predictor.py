@@ -1,0 +1,93 @@
+"""What the server predicts with: one small interface over a trained run (PyTorch) or an ONNX file.
+
+A predictor turns decoded images into result records (the fields of ``hiervision predict``:
+``path``, ``path_ids``, ``path_probability``, ``node_probabilities``, ``top_k``), so the server,
+the micro-batcher and the web page never care which backend answered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from hiervision.taxonomy import Taxonomy
+
+__all__ = ["ImagePredictor", "TorchRunPredictor", "load_predictor"]
+
+
+class ImagePredictor(Protocol):
+    """The server's view of a model."""
+
+    taxonomy: Taxonomy
+    in_chans: int
+    #: ``(H, W)`` every image is resized to, or ``None`` to keep the upload's size
+    image_size: tuple[int, int] | None
+
+    def predict_arrays(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        """``uint8`` arrays ``H×W`` or ``H×W×C`` (already at ``image_size``) → one record per image."""
+        ...
+
+
+def _records(taxonomy: Taxonomy, paths: np.ndarray, scores: np.ndarray, path_prob: np.ndarray,
+             top_k: int) -> list[dict[str, Any]]:
+    """Records from a batch's decoded paths ``(B, D)`` (-1 padded), node scores ``(B, N+1)`` and path
+    probabilities ``(B,)``. ``node_scores`` (every node's score) lets the web page colour the whole tree."""
+    ends = [n for n in range(1, taxonomy.num_nodes) if not taxonomy.children[n]]
+    out = []
+    for i in range(len(paths)):
+        ids = [int(n) for n in paths[i] if n >= 0]
+        ranked = sorted(ends, key=lambda n: -float(scores[i, n]))
+        alternatives = [{"path": [taxonomy.names[a] for a in taxonomy.path(n)], "path_ids": list(taxonomy.path(n)),
+                         "probability": round(float(scores[i, n]), 6)}
+                        for n in ranked[:top_k] if scores[i, n] > 0]
+        out.append({
+            "path": [taxonomy.names[n] for n in ids],
+            "path_ids": ids,
+            "path_probability": round(float(path_prob[i]), 6),
+            "node_probabilities": [round(float(scores[i, n]), 6) for n in ids],
+            "top_k": alternatives,
+            "node_scores": [round(float(s), 6) for s in scores[i]],
+        })
+    return out
+
+
+class TorchRunPredictor:
+    """A run folder written by ``hiervision train``, predicted with PyTorch on the CPU."""
+
+    def __init__(self, run_dir: str | Path, top_k: int = 3, checkpoint: str = "best") -> None:
+        import torch
+
+        from hiervision.training import load_run
+
+        _, self.taxonomy, self.model, meta = load_run(run_dir, which=checkpoint)
+        self.in_chans = int(meta.get("in_chans", 3))
+        size = meta.get("image_size")
+        self.image_size = (size, size) if isinstance(size, int) else (tuple(int(s) for s in size) if size else None)
+        self.top_k = top_k
+        self._mean = torch.tensor(meta.get("mean", [0.0] * self.in_chans), dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(meta.get("std", [1.0] * self.in_chans), dtype=torch.float32).view(1, -1, 1, 1)
+
+    def predict_arrays(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        import torch
+
+        batch = np.stack([im[..., None] if im.ndim == 2 else im for im in images])  # B×H×W×C
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
+        with torch.inference_mode():
+            pred = self.model.predict((x - self._mean) / self._std)
+        return _records(self.taxonomy, pred.paths.numpy(), pred.scores.float().numpy(),
+                        pred.path_prob.float().numpy(), self.top_k)
+
+
+def load_predictor(path: str | Path, top_k: int = 3) -> ImagePredictor:
+    """A run folder → :class:`TorchRunPredictor`; an ``.onnx`` file → the PyTorch-free runtime."""
+    p = Path(path)
+    if p.is_dir():
+        return TorchRunPredictor(p, top_k=top_k)
+    if p.suffix.lower() == ".onnx" and p.is_file():
+        # HOOK (branch export): hiervision.runtime.Predictor is the ONNX backend; it keeps this interface
+        from hiervision.runtime import Predictor  # type: ignore[import-not-found]
+
+        return Predictor(p, top_k=top_k)  # type: ignore[return-value]
+    raise FileNotFoundError(f"{p}: neither a run folder nor an .onnx file")
