@@ -212,3 +212,10 @@ def test_real_uvicorn_server(predictor):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_cli_serve_user_errors(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "missing")]) == 1
+    assert "missing: neither a run folder nor an .onnx file" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--max-batch", "0"]) == 1
+    assert "--max-batch" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Command line: ``hiervision train|evaluate|predict|taxonomy|induce|demo``; a thin layer over the Python API.
+"""Command line: ``hiervision train|evaluate|predict|serve|taxonomy|induce|demo``; a thin layer over the Python API.
 
 Every user error ends in one line on stderr and a non-zero exit code; only bugs show a traceback.
 """
@@ -118,6 +118,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 ends = pred.labels[i].nonzero().flatten().tolist()
                 line["paths"] = [[taxonomy.names[n] for n in taxonomy.path(e)] for e in ends]
             print(json.dumps(line, ensure_ascii=False))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """HTTP server over a run folder or .onnx file (needs the ``[serve]`` extra)."""
+    try:
+        from hiervision.serve import Limits, serve
+    except ImportError as e:
+        raise ValueError(f"hiervision serve needs: pip install 'hiervision[serve]' ({e.name} missing)") from None
+    if args.max_batch < 1 or args.max_wait_ms < 0 or args.top_k < 1 or args.max_files < 1:
+        raise ValueError("--max-batch, --top-k and --max-files must be ≥ 1 and --max-wait-ms ≥ 0")
+    limits = Limits(max_files=args.max_files, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          top_k=args.top_k, limits=limits)
     return 0
 
 
@@ -268,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.set_defaults(func=cmd_predict)
+
+    sv = sub.add_parser("serve", help="HTTP API and web page over a run folder or .onnx file ([serve] extra)")
+    sv.add_argument("model", metavar="RUN_OR_ONNX")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=32, help="most images predicted in one forward pass")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+                    help="how long the first image of a batch waits for others (0: no waiting)")
+    sv.add_argument("--top-k", type=int, default=3, help="alternative paths per image")
+    sv.add_argument("--max-files", type=int, default=64, help="most images in one request (more: 413)")
+    sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (more: 413)")
+    sv.set_defaults(func=cmd_serve)
 
     tx = sub.add_parser("taxonomy", help="show, validate or build a taxonomy (JSON, parent/child CSV, run folder)")
     tx.add_argument("action", choices=["show", "validate", "build"])

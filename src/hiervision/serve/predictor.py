@@ -87,7 +87,10 @@ def load_predictor(path: str | Path, top_k: int = 3) -> ImagePredictor:
         return TorchRunPredictor(p, top_k=top_k)
     if p.suffix.lower() == ".onnx" and p.is_file():
         # HOOK (branch export): hiervision.runtime.Predictor is the ONNX backend; it keeps this interface
-        from hiervision.runtime import Predictor  # type: ignore[import-not-found]
+        try:
+            from hiervision.runtime import Predictor  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise ValueError(f"{p}: serving an .onnx file needs hiervision.runtime and onnxruntime ({e})") from None
 
         return Predictor(p, top_k=top_k)  # type: ignore[return-value]
     raise FileNotFoundError(f"{p}: neither a run folder nor an .onnx file")
