@@ -95,11 +95,13 @@ function show(result) {
     const li = document.createElement("li");
     li.dataset.id = result.path_ids[i];
     li.dataset.prob = result.node_probabilities[i];
-    li.append(name);
+    const n = document.createElement("span");
+    n.className = "name";
+    n.textContent = name;
     const s = document.createElement("span");
     s.className = "prob";
     s.textContent = pct(result.node_probabilities[i]);
-    li.append(s);
+    li.append(n, s);
     return li;
   }));
   const best = result.path_ids.join("/");
