@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hiervision.records import TreeView, prediction_record, top_k_ends
 from hiervision.taxonomy import Taxonomy
 
 __all__ = ["ImagePredictor", "TorchRunPredictor", "load_predictor"]
@@ -30,26 +31,18 @@ class ImagePredictor(Protocol):
         ...
 
 
-def _records(taxonomy: Taxonomy, paths: np.ndarray, scores: np.ndarray, path_prob: np.ndarray,
-             top_k: int) -> list[dict[str, Any]]:
-    """Records from a batch's decoded paths ``(B, D)`` (-1 padded), node scores ``(B, N+1)`` and path
-    probabilities ``(B,)``. ``node_scores`` (every node's score) lets the web page colour the whole tree."""
-    ends = [n for n in range(1, taxonomy.num_nodes) if not taxonomy.children[n]]
+def _records(tree: TreeView, paths: np.ndarray, scores: np.ndarray, path_prob: np.ndarray, top_k: int,
+             ends: np.ndarray) -> list[dict[str, Any]]:
+    """Records (:func:`hiervision.records.prediction_record`) of a batch's decoded paths ``(B, D)``, node
+    scores ``(B, N+1)`` and path probabilities ``(B,)``. Alternatives rank the allowed path ends by their
+    score; ``node_scores`` (every node's score) is added so the web page can colour the whole tree."""
+    nodes, probs = top_k_ends(np.where(ends, scores, 0.0), top_k)
     out = []
     for i in range(len(paths)):
-        ids = [int(n) for n in paths[i] if n >= 0]
-        ranked = sorted(ends, key=lambda n: -float(scores[i, n]))
-        alternatives = [{"path": [taxonomy.names[a] for a in taxonomy.path(n)], "path_ids": list(taxonomy.path(n)),
-                         "probability": round(float(scores[i, n]), 6)}
-                        for n in ranked[:top_k] if scores[i, n] > 0]
-        out.append({
-            "path": [taxonomy.names[n] for n in ids],
-            "path_ids": ids,
-            "path_probability": round(float(path_prob[i]), 6),
-            "node_probabilities": [round(float(scores[i, n]), 6) for n in ids],
-            "top_k": alternatives,
-            "node_scores": [round(float(s), 6) for s in scores[i]],
-        })
+        alts = [(tree.path(int(n)), float(p)) for n, p in zip(nodes[i], probs[i]) if n > 0]
+        rec = prediction_record("", tree, paths[i], float(path_prob[i]), scores[i], alts)
+        rec["node_scores"] = [round(float(s), 6) for s in scores[i]]
+        out.append(rec)
     return out
 
 
@@ -66,6 +59,10 @@ class TorchRunPredictor:
         size = meta.get("image_size")
         self.image_size = (size, size) if isinstance(size, int) else (tuple(int(s) for s in size) if size else None)
         self.top_k = top_k
+        self._tree = TreeView(self.taxonomy.names, self.taxonomy.parents)
+        # where a path may end: leaves, or every class of a variable-depth tree whose labels stop inside it
+        stop_inside = meta.get("end_nodes") == "all" or getattr(self.model, "end_nodes", None) == "all"
+        self._ends = self._tree.end_mask("all" if stop_inside else "leaves")
         self._mean = torch.tensor(meta.get("mean", [0.0] * self.in_chans), dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(meta.get("std", [1.0] * self.in_chans), dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -76,8 +73,8 @@ class TorchRunPredictor:
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
         with torch.inference_mode():
             pred = self.model.predict((x - self._mean) / self._std)
-        return _records(self.taxonomy, pred.paths.numpy(), pred.scores.float().numpy(),
-                        pred.path_prob.float().numpy(), self.top_k)
+        return _records(self._tree, pred.paths.numpy(), pred.scores.float().numpy(),
+                        pred.path_prob.float().numpy(), self.top_k, self._ends)
 
 
 def load_predictor(path: str | Path, top_k: int = 3) -> ImagePredictor:
