@@ -60,6 +60,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result["split"] = args.split
     if args.given_level is not None:
         result["given_level"] = args.given_level
+    if args.report:  # pictures of the same split (predicted once more; see hiervision.report)
+        from hiervision.report import write_report
+        from hiervision.training import predict_dataset
+
+        dataset = data.val if args.split == "val" else data.test
+        pred, targets = predict_dataset(model, data, dataset, cfg["eval"]["batch_size"], torch.device("cpu"), amp,
+                                        given_level=args.given_level)
+        write_report(pred, targets, taxonomy, args.report, title=f"{args.run_dir}: {args.split} split")
+        result["report"] = str(Path(args.report) / "index.html")
     print(json.dumps(result, indent=2))
     return 0
 
@@ -275,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the model each image's true ancestor at this depth (Guo et al.'s CNN-RNN*)")
     e.add_argument("--mode", default=None, help="how the model predicts, where it has several ways "
                    "(hiernet: conditional | routing)")
+    e.add_argument("--report", default=None, metavar="DIR",
+                   help="also write plots (per-level accuracy, confusion per level, tree coloured by node accuracy, "
+                   "mistake severity) and DIR/index.html showing them")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="one JSON line per image: file, path, path probability")
