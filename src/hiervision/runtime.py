@@ -1,0 +1,367 @@
+"""PyTorch-free prediction: an exported ``.onnx`` (plus its ``.json`` sidecar) → prediction records.
+
+The ONNX graph holds only the tensor part of a model (per-node / per-step scores, or an encoder and
+one decoder step); the tree decoding lives here, in numpy: exact search over whole-path scores,
+each level's argmax, HierNet's routing, Koo et al.'s tree-restricted beam search and multi-label
+thresholding. The same decoders serve ``hiervision predict`` on a PyTorch run (through
+:func:`hiervision.export.torch_engine`), so there is one place that turns scores into records; the
+tests hold them to :mod:`hiervision.decoding` (the PyTorch reference) image by image.
+
+Needs numpy, Pillow and onnxruntime only (``pip install hiervision[export]``); never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from hiervision.records import PAD, TreeView, error_record, prediction_record, top_k_ends
+
+__all__ = ["Engine", "Predictor", "beam_search", "decode_batch", "read_image", "threshold_paths"]
+
+SIDECAR_FORMAT = "hiervision-onnx"
+EOS = 0
+
+#: ``step(tokens, state) -> (logprob, state)``: ``tokens`` ``(B·k,)`` the last node of each beam (0 at
+#: the start), ``logprob`` ``(B·k, N+1)`` over the next token (column 0 = end of path).
+StepFn = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
+
+
+class Engine(Protocol):
+    """Where the tensors come from (onnxruntime here, or a PyTorch model in ``hiervision.export``).
+
+    ``run(images)`` gives the graph's named outputs for a normalised ``(B, C, H, W)`` float32 batch;
+    autoregressive models also ``step(tokens, state)`` (state: a tuple of arrays, batch first)."""
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def step(self, tokens: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        ...
+
+
+# ----------------------------------------------------------------------------- decoders
+def _transition_mask(tree: TreeView, end_nodes: str) -> np.ndarray:
+    """``(N+1, N+1)`` bool: after node i the next token may be j (a child, or EOS where i may end)."""
+    n = tree.num_nodes
+    mask = np.zeros((n, n), dtype=bool)
+    mask[np.asarray(tree.parents[1:]), np.arange(1, n)] = True
+    mask[:, EOS] = tree.end_mask(end_nodes)
+    return mask
+
+
+def _reorder(state: Any, index: np.ndarray) -> Any:
+    if isinstance(state, tuple):
+        return tuple(_reorder(s, index) for s in state)
+    return state[index] if isinstance(state, np.ndarray) else state
+
+
+def beam_search(
+    tree: TreeView,
+    step: StepFn,
+    batch_size: int,
+    beam_width: int,
+    end_nodes: str,
+    max_steps: int,
+    state: Any = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Koo et al.'s Algorithm 1 restricted to the tree, in numpy (the reference is
+    :func:`hiervision.decoding.beam_search`; ``tests/test_runtime.py`` holds the two together).
+
+    ``state`` is a tuple of arrays with ``B·k`` rows (or anything else, passed through untouched).
+
+    Returns:
+        ``(paths, logprob, prefix)``: ``(B, k, D)`` node ids per level (PAD after the end), best beam
+        first; ``(B, k)`` path log-probabilities (``-inf`` for beams that found no valid path);
+        ``(B, k, D)`` the log-probability of each path's prefix ending at every position.
+    """
+    k = int(beam_width)
+    if k < 1:
+        raise ValueError(f"beam_width must be ≥ 1, got {beam_width}")
+    n = tree.num_nodes
+    trans = _transition_mask(tree, end_nodes)
+    ends = trans[:, EOS]
+    scores = np.full((batch_size, k), -np.inf)
+    scores[:, 0] = 0  # one live beam at the start
+    last = np.zeros((batch_size, k), dtype=np.int64)
+    done = np.zeros((batch_size, k), dtype=bool)
+    paths = np.empty((batch_size, k, 0), dtype=np.int64)
+    prefix = np.empty((batch_size, k, 0))
+    rows = np.arange(batch_size)[:, None]
+    for _ in range(max_steps):
+        lp, state = step(last.reshape(-1), state)
+        lp = np.where(trans[last], np.asarray(lp, dtype=np.float64).reshape(batch_size, k, n), -np.inf)
+        cand = scores[:, :, None] + lp
+        stay = np.full_like(cand, -np.inf)  # a stopped beam has one continuation: itself
+        stay[..., EOS] = scores
+        cand = np.where(done[:, :, None], stay, cand).reshape(batch_size, k * n)
+        flat = np.argsort(-cand, axis=1, kind="stable")[:, :k]
+        scores = np.take_along_axis(cand, flat, 1)
+        beam, tok = flat // n, flat % n
+        state = _reorder(state, (rows * k + beam).reshape(-1))
+        stopped = tok == EOS
+        prev_last = np.take_along_axis(last, beam, 1)
+        paths = np.concatenate([paths[rows, beam], np.where(stopped, PAD, tok)[:, :, None]], axis=2)
+        prefix = np.concatenate([prefix[rows, beam], scores[:, :, None]], axis=2)
+        done = np.take_along_axis(done, beam, 1) | stopped
+        last = np.where(stopped, prev_last, tok)
+        if done.all():
+            break
+    scores = np.where(~done & ~ends[last], -np.inf, scores)  # cut off where a path may not end
+    order = np.argsort(-scores, axis=1, kind="stable")
+    scores = np.take_along_axis(scores, order, 1)
+    paths, prefix = paths[rows, order], prefix[rows, order]
+    used = np.flatnonzero((paths != PAD).any(axis=(0, 1)))
+    keep = int(used.max()) + 1 if used.size else 0
+    return paths[..., :keep], scores, prefix[..., :keep]
+
+
+def threshold_paths(tree: TreeView, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Multi-label: ``(B, N+1)`` sigmoid scores → ``(B, N+1)`` bool path ends, where a node is kept when
+    it and every ancestor pass ``threshold`` (reference: :func:`hiervision.decoding.threshold_paths`)."""
+    kept = np.asarray(scores) >= threshold
+    kept[:, 0] = True
+    for n in sorted(range(1, tree.num_nodes), key=lambda m: len(tree.path(m))):  # parents first
+        kept[:, n] &= kept[:, tree.parents[n]]
+    kept[:, 0] = False
+    has_child = np.zeros_like(kept)
+    for n in range(1, tree.num_nodes):
+        has_child[:, tree.parents[n]] |= kept[:, n]
+    return kept & ~has_child
+
+
+def _path_of(tree: TreeView, node: int) -> list[int]:
+    return list(tree.path(node)) if node > 0 else []
+
+
+def decode_batch(
+    tree: TreeView, decoder: dict, outputs: dict[str, np.ndarray], engine: Engine | None = None, top_k: int = 3
+) -> list[dict]:
+    """One batch of graph outputs → per image ``{"path_ids", "path_probability", "node_scores",
+    "top_k", "paths"?}`` (what :func:`~hiervision.records.prediction_record` takes), decoded the
+    way the model's own ``predict`` decodes (``decoder["kind"]``, from the sidecar)."""
+    kind = decoder["kind"]
+    if kind == "beam":
+        return _decode_autoregressive(tree, decoder, outputs, engine, top_k)
+    scores = outputs["scores"].astype(np.float64)
+    path_lp = outputs["path_logprob"].astype(np.float64)
+    end = tree.end_mask(decoder.get("end_nodes", "leaves"))
+    ranked = np.where(end, path_lp, -np.inf)
+    alt_nodes, alt_probs = top_k_ends(np.exp(ranked), top_k)
+    b = len(scores)
+    if kind in ("exact", "multi_label"):
+        best = np.argmax(ranked, axis=1)
+        paths = [_path_of(tree, int(n)) for n in best]
+        probs = np.exp(ranked[np.arange(b), best])
+    elif kind == "independent":  # each level's argmax (guo_multihead's default): may leave the tree
+        paths, probs = [], np.ones(b)
+        deepest = np.zeros(b, dtype=np.int64)
+        picks = []
+        for nodes in decoder["levels"]:
+            nodes = np.asarray(nodes)
+            i = np.argmax(scores[:, nodes], axis=1)
+            picks.append(nodes[i])
+            probs = probs * scores[np.arange(b), nodes[i]]
+            deepest = nodes[i]
+        depth = decoder["depth"]
+        for r in range(b):
+            implied = _path_of(tree, int(deepest[r]))[:depth]
+            row = {lv: int(p[r]) for lv, p in zip(decoder["level_depths"], picks)}
+            paths.append([row.get(d + 1, implied[d] if d < len(implied) else PAD) for d in range(depth)])
+    elif kind == "routing":  # HierNet's Algorithm 1: follow each router's best child down to a leaf
+        children = tree.children
+        paths, probs = [], np.zeros(b)
+        for r in range(b):
+            node, path = 0, []
+            while children[node]:
+                kids = np.asarray(children[node])
+                node = int(kids[np.argmax(path_lp[r, kids])])
+                path.append(node)
+            paths.append(path)
+            probs[r] = np.exp(path_lp[r, node])
+        scores = np.exp(path_lp)
+    elif kind == "beam_steps":  # steps that do not depend on the prefix: look them up
+        paths_k, lp, _ = _beam_over(tree, decoder, outputs["step_logprob"], decoder["beam_width"])
+        paths = [[int(n) for n in p if n != PAD] for p in paths_k[:, 0]]
+        probs = np.exp(lp[:, 0])
+    else:
+        raise ValueError(f"decoder kind {kind!r} is not known to this runtime")
+    results = []
+    for r in range(b):
+        res = {"path_ids": paths[r], "path_probability": float(probs[r]), "node_scores": scores[r],
+               "top_k": [(_path_of(tree, int(n)), float(p)) for n, p in zip(alt_nodes[r], alt_probs[r]) if n > 0]}
+        if kind == "multi_label":
+            ends = threshold_paths(tree, scores[r : r + 1], float(decoder["threshold"]))[0]
+            res["paths"] = [_path_of(tree, int(e)) for e in np.flatnonzero(ends)]
+        results.append(res)
+    return results
+
+
+def _beam_over(tree: TreeView, decoder: dict, step_lp: np.ndarray, k: int):
+    rep = np.repeat(step_lp, k, axis=0)
+    return beam_search(tree, lambda tokens, t: (rep[:, t], t + 1), len(step_lp), k, decoder["end_nodes"],
+                       step_lp.shape[1], 0)
+
+
+def _decode_autoregressive(tree: TreeView, decoder: dict, outputs: dict[str, np.ndarray], engine: Engine | None,
+                           top_k: int) -> list[dict]:
+    """Beam search driven by the exported decoder step; alternatives from a wider beam when ``top_k``
+    exceeds the model's own width (the best path stays the one the model's width finds)."""
+    if engine is None:
+        raise ValueError("an autoregressive decoder needs the engine's step function")
+    state0 = tuple(outputs[name] for name in decoder["state"])
+    b = len(state0[0])
+
+    def search(k: int):
+        start = tuple(np.repeat(s, k, axis=0) for s in state0)
+        return beam_search(tree, engine.step, b, k, decoder["end_nodes"], decoder["max_steps"], start)
+
+    width = int(decoder["beam_width"])
+    paths, lp, prefix = search(width)
+    alt_paths, alt_lp = (paths, lp) if top_k <= width else search(top_k)[:2]
+    results = []
+    for r in range(b):
+        ids = [int(n) for n in paths[r, 0] if n != PAD]
+        scores = np.zeros(tree.num_nodes)
+        scores[ids] = np.exp(prefix[r, 0, : len(ids)])
+        alts = [([int(n) for n in p if n != PAD], float(np.exp(s)))
+                for p, s in zip(alt_paths[r, :top_k], alt_lp[r, :top_k]) if np.isfinite(s)]
+        results.append({"path_ids": ids, "path_probability": float(np.exp(lp[r, 0])), "node_scores": scores,
+                        "top_k": alts})
+    return results
+
+
+# ----------------------------------------------------------------------------- images
+def read_image(path: str | os.PathLike, in_chans: int, size: Sequence[int] | None) -> np.ndarray:
+    """One file → float32 ``(C, H, W)`` in [0, 1], converted as training converts (grayscale or RGB,
+    bilinear resize to the training size). One small function so a shared reader can replace it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if in_chans == 1 else "RGB")
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return arr.astype(np.float32) / 255
+
+
+# ----------------------------------------------------------------------------- predictor
+class _OnnxEngine:
+    def __init__(self, graph: Path, step_graph: Path | None, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(graph), opts, providers=providers)
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.step_session = ort.InferenceSession(str(step_graph), opts, providers=providers) if step_graph else None
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(None, {"images": images})))
+
+    def step(self, tokens: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        feeds = {"tokens": tokens.astype(np.int64), **{f"state{i}": s for i, s in enumerate(state)}}
+        lp, *new = self.step_session.run(None, feeds)
+        return lp, tuple(new)
+
+
+class Predictor:
+    """``Predictor("model.onnx").predict(files)`` → one record per file (see :mod:`hiervision.records`).
+
+    Args:
+        path: the exported ``.onnx``; its sidecar ``.json`` (same stem) holds the tree, image size,
+            normalisation and decoder settings.
+        top_k: alternatives per image.
+        batch_size: images per graph call.
+        threads: onnxruntime intra-op threads (default: its own choice).
+        engine, sidecar: used by ``hiervision predict`` on a PyTorch run (same decoding, other engine).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, top_k: int = 3, batch_size: int = 64,
+                 threads: int | None = None, engine: Engine | None = None, sidecar: dict | None = None) -> None:
+        if top_k < 1 or batch_size < 1:
+            raise ValueError(f"top_k and batch_size must be ≥ 1, got {top_k} and {batch_size}")
+        if sidecar is None:
+            if path is None:
+                raise ValueError("Predictor needs an exported .onnx path")
+            sidecar = load_sidecar(path)
+        self.sidecar = sidecar
+        self.tree = TreeView.from_dict(sidecar["taxonomy"], source=str(path))
+        self.in_chans = int(sidecar["in_chans"])
+        self.image_size = tuple(sidecar["image_size"]) if sidecar.get("image_size") else None
+        self.mean = np.asarray(sidecar["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(sidecar["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        self.top_k, self.batch_size = int(top_k), int(batch_size)
+        if engine is None:
+            p = Path(path)
+            step = p.with_name(sidecar["step_graph"]) if sidecar.get("step_graph") else None
+            engine = _OnnxEngine(p, step, threads)
+        self.engine = engine
+
+    def predict_arrays(self, images: np.ndarray, files: Sequence[str] | None = None) -> list[dict]:
+        """Records for a ``(B, C, H, W)`` batch in [0, 1] (not yet normalised)."""
+        x = ((np.asarray(images, dtype=np.float32) - self.mean) / self.std).astype(np.float32)
+        outputs = self.engine.run(np.ascontiguousarray(x))
+        decoded = decode_batch(self.tree, self.sidecar["decoder"], outputs, self.engine, self.top_k)
+        files = files if files is not None else [f"#{i}" for i in range(len(decoded))]
+        return [prediction_record(f, self.tree, d["path_ids"], d["path_probability"], d["node_scores"],
+                                  d["top_k"], d.get("paths")) for f, d in zip(files, decoded)]
+
+    def predict(self, image_files: Sequence[str | os.PathLike],
+                progress: Callable[[int], None] | None = None) -> list[dict]:
+        """One record per file, in order; a file that cannot be read gets an error record and the
+        others are still predicted. ``progress(n)`` is called after each batch with its size."""
+        records: list[dict] = []
+        for start in range(0, len(image_files), self.batch_size):
+            chunk = [str(f) for f in image_files[start : start + self.batch_size]]
+            arrays, good, out = [], [], {}
+            for f in chunk:
+                try:
+                    arrays.append(read_image(f, self.in_chans, self.image_size))
+                    good.append(f)
+                except (ValueError, OSError) as e:
+                    out[f] = error_record(f, str(e))
+            if arrays:
+                if len({a.shape for a in arrays}) > 1:  # no fixed training size: one image at a time
+                    recs = [r for a, f in zip(arrays, good) for r in self.predict_arrays(a[None], [f])]
+                else:
+                    recs = self.predict_arrays(np.stack(arrays), good)
+                out.update((r["file"], r) for r in recs)
+            records.extend(out[f] for f in chunk)
+            if progress is not None:
+                progress(len(chunk))
+        return records
+
+
+def load_sidecar(path: str | os.PathLike) -> dict:
+    """The ``.json`` next to an exported ``.onnx``, checked (one-line errors naming the file)."""
+    p = Path(path)
+    if p.suffix.lower() != ".onnx":
+        raise ValueError(f"{p}: expected an exported .onnx file")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+    side = p.with_suffix(".json")
+    try:
+        data = json.loads(side.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{side}: missing sidecar (hiervision export writes it next to the .onnx)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{side}: cannot read ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+        raise ValueError(f"{side}: not a hiervision export sidecar (format must be {SIDECAR_FORMAT!r})")
+    for key in ("taxonomy", "in_chans", "mean", "std", "decoder"):
+        if key not in data:
+            raise ValueError(f"{side}: missing key {key!r}")
+    return data

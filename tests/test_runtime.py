@@ -1,0 +1,162 @@
+"""The numpy runtime decoders against the PyTorch reference (hiervision.decoding and model.predict).
+
+The runtime's decoders are the one implementation the ONNX path and ``hiervision predict`` share;
+here each is held to what the PyTorch model itself predicts, image by image, on real Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hiervision.data.fashion_mnist import fashion_mnist_taxonomy, read_idx
+from hiervision.decoding import beam_search as torch_beam_search
+from hiervision.decoding import threshold_paths as torch_threshold_paths
+from hiervision.export import sidecar, torch_engine
+from hiervision.models.registry import create_model
+from hiervision.records import TreeView
+from hiervision.runtime import Predictor, beam_search, threshold_paths
+from hiervision.taxonomy import PAD, Taxonomy
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+                                  reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+META = {"in_chans": 1, "image_size": [28, 28], "mean": [0.286], "std": [0.353]}
+SMALL = {"backbone": "resnet20", "in_chans": 1, "image_size": 28, "backbone_kwargs": {"width": 0.25}}
+DHNN = {"conversion": "pool", "pool_fallback": "project", "input_size": 16, "hidden_size": 16}
+
+# every decoder kind of the runtime: (model name, config, multi-label)
+VARIANTS = {
+    "flat": ("flat", {}, False),
+    "flat_multi_label": ("flat", {}, True),
+    "dhnn_rnn_exact": ("dhnn_rnn", DHNN, False),
+    "dhnn_rnn_beam": ("dhnn_rnn", {**DHNN, "decode": "beam", "beam_width": 2}, False),
+    "dhnn_s2s_label": ("dhnn_s2s", DHNN, False),
+    "dhnn_s2s_output_exact": ("dhnn_s2s", {**DHNN, "feed": "output"}, False),
+    "dhnn_s2s_output_beam": ("dhnn_s2s", {**DHNN, "feed": "output", "decode": "beam"}, False),
+    "guo_multihead_independent": ("guo_multihead", {}, False),
+    "guo_multihead_exact": ("guo_multihead", {"decode": "exact"}, False),
+    "guo_rnn_greedy": ("guo_rnn", {"embed_size": 8, "hidden_size": 16}, False),
+    "guo_rnn_beam": ("guo_rnn", {"embed_size": 8, "hidden_size": 16, "decode": "beam"}, False),
+    "hiernet_conditional": ("hiernet", {"split": [5, 7], "extra_blocks": 1}, False),
+    "hiernet_routing": ("hiernet", {"split": [5, 7], "extra_blocks": 1, "eval_mode": "routing"}, False),
+}
+
+
+def fmnist_images(n: int) -> np.ndarray:
+    """The first ``n`` real Fashion-MNIST test images, ``(n, 1, 28, 28)`` float32 in [0, 1]."""
+    return read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")[:n, None].astype(np.float32) / 255
+
+
+def build(variant: str, seed: int = 0):
+    """A randomly initialised (fixed-seed) model of one variant on the Fashion-MNIST tree."""
+    name, cfg, multi = VARIANTS[variant]
+    torch.manual_seed(seed)
+    return create_model(name, fashion_mnist_taxonomy(), multi_label=multi, **SMALL, **cfg).eval()
+
+
+def reference(model, images: np.ndarray):
+    """``model.predict`` on the same normalised batch the runtime feeds its engine."""
+    x = (torch.from_numpy(images) - META["mean"][0]) / META["std"][0]
+    return model.predict(x)
+
+
+def assert_parity(records: list[dict], pred, in_tree: bool = True) -> None:
+    """Same decoded path on ≥ 99.9 % of images, path probabilities within 1e-4, node probabilities
+    equal to ``Prediction.scores`` on the path. ``in_tree``: the decoder only returns tree paths, so
+    the best alternative is at least as probable (each level's own argmax may leave the tree)."""
+    paths = [[int(n) for n in row if n != PAD] for row in pred.paths]
+    same = np.mean([r["path_ids"] == p for r, p in zip(records, paths)])
+    assert same >= 0.999, f"same path on {same:.4f} of images"
+    for r, p, prob, scores in zip(records, paths, pred.path_prob.tolist(), pred.scores):
+        if r["path_ids"] != p:
+            continue
+        assert abs(r["path_probability"] - prob) <= 1e-4
+        assert np.allclose(r["node_probabilities"], scores[p].numpy(), atol=1e-4)
+        assert r["top_k"]
+        if in_tree:
+            assert r["top_k"][0]["probability"] >= r["path_probability"] - 1e-4
+    if pred.labels is not None:  # multi-label: the same thresholded set of paths
+        tax = fashion_mnist_taxonomy()
+        for r, labels in zip(records, pred.labels):
+            want = [[tax.names[n] for n in tax.path(e)] for e in labels.nonzero().flatten().tolist()]
+            assert r["paths"] == want
+
+
+@needs_fmnist
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_runtime_decoding_matches_model_predict(variant):
+    model = build(variant)
+    images = fmnist_images(1000)
+    predictor = Predictor(sidecar=sidecar(model, META), engine=torch_engine(model), top_k=3, batch_size=500)
+    records = predictor.predict_arrays(images)
+    assert_parity(records, reference(model, images), in_tree=variant != "guo_multihead_independent")
+    assert all(len(r["top_k"]) <= 3 for r in records)
+
+
+def _random_tree(seed: int) -> Taxonomy:
+    rng = random.Random(seed)
+    parent_of: dict[str, str | None] = {}
+    for i in range(30):
+        parent_of[f"n{i}"] = None if i < 3 or rng.random() < 0.1 else f"n{rng.randrange(i)}"
+    return Taxonomy.from_parent_map(parent_of)
+
+
+@pytest.mark.parametrize(("width", "end_nodes"), [(1, "leaves"), (3, "leaves"), (4, "all")])
+def test_numpy_beam_search_matches_torch(width, end_nodes):
+    tax = _random_tree(1)
+    tree = TreeView(tuple(tax.names), tuple(tax.parents))
+    torch.manual_seed(0)
+    b, steps = 32, tax.max_depth + 1
+    step_lp = torch.log_softmax(torch.randn(b, steps, tax.num_nodes) * 3, -1)
+    rep = step_lp.repeat_interleave(width, 0)
+    want_paths, want_lp = torch_beam_search(tax, lambda tok, t: (rep[:, t], t + 1), b, width, end_nodes, steps, 0)
+    rep_np = rep.numpy()
+    paths, lp, prefix = beam_search(tree, lambda tok, t: (rep_np[:, t], t + 1), b, width, end_nodes, steps, 0)
+    assert np.array_equal(paths, want_paths.numpy())
+    assert np.allclose(lp, want_lp.numpy(), atol=1e-5)
+    # the prefix log-probabilities of the best beam add up to its path log-probability
+    finite = np.isfinite(lp[:, 0])
+    depth = (paths[:, 0] != PAD).sum(1)
+    last = prefix[np.arange(b), 0, np.maximum(depth - 1, 0)]
+    assert np.all(last[finite] >= lp[finite, 0] - 1e-6)
+
+
+def test_numpy_threshold_paths_matches_torch():
+    tax = _random_tree(2)
+    tree = TreeView(tuple(tax.names), tuple(tax.parents))
+    torch.manual_seed(1)
+    scores = torch.rand(64, tax.num_nodes)
+    want = torch_threshold_paths(tax, scores, 0.4).numpy()
+    assert np.array_equal(threshold_paths(tree, scores.numpy(), 0.4), want)
+
+
+def test_runtime_imports_and_predicts_without_torch(tmp_path):
+    """A stub engine stands in for onnxruntime: the point is that nothing pulls in torch."""
+    tax = fashion_mnist_taxonomy()
+    side = {"taxonomy": tax.to_dict(), "in_chans": 1, "image_size": [28, 28], "mean": [0.0], "std": [1.0],
+            "decoder": {"kind": "exact", "end_nodes": "leaves"}}
+    from PIL import Image
+
+    Image.fromarray((fmnist_images(1)[0, 0] * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    code = f"""
+import json, sys
+import numpy as np
+from hiervision.runtime import Predictor
+class Stub:
+    def run(self, images):
+        lp = np.log(np.full((len(images), {tax.num_nodes}), 0.5))
+        return {{"scores": np.exp(lp), "path_logprob": lp}}
+p = Predictor(sidecar=json.loads({str(side)!r}.replace("'", '"').replace("None", "null")), engine=Stub())
+recs = p.predict([{str(tmp_path / 'a.png')!r}, {str(tmp_path / 'b.png')!r}])
+assert "path" in recs[0] and "error" in recs[1], recs
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
