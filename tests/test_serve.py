@@ -84,7 +84,7 @@ def test_predict_equals_the_model(client, run_dir):
 def test_node_scores_on_request(client, predictor):
     r = client.post("/predict?node_scores=true", files={"file": ("a.png", png(0), "image/png")})
     res = r.json()["results"][0]
-    assert len(res["node_scores"]) == predictor.taxonomy.num_nodes
+    assert len(res["node_scores"]) == predictor.tree.num_nodes
     assert [res["node_scores"][n] for n in res["path_ids"]] == res["node_probabilities"]
 
 
@@ -108,9 +108,9 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(client, predictor):
 
 def test_taxonomy_health_openapi(client, predictor):
     tax = client.get("/taxonomy").json()
-    assert [n["name"] for n in tax["nodes"]] == list(predictor.taxonomy.names)
+    assert [n["name"] for n in tax["nodes"]] == list(predictor.tree.names)
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["classes"] == len(predictor.taxonomy)
+    assert health["status"] == "ok" and health["classes"] == predictor.tree.num_nodes - 1
     schema = client.get("/openapi.json").json()
     assert "/predict" in schema["paths"] and "/taxonomy" in schema["paths"]
     page = client.get("/")
@@ -219,3 +219,20 @@ def test_cli_serve_user_errors(tmp_path, capsys):
     assert "missing: neither a run folder nor an .onnx file" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--max-batch", "0"]) == 1
     assert "--max-batch" in capsys.readouterr().err
+
+
+def test_onnx_file_serves_the_same_answers(run_dir, client, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from hiervision.export import export_onnx
+
+    export_onnx(run_dir, tmp_path / "model.onnx")
+    onnx_pred = load_predictor(tmp_path / "model.onnx", top_k=3)
+    files = [("file", (f"im{i}.png", png(200 + i), "image/png")) for i in range(4)]
+    with TestClient(create_app(onnx_pred)) as onnx_client:
+        from_onnx = onnx_client.post("/predict", files=files).json()["results"]
+    from_run = client.post("/predict", files=files).json()["results"]
+    for a, b in zip(from_onnx, from_run):
+        assert a["path_ids"] == b["path_ids"] and a["file"] == b["file"]
+        assert a["path_probability"] == pytest.approx(b["path_probability"], abs=1e-4)
+        assert [t["path_ids"] for t in a["top_k"]] == [t["path_ids"] for t in b["top_k"]]

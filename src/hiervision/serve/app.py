@@ -120,7 +120,7 @@ def create_app(
     """The app. ``hedge(record)`` (optional) adds each record's ``hedged`` answer (the decisions module)."""
     limits = limits or Limits()
     batcher = MicroBatcher(predictor.predict_arrays, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    taxonomy = predictor.taxonomy
+    tree = predictor.tree
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -176,11 +176,12 @@ def create_app(
 
     @app.get("/taxonomy", summary="The class tree: nodes with id, name and parent (node 0 is the root)")
     async def get_taxonomy() -> dict[str, Any]:
-        return {**taxonomy.to_dict(), "leaves": list(taxonomy.leaves), "max_depth": taxonomy.max_depth}
+        nodes = [{"id": i, "name": n, "parent": p} for i, (n, p) in enumerate(zip(tree.names, tree.parents))]
+        return {"nodes": nodes, "max_depth": tree.max_depth}
 
     @app.get("/health", summary="Liveness and what is being served")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "classes": len(taxonomy), "in_chans": predictor.in_chans,
+        return {"status": "ok", "model": name, "classes": tree.num_nodes - 1, "in_chans": predictor.in_chans,
                 "image_size": list(predictor.image_size) if predictor.image_size else None,
                 "max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1000,
                 "limits": json.loads(limits.model_dump_json()), "batches_run": len(batcher.batch_sizes)}

@@ -1,8 +1,11 @@
 """What the server predicts with: one small interface over a trained run (PyTorch) or an ONNX file.
 
-A predictor turns decoded images into result records (the fields of ``hiervision predict``:
-``path``, ``path_ids``, ``path_probability``, ``node_probabilities``, ``top_k``), so the server,
-the micro-batcher and the web page never care which backend answered.
+Both backends decode with :mod:`hiervision.runtime` (one decoding implementation: a run folder runs
+its PyTorch modules through :func:`hiervision.export.torch_engine`, an ``.onnx`` runs onnxruntime), and
+build records with :mod:`hiervision.records` — the fields of ``hiervision predict``: ``path``,
+``path_ids``, ``path_probability``, ``node_probabilities``, ``top_k``. The server adds ``node_scores``
+(every node's score, for drawing the tree), so the micro-batcher and the page never care which
+backend answered.
 """
 
 from __future__ import annotations
@@ -12,16 +15,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hiervision.records import TreeView, prediction_record, top_k_ends
-from hiervision.taxonomy import Taxonomy
+from hiervision.records import TreeView, prediction_record
 
-__all__ = ["ImagePredictor", "TorchRunPredictor", "load_predictor"]
+__all__ = ["ImagePredictor", "RuntimePredictor", "load_predictor"]
 
 
 class ImagePredictor(Protocol):
     """The server's view of a model."""
 
-    taxonomy: Taxonomy
+    tree: TreeView
     in_chans: int
     #: ``(H, W)`` every image is resized to, or ``None`` to keep the upload's size
     image_size: tuple[int, int] | None
@@ -31,63 +33,49 @@ class ImagePredictor(Protocol):
         ...
 
 
-def _records(tree: TreeView, paths: np.ndarray, scores: np.ndarray, path_prob: np.ndarray, top_k: int,
-             ends: np.ndarray) -> list[dict[str, Any]]:
-    """Records (:func:`hiervision.records.prediction_record`) of a batch's decoded paths ``(B, D)``, node
-    scores ``(B, N+1)`` and path probabilities ``(B,)``. Alternatives rank the allowed path ends by their
-    score; ``node_scores`` (every node's score) is added so the web page can colour the whole tree."""
-    nodes, probs = top_k_ends(np.where(ends, scores, 0.0), top_k)
-    out = []
-    for i in range(len(paths)):
-        alts = [(tree.path(int(n)), float(p)) for n, p in zip(nodes[i], probs[i]) if n > 0]
-        rec = prediction_record("", tree, paths[i], float(path_prob[i]), scores[i], alts)
-        rec["node_scores"] = [round(float(s), 6) for s in scores[i]]
-        out.append(rec)
-    return out
+class RuntimePredictor:
+    """Adapts a :class:`hiervision.runtime.Predictor` (ONNX or PyTorch engine) to decoded uploads."""
 
-
-class TorchRunPredictor:
-    """A run folder written by ``hiervision train``, predicted with PyTorch on the CPU."""
-
-    def __init__(self, run_dir: str | Path, top_k: int = 3, checkpoint: str = "best") -> None:
-        import torch
-
-        from hiervision.training import load_run
-
-        _, self.taxonomy, self.model, meta = load_run(run_dir, which=checkpoint)
-        self.in_chans = int(meta.get("in_chans", 3))
-        size = meta.get("image_size")
-        self.image_size = (size, size) if isinstance(size, int) else (tuple(int(s) for s in size) if size else None)
-        self.top_k = top_k
-        self._tree = TreeView(self.taxonomy.names, self.taxonomy.parents)
-        # where a path may end: leaves, or every class of a variable-depth tree whose labels stop inside it
-        stop_inside = meta.get("end_nodes") == "all" or getattr(self.model, "end_nodes", None) == "all"
-        self._ends = self._tree.end_mask("all" if stop_inside else "leaves")
-        self._mean = torch.tensor(meta.get("mean", [0.0] * self.in_chans), dtype=torch.float32).view(1, -1, 1, 1)
-        self._std = torch.tensor(meta.get("std", [1.0] * self.in_chans), dtype=torch.float32).view(1, -1, 1, 1)
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self.tree: TreeView = runtime.tree
+        self.in_chans = int(runtime.in_chans)
+        size = runtime.image_size
+        self.image_size = (int(size[0]), int(size[1])) if size else None
 
     def predict_arrays(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        import torch
+        from hiervision.runtime import decode_batch
 
-        batch = np.stack([im[..., None] if im.ndim == 2 else im for im in images])  # B×H×W×C
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
-        with torch.inference_mode():
-            pred = self.model.predict((x - self._mean) / self._std)
-        return _records(self._tree, pred.paths.numpy(), pred.scores.float().numpy(),
-                        pred.path_prob.float().numpy(), self.top_k, self._ends)
+        rt = self.runtime
+        batch = np.stack([im[..., None] if im.ndim == 2 else im for im in images]).transpose(0, 3, 1, 2)
+        x = ((batch.astype(np.float32) / 255 - rt.mean) / rt.std).astype(np.float32)
+        decoded = decode_batch(rt.tree, rt.sidecar["decoder"], rt.engine.run(np.ascontiguousarray(x)), rt.engine,
+                               rt.top_k)
+        records = []
+        for d in decoded:
+            rec = prediction_record("", rt.tree, d["path_ids"], d["path_probability"], d["node_scores"], d["top_k"],
+                                    d.get("paths"))
+            rec["node_scores"] = [round(float(s), 6) for s in np.asarray(d["node_scores"]).reshape(-1)]
+            records.append(rec)
+        return records
 
 
-def load_predictor(path: str | Path, top_k: int = 3) -> ImagePredictor:
-    """A run folder → :class:`TorchRunPredictor`; an ``.onnx`` file → the PyTorch-free runtime."""
+def load_predictor(path: str | Path, top_k: int = 3, checkpoint: str = "best") -> RuntimePredictor:
+    """A run folder (PyTorch on the CPU) or an exported ``.onnx`` (onnxruntime, no PyTorch)."""
     p = Path(path)
     if p.is_dir():
-        return TorchRunPredictor(p, top_k=top_k)
-    if p.suffix.lower() == ".onnx" and p.is_file():
-        # HOOK (branch export): hiervision.runtime.Predictor is the ONNX backend; it keeps this interface
-        try:
-            from hiervision.runtime import Predictor  # type: ignore[import-not-found]
-        except ImportError as e:
-            raise ValueError(f"{p}: serving an .onnx file needs hiervision.runtime and onnxruntime ({e})") from None
+        from hiervision.export import sidecar, torch_engine
+        from hiervision.runtime import Predictor
+        from hiervision.training import load_run
 
-        return Predictor(p, top_k=top_k)  # type: ignore[return-value]
+        _, _, model, meta = load_run(p, which=checkpoint)
+        return RuntimePredictor(Predictor(top_k=top_k, engine=torch_engine(model), sidecar=sidecar(model, meta)))
+    if p.suffix.lower() == ".onnx" and p.is_file():
+        try:
+            from hiervision.runtime import Predictor
+
+            return RuntimePredictor(Predictor(p, top_k=top_k))
+        except ImportError as e:
+            raise ValueError(f"{p}: serving an .onnx file needs onnxruntime: pip install 'hiervision[export]' "
+                             f"({e.name} missing)") from None
     raise FileNotFoundError(f"{p}: neither a run folder nor an .onnx file")
