@@ -236,3 +236,22 @@ def test_onnx_file_serves_the_same_answers(run_dir, client, tmp_path):
         assert a["path_ids"] == b["path_ids"] and a["file"] == b["file"]
         assert a["path_probability"] == pytest.approx(b["path_probability"], abs=1e-4)
         assert [t["path_ids"] for t in a["top_k"]] == [t["path_ids"] for t in b["top_k"]]
+
+
+def test_hedged_answer_hook(run_dir, predictor):
+    pytest.importorskip("hiervision.decisions")
+    from hiervision.serve.predictor import decisions_hedger
+
+    (run_dir / "decisions.json").write_text(json.dumps({"temperature": 1.0, "hedge": {"0.9": 0.0, "0.99": 1e9}}))
+    try:
+        with pytest.raises(ValueError, match="no hedging λ for accuracy 0.5"):
+            decisions_hedger(run_dir, 0.5)
+        sure, root = decisions_hedger(run_dir, 0.9), decisions_hedger(run_dir, 0.99)
+        with TestClient(create_app(predictor, hedge=sure)) as c:
+            res = c.post("/predict", files={"file": ("a.png", png(0), "image/png")}).json()["results"][0]
+        assert res["hedged"]["path"] == res["path"]  # λ = 0: the most probable leaf, no hedging
+        with TestClient(create_app(predictor, hedge=root)) as c:
+            res = c.post("/predict", files={"file": ("a.png", png(0), "image/png")}).json()["results"][0]
+        assert res["hedged"]["path"] == [] and res["hedged"]["probability"] == pytest.approx(1.0)
+    finally:
+        (run_dir / "decisions.json").unlink()

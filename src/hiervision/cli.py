@@ -140,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--max-batch, --top-k and --max-files must be ≥ 1 and --max-wait-ms ≥ 0")
     limits = Limits(max_files=args.max_files, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-          top_k=args.top_k, limits=limits)
+          top_k=args.top_k, limits=limits, hedge_accuracy=args.hedge_accuracy)
     return 0
 
 
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--top-k", type=int, default=3, help="alternative paths per image")
     sv.add_argument("--max-files", type=int, default=64, help="most images in one request (more: 413)")
     sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (more: 413)")
+    sv.add_argument("--hedge-accuracy", type=float, default=None, metavar="A",
+                    help="add each image's hedged answer at this accuracy target (λ from the run's decisions.json)")
     sv.set_defaults(func=cmd_serve)
 
     tx = sub.add_parser("taxonomy", help="show, validate or build a taxonomy (JSON, parent/child CSV, run folder)")

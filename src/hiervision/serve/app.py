@@ -167,7 +167,7 @@ def create_app(
         results = []
         for upload, i, rec in zip(file, range(len(file)), records):
             rec = {**rec, "file": upload.filename or f"file #{i + 1}"}
-            if hedge is not None:  # HOOK (branch decisions): the hedged answer of each record
+            if hedge is not None:  # the hedged answer (hiervision.decisions; see predictor.decisions_hedger)
                 rec["hedged"] = hedge(rec)
             if not node_scores:
                 rec.pop("node_scores", None)
@@ -195,12 +195,15 @@ def create_app(
 
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, max_wait_ms: float = 5.0,
-          top_k: int = 3, limits: Limits | None = None) -> None:
-    """Load ``path`` (run folder or .onnx) and serve it with uvicorn until interrupted."""
+          top_k: int = 3, limits: Limits | None = None, hedge_accuracy: float | None = None) -> None:
+    """Load ``path`` (run folder or .onnx) and serve it with uvicorn until interrupted. ``hedge_accuracy``:
+    add each image's hedged answer at that accuracy target (λ from the run's ``decisions.json``)."""
     import uvicorn
 
-    from hiervision.serve.predictor import load_predictor
+    from hiervision.serve.predictor import decisions_hedger, load_predictor
 
+    hedge = decisions_hedger(path, hedge_accuracy) if hedge_accuracy is not None else None
     predictor = load_predictor(path, top_k=top_k)
-    app = create_app(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits, name=str(path))
+    app = create_app(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits, hedge=hedge,
+                     name=str(path))
     uvicorn.run(app, host=host, port=port, log_level="info")

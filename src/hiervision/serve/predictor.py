@@ -17,7 +17,7 @@ import numpy as np
 
 from hiervision.records import TreeView, prediction_record
 
-__all__ = ["ImagePredictor", "RuntimePredictor", "load_predictor"]
+__all__ = ["ImagePredictor", "RuntimePredictor", "decisions_hedger", "load_predictor"]
 
 
 class ImagePredictor(Protocol):
@@ -79,3 +79,37 @@ def load_predictor(path: str | Path, top_k: int = 3, checkpoint: str = "best") -
             raise ValueError(f"{p}: serving an .onnx file needs onnxruntime: pip install 'hiervision[export]' "
                              f"({e.name} missing)") from None
     raise FileNotFoundError(f"{p}: neither a run folder nor an .onnx file")
+
+
+def decisions_hedger(run_dir: str | Path, accuracy: float):
+    """``hedge(record)`` → the hedged answer (DARTS) of a record, with the λ that ``decisions.json`` in the
+    run folder holds for the ``accuracy`` target and its temperature (:mod:`hiervision.decisions`).
+    Reads only the record's ``node_scores``, so it works on either backend."""
+    try:
+        from hiervision.decisions import hedged_records, load_decisions
+    except ImportError:
+        raise ValueError("--hedge-accuracy needs hiervision.decisions (not in this installation)") from None
+    import torch
+
+    from hiervision.decoding import Prediction
+    from hiervision.taxonomy import Taxonomy
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"{run}: --hedge-accuracy needs a run folder (its decisions.json), not an .onnx file")
+    decisions = load_decisions(run)
+    table = decisions.get("hedge", {})
+    key = next((k for k in table if abs(float(k) - accuracy) < 1e-9), None)
+    if key is None:
+        raise ValueError(f"{run / 'decisions.json'}: no hedging λ for accuracy {accuracy} "
+                         f"(has {sorted(table) or 'none'}; fit_decisions writes them)")
+    lam, temperature = float(table[key]), float(decisions.get("temperature", 1.0))
+    taxonomy = Taxonomy.load(run / "taxonomy.json")
+
+    def hedge(record: dict[str, Any]) -> dict[str, Any]:
+        scores = torch.tensor([record["node_scores"]], dtype=torch.float32)
+        path = torch.tensor([record["path_ids"] or [-1]], dtype=torch.long)
+        pred = Prediction(path, scores, torch.tensor([record["path_probability"]]))
+        return hedged_records(pred, taxonomy, lam, temperature)[0]
+
+    return hedge

@@ -104,6 +104,12 @@ function show(result) {
     li.append(n, s);
     return li;
   }));
+  // the hedged answer, where the server hedges (hiervision serve --hedge-accuracy)
+  $("hedged").hidden = !result.hedged;
+  if (result.hedged) {
+    const where = result.hedged.path.length ? result.hedged.path.join(" › ") : "(root: no class is sure enough)";
+    $("hedged").textContent = `Hedged answer: ${where} · p = ${pct(result.hedged.probability)}`;
+  }
   const best = result.path_ids.join("/");
   $("topk").tBodies[0].replaceChildren(...result.top_k.map((alt, i) => {
     const tr = document.createElement("tr");
