@@ -118,6 +118,13 @@ def test_taxonomy_health_openapi(client, predictor):
     assert client.get("/static/app.js").status_code == 200
 
 
+def flat_png(size: int) -> bytes:
+    """A one-colour PNG: many pixels in few bytes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (90, 120, 200)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def truncated_png() -> bytes:
     return png(1, 64)[:200]
 
@@ -135,7 +142,8 @@ BAD_REQUESTS = [  # (what, request kwargs, status, words in the message)
     ("not an image", {"files": {"file": ("notes.txt", b"hello, not pixels", "text/plain")}}, 400, "not an image"),
     ("truncated image", {"files": {"file": ("cut.png", truncated_png(), "image/png")}}, 400, "unreadable"),
     ("empty file", {"files": {"file": ("empty.png", b"", "image/png")}}, 400, "empty"),
-    ("too many pixels", {"files": {"file": ("bomb.png", bomb_png(), "image/png")}}, 413, "pixels"),
+    ("too many pixels", {"files": {"file": ("big.png", flat_png(400), "image/png")}}, 413, "400x400 = 160000 pixels"),
+    ("decompression bomb", {"files": {"file": ("bomb.png", bomb_png(), "image/png")}}, 413, "too many pixels"),
     ("body too large", {"files": {"file": ("big.png", b"\0" * 300_000, "image/png")}}, 413, "larger than"),
     ("too many files", {"files": [("file", (f"{i}.png", png(i), "image/png")) for i in range(5)]}, 413, "files"),
     ("json body", {"json": {"file": "x"}}, 415, "multipart/form-data"),

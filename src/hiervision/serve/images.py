@@ -55,7 +55,8 @@ def decode_image(
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageRejected(f"{name}: too many pixels (decompression bomb guard)", 413) from None
+        raise ImageRejected(f"{name}: too many pixels to decode safely (more than the limit of {max_pixels})",
+                            413) from None
     except UnidentifiedImageError:
         raise ImageRejected(f"{name}: not an image (unknown format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
