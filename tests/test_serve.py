@@ -263,3 +263,13 @@ def test_hedged_answer_hook(run_dir, predictor):
         assert res["hedged"]["path"] == [] and res["hedged"]["probability"] == pytest.approx(1.0)
     finally:
         (run_dir / "decisions.json").unlink()
+
+
+def test_images_of_different_sizes_in_one_batch(predictor):
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 255, (h, h, 3), dtype=np.uint8) for h in (16, 20, 16)]
+    together = predictor.predict_arrays(images)
+    alone = [predictor.predict_arrays([im])[0] for im in images]
+    assert [r["path_ids"] for r in together] == [r["path_ids"] for r in alone]
+    assert [r["path_probability"] for r in together] == pytest.approx([r["path_probability"] for r in alone],
+                                                                      abs=1e-5)

@@ -46,6 +46,15 @@ class RuntimePredictor:
     def predict_arrays(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         from hiervision.runtime import decode_batch
 
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(im.shape, []).append(i)
+        if len(groups) > 1:  # no fixed input size: one forward pass per image size
+            out: list[dict[str, Any]] = [{}] * len(images)
+            for idx in groups.values():
+                for i, rec in zip(idx, self.predict_arrays([images[i] for i in idx])):
+                    out[i] = rec
+            return out
         rt = self.runtime
         batch = np.stack([im[..., None] if im.ndim == 2 else im for im in images]).transpose(0, 3, 1, 2)
         x = ((batch.astype(np.float32) / 255 - rt.mean) / rt.std).astype(np.float32)
