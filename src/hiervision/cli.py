@@ -1,4 +1,4 @@
-"""Command line: ``hiervision train|evaluate|predict|serve|taxonomy|induce|demo``; a thin layer over the Python API.
+"""Command line: ``hiervision train|evaluate|predict|export|serve|list|taxonomy|induce|demo``, over the Python API.
 
 Every user error ends in one line on stderr and a non-zero exit code; only bugs show a traceback.
 """
@@ -11,9 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+import yaml
 
 from hiervision.checkpoint import CheckpointError
 from hiervision.config import ConfigError, load_config, merge
@@ -31,9 +30,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    if args.print_config:  # the resolved config (base: chain and --set applied), nothing trained
+        print(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), end="")
+        return 0
+    if not args.out:
+        raise ValueError("train needs --out RUN_FOLDER")
     from hiervision.training import train
 
-    cfg = load_config(args.config, args.set)
     if args.quiet:
         cfg["train"]["progress"] = False
     result = train(cfg, args.out, resume=not args.no_resume)
@@ -73,29 +77,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_image(path: Path, in_chans: int, size: tuple[int, int] | None) -> torch.Tensor:
-    """Decode one image file as a float tensor C×H×W in [0, 1], with a clear error when it is not an image."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if in_chans == 1 else "RGB")
-            if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
-    t = torch.from_numpy(arr.copy())
-    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
-    return t.float() / 255
-
-
 def _image_files(inputs: list[str]) -> list[Path]:
+    """Files named on the command line, and the images inside folders (recursively; hidden files and
+    folders, and files without an image suffix, are skipped)."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise FileNotFoundError(f"{p}: folder holds no images")
             files.extend(found)
@@ -106,27 +96,123 @@ def _image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def _predictor(args: argparse.Namespace):
+    """An exported .onnx runs on onnxruntime; a run folder on PyTorch. Both decode in hiervision.runtime."""
+    from hiervision.runtime import Predictor
+
+    if Path(args.run_dir).suffix.lower() == ".onnx":
+        if args.device not in ("cpu", "auto"):
+            raise ValueError(f"--device {args.device}: an exported .onnx runs on onnxruntime's CPU provider")
+        return Predictor(args.run_dir, top_k=args.top_k, batch_size=args.batch_size)
+    from hiervision.export import sidecar, torch_engine
     from hiervision.training import load_run
 
-    _, taxonomy, model, meta = load_run(args.run_dir)
-    in_chans = meta.get("in_chans", 3)
-    size = tuple(meta["image_size"]) if meta.get("image_size") else None
-    mean = torch.tensor(meta.get("mean", [0.0] * in_chans)).view(1, -1, 1, 1)
-    std = torch.tensor(meta.get("std", [1.0] * in_chans)).view(1, -1, 1, 1)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, _, model, meta = load_run(args.run_dir, device=device)
+    return Predictor(sidecar=sidecar(model, meta), engine=torch_engine(model, device), top_k=args.top_k,
+                     batch_size=args.batch_size)
+
+
+CSV_FIELDS = ["file", "path", "path_ids", "path_probability", "node_probabilities"]
+
+
+def _csv_row(record: dict, top_k: int) -> list:
+    """One CSV row: lists joined ("/" between names, spaces between numbers), top-k flattened."""
+    if "error" in record:
+        return [record["file"], "", "", "", "", *[""] * (2 * top_k), "", record["error"]]
+    row = [record["file"], "/".join(record["path"]), " ".join(map(str, record["path_ids"])),
+           record["path_probability"], " ".join(map(str, record["node_probabilities"]))]
+    alts = record["top_k"][:top_k]
+    for i in range(top_k):
+        row += ["/".join(alts[i]["path"]), alts[i]["probability"]] if i < len(alts) else ["", ""]
+    row.append(";".join("/".join(p) for p in record.get("paths", [])))
+    return [*row, ""]
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Records for every image (one JSON line or CSV row each); unreadable files get an error record,
+    the others are still predicted, and the exit status says how many failed."""
+    import csv
+
+    from tqdm.auto import tqdm
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be ≥ 1, got {args.top_k}")
     files = _image_files(args.inputs)
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start : start + args.batch_size]
-        images = torch.stack([load_image(f, in_chans, size) for f in chunk])
-        pred = model.predict((images - mean) / std)
-        for i, f in enumerate(chunk):
-            path = [int(n) for n in pred.paths[i] if n >= 0]
-            line = {"file": str(f), "path": [taxonomy.names[n] for n in path],
-                    "path_probability": round(float(pred.path_prob[i]), 6)}
-            if pred.labels is not None:
-                ends = pred.labels[i].nonzero().flatten().tolist()
-                line["paths"] = [[taxonomy.names[n] for n in taxonomy.path(e)] for e in ends]
-            print(json.dumps(line, ensure_ascii=False))
+    predictor = _predictor(args)
+    writer = None
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        tops = [f"top{i + 1}_{c}" for i in range(args.top_k) for c in ("path", "probability")]
+        writer.writerow([*CSV_FIELDS, *tops, "paths", "error"])
+    failed: list[dict] = []
+    bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=args.quiet or len(files) < 256)
+    try:
+        for start in range(0, len(files), args.batch_size):
+            for record in predictor.predict(files[start : start + args.batch_size]):
+                if "error" in record:
+                    failed.append(record)
+                if writer is not None:
+                    writer.writerow(_csv_row(record, args.top_k))
+                else:
+                    print(json.dumps(record, ensure_ascii=False))
+            sys.stdout.flush()
+            bar.update(min(args.batch_size, len(files) - start))
+    finally:
+        bar.close()
+    if failed:
+        print(f"hiervision: error: {len(failed)} of {len(files)} images could not be predicted "
+              f"(first: {failed[0]['error']})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hiervision.export import export_onnx
+
+    for path in export_onnx(args.run_dir, args.out, which=args.checkpoint):
+        print(path)
+    return 0
+
+
+def _config_dirs() -> list[Path]:
+    here = Path.cwd() / "configs"
+    repo = Path(__file__).resolve().parents[2] / "configs"
+    return [d for d in dict.fromkeys([here, repo]) if d.is_dir()]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """What can be named in a config: registered models and backbones, datasets, shipped configs."""
+    if args.what == "models":
+        from hiervision.models.registry import list_models
+
+        names = list_models()
+    elif args.what == "backbones":
+        from hiervision.models.backbones import list_backbones
+
+        names = list_backbones()
+    elif args.what == "datasets":
+        from hiervision.data import DATASETS
+
+        names = sorted(DATASETS)
+    else:
+        dirs = _config_dirs()
+        if not dirs:
+            raise FileNotFoundError("no configs/ folder here or next to the package")
+        names = []
+        for d in dirs:
+            for f in sorted(d.rglob("*.yaml")):
+                try:
+                    desc = (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("description") or ""
+                except (yaml.YAMLError, AttributeError):
+                    desc = ""
+                line = " ".join(str(desc).split())
+                names.append(f"{f.relative_to(d.parent)}" + (f"  {line[:100]}" if line else ""))
+    print("\n".join(names))
     return 0
 
 
@@ -270,10 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one config; writes checkpoints, log.csv and metrics.json to --out")
     t.add_argument("config", help="YAML config (see configs/)")
-    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--out", help="run folder (required unless --print-config)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.05")
     t.add_argument("--no-resume", action="store_true", help="start over even if --out holds last.pt")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (after base: and --set) and exit")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="metrics of a trained run on a split")
@@ -289,10 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "mistake severity) and DIR/index.html showing them")
     e.set_defaults(func=cmd_evaluate)
 
-    pr = sub.add_parser("predict", help="one JSON line per image: file, path, path probability")
-    pr.add_argument("run_dir")
-    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    pr = sub.add_parser("predict", help="one record per image: path, per-node probabilities, top-k alternatives")
+    pr.add_argument("run_dir", metavar="RUN_OR_ONNX", help="a run folder, or a .onnx written by hiervision export")
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="images; folders are searched recursively")
     pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--top-k", type=int, default=3, help="alternative paths per image (default 3)")
+    pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    pr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (run folders only)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_predict)
 
     sv = sub.add_parser("serve", help="HTTP API and web page over a run folder or .onnx file ([serve] extra)")
@@ -308,6 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--hedge-accuracy", type=float, default=None, metavar="A",
                     help="add each image's hedged answer at this accuracy target (λ from the run's decisions.json)")
     sv.set_defaults(func=cmd_serve)
+
+    ex = sub.add_parser("export", help="ONNX graph + JSON sidecar of a trained run, for hiervision.runtime")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True, help="the .onnx file to write (sidecar: same name, .json)")
+    ex.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    ex.set_defaults(func=cmd_export)
+
+    ls = sub.add_parser("list", help="what is there: registered models, backbones, datasets, shipped configs")
+    ls.add_argument("what", choices=["models", "backbones", "datasets", "configs"])
+    ls.set_defaults(func=cmd_list)
 
     tx = sub.add_parser("taxonomy", help="show, validate or build a taxonomy (JSON, parent/child CSV, run folder)")
     tx.add_argument("action", choices=["show", "validate", "build"])
