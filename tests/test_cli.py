@@ -112,3 +112,79 @@ def test_taxonomy_build_from_wordnet_and_csv(tmp_path, capsys):
     assert len(tax.children[0]) >= 2 or len(tax.leaves) == 1
     assert main(["taxonomy", "build", str(csv)]) == 1
     assert "--out" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- predict / export / list
+def _folder(tmp_path):
+    """Three good images (one in a subfolder), one unreadable, one hidden, one non-image file."""
+    rng = np.random.default_rng(1)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    for name in ["a.png", "sub/b.png", "c.jpg", ".hidden/h.png", ".x.png"]:
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def test_predict_folder_records_errors_and_top_k(run_dir, tmp_path, capsys):
+    folder = _folder(tmp_path)
+    assert main(["predict", str(run_dir), str(folder), "--top-k", "2", "--batch-size", "2"]) == 1
+    out, err = capsys.readouterr()
+    recs = {r["file"].split("/")[-1]: r for r in map(json.loads, out.splitlines())}
+    assert sorted(recs) == ["a.png", "b.png", "broken.png", "c.jpg"]  # recursive; hidden and .txt skipped
+    assert "not a readable image" in recs["broken.png"]["error"] and set(recs["broken.png"]) == {"file", "error"}
+    good = recs["a.png"]
+    assert len(good["path"]) == len(good["path_ids"]) == len(good["node_probabilities"]) == 3
+    assert good["node_probabilities"][-1] == pytest.approx(good["path_probability"], abs=1e-6)  # flat: leaf marginal
+    assert [a["path"] for a in good["top_k"]][0] == good["path"] and len(good["top_k"]) == 2
+    assert err.strip().endswith(")") and "1 of 4 images could not be predicted" in err and err.count("\n") == 1
+
+
+def test_predict_csv_and_argument_checks(run_dir, tmp_path, capsys):
+    folder = _folder(tmp_path)
+    (folder / "broken.png").unlink()
+    assert main(["predict", str(run_dir), str(folder / "a.png"), "--format", "csv", "--top-k", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("file,path,path_ids,path_probability,node_probabilities,top1_path")
+    assert len(lines) == 2 and lines[1].count("/") >= 2
+    for flag in (["--top-k", "0"], ["--batch-size", "0"]):
+        assert main(["predict", str(run_dir), str(folder), *flag]) == 1
+        assert f"{flag[0]} must be ≥ 1" in capsys.readouterr().err
+
+
+def test_export_then_predict_with_onnx_gives_the_same_records(run_dir, tmp_path, capsys):
+    folder = _folder(tmp_path)
+    (folder / "broken.png").unlink()
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "m.onnx"), str(tmp_path / "m.json")]
+    assert main(["predict", str(run_dir), str(folder)]) == 0
+    eager = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert main(["predict", str(tmp_path / "m.onnx"), str(folder)]) == 0
+    onnx_recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in onnx_recs] == [r["path"] for r in eager] and len(eager) == 3
+    for a, b in zip(onnx_recs, eager):
+        assert a["path_probability"] == pytest.approx(b["path_probability"], abs=1e-4)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "m.bin")]) == 1
+    assert ".onnx" in capsys.readouterr().err
+
+
+def test_list_and_print_config(tmp_path, capsys):
+    assert main(["list", "models"]) == 0
+    families = {"flat", "dhnn_rnn", "dhnn_s2s", "guo_rnn", "guo_multihead", "hiernet"}
+    assert families <= set(capsys.readouterr().out.split())
+    assert main(["list", "backbones"]) == 0
+    assert "resnet20" in capsys.readouterr().out.split()
+    assert main(["list", "datasets"]) == 0
+    assert "fashion_mnist" in capsys.readouterr().out.split()
+    assert main(["list", "configs"]) == 0
+    assert "configs/fmnist-flat.yaml" in capsys.readouterr().out
+    base = tmp_path / "base.yaml"
+    base.write_text("data: {name: synthetic}\ntrain: {epochs: 7, lr: 0.5}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {epochs: 3}\n")
+    assert main(["train", str(tmp_path / "child.yaml"), "--set", "train.lr=0.01", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["train"]["epochs"] == 3 and cfg["train"]["lr"] == 0.01 and cfg["data"]["name"] == "synthetic"
+    assert not (tmp_path / "child").exists()
+    assert main(["train", str(tmp_path / "child.yaml")]) == 1
+    assert "--out" in capsys.readouterr().err

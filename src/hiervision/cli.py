@@ -142,8 +142,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     if args.top_k < 1:
         raise ValueError(f"--top-k must be ≥ 1, got {args.top_k}")
+    predictor = _predictor(args)  # a run that cannot be loaded is reported before any image is looked at
     files = _image_files(args.inputs)
-    predictor = _predictor(args)
     writer = None
     if args.format == "csv":
         writer = csv.writer(sys.stdout)

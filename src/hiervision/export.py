@@ -210,9 +210,12 @@ def _onnx_export(module: nn.Module, args: tuple, inputs: list[str], outputs: lis
     # one dynamic batch axis on every input; a step's state arrives as one *args tuple
     shapes = ({0: batch},) if len(args) == 1 else ({0: batch}, tuple({0: batch} for _ in args[1:]))
     try:
-        # strict (dynamo) tracing: it keeps len(tensor) symbolic, where non-strict tracing would pin the
-        # batch to the example's size in the heads that size a buffer with len()
-        program = torch.export.export(module, args, dynamic_shapes=shapes, strict=True)
+        try:
+            program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+        except torch._dynamo.exc.UserError:
+            # heads that size a tensor with len(x) pin the batch in non-strict tracing; strict (dynamo)
+            # tracing keeps it symbolic, at several times the tracing cost
+            program = torch.export.export(module, args, dynamic_shapes=shapes, strict=True)
         prog = torch.onnx.export(program, args, dynamo=True, input_names=inputs, output_names=outputs,
                                  opset_version=OPSET, verbose=False, optimize=True)
     except ImportError as e:
