@@ -115,7 +115,8 @@ def test_taxonomy_health_openapi(client, predictor):
     assert "/predict" in schema["paths"] and "/taxonomy" in schema["paths"]
     page = client.get("/")
     assert page.status_code == 200 and "<svg" in page.text
-    assert client.get("/static/app.js").status_code == 200
+    js = client.get("/static/app.js")
+    assert js.status_code == 200 and js.headers["cache-control"] == "no-cache"
 
 
 def flat_png(size: int) -> bytes:

@@ -190,6 +190,14 @@ def create_app(
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    @app.middleware("http")
+    async def _revalidate(request: Request, call_next):
+        """The page's files are revalidated on every load, so a new version is never served stale."""
+        response = await call_next(request)
+        if request.url.path == "/" or request.url.path.startswith("/static/"):
+            response.headers["Cache-Control"] = "no-cache"
+        return response
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 

@@ -47,6 +47,9 @@ function draw(result) {
   const svg = $("tree");
   svg.replaceChildren();
   const keep = visible(result);
+  $("tree-note").hidden = keep.size === tree.n;
+  $("tree-note").textContent = `${tree.n - 1} classes: showing the top level, the predicted path and the ` +
+    "children of each node on it";
   const onPath = new Set(result ? result.path_ids : []);
   const pathProb = new Map(result ? result.path_ids.map((id, i) => [id, result.node_probabilities[i]]) : []);
   const scores = result && result.node_scores ? result.node_scores : null;
