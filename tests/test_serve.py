@@ -274,3 +274,13 @@ def test_images_of_different_sizes_in_one_batch(predictor):
     assert [r["path_ids"] for r in together] == [r["path_ids"] for r in alone]
     assert [r["path_probability"] for r in together] == pytest.approx([r["path_probability"] for r in alone],
                                                                       abs=1e-5)
+
+
+def test_chunked_body_over_the_limit_is_cut_off(client):
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(30):
+            yield b"\0" * 10_000
+
+    r = client.post("/predict", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 413 and "larger than 200000 bytes" in r.json()["detail"]
+    assert client.get("/health").json()["status"] == "ok"
