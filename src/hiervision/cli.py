@@ -1,4 +1,4 @@
-"""Command line: ``hiervision train|evaluate|predict|taxonomy|induce|data|demo``; a thin layer over the Python API.
+"""Command line: ``hiervision train|evaluate|predict|export|serve|list|taxonomy|induce|data|demo``.
 
 Every user error ends in one line on stderr and a non-zero exit code; only bugs show a traceback.
 """
@@ -70,6 +70,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result["split"] = args.split
     if args.given_level is not None:
         result["given_level"] = args.given_level
+    if args.report:  # pictures of the same split (predicted once more; see hiervision.report)
+        from hiervision.report import write_report
+        from hiervision.training import predict_dataset
+
+        dataset = data.val if args.split == "val" else data.test
+        pred, targets = predict_dataset(model, data, dataset, cfg["eval"]["batch_size"], device, amp,
+                                        given_level=args.given_level)
+        write_report(pred, targets, taxonomy, args.report, title=f"{args.run_dir}: {args.split} split")
+        result["report"] = str(Path(args.report) / "index.html")
     print(json.dumps(result, indent=2))
     return 0
 
@@ -209,6 +218,20 @@ def cmd_list(args: argparse.Namespace) -> int:
                 line = " ".join(str(desc).split())
                 names.append(f"{f.relative_to(d.parent)}" + (f"  {line[:100]}" if line else ""))
     print("\n".join(names))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """HTTP server over a run folder or .onnx file (needs the ``[serve]`` extra)."""
+    try:
+        from hiervision.serve import Limits, serve
+    except ImportError as e:
+        raise ValueError(f"hiervision serve needs: pip install 'hiervision[serve]' ({e.name} missing)") from None
+    if args.max_batch < 1 or args.max_wait_ms < 0 or args.top_k < 1 or args.max_files < 1:
+        raise ValueError("--max-batch, --top-k and --max-files must be ≥ 1 and --max-wait-ms ≥ 0")
+    limits = Limits(max_files=args.max_files, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          top_k=args.top_k, limits=limits, hedge_accuracy=args.hedge_accuracy)
     return 0
 
 
@@ -412,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda | cuda:N")
     e.add_argument("--allow-changed-data", action="store_true",
                    help="evaluate although the data's splits differ from the run's splits.json (prints the overlap)")
+    e.add_argument("--report", default=None, metavar="DIR",
+                   help="also write plots (per-level accuracy, confusion per level, tree coloured by node accuracy, "
+                   "mistake severity) and DIR/index.html showing them")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="one record per image: path, per-node probabilities, top-k alternatives")
@@ -423,6 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (run folders only)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_predict)
+
+    sv = sub.add_parser("serve", help="HTTP API and web page over a run folder or .onnx file ([serve] extra)")
+    sv.add_argument("model", metavar="RUN_OR_ONNX")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=32, help="most images predicted in one forward pass")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+                    help="how long the first image of a batch waits for others (0: no waiting)")
+    sv.add_argument("--top-k", type=int, default=3, help="alternative paths per image")
+    sv.add_argument("--max-files", type=int, default=64, help="most images in one request (more: 413)")
+    sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (more: 413)")
+    sv.add_argument("--hedge-accuracy", type=float, default=None, metavar="A",
+                    help="add each image's hedged answer at this accuracy target (λ from the run's decisions.json)")
+    sv.set_defaults(func=cmd_serve)
 
     ex = sub.add_parser("export", help="ONNX graph + JSON sidecar of a trained run, for hiervision.runtime")
     ex.add_argument("run_dir")

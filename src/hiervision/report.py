@@ -1,0 +1,246 @@
+"""Pictures of an evaluation a person would rather see than read: ``hiervision evaluate RUN --report DIR``.
+
+:func:`write_report` takes one split's :class:`~hiervision.decoding.Prediction`, its targets and the
+tree, and writes PNGs (matplotlib, Agg) plus ``index.html`` that shows them beside the headline numbers:
+
+* ``level_accuracy.png`` — accuracy at each depth (coarse → fine) and the whole-path accuracy;
+* ``confusion_level{d}.png`` — confusion matrix of the nodes at depth ``d`` (rows: true, normalised),
+  for every level with at most ``max_confusion_classes`` nodes (the coarse levels at least);
+* ``tree_accuracy.png`` — the tree, each node coloured by its accuracy (of the images whose true path
+  passes through the node, the share whose predicted path does too);
+* ``mistake_severity.png`` — histogram of the height of the lowest common ancestor of the predicted
+  and the true class over the mistakes (Bertinetto et al.; 1 = a sibling class, higher = worse).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hiervision import metrics
+from hiervision.decoding import Prediction, last_node
+from hiervision.taxonomy import PAD, Taxonomy
+
+__all__ = ["node_accuracy_per_node", "write_report"]
+
+
+def _closed(paths: np.ndarray, num_nodes: int) -> np.ndarray:
+    """``(B, D)`` PAD-padded paths → ``(B, N+1)`` bool: the nodes each path passes through."""
+    marks = np.zeros((len(paths), num_nodes), dtype=bool)
+    rows, cols = np.nonzero((paths > 0) & (paths < num_nodes))
+    marks[rows, paths[rows, cols]] = True
+    return marks
+
+
+def node_accuracy_per_node(pred_paths: np.ndarray, true_paths: np.ndarray, num_nodes: int) -> np.ndarray:
+    """``(N+1,)``: for each node, of the images whose true path passes through it, the share whose
+    predicted path does too (NaN where no image's true path reaches the node)."""
+    true, pred = _closed(true_paths, num_nodes), _closed(pred_paths, num_nodes)
+    support = true.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = (true & pred).sum(0) / support
+    return np.where(support > 0, acc, np.nan)
+
+
+def _level_confusion(pred_paths: np.ndarray, true_paths: np.ndarray, nodes: tuple[int, ...],
+                     level: int) -> np.ndarray:
+    """Counts ``(K, K+1)`` for the K nodes of one level: true node (rows) vs predicted node at the same
+    depth; the last column counts predictions with no (valid) node at that depth."""
+    col = {n: i for i, n in enumerate(nodes)}
+    conf = np.zeros((len(nodes), len(nodes) + 1), dtype=np.int64)
+    t = true_paths[:, level] if true_paths.shape[1] > level else np.full(len(true_paths), PAD)
+    p = pred_paths[:, level] if pred_paths.shape[1] > level else np.full(len(pred_paths), PAD)
+    for ti, pi in zip(t, p):
+        if ti in col:
+            conf[col[ti], col.get(int(pi), len(nodes))] += 1
+    return conf
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_levels(level_acc: list[float], path_acc: float, out: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * (len(level_acc) + 1), 3.6))
+    labels = [f"level {d + 1}" for d in range(len(level_acc))] + ["whole path"]
+    values = [*level_acc, path_acc]
+    bars = ax.bar(labels, values, color=["#5b8def"] * len(level_acc) + ["#d9480f"])
+    for b, v in zip(bars, values):
+        ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{100 * v:.1f}%", ha="center", va="bottom", fontsize=9)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy per level (coarse → fine)")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _plot_confusion(conf: np.ndarray, names: list[str], level: int, out: Path) -> None:
+    plt = _plt()
+    k = len(names)
+    show_none = conf[:, -1].sum() > 0
+    counts = conf if show_none else conf[:, :-1]
+    rows = counts.sum(1, keepdims=True)
+    norm = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
+    side = min(14.0, max(4.8, 2.2 + 0.45 * k))
+    fig, ax = plt.subplots(figsize=(side + (0.4 if show_none else 0), side * 0.85))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    cols = [*names, "(none)"] if show_none else names
+    short = [n if len(n) <= 16 else n[:15] + "…" for n in cols]
+    ax.set_xticks(range(len(cols)), short, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), short[:k], fontsize=8)
+    if k <= 20:
+        for i in range(k):
+            for j in range(len(cols)):
+                if counts[i, j]:
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.55 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Level {level} confusion\n(colour: share of the row; numbers: images)", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _plot_tree(taxonomy: Taxonomy, acc: np.ndarray, out: Path) -> None:
+    """Root on the left, leaves stacked on the right (names stay readable for wide trees)."""
+    plt = _plt()
+    y: dict[int, float] = {}
+    row = iter(range(len(taxonomy.leaves)))
+
+    def place(n: int) -> float:
+        kids = taxonomy.children[n]
+        y[n] = float(next(row)) if not kids else float(np.mean([place(c) for c in kids]))
+        return y[n]
+
+    place(0)
+    depth, leaves = taxonomy.max_depth, len(taxonomy.leaves)
+    fig, ax = plt.subplots(figsize=(2.5 + 2.4 * depth, min(60.0, 1.0 + 0.32 * leaves)))
+    cmap = plt.get_cmap("RdYlGn")
+    for n in range(1, taxonomy.num_nodes):
+        p = taxonomy.parents[n]
+        ax.plot([taxonomy.depth(p), taxonomy.depth(n)], [-y[p], -y[n]], color="0.75", lw=0.8, zorder=1)
+    for n in range(taxonomy.num_nodes):
+        a = acc[n] if n else np.nan
+        color = "0.85" if np.isnan(a) else cmap(float(a))
+        ax.scatter(taxonomy.depth(n), -y[n], s=90, color=color, edgecolors="0.3", linewidths=0.6, zorder=2)
+        label = taxonomy.names[n] if np.isnan(a) else f"{taxonomy.names[n]}  {100 * a:.0f}%"
+        ax.text(taxonomy.depth(n) + 0.08, -y[n], label, fontsize=8, va="center", ha="left", zorder=3)
+    ax.set_xlim(-0.3, depth + 1.2)
+    ax.set_ylim(-(leaves - 1) - 0.7, 0.7)
+    ax.axis("off")
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
+    fig.colorbar(sm, ax=ax, fraction=0.03, pad=0.01, label="node accuracy")
+    ax.set_title("Tree coloured by per-node accuracy (grey: no test image reaches the node)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _plot_severity(heights: np.ndarray, max_height: int, n_images: int, out: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    levels = np.arange(1, max_height + 1)  # a mistake's common ancestor is never a leaf: height ≥ 1
+    counts = np.bincount(heights, minlength=max_height + 1)[1: max_height + 1]
+    ax.bar(levels, counts, color="#d9480f", width=0.7)
+    for h, c in zip(levels, counts):
+        if c:
+            ax.text(h, c, str(int(c)), ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(levels)
+    ax.set_xlabel("height of the common ancestor of predicted and true class\n(1 = a sibling; higher = worse)")
+    ax.set_ylabel("mistakes")
+    mean = f", mean {heights.mean():.2f}" if len(heights) else ""
+    ax.set_title(f"Mistake severity: {len(heights)} mistakes of {n_images} images{mean}", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    prediction: Prediction,
+    targets: torch.Tensor,
+    taxonomy: Taxonomy,
+    out_dir: str | os.PathLike,
+    title: str = "hiervision evaluation",
+    max_confusion_classes: int = 40,
+) -> dict[str, Any]:
+    """Write the plots and ``index.html`` to ``out_dir``; returns the numbers shown and the files written.
+
+    ``targets``: ``(B,)`` node ids or ``(B, D)`` PAD-padded paths (single-label; a multi-label run has
+    no single true path per image, so it is refused with a ValueError).
+    """
+    targets = torch.as_tensor(targets)
+    if targets.dim() == 2 and (targets.dtype == torch.bool or targets.is_floating_point()):
+        raise ValueError("--report: multi-label runs are not supported (no single true path per image)")
+    if len(targets) != len(prediction):
+        raise ValueError(f"--report: {len(prediction)} predictions but {len(targets)} targets")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    true_t = metrics.target_paths(targets, taxonomy) if targets.dim() == 1 else targets.long()
+    pred_t = prediction.paths.long().cpu()
+    summary = metrics.evaluate(prediction, targets, taxonomy)
+    true, pred = true_t.cpu().numpy(), pred_t.numpy()
+    files: list[str] = []
+
+    _plot_levels(summary["level_accuracy"], summary["path_accuracy"], out / "level_accuracy.png")
+    files.append("level_accuracy.png")
+    for level, nodes in enumerate(taxonomy.levels):
+        if len(nodes) > max_confusion_classes and level > 0:
+            continue
+        conf = _level_confusion(pred, true, nodes, level)
+        if conf.sum() == 0:
+            continue
+        name = f"confusion_level{level + 1}.png"
+        _plot_confusion(conf, [taxonomy.names[n] for n in nodes], level + 1, out / name)
+        files.append(name)
+    acc = node_accuracy_per_node(pred, true, taxonomy.num_nodes)
+    _plot_tree(taxonomy, acc, out / "tree_accuracy.png")
+    files.append("tree_accuracy.png")
+    p_end, t_end = last_node(pred_t).tolist(), last_node(true_t).tolist()
+    heights = np.array([taxonomy.heights[taxonomy.lca(p if 0 < p < taxonomy.num_nodes else 0, t)]
+                        for p, t in zip(p_end, t_end) if p != t], dtype=np.int64)
+    _plot_severity(heights, taxonomy.max_depth, len(p_end), out / "mistake_severity.png")
+    files.append("mistake_severity.png")
+
+    result = {"summary": summary, "node_accuracy": {taxonomy.names[n]: (None if np.isnan(acc[n]) else float(acc[n]))
+                                                    for n in range(1, taxonomy.num_nodes)},
+              "mistake_lca_heights": np.bincount(heights, minlength=taxonomy.max_depth + 1).tolist(),
+              "files": [*files, "index.html", "report.json"]}
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    _write_html(out / "index.html", title, summary, files)
+    return result
+
+
+def _write_html(path: Path, title: str, summary: dict, images: list[str]) -> None:
+    keys = ["path_accuracy", "leaf_accuracy", "node_accuracy", "hierarchical_f1", "mistake_severity",
+            "valid_path_rate", "num_samples"]
+    def fmt(v: Any) -> str:
+        return "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else html.escape(str(v)))
+
+    rows = "".join(f"<tr><th>{k.replace('_', ' ')}</th><td>{fmt(summary[k])}</td></tr>" for k in keys if k in summary)
+    figs = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(f)}"><figcaption>{html.escape(f)}'
+                   "</figcaption></figure>" for f in images)
+    path.write_text(f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font:15px system-ui,sans-serif;margin:1.5rem;color:#1d2330;background:#f5f6f8}}
+table{{border-collapse:collapse;background:#fff}}th,td{{padding:.3rem .8rem;border:1px solid #d6dae1;text-align:left}}
+figure{{display:inline-block;vertical-align:top;margin:.6rem;padding:.6rem;background:#fff;border:1px solid #d6dae1;
+border-radius:8px}}img{{max-width:min(100%,900px)}}figcaption{{color:#6b7280;font-size:.85rem}}</style></head>
+<body><h1>{html.escape(title)}</h1><table>{rows}</table>{figs}</body></html>
+""", encoding="utf-8")

@@ -1,0 +1,124 @@
+"""What the server predicts with: one small interface over a trained run (PyTorch) or an ONNX file.
+
+Both backends decode with :mod:`hiervision.runtime` (one decoding implementation: a run folder runs
+its PyTorch modules through :func:`hiervision.export.torch_engine`, an ``.onnx`` runs onnxruntime), and
+build records with :mod:`hiervision.records` — the fields of ``hiervision predict``: ``path``,
+``path_ids``, ``path_probability``, ``node_probabilities``, ``top_k``. The server adds ``node_scores``
+(every node's score, for drawing the tree), so the micro-batcher and the page never care which
+backend answered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from hiervision.records import TreeView, prediction_record
+
+__all__ = ["ImagePredictor", "RuntimePredictor", "decisions_hedger", "load_predictor"]
+
+
+class ImagePredictor(Protocol):
+    """The server's view of a model."""
+
+    tree: TreeView
+    in_chans: int
+    #: ``(H, W)`` every image is resized to, or ``None`` to keep the upload's size
+    image_size: tuple[int, int] | None
+
+    def predict_arrays(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        """``uint8`` arrays ``H×W`` or ``H×W×C`` (already at ``image_size``) → one record per image."""
+        ...
+
+
+class RuntimePredictor:
+    """Adapts a :class:`hiervision.runtime.Predictor` (ONNX or PyTorch engine) to decoded uploads."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self.tree: TreeView = runtime.tree
+        self.in_chans = int(runtime.in_chans)
+        size = runtime.image_size
+        self.image_size = (int(size[0]), int(size[1])) if size else None
+
+    def predict_arrays(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        from hiervision.runtime import decode_batch
+
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(im.shape, []).append(i)
+        if len(groups) > 1:  # no fixed input size: one forward pass per image size
+            out: list[dict[str, Any]] = [{}] * len(images)
+            for idx in groups.values():
+                for i, rec in zip(idx, self.predict_arrays([images[i] for i in idx])):
+                    out[i] = rec
+            return out
+        rt = self.runtime
+        batch = np.stack([im[..., None] if im.ndim == 2 else im for im in images]).transpose(0, 3, 1, 2)
+        x = ((batch.astype(np.float32) / 255 - rt.mean) / rt.std).astype(np.float32)
+        decoded = decode_batch(rt.tree, rt.sidecar["decoder"], rt.engine.run(np.ascontiguousarray(x)), rt.engine,
+                               rt.top_k)
+        records = []
+        for d in decoded:
+            rec = prediction_record("", rt.tree, d["path_ids"], d["path_probability"], d["node_scores"], d["top_k"],
+                                    d.get("paths"))
+            rec["node_scores"] = [round(float(s), 6) for s in np.asarray(d["node_scores"]).reshape(-1)]
+            records.append(rec)
+        return records
+
+
+def load_predictor(path: str | Path, top_k: int = 3, checkpoint: str = "best") -> RuntimePredictor:
+    """A run folder (PyTorch on the CPU) or an exported ``.onnx`` (onnxruntime, no PyTorch)."""
+    p = Path(path)
+    if p.is_dir():
+        from hiervision.export import sidecar, torch_engine
+        from hiervision.runtime import Predictor
+        from hiervision.training import load_run
+
+        _, _, model, meta = load_run(p, which=checkpoint)
+        return RuntimePredictor(Predictor(top_k=top_k, engine=torch_engine(model), sidecar=sidecar(model, meta)))
+    if p.suffix.lower() == ".onnx" and p.is_file():
+        try:
+            from hiervision.runtime import Predictor
+
+            return RuntimePredictor(Predictor(p, top_k=top_k))
+        except ImportError as e:
+            raise ValueError(f"{p}: serving an .onnx file needs onnxruntime: pip install 'hiervision[export]' "
+                             f"({e.name} missing)") from None
+    raise FileNotFoundError(f"{p}: neither a run folder nor an .onnx file")
+
+
+def decisions_hedger(run_dir: str | Path, accuracy: float):
+    """``hedge(record)`` → the hedged answer (DARTS) of a record, with the λ that ``decisions.json`` in the
+    run folder holds for the ``accuracy`` target and its temperature (:mod:`hiervision.decisions`).
+    Reads only the record's ``node_scores``, so it works on either backend."""
+    try:
+        from hiervision.decisions import hedged_records, load_decisions
+    except ImportError:
+        raise ValueError("--hedge-accuracy needs hiervision.decisions (not in this installation)") from None
+    import torch
+
+    from hiervision.decoding import Prediction
+    from hiervision.taxonomy import Taxonomy
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"{run}: --hedge-accuracy needs a run folder (its decisions.json), not an .onnx file")
+    decisions = load_decisions(run)
+    table = decisions.get("hedge", {})
+    key = next((k for k in table if abs(float(k) - accuracy) < 1e-9), None)
+    if key is None:
+        raise ValueError(f"{run / 'decisions.json'}: no hedging λ for accuracy {accuracy} "
+                         f"(has {sorted(table) or 'none'}; fit_decisions writes them)")
+    lam, temperature = float(table[key]), float(decisions.get("temperature", 1.0))
+    taxonomy = Taxonomy.load(run / "taxonomy.json")
+
+    def hedge(record: dict[str, Any]) -> dict[str, Any]:
+        scores = torch.tensor([record["node_scores"]], dtype=torch.float32)
+        path = torch.tensor([record["path_ids"] or [-1]], dtype=torch.long)
+        pred = Prediction(path, scores, torch.tensor([record["path_probability"]]))
+        return hedged_records(pred, taxonomy, lam, temperature)[0]
+
+    return hedge

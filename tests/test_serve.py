@@ -1,0 +1,286 @@
+"""The prediction server: answers equal the model's, micro-batching changes nothing, bad requests get
+a clear 4xx and the server keeps answering."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from hiervision.cli import main  # noqa: E402
+from hiervision.serve import Limits, create_app, load_predictor  # noqa: E402
+from hiervision.serve.batching import MicroBatcher  # noqa: E402
+from hiervision.training import load_run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    cfg = {"data": {"name": "synthetic", "n_train": 128, "n_test": 32, "size": 16},
+           "model": {"name": "flat", "backbone": "resnet20", "backbone_kwargs": {"width": 0.5}},
+           "train": {"epochs": 1, "batch_size": 64, "amp": "none"}}
+    (d / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(d / "tiny.yaml"), "--out", str(d / "run"), "--quiet"]) == 0
+    return d / "run"
+
+
+@pytest.fixture(scope="module")
+def predictor(run_dir):
+    return load_predictor(run_dir, top_k=3)
+
+
+@pytest.fixture(scope="module")
+def client(predictor):
+    app = create_app(predictor, max_batch=8, max_wait_ms=20,
+                     limits=Limits(max_files=4, max_body_bytes=200_000, max_pixels=100_000))
+    with TestClient(app) as c:
+        yield c
+
+
+def png(seed: int, size: int = 16) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_predict_equals_the_model(client, run_dir):
+    _, taxonomy, model, meta = load_run(run_dir)
+    images = [png(i) for i in range(3)]
+    r = client.post("/predict", files=[("file", (f"im{i}.png", b, "image/png")) for i, b in enumerate(images)])
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    x = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
+                     for b in images]).float() / 255
+    mean, std = torch.tensor(meta["mean"]).view(1, -1, 1, 1), torch.tensor(meta["std"]).view(1, -1, 1, 1)
+    pred = model.predict((x - mean) / std)
+    for i, res in enumerate(results):
+        ids = [int(n) for n in pred.paths[i] if n >= 0]
+        assert res["file"] == f"im{i}.png"
+        assert res["path_ids"] == ids and res["path"] == [taxonomy.names[n] for n in ids]
+        assert res["path_probability"] == pytest.approx(float(pred.path_prob[i]), abs=1e-5)
+        assert res["node_probabilities"] == pytest.approx([float(pred.scores[i, n]) for n in ids], abs=1e-5)
+        assert 1 <= len(res["top_k"]) <= 3 and res["top_k"][0]["path_ids"] == ids
+        probs = [a["probability"] for a in res["top_k"]]
+        assert probs == sorted(probs, reverse=True)
+        assert "node_scores" not in res and "hedged" not in res
+
+
+def test_node_scores_on_request(client, predictor):
+    r = client.post("/predict?node_scores=true", files={"file": ("a.png", png(0), "image/png")})
+    res = r.json()["results"][0]
+    assert len(res["node_scores"]) == predictor.tree.num_nodes
+    assert [res["node_scores"][n] for n in res["path_ids"]] == res["node_probabilities"]
+
+
+def test_concurrent_requests_are_batched_and_equal_unbatched(client, predictor):
+    images = [png(100 + i) for i in range(12)]
+    alone = [client.post("/predict", files={"file": (f"{i}.png", b, "image/png")}).json()["results"][0]
+             for i, b in enumerate(images)]
+    batcher = client.app.state.batcher
+    before = len(batcher.batch_sizes)
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda ib: client.post("/predict", files={"file": (f"{ib[0]}.png", ib[1],
+                                                                                  "image/png")}).json(),
+                                 enumerate(images)))
+    sizes = batcher.batch_sizes[before:]
+    assert sum(sizes) == 12 and max(sizes) > 1, sizes  # some requests shared a forward pass
+    for a, t in zip(alone, together):
+        t = t["results"][0]
+        assert t["path_ids"] == a["path_ids"] and t["file"] == a["file"]
+        assert t["path_probability"] == pytest.approx(a["path_probability"], abs=1e-5)
+
+
+def test_taxonomy_health_openapi(client, predictor):
+    tax = client.get("/taxonomy").json()
+    assert [n["name"] for n in tax["nodes"]] == list(predictor.tree.names)
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["classes"] == predictor.tree.num_nodes - 1
+    schema = client.get("/openapi.json").json()
+    assert "/predict" in schema["paths"] and "/taxonomy" in schema["paths"]
+    page = client.get("/")
+    assert page.status_code == 200 and "<svg" in page.text
+    js = client.get("/static/app.js")
+    assert js.status_code == 200 and js.headers["cache-control"] == "no-cache"
+
+
+def flat_png(size: int) -> bytes:
+    """A one-colour PNG: many pixels in few bytes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (90, 120, 200)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def truncated_png() -> bytes:
+    return png(1, 64)[:200]
+
+
+def bomb_png() -> bytes:
+    """A valid PNG header that claims 20000×20000 pixels: a few hundred bytes, 400 M pixels decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big"))
+    ihdr = (20000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
+
+
+BAD_REQUESTS = [  # (what, request kwargs, status, words in the message)
+    ("not an image", {"files": {"file": ("notes.txt", b"hello, not pixels", "text/plain")}}, 400, "not an image"),
+    ("truncated image", {"files": {"file": ("cut.png", truncated_png(), "image/png")}}, 400, "unreadable"),
+    ("empty file", {"files": {"file": ("empty.png", b"", "image/png")}}, 400, "empty"),
+    ("too many pixels", {"files": {"file": ("big.png", flat_png(400), "image/png")}}, 413, "400x400 = 160000 pixels"),
+    ("decompression bomb", {"files": {"file": ("bomb.png", bomb_png(), "image/png")}}, 413, "too many pixels"),
+    ("body too large", {"files": {"file": ("big.png", b"\0" * 300_000, "image/png")}}, 413, "larger than"),
+    ("too many files", {"files": [("file", (f"{i}.png", png(i), "image/png")) for i in range(5)]}, 413, "files"),
+    ("json body", {"json": {"file": "x"}}, 415, "multipart/form-data"),
+    ("no content type", {"content": b"raw bytes"}, 415, "multipart/form-data"),
+    ("no file field", {"files": {"image": ("a.png", png(0), "image/png")}}, 422, "file"),
+]
+
+
+@pytest.mark.parametrize("what,kwargs,status,words", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_clear_4xx_and_server_keeps_working(client, what, kwargs, status, words):
+    r = client.post("/predict", **kwargs)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and words in detail and "\n" not in detail
+    ok = client.post("/predict", files={"file": ("a.png", png(0), "image/png")})
+    assert ok.status_code == 200
+
+
+def test_wrong_method_and_path(client):
+    assert client.get("/predict").status_code == 405
+    assert client.get("/nope").status_code == 404
+
+
+def test_batcher_error_reaches_every_caller_and_worker_survives():
+    calls = []
+
+    def predict(items):
+        calls.append(list(items))
+        if "boom" in items:
+            raise RuntimeError("bad batch")
+        return [x * 2 for x in items]
+
+    b = MicroBatcher(predict, max_batch=4, max_wait_ms=50)
+    futs = [b.submit(x) for x in ["boom", 1]]
+    with pytest.raises(RuntimeError, match="bad batch"):
+        futs[0].result(5)
+    assert b.submit(3).result(5) == 6
+    b.stop()
+    with pytest.raises(ValueError, match="max_batch"):
+        MicroBatcher(predict, max_batch=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_uvicorn_server(predictor):
+    uvicorn = pytest.importorskip("uvicorn")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(predictor), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        assert json.load(urllib.request.urlopen(base + "/health", timeout=10))["status"] == "ok"
+        boundary = "hvboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + png(0) + f"\r\n--{boundary}--\r\n".encode()
+        req = urllib.request.Request(base + "/predict", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        res = json.load(urllib.request.urlopen(req, timeout=10))["results"][0]
+        assert res["file"] == "a.png" and res["path"]
+        bad = urllib.request.Request(base + "/predict", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bad, timeout=10)
+        assert e.value.code == 415
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_cli_serve_user_errors(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "missing")]) == 1
+    assert "missing: neither a run folder nor an .onnx file" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--max-batch", "0"]) == 1
+    assert "--max-batch" in capsys.readouterr().err
+
+
+def test_onnx_file_serves_the_same_answers(run_dir, client, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from hiervision.export import export_onnx
+
+    export_onnx(run_dir, tmp_path / "model.onnx")
+    onnx_pred = load_predictor(tmp_path / "model.onnx", top_k=3)
+    files = [("file", (f"im{i}.png", png(200 + i), "image/png")) for i in range(4)]
+    with TestClient(create_app(onnx_pred)) as onnx_client:
+        from_onnx = onnx_client.post("/predict", files=files).json()["results"]
+    from_run = client.post("/predict", files=files).json()["results"]
+    for a, b in zip(from_onnx, from_run):
+        assert a["path_ids"] == b["path_ids"] and a["file"] == b["file"]
+        assert a["path_probability"] == pytest.approx(b["path_probability"], abs=1e-4)
+        assert [t["path_ids"] for t in a["top_k"]] == [t["path_ids"] for t in b["top_k"]]
+
+
+def test_hedged_answer_hook(run_dir, predictor):
+    pytest.importorskip("hiervision.decisions")
+    from hiervision.serve.predictor import decisions_hedger
+
+    (run_dir / "decisions.json").write_text(json.dumps({"temperature": 1.0, "hedge": {"0.9": 0.0, "0.99": 1e9}}))
+    try:
+        with pytest.raises(ValueError, match="no hedging λ for accuracy 0.5"):
+            decisions_hedger(run_dir, 0.5)
+        sure, root = decisions_hedger(run_dir, 0.9), decisions_hedger(run_dir, 0.99)
+        with TestClient(create_app(predictor, hedge=sure)) as c:
+            res = c.post("/predict", files={"file": ("a.png", png(0), "image/png")}).json()["results"][0]
+        assert res["hedged"]["path"] == res["path"]  # λ = 0: the most probable leaf, no hedging
+        with TestClient(create_app(predictor, hedge=root)) as c:
+            res = c.post("/predict", files={"file": ("a.png", png(0), "image/png")}).json()["results"][0]
+        assert res["hedged"]["path"] == [] and res["hedged"]["probability"] == pytest.approx(1.0)
+    finally:
+        (run_dir / "decisions.json").unlink()
+
+
+def test_images_of_different_sizes_in_one_batch(predictor):
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 255, (h, h, 3), dtype=np.uint8) for h in (16, 20, 16)]
+    together = predictor.predict_arrays(images)
+    alone = [predictor.predict_arrays([im])[0] for im in images]
+    assert [r["path_ids"] for r in together] == [r["path_ids"] for r in alone]
+    assert [r["path_probability"] for r in together] == pytest.approx([r["path_probability"] for r in alone],
+                                                                      abs=1e-5)
+
+
+def test_chunked_body_over_the_limit_is_cut_off(client):
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(30):
+            yield b"\0" * 10_000
+
+    r = client.post("/predict", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 413 and "larger than 200000 bytes" in r.json()["detail"]
+    assert client.get("/health").json()["status"] == "ok"
