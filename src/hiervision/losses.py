@@ -82,7 +82,8 @@ def max_constraint(probs: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
     parents = taxonomy.parent_tensor.to(probs.device)
     for level in reversed(taxonomy.levels[1:]):  # bottom-up: children are final before their parents
         idx = torch.tensor(level, dtype=torch.long, device=probs.device)
-        out = out.index_reduce(1, parents[idx], out[:, idx], "amax", include_self=True)
+        index = parents[idx].expand(len(out), -1)
+        out = out.scatter_reduce(1, index, out[:, idx], "amax", include_self=True)
     return out
 
 

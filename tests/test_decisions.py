@@ -1,0 +1,277 @@
+"""Hand-computed checks of the post-hoc decision rules, calibration metrics and hierarchy-aware losses.
+
+Tree (as in test_metrics): root/A,B; A→C,D; B→E,F,G; C→H. Leaves H, D, E, F, G (5); heights:
+leaves 0, C and B 1, A 2, root 3. Rewards r(v) = log 5 − log|leaves(v)|: A log 5/2, B log 5/3, C and
+the leaves log 5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hiervision.decisions import (
+    apply_temperature,
+    backoff_nodes,
+    conformal_nodes,
+    conformal_threshold,
+    covers,
+    crm_nodes,
+    end_distribution,
+    fit_backoff,
+    fit_lambda,
+    fit_temperature,
+    hedge,
+    hedged_records,
+    hedged_report,
+    lca_heights,
+    load_decisions,
+    node_marginals,
+    rewards,
+    save_decisions,
+)
+from hiervision.decoding import Prediction
+from hiervision.losses import chmcnn_loss, hxe_loss, max_constraint, soft_label_loss, soft_label_targets
+from hiervision.metrics import (
+    calibration_report,
+    evaluate,
+    expected_calibration_error,
+    hierarchical_distance_at_k,
+)
+from hiervision.taxonomy import Taxonomy
+
+A, B, C, D, E, F, G, H = range(1, 9)
+LEAVES = (D, E, F, G, H)
+
+
+@pytest.fixture
+def tree() -> Taxonomy:
+    t = Taxonomy.from_parent_map({"A": None, "B": None, "C": "A", "D": "A", "E": "B", "F": "B", "G": "B", "H": "C"})
+    assert t.leaves == LEAVES
+    return t
+
+
+def leaf_q(**probs: float) -> torch.Tensor:
+    """One row of an end-class distribution from leaf letters."""
+    q = torch.zeros(9, dtype=torch.float64)
+    for name, p in probs.items():
+        q["_ABCDEFGH".index(name)] = p
+    return q
+
+
+def test_rewards_and_marginals(tree):
+    r = rewards(tree)
+    assert r[0] == 0
+    assert r[A] == pytest.approx(math.log(5 / 2)) and r[B] == pytest.approx(math.log(5 / 3))
+    assert r[C] == pytest.approx(math.log(5)) and r[H] == pytest.approx(math.log(5))
+    m = node_marginals(leaf_q(H=0.1, D=0.4, E=0.2, F=0.2, G=0.1).unsqueeze(0), tree)[0]
+    assert m[[0, A, B, C, D]].tolist() == pytest.approx([1.0, 0.5, 0.5, 0.1, 0.4])
+
+
+def test_end_distribution_completes_partial_scores(tree):
+    # flat-style marginals give the leaves back unchanged
+    q = leaf_q(H=0.1, D=0.4, E=0.2, F=0.2, G=0.1).float().unsqueeze(0)
+    scores = node_marginals(q, tree)
+    assert end_distribution(scores, tree)[0].tolist() == pytest.approx(q[0].tolist())
+    # a beam decoder scores only its own path: the rest of the mass is spread over the 5 leaves
+    path_only = torch.zeros(1, 9)
+    path_only[0, [B, E]] = torch.tensor([0.8, 0.6])
+    e = end_distribution(path_only, tree)[0]
+    assert e[E] == pytest.approx(0.6 + 0.4 / 5) and e[D] == pytest.approx(0.4 / 5) and e[B] == 0
+
+
+def test_hedge_hand_cases(tree):
+    q = torch.stack([leaf_q(H=0.1, D=0.4, E=0.2, F=0.2, G=0.1), leaf_q(E=0.3, F=0.3, G=0.2, D=0.1, H=0.1)])
+    m = node_marginals(q, tree)
+    # λ=0: D (log5·0.4 > log(5/2)·0.5) and E (ties with F, first id); λ=1: D stays, B (1.209) beats the
+    # root (1) and E (0.783); λ=3: the root's λ·1 = 3 beats B's 2.809
+    assert hedge(m, tree, 0.0).tolist() == [D, E]
+    assert hedge(m, tree, 1.0).tolist() == [D, B]
+    assert hedge(m, tree, 1.2).tolist() == [0, B]
+    assert hedge(m, tree, 3.0).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="λ"):
+        hedge(m, tree, -1.0)
+
+
+def test_fit_lambda_meets_target_on_constructed_case(tree):
+    q = torch.stack([leaf_q(H=0.1, D=0.4, E=0.2, F=0.2, G=0.1), leaf_q(E=0.3, F=0.3, G=0.2, D=0.1, H=0.1)])
+    m = node_marginals(q, tree)
+    targets = torch.tensor([D, F])
+    assert fit_lambda(m, targets, tree, 0.5) == 0.0  # already met by the leaf answers
+    lam = fit_lambda(m, targets, tree, 1.0)
+    # B overtakes E when 0.8·(log 5/3 + λ) > 0.3·(log 5 + λ)
+    expected = (0.3 * math.log(5) - 0.8 * math.log(5 / 3)) / 0.5
+    assert lam == pytest.approx(expected, abs=1e-6)
+    nodes = hedge(m, tree, lam)
+    assert nodes.tolist() == [D, B]
+    report = hedged_report(nodes, targets, tree)
+    assert report["accuracy"] == 1.0
+    assert report["information_gain"] == pytest.approx((math.log(5) + math.log(5 / 3)) / 2)
+    assert report["specificity"] == pytest.approx(report["information_gain"] / math.log(5))
+    assert report["depths"] == {1: 0.5, 2: 0.5}
+    json.dumps(report)
+
+
+def test_covers_and_report_count_wrong_answers_as_zero_gain(tree):
+    nodes = torch.tensor([0, A, C, E])
+    targets = torch.tensor([E, H, D, E])
+    assert covers(nodes, targets, tree).tolist() == [True, True, False, True]
+    rep = hedged_report(nodes, targets, tree)
+    assert rep["accuracy"] == 0.75
+    assert rep["information_gain"] == pytest.approx((0 + math.log(5 / 2) + 0 + math.log(5)) / 4)
+    assert rep["depths"] == {0: 0.25, 1: 0.25, 2: 0.5}
+
+
+def test_backoff_baseline(tree):
+    m = node_marginals(leaf_q(H=0.12, D=0.4, E=0.25, F=0.15, G=0.08).unsqueeze(0), tree)
+    assert backoff_nodes(m, tree, 0.3).tolist() == [D]
+    assert backoff_nodes(m, tree, 0.45).tolist() == [A]  # D 0.4 < 0.45, A 0.52
+    assert backoff_nodes(m, tree, 0.6).tolist() == [0]
+    # fitted: the smallest threshold at which D (wrong for target H) backs off to A
+    t = fit_backoff(m, torch.tensor([H]), tree, 1.0)
+    assert 0.4 < t <= 0.4 + 1e-6
+
+
+def test_conformal_hand_case(tree):
+    q = torch.stack([
+        leaf_q(D=0.4, E=0.25, F=0.15, H=0.12, G=0.08),  # target D: top-1 covers, score 0
+        leaf_q(E=0.35, F=0.3, G=0.2, D=0.1, H=0.05),  # target F: LCA(E, F) = B at rank 2, score 0.35
+        leaf_q(E=0.5, G=0.2, F=0.15, H=0.1, D=0.05),  # target H: only the root (rank 4) covers, score 0.85
+    ])
+    targets = torch.tensor([D, F, H])
+    assert conformal_threshold(q, targets, tree, 0.5) == pytest.approx(0.35)  # ⌈4·0.5⌉ = 2nd smallest
+    assert conformal_threshold(q, targets, tree, 0.3) == pytest.approx(0.85)  # ⌈4·0.7⌉ = 3rd
+    assert conformal_threshold(q, targets, tree, 0.1) == float("inf")  # ⌈3.6⌉ = 4 > n
+    assert conformal_nodes(q, tree, 0.35).tolist() == [D, B, E]  # 3rd: E alone has mass before it ≤ 0.35
+    assert conformal_nodes(q, tree, 0.85).tolist() == [0, 0, 0]
+    assert conformal_nodes(q, tree, float("inf")).tolist() == [0, 0, 0]
+
+
+def test_conformal_coverage_on_random_exchangeable_data(tree):
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    logits = torch.randn(n, 9, generator=gen) * 2
+    logits[:, [0, A, B, C]] = float("-inf")
+    q = logits.softmax(1)
+    # truth drawn from a *different* (miscalibrated) distribution: coverage must still hold
+    truth = torch.multinomial((logits / 3).softmax(1), 1, generator=gen).squeeze(1)
+    tau = conformal_threshold(q[:2000], truth[:2000], tree, 0.1)
+    coverage = covers(conformal_nodes(q[2000:], tree, tau), truth[2000:], tree).float().mean()
+    assert coverage >= 0.9 - 0.02  # the guarantee, up to sampling noise over 2000 test samples
+
+
+def test_temperature_known_optimum(tree):
+    # four samples at q(D)=0.9, q(E)=0.1 with D right 3 times out of 4: the calibrated 0.75 needs T = log 9 / log 3 = 2
+    q = leaf_q(D=0.9, E=0.1).float().repeat(4, 1)
+    t = fit_temperature(q, torch.tensor([D, D, D, E]), tree)
+    assert t == pytest.approx(2.0, rel=1e-3)
+    assert apply_temperature(q, t)[0, D] == pytest.approx(0.75, abs=1e-3)
+    assert apply_temperature(q, 1.0) is q
+    assert torch.equal(apply_temperature(q, 5.0).argmax(1), q.argmax(1))  # never changes the argmax
+    with pytest.raises(ValueError, match="temperature"):
+        apply_temperature(q, 0.0)
+
+
+def test_ece_known_case():
+    conf, ok = torch.tensor([0.9, 0.9, 0.6, 0.6]), torch.tensor([1, 0, 1, 1])
+    # width bins: bin 0.9 has accuracy 0.5 (gap 0.4), bin 0.6 accuracy 1 (gap 0.4): 0.5·0.4 + 0.5·0.4
+    assert expected_calibration_error(conf, ok, 10, "width") == pytest.approx(0.4)
+    assert expected_calibration_error(conf, ok, 2, "mass") == pytest.approx(0.4)
+    assert expected_calibration_error(conf, ok, 1, "mass") == pytest.approx(0.0)  # 0.75 vs 0.75
+    with pytest.raises(ValueError, match="width"):
+        expected_calibration_error(conf, ok, 10, "bogus")
+
+
+def test_calibration_report_per_level(tree):
+    q = torch.stack([leaf_q(D=0.9, E=0.1), leaf_q(E=0.6, F=0.4)]).float()
+    rep = calibration_report(q, torch.tensor([D, F]), tree, bins=10)
+    # end class: (0.9, right), (0.6, wrong) → 0.5·0.1 + 0.5·0.6
+    assert rep["ece"] == pytest.approx(0.35)
+    # level 1: A 0.9 right, B 1.0 right → 0.5·0.1 + 0.5·0; level 2: D 0.9 right, E 0.6 wrong; level 3: no target
+    assert rep["ece_per_level"][0] == pytest.approx(0.05)
+    assert rep["ece_per_level"][1] == pytest.approx(0.35)
+    assert rep["ece_per_level"][2] == 0.0
+
+
+def test_crm_and_hdist_hand_case(tree):
+    h = lca_heights(tree)
+    assert h[H, D] == 2 and h[H, E] == 3 and h[E, F] == 1 and h[D, D] == 0
+    q = leaf_q(H=0.35, E=0.25, F=0.21, G=0.19).float().unsqueeze(0)
+    # risk(H) = 3·0.65 = 1.95, risk(E) = 3·0.35 + 1·0.40 = 1.45, risk(F) = 3·0.35 + 1·0.44 = 1.49
+    assert q.argmax(1).tolist() == [H]
+    assert crm_nodes(q, tree).tolist() == [E]
+    # ranking H, E, F, G, D against target F: distances 3, 1, 0, 1, 3
+    d = hierarchical_distance_at_k(q, torch.tensor([F]), tree, ks=(1, 2, 5, 20))
+    assert d == pytest.approx({"hdist@1": 3.0, "hdist@2": 2.0, "hdist@5": 1.6, "hdist@20": 1.6})
+
+
+def test_evaluate_reports_ece_and_hdist(tree):
+    q = torch.stack([leaf_q(D=0.9, E=0.1), leaf_q(E=0.6, F=0.4)]).float()
+    pred = Prediction(tree.encode_paths([D, E]), node_marginals(q, tree), torch.tensor([0.9, 0.6]))
+    rep = evaluate(pred, torch.tensor([D, F]), tree)
+    direct = calibration_report(q, torch.tensor([D, F]), tree)
+    assert rep["ece_per_level"] == pytest.approx(direct["ece_per_level"]) and rep["ece"] == pytest.approx(0.35)
+    assert rep["hdist@1"] == pytest.approx((0 + 1) / 2)  # D right; E vs F meet at B (height 1)
+    json.dumps(rep)
+
+
+def test_hedged_records_and_decisions_file(tree, tmp_path):
+    q = leaf_q(E=0.3, F=0.3, G=0.2, D=0.1, H=0.1).float().unsqueeze(0)
+    pred = Prediction(tree.encode_paths([E]), node_marginals(q, tree), torch.tensor([0.3]))
+    (rec,) = hedged_records(pred, tree, lam=1.0)
+    assert rec == {"node": "B", "path": ["B"], "probability": pytest.approx(0.8)}
+    assert load_decisions(tmp_path) == {}
+    save_decisions(tmp_path, temperature=1.5)
+    save_decisions(tmp_path, hedge={"0.99": 2.0})
+    assert load_decisions(tmp_path) == {"temperature": 1.5, "hedge": {"0.99": 2.0}}
+    (tmp_path / "decisions.json").write_text("{oops")
+    with pytest.raises(ValueError, match="decisions.json"):
+        load_decisions(tmp_path)
+
+
+# ---------------------------------------------------------------------- losses
+def test_soft_labels_hand_case(tree):
+    classes = torch.tensor(LEAVES)  # D E F G H
+    y = soft_label_targets(tree, torch.tensor([D]), classes, beta=1.0)[0]
+    # distances to D over the root height 3: D 0, E/F/G 3/3, H 2/3
+    w = torch.tensor([1.0, math.exp(-1), math.exp(-1), math.exp(-1), math.exp(-2 / 3)])
+    assert y.tolist() == pytest.approx((w / w.sum()).tolist())
+    logp = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]]))
+    assert float(soft_label_loss(logp, torch.tensor([D]), classes, tree, 1.0)) == pytest.approx(
+        float(-(y * logp[0]).sum()))
+    # β → ∞ is plain cross-entropy
+    assert float(soft_label_loss(logp, torch.tensor([D]), classes, tree, 1e4)) == pytest.approx(-math.log(0.4))
+
+
+def test_hxe_hand_case(tree):
+    classes = torch.tensor(LEAVES)  # D E F G H
+    logp = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]]))
+    # target D: path A (height 2), D (height 0): −[log(0.4/0.5) + e^(−0.5·2)·log 0.5]
+    expected = -(math.log(0.4 / 0.5) + math.exp(-1.0) * math.log(0.5))
+    assert float(hxe_loss(logp, torch.tensor([D]), classes, tree, 0.5)) == pytest.approx(expected, rel=1e-5)
+    # α = 0 telescopes to cross-entropy; a coarse target A sums its own path only
+    assert float(hxe_loss(logp, torch.tensor([D]), classes, tree, 0.0)) == pytest.approx(-math.log(0.4), rel=1e-5)
+    assert float(hxe_loss(logp, torch.tensor([A]), classes, tree, 0.5)) == pytest.approx(
+        -math.exp(-1.0) * math.log(0.5), rel=1e-5)
+
+
+def test_max_constraint_and_chmcnn_loss_hand_case(tree):
+    h = torch.tensor([[0.0, 0.2, 0.7, 0.6, 0.1, 0.3, 0.4, 0.9, 0.8]])  # root A B C D E F G H
+    mcm = max_constraint(h, tree)[0]
+    # A: max(A, C, D, H) = 0.8; C: max(C, H) = 0.8; B: max(B, E, F, G) = 0.9; leaves unchanged
+    assert mcm.tolist()[1:] == pytest.approx([0.8, 0.9, 0.8, 0.1, 0.3, 0.4, 0.9, 0.8])
+    # coherent: every node is at least its children, so thresholding never keeps a child without its parent
+    for child in range(1, 9):
+        parent = tree.parents[child]
+        if parent:
+            assert mcm[parent] >= mcm[child]
+    # truth {A, D}: positives A, D scored by MCM(y·h): A max(0.2, 0.1) = 0.2, D 0.1; negatives by MCM(h)
+    y = torch.zeros(1, 9)
+    y[0, [A, D]] = 1
+    logits = torch.logit(h.clamp(1e-6, 1 - 1e-6))
+    expected = -(math.log(0.2) + math.log(1 - 0.9) + math.log(1 - 0.8) + math.log(0.1)
+                 + math.log(1 - 0.3) + math.log(1 - 0.4) + math.log(1 - 0.9) + math.log(1 - 0.8)) / 8
+    assert float(chmcnn_loss(logits, y, tree)) == pytest.approx(expected, rel=1e-4)
