@@ -16,15 +16,18 @@ import torch
 from hiervision.decisions import (
     apply_temperature,
     backoff_nodes,
+    calibrate,
     conformal_nodes,
     conformal_threshold,
     covers,
     crm_nodes,
     end_distribution,
     fit_backoff,
+    fit_decisions,
     fit_lambda,
     fit_temperature,
     hedge,
+    hedged_evaluation,
     hedged_records,
     hedged_report,
     lca_heights,
@@ -275,3 +278,44 @@ def test_max_constraint_and_chmcnn_loss_hand_case(tree):
     expected = -(math.log(0.2) + math.log(1 - 0.9) + math.log(1 - 0.8) + math.log(0.1)
                  + math.log(1 - 0.3) + math.log(1 - 0.4) + math.log(1 - 0.9) + math.log(1 - 0.8)) / 8
     assert float(chmcnn_loss(logits, y, tree)) == pytest.approx(expected, rel=1e-4)
+
+
+def _toy_predictions(tree: Taxonomy, n: int, seed: int) -> tuple[Prediction, torch.Tensor]:
+    """Overconfident flat-style predictions: leaf logits sharpened ×3 against truth drawn from the unsharpened ones."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 9, generator=gen) * 1.5
+    logits[:, [0, A, B, C]] = float("-inf")
+    truth = torch.multinomial(logits.softmax(1), 1, generator=gen).squeeze(1)
+    q = (logits * 3).softmax(1)
+    return Prediction(tree.encode_paths(q.argmax(1)), node_marginals(q, tree), q.max(1).values), truth
+
+
+def test_calibrate_and_crm_prediction(tree):
+    q = leaf_q(H=0.35, E=0.25, F=0.21, G=0.19).float().unsqueeze(0)
+    pred = Prediction(tree.encode_paths([H]), node_marginals(q, tree), torch.tensor([0.35]))
+    assert calibrate(pred, tree) is pred
+    crm = calibrate(pred, tree, decode="crm")
+    assert crm.nodes.tolist() == [E] and crm.path_prob.tolist() == pytest.approx([0.25])
+    soft = calibrate(pred, tree, temperature=4.0)
+    assert soft.nodes.tolist() == [H] and float(soft.path_prob[0]) < 0.35  # softer, same answer
+    with pytest.raises(ValueError, match="eval.decode"):
+        calibrate(pred, tree, decode="mode")
+
+
+def test_fit_decisions_and_hedged_evaluation(tree, tmp_path):
+    val, val_t = _toy_predictions(tree, 3000, 1)
+    test, test_t = _toy_predictions(tree, 3000, 2)
+    model = torch.nn.Module()
+    model.register_buffer("temperature", torch.tensor(1.0))
+    fitted = fit_decisions(model, val, val_t, tree, tmp_path, targets=(0.9,))
+    assert fitted["temperature"] == pytest.approx(3.0, rel=0.1)  # undoes the ×3 sharpening
+    assert float(model.temperature) == pytest.approx(fitted["temperature"])
+    assert load_decisions(tmp_path)["hedge"]["0.9"] == fitted["hedge"]["0.9"]
+    before = calibration_report(end_distribution(test, tree), test_t, tree)["ece"]
+    after = calibration_report(end_distribution(test, tree, temperature=fitted["temperature"]), test_t, tree)["ece"]
+    assert after < before / 2
+    rep = hedged_evaluation(val, val_t, test, test_t, tree, 0.9, fitted["temperature"])
+    assert rep["accuracy"] >= 0.9 - 0.02 and rep["conformal"]["accuracy"] >= 0.9 - 0.02
+    assert 0 < rep["information_gain"] < math.log(5)
+    assert rep["baseline"]["accuracy"] >= 0.9 - 0.02
+    json.dumps(rep)

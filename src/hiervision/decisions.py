@@ -35,8 +35,10 @@ from hiervision.taxonomy import PAD, Taxonomy
 
 __all__ = [
     "DECISIONS_FILE",
+    "DECODE_RULES",
     "accuracy_specificity_curve",
     "apply_temperature",
+    "calibrate",
     "backoff_nodes",
     "conformal_nodes",
     "conformal_threshold",
@@ -44,9 +46,11 @@ __all__ = [
     "crm_nodes",
     "end_distribution",
     "fit_backoff",
+    "fit_decisions",
     "fit_lambda",
     "fit_temperature",
     "hedge",
+    "hedged_evaluation",
     "hedged_records",
     "hedged_report",
     "lca_heights",
@@ -57,6 +61,8 @@ __all__ = [
 ]
 
 DECISIONS_FILE = "decisions.json"
+#: ``eval.decode`` values: the model's own decoding, or Karthik et al.'s conditional risk minimisation
+DECODE_RULES = ("argmax", "crm")
 
 
 # ---------------------------------------------------------------------- distributions
@@ -330,6 +336,71 @@ def crm_nodes(q: torch.Tensor, taxonomy: Taxonomy, heights: torch.Tensor | None 
     ends = (q > 0).any(0) | end_mask(taxonomy, "leaves").to(q.device)
     risk = risk - 1e-6 * q  # tie-break towards probability
     return risk.masked_fill(~ends, float("inf")).argmin(1)
+
+
+# ---------------------------------------------------------------------- whole predictions
+def calibrate(prediction: Prediction, taxonomy: Taxonomy, temperature: float = 1.0,
+              decode: str = "argmax") -> Prediction:
+    """A prediction whose ``scores`` are the temperature-scaled node marginals and whose
+    ``path_prob`` is the scaled probability of its end class; ``decode="crm"`` also replaces the paths
+    by :func:`crm_nodes`' answers. Multi-label predictions come back unchanged (their sigmoids are
+    thresholded, not normalised)."""
+    if decode not in DECODE_RULES:
+        raise ValueError(f"eval.decode must be one of {list(DECODE_RULES)}, got {decode!r}")
+    if prediction.labels is not None or (float(temperature) == 1.0 and decode == "argmax"):
+        return prediction
+    q = end_distribution(prediction, taxonomy, temperature=temperature)
+    paths = prediction.paths
+    if decode == "crm":
+        paths = taxonomy.path_matrix.to(q.device)[crm_nodes(q, taxonomy)]
+    end = prediction.nodes if decode == "argmax" else crm_nodes(q, taxonomy)
+    prob = q.gather(1, end.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return Prediction(paths, node_marginals(q, taxonomy), prob, None)
+
+
+def fit_decisions(model, val: Prediction, val_targets: torch.Tensor, taxonomy: Taxonomy,
+                  run_dir: str | os.PathLike | None = None,
+                  targets: Sequence[float] = (0.9, 0.95, 0.99)) -> dict:
+    """After training: fit the temperature on the validation predictions (sets ``model.temperature``,
+    so the next checkpoint save carries it), then λ for each accuracy target and the split-conformal
+    τ for α = 1 − target on the calibrated marginals; written to ``decisions.json`` when ``run_dir``
+    is given. Returns ``{"temperature", "hedge": {target: λ}, "conformal": {target: τ}}``."""
+    val_targets = torch.as_tensor(val_targets).long()
+    q = end_distribution(val, taxonomy)
+    t = fit_temperature(q, val_targets, taxonomy)
+    model.temperature.fill_(t)
+    qt = apply_temperature(q, t)
+    m = node_marginals(qt, taxonomy)
+    out = {"temperature": t,
+           "hedge": {str(a): fit_lambda(m, val_targets, taxonomy, a) for a in targets},
+           "conformal": {str(a): conformal_threshold(qt, val_targets, taxonomy, 1 - a) for a in targets}}
+    if run_dir is not None:
+        save_decisions(run_dir, **out)
+    return out
+
+
+def hedged_evaluation(val: Prediction, val_targets: torch.Tensor, test: Prediction, test_targets: torch.Tensor,
+                      taxonomy: Taxonomy, target: float, temperature: float = 1.0) -> dict:
+    """The ``hedged`` entry of an evaluation report at one accuracy target: λ fitted on ``val``,
+    :func:`hedged_report` on ``test``, and beside it the naive back-off baseline and the
+    split-conformal answers (α = 1 − target), all on the same temperature-scaled marginals."""
+    val_targets = torch.as_tensor(val_targets).long()
+    test_targets = torch.as_tensor(test_targets).long()
+    qv = end_distribution(val, taxonomy, temperature=temperature)
+    qt = end_distribution(test, taxonomy, temperature=temperature)
+    mv, mt = node_marginals(qv, taxonomy), node_marginals(qt, taxonomy)
+    lam = fit_lambda(mv, val_targets, taxonomy, target)
+    thr = fit_backoff(mv, val_targets, taxonomy, target)
+    tau = conformal_threshold(qv, val_targets, taxonomy, 1 - target) if target < 1 else float("inf")
+    return {
+        "target": target,
+        "lambda": lam,
+        "temperature": float(temperature),
+        **hedged_report(hedge(mt, taxonomy, lam), test_targets, taxonomy),
+        "baseline": {"threshold": thr, **hedged_report(backoff_nodes(mt, taxonomy, thr), test_targets, taxonomy)},
+        "conformal": {"alpha": 1 - target, "tau": tau if math.isfinite(tau) else None,
+                      **hedged_report(conformal_nodes(qt, taxonomy, tau), test_targets, taxonomy)},
+    }
 
 
 # ---------------------------------------------------------------------- curves and records
