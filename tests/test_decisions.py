@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from hiervision.decisions import (
+    accuracy_specificity_curve,
     apply_temperature,
     backoff_nodes,
     calibrate,
@@ -33,6 +34,8 @@ from hiervision.decisions import (
     lca_heights,
     load_decisions,
     node_marginals,
+    plot_accuracy_specificity,
+    plot_reliability,
     rewards,
     save_decisions,
 )
@@ -319,3 +322,17 @@ def test_fit_decisions_and_hedged_evaluation(tree, tmp_path):
     assert 0 < rep["information_gain"] < math.log(5)
     assert rep["baseline"]["accuracy"] >= 0.9 - 0.02
     json.dumps(rep)
+
+
+def test_plots_are_written(tree, tmp_path):
+    val, val_t = _toy_predictions(tree, 400, 1)
+    test, test_t = _toy_predictions(tree, 400, 2)
+    mv = node_marginals(end_distribution(val, tree), tree)
+    mt = node_marginals(end_distribution(test, tree), tree)
+    rows = accuracy_specificity_curve(mv, val_t, mt, test_t, tree, targets=(0.8, 0.95))
+    assert [r["target"] for r in rows] == [0.8, 0.95]
+    assert rows[0]["information_gain"] >= rows[1]["information_gain"]  # a higher target buys less
+    plot_accuracy_specificity({"toy": rows}, tmp_path / "curve.png")
+    q = end_distribution(test, tree)
+    plot_reliability({"T=1": (q.max(1).values, q.argmax(1) == test_t)}, tmp_path / "rel.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000 and (tmp_path / "rel.png").stat().st_size > 1000

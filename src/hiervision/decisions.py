@@ -56,6 +56,8 @@ __all__ = [
     "lca_heights",
     "load_decisions",
     "node_marginals",
+    "plot_accuracy_specificity",
+    "plot_reliability",
     "rewards",
     "save_decisions",
 ]
@@ -453,3 +455,55 @@ def load_decisions(run_dir: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
+
+
+# ---------------------------------------------------------------------- pictures
+def plot_reliability(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | os.PathLike,
+                     bins: int = 15, title: str = "") -> Path:
+    """Reliability diagram: accuracy against mean confidence per equal-width bin, one line per
+    ``{label: (confidence, correct)}`` (e.g. before/after temperature scaling), the diagonal is perfect."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
+    for label, (conf, ok) in curves.items():
+        conf, ok = torch.as_tensor(conf).double(), torch.as_tensor(ok).double()
+        idx = (conf * bins).long().clamp(0, bins - 1)
+        count = torch.bincount(idx, minlength=bins)
+        has = count > 0
+        mean_conf = torch.bincount(idx, conf, minlength=bins)[has] / count[has]
+        acc = torch.bincount(idx, ok, minlength=bins)[has] / count[has]
+        ax.plot(mean_conf.tolist(), acc.tolist(), marker="o", ms=3, label=label)
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_accuracy_specificity(curves: dict[str, list[dict]], path: str | os.PathLike, title: str = "") -> Path:
+    """Accuracy–specificity curves from :func:`accuracy_specificity_curve` rows (``{label: rows}``):
+    DARTS solid, the back-off baseline dashed, the same colour per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for i, (label, rows) in enumerate(curves.items()):
+        color = f"C{i}"
+        ax.plot([r["information_gain"] for r in rows], [r["accuracy"] for r in rows], marker="o", color=color,
+                label=f"{label} DARTS")
+        ax.plot([r["baseline"]["information_gain"] for r in rows], [r["baseline"]["accuracy"] for r in rows],
+                marker="x", ls="--", color=color, label=f"{label} back-off")
+    ax.set(xlabel="information gain (nats)", ylabel="hedged accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
