@@ -336,3 +336,17 @@ def test_plots_are_written(tree, tmp_path):
     q = end_distribution(test, tree)
     plot_reliability({"T=1": (q.max(1).values, q.argmax(1) == test_t)}, tmp_path / "rel.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000 and (tmp_path / "rel.png").stat().st_size > 1000
+
+
+def test_losses_backpropagate(tree):
+    classes = torch.tensor(LEAVES)
+    logits = torch.randn(3, 5, requires_grad=True)
+    targets = torch.tensor([D, A, G])  # a coarse target among them
+    for loss in (hxe_loss(logits.log_softmax(1), targets, classes, tree, 0.3),
+                 soft_label_loss(logits.log_softmax(1), targets, classes, tree, 4.0)):
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    node_logits = torch.randn(3, 9, requires_grad=True)
+    y = tree.close_upwards(torch.nn.functional.one_hot(torch.tensor([D, E, H]), 9).bool())
+    (grad,) = torch.autograd.grad(chmcnn_loss(node_logits, y, tree), node_logits)
+    assert torch.isfinite(grad).all() and grad[:, 1:].abs().sum() > 0

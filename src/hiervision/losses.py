@@ -67,7 +67,7 @@ def hxe_loss(logp: torch.Tensor, targets: torch.Tensor, classes: torch.Tensor, t
     anc = taxonomy.ancestor_matrix.to(logp.device)
     under = anc[classes.to(logp.device)].T  # (N+1, C): class c lies under node n
     node_lp = torch.logsumexp(logp.unsqueeze(1).masked_fill(~under.unsqueeze(0), float("-inf")), dim=2)
-    node_lp[:, 0] = 0.0  # the root holds all the mass
+    node_lp = torch.cat([torch.zeros_like(node_lp[:, :1]), node_lp[:, 1:]], 1)  # the root holds all the mass
     parents = taxonomy.parent_tensor.to(logp.device)
     cond = (node_lp - node_lp[:, parents.clamp(min=0)]).clamp(min=-1e4)  # log p(v | parent v)
     weight = torch.exp(-alpha * torch.tensor(taxonomy.heights, dtype=logp.dtype, device=logp.device))
