@@ -350,3 +350,21 @@ def test_losses_backpropagate(tree):
     y = tree.close_upwards(torch.nn.functional.one_hot(torch.tensor([D, E, H]), 9).bool())
     (grad,) = torch.autograd.grad(chmcnn_loss(node_logits, y, tree), node_logits)
     assert torch.isfinite(grad).all() and grad[:, 1:].abs().sum() > 0
+
+
+def test_posthoc_report(tree, tmp_path):
+    from hiervision.posthoc import posthoc_report
+
+    val, val_t = _toy_predictions(tree, 2000, 1)
+    test, test_t = _toy_predictions(tree, 2000, 2)
+    model = torch.nn.Module()
+    model.register_buffer("temperature", torch.tensor(1.0))
+    rep = posthoc_report(model, val, val_t, test, test_t, tree, tmp_path, targets=(0.9, 0.99), decode="crm")
+    assert rep["calibration"]["after"]["ece"] < rep["calibration"]["before"]["ece"]
+    assert [h["target"] for h in rep["hedged"]] == [0.9, 0.99]
+    assert rep["hedged"][1]["accuracy"] >= rep["hedged"][0]["accuracy"]
+    assert set(rep["crm"]["crm"]) == {"leaf_accuracy", "path_accuracy", "mistake_severity", "hdist@1", "hdist@5",
+                                      "hdist@20"}
+    assert rep["test"]["hdist@1"] == rep["crm"]["crm"]["hdist@1"]
+    assert (tmp_path / "decisions.json").is_file()
+    json.dumps(rep)
