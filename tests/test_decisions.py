@@ -82,11 +82,22 @@ def test_end_distribution_completes_partial_scores(tree):
     q = leaf_q(H=0.1, D=0.4, E=0.2, F=0.2, G=0.1).float().unsqueeze(0)
     scores = node_marginals(q, tree)
     assert end_distribution(scores, tree)[0].tolist() == pytest.approx(q[0].tolist())
-    # a beam decoder scores only its own path: the rest of the mass is spread over the 5 leaves
+    # a beam decoder scores only its own path B/E (0.8, 0.6): the unscored A gets the root's other 0.2
+    # (split over C and D by their leaves), F and G share B's 0.8 − 0.6; every given score is kept
     path_only = torch.zeros(1, 9)
     path_only[0, [B, E]] = torch.tensor([0.8, 0.6])
     e = end_distribution(path_only, tree)[0]
-    assert e[E] == pytest.approx(0.6 + 0.4 / 5) and e[D] == pytest.approx(0.4 / 5) and e[B] == 0
+    assert e[[D, E, F, G, H]].tolist() == pytest.approx([0.1, 0.6, 0.1, 0.1, 0.1])
+    assert e[B] == 0 and node_marginals(e.unsqueeze(0), tree)[0, B] == pytest.approx(0.8)
+    # independent per-level softmaxes lose mass to invalid paths: every child scored, so renormalised
+    per_level = node_marginals(q, tree) * 0.5
+    per_level[:, [A, B]] *= 2  # level 1 complete, deeper levels at half mass
+    assert end_distribution(per_level, tree)[0].tolist() == pytest.approx(q[0].tolist(), abs=1e-6)
+    # labels that stop at inner nodes: C keeps its own 0.2 (its 0.3 minus H's 0.1)
+    q_all = leaf_q(H=0.1, D=0.3, E=0.4).float()
+    q_all[C] = 0.2
+    marg = node_marginals(q_all.unsqueeze(0), tree)
+    assert end_distribution(marg, tree, ends="all")[0].tolist() == pytest.approx(q_all.tolist(), abs=1e-6)
 
 
 def test_hedge_hand_cases(tree):

@@ -73,24 +73,43 @@ def end_distribution(
 ) -> torch.Tensor:
     """``(B, N+1)`` probability that each end class is the truth, from a model's node scores.
 
-    Leaves (``ends="leaves"``) take their score; with ``ends="all"`` (labels may stop at inner nodes)
-    an inner node takes its score minus its children's. Mass the scores leave unassigned (invalid
-    paths of independent per-level softmaxes, the off-path classes of a beam decoder that scores only
-    its own path) is spread evenly over the end classes: the least committal completion. Then the
-    temperature is applied (:func:`apply_temperature`).
+    Node scores are read as "probability the truth lies under this node" and pushed down the tree:
+    a node's probability goes to its children in proportion to their scores, and mass its children do
+    not account for goes to the children the model did not score (a decoder that scores only its own
+    path; their subtrees then share it by their number of leaves), or — when every child has a score,
+    as with independent per-level softmaxes whose invalid paths lose mass — to the scored children in
+    proportion. Complete scores (flat softmax, HierNet) come back unchanged, and so does every score
+    on a decoder's path. With ``ends="all"`` (labels may stop at inner nodes) an inner node's score
+    minus its children's is its own "stops here" class. Then the temperature is applied
+    (:func:`apply_temperature`).
     """
-    s = (scores.scores if isinstance(scores, Prediction) else scores).float().clamp(0, 1)
+    s = (scores.scores if isinstance(scores, Prediction) else scores).float().clamp(0, 1).clone()
+    s[:, 0] = 1.0  # the truth always lies under the root
     mask = end_mask(taxonomy, ends).to(s.device)
+    parents = taxonomy.parent_tensor.to(s.device)
+    child_sum = torch.zeros_like(s).index_add_(1, parents[1:], s[:, 1:])
     if ends == "all":
-        parents = taxonomy.parent_tensor.to(s.device)[1:]
-        child_sum = torch.zeros_like(s).index_add_(1, parents, s[:, 1:])
-        q = (s - child_sum).clamp(min=0)
-    else:
-        q = s.clone()
-    q = q * mask
-    total = q.sum(1, keepdim=True)
-    rest = (1 - total).clamp(min=0)
-    q = q + rest * mask / mask.sum()
+        leaf = torch.zeros_like(mask)
+        leaf[list(taxonomy.leaves)] = True
+        q = torch.where(leaf, s, (s - child_sum).clamp(min=0)) * mask
+        return apply_temperature(q / q.sum(1, keepdim=True).clamp(min=1e-12), temperature)
+    n_leaves = (taxonomy.ancestor_matrix.to(s.device).float() * mask.float().unsqueeze(1)).sum(0)  # (N+1,)
+    n_leaves[0] = mask.sum()
+    rest = (s - child_sum).clamp(min=0)
+    unscored = s <= 0
+    n_unscored = torch.zeros_like(s).index_add_(1, parents[1:], unscored[:, 1:].float() * n_leaves[1:])
+    m = torch.zeros_like(s)
+    m[:, 0] = 1.0
+    for level in taxonomy.levels:  # top-down: a parent's final probability is known before its children's
+        idx = torch.tensor(level, dtype=torch.long, device=s.device)
+        par = parents[idx]
+        u, nu, cs = rest[:, par], n_unscored[:, par], child_sum[:, par]
+        w = s[:, idx] + torch.where(unscored[:, idx], u * n_leaves[idx] / nu.clamp(min=1), 0.0)
+        w = w + torch.where(nu > 0, 0.0, u * s[:, idx] / cs.clamp(min=1e-12))
+        total = torch.zeros_like(s).index_add_(1, par, w)[:, par]
+        share = torch.where(total > 0, w / total.clamp(min=1e-12), n_leaves[idx] / n_leaves[par].clamp(min=1))
+        m[:, idx] = m[:, par] * share
+    q = m * mask
     q = q / q.sum(1, keepdim=True).clamp(min=1e-12)
     return apply_temperature(q, temperature)
 
