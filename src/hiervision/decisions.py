@@ -182,7 +182,8 @@ def rewards(taxonomy: Taxonomy, ends: str = "leaves") -> torch.Tensor:
 
 
 def hedge(marginals: torch.Tensor, taxonomy: Taxonomy, lam: float, ends: str = "leaves") -> torch.Tensor:
-    """DARTS: ``(B,)`` node ids ``argmax_v (r(v) + λ)·p(v)`` over every node, the root (id 0) included.
+    """DARTS: ``(B,)`` node ids ``argmax_v (r(v) + λ)·p(v)`` over every node, the root (id 0) included
+    (ties go to the deepest node).
 
     ``marginals``: :func:`node_marginals` (probability the truth lies under each node). ``λ = 0`` answers
     the most probable end class (for leaf rewards); ``λ → ∞`` backs off to the root, which is always right.
@@ -192,7 +193,13 @@ def hedge(marginals: torch.Tensor, taxonomy: Taxonomy, lam: float, ends: str = "
     r = rewards(taxonomy, ends).to(marginals.device, marginals.dtype)
     m = marginals.clone()
     m[:, 0] = 1.0
-    return ((r + lam) * m).argmax(1)
+    score = (r + lam) * m
+    # a node with one child ties with it exactly (same leaves, same reward): answer the deeper, more
+    # specific one — a tolerance absorbs float noise between genuinely equal answers
+    best = score.max(1, keepdim=True).values
+    near = score >= best - 1e-6 * best.abs().clamp(min=1)
+    depth = taxonomy.depth_tensor.to(marginals.device)
+    return torch.where(near, depth, -1).argmax(1)
 
 
 def covers(nodes: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
