@@ -382,3 +382,32 @@ def test_posthoc_report(tree, tmp_path):
     assert rep["test"]["hdist@1"] == rep["crm"]["crm"]["hdist@1"]
     assert (tmp_path / "decisions.json").is_file()
     json.dumps(rep)
+
+
+def test_guo_multihead_soft_labels_per_level():
+    from hiervision.models import create_model
+
+    tree = Taxonomy.from_parent_map({"A": None, "B": None, "C": "A", "D": "A", "E": "B", "F": "B", "G": "B"})
+    torch.manual_seed(0)
+    kw = {"backbone": "resnet20", "backbone_kwargs": {"width": 0.25}, "in_chans": 1, "image_size": 16}
+    ce = create_model("guo_multihead", tree, **kw).eval()
+    soft = create_model("guo_multihead", tree, loss_type="soft_labels", loss_beta=1e4, **kw).eval()
+    soft.load_state_dict(ce.state_dict())
+    with torch.no_grad():
+        out = ce(torch.randn(4, 1, 16, 16))
+    targets = torch.tensor([3, 4, 6, 2])  # C, D, F and the coarse-only B
+    # β → ∞: every level's soft label is one-hot, so the loss is the summed cross-entropy (eq. 1)
+    assert float(soft.loss(out, targets)) == pytest.approx(float(ce.loss(out, targets)), rel=1e-5)
+    # β = 1 by hand: target C = A/C; level 1 over [A, B]: d = [0, 1]; level 2 over [C, D, E, F, G]:
+    # d = [0, h(A)/h(root) = 1/2, 1, 1, 1]. The coarse-only B has the level-1 term alone: d = [1, 0]
+    soft.loss_beta = 1.0
+    lp1, lp2 = out["level1"].log_softmax(1), out["level2"].log_softmax(1)
+    e = math.exp
+    y1 = torch.tensor([1, e(-1)]) / (1 + e(-1))
+    y2 = torch.tensor([1, e(-0.5), e(-1), e(-1), e(-1)]) / (1 + e(-0.5) + 3 * e(-1))
+    y1b = torch.tensor([e(-1), 1]) / (1 + e(-1))
+    expected = -((y1 * lp1[0]).sum() + (y2 * lp2[0]).sum() + (y1b * lp1[3]).sum()) / 2
+    assert float(soft.loss({k: v[[0, 3]] for k, v in out.items()}, torch.tensor([3, 2]))) == pytest.approx(
+        float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="model.loss_type 'hxe'"):
+        create_model("guo_multihead", tree, loss_type="hxe", **kw)

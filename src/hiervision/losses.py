@@ -47,9 +47,15 @@ def _lca_height(taxonomy: Taxonomy, a: torch.Tensor, b: torch.Tensor) -> torch.T
 
 
 def soft_label_targets(taxonomy: Taxonomy, targets: torch.Tensor, classes: torch.Tensor, beta: float) -> torch.Tensor:
-    """``(B, C)`` soft labels ``∝ exp(−β·height(lca(class, target)) / height(root))``."""
-    root_h = max(taxonomy.heights[0], 1)
-    d = _lca_height(taxonomy, classes.unsqueeze(0), targets.unsqueeze(1)) / root_h
+    """``(B, C)`` soft labels ``∝ exp(−β·d)``, ``d = (h(lca(class, target)) − h(target)) / (h(root) − h(target))``.
+
+    For a leaf target this is Bertinetto et al.'s LCA height over the tree's height; measuring from the
+    target's own height keeps the target (and, for a coarse target, every class under it) at distance 0,
+    so the same rule serves a head over one level of inner nodes."""
+    heights = torch.tensor(taxonomy.heights, dtype=torch.float32, device=targets.device)
+    h_t = heights[targets].unsqueeze(1)
+    span = (heights[0] - h_t).clamp(min=1)
+    d = (_lca_height(taxonomy, classes.unsqueeze(0), targets.unsqueeze(1)) - h_t).clamp(min=0) / span
     return torch.softmax(-beta * d, dim=1)
 
 
