@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from hiervision.cli import main
-from hiervision.decisions import load_decisions
+from hiervision.decisions import hedge_lambda, load_decisions
 from hiervision.training import load_run
 
 
@@ -33,6 +33,10 @@ def test_evaluate_reports_hedged_and_calibration(run_dir, capsys):
     assert set(hedged) >= {"information_gain", "specificity", "depths", "baseline", "conformal"}
     assert {"ece", "ece_per_level", "hdist@1", "hdist@5", "hdist@20"} <= set(out)
     assert out["decode"] == "argmax"
+    assert hedge_lambda(run_dir, 0.9) == hedged["lambda"]  # stored for predict --accuracy
+    with pytest.raises(ValueError, match="no hedging λ for accuracy 0.97"):
+        hedge_lambda(run_dir, 0.97)
+    (run_dir / "decisions.json").unlink()
 
 
 def test_evaluate_crm_decode(run_dir, capsys):

@@ -82,9 +82,10 @@ def _temperature(run_dir: str | Path, model) -> float:
 def evaluate_decisions(run_dir: str | Path, model, data, split: str, batch_size: int, amp,
                        accuracy: float | None = None, decode: str = "argmax") -> dict:
     """Metrics of a split on the run's calibrated scores (``decode``: argmax | crm), plus, with an
-    ``accuracy`` target, the ``hedged`` entry (λ fitted on the val split; :func:`hedged_evaluation`)."""
+    ``accuracy`` target, the ``hedged`` entry (λ fitted on the val split; :func:`hedged_evaluation`),
+    whose λ is also stored in the run's ``decisions.json`` for ``predict``."""
     from hiervision import metrics as M
-    from hiervision.decisions import calibrate, hedged_evaluation
+    from hiervision.decisions import calibrate, hedged_evaluation, load_decisions, save_decisions
     from hiervision.training import predict_dataset
 
     if accuracy is not None and not 0 < accuracy < 1:
@@ -105,6 +106,9 @@ def evaluate_decisions(run_dir: str | Path, model, data, split: str, batch_size:
         val, val_targets = (pred, targets) if split == "val" else predict_dataset(model, data, data.val, batch_size,
                                                                                   device, amp)
         result["hedged"] = hedged_evaluation(val, val_targets, pred, targets, data.taxonomy, accuracy, temperature)
+        # keep λ for `predict --accuracy` and the server (hiervision.decisions.hedge_lambda)
+        fitted = load_decisions(run_dir).get("hedge", {})
+        save_decisions(run_dir, hedge={**fitted, str(accuracy): result["hedged"]["lambda"]})
     return result
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "fit_lambda",
     "fit_temperature",
     "hedge",
+    "hedge_lambda",
     "hedged_evaluation",
     "hedged_records",
     "hedged_report",
@@ -467,6 +468,18 @@ def save_decisions(run_dir: str | os.PathLike, **values) -> Path:
     tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def hedge_lambda(run_dir: str | os.PathLike, target: float) -> float:
+    """The λ stored for an accuracy target in the run's ``decisions.json`` (by training's post-hoc step
+    or ``hiervision evaluate RUN --accuracy TARGET``); one clear error when there is none."""
+    fitted = load_decisions(run_dir).get("hedge", {})
+    for key, lam in fitted.items():
+        if math.isclose(float(key), float(target)):
+            return float(lam)
+    have = ", ".join(sorted(fitted)) or "none"
+    raise ValueError(f"{Path(run_dir) / DECISIONS_FILE}: no hedging λ for accuracy {target} (fitted: {have}); "
+                     f"run `hiervision evaluate {run_dir} --accuracy {target}` first")
 
 
 def load_decisions(run_dir: str | os.PathLike) -> dict:
