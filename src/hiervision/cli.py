@@ -80,7 +80,8 @@ def _temperature(run_dir: str | Path, model) -> float:
 
 
 def evaluate_decisions(run_dir: str | Path, model, data, split: str, batch_size: int, amp,
-                       accuracy: float | None = None, decode: str = "argmax") -> dict:
+                       accuracy: float | None = None, decode: str = "argmax",
+                       device: torch.device | None = None) -> dict:
     """Metrics of a split on the run's calibrated scores (``decode``: argmax | crm), plus, with an
     ``accuracy`` target, the ``hedged`` entry (λ fitted on the val split; :func:`hedged_evaluation`),
     whose λ is also stored in the run's ``decisions.json`` for ``predict``."""
@@ -92,7 +93,7 @@ def evaluate_decisions(run_dir: str | Path, model, data, split: str, batch_size:
         raise ValueError(f"--accuracy must lie in (0, 1), got {accuracy}")
     if data.multi_label:
         raise ValueError("--accuracy and --decode crm apply to single-label runs only")
-    device = torch.device("cpu")
+    device = device or torch.device("cpu")
     sets = {"train": data.train, "val": data.val, "test": data.test}
     t0 = time.perf_counter()
     pred, targets = predict_dataset(model, data, sets[split], batch_size, device, amp)
