@@ -8,6 +8,7 @@
     python benchmarks/run.py --profile comparison     # issue 14: every method vs flat, 3 seeds, paired, resumable
                                                       # (--status, --budget gpu --device cuda, --only M/D,
                                                       #  --max-hours H; see benchmarks/comparison.py)
+    python benchmarks/run.py --profile losses         # soft labels / HXE vs cross-entropy (configs/decisions)
 
 Every row is mean ± std over the seeds. Each profile writes its own section of
 ``benchmarks/RESULTS.md`` (replacing that section only), ``benchmarks/results/<profile>.json`` with
@@ -157,6 +158,26 @@ PROFILES: dict[str, dict] = {
                    {"run": "HierNet (tiny) WordNet tree, conditional", "metrics": "routing"})]],
         ],
     },
+    # Bertinetto et al.'s hierarchy-aware losses on the flat model (configs/decisions): top-1 against
+    # mistake severity and hdist@5, cross-entropy first
+    "losses": {
+        "description": "flat ResNet-20 with cross-entropy, soft labels (beta 4/10/30) and HXE (alpha 0.1/0.4/0.6): "
+        "Fashion-MNIST (3-level tree, 3 epochs) and Tiny-ImageNet (WordNet tree, 32x32, 5 epochs)",
+        "seeds": [0, 1, 2],
+        "rows": [
+            *[(label, cfg, ["train.epochs=3"], "Fashion-MNIST")
+              for label, cfg in [("cross-entropy", "fmnist-flat.yaml"),
+                                 *[(f"soft labels β={b}", f"decisions/fmnist-flat-soft-b{b}.yaml")
+                                   for b in (4, 10, 30)],
+                                 *[(f"HXE α={a}", f"decisions/fmnist-flat-hxe-a{a}.yaml") for a in (0.1, 0.4, 0.6)]]],
+            *[(label, cfg, ["train.epochs=5"], "Tiny-ImageNet")
+              for label, cfg in [("cross-entropy (tiny)", "tinyimagenet-flat.yaml"),
+                                 *[(f"soft labels β={b} (tiny)", f"decisions/tinyimagenet-flat-soft-b{b}.yaml")
+                                   for b in (4, 10, 30)],
+                                 *[(f"HXE α={a} (tiny)", f"decisions/tinyimagenet-flat-hxe-a{a}.yaml")
+                                   for a in (0.1, 0.4, 0.6)]]],
+        ],
+    },
 }
 
 COLUMNS = [
@@ -167,6 +188,8 @@ COLUMNS = [
     ("node_accuracy", "node acc"),
     ("hierarchical_f1", "hier. F1"),
     ("mistake_severity", "mistake sev."),
+    ("hdist@5", "hdist@5"),
+    ("ece", "ECE"),
     ("valid_path_rate", "valid paths"),
     ("pseudo_label_accuracy", "pseudo-label acc"),
     ("eval_images_per_s", "eval img/s"),

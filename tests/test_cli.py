@@ -47,7 +47,7 @@ def test_user_errors_are_one_line(run_dir, tmp_path, capsys):
     bad.write_bytes(b"not an image")
     assert main(["predict", str(run_dir), str(bad)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "bad.png: not a readable image" in err
+    assert err.count("\n") == 0 and "bad.png: cannot read image" in err
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {name: synthetic}\ntrain: {epohcs: 1}\n")

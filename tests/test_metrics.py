@@ -256,6 +256,10 @@ def test_evaluate_single_label(tree):
     # true paths of length 1 (A: predicted A/C, too deep), 2 (C wrong, E right) and 3 (H right)
     assert report.pop("path_accuracy_by_length") == {1: 0.0, 2: 0.5, 3: 1.0}
     assert report.pop("length_diagnostics") == length_diagnostics(pred, target_paths(torch.tensor(TARGETS), tree))
+    # calibration and distance @k have their own hand-computed tests (test_decisions.py)
+    decision_keys = {"ece", "ece_mass", "ece_per_level", "ece_per_level_mass", "hdist@1", "hdist@5", "hdist@20"}
+    assert decision_keys <= set(report)
+    decision_values = {k: report.pop(k) for k in decision_keys}
     assert report == pytest.approx(
         {
             "path_accuracy": 0.5,
@@ -276,7 +280,7 @@ def test_evaluate_single_label(tree):
     assert as_paths.pop("level_accuracy") == pytest.approx([1.0, 2 / 3, 1.0])
     assert as_paths.pop("path_accuracy_by_length") == {1: 0.0, 2: 0.5, 3: 1.0}
     as_paths.pop("length_diagnostics")
-    assert as_paths == report
+    assert as_paths == {**report, **decision_values}
     # no mistakes: severity is None, still JSON
     perfect = evaluate(Prediction(tree.encode_paths([H, E]), torch.zeros(2, 9), torch.ones(2)), [H, E], tree)
     assert perfect["mistake_severity"] is None and perfect["path_accuracy"] == 1.0

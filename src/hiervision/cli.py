@@ -65,8 +65,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.mode not in model.eval_modes:
             raise ValueError(f"--mode {args.mode}: model {cfg['model']['name']} has modes {list(model.eval_modes)}")
         model.set_eval_mode(args.mode)
-    result = evaluate_split(model, data, args.split, cfg["eval"]["batch_size"], device, amp,
-                            given_level=args.given_level)
+    decode = args.decode or cfg["eval"].get("decode", "argmax")
+    if args.accuracy is not None or decode != "argmax" or _temperature(args.run_dir, model) != 1.0:
+        if args.given_level is not None:
+            raise ValueError("--given-level cannot be combined with --accuracy, --decode crm or a calibrated run")
+        result = evaluate_decisions(args.run_dir, model, data, args.split, cfg["eval"]["batch_size"], amp,
+                                    args.accuracy, decode, device)
+    else:
+        result = evaluate_split(model, data, args.split, cfg["eval"]["batch_size"], device, amp,
+                                given_level=args.given_level)
     result["split"] = args.split
     if args.given_level is not None:
         result["given_level"] = args.given_level
@@ -81,6 +88,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result["report"] = str(Path(args.report) / "index.html")
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _temperature(run_dir: str | Path, model) -> float:
+    """The run's calibration temperature: the checkpoint's buffer, else ``decisions.json``, else 1."""
+    from hiervision.decisions import load_decisions
+
+    t = float(getattr(model, "temperature", 1.0))
+    return t if t != 1.0 else float(load_decisions(run_dir).get("temperature", 1.0))
+
+
+def evaluate_decisions(run_dir: str | Path, model, data, split: str, batch_size: int, amp,
+                       accuracy: float | None = None, decode: str = "argmax",
+                       device: torch.device | None = None) -> dict:
+    """Metrics of a split on the run's calibrated scores (``decode``: argmax | crm), plus, with an
+    ``accuracy`` target, the ``hedged`` entry (λ fitted on the val split; :func:`hedged_evaluation`),
+    whose λ is also stored in the run's ``decisions.json`` for ``predict``."""
+    from hiervision import metrics as M
+    from hiervision.decisions import calibrate, hedged_evaluation, load_decisions, save_decisions
+    from hiervision.training import predict_dataset
+
+    if accuracy is not None and not 0 < accuracy < 1:
+        raise ValueError(f"--accuracy must lie in (0, 1), got {accuracy}")
+    if data.multi_label:
+        raise ValueError("--accuracy and --decode crm apply to single-label runs only")
+    device = device or torch.device("cpu")
+    sets = {"train": data.train, "val": data.val, "test": data.test}
+    t0 = time.perf_counter()
+    pred, targets = predict_dataset(model, data, sets[split], batch_size, device, amp)
+    seconds = time.perf_counter() - t0
+    temperature = _temperature(run_dir, model)
+    result = {**M.evaluate(calibrate(pred, data.taxonomy, temperature, decode), targets, data.taxonomy),
+              "eval_images_per_s": len(targets) / max(seconds, 1e-9), "decode": decode, "temperature": temperature}
+    if accuracy is not None:
+        if data.val is None or len(data.val) == 0:
+            raise ValueError(f"{run_dir}: --accuracy needs a validation split to fit λ (data.val_fraction is 0)")
+        val, val_targets = (pred, targets) if split == "val" else predict_dataset(model, data, data.val, batch_size,
+                                                                                  device, amp)
+        result["hedged"] = hedged_evaluation(val, val_targets, pred, targets, data.taxonomy, accuracy, temperature)
+        # keep λ for `predict --accuracy` and the server (hiervision.decisions.hedge_lambda)
+        fitted = load_decisions(run_dir).get("hedge", {})
+        save_decisions(run_dir, hedge={**fitted, str(accuracy): result["hedged"]["lambda"]})
+    return result
 
 
 def _image_files(inputs: list[str]) -> list[Path]:
@@ -302,6 +351,10 @@ DEMO_BASE = {
     "train": {"epochs": 3, "batch_size": 128, "lr": 0.1, "warmup_epochs": 0.2,
               "augment": {"pad": 2, "flip": True}},
 }
+# the default demo's budget (≤ 3 min on 2 CPU cores without bf16); `demo --full` keeps DEMO_BASE's
+DEMO_QUICK = {"data": {"limit_train": 4000, "limit_test": 4000}, "train": {"epochs": 2}}
+#: accuracy target of the demo table's hedged answer (Deng et al.'s DARTS, λ fitted on validation)
+DEMO_HEDGE_TARGET = 0.95
 # (table label, config overrides): every method of the package, same backbone, seed and budget
 DEMO_METHODS: list[tuple[str, dict]] = [
     ("flat (leaf softmax)", {"model": {"name": "flat"}}),
@@ -320,16 +373,34 @@ DEMO_METHODS: list[tuple[str, dict]] = [
 ]
 
 
+def _demo_hedged(run: Path, target: float) -> dict:
+    """Calibrate a finished demo run on its val split and report the hedged answer on test."""
+    from hiervision.data import build_data
+    from hiervision.decisions import fit_decisions, hedged_evaluation
+    from hiervision.training import load_run, predict_dataset
+
+    cfg, taxonomy, model, _ = load_run(run)
+    data = build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])})
+    bs, device = cfg["eval"]["batch_size"], torch.device("cpu")
+    val, val_t = predict_dataset(model, data, data.val, bs, device, None)
+    test, test_t = predict_dataset(model, data, data.test, bs, device, None)
+    temperature = fit_decisions(model, val, val_t, taxonomy, run, targets=(target,))["temperature"]
+    return hedged_evaluation(val, val_t, test, test_t, taxonomy, target, temperature)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hiervision.training import train
 
     base = merge(DEMO_BASE, {"train": {"progress": not args.quiet}})
+    if not args.full:
+        base = merge(base, DEMO_QUICK)
     if args.epochs:
         base["train"]["epochs"] = args.epochs
     if args.limit_train:
         base["data"]["limit_train"] = args.limit_train
     rows, m = [], {}
     flat = str(Path(args.out) / "flat" / "best.pt")
+    target = DEMO_HEDGE_TARGET
     for label, overrides in DEMO_METHODS:
         cfg = merge(merge(load_config(), base), overrides)
         if cfg["model"].get("backbone_kwargs", {}).get("pretrained_path") == "{flat}":
@@ -338,18 +409,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"== {label}")
         t0 = time.perf_counter()
         m = train(cfg, out, resume=False)
-        rows.append((label, m["leaf_accuracy"], m["path_accuracy"], m["node_accuracy"], time.perf_counter() - t0))
+        hedged = _demo_hedged(out, target)
+        rows.append((label, m["leaf_accuracy"], m["path_accuracy"], m["hdist@5"], hedged["accuracy"],
+                     hedged["information_gain"], time.perf_counter() - t0))
         if "routing" in m:
             r = m["routing"]
-            rows.append(("HierNet routing", r["leaf_accuracy"], r["path_accuracy"], r["node_accuracy"], 0.0))
+            rows.append(("HierNet routing", r["leaf_accuracy"], r["path_accuracy"], r["hdist@5"], None, None, 0.0))
     real = m.get("data") == "fashion_mnist"
     data = "Fashion-MNIST (real)" if real else "synthetic images (fallback)"
-    print(f"\n{data}, {base['model']['backbone']}, {base['train']['epochs']} epochs, seed {base['seed']}")
+    budget = f"{base['data']['limit_train']} training images" + ("" if args.full else " (--full: 20000, 3 epochs)")
+    print(f"\n{data}, {base['model']['backbone']}, {base['train']['epochs']} epochs, {budget}, seed {base['seed']}")
     if not real:
         print(f"note: {m.get('data_note')}")
-    print(f"{'method':<24}{'leaf acc':>10}{'path acc':>10}{'node acc':>10}{'time s':>9}")
-    for label, leaf, path, node, secs in rows:
-        print(f"{label:<24}{leaf:>10.4f}{path:>10.4f}{node:>10.4f}{secs:>9.1f}")
+    print(f"hedged: DARTS answers at target accuracy {target} (λ and temperature fitted on val), "
+          "info = information gain in nats (log #leaves = always the right leaf)")
+    print(f"{'method':<24}{'leaf acc':>9}{'path acc':>9}{'hdist@5':>9}{'hedged':>8}{'info':>7}{'time s':>8}")
+    for label, leaf, path, hd5, hacc, info, secs in rows:
+        h = f"{hacc:>8.4f}{info:>7.3f}" if hacc is not None else f"{'-':>8}{'-':>7}"
+        print(f"{label:<24}{leaf:>9.4f}{path:>9.4f}{hd5:>9.3f}{h}{secs:>8.1f}")
     return 0
 
 
@@ -430,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", choices=["best", "last"], default="best")
     e.add_argument("--given-level", type=int, default=None, metavar="DEPTH",
                    help="give the model each image's true ancestor at this depth (Guo et al.'s CNN-RNN*)")
+    e.add_argument("--accuracy", type=float, default=None, metavar="TARGET",
+                   help="also report hedged answers (Deng et al.'s DARTS) reaching this accuracy, e.g. 0.99; "
+                        "λ is fitted on the val split")
+    e.add_argument("--decode", choices=["argmax", "crm"], default=None,
+                   help="crm: the leaf of least expected mistake severity (Karthik et al.); default eval.decode")
     e.add_argument("--mode", default=None, help="how the model predicts, where it has several ways "
                    "(hiernet: conditional | routing)")
     e.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda | cuda:N")
@@ -507,8 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train every method side by side on Fashion-MNIST and print one table")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=None, help="epochs per method (default 3)")
-    d.add_argument("--limit-train", type=int, default=None, help="training images (default 20000)")
+    d.add_argument("--epochs", type=int, default=None, help="epochs per method (default 2; --full 3)")
+    d.add_argument("--limit-train", type=int, default=None, help="training images (default 4000; --full 20000)")
+    d.add_argument("--full", action="store_true", help="the larger budget of the README's table (≈ 13 min on "
+                   "2 cores) instead of the ≤ 3 min default")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
     return p

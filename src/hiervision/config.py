@@ -83,8 +83,10 @@ DEFAULTS: dict[str, Any] = {
         "max_loss": 1.0e4,
     },
     # select: val metric that picks best.pt; given_level: also report test metrics when each image's
-    # true ancestor at that depth is given (Guo et al.'s CNN-RNN*)
-    "eval": {"batch_size": 512, "select": "auto", "given_level": None},
+    # true ancestor at that depth is given (Guo et al.'s CNN-RNN*); calibrate: fit a temperature and the
+    # hedging multipliers on the val split after training (hiervision.decisions); decode: argmax | crm
+    "eval": {"batch_size": 512, "select": "auto", "given_level": None, "calibrate": True, "decode": "argmax",
+             "hedge_targets": [0.9, 0.95, 0.99]},
 }
 
 

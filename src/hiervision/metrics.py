@@ -21,11 +21,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from hiervision.decisions import end_distribution, lca_heights, node_marginals
 from hiervision.decoding import Prediction, last_node
 from hiervision.taxonomy import PAD, Taxonomy
 
 __all__ = [
+    "calibration_points",
+    "calibration_report",
     "evaluate",
+    "expected_calibration_error",
+    "hierarchical_distance_at_k",
     "hierarchical_prf",
     "leaf_accuracy",
     "length_diagnostics",
@@ -465,7 +470,10 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
       ``path_accuracy``, ``node_accuracy``, ``level_accuracy`` (list), ``path_accuracy_by_length``
       (``{length: accuracy}``), ``length_diagnostics`` (:func:`length_diagnostics`), ``leaf_accuracy``,
       ``hierarchical_precision/recall/f1`` (micro), ``hierarchical_f1_macro``, ``mistake_severity``
-      (``None`` without mistakes), ``valid_path_rate``, ``num_samples``;
+      (``None`` without mistakes), ``valid_path_rate``, ``num_samples``; from the scores' end-class
+      distribution (:func:`~hiervision.decisions.end_distribution`): ``ece``, ``ece_mass``,
+      ``ece_per_level``, ``ece_per_level_mass`` (:func:`calibration_report`) and ``hdist@1/5/20``
+      (:func:`hierarchical_distance_at_k`; 1-D node-id targets only);
     * multi-label — ``(B, N+1)`` bool or float marks: ``path_f1``, ``path_precision``,
       ``path_recall``, ``node_f1``, ``num_samples``. Marks may be path ends or ancestor-closed sets
       (:meth:`Taxonomy.encode_multihot`): both are reduced to the deepest marked nodes, the form
@@ -497,6 +505,11 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
     true = target_paths(targets, taxonomy) if targets.dim() == 1 else _as_paths(targets)
     pred = prediction.paths.long()
     hp, hr, hf = hierarchical_prf(pred, true, taxonomy, "micro")
+    decisions: dict = {}
+    if len(true):
+        q = end_distribution(prediction, taxonomy)
+        end = last_node(true)
+        decisions = {**calibration_report(q, end, taxonomy), **hierarchical_distance_at_k(q, end, taxonomy)}
     return {
         "path_accuracy": path_accuracy(pred, true),
         "node_accuracy": node_accuracy(pred, true),
@@ -510,5 +523,90 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
         "hierarchical_f1_macro": hierarchical_prf(pred, true, taxonomy, "macro")[2],
         "mistake_severity": mistake_severity(last_node(pred), last_node(true), taxonomy),
         "valid_path_rate": valid_path_rate(pred, taxonomy),
+        **decisions,
         "num_samples": len(true),
     }
+
+
+# ---------------------------------------------------------------------- calibration and distance @k
+def expected_calibration_error(
+    confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15, scheme: Literal["width", "mass"] = "width"
+) -> float:
+    """ECE: ``Σ_b (n_b/n)·|accuracy_b − confidence_b|`` over confidence bins (Naeini et al., 2015).
+
+    ``width``: ``bins`` equal intervals of [0, 1] (the usual ECE); ``mass``: bins holding equal numbers of
+    samples (less sensitive to empty bins when confidences pile up near 1).
+    """
+    conf = torch.as_tensor(confidence).double().reshape(-1)
+    ok = torch.as_tensor(correct).double().reshape(-1).to(conf.device)
+    n = len(conf)
+    if n == 0:
+        return 0.0
+    if scheme == "width":
+        idx = (conf * bins).long().clamp(0, bins - 1)
+    elif scheme == "mass":
+        order = conf.argsort()
+        idx = torch.empty_like(order)
+        idx[order] = torch.arange(n, device=conf.device) * bins // n
+    else:
+        raise ValueError(f"ECE bins must be 'width' or 'mass', got {scheme!r}")
+    count = torch.bincount(idx, minlength=bins).double()
+    gap = torch.bincount(idx, ok, minlength=bins) - torch.bincount(idx, conf, minlength=bins)
+    return float(gap.abs().sum() / n) if count.sum() else 0.0
+
+
+def calibration_points(
+    q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(confidence, correct)`` per level, then for the end class (the last entry): at level d the
+    confidence is the largest marginal among the nodes at depth d and it is correct when that node is
+    the target's ancestor there; samples whose target does not reach depth d are left out."""
+    targets = torch.as_tensor(targets).long().to(q.device)
+    m = node_marginals(q, taxonomy)
+    true = taxonomy.encode_paths(targets)
+    out = []
+    for d, level in enumerate(taxonomy.levels):
+        ids = torch.tensor(level, device=q.device)
+        conf, arg = m[:, ids].max(1)
+        has = true[:, d] != PAD
+        out.append((conf[has], (ids[arg] == true[:, d])[has]))
+    conf, arg = q.max(1)
+    out.append((conf, arg == targets))
+    return out
+
+
+def calibration_report(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, bins: int = 15) -> dict:
+    """``ece`` (top-1 end class, equal-width bins), ``ece_mass`` (equal-mass bins) and the same per level
+    (``ece_per_level``, ``ece_per_level_mass``) from an end-class distribution
+    (:func:`hiervision.decisions.end_distribution`)."""
+    pts = calibration_points(q, targets, taxonomy)
+    return {
+        "ece": expected_calibration_error(*pts[-1], bins, "width"),
+        "ece_mass": expected_calibration_error(*pts[-1], bins, "mass"),
+        "ece_per_level": [expected_calibration_error(c, k, bins, "width") for c, k in pts[:-1]],
+        "ece_per_level_mass": [expected_calibration_error(c, k, bins, "mass") for c, k in pts[:-1]],
+    }
+
+
+def hierarchical_distance_at_k(
+    q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, ks: Sequence[int] = (1, 5, 20),
+    ranking: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Bertinetto et al.'s average hierarchical distance @k: the mean height of the lowest common
+    ancestor of the target and each of the k top-ranked end classes, over **all** samples (right ones
+    count 0 at rank 1). Ranking is by ``q`` (or lower ``ranking`` first, e.g. CRM's expected risk);
+    k is capped at the number of end classes."""
+    targets = torch.as_tensor(targets).long().to(q.device)
+    h = lca_heights(taxonomy, q.device)
+    classes = (q > 0).any(0) | _leaf_mask(taxonomy, q.device)
+    key = (q if ranking is None else -ranking).masked_fill(~classes, float("-inf"))
+    kmax = min(max(ks), int(classes.sum()))
+    top = key.topk(kmax, dim=1).indices  # (B, k)
+    dist = h[targets.unsqueeze(1), top]  # (B, k)
+    return {f"hdist@{k}": float(dist[:, : min(k, kmax)].mean()) if len(q) else 0.0 for k in ks}
+
+
+def _leaf_mask(taxonomy: Taxonomy, device: torch.device | str) -> torch.Tensor:
+    mask = torch.zeros(taxonomy.num_nodes, dtype=torch.bool, device=device)
+    mask[list(taxonomy.leaves)] = True
+    return mask

@@ -61,6 +61,14 @@ class HierarchicalClassifier(nn.Module):
         )
         # decision threshold for multi-label decoding, tuned on validation data and saved with the weights
         self.register_buffer("threshold", torch.tensor(0.5))
+        # calibration temperature fitted on validation data after training (hiervision.decisions): it
+        # rescales the end-class distribution read from the node scores, never the argmax
+        self.register_buffer("temperature", torch.tensor(1.0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # checkpoints written before the temperature existed load as uncalibrated (T = 1)
+        state_dict.setdefault(prefix + "temperature", torch.tensor(1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- to override ---------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

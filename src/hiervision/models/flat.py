@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hiervision.decoding import Prediction, multi_label_prediction
+from hiervision.losses import check_loss_type, chmcnn_loss, hxe_loss, max_constraint, soft_label_loss
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
@@ -28,6 +29,10 @@ class FlatClassifier(HierarchicalClassifier):
 
     Multi-label: one sigmoid per node, trained with binary cross-entropy on the ancestor-closed
     label set; decoding keeps paths whose nodes all pass the stored threshold.
+
+    ``loss_type`` (:mod:`hiervision.losses`): single-label ``ce`` | ``soft_labels`` (``loss_beta``) |
+    ``hxe`` (``loss_alpha``); multi-label ``ce`` | ``chmcnn`` (whose max-constraint module also shapes
+    the decoded scores, so thresholded outputs are coherent).
     """
 
     def __init__(
@@ -40,8 +45,14 @@ class FlatClassifier(HierarchicalClassifier):
         dropout: float = 0.0,
         backbone_kwargs: dict | None = None,
         image_size: int | tuple[int, int] = 32,
+        loss_type: str = "ce",
+        loss_beta: float = 10.0,
+        loss_alpha: float = 0.1,
     ) -> None:
         super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
+        supported = ("ce", "chmcnn") if multi_label else ("ce", "soft_labels", "hxe")
+        self.loss_type = check_loss_type(loss_type, supported, "multi-label flat" if multi_label else "flat")
+        self.loss_beta, self.loss_alpha = float(loss_beta), float(loss_alpha)
         if end_nodes not in ("leaves", "all"):
             raise ValueError(f"model.end_nodes must be 'leaves' or 'all', got {end_nodes!r}")
         self.end_nodes = end_nodes
@@ -61,9 +72,15 @@ class FlatClassifier(HierarchicalClassifier):
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         logits = outputs["logits"].float()
         if self.multi_label:
-            closed = self.taxonomy.close_upwards(targets.bool()).float()[:, 1:]
-            return F.binary_cross_entropy_with_logits(logits, closed)
+            closed = self.taxonomy.close_upwards(targets.bool()).float()
+            if self.loss_type == "chmcnn":
+                return chmcnn_loss(F.pad(logits, (1, 0)), closed, self.taxonomy)
+            return F.binary_cross_entropy_with_logits(logits, closed[:, 1:])
         logp = F.log_softmax(logits, dim=1)
+        if self.loss_type == "soft_labels":
+            return soft_label_loss(logp, targets, self.classes, self.taxonomy, self.loss_beta)
+        if self.loss_type == "hxe":
+            return hxe_loss(logp, targets, self.classes, self.taxonomy, self.loss_alpha)
         if self.end_nodes == "all":
             # every node is its own class: an inner target means "the path ends here"
             return F.nll_loss(logp, targets - 1)
@@ -73,7 +90,10 @@ class FlatClassifier(HierarchicalClassifier):
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
         logits = outputs["logits"].float()
         if self.multi_label:
-            return multi_label_prediction(self.taxonomy, F.pad(torch.sigmoid(logits), (1, 0)), float(self.threshold))
+            scores = F.pad(torch.sigmoid(logits), (1, 0))
+            if self.loss_type == "chmcnn":
+                scores = max_constraint(scores, self.taxonomy)
+            return multi_label_prediction(self.taxonomy, scores, float(self.threshold))
         return self._best_class(logits.softmax(1))
 
     def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:

@@ -35,6 +35,7 @@ from hiervision.decoding import (
     scheduled_feed,
     transition_mask,
 )
+from hiervision.losses import check_loss_type, soft_label_targets
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy
@@ -273,8 +274,13 @@ class MultiHeadGenerator(HierarchicalClassifier):
         levels: Sequence[int] | None = None,
         dropout: float = 0.0,
         decode: str = "independent",
+        loss_type: str = "ce",
+        loss_beta: float = 10.0,
     ) -> None:
         super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
+        # soft labels per level (Bertinetto et al.): each head's target spread over its level by LCA height
+        self.loss_type = check_loss_type(loss_type, ("ce", "soft_labels"), "guo_multihead")
+        self.loss_beta = float(loss_beta)
         depth = taxonomy.max_depth
         if multi_label:
             raise ValueError("model guo_multihead is single-label; multi-label data needs flat or dhnn_s2s")
@@ -319,6 +325,14 @@ class MultiHeadGenerator(HierarchicalClassifier):
         return {f"level{lv}": o for lv, o in zip(self.levels, outs)}
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        if self.loss_type == "soft_labels":
+            paths = self.taxonomy.encode_paths(targets)
+            total = outputs[f"level{self.levels[0]}"].new_zeros((), dtype=torch.float32)
+            for lv in self.levels:
+                has = paths[:, lv - 1] != PAD
+                y = soft_label_targets(self.taxonomy, paths[has, lv - 1], getattr(self, f"nodes{lv}"), self.loss_beta)
+                total = total - (y * outputs[f"level{lv}"].float()[has].log_softmax(1)).sum()
+            return total / len(targets)
         pos = self.taxonomy.encode_level_positions(targets)  # (B, D) index within each level, IGNORE past the end
         total = sum(F.cross_entropy(outputs[f"level{lv}"].float(), pos[:, lv - 1], ignore_index=IGNORE,
                                     reduction="sum") for lv in self.levels)

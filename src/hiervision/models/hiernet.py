@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from hiervision.decoding import Prediction, best_leaf_below, end_mask
+from hiervision.losses import check_loss_type, hxe_loss, soft_label_loss
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
@@ -79,10 +80,16 @@ class HierNet(HierarchicalClassifier):
         extra_blocks: int = 0,
         dropout: float = 0.0,
         eval_mode: str = "conditional",
+        loss_type: str = "ce",
+        loss_beta: float = 10.0,
+        loss_alpha: float = 0.1,
     ) -> None:
         super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
         if multi_label:
             raise ValueError("model hiernet is single-label (one route per image)")
+        # the conditional output is a softmax over the leaves (products of routers): the flat losses apply
+        self.loss_type = check_loss_type(loss_type, ("ce", "soft_labels", "hxe"), "hiernet")
+        self.loss_beta, self.loss_alpha = float(loss_beta), float(loss_alpha)
         net = self.backbone
         if not hasattr(net, "stem") or not hasattr(net, "blocks"):
             raise ValueError(f"model hiernet: backbone {type(net).__name__} has no 'stem' and 'blocks' to cut")
@@ -207,7 +214,13 @@ class HierNet(HierarchicalClassifier):
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         # cross-entropy on the conditional output; a coarse-only label: -log P(route passes its node)
-        return -outputs["node_logprob"].gather(1, targets.unsqueeze(1)).mean()
+        if self.loss_type == "ce":
+            return -outputs["node_logprob"].gather(1, targets.unsqueeze(1)).mean()
+        leaves = self.leaf_mask.nonzero().squeeze(1)
+        logp = outputs["node_logprob"][:, leaves]
+        if self.loss_type == "soft_labels":
+            return soft_label_loss(logp, targets, leaves, self.taxonomy, self.loss_beta)
+        return hxe_loss(logp, targets, leaves, self.taxonomy, self.loss_alpha)
 
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
         paths = self.taxonomy.path_matrix

@@ -1,0 +1,548 @@
+"""Post-hoc decision rules on a model's node scores: calibration, hedged answers, mistake-aware decoding.
+
+Every rule reads one thing every model family produces, :attr:`Prediction.scores <hiervision.decoding.
+Prediction>`, turned into an *end-class distribution* ``q`` ``(B, N+1)`` (column 0 = 0, rows sum to 1) by
+:func:`end_distribution`. From ``q`` come coherent node marginals (:func:`node_marginals`: the
+probability that the truth lies under each node), and on those the rules work:
+
+* temperature scaling (:func:`apply_temperature`, :func:`fit_temperature`) — ``q ∝ q^(1/T)``; for the
+  flat softmax this is exactly dividing the logits by ``T``; for path-scoring heads (per-level softmaxes,
+  HierNet's routers, decoders) it scales the whole path's log-probability. It never changes the
+  argmax, so a model's decoded paths stay as they are; only probabilities move.
+* hedging (Deng et al., CVPR 2012, DARTS): :func:`hedge` predicts ``argmax_v (r(v) + λ)·p(v)`` with
+  ``r(v) = log|leaves| − log|leaves(v)|``; :func:`fit_lambda` picks the smallest ``λ`` meeting an
+  accuracy target on validation data. :func:`conformal_threshold`/:func:`conformal_nodes` give a
+  split-conformal variant with a finite-sample coverage guarantee; :func:`backoff_nodes` is the naive
+  baseline ("back off to the parent while its probability is below t").
+* CRM decoding (Karthik et al., ICLR 2021): :func:`crm_nodes`, the end class minimising the expected
+  height of the lowest common ancestor with the truth.
+
+The temperature and λ of a run live in ``decisions.json`` in the run folder (:func:`save_decisions`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from hiervision.decoding import Prediction, end_mask
+from hiervision.taxonomy import PAD, Taxonomy
+
+__all__ = [
+    "DECISIONS_FILE",
+    "DECODE_RULES",
+    "accuracy_specificity_curve",
+    "apply_temperature",
+    "calibrate",
+    "backoff_nodes",
+    "conformal_nodes",
+    "conformal_threshold",
+    "covers",
+    "crm_nodes",
+    "end_distribution",
+    "fit_backoff",
+    "fit_decisions",
+    "fit_lambda",
+    "fit_temperature",
+    "hedge",
+    "hedge_lambda",
+    "hedged_evaluation",
+    "hedged_records",
+    "hedged_report",
+    "lca_heights",
+    "load_decisions",
+    "node_marginals",
+    "plot_accuracy_specificity",
+    "plot_reliability",
+    "rewards",
+    "save_decisions",
+]
+
+DECISIONS_FILE = "decisions.json"
+#: ``eval.decode`` values: the model's own decoding, or Karthik et al.'s conditional risk minimisation
+DECODE_RULES = ("argmax", "crm")
+
+
+# ---------------------------------------------------------------------- distributions
+def end_distribution(
+    scores: torch.Tensor | Prediction, taxonomy: Taxonomy, ends: str = "leaves", temperature: float = 1.0
+) -> torch.Tensor:
+    """``(B, N+1)`` probability that each end class is the truth, from a model's node scores.
+
+    Node scores are read as "probability the truth lies under this node" and pushed down the tree:
+    a node's probability goes to its children in proportion to their scores, and mass its children do
+    not account for goes to the children the model did not score (a decoder that scores only its own
+    path; their subtrees then share it by their number of leaves), or — when every child has a score,
+    as with independent per-level softmaxes whose invalid paths lose mass — to the scored children in
+    proportion. Complete scores (flat softmax, HierNet) come back unchanged, and so does every score
+    on a decoder's path. With ``ends="all"`` (labels may stop at inner nodes) an inner node's score
+    minus its children's is its own "stops here" class. Then the temperature is applied
+    (:func:`apply_temperature`).
+    """
+    s = (scores.scores if isinstance(scores, Prediction) else scores).float().clamp(0, 1).clone()
+    s[:, 0] = 1.0  # the truth always lies under the root
+    mask = end_mask(taxonomy, ends).to(s.device)
+    parents = taxonomy.parent_tensor.to(s.device)
+    child_sum = torch.zeros_like(s).index_add_(1, parents[1:], s[:, 1:])
+    if ends == "all":
+        leaf = torch.zeros_like(mask)
+        leaf[list(taxonomy.leaves)] = True
+        q = torch.where(leaf, s, (s - child_sum).clamp(min=0)) * mask
+        return apply_temperature(q / q.sum(1, keepdim=True).clamp(min=1e-12), temperature)
+    n_leaves = (taxonomy.ancestor_matrix.to(s.device).float() * mask.float().unsqueeze(1)).sum(0)  # (N+1,)
+    n_leaves[0] = mask.sum()
+    rest = (s - child_sum).clamp(min=0)
+    unscored = s <= 0
+    n_unscored = torch.zeros_like(s).index_add_(1, parents[1:], unscored[:, 1:].float() * n_leaves[1:])
+    m = torch.zeros_like(s)
+    m[:, 0] = 1.0
+    for level in taxonomy.levels:  # top-down: a parent's final probability is known before its children's
+        idx = torch.tensor(level, dtype=torch.long, device=s.device)
+        par = parents[idx]
+        u, nu, cs = rest[:, par], n_unscored[:, par], child_sum[:, par]
+        w = s[:, idx] + torch.where(unscored[:, idx], u * n_leaves[idx] / nu.clamp(min=1), 0.0)
+        w = w + torch.where(nu > 0, 0.0, u * s[:, idx] / cs.clamp(min=1e-12))
+        total = torch.zeros_like(s).index_add_(1, par, w)[:, par]
+        share = torch.where(total > 0, w / total.clamp(min=1e-12), n_leaves[idx] / n_leaves[par].clamp(min=1))
+        m[:, idx] = m[:, par] * share
+    q = m * mask
+    q = q / q.sum(1, keepdim=True).clamp(min=1e-12)
+    return apply_temperature(q, temperature)
+
+
+def apply_temperature(q: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """``q ∝ q^(1/T)`` row-wise (``T > 1`` softens, ``T < 1`` sharpens); zeros stay zero."""
+    t = float(temperature)
+    if t <= 0 or not math.isfinite(t):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    if t == 1.0:
+        return q
+    logq = torch.log(q.clamp(min=1e-30)).masked_fill(q <= 0, float("-inf")) / t
+    return torch.softmax(logq, dim=1)
+
+
+def node_marginals(q: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
+    """``(B, N+1)`` probability that the truth lies under (or at) each node; the root's column is 1.
+    Coherent by construction: a parent is never below its child."""
+    anc = taxonomy.ancestor_matrix.to(q.device, q.dtype)
+    m = q @ anc
+    m[:, 0] = q.sum(1)
+    return m
+
+
+def _target_marginal(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
+    """``(B,)`` probability that ``q`` gives the target node (the mass of the end classes under it)."""
+    under = taxonomy.ancestor_matrix.to(q.device)[:, targets.to(q.device)].T  # (B, N+1) ends under target
+    return (q * under).sum(1)
+
+
+def fit_temperature(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy,
+                    bounds: tuple[float, float] = (0.05, 20.0), iters: int = 60) -> float:
+    """Temperature minimising the validation negative log-likelihood of the targets (Guo et al., 2017).
+
+    One scalar per model, found by golden-section search on ``log T`` (the NLL is unimodal there for a
+    softmax); coarse targets count by the mass of the end classes under them.
+    """
+    if len(q) == 0:
+        raise ValueError("fit_temperature needs at least one validation sample")
+    targets = torch.as_tensor(targets).long().to(q.device)
+
+    def nll(log_t: float) -> float:
+        p = _target_marginal(apply_temperature(q, math.exp(log_t)), targets, taxonomy)
+        return float(-torch.log(p.clamp(min=1e-12)).mean())
+
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(iters):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    return math.exp((lo + hi) / 2)
+
+
+# ---------------------------------------------------------------------- hedging (DARTS)
+def rewards(taxonomy: Taxonomy, ends: str = "leaves") -> torch.Tensor:
+    """``(N+1,)`` Deng et al.'s reward ``r(v) = log|ends| − log|ends under v|``: 0 at the root, largest
+    at an end class (information gained by the answer when it is right)."""
+    mask = end_mask(taxonomy, ends).float()
+    under = taxonomy.ancestor_matrix.float().T @ mask  # (N+1,) end classes at or below each node
+    under[0] = mask.sum()
+    return torch.log(mask.sum()) - torch.log(under.clamp(min=1))
+
+
+def hedge(marginals: torch.Tensor, taxonomy: Taxonomy, lam: float, ends: str = "leaves") -> torch.Tensor:
+    """DARTS: ``(B,)`` node ids ``argmax_v (r(v) + λ)·p(v)`` over every node, the root (id 0) included
+    (ties go to the deepest node).
+
+    ``marginals``: :func:`node_marginals` (probability the truth lies under each node). ``λ = 0`` answers
+    the most probable end class (for leaf rewards); ``λ → ∞`` backs off to the root, which is always right.
+    """
+    if lam < 0:
+        raise ValueError(f"hedging multiplier λ must be ≥ 0, got {lam}")
+    r = rewards(taxonomy, ends).to(marginals.device, marginals.dtype)
+    m = marginals.clone()
+    m[:, 0] = 1.0
+    score = (r + lam) * m
+    # a node with one child ties with it exactly (same leaves, same reward): answer the deeper, more
+    # specific one — a tolerance absorbs float noise between genuinely equal answers
+    best = score.max(1, keepdim=True).values
+    near = score >= best - 1e-6 * best.abs().clamp(min=1)
+    depth = taxonomy.depth_tensor.to(marginals.device)
+    return torch.where(near, depth, -1).argmax(1)
+
+
+def covers(nodes: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
+    """``(B,)`` bool: the answered node is the target or one of its ancestors (the root always is)."""
+    nodes = torch.as_tensor(nodes).long()
+    targets = torch.as_tensor(targets).long().to(nodes.device)
+    anc = taxonomy.ancestor_matrix.to(nodes.device)
+    return (nodes == 0) | anc[targets, nodes]
+
+
+def hedged_report(nodes: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, ends: str = "leaves") -> dict:
+    """Accuracy and specificity of node answers: ``accuracy`` (answer covers the truth),
+    ``information_gain`` (Deng et al.: mean ``r(v)`` of right answers, 0 for wrong ones, in nats),
+    ``specificity`` (the same divided by ``log|ends|``: 1 = always the right end class) and ``depths``
+    (share of answers at each depth, 0 = the root)."""
+    nodes = torch.as_tensor(nodes).long()
+    ok = covers(nodes, targets, taxonomy)
+    r = rewards(taxonomy, ends).to(nodes.device)[nodes] * ok
+    max_r = float(rewards(taxonomy, ends).max())
+    depth = taxonomy.depth_tensor.to(nodes.device)[nodes]
+    n = max(len(nodes), 1)
+    return {
+        "accuracy": float(ok.float().mean()) if len(nodes) else 0.0,
+        "information_gain": float(r.sum()) / n,
+        "specificity": float(r.sum()) / n / max_r if max_r > 0 else 0.0,
+        "depths": {int(d): int(c) / n for d, c in zip(*torch.unique(depth, return_counts=True), strict=True)},
+    }
+
+
+def fit_lambda(marginals: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, target_accuracy: float,
+               ends: str = "leaves", iters: int = 50) -> float:
+    """Smallest λ ≥ 0 (to bisection precision) whose hedged answers reach ``target_accuracy`` on these
+    (validation) samples — Deng et al.'s Algorithm 1. The upper end of the search is their bound
+    ``λ̄ = (r_max·(1−ε) − r_root)/ε``, beyond which answers only get less specific."""
+    if not 0 < target_accuracy <= 1:
+        raise ValueError(f"target accuracy must be in (0, 1], got {target_accuracy}")
+    targets = torch.as_tensor(targets).long().to(marginals.device)
+
+    def acc(lam: float) -> float:
+        return float(covers(hedge(marginals, taxonomy, lam, ends), targets, taxonomy).float().mean())
+
+    if acc(0.0) >= target_accuracy:
+        return 0.0
+    eps = max(1 - target_accuracy, 1e-6)
+    r_max = float(rewards(taxonomy, ends).max())
+    hi = max(r_max * (1 - eps) / eps, 1.0)
+    while acc(hi) < target_accuracy and hi < 1e12:  # ties at the root: push on until it answers the root
+        hi *= 10
+    lo = 0.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if acc(mid) >= target_accuracy:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def backoff_nodes(marginals: torch.Tensor, taxonomy: Taxonomy, threshold: float,
+                  start: torch.Tensor | None = None) -> torch.Tensor:
+    """Naive baseline: from ``start`` (default the leaf with the largest marginal), go up to the parent
+    while the node's probability is below ``threshold``; the root stops it."""
+    m = marginals.clone()
+    m[:, 0] = 1.0
+    if start is None:
+        start = m.masked_fill(~end_mask(taxonomy, "leaves").to(m.device), -1.0).argmax(1)
+    node = torch.as_tensor(start).long().to(m.device).clone()
+    parents = taxonomy.parent_tensor.to(m.device)
+    for _ in range(taxonomy.max_depth):
+        low = (m.gather(1, node.unsqueeze(1)).squeeze(1) < threshold) & (node != 0)
+        node = torch.where(low, parents[node.clamp(min=0)], node)
+    return node
+
+
+def fit_backoff(marginals: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, target_accuracy: float,
+                iters: int = 40) -> float:
+    """Smallest back-off threshold reaching ``target_accuracy`` on validation (bisection: a higher
+    threshold only backs off further, so accuracy cannot fall)."""
+    targets = torch.as_tensor(targets).long().to(marginals.device)
+
+    def acc(t: float) -> float:
+        return float(covers(backoff_nodes(marginals, taxonomy, t), targets, taxonomy).float().mean())
+
+    if acc(0.0) >= target_accuracy:
+        return 0.0
+    lo, hi = 0.0, 1.0 + 1e-6
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if acc(mid) >= target_accuracy else (mid, hi)
+    return hi
+
+
+# ---------------------------------------------------------------------- split-conformal hedging
+def _ranked_lcas(q: torch.Tensor, taxonomy: Taxonomy) -> tuple[torch.Tensor, torch.Tensor]:
+    """End classes by falling probability: ``(B, C)`` the mass *before* each rank and ``(B, C)`` the
+    lowest common ancestor of the top-k classes for k = 1..C (only end classes ranked)."""
+    ends = end_mask(taxonomy, "leaves").to(q.device) | (q > 0).any(0)
+    ids = ends.nonzero().squeeze(1)
+    qs, order = q[:, ids].sort(1, descending=True)
+    ranked = ids[order]  # (B, C) node ids
+    before = qs.cumsum(1) - qs
+    pm = taxonomy.path_matrix.to(q.device)
+    paths = pm[ranked]  # (B, C, D)
+    first = paths[:, :1]
+    # a level stays shared while every class ranked so far agrees with the first one there
+    same = (paths == first) & (paths != PAD)
+    shared = same.long().cummin(1).values.cumprod(2).sum(2)  # (B, C) common prefix length of the top-k
+    lca = torch.where(shared > 0, first.squeeze(1).gather(1, (shared - 1).clamp(min=0)), 0)
+    return before, lca
+
+
+def conformal_threshold(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, alpha: float) -> float:
+    """Split-conformal calibration of :func:`conformal_nodes` on held-out (validation) samples.
+
+    The answer for threshold τ is the lowest common ancestor of the end classes whose higher-ranked
+    mass is ≤ τ (the top class always counts). These answers are nested (a larger τ gives an ancestor),
+    so each sample has a score ``s`` = the smallest τ at which its answer covers the truth; τ̂ is the
+    ``⌈(n+1)(1−α)⌉``-th smallest score. **Guarantee**: if calibration and test samples are
+    exchangeable, ``P(answer covers the truth) ≥ 1 − α`` on a new sample, for any model and however
+    badly calibrated it is (marginal over samples, not per image). τ̂ = ∞ (the root) when n is too small.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    targets = torch.as_tensor(targets).long().to(q.device)
+    before, lca = _ranked_lcas(q, taxonomy)
+    ok = (lca == 0) | taxonomy.ancestor_matrix.to(q.device)[targets.unsqueeze(1).expand_as(lca), lca]
+    first = ok.float().argmax(1)  # the root at rank C always covers, so there is a first covering rank
+    scores = before.gather(1, first.unsqueeze(1)).squeeze(1).sort().values
+    n = len(scores)
+    k = math.ceil((n + 1) * (1 - alpha))
+    return float("inf") if k > n else float(scores[k - 1])
+
+
+def conformal_nodes(q: torch.Tensor, taxonomy: Taxonomy, tau: float) -> torch.Tensor:
+    """``(B,)`` answers at threshold ``tau`` (see :func:`conformal_threshold`)."""
+    before, lca = _ranked_lcas(q, taxonomy)
+    k = (before <= tau + 1e-7).sum(1).clamp(min=1)  # at least the top class
+    return lca.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
+
+
+# ---------------------------------------------------------------------- CRM
+def lca_heights(taxonomy: Taxonomy, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(N+1, N+1)`` float: height of the lowest common ancestor of every pair of nodes."""
+    pm = taxonomy.path_matrix.to(device)
+    n, d = pm.shape
+    heights = torch.tensor(taxonomy.heights, dtype=torch.float32, device=device)
+    out = torch.empty(n, n, dtype=torch.float32, device=device)
+    step = max(1, (1 << 22) // max(n * d, 1))
+    for s in range(0, n, step):
+        a = pm[s : s + step].unsqueeze(1)  # (b, 1, D)
+        shared = ((a == pm.unsqueeze(0)) & (a != PAD)).long().cumprod(2).sum(2)  # (b, N+1)
+        lca = torch.where(shared > 0, a.squeeze(1).gather(1, (shared - 1).clamp(min=0)), 0)
+        out[s : s + step] = heights[lca]
+    return out
+
+
+def crm_nodes(q: torch.Tensor, taxonomy: Taxonomy, heights: torch.Tensor | None = None) -> torch.Tensor:
+    """Karthik et al.'s Conditional Risk Minimisation: ``(B,)`` the end class ``c`` minimising
+    ``Σ_y q(y)·height(lca(c, y))``, the expected mistake severity (ties → the more probable class)."""
+    h = heights if heights is not None else lca_heights(taxonomy, q.device)
+    risk = q @ h.to(q.device, q.dtype)
+    ends = (q > 0).any(0) | end_mask(taxonomy, "leaves").to(q.device)
+    risk = risk - 1e-6 * q  # tie-break towards probability
+    return risk.masked_fill(~ends, float("inf")).argmin(1)
+
+
+# ---------------------------------------------------------------------- whole predictions
+def calibrate(prediction: Prediction, taxonomy: Taxonomy, temperature: float = 1.0,
+              decode: str = "argmax") -> Prediction:
+    """A prediction whose ``scores`` are the temperature-scaled node marginals and whose
+    ``path_prob`` is the scaled probability of its end class; ``decode="crm"`` also replaces the paths
+    by :func:`crm_nodes`' answers. Multi-label predictions come back unchanged (their sigmoids are
+    thresholded, not normalised)."""
+    if decode not in DECODE_RULES:
+        raise ValueError(f"eval.decode must be one of {list(DECODE_RULES)}, got {decode!r}")
+    if prediction.labels is not None or (float(temperature) == 1.0 and decode == "argmax"):
+        return prediction
+    q = end_distribution(prediction, taxonomy, temperature=temperature)
+    paths = prediction.paths
+    if decode == "crm":
+        paths = taxonomy.path_matrix.to(q.device)[crm_nodes(q, taxonomy)]
+    end = prediction.nodes if decode == "argmax" else crm_nodes(q, taxonomy)
+    prob = q.gather(1, end.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return Prediction(paths, node_marginals(q, taxonomy), prob, None)
+
+
+def fit_decisions(model, val: Prediction, val_targets: torch.Tensor, taxonomy: Taxonomy,
+                  run_dir: str | os.PathLike | None = None,
+                  targets: Sequence[float] = (0.9, 0.95, 0.99)) -> dict:
+    """After training: fit the temperature on the validation predictions (sets ``model.temperature``,
+    so the next checkpoint save carries it), then λ for each accuracy target and the split-conformal
+    τ for α = 1 − target on the calibrated marginals; written to ``decisions.json`` when ``run_dir``
+    is given. Returns ``{"temperature", "hedge": {target: λ}, "conformal": {target: τ}}``."""
+    val_targets = torch.as_tensor(val_targets).long()
+    q = end_distribution(val, taxonomy)
+    t = fit_temperature(q, val_targets, taxonomy)
+    model.temperature.fill_(t)
+    qt = apply_temperature(q, t)
+    m = node_marginals(qt, taxonomy)
+    out = {"temperature": t,
+           "hedge": {str(a): fit_lambda(m, val_targets, taxonomy, a) for a in targets},
+           "conformal": {str(a): conformal_threshold(qt, val_targets, taxonomy, 1 - a) for a in targets}}
+    if run_dir is not None:
+        save_decisions(run_dir, **out)
+    return out
+
+
+def hedged_evaluation(val: Prediction, val_targets: torch.Tensor, test: Prediction, test_targets: torch.Tensor,
+                      taxonomy: Taxonomy, target: float, temperature: float = 1.0) -> dict:
+    """The ``hedged`` entry of an evaluation report at one accuracy target: λ fitted on ``val``,
+    :func:`hedged_report` on ``test``, and beside it the naive back-off baseline and the
+    split-conformal answers (α = 1 − target), all on the same temperature-scaled marginals."""
+    val_targets = torch.as_tensor(val_targets).long()
+    test_targets = torch.as_tensor(test_targets).long()
+    qv = end_distribution(val, taxonomy, temperature=temperature)
+    qt = end_distribution(test, taxonomy, temperature=temperature)
+    mv, mt = node_marginals(qv, taxonomy), node_marginals(qt, taxonomy)
+    lam = fit_lambda(mv, val_targets, taxonomy, target)
+    thr = fit_backoff(mv, val_targets, taxonomy, target)
+    tau = conformal_threshold(qv, val_targets, taxonomy, 1 - target) if target < 1 else float("inf")
+    return {
+        "target": target,
+        "lambda": lam,
+        "temperature": float(temperature),
+        **hedged_report(hedge(mt, taxonomy, lam), test_targets, taxonomy),
+        "baseline": {"threshold": thr, **hedged_report(backoff_nodes(mt, taxonomy, thr), test_targets, taxonomy)},
+        "conformal": {"alpha": 1 - target, "tau": tau if math.isfinite(tau) else None,
+                      **hedged_report(conformal_nodes(qt, taxonomy, tau), test_targets, taxonomy)},
+    }
+
+
+# ---------------------------------------------------------------------- curves and records
+def accuracy_specificity_curve(
+    val_marginals: torch.Tensor, val_targets: torch.Tensor, test_marginals: torch.Tensor,
+    test_targets: torch.Tensor, taxonomy: Taxonomy, targets: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
+) -> list[dict]:
+    """For each accuracy target: λ fitted on validation, the test :func:`hedged_report` at it, and the
+    naive back-off baseline fitted the same way (``baseline``)."""
+    rows = []
+    for t in targets:
+        lam = fit_lambda(val_marginals, val_targets, taxonomy, t)
+        thr = fit_backoff(val_marginals, val_targets, taxonomy, t)
+        rows.append({"target": t, "lambda": lam,
+                     **hedged_report(hedge(test_marginals, taxonomy, lam), test_targets, taxonomy),
+                     "baseline": {"threshold": thr, **hedged_report(backoff_nodes(test_marginals, taxonomy, thr),
+                                                                   test_targets, taxonomy)}})
+    return rows
+
+
+def hedged_records(prediction: Prediction, taxonomy: Taxonomy, lam: float, temperature: float = 1.0) -> list[dict]:
+    """Per image ``{"node", "path", "probability"}``: the hedged answer of each prediction, for
+    ``predict --accuracy`` and the server to attach under a ``hedged`` key."""
+    m = node_marginals(end_distribution(prediction, taxonomy, temperature=temperature), taxonomy)
+    nodes = hedge(m, taxonomy, lam).tolist()
+    return [{"node": taxonomy.names[n], "path": [taxonomy.names[p] for p in taxonomy.path(n)],
+             "probability": round(float(m[i, n]), 6)} for i, n in enumerate(nodes)]
+
+
+def save_decisions(run_dir: str | os.PathLike, **values) -> Path:
+    """Merge ``values`` (e.g. ``temperature``, ``hedge = {target: λ}``) into the run's ``decisions.json``."""
+    path = Path(run_dir) / DECISIONS_FILE
+    data = load_decisions(run_dir)
+    data.update(values)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def hedge_lambda(run_dir: str | os.PathLike, target: float) -> float:
+    """The λ stored for an accuracy target in the run's ``decisions.json`` (by training's post-hoc step
+    or ``hiervision evaluate RUN --accuracy TARGET``); one clear error when there is none."""
+    fitted = load_decisions(run_dir).get("hedge", {})
+    for key, lam in fitted.items():
+        if math.isclose(float(key), float(target)):
+            return float(lam)
+    have = ", ".join(sorted(fitted)) or "none"
+    raise ValueError(f"{Path(run_dir) / DECISIONS_FILE}: no hedging λ for accuracy {target} (fitted: {have}); "
+                     f"run `hiervision evaluate {run_dir} --accuracy {target}` first")
+
+
+def load_decisions(run_dir: str | os.PathLike) -> dict:
+    """The run's ``decisions.json`` (``{}`` when absent); one clear error when it is not valid JSON."""
+    path = Path(run_dir) / DECISIONS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+# ---------------------------------------------------------------------- pictures
+def plot_reliability(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | os.PathLike,
+                     bins: int = 15, title: str = "") -> Path:
+    """Reliability diagram: accuracy against mean confidence per equal-width bin, one line per
+    ``{label: (confidence, correct)}`` (e.g. before/after temperature scaling), the diagonal is perfect."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
+    for label, (conf, ok) in curves.items():
+        conf, ok = torch.as_tensor(conf).double(), torch.as_tensor(ok).double()
+        idx = (conf * bins).long().clamp(0, bins - 1)
+        count = torch.bincount(idx, minlength=bins)
+        has = count > 0
+        mean_conf = torch.bincount(idx, conf, minlength=bins)[has] / count[has]
+        acc = torch.bincount(idx, ok, minlength=bins)[has] / count[has]
+        ax.plot(mean_conf.tolist(), acc.tolist(), marker="o", ms=3, label=label)
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_accuracy_specificity(curves: dict[str, list[dict]], path: str | os.PathLike, title: str = "") -> Path:
+    """Accuracy–specificity curves from :func:`accuracy_specificity_curve` rows (``{label: rows}``):
+    DARTS solid, the back-off baseline dashed, the same colour per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for i, (label, rows) in enumerate(curves.items()):
+        color = f"C{i}"
+        ax.plot([r["information_gain"] for r in rows], [r["accuracy"] for r in rows], marker="o", color=color,
+                label=f"{label} DARTS")
+        ax.plot([r["baseline"]["information_gain"] for r in rows], [r["baseline"]["accuracy"] for r in rows],
+                marker="x", ls="--", color=color, label=f"{label} back-off")
+    ax.set(xlabel="information gain (nats)", ylabel="hedged accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,84 @@
+"""The decision rules through the CLI: ``evaluate --accuracy`` / ``--decode crm`` on a tiny trained run."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from hiervision.cli import main
+from hiervision.decisions import hedge_lambda, load_decisions
+from hiervision.training import load_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("decisions-cli")
+    cfg = {
+        "data": {"name": "synthetic", "n_train": 256, "n_test": 64, "size": 16, "val_fraction": 0.25},
+        "model": {"name": "flat", "backbone": "resnet20", "backbone_kwargs": {"width": 0.5},
+                  "loss_type": "hxe", "loss_alpha": 0.2},
+        "train": {"epochs": 1, "batch_size": 64, "amp": "none"},
+    }
+    (d / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(d / "tiny.yaml"), "--out", str(d / "run"), "--quiet"]) == 0
+    return d / "run"
+
+
+def test_evaluate_reports_hedged_and_calibration(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--split", "test", "--accuracy", "0.9"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    hedged = out["hedged"]
+    assert hedged["target"] == 0.9 and 0 <= hedged["accuracy"] <= 1 and hedged["lambda"] >= 0
+    assert set(hedged) >= {"information_gain", "specificity", "depths", "baseline", "conformal"}
+    assert {"ece", "ece_per_level", "hdist@1", "hdist@5", "hdist@20"} <= set(out)
+    assert out["decode"] == "argmax"
+    assert hedge_lambda(run_dir, 0.9) == hedged["lambda"]  # stored for predict --accuracy
+    with pytest.raises(ValueError, match="no hedging λ for accuracy 0.97"):
+        hedge_lambda(run_dir, 0.97)
+    (run_dir / "decisions.json").unlink()
+
+
+def test_evaluate_crm_decode(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--split", "test", "--decode", "crm"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["decode"] == "crm" and 0 <= out["leaf_accuracy"] <= 1
+
+
+def test_evaluate_bad_accuracy_is_one_line(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--accuracy", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hiervision: error: --accuracy") and err.count("\n") == 1
+
+
+def test_calibrated_run_uses_its_temperature(run_dir, capsys):
+    # an old-style checkpoint (no temperature key) still loads; decisions.json supplies T
+    (run_dir / "decisions.json").write_text(json.dumps({"temperature": 2.0}))
+    try:
+        _, _, model, _ = load_run(run_dir)
+        assert float(model.temperature) == 1.0
+        assert main(["evaluate", str(run_dir), "--split", "val"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["temperature"] == 2.0
+        assert load_decisions(run_dir) == {"temperature": 2.0}
+    finally:
+        (run_dir / "decisions.json").unlink()
+
+
+def test_old_checkpoint_without_temperature_loads(run_dir, tmp_path):
+    state = torch.load(run_dir / "best.pt", weights_only=True)
+    state["model"].pop("temperature")
+    _, _, model, _ = load_run(run_dir)
+    model.temperature.fill_(3.0)
+    model.load_state_dict(state["model"])
+    assert float(model.temperature) == 1.0
+
+
+def test_unknown_loss_type_is_one_line(tmp_path, capsys):
+    cfg = {"data": {"name": "synthetic", "n_train": 64, "n_test": 32, "size": 16},
+           "model": {"name": "flat", "backbone": "resnet20", "loss_type": "focal"},
+           "train": {"epochs": 1, "amp": "none"}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "model.loss_type 'focal'" in err and err.count("\n") == 1
