@@ -338,7 +338,7 @@ def test_predict_not_an_image(capsys, trained, tmp_path):
     bad = tmp_path / "cat.png"
     bad.write_text("this is text")
     rc, err, _ = cli(capsys, "predict", trained, bad)
-    assert rc == 1 and f"{bad}: not a readable image" in err
+    assert rc == 1 and f"{bad}: cannot read image" in err
 
 
 def test_predict_missing_path(capsys, trained, tmp_path):

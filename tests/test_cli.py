@@ -133,7 +133,7 @@ def test_predict_folder_records_errors_and_top_k(run_dir, tmp_path, capsys):
     out, err = capsys.readouterr()
     recs = {r["file"].split("/")[-1]: r for r in map(json.loads, out.splitlines())}
     assert sorted(recs) == ["a.png", "b.png", "broken.png", "c.jpg"]  # recursive; hidden and .txt skipped
-    assert "not a readable image" in recs["broken.png"]["error"] and set(recs["broken.png"]) == {"file", "error"}
+    assert "cannot read image" in recs["broken.png"]["error"] and set(recs["broken.png"]) == {"file", "error"}
     good = recs["a.png"]
     assert len(good["path"]) == len(good["path_ids"]) == len(good["node_probabilities"]) == 3
     assert good["node_probabilities"][-1] == pytest.approx(good["path_probability"], abs=1e-6)  # flat: leaf marginal

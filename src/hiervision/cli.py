@@ -192,10 +192,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be ≥ 1, got {args.top_k}")
     predictor = _predictor(args)  # a run that cannot be loaded is reported before any image is looked at
     files = _image_files(args.inputs)
     writer = None
@@ -525,8 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="one record per image: path, per-node probabilities, top-k alternatives")
     pr.add_argument("run_dir", metavar="RUN_OR_ONNX", help="a run folder, or a .onnx written by hiervision export")
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="images; folders are searched recursively")
-    pr.add_argument("--batch-size", type=int, default=64)
-    pr.add_argument("--top-k", type=int, default=3, help="alternative paths per image (default 3)")
+    pr.add_argument("--batch-size", type=_positive_int, default=64)
+    pr.add_argument("--top-k", type=_positive_int, default=3, help="alternative paths per image (default 3)")
     pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     pr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (run folders only)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -668,6 +668,23 @@ def validate(loop: Loop, epoch: int, progress: Progress, select_key: str, batch_
     return {"score": score, "log": log}
 
 
+def calibrated_report(loop: Loop, out: Path, ecfg: dict) -> dict[str, Any]:
+    """Test metrics after the post-hoc decisions fitted on validation (``eval.calibrate``): the temperature
+    (set on the model), the hedging multipliers and conformal thresholds (``decisions.json``), and beside
+    the calibrated report the ``hedged``, ``calibration`` and ``crm`` entries (see :mod:`hiervision.posthoc`)."""
+    from hiervision.posthoc import posthoc_report  # a layer on top of the core, used here once
+
+    data, env, bs, kw = loop.data, loop.env, ecfg["batch_size"], {"num_workers": loop.tcfg["num_workers"]}
+    t0 = time.perf_counter()
+    test, test_t = predict_dataset(loop.net, data, data.test, bs, loop.device, loop.amp, env=env, **kw)
+    seconds = time.perf_counter() - t0
+    val, val_t = predict_dataset(loop.net, data, data.val, bs, loop.device, loop.amp, env=env, **kw)
+    post = posthoc_report(loop.model, val, val_t, test, test_t, data.taxonomy, out if env.is_main else None,
+                          ecfg["hedge_targets"], ecfg["decode"])
+    return {**post["test"], "eval_images_per_s": len(test_t) / max(seconds, 1e-9),
+            **{k: post[k] for k in ("temperature", "calibration", "hedged", "crm")}}
+
+
 def test_report(loop: Loop, cfg: dict, out: Path, progress: Progress, select_key: str) -> dict[str, Any]:
     """Test metrics of ``best.pt``: the configured evaluation mode, the others (e.g. HierNet routing), CNN-RNN*."""
     model, data, env, bs = loop.model, loop.data, loop.env, cfg["eval"]["batch_size"]
@@ -676,8 +693,16 @@ def test_report(loop: Loop, cfg: dict, out: Path, progress: Progress, select_key
         return evaluate_split(loop.net, data, "test", bs, loop.device, loop.amp, env=env,
                               num_workers=loop.tcfg["num_workers"], **kw)
 
-    model.load_state_dict(load_checkpoint(out / "best.pt", data.taxonomy)["model"])
-    result = report()
+    best = load_checkpoint(out / "best.pt", data.taxonomy)
+    model.load_state_dict(best["model"])
+    ecfg = cfg["eval"]
+    if ecfg["calibrate"] and not data.multi_label and len(data.val):
+        result = calibrated_report(loop, out, ecfg)
+        if env.is_main:  # best.pt carries the fitted temperature, so predict, serve and export apply it
+            save_checkpoint(out / "best.pt", {**best, "model": model.state_dict()})
+        barrier(env)
+    else:
+        result = report()
     if data.multi_label:
         result["threshold"] = float(model.threshold)
     mode = getattr(model, "eval_mode", None)
