@@ -149,8 +149,9 @@ def test_predict_csv_and_argument_checks(run_dir, tmp_path, capsys):
     assert lines[0].startswith("file,path,path_ids,path_probability,node_probabilities,top1_path")
     assert len(lines) == 2 and lines[1].count("/") >= 2
     for flag in (["--top-k", "0"], ["--batch-size", "0"]):
-        assert main(["predict", str(run_dir), str(folder), *flag]) == 1
-        assert f"{flag[0]} must be ≥ 1" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_:  # argparse: status 2 and one line naming the flag
+            main(["predict", str(run_dir), str(folder), *flag])
+        assert exit_.value.code == 2 and f"argument {flag[0]}: must be ≥ 1" in capsys.readouterr().err
 
 
 def test_export_then_predict_with_onnx_gives_the_same_records(run_dir, tmp_path, capsys):
