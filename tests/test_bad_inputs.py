@@ -3,11 +3,7 @@
 Each case asserts the exit status, a one-line message that names the culprit (the file, key or
 flag), and that nothing already written was lost. The CLI runs in-process through
 ``hiervision.cli.main``; a real subprocess is used only where a lock or a signal needs one.
-
-Cases waiting for another branch are marked ``xfail(strict=False)`` with the branch in the reason,
-so the lead flips them after merging: ``needs lead`` (training.py / train+evaluate CLI wiring),
-``needs datasafe`` (stable splits, image reading, restricted unpickler). docs/reliability.md
-holds the same cases as a table.
+docs/reliability.md holds the same cases as a table.
 """
 
 from __future__ import annotations
@@ -42,10 +38,6 @@ model: {name: flat, backbone: resnet20, backbone_kwargs: {width: 0.25}}
 train: {epochs: 1, batch_size: 32, progress: false, amp: none, device: cpu, threads: 1}
 eval: {batch_size: 64}
 """
-
-
-def needs(branch: str, what: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=False, reason=f"needs {branch}: {what}")
 
 
 # ----------------------------------------------------------------------------- helpers
