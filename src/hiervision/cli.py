@@ -67,23 +67,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model.set_eval_mode(args.mode)
     decode = args.decode or cfg["eval"].get("decode", "argmax")
     if args.accuracy is not None or decode != "argmax" or _temperature(args.run_dir, model) != 1.0:
-        if args.given_level is not None:
-            raise ValueError("--given-level cannot be combined with --accuracy, --decode crm or a calibrated run")
-        result = evaluate_decisions(args.run_dir, model, data, args.split, cfg["eval"]["batch_size"], amp,
-                                    args.accuracy, decode, device)
+        if args.given_level is not None and args.accuracy is not None:
+            raise ValueError("--given-level cannot be combined with --accuracy (hedging fits on plain predictions)")
+        result, pred, targets = evaluate_decisions(args.run_dir, model, data, args.split, cfg["eval"]["batch_size"],
+                                                   amp, args.accuracy, decode, device, args.given_level)
     else:
-        result = evaluate_split(model, data, args.split, cfg["eval"]["batch_size"], device, amp,
-                                given_level=args.given_level)
+        result, pred, targets = evaluate_split(model, data, args.split, cfg["eval"]["batch_size"], device, amp,
+                                               given_level=args.given_level, return_prediction=True)
     result["split"] = args.split
     if args.given_level is not None:
         result["given_level"] = args.given_level
-    if args.report:  # pictures of the same split (predicted once more; see hiervision.report)
+    if args.report:  # pictures of the same predictions (see hiervision.report)
         from hiervision.report import write_report
-        from hiervision.training import predict_dataset
 
-        dataset = data.val if args.split == "val" else data.test
-        pred, targets = predict_dataset(model, data, dataset, cfg["eval"]["batch_size"], device, amp,
-                                        given_level=args.given_level)
         write_report(pred, targets, taxonomy, args.report, title=f"{args.run_dir}: {args.split} split")
         result["report"] = str(Path(args.report) / "index.html")
     print(json.dumps(result, indent=2))
@@ -100,10 +96,10 @@ def _temperature(run_dir: str | Path, model) -> float:
 
 def evaluate_decisions(run_dir: str | Path, model, data, split: str, batch_size: int, amp,
                        accuracy: float | None = None, decode: str = "argmax",
-                       device: torch.device | None = None) -> dict:
-    """Metrics of a split on the run's calibrated scores (``decode``: argmax | crm), plus, with an
-    ``accuracy`` target, the ``hedged`` entry (λ fitted on the val split; :func:`hedged_evaluation`),
-    whose λ is also stored in the run's ``decisions.json`` for ``predict``."""
+                       device: torch.device | None = None, given_level: int | None = None):
+    """``(report, calibrated prediction, targets)`` of a split on the run's calibrated scores (``decode``:
+    argmax | crm), plus, with an ``accuracy`` target, the ``hedged`` entry (λ fitted on the val split;
+    :func:`hedged_evaluation`), whose λ is also stored in the run's ``decisions.json`` for ``predict``."""
     from hiervision import metrics as M
     from hiervision.decisions import calibrate, hedged_evaluation, load_decisions, save_decisions
     from hiervision.training import predict_dataset
@@ -115,10 +111,11 @@ def evaluate_decisions(run_dir: str | Path, model, data, split: str, batch_size:
     device = device or torch.device("cpu")
     sets = {"train": data.train, "val": data.val, "test": data.test}
     t0 = time.perf_counter()
-    pred, targets = predict_dataset(model, data, sets[split], batch_size, device, amp)
+    pred, targets = predict_dataset(model, data, sets[split], batch_size, device, amp, given_level)
     seconds = time.perf_counter() - t0
     temperature = _temperature(run_dir, model)
-    result = {**M.evaluate(calibrate(pred, data.taxonomy, temperature, decode), targets, data.taxonomy),
+    calibrated = calibrate(pred, data.taxonomy, temperature, decode)
+    result = {**M.evaluate(calibrated, targets, data.taxonomy),
               "eval_images_per_s": len(targets) / max(seconds, 1e-9), "decode": decode, "temperature": temperature}
     if accuracy is not None:
         if data.val is None or len(data.val) == 0:
@@ -129,7 +126,7 @@ def evaluate_decisions(run_dir: str | Path, model, data, split: str, batch_size:
         # keep λ for `predict --accuracy` and the server (hiervision.decisions.hedge_lambda)
         fitted = load_decisions(run_dir).get("hedge", {})
         save_decisions(run_dir, hedge={**fitted, str(accuracy): result["hedged"]["lambda"]})
-    return result
+    return result, calibrated, targets
 
 
 def _image_files(inputs: list[str]) -> list[Path]:

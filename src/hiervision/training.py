@@ -218,8 +218,10 @@ def evaluate_split(
     given_level: int | None = None,
     env: DistEnv | None = None,
     num_workers: int = 0,
-) -> dict:
-    """Metrics report (see :func:`hiervision.metrics.evaluate`) of a model on one split.
+    return_prediction: bool = False,
+) -> dict | tuple[dict, Prediction, torch.Tensor]:
+    """Metrics report (see :func:`hiervision.metrics.evaluate`) of a model on one split
+    (``return_prediction``: ``(report, prediction, targets)``, e.g. for plots of the same predictions).
 
     ``tune_threshold`` (multi-label, validation only): first set the model's decision threshold to
     the one that maximises path F1 on these predictions (Koo et al., Sec. 4.2), then report at it.
@@ -234,7 +236,8 @@ def evaluate_split(
         threshold, _ = M.select_threshold(pred.scores, targets.bool(), data.taxonomy, metric="path_f1")
         model.threshold.fill_(float(threshold))
         pred.labels = threshold_paths(data.taxonomy, pred.scores, float(threshold))
-    return {**M.evaluate(pred, targets, data.taxonomy), "eval_images_per_s": len(targets) / max(seconds, 1e-9)}
+    report = {**M.evaluate(pred, targets, data.taxonomy), "eval_images_per_s": len(targets) / max(seconds, 1e-9)}
+    return (report, pred, targets) if return_prediction else report
 
 
 # ----------------------------------------------------------------------------- pre-computed features
