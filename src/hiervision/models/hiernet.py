@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from hiervision.decoding import Prediction, best_leaf_below, end_mask
+from hiervision.decoding import Prediction, best_leaf_below, end_mask, full_precision
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
@@ -209,22 +209,24 @@ class HierNet(HierarchicalClassifier):
         # cross-entropy on the conditional output; a coarse-only label: -log P(route passes its node)
         return -outputs["node_logprob"].gather(1, targets.unsqueeze(1)).mean()
 
+    @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
-        paths = self.taxonomy.path_matrix
+        paths = self.tables.paths
         if "route" in outputs:
             node = outputs["route"]
-            return Prediction(paths.to(node.device)[node], outputs["route_scores"], outputs["route_logprob"].exp())
+            return Prediction(paths[node], outputs["route_scores"], outputs["route_logprob"].exp())
         lp = outputs["node_logprob"]
         best, node = lp.masked_fill(~self.leaf_mask, float("-inf")).max(1)
-        return Prediction(paths.to(node.device)[node], lp.exp(), best.exp())
+        return Prediction(paths[node], lp.exp(), best.exp())
 
+    @full_precision
     def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
         """The most probable class below ``given`` (conditional output)."""
         if "route" in outputs:
             return super().decode_given(outputs, given)
         lp = outputs["node_logprob"]  # already whole-path log-probabilities
-        node, best = best_leaf_below(self.taxonomy, lp, given)
-        return Prediction(self.taxonomy.path_matrix.to(node.device)[node], lp.exp(), best.exp())
+        node, best = best_leaf_below(self.tables, lp, given)
+        return Prediction(self.tables.paths[node], lp.exp(), best.exp())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, split={self.split}, extra_blocks={self.extra_blocks}, eval={self.eval_mode}"
