@@ -125,6 +125,12 @@ class HierNet(HierarchicalClassifier):
                 self.routers[str(n)] = _Router(ops(end[n], stop), channels[stop - 1], len(kids[n]), dropout)
         del self.backbone  # its weights live on, copied, in trunk / edges / routers
         self.register_buffer("leaf_mask", end_mask(taxonomy, "leaves"), persistent=False)
+        # (N+1, max children) node ids, row n = n's children: indexing on the device, no list → tensor per call
+        width = max(len(kids[n]) for n in inner)
+        child_table = torch.zeros(taxonomy.num_nodes, width, dtype=torch.long)
+        for n in inner:
+            child_table[n, : len(kids[n])] = torch.tensor(kids[n])
+        self.register_buffer("child_table", child_table, persistent=False)
         self._inner = inner
 
     @staticmethod
@@ -162,7 +168,7 @@ class HierNet(HierarchicalClassifier):
             if n:
                 p = tax.parents[n]
                 feats[n] = self.edges[str(n)](feats[p]) if str(n) in self.edges else feats[p]
-            kids = list(tax.children[n])
+            kids = self.child_table[n, : len(tax.children[n])]
             if str(n) in self.routers:
                 step = self.routers[str(n)](feats[n]).float().log_softmax(1)
                 lp[:, kids] = lp[:, n : n + 1] + step
@@ -172,6 +178,9 @@ class HierNet(HierarchicalClassifier):
 
     # -- routing: Algorithm 1, batched by route ----------------------------------------------------
     def _route(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each node runs once, on the images routed to it. One host sync per router (the sizes of
+        its children's groups, which the next kernels' shapes depend on); nodes without a router
+        (one child) pass their images on without any."""
         tax = self.taxonomy
         b = len(images)
         node = torch.zeros(b, dtype=torch.long, device=images.device)
@@ -179,23 +188,23 @@ class HierNet(HierarchicalClassifier):
         scores = torch.zeros(b, tax.num_nodes, device=images.device)
 
         def visit(n: int, x: torch.Tensor, idx: torch.Tensor) -> None:
-            kids = torch.tensor(tax.children[n], device=idx.device)
+            kids = tax.children[n]
             if str(n) in self.routers:
-                step = self.routers[str(n)](x).float().log_softmax(1)
-                best_lp, best = step.max(1)
+                best_lp, best = self.routers[str(n)](x).float().log_softmax(1).max(1)
+                lp[idx] += best_lp
+                child = self.child_table[n][best]
+                # group the images by chosen child: one sort on the device, one sync for the group sizes
+                order = best.argsort(stable=True)
+                sizes = torch.bincount(best, minlength=len(kids)).tolist()
+                groups = zip(kids, x[order].split(sizes), idx[order].split(sizes))
             else:
-                best_lp = torch.zeros(len(idx), device=idx.device)
-                best = torch.zeros(len(idx), dtype=torch.long, device=idx.device)
-            lp[idx] += best_lp
-            child = kids[best]
+                child = self.child_table[n, :1].expand(len(idx))
+                groups = zip(kids, [x], [idx])
             scores[idx, child] = lp[idx].exp()
-            for c in child.unique().tolist():
-                sel = child == c
-                if not tax.children[c]:
-                    node[idx[sel]] = c
-                else:
-                    xs = x[sel]
-                    visit(c, self.edges[str(c)](xs) if str(c) in self.edges else xs, idx[sel])
+            node[idx] = child  # the deepest node reached so far; a leaf's is final
+            for c, xs, ids in groups:
+                if len(ids) and tax.children[c]:
+                    visit(c, self.edges[str(c)](xs) if str(c) in self.edges else xs, ids)
 
         visit(0, self.trunk(images), torch.arange(b, device=images.device))
         return {"route": node, "route_logprob": lp, "route_scores": scores}
