@@ -126,3 +126,61 @@ def test_tables_are_not_state_and_a_plain_taxonomy_gets_cached_tables() -> None:
     assert tree_tables(t) is t
     t.paths[1, 0] = 99  # a buffer is a copy: editing it leaves the tree's own table alone
     assert TREE.path_matrix[1, 0] == 1
+
+
+# ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["dhnn_rnn", "dhnn_s2s"])
+def test_cuda_dhnn_lstms_run_in_fp32_under_autocast(name: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    m = create_model(name, TREE, input_size=16, hidden_size=16, pool_fallback="project", **SMALL).cuda().train()
+    seen: list[torch.dtype] = []
+    for lstm in (mod for mod in m.modules() if isinstance(mod, torch.nn.LSTM)):
+        lstm.register_forward_hook(lambda mod, inp, out: seen.append(out[0].dtype))
+    x = torch.randn(4, 1, 16, 16, device="cuda")
+    with torch.autocast("cuda", dtype):
+        loss = m.loss(m(x), torch.tensor(TREE.leaves, device="cuda"))
+    assert seen and set(seen) == {torch.float32}
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["flat", "dhnn_rnn", "dhnn_s2s", "guo_rnn", "guo_multihead", "hiernet"])
+def test_cuda_decode_under_autocast_matches_fp32(name: str) -> None:
+    torch.manual_seed(0)
+    tax = VAR if name in ("dhnn_s2s", "guo_rnn", "flat", "hiernet") else TREE
+    extra = {"input_size": 16, "hidden_size": 16, "pool_fallback": "project"} if name.startswith("dhnn") else {}
+    m = create_model(name, tax, **SMALL, **extra).cuda().eval()
+    x = torch.randn(8, 1, 16, 16, device="cuda")
+    with torch.no_grad():
+        out = m(x)
+        ref = m.decode(out)
+        with torch.autocast("cuda", torch.bfloat16):
+            got = m.decode(out)
+    assert torch.equal(got.paths, ref.paths)
+    assert got.scores.dtype == got.path_prob.dtype == torch.float32
+    assert got.paths.device.type == "cuda"
+
+
+@cuda
+@pytest.mark.parametrize("name", ["flat", "dhnn_rnn", "dhnn_s2s", "guo_rnn", "guo_multihead", "hiernet"])
+def test_cuda_training_step_does_not_wait_on_the_device(name: str) -> None:
+    """forward + loss + backward queue their work without a host sync: tables are buffers on the
+    device, targets are encoded there, no label check reads a value back."""
+    torch.manual_seed(0)
+    extra = {"input_size": 16, "hidden_size": 16, "pool_fallback": "project"} if name.startswith("dhnn") else {}
+    m = create_model(name, TREE, **SMALL, **extra).cuda().train()
+    x = torch.randn(8, 1, 16, 16, device="cuda")
+    t = torch.tensor(TREE.leaves * 2, device="cuda")
+    m.loss(m(x), t).backward()  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        m.loss(m(x), t).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
