@@ -195,7 +195,9 @@ class HierNet(HierarchicalClassifier):
                 child = self.child_table[n][best]
                 # group the images by chosen child: one sort on the device, one sync for the group sizes
                 order = best.argsort(stable=True)
-                sizes = torch.bincount(best, minlength=len(kids)).tolist()
+                # (bincount would sync twice on CUDA: once for its output size, once here)
+                counts = torch.zeros(len(kids), dtype=torch.long, device=best.device)
+                sizes = counts.scatter_add_(0, best, torch.ones_like(best)).tolist()
                 groups = zip(kids, x[order].split(sizes), idx[order].split(sizes))
             else:
                 child = self.child_table[n, :1].expand(len(idx))
