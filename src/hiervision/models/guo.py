@@ -67,8 +67,15 @@ class VisualLSTMCell(nn.Module):
     def forward(
         self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], v_gates: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.step(self.x2g(x), state, v_gates)
+
+    def step(
+        self, x_gates: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], v_gates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step from the input's gate contribution ``x2g(x_t)``: teacher forcing knows every
+        ``x_t`` in advance and computes them all in one product (:meth:`CnnRnnGenerator.unroll`)."""
         h, c = state
-        i, f, o, g = (self.x2g(x) + self.h2g(h) + v_gates).chunk(4, 1)
+        i, f, o, g = (x_gates + self.h2g(h) + v_gates).chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # eq. 6
         return torch.sigmoid(o) * torch.tanh(c), c  # eq. 7
 
@@ -140,11 +147,13 @@ class CnnRnnGenerator(HierarchicalClassifier):
     def unroll(self, v: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, T, N+1)`` when step ``t`` reads ``tokens[:, t]`` (teacher forcing)."""
         vg = self.cell.visual(self.dropout(v))
-        state, out = self._zero_state(len(v), vg), []
+        # the inputs are known in advance: their gate parts, and the output layer, run once for all steps
+        xg = self.cell.x2g(self.embed(tokens))
+        state, hs = self._zero_state(len(v), vg), []
         for t in range(tokens.shape[1]):
-            state = self.cell(self.embed(tokens[:, t]), state, vg)
-            out.append(self.out(self.dropout(state[0])))
-        return torch.stack(out, 1)
+            state = self.cell.step(xg[:, t], state, vg)
+            hs.append(state[0])
+        return self.out(self.dropout(torch.stack(hs, 1)))
 
     def _tokens(self, paths: torch.Tensor) -> torch.Tensor:
         """Decoder inputs for ``(B, D)`` paths: the start token, then the path (0 where it has ended)."""
