@@ -31,7 +31,7 @@ import torch
 from hiervision.taxonomy import EOS, PAD, Taxonomy, TreeTables
 
 __all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "full_precision",
-           "last_node", "multi_label_prediction", "path_scores", "prefix_logprob", "threshold_paths",
+           "last_node", "multi_label_prediction", "no_autocast", "path_scores", "prefix_logprob", "threshold_paths",
            "transition_mask", "tree_tables"]
 
 Tree = Taxonomy | TreeTables
