@@ -9,6 +9,7 @@ models, and the median of the rounds is reported.
     python benchmarks/throughput.py --rows guo           # Guo's generators and CNN-RNN vs flat
     python benchmarks/throughput.py --rows hiernet --infer  # prediction img/s: flat, HierNet routing / conditional
     python benchmarks/throughput.py --rounds 7 --steps 10
+    python benchmarks/throughput.py --only CNN-S2S-Linear --rounds 3 --steps 2   # one row beside its flat base
 """
 
 from __future__ import annotations
@@ -74,11 +75,26 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8, help="timed steps per model per round")
     p.add_argument("--rows", choices=sorted(ROWS), default="dhnn", help="which methods to time")
     p.add_argument("--infer", action="store_true", help="time prediction (eval mode, no grad) instead of training")
+    p.add_argument("--only", nargs="+", metavar="LABEL",
+                   help="time only these rows (and the flat row they are compared with): a short check")
     args = p.parse_args()
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    rows = ROWS[args.rows]
+    if args.only:
+        unknown = sorted(set(args.only) - {r[0] for r in rows})
+        if unknown:
+            p.error(f"--only: no row {unknown[0]!r} in --rows {args.rows} (rows: {', '.join(r[0] for r in rows)})")
+        # each chosen row keeps the flat row of its own tree (the last flat row before it) as its base
+        keep, base = [], None
+        for r in rows:
+            if r[0].startswith("flat"):
+                base = r
+            elif r[0] in args.only:
+                keep += [x for x in (base, r) if x is not None and x not in keep]
+        rows = keep
     runs = {}
-    for label, config, variable, *over in ROWS[args.rows]:
+    for label, config, variable, *over in rows:
         model, opt, tax, clip = build(config, variable, over[0] if over else None)
         leaves = torch.tensor(tax.leaves)
         targets = leaves[torch.arange(args.batch_size) % len(leaves)]

@@ -11,21 +11,66 @@ method. Two decoders live here:
   extend each only by children of its last node (or the end token where a path may stop).
 * :func:`threshold_paths` — multi-label: a node is kept when it and all its ancestors pass the
   threshold (Koo et al., Sec. 4.2).
+
+Every function takes the tree as a :class:`~hiervision.taxonomy.Taxonomy` or as a model's
+:class:`~hiervision.taxonomy.TreeTables` (its buffers, already on the model's device: nothing is
+copied per call). Decoding sums log-probabilities of whole paths, so it runs in fp32 even inside
+autocast: with bf16's 8 mantissa bits near-tied paths would flip (:func:`full_precision`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from hiervision.taxonomy import EOS, PAD, Taxonomy
+from hiervision.taxonomy import EOS, PAD, Taxonomy, TreeTables
 
-__all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "last_node",
-           "multi_label_prediction", "path_scores", "prefix_logprob", "scheduled_feed", "threshold_paths",
-           "transition_mask"]
+__all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "full_precision",
+           "last_node", "multi_label_prediction", "no_autocast", "path_scores", "prefix_logprob", "scheduled_feed",
+           "threshold_paths", "transition_mask", "tree_tables"]
+
+Tree = Taxonomy | TreeTables
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_tables(taxonomy: Taxonomy, device: torch.device) -> TreeTables:
+    return TreeTables(taxonomy).to(device)
+
+
+def tree_tables(tree: Tree, device: torch.device | str | None = None) -> TreeTables:
+    """The tables of ``tree`` on ``device``: a model's own :class:`TreeTables` as they are, or, for a
+    plain :class:`Taxonomy` (callers without a model), tables built once per tree and device."""
+    if isinstance(tree, TreeTables):
+        return tree
+    return _cached_tables(tree, torch.device(device if device is not None else "cpu"))
+
+
+def no_autocast(device: torch.device | str):
+    """A context that turns autocast off on ``device``'s type (a no-op where autocast does not exist)."""
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, enabled=False)
+
+
+def full_precision(decode: Callable) -> Callable:
+    """Decorate a model's ``decode(self, outputs, ...)``: it runs with autocast off and reads its
+    outputs in fp32. Path log-probabilities are sums; in bf16 near-tied paths would flip, and a
+    decoder network run during the search (beam search over an LSTM) would score in bf16 too."""
+
+    @functools.wraps(decode)
+    def wrapper(self, outputs: dict[str, torch.Tensor], *args, **kwargs):
+        outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
+        device = next((v.device for v in outputs.values() if torch.is_tensor(v)), torch.device("cpu"))
+        with no_autocast(device):
+            return decode(self, outputs, *args, **kwargs)
+
+    return wrapper
 
 
 def last_node(paths: torch.Tensor) -> torch.Tensor:
@@ -74,32 +119,25 @@ class Prediction:
         )
 
 
-def end_mask(taxonomy: Taxonomy, end_nodes: torch.Tensor | str | None = None) -> torch.Tensor:
-    """``(N+1,)`` bool: where a path may stop. ``None``/``"leaves"``: leaves only; ``"all"``: every node."""
-    if isinstance(end_nodes, torch.Tensor):
-        mask = end_nodes.bool().clone()
-    elif end_nodes == "all":
-        mask = torch.ones(taxonomy.num_nodes, dtype=torch.bool)
-    elif end_nodes in (None, "leaves"):
-        mask = torch.zeros(taxonomy.num_nodes, dtype=torch.bool)
-        mask[list(taxonomy.leaves)] = True
-    else:
-        raise ValueError(f"end_nodes must be 'leaves', 'all' or a bool tensor, got {end_nodes!r}")
-    mask[0] = False  # the root is not a class
-    return mask
+def end_mask(taxonomy: Tree, end_nodes: torch.Tensor | str | None = None) -> torch.Tensor:
+    """``(N+1,)`` bool: where a path may stop. ``None``/``"leaves"``: leaves only; ``"all"``: every node.
+    On the device of ``taxonomy``'s tables (the CPU for a plain :class:`Taxonomy`)."""
+    return tree_tables(taxonomy).end_mask(end_nodes)
 
 
-def prefix_logprob(taxonomy: Taxonomy, node_logprob: torch.Tensor) -> torch.Tensor:
-    """``(B, N+1)`` per-node log-probabilities → the summed log-probability of each root-to-node path."""
-    anc = taxonomy.ancestor_matrix.to(node_logprob.device, torch.float32)
+def prefix_logprob(taxonomy: Tree, node_logprob: torch.Tensor) -> torch.Tensor:
+    """``(B, N+1)`` per-node log-probabilities → the summed log-probability of each root-to-node path
+    (fp32, whatever autocast says)."""
+    anc = tree_tables(taxonomy, node_logprob.device).ancestors
     # -inf (probability 0) would turn 0·(-inf) into NaN in the product: a large finite floor is exact enough
     lp = node_logprob.float().clamp(min=-1e4)
     lp[:, 0] = 0
-    return lp @ anc.T
+    with no_autocast(lp.device):
+        return lp @ anc.T.float()
 
 
 def exact_best_path(
-    taxonomy: Taxonomy,
+    taxonomy: Tree,
     node_logprob: torch.Tensor,
     end_nodes: torch.Tensor | str | None = None,
     end_logprob: torch.Tensor | None = None,
@@ -119,30 +157,29 @@ def exact_best_path(
     path_lp = prefix_logprob(taxonomy, node_logprob)
     if end_logprob is not None:
         path_lp = path_lp + end_logprob.float().clamp(min=-1e4)
-    path_lp = path_lp.masked_fill(~end_mask(taxonomy, end_nodes).to(path_lp.device), float("-inf"))
+    path_lp = path_lp.masked_fill(~tree_tables(taxonomy, path_lp.device).end_mask(end_nodes), float("-inf"))
     best_lp, nodes = path_lp.max(1)
     return nodes, best_lp
 
 
 def best_leaf_below(
-    taxonomy: Taxonomy, path_logprob: torch.Tensor, given: torch.Tensor
+    taxonomy: Tree, path_logprob: torch.Tensor, given: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The best leaf on a path through ``given`` ``(B,)`` (a node or the leaf itself), from ``(B, N+1)``
     log-probabilities of whole root-to-node paths: ``(nodes, logprob)``. What conditioning on a known
     coarse label (Guo et al.'s CNN-RNN*) means for heads that score every path at once."""
-    below = taxonomy.ancestor_matrix.to(given.device)[:, given].T & end_mask(taxonomy, "leaves").to(given.device)
+    tables = tree_tables(taxonomy, given.device)
+    below = tables.ancestors[:, given].T & tables.leaf_mask
     lp, nodes = path_logprob.masked_fill(~below, float("-inf")).max(1)
     return nodes, lp
 
 
-def transition_mask(taxonomy: Taxonomy, end_nodes: torch.Tensor | str | None = None) -> torch.Tensor:
+def transition_mask(taxonomy: Tree, end_nodes: torch.Tensor | str | None = None) -> torch.Tensor:
     """``(N+1, N+1)`` bool: after node ``i`` the next token may be ``j`` (a child of ``i``, or
     :data:`~hiervision.taxonomy.EOS` = 0 where a path may end at ``i``). Row 0 is the start (the root)."""
-    n = taxonomy.num_nodes
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    child = torch.arange(1, n)
-    mask[taxonomy.parent_tensor[1:], child] = True
-    mask[:, EOS] = end_mask(taxonomy, end_nodes)
+    tables = tree_tables(taxonomy)
+    mask = tables.child_of.clone()
+    mask[:, EOS] = tables.end_mask(end_nodes)
     return mask
 
 
@@ -181,7 +218,7 @@ def _reorder(state: Any, index: torch.Tensor) -> Any:
 
 
 def beam_search(
-    taxonomy: Taxonomy,
+    taxonomy: Tree,
     step: StepFn,
     batch_size: int,
     beam_width: int = 3,
@@ -210,9 +247,10 @@ def beam_search(
     k = int(beam_width)
     if k < 1:
         raise ValueError(f"beam_width must be ≥ 1, got {beam_width}")
-    n = taxonomy.num_nodes
-    steps = max_steps if max_steps is not None else taxonomy.max_depth + 1
-    trans = transition_mask(taxonomy, end_nodes).to(device)
+    tables = tree_tables(taxonomy, device)
+    n = tables.taxonomy.num_nodes
+    steps = max_steps if max_steps is not None else tables.taxonomy.max_depth + 1
+    trans = transition_mask(tables, end_nodes).to(device)
     ends = trans[:, EOS]
     neg = torch.tensor(float("-inf"), device=device)
     scores = torch.full((batch_size, k), float("-inf"), device=device)
@@ -251,38 +289,40 @@ def beam_search(
     return paths[..., :keep], scores
 
 
-def path_scores(taxonomy: Taxonomy, paths: torch.Tensor, step_logprob: torch.Tensor) -> torch.Tensor:
+def path_scores(taxonomy: Tree, paths: torch.Tensor, step_logprob: torch.Tensor) -> torch.Tensor:
     """``(B, N+1)`` per-node scores of decoded paths: each node of the path gets the probability of
     the prefix ending at it (from the decoder's ``(B, S, N+1)`` per-step log-probabilities, step t
     scoring level t+1); nodes off the path get 0. What autoregressive heads put in ``Prediction.scores``."""
     idx = paths.clamp(min=0)
     taken = step_logprob[:, : paths.shape[1]].float().gather(2, idx.unsqueeze(2)).squeeze(2)
     prefix = taken.masked_fill(paths == PAD, 0).cumsum(1).exp()
-    scores = torch.zeros(len(paths), taxonomy.num_nodes, device=paths.device)
+    scores = torch.zeros(len(paths), tree_tables(taxonomy).taxonomy.num_nodes, device=paths.device)
     scores.scatter_(1, idx, torch.where(paths == PAD, 0.0, prefix))
     scores[:, 0] = 0
     return scores
 
 
-def multi_label_prediction(taxonomy: Taxonomy, scores: torch.Tensor, threshold: float) -> Prediction:
+def multi_label_prediction(taxonomy: Tree, scores: torch.Tensor, threshold: float) -> Prediction:
     """Multi-label heads' :class:`Prediction` from ``(B, N+1)`` sigmoid node scores: the thresholded
     set of paths, plus the single most likely root-to-leaf path (sum of log-sigmoids along it)."""
     labels = threshold_paths(taxonomy, scores, threshold)
     nodes, lp = exact_best_path(taxonomy, torch.log(scores.clamp_min(1e-12)))
-    return Prediction(taxonomy.path_matrix.to(scores.device)[nodes], scores, lp.exp(), labels)
+    return Prediction(tree_tables(taxonomy, scores.device).paths[nodes], scores, lp.exp(), labels)
 
 
-def threshold_paths(taxonomy: Taxonomy, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+def threshold_paths(taxonomy: Tree, scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Multi-label decoding: ``(B, N+1)`` sigmoid scores → ``(B, N+1)`` bool set of kept path ends.
 
     A node is kept when it and every ancestor pass ``threshold``; the kept paths are the kept
     nodes that have no kept child (the deepest points reached).
     """
-    kept = (scores >= threshold).T.contiguous()
-    kept[0] = True  # the root passes, so depth-1 nodes only need themselves
-    parents = taxonomy.parent_tensor.to(scores.device)
-    for level in taxonomy.levels:  # top-down: a node stays only if its parent stayed
-        idx = torch.tensor(level, dtype=torch.long, device=scores.device)
-        kept[idx] &= kept[parents[idx]]
-    kept[0] = False
-    return taxonomy.path_ends(kept.T)
+    tables = tree_tables(taxonomy, scores.device)
+    kept = scores >= threshold
+    kept[:, 0] = True  # the root passes, so depth-1 nodes only need themselves
+    for _ in range(tables.taxonomy.max_depth - 1):  # each round: a node stays only if its parent stayed
+        kept = kept & kept[:, tables.parent]
+    kept[:, 0] = False
+    # the ends: kept nodes with no kept child
+    has_child = torch.zeros(kept.shape, dtype=torch.int32, device=kept.device)
+    has_child.index_add_(1, tables.parent[1:], kept[:, 1:].to(torch.int32))
+    return kept & (has_child == 0)

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["EOS", "IGNORE", "PAD", "Taxonomy", "TaxonomyError"]
+__all__ = ["EOS", "IGNORE", "PAD", "Taxonomy", "TaxonomyError", "TreeTables"]
 
 PAD = -1
 IGNORE = -100
@@ -782,6 +783,78 @@ class Taxonomy:
             yield f"{indent}{self.names[n]}{ext}"
             shown += 1
             stack.extend(reversed(self.children[n]))
+
+
+class TreeTables(nn.Module):
+    """The taxonomy's lookup tables as non-persistent buffers, for the per-step code of a model.
+
+    Every loss and decode reads some table (paths, ancestors, depths, where paths may end). As
+    buffers of the model they move once with ``model.to(device)`` instead of being copied from
+    the CPU on every call, and they stay out of ``state_dict`` (the tree is saved on its own).
+    The encoders here mirror :class:`Taxonomy`'s but never check label ids on the host (that
+    check is a device→host sync per step); labels are checked once, where the data set is read.
+    Tables are bool/long, so ``model.to(torch.float64)`` leaves them as they are.
+    """
+
+    def __init__(self, taxonomy: Taxonomy) -> None:
+        super().__init__()
+        self.taxonomy = taxonomy
+        n = taxonomy.num_nodes
+        leaves = torch.zeros(n, dtype=torch.bool)
+        leaves[list(taxonomy.leaves)] = True
+        child_of = torch.zeros(n, n, dtype=torch.bool)  # [i, j]: j is a child of i
+        child_of[taxonomy.parent_tensor[1:], torch.arange(1, n)] = True
+        tables = {
+            "paths": taxonomy.path_matrix, "ancestors": taxonomy.ancestor_matrix, "depth": taxonomy.depth_tensor,
+            "parent": taxonomy.parent_tensor, "level_position": taxonomy.level_position, "leaf_mask": leaves,
+            "child_of": child_of,
+        }
+        for name, t in tables.items():  # clones: in-place edits of a buffer must not reach the tree's cache
+            self.register_buffer(name, t.clone(), persistent=False)
+
+    def end_mask(self, end_nodes: torch.Tensor | str | None = None) -> torch.Tensor:
+        """``(N+1,)`` bool where a path may stop (see :func:`hiervision.decoding.end_mask`)."""
+        if isinstance(end_nodes, torch.Tensor):
+            mask = end_nodes.to(self.leaf_mask.device, torch.bool).clone()
+        elif end_nodes == "all":
+            mask = torch.ones_like(self.leaf_mask)
+        elif end_nodes in (None, "leaves"):
+            mask = self.leaf_mask.clone()
+        else:
+            raise ValueError(f"end_nodes must be 'leaves', 'all' or a bool tensor, got {end_nodes!r}")
+        mask[0] = False  # the root is not a class
+        return mask
+
+    def encode_paths(self, nodes: torch.Tensor) -> torch.Tensor:
+        """``(B,) → (B, D)`` node ids per level, :data:`PAD` after the end."""
+        return self.paths[nodes]
+
+    def encode_levels(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Per-level cross-entropy targets ``(B, D)``: node ids, :data:`IGNORE` past the path's end."""
+        p = self.paths[nodes]
+        return p.masked_fill(p == PAD, IGNORE)
+
+    def encode_level_positions(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Per-level targets ``(B, D)`` as the index within each level, :data:`IGNORE` past the end."""
+        p = self.paths[nodes]
+        return self.level_position[p.clamp(min=0)].masked_fill(p == PAD, IGNORE)
+
+    def encode_sequence(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Decoder targets ``(B, D + 1)``: the path, then :data:`EOS`, then :data:`IGNORE`."""
+        p = torch.cat([self.paths[nodes], torch.full_like(nodes, PAD).unsqueeze(1)], dim=1)
+        p = p.scatter(1, self.depth[nodes].unsqueeze(1), EOS)
+        return p.masked_fill(p == PAD, IGNORE)
+
+    def close_upwards(self, marks: torch.Tensor) -> torch.Tensor:
+        """``(B, N+1)`` bool marks → the marks plus all their ancestors (root column cleared);
+        one scatter-add per level, all on the marks' device."""
+        c = marks.bool().clone()
+        for _ in range(self.taxonomy.max_depth - 1):
+            up = torch.zeros(c.shape, dtype=torch.int32, device=c.device)
+            up.index_add_(1, self.parent[1:], c[:, 1:].to(torch.int32))
+            c |= up > 0
+        c[:, 0] = False
+        return c
 
 
 # ---------------------------------------------------------------------- helpers

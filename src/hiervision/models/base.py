@@ -16,7 +16,7 @@ from torch import nn
 
 from hiervision.decoding import Prediction
 from hiervision.models.backbones import create_backbone
-from hiervision.taxonomy import Taxonomy
+from hiervision.taxonomy import Taxonomy, TreeTables
 
 __all__ = ["HierarchicalClassifier"]
 
@@ -53,6 +53,8 @@ class HierarchicalClassifier(nn.Module):
         if not isinstance(taxonomy, Taxonomy):
             raise TypeError(f"taxonomy must be a hiervision.Taxonomy, got {type(taxonomy).__name__}")
         self.taxonomy = taxonomy
+        # the tree's lookup tables as non-persistent buffers: they follow .to(device), never leave it per step
+        self.tables = TreeTables(taxonomy)
         self.multi_label = multi_label
         self.backbone = (
             create_backbone(backbone, in_chans=in_chans, **(backbone_kwargs or {}))

@@ -73,9 +73,11 @@ class LinearConversion(nn.Module):
             nn.init.normal_(u, std=1 / math.sqrt(u.shape[1]))
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        x = torch.einsum("bdhw,md->bmhw", a, self.u1)
-        x = torch.einsum("bmhw,nw->bmhn", x, self.u2)
-        x = torch.einsum("bmhn,vh->bmvn", x, self.u3)
+        # n-mode products on different modes commute: the spatial ones first shrink the map (H×W → v×n)
+        # before the channel product, instead of widening a full-resolution map to m channels
+        x = torch.einsum("bdhw,nw->bdhn", a, self.u2)
+        x = torch.einsum("bdhn,vh->bdvn", x, self.u3)
+        x = torch.einsum("bdvn,md->bmvn", x, self.u1)
         return x.flatten(1)
 
     def extra_repr(self) -> str:

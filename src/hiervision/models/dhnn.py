@@ -27,7 +27,9 @@ from hiervision.decoding import (
     Prediction,
     beam_search,
     exact_best_path,
+    full_precision,
     multi_label_prediction,
+    no_autocast,
     path_scores,
     prefix_logprob,
     scheduled_feed,
@@ -38,7 +40,15 @@ from hiervision.models.conversion import StageSequence, default_steps
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import EOS, IGNORE, Taxonomy
 
-__all__ = ["CnnRnn", "CnnS2S"]
+__all__ = ["CnnRnn", "CnnS2S", "run_fp32"]
+
+
+def run_fp32(lstm: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Run an LSTM in fp32 with autocast off. Under autocast cuDNN's RNN runs in half precision (and
+    no gradient scaler guards it under bf16 autocast), and oneDNN's CPU LSTM cannot run under bf16
+    autocast at all; the recurrence is a small part of the cost, so it keeps full precision."""
+    with no_autocast(x.device):
+        return lstm(x.float(), None if state is None else tuple(t.float() for t in state))
 
 
 def _orthogonal_lstm(lstm: nn.LSTM) -> nn.LSTM:
@@ -131,14 +141,14 @@ class _DHNN(HierarchicalClassifier):
 
     def _node_view(self, step_scores: torch.Tensor) -> torch.Tensor:
         """``(B, S, N+1)`` per-step scores → ``(B, N+1)``: node ``n`` read at the step of its level."""
-        depth = self.taxonomy.depth_tensor.to(step_scores.device)
+        depth = self.tables.depth
         out = step_scores[:, (depth - 1).clamp(min=0), torch.arange(len(depth), device=depth.device)]
         out[:, 0] = 0
         return out
 
     def _best_path(self, node_lp: torch.Tensor, end_nodes: str, end_lp: torch.Tensor | None = None):
-        nodes, lp = exact_best_path(self.taxonomy, node_lp, end_nodes, end_lp)
-        return self.taxonomy.path_matrix.to(node_lp.device)[nodes], lp
+        nodes, lp = exact_best_path(self.tables, node_lp, end_nodes, end_lp)
+        return self.tables.paths[nodes], lp
 
     def _beam_precomputed(self, step_lp: torch.Tensor, end_nodes: str):
         """Algorithm 1 over per-step log-probabilities that do not depend on the prefix."""
@@ -148,14 +158,14 @@ class _DHNN(HierarchicalClassifier):
         def step(tokens: torch.Tensor, t: int):
             return rep[:, t], t + 1
 
-        paths, lp = beam_search(self.taxonomy, step, len(step_lp), k, end_nodes, step_lp.shape[1], 0,
+        paths, lp = beam_search(self.tables, step, len(step_lp), k, end_nodes, step_lp.shape[1], 0,
                                 step_lp.device)
         return paths[:, 0], lp[:, 0]
 
     def _multi_label_targets(self, targets: torch.Tensor, num_steps: int) -> torch.Tensor:
         """``(B, N+1)`` path-end marks → ``(B, S, N+1)`` per-level multi-hot of the closed label set."""
-        closed = self.taxonomy.close_upwards(targets.bool()).float()
-        depth = self.taxonomy.depth_tensor.to(targets.device)
+        closed = self.tables.close_upwards(targets).float()
+        depth = self.tables.depth
         levels = torch.arange(1, num_steps + 1, device=targets.device)
         return closed.unsqueeze(1) * (depth.unsqueeze(0) == levels.unsqueeze(1)).float().unsqueeze(0)
 
@@ -204,7 +214,7 @@ class CnnRnn(_DHNN):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         u = self.sequence(images)
-        h, _ = self.rnn(u)
+        h, _ = run_fp32(self.rnn, u)
         o = self.out(self.dropout(h))
         if self.residual:
             o = self.classify(u + self.z(o))
@@ -216,14 +226,15 @@ class CnnRnn(_DHNN):
             y = self._multi_label_targets(targets, self._depth)[..., 1:]
             per = F.binary_cross_entropy_with_logits(logits[..., 1:], y, reduction="none").mean(2)
             return self._weighted(per, torch.ones_like(per))
-        levels = self.taxonomy.encode_levels(targets)  # (B, T) node ids, IGNORE past a coarse label's end
+        levels = self.tables.encode_levels(targets)  # (B, T) node ids, IGNORE past a coarse label's end
         per = F.cross_entropy(logits.transpose(1, 2), levels, ignore_index=IGNORE, reduction="none")
         return self._weighted(per, (levels != IGNORE).float())
 
+    @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
         logits = outputs["logits"].float()
         if self.multi_label:
-            return multi_label_prediction(self.taxonomy, self._node_view(torch.sigmoid(logits)),
+            return multi_label_prediction(self.tables, self._node_view(torch.sigmoid(logits)),
                                           float(self.threshold))
         step_lp = logits.log_softmax(-1)
         node_lp = self._node_view(step_lp)
@@ -231,7 +242,7 @@ class CnnRnn(_DHNN):
             paths, lp = self._beam_precomputed(step_lp, "leaves")
         else:
             paths, lp = self._best_path(node_lp, "leaves")
-        return Prediction(paths, prefix_logprob(self.taxonomy, node_lp).exp(), lp.exp())
+        return Prediction(paths, prefix_logprob(self.tables, node_lp).exp(), lp.exp())
 
 
 class CnnS2S(_DHNN):
@@ -304,7 +315,7 @@ class CnnS2S(_DHNN):
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder final state ``(h_T, c_T)``, each ``(layers, B, width)``: the decoder's start."""
-        _, (h, c) = self.encoder(self.sequence(images))
+        _, (h, c) = run_fp32(self.encoder, self.sequence(images))
         if self.bidirectional:
             h, c = (x.view(self.num_layers, 2, *x.shape[1:]).transpose(1, 2).flatten(2) for x in (h, c))
         return h.contiguous(), c.contiguous()
@@ -317,7 +328,7 @@ class CnnS2S(_DHNN):
         prev[..., 0] = 1  # start: the root
         state, logits = (h, c), []
         for _ in range(self._out_steps):
-            out, state = self.decoder(prev, state)
+            out, state = run_fp32(self.decoder, prev, state)
             o = self.out(self.dropout(out))
             logits.append(o)
             prev = torch.sigmoid(o) if self.multi_label else o.softmax(-1)
@@ -326,7 +337,7 @@ class CnnS2S(_DHNN):
     def _teacher_forced(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
         """Decoder logits ``(B, D+1, N+1)`` when fed the given paths ``(B, D)`` (PAD after the end)."""
         tokens = torch.cat([torch.zeros_like(paths[:, :1]), paths.clamp(min=0)], 1)[:, : self._out_steps]
-        out, _ = self.decoder(self.embed(tokens), (outputs["h"], outputs["c"]))
+        out, _ = run_fp32(self.decoder, self.embed(tokens), (outputs["h"], outputs["c"]))
         return self.out(self.dropout(out))
 
     def sampled(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor, p: float
@@ -349,11 +360,11 @@ class CnnS2S(_DHNN):
             y = self._multi_label_targets(targets, self._out_steps)[..., 1:]
             per = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(2)
             return self._weighted(per, torch.ones_like(per))
-        seq = self.taxonomy.encode_sequence(targets)  # (B, D+1): path, EOS, IGNORE
+        seq = self.tables.encode_sequence(targets)  # (B, D+1): path, EOS, IGNORE
         if self.feed == "label" and self.training and self.scheduled_sampling > 0:
-            logits = self.sampled(outputs, self.taxonomy.encode_paths(targets), self.scheduled_sampling)[0].float()
+            logits = self.sampled(outputs, self.tables.encode_paths(targets), self.scheduled_sampling)[0].float()
         elif self.feed == "label":
-            logits = self._teacher_forced(outputs, self.taxonomy.encode_paths(targets)).float()
+            logits = self._teacher_forced(outputs, self.tables.encode_paths(targets)).float()
         else:
             logits = outputs["logits"].float()
         per = F.cross_entropy(logits.transpose(1, 2), seq, ignore_index=IGNORE, reduction="none")
@@ -361,15 +372,16 @@ class CnnS2S(_DHNN):
             per = torch.where(seq == EOS, per * self.end_weight, per)
         return self._weighted(per, (seq != IGNORE).float())
 
+    @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
-        tax = self.taxonomy
+        tax = self.tables
         if self.multi_label:
             return multi_label_prediction(tax, self._node_view(torch.sigmoid(outputs["logits"].float())),
                                           float(self.threshold))
         if self.feed == "output":
             step_lp = outputs["logits"].float().log_softmax(-1)
             node_lp = self._node_view(step_lp)
-            depth = tax.depth_tensor.to(step_lp.device)
+            depth = tax.depth
             end_lp = step_lp[:, depth.clamp(max=self._out_steps - 1), EOS]  # stopping right after node n
             if self.decode_mode == "beam":
                 paths, lp = self._beam_precomputed(step_lp, self.end_nodes)
@@ -380,7 +392,7 @@ class CnnS2S(_DHNN):
         k = self.beam_width
 
         def step(tokens: torch.Tensor, state):
-            out, state = self.decoder(self.embed(tokens).unsqueeze(1), state)
+            out, state = run_fp32(self.decoder, self.embed(tokens).unsqueeze(1), state)
             return self.out(out[:, 0]).float().log_softmax(-1), state
 
         start = (h.repeat_interleave(k, 1), c.repeat_interleave(k, 1))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervision.decoding import Prediction, multi_label_prediction
+from hiervision.decoding import Prediction, full_precision, multi_label_prediction
 from hiervision.losses import check_loss_type, chmcnn_loss, hxe_loss, max_constraint, soft_label_loss
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
@@ -72,7 +72,7 @@ class FlatClassifier(HierarchicalClassifier):
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         logits = outputs["logits"].float()
         if self.multi_label:
-            closed = self.taxonomy.close_upwards(targets.bool()).float()
+            closed = self.tables.close_upwards(targets).float()
             if self.loss_type == "chmcnn":
                 return chmcnn_loss(F.pad(logits, (1, 0)), closed, self.taxonomy)
             return F.binary_cross_entropy_with_logits(logits, closed[:, 1:])
@@ -87,15 +87,17 @@ class FlatClassifier(HierarchicalClassifier):
         allowed = self.class_paths[targets]  # (B, C): leaves below (or equal to) the target
         return -torch.logsumexp(logp.masked_fill(~allowed, float("-inf")), dim=1).mean()
 
+    @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
         logits = outputs["logits"].float()
         if self.multi_label:
             scores = F.pad(torch.sigmoid(logits), (1, 0))
             if self.loss_type == "chmcnn":
                 scores = max_constraint(scores, self.taxonomy)
-            return multi_label_prediction(self.taxonomy, scores, float(self.threshold))
+            return multi_label_prediction(self.tables, scores, float(self.threshold))
         return self._best_class(logits.softmax(1))
 
+    @full_precision
     def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
         """The most probable class on a path through ``given`` (its descendants, or itself)."""
         if self.multi_label:
@@ -107,7 +109,7 @@ class FlatClassifier(HierarchicalClassifier):
         scores = probs @ self.class_paths.T.to(probs.dtype)  # marginal probability of every node
         best_prob, best = (probs if allowed is None else probs.masked_fill(~allowed, 0)).max(1)
         nodes = self.classes[best]
-        return Prediction(self.taxonomy.path_matrix.to(probs.device)[nodes], scores, best_prob)
+        return Prediction(self.tables.paths[nodes], scores, best_prob)
 
 
 @register_model("flat")

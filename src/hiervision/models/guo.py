@@ -30,6 +30,7 @@ from hiervision.decoding import (
     best_leaf_below,
     end_mask,
     exact_best_path,
+    full_precision,
     path_scores,
     prefix_logprob,
     scheduled_feed,
@@ -69,8 +70,15 @@ class VisualLSTMCell(nn.Module):
     def forward(
         self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], v_gates: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.step(self.x2g(x), state, v_gates)
+
+    def step(
+        self, x_gates: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], v_gates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step from the input's gate contribution ``x2g(x_t)``: teacher forcing knows every
+        ``x_t`` in advance and computes them all in one product (:meth:`CnnRnnGenerator.unroll`)."""
         h, c = state
-        i, f, o, g = (self.x2g(x) + self.h2g(h) + v_gates).chunk(4, 1)
+        i, f, o, g = (x_gates + self.h2g(h) + v_gates).chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # eq. 6
         return torch.sigmoid(o) * torch.tanh(c), c  # eq. 7
 
@@ -161,11 +169,13 @@ class CnnRnnGenerator(HierarchicalClassifier):
     def unroll(self, v: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, T, N+1)`` when step ``t`` reads ``tokens[:, t]`` (teacher forcing)."""
         vg = self.cell.visual(self.dropout(v))
-        state, out = self._zero_state(len(v), vg), []
+        # the inputs are known in advance: their gate parts, and the output layer, run once for all steps
+        xg = self.cell.x2g(self.embed(tokens))
+        state, hs = self._zero_state(len(v), vg), []
         for t in range(tokens.shape[1]):
-            state = self.cell(self.embed(tokens[:, t]), state, vg)
-            out.append(self.out(self.dropout(state[0])))
-        return torch.stack(out, 1)
+            state = self.cell.step(xg[:, t], state, vg)
+            hs.append(state[0])
+        return self.out(self.dropout(torch.stack(hs, 1)))
 
     def unroll_sampled(self, v: torch.Tensor, tokens: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`unroll`, but each step after the first reads the head's own greedy choice with
@@ -184,7 +194,7 @@ class CnnRnnGenerator(HierarchicalClassifier):
         return torch.cat([torch.zeros_like(paths[:, :1]), paths.clamp(min=0)], 1)[:, : self.num_steps]
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        tax = self.taxonomy
+        tax = self.tables
         if self.end_token:
             seq = tax.encode_sequence(targets)
             if self.end_nodes == "leaves":  # an inner label here is a coarse-only one: it does not end the path
@@ -204,15 +214,15 @@ class CnnRnnGenerator(HierarchicalClassifier):
         return (per * weights).sum(1).mean()  # eq. 8: summed over the steps, averaged over the images
 
     def _search(self, v: torch.Tensor, given: torch.Tensor | None) -> Prediction:
-        tax, k = self.taxonomy, (self.beam_width if self.decode_mode == "beam" else 1)
+        tax, k = self.tables, (self.beam_width if self.decode_mode == "beam" else 1)
         b, dev = len(v), v.device
         vg = self.cell.visual(v)
         if given is None:
             state, skip, prefix = self._zero_state(b, vg), 0, None
         else:
             # feed start, p_1 .. p_{d-1}; the search's first step then reads p_d = the given node
-            prefix = tax.path_matrix.to(dev)[given]
-            depth = tax.depth_tensor.to(dev)[given]
+            prefix = tax.paths[given]
+            depth = tax.depth[given]
             tokens = self._tokens(prefix)
             states = [self._zero_state(b, vg)]
             for t in range(int(depth.max())):
@@ -231,13 +241,15 @@ class CnnRnnGenerator(HierarchicalClassifier):
         paths = beams[:, 0]
         if prefix is not None:  # the given prefix, then the continuation written after it
             cols = depth.unsqueeze(1) + torch.arange(paths.shape[1], device=dev)
-            paths = F.pad(prefix, (0, paths.shape[1]), value=PAD).scatter(1, cols, paths)[:, : tax.max_depth]
+            paths = F.pad(prefix, (0, paths.shape[1]), value=PAD).scatter(1, cols, paths)[:, : tax.paths.shape[1]]
         step_lp = self.unroll(v, self._tokens(paths)).float().log_softmax(-1)
         return Prediction(paths, path_scores(tax, paths, step_lp), lp[:, 0].exp())
 
+    @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
         return self._search(outputs["v"], None)
 
+    @full_precision
     def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
         return self._search(outputs["v"], given)
 
@@ -326,14 +338,14 @@ class MultiHeadGenerator(HierarchicalClassifier):
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         if self.loss_type == "soft_labels":
-            paths = self.taxonomy.encode_paths(targets)
+            paths = self.tables.encode_paths(targets)
             total = outputs[f"level{self.levels[0]}"].new_zeros((), dtype=torch.float32)
             for lv in self.levels:
                 has = paths[:, lv - 1] != PAD
                 y = soft_label_targets(self.taxonomy, paths[has, lv - 1], getattr(self, f"nodes{lv}"), self.loss_beta)
                 total = total - (y * outputs[f"level{lv}"].float()[has].log_softmax(1)).sum()
             return total / len(targets)
-        pos = self.taxonomy.encode_level_positions(targets)  # (B, D) index within each level, IGNORE past the end
+        pos = self.tables.encode_level_positions(targets)  # (B, D) index within each level, IGNORE past the end
         total = sum(F.cross_entropy(outputs[f"level{lv}"].float(), pos[:, lv - 1], ignore_index=IGNORE,
                                     reduction="sum") for lv in self.levels)
         return total / len(targets)  # eq. 1
@@ -346,11 +358,12 @@ class MultiHeadGenerator(HierarchicalClassifier):
             lp[:, getattr(self, f"nodes{lv}")] = outputs[f"level{lv}"].float().log_softmax(1)
         return lp
 
+    @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
         node_lp = self._node_logprob(outputs)
         if self.decode_mode == "exact":
-            nodes, lp = exact_best_path(self.taxonomy, node_lp)
-            return Prediction(self.taxonomy.path_matrix.to(nodes.device)[nodes], node_lp.exp(), lp.exp())
+            nodes, lp = exact_best_path(self.tables, node_lp)
+            return Prediction(self.tables.paths[nodes], node_lp.exp(), lp.exp())
         paths = torch.full((len(node_lp), self.levels[-1]), PAD, dtype=torch.long, device=node_lp.device)
         lp = torch.zeros(len(node_lp), device=node_lp.device)
         for lv in self.levels:
@@ -359,17 +372,18 @@ class MultiHeadGenerator(HierarchicalClassifier):
             lp = lp + best_lp
         # levels without a head take the ancestors of the deepest head's choice (a coarse-specific
         # network on level 2 implies level 1, as a flat prediction implies its path)
-        implied = self.taxonomy.path_matrix.to(paths.device)[paths[:, -1], : paths.shape[1]]
+        implied = self.tables.paths[paths[:, -1], : paths.shape[1]]
         return Prediction(torch.where(paths == PAD, implied, paths), node_lp.exp(), lp.exp())
 
+    @full_precision
     def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
         """The best tree path through ``given`` under the heads' summed log-probabilities."""
         if len(self.levels) < self.taxonomy.max_depth:
             return super().decode_given(outputs, given)
-        tax = self.taxonomy
+        tax = self.tables
         node_lp = self._node_logprob(outputs)
         nodes, lp = best_leaf_below(tax, prefix_logprob(tax, node_lp), given)
-        return Prediction(tax.path_matrix.to(nodes.device)[nodes], node_lp.exp(), lp.exp())
+        return Prediction(tax.paths[nodes], node_lp.exp(), lp.exp())
 
 
 @register_model("guo_rnn")

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from hiervision.decoding import Prediction, best_leaf_below, end_mask
+from hiervision.decoding import Prediction, best_leaf_below, end_mask, full_precision
 from hiervision.losses import check_loss_type, hxe_loss, soft_label_loss
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
@@ -132,6 +132,12 @@ class HierNet(HierarchicalClassifier):
                 self.routers[str(n)] = _Router(ops(end[n], stop), channels[stop - 1], len(kids[n]), dropout)
         del self.backbone  # its weights live on, copied, in trunk / edges / routers
         self.register_buffer("leaf_mask", end_mask(taxonomy, "leaves"), persistent=False)
+        # (N+1, max children) node ids, row n = n's children: indexing on the device, no list → tensor per call
+        width = max(len(kids[n]) for n in inner)
+        child_table = torch.zeros(taxonomy.num_nodes, width, dtype=torch.long)
+        for n in inner:
+            child_table[n, : len(kids[n])] = torch.tensor(kids[n])
+        self.register_buffer("child_table", child_table, persistent=False)
         self._inner = inner
 
     @staticmethod
@@ -169,7 +175,7 @@ class HierNet(HierarchicalClassifier):
             if n:
                 p = tax.parents[n]
                 feats[n] = self.edges[str(n)](feats[p]) if str(n) in self.edges else feats[p]
-            kids = list(tax.children[n])
+            kids = self.child_table[n, : len(tax.children[n])]
             if str(n) in self.routers:
                 step = self.routers[str(n)](feats[n]).float().log_softmax(1)
                 lp[:, kids] = lp[:, n : n + 1] + step
@@ -179,6 +185,9 @@ class HierNet(HierarchicalClassifier):
 
     # -- routing: Algorithm 1, batched by route ----------------------------------------------------
     def _route(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each node runs once, on the images routed to it. One host sync per router (the sizes of
+        its children's groups, which the next kernels' shapes depend on); nodes without a router
+        (one child) pass their images on without any."""
         tax = self.taxonomy
         b = len(images)
         node = torch.zeros(b, dtype=torch.long, device=images.device)
@@ -186,23 +195,25 @@ class HierNet(HierarchicalClassifier):
         scores = torch.zeros(b, tax.num_nodes, device=images.device)
 
         def visit(n: int, x: torch.Tensor, idx: torch.Tensor) -> None:
-            kids = torch.tensor(tax.children[n], device=idx.device)
+            kids = tax.children[n]
             if str(n) in self.routers:
-                step = self.routers[str(n)](x).float().log_softmax(1)
-                best_lp, best = step.max(1)
+                best_lp, best = self.routers[str(n)](x).float().log_softmax(1).max(1)
+                lp[idx] += best_lp
+                child = self.child_table[n][best]
+                # group the images by chosen child: one sort on the device, one sync for the group sizes
+                order = best.argsort(stable=True)
+                # (bincount would sync twice on CUDA: once for its output size, once here)
+                counts = torch.zeros(len(kids), dtype=torch.long, device=best.device)
+                sizes = counts.scatter_add_(0, best, torch.ones_like(best)).tolist()
+                groups = zip(kids, x[order].split(sizes), idx[order].split(sizes))
             else:
-                best_lp = torch.zeros(len(idx), device=idx.device)
-                best = torch.zeros(len(idx), dtype=torch.long, device=idx.device)
-            lp[idx] += best_lp
-            child = kids[best]
+                child = self.child_table[n, :1].expand(len(idx))
+                groups = zip(kids, [x], [idx])
             scores[idx, child] = lp[idx].exp()
-            for c in child.unique().tolist():
-                sel = child == c
-                if not tax.children[c]:
-                    node[idx[sel]] = c
-                else:
-                    xs = x[sel]
-                    visit(c, self.edges[str(c)](xs) if str(c) in self.edges else xs, idx[sel])
+            node[idx] = child  # the deepest node reached so far; a leaf's is final
+            for c, xs, ids in groups:
+                if len(ids) and tax.children[c]:
+                    visit(c, self.edges[str(c)](xs) if str(c) in self.edges else xs, ids)
 
         visit(0, self.trunk(images), torch.arange(b, device=images.device))
         return {"route": node, "route_logprob": lp, "route_scores": scores}
@@ -222,22 +233,24 @@ class HierNet(HierarchicalClassifier):
             return soft_label_loss(logp, targets, leaves, self.taxonomy, self.loss_beta)
         return hxe_loss(logp, targets, leaves, self.taxonomy, self.loss_alpha)
 
+    @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
-        paths = self.taxonomy.path_matrix
+        paths = self.tables.paths
         if "route" in outputs:
             node = outputs["route"]
-            return Prediction(paths.to(node.device)[node], outputs["route_scores"], outputs["route_logprob"].exp())
+            return Prediction(paths[node], outputs["route_scores"], outputs["route_logprob"].exp())
         lp = outputs["node_logprob"]
         best, node = lp.masked_fill(~self.leaf_mask, float("-inf")).max(1)
-        return Prediction(paths.to(node.device)[node], lp.exp(), best.exp())
+        return Prediction(paths[node], lp.exp(), best.exp())
 
+    @full_precision
     def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
         """The most probable class below ``given`` (conditional output)."""
         if "route" in outputs:
             return super().decode_given(outputs, given)
         lp = outputs["node_logprob"]  # already whole-path log-probabilities
-        node, best = best_leaf_below(self.taxonomy, lp, given)
-        return Prediction(self.taxonomy.path_matrix.to(node.device)[node], lp.exp(), best.exp())
+        node, best = best_leaf_below(self.tables, lp, given)
+        return Prediction(self.tables.paths[node], lp.exp(), best.exp())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, split={self.split}, extra_blocks={self.extra_blocks}, eval={self.eval_mode}"

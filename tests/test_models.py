@@ -1,0 +1,149 @@
+"""The contract every registered model keeps, checked for all of ``list_models()`` (as timm's test_models.py).
+
+Each model is built on a tiny fixed-depth tree and, where it supports one, a variable-depth tree:
+forward → loss → backward (finite gradients on every trainable parameter) → decode → predict
+(valid root paths, scores and path probabilities in [0, 1]), predict_given where implemented,
+a state_dict round trip that predicts identically, and decoding in fp32 under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hiervision.decoding import Prediction
+from hiervision.models import create_model, list_models
+from hiervision.taxonomy import PAD, Taxonomy
+
+FIXED = Taxonomy.from_paths(["a/c", "a/d", "b/e", "b/f", "b/g"])
+VARIABLE = Taxonomy.from_paths(["a/c/x", "a/c/y", "a/d", "b"])
+BATCH, SIZE = 4, 16
+SMALL = {"backbone": "resnet20", "in_chans": 1, "image_size": SIZE, "backbone_kwargs": {"width": 0.25}}
+# per-model sizes that keep the heads tiny; guo_multihead decodes the tree's best path (its default,
+# "independent", reads each level's argmax and may leave the tree by design)
+EXTRA = {
+    "dhnn_rnn": {"input_size": 16, "hidden_size": 16, "pool_fallback": "project"},
+    "dhnn_s2s": {"input_size": 16, "hidden_size": 16, "pool_fallback": "project"},
+    "guo_rnn": {"embed_size": 16, "hidden_size": 16},
+    "guo_multihead": {"decode": "exact"},
+}
+
+
+def build(name: str, tax: Taxonomy, seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    try:
+        return create_model(name, tax, **SMALL, **EXTRA.get(name, {}), **kwargs)
+    except ValueError as e:  # only what a model declares it cannot do: fixed-depth heads, single-label heads
+        if tax is VARIABLE or kwargs.get("multi_label"):
+            pytest.skip(f"{name}: {e}")
+        raise
+
+
+def images(seed: int = 1) -> torch.Tensor:
+    return torch.randn(BATCH, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def leaf_targets(tax: Taxonomy) -> torch.Tensor:
+    return torch.tensor([tax.leaves[i % len(tax.leaves)] for i in range(BATCH)])
+
+
+def assert_valid(tax: Taxonomy, pred: Prediction) -> None:
+    assert len(pred) == BATCH
+    for row in pred.paths.tolist():
+        path = [n for n in row if n != PAD]
+        assert path and tax.is_valid_path(path), f"invalid path {row}"
+        assert row[: len(path)] == path, f"PAD inside path {row}"
+    assert pred.scores.shape == (BATCH, tax.num_nodes)
+    assert pred.scores.dtype == pred.path_prob.dtype == torch.float32
+    assert bool(((pred.scores >= 0) & (pred.scores <= 1)).all())
+    assert bool(((pred.path_prob >= 0) & (pred.path_prob <= 1 + 1e-6)).all())
+
+
+TREES = [pytest.param(FIXED, id="fixed"), pytest.param(VARIABLE, id="variable")]
+
+
+@pytest.mark.parametrize("tax", TREES)
+@pytest.mark.parametrize("name", list_models())
+def test_forward_loss_backward_decode_predict(name: str, tax: Taxonomy) -> None:
+    model = build(name, tax).train()
+    targets = leaf_targets(tax)
+    targets[-1] = tax.children[0][0]  # a coarse-only label: every model trains it by the part it has
+    loss = model.loss(model(images()), targets)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{pname} got no gradient"
+            assert torch.isfinite(p.grad).all(), f"{pname}: non-finite gradient"
+    model.eval()
+    with torch.no_grad():
+        assert_valid(tax, model.decode(model(images())))
+    assert_valid(tax, model.predict(images()))
+    for mode in getattr(model, "eval_modes", ()):  # HierNet: conditional and routing
+        model.set_eval_mode(mode)
+        assert_valid(tax, model.predict(images()))
+
+
+@pytest.mark.parametrize("tax", TREES)
+@pytest.mark.parametrize("name", list_models())
+def test_predict_given_stays_below_the_given_node(name: str, tax: Taxonomy) -> None:
+    model = build(name, tax).eval()
+    given = torch.tensor([tax.path(int(t))[0] for t in leaf_targets(tax)])
+    try:
+        pred = model.predict_given(images(), given)
+    except NotImplementedError:
+        pytest.skip(f"{name} does not condition on a given label")
+    assert_valid(tax, pred)
+    assert (pred.paths == given.unsqueeze(1)).any(1).all()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_state_dict_round_trip_predicts_identically(name: str) -> None:
+    a = build(name, FIXED, seed=0).eval()
+    b = build(name, FIXED, seed=1).eval()
+    b.load_state_dict(a.state_dict())
+    pa, pb = a.predict(images()), b.predict(images())
+    assert torch.equal(pa.paths, pb.paths)
+    torch.testing.assert_close(pa.scores, pb.scores)
+    torch.testing.assert_close(pa.path_prob, pb.path_prob)
+    assert not any(k.startswith("tables.") for k in a.state_dict()), "tree tables must not be saved"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_bf16_autocast_trains_finite_and_decodes_in_fp32(name: str) -> None:
+    model = build(name, VARIABLE if name not in ("dhnn_rnn", "guo_multihead") else FIXED)
+    tax = model.taxonomy
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = model.train().loss(model(images()), leaf_targets(tax))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.autocast("cpu", torch.bfloat16):
+        pred = model.predict(images())
+    assert_valid(tax, pred)  # fp32 scores and path probabilities, valid paths
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_multi_label_models_keep_the_contract(name: str) -> None:
+    model = build(name, FIXED, multi_label=True)
+    marks = torch.zeros(BATCH, FIXED.num_nodes)
+    marks[torch.arange(BATCH), leaf_targets(FIXED)] = 1
+    marks[0, FIXED.leaves[-1]] = 1  # two paths for the first image
+    loss = model.train().loss(model(images()), marks)
+    assert torch.isfinite(loss)
+    loss.backward()
+    pred = model.predict(images())
+    assert_valid(FIXED, pred)
+    assert pred.labels is not None and pred.labels.shape == (BATCH, FIXED.num_nodes)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_tree_tables_are_buffers_that_follow_the_model(name: str) -> None:
+    model = build(name, FIXED)
+    buffers = dict(model.named_buffers())
+    for table in ("paths", "ancestors", "depth", "parent", "leaf_mask", "child_of"):
+        assert f"tables.{table}" in buffers
+    before = {k: v.dtype for k, v in buffers.items() if k.startswith("tables.")}
+    model.to(torch.float64)  # integer and bool tables keep their dtype; they move with the model
+    assert {k: v.dtype for k, v in model.named_buffers() if k.startswith("tables.")} == before
+    assert torch.equal(model.tables.paths, FIXED.path_matrix)
