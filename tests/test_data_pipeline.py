@@ -171,14 +171,14 @@ def test_rank_slices_union_is_the_single_process_batch(world: int) -> None:
 
 
 def test_bundle_meta_tells_inference_the_eval_transform(tmp_path: Path) -> None:
-    from hiervision.cli import load_image
+    from hiervision.imagefile import read_array
 
     root = _image_folder(tmp_path / "imgs", 2)
     b = build_data(_cfg(root, resize=40))
     assert b.meta()["resize"] == 40 and b.meta()["image_size"] == [32, 32]
     assert "resize" not in build_data({"name": "folder", "root": str(root)}).meta()
     i = 0
-    x = load_image(Path(b.test.base.sources[i]), 3, (32, 32), resize=40)
+    x = torch.from_numpy(read_array(Path(b.test.base.sources[i]), 3, (32, 32), resize=40)).float() / 255
     assert torch.equal(x, b.test[i][0])  # predict sees what evaluation saw
 
 

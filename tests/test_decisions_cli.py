@@ -19,6 +19,7 @@ def run_dir(tmp_path_factory):
         "model": {"name": "flat", "backbone": "resnet20", "backbone_kwargs": {"width": 0.5},
                   "loss_type": "hxe", "loss_alpha": 0.2},
         "train": {"epochs": 1, "batch_size": 64, "amp": "none"},
+        "eval": {"calibrate": False},  # a run from before post-hoc calibration: temperature 1 in the checkpoint
     }
     (d / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(d / "tiny.yaml"), "--out", str(d / "run"), "--quiet"]) == 0

@@ -300,8 +300,8 @@ def test_alternating_phases_change_only_their_group(tmp_path, tiny_cfg):
 def test_alternating_first_phase_trains_only_the_rnn(tmp_path, tiny_cfg):
     cfg = _cfg(tiny_cfg)
     cfg["train"] = {**cfg["train"], "epochs": 1, "freeze": [{"epochs": [0, 1], "frozen": ["cnn"]}]}
-    cfg_start = dict(cfg, train={**cfg["train"], "epochs": 1, "lr": 0.0, "warmup_epochs": 0})
-    train(cfg_start, tmp_path / "start")  # lr 0: the seeded initial weights, unchanged
+    cfg_start = dict(cfg, train={**cfg["train"], "epochs": 1, "lr": 1e-30, "warmup_epochs": 0})
+    train(cfg_start, tmp_path / "start")  # lr 1e-30 (lr must be > 0): the seeded initial weights, unchanged
     train(cfg, tmp_path / "run")
     a = torch.load(tmp_path / "start" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]

@@ -13,6 +13,7 @@ from hiervision.config import load_config, merge
 from hiervision.data import build_data
 from hiervision.data.base import coarsen_labels, split_fine_coarse
 from hiervision.decoding import transition_mask
+from hiervision.distributed import DistEnv
 from hiervision.metrics import valid_paths
 from hiervision.models import create_model
 from hiervision.models.backbones import create_backbone
@@ -271,7 +272,7 @@ def test_pseudo_labels_are_written_only_for_s_coarse(tiny_cfg, tmp_path):
     truth = build_data({**cfg["data"], "coarse_labels": "oracle"}).train.targets
     mask = data.train.coarse_mask
     assert mask.any() and not mask.all()
-    new = pseudo_label(cfg, data, tmp_path / "round1", True, torch.device("cpu"), None)
+    new = pseudo_label(cfg, data, tmp_path / "round1", True, DistEnv(0, 1, 0, torch.device("cpu")), None)
     tax = data.taxonomy
     # S_fine's true labels untouched; every S_coarse label is now a leaf below its given coarse label
     assert torch.equal(new.train.targets[~mask], truth[~mask])
