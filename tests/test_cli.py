@@ -136,7 +136,8 @@ def test_predict_folder_records_errors_and_top_k(run_dir, tmp_path, capsys):
     assert "cannot read image" in recs["broken.png"]["error"] and set(recs["broken.png"]) == {"file", "error"}
     good = recs["a.png"]
     assert len(good["path"]) == len(good["path_ids"]) == len(good["node_probabilities"]) == 3
-    assert good["node_probabilities"][-1] == pytest.approx(good["path_probability"], abs=2e-6)  # rounded to 6 places each
+    # flat: the leaf marginal; both are rounded to 6 places
+    assert good["node_probabilities"][-1] == pytest.approx(good["path_probability"], abs=2e-6)
     assert [a["path"] for a in good["top_k"]][0] == good["path"] and len(good["top_k"]) == 2
     assert err.strip().endswith(")") and "1 of 4 images could not be predicted" in err and err.count("\n") == 1
 
