@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hiervision.config import dump, load_config
+from results_md import replace_section
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "configs" / "comparison"
@@ -551,15 +552,6 @@ def plot(summary: dict, name: str, outdir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-def replace_section(text: str, name: str, body: str) -> str:
-    """Replace ``## name`` (up to the next ``## ``) in a markdown file's text, or append it."""
-    import re
-
-    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
-    body = body.rstrip() + "\n\n"
-    return pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip() + "\n\n" + body
 
 
 README_START, README_END = "<!-- which-method:start -->", "<!-- which-method:end -->"

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_md import write_section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -71,15 +73,7 @@ def main() -> int:
     if not args.no_write:
         (HERE / "results" / "ddp.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2),
                                                     encoding="utf-8")
-        text = (HERE / "RESULTS.md").read_text(encoding="utf-8")
-        start = text.find("## ddp\n")
-        section = "\n".join(lines) + "\n"
-        if start >= 0:
-            end = text.find("\n## ", start + 1)
-            text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        (HERE / "RESULTS.md").write_text(text, encoding="utf-8")
+        write_section("ddp", "\n".join(lines))
     return 0
 
 

@@ -33,6 +33,7 @@ from hiervision.data.fashion_mnist import fashion_mnist_taxonomy
 from hiervision.models import create_model
 from hiervision.taxonomy import Taxonomy
 from hiervision.training import autocast_dtype, build_optimizer, train
+from results_md import write_section
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "configs"
@@ -146,15 +147,7 @@ def write_results(report: dict, command: str) -> None:
               "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['path_accuracy']:.4f} | {v['node_accuracy']:.4f} | {v['train_images_per_s']:.0f} | "
               f"{v['wall_s']:.0f} |" for k, v in report["training"].items()]
-    text = (HERE / "RESULTS.md").read_text(encoding="utf-8")
-    section = "\n".join(lines) + "\n"
-    start = text.find("## gpu check")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    (HERE / "RESULTS.md").write_text(text, encoding="utf-8")
+    write_section("gpu check", "\n".join(lines))
 
 
 def main() -> int:

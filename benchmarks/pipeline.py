@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from hiervision.data.imageio import ImageReader
 from hiervision.data.pipeline import PipelineDataset, RandomResizedCrop
 from hiervision.models import create_model
 from hiervision.taxonomy import Taxonomy
+from results_md import write_section
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ROOT = Path(os.environ.get("HIERVISION_DATA", HERE.parents[1] / "shared" / "data")) / "tiny-imagenet-200"
@@ -115,14 +115,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results_md(path: Path, section: str) -> None:
-    """Replace (or append) the ``## pipeline`` section of RESULTS.md."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    pattern = re.compile(r"^## pipeline\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="Tiny-ImageNet-200 folder")
@@ -165,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_results:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "pipeline.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-        write_results_md(args.out.parent / "RESULTS.md", section)
+        write_section("pipeline", section, args.out.parent / "RESULTS.md")
     return 0
 
 

@@ -15,7 +15,8 @@ TINY_IMAGENET = SHARED / "tiny-imagenet-200"
 
 
 @pytest.mark.skipif(not (TINY_IMAGENET / "train").is_dir(), reason=f"Tiny-ImageNet not found at {TINY_IMAGENET}")
-def test_pipeline_benchmark_tiny(tmp_path: Path) -> None:
+def test_pipeline_benchmark_tiny(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run as a script: its neighbours import
     spec = importlib.util.spec_from_file_location("bench_pipeline", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
