@@ -192,3 +192,23 @@ def test_list_and_print_config(tmp_path, capsys):
     assert not (tmp_path / "child").exists()
     assert main(["train", str(tmp_path / "child.yaml")]) == 1
     assert "--out" in capsys.readouterr().err
+
+
+def test_predict_hedged_answers_stop_higher_for_a_stricter_target(run_dir, tmp_path, capsys):
+    """train fits λ for 0.9/0.95/0.99 on val (decisions.json); predict --accuracy attaches the DARTS answer."""
+    folder = _folder(tmp_path)
+    (folder / "broken.png").unlink()
+    depths = {}
+    for target in ("0.9", "0.99"):
+        assert main(["predict", str(run_dir), str(folder), "--accuracy", target]) == 0
+        recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        for r in recs:
+            assert "node_scores" not in r
+            hedged = r["hedged"]  # the root (an empty path) is a valid answer when nothing is sure enough
+            assert hedged["path"][-1:] in ([hedged["node"]], []) and 0 <= hedged["probability"] <= 1
+        depths[target] = [len(r["hedged"]["path"]) for r in recs]
+    assert all(a >= b for a, b in zip(depths["0.9"], depths["0.99"]))  # a stricter target never goes deeper
+    with pytest.raises(ValueError, match="no hedging λ for accuracy 0.5"):
+        from hiervision.posthoc import hedger
+
+        hedger(run_dir, 0.5)

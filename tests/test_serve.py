@@ -249,7 +249,7 @@ def test_onnx_file_serves_the_same_answers(run_dir, client, tmp_path):
 
 def test_hedged_answer_hook(run_dir, predictor):
     pytest.importorskip("hiervision.decisions")
-    from hiervision.serve.predictor import decisions_hedger
+    from hiervision.posthoc import hedger as decisions_hedger
 
     (run_dir / "decisions.json").write_text(json.dumps({"temperature": 1.0, "hedge": {"0.9": 0.0, "0.99": 1e9}}))
     try:

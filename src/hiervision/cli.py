@@ -52,6 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from hiervision.experiment import load_run, run_data
+    from hiervision.posthoc import evaluate_decisions, run_temperature
     from hiervision.training import autocast_dtype, evaluate_split, select_device
 
     device = select_device(args.device)
@@ -66,7 +67,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"--mode {args.mode}: model {cfg['model']['name']} has modes {list(model.eval_modes)}")
         model.set_eval_mode(args.mode)
     decode = args.decode or cfg["eval"].get("decode", "argmax")
-    if args.accuracy is not None or decode != "argmax" or _temperature(args.run_dir, model) != 1.0:
+    if args.accuracy is not None or decode != "argmax" or run_temperature(args.run_dir, model) != 1.0:
         if args.given_level is not None and args.accuracy is not None:
             raise ValueError("--given-level cannot be combined with --accuracy (hedging fits on plain predictions)")
         result, pred, targets = evaluate_decisions(args.run_dir, model, data, args.split, cfg["eval"]["batch_size"],
@@ -84,49 +85,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result["report"] = str(Path(args.report) / "index.html")
     print(json.dumps(result, indent=2))
     return 0
-
-
-def _temperature(run_dir: str | Path, model) -> float:
-    """The run's calibration temperature: the checkpoint's buffer, else ``decisions.json``, else 1."""
-    from hiervision.decisions import load_decisions
-
-    t = float(getattr(model, "temperature", 1.0))
-    return t if t != 1.0 else float(load_decisions(run_dir).get("temperature", 1.0))
-
-
-def evaluate_decisions(run_dir: str | Path, model, data, split: str, batch_size: int, amp,
-                       accuracy: float | None = None, decode: str = "argmax",
-                       device: torch.device | None = None, given_level: int | None = None):
-    """``(report, calibrated prediction, targets)`` of a split on the run's calibrated scores (``decode``:
-    argmax | crm), plus, with an ``accuracy`` target, the ``hedged`` entry (λ fitted on the val split;
-    :func:`hedged_evaluation`), whose λ is also stored in the run's ``decisions.json`` for ``predict``."""
-    from hiervision import metrics as M
-    from hiervision.decisions import calibrate, hedged_evaluation, load_decisions, save_decisions
-    from hiervision.training import predict_dataset
-
-    if accuracy is not None and not 0 < accuracy < 1:
-        raise ValueError(f"--accuracy must lie in (0, 1), got {accuracy}")
-    if data.multi_label:
-        raise ValueError("--accuracy and --decode crm apply to single-label runs only")
-    device = device or torch.device("cpu")
-    sets = {"train": data.train, "val": data.val, "test": data.test}
-    t0 = time.perf_counter()
-    pred, targets = predict_dataset(model, data, sets[split], batch_size, device, amp, given_level)
-    seconds = time.perf_counter() - t0
-    temperature = _temperature(run_dir, model)
-    calibrated = calibrate(pred, data.taxonomy, temperature, decode)
-    result = {**M.evaluate(calibrated, targets, data.taxonomy),
-              "eval_images_per_s": len(targets) / max(seconds, 1e-9), "decode": decode, "temperature": temperature}
-    if accuracy is not None:
-        if data.val is None or len(data.val) == 0:
-            raise ValueError(f"{run_dir}: --accuracy needs a validation split to fit λ (data.val_fraction is 0)")
-        val, val_targets = (pred, targets) if split == "val" else predict_dataset(model, data, data.val, batch_size,
-                                                                                  device, amp)
-        result["hedged"] = hedged_evaluation(val, val_targets, pred, targets, data.taxonomy, accuracy, temperature)
-        # keep λ for `predict --accuracy` and the server (hiervision.decisions.hedge_lambda)
-        fitted = load_decisions(run_dir).get("hedge", {})
-        save_decisions(run_dir, hedge={**fitted, str(accuracy): result["hedged"]["lambda"]})
-    return result, calibrated, targets
 
 
 def _image_files(inputs: list[str]) -> list[Path]:
@@ -190,6 +148,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     predictor = _predictor(args)  # a run that cannot be loaded is reported before any image is looked at
+    hedge = None
+    if args.accuracy is not None:
+        from hiervision.posthoc import hedger
+
+        hedge = hedger(args.run_dir, args.accuracy)
     files = _image_files(args.inputs)
     writer = None
     if args.format == "csv":
@@ -200,9 +163,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=args.quiet or len(files) < 256)
     try:
         for start in range(0, len(files), args.batch_size):
-            for record in predictor.predict(files[start : start + args.batch_size]):
+            for record in predictor.predict(files[start : start + args.batch_size], node_scores=hedge is not None):
                 if "error" in record:
                     failed.append(record)
+                elif hedge is not None:  # the answer that stops at a confident node (issue 12's DARTS rule)
+                    record["hedged"] = hedge(record)
+                    del record["node_scores"]
                 if writer is not None:
                     writer.writerow(_csv_row(record, args.top_k))
                 else:
@@ -523,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     pr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (run folders only)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.add_argument("--accuracy", type=float, default=None, metavar="A",
+                    help="also give each image's hedged answer: the most specific node that meets accuracy A "
+                    "(λ from the run's decisions.json: 0.9, 0.95, 0.99 after training, others by evaluate --accuracy)")
     pr.set_defaults(func=cmd_predict)
 
     sv = sub.add_parser("serve", help="HTTP API and web page over a run folder or .onnx file ([serve] extra)")

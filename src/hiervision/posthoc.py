@@ -10,7 +10,10 @@ against the naive back-off baseline and split-conformal answers, and CRM against
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,12 +24,15 @@ from hiervision.decisions import (
     end_distribution,
     fit_decisions,
     hedged_evaluation,
+    hedged_records,
     lca_heights,
+    load_decisions,
+    save_decisions,
 )
 from hiervision.decoding import Prediction
 from hiervision.taxonomy import Taxonomy
 
-__all__ = ["posthoc_report"]
+__all__ = ["evaluate_decisions", "hedger", "posthoc_report", "run_temperature"]
 
 _MISTAKE_KEYS = ("leaf_accuracy", "path_accuracy", "mistake_severity", "hdist@1", "hdist@5", "hdist@20")
 
@@ -67,3 +73,68 @@ def posthoc_report(
         "crm": {"argmax": {k: argmax[k] for k in _MISTAKE_KEYS}, "crm": {k: crm[k] for k in _MISTAKE_KEYS}},
         "test": crm if decode == "crm" else argmax,
     }
+
+
+def run_temperature(run_dir: str | os.PathLike, model) -> float:
+    """The run's calibration temperature: the checkpoint's buffer, else ``decisions.json``, else 1."""
+    t = float(getattr(model, "temperature", 1.0))
+    return t if t != 1.0 else float(load_decisions(run_dir).get("temperature", 1.0))
+
+
+def evaluate_decisions(run_dir: str | os.PathLike, model, data, split: str, batch_size: int, amp,
+                       accuracy: float | None = None, decode: str = "argmax",
+                       device: torch.device | None = None, given_level: int | None = None):
+    """``(report, calibrated prediction, targets)`` of a split on the run's calibrated scores (``decode``:
+    argmax | crm), plus, with an ``accuracy`` target, the ``hedged`` entry (λ fitted on the val split;
+    :func:`hedged_evaluation`), whose λ is also stored in the run's ``decisions.json`` (see :func:`hedger`)."""
+    from hiervision.training import predict_dataset  # training calls this module after training: import late
+
+    if accuracy is not None and not 0 < accuracy < 1:
+        raise ValueError(f"--accuracy must lie in (0, 1), got {accuracy}")
+    if data.multi_label:
+        raise ValueError("--accuracy and --decode crm apply to single-label runs only")
+    device = device or torch.device("cpu")
+    sets = {"train": data.train, "val": data.val, "test": data.test}
+    t0 = time.perf_counter()
+    pred, targets = predict_dataset(model, data, sets[split], batch_size, device, amp, given_level)
+    seconds = time.perf_counter() - t0
+    temperature = run_temperature(run_dir, model)
+    calibrated = calibrate(pred, data.taxonomy, temperature, decode)
+    result = {**M.evaluate(calibrated, targets, data.taxonomy),
+              "eval_images_per_s": len(targets) / max(seconds, 1e-9), "decode": decode, "temperature": temperature}
+    if accuracy is not None:
+        if data.val is None or len(data.val) == 0:
+            raise ValueError(f"{run_dir}: --accuracy needs a validation split to fit λ (data.val_fraction is 0)")
+        val, val_targets = (pred, targets) if split == "val" else predict_dataset(model, data, data.val, batch_size,
+                                                                                  device, amp)
+        result["hedged"] = hedged_evaluation(val, val_targets, pred, targets, data.taxonomy, accuracy, temperature)
+        # keep λ for the server's hedged answers (hiervision.decisions.hedge_lambda)
+        fitted = load_decisions(run_dir).get("hedge", {})
+        save_decisions(run_dir, hedge={**fitted, str(accuracy): result["hedged"]["lambda"]})
+    return result, calibrated, targets
+
+
+def hedger(run_dir: str | os.PathLike, accuracy: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """``hedge(record)`` → the hedged answer (DARTS) of a record, with the λ that ``decisions.json`` in the
+    run folder holds for the ``accuracy`` target and its temperature (:mod:`hiervision.decisions`).
+    Reads only the record's ``node_scores`` (``Predictor.predict(..., node_scores=True)``), so it works on
+    either backend; ``predict --accuracy`` and ``serve --hedge-accuracy`` use it."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"{run}: hedging needs a run folder (its decisions.json), not an .onnx file")
+    decisions = load_decisions(run)
+    table = decisions.get("hedge", {})
+    key = next((k for k in table if abs(float(k) - accuracy) < 1e-9), None)
+    if key is None:
+        raise ValueError(f"{run / 'decisions.json'}: no hedging λ for accuracy {accuracy} "
+                         f"(has {sorted(table) or 'none'}; fit_decisions writes them)")
+    lam, temperature = float(table[key]), float(decisions.get("temperature", 1.0))
+    taxonomy = Taxonomy.load(run / "taxonomy.json")
+
+    def hedge(record: dict[str, Any]) -> dict[str, Any]:
+        scores = torch.tensor([record["node_scores"]], dtype=torch.float32)
+        path = torch.tensor([record["path_ids"] or [-1]], dtype=torch.long)
+        pred = Prediction(path, scores, torch.tensor([record["path_probability"]]))
+        return hedged_records(pred, taxonomy, lam, temperature)[0]
+
+    return hedge

@@ -303,17 +303,23 @@ class Predictor:
             engine = _OnnxEngine(p, step, threads)
         self.engine = engine
 
-    def predict_arrays(self, images: np.ndarray, files: Sequence[str] | None = None) -> list[dict]:
-        """Records for a ``(B, C, H, W)`` batch in [0, 1] (not yet normalised)."""
+    def predict_arrays(self, images: np.ndarray, files: Sequence[str] | None = None,
+                       node_scores: bool = False) -> list[dict]:
+        """Records for a ``(B, C, H, W)`` batch in [0, 1] (not yet normalised); ``node_scores`` also keeps
+        every node's score in each record (to draw the tree, or to hedge: :func:`hiervision.posthoc.hedger`)."""
         x = ((np.asarray(images, dtype=np.float32) - self.mean) / self.std).astype(np.float32)
         outputs = self.engine.run(np.ascontiguousarray(x))
         decoded = decode_batch(self.tree, self.sidecar["decoder"], outputs, self.engine, self.top_k)
         files = files if files is not None else [f"#{i}" for i in range(len(decoded))]
-        return [prediction_record(f, self.tree, d["path_ids"], d["path_probability"], d["node_scores"],
-                                  d["top_k"], d.get("paths")) for f, d in zip(files, decoded)]
+        records = [prediction_record(f, self.tree, d["path_ids"], d["path_probability"], d["node_scores"],
+                                     d["top_k"], d.get("paths")) for f, d in zip(files, decoded)]
+        if node_scores:
+            for rec, d in zip(records, decoded):
+                rec["node_scores"] = [round(float(s), 6) for s in np.asarray(d["node_scores"]).reshape(-1)]
+        return records
 
     def predict(self, image_files: Sequence[str | os.PathLike],
-                progress: Callable[[int], None] | None = None) -> list[dict]:
+                progress: Callable[[int], None] | None = None, node_scores: bool = False) -> list[dict]:
         """One record per file, in order; a file that cannot be read gets an error record and the
         others are still predicted. ``progress(n)`` is called after each batch with its size."""
         records: list[dict] = []
@@ -328,9 +334,9 @@ class Predictor:
                     out[f] = error_record(f, str(e))
             if arrays:
                 if len({a.shape for a in arrays}) > 1:  # no fixed training size: one image at a time
-                    recs = [r for a, f in zip(arrays, good) for r in self.predict_arrays(a[None], [f])]
+                    recs = [r for a, f in zip(arrays, good) for r in self.predict_arrays(a[None], [f], node_scores)]
                 else:
-                    recs = self.predict_arrays(np.stack(arrays), good)
+                    recs = self.predict_arrays(np.stack(arrays), good, node_scores)
                 out.update((r["file"], r) for r in recs)
             records.extend(out[f] for f in chunk)
             if progress is not None:

@@ -167,7 +167,7 @@ def create_app(
         results = []
         for upload, i, rec in zip(file, range(len(file)), records):
             rec = {**rec, "file": upload.filename or f"file #{i + 1}"}
-            if hedge is not None:  # the hedged answer (hiervision.decisions; see predictor.decisions_hedger)
+            if hedge is not None:  # the hedged answer (hiervision.posthoc.hedger)
                 rec["hedged"] = hedge(rec)
             if not node_scores:
                 rec.pop("node_scores", None)
@@ -208,9 +208,10 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int =
     add each image's hedged answer at that accuracy target (λ from the run's ``decisions.json``)."""
     import uvicorn
 
-    from hiervision.serve.predictor import decisions_hedger, load_predictor
+    from hiervision.posthoc import hedger
+    from hiervision.serve.predictor import load_predictor
 
-    hedge = decisions_hedger(path, hedge_accuracy) if hedge_accuracy is not None else None
+    hedge = hedger(path, hedge_accuracy) if hedge_accuracy is not None else None
     predictor = load_predictor(path, top_k=top_k)
     app = create_app(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits, hedge=hedge,
                      name=str(path))

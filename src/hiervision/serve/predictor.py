@@ -15,9 +15,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hiervision.records import TreeView, prediction_record
+from hiervision.records import TreeView
 
-__all__ = ["ImagePredictor", "RuntimePredictor", "decisions_hedger", "load_predictor"]
+__all__ = ["ImagePredictor", "RuntimePredictor", "load_predictor"]
 
 
 class ImagePredictor(Protocol):
@@ -44,8 +44,6 @@ class RuntimePredictor:
         self.image_size = (int(size[0]), int(size[1])) if size else None
 
     def predict_arrays(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        from hiervision.runtime import decode_batch
-
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, im in enumerate(images):
             groups.setdefault(im.shape, []).append(i)
@@ -55,18 +53,8 @@ class RuntimePredictor:
                 for i, rec in zip(idx, self.predict_arrays([images[i] for i in idx])):
                     out[i] = rec
             return out
-        rt = self.runtime
         batch = np.stack([im[..., None] if im.ndim == 2 else im for im in images]).transpose(0, 3, 1, 2)
-        x = ((batch.astype(np.float32) / 255 - rt.mean) / rt.std).astype(np.float32)
-        decoded = decode_batch(rt.tree, rt.sidecar["decoder"], rt.engine.run(np.ascontiguousarray(x)), rt.engine,
-                               rt.top_k)
-        records = []
-        for d in decoded:
-            rec = prediction_record("", rt.tree, d["path_ids"], d["path_probability"], d["node_scores"], d["top_k"],
-                                    d.get("paths"))
-            rec["node_scores"] = [round(float(s), 6) for s in np.asarray(d["node_scores"]).reshape(-1)]
-            records.append(rec)
-        return records
+        return self.runtime.predict_arrays(batch.astype(np.float32) / 255, [""] * len(images), node_scores=True)
 
 
 def load_predictor(path: str | Path, top_k: int = 3, checkpoint: str = "best") -> RuntimePredictor:
@@ -88,37 +76,3 @@ def load_predictor(path: str | Path, top_k: int = 3, checkpoint: str = "best") -
             raise ValueError(f"{p}: serving an .onnx file needs onnxruntime: pip install 'hiervision[export]' "
                              f"({e.name} missing)") from None
     raise FileNotFoundError(f"{p}: neither a run folder nor an .onnx file")
-
-
-def decisions_hedger(run_dir: str | Path, accuracy: float):
-    """``hedge(record)`` → the hedged answer (DARTS) of a record, with the λ that ``decisions.json`` in the
-    run folder holds for the ``accuracy`` target and its temperature (:mod:`hiervision.decisions`).
-    Reads only the record's ``node_scores``, so it works on either backend."""
-    try:
-        from hiervision.decisions import hedged_records, load_decisions
-    except ImportError:
-        raise ValueError("--hedge-accuracy needs hiervision.decisions (not in this installation)") from None
-    import torch
-
-    from hiervision.decoding import Prediction
-    from hiervision.taxonomy import Taxonomy
-
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ValueError(f"{run}: --hedge-accuracy needs a run folder (its decisions.json), not an .onnx file")
-    decisions = load_decisions(run)
-    table = decisions.get("hedge", {})
-    key = next((k for k in table if abs(float(k) - accuracy) < 1e-9), None)
-    if key is None:
-        raise ValueError(f"{run / 'decisions.json'}: no hedging λ for accuracy {accuracy} "
-                         f"(has {sorted(table) or 'none'}; fit_decisions writes them)")
-    lam, temperature = float(table[key]), float(decisions.get("temperature", 1.0))
-    taxonomy = Taxonomy.load(run / "taxonomy.json")
-
-    def hedge(record: dict[str, Any]) -> dict[str, Any]:
-        scores = torch.tensor([record["node_scores"]], dtype=torch.float32)
-        path = torch.tensor([record["path_ids"] or [-1]], dtype=torch.long)
-        pred = Prediction(path, scores, torch.tensor([record["path_probability"]]))
-        return hedged_records(pred, taxonomy, lam, temperature)[0]
-
-    return hedge
