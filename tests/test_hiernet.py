@@ -230,3 +230,17 @@ def test_short_real_training_run_learns(tmp_path):
     assert losses[1] < losses[0]
     assert metrics["path_accuracy"] > 0.5 and metrics["routing"]["path_accuracy"] > 0.5
     assert metrics["routing"]["level_accuracy"][0] > 0.9  # the root router: Clothes vs Goods
+
+
+def test_one_image_predicts_in_both_modes():
+    """A single image (the server's and predict's common case) once failed: a one-child node copied its
+    parent's column of the same (1, N+1) tensor in place."""
+    from hiervision.data.fashion_mnist import fashion_mnist_taxonomy
+    from hiervision.models import create_model
+
+    model = create_model("hiernet", fashion_mnist_taxonomy(), backbone="resnet20", backbone_kwargs={"width": 0.25},
+                         in_chans=1, image_size=16, split=[5, 7]).eval()
+    x = torch.randn(1, 1, 16, 16)
+    for mode in ("conditional", "routing"):
+        model.set_eval_mode(mode)
+        assert model.predict(x).paths.shape[0] == 1

@@ -180,13 +180,8 @@ class _TorchEngine:
 
     @torch.no_grad()
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        n = len(images)
-        if n == 1 and isinstance(self.graph.model, HierNet):
-            # HierNet's conditional pass refuses a batch of one (an in-place write that reads its own
-            # target): run the image twice and keep one row, until models/hiernet.py is fixed
-            images = np.concatenate([images, images])
         out = self.graph(torch.from_numpy(images).to(self.device))
-        return {name: t[:n].float().cpu().numpy() for name, t in zip(self.names, out)}
+        return {name: t.float().cpu().numpy() for name, t in zip(self.names, out)}
 
     @torch.no_grad()
     def step(self, tokens: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:

@@ -179,8 +179,8 @@ class HierNet(HierarchicalClassifier):
             if str(n) in self.routers:
                 step = self.routers[str(n)](feats[n]).float().log_softmax(1)
                 lp[:, kids] = lp[:, n : n + 1] + step
-            else:
-                lp[:, kids] = lp[:, n : n + 1]
+            else:  # one child: it inherits its parent's log-probability (a copy: with one image both views alias)
+                lp[:, kids] = lp[:, n : n + 1].clone()
         return lp
 
     # -- routing: Algorithm 1, batched by route ----------------------------------------------------
