@@ -14,7 +14,7 @@ import torch
 from conftest import FMNIST
 from hiervision.config import load_config
 from hiervision.data import BatchLoader, TensorImageDataset
-from hiervision.distributed import DistEnv, gather_rows, shard_indices
+from hiervision.distributed import DistEnv, gather_rows, interleave, shard_indices
 from hiervision.training import train
 
 HAVE_FMNIST = any(FMNIST.glob("train-images-idx3-ubyte*"))
@@ -75,10 +75,11 @@ def test_shards_cover_every_sample_once_and_gather_restores_order():
     n, world = 11, 3
     shards = [shard_indices(n, DistEnv(r, world, r, torch.device("cpu"))) for r in range(world)]
     assert sorted(torch.cat(shards).tolist()) == list(range(n))
-    # gather_rows' interleaving, done by hand: rank r's rows are r, r+W, ...
+    # what each rank holds after scoring its shard, padded as gather_rows pads it, put back in order
+    values = torch.arange(n) * 10
     longest = -(-n // world)
-    padded = [torch.cat([s, torch.full((longest - len(s),), -1)]) for s in shards]
-    assert torch.stack(padded, 1).reshape(-1)[:n].tolist() == list(range(n))
+    padded = [torch.cat([values[s], torch.full((longest - len(s),), -1)]) for s in shards]
+    assert torch.equal(interleave(padded, n), values)
     assert gather_rows(torch.arange(5), 5, DistEnv(0, 1, 0, torch.device("cpu"))).tolist() == list(range(5))
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "any_flag", "barrier", "gather_rows", "max_over_ranks", "setup", "shard_indices"]
+__all__ = ["DistEnv", "any_flag", "barrier", "gather_rows", "interleave", "max_over_ranks", "setup", "shard_indices"]
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,12 @@ def gather_rows(t: torch.Tensor, n: int, env: DistEnv) -> torch.Tensor:
     padded[: len(t)] = t.to(dev, wire)
     parts = [torch.empty_like(padded) for _ in range(env.world_size)]
     dist.all_gather(parts, padded)
-    whole = torch.stack(parts, 1).reshape(longest * env.world_size, *t.shape[1:])[:n]
-    return whole.to(t.device, t.dtype)
+    return interleave(parts, n).to(t.device, t.dtype)
+
+
+def interleave(parts: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Rank ``r``'s rows (``r, r+W, ...``, each part padded to one length) back into the order of ``n`` samples."""
+    return torch.stack(parts, 1).reshape(len(parts) * len(parts[0]), *parts[0].shape[1:])[:n]
 
 
 def any_flag(flag: bool, env: DistEnv) -> bool:
