@@ -53,15 +53,46 @@ def test_evaluate_bad_accuracy_is_one_line(run_dir, capsys):
 
 
 def test_calibrated_run_uses_its_temperature(run_dir, capsys):
-    # an old-style checkpoint (no temperature key) still loads; decisions.json supplies T
+    # a checkpoint calibrated after the fact: decisions.json supplies T
     (run_dir / "decisions.json").write_text(json.dumps({"temperature": 2.0}))
     try:
         _, _, model, _ = load_run(run_dir)
-        assert float(model.temperature) == 1.0
+        assert float(model.temperature) == 2.0
         assert main(["evaluate", str(run_dir), "--split", "val"]) == 0
         out = json.loads(capsys.readouterr().out)
         assert out["temperature"] == 2.0
         assert load_decisions(run_dir) == {"temperature": 2.0}
+    finally:
+        (run_dir / "decisions.json").unlink()
+
+
+def test_predict_serve_and_export_apply_the_temperature(run_dir):
+    """The runtime's records (predict, serve, an exported .onnx: one decoding path) carry the same
+    calibrated probabilities as evaluate's, and hedging them needs no second temperature."""
+    from hiervision.decisions import calibrate, hedged_records
+    from hiervision.posthoc import hedger
+    from hiervision.serve.predictor import load_predictor
+
+    (run_dir / "decisions.json").write_text(json.dumps({"temperature": 2.0, "hedge": {"0.9": 0.5}}))
+    try:
+        _, taxonomy, model, _ = load_run(run_dir)
+        runtime = load_predictor(run_dir).runtime
+        assert runtime.sidecar["temperature"] == 2.0 == runtime.temperature  # what export writes, too
+        x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        records = runtime.predict_arrays(x.numpy(), node_scores=True)
+        with torch.no_grad():
+            pred = model.predict((x - torch.from_numpy(runtime.mean)) / torch.from_numpy(runtime.std))
+        hot, cool = calibrate(pred, taxonomy, 2.0), pred.path_prob
+        for r, rec in enumerate(records):
+            assert rec["path_ids"] == [int(n) for n in pred.paths[r] if n >= 0]  # paths never change
+            assert rec["path_probability"] == pytest.approx(float(hot.path_prob[r]), rel=1e-4)
+            assert rec["path_probability"] < float(cool[r])  # T = 2 softens the winner
+            assert rec["top_k"][0]["probability"] == pytest.approx(rec["path_probability"], rel=1e-4)
+            assert rec["node_scores"] == pytest.approx(hot.scores[r].tolist(), abs=1e-5)
+        hedged = [hedger(run_dir, 0.9)(rec) for rec in records]
+        expected = hedged_records(pred, taxonomy, 0.5, temperature=2.0)
+        assert [h["node"] for h in hedged] == [e["node"] for e in expected]
+        assert [h["probability"] for h in hedged] == pytest.approx([e["probability"] for e in expected], abs=1e-5)
     finally:
         (run_dir / "decisions.json").unlink()
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from hiervision import marginals
 from hiervision.decoding import Prediction, end_mask
 from hiervision.taxonomy import PAD, Taxonomy
 
@@ -72,67 +73,26 @@ DECODE_RULES = ("argmax", "crm")
 def end_distribution(
     scores: torch.Tensor | Prediction, taxonomy: Taxonomy, ends: str = "leaves", temperature: float = 1.0
 ) -> torch.Tensor:
-    """``(B, N+1)`` probability that each end class is the truth, from a model's node scores.
-
-    Node scores are read as "probability the truth lies under this node" and pushed down the tree:
-    a node's probability goes to its children in proportion to their scores, and mass its children do
-    not account for goes to the children the model did not score (a decoder that scores only its own
-    path; their subtrees then share it by their number of leaves), or — when every child has a score,
-    as with independent per-level softmaxes whose invalid paths lose mass — to the scored children in
-    proportion. Complete scores (flat softmax, HierNet) come back unchanged, and so does every score
-    on a decoder's path. With ``ends="all"`` (labels may stop at inner nodes) an inner node's score
-    minus its children's is its own "stops here" class. Then the temperature is applied
-    (:func:`apply_temperature`).
-    """
-    s = (scores.scores if isinstance(scores, Prediction) else scores).float().clamp(0, 1).clone()
-    s[:, 0] = 1.0  # the truth always lies under the root
-    mask = end_mask(taxonomy, ends).to(s.device)
-    parents = taxonomy.parent_tensor.to(s.device)
-    child_sum = torch.zeros_like(s).index_add_(1, parents[1:], s[:, 1:])
-    if ends == "all":
-        leaf = torch.zeros_like(mask)
-        leaf[list(taxonomy.leaves)] = True
-        q = torch.where(leaf, s, (s - child_sum).clamp(min=0)) * mask
-        return apply_temperature(q / q.sum(1, keepdim=True).clamp(min=1e-12), temperature)
-    n_leaves = (taxonomy.ancestor_matrix.to(s.device).float() * mask.float().unsqueeze(1)).sum(0)  # (N+1,)
-    n_leaves[0] = mask.sum()
-    rest = (s - child_sum).clamp(min=0)
-    unscored = s <= 0
-    n_unscored = torch.zeros_like(s).index_add_(1, parents[1:], unscored[:, 1:].float() * n_leaves[1:])
-    m = torch.zeros_like(s)
-    m[:, 0] = 1.0
-    for level in taxonomy.levels:  # top-down: a parent's final probability is known before its children's
-        idx = torch.tensor(level, dtype=torch.long, device=s.device)
-        par = parents[idx]
-        u, nu, cs = rest[:, par], n_unscored[:, par], child_sum[:, par]
-        w = s[:, idx] + torch.where(unscored[:, idx], u * n_leaves[idx] / nu.clamp(min=1), 0.0)
-        w = w + torch.where(nu > 0, 0.0, u * s[:, idx] / cs.clamp(min=1e-12))
-        total = torch.zeros_like(s).index_add_(1, par, w)[:, par]
-        share = torch.where(total > 0, w / total.clamp(min=1e-12), n_leaves[idx] / n_leaves[par].clamp(min=1))
-        m[:, idx] = m[:, par] * share
-    q = m * mask
-    q = q / q.sum(1, keepdim=True).clamp(min=1e-12)
-    return apply_temperature(q, temperature)
+    """``(B, N+1)`` probability that each end class is the truth, from a model's node scores, with the
+    temperature applied: :func:`hiervision.marginals.end_distribution` (the numpy implementation the
+    runtime shares), as a float32 tensor on the scores' device."""
+    s = scores.scores if isinstance(scores, Prediction) else scores
+    q = marginals.end_distribution(s.detach().float().cpu().numpy(), taxonomy, ends, temperature)
+    return torch.from_numpy(q).float().to(s.device)
 
 
 def apply_temperature(q: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
-    """``q ∝ q^(1/T)`` row-wise (``T > 1`` softens, ``T < 1`` sharpens); zeros stay zero."""
-    t = float(temperature)
-    if t <= 0 or not math.isfinite(t):
-        raise ValueError(f"temperature must be a positive number, got {temperature}")
-    if t == 1.0:
+    """``q ∝ q^(1/T)`` row-wise (``T > 1`` softens, ``T < 1`` sharpens); zeros stay zero
+    (:func:`hiervision.marginals.apply_temperature`)."""
+    if float(temperature) == 1.0:
         return q
-    logq = torch.log(q.clamp(min=1e-30)).masked_fill(q <= 0, float("-inf")) / t
-    return torch.softmax(logq, dim=1)
+    return torch.from_numpy(marginals.apply_temperature(q.detach().cpu().numpy(), float(temperature))).to(q)
 
 
 def node_marginals(q: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
     """``(B, N+1)`` probability that the truth lies under (or at) each node; the root's column is 1.
     Coherent by construction: a parent is never below its child."""
-    anc = taxonomy.ancestor_matrix.to(q.device, q.dtype)
-    m = q @ anc
-    m[:, 0] = q.sum(1)
-    return m
+    return torch.from_numpy(marginals.node_marginals(q.detach().cpu().numpy(), taxonomy)).to(q)
 
 
 def _target_marginal(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:

@@ -19,6 +19,7 @@ from hiervision.checkpoint import CheckpointError, load_checkpoint
 from hiervision.config import load_config
 from hiervision.data import DataBundle, build_data
 from hiervision.data.splits import verify_split_record
+from hiervision.decisions import load_decisions
 from hiervision.models import create_model
 from hiervision.taxonomy import Taxonomy
 
@@ -61,7 +62,11 @@ def run_model(cfg: dict[str, Any], taxonomy: Taxonomy, meta: dict[str, Any], fro
 
 
 def load_run(run_dir: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu"):
-    """``(cfg, taxonomy, model, meta)`` of a run folder written by :func:`hiervision.training.train`."""
+    """``(cfg, taxonomy, model, meta)`` of a run folder written by :func:`hiervision.training.train`.
+
+    The model's ``temperature`` is the checkpoint's, or for a checkpoint written before calibration
+    existed, the one ``decisions.json`` holds (fitted on it afterwards); evaluate, predict, serve and
+    export all read it from the model."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise RunError(f"{run}: not a hiervision run folder (no config.yaml)")
@@ -75,4 +80,6 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", device: str | torc
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise CheckpointError(f"{run / (which + '.pt')}: weights do not fit the configured model ({first})") from None
+    if float(model.temperature) == 1.0:
+        model.temperature.fill_(float(load_decisions(run).get("temperature", 1.0)))
     return cfg, taxonomy, model.to(device).eval(), meta

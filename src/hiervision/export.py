@@ -195,7 +195,8 @@ def torch_engine(model: HierarchicalClassifier, device: str | torch.device = "cp
 
 
 def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = None) -> dict:
-    """Everything the runtime needs besides the graph: tree, image size, normalisation, decoder."""
+    """Everything the runtime needs besides the graph: tree, image size, normalisation, decoder, and the
+    calibration temperature the runtime applies to the graph's probabilities (the checkpoint's)."""
     in_chans = int(meta.get("in_chans", 3))
     size = meta.get("image_size")
     size = [int(size), int(size)] if isinstance(size, int) else ([int(s) for s in size] if size else None)
@@ -203,7 +204,8 @@ def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = 
             "image_size": size, "resize": meta.get("resize"),
             "mean": [float(v) for v in meta.get("mean", [0.0] * in_chans)],
             "std": [float(v) for v in meta.get("std", [1.0] * in_chans)], "decoder": decoder_settings(model),
-            "step_graph": step_graph, "taxonomy": model.taxonomy.to_dict()}
+            "step_graph": step_graph, "temperature": float(getattr(model, "temperature", 1.0)),
+            "taxonomy": model.taxonomy.to_dict()}
 
 
 def _onnx_export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path) -> None:

@@ -32,7 +32,7 @@ from hiervision.decisions import (
 from hiervision.decoding import Prediction
 from hiervision.taxonomy import Taxonomy
 
-__all__ = ["evaluate_decisions", "hedger", "posthoc_report", "run_temperature"]
+__all__ = ["evaluate_decisions", "hedger", "posthoc_report"]
 
 _MISTAKE_KEYS = ("leaf_accuracy", "path_accuracy", "mistake_severity", "hdist@1", "hdist@5", "hdist@20")
 
@@ -75,12 +75,6 @@ def posthoc_report(
     }
 
 
-def run_temperature(run_dir: str | os.PathLike, model) -> float:
-    """The run's calibration temperature: the checkpoint's buffer, else ``decisions.json``, else 1."""
-    t = float(getattr(model, "temperature", 1.0))
-    return t if t != 1.0 else float(load_decisions(run_dir).get("temperature", 1.0))
-
-
 def evaluate_decisions(run_dir: str | os.PathLike, model, data, split: str, batch_size: int, amp,
                        accuracy: float | None = None, decode: str = "argmax",
                        device: torch.device | None = None, given_level: int | None = None):
@@ -98,7 +92,7 @@ def evaluate_decisions(run_dir: str | os.PathLike, model, data, split: str, batc
     t0 = time.perf_counter()
     pred, targets = predict_dataset(model, data, sets[split], batch_size, device, amp, given_level)
     seconds = time.perf_counter() - t0
-    temperature = run_temperature(run_dir, model)
+    temperature = float(model.temperature)
     calibrated = calibrate(pred, data.taxonomy, temperature, decode)
     result = {**M.evaluate(calibrated, targets, data.taxonomy),
               "eval_images_per_s": len(targets) / max(seconds, 1e-9), "decode": decode, "temperature": temperature}
@@ -116,25 +110,25 @@ def evaluate_decisions(run_dir: str | os.PathLike, model, data, split: str, batc
 
 def hedger(run_dir: str | os.PathLike, accuracy: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """``hedge(record)`` → the hedged answer (DARTS) of a record, with the λ that ``decisions.json`` in the
-    run folder holds for the ``accuracy`` target and its temperature (:mod:`hiervision.decisions`).
-    Reads only the record's ``node_scores`` (``Predictor.predict(..., node_scores=True)``), so it works on
-    either backend; ``predict --accuracy`` and ``serve --hedge-accuracy`` use it."""
+    run folder holds for the ``accuracy`` target (:mod:`hiervision.decisions`).
+    Reads only the record's ``node_scores`` (``Predictor.predict(..., node_scores=True)``), which the
+    predictor has already calibrated with the run's temperature (:func:`hiervision.runtime.calibrate_batch`),
+    so it works on either backend; ``predict --accuracy`` and ``serve --hedge-accuracy`` use it."""
     run = Path(run_dir)
     if not run.is_dir():
         raise ValueError(f"{run}: hedging needs a run folder (its decisions.json), not an .onnx file")
-    decisions = load_decisions(run)
-    table = decisions.get("hedge", {})
+    table = load_decisions(run).get("hedge", {})
     key = next((k for k in table if abs(float(k) - accuracy) < 1e-9), None)
     if key is None:
         raise ValueError(f"{run / 'decisions.json'}: no hedging λ for accuracy {accuracy} "
                          f"(has {sorted(table) or 'none'}; fit_decisions writes them)")
-    lam, temperature = float(table[key]), float(decisions.get("temperature", 1.0))
+    lam = float(table[key])
     taxonomy = Taxonomy.load(run / "taxonomy.json")
 
     def hedge(record: dict[str, Any]) -> dict[str, Any]:
         scores = torch.tensor([record["node_scores"]], dtype=torch.float32)
         path = torch.tensor([record["path_ids"] or [-1]], dtype=torch.long)
         pred = Prediction(path, scores, torch.tensor([record["path_probability"]]))
-        return hedged_records(pred, taxonomy, lam, temperature)[0]
+        return hedged_records(pred, taxonomy, lam)[0]
 
     return hedge

@@ -21,9 +21,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from hiervision.imagefile import DEFAULT_MAX_PIXELS, read_array
+from hiervision.marginals import apply_temperature, end_distribution, node_marginals
 from hiervision.records import PAD, TreeView, error_record, prediction_record, top_k_ends
 
-__all__ = ["Engine", "Predictor", "beam_search", "decode_batch", "read_image", "threshold_paths"]
+__all__ = ["Engine", "Predictor", "beam_search", "calibrate_batch", "decode_batch", "read_image", "threshold_paths"]
 
 SIDECAR_FORMAT = "hiervision-onnx"
 EOS = 0
@@ -202,6 +203,25 @@ def decode_batch(
     return results
 
 
+def calibrate_batch(tree: TreeView, decoder: dict, decoded: list[dict], temperature: float) -> list[dict]:
+    """Apply a run's calibration temperature (fitted on validation after training, carried in the
+    checkpoint and the sidecar) to :func:`decode_batch`'s records, as ``evaluate`` does
+    (:func:`hiervision.decisions.calibrate`): the end-class distribution ``q`` the node scores imply
+    becomes ``q^(1/T)`` renormalised; ``node_scores`` become its node marginals, and every path
+    probability ``p`` (the answer's and the alternatives') becomes ``p^(1/T)`` over the same
+    normaliser. Paths and their order never change. Multi-label records keep their sigmoids."""
+    if float(temperature) == 1.0 or decoder["kind"] == "multi_label" or not decoded:
+        return decoded
+    t = float(temperature)
+    q = end_distribution(np.stack([np.asarray(d["node_scores"]) for d in decoded]), tree,
+                         decoder.get("end_nodes", "leaves"))
+    z = (q ** (1 / t)).sum(1)
+    marg = node_marginals(apply_temperature(q, t), tree)
+    return [{**d, "path_probability": float(d["path_probability"] ** (1 / t) / z[r]), "node_scores": marg[r],
+             "top_k": [(path, float(p ** (1 / t) / z[r])) for path, p in d["top_k"]]}
+            for r, d in enumerate(decoded)]
+
+
 def _beam_over(tree: TreeView, decoder: dict, step_lp: np.ndarray, k: int):
     rep = np.repeat(step_lp, k, axis=0)
     return beam_search(tree, lambda tokens, t: (rep[:, t], t + 1), len(step_lp), k, decoder["end_nodes"],
@@ -297,6 +317,8 @@ class Predictor:
         self.mean = np.asarray(sidecar["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
         self.std = np.asarray(sidecar["std"], dtype=np.float32).reshape(1, -1, 1, 1)
         self.top_k, self.batch_size = int(top_k), int(batch_size)
+        #: the run's calibration temperature (1 = the model's raw probabilities; :func:`calibrate_batch`)
+        self.temperature = float(sidecar.get("temperature", 1.0))
         if engine is None:
             p = Path(path)
             step = p.with_name(sidecar["step_graph"]) if sidecar.get("step_graph") else None
@@ -310,6 +332,7 @@ class Predictor:
         x = ((np.asarray(images, dtype=np.float32) - self.mean) / self.std).astype(np.float32)
         outputs = self.engine.run(np.ascontiguousarray(x))
         decoded = decode_batch(self.tree, self.sidecar["decoder"], outputs, self.engine, self.top_k)
+        decoded = calibrate_batch(self.tree, self.sidecar["decoder"], decoded, self.temperature)
         files = files if files is not None else [f"#{i}" for i in range(len(decoded))]
         records = [prediction_record(f, self.tree, d["path_ids"], d["path_probability"], d["node_scores"],
                                      d["top_k"], d.get("paths")) for f, d in zip(files, decoded)]
