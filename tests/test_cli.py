@@ -1,3 +1,5 @@
+import csv
+import io
 import json
 
 import numpy as np
@@ -208,6 +210,10 @@ def test_predict_hedged_answers_stop_higher_for_a_stricter_target(run_dir, tmp_p
             assert hedged["path"][-1:] in ([hedged["node"]], []) and 0 <= hedged["probability"] <= 1
         depths[target] = [len(r["hedged"]["path"]) for r in recs]
     assert all(a >= b for a, b in zip(depths["0.9"], depths["0.99"]))  # a stricter target never goes deeper
+    assert main(["predict", str(run_dir), str(folder), "--accuracy", "0.99", "--format", "csv", "--top-k", "1"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [len(r["hedged_path"].split("/")) if r["hedged_path"] else 0 for r in rows] == depths["0.99"]
+    assert all(0 <= float(r["hedged_probability"]) <= 1 and r["error"] == "" for r in rows)
     with pytest.raises(ValueError, match="no hedging λ for accuracy 0.5"):
         from hiervision.posthoc import hedger
 

@@ -127,16 +127,19 @@ def _predictor(args: argparse.Namespace):
 CSV_FIELDS = ["file", "path", "path_ids", "path_probability", "node_probabilities"]
 
 
-def _csv_row(record: dict, top_k: int) -> list:
-    """One CSV row: lists joined ("/" between names, spaces between numbers), top-k flattened."""
+def _csv_row(record: dict, top_k: int, hedged: bool = False) -> list:
+    """One CSV row: lists joined ("/" between names, spaces between numbers), top-k flattened; with
+    ``hedged`` (``--accuracy``) the hedged answer's path and probability before the error column."""
     if "error" in record:
-        return [record["file"], "", "", "", "", *[""] * (2 * top_k), "", record["error"]]
+        return [record["file"], "", "", "", "", *[""] * (2 * top_k), "", *["", ""] * hedged, record["error"]]
     row = [record["file"], "/".join(record["path"]), " ".join(map(str, record["path_ids"])),
            record["path_probability"], " ".join(map(str, record["node_probabilities"]))]
     alts = record["top_k"][:top_k]
     for i in range(top_k):
         row += ["/".join(alts[i]["path"]), alts[i]["probability"]] if i < len(alts) else ["", ""]
     row.append(";".join("/".join(p) for p in record.get("paths", [])))
+    if hedged:
+        row += ["/".join(record["hedged"]["path"]), record["hedged"]["probability"]]
     return [*row, ""]
 
 
@@ -158,7 +161,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.format == "csv":
         writer = csv.writer(sys.stdout)
         tops = [f"top{i + 1}_{c}" for i in range(args.top_k) for c in ("path", "probability")]
-        writer.writerow([*CSV_FIELDS, *tops, "paths", "error"])
+        hedged = ["hedged_path", "hedged_probability"] if hedge is not None else []
+        writer.writerow([*CSV_FIELDS, *tops, "paths", *hedged, "error"])
     failed: list[dict] = []
     bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=args.quiet or len(files) < 256)
     try:
@@ -170,7 +174,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     record["hedged"] = hedge(record)
                     del record["node_scores"]
                 if writer is not None:
-                    writer.writerow(_csv_row(record, args.top_k))
+                    writer.writerow(_csv_row(record, args.top_k, hedge is not None))
                 else:
                     print(json.dumps(record, ensure_ascii=False))
             sys.stdout.flush()
