@@ -293,14 +293,14 @@ def given_tree_metrics(run_dir: Path) -> dict:
     from hiervision import metrics as M
     from hiervision.data import build_data
     from hiervision.decoding import Prediction, last_node
-    from hiervision.training import autocast_dtype, load_run, predict_dataset, select_device
+    from hiervision.experiment import data_config, load_run, run_data
+    from hiervision.training import autocast_dtype, predict_dataset, select_device
 
     cfg, tax, model, _ = load_run(run_dir)
     device = select_device(cfg["train"]["device"])
     model = model.to(device)
-    split = {"split_seed": cfg["data"].get("split_seed", cfg["seed"])}
-    data = build_data({**cfg["data"], **split})
-    own = build_data({**cfg["data"], **split, "tree": None}).taxonomy
+    data = run_data(cfg, run_dir)
+    own = build_data({**data_config(cfg), "tree": None}).taxonomy
     amp = autocast_dtype(cfg["train"]["amp"], device)
     pred, targets = predict_dataset(model, data, data.test, cfg["eval"]["batch_size"], device, amp)
     of = {own.external_ids[n] or own.names[n]: n for n in own.leaves}

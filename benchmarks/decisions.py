@@ -39,9 +39,10 @@ from hiervision.decisions import (
     plot_accuracy_specificity,
     plot_reliability,
 )
+from hiervision.experiment import data_config, load_run
 from hiervision.metrics import calibration_points
 from hiervision.posthoc import posthoc_report
-from hiervision.training import load_run, predict_dataset, train
+from hiervision.training import predict_dataset, train
 
 HERE = Path(__file__).resolve().parent
 CURVE_TARGETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
@@ -49,7 +50,7 @@ CURVE_TARGETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 
 def _predictions(run_dir: Path, limit_test: int | None) -> tuple:
     cfg, taxonomy, model, _ = load_run(run_dir)
-    data_cfg = {**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])}
+    data_cfg = data_config(cfg)
     if limit_test:
         data_cfg["limit_test"] = limit_test
     data = build_data(data_cfg)

@@ -17,15 +17,15 @@ import json
 import sys
 from pathlib import Path
 
-from hiervision.data import build_data
-from hiervision.training import autocast_dtype, evaluate_split, load_run, select_device
+from hiervision.experiment import load_run, run_data
+from hiervision.training import autocast_dtype, evaluate_split, select_device
 
 
 def diagnose(run_dir: str | Path, split: str = "test") -> dict:
     """The metrics report (with ``length_diagnostics``) of a run's best.pt on one split."""
     cfg, _, model, _ = load_run(run_dir)
     device = select_device(cfg["train"]["device"])
-    data = build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])})
+    data = run_data(cfg, run_dir)
     amp = autocast_dtype(cfg["train"]["amp"], device)
     return evaluate_split(model.to(device), data, split, cfg["eval"]["batch_size"], device, amp)
 

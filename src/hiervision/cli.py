@@ -338,12 +338,12 @@ DEMO_METHODS: list[tuple[str, dict]] = [
 
 def _demo_hedged(run: Path, target: float) -> dict:
     """Calibrate a finished demo run on its val split and report the hedged answer on test."""
-    from hiervision.data import build_data
     from hiervision.decisions import fit_decisions, hedged_evaluation
-    from hiervision.training import load_run, predict_dataset
+    from hiervision.experiment import load_run, run_data
+    from hiervision.training import predict_dataset
 
     cfg, taxonomy, model, _ = load_run(run)
-    data = build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])})
+    data = run_data(cfg, run)
     bs, device = cfg["eval"]["batch_size"], torch.device("cpu")
     val, val_t = predict_dataset(model, data, data.val, bs, device, None)
     test, test_t = predict_dataset(model, data, data.test, bs, device, None)
@@ -398,13 +398,14 @@ def cmd_data(args: argparse.Namespace) -> int:
     from hiervision.data import build_data
     from hiervision.data.pipeline import PIPELINE_KEYS
     from hiervision.data.shards import pack
+    from hiervision.experiment import data_config
 
     src = Path(args.source)
     if src.is_dir() or src.suffix.lower() == ".zip":
         data_cfg: dict = {"name": "folder", "root": str(src)}
     elif src.is_file():
         cfg = load_config(src, args.set)
-        data_cfg = {**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])}  # training's splits
+        data_cfg = data_config(cfg)  # training's splits
     else:
         raise FileNotFoundError(f"{src}: no such config file or image folder")
     data_cfg = {k: v for k, v in data_cfg.items() if k not in PIPELINE_KEYS}  # pack the images as stored

@@ -23,22 +23,28 @@ from hiervision.decisions import load_decisions
 from hiervision.models import create_model
 from hiervision.taxonomy import Taxonomy
 
-__all__ = ["RunError", "load_run", "run_data", "run_model"]
+__all__ = ["RunError", "data_config", "load_run", "run_data", "run_model"]
 
 
 class RunError(RuntimeError):
     """A run folder that cannot be used (not a run, weights that do not fit its config)."""
 
 
+def data_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``data`` section with the one split-seed rule applied: ``data.split_seed`` defaults to
+    the run's ``seed`` (for callers that change a data key first, e.g. ``limit_test``)."""
+    return {**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])}
+
+
 def run_data(cfg: dict[str, Any], run_dir: str | os.PathLike | None = None, allow_changed: bool = False
              ) -> DataBundle:
-    """The data of a run: ``data.split_seed`` defaults to the run's ``seed``.
+    """The data of a run (:func:`data_config`).
 
     With ``run_dir``, the splits are checked against the ones the run recorded (``splits.json``):
     a change (images added, removed or moved) is refused in one line unless ``allow_changed``, when
     it is printed as a warning instead, so a test set can never silently contain training images.
     """
-    data = build_data({**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])})
+    data = build_data(data_config(cfg))
     if run_dir is not None:
         change = verify_split_record(Path(run_dir) / "splits.json", data.split_record(), allow_changed)
         if change:
