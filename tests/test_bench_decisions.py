@@ -19,5 +19,7 @@ def test_decisions_benchmark_tiny(tmp_path, capsys):
     assert [h["target"] for h in flat["hedged"]] == [0.9, 0.99]
     assert flat["calibration"]["after"]["ece"] <= flat["calibration"]["before"]["ece"] + 1e-9
     assert len(flat["curve"]) == len(bench.CURVE_TARGETS)
+    assert [r["target"] for r in flat["same_distribution"]] == [0.9, 0.99]
+    assert all(0 <= r["darts_accuracy"] <= 1 and 0 <= r["conformal_accuracy"] <= 1 for r in flat["same_distribution"])
     for f in ("decisions-tiny-curve.png", "decisions-tiny-flat-reliability.png", "decisions-tiny.md"):
         assert (tmp_path / f).stat().st_size > 0
