@@ -161,15 +161,19 @@ PROFILES: dict[str, dict] = {
     # Bertinetto et al.'s hierarchy-aware losses on the flat model (configs/decisions): top-1 against
     # mistake severity and hdist@5, cross-entropy first
     "losses": {
-        "description": "flat ResNet-20 with cross-entropy, soft labels (beta 4/10/30) and HXE (alpha 0.1/0.4/0.6): "
-        "Fashion-MNIST (3-level tree, 3 epochs) and Tiny-ImageNet (WordNet tree, 32x32, 5 epochs)",
+        "description": "flat ResNet-20 with cross-entropy, soft labels (beta 4/10/30) and HXE (alpha 0.1/0.4/0.6), "
+        "and DHNN CNN-RNN-Resi with cross-entropy and soft labels (beta 10): Fashion-MNIST (3-level tree, 3 epochs) "
+        "and Tiny-ImageNet (WordNet tree, 32x32, 5 epochs)",
         "seeds": [0, 1, 2],
         "rows": [
             *[(label, cfg, ["train.epochs=3"], "Fashion-MNIST")
               for label, cfg in [("cross-entropy", "fmnist-flat.yaml"),
                                  *[(f"soft labels β={b}", f"decisions/fmnist-flat-soft-b{b}.yaml")
                                    for b in (4, 10, 30)],
-                                 *[(f"HXE α={a}", f"decisions/fmnist-flat-hxe-a{a}.yaml") for a in (0.1, 0.4, 0.6)]]],
+                                 *[(f"HXE α={a}", f"decisions/fmnist-flat-hxe-a{a}.yaml") for a in (0.1, 0.4, 0.6)],
+                                 ("DHNN CNN-RNN-Resi", "fmnist-res-rnn-resi.yaml"),
+                                 ("DHNN CNN-RNN-Resi, soft labels β=10",
+                                  "decisions/fmnist-res-rnn-resi-soft-b10.yaml")]],
             *[(label, cfg, ["train.epochs=5"], "Tiny-ImageNet")
               for label, cfg in [("cross-entropy (tiny)", "tinyimagenet-flat.yaml"),
                                  *[(f"soft labels β={b} (tiny)", f"decisions/tinyimagenet-flat-soft-b{b}.yaml")

@@ -411,3 +411,30 @@ def test_guo_multihead_soft_labels_per_level():
         float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="model.loss_type 'hxe'"):
         create_model("guo_multihead", tree, loss_type="hxe", **kw)
+
+
+def test_dhnn_rnn_soft_labels_per_step():
+    """DHNN CNN-RNN's step t is a softmax over every node; soft labels spread step t's target over the
+    nodes of level t (by LCA height) and give the other levels' nodes none."""
+    from hiervision.models import create_model
+
+    tree = Taxonomy.from_parent_map({"A": None, "B": None, "C": "A", "D": "A", "E": "B", "F": "B", "G": "B"})
+    torch.manual_seed(0)
+    kw = {"backbone": "resnet20", "backbone_kwargs": {"width": 0.25}, "in_chans": 1, "image_size": 16,
+          "input_size": 16, "hidden_size": 16, "pool_fallback": "project"}
+    ce = create_model("dhnn_rnn", tree, **kw).eval()
+    soft = create_model("dhnn_rnn", tree, loss_type="soft_labels", loss_beta=1e4, **kw).eval()
+    soft.load_state_dict(ce.state_dict())
+    with torch.no_grad():
+        out = ce(torch.randn(3, 1, 16, 16))
+    targets = torch.tensor([3, 6, 2])  # C, F and the coarse-only B
+    assert float(soft.loss(out, targets)) == pytest.approx(float(ce.loss(out, targets)), rel=1e-5)  # β → ∞: CE
+    soft.loss_beta = 1.0
+    lp = out["logits"][0, :, 1:].log_softmax(-1)  # (steps, N): node n in column n − 1
+    e = math.exp
+    y1 = torch.tensor([1, e(-1)]) / (1 + e(-1))
+    y2 = torch.tensor([1, e(-0.5), e(-1), e(-1), e(-1)]) / (1 + e(-0.5) + 3 * e(-1))
+    expected = -((y1 * lp[0, :2]).sum() + (y2 * lp[1, 2:]).sum())
+    assert float(soft.loss({"logits": out["logits"][:1]}, targets[:1])) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="model.loss_type 'hxe' is not available for dhnn_rnn"):
+        create_model("dhnn_rnn", tree, loss_type="hxe", **kw)

@@ -35,6 +35,7 @@ from hiervision.decoding import (
     scheduled_feed,
     transition_mask,
 )
+from hiervision.losses import check_loss_type, soft_label_targets
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.conversion import StageSequence, default_steps
 from hiervision.models.registry import register_model
@@ -184,9 +185,14 @@ class CnnRnn(_DHNN):
 
     Decoding: outputs do not depend on earlier predictions, so ``decode="exact"`` (default) finds the
     best valid path exactly; ``decode="beam"`` runs Algorithm 1 with ``beam_width``.
+
+    ``loss_type="soft_labels"`` (Bertinetto et al., ``loss_beta``): each step's target is spread over the
+    nodes of its level by LCA height (:func:`hiervision.losses.soft_label_targets`), as for Guo's
+    per-level heads; nodes of other levels get none.
     """
 
-    def __init__(self, taxonomy: Taxonomy, residual: bool = False, **kwargs) -> None:
+    def __init__(self, taxonomy: Taxonomy, residual: bool = False, loss_type: str = "ce", loss_beta: float = 10.0,
+                 **kwargs) -> None:
         if not taxonomy.is_fixed_depth:
             depths = sorted({taxonomy.depth(n) for n in taxonomy.leaves})
             raise ValueError(f"model dhnn_rnn needs every leaf at the same depth (this tree has leaves at depths "
@@ -196,6 +202,9 @@ class CnnRnn(_DHNN):
         if len(self.features.steps) != self._depth:
             raise ValueError(f"model.steps: dhnn_rnn needs one step per level ({self._depth}), "
                              f"got {len(self.features.steps)}")
+        self.loss_type = check_loss_type(loss_type, ("ce",) if self.multi_label else ("ce", "soft_labels"),
+                                         "multi-label dhnn_rnn" if self.multi_label else "dhnn_rnn")
+        self.loss_beta = float(loss_beta)
         n = taxonomy.num_nodes - 1
         out = self.hidden_size * (2 if self.bidirectional else 1)
         self.rnn = self._rnn(self.features.p)
@@ -227,8 +236,18 @@ class CnnRnn(_DHNN):
             per = F.binary_cross_entropy_with_logits(logits[..., 1:], y, reduction="none").mean(2)
             return self._weighted(per, torch.ones_like(per))
         levels = self.tables.encode_levels(targets)  # (B, T) node ids, IGNORE past a coarse label's end
+        valid = levels != IGNORE
+        if self.loss_type == "soft_labels":
+            logp = logits[..., 1:].log_softmax(-1)  # (B, T, N) over the N nodes (column 0 is unused)
+            per = logp.new_zeros(levels.shape)
+            for t, nodes in enumerate(self.taxonomy.levels):
+                has = valid[:, t]
+                nodes = torch.tensor(nodes, device=logits.device)
+                y = soft_label_targets(self.taxonomy, levels[has, t], nodes, self.loss_beta)
+                per[has, t] = -(y * logp[has, t][:, nodes - 1]).sum(1)
+            return self._weighted(per, valid.float())
         per = F.cross_entropy(logits.transpose(1, 2), levels, ignore_index=IGNORE, reduction="none")
-        return self._weighted(per, (levels != IGNORE).float())
+        return self._weighted(per, valid.float())
 
     @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
