@@ -423,26 +423,23 @@ def _fmt_diff(d: dict, scale: float) -> str:
 
 
 _PLACEHOLDER = "not measured yet"
+_CLAIM = "95 % CI"  # every claim of the "Which method?" paragraph carries its interval
 
 
 def which_method(summary: dict, min_seeds: int = 3) -> str:
     """The README's "Which method?" paragraph, generated from the paired intervals on path accuracy.
 
-    A data set whose rows do not all have ``min_seeds`` paired seeds gets a placeholder naming what is
-    missing: no claim is written without its interval.
+    Only rows with ``min_seeds`` paired seeds get a claim (with its interval); the others are named as
+    not measured yet, and a data set without any such row (or whose flat row is short) gets a placeholder.
     """
     parts = []
     for data in summary.values():
         rows = data["rows"]
         short = [r["label"] for r in rows.values() if r["n"] < min_seeds]
-        if short:
-            parts.append(f"*{data['label']}*: {_PLACEHOLDER} with >= {min_seeds} seeds "
-                         f"({', '.join(short)}); placeholder until `benchmarks/run.py --profile comparison` fills it.")
-            continue
         said = []
         for r in rows.values():
             d = r.get("vs_flat", {}).get("path_accuracy")
-            if not d or d["lo"] is None:
+            if not d or d["lo"] is None or r["n"] < min_seeds or d["n"] < min_seeds:
                 continue
             ci = f"{d['mean'] * 100:+.1f} pt, 95 % CI [{d['lo'] * 100:+.1f}, {d['hi'] * 100:+.1f}], n = {d['n']}"
             if d["lo"] > 0:
@@ -451,7 +448,13 @@ def which_method(summary: dict, min_seeds: int = 3) -> str:
                 said.append(f"{r['label']} loses to flat ({ci})")
             else:
                 said.append(f"{r['label']} is not distinguishable from flat ({ci})")
-        parts.append(f"*{data['label']}* (path accuracy, paired by seed): " + "; ".join(said) + ".")
+        missing = (f"{_PLACEHOLDER} with >= {min_seeds} seeds: {', '.join(short)}; placeholder until "
+                   "`benchmarks/run.py --profile comparison` fills it") if short else ""
+        if said:
+            parts.append(f"*{data['label']}* (path accuracy, paired by seed): " + "; ".join(said)
+                         + (f". {missing[0].upper()}{missing[1:]}." if missing else "."))
+        else:
+            parts.append(f"*{data['label']}*: {missing}.")
     return "\n\n".join(parts)
 
 
@@ -561,8 +564,8 @@ def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s
                   results_dir: Path = HERE / "results", results_md: Path = HERE / "RESULTS.md",
                   readme: Path | None = HERE.parent / "README.md", progress: str = "") -> str:
     """JSON, plots, the RESULTS.md section and the README's "Which method?" paragraph (between
-    :data:`README_START` and :data:`README_END`; replaced only by a paragraph with no more placeholders
-    than the one there, so a partial sitting never erases measured claims)."""
+    :data:`README_START` and :data:`README_END`; replaced only by a paragraph with at least as many
+    claims (intervals) as the one there, so a partial sitting never erases measured claims)."""
     name = "comparison" if budget == "cpu" else f"comparison-{budget}"
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{name}.json").write_text(json.dumps(
@@ -579,7 +582,7 @@ def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s
             old, tail = rest.split(README_END, 1)
             para = which_method(summary) + f"\n\n(Generated from `{command}`; protocol and tables: " \
                 "benchmarks/RESULTS.md, section `" + name + "`.)"
-            if para.count(_PLACEHOLDER) <= old.count(_PLACEHOLDER):
+            if para.count(_CLAIM) >= old.count(_CLAIM):
                 readme.write_text(f"{head}{README_START}\n{para}\n{README_END}{tail}", encoding="utf-8")
     return body
 

@@ -75,9 +75,16 @@ def test_which_method_is_generated_from_intervals_only():
     text = C.which_method({"x": {"label": "X", "rows": rows}})
     assert "A beats flat (+2.0 pt, 95 % CI [+1.0, +3.0], n = 3)" in text
     assert "B loses to flat (-10.0 pt" in text and "C is not distinguishable from flat" in text
-    rows["c"] = _row("C", 2, 0.01, -0.01, 0.03)
+    rows["c"] = _row("C", 2, 0.01, -0.01, 0.03)  # claims only where the seeds are there; the rest is named
     text = C.which_method({"x": {"label": "X", "rows": rows}})
-    assert "not measured yet" in text and "(C)" in text and "beats" not in text
+    assert "A beats flat" in text and "B loses to flat" in text and "C is not" not in text
+    assert "Not measured yet with >= 3 seeds: C;" in text
+    rows["flat"]["n"] = 2
+    for r in ("a", "b"):
+        rows[r] = _row(rows[r]["label"], 2, 0.02, 0.01, 0.03)
+    text = C.which_method({"x": {"label": "X", "rows": rows}})
+    assert "beats" not in text and "loses" not in text
+    assert "*X*: not measured yet with >= 3 seeds: flat, A, B, C" in text
 
 
 # ----------------------------------------------------------------------------- the profile end to end
@@ -127,8 +134,9 @@ def test_profile_is_resumable_and_cumulative(tmp_path, configs):
     assert (results / "comparison-toy.png").stat().st_size > 0
     r = readme.read_text()
     assert "\nold\n" not in r and "not measured yet with >= 3 seeds" in r and r.endswith("rest\n")
-    # a paragraph with measured claims is never replaced by one with more placeholders
-    readme.write_text(f"intro\n{C.README_START}\nA beats flat\n{C.README_END}\nrest\n")
+    # a paragraph with measured claims is never replaced by one with fewer
+    claim = "A beats flat (+1 pt, 95 % CI [+0.5, +1.5], n = 3)"
+    readme.write_text(f"intro\n{C.README_START}\n{claim}\n{C.README_END}\nrest\n")
     C.write_outputs(summary, "cpu", "cmd", "m", 1.0, results, md, readme)
     assert "A beats flat" in readme.read_text()
 
