@@ -598,7 +598,13 @@ def main(args, machine_fn) -> int:
         return 0
     t0 = time.perf_counter()
     if not args.table_only:
-        run_cells(cells, args.max_hours)
+        from hiervision.training import Preempted
+
+        try:
+            run_cells(cells, args.max_hours)
+        except Preempted as e:  # the cell's last.pt holds the step: the same command resumes it
+            print(f"[comparison] {e}", file=sys.stderr)
+            return 128 + e.signum
     summary = summarize(cells, args.budget)
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     where = {}
