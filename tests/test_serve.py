@@ -23,6 +23,7 @@ pytest.importorskip("multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from hiervision.cli import main  # noqa: E402
+from hiervision.decisions import calibrate  # noqa: E402
 from hiervision.serve import Limits, create_app, load_predictor  # noqa: E402
 from hiervision.serve.batching import MicroBatcher  # noqa: E402
 from hiervision.training import load_run  # noqa: E402
@@ -68,7 +69,8 @@ def test_predict_equals_the_model(client, run_dir):
     x = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
                      for b in images]).float() / 255
     mean, std = torch.tensor(meta["mean"]).view(1, -1, 1, 1), torch.tensor(meta["std"]).view(1, -1, 1, 1)
-    pred = model.predict((x - mean) / std)
+    # the server's probabilities are calibrated with the run's temperature, as evaluate's are
+    pred = calibrate(model.predict((x - mean) / std), taxonomy, float(model.temperature))
     for i, res in enumerate(results):
         ids = [int(n) for n in pred.paths[i] if n >= 0]
         assert res["file"] == f"im{i}.png"
