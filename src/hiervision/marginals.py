@@ -4,7 +4,7 @@ The one implementation of the probability side of :mod:`hiervision.decisions`: t
 there call these, and the PyTorch-free runtime (``predict``, the server, an exported ``.onnx``) uses
 them to apply a run's calibration temperature, so a probability means the same thing in ``evaluate``
 and in a prediction record. Needs numpy only; ``tree`` is a :class:`~hiervision.taxonomy.Taxonomy`
-or a :class:`~hiervision.records.TreeView` (anything with ``parents``).
+or a :class:`~hiervision.records.TreeView`.
 """
 
 from __future__ import annotations
@@ -14,37 +14,26 @@ from functools import lru_cache
 
 import numpy as np
 
+from hiervision.records import TreeView
+
 __all__ = ["apply_temperature", "end_distribution", "node_marginals"]
 
 
 @lru_cache(maxsize=16)
-def _tables(parents: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+def _tables(tree: TreeView) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
     """``(parents, ancestors, levels)``: ``ancestors[n, m]`` is true when m is n or an ancestor of n
     (the root excluded); ``levels[d]`` the node ids at depth ``d + 1``."""
-    par = np.asarray(parents, dtype=np.int64)
-    n = len(par)
-    anc = np.zeros((n, n), dtype=bool)
-    depth = np.zeros(n, dtype=np.int64)
-    for v in range(1, n):
-        u = v
-        while u > 0:
-            anc[v, u] = True
-            depth[v] += 1
-            u = par[u]
-    levels = tuple(np.flatnonzero(depth == d) for d in range(1, int(depth.max()) + 1))
-    return par, anc, levels
+    anc = np.zeros((tree.num_nodes, tree.num_nodes), dtype=bool)
+    for v in range(1, tree.num_nodes):
+        anc[v, list(tree.path(v))] = True
+    depth = tree.depths
+    levels = tuple(np.flatnonzero(depth == d) for d in range(1, tree.max_depth + 1))
+    return np.asarray(tree.parents, dtype=np.int64), anc, levels
 
 
-def _end_mask(par: np.ndarray, ends: str) -> np.ndarray:
-    if ends == "all":
-        mask = np.ones(len(par), dtype=bool)
-    elif ends == "leaves":
-        mask = np.ones(len(par), dtype=bool)
-        mask[par[1:]] = False
-    else:
-        raise ValueError(f"end_nodes must be 'leaves' or 'all', got {ends!r}")
-    mask[0] = False
-    return mask
+def _view(tree) -> TreeView:
+    """The torch-free view of a :class:`~hiervision.taxonomy.Taxonomy` (a TreeView stays as it is)."""
+    return tree if isinstance(tree, TreeView) else TreeView(tuple(tree.names), tuple(tree.parents))
 
 
 def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature: float = 1.0) -> np.ndarray:
@@ -60,14 +49,15 @@ def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature
     minus its children's is its own "stops here" class. Then the temperature is applied
     (:func:`apply_temperature`).
     """
-    par, anc, levels = _tables(tuple(int(p) for p in tree.parents))
+    tree = _view(tree)
+    par, anc, levels = _tables(tree)
     s = np.clip(np.asarray(scores, dtype=np.float64), 0, 1).copy()
     s[:, 0] = 1.0  # the truth always lies under the root
-    mask = _end_mask(par, ends)
+    mask = tree.end_mask(ends)
     child_sum = np.zeros_like(s)
     np.add.at(child_sum.T, par[1:], s[:, 1:].T)
     if ends == "all":
-        leaf = _end_mask(par, "leaves")
+        leaf = tree.end_mask("leaves")
         q = np.where(leaf, s, np.clip(s - child_sum, 0, None)) * mask
         return apply_temperature(q / np.clip(q.sum(1, keepdims=True), 1e-12, None), temperature)
     n_leaves = (anc & mask[:, None]).sum(0).astype(np.float64)  # (N+1,) leaves under each node
@@ -113,7 +103,7 @@ def apply_temperature(q: np.ndarray, temperature: float) -> np.ndarray:
 def node_marginals(q: np.ndarray, tree) -> np.ndarray:
     """``(B, N+1)`` probability that the truth lies under (or at) each node; the root's column is the
     row's total (1). Coherent by construction: a parent is never below its child."""
-    _, anc, _ = _tables(tuple(int(p) for p in tree.parents))
+    _, anc, _ = _tables(_view(tree))
     q = np.asarray(q, dtype=np.float64)
     m = q @ anc
     m[:, 0] = q.sum(1)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from hiervision.imagefile import DEFAULT_MAX_PIXELS, read_array
-from hiervision.marginals import apply_temperature, end_distribution, node_marginals
+from hiervision.marginals import end_distribution, node_marginals
 from hiervision.records import PAD, TreeView, error_record, prediction_record, top_k_ends
 
 __all__ = ["Engine", "Predictor", "beam_search", "calibrate_batch", "decode_batch", "read_image", "threshold_paths"]
@@ -215,8 +215,9 @@ def calibrate_batch(tree: TreeView, decoder: dict, decoded: list[dict], temperat
     t = float(temperature)
     q = end_distribution(np.stack([np.asarray(d["node_scores"]) for d in decoded]), tree,
                          decoder.get("end_nodes", "leaves"))
-    z = (q ** (1 / t)).sum(1)
-    marg = node_marginals(apply_temperature(q, t), tree)
+    qt = q ** (1 / t)  # apply_temperature's q^(1/T), with its normaliser z kept for the path probabilities
+    z = qt.sum(1)
+    marg = node_marginals(qt / z[:, None], tree)
     return [{**d, "path_probability": float(d["path_probability"] ** (1 / t) / z[r]), "node_scores": marg[r],
              "top_k": [(path, float(p ** (1 / t) / z[r])) for path, p in d["top_k"]]}
             for r, d in enumerate(decoded)]

@@ -205,6 +205,8 @@ class CnnRnn(_DHNN):
         self.loss_type = check_loss_type(loss_type, ("ce",) if self.multi_label else ("ce", "soft_labels"),
                                          "multi-label dhnn_rnn" if self.multi_label else "dhnn_rnn")
         self.loss_beta = float(loss_beta)
+        for t, nodes in enumerate(taxonomy.levels):  # the classes of step t's soft labels
+            self.register_buffer(f"level_nodes{t}", torch.tensor(nodes), persistent=False)
         n = taxonomy.num_nodes - 1
         out = self.hidden_size * (2 if self.bidirectional else 1)
         self.rnn = self._rnn(self.features.p)
@@ -240,9 +242,8 @@ class CnnRnn(_DHNN):
         if self.loss_type == "soft_labels":
             logp = logits[..., 1:].log_softmax(-1)  # (B, T, N) over the N nodes (column 0 is unused)
             per = logp.new_zeros(levels.shape)
-            for t, nodes in enumerate(self.taxonomy.levels):
-                has = valid[:, t]
-                nodes = torch.tensor(nodes, device=logits.device)
+            for t in range(self._depth):
+                has, nodes = valid[:, t], getattr(self, f"level_nodes{t}")
                 y = soft_label_targets(self.taxonomy, levels[has, t], nodes, self.loss_beta)
                 per[has, t] = -(y * logp[has, t][:, nodes - 1]).sum(1)
             return self._weighted(per, valid.float())
