@@ -587,12 +587,27 @@ def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s
     return body
 
 
+def _without_only(argv: list[str]) -> list[str]:
+    """The command line minus ``--only PATTERN...`` and ``--table-only``: the command that regenerates
+    the whole table (and continues every cell) from the cache."""
+    out, skipping = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skipping = a == "--only"
+            if skipping or a == "--table-only":
+                continue
+        if not skipping:
+            out.append(a)
+    return out
+
+
 def main(args, machine_fn) -> int:
     """``benchmarks/run.py --profile comparison`` lands here (one engine: run.py parses, this runs)."""
     import sys
 
-    cells = plan(args.budget, args.seeds or [0, 1, 2], Path(args.out) / f"comparison-{args.budget}",
-                 args.device, args.only, args.optional, extra=args.set)
+    root = Path(args.out) / f"comparison-{args.budget}"
+    seeds = args.seeds or [0, 1, 2]
+    cells = plan(args.budget, seeds, root, args.device, args.only, args.optional, extra=args.set)
     if args.status:
         print(status(cells))
         return 0
@@ -605,16 +620,18 @@ def main(args, machine_fn) -> int:
         except Preempted as e:  # the cell's last.pt holds the step: the same command resumes it
             print(f"[comparison] {e}", file=sys.stderr)
             return 128 + e.signum
-    summary = summarize(cells, args.budget)
-    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    # the tables cover every row and cached seed whatever this sitting ran: `--only` never shrinks them
+    table = plan(args.budget, sorted({0, 1, 2, *seeds}), root, args.device, None, args.optional, extra=args.set)
+    table += [c for c in cells if c.run_dir not in {t.run_dir for t in table}]
+    summary = summarize(table, args.budget)
+    command = " ".join(["python benchmarks/run.py", *_without_only(sys.argv[1:])])
     where = {}
     if args.budget == "tiny":  # a smoke test: keep its numbers out of the project's results
         root = Path(args.out) / "comparison-tiny"
         where = {"results_dir": root / "results", "results_md": root / "RESULTS.md", "readme": None}
-    done = sum(c.done() for c in cells)
-    again = " ".join(a for a in ["python benchmarks/run.py", *sys.argv[1:]] if a != "--table-only")
-    progress = (f"Progress: {done} of {len(cells)} cells done (seeds {args.seeds or [0, 1, 2]}); "
-                f"{'complete' if done == len(cells) else f'continue with `{again}`'} "
+    done = sum(c.done() for c in table)
+    progress = (f"Progress: {done} of {len(table)} cells done; "
+                f"{'complete' if done == len(table) else f'continue with `{command}`'} "
                 f"(`--status` lists the cells).")
     print(write_outputs(summary, args.budget, command, machine_fn(), time.perf_counter() - t0, progress=progress,
                         **where))

@@ -9,7 +9,8 @@ Each ``LABEL=RUN_DIR`` is a run folder written by ``hiervision train``; a label 
 hedging multipliers λ and the conformal thresholds (:func:`hiervision.posthoc.posthoc_report`; the run
 folder is not modified unless ``--write``), and the test split measures:
 
-* ECE (end class, equal-width and equal-mass bins, and per level) before and after temperature scaling;
+* ECE (end class, equal-width and equal-mass bins, and per level) before and after temperature scaling,
+  with one temperature and with one per tree level (``eval.temperature: per_level``);
 * hedged answers (Deng et al.'s DARTS) at each target vs the naive back-off baseline and the
   split-conformal answers: achieved accuracy and information gain;
 * CRM (Karthik et al.) vs argmax: top-1, mistake severity, hdist@1/5/20 (CRM ranks by expected risk).
@@ -39,13 +40,14 @@ from hiervision.decisions import (
     covers,
     end_distribution,
     fit_lambda,
+    fit_temperature,
     hedge,
     node_marginals,
     plot_accuracy_specificity,
     plot_reliability,
 )
 from hiervision.experiment import data_config, load_run
-from hiervision.metrics import calibration_points
+from hiervision.metrics import calibration_points, calibration_report
 from hiervision.posthoc import posthoc_report
 from hiervision.training import predict_dataset, train
 
@@ -95,6 +97,13 @@ def evaluate_run(run_dir: Path, targets: tuple[float, ...], limit_test: int | No
     """The post-hoc report of one run, plus its curve and reliability points (kept for the plots)."""
     model, taxonomy, (val, val_t), (test, test_t) = _predictions(run_dir, limit_test)
     rep = posthoc_report(model, val, val_t, test, test_t, taxonomy, run_dir if write else None, targets)
+    levels = fit_temperature(end_distribution(val, taxonomy), val_t, taxonomy, per_level=True)
+    qt_levels = end_distribution(test, taxonomy, temperature=levels)
+    rep["per_level"] = {"temperature": levels, "calibration": calibration_report(qt_levels, test_t, taxonomy),
+                        "nll": {k: _nll(q, test_t, taxonomy) for k, q in (
+                            ("raw", end_distribution(test, taxonomy)),
+                            ("one", end_distribution(test, taxonomy, temperature=rep["temperature"])),
+                            ("per_level", qt_levels))}}
     mv = node_marginals(end_distribution(val, taxonomy, temperature=rep["temperature"]), taxonomy)
     mt = node_marginals(end_distribution(test, taxonomy, temperature=rep["temperature"]), taxonomy)
     rep["curve"] = accuracy_specificity_curve(mv, val_t, mt, test_t, taxonomy, CURVE_TARGETS)
@@ -108,6 +117,12 @@ def evaluate_run(run_dir: Path, targets: tuple[float, ...], limit_test: int | No
     rep["run"] = str(run_dir)
     rep["max_information_gain"] = float(torch.log(torch.tensor(float(len(taxonomy.leaves)))))
     return rep
+
+
+def _nll(q: torch.Tensor, targets, taxonomy) -> float:
+    """Mean negative log-likelihood of the targets (a coarse target: the mass under it)."""
+    t = torch.as_tensor(targets).long()
+    return float(-torch.log(node_marginals(q, taxonomy)[torch.arange(len(t)), t].clamp(min=1e-12)).mean())
 
 
 def _ms(values: list) -> str:
@@ -133,6 +148,21 @@ def markdown(results: dict[str, list[dict]], title: str, command: str) -> str:
                      f"{_ms([c['before']['ece'] for c in cal])} | {_ms([c['after']['ece'] for c in cal])} | "
                      f"{_ms([c['before']['ece_mass'] for c in cal])} | {_ms([c['after']['ece_mass'] for c in cal])} | "
                      f"{levels} |")
+    lines += ["", "### One temperature per tree level (fitted on val, each level alone; test)", "",
+              "| model | T per level | NLL raw | NLL one T | NLL per level | ECE one T | ECE per level "
+              "| per-level ECE, one T → per level |", "|---|---|---|---|---|---|---|---|"]
+    for label, reps in results.items():
+        if not all("per_level" in r for r in reps):
+            continue
+        pl = [r["per_level"] for r in reps]
+        ts = " / ".join(_ms([p["temperature"][i] for p in pl]) for i in range(len(pl[0]["temperature"])))
+        levels = " / ".join(f"{_ms([r['calibration']['after']['ece_per_level'][i] for r in reps])} → "
+                            f"{_ms([p['calibration']['ece_per_level'][i] for p in pl])}"
+                            for i in range(len(pl[0]["calibration"]["ece_per_level"])))
+        lines.append(f"| {label} | {ts} | {_ms([p['nll']['raw'] for p in pl])} | {_ms([p['nll']['one'] for p in pl])} "
+                     f"| {_ms([p['nll']['per_level'] for p in pl])} | "
+                     f"{_ms([r['calibration']['after']['ece'] for r in reps])} | "
+                     f"{_ms([p['calibration']['ece'] for p in pl])} | {levels} |")
     lines += ["", "### Hedged answers (λ fitted on val; test accuracy and information gain in nats)", "",
               "| model | target | DARTS acc | DARTS info | back-off acc | back-off info | conformal acc "
               "| conformal info |",

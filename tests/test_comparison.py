@@ -243,3 +243,9 @@ def test_diagnose_reports_a_trained_run(tmp_path, configs):
     text = diagnose.table({"run": report})
     assert text.startswith("| run | path acc | too short") and "length 2" in text  # variable-depth tree
     assert json.loads(out.read_text())[str(cells[0].run_dir)]["num_samples"] == report["num_samples"]
+
+
+def test_the_table_command_drops_only():
+    # a sitting with --only still records (and tells you to continue with) the whole profile
+    argv = ["--profile", "comparison", "--only", "hiernet/fmnist", "guo_rnn", "--seeds", "0", "--table-only"]
+    assert C._without_only(argv) == ["--profile", "comparison", "--seeds", "0"]

@@ -28,6 +28,7 @@ BAD = [
     ("train.optimizer=adagrad", r"'train.optimizer' must be one of sgd, adam, adamw, got 'adagrad'"),
     ("train.schedule=linear", r"'train.schedule' must be one of cosine"),
     ("train.amp=fp8", r"'train.amp' must be one of auto, bf16, fp16, none"),
+    ("eval.temperature=per_head", r"'eval.temperature' must be one of global, per_level, got 'per_head'"),
     ("train.device=gpu", r"'train.device' must be auto, cpu, mps, cuda or cuda:N"),
     ("train.nesterov=yes please", r"'train.nesterov' must be true or false"),
     ("train.threads=0", r"'train.threads' must be ≥ 1"),

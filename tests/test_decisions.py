@@ -195,6 +195,54 @@ def test_temperature_known_optimum(tree):
         apply_temperature(q, 0.0)
 
 
+def test_per_level_temperature_hand_case(tree):
+    q = leaf_q(D=0.2, E=0.3, F=0.1, H=0.4).unsqueeze(0)
+    # level 2's conditionals: under A (C 2/3, D 1/3), under B (E 3/4, F 1/4, G 0); √ then renormalise
+    cd, ef = math.sqrt(2 / 3) + math.sqrt(1 / 3), math.sqrt(0.75) + math.sqrt(0.25)
+    expected = leaf_q(D=0.6 * math.sqrt(1 / 3) / cd, H=0.6 * math.sqrt(2 / 3) / cd, E=0.4 * math.sqrt(0.75) / ef,
+                      F=0.4 * math.sqrt(0.25) / ef)
+    assert apply_temperature(q, (1.0, 2.0, 1.0), tree)[0].tolist() == pytest.approx(expected.tolist(), abs=1e-9)
+    assert apply_temperature(q, (1.0, 1.0, 1.0), tree) is q
+    with pytest.raises(ValueError, match="one value per level"):
+        apply_temperature(q, (1.0, 2.0), tree)
+    # labels may stop at A: its "stop here" share joins level 2's softmax under A
+    q = leaf_q(D=0.1, H=0.3, E=0.4)
+    q[A] = 0.2
+    out = apply_temperature(q.unsqueeze(0), (1.0, 2.0, 1.0), tree, "all")[0]
+    z = math.sqrt(1 / 3) + math.sqrt(1 / 2) + math.sqrt(1 / 6)  # stop, C, D given A (0.6)
+    assert [float(out[n]) for n in (A, H, D, E)] == pytest.approx(
+        [0.6 * math.sqrt(1 / 3) / z, 0.6 * math.sqrt(1 / 2) / z, 0.6 * math.sqrt(1 / 6) / z, 0.4], abs=1e-9)
+
+
+def test_per_level_temperature_fit_undoes_one_levels_sharpening(tree):
+    """Level 1 calibrated, level 2 sharpened ×3 (logits), level 3 an only child: T ≈ (1, 3, 1)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 6000
+    top, under_a, under_b = (torch.randn(n, k, generator=gen) * 1.5 for k in (2, 2, 3))
+
+    def draw(p: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(p, 1, generator=gen).squeeze(1)
+
+    first, a_kid, b_kid = draw(top.softmax(1)), draw(under_a.softmax(1)), draw(under_b.softmax(1))
+    truth = torch.where(first == 0, torch.tensor([H, D])[a_kid], torch.tensor([E, F, G])[b_kid])
+    q = torch.zeros(n, 9, dtype=torch.float64)
+    p1, pa, pb = top.softmax(1), (3 * under_a).softmax(1), (3 * under_b).softmax(1)
+    q[:, [H, D]] = (p1[:, :1] * pa).double()
+    q[:, [E, F, G]] = (p1[:, 1:] * pb).double()
+    t = fit_temperature(q, truth, tree, per_level=True)
+    assert t[0] == pytest.approx(1.0, abs=0.1) and t[1] == pytest.approx(3.0, rel=0.1) and t[2] == 1.0
+
+    def nll(temperature) -> float:
+        p = apply_temperature(q, temperature, tree)[torch.arange(n), truth]
+        return float(-torch.log(p).mean())
+
+    one = fit_temperature(q, truth, tree)
+    assert nll(t) < nll(one) < nll(1.0)  # the per-level fit beats the best single temperature here
+    for d in range(2):  # and is each level's optimum: moving one level's T only costs likelihood
+        for f in (0.9, 1.1):
+            assert nll(t) <= nll(tuple(x * f if i == d else x for i, x in enumerate(t)))
+
+
 def test_ece_known_case():
     conf, ok = torch.tensor([0.9, 0.9, 0.6, 0.6]), torch.tensor([1, 0, 1, 1])
     # width bins: bin 0.9 has accuracy 0.5 (gap 0.4), bin 0.6 accuracy 1 (gap 0.4): 0.5·0.4 + 0.5·0.4
@@ -247,9 +295,15 @@ def test_hedged_records_and_decisions_file(tree, tmp_path):
     save_decisions(tmp_path, temperature=1.5)
     save_decisions(tmp_path, hedge={"0.99": 2.0})
     assert load_decisions(tmp_path) == {"temperature": 1.5, "hedge": {"0.99": 2.0}}
+    save_decisions(tmp_path, temperature=[1.2, 0.8, 1.0])  # one per level
+    assert load_decisions(tmp_path)["temperature"] == (1.2, 0.8, 1.0)
     (tmp_path / "decisions.json").write_text("{oops")
     with pytest.raises(ValueError, match="decisions.json"):
         load_decisions(tmp_path)
+    for bad in ("hot", -1.0, [1.0, None]):
+        (tmp_path / "decisions.json").write_text(json.dumps({"temperature": bad}))
+        with pytest.raises(ValueError, match=r"decisions.json: 'temperature' must be a positive number"):
+            load_decisions(tmp_path)
 
 
 # ---------------------------------------------------------------------- losses
@@ -366,14 +420,19 @@ def test_losses_backpropagate(tree):
     assert torch.isfinite(grad).all() and grad[:, 1:].abs().sum() > 0
 
 
-def test_posthoc_report(tree, tmp_path):
+@pytest.mark.parametrize("per_level", [False, True])
+def test_posthoc_report(tree, tmp_path, per_level):
     from hiervision.posthoc import posthoc_report
 
     val, val_t = _toy_predictions(tree, 2000, 1)
     test, test_t = _toy_predictions(tree, 2000, 2)
     model = torch.nn.Module()
     model.register_buffer("temperature", torch.tensor(1.0))
-    rep = posthoc_report(model, val, val_t, test, test_t, tree, tmp_path, targets=(0.9, 0.99), decode="crm")
+    rep = posthoc_report(model, val, val_t, test, test_t, tree, tmp_path, targets=(0.9, 0.99), decode="crm",
+                         per_level=per_level)
+    assert model.temperature.shape == ((3,) if per_level else ())  # the checkpoint carries what was fitted
+    assert json.loads((tmp_path / "decisions.json").read_text())["temperature"] == pytest.approx(
+        model.temperature.tolist(), rel=1e-6)
     assert rep["calibration"]["after"]["ece"] < rep["calibration"]["before"]["ece"]
     assert [h["target"] for h in rep["hedged"]] == [0.9, 0.99]
     assert rep["hedged"][1]["accuracy"] >= rep["hedged"][0]["accuracy"]

@@ -52,6 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from hiervision.experiment import load_run, run_data
+    from hiervision.marginals import is_identity
     from hiervision.posthoc import evaluate_decisions
     from hiervision.training import autocast_dtype, evaluate_split, select_device
 
@@ -67,7 +68,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"--mode {args.mode}: model {cfg['model']['name']} has modes {list(model.eval_modes)}")
         model.set_eval_mode(args.mode)
     decode = args.decode or cfg["eval"].get("decode", "argmax")
-    if args.accuracy is not None or decode != "argmax" or float(model.temperature) != 1.0:
+    if args.accuracy is not None or decode != "argmax" or not is_identity(model.temperature):
         if args.given_level is not None and args.accuracy is not None:
             raise ValueError("--given-level cannot be combined with --accuracy (hedging fits on plain predictions)")
         result, pred, targets = evaluate_decisions(args.run_dir, model, data, args.split, cfg["eval"]["batch_size"],

@@ -8,7 +8,9 @@ probability that the truth lies under each node), and on those the rules work:
 * temperature scaling (:func:`apply_temperature`, :func:`fit_temperature`) — ``q ∝ q^(1/T)``; for the
   flat softmax this is exactly dividing the logits by ``T``; for path-scoring heads (per-level softmaxes,
   HierNet's routers, decoders) it scales the whole path's log-probability. It never changes the
-  argmax, so a model's decoded paths stay as they are; only probabilities move.
+  argmax. ``eval.temperature: per_level`` fits one ``T`` per tree level instead and tempers each
+  level's conditionals (a head with levels has one softmax per level); the argmax may then move, but a
+  model's decoded paths stay as they are either way: only probabilities change.
 * hedging (Deng et al., CVPR 2012, DARTS): :func:`hedge` predicts ``argmax_v (r(v) + λ)·p(v)`` with
   ``r(v) = log|leaves| − log|leaves(v)|``; :func:`fit_lambda` picks the smallest ``λ`` meeting an
   accuracy target on validation data. :func:`conformal_threshold`/:func:`conformal_nodes` give a
@@ -28,10 +30,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hiervision import marginals
 from hiervision.decoding import Prediction, end_mask
+from hiervision.marginals import Temperature
 from hiervision.taxonomy import PAD, Taxonomy
 
 __all__ = [
@@ -62,6 +66,7 @@ __all__ = [
     "plot_reliability",
     "rewards",
     "save_decisions",
+    "set_temperature",
 ]
 
 DECISIONS_FILE = "decisions.json"
@@ -71,7 +76,7 @@ DECODE_RULES = ("argmax", "crm")
 
 # ---------------------------------------------------------------------- distributions
 def end_distribution(
-    scores: torch.Tensor | Prediction, taxonomy: Taxonomy, ends: str = "leaves", temperature: float = 1.0
+    scores: torch.Tensor | Prediction, taxonomy: Taxonomy, ends: str = "leaves", temperature: Temperature = 1.0
 ) -> torch.Tensor:
     """``(B, N+1)`` probability that each end class is the truth, from a model's node scores, with the
     temperature applied: :func:`hiervision.marginals.end_distribution` (the numpy implementation the
@@ -81,12 +86,14 @@ def end_distribution(
     return torch.from_numpy(q).float().to(s.device)
 
 
-def apply_temperature(q: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
-    """``q ∝ q^(1/T)`` row-wise (``T > 1`` softens, ``T < 1`` sharpens); zeros stay zero
+def apply_temperature(q: torch.Tensor, temperature: Temperature | torch.Tensor, taxonomy: Taxonomy | None = None,
+                      ends: str = "leaves") -> torch.Tensor:
+    """``q ∝ q^(1/T)`` row-wise, or per level along the tree (``taxonomy`` needed); zeros stay zero
     (:func:`hiervision.marginals.apply_temperature`)."""
-    if float(temperature) == 1.0:
+    if marginals.is_identity(temperature):
         return q
-    return torch.from_numpy(marginals.apply_temperature(q.detach().cpu().numpy(), float(temperature))).to(q)
+    t = marginals.as_temperature(temperature)
+    return torch.from_numpy(marginals.apply_temperature(q.detach().cpu().numpy(), t, taxonomy, ends)).to(q)
 
 
 def node_marginals(q: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
@@ -101,35 +108,68 @@ def _target_marginal(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy)
     return (q * under).sum(1)
 
 
-def fit_temperature(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy,
-                    bounds: tuple[float, float] = (0.05, 20.0), iters: int = 60) -> float:
+def fit_temperature(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, per_level: bool = False,
+                    ends: str = "leaves", bounds: tuple[float, float] = (0.05, 20.0), iters: int = 60) -> Temperature:
     """Temperature minimising the validation negative log-likelihood of the targets (Guo et al., 2017).
 
     One scalar per model, found by golden-section search on ``log T`` (the NLL is unimodal there for a
-    softmax); coarse targets count by the mass of the end classes under them.
+    softmax); coarse targets count by the mass of the end classes under them. ``per_level``: one per
+    tree level (a tuple, depth 1 first). A target's probability is the product of its path's
+    conditionals, so its log-likelihood is a sum of one term per level, each depending on that level's
+    temperature only: each level is fitted alone, on the samples whose target reaches it (1 where
+    none does, or where no node there has a sibling).
     """
     if len(q) == 0:
         raise ValueError("fit_temperature needs at least one validation sample")
     targets = torch.as_tensor(targets).long().to(q.device)
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    if per_level:
+        return _fit_level_temperatures(q, targets, taxonomy, ends, lo, hi, iters)
 
     def nll(log_t: float) -> float:
         p = _target_marginal(apply_temperature(q, math.exp(log_t)), targets, taxonomy)
         return float(-torch.log(p.clamp(min=1e-12)).mean())
 
-    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    return math.exp(_golden_min(nll, lo, hi, iters))
+
+
+def _fit_level_temperatures(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, ends: str,
+                            lo: float, hi: float, iters: int) -> tuple[float, ...]:
+    c, stop = marginals.conditionals(q.detach().cpu().double().numpy(), taxonomy, ends)
+    path = taxonomy.path_matrix[targets.cpu()].numpy()  # (B, D): the target's node at each depth, PAD past it
+    depth = np.asarray(taxonomy.depths)
+    temps = []
+    for d in range(1, taxonomy.max_depth + 1):
+        col = np.full(taxonomy.num_nodes, -1)
+        col[depth == d] = np.arange(int((depth == d).sum()))
+        rows = np.flatnonzero(path[:, d - 1] != PAD)
+        cr, sr, at = c[rows], stop[rows], col[path[rows, d - 1]]
+
+        def nll(log_t: float, cr=cr, sr=sr, at=at, d=d) -> float:
+            ck, _ = marginals.temper_level(cr, sr, taxonomy, ends, d, math.exp(log_t))
+            return float(-np.log(np.clip(ck[np.arange(len(at)), at], 1e-12, None)).mean())
+
+        # a level no target reaches, or whose conditionals a temperature cannot move (only children), keeps 1
+        flat = not len(rows) or nll(0.0) == nll(1.0)
+        temps.append(1.0 if flat else math.exp(_golden_min(nll, lo, hi, iters)))
+    return tuple(temps)
+
+
+def _golden_min(f, lo: float, hi: float, iters: int) -> float:
+    """Golden-section search for the minimum of a unimodal ``f`` on ``[lo, hi]``."""
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = nll(a), nll(b)
+    fa, fb = f(a), f(b)
     for _ in range(iters):
         if fa < fb:
             hi, b, fb = b, a, fa
             a = hi - g * (hi - lo)
-            fa = nll(a)
+            fa = f(a)
         else:
             lo, a, fa = a, b, fb
             b = lo + g * (hi - lo)
-            fb = nll(b)
-    return math.exp((lo + hi) / 2)
+            fb = f(b)
+    return (lo + hi) / 2
 
 
 # ---------------------------------------------------------------------- hedging (DARTS)
@@ -328,7 +368,7 @@ def crm_nodes(q: torch.Tensor, taxonomy: Taxonomy, heights: torch.Tensor | None 
 
 
 # ---------------------------------------------------------------------- whole predictions
-def calibrate(prediction: Prediction, taxonomy: Taxonomy, temperature: float = 1.0,
+def calibrate(prediction: Prediction, taxonomy: Taxonomy, temperature: Temperature = 1.0,
               decode: str = "argmax") -> Prediction:
     """A prediction whose ``scores`` are the temperature-scaled node marginals and whose
     ``path_prob`` is the scaled probability of its end class; ``decode="crm"`` also replaces the paths
@@ -336,7 +376,7 @@ def calibrate(prediction: Prediction, taxonomy: Taxonomy, temperature: float = 1
     thresholded, not normalised)."""
     if decode not in DECODE_RULES:
         raise ValueError(f"eval.decode must be one of {list(DECODE_RULES)}, got {decode!r}")
-    if prediction.labels is not None or (float(temperature) == 1.0 and decode == "argmax"):
+    if prediction.labels is not None or (marginals.is_identity(temperature) and decode == "argmax"):
         return prediction
     q = end_distribution(prediction, taxonomy, temperature=temperature)
     paths = prediction.paths
@@ -347,18 +387,25 @@ def calibrate(prediction: Prediction, taxonomy: Taxonomy, temperature: float = 1
     return Prediction(paths, node_marginals(q, taxonomy), prob, None)
 
 
+def set_temperature(model: torch.nn.Module, temperature: Temperature) -> None:
+    """Keep a temperature (one, or one per tree level) in the model's ``temperature`` buffer, whose shape
+    follows it, so that the next checkpoint carries it."""
+    model.temperature = torch.tensor(temperature, dtype=torch.float32, device=model.temperature.device)
+
+
 def fit_decisions(model, val: Prediction, val_targets: torch.Tensor, taxonomy: Taxonomy,
                   run_dir: str | os.PathLike | None = None,
-                  targets: Sequence[float] = (0.9, 0.95, 0.99)) -> dict:
-    """After training: fit the temperature on the validation predictions (sets ``model.temperature``,
-    so the next checkpoint save carries it), then λ for each accuracy target and the split-conformal
-    τ for α = 1 − target on the calibrated marginals; written to ``decisions.json`` when ``run_dir``
-    is given. Returns ``{"temperature", "hedge": {target: λ}, "conformal": {target: τ}}``."""
+                  targets: Sequence[float] = (0.9, 0.95, 0.99), per_level: bool = False) -> dict:
+    """After training: fit the temperature on the validation predictions (one, or one per level with
+    ``per_level``; kept in ``model.temperature`` so the next checkpoint carries it), then λ for each
+    accuracy target and the split-conformal τ for α = 1 − target on the calibrated marginals; written
+    to ``decisions.json`` when ``run_dir`` is given.
+    Returns ``{"temperature", "hedge": {target: λ}, "conformal": {target: τ}}``."""
     val_targets = torch.as_tensor(val_targets).long()
     q = end_distribution(val, taxonomy)
-    t = fit_temperature(q, val_targets, taxonomy)
-    model.temperature.fill_(t)
-    qt = apply_temperature(q, t)
+    t = fit_temperature(q, val_targets, taxonomy, per_level)
+    set_temperature(model, t)
+    qt = apply_temperature(q, t, taxonomy)
     m = node_marginals(qt, taxonomy)
     out = {"temperature": t,
            "hedge": {str(a): fit_lambda(m, val_targets, taxonomy, a) for a in targets},
@@ -369,7 +416,7 @@ def fit_decisions(model, val: Prediction, val_targets: torch.Tensor, taxonomy: T
 
 
 def hedged_evaluation(val: Prediction, val_targets: torch.Tensor, test: Prediction, test_targets: torch.Tensor,
-                      taxonomy: Taxonomy, target: float, temperature: float = 1.0) -> dict:
+                      taxonomy: Taxonomy, target: float, temperature: Temperature = 1.0) -> dict:
     """The ``hedged`` entry of an evaluation report at one accuracy target: λ fitted on ``val``,
     :func:`hedged_report` on ``test``, and beside it the naive back-off baseline and the
     split-conformal answers (α = 1 − target), all on the same temperature-scaled marginals."""
@@ -384,7 +431,7 @@ def hedged_evaluation(val: Prediction, val_targets: torch.Tensor, test: Predicti
     return {
         "target": target,
         "lambda": lam,
-        "temperature": float(temperature),
+        "temperature": marginals.as_temperature(temperature),
         **hedged_report(hedge(mt, taxonomy, lam), test_targets, taxonomy),
         "baseline": {"threshold": thr, **hedged_report(backoff_nodes(mt, taxonomy, thr), test_targets, taxonomy)},
         "conformal": {"alpha": 1 - target, "tau": tau if math.isfinite(tau) else None,
@@ -410,7 +457,8 @@ def accuracy_specificity_curve(
     return rows
 
 
-def hedged_records(prediction: Prediction, taxonomy: Taxonomy, lam: float, temperature: float = 1.0) -> list[dict]:
+def hedged_records(prediction: Prediction, taxonomy: Taxonomy, lam: float,
+                   temperature: Temperature = 1.0) -> list[dict]:
     """Per image ``{"node", "path", "probability"}``: the hedged answer of each prediction, for
     ``predict --accuracy`` and the server to attach under a ``hedged`` key."""
     m = node_marginals(end_distribution(prediction, taxonomy, temperature=temperature), taxonomy)
@@ -453,6 +501,15 @@ def load_decisions(run_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
+    if "temperature" in data:
+        try:
+            t = marginals.as_temperature(data["temperature"])
+        except (TypeError, ValueError):
+            t = None
+        if t is None or not np.all(np.asarray(t) > 0):
+            raise ValueError(f"{path}: 'temperature' must be a positive number or a list of them (one per level), "
+                             f"got {data['temperature']!r}")
+        data["temperature"] = t
     return data
 
 

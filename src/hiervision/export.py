@@ -31,6 +31,7 @@ from torch import nn
 
 from hiervision.checkpoint import CheckpointError
 from hiervision.decoding import prefix_logprob
+from hiervision.marginals import as_temperature
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.dhnn import CnnRnn, CnnS2S
 from hiervision.models.flat import FlatClassifier
@@ -204,7 +205,7 @@ def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = 
             "image_size": size, "resize": meta.get("resize"),
             "mean": [float(v) for v in meta.get("mean", [0.0] * in_chans)],
             "std": [float(v) for v in meta.get("std", [1.0] * in_chans)], "decoder": decoder_settings(model),
-            "step_graph": step_graph, "temperature": float(getattr(model, "temperature", 1.0)),
+            "step_graph": step_graph, "temperature": as_temperature(getattr(model, "temperature", 1.0)),
             "taxonomy": model.taxonomy.to_dict()}
 
 

@@ -9,14 +9,31 @@ or a :class:`~hiervision.records.TreeView`.
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import numpy as np
 
 from hiervision.records import TreeView
 
-__all__ = ["apply_temperature", "end_distribution", "node_marginals"]
+__all__ = ["apply_temperature", "as_temperature", "conditionals", "end_distribution", "is_identity",
+           "node_marginals", "temper_level"]
+
+#: a calibration temperature: one for the model (a float) or one per tree level (depth 1 first)
+Temperature = float | tuple[float, ...]
+
+
+def as_temperature(value) -> Temperature:
+    """A temperature as stored (a model's buffer, a sidecar's or ``decisions.json``'s value) in its one
+    Python form: a float for one temperature, a tuple of floats for one per level."""
+    a = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value, dtype=np.float64)
+    if a.ndim == 0:
+        return float(a)
+    return tuple(float(x) for x in a.reshape(-1))
+
+
+def is_identity(temperature) -> bool:
+    """True when the temperature leaves probabilities as they are (every value 1)."""
+    return bool(np.all(np.asarray(as_temperature(temperature)) == 1.0))
 
 
 @lru_cache(maxsize=16)
@@ -36,7 +53,7 @@ def _view(tree) -> TreeView:
     return tree if isinstance(tree, TreeView) else TreeView(tuple(tree.names), tuple(tree.parents))
 
 
-def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature: float = 1.0) -> np.ndarray:
+def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature: Temperature = 1.0) -> np.ndarray:
     """``(B, N+1)`` float64 probability that each end class is the truth, from ``(B, N+1)`` node scores.
 
     Node scores are read as "probability the truth lies under this node" and pushed down the tree:
@@ -59,7 +76,7 @@ def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature
     if ends == "all":
         leaf = tree.end_mask("leaves")
         q = np.where(leaf, s, np.clip(s - child_sum, 0, None)) * mask
-        return apply_temperature(q / np.clip(q.sum(1, keepdims=True), 1e-12, None), temperature)
+        return apply_temperature(q / np.clip(q.sum(1, keepdims=True), 1e-12, None), temperature, tree, ends)
     n_leaves = (anc & mask[:, None]).sum(0).astype(np.float64)  # (N+1,) leaves under each node
     n_leaves[0] = mask.sum()
     rest = np.clip(s - child_sum, 0, None)
@@ -81,23 +98,90 @@ def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature
             m[:, idx] = m[:, p] * share
     q = m * mask
     q = q / np.clip(q.sum(1, keepdims=True), 1e-12, None)
-    return apply_temperature(q, temperature)
+    return apply_temperature(q, temperature, tree, ends)
 
 
-def apply_temperature(q: np.ndarray, temperature: float) -> np.ndarray:
-    """``q ∝ q^(1/T)`` row-wise (``T > 1`` softens, ``T < 1`` sharpens); zeros stay zero. For a flat
-    softmax this is exactly dividing the logits by ``T``; it never changes a row's argmax."""
-    t = float(temperature)
-    if t <= 0 or not math.isfinite(t):
-        raise ValueError(f"temperature must be a positive number, got {temperature}")
+def apply_temperature(q: np.ndarray, temperature: Temperature, tree=None, ends: str = "leaves") -> np.ndarray:
+    """Calibrate an end-class distribution (rows of ``q``) with a temperature (``T > 1`` softens,
+    ``T < 1`` sharpens; zeros stay zero; a row's argmax never changes under one temperature).
+
+    One temperature: ``q ∝ q^(1/T)``, for a flat softmax exactly dividing the logits by ``T``. One per
+    level (a sequence, depth 1 first; needs ``tree`` and ``ends``): ``q`` is read as a chain of
+    conditionals down the tree (:func:`conditionals`), each level's are tempered within their sibling
+    groups by that level's ``T`` (:func:`temper_level`), and the chain is multiplied back — the
+    per-level softmaxes of a head with levels, tempered one by one.
+    """
+    t = as_temperature(temperature)
+    if not np.all(np.isfinite(t)) or np.any(np.asarray(t) <= 0):
+        raise ValueError(f"temperature must be positive numbers, got {temperature}")
     q = np.asarray(q, dtype=np.float64)
-    if t == 1.0:
+    if is_identity(t):
         return q
+    if isinstance(t, tuple):
+        if tree is None:
+            raise ValueError("a per-level temperature needs the tree")
+        return _apply_level_temperature(q, t, _view(tree), ends)
     with np.errstate(divide="ignore"):
         logq = np.where(q > 0, np.log(np.clip(q, 1e-300, None)) / t, -np.inf)
     logq = logq - logq.max(1, keepdims=True)
     e = np.exp(logq)
     return e / e.sum(1, keepdims=True)
+
+
+def conditionals(q: np.ndarray, tree, ends: str = "leaves") -> tuple[np.ndarray, np.ndarray]:
+    """``(c, stop)`` of an end-class distribution: ``c[:, v]`` the probability of v given its parent,
+    ``stop[:, u]`` (``ends="all"``, inner u) that the truth is u itself given that it lies under u. Along a
+    path their product gives ``q`` back, and each sibling group (with its parent's stop) sums to 1."""
+    tree = _view(tree)
+    par, _, _ = _tables(tree)
+    m = node_marginals(q, tree)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.where(m[:, par] > 0, m / m[:, par], 0.0)
+        stop = np.where((m > 0) & _inner_ends(tree, ends), np.asarray(q, dtype=np.float64) / m, 0.0)
+    c[:, 0] = 1.0
+    return c, stop
+
+
+def _inner_ends(tree: TreeView, ends: str) -> np.ndarray:
+    mask = tree.end_mask(ends) & ~tree.end_mask("leaves")
+    mask[0] = False
+    return mask
+
+
+def _halts(tree: TreeView, ends: str, level: int) -> np.ndarray:
+    """Ids of the inner ends at depth ``level - 1``: their "stop here" shares level ``level``'s softmax."""
+    return np.flatnonzero(_inner_ends(tree, ends) & (tree.depths == level - 1))
+
+
+def temper_level(c: np.ndarray, stop: np.ndarray, tree, ends: str, level: int,
+                 t: float) -> tuple[np.ndarray, np.ndarray]:
+    """Level ``level``'s (depth ≥ 1) conditionals and their parents' stops (:func:`conditionals`) raised
+    to ``1/t`` and renormalised within each sibling group. Returns the two tempered blocks: columns
+    ``tree``'s nodes at depth ``level``, and the inner ends at depth ``level - 1`` (``ends="all"``)."""
+    tree = _view(tree)
+    par, _, levels = _tables(tree)
+    kids, halts = levels[level - 1], _halts(tree, ends, level)
+    ck, sk = c[:, kids] ** (1 / t), stop[:, halts] ** (1 / t)
+    z = np.zeros_like(c)
+    np.add.at(z.T, par[kids], ck.T)
+    z[:, halts] += sk
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.where(z[:, par[kids]] > 0, ck / z[:, par[kids]], 0.0),
+                np.where(z[:, halts] > 0, sk / z[:, halts], 0.0))
+
+
+def _apply_level_temperature(q: np.ndarray, temps: tuple[float, ...], tree: TreeView, ends: str) -> np.ndarray:
+    par, _, levels = _tables(tree)
+    if len(temps) != tree.max_depth:
+        raise ValueError(f"a per-level temperature needs one value per level ({tree.max_depth}), got {len(temps)}")
+    c, stop = conditionals(q, tree, ends)
+    for d, t in enumerate(temps, start=1):
+        c[:, levels[d - 1]], stop[:, _halts(tree, ends, d)] = temper_level(c, stop, tree, ends, d, t)
+    m = np.ones_like(c)
+    for idx in levels:  # multiply the chain back, top-down
+        m[:, idx] = m[:, par[idx]] * c[:, idx]
+    out = np.where(tree.end_mask("leaves"), m, m * stop) * tree.end_mask(ends)
+    return out / np.clip(out.sum(1, keepdims=True), 1e-12, None)
 
 
 def node_marginals(q: np.ndarray, tree) -> np.ndarray:

@@ -30,6 +30,7 @@ from hiervision.decisions import (
     save_decisions,
 )
 from hiervision.decoding import Prediction
+from hiervision.marginals import as_temperature
 from hiervision.taxonomy import Taxonomy
 
 __all__ = ["evaluate_decisions", "hedger", "posthoc_report"]
@@ -47,17 +48,19 @@ def posthoc_report(
     run_dir: str | os.PathLike | None = None,
     targets: Sequence[float] = (0.9, 0.95, 0.99),
     decode: str = "argmax",
+    per_level: bool = False,
 ) -> dict:
     """``{"temperature", "calibration": {"before", "after"}, "hedged": [...], "crm": {"argmax", "crm"},
     "test": <metrics report on the calibrated scores, decoded by decode>}`` — single-label only.
 
-    ``val``/``test``: the model's raw predictions (temperature 1) with their node-id targets.
+    ``val``/``test``: the model's raw predictions (temperature 1) with their node-id targets;
+    ``per_level``: one temperature per tree level (``eval.temperature``).
     """
     if decode not in DECODE_RULES:
         raise ValueError(f"eval.decode must be one of {list(DECODE_RULES)}, got {decode!r}")
     if val.labels is not None or test.labels is not None:
         raise ValueError("post-hoc calibration and hedging apply to single-label runs only")
-    fitted = fit_decisions(model, val, val_targets, taxonomy, run_dir, targets)
+    fitted = fit_decisions(model, val, val_targets, taxonomy, run_dir, targets, per_level)
     t = fitted["temperature"]
     q0, q1 = end_distribution(test, taxonomy), end_distribution(test, taxonomy, temperature=t)
     argmax = M.evaluate(calibrate(test, taxonomy, t, "argmax"), test_targets, taxonomy)
@@ -92,7 +95,7 @@ def evaluate_decisions(run_dir: str | os.PathLike, model, data, split: str, batc
     t0 = time.perf_counter()
     pred, targets = predict_dataset(model, data, sets[split], batch_size, device, amp, given_level)
     seconds = time.perf_counter() - t0
-    temperature = float(model.temperature)
+    temperature = as_temperature(model.temperature)
     calibrated = calibrate(pred, data.taxonomy, temperature, decode)
     result = {**M.evaluate(calibrated, targets, data.taxonomy),
               "eval_images_per_s": len(targets) / max(seconds, 1e-9), "decode": decode, "temperature": temperature}

@@ -21,7 +21,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from hiervision.imagefile import DEFAULT_MAX_PIXELS, read_array
-from hiervision.marginals import end_distribution, node_marginals
+from hiervision.marginals import (
+    Temperature,
+    apply_temperature,
+    as_temperature,
+    end_distribution,
+    is_identity,
+    node_marginals,
+)
 from hiervision.records import PAD, TreeView, error_record, prediction_record, top_k_ends
 
 __all__ = ["Engine", "Predictor", "beam_search", "calibrate_batch", "decode_batch", "read_image", "threshold_paths"]
@@ -203,18 +210,32 @@ def decode_batch(
     return results
 
 
-def calibrate_batch(tree: TreeView, decoder: dict, decoded: list[dict], temperature: float) -> list[dict]:
+def calibrate_batch(tree: TreeView, decoder: dict, decoded: list[dict], temperature: Temperature) -> list[dict]:
     """Apply a run's calibration temperature (fitted on validation after training, carried in the
     checkpoint and the sidecar) to :func:`decode_batch`'s records, as ``evaluate`` does
     (:func:`hiervision.decisions.calibrate`): the end-class distribution ``q`` the node scores imply
     becomes ``q^(1/T)`` renormalised; ``node_scores`` become its node marginals, and every path
     probability ``p`` (the answer's and the alternatives') becomes ``p^(1/T)`` over the same
-    normaliser. Paths and their order never change. Multi-label records keep their sigmoids."""
-    if float(temperature) == 1.0 or decoder["kind"] == "multi_label" or not decoded:
+    normaliser. With one temperature per level, ``q`` is tempered level by level
+    (:func:`hiervision.marginals.apply_temperature`) and a path's ``p`` is scaled as its end class's
+    mass was, ``p·q'(end)/q(end)``. Paths and their order never change. Multi-label records keep their
+    sigmoids."""
+    if is_identity(temperature) or decoder["kind"] == "multi_label" or not decoded:
         return decoded
-    t = float(temperature)
-    q = end_distribution(np.stack([np.asarray(d["node_scores"]) for d in decoded]), tree,
-                         decoder.get("end_nodes", "leaves"))
+    t, ends = as_temperature(temperature), decoder.get("end_nodes", "leaves")
+    q = end_distribution(np.stack([np.asarray(d["node_scores"]) for d in decoded]), tree, ends)
+    if isinstance(t, tuple):
+        qt = apply_temperature(q, t, tree, ends)
+        marg = node_marginals(qt, tree)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(q > 0, qt / q, 0.0)
+
+        def scaled(r: int, path, p: float) -> float:
+            return float(p * ratio[r, path[-1]]) if path else float(p)
+
+        return [{**d, "path_probability": scaled(r, d["path_ids"], d["path_probability"]), "node_scores": marg[r],
+                 "top_k": [(path, scaled(r, path, p)) for path, p in d["top_k"]]}
+                for r, d in enumerate(decoded)]
     qt = q ** (1 / t)  # apply_temperature's q^(1/T), with its normaliser z kept for the path probabilities
     z = qt.sum(1)
     marg = node_marginals(qt / z[:, None], tree)
@@ -319,7 +340,7 @@ class Predictor:
         self.std = np.asarray(sidecar["std"], dtype=np.float32).reshape(1, -1, 1, 1)
         self.top_k, self.batch_size = int(top_k), int(batch_size)
         #: the run's calibration temperature (1 = the model's raw probabilities; :func:`calibrate_batch`)
-        self.temperature = float(sidecar.get("temperature", 1.0))
+        self.temperature = as_temperature(sidecar.get("temperature", 1.0))
         if engine is None:
             p = Path(path)
             step = p.with_name(sidecar["step_graph"]) if sidecar.get("step_graph") else None

@@ -64,12 +64,15 @@ class HierarchicalClassifier(nn.Module):
         # decision threshold for multi-label decoding, tuned on validation data and saved with the weights
         self.register_buffer("threshold", torch.tensor(0.5))
         # calibration temperature fitted on validation data after training (hiervision.decisions): it
-        # rescales the end-class distribution read from the node scores, never the argmax
+        # rescales the end-class distribution read from the node scores; a scalar, or one per level
         self.register_buffer("temperature", torch.tensor(1.0))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
-        # checkpoints written before the temperature existed load as uncalibrated (T = 1)
-        state_dict.setdefault(prefix + "temperature", torch.tensor(1.0))
+        # checkpoints written before the temperature existed load as uncalibrated (T = 1); the buffer
+        # takes the saved shape (one temperature, or one per level)
+        saved = state_dict.setdefault(prefix + "temperature", torch.tensor(1.0))
+        if saved.shape != self.temperature.shape:
+            self.temperature = torch.empty(saved.shape, device=self.temperature.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- to override ---------------------------------------------------------------------------
