@@ -10,7 +10,7 @@ hedging multipliers λ and the conformal thresholds (:func:`hiervision.posthoc.p
 folder is not modified unless ``--write``), and the test split measures:
 
 * ECE (end class, equal-width and equal-mass bins, and per level) before and after temperature scaling,
-  with one temperature and with one per tree level (``eval.temperature: per_level``);
+  with one temperature and with one per tree level (``eval.calibrate: per_level``);
 * hedged answers (Deng et al.'s DARTS) at each target vs the naive back-off baseline and the
   split-conformal answers: achieved accuracy and information gain;
 * CRM (Karthik et al.) vs argmax: top-1, mistake severity, hdist@1/5/20 (CRM ranks by expected risk).

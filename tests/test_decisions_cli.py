@@ -115,6 +115,23 @@ def test_old_checkpoint_without_temperature_loads(run_dir, tmp_path):
     assert as_temperature(fresh.temperature) == (1.5, 0.5, 2.0)
 
 
+def test_training_fits_a_temperature_per_level(tmp_path, capsys):
+    """``eval.calibrate: per_level``: best.pt, decisions.json, metrics.json and evaluate carry one T per level."""
+    cfg = {"data": {"name": "synthetic", "n_train": 128, "n_test": 32, "size": 16, "val_fraction": 0.25},
+           "model": {"name": "flat", "backbone": "resnet20", "backbone_kwargs": {"width": 0.25}},
+           "train": {"epochs": 1, "batch_size": 64, "amp": "none"}, "eval": {"calibrate": "per_level"}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    _, taxonomy, model, _ = load_run(tmp_path / "run")
+    t = as_temperature(model.temperature)
+    assert isinstance(t, tuple) and len(t) == taxonomy.max_depth
+    assert load_decisions(tmp_path / "run")["temperature"] == pytest.approx(t, rel=1e-6)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["temperature"] == pytest.approx(t)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["temperature"] == pytest.approx(t, rel=1e-6)
+
+
 def test_unknown_loss_type_is_one_line(tmp_path, capsys):
     cfg = {"data": {"name": "synthetic", "n_train": 64, "n_test": 32, "size": 16},
            "model": {"name": "flat", "backbone": "resnet20", "loss_type": "focal"},

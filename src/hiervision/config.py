@@ -84,10 +84,9 @@ DEFAULTS: dict[str, Any] = {
     },
     # select: val metric that picks best.pt; given_level: also report test metrics when each image's
     # true ancestor at that depth is given (Guo et al.'s CNN-RNN*); calibrate: fit a temperature and the
-    # hedging multipliers on the val split after training (hiervision.decisions), one temperature for the
-    # model (global) or one per tree level (per_level); decode: argmax | crm
-    "eval": {"batch_size": 512, "select": "auto", "given_level": None, "calibrate": True, "temperature": "global",
-             "decode": "argmax",
+    # hedging multipliers on the val split after training (hiervision.decisions): true (one temperature for
+    # the model), per_level (one per tree level) or false; decode: argmax | crm
+    "eval": {"batch_size": 512, "select": "auto", "given_level": None, "calibrate": True, "decode": "argmax",
              "hedge_targets": [0.9, 0.95, 0.99]},
 }
 
@@ -162,6 +161,12 @@ def _enum(*choices: str) -> Rule:
         return v
 
     return rule
+
+
+def _calibrate(key: str, v: Any) -> Any:
+    if v is True or v is False or v == "per_level":
+        return v
+    raise _fail(key, "true, false or per_level", v)
 
 
 def _match(pattern: str, what: str) -> Rule:
@@ -251,7 +256,7 @@ SCHEMA: dict[str, Any] = {
         "batch_size": _int(lo=1),
         "select": _str(),
         "given_level": _int(lo=1, null=True),
-        "temperature": _enum("global", "per_level"),
+        "calibrate": _calibrate,
     },
 }
 

@@ -8,7 +8,7 @@ probability that the truth lies under each node), and on those the rules work:
 * temperature scaling (:func:`apply_temperature`, :func:`fit_temperature`) — ``q ∝ q^(1/T)``; for the
   flat softmax this is exactly dividing the logits by ``T``; for path-scoring heads (per-level softmaxes,
   HierNet's routers, decoders) it scales the whole path's log-probability. It never changes the
-  argmax. ``eval.temperature: per_level`` fits one ``T`` per tree level instead and tempers each
+  argmax. ``eval.calibrate: per_level`` fits one ``T`` per tree level instead and tempers each
   level's conditionals (a head with levels has one softmax per level); the argmax may then move, but a
   model's decoded paths stay as they are either way: only probabilities change.
 * hedging (Deng et al., CVPR 2012, DARTS): :func:`hedge` predicts ``argmax_v (r(v) + λ)·p(v)`` with

@@ -54,7 +54,7 @@ def posthoc_report(
     "test": <metrics report on the calibrated scores, decoded by decode>}`` — single-label only.
 
     ``val``/``test``: the model's raw predictions (temperature 1) with their node-id targets;
-    ``per_level``: one temperature per tree level (``eval.temperature``).
+    ``per_level``: one temperature per tree level (``eval.calibrate: per_level``).
     """
     if decode not in DECODE_RULES:
         raise ValueError(f"eval.decode must be one of {list(DECODE_RULES)}, got {decode!r}")
