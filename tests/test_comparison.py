@@ -249,3 +249,11 @@ def test_the_table_command_drops_only():
     # a sitting with --only still records (and tells you to continue with) the whole profile
     argv = ["--profile", "comparison", "--only", "hiernet/fmnist", "guo_rnn", "--seeds", "0", "--table-only"]
     assert C._without_only(argv) == ["--profile", "comparison", "--seeds", "0"]
+
+
+def test_cached_cells_keep_their_identity(tmp_path):
+    # A cell's cache key is the digest of its resolved config, defaults included: a new config default
+    # would silently orphan every cell already run (hours of CPU). Add options so that their absence
+    # resolves as before (e.g. a new value of an existing key), or rerun the comparison on purpose.
+    first = C.plan("cpu", [0], tmp_path)[0]
+    assert (first.name, first.digest) == ("flat/fmnist/s0", "fc91a7fd508d")
