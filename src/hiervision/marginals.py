@@ -162,8 +162,7 @@ def temper_level(c: np.ndarray, stop: np.ndarray, tree, ends: str, level: int,
     par, _, levels = _tables(tree)
     kids, halts = levels[level - 1], _halts(tree, ends, level)
     ck, sk = c[:, kids] ** (1 / t), stop[:, halts] ** (1 / t)
-    z = np.zeros_like(c)
-    np.add.at(z.T, par[kids], ck.T)
+    z = ck @ (par[kids][:, None] == np.arange(tree.num_nodes)).astype(np.float64)  # (B, N+1) per parent
     z[:, halts] += sk
     with np.errstate(divide="ignore", invalid="ignore"):
         return (np.where(z[:, par[kids]] > 0, ck / z[:, par[kids]], 0.0),
