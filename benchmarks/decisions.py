@@ -133,6 +133,11 @@ def _ms(values: list) -> str:
     return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ± {statistics.stdev(values):.4f}"
 
 
+def _per_level(before: list[list[float]], after: list[list[float]]) -> str:
+    """``b → a / b → a / …``: one pair per level, each the mean ± std over runs."""
+    return " / ".join(f"{_ms([b[i] for b in before])} → {_ms([a[i] for a in after])}" for i in range(len(before[0])))
+
+
 def markdown(results: dict[str, list[dict]], title: str, command: str) -> str:
     """Three tables: calibration, hedged vs back-off vs conformal, CRM vs argmax."""
     lines = [f"## Decision rules: {title}", "", f"`{command}`", "",
@@ -141,9 +146,7 @@ def markdown(results: dict[str, list[dict]], title: str, command: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for label, reps in results.items():
         cal = [r["calibration"] for r in reps]
-        levels = " / ".join(f"{_ms([c['before']['ece_per_level'][i] for c in cal])} → "
-                            f"{_ms([c['after']['ece_per_level'][i] for c in cal])}"
-                            for i in range(len(cal[0]["before"]["ece_per_level"])))
+        levels = _per_level([c["before"]["ece_per_level"] for c in cal], [c["after"]["ece_per_level"] for c in cal])
         lines.append(f"| {label} | {_ms([r['temperature'] for r in reps])} | "
                      f"{_ms([c['before']['ece'] for c in cal])} | {_ms([c['after']['ece'] for c in cal])} | "
                      f"{_ms([c['before']['ece_mass'] for c in cal])} | {_ms([c['after']['ece_mass'] for c in cal])} | "
@@ -156,9 +159,8 @@ def markdown(results: dict[str, list[dict]], title: str, command: str) -> str:
             continue
         pl = [r["per_level"] for r in reps]
         ts = " / ".join(_ms([p["temperature"][i] for p in pl]) for i in range(len(pl[0]["temperature"])))
-        levels = " / ".join(f"{_ms([r['calibration']['after']['ece_per_level'][i] for r in reps])} → "
-                            f"{_ms([p['calibration']['ece_per_level'][i] for p in pl])}"
-                            for i in range(len(pl[0]["calibration"]["ece_per_level"])))
+        levels = _per_level([r["calibration"]["after"]["ece_per_level"] for r in reps],
+                            [p["calibration"]["ece_per_level"] for p in pl])
         lines.append(f"| {label} | {ts} | {_ms([p['nll']['raw'] for p in pl])} | {_ms([p['nll']['one'] for p in pl])} "
                      f"| {_ms([p['nll']['per_level'] for p in pl])} | "
                      f"{_ms([r['calibration']['after']['ece'] for r in reps])} | "
