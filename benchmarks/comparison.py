@@ -415,7 +415,7 @@ def _fmt(stat: dict, scale: float) -> str:
 def _fmt_diff(d: dict, scale: float) -> str:
     if not d or d["n"] == 0:
         return "–"
-    digits = 2 if scale == 1 else 1
+    digits = 2  # a paired difference in points: one decimal rounds a -0.03 mean to "-0.0"
     s = f"{d['mean'] * scale:+.{digits}f}"
     if d["lo"] is not None:
         s += f" [{d['lo'] * scale:+.{digits}f}, {d['hi'] * scale:+.{digits}f}]"
@@ -441,7 +441,7 @@ def which_method(summary: dict, min_seeds: int = 3) -> str:
             d = r.get("vs_flat", {}).get("path_accuracy")
             if not d or d["lo"] is None or r["n"] < min_seeds or d["n"] < min_seeds:
                 continue
-            ci = f"{d['mean'] * 100:+.1f} pt, 95 % CI [{d['lo'] * 100:+.1f}, {d['hi'] * 100:+.1f}], n = {d['n']}"
+            ci = f"{d['mean'] * 100:+.2f} pt, 95 % CI [{d['lo'] * 100:+.2f}, {d['hi'] * 100:+.2f}], n = {d['n']}"
             if d["lo"] > 0:
                 said.append(f"{r['label']} beats flat ({ci})")
             elif d["hi"] < 0:

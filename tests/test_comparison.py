@@ -73,8 +73,8 @@ def test_which_method_is_generated_from_intervals_only():
     rows = {"flat": {"label": "flat", "n": 3}, "a": _row("A", 3, 0.02, 0.01, 0.03),
             "b": _row("B", 3, -0.1, -0.12, -0.08), "c": _row("C", 3, 0.01, -0.01, 0.03)}
     text = C.which_method({"x": {"label": "X", "rows": rows}})
-    assert "A beats flat (+2.0 pt, 95 % CI [+1.0, +3.0], n = 3)" in text
-    assert "B loses to flat (-10.0 pt" in text and "C is not distinguishable from flat" in text
+    assert "A beats flat (+2.00 pt, 95 % CI [+1.00, +3.00], n = 3)" in text
+    assert "B loses to flat (-10.00 pt" in text and "C is not distinguishable from flat" in text
     rows["c"] = _row("C", 2, 0.01, -0.01, 0.03)  # claims only where the seeds are there; the rest is named
     text = C.which_method({"x": {"label": "X", "rows": rows}})
     assert "A beats flat" in text and "B loses to flat" in text and "C is not" not in text
