@@ -292,8 +292,10 @@ def given_tree_metrics(run_dir: Path) -> dict:
 
     from hiervision import metrics as M
     from hiervision.data import build_data
+    from hiervision.decisions import end_distribution, node_marginals
     from hiervision.decoding import Prediction, last_node
     from hiervision.experiment import data_config, load_run, run_data
+    from hiervision.marginals import as_temperature
     from hiervision.training import autocast_dtype, predict_dataset, select_device
 
     cfg, tax, model, _ = load_run(run_dir)
@@ -308,8 +310,13 @@ def given_tree_metrics(run_dir: Path) -> dict:
     for n in tax.leaves:
         lut[n] = of[tax.external_ids[n] or tax.names[n].rsplit(" (", 1)[0]]
     nodes = lut[last_node(pred.paths).clamp(min=0)]
-    paths = own.path_matrix[nodes]
-    report = M.evaluate(Prediction(paths, torch.zeros(len(paths), 1), torch.ones(len(paths))), lut[targets], own)
+    # the model's calibrated class distribution, moved to the given tree's leaves: its node marginals
+    # there are the scores (so ECE and hdist@k are the given tree's too) and the answer's mass its probability
+    q = end_distribution(pred, tax, temperature=as_temperature(model.temperature))
+    q_own = torch.zeros(len(q), own.num_nodes, dtype=q.dtype)
+    q_own[:, lut[list(tax.leaves)]] = q[:, list(tax.leaves)]
+    prob = q_own.gather(1, nodes.unsqueeze(1)).squeeze(1)
+    report = M.evaluate(Prediction(own.path_matrix[nodes], node_marginals(q_own, own), prob), lut[targets], own)
     return {**report, "scored_in": "given tree"}
 
 

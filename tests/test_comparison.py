@@ -257,3 +257,16 @@ def test_cached_cells_keep_their_identity(tmp_path):
     # resolves as before (e.g. a new value of an existing key), or rerun the comparison on purpose.
     first = C.plan("cpu", [0], tmp_path)[0]
     assert (first.name, first.digest) == ("flat/fmnist/s0", "fc91a7fd508d")
+
+
+def test_induced_hiernet_cell_for_real_is_scored_in_the_given_tree(tmp_path, configs):
+    """Pre-train, induce, HierNet, then its predictions moved to the given tree and scored there."""
+    cells = C.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(induced=True), config_dir=configs,
+                   only=["hiernet/*"], extra=["data.val_fraction=0.4"])  # every class in val: the confusion matrix
+    C.run_cells(cells, log=lambda *_: None)
+    hier = cells[-1]
+    assert hier.done()
+    given = json.loads((hier.run_dir / C.GIVEN_TREE).read_text())
+    assert given["scored_in"] == "given tree" and given["num_samples"] == 96
+    assert 0 <= given["path_accuracy"] <= given["node_accuracy"] <= 1 and 0 <= given["ece"] <= 1
+    assert given["hdist@1"] >= 0
