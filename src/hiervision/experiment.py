@@ -20,7 +20,7 @@ from hiervision.config import load_config
 from hiervision.data import DataBundle, build_data
 from hiervision.data.splits import verify_split_record
 from hiervision.decisions import load_decisions, set_temperature
-from hiervision.marginals import as_temperature, is_identity
+from hiervision.marginals import is_identity
 from hiervision.models import create_model
 from hiervision.taxonomy import Taxonomy
 
@@ -88,5 +88,5 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", device: str | torc
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise CheckpointError(f"{run / (which + '.pt')}: weights do not fit the configured model ({first})") from None
     if is_identity(model.temperature):
-        set_temperature(model, as_temperature(load_decisions(run).get("temperature", 1.0)))
+        set_temperature(model, load_decisions(run).get("temperature", 1.0))  # validated there
     return cfg, taxonomy, model.to(device).eval(), meta
