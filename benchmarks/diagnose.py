@@ -1,6 +1,7 @@
 """Where trained runs' paths go wrong: length and level breakdowns on their test split, side by side.
 
     python benchmarks/diagnose.py RUN_DIR [RUN_DIR ...] [--split val|test] [--json OUT.json]
+    python benchmarks/diagnose.py RUN_DIR [RUN_DIR ...] --search 1 3 10   # decoding vs model errors
 
 For runs trained before ``metrics.length_diagnostics`` was part of every report (or on another split):
 each run's best.pt predicts the split again (greedy / beam as configured) and the table shows, per run,
@@ -8,6 +9,14 @@ how often the path is too short / too long, stops on a right prefix (stopped ear
 the true end, where wrong paths first leave the true one, level accuracy among images whose levels
 above were right (per-step error free of compounding) beside plain level accuracy, and path accuracy
 per true length. Same columns as the comparison profile's table (benchmarks/comparison.py).
+
+``--search K [K ...]`` (autoregressive heads: Guo's CNN-RNN, DHNN CNN-S2S fed its labels) decodes the
+split again with tree-restricted beam search at each width K (1 = greedy) and splits the wrong paths
+into *search errors* — the model gives the true path (then the end token) a higher log-probability
+than the path the search returned, so a better search would not have returned it — and *model
+errors*, where the model itself prefers the wrong path and no search can help (Stahlberg & Byrne,
+2019). Many search errors at width 1 that vanish with K say greedy decoding compounds its mistakes;
+few say the loss is in the model's per-step choices.
 """
 
 from __future__ import annotations
@@ -17,7 +26,11 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from hiervision.data import iter_batches
 from hiervision.experiment import load_run, run_data
+from hiervision.taxonomy import EOS, IGNORE, PAD
 from hiervision.training import autocast_dtype, evaluate_split, select_device
 
 
@@ -28,6 +41,62 @@ def diagnose(run_dir: str | Path, split: str = "test") -> dict:
     data = run_data(cfg, run_dir)
     amp = autocast_dtype(cfg["train"]["amp"], device)
     return evaluate_split(model.to(device), data, split, cfg["eval"]["batch_size"], device, amp)
+
+
+def sequence_logprob(model: torch.nn.Module, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` log-probability an autoregressive head gives ``paths`` ``(B, D)`` (PAD after the end)
+    followed by the end token, fed the path (teacher forcing): the sum the beam search ranks by."""
+    tax = model.tables
+    if hasattr(model, "unroll"):  # Guo et al.'s CNN-RNN
+        logits = model.unroll(outputs["v"], model._tokens(paths))
+    elif getattr(model, "feed", None) == "label":  # DHNN CNN-S2S fed its previous label
+        logits = model._teacher_forced(outputs, paths)
+    else:
+        raise ValueError(f"{type(model).__name__}: not a decoder fed its own labels; --search has nothing to compare")
+    seq = tax.encode_sequence(_ends(paths))[:, : logits.shape[1]]
+    lp = logits.float().log_softmax(-1).gather(2, seq.clamp(min=EOS).unsqueeze(2)).squeeze(2)
+    return lp.masked_fill(seq == IGNORE, 0).sum(1)
+
+
+def _ends(paths: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` the last node of each path (PAD after the end)."""
+    return paths.gather(1, ((paths != PAD).sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
+
+
+@torch.no_grad()
+def search_errors(run_dir: str | Path, widths: list[int], split: str = "test") -> dict[int, dict]:
+    """Per beam width: path accuracy, and the shares of all images with a search error / a model error
+    (see the module docstring)."""
+    cfg, _, model, _ = load_run(run_dir)
+    data = run_data(cfg, run_dir)
+    dataset = data.val if split == "val" else data.test
+    model.eval()
+    counts = {k: {"correct": 0, "search_error": 0, "model_error": 0} for k in widths}
+    n = 0
+    for images, target in iter_batches(dataset, cfg["eval"]["batch_size"], shuffle=False):
+        outputs = model(data.normalize(images))
+        true_lp = sequence_logprob(model, outputs, model.tables.paths[target])
+        n += len(target)
+        for k in widths:
+            model.decode_mode, model.beam_width = "beam", k
+            paths = model.decode(outputs).paths
+            right = _ends(paths) == target  # paths in the tree: the same end node is the same path
+            searched = (true_lp > sequence_logprob(model, outputs, paths) + 1e-5) & ~right
+            c = counts[k]
+            c["correct"] += int(right.sum())
+            c["search_error"] += int(searched.sum())
+            c["model_error"] += int((~right & ~searched).sum())
+    return {k: {"path_accuracy": c["correct"] / n, "search_error": c["search_error"] / n,
+                "model_error": c["model_error"] / n} for k, c in counts.items()}
+
+
+def search_table(results: dict[str, dict[int, dict]]) -> str:
+    """Markdown: one row per run and beam width."""
+    lines = ["| run | beam width | path acc | search errors | model errors |", "|---" * 5 + "|"]
+    for name, per in results.items():
+        lines += [f"| {name} | {k} | {r['path_accuracy']:.4f} | {r['search_error']:.4f} | {r['model_error']:.4f} |"
+                  for k, r in per.items()]
+    return "\n".join(lines)
 
 
 def table(reports: dict[str, dict]) -> str:
@@ -56,7 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="run folders written by hiervision train / benchmarks")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--json", default=None, help="also write every report here")
+    p.add_argument("--search", nargs="+", type=int, default=None, metavar="K",
+                   help="beam widths: split wrong paths into search and model errors (autoregressive heads)")
     args = p.parse_args(argv)
+    if args.search:
+        results = {str(r): search_errors(r, args.search, args.split) for r in args.runs}
+        print(search_table(results))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
+        return 0
     reports = {str(r): diagnose(r, args.split) for r in args.runs}
     print(table(reports))
     if args.json:

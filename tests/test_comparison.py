@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hiervision import Taxonomy
 from hiervision.config import load_config
+from hiervision.data import iter_batches
+from hiervision.experiment import load_run, run_data
 from hiervision.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,6 +246,22 @@ def test_diagnose_reports_a_trained_run(tmp_path, configs):
     text = diagnose.table({"run": report})
     assert text.startswith("| run | path acc | too short") and "length 2" in text  # variable-depth tree
     assert json.loads(out.read_text())[str(cells[0].run_dir)]["num_samples"] == report["num_samples"]
+
+    # decoding vs model errors: width 1 is the run's own greedy decoder; every image is counted once
+    found = diagnose.search_errors(cells[0].run_dir, [1, 4])
+    assert found[1]["path_accuracy"] == pytest.approx(saved["path_accuracy"])
+    for r in found.values():
+        assert r["path_accuracy"] + r["search_error"] + r["model_error"] == pytest.approx(1.0)
+    assert diagnose.search_table({"run": found}).count("\n| run | ") == 2  # one row per width
+    # the score compared is the one the beam search ranks by: the decoded path's own probability
+    cfg, _, model, _ = load_run(cells[0].run_dir)
+    data = run_data(cfg, cells[0].run_dir)
+    images, _ = next(iter_batches(data.test, 16))
+    with torch.no_grad():
+        outputs = model.eval()(data.normalize(images))
+        pred = model.decode(outputs)
+        lp = diagnose.sequence_logprob(model, outputs, pred.paths)
+    assert torch.allclose(lp.exp(), pred.path_prob, atol=1e-5)
 
 
 def test_the_table_command_drops_only():
