@@ -629,7 +629,8 @@ def main(args, machine_fn) -> int:
             return 128 + e.signum
     # the tables cover every row and cached seed whatever this sitting ran: `--only` never shrinks them
     table = plan(args.budget, sorted({0, 1, 2, *seeds}), root, args.device, None, args.optional, extra=args.set)
-    table += [c for c in cells if c.run_dir not in {t.run_dir for t in table}]
+    planned = {t.run_dir for t in table}
+    table += [c for c in cells if c.run_dir not in planned]
     summary = summarize(table, args.budget)
     command = " ".join(["python benchmarks/run.py", *_without_only(sys.argv[1:])])
     where = {}

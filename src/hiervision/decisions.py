@@ -137,11 +137,10 @@ def _fit_level_temperatures(q: torch.Tensor, targets: torch.Tensor, taxonomy: Ta
                             lo: float, hi: float, iters: int) -> tuple[float, ...]:
     c, stop = marginals.conditionals(q.detach().cpu().double().numpy(), taxonomy, ends)
     path = taxonomy.path_matrix[targets.cpu()].numpy()  # (B, D): the target's node at each depth, PAD past it
-    depth = np.asarray(taxonomy.depths)
     temps = []
-    for d in range(1, taxonomy.max_depth + 1):
-        col = np.full(taxonomy.num_nodes, -1)
-        col[depth == d] = np.arange(int((depth == d).sum()))
+    for d, nodes in enumerate(taxonomy.levels, start=1):
+        col = np.full(taxonomy.num_nodes, -1)  # node id -> its column in level d's block
+        col[list(nodes)] = np.arange(len(nodes))
         rows = np.flatnonzero(path[:, d - 1] != PAD)
         cr, sr, at = c[rows], stop[rows], col[path[rows, d - 1]]
 
