@@ -1,7 +1,7 @@
 """Where trained runs' paths go wrong: length and level breakdowns on their test split, side by side.
 
     python benchmarks/diagnose.py RUN_DIR [RUN_DIR ...] [--split val|test] [--json OUT.json]
-    python benchmarks/diagnose.py RUN_DIR [RUN_DIR ...] --search 1 3 10   # decoding vs model errors
+    python benchmarks/diagnose.py [LABEL=]RUN_DIR ... --search 1 3 10 [--write]   # decoding vs model errors
 
 For runs trained before ``metrics.length_diagnostics`` was part of every report (or on another split):
 each run's best.pt predicts the split again (greedy / beam as configured) and the table shows, per run,
@@ -23,15 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from hiervision.data import iter_batches
 from hiervision.experiment import load_run, run_data
 from hiervision.taxonomy import EOS, IGNORE, PAD
 from hiervision.training import autocast_dtype, evaluate_split, select_device
+
+HERE = Path(__file__).resolve().parent
+SECTION = "decoding errors"
 
 
 def diagnose(run_dir: str | Path, split: str = "test") -> dict:
@@ -73,7 +79,10 @@ def search_errors(run_dir: str | Path, widths: list[int], split: str = "test") -
     model.eval()
     counts = {k: {"correct": 0, "search_error": 0, "model_error": 0} for k in widths}
     n = 0
-    for images, target in iter_batches(dataset, cfg["eval"]["batch_size"], shuffle=False):
+    bs = cfg["eval"]["batch_size"]
+    batches = tqdm(iter_batches(dataset, bs, shuffle=False), total=-(-len(dataset) // bs), unit="batch",
+                   desc=f"search {Path(run_dir).name}", leave=False)
+    for images, target in batches:
         outputs = model(data.normalize(images))
         true_lp = sequence_logprob(model, outputs, model.tables.paths[target])
         n += len(target)
@@ -90,13 +99,28 @@ def search_errors(run_dir: str | Path, widths: list[int], split: str = "test") -
                 "model_error": c["model_error"] / n} for k, c in counts.items()}
 
 
-def search_table(results: dict[str, dict[int, dict]]) -> str:
-    """Markdown: one row per run and beam width."""
-    lines = ["| run | beam width | path acc | search errors | model errors |", "|---" * 5 + "|"]
-    for name, per in results.items():
-        lines += [f"| {name} | {k} | {r['path_accuracy']:.4f} | {r['search_error']:.4f} | {r['model_error']:.4f} |"
-                  for k, r in per.items()]
+def _mean_std(values: list[float]) -> str:
+    m = statistics.fmean(values)
+    return f"{m:.4f}" if len(values) == 1 else f"{m:.4f} ± {statistics.stdev(values):.4f}"
+
+
+def search_table(results: dict[str, list[dict[int, dict]]]) -> str:
+    """Markdown: one row per label and beam width, mean ± std over the label's runs (seeds)."""
+    lines = ["| run | n | beam width | path acc | search errors | model errors |", "|---" * 6 + "|"]
+    for name, runs in results.items():
+        for k in runs[0]:
+            cells = [_mean_std([r[k][m] for r in runs]) for m in ("path_accuracy", "search_error", "model_error")]
+            lines.append(f"| {name} | {len(runs)} | {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _labelled(runs: list[str]) -> dict[str, list[Path]]:
+    """``LABEL=RUN_DIR`` (or a bare RUN_DIR, its own label) → runs per label, in order."""
+    out: dict[str, list[Path]] = {}
+    for r in runs:
+        label, _, path = r.rpartition("=")
+        out.setdefault(label or path, []).append(Path(path))
+    return out
 
 
 def table(reports: dict[str, dict]) -> str:
@@ -120,20 +144,43 @@ def table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _search_main(args: argparse.Namespace, argv: list[str]) -> int:
+    t0 = time.perf_counter()
+    runs = _labelled(args.runs)
+    results = {label: [search_errors(r, args.search, args.split) for r in dirs] for label, dirs in runs.items()}
+    text = search_table(results)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
+    if args.write:
+        from results_md import write_section
+        from run import machine
+
+        command = "python benchmarks/diagnose.py " + " ".join(argv)
+        how = next(par for par in __doc__.split("\n\n") if par.startswith("``--search"))  # what the columns mean
+        body = [f"## {SECTION}", "", how.replace("\n", " "), "",
+                f"Command: `{command}`  ", f"Machine: {machine()}  ",
+                f"Split: {args.split}; wall time {(time.perf_counter() - t0) / 60:.1f} min", "", text]
+        write_section(SECTION, "\n".join(body))
+        record = {"command": command, "split": args.split, "results": results,
+                  "runs": {k: [str(d) for d in v] for k, v in runs.items()}}
+        (HERE / "results" / "decoding-errors.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders written by hiervision train / benchmarks")
+    p.add_argument("runs", nargs="+", help="run folders written by hiervision train / benchmarks (with --search "
+                   "also LABEL=RUN_DIR; a label given several times, one run per seed, is shown as mean ± std)")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--json", default=None, help="also write every report here")
     p.add_argument("--search", nargs="+", type=int, default=None, metavar="K",
                    help="beam widths: split wrong paths into search and model errors (autoregressive heads)")
+    p.add_argument("--write", action="store_true", help="with --search: put the table into RESULTS.md "
+                   f"(section '{SECTION}') and benchmarks/results/decoding-errors.json")
     args = p.parse_args(argv)
     if args.search:
-        results = {str(r): search_errors(r, args.search, args.split) for r in args.runs}
-        print(search_table(results))
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
-        return 0
+        return _search_main(args, sys.argv[1:] if argv is None else argv)
     reports = {str(r): diagnose(r, args.split) for r in args.runs}
     print(table(reports))
     if args.json:

@@ -252,7 +252,9 @@ def test_diagnose_reports_a_trained_run(tmp_path, configs):
     assert found[1]["path_accuracy"] == pytest.approx(saved["path_accuracy"])
     for r in found.values():
         assert r["path_accuracy"] + r["search_error"] + r["model_error"] == pytest.approx(1.0)
-    assert diagnose.search_table({"run": found}).count("\n| run | ") == 2  # one row per width
+    assert diagnose.search_table({"run": [found, found]}).count("\n| run | 2 | ") == 2  # one row per width
+    assert diagnose.main([f"guo={cells[0].run_dir}", "--search", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["guo"][0]["1"] == pytest.approx(found[1])
     # the score compared is the one the beam search ranks by: the decoded path's own probability
     cfg, _, model, _ = load_run(cells[0].run_dir)
     data = run_data(cfg, cells[0].run_dir)
