@@ -87,7 +87,7 @@ def search_errors(run_dir: str | Path, widths: list[int], split: str = "test") -
         true_lp = sequence_logprob(model, outputs, model.tables.paths[target])
         n += len(target)
         for k in widths:
-            model.decode_mode, model.beam_width = "beam", k
+            model.set_beam_width(k)
             paths = model.decode(outputs).paths
             right = _ends(paths) == target  # paths in the tree: the same end node is the same path
             searched = (true_lp > sequence_logprob(model, outputs, paths) + 1e-5) & ~right

@@ -396,6 +396,11 @@ def test_evaluate_unknown_mode(capsys, trained):
     assert rc == 1 and "--mode routing: model flat has modes []" in err
 
 
+def test_evaluate_beam_width_of_a_head_without_search(capsys, trained):
+    rc, err, _ = cli(capsys, "evaluate", trained, "--beam-width", "3")
+    assert rc == 1 and err.strip().count("\n") == 0 and "no beam search" in err
+
+
 def test_evaluate_a_folder_that_is_not_a_run(capsys, tmp_path):
     rc, err, _ = cli(capsys, "evaluate", tmp_path)
     assert rc == 1 and f"{tmp_path}: not a hiervision run folder" in err

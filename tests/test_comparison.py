@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hiervision import Taxonomy
+from hiervision.cli import main as cli_main
 from hiervision.config import load_config
 from hiervision.data import iter_batches
 from hiervision.experiment import load_run, run_data
@@ -231,7 +232,7 @@ def test_comparison_configs_build_their_models(path):
                      **{k: v for k, v in model.items() if k != "name"})
 
 
-def test_diagnose_reports_a_trained_run(tmp_path, configs):
+def test_diagnose_reports_a_trained_run(tmp_path, configs, capsys):
     import diagnose
 
     cells = C.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(), config_dir=configs, only=["guo_rnn"])
@@ -255,6 +256,10 @@ def test_diagnose_reports_a_trained_run(tmp_path, configs):
     assert diagnose.search_table({"run": [found, found]}).count("\n| run | 2 | ") == 2  # one row per width
     assert diagnose.main([f"guo={cells[0].run_dir}", "--search", "1", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["guo"][0]["1"] == pytest.approx(found[1])
+    # the same width through the CLI: `hiervision evaluate --beam-width`
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(cells[0].run_dir), "--beam-width", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["path_accuracy"] == pytest.approx(found[4]["path_accuracy"])
     # the score compared is the one the beam search ranks by: the decoded path's own probability
     cfg, _, model, _ = load_run(cells[0].run_dir)
     data = run_data(cfg, cells[0].run_dir)

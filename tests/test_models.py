@@ -86,6 +86,27 @@ def test_forward_loss_backward_decode_predict(name: str, tax: Taxonomy) -> None:
 
 @pytest.mark.parametrize("tax", TREES)
 @pytest.mark.parametrize("name", list_models())
+def test_a_beam_width_is_set_or_refused_in_one_line(name: str, tax: Taxonomy) -> None:
+    model = build(name, tax).eval()
+    try:
+        model.set_beam_width(1)
+    except ValueError as e:  # no search in this head: a clear refusal, and the model predicts as before
+        assert "\n" not in str(e) and "beam" in str(e)
+        assert_valid(tax, model.predict(images()))
+        return
+    greedy = model.predict(images())
+    assert_valid(tax, greedy)
+    model.set_beam_width(len(tax.names))  # wide enough to keep every path: the best one is found
+    wide = model.predict(images())
+    assert_valid(tax, wide)
+    assert bool((wide.path_prob >= greedy.path_prob - 1e-6).all())
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="beam width"):
+            model.set_beam_width(bad)
+
+
+@pytest.mark.parametrize("tax", TREES)
+@pytest.mark.parametrize("name", list_models())
 def test_predict_given_stays_below_the_given_node(name: str, tax: Taxonomy) -> None:
     model = build(name, tax).eval()
     given = torch.tensor([tax.path(int(t))[0] for t in leaf_targets(tax)])

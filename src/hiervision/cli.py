@@ -67,6 +67,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.mode not in model.eval_modes:
             raise ValueError(f"--mode {args.mode}: model {cfg['model']['name']} has modes {list(model.eval_modes)}")
         model.set_eval_mode(args.mode)
+    if args.beam_width is not None:
+        model.set_beam_width(args.beam_width)
     decode = args.decode or cfg["eval"].get("decode", "argmax")
     if args.accuracy is not None or decode != "argmax" or not is_identity(model.temperature):
         if args.given_level is not None and args.accuracy is not None:
@@ -475,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crm: the leaf of least expected mistake severity (Karthik et al.); default eval.decode")
     e.add_argument("--mode", default=None, help="how the model predicts, where it has several ways "
                    "(hiernet: conditional | routing)")
+    e.add_argument("--beam-width", type=int, default=None, metavar="K",
+                   help="decode with tree-restricted beam search of width K (1 = greedy) instead of the "
+                   "configured decoding (guo_rnn, dhnn_rnn, dhnn_s2s)")
     e.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda | cuda:N")
     e.add_argument("--allow-changed-data", action="store_true",
                    help="evaluate although the data's splits differ from the run's splits.json (prints the overlap)")

@@ -119,6 +119,11 @@ class HierarchicalClassifier(nn.Module):
         finally:
             self.train(was_training)
 
+    def set_beam_width(self, width: int) -> None:
+        """Decode with the tree-restricted beam search at this width from now on (1 = greedy): a decoding
+        choice, tuned on val without retraining. Heads whose best path needs no search refuse."""
+        raise ValueError(f"model {type(self).__name__}: its decoding has no beam search to set a width for")
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named parameter groups that freeze schedules refer to (``backbone``/``cnn`` and ``head``/``rnn``)."""
         backbone = list(self.backbone.parameters())
@@ -128,3 +133,10 @@ class HierarchicalClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return f"taxonomy={self.taxonomy!r}, multi_label={self.multi_label}"
+
+
+def check_beam_width(width: int) -> int:
+    """``width`` as an int ≥ 1, else a one-line error."""
+    if isinstance(width, bool) or int(width) != width or width < 1:
+        raise ValueError(f"beam width must be an integer >= 1, got {width!r}")
+    return int(width)

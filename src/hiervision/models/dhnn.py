@@ -36,7 +36,7 @@ from hiervision.decoding import (
     transition_mask,
 )
 from hiervision.losses import check_loss_type, soft_label_targets
-from hiervision.models.base import HierarchicalClassifier
+from hiervision.models.base import HierarchicalClassifier, check_beam_width
 from hiervision.models.conversion import StageSequence, default_steps
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import EOS, IGNORE, Taxonomy
@@ -107,6 +107,11 @@ class _DHNN(HierarchicalClassifier):
         if len(weights) != n:
             raise ValueError(f"model.level_weights: {n} output steps need {n} weights, got {len(weights)}")
         self.register_buffer("level_weights", torch.tensor(weights), persistent=False)
+
+    def set_beam_width(self, width: int) -> None:
+        if self.multi_label:
+            raise ValueError(f"model {type(self).__name__}: multi-label paths are thresholded, not searched")
+        self.decode_mode, self.beam_width = "beam", check_beam_width(width)
 
     # subclasses say how many RNN input steps they read by default and how many outputs they emit
     def _default_num_steps(self, num_stages: int) -> int:

@@ -37,7 +37,7 @@ from hiervision.decoding import (
     transition_mask,
 )
 from hiervision.losses import check_loss_type, soft_label_targets
-from hiervision.models.base import HierarchicalClassifier
+from hiervision.models.base import HierarchicalClassifier, check_beam_width
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy
 
@@ -244,6 +244,9 @@ class CnnRnnGenerator(HierarchicalClassifier):
             paths = F.pad(prefix, (0, paths.shape[1]), value=PAD).scatter(1, cols, paths)[:, : tax.paths.shape[1]]
         step_lp = self.unroll(v, self._tokens(paths)).float().log_softmax(-1)
         return Prediction(paths, path_scores(tax, paths, step_lp), lp[:, 0].exp())
+
+    def set_beam_width(self, width: int) -> None:
+        self.decode_mode, self.beam_width = "beam", check_beam_width(width)
 
     @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
