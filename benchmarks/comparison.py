@@ -48,13 +48,24 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 @dataclass(frozen=True)
 class Method:
-    """One row: ``key`` is what ``--only`` matches; ``induced`` marks HierNet's pre-train + induce + transfer."""
+    """One row: ``key`` is what ``--only`` matches; ``induced`` marks HierNet's pre-train + induce + transfer.
+
+    ``beam_widths``: a row that trains nothing — it decodes the run of the row ``reuses`` (same config,
+    same folder) with tree-restricted beam search, the width picked on val path accuracy among these.
+    """
 
     key: str
     label: str
     config: str
     induced: bool = False
     optional: bool = False  # run only when asked for (--optional, or named by --only)
+    reuses: str | None = None
+    beam_widths: tuple[int, ...] = ()
+
+    @property
+    def run_key(self) -> str:
+        """The key its run folder is named by (a decoding-only row shares the trained row's)."""
+        return self.reuses or self.key
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,8 @@ def _rows(prefix: str, dhnn: tuple[str, str], extra: tuple[Method, ...] = ()) ->
     return (Method("flat", "flat", f"{prefix}-flat.yaml"),
             Method("dhnn", dhnn[0], f"{prefix}-{dhnn[1]}.yaml"),
             Method("guo_rnn", "Guo CNN-RNN", f"{prefix}-guo-rnn.yaml"),
+            Method("guo_rnn_beam", "Guo CNN-RNN, beam (width tuned on val)", f"{prefix}-guo-rnn.yaml",
+                   reuses="guo_rnn", beam_widths=(1, 3, 10)),
             Method("hiernet", "HierNet (induced tree)", f"{prefix}-hiernet-induced.yaml", induced=True),
             *extra)
 
@@ -186,9 +199,19 @@ class Cell:
             return False
         return meta.get("digest") == self.digest and (self.run_dir / "metrics.json").exists()
 
+    @property
+    def given(self) -> Path | None:
+        """An induced-tree run's test metrics in the data set's own tree."""
+        return self.run_dir / GIVEN_TREE if self.tree is not None else None
+
+    @property
+    def decoded(self) -> Path | None:
+        """A decoding-only row's test metrics (beside the trained row's metrics.json)."""
+        return self.run_dir / f"metrics_{self.method.key}.json" if self.method.beam_widths else None
+
     def done(self) -> bool:
-        """Trained, and (induced trees) scored in the data set's own tree as well."""
-        return self.trained() and (self.tree is None or (self.run_dir / GIVEN_TREE).exists())
+        """Trained, and the steps after training done: scored in the given tree, decoded."""
+        return self.trained() and all(f.exists() for f in (self.given, self.decoded) if f is not None)
 
     def state(self) -> str:
         if self.done():
@@ -202,8 +225,9 @@ class Cell:
     def metrics(self) -> dict:
         """Test metrics; an induced-tree run's are those in the data set's own tree (comparable with flat)."""
         m = json.loads((self.run_dir / "metrics.json").read_text(encoding="utf-8"))
-        if self.tree is not None:
-            m = {**m, **json.loads((self.run_dir / GIVEN_TREE).read_text(encoding="utf-8"))}
+        for extra in (self.given, self.decoded):
+            if extra is not None:
+                m = {**m, **json.loads(extra.read_text(encoding="utf-8"))}
         return m
 
 
@@ -216,7 +240,7 @@ def _cell(data: DataSet, method: Method, seed: int, root: Path, config_dir: Path
           hidden: bool = False) -> Cell:
     cfg = load_config(config_dir / method.config, [*sets, f"seed={seed}", "train.progress=false"])
     d = digest(cfg)
-    tag = f"{method.key}-pretrain" if hidden else method.key
+    tag = f"{method.key}-pretrain" if hidden else method.run_key
     return Cell(data, method, seed, cfg, root / data.key / f"{tag}-s{seed}-{d}", d, hidden=hidden)
 
 
@@ -320,23 +344,51 @@ def given_tree_metrics(run_dir: Path) -> dict:
     return {**report, "scored_in": "given tree"}
 
 
+def tuned_beam_metrics(run_dir: Path, widths: tuple[int, ...]) -> dict:
+    """Test metrics of a run decoded with the beam width (of ``widths``) that scores best on val path
+    accuracy (the smallest among ties), and the val accuracy of each width."""
+    from hiervision.experiment import load_run, run_data
+    from hiervision.training import evaluate_split
+
+    cfg, _, model, _ = load_run(run_dir)
+    data = run_data(cfg, run_dir)
+    bs = cfg["eval"]["batch_size"]
+    val = {}
+    for k in sorted(widths):
+        model.set_beam_width(k)
+        val[k] = evaluate_split(model, data, "val", bs)["path_accuracy"]
+    best = max(val, key=lambda k: (val[k], -k))
+    model.set_beam_width(best)
+    return {**evaluate_split(model, data, "test", bs), "beam_width": best, "val_path_accuracy_by_width": val}
+
+
+def _finish(cell: Cell, score_fn, decode_fn) -> None:
+    """The steps after training: scoring in the given tree (induced trees), decoding (decoding-only rows)."""
+    if cell.given is not None and not cell.given.exists():
+        cell.given.write_text(json.dumps(score_fn(cell.run_dir), indent=1), encoding="utf-8")
+    if cell.decoded is not None and not cell.decoded.exists():
+        cell.decoded.write_text(json.dumps(decode_fn(cell.run_dir, cell.method.beam_widths), indent=1),
+                                encoding="utf-8")
+
+
 def run_cells(cells: list[Cell], max_hours: float | None = None, train_fn=None, induce_fn=None, score_fn=None,
-              log=print) -> dict:
+              log=print, decode_fn=None) -> dict:
     """Train every unfinished cell in order (resuming interrupted ones); stop starting new cells after
     ``max_hours``. Induced-tree cells are then scored in the given tree (``score_fn``:
-    :func:`given_tree_metrics`). Returns ``{"ran": [...], "skipped": [...], "stopped": bool}``."""
+    :func:`given_tree_metrics`), decoding-only rows decoded (``decode_fn``: :func:`tuned_beam_metrics`).
+    Returns ``{"ran": [...], "skipped": [...], "stopped": bool}``."""
     if train_fn is None:
         from hiervision.training import train as train_fn
     if induce_fn is None:
         from hiervision.induce import induce_from_run as induce_fn
-    score_fn = score_fn or given_tree_metrics
+    score_fn, decode_fn = score_fn or given_tree_metrics, decode_fn or tuned_beam_metrics
     t0, ran, skipped = time.monotonic(), [], []
     for cell in cells:
         if cell.done():
             skipped.append(cell.name)
             continue
-        if cell.trained():  # only the given-tree scoring is missing
-            (cell.run_dir / GIVEN_TREE).write_text(json.dumps(score_fn(cell.run_dir), indent=1), encoding="utf-8")
+        if cell.trained():  # only the steps after training are missing
+            _finish(cell, score_fn, decode_fn)
             ran.append(cell.name)
             continue
         if max_hours is not None and time.monotonic() - t0 > max_hours * 3600:
@@ -352,10 +404,9 @@ def run_cells(cells: list[Cell], max_hours: float | None = None, train_fn=None, 
         log(f"[comparison] {cell.name} ({cell.cfg['train']['epochs']} epochs) -> {cell.run_dir}")
         train_fn(cell.cfg, cell.run_dir, resume=True)  # the run folder is the engine's: cell.json goes in after
         (cell.run_dir / "cell.json").write_text(json.dumps(
-            {"digest": cell.digest, "data": cell.data.key, "method": cell.method.key, "seed": cell.seed,
+            {"digest": cell.digest, "data": cell.data.key, "method": cell.method.run_key, "seed": cell.seed,
              "hidden": cell.hidden}, indent=1), encoding="utf-8")
-        if cell.tree is not None:
-            (cell.run_dir / GIVEN_TREE).write_text(json.dumps(score_fn(cell.run_dir), indent=1), encoding="utf-8")
+        _finish(cell, score_fn, decode_fn)
         ran.append(cell.name)
     return {"ran": ran, "skipped": skipped, "stopped": False}
 
@@ -629,8 +680,8 @@ def main(args, machine_fn) -> int:
             return 128 + e.signum
     # the tables cover every row and cached seed whatever this sitting ran: `--only` never shrinks them
     table = plan(args.budget, sorted({0, 1, 2, *seeds}), root, args.device, None, args.optional, extra=args.set)
-    planned = {t.run_dir for t in table}
-    table += [c for c in cells if c.run_dir not in planned]
+    planned = {t.name for t in table}
+    table += [c for c in cells if c.name not in planned]
     summary = summarize(table, args.budget)
     command = " ".join(["python benchmarks/run.py", *_without_only(sys.argv[1:])])
     where = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -145,6 +146,33 @@ def test_profile_is_resumable_and_cumulative(tmp_path, configs):
     assert "A beats flat" in readme.read_text()
 
 
+def test_a_decoding_only_row_decodes_the_trained_run_and_trains_nothing(tmp_path, configs):
+    from hiervision.training import train
+
+    beam = C.Method("guo_rnn_beam", "Guo CNN-RNN, beam", "guo.yaml", reuses="guo_rnn", beam_widths=(1, 2))
+    toy = _tiny()[0]
+    data = (dataclasses.replace(toy, methods=(*toy.methods, beam)),)
+    cells = C.plan("cpu", [0], tmp_path / "runs", datasets=data, config_dir=configs)
+    flat, guo, dec = cells
+    assert dec.name == "guo_rnn_beam/toy/s0" and (dec.run_dir, dec.digest) == (guo.run_dir, guo.digest)
+    trained = []
+
+    def train_fn(cfg, run_dir, resume):
+        trained.append(run_dir)
+        return train(cfg, run_dir, resume=resume)
+
+    C.run_cells(cells, train_fn=train_fn, log=lambda *_: None)
+    assert trained == [flat.run_dir, guo.run_dir] and dec.done()
+    m, own = dec.metrics(), guo.metrics()
+    val = {int(k): v for k, v in m["val_path_accuracy_by_width"].items()}
+    assert set(val) == {1, 2} and m["beam_width"] == max(val, key=lambda k: (val[k], -k))
+    assert m["train_images_per_s"] == own["train_images_per_s"]  # the same training run
+    if m["beam_width"] == 1:  # width 1 is the run's own greedy decoding
+        assert m["path_accuracy"] == pytest.approx(own["path_accuracy"])
+    row = C.summarize(cells)["toy"]["rows"]["guo_rnn_beam"]
+    assert row["n"] == 1 and row["vs_flat"]["path_accuracy"]["n"] == 1
+
+
 def test_induced_hiernet_gets_flat_pretrain_and_the_rest_of_the_budget(tmp_path, configs):
     cells = C.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(induced=True), config_dir=configs,
                    only=["hiernet/*"])
@@ -202,8 +230,8 @@ def test_run_py_status_lists_every_cell_of_the_real_plan(tmp_path):
                          capture_output=True, text=True, check=True, cwd=ROOT,
                          env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     lines = out.stdout.strip().splitlines()
-    # per seed: fmnist and tiny32 each flat, DHNN, Guo, HierNet + its flat pre-train
-    assert lines[-1] == "0 of 20 cells done"
+    # per seed: fmnist and tiny32 each flat, DHNN, Guo, Guo decoded with a tuned beam, HierNet + its flat pre-train
+    assert lines[-1] == "0 of 24 cells done"
     assert any(x.startswith("hiernet/tiny32/s1") for x in lines)
     assert any(x.startswith("flat-pretrain/fmnist/s0") for x in lines)
     gpu = C.plan("gpu", [0], tmp_path, device="cuda")
