@@ -216,6 +216,8 @@ class Cell:
     def state(self) -> str:
         if self.done():
             return "done"
+        if self.trained():
+            return "trained; to " + ("score" if self.given and not self.given.exists() else "decode")
         if (self.run_dir / "last.pt").exists():
             log = self.run_dir / "log.csv"
             epochs = max(0, len(log.read_text().splitlines()) - 1) if log.exists() else 0

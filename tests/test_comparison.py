@@ -171,6 +171,9 @@ def test_a_decoding_only_row_decodes_the_trained_run_and_trains_nothing(tmp_path
         assert m["path_accuracy"] == pytest.approx(own["path_accuracy"])
     row = C.summarize(cells)["toy"]["rows"]["guo_rnn_beam"]
     assert row["n"] == 1 and row["vs_flat"]["path_accuracy"]["n"] == 1
+    dec.decoded.unlink()  # e.g. a row added after its run was trained: only the decoding is left to do
+    assert dec.state() == "trained; to decode"
+    assert C.run_cells(cells, train_fn=train_fn, log=lambda *_: None)["ran"] == [dec.name] and len(trained) == 2
 
 
 def test_induced_hiernet_gets_flat_pretrain_and_the_rest_of_the_budget(tmp_path, configs):
