@@ -81,12 +81,15 @@ class DataSet:
     pretrain_fraction: float = 0.5
 
 
+BEAM_WIDTHS = (1, 3, 10)  # the decoding-only row picks one of these on val
+
+
 def _rows(prefix: str, dhnn: tuple[str, str], extra: tuple[Method, ...] = ()) -> tuple[Method, ...]:
     return (Method("flat", "flat", f"{prefix}-flat.yaml"),
             Method("dhnn", dhnn[0], f"{prefix}-{dhnn[1]}.yaml"),
             Method("guo_rnn", "Guo CNN-RNN", f"{prefix}-guo-rnn.yaml"),
             Method("guo_rnn_beam", "Guo CNN-RNN, beam (width tuned on val)", f"{prefix}-guo-rnn.yaml",
-                   reuses="guo_rnn", beam_widths=(1, 3, 10)),
+                   reuses="guo_rnn", beam_widths=BEAM_WIDTHS),
             Method("hiernet", "HierNet (induced tree)", f"{prefix}-hiernet-induced.yaml", induced=True),
             *extra)
 
@@ -130,7 +133,9 @@ lr 0.1 Nesterov, wd 5e-4, cosine with 0.2-epoch warm-up, batch 128, pad+flip aug
 method gets the same backbone, epochs, augmentation and data order (the seed fixes split and order;
 the LSTM heads add grad_clip 5). Budget: {budget}. HierNet-induced: a flat pre-train of
 {pre} of the epochs, the tree induced from its validation confusion (p_min, g_max per data set), then
-HierNet for the rest, transferred from it: the same total epochs as flat. best.pt is picked on
+HierNet for the rest, transferred from it: the same total epochs as flat. "Guo CNN-RNN, beam" is
+the Guo run itself decoded with tree-restricted beam search instead of the paper's greedy decoding,
+the width ({widths}) picked on validation path accuracy: no extra training. best.pt is picked on
 validation path accuracy; every number is on the test set. Seeds are paired: each method's
 difference to flat is taken seed by seed (same split and order) and reported as mean, std and a 95 %
 Student-t interval (n-1 degrees of freedom; none for n < 2)."""
@@ -454,6 +459,7 @@ def summarize(cells: list[Cell], budget: str = "cpu") -> dict:
                 "level_accuracy_given_prefix": _mean_lists([d.get("level_accuracy_given_prefix") or []
                                                             for d in diag]),
                 "first_wrong_level": _mean_dict([_shares(d.get("first_wrong_level") or {}) for d in diag]),
+                "beam_width": {s: x["beam_width"] for s, x in ms.items() if "beam_width" in x},
             }
         base_key = data.methods[0].key
         for key, row in rows.items():
@@ -525,7 +531,8 @@ def section(summary: dict, budget: str, command: str, machine: str, wall_s: floa
     epochs = ", ".join(f"{d['label']}: {d['epochs']} epochs, HierNet tree p_min {d['induce'][0]}, g_max "
                        f"{d['induce'][1]}" for d in summary.values())
     pre = ", ".join(sorted({f"{d['pretrain_fraction']:.0%}" for d in summary.values()})) or "–"
-    lines = [f"## {name}", "", PROTOCOL.format(budget=f"{budget} ({epochs})", pre=pre).replace("\n", " "), "",
+    lines = [f"## {name}", "", PROTOCOL.format(budget=f"{budget} ({epochs})", pre=pre,
+                                                 widths=", ".join(map(str, BEAM_WIDTHS))).replace("\n", " "), "",
              f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Wall time of this sitting: {wall_s / 60:.1f} min (cells are cached: earlier sittings add to the "
              "tables)" + ("  " if progress else ""), *([progress] if progress else [])]
@@ -547,6 +554,10 @@ def section(summary: dict, budget: str, command: str, machine: str, wall_s: floa
                 n = r["vs_flat"]["path_accuracy"]["n"]
                 lines.append(f"| {r['label']} | {n} | "
                              + " | ".join(_fmt_diff(r["vs_flat"][k], s) for k, _, s in paired) + " |")
+        for r in rows.values():
+            if r.get("beam_width"):
+                picked = ", ".join(f"s{s}: {k}" for s, k in sorted(r["beam_width"].items()))
+                lines += ["", f"{r['label']}: beam width picked on val per seed: {picked}."]
         if any(r["diagnostics"] for r in rows.values()):
             lines += ["", "Where the paths go wrong (means over seeds): shares of test images whose predicted "
                       "path is too short / too long, a strict prefix of the true one (stopped early) or runs on "

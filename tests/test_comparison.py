@@ -169,8 +169,11 @@ def test_a_decoding_only_row_decodes_the_trained_run_and_trains_nothing(tmp_path
     assert m["train_images_per_s"] == own["train_images_per_s"]  # the same training run
     if m["beam_width"] == 1:  # width 1 is the run's own greedy decoding
         assert m["path_accuracy"] == pytest.approx(own["path_accuracy"])
-    row = C.summarize(cells)["toy"]["rows"]["guo_rnn_beam"]
-    assert row["n"] == 1 and row["vs_flat"]["path_accuracy"]["n"] == 1
+    summary = C.summarize(cells)
+    row = summary["toy"]["rows"]["guo_rnn_beam"]
+    assert row["n"] == 1 and row["vs_flat"]["path_accuracy"]["n"] == 1 and row["beam_width"] == {0: m["beam_width"]}
+    text = C.section(summary, "cpu", "cmd", "machine", 1.0, "comparison")
+    assert f"Guo CNN-RNN, beam: beam width picked on val per seed: s0: {m['beam_width']}." in text
     dec.decoded.unlink()  # e.g. a row added after its run was trained: only the decoding is left to do
     assert dec.state() == "trained; to decode"
     assert C.run_cells(cells, train_fn=train_fn, log=lambda *_: None)["ran"] == [dec.name] and len(trained) == 2
