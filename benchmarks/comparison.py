@@ -395,6 +395,7 @@ def run_cells(cells: list[Cell], max_hours: float | None = None, train_fn=None, 
             skipped.append(cell.name)
             continue
         if cell.trained():  # only the steps after training are missing
+            log(f"[comparison] {cell.name}: {cell.state()} ({cell.run_dir})")
             _finish(cell, score_fn, decode_fn)
             ran.append(cell.name)
             continue

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -32,8 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 from hiervision.data import iter_batches
+from hiervision.decoding import last_node
 from hiervision.experiment import load_run, run_data
-from hiervision.taxonomy import EOS, IGNORE, PAD
+from hiervision.taxonomy import EOS, IGNORE
 from hiervision.training import autocast_dtype, evaluate_split, select_device
 
 HERE = Path(__file__).resolve().parent
@@ -59,14 +61,9 @@ def sequence_logprob(model: torch.nn.Module, outputs: dict[str, torch.Tensor], p
         logits = model._teacher_forced(outputs, paths)
     else:
         raise ValueError(f"{type(model).__name__}: not a decoder fed its own labels; --search has nothing to compare")
-    seq = tax.encode_sequence(_ends(paths))[:, : logits.shape[1]]
+    seq = tax.encode_sequence(last_node(paths))[:, : logits.shape[1]]
     lp = logits.float().log_softmax(-1).gather(2, seq.clamp(min=EOS).unsqueeze(2)).squeeze(2)
     return lp.masked_fill(seq == IGNORE, 0).sum(1)
-
-
-def _ends(paths: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` the last node of each path (PAD after the end)."""
-    return paths.gather(1, ((paths != PAD).sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
 
 
 @torch.no_grad()
@@ -89,7 +86,7 @@ def search_errors(run_dir: str | Path, widths: list[int], split: str = "test") -
         for k in widths:
             model.set_beam_width(k)
             paths = model.decode(outputs).paths
-            right = _ends(paths) == target  # paths in the tree: the same end node is the same path
+            right = last_node(paths) == target  # paths in the tree: the same end node is the same path
             searched = (true_lp > sequence_logprob(model, outputs, paths) + 1e-5) & ~right
             c = counts[k]
             c["correct"] += int(right.sum())
@@ -156,7 +153,7 @@ def _search_main(args: argparse.Namespace, argv: list[str]) -> int:
         from results_md import write_section
         from run import machine
 
-        command = "python benchmarks/diagnose.py " + " ".join(argv)
+        command = "python benchmarks/diagnose.py " + shlex.join(argv)  # labels may hold spaces
         how = next(par for par in __doc__.split("\n\n") if par.startswith("``--search"))  # what the columns mean
         body = [f"## {SECTION}", "", how.replace("\n", " "), "",
                 f"Command: `{command}`  ", f"Machine: {machine()}  ",
