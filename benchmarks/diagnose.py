@@ -10,13 +10,14 @@ the true end, where wrong paths first leave the true one, level accuracy among i
 above were right (per-step error free of compounding) beside plain level accuracy, and path accuracy
 per true length. Same columns as the comparison profile's table (benchmarks/comparison.py).
 
-``--search K [K ...]`` (autoregressive heads: Guo's CNN-RNN, DHNN CNN-S2S fed its labels) decodes the
-split again with tree-restricted beam search at each width K (1 = greedy) and splits the wrong paths
-into *search errors* — the model gives the true path (then the end token) a higher log-probability
-than the path the search returned, so a better search would not have returned it — and *model
-errors*, where the model itself prefers the wrong path and no search can help (Stahlberg & Byrne,
-2019). Many search errors at width 1 that vanish with K say greedy decoding compounds its mistakes;
-few say the loss is in the model's per-step choices.
+``--search K [K ...]`` (heads with a beam search: Guo's CNN-RNN, DHNN's decoders) decodes the split
+again with tree-restricted beam search at each width K (1 = greedy) and splits the wrong paths into
+*search errors* — the model gives the true path (then the end token) a higher log-probability
+(``model.path_logprob``, the score the beam ranks by) than the path the search returned, so a better
+search would not have returned it — and *model errors*, where the model itself prefers the wrong
+path and no search can help (Stahlberg & Byrne, 2019). Many search errors at width 1 that vanish
+with K say greedy decoding compounds its mistakes; few say the loss is in the model's per-step
+choices.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from tqdm.auto import tqdm
 from hiervision.data import iter_batches
 from hiervision.decoding import last_node
 from hiervision.experiment import load_run, run_data
-from hiervision.taxonomy import EOS, IGNORE
 from hiervision.training import autocast_dtype, evaluate_split, select_device
 
 HERE = Path(__file__).resolve().parent
@@ -49,21 +49,6 @@ def diagnose(run_dir: str | Path, split: str = "test") -> dict:
     data = run_data(cfg, run_dir)
     amp = autocast_dtype(cfg["train"]["amp"], device)
     return evaluate_split(model.to(device), data, split, cfg["eval"]["batch_size"], device, amp)
-
-
-def sequence_logprob(model: torch.nn.Module, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` log-probability an autoregressive head gives ``paths`` ``(B, D)`` (PAD after the end)
-    followed by the end token, fed the path (teacher forcing): the sum the beam search ranks by."""
-    tax = model.tables
-    if hasattr(model, "unroll"):  # Guo et al.'s CNN-RNN
-        logits = model.unroll(outputs["v"], model._tokens(paths))
-    elif getattr(model, "feed", None) == "label":  # DHNN CNN-S2S fed its previous label
-        logits = model._teacher_forced(outputs, paths)
-    else:
-        raise ValueError(f"{type(model).__name__}: not a decoder fed its own labels; --search has nothing to compare")
-    seq = tax.encode_sequence(last_node(paths))[:, : logits.shape[1]]
-    lp = logits.float().log_softmax(-1).gather(2, seq.clamp(min=EOS).unsqueeze(2)).squeeze(2)
-    return lp.masked_fill(seq == IGNORE, 0).sum(1)
 
 
 @torch.no_grad()
@@ -81,13 +66,13 @@ def search_errors(run_dir: str | Path, widths: list[int], split: str = "test") -
                    desc=f"search {Path(run_dir).name}", leave=False)
     for images, target in batches:
         outputs = model(data.normalize(images))
-        true_lp = sequence_logprob(model, outputs, model.tables.paths[target])
+        true_lp = model.path_logprob(outputs, model.tables.paths[target])
         n += len(target)
         for k in widths:
             model.set_beam_width(k)
             paths = model.decode(outputs).paths
             right = last_node(paths) == target  # paths in the tree: the same end node is the same path
-            searched = (true_lp > sequence_logprob(model, outputs, paths) + 1e-5) & ~right
+            searched = (true_lp > model.path_logprob(outputs, paths) + 1e-5) & ~right
             c = counts[k]
             c["correct"] += int(right.sum())
             c["search_error"] += int(searched.sum())

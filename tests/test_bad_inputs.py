@@ -396,9 +396,12 @@ def test_evaluate_unknown_mode(capsys, trained):
     assert rc == 1 and "--mode routing: model flat has modes []" in err
 
 
-def test_evaluate_beam_width_of_a_head_without_search(capsys, trained):
-    rc, err, _ = cli(capsys, "evaluate", trained, "--beam-width", "3")
-    assert rc == 1 and err.strip().count("\n") == 0 and "no beam search" in err
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_beam_width_of_a_head_without_search(capsys, trained, command):
+    rc, err, _ = cli(capsys, command, trained, *(["nothing.png"] if command == "predict" else []), "--beam-width", "3")
+    assert rc == 1 and err.strip().count("\n") == 0 and "no beam search" in err  # before any image is read
+    rc, err, _ = cli(capsys, command, trained, *(["nothing.png"] if command == "predict" else []), "--beam-width", "0")
+    assert rc == 2 and "argument --beam-width: must be ≥ 1" in err
 
 
 def test_evaluate_a_folder_that_is_not_a_run(capsys, tmp_path):

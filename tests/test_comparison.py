@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hiervision import Taxonomy
 from hiervision.cli import main as cli_main
@@ -18,6 +20,7 @@ from hiervision.config import load_config
 from hiervision.data import iter_batches
 from hiervision.experiment import load_run, run_data
 from hiervision.models import create_model
+from hiervision.taxonomy import PAD
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -301,8 +304,23 @@ def test_diagnose_reports_a_trained_run(tmp_path, configs, capsys):
     with torch.no_grad():
         outputs = model.eval()(data.normalize(images))
         pred = model.decode(outputs)
-        lp = diagnose.sequence_logprob(model, outputs, pred.paths)
+        lp = model.path_logprob(outputs, pred.paths)
     assert torch.allclose(lp.exp(), pred.path_prob, atol=1e-5)
+    # `predict --beam-width K` ships a tuned width: the paths the model gives at width K
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for i, image in enumerate(images[:4]):
+        pixels = (image.permute(1, 2, 0).squeeze(2).numpy() * 255).round().astype("uint8")
+        Image.fromarray(pixels).save(pictures / f"{i}.png")
+    for width in (1, wide):
+        assert cli_main(["predict", str(cells[0].run_dir), str(pictures), "--beam-width", str(width)]) == 0
+        records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        model.set_beam_width(width)
+        assert len(records) == 4
+        for record in records:
+            pixels = torch.from_numpy(np.asarray(Image.open(record["file"]), dtype=np.float32) / 255)
+            x = (pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels[None])[None]
+            assert record["path_ids"] == [n for n in model.predict(data.normalize(x)).paths[0].tolist() if n != PAD]
 
 
 def test_the_table_command_drops_only():

@@ -86,13 +86,19 @@ def test_forward_loss_backward_decode_predict(name: str, tax: Taxonomy) -> None:
 
 @pytest.mark.parametrize("tax", TREES)
 @pytest.mark.parametrize("name", list_models())
-def test_a_beam_width_is_set_or_refused_in_one_line(name: str, tax: Taxonomy) -> None:
+def test_a_beam_width_is_set_or_refused_in_one_line_and_its_score_is_readable(name: str, tax: Taxonomy) -> None:
     model = build(name, tax).eval()
+    with torch.no_grad():
+        outputs = model(images())
+    true_paths = model.tables.paths[leaf_targets(tax)]
     try:
         model.set_beam_width(1)
     except ValueError as e:  # no search in this head: a clear refusal, and the model predicts as before
         assert "\n" not in str(e) and "beam" in str(e)
         assert_valid(tax, model.predict(images()))
+        with pytest.raises(ValueError, match="searched|beam search") as e:  # and no search score to read
+            model.path_logprob(outputs, true_paths)
+        assert "\n" not in str(e.value)
         return
     greedy = model.predict(images())
     assert_valid(tax, greedy)
@@ -100,6 +106,11 @@ def test_a_beam_width_is_set_or_refused_in_one_line(name: str, tax: Taxonomy) ->
     wide = model.predict(images())
     assert_valid(tax, wide)
     assert bool((wide.path_prob >= greedy.path_prob - 1e-6).all())
+    # path_logprob is the score the search ranks by: the decoded path's own, and no path scores higher
+    with torch.no_grad():
+        found = model.path_logprob(outputs, wide.paths)
+        torch.testing.assert_close(found.exp(), wide.path_prob, atol=1e-5, rtol=1e-4)
+        assert bool((model.path_logprob(outputs, true_paths) <= found + 1e-5).all())
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="beam width"):
             model.set_beam_width(bad)

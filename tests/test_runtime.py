@@ -100,6 +100,22 @@ def test_runtime_decoding_matches_model_predict(variant):
     assert all(len(r["top_k"]) <= 3 for r in records)
 
 
+@needs_fmnist
+@pytest.mark.parametrize("variant", ["guo_rnn_greedy", "dhnn_rnn_beam"])
+def test_a_beam_width_given_to_the_predictor_decodes_as_the_model_set_to_it(variant):
+    # a width tuned on val after training/export: the sidecar's width is replaced, the graph is the same
+    model = build(variant)
+    images = fmnist_images(300)
+    records = Predictor(sidecar=sidecar(model, META), engine=torch_engine(model), beam_width=4).predict_arrays(images)
+    model.set_beam_width(4)
+    assert_parity(records, reference(model, images))
+    flat = build("flat")
+    with pytest.raises(ValueError, match=r"FlatClassifier: its decoder \(exact\) has no beam search"):
+        Predictor(sidecar=sidecar(flat, META), engine=torch_engine(flat), beam_width=4)
+    with pytest.raises(ValueError, match="beam width must be an integer >= 1"):
+        Predictor(sidecar=sidecar(model, META), engine=torch_engine(model), beam_width=0)
+
+
 def _random_tree(seed: int) -> Taxonomy:
     rng = random.Random(seed)
     parent_of: dict[str, str | None] = {}

@@ -115,16 +115,13 @@ def _predictor(args: argparse.Namespace):
     if Path(args.run_dir).suffix.lower() == ".onnx":
         if args.device not in ("cpu", "auto"):
             raise ValueError(f"--device {args.device}: an exported .onnx runs on onnxruntime's CPU provider")
-        return Predictor(args.run_dir, top_k=args.top_k, batch_size=args.batch_size)
-    from hiervision.export import sidecar, torch_engine
-    from hiervision.training import load_run
+        return Predictor(args.run_dir, top_k=args.top_k, batch_size=args.batch_size, beam_width=args.beam_width)
+    from hiervision.export import run_predictor
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    _, _, model, meta = load_run(args.run_dir, device=device)
-    return Predictor(sidecar=sidecar(model, meta), engine=torch_engine(model, device), top_k=args.top_k,
-                     batch_size=args.batch_size)
+    return run_predictor(args.run_dir, args.top_k, args.batch_size, device, beam_width=args.beam_width)
 
 
 CSV_FIELDS = ["file", "path", "path_ids", "path_probability", "node_probabilities"]
@@ -194,7 +191,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hiervision.export import export_onnx
 
-    for path in export_onnx(args.run_dir, args.out, which=args.checkpoint):
+    for path in export_onnx(args.run_dir, args.out, which=args.checkpoint, beam_width=args.beam_width):
         print(path)
     return 0
 
@@ -246,7 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--max-batch, --top-k and --max-files must be ≥ 1 and --max-wait-ms ≥ 0")
     limits = Limits(max_files=args.max_files, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-          top_k=args.top_k, limits=limits, hedge_accuracy=args.hedge_accuracy)
+          top_k=args.top_k, limits=limits, hedge_accuracy=args.hedge_accuracy, beam_width=args.beam_width)
     return 0
 
 
@@ -447,6 +444,12 @@ def _int_at_least(lo: int):
 _positive_int, _count = _int_at_least(1), _int_at_least(0)
 
 
+def _add_beam_width(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--beam-width", type=_positive_int, default=None, metavar="K",
+                        help="decode with tree-restricted beam search of width K (1 = greedy) instead of the run's "
+                        "configured decoding (guo_rnn, dhnn_rnn, dhnn_s2s; compare widths with evaluate --beam-width)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hiervision", description="Hierarchical image classification.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -477,9 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crm: the leaf of least expected mistake severity (Karthik et al.); default eval.decode")
     e.add_argument("--mode", default=None, help="how the model predicts, where it has several ways "
                    "(hiernet: conditional | routing)")
-    e.add_argument("--beam-width", type=int, default=None, metavar="K",
-                   help="decode with tree-restricted beam search of width K (1 = greedy) instead of the "
-                   "configured decoding (guo_rnn, dhnn_rnn, dhnn_s2s)")
+    _add_beam_width(e)
     e.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda | cuda:N")
     e.add_argument("--allow-changed-data", action="store_true",
                    help="evaluate although the data's splits differ from the run's splits.json (prints the overlap)")
@@ -499,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--accuracy", type=float, default=None, metavar="A",
                     help="also give each image's hedged answer: the most specific node that meets accuracy A "
                     "(λ from the run's decisions.json: 0.9, 0.95, 0.99 after training, others by evaluate --accuracy)")
+    _add_beam_width(pr)
     pr.set_defaults(func=cmd_predict)
 
     sv = sub.add_parser("serve", help="HTTP API and web page over a run folder or .onnx file ([serve] extra)")
@@ -513,12 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (more: 413)")
     sv.add_argument("--hedge-accuracy", type=float, default=None, metavar="A",
                     help="add each image's hedged answer at this accuracy target (λ from the run's decisions.json)")
+    _add_beam_width(sv)
     sv.set_defaults(func=cmd_serve)
 
     ex = sub.add_parser("export", help="ONNX graph + JSON sidecar of a trained run, for hiervision.runtime")
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True, help="the .onnx file to write (sidecar: same name, .json)")
     ex.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    _add_beam_width(ex)
     ex.set_defaults(func=cmd_export)
 
     ls = sub.add_parser("list", help="what is there: registered models, backbones, datasets, shipped configs")

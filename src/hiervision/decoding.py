@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from hiervision.taxonomy import EOS, PAD, Taxonomy, TreeTables
+from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy, TreeTables
 
 __all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "full_precision",
            "last_node", "multi_label_prediction", "no_autocast", "path_scores", "prefix_logprob", "scheduled_feed",
-           "threshold_paths", "transition_mask", "tree_tables"]
+           "sequence_logprob", "threshold_paths", "transition_mask", "tree_tables"]
 
 Tree = Taxonomy | TreeTables
 
@@ -300,6 +300,18 @@ def path_scores(taxonomy: Tree, paths: torch.Tensor, step_logprob: torch.Tensor)
     scores.scatter_(1, idx, torch.where(paths == PAD, 0.0, prefix))
     scores[:, 0] = 0
     return scores
+
+
+def sequence_logprob(taxonomy: Tree, paths: torch.Tensor, step_logprob: torch.Tensor, end: bool = True
+                     ) -> torch.Tensor:
+    """``(B,)`` log-probability of ``paths`` ``(B, D)`` (PAD after the end), then the end token when
+    ``end``, read from a decoder's ``(B, S, N+1)`` per-step log-probabilities: the sum a tree-restricted
+    beam search ranks paths by, so a true path and a decoded one can be compared on the search's scale."""
+    nodes = last_node(paths)
+    tax = tree_tables(taxonomy, paths.device)
+    seq = (tax.encode_sequence(nodes) if end else tax.encode_levels(nodes))[:, : step_logprob.shape[1]]
+    lp = step_logprob.float().gather(2, seq.clamp(min=EOS).unsqueeze(2)).squeeze(2)
+    return lp.masked_fill(seq == IGNORE, 0).sum(1)
 
 
 def multi_label_prediction(taxonomy: Tree, scores: torch.Tensor, threshold: float) -> Prediction:

@@ -37,10 +37,10 @@ from hiervision.models.dhnn import CnnRnn, CnnS2S
 from hiervision.models.flat import FlatClassifier
 from hiervision.models.guo import CnnRnnGenerator, MultiHeadGenerator
 from hiervision.models.hiernet import HierNet
-from hiervision.runtime import SIDECAR_FORMAT
+from hiervision.runtime import SIDECAR_FORMAT, Predictor
 from hiervision.taxonomy import EOS
 
-__all__ = ["export_onnx", "export_parts", "torch_engine"]
+__all__ = ["export_onnx", "export_parts", "run_predictor", "torch_engine"]
 
 OPSET = 18
 
@@ -255,9 +255,26 @@ def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLi
     return [*written, side_path]
 
 
-def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best") -> list[Path]:
-    """``hiervision export RUN --out model.onnx``: the run's checkpoint → the files written."""
+def _load(run_dir: str | os.PathLike, which: str, device: str | torch.device, beam_width: int | None):
     from hiervision.training import load_run
 
-    _, _, model, meta = load_run(run_dir, which=which)
-    return export_model(model, meta, out)
+    _, _, model, meta = load_run(run_dir, which=which, device=device)
+    if beam_width is not None:  # a width tuned on val (`evaluate --beam-width`) instead of the config's
+        model.set_beam_width(beam_width)
+    return model, meta
+
+
+def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best",
+                beam_width: int | None = None) -> list[Path]:
+    """``hiervision export RUN --out model.onnx``: the run's checkpoint → the files written; the sidecar
+    keeps ``beam_width`` when given (heads with a beam search)."""
+    return export_model(*_load(run_dir, which, "cpu", beam_width), out)
+
+
+def run_predictor(run_dir: str | os.PathLike, top_k: int = 3, batch_size: int = 64, device: str | torch.device = "cpu",
+                  which: str = "best", beam_width: int | None = None) -> Predictor:
+    """A :class:`~hiervision.runtime.Predictor` over a run folder's checkpoint, run eagerly in PyTorch
+    (``hiervision predict`` / ``serve`` on a run): the decoding an exported graph would get."""
+    model, meta = _load(run_dir, which, device, beam_width)
+    return Predictor(sidecar=sidecar(model, meta), engine=torch_engine(model, device), top_k=top_k,
+                     batch_size=batch_size)

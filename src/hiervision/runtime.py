@@ -321,16 +321,28 @@ class Predictor:
         batch_size: images per graph call.
         threads: onnxruntime intra-op threads (default: its own choice).
         engine, sidecar: used by ``hiervision predict`` on a PyTorch run (same decoding, other engine).
+        beam_width: search with this width instead of the sidecar's (decoders with a beam search; a
+            width tuned on val after export).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, top_k: int = 3, batch_size: int = 64,
-                 threads: int | None = None, engine: Engine | None = None, sidecar: dict | None = None) -> None:
+                 threads: int | None = None, engine: Engine | None = None, sidecar: dict | None = None,
+                 beam_width: int | None = None) -> None:
         if top_k < 1 or batch_size < 1:
             raise ValueError(f"top_k and batch_size must be ≥ 1, got {top_k} and {batch_size}")
         if sidecar is None:
             if path is None:
                 raise ValueError("Predictor needs an exported .onnx path")
             sidecar = load_sidecar(path)
+        if beam_width is not None:
+            kind = sidecar["decoder"]["kind"]
+            if kind not in ("beam", "beam_steps"):
+                hint = " (export the run with --beam-width)" if sidecar["model"] in ("CnnRnn", "CnnS2S") else ""
+                raise ValueError(f"{path or sidecar['model']}: its decoder ({kind}) has no beam search to set a "
+                                 f"width for{hint}")
+            if isinstance(beam_width, bool) or int(beam_width) != beam_width or beam_width < 1:
+                raise ValueError(f"beam width must be an integer >= 1, got {beam_width!r}")
+            sidecar = {**sidecar, "decoder": {**sidecar["decoder"], "beam_width": int(beam_width)}}
         self.sidecar = sidecar
         self.tree = TreeView.from_dict(sidecar["taxonomy"], source=str(path))
         self.in_chans = int(sidecar["in_chans"])

@@ -124,6 +124,12 @@ class HierarchicalClassifier(nn.Module):
         choice, tuned on val without retraining. Heads whose best path needs no search refuse."""
         raise ValueError(f"model {type(self).__name__}: its decoding has no beam search to set a width for")
 
+    def path_logprob(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` log-probability the decoder gives ``paths`` ``(B, D)`` (PAD after the end), fed the
+        path itself: the score its beam search ranks by. Comparing the true path's score with the
+        decoded one's tells a search error (a wider beam would help) from a model error (it would not)."""
+        raise ValueError(f"model {type(self).__name__}: its decoding has no beam search whose score to read")
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named parameter groups that freeze schedules refer to (``backbone``/``cnn`` and ``head``/``rnn``)."""
         backbone = list(self.backbone.parameters())

@@ -33,6 +33,7 @@ from hiervision.decoding import (
     path_scores,
     prefix_logprob,
     scheduled_feed,
+    sequence_logprob,
     transition_mask,
 )
 from hiervision.losses import check_loss_type, soft_label_targets
@@ -112,6 +113,18 @@ class _DHNN(HierarchicalClassifier):
         if self.multi_label:
             raise ValueError(f"model {type(self).__name__}: multi-label paths are thresholded, not searched")
         self.decode_mode, self.beam_width = "beam", check_beam_width(width)
+
+    def _decoder_logits(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
+        """``(B, S, N+1)`` per-step logits when the decoder reads ``paths`` (a head that reads its
+        own outputs ignores them)."""
+        return outputs["logits"]
+
+    @full_precision
+    def path_logprob(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
+        if self.multi_label:
+            raise ValueError(f"model {type(self).__name__}: multi-label paths are thresholded, not searched")
+        end = self.num_out_steps > self.taxonomy.max_depth  # a step past the deepest level emits the end token
+        return sequence_logprob(self.tables, paths, self._decoder_logits(outputs, paths).float().log_softmax(-1), end)
 
     # subclasses say how many RNN input steps they read by default and how many outputs they emit
     def _default_num_steps(self, num_stages: int) -> int:
@@ -396,6 +409,9 @@ class CnnS2S(_DHNN):
         if self.end_weight != 1.0:
             per = torch.where(seq == EOS, per * self.end_weight, per)
         return self._weighted(per, (seq != IGNORE).float())
+
+    def _decoder_logits(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
+        return self._teacher_forced(outputs, paths) if self.feed == "label" else outputs["logits"]
 
     @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:

@@ -34,6 +34,7 @@ from hiervision.decoding import (
     path_scores,
     prefix_logprob,
     scheduled_feed,
+    sequence_logprob,
     transition_mask,
 )
 from hiervision.losses import check_loss_type, soft_label_targets
@@ -247,6 +248,11 @@ class CnnRnnGenerator(HierarchicalClassifier):
 
     def set_beam_width(self, width: int) -> None:
         self.decode_mode, self.beam_width = "beam", check_beam_width(width)
+
+    @full_precision
+    def path_logprob(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
+        step_lp = self.unroll(outputs["v"], self._tokens(paths)).float().log_softmax(-1)
+        return sequence_logprob(self.tables, paths, step_lp, self.end_token)
 
     @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:

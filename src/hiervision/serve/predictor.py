@@ -57,21 +57,20 @@ class RuntimePredictor:
         return self.runtime.predict_arrays(batch.astype(np.float32) / 255, [""] * len(images), node_scores=True)
 
 
-def load_predictor(path: str | Path, top_k: int = 3, checkpoint: str = "best") -> RuntimePredictor:
-    """A run folder (PyTorch on the CPU) or an exported ``.onnx`` (onnxruntime, no PyTorch)."""
+def load_predictor(path: str | Path, top_k: int = 3, checkpoint: str = "best",
+                   beam_width: int | None = None) -> RuntimePredictor:
+    """A run folder (PyTorch on the CPU) or an exported ``.onnx`` (onnxruntime, no PyTorch);
+    ``beam_width`` replaces the configured width of a decoder with a beam search."""
     p = Path(path)
     if p.is_dir():
-        from hiervision.export import sidecar, torch_engine
-        from hiervision.runtime import Predictor
-        from hiervision.training import load_run
+        from hiervision.export import run_predictor
 
-        _, _, model, meta = load_run(p, which=checkpoint)
-        return RuntimePredictor(Predictor(top_k=top_k, engine=torch_engine(model), sidecar=sidecar(model, meta)))
+        return RuntimePredictor(run_predictor(p, top_k=top_k, which=checkpoint, beam_width=beam_width))
     if p.suffix.lower() == ".onnx" and p.is_file():
         try:
             from hiervision.runtime import Predictor
 
-            return RuntimePredictor(Predictor(p, top_k=top_k))
+            return RuntimePredictor(Predictor(p, top_k=top_k, beam_width=beam_width))
         except ImportError as e:
             raise ValueError(f"{p}: serving an .onnx file needs onnxruntime: pip install 'hiervision[export]' "
                              f"({e.name} missing)") from None
