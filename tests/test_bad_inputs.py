@@ -398,9 +398,10 @@ def test_evaluate_unknown_mode(capsys, trained):
 
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
 def test_beam_width_of_a_head_without_search(capsys, trained, command):
-    rc, err, _ = cli(capsys, command, trained, *(["nothing.png"] if command == "predict" else []), "--beam-width", "3")
+    args = [command, trained, *(["nothing.png"] if command == "predict" else [])]
+    rc, err, _ = cli(capsys, *args, "--beam-width", "3")
     assert rc == 1 and err.strip().count("\n") == 0 and "no beam search" in err  # before any image is read
-    rc, err, _ = cli(capsys, command, trained, *(["nothing.png"] if command == "predict" else []), "--beam-width", "0")
+    rc, err, _ = cli(capsys, *args, "--beam-width", "0")
     assert rc == 2 and "argument --beam-width: must be ≥ 1" in err
 
 

@@ -96,9 +96,9 @@ def test_a_beam_width_is_set_or_refused_in_one_line_and_its_score_is_readable(na
     except ValueError as e:  # no search in this head: a clear refusal, and the model predicts as before
         assert "\n" not in str(e) and "beam" in str(e)
         assert_valid(tax, model.predict(images()))
-        with pytest.raises(ValueError, match="searched|beam search") as e:  # and no search score to read
+        with pytest.raises(ValueError, match="searched|beam search") as refused:  # and no search score to read
             model.path_logprob(outputs, true_paths)
-        assert "\n" not in str(e.value)
+        assert "\n" not in str(refused.value)
         return
     greedy = model.predict(images())
     assert_valid(tax, greedy)
