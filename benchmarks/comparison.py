@@ -449,6 +449,7 @@ def summarize(cells: list[Cell], budget: str = "cpu") -> dict:
             diag = [x["length_diagnostics"] for x in ms.values() if x.get("length_diagnostics")]
             rows[m.key] = {
                 "label": m.label,
+                "optional": m.optional,
                 "n": len(ms),
                 "seeds": sorted(ms),
                 "per_seed": {k: {s: x.get(k) for s, x in ms.items()} for k, *_ in METRICS},
@@ -498,11 +499,12 @@ def which_method(summary: dict, min_seeds: int = 3) -> str:
 
     Only rows with ``min_seeds`` paired seeds get a claim (with its interval); the others are named as
     not measured yet, and a data set without any such row (or whose flat row is short) gets a placeholder.
+    Optional rows short of ``min_seeds`` are exploratory: the tables show them, this paragraph does not.
     """
     parts = []
     for data in summary.values():
         rows = data["rows"]
-        short = [r["label"] for r in rows.values() if r["n"] < min_seeds]
+        short = [r["label"] for r in rows.values() if r["n"] < min_seeds and not r.get("optional")]
         said = []
         for r in rows.values():
             d = r.get("vs_flat", {}).get("path_accuracy")

@@ -87,6 +87,8 @@ def test_which_method_is_generated_from_intervals_only():
     text = C.which_method({"x": {"label": "X", "rows": rows}})
     assert "A beats flat" in text and "B loses to flat" in text and "C is not" not in text
     assert "Not measured yet with >= 3 seeds: C;" in text
+    rows["d"] = {**_row("D", 1, 0.05, None, None), "optional": True}  # an exploratory row: tables only
+    assert C.which_method({"x": {"label": "X", "rows": rows}}) == text
     rows["flat"]["n"] = 2
     for r in ("a", "b"):
         rows[r] = _row(rows[r]["label"], 2, 0.02, 0.01, 0.03)
