@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hiervision.config import check_beam_width
 from hiervision.imagefile import DEFAULT_MAX_PIXELS, read_array
 from hiervision.marginals import (
     Temperature,
@@ -340,9 +341,7 @@ class Predictor:
                 hint = " (export the run with --beam-width)" if sidecar["model"] in ("CnnRnn", "CnnS2S") else ""
                 raise ValueError(f"{path or sidecar['model']}: its decoder ({kind}) has no beam search to set a "
                                  f"width for{hint}")
-            if isinstance(beam_width, bool) or int(beam_width) != beam_width or beam_width < 1:
-                raise ValueError(f"beam width must be an integer >= 1, got {beam_width!r}")
-            sidecar = {**sidecar, "decoder": {**sidecar["decoder"], "beam_width": int(beam_width)}}
+            sidecar = {**sidecar, "decoder": {**sidecar["decoder"], "beam_width": check_beam_width(beam_width)}}
         self.sidecar = sidecar
         self.tree = TreeView.from_dict(sidecar["taxonomy"], source=str(path))
         self.in_chans = int(sidecar["in_chans"])

@@ -139,10 +139,3 @@ class HierarchicalClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return f"taxonomy={self.taxonomy!r}, multi_label={self.multi_label}"
-
-
-def check_beam_width(width: int) -> int:
-    """``width`` as an int ≥ 1, else a one-line error."""
-    if isinstance(width, bool) or int(width) != width or width < 1:
-        raise ValueError(f"beam width must be an integer >= 1, got {width!r}")
-    return int(width)

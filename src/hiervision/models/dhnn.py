@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hiervision.config import check_beam_width
 from hiervision.decoding import (
     Prediction,
     beam_search,
@@ -37,7 +38,7 @@ from hiervision.decoding import (
     transition_mask,
 )
 from hiervision.losses import check_loss_type, soft_label_targets
-from hiervision.models.base import HierarchicalClassifier, check_beam_width
+from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.conversion import StageSequence, default_steps
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import EOS, IGNORE, Taxonomy
