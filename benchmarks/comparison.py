@@ -325,9 +325,9 @@ def given_tree_metrics(run_dir: Path) -> dict:
     from hiervision.data import build_data
     from hiervision.decisions import end_distribution, node_marginals
     from hiervision.decoding import Prediction, last_node
+    from hiervision.evaluation import autocast_dtype, predict_dataset, select_device
     from hiervision.experiment import data_config, load_run, run_data
     from hiervision.marginals import as_temperature
-    from hiervision.training import autocast_dtype, predict_dataset, select_device
 
     cfg, tax, model, _ = load_run(run_dir)
     device = select_device(cfg["train"]["device"])
@@ -354,8 +354,8 @@ def given_tree_metrics(run_dir: Path) -> dict:
 def tuned_beam_metrics(run_dir: Path, widths: tuple[int, ...]) -> dict:
     """Test metrics of a run decoded with the beam width (of ``widths``) that scores best on val path
     accuracy (the smallest among ties), and the val accuracy of each width."""
+    from hiervision.evaluation import evaluate_split
     from hiervision.experiment import load_run, run_data
-    from hiervision.training import evaluate_split
 
     cfg, _, model, _ = load_run(run_dir)
     data = run_data(cfg, run_dir)

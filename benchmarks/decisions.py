@@ -46,10 +46,11 @@ from hiervision.decisions import (
     plot_accuracy_specificity,
     plot_reliability,
 )
+from hiervision.evaluation import predict_dataset
 from hiervision.experiment import data_config, load_run
 from hiervision.metrics import calibration_points, calibration_report
 from hiervision.posthoc import posthoc_report
-from hiervision.training import predict_dataset, train
+from hiervision.training import train
 
 HERE = Path(__file__).resolve().parent
 CURVE_TARGETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from hiervision.data import iter_batches
 from hiervision.decoding import last_node
+from hiervision.evaluation import autocast_dtype, evaluate_split, select_device
 from hiervision.experiment import load_run, run_data
-from hiervision.training import autocast_dtype, evaluate_split, select_device
 
 HERE = Path(__file__).resolve().parent
 SECTION = "decoding errors"

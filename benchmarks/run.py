@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 from hiervision.config import load_config
+from hiervision.evaluation import autocast_dtype, select_device
 from hiervision.induce import induce_from_run, plot_taxonomy
-from hiervision.training import autocast_dtype, select_device, train
+from hiervision.training import train
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "configs"

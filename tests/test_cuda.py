@@ -13,8 +13,9 @@ import torch
 
 from hiervision.cli import main
 from hiervision.config import load_config
+from hiervision.evaluation import autocast_dtype
 from hiervision.models import create_model, list_models
-from hiervision.training import autocast_dtype, train
+from hiervision.training import train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CUDA = torch.device("cuda")

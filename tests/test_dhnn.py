@@ -14,6 +14,8 @@ from hiervision.config import load_config
 from hiervision.data import _COMMON as COMMON_KEYS
 from hiervision.data import DATASETS, build_data
 from hiervision.data.fashion_mnist import fashion_mnist_taxonomy
+from hiervision.evaluation import predict_dataset
+from hiervision.experiment import load_run
 from hiervision.metrics import select_threshold
 from hiervision.models import create_model
 from hiervision.models.backbones import create_backbone, list_backbones
@@ -27,7 +29,7 @@ from hiervision.models.conversion import (
     pool_sizes,
 )
 from hiervision.taxonomy import PAD
-from hiervision.training import load_run, predict_dataset, train
+from hiervision.training import train
 
 SMALL = {"backbone_kwargs": {"width": 0.5}, "input_size": 64, "hidden_size": 64}
 

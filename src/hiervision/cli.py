@@ -51,10 +51,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from hiervision.evaluation import autocast_dtype, evaluate_split, select_device
     from hiervision.experiment import load_run, run_data
     from hiervision.marginals import is_identity
     from hiervision.posthoc import evaluate_decisions
-    from hiervision.training import autocast_dtype, evaluate_split, select_device
 
     device = select_device(args.device)
     cfg, taxonomy, model, _ = load_run(args.run_dir, which=args.checkpoint, device=device)
@@ -339,8 +339,8 @@ DEMO_METHODS: list[tuple[str, dict]] = [
 def _demo_hedged(run: Path, target: float) -> dict:
     """Calibrate a finished demo run on its val split and report the hedged answer on test."""
     from hiervision.decisions import fit_decisions, hedged_evaluation
+    from hiervision.evaluation import predict_dataset
     from hiervision.experiment import load_run, run_data
-    from hiervision.training import predict_dataset
 
     cfg, taxonomy, model, _ = load_run(run)
     data = run_data(cfg, run)

@@ -31,6 +31,7 @@ from torch import nn
 
 from hiervision.checkpoint import CheckpointError
 from hiervision.decoding import prefix_logprob
+from hiervision.experiment import load_run
 from hiervision.marginals import as_temperature
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.dhnn import CnnRnn, CnnS2S
@@ -256,8 +257,6 @@ def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLi
 
 
 def _load(run_dir: str | os.PathLike, which: str, device: str | torch.device, beam_width: int | None):
-    from hiervision.training import load_run
-
     _, _, model, meta = load_run(run_dir, which=which, device=device)
     if beam_width is not None:  # a width tuned on val (`evaluate --beam-width`) instead of the config's
         model.set_beam_width(beam_width)

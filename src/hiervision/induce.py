@@ -134,8 +134,8 @@ def induce_from_run(run_dir: str | os.PathLike, p_min: float | Sequence[float],
                     g_max: int | Sequence[int] = 50, device: str = "auto") -> Taxonomy:
     """The induced tree of a trained run: its model's class probabilities on its own validation split
     (a flat model's softmax; other models' leaf scores, renormalised) → CPM → :func:`induce_taxonomy`."""
+    from hiervision.evaluation import autocast_dtype, predict_dataset, select_device
     from hiervision.experiment import load_run, run_data
-    from hiervision.training import autocast_dtype, predict_dataset, select_device
 
     dev = select_device(device)
     cfg, taxonomy, model, _ = load_run(run_dir, device=dev)

@@ -30,6 +30,7 @@ from hiervision.decisions import (
     save_decisions,
 )
 from hiervision.decoding import Prediction
+from hiervision.evaluation import predict_dataset
 from hiervision.marginals import as_temperature
 from hiervision.taxonomy import Taxonomy
 
@@ -84,8 +85,6 @@ def evaluate_decisions(run_dir: str | os.PathLike, model, data, split: str, batc
     """``(report, calibrated prediction, targets)`` of a split on the run's calibrated scores (``decode``:
     argmax | crm), plus, with an ``accuracy`` target, the ``hedged`` entry (λ fitted on the val split;
     :func:`hedged_evaluation`), whose λ is also stored in the run's ``decisions.json`` (see :func:`hedger`)."""
-    from hiervision.training import predict_dataset  # training calls this module after training: import late
-
     if accuracy is not None and not 0 < accuracy < 1:
         raise ValueError(f"--accuracy must lie in (0, 1), got {accuracy}")
     if data.multi_label:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -33,19 +34,19 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from hiervision import distributed
-from hiervision import metrics as M
 from hiervision.checkpoint import load_checkpoint, save_checkpoint
 from hiervision.config import ConfigError, check_given_level, dump, merge, validate_config
 from hiervision.data import BatchAugment, BatchLoader, DataBundle, FeatureDataset, build_data, iter_batches
 from hiervision.data.splits import verify_split_record, write_split_record
-from hiervision.decoding import Prediction, threshold_paths
+from hiervision.decoding import Prediction
 from hiervision.distributed import DistEnv, any_flag, barrier, gather_rows, max_over_ranks, shard_indices
+from hiervision.evaluation import autocast_dtype, evaluate_split, predict_dataset, select_device
 from hiervision.experiment import load_run, run_data, run_model
 from hiervision.models import HierarchicalClassifier
+from hiervision.posthoc import posthoc_report
 from hiervision.runfolder import RunFolderError, atomic_write_json, atomic_write_text, claim_run_dir, set_aside
-from hiervision.taxonomy import PAD
 
-__all__ = ["Preempted", "TrainingError", "evaluate_split", "load_run", "train", "train_one_epoch"]
+__all__ = ["Preempted", "TrainingError", "train", "train_one_epoch"]
 
 
 class TrainingError(RuntimeError):
@@ -67,37 +68,6 @@ def check_loss(loss: float, epoch: int, step: int, max_loss: float | None = None
 
 
 # ----------------------------------------------------------------------------- set-up helpers
-def select_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA device is available")
-    return torch.device(name)
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 where the hardware computes it natively (recent CPUs, Ampere+ GPUs), else fp32."""
-    if setting == "none":
-        return None
-    if setting == "bf16":
-        return torch.bfloat16
-    if setting == "fp16":
-        return torch.float16
-    if setting != "auto":
-        raise ConfigError(f"train.amp must be auto, bf16, fp16 or none, got {setting!r}")
-    if device.type == "cuda":  # native bf16 from Ampere (sm 8.0) on; emulated bf16 (V100, T4) is slow: fp16 there
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    return torch.bfloat16 if _cpu_has_bf16() else None
-
-
 def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     name, lr, wd = cfg["optimizer"], float(cfg["lr"]), float(cfg["weight_decay"])
     if name == "sgd":
@@ -159,85 +129,6 @@ def _freeze_batchnorm_stats(model: nn.Module) -> None:
             params = list(m.parameters(recurse=False))
             if params and not any(p.requires_grad for p in params):
                 m.eval()
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def predict_dataset(
-    model: nn.Module,
-    data: DataBundle,
-    dataset,
-    batch_size: int,
-    device: torch.device,
-    amp: torch.dtype | None,
-    given_level: int | None = None,
-    env: DistEnv | None = None,
-    num_workers: int = 0,
-) -> tuple[Prediction, torch.Tensor]:
-    """Run ``model.predict`` over a dataset; returns the joined prediction and the targets (on the CPU).
-
-    ``given_level``: each image's true ancestor at that depth (its label where the label is
-    shallower) is given to ``model.predict_given`` — Guo et al.'s CNN-RNN*. Under DDP (``env``)
-    each rank predicts its shard and every rank gets the whole, in dataset order.
-    """
-    model.eval()
-    if given_level is not None and data.multi_label:
-        raise ConfigError("eval.given_level: not defined for multi-label data (an image has several paths)")
-    env = env or DistEnv(0, 1, 0, device)
-    n = len(dataset)
-    shard = dataset.subset(shard_indices(n, env)) if env.enabled else dataset
-    paths = data.taxonomy.path_matrix
-    preds, targets = [], []
-    for images, target in iter_batches(shard, batch_size, shuffle=False, num_workers=num_workers, device=device):
-        images = data.normalize(images)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            if given_level is None:
-                preds.append(model.predict(images))
-            else:
-                given = paths[target, min(given_level, paths.shape[1]) - 1]
-                given = torch.where(given == PAD, target, given)
-                preds.append(model.predict_given(images, given.to(device)))
-        targets.append(target)
-    pred = Prediction.cat(preds) if preds else model.predict(torch.zeros(0, *dataset[0][0].shape, device=device))
-    target = torch.cat(targets) if targets else dataset.targets[:0]
-    parts = [pred.paths, pred.scores.float(), pred.path_prob.float(), target]
-    if pred.labels is not None:
-        parts.append(pred.labels)
-    parts = [gather_rows(t.cpu(), n, env) for t in parts]
-    return Prediction(*parts[:3], parts[4] if len(parts) > 4 else None), parts[3]
-
-
-def evaluate_split(
-    model,
-    data: DataBundle,
-    split: str,
-    batch_size: int = 512,
-    device=None,
-    amp=None,
-    tune_threshold: bool = False,
-    given_level: int | None = None,
-    env: DistEnv | None = None,
-    num_workers: int = 0,
-    return_prediction: bool = False,
-) -> dict | tuple[dict, Prediction, torch.Tensor]:
-    """Metrics report (see :func:`hiervision.metrics.evaluate`) of a model on one split
-    (``return_prediction``: ``(report, prediction, targets)``, e.g. for plots of the same predictions).
-
-    ``tune_threshold`` (multi-label, validation only): first set the model's decision threshold to
-    the one that maximises path F1 on these predictions (Koo et al., Sec. 4.2), then report at it.
-    ``given_level``: predict with the true ancestor at that depth given (see :func:`predict_dataset`).
-    """
-    device = device or next(model.parameters()).device
-    dataset = {"train": data.train, "val": data.val, "test": data.test}[split]
-    t0 = time.perf_counter()
-    pred, targets = predict_dataset(model, data, dataset, batch_size, device, amp, given_level, env, num_workers)
-    seconds = time.perf_counter() - t0
-    if tune_threshold and data.multi_label:
-        threshold, _ = M.select_threshold(pred.scores, targets.bool(), data.taxonomy, metric="path_f1")
-        model.threshold.fill_(float(threshold))
-        pred.labels = threshold_paths(data.taxonomy, pred.scores, float(threshold))
-    report = {**M.evaluate(pred, targets, data.taxonomy), "eval_images_per_s": len(targets) / max(seconds, 1e-9)}
-    return (report, pred, targets) if return_prediction else report
 
 
 # ----------------------------------------------------------------------------- pre-computed features
@@ -380,9 +271,9 @@ class Progress:
         self.epoch, self.step, self.loss_sum, self.seen, self.seconds = self.epoch + 1, 0, 0.0, 0, 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Loop:
-    """What the steps of every epoch share (built once by :func:`train`)."""
+    """What the steps of every epoch share (built once by :func:`build_loop`)."""
 
     model: HierarchicalClassifier
     net: nn.Module  # the model, or its head on pre-computed features
@@ -393,13 +284,20 @@ class Loop:
     loader: BatchLoader
     tcfg: dict
     seed: int
-    device: torch.device
-    amp: torch.dtype | None
     env: DistEnv
+    amp: torch.dtype | None
     base_lrs: list[float]
-    steps_per_epoch: int
+    eval_batch_size: int
     forward: nn.Module | None = None  # DDP / compiled wrapper of ``net``, rebuilt when the frozen set changes
     frozen: frozenset[str] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.loader))
 
 
 def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -424,6 +322,64 @@ def prepare_epoch(loop: Loop, epoch: int) -> None:
         loop.forward, loop.frozen = fwd, frozenset(frozen)
 
 
+def _set_lr(loop: Loop, global_step: int) -> None:
+    for g, base_lr in zip(loop.optimizer.param_groups, loop.base_lrs):
+        g["lr"] = base_lr * lr_factor(global_step, loop.steps_per_epoch, loop.tcfg)
+
+
+def _batch(loop: Loop, images: torch.Tensor, targets: torch.Tensor, gen: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch as the network sees it: augmented (unless the loader's workers did it), normalised, on the device."""
+    images = images.to(loop.device, non_blocking=True)  # the loader already put them there
+    if not loop.data.features:
+        images = loop.data.normalize(images if loop.data.augmented else loop.augment(images, gen))
+        if loop.tcfg["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(loop.device, non_blocking=True)
+
+
+def _accumulate(loop: Loop, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over ``train.accumulate`` micro-batches (DDP syncs gradients on the last only);
+    returns the batch's summed loss and its worst micro-batch loss (inf where one is not finite)."""
+    n, parts = len(images), int(loop.tcfg["accumulate"])
+    chunks = [(x, y) for x, y in zip(images.tensor_split(parts), targets.tensor_split(parts)) if len(x)]
+    total = torch.zeros((), device=loop.device)
+    worst = torch.zeros((), device=loop.device)
+    for i, (x, y) in enumerate(chunks):
+        sync = i == len(chunks) - 1 or not loop.env.enabled
+        with contextlib.nullcontext() if sync else loop.forward.no_sync():
+            with torch.autocast(loop.device.type, dtype=loop.amp, enabled=loop.amp is not None):
+                loss = loop.net.loss(loop.forward(x), y)
+            loop.scaler.scale(loss * (len(x) / n)).backward()
+        loss = loss.detach().float()
+        total += loss * len(x)
+        worst = torch.maximum(worst, torch.where(torch.isfinite(loss), loss, torch.inf))
+    return total, worst
+
+
+def _optimizer_step(loop: Loop) -> None:
+    if loop.tcfg["grad_clip"]:
+        loop.scaler.unscale_(loop.optimizer)
+        nn.utils.clip_grad_norm_(loop.model.parameters(), float(loop.tcfg["grad_clip"]))
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+
+
+def _check_window(loop: Loop, window: torch.Tensor, epoch: int, step: int) -> None:
+    """Stop a diverging run on every rank together: the worst loss since the last check, over all ranks."""
+    worst, max_loss = max_over_ranks(float(window), loop.env), loop.tcfg["max_loss"]
+    window.zero_()
+    if not math.isfinite(worst) or (max_loss is not None and worst > float(max_loss)):
+        check_loss(worst, epoch + 1, step + 1, max_loss, loop.optimizer.param_groups[0]["lr"])
+
+
+def _epoch_bar(loop: Loop, progress: Progress, epoch: int, epochs: int) -> tqdm:
+    n, env = len(loop.data.train), loop.env
+    return tqdm(total=n, initial=min(progress.seen * env.world_size, n), unit="img", unit_scale=True,
+                disable=not (loop.tcfg["progress"] and env.is_main), desc=f"epoch {epoch + 1}/{epochs}",
+                leave=False, dynamic_ncols=True)
+
+
 def train_one_epoch(
     loop: Loop, epoch: int, progress: Progress, stop: StopSignal, save: Callable[[], None], epochs: int
 ) -> bool:
@@ -432,57 +388,28 @@ def train_one_epoch(
     ``train.batch_size`` is the global batch: each rank gets its slice, split again into
     ``train.accumulate`` micro-batches whose gradients add up before one optimizer step.
     """
-    tcfg, env, device = loop.tcfg, loop.env, loop.device
+    env, every = loop.env, int(loop.tcfg["checkpoint_every"])
+    check_every = 1 if loop.device.type == "cpu" else 25  # loss checks read the device: not every step on a GPU
     prepare_epoch(loop, epoch)
-    loader = loop.loader.set_epoch(epoch, progress.step)
-    accumulate, every = int(tcfg["accumulate"]), int(tcfg["checkpoint_every"])
-    check_every = 1 if device.type == "cpu" else 25  # loss checks read the device: not every step on a GPU
-    max_loss = tcfg["max_loss"]
-    loss_sum = torch.zeros((), device=device)
-    window = torch.zeros((), device=device)  # worst loss since the last check
-    bar = tqdm(total=len(loop.data.train), initial=min(progress.seen * env.world_size, len(loop.data.train)),
-               unit="img", unit_scale=True, disable=not (tcfg["progress"] and env.is_main),
-               desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+    loss_sum = torch.zeros((), device=loop.device)
+    window = torch.zeros((), device=loop.device)  # worst loss since the last check
     t0 = time.perf_counter() - progress.seconds
-    for step, (images, targets) in enumerate(loader, start=progress.step):
-        global_step = epoch * loop.steps_per_epoch + step
-        for g, base_lr in zip(loop.optimizer.param_groups, loop.base_lrs):
-            g["lr"] = base_lr * lr_factor(global_step, loop.steps_per_epoch, tcfg)
-        torch.manual_seed(_step_seed(loop.seed, epoch, step, env.rank))  # dropout and other torch randomness
-        gen = torch.Generator().manual_seed(_step_seed(loop.seed, epoch, step, env.rank))  # augmentation
-        images = images.to(device, non_blocking=True)  # the loader already put them there
-        if not loop.data.features:
-            # lazy sets with a per-image pipeline were augmented in the loader's workers
-            images = loop.data.normalize(images if loop.data.augmented else loop.augment(images, gen))
-            if tcfg["channels_last"]:
-                images = images.contiguous(memory_format=torch.channels_last)
-        targets = targets.to(device, non_blocking=True)
-        loop.optimizer.zero_grad(set_to_none=True)
-        n = len(images)
-        chunks = list(zip(images.tensor_split(accumulate), targets.tensor_split(accumulate)))
-        chunks = [(x, y) for x, y in chunks if len(x)]
-        for i, (x, y) in enumerate(chunks):
-            sync = i == len(chunks) - 1 or not env.enabled
-            with (contextlib.nullcontext() if sync else loop.forward.no_sync()):
-                with torch.autocast(device.type, dtype=loop.amp, enabled=loop.amp is not None):
-                    loss = loop.net.loss(loop.forward(x), y)
-                loop.scaler.scale(loss * (len(x) / n)).backward()
-            loss = loss.detach().float()
-            loss_sum += loss * len(x)
-            window = torch.maximum(window, torch.where(torch.isfinite(loss), loss, torch.inf))
-        if tcfg["grad_clip"]:
-            loop.scaler.unscale_(loop.optimizer)
-            nn.utils.clip_grad_norm_(loop.model.parameters(), float(tcfg["grad_clip"]))
-        loop.scaler.step(loop.optimizer)
-        loop.scaler.update()
-        progress.step, progress.seen = step + 1, progress.seen + n
-        bar.update(n * env.world_size)
-        if (step + 1) % check_every == 0 or progress.step == len(loop.loader):
-            worst = max_over_ranks(float(window), env)  # every rank stops together, or none does
-            window.zero_()
-            if not math.isfinite(worst) or (max_loss is not None and worst > float(max_loss)):
-                bar.close()
-                check_loss(worst, epoch + 1, step + 1, max_loss, loop.optimizer.param_groups[0]["lr"])
+    with _epoch_bar(loop, progress, epoch, epochs) as bar:
+        for step, (images, targets) in enumerate(loop.loader.set_epoch(epoch, progress.step), start=progress.step):
+            _set_lr(loop, epoch * loop.steps_per_epoch + step)
+            torch.manual_seed(_step_seed(loop.seed, epoch, step, env.rank))  # dropout and other torch randomness
+            gen = torch.Generator().manual_seed(_step_seed(loop.seed, epoch, step, env.rank))  # augmentation
+            images, targets = _batch(loop, images, targets, gen)
+            loop.optimizer.zero_grad(set_to_none=True)
+            total, worst = _accumulate(loop, images, targets)
+            loss_sum += total
+            torch.maximum(window, worst, out=window)
+            _optimizer_step(loop)
+            progress.step, progress.seen = step + 1, progress.seen + len(images)
+            bar.update(len(images) * env.world_size)
+            if (step + 1) % check_every and progress.step != len(loop.loader):
+                continue
+            _check_window(loop, window, epoch, step)
             progress.loss_sum += float(loss_sum)
             loss_sum.zero_()
             bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.3f}")
@@ -491,9 +418,7 @@ def train_one_epoch(
             if stopping or (every and progress.step % every == 0 and progress.step < len(loop.loader)):
                 save()
             if stopping:
-                bar.close()
                 return False
-    bar.close()
     progress.loss_sum += float(loss_sum)
     progress.seconds = time.perf_counter() - t0
     return True
@@ -533,129 +458,160 @@ def train(
 
 def _train(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_this_call: int | None,
            allow_changed_data: bool) -> dict[str, Any]:
-    tcfg, seed = cfg["train"], int(cfg["seed"])
-    if tcfg["threads"]:
-        torch.set_num_threads(int(tcfg["threads"]))
-    # set both ways: a later run in the same process must not inherit an earlier run's choice
-    torch.backends.cudnn.deterministic = bool(tcfg["deterministic"])
-    torch.backends.cudnn.benchmark = not tcfg["deterministic"]
-    device = env.device
-    amp = autocast_dtype(tcfg["amp"], device)
-
-    # --- data and model
-    torch.manual_seed(seed)
-    data = run_data(cfg)
-    check_given_level(cfg["eval"]["given_level"], data.taxonomy, "eval.given_level")
-    if tcfg["pseudo_labels"]:
-        data = pseudo_label(cfg, data, out / "round1", resume, env, amp)
-        torch.manual_seed(seed)  # the model starts as it would without the first round
-    taxonomy = data.taxonomy
-    model = run_model(cfg, taxonomy, data.meta())
-    if tcfg["sync_bn"] and env.enabled:
-        if device.type != "cuda":
-            raise ConfigError("train.sync_bn: PyTorch's SyncBatchNorm runs on CUDA devices only (use it with NCCL)")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if tcfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
+    tcfg = cfg["train"]
+    _configure_backends(tcfg)
+    amp = autocast_dtype(tcfg["amp"], env.device)
+    data = build_run_data(cfg, out, resume, env, amp)
+    model = build_run_model(cfg, data, env)
     optimizer = build_optimizer(model.parameters(), tcfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them with scheduled values
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp is torch.float16)
+    record = data.split_record()
+    progress = resume_progress(out, cfg, data, model, optimizer, scaler, allow_changed_data, env) if resume \
+        else Progress()
+    loop = build_loop(cfg, model, data, optimizer, scaler, base_lrs, env, amp)
+    if env.is_main:
+        if progress.epoch == 0 and progress.step == 0:
+            set_aside(out)  # a previous run's outputs are moved to previous/, never deleted
+        data.taxonomy.save(out / "taxonomy.json")
+        atomic_write_text(out / "config.yaml", dump(cfg))
+        write_split_record(out / "splits.json", record)
+    save = functools.partial(save_run_checkpoint, loop, progress, cfg, out)
     select_key = cfg["eval"]["select"]
     if select_key == "auto":
         select_key = "path_f1" if data.multi_label else "path_accuracy"
-
-    # --- resume, or start a fresh run (a previous run's outputs are moved to previous/, never deleted)
-    progress = Progress()
-    last = out / "last.pt"
-    record = data.split_record()
-    if resume and last.exists():
-        state = load_checkpoint(last, taxonomy)
-        if state["config"] != dump(cfg):
-            raise TrainingError(f"{out}: holds a run with another config; use a new --out folder or --no-resume")
-        change = verify_split_record(out / "splits.json", record, allow_changed_data)
-        if change and env.is_main:
-            print(f"hiervision: warning: {out / 'splits.json'}: {change}", file=sys.stderr)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        progress = Progress(state["epoch"], state.get("step", 0), state["best"], list(state["history"]),
-                            **state.get("partial", {}))
-    net: nn.Module = model  # what the epochs run: the model on images, or its head on cached features
-    if tcfg["precompute_features"]:
-        data = precompute_features(model, data, cfg["eval"]["batch_size"], device, amp, env)
-        net = _FeatureHead(model)
-    if env.is_main:
-        if progress.epoch == 0 and progress.step == 0:
-            set_aside(out)
-        taxonomy.save(out / "taxonomy.json")
-        atomic_write_text(out / "config.yaml", dump(cfg))
-        write_split_record(out / "splits.json", record)
-
-    def save_checkpoint_as(*names: str) -> None:
-        """Rank 0 writes; every rank waits, so a later read (resume, best.pt for the test) sees the file."""
-        if env.is_main:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": progress.epoch,
-                "step": progress.step,
-                "partial": {"loss_sum": progress.loss_sum, "seen": progress.seen, "seconds": progress.seconds},
-                "best": progress.best,
-                "history": progress.history,
-                "config": dump(cfg),
-                "taxonomy_fingerprint": taxonomy.fingerprint,
-                "meta": data.meta(),
-                "world_size": env.world_size,
-            }
-            for name in names:
-                save_checkpoint(out / name, state)
-        barrier(env)
-
-    # --- epochs
     epochs = int(tcfg["epochs"])
-    loop = Loop(
-        model, net, optimizer, scaler, BatchAugment(**(tcfg["augment"] or {})), data,
-        BatchLoader(data.train, tcfg["batch_size"], shuffle=True, seed=seed, num_workers=tcfg["num_workers"],
-                    device=device, rank=env.rank, world_size=env.world_size),
-        tcfg, seed, device, amp, env, base_lrs, 1,
-    )
-    loop.steps_per_epoch = max(1, len(loop.loader))
     stop_at = epochs if max_epochs_this_call is None else min(epochs, progress.epoch + max_epochs_this_call)
-    with StopSignal() as stop:
-        while progress.epoch < stop_at:
-            epoch = progress.epoch
-            if not train_one_epoch(loop, epoch, progress, stop, lambda: save_checkpoint_as("last.pt"), epochs):
-                signum = int(stop.requested or signal.SIGTERM)
-                raise Preempted(f"interrupted by {signal.Signals(signum).name} at epoch {epoch + 1}, step "
-                                f"{progress.step}; checkpoint saved to {last} — run the same command again to resume",
-                                signum)
-            row = validate(loop, epoch, progress, select_key, cfg["eval"]["batch_size"])
-            names = ["last.pt"]
-            if row["score"] > progress.best:
-                progress.best = row["score"]
-                names.insert(0, "best.pt")
-            progress.history.append(row["log"])
-            progress.end_epoch()
-            save_checkpoint_as(*names)
-            if env.is_main:
-                _write_log(out / "log.csv", progress.history)
+    run_epochs(loop, progress, stop_at, save, select_key, out)
     if stop_at < epochs:
         return {"stopped_at_epoch": stop_at}
-    result = test_report(loop, cfg, out, progress, select_key)
+    result = report_on_test(loop, cfg, out, progress, select_key)
     if env.is_main:
         atomic_write_json(out / "metrics.json", result)
     barrier(env)
     return result
 
 
-def validate(loop: Loop, epoch: int, progress: Progress, select_key: str, batch_size: int) -> dict[str, Any]:
+def _configure_backends(tcfg: dict) -> None:
+    if tcfg["threads"]:
+        torch.set_num_threads(int(tcfg["threads"]))
+    # set both ways: a later run in the same process must not inherit an earlier run's choice
+    torch.backends.cudnn.deterministic = bool(tcfg["deterministic"])
+    torch.backends.cudnn.benchmark = not tcfg["deterministic"]
+
+
+def build_run_data(cfg: dict, out: Path, resume: bool, env: DistEnv, amp: torch.dtype | None) -> DataBundle:
+    """The run's data (:func:`~hiervision.experiment.run_data`), pseudo-labelled first where the config asks."""
+    torch.manual_seed(int(cfg["seed"]))
+    data = run_data(cfg)
+    check_given_level(cfg["eval"]["given_level"], data.taxonomy, "eval.given_level")
+    if cfg["train"]["pseudo_labels"]:
+        data = pseudo_label(cfg, data, out / "round1", resume, env, amp)
+        torch.manual_seed(int(cfg["seed"]))  # the model starts as it would without the first round
+    return data
+
+
+def build_run_model(cfg: dict, data: DataBundle, env: DistEnv) -> HierarchicalClassifier:
+    """The run's model (:func:`~hiervision.experiment.run_model`) on its device, in its memory format."""
+    model = run_model(cfg, data.taxonomy, data.meta())
+    if cfg["train"]["sync_bn"] and env.enabled:
+        if env.device.type != "cuda":
+            raise ConfigError("train.sync_bn: PyTorch's SyncBatchNorm runs on CUDA devices only (use it with NCCL)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(env.device)
+    return model.to(memory_format=torch.channels_last) if cfg["train"]["channels_last"] else model
+
+
+def resume_progress(out: Path, cfg: dict, data: DataBundle, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, allow_changed_data: bool, env: DistEnv) -> Progress:
+    """Load ``last.pt`` into the model, optimizer and scaler where the run has one; where it stopped."""
+    last = out / "last.pt"
+    if not last.exists():
+        return Progress()
+    state = load_checkpoint(last, data.taxonomy)
+    if state["config"] != dump(cfg):
+        raise TrainingError(f"{out}: holds a run with another config; use a new --out folder or --no-resume")
+    change = verify_split_record(out / "splits.json", data.split_record(), allow_changed_data)
+    if change and env.is_main:
+        print(f"hiervision: warning: {out / 'splits.json'}: {change}", file=sys.stderr)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    return Progress(state["epoch"], state.get("step", 0), state["best"], list(state["history"]),
+                    **state.get("partial", {}))
+
+
+def build_loop(cfg: dict, model: HierarchicalClassifier, data: DataBundle, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, base_lrs: list[float], env: DistEnv, amp: torch.dtype | None) -> Loop:
+    """The epochs' shared state; ``train.precompute_features`` swaps the images for the backbone's features."""
+    tcfg, seed, net = cfg["train"], int(cfg["seed"]), model
+    if tcfg["precompute_features"]:
+        data = precompute_features(model, data, cfg["eval"]["batch_size"], env.device, amp, env)
+        net = _FeatureHead(model)
+    loader = BatchLoader(data.train, tcfg["batch_size"], shuffle=True, seed=seed, num_workers=tcfg["num_workers"],
+                         device=env.device, rank=env.rank, world_size=env.world_size)
+    augment = BatchAugment(**(tcfg["augment"] or {}))
+    return Loop(model=model, net=net, optimizer=optimizer, scaler=scaler, augment=augment, data=data, loader=loader,
+                tcfg=tcfg, seed=seed, env=env, amp=amp, base_lrs=base_lrs,
+                eval_batch_size=int(cfg["eval"]["batch_size"]))
+
+
+def save_run_checkpoint(loop: Loop, progress: Progress, cfg: dict, out: Path, *names: str) -> None:
+    """Rank 0 writes (atomically); every rank waits, so a later read (resume, best.pt for the test) sees the file."""
+    if loop.env.is_main:
+        state = {
+            "model": loop.model.state_dict(),
+            "optimizer": loop.optimizer.state_dict(),
+            "scaler": loop.scaler.state_dict(),
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "partial": {"loss_sum": progress.loss_sum, "seen": progress.seen, "seconds": progress.seconds},
+            "best": progress.best,
+            "history": progress.history,
+            "config": dump(cfg),
+            "taxonomy_fingerprint": loop.data.taxonomy.fingerprint,
+            "meta": loop.data.meta(),
+            "world_size": loop.env.world_size,
+        }
+        for name in names:
+            save_checkpoint(out / name, state)
+    barrier(loop.env)
+
+
+def run_epochs(loop: Loop, progress: Progress, stop_at: int, save: Callable[..., None], select_key: str,
+               out: Path) -> None:
+    """Train, validate and checkpoint epoch after epoch up to ``stop_at``; a signal saves and raises Preempted."""
+    epochs = int(loop.tcfg["epochs"])
+    with StopSignal() as stop:
+        while progress.epoch < stop_at:
+            epoch = progress.epoch
+            if not train_one_epoch(loop, epoch, progress, stop, lambda: save("last.pt"), epochs):
+                signum = int(stop.requested or signal.SIGTERM)
+                raise Preempted(f"interrupted by {signal.Signals(signum).name} at epoch {epoch + 1}, step "
+                                f"{progress.step}; checkpoint saved to {out / 'last.pt'} — run the same command "
+                                "again to resume", signum)
+            row = validate(loop, epoch, progress, select_key)
+            names = ["last.pt"]
+            if row["score"] > progress.best:
+                progress.best = row["score"]
+                names.insert(0, "best.pt")
+            progress.history.append(row["log"])
+            progress.end_epoch()
+            save(*names)
+            if loop.env.is_main:
+                _write_log(out / "log.csv", progress.history)
+
+
+def _evaluate(loop: Loop, split: str, **kwargs: Any) -> dict[str, Any]:
+    return evaluate_split(loop.net, loop.data, split, loop.eval_batch_size, loop.device, loop.amp, env=loop.env,
+                          num_workers=loop.tcfg["num_workers"], **kwargs)
+
+
+def validate(loop: Loop, epoch: int, progress: Progress, select_key: str) -> dict[str, Any]:
     """Validation metrics after an epoch and the log row (multi-label: at the epoch's own best threshold)."""
-    data, env = loop.data, loop.env
-    val = (evaluate_split(loop.net, data, "val", batch_size, loop.device, loop.amp, tune_threshold=True, env=env,
-                          num_workers=loop.tcfg["num_workers"]) if len(data.val) else {})
+    env = loop.env
+    val = _evaluate(loop, "val", tune_threshold=True) if len(loop.data.val) else {}
     score = val.get(select_key, float(epoch))  # no val split (val_fraction 0): the last epoch is kept
     seen = progress.seen * env.world_size
     log = {
@@ -675,8 +631,6 @@ def calibrated_report(loop: Loop, out: Path, ecfg: dict) -> dict[str, Any]:
     """Test metrics after the post-hoc decisions fitted on validation (``eval.calibrate``): the temperature
     (set on the model), the hedging multipliers and conformal thresholds (``decisions.json``), and beside
     the calibrated report the ``hedged``, ``calibration`` and ``crm`` entries (see :mod:`hiervision.posthoc`)."""
-    from hiervision.posthoc import posthoc_report  # a layer on top of the core, used here once
-
     data, env, bs, kw = loop.data, loop.env, ecfg["batch_size"], {"num_workers": loop.tcfg["num_workers"]}
     t0 = time.perf_counter()
     test, test_t = predict_dataset(loop.net, data, data.test, bs, loop.device, loop.amp, env=env, **kw)
@@ -688,13 +642,10 @@ def calibrated_report(loop: Loop, out: Path, ecfg: dict) -> dict[str, Any]:
             **{k: post[k] for k in ("temperature", "calibration", "hedged", "crm")}}
 
 
-def test_report(loop: Loop, cfg: dict, out: Path, progress: Progress, select_key: str) -> dict[str, Any]:
+def report_on_test(loop: Loop, cfg: dict, out: Path, progress: Progress, select_key: str) -> dict[str, Any]:
     """Test metrics of ``best.pt``: the configured evaluation mode, the others (e.g. HierNet routing), CNN-RNN*."""
-    model, data, env, bs = loop.model, loop.data, loop.env, cfg["eval"]["batch_size"]
-
-    def report(**kw) -> dict[str, Any]:
-        return evaluate_split(loop.net, data, "test", bs, loop.device, loop.amp, env=env,
-                              num_workers=loop.tcfg["num_workers"], **kw)
+    model, data, env = loop.model, loop.data, loop.env
+    report = functools.partial(_evaluate, loop, "test")
 
     best = load_checkpoint(out / "best.pt", data.taxonomy)
     model.load_state_dict(best["model"])
