@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from hiervision.decoding import Prediction
+from hiervision.decoding import Prediction, prefix_logprob
 from hiervision.models.backbones import create_backbone
 from hiervision.taxonomy import Taxonomy, TreeTables
 
@@ -129,6 +129,37 @@ class HierarchicalClassifier(nn.Module):
         path itself: the score its beam search ranks by. Comparing the true path's score with the
         decoded one's tells a search error (a wider beam would help) from a model error (it would not)."""
         raise ValueError(f"model {type(self).__name__}: its decoding has no beam search whose score to read")
+
+    # -- deployment: what hiervision.export puts in the graph and how hiervision.runtime decodes it ------
+    def decoder_settings(self) -> dict:
+        """How :mod:`hiervision.runtime` turns this model's exported outputs into the paths ``predict`` gives:
+        ``{"kind": ..., "end_nodes": ..., ...}`` with a kind the runtime knows (``exact``: the most probable
+        path ending at an allowed node; ``independent``: each level's argmax; ``routing``: follow the best
+        child; ``beam_steps``: beam search over exported per-step log-probabilities; ``beam``: beam search
+        calling the exported decoder step, whose state tensors ``"state"`` names; ``multi_label``: every
+        path whose nodes pass ``threshold``). Multi-label heads share the last one."""
+        if self.multi_label:
+            return {"kind": "multi_label", "end_nodes": "leaves", "threshold": float(self.threshold)}
+        raise NotImplementedError(f"model {type(self).__name__} does not say how it is decoded when exported")
+
+    def export_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The exported graph of a head that scores every path at once: ``scores`` ``(B, N+1)`` (its
+        :attr:`Prediction.scores`), ``path_logprob`` ``(B, N+1)`` (log-probability of the path ending at each
+        node), and any other output its decoder kind reads (``step_logprob`` for ``beam_steps``)."""
+        raise NotImplementedError(f"model {type(self).__name__} has no exportable graph")
+
+    def export_encoder(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Autoregressive heads (decoder kind ``beam``): images → the decoder's start state, batch-first."""
+        raise NotImplementedError(f"model {type(self).__name__} has no exportable decoder")
+
+    def export_step(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Autoregressive heads: ONE decoder step, ``(tokens, *state) → (next-token log-probs, *state)``. The
+        search stays outside the graph (in numpy), so every beam width decodes the same exported step."""
+        raise NotImplementedError(f"model {type(self).__name__} has no exportable decoder")
+
+    def _multi_label_outputs(self, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Exported outputs of independent sigmoid scores ``(B, N+1)``."""
+        return {"scores": scores, "path_logprob": prefix_logprob(self.taxonomy, torch.log(scores.clamp_min(1e-12)))}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named parameter groups that freeze schedules refer to (``backbone``/``cnn`` and ``head``/``rnn``)."""

@@ -182,6 +182,26 @@ class _DHNN(HierarchicalClassifier):
                                 step_lp.device)
         return paths[:, 0], lp[:, 0]
 
+    def decoder_settings(self) -> dict:
+        if self.multi_label:
+            return super().decoder_settings()
+        if self.decode_mode == "beam":
+            return {"kind": "beam_steps", "end_nodes": self.end_nodes, "beam_width": self.beam_width}
+        return {"kind": "exact", "end_nodes": self.end_nodes}
+
+    def export_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self(images)["logits"].float()
+        if self.multi_label:
+            return self._multi_label_outputs(self._node_view(torch.sigmoid(logits)))
+        step_lp = logits.log_softmax(-1)
+        prefix = prefix_logprob(self.taxonomy, self._node_view(step_lp))
+        out = {"scores": prefix.exp(), "path_logprob": prefix + self._end_logprob(step_lp)}
+        return {**out, "step_logprob": step_lp} if self.decode_mode == "beam" else out
+
+    def _end_logprob(self, step_lp: torch.Tensor) -> torch.Tensor | float:
+        """``(B, N+1)`` log-probability of stopping right after each node (0 where paths stop by depth)."""
+        return 0.0
+
     def _multi_label_targets(self, targets: torch.Tensor, num_steps: int) -> torch.Tensor:
         """``(B, N+1)`` path-end marks → ``(B, S, N+1)`` per-level multi-hot of the closed label set."""
         closed = self.tables.close_upwards(targets).float()
@@ -209,6 +229,8 @@ class CnnRnn(_DHNN):
     nodes of its level by LCA height (:func:`hiervision.losses.soft_label_targets`), as for Guo's
     per-level heads; nodes of other levels get none.
     """
+
+    end_nodes = "leaves"  # fixed-depth paths: every path ends at a leaf
 
     def __init__(self, taxonomy: Taxonomy, residual: bool = False, loss_type: str = "ce", loss_beta: float = 10.0,
                  **kwargs) -> None:
@@ -413,6 +435,25 @@ class CnnS2S(_DHNN):
 
     def _decoder_logits(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
         return self._teacher_forced(outputs, paths) if self.feed == "label" else outputs["logits"]
+
+    def _end_logprob(self, step_lp: torch.Tensor) -> torch.Tensor:
+        return step_lp[:, self.tables.depth.clamp(max=self._out_steps - 1), EOS].clamp(min=-1e4)
+
+    def decoder_settings(self) -> dict:
+        if self.feed != "label" or self.multi_label:
+            return super().decoder_settings()
+        return {"kind": "beam", "end_nodes": self.end_nodes, "beam_width": self.beam_width,
+                "max_steps": self._out_steps, "state": ["state0", "state1"]}
+
+    def export_encoder(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h, c = self.encode(images)  # (layers, B, W) → (B, layers, W): every exported tensor is batch-first
+        return h.transpose(0, 1).contiguous(), c.transpose(0, 1).contiguous()
+
+    def export_step(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h, c = (s.transpose(0, 1).contiguous() for s in state)
+        out, (h, c) = self.decoder(self.embed(tokens).unsqueeze(1), (h, c))
+        return (self.out(out[:, 0]).float().log_softmax(-1), h.transpose(0, 1).contiguous(),
+                c.transpose(0, 1).contiguous())
 
     @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:

@@ -105,6 +105,17 @@ class FlatClassifier(HierarchicalClassifier):
         allowed = self.class_paths[given]  # (B, C): classes whose path passes through the given node
         return self._best_class(outputs["logits"].float().softmax(1), allowed)
 
+    def decoder_settings(self) -> dict:
+        return super().decoder_settings() if self.multi_label else {"kind": "exact", "end_nodes": self.end_nodes}
+
+    def export_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self(images)["logits"].float()
+        if self.multi_label:
+            return self._multi_label_outputs(F.pad(torch.sigmoid(logits), (1, 0)))
+        probs = logits.softmax(1)
+        onehot = F.one_hot(self.classes, self.taxonomy.num_nodes).float()  # class c → its node
+        return {"scores": probs @ self.class_paths.T.float(), "path_logprob": torch.log(probs @ onehot)}
+
     def _best_class(self, probs: torch.Tensor, allowed: torch.Tensor | None = None) -> Prediction:
         scores = probs @ self.class_paths.T.to(probs.dtype)  # marginal probability of every node
         best_prob, best = (probs if allowed is None else probs.masked_fill(~allowed, 0)).max(1)

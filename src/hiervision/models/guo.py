@@ -259,6 +259,21 @@ class CnnRnnGenerator(HierarchicalClassifier):
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
         return self._search(outputs["v"], None)
 
+    def decoder_settings(self) -> dict:
+        k = self.beam_width if self.decode_mode == "beam" else 1
+        return {"kind": "beam", "end_nodes": self.end_nodes, "beam_width": k, "max_steps": self.num_steps,
+                "state": ["state0", "state1", "state2"]}
+
+    def export_encoder(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        vg = self.cell.visual(self.backbone(images))  # the image's gate input, carried as state for every step
+        h, c = self._zero_state(len(vg), vg)
+        return h, c, vg
+
+    def export_step(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h, c, vg = state
+        h, c = self.cell(self.embed(tokens), (h, c), vg)
+        return self.out(h).float().log_softmax(-1), h, c, vg
+
     @full_precision
     def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
         return self._search(outputs["v"], given)
@@ -384,6 +399,16 @@ class MultiHeadGenerator(HierarchicalClassifier):
         # network on level 2 implies level 1, as a flat prediction implies its path)
         implied = self.tables.paths[paths[:, -1], : paths.shape[1]]
         return Prediction(torch.where(paths == PAD, implied, paths), node_lp.exp(), lp.exp())
+
+    def decoder_settings(self) -> dict:
+        if self.decode_mode == "exact":
+            return {"kind": "exact", "end_nodes": "leaves"}
+        return {"kind": "independent", "end_nodes": "leaves", "level_depths": list(self.levels),
+                "levels": [list(self.taxonomy.levels[lv - 1]) for lv in self.levels], "depth": self.levels[-1]}
+
+    def export_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        node_lp = self._node_logprob(self(images))
+        return {"scores": node_lp.exp(), "path_logprob": prefix_logprob(self.taxonomy, node_lp)}
 
     @full_precision
     def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:

@@ -252,6 +252,13 @@ class HierNet(HierarchicalClassifier):
         node, best = best_leaf_below(self.tables, lp, given)
         return Prediction(self.tables.paths[node], lp.exp(), best.exp())
 
+    def decoder_settings(self) -> dict:
+        return {"kind": "routing" if self.eval_mode == "routing" else "exact", "end_nodes": "leaves"}
+
+    def export_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        lp = self._node_logprob(images)  # already whole-path log-probabilities
+        return {"scores": lp.exp(), "path_logprob": lp}
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, split={self.split}, extra_blocks={self.extra_blocks}, eval={self.eval_mode}"
 
