@@ -271,51 +271,10 @@ def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, Hi
         note = "Tiny-ImageNet-200 (test split = the labelled val set)"
         size = None  # already resized before caching
     elif name in ("folder", "manifest"):
-        test_fraction = _frac(cfg, "test_fraction", 0.2)
-        max_pixels = _max_pixels(cfg)
-        if name == "folder":
-            from hiervision.data.folder import load_folder
-
-            pool = load_folder(_path(cfg, "root", required=True), _channels(cfg), size, max_pixels)
-            splits = None
-        else:
-            from hiervision.data.manifest import load_manifest
-
-            ml = cfg.get("multi_label")
-            if ml not in (None, True, False):
-                raise ValueError(f"data.multi_label: must be true, false or null, got {ml!r}")
-            pool, splits = load_manifest(_path(cfg, "manifest", required=True), _path(cfg, "taxonomy", required=True),
-                                         _path(cfg, "root"), ml, _channels(cfg), size, max_pixels)
-        pool, keep, bad = _checked(cfg, name, pool)
-        if splits is not None:
-            splits = [splits[i] for i in keep]
-            col = torch.tensor([("train", "val", "test").index(s) for s in splits])
-            train, val, test = (pool.subset(torch.nonzero(col == k).flatten()) for k in range(3))
-            note = f"{name} with the manifest's own split column"
-        else:
-            rest, held = hash_split(pool.ids, test_fraction, seed, "test")
-            if test_fraction > 0 and len(held) == 0:
-                raise ValueError(f"data.test_fraction: a {test_fraction:g} split of {len(pool)} images by path hash "
-                                 "holds none of them; add images, raise the fraction or change data.split_seed")
-            train, test = pool.subset(rest), pool.subset(held)
-            note = f"{name} {cfg.get('root') or cfg.get('manifest')} (test = {test_fraction:g} split by path hash)"
-        if bad:
-            note += f"; {len(bad)} unreadable images skipped"
+        train, test, val, note, bad = _load_files(cfg, name, seed, size)
         size = None  # the reader resizes
     elif name == "shards":
-        from hiervision.data.shards import load_shards
-
-        splits, _ = load_shards(_path(cfg, "root", required=True), _channels(cfg), size)
-        order = cfg.get("shard_order", False)
-        if not isinstance(order, bool):
-            raise ValueError(f"data.shard_order: must be true or false, got {order!r}")
-        for ds in splits.values():
-            ds.shard_order = order
-        if "train" not in splits or "test" not in splits:
-            raise ValueError(f"data.root: {cfg['root']} has no {'train' if 'train' not in splits else 'test'} split")
-        train, test = splits["train"], splits["test"]
-        val = splits["val"] if len(splits.get("val", ())) else None
-        note = f"shards {cfg['root']} (the packed train/val/test splits)"
+        train, test, val, note = _load_shards(cfg, size)
         size = None  # the shards' reader resizes
     elif name == "cifar100":
         from hiervision.data.cifar100 import load_cifar100
@@ -331,6 +290,63 @@ def _load(cfg: dict, name: str, seed: int) -> tuple[HierDataset, HierDataset, Hi
     if val is not None:
         val = _resized(val, size)
     return _resized(train, size), _resized(test, size), val, note, bad
+
+
+def _load_files(cfg: dict, name: str, seed: int, size: int | tuple[int, int] | None
+                ) -> tuple[HierDataset, HierDataset, HierDataset | None, str, list[str]]:
+    """A folder of class folders or a manifest CSV: ``(train, test, val or None, note, skipped bad images)``;
+    the test split is the manifest's own column or a hash split by path (``data.test_fraction``)."""
+    val = None
+    test_fraction = _frac(cfg, "test_fraction", 0.2)
+    max_pixels = _max_pixels(cfg)
+    if name == "folder":
+        from hiervision.data.folder import load_folder
+
+        pool = load_folder(_path(cfg, "root", required=True), _channels(cfg), size, max_pixels)
+        splits = None
+    else:
+        from hiervision.data.manifest import load_manifest
+
+        ml = cfg.get("multi_label")
+        if ml not in (None, True, False):
+            raise ValueError(f"data.multi_label: must be true, false or null, got {ml!r}")
+        pool, splits = load_manifest(_path(cfg, "manifest", required=True), _path(cfg, "taxonomy", required=True),
+                                     _path(cfg, "root"), ml, _channels(cfg), size, max_pixels)
+    pool, keep, bad = _checked(cfg, name, pool)
+    if splits is not None:
+        splits = [splits[i] for i in keep]
+        col = torch.tensor([("train", "val", "test").index(s) for s in splits])
+        train, val, test = (pool.subset(torch.nonzero(col == k).flatten()) for k in range(3))
+        note = f"{name} with the manifest's own split column"
+    else:
+        rest, held = hash_split(pool.ids, test_fraction, seed, "test")
+        if test_fraction > 0 and len(held) == 0:
+            raise ValueError(f"data.test_fraction: a {test_fraction:g} split of {len(pool)} images by path hash "
+                             "holds none of them; add images, raise the fraction or change data.split_seed")
+        train, test = pool.subset(rest), pool.subset(held)
+        note = f"{name} {cfg.get('root') or cfg.get('manifest')} (test = {test_fraction:g} split by path hash)"
+    if bad:
+        note += f"; {len(bad)} unreadable images skipped"
+    return train, test, val, note, bad
+
+
+def _load_shards(cfg: dict, size: int | tuple[int, int] | None
+                 ) -> tuple[HierDataset, HierDataset, HierDataset | None, str]:
+    """Packed tar shards (``hiervision data pack``) with their own train/val/test splits."""
+    from hiervision.data.shards import load_shards
+
+    splits, _ = load_shards(_path(cfg, "root", required=True), _channels(cfg), size)
+    order = cfg.get("shard_order", False)
+    if not isinstance(order, bool):
+        raise ValueError(f"data.shard_order: must be true or false, got {order!r}")
+    for ds in splits.values():
+        ds.shard_order = order
+    if "train" not in splits or "test" not in splits:
+        raise ValueError(f"data.root: {cfg['root']} has no {'train' if 'train' not in splits else 'test'} split")
+    train, test = splits["train"], splits["test"]
+    val = splits["val"] if len(splits.get("val", ())) else None
+    note = f"shards {cfg['root']} (the packed train/val/test splits)"
+    return train, test, val, note
 
 
 def _max_pixels(cfg: dict) -> int | None:

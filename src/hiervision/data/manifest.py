@@ -46,70 +46,78 @@ def load_manifest(
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: manifest CSV not found (cfg manifest)")
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else _load_taxonomy(taxonomy)
-    base = Path(root) if root is not None else manifest.parent
-    sources: list[str] = []
-    labels: list[list[int]] = []
-    splits: list[str] = []
-    ids: list[str] = []
+    rows = _read_rows(manifest, tax, Path(root) if root is not None else manifest.parent)
+    if not rows:
+        raise ValueError(f"{manifest}: no rows")
+    sources, ids, labels, splits = (list(col) for col in zip(*rows))
+    targets = _targets(manifest, tax, labels, multi_label)
+    probe_c, probe_hw = first_readable(ImageReader(3, max_pixels=max_pixels), sources)
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    reader = ImageReader(channels or probe_c, tuple(size) if size else probe_hw, max_pixels=max_pixels)
+    return FileImageDataset(sources, targets, tax, reader, ids=ids), (None if splits[0] is None else splits)
+
+
+def _read_rows(manifest: Path, tax: Taxonomy, base: Path) -> list[tuple[str, str, list[int], str | None]]:
+    """``(image file, sample id, label nodes, split or None)`` per row, each row checked in one line."""
+    rows = []
     first_line: dict[str, int] = {}
     with open(manifest, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields = set(reader.fieldnames or ())
         if not {"path", "label"} <= fields:
             raise ValueError(f"{manifest}: header must name 'path' and 'label' columns, got {sorted(fields)}")
-        has_split = "split" in fields
         for row in reader:
             line = reader.line_num
             path = (row["path"] or "").strip()
             if not path:
                 raise ValueError(f"{manifest}: line {line}: empty path")
-            nodes = []
-            for label in (row["label"] or "").split(";"):
-                label = label.strip()
-                if not label:
-                    continue
-                try:
-                    nodes.append(tax.index(label))
-                except TaxonomyError as e:
-                    raise ValueError(f"{manifest}: line {line}: label {label!r} is not in the taxonomy ({e})") from None
+            nodes = _labels(manifest, line, tax, row["label"] or "")
             if not nodes:
                 raise ValueError(f"{manifest}: line {line}: no label for {path!r}")
             key = PurePosixPath(path.replace("\\", "/")).as_posix()
             if key in first_line:
                 raise ValueError(f"{manifest}: line {line}: {path!r} already listed on line {first_line[key]}")
             first_line[key] = line
-            if has_split:
+            split = None
+            if "split" in fields:
                 split = (row["split"] or "").strip().lower()
                 if split not in SPLITS:
                     raise ValueError(f"{manifest}: line {line}: split must be train, val or test, got {split!r}")
-                splits.append(split)
             full = Path(path) if Path(path).is_absolute() else base / path
             if not full.is_file():
                 raise FileNotFoundError(f"{full}: image listed in {manifest} line {line} not found")
             if is_hidden(full.name):
                 raise ValueError(f"{manifest}: line {line}: {path!r} is a hidden file")
-            sources.append(str(full))
-            ids.append(key)
-            labels.append(nodes)
-    if not sources:
-        raise ValueError(f"{manifest}: no rows")
+            rows.append((str(full), key, nodes, split))
+    return rows
+
+
+def _labels(manifest: Path, line: int, tax: Taxonomy, text: str) -> list[int]:
+    nodes = []
+    for label in (part.strip() for part in text.split(";")):
+        if label:
+            try:
+                nodes.append(tax.index(label))
+            except TaxonomyError as e:
+                raise ValueError(f"{manifest}: line {line}: label {label!r} is not in the taxonomy ({e})") from None
+    return nodes
+
+
+def _targets(manifest: Path, tax: Taxonomy, labels: list[list[int]], multi_label: bool | None) -> torch.Tensor:
+    """Node ids (single-label) or ``(rows, N+1)`` path-end marks (multi-label: the deepest labels only)."""
     several = next((i for i, n in enumerate(labels) if len(set(n)) > 1), None)
     if multi_label is None:
         multi_label = several is not None
     if not multi_label and several is not None:
         raise ValueError(f"{manifest}: row {several + 1} has several labels but multi_label is false")
-    if multi_label:
-        targets = torch.zeros(len(labels), tax.num_nodes, dtype=torch.bool)
-        for i, nodes in enumerate(labels):
-            for n in nodes:  # a label that is an ancestor of another one is not a path end
-                if not any(m != n and n in tax.ancestors(m) for m in nodes):
-                    targets[i, n] = True
-    else:
-        targets = torch.tensor([n[0] for n in labels], dtype=torch.long)
-    probe_c, probe_hw = first_readable(ImageReader(3, max_pixels=max_pixels), sources)
-    size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    reader = ImageReader(channels or probe_c, tuple(size) if size else probe_hw, max_pixels=max_pixels)
-    return FileImageDataset(sources, targets, tax, reader, ids=ids), (splits if has_split else None)
+    if not multi_label:
+        return torch.tensor([n[0] for n in labels], dtype=torch.long)
+    targets = torch.zeros(len(labels), tax.num_nodes, dtype=torch.bool)
+    for i, nodes in enumerate(labels):
+        for n in nodes:  # a label that is an ancestor of another one is not a path end
+            if not any(m != n and n in tax.ancestors(m) for m in nodes):
+                targets[i, n] = True
+    return targets
 
 
 def _load_taxonomy(path: str | os.PathLike) -> Taxonomy:
