@@ -47,6 +47,9 @@ BAD = [
     ("eval.batch_size=-3", r"'eval.batch_size' must be ≥ 1"),
     ("eval.given_level=0", r"'eval.given_level' must be ≥ 1"),
     ("eval.select=", r"'eval.select' must be a non-empty text"),
+    ("eval.decode=crmm", r"'eval.decode' must be one of argmax, crm, got 'crmm'"),
+    ("eval.hedge_targets=[0.9, 1.5]", r"'eval.hedge_targets\[1\]' must be < 1, got 1.5"),
+    ("eval.hedge_targets=0.9", r"'eval.hedge_targets' must be a list"),
     ("seed=-1", r"'seed' must be ≥ 0"),
     ("seed=1.5", r"'seed' must be a whole number"),
     ("data=5", r"'data' must be a mapping"),
@@ -58,6 +61,14 @@ def test_bad_value_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config(overrides=[override])
     assert "\n" not in str(e.value)
+
+
+def test_the_schema_has_a_rule_for_every_key_it_defaults():
+    """A key without a rule would pass validation and fail only after training (eval.decode did)."""
+    from hiervision.config import SCHEMA
+
+    for section in ("train", "eval"):
+        assert set(DEFAULTS[section]) == set(SCHEMA[section]), section
 
 
 def test_defaults_and_new_keys_are_valid():

@@ -257,6 +257,8 @@ SCHEMA: dict[str, Any] = {
         "select": _str(),
         "given_level": _int(lo=1, null=True),
         "calibrate": _calibrate,
+        "decode": _enum("argmax", "crm"),
+        "hedge_targets": _list(_num(lo=0, hi=1, lo_open=True, hi_open=True)),
     },
 }
 
