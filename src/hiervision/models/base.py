@@ -24,6 +24,9 @@ __all__ = ["HierarchicalClassifier"]
 class HierarchicalClassifier(nn.Module):
     """Base class: backbone → head → per-method decoding into tree paths.
 
+    Every head's constructor takes the taxonomy, its own keyword arguments, and passes the rest
+    (``**kwargs``: the ones below) here unchanged: one constructor path for every model.
+
     Args:
         taxonomy: the class tree every output refers to.
         backbone: a registered backbone name or a module keeping the backbone contract
@@ -42,6 +45,7 @@ class HierarchicalClassifier(nn.Module):
     def __init__(
         self,
         taxonomy: Taxonomy,
+        *,
         backbone: str | nn.Module = "resnet20",
         in_chans: int = 3,
         multi_label: bool = False,
@@ -55,7 +59,7 @@ class HierarchicalClassifier(nn.Module):
         self.taxonomy = taxonomy
         # the tree's lookup tables as non-persistent buffers: they follow .to(device), never leave it per step
         self.tables = TreeTables(taxonomy)
-        self.multi_label = multi_label
+        self.multi_label, self.in_chans = multi_label, in_chans
         self.backbone = (
             create_backbone(backbone, in_chans=in_chans, **(backbone_kwargs or {}))
             if isinstance(backbone, str)

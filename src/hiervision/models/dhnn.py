@@ -72,11 +72,7 @@ class _DHNN(HierarchicalClassifier):
     def __init__(
         self,
         taxonomy: Taxonomy,
-        backbone: str | nn.Module = "resnet20",
-        in_chans: int = 3,
-        multi_label: bool = False,
-        backbone_kwargs: dict | None = None,
-        image_size: int | Sequence[int] = 32,
+        *,
         conversion: str = "pool",
         input_size: int = 256,
         hidden_size: int = 512,
@@ -92,9 +88,10 @@ class _DHNN(HierarchicalClassifier):
         dropout: float = 0.0,
         decode: str | None = None,
         beam_width: int = 3,
+        **kwargs,
     ) -> None:
-        super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
-        shapes = self._stage_shapes(in_chans)
+        super().__init__(taxonomy, **kwargs)
+        shapes = self._stage_shapes(self.in_chans)
         steps = steps if steps is not None else default_steps(len(shapes), self._default_num_steps(len(shapes)))
         self.features = StageSequence(shapes, steps, input_size, conversion, linear_shape, conv_out_size,
                                       pool_mode, pool_fallback, norm)

@@ -38,18 +38,16 @@ class FlatClassifier(HierarchicalClassifier):
     def __init__(
         self,
         taxonomy: Taxonomy,
-        backbone: str | nn.Module = "resnet20",
-        in_chans: int = 3,
-        multi_label: bool = False,
+        *,
         end_nodes: str = "leaves",
         dropout: float = 0.0,
-        backbone_kwargs: dict | None = None,
-        image_size: int | tuple[int, int] = 32,
         loss_type: str = "ce",
         loss_beta: float = 10.0,
         loss_alpha: float = 0.1,
+        **kwargs,
     ) -> None:
-        super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
+        super().__init__(taxonomy, **kwargs)
+        multi_label = self.multi_label
         supported = ("ce", "chmcnn") if multi_label else ("ce", "soft_labels", "hxe")
         self.loss_type = check_loss_type(loss_type, supported, "multi-label flat" if multi_label else "flat")
         self.loss_beta, self.loss_alpha = float(loss_beta), float(loss_alpha)

@@ -115,11 +115,7 @@ class CnnRnnGenerator(HierarchicalClassifier):
     def __init__(
         self,
         taxonomy: Taxonomy,
-        backbone: str | nn.Module = "resnet20",
-        in_chans: int = 3,
-        multi_label: bool = False,
-        backbone_kwargs: dict | None = None,
-        image_size: int | Sequence[int] = 32,
+        *,
         embed_size: int = 256,
         hidden_size: int = 512,
         dropout: float = 0.0,
@@ -129,14 +125,15 @@ class CnnRnnGenerator(HierarchicalClassifier):
         level_weights: Sequence[float] | None = None,
         end_weight: float = 1.0,
         scheduled_sampling: float = 0.0,
+        **kwargs,
     ) -> None:
-        super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
+        super().__init__(taxonomy, **kwargs)
         if not 0.0 <= float(scheduled_sampling) <= 1.0:
             raise ValueError(f"model.scheduled_sampling must be a probability in [0, 1], got {scheduled_sampling}")
         if float(end_weight) < 0:
             raise ValueError(f"model.end_weight must be >= 0, got {end_weight}")
         self.scheduled_sampling, self.end_weight = float(scheduled_sampling), float(end_weight)
-        if multi_label:
+        if self.multi_label:
             raise ValueError("model guo_rnn writes one path per image; multi-label data needs flat or dhnn_s2s")
         if end_nodes not in ("leaves", "all"):
             raise ValueError(f"model.end_nodes must be 'leaves' or 'all', got {end_nodes!r}")
@@ -302,24 +299,21 @@ class MultiHeadGenerator(HierarchicalClassifier):
     def __init__(
         self,
         taxonomy: Taxonomy,
-        backbone: str | nn.Module = "resnet20",
-        in_chans: int = 3,
-        multi_label: bool = False,
-        backbone_kwargs: dict | None = None,
-        image_size: int | Sequence[int] = 32,
+        *,
         strategy: str = "parallel",
         levels: Sequence[int] | None = None,
         dropout: float = 0.0,
         decode: str = "independent",
         loss_type: str = "ce",
         loss_beta: float = 10.0,
+        **kwargs,
     ) -> None:
-        super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
+        super().__init__(taxonomy, **kwargs)
         # soft labels per level (Bertinetto et al.): each head's target spread over its level by LCA height
         self.loss_type = check_loss_type(loss_type, ("ce", "soft_labels"), "guo_multihead")
         self.loss_beta = float(loss_beta)
         depth = taxonomy.max_depth
-        if multi_label:
+        if self.multi_label:
             raise ValueError("model guo_multihead is single-label; multi-label data needs flat or dhnn_s2s")
         if not taxonomy.is_fixed_depth:
             raise ValueError("model guo_multihead needs every leaf at the same depth (one head per level); "

@@ -71,11 +71,7 @@ class HierNet(HierarchicalClassifier):
     def __init__(
         self,
         taxonomy: Taxonomy,
-        backbone: str | nn.Module = "resnet20",
-        in_chans: int = 3,
-        multi_label: bool = False,
-        backbone_kwargs: dict | None = None,
-        image_size: int | Sequence[int] = 32,
+        *,
         split: int | Sequence[int] | None = None,
         extra_blocks: int = 0,
         dropout: float = 0.0,
@@ -83,9 +79,10 @@ class HierNet(HierarchicalClassifier):
         loss_type: str = "ce",
         loss_beta: float = 10.0,
         loss_alpha: float = 0.1,
+        **kwargs,
     ) -> None:
-        super().__init__(taxonomy, backbone, in_chans, multi_label, backbone_kwargs, image_size)
-        if multi_label:
+        super().__init__(taxonomy, **kwargs)
+        if self.multi_label:
             raise ValueError("model hiernet is single-label (one route per image)")
         # the conditional output is a softmax over the leaves (products of routers): the flat losses apply
         self.loss_type = check_loss_type(loss_type, ("ce", "soft_labels", "hxe"), "hiernet")
@@ -103,7 +100,7 @@ class HierNet(HierarchicalClassifier):
         if extra_blocks < 0:
             raise ValueError(f"model.extra_blocks must be ≥ 0, got {extra_blocks}")
         tail = [net.norm, net.act] if hasattr(net, "norm") and hasattr(net, "act") else []
-        channels = self._block_channels(net, blocks, in_chans)
+        channels = self._block_channels(net, blocks, self.in_chans)
         self.split, self.extra_blocks = cuts, int(extra_blocks)
         self.set_eval_mode(eval_mode)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 
 from torch import nn
@@ -41,5 +42,8 @@ def create_model(name: str, taxonomy, **kwargs) -> nn.Module:
             raise ValueError(f"model.{unknown[0]}: not an argument of model {name!r}")
     try:
         return fn(taxonomy, **kwargs)
-    except TypeError as e:
+    except TypeError as e:  # heads pass what they do not take on to the base class, which names it
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unknown:
+            raise ValueError(f"model.{unknown.group(1)}: not an argument of model {name!r}") from None
         raise ValueError(f"model {name!r}: {e}") from None
