@@ -44,6 +44,7 @@ from hiervision.experiment import load_run, run_data, run_model
 from hiervision.models import HierarchicalClassifier
 from hiervision.runfolder import RunFolderError, atomic_write_json, atomic_write_text, claim_run_dir, set_aside
 from hiervision.taxonomy import PAD
+from hiervision.tracking import open_tracker
 
 __all__ = ["Preempted", "TrainingError", "evaluate_split", "load_run", "train", "train_one_epoch"]
 
@@ -542,6 +543,8 @@ def _train(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_this_cal
     device = env.device
     amp = autocast_dtype(tcfg["amp"], device)
 
+    tracker = open_tracker(cfg, out, env.is_main)  # train.log_to; a missing library stops here, before any data
+
     # --- data and model
     torch.manual_seed(seed)
     data = run_data(cfg)
@@ -638,6 +641,7 @@ def _train(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_this_cal
                 progress.best = row["score"]
                 names.insert(0, "best.pt")
             progress.history.append(row["log"])
+            tracker.log_epoch(row)
             progress.end_epoch()
             save_checkpoint_as(*names)
             if env.is_main:
@@ -647,6 +651,7 @@ def _train(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_this_cal
     result = test_report(loop, cfg, out, progress, select_key)
     if env.is_main:
         atomic_write_json(out / "metrics.json", result)
+    tracker.finish(result)
     barrier(env)
     return result
 
@@ -668,7 +673,7 @@ def validate(loop: Loop, epoch: int, progress: Progress, select_key: str, batch_
     if loop.tcfg["progress"] and env.is_main:
         tqdm.write(f"epoch {epoch + 1}/{loop.tcfg['epochs']}  loss {log['train_loss']:.4f}  "
                    f"val {select_key} {score:.4f}  {log['train_images_per_s']:.0f} img/s")
-    return {"score": score, "log": log}
+    return {"score": score, "log": log, "val": val}
 
 
 def calibrated_report(loop: Loop, out: Path, ecfg: dict) -> dict[str, Any]:
