@@ -20,6 +20,8 @@ from hiervision.config import ConfigError, check_given_level, load_config, merge
 from hiervision.imagefile import find_images
 from hiervision.taxonomy import Taxonomy, TaxonomyError
 
+__all__ = ["build_parser", "main"]
+
 USER_ERRORS = (ConfigError, TaxonomyError, CheckpointError, FileNotFoundError, ValueError, OSError)
 
 
@@ -481,6 +483,7 @@ def _add_beam_width(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``hiervision`` argument parser (the docs site's CLI reference is generated from it)."""
     p = argparse.ArgumentParser(prog="hiervision", description="Hierarchical image classification.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -608,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``hiervision`` command; returns the exit status (user errors: one line on stderr, 1)."""
     from hiervision.training import Preempted
 
     args = build_parser().parse_args(argv)
