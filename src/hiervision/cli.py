@@ -348,6 +348,11 @@ DEMO_BASE = {
 }
 # the default demo's budget (≤ 3 min on 2 CPU cores without bf16); `demo --full` keeps DEMO_BASE's
 DEMO_QUICK = {"data": {"limit_train": 4000, "limit_test": 4000}, "train": {"epochs": 2}}
+#: under the table: what the comparison (benchmarks/comparison.py, 3 paired seeds) found at a credible budget, since
+#: the demo's minutes-long budget is too short to rank the methods and a reader would otherwise take its order
+DEMO_VERDICT = ("at a credible budget (8-10 epochs, 3 paired seeds) no architecture beats flat: DHNN and Guo's "
+                "CNN-RNN tie it on Fashion-MNIST and lose on Tiny-ImageNet, so this short run cannot rank them "
+                "(README 'Which method?'; benchmarks/RESULTS.md, section comparison)")
 #: accuracy target of the demo table's hedged answer (Deng et al.'s DARTS, λ fitted on validation)
 DEMO_HEDGE_TARGET = 0.95
 # (table label, config overrides): every method of the package, same backbone, seed and budget
@@ -422,6 +427,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for label, leaf, path, hd5, hacc, info, secs in rows:
         h = f"{hacc:>8.4f}{info:>7.3f}" if hacc is not None else f"{'-':>8}{'-':>7}"
         print(f"{label:<24}{leaf:>9.4f}{path:>9.4f}{hd5:>9.3f}{h}{secs:>8.1f}")
+    print(DEMO_VERDICT)
     return 0
 
 
