@@ -83,6 +83,11 @@ def test_train_folder_end_screen(tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["data"] == "folder"
 
 
+def test_missing_folder_is_one_line(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "my-photos"), "--out", str(tmp_path / "r")]) == 1
+    assert capsys.readouterr().err == f"hiervision: error: {tmp_path / 'my-photos'}: no such folder or CSV file\n"
+
+
 def test_method_with_a_config_is_one_line(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("data: {name: synthetic}\n")
     assert main(["train", str(tmp_path / "c.yaml"), "--method", "guo_rnn", "--out", str(tmp_path / "r")]) == 1

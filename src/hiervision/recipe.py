@@ -36,9 +36,11 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def is_data_source(path: str | Path) -> bool:
-    """A folder of class folders, a zip of one, or a CSV manifest (anything else is a YAML config)."""
+    """A folder of class folders, a zip of one, or a CSV manifest; a YAML file is a config. A path that does not
+    exist counts as a folder unless it ends in .yaml/.yml, so ``train my-photos`` says the folder is missing."""
     p = Path(path)
-    return p.is_dir() or p.suffix.lower() in (".csv", ".zip")
+    suffix = p.suffix.lower()
+    return p.is_dir() or suffix in (".csv", ".zip") or (not p.exists() and suffix not in (".yaml", ".yml"))
 
 
 def _data_section(source: Path) -> dict[str, Any]:
