@@ -63,12 +63,13 @@ def _api_index(modules: list[str]) -> str:
              "Generated from the docstrings of every module of the package (one page each; a new module appears "
              "here by itself). Start with `hiervision.taxonomy` (the tree), `hiervision.data.build_data`, "
              "`hiervision.models.create_model`, `hiervision.training.train` and `hiervision.runtime.Predictor`.", ""]
-    lines += [f"- [`{m}`]({m.removeprefix('hiervision.').replace('.', '/') or 'hiervision'}.md)" for m in modules]
+    lines += [f"- [`{m}`]({posixpath.relpath(_api_path(m), 'api')})" for m in modules]
     return "\n".join(lines) + "\n"
 
 
 def _api_path(module: str) -> str:
-    return f"api/{module.removeprefix('hiervision.').replace('.', '/') or 'hiervision'}.md"
+    """``hiervision.data.base`` → ``api/data/base.md``; the package itself → ``api/hiervision.md``."""
+    return f"api/{module.removeprefix('hiervision.').replace('.', '/')}.md"
 
 
 # ----------------------------------------------------------------------------- the CLI reference
