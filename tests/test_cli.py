@@ -92,6 +92,7 @@ def test_demo_falls_back_to_synthetic_and_says_how_to_get_real_data(tmp_path, mo
     assert "synthetic images (fallback)" in out and "apt-get install dataset-fashion-mnist" in out
     table = out[out.index("method"):].splitlines()
     assert table[1].startswith("flat (leaf softmax)") and len(table[1].split()) >= 6
+    assert table[-1].startswith("at a credible budget") and "benchmarks/RESULTS.md" in table[-1]  # the comparison
 
 
 def test_taxonomy_build_from_wordnet_and_csv(tmp_path, capsys):

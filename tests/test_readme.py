@@ -30,3 +30,52 @@ def test_readme_python_example_runs(capsys):
     pred, star, groups = namespace["pred"], namespace["star"], namespace["groups"]
     assert pred.paths.shape == (64, 3) and (pred.paths >= 1).all()
     assert (star.paths[:, 1] == groups).all()
+
+
+def _bash_lines(text: str) -> list[str]:
+    """Every command line of the README's bash blocks (continuations joined, comments cut)."""
+    lines: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" # ")[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def test_readme_hiervision_commands_parse():
+    """Each ``hiervision ...`` command the README shows is accepted by the CLI as written (flags, choices);
+    the five of "Your own images" run end to end in tests/test_quickstart.py."""
+    import shlex
+
+    from hiervision.cli import build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = []
+    for line in _bash_lines(text):
+        for part in re.split(r"\s*(?:&&|;)\s*", line):
+            words = shlex.split(part)
+            if words and words[0].endswith("hiervision") and not words[0].startswith("pip"):
+                commands.append(words[1:])
+    own = re.search(r"## Your own images\n.*?```bash\n(.*?)```", text, re.S).group(1)
+    assert [shlex.split(x)[1] for x in own.strip().splitlines()] == ["train", "evaluate", "predict", "export", "serve"]
+    assert len(commands) >= 10
+    parser = build_parser()
+    for args in commands:
+        try:
+            parser.parse_args(args)
+        except SystemExit:
+            pytest.fail(f"README command does not parse: hiervision {' '.join(args)}")
+
+
+def test_readme_install_extras_exist():
+    """The extras the README installs are the package's own."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extras = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = set()
+    for line in _bash_lines((root / "README.md").read_text()):
+        for group in re.findall(r"-e '\.\[([^\]]+)\]'", line):
+            named |= set(group.split(","))
+    assert named and named <= extras, named - extras

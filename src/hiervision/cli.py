@@ -20,6 +20,8 @@ from hiervision.config import ConfigError, check_given_level, load_config, merge
 from hiervision.imagefile import find_images
 from hiervision.taxonomy import Taxonomy, TaxonomyError
 
+__all__ = ["build_parser", "main"]
+
 USER_ERRORS = (ConfigError, TaxonomyError, CheckpointError, FileNotFoundError, ValueError, OSError)
 
 
@@ -32,7 +34,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    from hiervision.recipe import auto_config, describe, is_data_source
+
+    auto = is_data_source(args.config)  # a folder, zip or CSV of images: the recommended recipe, no YAML
+    if args.method is not None and not auto:
+        raise ValueError(f"--method applies to a folder or CSV of images; {args.config} is a config "
+                         "(use --set model.name=NAME there)")
+    cfg = auto_config(args.config, args.method, args.set) if auto else load_config(args.config, args.set)
     if args.print_config:  # the resolved config (base: chain and --set applied), nothing trained
         print(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), end="")
         return 0
@@ -42,12 +50,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.quiet:
         cfg["train"]["progress"] = False
+    main_rank = int(os.environ.get("RANK", 0)) == 0  # under torchrun, one rank reports
+    if auto and main_rank:
+        print(describe(cfg))
     result = train(cfg, args.out, resume=not args.no_resume, force=args.force,
                    allow_changed_data=args.allow_changed_data)
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one rank reports
+    if main_rank and auto:
+        print(_closing_screen(result, args.out))
+    elif main_rank:
         _print_metrics(result)
         print(f"run written to {args.out}")
     return 0
+
+
+def _closing_screen(result: dict, out: str) -> str:
+    """What a first run ends with: its test metrics, where it is, and the three commands that come next."""
+    levels = result.get("level_accuracy") or []
+    lines = ["", f"test ({result.get('data_note', '')}):",
+             f"  path accuracy {result['path_accuracy']:.4f}   leaf accuracy {result['leaf_accuracy']:.4f}"
+             + (f"   per level {' / '.join(f'{a:.3f}' for a in levels)}" if levels else "")]
+    extra = [f"{k} {result[k]:.3f}" for k in ("hdist@5", "ece") if isinstance(result.get(k), float)]
+    if extra:
+        lines.append("  " + "   ".join(extra))
+    run = Path(out)
+    nxt = [(f"hiervision evaluate {run} --report {run / 'report'}", f"plots, {run / 'report' / 'index.html'}"),
+           (f"hiervision export {run} --out {run / 'model.onnx'}", "ONNX + sidecar ([export] extra)"),
+           (f"hiervision serve {run / 'model.onnx'}", "API and web page at http://127.0.0.1:8000/ ([serve] extra)")]
+    width = max(len(c) for c, _ in nxt)
+    lines += [f"run: {run}  (config.yaml, best.pt, metrics.json, log.csv)", "next:",
+              *(f"  {c:<{width}}  # {why}" for c, why in nxt)]
+    return "\n".join(lines)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -316,6 +348,11 @@ DEMO_BASE = {
 }
 # the default demo's budget (≤ 3 min on 2 CPU cores without bf16); `demo --full` keeps DEMO_BASE's
 DEMO_QUICK = {"data": {"limit_train": 4000, "limit_test": 4000}, "train": {"epochs": 2}}
+#: under the table: what the comparison (benchmarks/comparison.py, 3 paired seeds) found at a credible budget, since
+#: the demo's minutes-long budget is too short to rank the methods and a reader would otherwise take its order
+DEMO_VERDICT = ("at a credible budget (8-10 epochs, 3 paired seeds) no architecture beats flat: DHNN and Guo's "
+                "CNN-RNN tie it on Fashion-MNIST and lose on Tiny-ImageNet, so this short run cannot rank them "
+                "(README 'Which method?'; benchmarks/RESULTS.md, section comparison)")
 #: accuracy target of the demo table's hedged answer (Deng et al.'s DARTS, λ fitted on validation)
 DEMO_HEDGE_TARGET = 0.95
 # (table label, config overrides): every method of the package, same backbone, seed and budget
@@ -390,6 +427,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for label, leaf, path, hd5, hacc, info, secs in rows:
         h = f"{hacc:>8.4f}{info:>7.3f}" if hacc is not None else f"{'-':>8}{'-':>7}"
         print(f"{label:<24}{leaf:>9.4f}{path:>9.4f}{hd5:>9.3f}{h}{secs:>8.1f}")
+    print(DEMO_VERDICT)
     return 0
 
 
@@ -451,11 +489,18 @@ def _add_beam_width(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``hiervision`` argument parser (the docs site's CLI reference is generated from it)."""
     p = argparse.ArgumentParser(prog="hiervision", description="Hierarchical image classification.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train one config; writes checkpoints, log.csv and metrics.json to --out")
-    t.add_argument("config", help="YAML config (see configs/)")
+    t = sub.add_parser("train", help="train a config, or a folder/CSV of your images; writes checkpoints, log.csv "
+                       "and metrics.json to --out")
+    t.add_argument("config", metavar="CONFIG|FOLDER|CSV",
+                   help="a YAML config (see configs/), or your images: a folder of nested class folders (or its "
+                   ".zip), or a CSV with path,label columns (labels as A/B/C paths); these get the recommended recipe")
+    t.add_argument("--method", default=None, metavar="NAME",
+                   help="FOLDER|CSV only: another method than flat (flat, dhnn_rnn, dhnn_s2s, guo_rnn, guo_multihead, "
+                   "hiernet) with the options it had in the comparison")
     t.add_argument("--out", help="run folder (required unless --print-config)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.05")
     t.add_argument("--no-resume", action="store_true", help="start over even if --out holds last.pt")
@@ -572,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``hiervision`` command; returns the exit status (user errors: one line on stderr, 1)."""
     from hiervision.training import Preempted
 
     args = build_parser().parse_args(argv)

@@ -215,6 +215,10 @@ def _freeze_entry(key: str, v: Any) -> Any:
     return {"epochs": [start, end], "frozen": _list(_str())(f"{key}.frozen", v["frozen"])}
 
 
+# keys that may be given but have no entry in DEFAULTS, so that configs without them resolve (and digest, as
+# the comparison's cached cells do) exactly as before; absent means off
+OPTIONAL_KEYS = {"train.log_to"}  # experiment tracking: [tensorboard, mlflow] (hiervision.tracking)
+
 # what every key of seed/train/eval may hold (data and model keys are checked by their builders)
 SCHEMA: dict[str, Any] = {
     "name": _str(null=True),
@@ -251,6 +255,7 @@ SCHEMA: dict[str, Any] = {
         "sync_bn": _bool,
         "compile": _bool,
         "max_loss": _num(lo=0, lo_open=True, null=True),
+        "log_to": _list(_enum("tensorboard", "mlflow")),
     },
     "eval": {
         "batch_size": _int(lo=1),
@@ -350,11 +355,11 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 def _check(cfg: dict, schema: dict, prefix: str = "") -> None:
     for k, v in cfg.items():
-        if k not in schema:
+        if k not in schema and f"{prefix}{k}" not in OPTIONAL_KEYS:
             hint = difflib.get_close_matches(k, list(schema), n=1) if isinstance(k, str) else []
             extra = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
             raise ConfigError(f"config key '{prefix}{k}' is not known{extra}")
-        if isinstance(schema[k], dict) and k not in ("data", "model", "augment"):
+        if isinstance(schema.get(k), dict) and k not in ("data", "model", "augment"):
             if not isinstance(v, dict):
                 raise ConfigError(f"config key '{prefix}{k}' must be a mapping")
             _check(v, schema[k], f"{prefix}{k}.")

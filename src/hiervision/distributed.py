@@ -115,5 +115,6 @@ def max_over_ranks(value: float, env: DistEnv) -> float:
 
 
 def barrier(env: DistEnv) -> None:
+    """Wait for every rank (a no-op in a single process), e.g. until rank 0 has written a checkpoint."""
     if env.enabled:
         dist.barrier()

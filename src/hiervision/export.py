@@ -103,6 +103,7 @@ class _TorchEngine:
 
 
 def torch_engine(model: HierarchicalClassifier, device: str | torch.device = "cpu") -> _TorchEngine:
+    """A PyTorch model behind the engine interface of :mod:`hiervision.runtime` (the ONNX graph's outputs)."""
     return _TorchEngine(model, torch.device(device))
 
 

@@ -51,6 +51,7 @@ T = TypeVar("T")
 
 
 def is_image_name(name: str) -> bool:
+    """Whether a file name has one of the image suffixes training and predict read (case-insensitive)."""
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 

@@ -45,6 +45,7 @@ from hiervision.experiment import load_run, run_data, run_model
 from hiervision.models import HierarchicalClassifier
 from hiervision.posthoc import posthoc_report
 from hiervision.runfolder import RunFolderError, atomic_write_json, atomic_write_text, claim_run_dir, set_aside
+from hiervision.tracking import Tracker, open_tracker
 
 __all__ = ["Preempted", "TrainingError", "train", "train_one_epoch"]
 
@@ -461,6 +462,7 @@ def _train(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_this_cal
     tcfg = cfg["train"]
     _configure_backends(tcfg)
     amp = autocast_dtype(tcfg["amp"], env.device)
+    tracker = open_tracker(cfg, out, env.is_main)  # train.log_to; a missing library stops here, before any data
     data = build_run_data(cfg, out, resume, env, amp)
     model = build_run_model(cfg, data, env)
     optimizer = build_optimizer(model.parameters(), tcfg)
@@ -482,12 +484,13 @@ def _train(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_this_cal
         select_key = "path_f1" if data.multi_label else "path_accuracy"
     epochs = int(tcfg["epochs"])
     stop_at = epochs if max_epochs_this_call is None else min(epochs, progress.epoch + max_epochs_this_call)
-    run_epochs(loop, progress, stop_at, save, select_key, out)
+    run_epochs(loop, progress, stop_at, save, select_key, out, tracker)
     if stop_at < epochs:
         return {"stopped_at_epoch": stop_at}
     result = report_on_test(loop, cfg, out, progress, select_key)
     if env.is_main:
         atomic_write_json(out / "metrics.json", result)
+    tracker.finish(result)
     barrier(env)
     return result
 
@@ -580,7 +583,7 @@ def save_run_checkpoint(loop: Loop, progress: Progress, cfg: dict, out: Path, *n
 
 
 def run_epochs(loop: Loop, progress: Progress, stop_at: int, save: Callable[..., None], select_key: str,
-               out: Path) -> None:
+               out: Path, tracker: Tracker) -> None:
     """Train, validate and checkpoint epoch after epoch up to ``stop_at``; a signal saves and raises Preempted."""
     epochs = int(loop.tcfg["epochs"])
     with StopSignal() as stop:
@@ -597,6 +600,7 @@ def run_epochs(loop: Loop, progress: Progress, stop_at: int, save: Callable[...,
                 progress.best = row["score"]
                 names.insert(0, "best.pt")
             progress.history.append(row["log"])
+            tracker.log_epoch(row)
             progress.end_epoch()
             save(*names)
             if loop.env.is_main:
@@ -624,7 +628,7 @@ def validate(loop: Loop, epoch: int, progress: Progress, select_key: str) -> dic
     if loop.tcfg["progress"] and env.is_main:
         tqdm.write(f"epoch {epoch + 1}/{loop.tcfg['epochs']}  loss {log['train_loss']:.4f}  "
                    f"val {select_key} {score:.4f}  {log['train_images_per_s']:.0f} img/s")
-    return {"score": score, "log": log}
+    return {"score": score, "log": log, "val": val}
 
 
 def calibrated_report(loop: Loop, out: Path, ecfg: dict) -> dict[str, Any]:

@@ -310,7 +310,7 @@ def _load_files(cfg: dict, name: str, seed: int, size: int | tuple[int, int] | N
         ml = cfg.get("multi_label")
         if ml not in (None, True, False):
             raise ValueError(f"data.multi_label: must be true, false or null, got {ml!r}")
-        pool, splits = load_manifest(_path(cfg, "manifest", required=True), _path(cfg, "taxonomy", required=True),
+        pool, splits = load_manifest(_path(cfg, "manifest", required=True), _path(cfg, "taxonomy"),
                                      _path(cfg, "root"), ml, _channels(cfg), size, max_pixels)
     pool, keep, bad = _checked(cfg, name, pool)
     if splits is not None:

@@ -23,7 +23,7 @@ SPLITS = ("train", "val", "test")
 
 def load_manifest(
     manifest: str | os.PathLike,
-    taxonomy: Taxonomy | str | os.PathLike,
+    taxonomy: Taxonomy | str | os.PathLike | None,
     root: str | os.PathLike | None = None,
     multi_label: bool | None = None,
     channels: int | None = None,
@@ -34,7 +34,8 @@ def load_manifest(
 
     Args:
         manifest: CSV with a header naming ``path`` and ``label`` (optional ``split``: train/val/test).
-        taxonomy: a :class:`Taxonomy` or the path of its JSON file.
+        taxonomy: a :class:`Taxonomy`, the path of its JSON file, or ``None``: the tree of the labels'
+            own ``A/B/C`` name paths (every prefix a node).
         root: base folder of relative image paths (default: the manifest's folder).
         multi_label: force single/multi-label; default multi-label when any row has several labels.
         channels, image_size, max_pixels: as in :func:`hiervision.data.folder.load_folder`.
@@ -45,7 +46,10 @@ def load_manifest(
     manifest = Path(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: manifest CSV not found (cfg manifest)")
-    tax = taxonomy if isinstance(taxonomy, Taxonomy) else _load_taxonomy(taxonomy)
+    if taxonomy is None:
+        tax = _tree_of_labels(manifest)
+    else:
+        tax = taxonomy if isinstance(taxonomy, Taxonomy) else _load_taxonomy(taxonomy)
     rows = _read_rows(manifest, tax, Path(root) if root is not None else manifest.parent)
     if not rows:
         raise ValueError(f"{manifest}: no rows")
@@ -124,3 +128,16 @@ def _load_taxonomy(path: str | os.PathLike) -> Taxonomy:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: taxonomy JSON not found (cfg taxonomy; write one with Taxonomy.save)")
     return Taxonomy.load(path)
+
+
+def _tree_of_labels(manifest: Path) -> Taxonomy:
+    """No taxonomy file: every label is a ``/``-separated name path and the tree is made of them."""
+    with open(manifest, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "label" not in (reader.fieldnames or ()):
+            raise ValueError(f"{manifest}: header must name 'path' and 'label' columns, got {reader.fieldnames}")
+        labels = [x.strip() for row in reader for x in (row["label"] or "").split(";") if x.strip()]
+    try:
+        return Taxonomy.from_paths(labels)
+    except TaxonomyError as e:
+        raise ValueError(f"{manifest}: no tree from its labels ({e})") from None

@@ -38,6 +38,7 @@ def default_hierarchy_root() -> Path:
 
 
 def default_cache_dir() -> Path:
+    """Where decoded Tiny-ImageNet arrays are cached: ``$HIERVISION_CACHE``, else ``~/.cache/hiervision``."""
     return Path(os.environ.get("HIERVISION_CACHE", Path.home() / ".cache" / "hiervision"))
 
 

@@ -26,6 +26,7 @@ def register_model(name: str) -> Callable:
 
 
 def list_models() -> list[str]:
+    """The names :func:`create_model` accepts (``model.name`` in a config), sorted."""
     return sorted(_MODELS)
 
 

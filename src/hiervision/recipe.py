@@ -1,0 +1,99 @@
+"""A config for a user's own images: ``hiervision train FOLDER|CSV --out DIR`` with no YAML.
+
+The recipe is the one the method comparison froze (``configs/comparison/*-flat.yaml``; benchmarks/RESULTS.md
+§ comparison): ResNet-20, SGD with Nesterov momentum at lr 0.1, weight decay 5e-4, a cosine schedule with a
+0.2-epoch warm-up, pad-and-flip augmentation — and a flat model, because no hierarchical head beat it there.
+The decision layer (temperature, hedged answers, conformal sets) is fitted on validation after training,
+as for every run (``eval.calibrate``). Only what depends on the data is chosen here: channels and image
+size from the images, and the budget from the number of training images.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from hiervision.config import DEFAULTS, ConfigError, apply_overrides, merge, validate_config
+
+__all__ = ["METHOD_OPTIONS", "STEPS", "auto_config", "describe", "is_data_source"]
+
+#: optimizer steps the recipe aims at: the comparison's Fashion-MNIST budget (54,000 images × 8 epochs / 128)
+STEPS = 3400
+#: images whose longer side is at most this train at their own size; larger ones are cropped to it
+SMALL_SIDE = 64
+#: ``--method NAME``: the options each model had in the comparison (configs/comparison/), the LSTM heads' clip
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "flat": {"model": {"name": "flat"}},
+    "dhnn_rnn": {"model": {"name": "dhnn_rnn", "conversion": "pool", "pool_fallback": "project", "input_size": 128,
+                           "hidden_size": 256, "residual": True}, "train": {"grad_clip": 5.0}},
+    "dhnn_s2s": {"model": {"name": "dhnn_s2s", "conversion": "pool", "pool_fallback": "project", "input_size": 128,
+                           "hidden_size": 256, "beam_width": 3}, "train": {"grad_clip": 5.0}},
+    "guo_rnn": {"model": {"name": "guo_rnn", "embed_size": 128, "hidden_size": 256}, "train": {"grad_clip": 5.0}},
+    "guo_multihead": {"model": {"name": "guo_multihead"}},
+    "hiernet": {"model": {"name": "hiernet"}},
+}
+
+
+def is_data_source(path: str | Path) -> bool:
+    """A folder of class folders, a zip of one, or a CSV manifest; a YAML file is a config. A path that does not
+    exist counts as a folder unless it ends in .yaml/.yml, so ``train my-photos`` says the folder is missing."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    return p.is_dir() or suffix in (".csv", ".zip") or (not p.exists() and suffix not in (".yaml", ".yml"))
+
+
+def _data_section(source: Path) -> dict[str, Any]:
+    """Absolute, so that ``evaluate``/``serve`` of the run work from any folder (split ids stay relative)."""
+    if source.suffix.lower() == ".csv":  # labels are A/B/C paths: the tree is built from them
+        return {"name": "manifest", "manifest": str(source.resolve())}
+    return {"name": "folder", "root": str(source.resolve())}
+
+
+def _epochs(n_train: int, batch: int) -> int:
+    """Epochs for about :data:`STEPS` steps, 8 at least (the comparison's) and 30 at most (a first hour)."""
+    return max(8, min(30, math.ceil(STEPS * batch / max(n_train, 1))))
+
+
+def auto_config(source: str | Path, method: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The validated config for ``source`` (folder, zip or CSV), ``--method`` and ``--set`` applied last.
+
+    The data is opened once here (without the image check training does) to read the number of training
+    images, their channels and size; ``--set data.*`` overrides apply to that look too.
+    """
+    from hiervision.data import build_data
+
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such folder or CSV file")
+    if method is not None and method not in METHOD_OPTIONS:
+        raise ConfigError(f"--method {method}: not a method (one of {', '.join(METHOD_OPTIONS)})")
+    overrides = list(overrides or [])
+    data_cfg = apply_overrides({"data": _data_section(source)}, overrides)["data"]
+    probe = build_data({**data_cfg, "check": False})
+    h, w = (probe.image_size, probe.image_size) if isinstance(probe.image_size, int) else probe.image_size
+    n = len(probe.train)
+    batch = 128 if n >= 4096 else 64 if n >= 1024 else 32
+    data: dict[str, Any] = {**_data_section(source), "channels": probe.in_chans}
+    train: dict[str, Any] = {"batch_size": batch, "lr": 0.1 * batch / 128, "optimizer": "sgd", "nesterov": True,
+                             "weight_decay": 5.0e-4, "schedule": "cosine", "warmup_epochs": 0.2,
+                             "epochs": _epochs(n, batch)}
+    if max(h, w) <= SMALL_SIDE:  # small images (Fashion-MNIST, CIFAR, thumbnails): as the comparison trained
+        data["image_size"] = h if h == w else [h, w]
+        train["augment"] = {"pad": 2 if max(h, w) <= 28 else 4, "flip": True}
+    else:  # photos: random crops of the shorter side at SMALL_SIDE px, centre crops for evaluation
+        data.update(pipeline="imagenet", crop=SMALL_SIDE, crop_scale=[0.25, 1.0])
+    recipe = merge({"name": source.stem or source.name, "description": f"hiervision train {source} (auto recipe)",
+                    "data": data, "model": {"name": "flat", "backbone": "resnet20"}, "train": train},
+                   METHOD_OPTIONS[method or "flat"])
+    return validate_config(merge(DEFAULTS, apply_overrides(recipe, overrides)))
+
+
+def describe(cfg: dict) -> str:
+    """One line saying what the recipe chose and why (printed before training)."""
+    d, t, m = cfg["data"], cfg["train"], cfg["model"]
+    size = d.get("image_size") or f"crops of {d.get('crop')}"
+    size = "x".join(map(str, size)) if isinstance(size, list) else size
+    return (f"recipe: {m['name']} {m['backbone']}, {d.get('channels')} channel(s), {size} px, {t['epochs']} epochs of "
+            f"batch {t['batch_size']}, then calibration and hedged answers fitted on val "
+            "(the comparison's recipe: benchmarks/RESULTS.md § comparison; change it with --method or --set)")
