@@ -8,7 +8,7 @@ import pytest
 
 from hiervision import Taxonomy, TaxonomyError
 from hiervision.cli import main
-from hiervision.taxonomy import MAX_INDENT
+from hiervision.tree.formats import MAX_INDENT
 
 N = 100_000
 

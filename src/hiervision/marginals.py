@@ -50,7 +50,7 @@ def _tables(tree: TreeView) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, .
 
 def _view(tree) -> TreeView:
     """The torch-free view of a :class:`~hiervision.taxonomy.Taxonomy` (a TreeView stays as it is)."""
-    return tree if isinstance(tree, TreeView) else TreeView(tuple(tree.names), tuple(tree.parents))
+    return tree if isinstance(tree, TreeView) else tree.view
 
 
 def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature: Temperature = 1.0) -> np.ndarray:
