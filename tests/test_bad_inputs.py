@@ -513,6 +513,7 @@ def _interrupt(tmp_path: Path, sig: int) -> tuple[subprocess.Popen, str, Path]:
     return proc, err, out
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     proc, err, out = _interrupt(tmp_path, signal.SIGINT)
     assert proc.returncode == 130

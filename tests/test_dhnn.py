@@ -325,6 +325,7 @@ def test_multi_label_threshold_is_tuned_on_val_and_saved(tmp_path, tiny_cfg):
     assert {"path_f1", "node_f1"} <= set(metrics)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not any(FMNIST.glob("train-images-idx3-ubyte*")), reason="real Fashion-MNIST not installed")
 def test_short_real_training_run_learns(tmp_path):
     """Real Fashion-MNIST, 3-level tree, CNN-RNN-Resi: loss falls and paths are far above chance (10 %)."""

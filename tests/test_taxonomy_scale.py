@@ -46,6 +46,7 @@ def test_deep_tree_through_the_cli(deep, tmp_path, capsys):
     assert len(out) == N + 1 and out[-1] == "  " * MAX_INDENT + f"[depth {N}] n{N - 1}"
 
 
+@pytest.mark.slow
 def test_deep_and_wide_csv(tmp_path, capsys):
     deep_csv = tmp_path / "deep.csv"
     deep_csv.write_text("parent,child\n" + "".join(f"n{i},n{i + 1}\n" for i in range(N - 1)))
