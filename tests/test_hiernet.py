@@ -218,6 +218,7 @@ def test_induce_cli_and_hiernet_on_the_induced_tree(tiny_cfg, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~90 s in a full run on a shared 2-core CPU: room for a busier one
 @pytest.mark.skipif(not any(FMNIST.glob("train-images-idx3-ubyte*")), reason="real Fashion-MNIST not installed")
 def test_short_real_training_run_learns(tmp_path):
     """Real Fashion-MNIST, given 3-level tree, HierNet from scratch: loss falls, routing far above chance."""
