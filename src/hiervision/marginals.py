@@ -40,12 +40,7 @@ def is_identity(temperature) -> bool:
 def _tables(tree: TreeView) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
     """``(parents, ancestors, levels)``: ``ancestors[n, m]`` is true when m is n or an ancestor of n
     (the root excluded); ``levels[d]`` the node ids at depth ``d + 1``."""
-    anc = np.zeros((tree.num_nodes, tree.num_nodes), dtype=bool)
-    for v in range(1, tree.num_nodes):
-        anc[v, list(tree.path(v))] = True
-    depth = tree.depths
-    levels = tuple(np.flatnonzero(depth == d) for d in range(1, tree.max_depth + 1))
-    return np.asarray(tree.parents, dtype=np.int64), anc, levels
+    return np.asarray(tree.parents, dtype=np.int64), tree.ancestors, tree.levels
 
 
 def _view(tree) -> TreeView:

@@ -51,11 +51,7 @@ def level_position(tree: Tree) -> torch.Tensor:
 
 def ancestor_matrix(tree: Tree) -> torch.Tensor:
     """``(N+1, N+1)`` bool: ``A[n, m]`` is true when m is n or an ancestor of n (root excluded). Dense."""
-    paths = torch.from_numpy(tree.view.paths)
-    a = torch.zeros(tree.num_nodes, tree.num_nodes, dtype=torch.bool)
-    rows, cols = (paths != PAD).nonzero(as_tuple=True)
-    a[rows, paths[rows, cols]] = True
-    return a
+    return torch.from_numpy(tree.view.ancestors)
 
 
 def levels_by_depth(tree: Tree) -> tuple[torch.Tensor, list[int]]:

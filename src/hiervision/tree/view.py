@@ -3,7 +3,7 @@
 Torch-free on purpose: the ONNX runtime and the server read ``taxonomy.json`` into a :class:`TreeView`
 without PyTorch, and :class:`~hiervision.tree.core.Tree` keeps one as its ``view``, from which the
 torch tables (:mod:`hiervision.tree.tables`) are made without another copy of the same walk.
-Every array is O(N·depth); none is (N+1)².
+Every array is O(N·depth) but :attr:`TreeView.ancestors`, the one dense (N+1)² table, built on demand.
 """
 
 from __future__ import annotations
@@ -120,6 +120,17 @@ class TreeView:
             paths[rows, : d - 1] = paths[self.parent[rows], : d - 1]
             paths[rows, d - 1] = rows
         return paths
+
+    @cached_property
+    def ancestors(self) -> np.ndarray:
+        """``(N+1, N+1)`` bool: ``A[n, m]`` is true when m is n or an ancestor of n (root excluded).
+
+        Dense, so built only where a decoder or marginal still reads it; everything else here is O(N·D).
+        """
+        a = np.zeros((self.num_nodes, self.num_nodes), dtype=bool)
+        rows, cols = np.nonzero(self.paths != PAD)
+        a[rows, self.paths[rows, cols]] = True
+        return a
 
     @cached_property
     def leaf_mask(self) -> np.ndarray:
