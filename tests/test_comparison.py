@@ -98,6 +98,7 @@ def test_which_method_is_generated_from_intervals_only():
 
 
 # ----------------------------------------------------------------------------- the profile end to end
+@pytest.mark.slow
 def test_profile_is_resumable_and_cumulative(tmp_path, configs):
     runs = tmp_path / "runs"
     cells = C.plan("cpu", [0, 1], runs, datasets=_tiny(), config_dir=configs)
@@ -235,6 +236,7 @@ def test_status_reports_partial_cells_and_max_hours_stops(tmp_path, configs):
         C.plan("tpu", [0], tmp_path, datasets=_tiny(), config_dir=configs)
 
 
+@pytest.mark.slow
 def test_run_py_status_lists_every_cell_of_the_real_plan(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--profile", "comparison",
                           "--status", "--out", str(tmp_path), "--seeds", "0", "1"],

@@ -21,8 +21,9 @@ FAMILIES = ["flat", "dhnn_rnn_exact", "dhnn_s2s_label", "guo_multihead_independe
             "hiernet_conditional"]
 
 
+@pytest.mark.slow
 @needs_fmnist
-@pytest.mark.parametrize("variant", [v if v == "flat" else pytest.param(v, marks=pytest.mark.slow) for v in FAMILIES])
+@pytest.mark.parametrize("variant", FAMILIES)
 def test_onnx_runtime_matches_model_predict(variant, tmp_path):
     model = build(variant)
     written = export_model(model, META, tmp_path / "m.onnx")

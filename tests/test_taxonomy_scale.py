@@ -35,6 +35,7 @@ def test_deep_tree_renders_lazily_in_bounded_memory(deep):
     assert peak < 5_000_000  # a few MB at most: nothing proportional to nodes × depth
 
 
+@pytest.mark.slow
 def test_deep_tree_through_the_cli(deep, tmp_path, capsys):
     deep.save(tmp_path / "deep.json")
     assert main(["taxonomy", "show", str(tmp_path / "deep.json"), "--max-nodes", "3"]) == 0
