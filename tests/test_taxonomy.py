@@ -676,7 +676,8 @@ def test_torch_tables_are_the_view_arrays(koo: Taxonomy) -> None:
 
     view = koo.view
     for tensor, array in ((koo.path_matrix, view.paths), (koo.depth_tensor, view.depths),
-                          (koo.parent_tensor, view.parent), (koo.level_position, view.level_position)):
+                          (koo.parent_tensor, view.parent), (koo.level_position, view.level_position),
+                          (koo.ancestor_matrix, view.ancestors)):
         assert np.shares_memory(tensor.numpy(), array)
     tables = TreeTables(koo)
     for name, array in (("paths", view.paths), ("depth", view.depths), ("parent", view.parent),
