@@ -115,6 +115,7 @@ def test_guo_end_weight_and_level_weights_by_hand(var_tree):
         _guo(var_tree, end_weight=-1)
 
 
+@pytest.mark.slow
 def test_guo_scheduled_sampling_trains(var_tree):
     """Gradients flow under p = 0.5 (the choice itself is detached) and the loss goes down."""
     m = _guo(var_tree, scheduled_sampling=0.5)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hiervision.models.backbones import (
+    Backbone,
     CifarResNet,
     create_backbone,
     list_backbones,
@@ -63,9 +64,50 @@ def test_forward_features_match_feature_info(name: str, in_chans: int, size: int
     for f, info in zip(feats, m.feature_info, strict=True):
         side = -(-size // info["reduction"])  # ceil: 28 -> 28, 14, 7
         assert f.shape == (2, info["num_chs"], side, side)
-        assert m.get_submodule(info["module"]) is not None
     assert m.num_features == m.feature_info[-1]["num_chs"] == 64
     assert pooled.shape == (2, m.num_features)
+    torch.testing.assert_close(pooled, feats[-1].mean(dim=(2, 3)))
+
+
+# narrow versions where a name takes size arguments; names that fix their size are built as registered
+NARROW: dict[str, dict] = {
+    "vgg16": {"cfg": (8, "M", 8, 16, "M")},
+    "vgg16_bn": {"cfg": (8, "M", 8, 16, "M")},
+    "wide_resnet": {"depth": 10, "widen": 1},
+    "wider_resnet": {"width": 1 / 16},
+    "cnn7": {"widths": (4,) * 7},
+}
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_registered_backbone_keeps_the_base_contract(name: str) -> None:
+    """Every family inherits forward and num_features from Backbone and returns what feature_info says."""
+    m = create_backbone(name, in_chans=1, **NARROW.get(name, {})).eval()
+    assert isinstance(m, Backbone) and m.in_chans == 1
+    assert type(m).forward is Backbone.forward and type(m).num_features is Backbone.num_features
+    assert all(set(info) == {"num_chs", "reduction", "module"} for info in m.feature_info)
+    reductions = [info["reduction"] for info in m.feature_info]
+    assert reductions == sorted(reductions)
+    # each map is the output of the module its feature_info names (get_submodule raises for a wrong name)
+    tapped: dict[int, torch.Tensor] = {}
+
+    def keep(i: int):
+        def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+            tapped[i] = out.clone()  # later in-place ops must not change what was seen
+        return hook
+
+    hooks = [m.get_submodule(info["module"]).register_forward_hook(keep(i)) for i, info in enumerate(m.feature_info)]
+    size = 2 * reductions[-1]  # the smallest input that keeps every map at least 2x2
+    x = torch.randn(1, 1, size, size)
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        pooled = m(x)
+    for h in hooks:
+        h.remove()
+    assert all(torch.equal(tapped[i], f) for i, f in enumerate(feats))
+    assert [tuple(f.shape) for f in feats] == [(1, i["num_chs"], size // i["reduction"], size // i["reduction"])
+                                               for i in m.feature_info]
+    assert m.num_features == m.feature_info[-1]["num_chs"] and pooled.shape == (1, m.num_features)
     torch.testing.assert_close(pooled, feats[-1].mean(dim=(2, 3)))
 
 

@@ -471,6 +471,7 @@ def test_checkpoint_write_on_a_full_disk_keeps_the_old_one(run, monkeypatch):
     assert snapshot(run) == before  # old checkpoint intact, no temp file left
 
 
+@pytest.mark.slow
 def test_second_training_into_the_same_run_fails_at_once(capsys, tiny_yaml, tmp_path):
     long_cfg = tmp_path / "long.yaml"
     long_cfg.write_text(TINY.replace("epochs: 1", "epochs: 200"))
@@ -513,6 +514,7 @@ def _interrupt(tmp_path: Path, sig: int) -> tuple[subprocess.Popen, str, Path]:
     return proc, err, out
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     proc, err, out = _interrupt(tmp_path, signal.SIGINT)
     assert proc.returncode == 130
@@ -520,6 +522,7 @@ def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     assert load_checkpoint(out / "last.pt")["epoch"] >= 1
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_says_so(tmp_path):
     proc, err, out = _interrupt(tmp_path, signal.SIGTERM)
     assert proc.returncode not in (0, -signal.SIGTERM)

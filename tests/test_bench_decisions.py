@@ -4,9 +4,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "decisions.py"
 
 
+@pytest.mark.slow
 def test_decisions_benchmark_tiny(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_decisions", BENCH)
     bench = importlib.util.module_from_spec(spec)

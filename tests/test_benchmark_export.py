@@ -4,9 +4,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "export.py"
 
 
+@pytest.mark.slow
 def test_export_benchmark_tiny(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_export", SCRIPT)
     bench = importlib.util.module_from_spec(spec)

@@ -85,6 +85,7 @@ def test_taxonomy_show_and_validate(run_dir, tmp_path, capsys):
     assert err.count("\n") == 0 and "cycle" in err
 
 
+@pytest.mark.slow
 def test_demo_falls_back_to_synthetic_and_says_how_to_get_real_data(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HIERVISION_FASHION_MNIST", str(tmp_path / "nothing-here"))
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--limit-train", "300", "--quiet"]) == 0

@@ -117,6 +117,7 @@ def test_determinism_by_seed(small: CanvasSplits) -> None:
     assert not torch.equal(small.val.images, resplit.val.images)
 
 
+@pytest.mark.slow
 @needs_data
 def test_build_data_end_to_end() -> None:
     b = build_data({"name": "fashion_mnist_canvas"})

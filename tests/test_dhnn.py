@@ -205,6 +205,7 @@ def test_residual_arc(fixed_tree):
 
 
 # ----------------------------------------------------------------------------- CNN-S2S
+@pytest.mark.slow
 @pytest.mark.parametrize("feed", ["label", "output"])
 def test_cnn_s2s_learns_paths_that_end_at_inner_nodes(var_tree, feed):
     """Overfit a fixed batch whose labels include inner nodes: decoding must stop there."""
@@ -327,6 +328,7 @@ def test_multi_label_threshold_is_tuned_on_val_and_saved(tmp_path, tiny_cfg):
     assert {"path_f1", "node_f1"} <= set(metrics)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not any(FMNIST.glob("train-images-idx3-ubyte*")), reason="real Fashion-MNIST not installed")
 def test_short_real_training_run_learns(tmp_path):
     """Real Fashion-MNIST, 3-level tree, CNN-RNN-Resi: loss falls and paths are far above chance (10 %)."""
@@ -437,7 +439,9 @@ def test_guo_split_settings_build_data(path):
     assert int(data.train.coarse_mask.sum()) == (n_coarse if split["coarse_labels"] == "coarse" else 0)
 
 
-@pytest.mark.parametrize("path", [*KOO, *GUO, *HIERNET, *sorted(CONFIGS.glob("*.yaml"))],
+# the "-pool-L" configs build an ImageNet-size CNN under a large decoder: 7-11 s each on a shared 2-core CPU
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem.endswith("-pool-L") else p
+                                  for p in [*KOO, *GUO, *HIERNET, *sorted(CONFIGS.glob("*.yaml"))]],
                          ids=lambda p: p.relative_to(CONFIGS).with_suffix("").as_posix())
 def test_every_config_builds_its_model(path, fixed_tree, var_tree):
     """Model keys are checked by building the model (ImageNet backbones swapped for a narrow ResNet to stay

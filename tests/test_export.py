@@ -21,6 +21,7 @@ FAMILIES = ["flat", "dhnn_rnn_exact", "dhnn_s2s_label", "guo_multihead_independe
             "hiernet_conditional"]
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.parametrize("variant", FAMILIES)
 def test_onnx_runtime_matches_model_predict(variant, tmp_path):

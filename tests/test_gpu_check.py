@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~90 s in a full run on a shared 2-core CPU: room for a busier one
 def test_gpu_check_runs_on_cpu_with_a_tiny_budget(tmp_path):
     report = tmp_path / "report.json"
     env = {**os.environ, "GPU_CHECK_DRY": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",

@@ -299,6 +299,7 @@ def test_pseudo_label_run_end_to_end_and_its_errors(tiny_cfg, tmp_path):
 
 
 # ----------------------------------------------------------------------------- pre-computed features
+@pytest.mark.slow
 def test_precomputed_features_train_only_the_head_from_a_run_checkpoint(tiny_cfg, tmp_path):
     train(tiny_cfg, tmp_path / "flat")  # a flat run: its best.pt is the CNN
     cfg = merge(tiny_cfg, {
@@ -324,6 +325,7 @@ def test_precomputed_features_train_only_the_head_from_a_run_checkpoint(tiny_cfg
 
 
 # ----------------------------------------------------------------------------- a real run
+@pytest.mark.slow
 @pytest.mark.skipif(not any(FMNIST.glob("train-images-idx3-ubyte*")), reason="real Fashion-MNIST not installed")
 def test_short_real_training_run_learns(tmp_path):
     """Real Fashion-MNIST, 3-level tree, CNN-RNN generator: loss falls, paths far above chance (10 %)."""

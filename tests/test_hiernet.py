@@ -197,6 +197,7 @@ def test_move_to_tree_relabels_by_class_name(tiny_cfg, tmp_path):
         move_to_tree(data.train, Taxonomy.from_paths(["x/y"]))
 
 
+@pytest.mark.slow
 def test_induce_cli_and_hiernet_on_the_induced_tree(tiny_cfg, tmp_path):
     tiny_cfg = merge(tiny_cfg, {"data": {"val_fraction": 0.3}})  # the CPM needs validation images of every class
     train(tiny_cfg, tmp_path / "flat")
@@ -216,6 +217,8 @@ def test_induce_cli_and_hiernet_on_the_induced_tree(tiny_cfg, tmp_path):
     assert 0 <= metrics["routing"]["path_accuracy"] <= 1 and metrics["valid_path_rate"] == 1.0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # ~90 s in a full run on a shared 2-core CPU: room for a busier one
 @pytest.mark.skipif(not any(FMNIST.glob("train-images-idx3-ubyte*")), reason="real Fashion-MNIST not installed")
 def test_short_real_training_run_learns(tmp_path):
     """Real Fashion-MNIST, given 3-level tree, HierNet from scratch: loss falls, routing far above chance."""

@@ -199,6 +199,7 @@ def test_select_threshold_matches_threshold_paths(metric):
     assert val == pytest.approx(brute[best])
 
 
+@pytest.mark.slow
 def test_hierarchical_prf_matches_hiclass():
     hiclass_metrics = pytest.importorskip("hiclass.metrics")
     rng = random.Random(0)

@@ -232,6 +232,7 @@ def test_cli_serve_user_errors(tmp_path, capsys):
     assert "--max-batch" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_onnx_file_serves_the_same_answers(run_dir, client, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

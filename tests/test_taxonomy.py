@@ -630,3 +630,100 @@ def test_render(koo: Taxonomy) -> None:
     assert short[-1] == "... (4 more)" and len(short) == 5
     ext = Taxonomy.from_parent_map({"a": None}, external_ids={"a": "/m/a"}).render()
     assert ext.splitlines()[1] == "  a  [/m/a]"
+
+
+# ---------------------------------------------------------------------- layers: core, formats, numpy and torch views
+# ids not in parent-first order (node 1's parent is node 3), so no array may assume it
+SHUFFLED = (("root", "c1", "b", "a", "c2", "d"), (-1, 3, 0, 0, 2, 4))
+
+
+def test_view_arrays_follow_their_definitions() -> None:
+    """The numpy view's arrays, checked against plain walks up the tree (ids deliberately not parent-first)."""
+    from hiervision.tree.view import TreeView
+
+    names, parents = SHUFFLED
+    view = TreeView(names, parents)
+
+    def walk(n: int) -> list[int]:
+        out = []
+        while n > 0:
+            out.append(n)
+            n = parents[n]
+        return out[::-1]
+
+    assert view.depths.tolist() == [len(walk(n)) for n in range(6)] == [0, 2, 1, 1, 2, 3]
+    assert view.paths.tolist() == [walk(n) + [PAD] * (3 - len(walk(n))) for n in range(6)]
+    assert [level.tolist() for level in view.levels] == [[2, 3], [1, 4], [5]]
+    assert view.level_position.tolist() == [-1, 0, 0, 1, 1, 0]
+    assert view.parent.tolist() == [0, 3, 0, 0, 2, 4]
+    assert view.leaf_mask.tolist() == [False, True, False, False, False, True]
+    tax = Taxonomy(names, parents)
+    assert tax.levels == ((2, 3), (1, 4), (5,)) and tax.leaves == (1, 5) and tax.path(5) == (2, 4, 5)
+
+
+def test_view_refuses_what_its_arrays_cannot_hold() -> None:
+    from hiervision.tree.view import TreeView
+
+    for parents, needle in (((-1, 2, 1), "cycle"), ((-1, 7), "not a node id"), ((0, 0), "root")):
+        with pytest.raises(ValueError, match=needle) as e:
+            TreeView(("r",) + ("x",) * (len(parents) - 1), parents)
+        assert "\n" not in str(e.value)
+
+
+def test_torch_tables_are_the_view_arrays(koo: Taxonomy) -> None:
+    """One numpy view, one torch view: a taxonomy's tensors share the view's memory, model buffers copy it once."""
+    from hiervision.tree.tables import TreeTables
+
+    view = koo.view
+    for tensor, array in ((koo.path_matrix, view.paths), (koo.depth_tensor, view.depths),
+                          (koo.parent_tensor, view.parent), (koo.level_position, view.level_position),
+                          (koo.ancestor_matrix, view.ancestors)):
+        assert np.shares_memory(tensor.numpy(), array)
+    tables = TreeTables(koo)
+    for name, array in (("paths", view.paths), ("depth", view.depths), ("parent", view.parent),
+                        ("level_position", view.level_position), ("leaf_mask", view.leaf_mask)):
+        buffer = getattr(tables, name)
+        assert np.array_equal(buffer.numpy(), array) and not np.shares_memory(buffer.numpy(), array)
+    labels = torch.tensor([3, 7, 1])
+    for encode in ("encode_paths", "encode_levels", "encode_level_positions", "encode_sequence"):
+        assert torch.equal(getattr(tables, encode)(labels), getattr(koo, encode)(labels)), encode
+    marks = torch.zeros(2, koo.num_nodes, dtype=torch.bool)
+    marks[0, 7], marks[1, 3] = True, True
+    assert torch.equal(tables.close_upwards(marks), koo.close_upwards(marks))
+
+
+def test_numpy_view_and_records_import_without_torch() -> None:
+    """The runtime reads trees through the view: it and records must load with torch blocked."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from hiervision.tree.view import TreeView\nfrom hiervision.records import TreeView as R\n"
+            "assert R is TreeView and TreeView(('r', 'a'), (-1, 0)).paths.tolist() == [[-1], [1]]")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_readers_and_transformations_return_the_callers_class(tmp_path: Path) -> None:
+    from hiervision.tree import formats
+    from hiervision.tree.core import Tree
+
+    csv_file = tmp_path / "t.csv"
+    csv_file.write_text("parent,child\nroot,a\na,b\n")
+    tax = Taxonomy.from_csv(csv_file)
+    assert type(tax) is Taxonomy and type(tax.prune([tax.index("b")])) is Taxonomy
+    core = formats.from_csv(Tree, csv_file)
+    assert type(core) is Tree and core == tax and not hasattr(core, "encode_paths")
+
+
+def test_core_class_stays_small() -> None:
+    """The tree core holds structure and queries only (issue 22: at most 400 lines); formats and tensors live apart."""
+    import inspect
+
+    from hiervision.tree.core import Tree
+
+    lines, _ = inspect.getsourcelines(Tree)
+    assert len(lines) <= 400
+    assert not {"from_csv", "to_dict", "render", "path_matrix", "encode_paths"} & set(vars(Tree))

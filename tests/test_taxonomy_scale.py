@@ -8,7 +8,7 @@ import pytest
 
 from hiervision import Taxonomy, TaxonomyError
 from hiervision.cli import main
-from hiervision.taxonomy import MAX_INDENT
+from hiervision.tree.formats import MAX_INDENT
 
 N = 100_000
 
@@ -35,6 +35,7 @@ def test_deep_tree_renders_lazily_in_bounded_memory(deep):
     assert peak < 5_000_000  # a few MB at most: nothing proportional to nodes × depth
 
 
+@pytest.mark.slow
 def test_deep_tree_through_the_cli(deep, tmp_path, capsys):
     deep.save(tmp_path / "deep.json")
     assert main(["taxonomy", "show", str(tmp_path / "deep.json"), "--max-nodes", "3"]) == 0
@@ -46,6 +47,7 @@ def test_deep_tree_through_the_cli(deep, tmp_path, capsys):
     assert len(out) == N + 1 and out[-1] == "  " * MAX_INDENT + f"[depth {N}] n{N - 1}"
 
 
+@pytest.mark.slow
 def test_deep_and_wide_csv(tmp_path, capsys):
     deep_csv = tmp_path / "deep.csv"
     deep_csv.write_text("parent,child\n" + "".join(f"n{i},n{i + 1}\n" for i in range(N - 1)))

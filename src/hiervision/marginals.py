@@ -40,17 +40,12 @@ def is_identity(temperature) -> bool:
 def _tables(tree: TreeView) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
     """``(parents, ancestors, levels)``: ``ancestors[n, m]`` is true when m is n or an ancestor of n
     (the root excluded); ``levels[d]`` the node ids at depth ``d + 1``."""
-    anc = np.zeros((tree.num_nodes, tree.num_nodes), dtype=bool)
-    for v in range(1, tree.num_nodes):
-        anc[v, list(tree.path(v))] = True
-    depth = tree.depths
-    levels = tuple(np.flatnonzero(depth == d) for d in range(1, tree.max_depth + 1))
-    return np.asarray(tree.parents, dtype=np.int64), anc, levels
+    return np.asarray(tree.parents, dtype=np.int64), tree.ancestors, tree.levels
 
 
 def _view(tree) -> TreeView:
     """The torch-free view of a :class:`~hiervision.taxonomy.Taxonomy` (a TreeView stays as it is)."""
-    return tree if isinstance(tree, TreeView) else TreeView(tuple(tree.names), tuple(tree.parents))
+    return tree if isinstance(tree, TreeView) else tree.view
 
 
 def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature: Temperature = 1.0) -> np.ndarray:

@@ -2,7 +2,7 @@
 runtime and the server all return, so a client never special-cases where a prediction came from.
 
 Torch-free on purpose (numpy only): the runtime and the server build records without PyTorch.
-:class:`TreeView` is the small read-only view of ``taxonomy.json`` they need for that.
+:class:`~hiervision.tree.view.TreeView` (re-exported here) is the numpy view of ``taxonomy.json`` they need.
 
 A record::
 
@@ -16,97 +16,14 @@ not be read gives ``{"file": ..., "error": "one line"}``.
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 
+from hiervision.tree import PAD
+from hiervision.tree.view import TreeView
+
 __all__ = ["TreeView", "error_record", "prediction_record", "top_k_ends"]
-
-PAD = -1  # same convention as hiervision.taxonomy (kept here so this module does not import torch)
-
-
-@dataclass(frozen=True)
-class TreeView:
-    """Names and parents of a class tree (node 0 = root, classes 1..N), with the few derived
-    arrays decoding needs. The full :class:`~hiervision.taxonomy.Taxonomy` validates trees; this
-    only reads one that was already saved by it."""
-
-    names: tuple[str, ...]
-    parents: tuple[int, ...]
-    _paths: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if len(self.names) != len(self.parents) or not self.parents or self.parents[0] != -1:
-            raise ValueError("tree: names and parents must have the same length and node 0 must be the root")
-        paths: list[tuple[int, ...]] = [()] * len(self.parents)
-        for n in range(1, len(self.parents)):  # parents may come after children: walk up each node
-            chain, p = [n], self.parents[n]
-            while p > 0:
-                chain.append(p)
-                p = self.parents[p]
-                if len(chain) > len(self.parents):
-                    raise ValueError(f"tree: node {n} lies on a cycle")
-            paths[n] = tuple(reversed(chain))
-        object.__setattr__(self, "_paths", tuple(paths))
-
-    @classmethod
-    def from_dict(cls, data: Mapping, source: str = "taxonomy") -> TreeView:
-        """Read the ``hiervision-taxonomy`` JSON format (what ``Taxonomy.save`` writes)."""
-        try:
-            nodes = sorted(data["nodes"], key=lambda n: n["id"])
-            if [n["id"] for n in nodes] != list(range(len(nodes))):
-                raise ValueError(f"{source}: node ids must be 0..N without gaps")
-            return cls(tuple(str(n["name"]) for n in nodes), tuple(int(n["parent"]) for n in nodes))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{source}: not a hiervision taxonomy ({e!r})") from None
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> TreeView:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read the taxonomy ({e})") from None
-        return cls.from_dict(data, source=str(path))
-
-    @property
-    def num_nodes(self) -> int:
-        """N + 1 (the root included), the width of every per-node vector."""
-        return len(self.parents)
-
-    def path(self, node: int) -> tuple[int, ...]:
-        """Node ids from depth 1 down to ``node`` (empty for the root)."""
-        return self._paths[node]
-
-    @property
-    def max_depth(self) -> int:
-        return max(len(p) for p in self._paths)
-
-    @property
-    def depths(self) -> np.ndarray:
-        """``(N+1,)`` depth of every node (root 0)."""
-        return np.array([len(p) for p in self._paths], dtype=np.int64)
-
-    @property
-    def children(self) -> tuple[tuple[int, ...], ...]:
-        kids: list[list[int]] = [[] for _ in self.parents]
-        for n in range(1, len(self.parents)):
-            kids[self.parents[n]].append(n)
-        return tuple(tuple(k) for k in kids)
-
-    def end_mask(self, end_nodes: str = "leaves") -> np.ndarray:
-        """``(N+1,)`` bool, where a path may stop: ``"leaves"`` or ``"all"`` (never the root)."""
-        if end_nodes == "all":
-            mask = np.ones(self.num_nodes, dtype=bool)
-        elif end_nodes == "leaves":
-            mask = np.array([not k for k in self.children], dtype=bool)
-        else:
-            raise ValueError(f"end_nodes must be 'leaves' or 'all', got {end_nodes!r}")
-        mask[0] = False
-        return mask
 
 
 def top_k_ends(path_prob: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

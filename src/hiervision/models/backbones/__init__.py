@@ -1,12 +1,15 @@
 """Feature extractors behind one timm-style contract, so heads never care which network they sit on.
 
-Every backbone is an :class:`torch.nn.Module` with
+Every backbone is a :class:`~hiervision.models.backbones.base.Backbone` (an :class:`torch.nn.Module`) with
 
 * ``forward_features(x) -> list[Tensor]``: one feature map per stage (see each family for which);
 * ``feature_info``: ``[{"num_chs", "reduction", "module"}, ...]``, one dict per returned map;
 * ``num_features``: channels of the last map;
 * ``forward(x)``: global-average-pooled last map, shape ``(B, num_features)``;
 * an ``in_chans`` constructor argument (1 for grey-scale data such as MNIST, 3 for RGB).
+
+The base class implements the parts every family shares (``forward``, ``num_features``, the stage loop
+of ``forward_features`` and the weight init), so a family file holds only its layout.
 
 Build them by name with :func:`create_backbone`; ``"timm/<model>"`` wraps a timm model when the
 optional ``timm`` extra is installed. Weights only ever come from a local file (``pretrained_path``);
@@ -165,6 +168,7 @@ from hiervision.models.backbones import cnn7 as cnn7  # noqa: E402
 from hiervision.models.backbones import resnet as resnet  # noqa: E402
 from hiervision.models.backbones import vgg as vgg  # noqa: E402
 from hiervision.models.backbones import wide_resnet as wide_resnet  # noqa: E402
+from hiervision.models.backbones.base import Backbone  # noqa: E402
 from hiervision.models.backbones.cifar_resnet import CifarResNet  # noqa: E402
 from hiervision.models.backbones.cnn7 import CNN7  # noqa: E402
 from hiervision.models.backbones.resnet import ResNet  # noqa: E402
@@ -172,4 +176,4 @@ from hiervision.models.backbones.timm_adapter import TimmBackbone  # noqa: E402
 from hiervision.models.backbones.vgg import VGG  # noqa: E402
 from hiervision.models.backbones.wide_resnet import WideResNet, WiderResNet  # noqa: E402
 
-__all__ += ["CNN7", "CifarResNet", "ResNet", "TimmBackbone", "VGG", "WideResNet", "WiderResNet"]
+__all__ += ["Backbone", "CNN7", "CifarResNet", "ResNet", "TimmBackbone", "VGG", "WideResNet", "WiderResNet"]

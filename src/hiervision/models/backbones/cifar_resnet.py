@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hiervision.models.backbones import register_backbone
+from hiervision.models.backbones.base import Backbone, fixed_by_name
 
 __all__ = ["BasicBlock", "CifarResNet", "DEPTHS"]
 
@@ -85,7 +86,7 @@ class BasicBlock(nn.Module):
         return self.act2(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(Backbone):
     """A 6n+2-layer CIFAR ResNet following the backbone contract of :mod:`hiervision.models.backbones`.
 
     ``forward_features`` returns the three stage outputs (stem excluded) at reductions 1, 2, 4.
@@ -106,15 +107,12 @@ class CifarResNet(nn.Module):
         shortcut: str = "A",
         act: str = "relu",
     ) -> None:
-        super().__init__()
         if blocks_per_stage < 1:
             raise ValueError(f"blocks_per_stage must be >= 1, got {blocks_per_stage}")
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+        super().__init__(in_chans)
         chs = [max(1, round(c * width)) for c in (16, 32, 64)]
-        self.in_chans = in_chans
         self.blocks_per_stage = blocks_per_stage
         self.shortcut_type = shortcut
         self.act_name = act
@@ -122,7 +120,6 @@ class CifarResNet(nn.Module):
             nn.Conv2d(in_chans, chs[0], 3, padding=1, bias=False), nn.BatchNorm2d(chs[0]), _make_act(act)
         )
         self.stages = nn.ModuleList()
-        self.feature_info: list[dict[str, Any]] = []
         prev, reduction = chs[0], 1
         for i, c in enumerate(chs):
             stride = 1 if i == 0 else 2
@@ -130,37 +127,14 @@ class CifarResNet(nn.Module):
             blocks = [BasicBlock(prev, c, stride, shortcut, act)]
             blocks += [BasicBlock(c, c, 1, shortcut, act) for _ in range(blocks_per_stage - 1)]
             self.stages.append(nn.Sequential(*blocks))
-            self.feature_info.append({"num_chs": c, "reduction": reduction, "module": f"stages.{i}"})
+            self.add_feature(c, reduction, f"stages.{i}")
             prev = c
-        self.num_features = chs[-1]
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """Kaiming-normal convs (He et al. 2015), BN at identity: the paper's initialisation."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.init_weights()  # Kaiming-normal convs (He et al. 2015), BN at identity: the paper's initialisation
 
     @property
     def blocks(self) -> list[nn.Module]:
         """All residual blocks in forward order (index ``k`` = stage ``k // n``, block ``k % n``), for cutting."""
         return [b for stage in self.stages for b in stage]
-
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Output of each of the 3 stages (stem excluded), at reductions 1, 2, 4."""
-        x = self.stem(x)
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return feats
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Global-average-pooled last stage, ``(B, num_features)``: what a classification head consumes."""
-        return self.forward_features(x)[-1].mean(dim=(2, 3))
 
 
 def _factory(n: int, fixed_act: str | None) -> Callable[..., CifarResNet]:
@@ -168,8 +142,7 @@ def _factory(n: int, fixed_act: str | None) -> Callable[..., CifarResNet]:
 
     def build(in_chans: int = 3, **kwargs: Any) -> CifarResNet:
         if fixed_act is not None:
-            if kwargs.setdefault("act", fixed_act) != fixed_act:
-                raise ValueError(f"this backbone name fixes act={fixed_act!r}, got act={kwargs['act']!r}")
+            fixed_by_name(kwargs, "act", fixed_act)
         return CifarResNet(n, in_chans=in_chans, **kwargs)
 
     return build

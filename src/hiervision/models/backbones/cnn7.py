@@ -42,10 +42,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from hiervision.models.backbones import register_backbone
+from hiervision.models.backbones.base import Backbone
 
 __all__ = ["CIFAR10_WIDTHS", "CIFAR100_WIDTHS", "CNN7"]
 
@@ -62,7 +62,7 @@ _STAGES: tuple[tuple[tuple[str, int], ...], ...] = (
 )
 
 
-class CNN7(nn.Module):
+class CNN7(Backbone):
     """The plain 7-conv CIFAR network of Liu, Guo & Lew, following the backbone contract (see the module doc).
 
     Args:
@@ -79,20 +79,17 @@ class CNN7(nn.Module):
         batch_norm: bool = False,
         dropout: float = 0.5,
     ) -> None:
-        super().__init__()
         widths = tuple(widths)
         if len(widths) != 7 or any(not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"widths must be 7 positive ints (one per conv), got {widths!r}")
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.in_chans = in_chans
+        super().__init__(in_chans)
         self.widths = widths
         self.batch_norm = batch_norm
         self.dropout = dropout
+        self.stem = nn.Identity()  # the first stage starts at the input
         self.stages = nn.ModuleList()
-        self.feature_info: list[dict[str, Any]] = []
         it = iter(widths)
         prev = in_chans
         for i, convs in enumerate(_STAGES):
@@ -111,32 +108,9 @@ class CNN7(nn.Module):
                 layers[f"relu{name}"] = nn.ReLU(inplace=True)
                 prev = w
             self.stages.append(nn.Sequential(layers))
-            self.feature_info.append({"num_chs": prev, "reduction": 2**i, "module": f"stages.{i}"})
-        self.num_features = prev
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """Kaiming-normal convs (fan-out) with zero bias, BN at identity (see the module doc for the original's)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Output of each of the 3 stages (after its last ReLU), at reductions 1, 2, 4."""
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return feats
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Global-average-pooled last stage, ``(B, num_features)``: the original's ``pool3``."""
-        return self.forward_features(x)[-1].mean(dim=(2, 3))
+            self.add_feature(prev, 2**i, f"stages.{i}")
+        # Kaiming-normal over fan-out, not the original's N(0, 0.05) (see the module doc)
+        self.init_weights()
 
 
 @register_backbone("cnn7")

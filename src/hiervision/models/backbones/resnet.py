@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from hiervision.models.backbones import register_backbone
+from hiervision.models.backbones.base import Backbone, fixed_by_name
 
 __all__ = ["ATTENTIONS", "CBAM", "Bottleneck", "ResNet", "SqueezeExcite"]
 
@@ -142,7 +143,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + shortcut)
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """An ImageNet bottleneck ResNet following the backbone contract of :mod:`hiervision.models.backbones`.
 
     ``forward_features`` returns the outputs of ``layer1`` ... ``layer4`` (stem excluded) at reductions
@@ -169,23 +170,19 @@ class ResNet(nn.Module):
         attn_reduction: int = 16,
         zero_init_residual: bool = False,
     ) -> None:
-        super().__init__()
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be 4 positive block counts, got {tuple(layers)}")
         if attn_reduction < 1:
             raise ValueError(f"attn_reduction must be >= 1, got {attn_reduction}")
-        self.in_chans = in_chans
+        super().__init__(in_chans)
         self.layers = tuple(layers)
         self.attention = attention
         self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.feature_info: list[dict[str, Any]] = []
         prev, reduction = 64, 4
         for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512)), start=1):
             stride = 1 if i == 1 else 2
@@ -194,28 +191,21 @@ class ResNet(nn.Module):
             prev = planes * Bottleneck.expansion
             blocks += [Bottleneck(prev, planes, 1, attention, attn_reduction) for _ in range(n - 1)]
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
-            self.feature_info.append({"num_chs": prev, "reduction": reduction, "module": f"layer{i}"})
-        self.num_features = prev
-        self._init_weights(zero_init_residual)
+            self.add_feature(prev, reduction, f"layer{i}")
+        self.zero_init_residual = zero_init_residual
+        self.init_weights()
 
-    def _init_weights(self, zero_init_residual: bool) -> None:
-        """Kaiming-normal convs (fan-out, as torchvision), BN at identity.
+    def init_weights(self) -> None:
+        """The shared Kaiming / BN-identity init (fan-out, as torchvision), then two zero-scale BNs.
 
         CBAM's spatial BN starts at zero scale as in the authors' code: the spatial gate begins as a
         uniform 0.5 and learns to discriminate, instead of starting from a random 7x7 pattern.
         """
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        super().init_weights()
         for m in self.modules():
             if isinstance(m, SpatialAttention):
                 nn.init.zeros_(m.bn.weight)
-            elif zero_init_residual and isinstance(m, Bottleneck):
+            elif self.zero_init_residual and isinstance(m, Bottleneck):
                 nn.init.zeros_(m.bn3.weight)
 
     @property
@@ -232,26 +222,12 @@ class ResNet(nn.Module):
         """conv1 -> bn1 -> ReLU -> max-pool: the input of ``layer1``, at reduction 4."""
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Output of each of the 4 stages (stem excluded), at reductions 4, 8, 16, 32."""
-        x = self.stem(x)
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return feats
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Global-average-pooled last stage, ``(B, num_features)``: what a classification head consumes."""
-        return self.forward_features(x)[-1].mean(dim=(2, 3))
-
 
 def _factory(layers: tuple[int, ...], fixed_attention: str | None) -> Callable[..., ResNet]:
     """Factory for one name; the gate is fixed by the name (an ``attention=`` kwarg must agree)."""
 
     def build(in_chans: int = 3, **kwargs: Any) -> ResNet:
-        if kwargs.setdefault("attention", fixed_attention) != fixed_attention:
-            raise ValueError(f"this backbone name fixes attention={fixed_attention!r}, got {kwargs['attention']!r}")
+        fixed_by_name(kwargs, "attention", fixed_attention)
         return ResNet(layers, in_chans=in_chans, **kwargs)
 
     return build

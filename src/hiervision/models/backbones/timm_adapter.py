@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
+
+from hiervision.models.backbones.base import Backbone
 
 __all__ = ["TimmBackbone", "import_timm"]
 
@@ -26,7 +27,7 @@ def import_timm() -> Any:
         raise ImportError(f"timm backbones need the optional timm package: {INSTALL_HINT}") from e
 
 
-class TimmBackbone(nn.Module):
+class TimmBackbone(Backbone):
     """A ``timm.create_model(..., features_only=True)`` network exposing the hiervision backbone contract.
 
     ``forward_features`` returns the maps selected by ``out_indices`` (timm's default: every stage,
@@ -48,23 +49,15 @@ class TimmBackbone(nn.Module):
         out_indices: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__()
         timm = import_timm()
+        super().__init__(in_chans)
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
         self.model = timm.create_model(name, pretrained=pretrained, in_chans=in_chans, features_only=True, **kwargs)
         info = self.model.feature_info
-        self.feature_info: list[dict[str, Any]] = [
-            {"num_chs": c, "reduction": r, "module": m}
-            for c, r, m in zip(info.channels(), info.reduction(), info.module_name())
-        ]
-        self.in_chans = in_chans
-        self.num_features = self.feature_info[-1]["num_chs"]
+        for c, r, m in zip(info.channels(), info.reduction(), info.module_name(), strict=True):
+            self.add_feature(c, r, m)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps of the selected levels, shallowest first."""
         return list(self.model(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Global-average-pooled last level, ``(B, num_features)``."""
-        return self.forward_features(x)[-1].mean(dim=(2, 3))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hiervision.models.backbones import register_backbone
+from hiervision.models.backbones.base import Backbone, fixed_by_name
 
 __all__ = ["CFG_D", "VGG"]
 
@@ -30,7 +31,7 @@ __all__ = ["CFG_D", "VGG"]
 CFG_D: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-class VGG(nn.Module):
+class VGG(Backbone):
     """A VGG conv trunk following the backbone contract of :mod:`hiervision.models.backbones`.
 
     Args:
@@ -44,23 +45,18 @@ class VGG(nn.Module):
     pretrained_ignore: ClassVar[tuple[str, ...]] = ("fc.", "classifier.")
 
     def __init__(self, cfg: Sequence[int | str] = CFG_D, in_chans: int = 3, batch_norm: bool = False) -> None:
-        super().__init__()
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         if not cfg or cfg[-1] != "M":
             raise ValueError("cfg must be non-empty and end with 'M' (every block closes with a max-pool)")
-        self.in_chans = in_chans
+        super().__init__(in_chans)
         self.batch_norm = batch_norm
         layers: list[nn.Module] = []
-        self.feature_info: list[dict[str, Any]] = []
         prev, reduction = in_chans, 1
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 reduction *= 2
                 # the pool's index in `features` is both the stage's module name and where forward_features taps
-                module = f"features.{len(layers) - 1}"
-                self.feature_info.append({"num_chs": prev, "reduction": reduction, "module": module})
+                self.add_feature(prev, reduction, f"features.{len(layers) - 1}")
                 continue
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"cfg entries must be positive ints or 'M', got {v!r}")
@@ -71,18 +67,8 @@ class VGG(nn.Module):
             prev = v
         self.features = nn.Sequential(*layers)
         self._taps = {int(info["module"].split(".")[1]) for info in self.feature_info}
-        self.num_features = prev
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """Kaiming-normal convs with zero bias (trains from scratch without the paper's shallow-net warm start)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        # Kaiming init trains from scratch without the paper's shallow-net warm start
+        self.init_weights()
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Output of each block after its max-pool, at reductions 2, 4, 8, 16, 32 for VGG-16."""
@@ -93,17 +79,12 @@ class VGG(nn.Module):
                 feats.append(x)
         return feats
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Global-average-pooled last block, ``(B, num_features)`` (no 4096-d fc layers, see the module doc)."""
-        return self.forward_features(x)[-1].mean(dim=(2, 3))
-
 
 def _factory(batch_norm: bool) -> Callable[..., VGG]:
     """Factory for one name; ``batch_norm`` is fixed by the name (``batch_norm=`` must agree)."""
 
     def build(in_chans: int = 3, **kwargs: Any) -> VGG:
-        if kwargs.setdefault("batch_norm", batch_norm) != batch_norm:
-            raise ValueError(f"this backbone name fixes batch_norm={batch_norm}, got batch_norm={kwargs['batch_norm']}")
+        fixed_by_name(kwargs, "batch_norm", batch_norm)
         return VGG(in_chans=in_chans, **kwargs)
 
     return build

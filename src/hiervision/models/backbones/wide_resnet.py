@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from hiervision.models.backbones import register_backbone
+from hiervision.models.backbones.base import Backbone, fixed_by_name
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "WideResNet", "WiderResNet", "wide_resnet"]
 
@@ -121,7 +122,7 @@ class PreActBottleneck(nn.Module):
         return out + skip
 
 
-class _PreActNet(nn.Module):
+class _PreActNet(Backbone):
     """Stem conv, stages of pre-activation blocks, final BN-ReLU: the part both families share.
 
     ``forward_features`` returns the stage outputs (stem excluded): the first ones as raw residual
@@ -130,29 +131,14 @@ class _PreActNet(nn.Module):
     """
 
     def __init__(self, in_chans: int, stem_chs: int, stages: Sequence[Sequence[nn.Module]], chs: Sequence[int]) -> None:
-        super().__init__()
-        self.in_chans = in_chans
+        super().__init__(in_chans)
         self.stem = nn.Conv2d(in_chans, stem_chs, 3, padding=1, bias=False)
         self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stages)
         self.norm = nn.BatchNorm2d(chs[-1])
         self.act = nn.ReLU(inplace=True)
-        self.num_features = chs[-1]
-        self.feature_info: list[dict[str, Any]] = []
-        reduction = 1
         for i, c in enumerate(chs):
-            reduction = 1 if i == 0 else reduction * 2
-            module = "act" if i == len(chs) - 1 else f"stages.{i}"
-            self.feature_info.append({"num_chs": c, "reduction": reduction, "module": module})
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """Kaiming-normal convs over fan-out (the Torch code's ``MSRinit``), BN at identity."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            self.add_feature(c, 2**i, "act" if i == len(chs) - 1 else f"stages.{i}")
+        self.init_weights()  # Kaiming-normal convs over fan-out (the Torch code's ``MSRinit``), BN at identity
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -161,17 +147,9 @@ class _PreActNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Output of each stage at reductions 1, 2, 4; the last one after the final BN-ReLU."""
-        x = self.stem(x)
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
+        feats = super().forward_features(x)
         feats[-1] = self.act(self.norm(feats[-1]))
         return feats
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Global-average-pooled last (activated) stage, ``(B, num_features)``."""
-        return self.forward_features(x)[-1].mean(dim=(2, 3))
 
 
 class WideResNet(_PreActNet):
@@ -191,8 +169,6 @@ class WideResNet(_PreActNet):
             raise ValueError(f"widen must be > 0, got {widen}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         n = (depth - 4) // 6
         chs = [_scale(c, widen) for c in (16, 32, 64)]
         stages: list[list[nn.Module]] = []
@@ -220,8 +196,6 @@ class WiderResNet(_PreActNet):
     def __init__(self, in_chans: int = 3, width: float = 1.0) -> None:
         if width <= 0:
             raise ValueError(f"width must be > 0, got {width}")
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         stem = _scale(WIDER_STEM, width)
         chs = [_scale(c, width) for c, _ in WIDER_STAGES]
         stages: list[list[nn.Module]] = []
@@ -246,11 +220,8 @@ def _wrn_factory(depth: int, widen: int, default_dropout: float) -> Callable[...
 
     def build(in_chans: int = 3, dropout: float = default_dropout, **kwargs: Any) -> WideResNet:
         for key, fixed in (("depth", depth), ("widen", widen)):
-            if kwargs.pop(key, fixed) != fixed:
-                raise ValueError(f"this backbone name fixes {key}={fixed}; use 'wide_resnet' for other values")
-        if kwargs:
-            raise TypeError(f"unexpected arguments for wrn{depth}_{widen}: {sorted(kwargs)}")
-        return WideResNet(depth=depth, widen=widen, dropout=dropout, in_chans=in_chans)
+            fixed_by_name(kwargs, key, fixed, hint="; use 'wide_resnet' for other values")
+        return WideResNet(dropout=dropout, in_chans=in_chans, **kwargs)
 
     return build
 

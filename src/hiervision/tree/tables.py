@@ -1,0 +1,176 @@
+"""The torch side of the tree: its tables as tensors, the label encoders, and :class:`TreeTables`.
+
+Every table is the numpy view's array (:attr:`hiervision.tree.core.Tree.view`) as a tensor: the
+functions here that a :class:`~hiervision.taxonomy.Taxonomy` caches (``path_matrix``, ``depth_tensor``,
+...) share the view's memory, and :class:`TreeTables` copies them once into a model's buffers. The
+encoders are written once, on plain tensors, and used by both: a taxonomy checks label ids first
+(one host sync), a model's tables do not (labels were checked where the data set was read).
+
+Tables are O(N·depth) except two dense (N+1)² ones that decoding still reads (``ancestor_matrix``,
+``TreeTables.child_of``); they are built only where used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from hiervision.tree import EOS, IGNORE, PAD
+from hiervision.tree.core import Tree
+
+__all__ = [
+    "TreeTables", "ancestor_matrix", "close_upwards", "depth_tensor", "encode_level_positions", "encode_levels",
+    "encode_onehot", "encode_paths", "encode_sequence", "level_position", "levels_by_depth", "parent_tensor",
+    "path_ends", "path_matrix",
+]
+
+
+# ---------------------------------------------------------------------- a tree's tables, sharing its view's arrays
+def path_matrix(tree: Tree) -> torch.Tensor:
+    """``(N+1, D)`` long tensor: row n is the path of node n padded with :data:`PAD`."""
+    return torch.from_numpy(tree.view.paths)
+
+
+def depth_tensor(tree: Tree) -> torch.Tensor:
+    """``(N+1,)`` long depth of every node (root 0)."""
+    return torch.from_numpy(tree.view.depths)
+
+
+def parent_tensor(tree: Tree) -> torch.Tensor:
+    """``(N+1,)`` long parent ids; the root points to itself so gathers stay in range."""
+    return torch.from_numpy(tree.view.parent)
+
+
+def level_position(tree: Tree) -> torch.Tensor:
+    """``(N+1,)`` long: index of each node within its level (root: -1), for per-level heads."""
+    return torch.from_numpy(tree.view.level_position)
+
+
+def ancestor_matrix(tree: Tree) -> torch.Tensor:
+    """``(N+1, N+1)`` bool: ``A[n, m]`` is true when m is n or an ancestor of n (root excluded). Dense."""
+    return torch.from_numpy(tree.view.ancestors)
+
+
+def levels_by_depth(tree: Tree) -> tuple[torch.Tensor, list[int]]:
+    """Node ids sorted by depth and where each depth starts: ``ids[bounds[d]:bounds[d + 1]]`` is level ``d``."""
+    levels = tree.view.levels
+    bounds = np.cumsum([0, *(len(level) for level in levels)]).tolist()
+    return torch.from_numpy(np.concatenate(levels)), bounds
+
+
+# ---------------------------------------------------------------------- encoders, on tensors (no id checks)
+def encode_paths(paths: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """``(B,) → (B, D)`` node ids per level, :data:`PAD` after the end."""
+    return paths[nodes]
+
+
+def encode_levels(paths: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """Per-level cross-entropy targets ``(B, D)``: node ids, :data:`IGNORE` past the path's end."""
+    p = paths[nodes]
+    return p.masked_fill(p == PAD, IGNORE)
+
+
+def encode_level_positions(paths: torch.Tensor, positions: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """Per-level targets ``(B, D)`` as the index within each level, :data:`IGNORE` past the end."""
+    p = paths[nodes]
+    return positions[p.clamp(min=0)].masked_fill(p == PAD, IGNORE)
+
+
+def encode_sequence(paths: torch.Tensor, depth: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """Variable-length decoder targets ``(B, D + 1)``: the path, then :data:`EOS`, then :data:`IGNORE`."""
+    p = torch.cat([paths[nodes], torch.full_like(nodes, PAD).unsqueeze(1)], dim=1)
+    p = p.scatter(1, depth[nodes].unsqueeze(1), EOS)
+    return p.masked_fill(p == PAD, IGNORE)
+
+
+def encode_onehot(steps: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``(B, T)`` targets (:data:`IGNORE` padded) → ``(B, T, N+1)`` one-hot rows, all zero where ignored."""
+    out = torch.zeros(*steps.shape, num_nodes, device=steps.device)
+    valid = steps != IGNORE
+    out[valid] = torch.nn.functional.one_hot(steps[valid], num_nodes).float()
+    return out
+
+
+def close_upwards(marks: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor,
+                  bounds: Sequence[int]) -> torch.Tensor:
+    """``(B, N+1)`` bool marks → the marks plus all their ancestors (root column cleared).
+
+    Bottom-up OR, one level at a time (``by_depth`` / ``bounds`` from :func:`levels_by_depth`): O(B·N),
+    not a dense O(B·N²) product, and on the marks' device.
+    """
+    c = marks.T.bool().to(torch.int32).contiguous()
+    for d in range(len(bounds) - 2, 0, -1):  # deepest level first; level 0's parent is the root, cleared below
+        idx = by_depth[bounds[d] : bounds[d + 1]]
+        c.index_add_(0, parent[idx], c[idx].clamp(max=1))
+    c[0] = 0
+    return (c > 0).T.contiguous()
+
+
+def path_ends(closed: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+    """``(B, N+1)`` ancestor-closed bool sets → the nodes with no member child (the paths' ends)."""
+    closed = closed.bool()
+    has_child = torch.zeros(closed.shape[1], closed.shape[0], dtype=torch.int32, device=closed.device)
+    has_child.index_add_(0, parent[1:], closed[:, 1:].T.to(torch.int32))
+    ends = closed & ~(has_child > 0).T
+    ends[:, 0] = False
+    return ends
+
+
+class TreeTables(nn.Module):
+    """The tree's lookup tables as non-persistent buffers, for the per-step code of a model.
+
+    Every loss and decode reads some table (paths, ancestors, depths, where paths may end). As
+    buffers of the model they move once with ``model.to(device)`` instead of being copied from
+    the CPU on every call, and they stay out of ``state_dict`` (the tree is saved on its own).
+    The encoders never check label ids on the host (that check is a device→host sync per step);
+    labels are checked once, where the data set is read. Tables are bool/long, so
+    ``model.to(torch.float64)`` leaves them as they are.
+    """
+
+    def __init__(self, taxonomy: Tree) -> None:
+        super().__init__()
+        self.taxonomy = taxonomy
+        view = taxonomy.view
+        n = taxonomy.num_nodes
+        child_of = torch.zeros(n, n, dtype=torch.bool)  # [i, j]: j is a child of i
+        child_of[torch.from_numpy(view.parent[1:]), torch.arange(1, n)] = True
+        by_depth, self.level_bounds = levels_by_depth(taxonomy)
+        tables = {
+            "paths": torch.from_numpy(view.paths), "ancestors": ancestor_matrix(taxonomy),
+            "depth": torch.from_numpy(view.depths), "parent": torch.from_numpy(view.parent),
+            "level_position": torch.from_numpy(view.level_position), "leaf_mask": torch.from_numpy(view.leaf_mask),
+            "child_of": child_of, "by_depth": by_depth,
+        }
+        for name, t in tables.items():  # clones: in-place edits of a buffer must not reach the tree's view
+            self.register_buffer(name, t.clone(), persistent=False)
+
+    def end_mask(self, end_nodes: torch.Tensor | str | None = None) -> torch.Tensor:
+        """``(N+1,)`` bool where a path may stop (see :func:`hiervision.decoding.end_mask`)."""
+        if isinstance(end_nodes, torch.Tensor):
+            mask = end_nodes.to(self.leaf_mask.device, torch.bool).clone()
+        elif end_nodes == "all":
+            mask = torch.ones_like(self.leaf_mask)
+        elif end_nodes in (None, "leaves"):
+            mask = self.leaf_mask.clone()
+        else:
+            raise ValueError(f"end_nodes must be 'leaves', 'all' or a bool tensor, got {end_nodes!r}")
+        mask[0] = False  # the root is not a class
+        return mask
+
+    def encode_paths(self, nodes: torch.Tensor) -> torch.Tensor:
+        return encode_paths(self.paths, nodes)
+
+    def encode_levels(self, nodes: torch.Tensor) -> torch.Tensor:
+        return encode_levels(self.paths, nodes)
+
+    def encode_level_positions(self, nodes: torch.Tensor) -> torch.Tensor:
+        return encode_level_positions(self.paths, self.level_position, nodes)
+
+    def encode_sequence(self, nodes: torch.Tensor) -> torch.Tensor:
+        return encode_sequence(self.paths, self.depth, nodes)
+
+    def close_upwards(self, marks: torch.Tensor) -> torch.Tensor:
+        return close_upwards(marks, self.parent, self.by_depth, self.level_bounds)
