@@ -304,7 +304,7 @@ def test_register_backbone_custom_and_duplicates() -> None:
     def tiny(in_chans: int = 3) -> CifarResNet:
         return CifarResNet(1, in_chans=in_chans, width=0.25)
 
-    from hiervision.models import backbones
+    from hiervision.models.backbones import registry
 
     try:
         assert name in list_backbones()
@@ -312,7 +312,7 @@ def test_register_backbone_custom_and_duplicates() -> None:
         with pytest.raises(ValueError, match="already registered"):
             register_backbone(name)(tiny)
     finally:
-        backbones._REGISTRY.pop(name, None)
+        registry._REGISTRY.pop(name, None)
     with pytest.raises(ValueError, match="reserved"):
         register_backbone("timm/x")
 

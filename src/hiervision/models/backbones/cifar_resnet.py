@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervision.models.backbones import register_backbone
 from hiervision.models.backbones.base import Backbone, fixed_by_name
+from hiervision.models.backbones.registry import register_backbone
 
 __all__ = ["BasicBlock", "CifarResNet", "DEPTHS"]
 

@@ -44,8 +44,8 @@ from typing import Any
 
 from torch import nn
 
-from hiervision.models.backbones import register_backbone
 from hiervision.models.backbones.base import Backbone
+from hiervision.models.backbones.registry import register_backbone
 
 __all__ = ["CIFAR10_WIDTHS", "CIFAR100_WIDTHS", "CNN7"]
 

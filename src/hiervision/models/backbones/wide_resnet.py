@@ -54,8 +54,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hiervision.models.backbones import register_backbone
 from hiervision.models.backbones.base import Backbone, fixed_by_name
+from hiervision.models.backbones.registry import register_backbone
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "WideResNet", "WiderResNet", "wide_resnet"]
 
