@@ -151,11 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     predictor = _predictor(args)  # a run that cannot be loaded is reported before any image is looked at
-    hedge = None
-    if args.accuracy is not None:
-        from hiervision.posthoc import hedger
-
-        hedge = hedger(args.run_dir, args.accuracy)
+    hedge = predictor.hedger(args.accuracy) if args.accuracy is not None else None  # the sidecar's λ table
     files = _image_files(args.inputs)
     writer = None
     if args.format == "csv":
@@ -191,7 +187,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hiervision.export import export_onnx
 
-    for path in export_onnx(args.run_dir, args.out, which=args.checkpoint, beam_width=args.beam_width):
+    for path in export_onnx(args.run_dir, args.out, which=args.checkpoint, beam_width=args.beam_width,
+                            verbose=args.verbose):
         print(path)
     return 0
 
@@ -241,7 +238,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"hiervision serve needs: pip install 'hiervision[serve]' ({e.name} missing)") from None
     if args.max_batch < 1 or args.max_wait_ms < 0 or args.top_k < 1 or args.max_files < 1:
         raise ValueError("--max-batch, --top-k and --max-files must be ≥ 1 and --max-wait-ms ≥ 0")
-    limits = Limits(max_files=args.max_files, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    if not (args.max_body_mb > 0 and args.read_timeout > 0 and args.min_body_rate >= 0):
+        raise ValueError("--max-body-mb and --read-timeout must be > 0 and --min-body-rate ≥ 0")
+    limits = Limits(max_files=args.max_files, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                    read_timeout_s=args.read_timeout, min_body_rate=args.min_body_rate, max_queue=args.max_queue)
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           top_k=args.top_k, limits=limits, hedge_accuracy=args.hedge_accuracy, beam_width=args.beam_width)
     return 0
@@ -444,6 +444,17 @@ def _int_at_least(lo: int):
 _positive_int, _count = _int_at_least(1), _int_at_least(0)
 
 
+def _open_fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1 (an accuracy target, a proximity threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
+
+
 def _add_beam_width(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam-width", type=_positive_int, default=None, metavar="K",
                         help="decode with tree-restricted beam search of width K (1 = greedy) instead of the run's "
@@ -473,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", choices=["best", "last"], default="best")
     e.add_argument("--given-level", type=int, default=None, metavar="DEPTH",
                    help="give the model each image's true ancestor at this depth (Guo et al.'s CNN-RNN*)")
-    e.add_argument("--accuracy", type=float, default=None, metavar="TARGET",
+    e.add_argument("--accuracy", type=_open_fraction, default=None, metavar="TARGET",
                    help="also report hedged answers (Deng et al.'s DARTS) reaching this accuracy, e.g. 0.99; "
                         "λ is fitted on the val split")
     e.add_argument("--decode", choices=["argmax", "crm"], default=None,
@@ -497,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     pr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (run folders only)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
-    pr.add_argument("--accuracy", type=float, default=None, metavar="A",
+    pr.add_argument("--accuracy", type=_open_fraction, default=None, metavar="A",
                     help="also give each image's hedged answer: the most specific node that meets accuracy A "
                     "(λ from the run's decisions.json: 0.9, 0.95, 0.99 after training, others by evaluate --accuracy)")
     _add_beam_width(pr)
@@ -513,7 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--top-k", type=int, default=3, help="alternative paths per image")
     sv.add_argument("--max-files", type=int, default=64, help="most images in one request (more: 413)")
     sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (more: 413)")
-    sv.add_argument("--hedge-accuracy", type=float, default=None, metavar="A",
+    sv.add_argument("--read-timeout", type=float, default=10.0, metavar="S",
+                    help="longest pause while a request body arrives (more: 408, connection closed)")
+    sv.add_argument("--min-body-rate", type=float, default=8192, metavar="BYTES_PER_S",
+                    help="slowest average upload accepted after the first --read-timeout seconds (slower: 408)")
+    sv.add_argument("--max-queue", type=_positive_int, default=256,
+                    help="most images waiting for the model (more: 503 with Retry-After)")
+    sv.add_argument("--hedge-accuracy", type=_open_fraction, default=None, metavar="A",
                     help="add each image's hedged answer at this accuracy target (λ from the run's decisions.json)")
     _add_beam_width(sv)
     sv.set_defaults(func=cmd_serve)
@@ -523,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the .onnx file to write (sidecar: same name, .json)")
     ex.add_argument("--checkpoint", choices=["best", "last"], default="best")
     _add_beam_width(ex)
+    ex.add_argument("--verbose", action="store_true", help="show the ONNX exporter's own messages and warnings")
     ex.set_defaults(func=cmd_export)
 
     ls = sub.add_parser("list", help="what is there: registered models, backbones, datasets, shipped configs")
@@ -543,9 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ind = sub.add_parser("induce", help="HierNet: a class tree from a trained run's confusion probability matrix")
     ind.add_argument("run_dir", help="a trained run (its validation split is predicted)")
-    ind.add_argument("--p-min", type=float, nargs="+", required=True,
+    ind.add_argument("--p-min", type=_open_fraction, nargs="+", required=True,
                      help="minimum group proximity; several values group recursively, one per depth")
-    ind.add_argument("--g-max", type=int, nargs="+", default=[50], help="maximum group size (per depth)")
+    ind.add_argument("--g-max", type=_positive_int, nargs="+", default=[50], help="maximum group size (per depth)")
     ind.add_argument("--out", required=True, help="taxonomy JSON to write (use as data.tree)")
     ind.add_argument("--plot", default=None, help="also draw the tree to this image file")
     ind.add_argument("--max-nodes", type=int, default=None, help="print at most this many nodes")

@@ -16,6 +16,7 @@ not be read gives ``{"file": ..., "error": "one line"}``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -71,6 +72,12 @@ class TreeView:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: cannot read the taxonomy ({e})") from None
         return cls.from_dict(data, source=str(path))
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of names and parents, the same as :attr:`hiervision.taxonomy.Taxonomy.fingerprint`: an
+        exported model's sidecar stores it, so an edited tree (a renamed or moved class) is refused."""
+        return hashlib.sha256(json.dumps([list(self.names), list(self.parents)]).encode()).hexdigest()[:16]
 
     @property
     def num_nodes(self) -> int:
