@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -57,9 +58,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hiervision.training import autocast_dtype, evaluate_split, select_device
 
     device = select_device(args.device)
-    cfg, taxonomy, model, _ = load_run(args.run_dir, which=args.checkpoint, device=device)
+    cfg, taxonomy, model, meta = load_run(args.run_dir, which=args.checkpoint, device=device)
     check_given_level(args.given_level, taxonomy)
-    data = run_data(cfg, args.run_dir, args.allow_changed_data)
+    data = run_data(cfg, args.run_dir, args.allow_changed_data, meta)  # the normalisation it was trained with
     if data.taxonomy != taxonomy:
         raise CheckpointError(f"{args.run_dir}: the data's taxonomy differs from the run's taxonomy.json")
     amp = autocast_dtype(cfg["train"]["amp"], device)
@@ -125,21 +126,33 @@ def _predictor(args: argparse.Namespace):
 
 
 CSV_FIELDS = ["file", "path", "path_ids", "path_probability", "node_probabilities"]
+#: between the paths of a multi-label record in the CSV ``paths`` column
+CSV_PATHS_SEP = " ; "
 
 
-def _csv_row(record: dict, top_k: int, hedged: bool = False) -> list:
-    """One CSV row: lists joined ("/" between names, spaces between numbers), top-k flattened; with
-    ``hedged`` (``--accuracy``) the hedged answer's path and probability before the error column."""
+def _csv_separators(names: Sequence[str], sep: str, multi_label: bool) -> None:
+    """A path separator that occurs in a class name would make a CSV path ambiguous: refuse it (one line)."""
+    for s, flag in [(sep, "--path-sep"), *([(CSV_PATHS_SEP, "the paths column's separator")] if multi_label else [])]:
+        clash = next((n for n in names[1:] if s in n), None)
+        if not s or clash is not None:
+            raise ValueError(f"{flag} {s!r}: the class name {clash!r} contains it; pass another --path-sep"
+                             if s else "--path-sep must not be empty")
+
+
+def _csv_row(record: dict, top_k: int, sep: str, hedged: bool = False) -> list:
+    """One CSV row: paths joined by ``sep`` (``--path-sep``, never found in a class name; ``path_ids`` are
+    exact), numbers by spaces, top-k flattened; with ``hedged`` (``--accuracy``) the hedged answer's path
+    and probability before the error column."""
     if "error" in record:
         return [record["file"], "", "", "", "", *[""] * (2 * top_k), "", *["", ""] * hedged, record["error"]]
-    row = [record["file"], "/".join(record["path"]), " ".join(map(str, record["path_ids"])),
+    row = [record["file"], sep.join(record["path"]), " ".join(map(str, record["path_ids"])),
            record["path_probability"], " ".join(map(str, record["node_probabilities"]))]
     alts = record["top_k"][:top_k]
     for i in range(top_k):
-        row += ["/".join(alts[i]["path"]), alts[i]["probability"]] if i < len(alts) else ["", ""]
-    row.append(";".join("/".join(p) for p in record.get("paths", [])))
+        row += [sep.join(alts[i]["path"]), alts[i]["probability"]] if i < len(alts) else ["", ""]
+    row.append(CSV_PATHS_SEP.join(sep.join(p) for p in record.get("paths", [])))
     if hedged:
-        row += ["/".join(record["hedged"]["path"]), record["hedged"]["probability"]]
+        row += [sep.join(record["hedged"]["path"]), record["hedged"]["probability"]]
     return [*row, ""]
 
 
@@ -155,6 +168,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = _image_files(args.inputs)
     writer = None
     if args.format == "csv":
+        _csv_separators(predictor.tree.names, args.path_sep, predictor.sidecar["decoder"]["kind"] == "multi_label")
         writer = csv.writer(sys.stdout)
         tops = [f"top{i + 1}_{c}" for i in range(args.top_k) for c in ("path", "probability")]
         hedged = ["hedged_path", "hedged_probability"] if hedge is not None else []
@@ -170,7 +184,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     record["hedged"] = hedge(record)
                     del record["node_scores"]
                 if writer is not None:
-                    writer.writerow(_csv_row(record, args.top_k, hedge is not None))
+                    writer.writerow(_csv_row(record, args.top_k, args.path_sep, hedge is not None))
                 else:
                     print(json.dumps(record, ensure_ascii=False))
             sys.stdout.flush()
@@ -342,8 +356,8 @@ def _demo_hedged(run: Path, target: float) -> dict:
     from hiervision.experiment import load_run, run_data
     from hiervision.training import predict_dataset
 
-    cfg, taxonomy, model, _ = load_run(run)
-    data = run_data(cfg, run)
+    cfg, taxonomy, model, meta = load_run(run)
+    data = run_data(cfg, run, meta=meta)
     bs, device = cfg["eval"]["batch_size"], torch.device("cpu")
     val, val_t = predict_dataset(model, data, data.val, bs, device, None)
     test, test_t = predict_dataset(model, data, data.test, bs, device, None)
@@ -506,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=_positive_int, default=64)
     pr.add_argument("--top-k", type=_positive_int, default=3, help="alternative paths per image (default 3)")
     pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    pr.add_argument("--path-sep", default=" > ", metavar="SEP",
+                    help="csv: between the names of a path (default ' > '; refused when a class name contains it)")
     pr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (run folders only)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.add_argument("--accuracy", type=_open_fraction, default=None, metavar="A",

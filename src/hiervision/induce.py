@@ -141,8 +141,8 @@ def induce_from_run(run_dir: str | os.PathLike, p_min: float | Sequence[float],
     from hiervision.training import autocast_dtype, predict_dataset, select_device
 
     dev = select_device(device)
-    cfg, taxonomy, model, _ = load_run(run_dir, device=dev)
-    data = run_data(cfg, run_dir)
+    cfg, taxonomy, model, meta = load_run(run_dir, device=dev)
+    data = run_data(cfg, run_dir, meta=meta)
     if data.multi_label or not len(data.val):
         raise ValueError(f"{run_dir}: inducing a tree needs single-label data with a validation split")
     amp = autocast_dtype(cfg["train"]["amp"], dev)
