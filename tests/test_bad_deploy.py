@@ -263,3 +263,19 @@ def test_export_is_quiet_unless_verbose(exported, tmp_path):
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
     assert proc.stdout.split() == [str(tmp_path / "q.onnx"), str(tmp_path / "q.json")]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_resume_on_changed_data_keeps_the_runs_normalisation(tmp_path):
+    from hiervision.checkpoint import load_checkpoint
+    from hiervision.config import load_config
+    from hiervision.training import train
+
+    root = image_folder(tmp_path / "imgs", per_class=6)
+    cfg = load_config(folder_cfg(tmp_path, root, epochs=2))
+    train(cfg, tmp_path / "out", max_epochs_this_call=1)
+    first = load_checkpoint(tmp_path / "out" / "last.pt")["meta"]
+    for j in range(8):
+        write_png(root / "animal" / "cat" / f"new{j}.png", value=250)
+    train(cfg, tmp_path / "out", allow_changed_data=True)
+    last = load_checkpoint(tmp_path / "out" / "last.pt")
+    assert last["epoch"] == 2 and last["meta"]["mean"] == first["mean"] and last["meta"]["std"] == first["std"]

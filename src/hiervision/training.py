@@ -40,7 +40,7 @@ from hiervision.data import BatchAugment, BatchLoader, DataBundle, FeatureDatase
 from hiervision.data.splits import verify_split_record, write_split_record
 from hiervision.decoding import Prediction, threshold_paths
 from hiervision.distributed import DistEnv, any_flag, barrier, gather_rows, max_over_ranks, shard_indices
-from hiervision.experiment import load_run, run_data, run_model
+from hiervision.experiment import load_run, run_data, run_model, with_run_statistics
 from hiervision.models import HierarchicalClassifier
 from hiervision.runfolder import RunFolderError, atomic_write_json, atomic_write_text, claim_run_dir, set_aside
 from hiervision.taxonomy import PAD
@@ -576,6 +576,7 @@ def _train(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_this_cal
         change = verify_split_record(out / "splits.json", record, allow_changed_data)
         if change and env.is_main:
             print(f"hiervision: warning: {out / 'splits.json'}: {change}", file=sys.stderr)
+        data = with_run_statistics(data, state.get("meta", {}))  # the run's normalisation, even if data changed
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
