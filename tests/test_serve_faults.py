@@ -96,7 +96,7 @@ def post(port: int, files: int = 1) -> tuple[int, dict]:
         conn.close()
 
 
-def good_client(port: int, requests: int, stop: threading.Event) -> tuple[int, int]:
+def good_client(port: int, requests: int) -> tuple[int, int]:
     """A well-behaved client: one image per request, retrying on 503 after Retry-After. ``(sent, answered)``."""
     answered = 0
     for _ in range(requests):
@@ -157,18 +157,19 @@ def test_a_client_gone_mid_upload_is_one_log_line(server, caplog):
 
 def test_bursts_past_the_queue_get_503_while_good_clients_lose_nothing(server):
     port, app = server
-    stop = threading.Event()
     with ThreadPoolExecutor(40) as pool:
-        good = [pool.submit(good_client, port, 10, stop) for _ in range(4)]
+        good = [pool.submit(good_client, port, 10) for _ in range(4)]
         burst = [pool.submit(post, port, 4) for _ in range(24)]  # 4 images each into a queue of 8
         slow = [pool.submit(test_a_stalled_body_gets_408_and_the_connection_closed, server) for _ in range(3)]
-        statuses = [f.result()[0] for f in burst]
+        replies = [f.result() for f in burst]
+        statuses = [status for status, _ in replies]
         for f in slow:
             f.result()
         sent_answered = [f.result() for f in good]
     assert 503 in statuses and 200 in statuses, statuses
     assert set(statuses) <= {200, 503}
+    busy = next(reply for status, reply in replies if status == 503)
+    assert busy["retry_after"] == "1" and "server busy:" in busy["detail"] and "limit of 8" in busy["detail"]
     assert sum(s for s, _ in sent_answered) == sum(a for _, a in sent_answered) == 40  # 0 good requests lost
     assert app.state.batcher.pending == 0
-    busy = [post(port, 8) for _ in range(1)][0]
-    assert busy[0] == 200  # the queue drained: the same request fits again
+    assert post(port, 8)[0] == 200  # the queue drained: a request as large as the queue fits again

@@ -242,17 +242,15 @@ def create_app(
     ) -> dict[str, Any]:
         if len(file) > limits.max_files:
             raise HTTPException(413, f"{len(file)} files in one request, more than the limit of {limits.max_files}")
-        if batcher.max_queue is not None and batcher.pending + len(file) > batcher.max_queue:  # shed load early
-            raise HTTPException(503, f"server busy: {batcher.pending} images waiting for the model (limit "
-                                f"{batcher.max_queue}); retry later", headers={"Retry-After": "1"})
-        arrays = []
-        for i, upload in enumerate(file):
-            data = await upload.read()
-            label = upload.filename or f"file #{i + 1}"
-            arrays.append(await run_in_threadpool(decode_image, data, label, predictor.in_chans,
-                                                  predictor.image_size, limits.max_pixels))
         try:
-            futures = batcher.submit_many(arrays)
+            batcher.check_room(len(file))  # shed load before decoding anything
+            arrays = []
+            for i, upload in enumerate(file):
+                data = await upload.read()
+                label = upload.filename or f"file #{i + 1}"
+                arrays.append(await run_in_threadpool(decode_image, data, label, predictor.in_chans,
+                                                      predictor.image_size, limits.max_pixels))
+            futures = batcher.submit_many(arrays)  # all or none
         except QueueFull as e:
             raise HTTPException(503, f"server busy: {e}", headers={"Retry-After": "1"}) from None
         try:

@@ -69,9 +69,7 @@ class MicroBatcher:
         """Queue all of ``items`` or none: :class:`QueueFull` when they would take more than ``max_queue``."""
         self.start()
         with self._count:
-            if self.max_queue is not None and self.pending + len(items) > self.max_queue:
-                raise QueueFull(f"{self.pending} images waiting for the model, {len(items)} more would pass the "
-                                f"limit of {self.max_queue}; retry later")
+            self.check_room(len(items))
             self.pending += len(items)
         futures = []
         for item in items:
@@ -80,6 +78,12 @@ class MicroBatcher:
             self._queue.put((item, fut))
             futures.append(fut)
         return futures
+
+    def check_room(self, n: int) -> None:
+        """:class:`QueueFull` unless ``n`` more items fit under ``max_queue`` now."""
+        if self.max_queue is not None and self.pending + n > self.max_queue:
+            raise QueueFull(f"{self.pending} images waiting for the model, {n} more would pass the limit of "
+                            f"{self.max_queue}; retry later")
 
     def _done(self, _: Future) -> None:
         with self._count:
