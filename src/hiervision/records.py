@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,7 @@ class TreeView:
             raise ValueError(f"{path}: cannot read the taxonomy ({e})") from None
         return cls.from_dict(data, source=str(path))
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Hash of names and parents, the same as :attr:`hiervision.taxonomy.Taxonomy.fingerprint`: an
         exported model's sidecar stores it, so an edited tree (a renamed or moved class) is refused."""

@@ -346,7 +346,8 @@ class _OnnxEngine:
         self._check(graph, sidecar, tree)
 
     def _check(self, graph: Path, side: dict, tree: TreeView) -> None:
-        for path, sess in ((graph, self.session), (graph.with_name(str(side.get("step_graph"))), self.step_session)):
+        step = graph.with_name(str(side.get("step_graph")))
+        for path, sess in ((graph, self.session), (step, self.step_session)):
             exported_for = sess.get_modelmeta().custom_metadata_map.get(TREE_KEY) if sess is not None else None
             if exported_for is not None and exported_for != tree.fingerprint:
                 raise ValueError(f"{path}: the graph was exported for another tree (fingerprint {exported_for}) than "
@@ -372,7 +373,7 @@ class _OnnxEngine:
             if name in needed:
                 check_width(str(graph), name, outputs[name][-1], tree)
         if self.step_session is not None:
-            check_width(str(graph), "logprob", self.step_session.get_outputs()[0].shape[-1], tree)
+            check_width(str(step), "logprob", self.step_session.get_outputs()[0].shape[-1], tree)
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.session.run(None, {"images": images})))
@@ -413,7 +414,7 @@ class Predictor:
             kind = sidecar["decoder"]["kind"]
             if kind not in ("beam", "beam_steps"):
                 hint = " (export the run with --beam-width)" if sidecar.get("model") in ("CnnRnn", "CnnS2S") else ""
-                raise ValueError(f"{path or sidecar.get('model')}: its decoder ({kind}) has no beam search to set a "
+                raise ValueError(f"{self.name}: its decoder ({kind}) has no beam search to set a "
                                  f"width for{hint}")
             if isinstance(beam_width, bool) or int(beam_width) != beam_width or beam_width < 1:
                 raise ValueError(f"beam width must be an integer >= 1, got {beam_width!r}")

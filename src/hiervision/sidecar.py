@@ -111,7 +111,7 @@ def check_sidecar(data: Any, source: str = "sidecar") -> dict:
     if data.get("resize") is not None:
         c.integer("resize", data["resize"])
     temperature = data.get("temperature", 1.0)
-    if isinstance(temperature, list):
+    if isinstance(temperature, (list, tuple)):
         if len(temperature) != tree.max_depth:
             raise c.fail("temperature", f"one per tree level: must hold {tree.max_depth} numbers, got {temperature!r}")
         for t in temperature:
