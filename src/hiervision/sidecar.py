@@ -99,7 +99,7 @@ def check_sidecar(data: Any, source: str = "sidecar") -> dict:
                                  f"{tree.fingerprint} recomputed: a renamed, moved or dropped class would give "
                                  "wrong answers); export the run again")
     in_chans = data["in_chans"]
-    if in_chans not in (1, 3) or isinstance(in_chans, bool):
+    if type(in_chans) is not int or in_chans not in (1, 3):
         raise c.fail("in_chans", f"must be 1 or 3, got {in_chans!r}")
     c.numbers("mean", data["mean"], in_chans)
     c.numbers("std", data["std"], in_chans, positive=True)
