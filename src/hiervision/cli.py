@@ -131,12 +131,14 @@ CSV_PATHS_SEP = " ; "
 
 
 def _csv_separators(names: Sequence[str], sep: str, multi_label: bool) -> None:
-    """A path separator that occurs in a class name would make a CSV path ambiguous: refuse it (one line)."""
-    for s, flag in [(sep, "--path-sep"), *([(CSV_PATHS_SEP, "the paths column's separator")] if multi_label else [])]:
+    """A separator that occurs in a class name would make a CSV path ambiguous: refuse it (one line)."""
+    if not sep:
+        raise ValueError("--path-sep must not be empty")
+    for s, what in [(sep, "--path-sep"), *([(CSV_PATHS_SEP, "the paths column's separator")] if multi_label else [])]:
         clash = next((n for n in names[1:] if s in n), None)
-        if not s or clash is not None:
-            raise ValueError(f"{flag} {s!r}: the class name {clash!r} contains it; pass another --path-sep"
-                             if s else "--path-sep must not be empty")
+        if clash is not None:
+            raise ValueError(f"{what} {s!r}: the class name {clash!r} contains it; pass another --path-sep "
+                             "(or use --format jsonl)")
 
 
 def _csv_row(record: dict, top_k: int, sep: str, hedged: bool = False) -> list:
