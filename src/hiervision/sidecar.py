@@ -22,7 +22,7 @@ Versions: 2 is the checked format above. Version 1 sidecars (written before thes
 refused with a line saying to export the run again: they carry no content hash, and a model that
 cannot be checked is not served silently.
 
-Needs the standard library only (and :mod:`hiervision.records`).
+Needs the standard library and :mod:`hiervision.records` (numpy) only: no torch, no yaml.
 """
 
 from __future__ import annotations
