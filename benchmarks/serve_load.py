@@ -6,10 +6,19 @@ sent ``--requests`` or ``--seconds`` have passed. The server runs in its own pro
 ``--max-batch 1`` (every image its own forward pass). Reported: p50/p99 latency, images/s, requests
 sent vs answered 200 (none may be lost or failed), mean batch size the server ran.
 
-    python benchmarks/serve_load.py runs/x --clients 32 --requests 200      # writes benchmarks/results/serve.json
-    python benchmarks/serve_load.py --tiny --out /tmp/serve.json            # trains a tiny run, seconds
+``--faults``: the same good clients, first alone, then while other clients misbehave: bodies that
+stall (announce 100000 bytes, send 100) or trickle, clients that vanish mid-upload, and bursts of
+many-image requests past the server's queue (``--max-queue``). Good clients retry a 503 after its
+Retry-After, as well-behaved clients do; a good request is lost when it never gets its answer.
+Reported: good requests lost, good p50/p99 without and with faults, how the faults were answered
+(408 and the seconds until the connection closed, 503s) and the tracebacks in the server's log.
+
+    python benchmarks/serve_load.py runs/x --clients 32 --requests 200 --out benchmarks/results/serve.json
+    python benchmarks/serve_load.py --faults --out benchmarks/results/serve_faults.json
+    python benchmarks/serve_load.py --tiny                                  # trains a tiny run, seconds
 
 Without RUN a small run is trained on real Fashion-MNIST (synthetic images when it is not installed).
+Without ``--out`` the results go to a temporary file (its name is printed), never over a tracked one.
 """
 
 from __future__ import annotations
@@ -70,15 +79,18 @@ def train_tiny(out: Path, limit_train: int, epochs: int) -> Path:
     return out / "run"
 
 
-def start_server(run: str, port: int, max_batch: int, max_wait_ms: float, threads: int) -> subprocess.Popen:
+def start_server(run: str, port: int, max_batch: int, max_wait_ms: float, threads: int, log: Path,
+                 extra: list[str] = ()) -> subprocess.Popen:
+    """``hiervision serve`` in its own process; its stderr (the server's log) goes to ``log``."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "hiervision.cli", "serve", run, "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "hiervision.cli", "serve", run, "--port", str(port),
+                                 "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), *extra],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"server exited: {log.read_text(errors='replace')[-2000:]}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
             return proc
@@ -88,9 +100,12 @@ def start_server(run: str, port: int, max_batch: int, max_wait_ms: float, thread
     raise RuntimeError("server did not start within 120 s")
 
 
-def multipart(image: bytes, boundary: str) -> bytes:
-    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+def multipart(images: bytes | list[bytes], boundary: str) -> bytes:
+    """One request body with the ``file`` field once per image."""
+    parts = [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+              "Content-Type: image/png\r\n\r\n").encode() + im + b"\r\n"
+             for im in ([images] if isinstance(images, bytes) else images)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
 
 
 def client(port: int, bodies: list[bytes], boundary: str, requests: int, deadline: float, out: dict) -> None:
@@ -143,6 +158,149 @@ def load(port: int, images: list[bytes], clients: int, requests: int, seconds: f
             "mean_batch": round(ok / batches, 2) if batches else None}
 
 
+# ----------------------------------------------------------------------------- faults
+def post_with_retries(port: int, body: bytes, boundary: str, deadline: float) -> tuple[bool, int]:
+    """A well-behaved client's request: retried after Retry-After on 503 until ``deadline``.
+    ``(answered 200, 503s seen)``."""
+    busy = 0
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request("POST", "/predict", body=body,
+                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            resp = conn.getresponse()
+            payload = resp.read()
+            if resp.status != 503:
+                return resp.status == 200 and len(json.loads(payload)["results"]) == 1, busy
+            busy += 1
+            wait = float(resp.getheader("Retry-After") or 1)
+        except (OSError, http.client.HTTPException, ValueError, KeyError):
+            return False, busy
+        finally:
+            conn.close()
+        if time.monotonic() + wait > deadline:
+            return False, busy
+        time.sleep(wait)
+
+
+def good_clients(port: int, bodies: list[bytes], boundary: str, clients: int, seconds: float) -> dict:
+    stop = time.monotonic() + seconds
+    per = [{"sent": 0, "ok": 0, "busy": 0, "latency": []} for _ in range(clients)]
+
+    def run(out: dict, c: int) -> None:
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            ok, busy = post_with_retries(port, bodies[(out["sent"] + c) % len(bodies)], boundary, stop + 30)
+            out["sent"] += 1
+            out["ok"] += ok
+            out["busy"] += busy
+            if ok:
+                out["latency"].append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=run, args=(per[c], c)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lat = sorted(x for p in per for x in p["latency"])
+    sent, ok = sum(p["sent"] for p in per), sum(p["ok"] for p in per)
+    return {"sent": sent, "ok": ok, "lost": sent - ok, "503_retried": sum(p["busy"] for p in per),
+            "p50_ms": round(1000 * statistics.median(lat), 1) if lat else None,
+            "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None}
+
+
+def _raw_request(port: int, length: int, boundary: str) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.sendall((f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+               f"boundary={boundary}\r\nContent-Length: {length}\r\n\r\n").encode())
+    return s
+
+
+def stalled_client(port: int, boundary: str, stop: float, out: dict) -> None:
+    """Announces 100000 bytes, sends 100, stalls: how is it answered, and when is it disconnected?"""
+    while time.monotonic() < stop:
+        t0 = time.monotonic()
+        with _raw_request(port, 100_000, boundary) as s:
+            s.sendall(b"x" * 100)
+            reply = b""
+            try:
+                while chunk := s.recv(65536):
+                    reply += chunk
+            except OSError:
+                pass
+        out["stalled"] += 1
+        out["answered_408"] += reply.startswith(b"HTTP/1.1 408")
+        out["max_seconds_to_close"] = max(out["max_seconds_to_close"], round(time.monotonic() - t0, 2))
+
+
+def trickle_client(port: int, boundary: str, stop: float, out: dict) -> None:
+    """Sends 10 bytes every 0.5 s (never a long pause, far below the minimum rate)."""
+    while time.monotonic() < stop:
+        t0 = time.monotonic()
+        with _raw_request(port, 100_000, boundary) as s:
+            s.settimeout(0.5)
+            reply = b""
+            while not reply and time.monotonic() - t0 < 60:
+                try:
+                    s.sendall(b"x" * 10)
+                    reply = s.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+        out["trickled"] += 1
+        out["answered_408"] += reply.startswith(b"HTTP/1.1 408")
+        out["max_seconds_to_close"] = max(out["max_seconds_to_close"], round(time.monotonic() - t0, 2))
+
+
+def vanishing_client(port: int, boundary: str, stop: float, out: dict) -> None:
+    """Sends half an upload and closes the connection."""
+    while time.monotonic() < stop:
+        with _raw_request(port, 20_000, boundary) as s:
+            s.sendall(b"x" * 10_000)
+        out["vanished"] += 1
+        time.sleep(0.2)
+
+
+def burst_client(port: int, body: bytes, boundary: str, stop: float, out: dict) -> None:
+    """Back-to-back requests of many images each, never retrying: more than the queue takes."""
+    while time.monotonic() < stop:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request("POST", "/predict", body=body,
+                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            status = conn.getresponse().status
+        except (OSError, http.client.HTTPException):
+            status = 0
+        finally:
+            conn.close()
+        out[f"burst_{status}"] = out.get(f"burst_{status}", 0) + 1
+
+
+def faults(port: int, images: list[bytes], clients: int, seconds: float, burst_files: int, log: Path) -> dict:
+    boundary = uuid.uuid4().hex
+    bodies = [multipart(im, boundary) for im in images]
+    good_clients(port, bodies, boundary, 1, 2)  # warm-up
+    calm = good_clients(port, bodies, boundary, clients, seconds)
+    burst_body = multipart([images[i % len(images)] for i in range(burst_files)], boundary)
+    out = {"stalled": 0, "trickled": 0, "vanished": 0, "answered_408": 0, "max_seconds_to_close": 0.0}
+    stop = time.monotonic() + seconds
+    bad = ([threading.Thread(target=stalled_client, args=(port, boundary, stop, out)) for _ in range(4)]
+           + [threading.Thread(target=trickle_client, args=(port, boundary, stop, out)) for _ in range(2)]
+           + [threading.Thread(target=vanishing_client, args=(port, boundary, stop, out)) for _ in range(2)]
+           + [threading.Thread(target=burst_client, args=(port, burst_body, boundary, stop, out)) for _ in range(6)])
+    for t in bad:
+        t.start()
+    under = good_clients(port, bodies, boundary, clients, seconds)
+    for t in bad:
+        t.join()
+    text = log.read_text(errors="replace")
+    return {"good_alone": calm, "good_under_faults": under, "faults": out,
+            "server_log": {"tracebacks": text.count("Traceback"),
+                           "went_away_lines": text.count("went away mid-upload"),
+                           "too_slow_lines": text.count("request body too slow")}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", help="run folder or .onnx (default: train a small one)")
@@ -153,37 +311,67 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=2, help="OMP threads of the server process")
     p.add_argument("--tiny", action="store_true", help="a few clients and requests, a tiny run: seconds")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    p.add_argument("--faults", action="store_true", help="good clients alone, then beside misbehaving ones")
+    p.add_argument("--max-queue", type=int, default=64, help="--faults: the server's --max-queue")
+    p.add_argument("--burst-files", type=int, default=16, help="--faults: images per burst request")
+    p.add_argument("--out", default=None, help="results JSON (default: a temporary file)")
     args = p.parse_args(argv)
     if args.tiny:
         args.clients, args.requests, args.seconds = min(args.clients, 4), min(args.requests, 6), min(args.seconds, 30)
+    out = Path(args.out) if args.out else Path(tempfile.mkstemp(prefix="serve-", suffix=".json")[1])
+    command = "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="hv-serve-load-") as tmp:
         run = args.run or str(train_tiny(Path(tmp), 300 if args.tiny else 5000, 1 if args.tiny else 2))
         images = test_images(64)
+        if args.faults:
+            return _faults_main(args, run, images, Path(tmp), out, command)
         rows = {}
         for label, max_batch, wait in [("micro-batching", args.max_batch, args.max_wait_ms), ("no batching", 1, 0.0)]:
             port = free_port()
-            server = start_server(run, port, max_batch, wait, args.threads)
+            server = start_server(run, port, max_batch, wait, args.threads, Path(tmp) / "server.log")
             try:
                 rows[label] = {"max_batch": max_batch, "max_wait_ms": wait,
                                **load(port, images, args.clients, args.requests, args.seconds)}
             finally:
                 server.terminate()
                 server.wait(30)
-    result = {"run": args.run or "tiny run trained by this script", "tiny": args.tiny, "threads": args.threads,
-              "cpu_count": os.cpu_count(), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result = {"command": command, "run": args.run or "tiny run trained by this script", "tiny": args.tiny,
+              "threads": args.threads, "cpu_count": os.cpu_count(), "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.clients} clients, ≤ {args.requests} requests each, ≤ {args.seconds:g} s, server OMP threads "
           f"{args.threads}\n| server | sent | ok | failed | images/s | p50 ms | p99 ms | mean batch |\n"
           "|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         print(f"| {label} (max batch {r['max_batch']}, wait {r['max_wait_ms']:g} ms) | {r['sent']} | {r['ok']} | "
               f"{r['failed']} | {r['images_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} |")
+    print(f"results: {out}")
     lost = sum(r["sent"] - r["ok"] for r in rows.values())
     if lost:
         print(f"{lost} requests lost or failed", file=sys.stderr)
     return 1 if lost else 0
+
+
+def _faults_main(args, run: str, images: list[bytes], tmp: Path, out: Path, command: str) -> int:
+    port, log = free_port(), tmp / "server.log"
+    settings = ["--max-queue", str(args.max_queue), "--read-timeout", "2", "--min-body-rate", "4096"]
+    server = start_server(run, port, args.max_batch, args.max_wait_ms, args.threads, log, settings)
+    try:
+        r = faults(port, images, args.clients, args.seconds, args.burst_files, log)
+    finally:
+        server.terminate()
+        server.wait(30)
+    r = {"command": command, "run": args.run or "tiny run trained by this script", "clients": args.clients,
+         "seconds_per_phase": args.seconds, "server": " ".join(settings), "cpu_count": os.cpu_count(), **r}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=2) + "\n")
+    a, u, f = r["good_alone"], r["good_under_faults"], r["faults"]
+    print(f"| good clients | sent | answered | lost | 503s retried | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|\n"
+          f"| alone | {a['sent']} | {a['ok']} | {a['lost']} | {a['503_retried']} | {a['p50_ms']} | {a['p99_ms']} |\n"
+          f"| under faults | {u['sent']} | {u['ok']} | {u['lost']} | {u['503_retried']} | {u['p50_ms']} | "
+          f"{u['p99_ms']} |")
+    print(f"faults: {json.dumps(f)}; server log: {json.dumps(r['server_log'])}\nresults: {out}")
+    return 1 if a["lost"] or u["lost"] or r["server_log"]["tracebacks"] else 0
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def test_predict_csv_and_argument_checks(run_dir, tmp_path, capsys):
     assert main(["predict", str(run_dir), str(folder / "a.png"), "--format", "csv", "--top-k", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("file,path,path_ids,path_probability,node_probabilities,top1_path")
-    assert len(lines) == 2 and lines[1].count("/") >= 2
+    assert len(lines) == 2 and lines[1].count(" > ") >= 2  # --path-sep's default
     for flag in (["--top-k", "0"], ["--batch-size", "0"]):
         with pytest.raises(SystemExit) as exit_:  # argparse: status 2 and one line naming the flag
             main(["predict", str(run_dir), str(folder), *flag])
@@ -214,7 +214,7 @@ def test_predict_hedged_answers_stop_higher_for_a_stricter_target(run_dir, tmp_p
     assert all(a >= b for a, b in zip(depths["0.9"], depths["0.99"]))  # a stricter target never goes deeper
     assert main(["predict", str(run_dir), str(folder), "--accuracy", "0.99", "--format", "csv", "--top-k", "1"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [len(r["hedged_path"].split("/")) if r["hedged_path"] else 0 for r in rows] == depths["0.99"]
+    assert [len(r["hedged_path"].split(" > ")) if r["hedged_path"] else 0 for r in rows] == depths["0.99"]
     assert all(0 <= float(r["hedged_probability"]) <= 1 and r["error"] == "" for r in rows)
     with pytest.raises(ValueError, match="no hedging λ for accuracy 0.5"):
         from hiervision.posthoc import hedger

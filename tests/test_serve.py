@@ -287,3 +287,12 @@ def test_chunked_body_over_the_limit_is_cut_off(client):
     r = client.post("/predict", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=xyz"})
     assert r.status_code == 413 and "larger than 200000 bytes" in r.json()["detail"]
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_docs_are_served_from_local_files(client):
+    pytest.importorskip("fastapi_offline")
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert client.get(f"/docs/assets/{asset}").status_code == 200

@@ -153,3 +153,66 @@ def test_page_reports_a_bad_upload(server, browser, tmp_path):
     WebDriverWait(browser, 30).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state"))
     assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error"
     assert "not an image" in browser.find_element(By.ID, "status").text
+
+
+def upload(browser, path: Path) -> str:
+    """Pick ``path`` in the page's file input; the page's final state (``done`` or ``error``)."""
+    picker = browser.find_element(By.ID, "picker")
+    browser.execute_script("arguments[0].style.display = 'block'; delete document.body.dataset.state;", picker)
+    picker.send_keys(str(path))
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state"))
+    return browser.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+
+
+def fmnist_png(d: Path) -> Path:
+    image = d / "fmnist-test-1.png"
+    Image.fromarray(read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")[1]).save(image)
+    return image
+
+
+def test_a_bad_upload_after_a_good_one_clears_the_previous_answer(server, browser, tmp_path):
+    base, d = server
+    browser.get(base + "/")
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#tree g.node"))
+    assert upload(browser, fmnist_png(d)) == "done"
+    assert browser.find_element(By.ID, "answer").is_displayed()
+    assert browser.find_elements(By.CSS_SELECTOR, "#tree g.node.on-path")
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is not an image")
+    assert upload(browser, bad) == "error"
+    assert "not an image" in browser.find_element(By.ID, "status").text
+    assert not browser.find_element(By.ID, "answer").is_displayed()  # no answer of the previous image beside it
+    assert browser.find_elements(By.CSS_SELECTOR, "#path li, #topk tbody tr") == []
+    assert browser.find_elements(By.CSS_SELECTOR, "#tree g.node.on-path, #tree path.edge.on-path") == []
+    assert browser.find_elements(By.CSS_SELECTOR, "#tree g.node[data-prob]") == []  # no stale probabilities
+
+
+def test_docs_render_offline_from_local_files(server, browser):
+    """Swagger UI comes from the server itself (the fastapi-offline package's files): the browser has no
+    network beyond 127.0.0.1, so a CDN reference would leave the page blank."""
+    pytest.importorskip("fastapi_offline")
+    base, _ = server
+    browser.get(base + "/docs")
+    title = WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title"))
+    assert "hiervision" in title[0].text
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+    paths = {e.text.replace("\u200b", "") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/predict", "/taxonomy", "/health"} <= paths
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(url.startswith(base) for url in loaded), loaded
+
+
+def test_page_fits_a_360_px_screen(server, browser):
+    base, d = server
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 360, "height": 740, "deviceScaleFactor": 2, "mobile": True})
+    browser.get(base + "/")
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#tree g.node"))
+    assert upload(browser, fmnist_png(d)) == "done"
+    width, view = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+    # too wide a page either scrolls sideways or (mobile) widens the layout viewport past the screen
+    assert view == 360 and width <= view, f"page {width} px wide, layout viewport {view} px, screen 360 px"
+    for card in browser.find_elements(By.CSS_SELECTOR, ".card"):  # every card inside the screen
+        left, right = browser.execute_script("const r = arguments[0].getBoundingClientRect(); "
+                                             "return [r.left, r.right]", card)
+        assert 0 <= left and right <= view

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -89,9 +90,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hiervision.posthoc import evaluate_decisions
 
     device = select_device(args.device)
-    cfg, taxonomy, model, _ = load_run(args.run_dir, which=args.checkpoint, device=device)
+    cfg, taxonomy, model, meta = load_run(args.run_dir, which=args.checkpoint, device=device)
     check_given_level(args.given_level, taxonomy)
-    data = run_data(cfg, args.run_dir, args.allow_changed_data)
+    data = run_data(cfg, args.run_dir, args.allow_changed_data, meta)  # the normalisation it was trained with
     if data.taxonomy != taxonomy:
         raise CheckpointError(f"{args.run_dir}: the data's taxonomy differs from the run's taxonomy.json")
     amp = autocast_dtype(cfg["train"]["amp"], device)
@@ -157,21 +158,35 @@ def _predictor(args: argparse.Namespace):
 
 
 CSV_FIELDS = ["file", "path", "path_ids", "path_probability", "node_probabilities"]
+#: between the paths of a multi-label record in the CSV ``paths`` column
+CSV_PATHS_SEP = " ; "
 
 
-def _csv_row(record: dict, top_k: int, hedged: bool = False) -> list:
-    """One CSV row: lists joined ("/" between names, spaces between numbers), top-k flattened; with
-    ``hedged`` (``--accuracy``) the hedged answer's path and probability before the error column."""
+def _csv_separators(names: Sequence[str], sep: str, multi_label: bool) -> None:
+    """A separator that occurs in a class name would make a CSV path ambiguous: refuse it (one line)."""
+    if not sep:
+        raise ValueError("--path-sep must not be empty")
+    for s, what in [(sep, "--path-sep"), *([(CSV_PATHS_SEP, "the paths column's separator")] if multi_label else [])]:
+        clash = next((n for n in names[1:] if s in n), None)
+        if clash is not None:
+            raise ValueError(f"{what} {s!r}: the class name {clash!r} contains it; pass another --path-sep "
+                             "(or use --format jsonl)")
+
+
+def _csv_row(record: dict, top_k: int, sep: str, hedged: bool = False) -> list:
+    """One CSV row: paths joined by ``sep`` (``--path-sep``, never found in a class name; ``path_ids`` are
+    exact), numbers by spaces, top-k flattened; with ``hedged`` (``--accuracy``) the hedged answer's path
+    and probability before the error column."""
     if "error" in record:
         return [record["file"], "", "", "", "", *[""] * (2 * top_k), "", *["", ""] * hedged, record["error"]]
-    row = [record["file"], "/".join(record["path"]), " ".join(map(str, record["path_ids"])),
+    row = [record["file"], sep.join(record["path"]), " ".join(map(str, record["path_ids"])),
            record["path_probability"], " ".join(map(str, record["node_probabilities"]))]
     alts = record["top_k"][:top_k]
     for i in range(top_k):
-        row += ["/".join(alts[i]["path"]), alts[i]["probability"]] if i < len(alts) else ["", ""]
-    row.append(";".join("/".join(p) for p in record.get("paths", [])))
+        row += [sep.join(alts[i]["path"]), alts[i]["probability"]] if i < len(alts) else ["", ""]
+    row.append(CSV_PATHS_SEP.join(sep.join(p) for p in record.get("paths", [])))
     if hedged:
-        row += ["/".join(record["hedged"]["path"]), record["hedged"]["probability"]]
+        row += [sep.join(record["hedged"]["path"]), record["hedged"]["probability"]]
     return [*row, ""]
 
 
@@ -183,14 +198,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     predictor = _predictor(args)  # a run that cannot be loaded is reported before any image is looked at
-    hedge = None
-    if args.accuracy is not None:
-        from hiervision.posthoc import hedger
-
-        hedge = hedger(args.run_dir, args.accuracy)
+    hedge = predictor.hedger(args.accuracy) if args.accuracy is not None else None  # the sidecar's λ table
     files = _image_files(args.inputs)
     writer = None
     if args.format == "csv":
+        _csv_separators(predictor.tree.names, args.path_sep, predictor.sidecar["decoder"]["kind"] == "multi_label")
         writer = csv.writer(sys.stdout)
         tops = [f"top{i + 1}_{c}" for i in range(args.top_k) for c in ("path", "probability")]
         hedged = ["hedged_path", "hedged_probability"] if hedge is not None else []
@@ -206,7 +218,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     record["hedged"] = hedge(record)
                     del record["node_scores"]
                 if writer is not None:
-                    writer.writerow(_csv_row(record, args.top_k, hedge is not None))
+                    writer.writerow(_csv_row(record, args.top_k, args.path_sep, hedge is not None))
                 else:
                     print(json.dumps(record, ensure_ascii=False))
             sys.stdout.flush()
@@ -223,7 +235,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hiervision.export import export_onnx
 
-    for path in export_onnx(args.run_dir, args.out, which=args.checkpoint, beam_width=args.beam_width):
+    for path in export_onnx(args.run_dir, args.out, which=args.checkpoint, beam_width=args.beam_width,
+                            verbose=args.verbose):
         print(path)
     return 0
 
@@ -273,7 +286,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"hiervision serve needs: pip install 'hiervision[serve]' ({e.name} missing)") from None
     if args.max_batch < 1 or args.max_wait_ms < 0 or args.top_k < 1 or args.max_files < 1:
         raise ValueError("--max-batch, --top-k and --max-files must be ≥ 1 and --max-wait-ms ≥ 0")
-    limits = Limits(max_files=args.max_files, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    if not (args.max_body_mb > 0 and args.read_timeout > 0 and args.min_body_rate >= 0):
+        raise ValueError("--max-body-mb and --read-timeout must be > 0 and --min-body-rate ≥ 0")
+    limits = Limits(max_files=args.max_files, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                    read_timeout_s=args.read_timeout, min_body_rate=args.min_body_rate, max_queue=args.max_queue)
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           top_k=args.top_k, limits=limits, hedge_accuracy=args.hedge_accuracy, beam_width=args.beam_width)
     return 0
@@ -379,8 +395,8 @@ def _demo_hedged(run: Path, target: float) -> dict:
     from hiervision.evaluation import predict_dataset
     from hiervision.experiment import load_run, run_data
 
-    cfg, taxonomy, model, _ = load_run(run)
-    data = run_data(cfg, run)
+    cfg, taxonomy, model, meta = load_run(run)
+    data = run_data(cfg, run, meta=meta)
     bs, device = cfg["eval"]["batch_size"], torch.device("cpu")
     val, val_t = predict_dataset(model, data, data.val, bs, device, None)
     test, test_t = predict_dataset(model, data, data.test, bs, device, None)
@@ -482,6 +498,17 @@ def _int_at_least(lo: int):
 _positive_int, _count = _int_at_least(1), _int_at_least(0)
 
 
+def _open_fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1 (an accuracy target, a proximity threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
+
+
 def _add_beam_width(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam-width", type=_positive_int, default=None, metavar="K",
                         help="decode with tree-restricted beam search of width K (1 = greedy) instead of the run's "
@@ -518,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", choices=["best", "last"], default="best")
     e.add_argument("--given-level", type=int, default=None, metavar="DEPTH",
                    help="give the model each image's true ancestor at this depth (Guo et al.'s CNN-RNN*)")
-    e.add_argument("--accuracy", type=float, default=None, metavar="TARGET",
+    e.add_argument("--accuracy", type=_open_fraction, default=None, metavar="TARGET",
                    help="also report hedged answers (Deng et al.'s DARTS) reaching this accuracy, e.g. 0.99; "
                         "λ is fitted on the val split")
     e.add_argument("--decode", choices=["argmax", "crm"], default=None,
@@ -540,9 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=_positive_int, default=64)
     pr.add_argument("--top-k", type=_positive_int, default=3, help="alternative paths per image (default 3)")
     pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    pr.add_argument("--path-sep", default=" > ", metavar="SEP",
+                    help="csv: between the names of a path (default ' > '; refused when a class name contains it)")
     pr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (run folders only)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
-    pr.add_argument("--accuracy", type=float, default=None, metavar="A",
+    pr.add_argument("--accuracy", type=_open_fraction, default=None, metavar="A",
                     help="also give each image's hedged answer: the most specific node that meets accuracy A "
                     "(λ from the run's decisions.json: 0.9, 0.95, 0.99 after training, others by evaluate --accuracy)")
     _add_beam_width(pr)
@@ -558,7 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--top-k", type=int, default=3, help="alternative paths per image")
     sv.add_argument("--max-files", type=int, default=64, help="most images in one request (more: 413)")
     sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (more: 413)")
-    sv.add_argument("--hedge-accuracy", type=float, default=None, metavar="A",
+    sv.add_argument("--read-timeout", type=float, default=10.0, metavar="S",
+                    help="longest pause while a request body arrives (more: 408, connection closed)")
+    sv.add_argument("--min-body-rate", type=float, default=8192, metavar="BYTES_PER_S",
+                    help="slowest average upload accepted after the first --read-timeout seconds (slower: 408)")
+    sv.add_argument("--max-queue", type=_positive_int, default=256,
+                    help="most images waiting for the model (more: 503 with Retry-After)")
+    sv.add_argument("--hedge-accuracy", type=_open_fraction, default=None, metavar="A",
                     help="add each image's hedged answer at this accuracy target (λ from the run's decisions.json)")
     _add_beam_width(sv)
     sv.set_defaults(func=cmd_serve)
@@ -568,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the .onnx file to write (sidecar: same name, .json)")
     ex.add_argument("--checkpoint", choices=["best", "last"], default="best")
     _add_beam_width(ex)
+    ex.add_argument("--verbose", action="store_true", help="show the ONNX exporter's own messages and warnings")
     ex.set_defaults(func=cmd_export)
 
     ls = sub.add_parser("list", help="what is there: registered models, backbones, datasets, shipped configs")
@@ -588,9 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ind = sub.add_parser("induce", help="HierNet: a class tree from a trained run's confusion probability matrix")
     ind.add_argument("run_dir", help="a trained run (its validation split is predicted)")
-    ind.add_argument("--p-min", type=float, nargs="+", required=True,
+    ind.add_argument("--p-min", type=_open_fraction, nargs="+", required=True,
                      help="minimum group proximity; several values group recursively, one per depth")
-    ind.add_argument("--g-max", type=int, nargs="+", default=[50], help="maximum group size (per depth)")
+    ind.add_argument("--g-max", type=_positive_int, nargs="+", default=[50], help="maximum group size (per depth)")
     ind.add_argument("--out", required=True, help="taxonomy JSON to write (use as data.tree)")
     ind.add_argument("--plot", default=None, help="also draw the tree to this image file")
     ind.add_argument("--max-nodes", type=int, default=None, help="print at most this many nodes")

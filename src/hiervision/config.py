@@ -265,6 +265,21 @@ SCHEMA: dict[str, Any] = {
         "decode": _enum("argmax", "crm"),
         "hedge_targets": _list(_num(lo=0, hi=1, lo_open=True, hi_open=True)),
     },
+    # the model keys with a range (each model takes a subset): checked here, before any data loads
+    "model": {
+        "beam_width": _int(lo=1),
+        "input_size": _int(lo=1),
+        "hidden_size": _int(lo=1),
+        "embed_size": _int(lo=1, null=True),
+        "num_layers": _int(lo=1),
+        "conv_out_size": _int(lo=1, null=True),
+        "extra_blocks": _int(lo=0),
+        "dropout": _num(lo=0, hi=1, hi_open=True),
+        "scheduled_sampling": _num(lo=0, hi=1),
+        "end_weight": _num(lo=0),
+        "loss_beta": _num(lo=0),
+        "loss_alpha": _num(lo=0),
+    },
 }
 
 
@@ -278,6 +293,9 @@ def validate_config(cfg: dict) -> dict:
         raise ConfigError(f"a config must be a mapping of keys, got {type(cfg).__name__}")
     _check(cfg, DEFAULTS)
     out = copy.deepcopy(cfg)
+    for key in ("data", "model"):
+        if key in out and not isinstance(out[key], dict):
+            raise ConfigError(f"config key '{key}' must be a mapping")
     for key, rule in SCHEMA.items():
         if key not in out:
             continue
@@ -287,9 +305,6 @@ def validate_config(cfg: dict) -> dict:
                     out[key][sub] = r(f"{key}.{sub}", out[key][sub])
         else:
             out[key] = rule(key, out[key])
-    for key in ("data", "model"):
-        if key in out and not isinstance(out[key], dict):
-            raise ConfigError(f"config key '{key}' must be a mapping")
     return out
 
 

@@ -47,7 +47,10 @@ def tree_tables(tree: Tree, device: torch.device | str | None = None) -> TreeTab
     plain :class:`Taxonomy` (callers without a model), tables built once per tree and device."""
     if isinstance(tree, TreeTables):
         return tree
-    return _cached_tables(tree, torch.device(device if device is not None else "cpu"))
+    device = torch.device(device if device is not None else "cpu")
+    if torch.compiler.is_compiling():  # tensors made while tracing (export) are fake: never cache them
+        return TreeTables(tree).to(device)
+    return _cached_tables(tree, device)
 
 
 def no_autocast(device: torch.device | str):

@@ -7,6 +7,7 @@ that trained it (the split seed defaults to the run's seed in exactly one place:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from hiervision.marginals import is_identity
 from hiervision.models import create_model
 from hiervision.taxonomy import Taxonomy
 
-__all__ = ["RunError", "data_config", "load_run", "run_data", "run_model"]
+__all__ = ["RunError", "data_config", "load_run", "run_data", "run_model", "with_run_statistics"]
 
 
 class RunError(RuntimeError):
@@ -37,20 +38,33 @@ def data_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**cfg["data"], "split_seed": cfg["data"].get("split_seed", cfg["seed"])}
 
 
-def run_data(cfg: dict[str, Any], run_dir: str | os.PathLike | None = None, allow_changed: bool = False
-             ) -> DataBundle:
+def run_data(cfg: dict[str, Any], run_dir: str | os.PathLike | None = None, allow_changed: bool = False,
+             meta: dict[str, Any] | None = None) -> DataBundle:
     """The data of a run (:func:`data_config`).
 
     With ``run_dir``, the splits are checked against the ones the run recorded (``splits.json``):
     a change (images added, removed or moved) is refused in one line unless ``allow_changed``, when
     it is printed as a warning instead, so a test set can never silently contain training images.
+    ``meta`` (a checkpoint's, :func:`load_run`): the statistics the model was trained with (input
+    normalisation) replace the ones just computed from the data, which differ once the data changed.
     """
     data = build_data(data_config(cfg))
     if run_dir is not None:
         change = verify_split_record(Path(run_dir) / "splits.json", data.split_record(), allow_changed)
         if change:
             print(f"hiervision: warning: {Path(run_dir) / 'splits.json'}: {change}", file=sys.stderr)
-    return data
+    return with_run_statistics(data, meta) if meta else data
+
+
+def with_run_statistics(data: DataBundle, meta: dict[str, Any]) -> DataBundle:
+    """``data`` normalised with the mean/std a run was trained with (its checkpoint's ``meta``), never
+    with statistics recomputed from data that may have changed since."""
+    if "mean" not in meta or "std" not in meta:
+        return data
+    mean, std = tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"])
+    if len(mean) != data.in_chans or len(std) != data.in_chans:
+        raise RunError(f"checkpoint meta: mean/std hold {len(mean)}/{len(std)} values for {data.in_chans} channels")
+    return dataclasses.replace(data, mean=mean, std=std)
 
 
 def run_model(cfg: dict[str, Any], taxonomy: Taxonomy, meta: dict[str, Any], from_checkpoint: bool = False

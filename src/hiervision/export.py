@@ -22,8 +22,12 @@ The search (argmax over allowed ends, each level's argmax, routing, beam search,
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +35,12 @@ import torch
 from torch import nn
 
 from hiervision.checkpoint import CheckpointError
+from hiervision.decisions import load_decisions
 from hiervision.experiment import load_run
 from hiervision.marginals import as_temperature
 from hiervision.models.base import HierarchicalClassifier
-from hiervision.runtime import SIDECAR_FORMAT, Predictor
+from hiervision.runtime import Predictor
+from hiervision.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, TREE_KEY, file_sha256
 
 __all__ = ["export_onnx", "export_parts", "run_predictor", "torch_engine"]
 
@@ -107,21 +113,27 @@ def torch_engine(model: HierarchicalClassifier, device: str | torch.device = "cp
     return _TorchEngine(model, torch.device(device))
 
 
-def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = None) -> dict:
-    """Everything the runtime needs besides the graph: tree, image size, normalisation, decoder, and the
-    calibration temperature the runtime applies to the graph's probabilities (the checkpoint's)."""
+def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = None,
+            decisions: dict | None = None) -> dict:
+    """Everything the runtime needs besides the graph (:mod:`hiervision.sidecar` checks it on load): tree and
+    its fingerprint, image size, the normalisation the run was trained with (``meta``: the checkpoint's, never
+    recomputed), decoder, the calibration temperature, and the hedging λ table fitted on validation
+    (``decisions``: the run's ``decisions.json``), so an exported model hedges as the run does."""
     in_chans = int(meta.get("in_chans", 3))
     size = meta.get("image_size")
     size = [int(size), int(size)] if isinstance(size, int) else ([int(s) for s in size] if size else None)
-    return {"format": SIDECAR_FORMAT, "version": 1, "model": type(model).__name__, "in_chans": in_chans,
-            "image_size": size, "resize": meta.get("resize"),
+    hedge = (decisions or {}).get("hedge") or {}
+    return {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "model": type(model).__name__,
+            "in_chans": in_chans, "image_size": size, "resize": meta.get("resize"),
             "mean": [float(v) for v in meta.get("mean", [0.0] * in_chans)],
             "std": [float(v) for v in meta.get("std", [1.0] * in_chans)], "decoder": model.decoder_settings(),
             "step_graph": step_graph, "temperature": as_temperature(getattr(model, "temperature", 1.0)),
+            "decisions": {"hedge": {str(k): float(v) for k, v in hedge.items()}},
             "taxonomy": model.taxonomy.to_dict()}
 
 
-def _onnx_export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path) -> None:
+def _onnx_export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path,
+                 metadata: dict[str, str] | None = None) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
     # one dynamic batch axis on every input; a step's state arrives as one *args tuple
     shapes = ({0: batch},) if len(args) == 1 else ({0: batch}, tuple({0: batch} for _ in args[1:]))
@@ -136,36 +148,61 @@ def _onnx_export(module: nn.Module, args: tuple, inputs: list[str], outputs: lis
                                  opset_version=OPSET, verbose=False, optimize=True)
     except ImportError as e:
         raise CheckpointError(f"export needs the [export] extra (onnx, onnxscript): {e}") from None
+    prog.model.metadata_props.update(metadata or {})
     prog.save(str(path))
 
 
 @torch.no_grad()
-def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLike) -> list[Path]:
-    """Write ``out`` (.onnx), its step graph where the model has one, and the ``.json`` sidecar."""
+def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLike, decisions: dict | None = None,
+                 verbose: bool = False) -> list[Path]:
+    """Write ``out`` (.onnx), its step graph where the model has one, and the ``.json`` sidecar with the
+    sha256 of each graph (checked on load). ``verbose``: let the exporter's own messages and warnings
+    through (quiet by default: they say nothing about the model)."""
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"--out {out}: the file name must end in .onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
     graph, step = export_parts(model)
-    side = sidecar(model, meta)
+    side = sidecar(model, meta, decisions=decisions)
     c = side["in_chans"]
     h, w = side["image_size"] or (32, 32)
     images = torch.zeros(2, c, h, w)
     names = side["decoder"].get("state") or list(model.export_outputs(images).keys())
-    _onnx_export(graph, (images,), ["images"], names, out)
-    written = [out]
-    if step is not None:
-        state = graph(images)
-        step_path = out.with_name(out.stem + ".step.onnx")
-        state_names = [f"state{i}" for i in range(len(state))]
-        _onnx_export(step, (torch.zeros(2, dtype=torch.long), *state), ["tokens", *state_names],
-                     ["logprob", *[f"next_{n}" for n in state_names]], step_path)
-        side["step_graph"] = step_path.name
-        written.append(step_path)
+    # the graph itself names its tree: a sidecar whose tree was edited, fingerprint and all, is still refused
+    tree = {TREE_KEY: side["taxonomy"]["fingerprint"]}
+    with _quiet(verbose):
+        _onnx_export(graph, (images,), ["images"], names, out, tree)
+        written = [out]
+        if step is not None:
+            state = graph(images)
+            step_path = out.with_name(out.stem + ".step.onnx")
+            state_names = [f"state{i}" for i in range(len(state))]
+            _onnx_export(step, (torch.zeros(2, dtype=torch.long), *state), ["tokens", *state_names],
+                         ["logprob", *[f"next_{n}" for n in state_names]], step_path, tree)
+            side["step_graph"] = step_path.name
+            written.append(step_path)
+    side["sha256"] = {"graph": file_sha256(out), **({"step_graph": file_sha256(written[1])} if step else {})}
     side_path = out.with_suffix(".json")
     side_path.write_text(json.dumps(side, indent=1, ensure_ascii=False), encoding="utf-8")
     return [*written, side_path]
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """Silence the exporter's warnings and its prints to stdout/stderr unless ``verbose``."""
+    if verbose:
+        yield
+        return
+    sink, logger = io.StringIO(), logging.getLogger("torch.onnx")  # torchvision-missing notes come by logging
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _load(run_dir: str | os.PathLike, which: str, device: str | torch.device, beam_width: int | None):
@@ -176,16 +213,17 @@ def _load(run_dir: str | os.PathLike, which: str, device: str | torch.device, be
 
 
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best",
-                beam_width: int | None = None) -> list[Path]:
+                beam_width: int | None = None, verbose: bool = False) -> list[Path]:
     """``hiervision export RUN --out model.onnx``: the run's checkpoint → the files written; the sidecar
-    keeps ``beam_width`` when given (heads with a beam search)."""
-    return export_model(*_load(run_dir, which, "cpu", beam_width), out)
+    keeps ``beam_width`` when given (heads with a beam search) and the run's fitted hedging λs."""
+    return export_model(*_load(run_dir, which, "cpu", beam_width), out, decisions=load_decisions(run_dir),
+                        verbose=verbose)
 
 
 def run_predictor(run_dir: str | os.PathLike, top_k: int = 3, batch_size: int = 64, device: str | torch.device = "cpu",
                   which: str = "best", beam_width: int | None = None) -> Predictor:
     """A :class:`~hiervision.runtime.Predictor` over a run folder's checkpoint, run eagerly in PyTorch
-    (``hiervision predict`` / ``serve`` on a run): the decoding an exported graph would get."""
+    (``hiervision predict`` / ``serve`` on a run): the decoding (and hedging) an exported graph would get."""
     model, meta = _load(run_dir, which, device, beam_width)
-    return Predictor(sidecar=sidecar(model, meta), engine=torch_engine(model, device), top_k=top_k,
-                     batch_size=batch_size)
+    return Predictor(run_dir, sidecar=sidecar(model, meta, decisions=load_decisions(run_dir)),
+                     engine=torch_engine(model, device), top_k=top_k, batch_size=batch_size)

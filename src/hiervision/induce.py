@@ -99,6 +99,9 @@ def induce_taxonomy(
     g_maxes = [int(g_max)] if isinstance(g_max, int) else [int(g) for g in g_max]
     if not p_mins or not g_maxes:
         raise ValueError("p_min and g_max need at least one value each")
+    bad = [p for p in p_mins if not 0 < p < 1] or [g for g in g_maxes if g < 1]
+    if bad:  # a proximity is a mean of probabilities: outside (0, 1) every or no pair would merge
+        raise ValueError(f"p_min must lie in (0, 1) and g_max be ≥ 1, got {bad[0]}")
     if len(names) != len(cpm):
         raise ValueError(f"{len(names)} class names for a {len(cpm)}-class confusion matrix")
     node_names, parents, ext = ["root"], [-1], [None]
@@ -138,8 +141,8 @@ def induce_from_run(run_dir: str | os.PathLike, p_min: float | Sequence[float],
     from hiervision.experiment import load_run, run_data
 
     dev = select_device(device)
-    cfg, taxonomy, model, _ = load_run(run_dir, device=dev)
-    data = run_data(cfg, run_dir)
+    cfg, taxonomy, model, meta = load_run(run_dir, device=dev)
+    data = run_data(cfg, run_dir, meta=meta)
     if data.multi_label or not len(data.val):
         raise ValueError(f"{run_dir}: inducing a tree needs single-label data with a validation split")
     amp = autocast_dtype(cfg["train"]["amp"], dev)

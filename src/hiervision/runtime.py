@@ -12,7 +12,6 @@ Needs numpy, Pillow and onnxruntime only (``pip install hiervision[export]``); n
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hiervision.config import check_beam_width
 from hiervision.imagefile import DEFAULT_MAX_PIXELS, read_array
 from hiervision.marginals import (
     Temperature,
@@ -31,10 +29,11 @@ from hiervision.marginals import (
     node_marginals,
 )
 from hiervision.records import PAD, TreeView, error_record, prediction_record, top_k_ends
+from hiervision.sidecar import SIDECAR_FORMAT, TREE_KEY, check_sidecar, check_width, load_sidecar
 
-__all__ = ["Engine", "Predictor", "beam_search", "calibrate_batch", "decode_batch", "read_image", "threshold_paths"]
+__all__ = ["Engine", "Predictor", "SIDECAR_FORMAT", "beam_search", "calibrate_batch", "decode_batch",
+           "hedge_answers", "load_sidecar", "read_image", "threshold_paths"]
 
-SIDECAR_FORMAT = "hiervision-onnx"
 EOS = 0
 
 #: ``step(tokens, state) -> (logprob, state)``: ``tokens`` ``(B·k,)`` the last node of each beam (0 at
@@ -287,9 +286,44 @@ def read_image(path: str | os.PathLike, in_chans: int, size: Sequence[int] | Non
     return read_array(path, in_chans, tuple(size) if size else None, max_pixels, resize).astype(np.float32) / 255
 
 
+# ----------------------------------------------------------------------------- hedging
+def _rewards(tree: TreeView) -> np.ndarray:
+    """``(N+1,)`` Deng et al.'s ``r(v) = log|leaves| − log|leaves under v|`` (the numpy twin of
+    :func:`hiervision.decisions.rewards`), counted along each leaf's path: O(N·depth)."""
+    leaves = tree.end_mask("leaves")
+    under = np.zeros(tree.num_nodes)
+    for leaf in np.flatnonzero(leaves):
+        under[list(tree.path(int(leaf)))] += 1
+    under[0] = leaves.sum()
+    return np.log(leaves.sum()) - np.log(np.maximum(under, 1))
+
+
+def hedge_answers(tree: TreeView, node_scores: np.ndarray, lam: float) -> list[dict]:
+    """DARTS (Deng et al.): per row of ``(B, N+1)`` calibrated node scores, the node maximising
+    ``(r(v) + λ)·p(v)`` (the root included, ties to the deepest) as ``{"node", "path", "probability"}``:
+    the numpy twin of :func:`hiervision.decisions.hedged_records` (``tests/test_runtime.py`` holds them
+    equal), so an exported model hedges without PyTorch."""
+    m = node_marginals(end_distribution(np.atleast_2d(node_scores), tree, "leaves"), tree)
+    m[:, 0] = 1.0
+    score = (_rewards(tree) + lam) * m
+    best = score.max(1, keepdims=True)
+    near = score >= best - 1e-6 * np.maximum(np.abs(best), 1)
+    nodes = np.where(near, tree.depths, -1).argmax(1)
+    return [{"node": tree.names[n], "path": [tree.names[p] for p in tree.path(int(n))],
+             "probability": round(float(m[i, n]), 6)} for i, n in enumerate(nodes)]
+
+
 # ----------------------------------------------------------------------------- predictor
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
 class _OnnxEngine:
-    def __init__(self, graph: Path, step_graph: Path | None, threads: int | None) -> None:
+    """onnxruntime sessions over the graph (and step graph), their inputs and outputs checked against the
+    sidecar before the first image: the input channels and image size, and every per-node output's width."""
+
+    def __init__(self, graph: Path, step_graph: Path | None, threads: int | None, sidecar: dict,
+                 tree: TreeView) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -298,10 +332,48 @@ class _OnnxEngine:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(graph), opts, providers=providers)
+        opts.log_severity_level = 3  # onnxruntime's own warnings would follow our one-line error
+
+        def session(path: Path):
+            try:
+                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as e:  # noqa: BLE001 - any load failure of an untrusted file is one line
+                raise ValueError(f"{path}: not a loadable ONNX graph ({type(e).__name__}: {_one_line(e)})") from None
+
+        self.session = session(graph)
         self.names = [o.name for o in self.session.get_outputs()]
-        self.step_session = ort.InferenceSession(str(step_graph), opts, providers=providers) if step_graph else None
+        self.step_session = session(step_graph) if step_graph else None
+        self._check(graph, sidecar, tree)
+
+    def _check(self, graph: Path, side: dict, tree: TreeView) -> None:
+        step = graph.with_name(str(side.get("step_graph")))
+        for path, sess in ((graph, self.session), (step, self.step_session)):
+            exported_for = sess.get_modelmeta().custom_metadata_map.get(TREE_KEY) if sess is not None else None
+            if exported_for is not None and exported_for != tree.fingerprint:
+                raise ValueError(f"{path}: the graph was exported for another tree (fingerprint {exported_for}) than "
+                                 f"its sidecar's key 'taxonomy' holds ({tree.fingerprint}); export the run again")
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        shape = inputs.get("images")
+        if shape is None or len(shape) != 4:
+            raise ValueError(f"{graph}: the graph has no 'images' input of shape (B, C, H, W) (inputs: {list(inputs)})")
+        want = [side["in_chans"], *(side.get("image_size") or [None, None])]
+        for dim, (got, exp, key) in enumerate(zip(shape[1:], want, ["in_chans", "image_size", "image_size"])):
+            if isinstance(got, int) and exp is not None and got != exp:
+                raise ValueError(f"{graph}: the graph's input has {got} at dimension {dim + 1} but the sidecar's "
+                                 f"key {key!r} says {exp}")
+        dec = side["decoder"]
+        needed = list(dec["state"]) if dec["kind"] == "beam" else ["scores", "path_logprob"]
+        needed += ["step_logprob"] if dec["kind"] == "beam_steps" else []
+        missing = [n for n in needed if n not in self.names]
+        if missing:
+            raise ValueError(f"{graph}: the graph lacks the output(s) {missing} that the sidecar's decoder "
+                             f"({dec['kind']}) reads (outputs: {self.names})")
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        for name in ("scores", "path_logprob", "step_logprob"):
+            if name in needed:
+                check_width(str(graph), name, outputs[name][-1], tree)
+        if self.step_session is not None:
+            check_width(str(step), "logprob", self.step_session.get_outputs()[0].shape[-1], tree)
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.session.run(None, {"images": images})))
@@ -317,7 +389,7 @@ class Predictor:
 
     Args:
         path: the exported ``.onnx``; its sidecar ``.json`` (same stem) holds the tree, image size,
-            normalisation and decoder settings.
+            normalisation and decoder settings, checked on load (:mod:`hiervision.sidecar`).
         top_k: alternatives per image.
         batch_size: images per graph call.
         threads: onnxruntime intra-op threads (default: its own choice).
@@ -335,13 +407,18 @@ class Predictor:
             if path is None:
                 raise ValueError("Predictor needs an exported .onnx path")
             sidecar = load_sidecar(path)
+        else:
+            sidecar = check_sidecar(sidecar, str(path or "sidecar"))
+        self.name = str(path or sidecar.get("model", "model"))
         if beam_width is not None:
             kind = sidecar["decoder"]["kind"]
             if kind not in ("beam", "beam_steps"):
-                hint = " (export the run with --beam-width)" if sidecar["model"] in ("CnnRnn", "CnnS2S") else ""
-                raise ValueError(f"{path or sidecar['model']}: its decoder ({kind}) has no beam search to set a "
+                hint = " (export the run with --beam-width)" if sidecar.get("model") in ("CnnRnn", "CnnS2S") else ""
+                raise ValueError(f"{self.name}: its decoder ({kind}) has no beam search to set a "
                                  f"width for{hint}")
-            sidecar = {**sidecar, "decoder": {**sidecar["decoder"], "beam_width": check_beam_width(beam_width)}}
+            if isinstance(beam_width, bool) or int(beam_width) != beam_width or beam_width < 1:
+                raise ValueError(f"beam width must be an integer >= 1, got {beam_width!r}")
+            sidecar = {**sidecar, "decoder": {**sidecar["decoder"], "beam_width": int(beam_width)}}
         self.sidecar = sidecar
         self.tree = TreeView.from_dict(sidecar["taxonomy"], source=str(path))
         self.in_chans = int(sidecar["in_chans"])
@@ -355,8 +432,22 @@ class Predictor:
         if engine is None:
             p = Path(path)
             step = p.with_name(sidecar["step_graph"]) if sidecar.get("step_graph") else None
-            engine = _OnnxEngine(p, step, threads)
+            engine = _OnnxEngine(p, step, threads, sidecar, self.tree)
         self.engine = engine
+
+    def hedger(self, accuracy: float) -> Callable[[dict], dict]:
+        """``hedge(record)`` → the record's hedged answer (:func:`hedge_answers`) at an accuracy target whose
+        λ was fitted on validation (the sidecar's ``decisions``; a run folder's ``decisions.json``). Reads
+        the record's ``node_scores`` (``predict(..., node_scores=True)``), already calibrated."""
+        if not 0 < accuracy < 1:
+            raise ValueError(f"accuracy target {accuracy}: must lie in (0, 1)")
+        table = (self.sidecar.get("decisions") or {}).get("hedge", {})
+        lam = next((float(v) for k, v in table.items() if abs(float(k) - accuracy) < 1e-9), None)
+        if lam is None:
+            have = ", ".join(sorted(table)) or "none"
+            raise ValueError(f"{self.name}: no hedging λ for accuracy {accuracy} (fitted: {have}); run "
+                             f"`hiervision evaluate RUN --accuracy {accuracy}` first (and export the run again)")
+        return lambda record: hedge_answers(self.tree, np.asarray(record["node_scores"]), lam)[0]
 
     def predict_arrays(self, images: np.ndarray, files: Sequence[str] | None = None,
                        node_scores: bool = False) -> list[dict]:
@@ -398,25 +489,3 @@ class Predictor:
             if progress is not None:
                 progress(len(chunk))
         return records
-
-
-def load_sidecar(path: str | os.PathLike) -> dict:
-    """The ``.json`` next to an exported ``.onnx``, checked (one-line errors naming the file)."""
-    p = Path(path)
-    if p.suffix.lower() != ".onnx":
-        raise ValueError(f"{p}: expected an exported .onnx file")
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file")
-    side = p.with_suffix(".json")
-    try:
-        data = json.loads(side.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{side}: missing sidecar (hiervision export writes it next to the .onnx)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{side}: cannot read ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
-        raise ValueError(f"{side}: not a hiervision export sidecar (format must be {SIDECAR_FORMAT!r})")
-    for key in ("taxonomy", "in_chans", "mean", "std", "decoder"):
-        if key not in data:
-            raise ValueError(f"{side}: missing key {key!r}")
-    return data

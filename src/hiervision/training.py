@@ -41,7 +41,7 @@ from hiervision.data.splits import verify_split_record, write_split_record
 from hiervision.decoding import Prediction
 from hiervision.distributed import DistEnv, any_flag, barrier, gather_rows, max_over_ranks, shard_indices
 from hiervision.evaluation import autocast_dtype, evaluate_split, predict_dataset, select_device
-from hiervision.experiment import load_run, run_data, run_model
+from hiervision.experiment import load_run, run_data, run_model, with_run_statistics
 from hiervision.models import HierarchicalClassifier
 from hiervision.posthoc import posthoc_report
 from hiervision.runfolder import RunFolderError, atomic_write_json, atomic_write_text, claim_run_dir, set_aside
@@ -469,8 +469,8 @@ def _train(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_this_cal
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them with scheduled values
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp is torch.float16)
     record = data.split_record()
-    progress = resume_progress(out, cfg, data, model, optimizer, scaler, allow_changed_data, env) if resume \
-        else Progress()
+    progress, data = (resume_progress(out, cfg, data, model, optimizer, scaler, allow_changed_data, env) if resume
+                      else (Progress(), data))
     loop = build_loop(cfg, model, data, optimizer, scaler, base_lrs, env, amp)
     if env.is_main:
         if progress.epoch == 0 and progress.step == 0:
@@ -526,11 +526,13 @@ def build_run_model(cfg: dict, data: DataBundle, env: DistEnv) -> HierarchicalCl
 
 
 def resume_progress(out: Path, cfg: dict, data: DataBundle, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, allow_changed_data: bool, env: DistEnv) -> Progress:
-    """Load ``last.pt`` into the model, optimizer and scaler where the run has one; where it stopped."""
+                    scaler: torch.amp.GradScaler, allow_changed_data: bool, env: DistEnv
+                    ) -> tuple[Progress, DataBundle]:
+    """Load ``last.pt`` into the model, optimizer and scaler where the run has one; where it stopped, and the
+    data with the run's own normalisation (never recomputed, even from changed data)."""
     last = out / "last.pt"
     if not last.exists():
-        return Progress()
+        return Progress(), data
     state = load_checkpoint(last, data.taxonomy)
     if state["config"] != dump(cfg):
         raise TrainingError(f"{out}: holds a run with another config; use a new --out folder or --no-resume")
@@ -541,8 +543,9 @@ def resume_progress(out: Path, cfg: dict, data: DataBundle, model: nn.Module, op
     optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         scaler.load_state_dict(state["scaler"])
-    return Progress(state["epoch"], state.get("step", 0), state["best"], list(state["history"]),
-                    **state.get("partial", {}))
+    progress = Progress(state["epoch"], state.get("step", 0), state["best"], list(state["history"]),
+                        **state.get("partial", {}))
+    return progress, with_run_statistics(data, state.get("meta", {}))
 
 
 def build_loop(cfg: dict, model: HierarchicalClassifier, data: DataBundle, optimizer: torch.optim.Optimizer,

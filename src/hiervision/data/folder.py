@@ -42,6 +42,8 @@ def _walk(root: Path) -> tuple[list[str], list[str], list[str]]:
         for e in entries:
             if is_hidden(e.name):
                 continue
+            if e.is_dir() or is_image_name(e.name):
+                _check_name(e.path, e.name)
             sub = e.name if rel == "." else f"{rel}/{e.name}"
             if e.is_dir():  # follows symlinks
                 real = os.path.realpath(e.path)
@@ -64,6 +66,18 @@ def _walk(root: Path) -> tuple[list[str], list[str], list[str]]:
     return dirs, sources, folders
 
 
+def _check_name(path: str, name: str) -> None:
+    """A class folder or image name must be printable UTF-8: its name becomes a class name (or a sample id)
+    written to taxonomy.json, splits.json and one-line messages."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes arrive as surrogates (os.fsdecode)
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise ValueError(f"{shown}: file name is not valid UTF-8; rename it") from None
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ValueError(f"{repr(path)[1:-1]}: name holds a control character (newline, tab, ...); rename it")
+
+
 def _no_empty(dirs: list[str] | set[str], folders: list[str], where: str) -> None:
     """Every class folder must hold an image somewhere below it: an empty class is a silent data error."""
     full = {f for f in folders}
@@ -81,9 +95,15 @@ def folder_index(root: str | os.PathLike) -> tuple[Taxonomy, list[str], list[str
     Hidden files and folders are skipped; empty class folders and symlink loops are errors.
     """
     root = Path(root)
-    if root.is_file() and zipfile.is_zipfile(root):
+    if root.is_file() and not zipfile.is_zipfile(root):
+        raise ValueError(f"{root}: data.root is a file but not a zip archive (give a folder of class folders, "
+                         "or a .zip of one)")
+    if root.is_file():
         with zipfile.ZipFile(root) as zf:
             names = [n for n in zf.namelist() if not any(is_hidden(p) for p in PurePosixPath(n).parts)]
+        for n in names:
+            if n.endswith("/") or is_image_name(n):
+                _check_name(f"{root}:{n}", n)
         parts = {PurePosixPath(n).parts[0] for n in names}
         prefix = ""
         if len(parts) == 1 and all("/" in n for n in names):
@@ -102,6 +122,8 @@ def folder_index(root: str | os.PathLike) -> tuple[Taxonomy, list[str], list[str
                 sources.append(n)
                 folders.append(folder)
                 dirs.add(folder)
+        if not sources:
+            raise ValueError(f"{root}: the zip archive holds no images (expected <class>/.../*.png inside)")
         _no_empty(dirs, folders, f"{root}:{prefix.rstrip('/')}" if prefix else f"{root}:")
         return Taxonomy.from_paths(dirs), sources, folders, str(root)
     if not root.is_dir():

@@ -1,14 +1,22 @@
 """The prediction server: FastAPI app over one :class:`~hiervision.serve.predictor.ImagePredictor`.
 
 ``POST /predict`` (multipart, field ``file`` repeatable) → one record per image; ``GET /taxonomy``;
-``GET /health``; ``GET /`` the web page; ``/docs`` and ``/openapi.json`` from FastAPI. Every bad
-request is answered with a 4xx and ``{"detail": "one line"}``; none reaches the model.
+``GET /health``; ``GET /`` the web page; ``/docs`` (Swagger UI served from the ``fastapi-offline``
+package: no CDN) and ``/openapi.json``. Every bad request is answered with a 4xx and
+``{"detail": "one line"}``; none reaches the model.
+
+Faults a client can cause stay with that client: a body that arrives too slowly (a pause longer
+than ``read_timeout_s``, or under ``min_body_rate`` bytes/s on average) is answered 408 and the
+connection closed; a client that goes away mid-upload is one log line; past ``max_queue`` images
+waiting for the model, new requests get 503 with ``Retry-After`` instead of an unbounded queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,21 +29,29 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from hiervision.serve.batching import MicroBatcher
+from hiervision.serve.batching import MicroBatcher, QueueFull
 from hiervision.serve.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from hiervision.serve.predictor import ImagePredictor
 
 __all__ = ["Limits", "create_app"]
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("hiervision.serve")
 
 
 class Limits(BaseModel):
-    """What one request may ask for; beyond these the server answers 413."""
+    """What one request may ask for (beyond the sizes: 413), how slowly it may arrive (408) and how many
+    images may wait for the model (503)."""
 
     max_files: int = 64
     max_body_bytes: int = 32 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: longest pause between two pieces of a request body, in seconds
+    read_timeout_s: float = 10.0
+    #: slowest average body rate accepted (bytes/s), counted after the first ``read_timeout_s``
+    min_body_rate: float = 8 * 1024
+    #: most images waiting for (or in) the model at once; more get 503
+    max_queue: int = 256
 
 
 class Alternative(BaseModel):
@@ -62,16 +78,18 @@ class PredictResponse(BaseModel):
     results: list[Record]
 
 
-def _detail(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status)
+def _detail(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
 class _RequestGuard:
     """ASGI middleware for ``POST /predict``: 415 unless multipart, 413 past ``max_body_bytes`` (checked on
-    Content-Length and again while reading, for chunked bodies). The body is buffered (bounded) and replayed."""
+    Content-Length and again while reading, for chunked bodies), 408 for a body that stalls or trickles
+    (``read_timeout_s``, ``min_body_rate``); a client that disconnects mid-upload is logged in one line.
+    The body is buffered (bounded) and replayed."""
 
-    def __init__(self, app, max_body_bytes: int) -> None:
-        self.app, self.max_body = app, max_body_bytes
+    def __init__(self, app, limits: Limits) -> None:
+        self.app, self.limits = app, limits
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/predict":
@@ -82,18 +100,32 @@ class _RequestGuard:
             got = ctype.split(";")[0] or "none"
             return await _detail(415, f"content type {got}: send images as multipart/form-data, "
                                       "field 'file'")(scope, receive, send)
-        too_big = _detail(413, f"request body larger than {self.max_body} bytes")
+        lim = self.limits
+        too_big = _detail(413, f"request body larger than {lim.max_body_bytes} bytes")
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
+        if length is not None and length.isdigit() and int(length) > lim.max_body_bytes:
             return await too_big(scope, receive, send)
-        chunks, size, more = [], 0, True
+        chunks, size, more, start = [], 0, True, time.monotonic()
         while more:
-            message = await receive()
+            elapsed = time.monotonic() - start
+            slow = elapsed > lim.read_timeout_s and size < lim.min_body_rate * elapsed
+            try:
+                message = None if slow else await asyncio.wait_for(receive(), lim.read_timeout_s)
+            except TimeoutError:
+                message = None
+            if message is None:
+                of = f" of {length}" if length else ""
+                log.warning("%s: request body too slow (%d%s bytes in %.1f s), answered 408", _peer(scope), size,
+                            of, elapsed)
+                return await _detail(408, f"request body too slow: {size}{of} bytes in {elapsed:.1f} s (a pause "
+                                     f"over {lim.read_timeout_s:g} s or under {lim.min_body_rate:g} bytes/s)",
+                                     {"Connection": "close"})(scope, receive, send)
             if message["type"] == "http.disconnect":
+                log.warning("%s: client went away mid-upload (%d bytes received)", _peer(scope), size)
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body:
+            if size > lim.max_body_bytes:
                 return await too_big(scope, receive, send)
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -109,6 +141,57 @@ class _RequestGuard:
         return await self.app(scope, replay, send)
 
 
+def _peer(scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "client"
+
+
+class _NoCache:
+    """The page's files are revalidated on every load, so a new version is never served stale (plain ASGI:
+    a request that ends without a response, e.g. a client gone mid-upload, passes through quietly)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == "/" or path.startswith(("/static/", "/docs"))):
+            return await self.app(scope, receive, send)
+
+        async def send_no_cache(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"cache-control", b"no-cache")]}
+            await send(message)
+
+        return await self.app(scope, receive, send_no_cache)
+
+
+def _docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the files the ``fastapi-offline`` package ships (no CDN, works offline);
+    without that package, a local page that links the OpenAPI schema."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+
+    try:
+        import fastapi_offline
+    except ImportError:
+        assets = None
+    else:
+        assets = Path(fastapi_offline.__file__).parent / "static"
+        app.mount("/docs/assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        if assets is None:
+            return HTMLResponse("<!doctype html><title>hiervision API</title><p>Interactive docs need "
+                                "<code>pip install fastapi-offline</code> (the [serve] extra). The schema: "
+                                "<a href='/openapi.json'>/openapi.json</a>.</p>")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="hiervision API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon.png")
+
+
 def create_app(
     predictor: ImagePredictor,
     max_batch: int = 32,
@@ -119,7 +202,8 @@ def create_app(
 ) -> FastAPI:
     """The app. ``hedge(record)`` (optional) adds each record's ``hedged`` answer (the decisions module)."""
     limits = limits or Limits()
-    batcher = MicroBatcher(predictor.predict_arrays, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    batcher = MicroBatcher(predictor.predict_arrays, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                           max_queue=limits.max_queue)
     tree = predictor.tree
 
     @asynccontextmanager
@@ -129,9 +213,11 @@ def create_app(
         await run_in_threadpool(batcher.stop)
 
     app = FastAPI(title="hiervision", summary="Hierarchical image classification: a path in a class tree per image",
-                  version="1", lifespan=lifespan)
+                  version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher, app.state.predictor, app.state.limits = batcher, predictor, limits
-    app.add_middleware(_RequestGuard, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(_RequestGuard, limits=limits)
+    app.add_middleware(_NoCache)
+    _docs(app)
 
     @app.exception_handler(ImageRejected)
     async def _rejected(_: Request, e: ImageRejected) -> JSONResponse:
@@ -146,22 +232,29 @@ def create_app(
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
               summary="Predict the class path of one or more images",
               responses={400: {"description": "not an image / truncated image"},
+                         408: {"description": "request body too slow"},
                          413: {"description": "body, file count or pixel count over the limit"},
-                         415: {"description": "not multipart/form-data"}})
+                         415: {"description": "not multipart/form-data"},
+                         503: {"description": "too many images waiting for the model: retry after Retry-After"}})
     async def predict(
         file: Annotated[list[UploadFile], File(description="image file; repeat the field for several images")],
         node_scores: Annotated[bool, Query(description="also return every node's score (to draw the tree)")] = False,
     ) -> dict[str, Any]:
         if len(file) > limits.max_files:
             raise HTTPException(413, f"{len(file)} files in one request, more than the limit of {limits.max_files}")
-        arrays = []
-        for i, upload in enumerate(file):
-            data = await upload.read()
-            label = upload.filename or f"file #{i + 1}"
-            arrays.append(await run_in_threadpool(decode_image, data, label, predictor.in_chans,
-                                                  predictor.image_size, limits.max_pixels))
         try:
-            records = await asyncio.gather(*(asyncio.wrap_future(batcher.submit(a)) for a in arrays))
+            batcher.check_room(len(file))  # shed load before decoding anything
+            arrays = []
+            for i, upload in enumerate(file):
+                data = await upload.read()
+                label = upload.filename or f"file #{i + 1}"
+                arrays.append(await run_in_threadpool(decode_image, data, label, predictor.in_chans,
+                                                      predictor.image_size, limits.max_pixels))
+            futures = batcher.submit_many(arrays)  # all or none
+        except QueueFull as e:
+            raise HTTPException(503, f"server busy: {e}", headers={"Retry-After": "1"}) from None
+        try:
+            records = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except Exception as e:
             raise HTTPException(500, f"prediction failed: {type(e).__name__}: {e}") from None
         results = []
@@ -184,19 +277,12 @@ def create_app(
         return {"status": "ok", "model": name, "classes": tree.num_nodes - 1, "in_chans": predictor.in_chans,
                 "image_size": list(predictor.image_size) if predictor.image_size else None,
                 "max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1000,
-                "limits": json.loads(limits.model_dump_json()), "batches_run": len(batcher.batch_sizes)}
+                "limits": json.loads(limits.model_dump_json()), "batches_run": len(batcher.batch_sizes),
+                "queued": batcher.pending}
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
-
-    @app.middleware("http")
-    async def _revalidate(request: Request, call_next):
-        """The page's files are revalidated on every load, so a new version is never served stale."""
-        response = await call_next(request)
-        if request.url.path == "/" or request.url.path.startswith("/static/"):
-            response.headers["Cache-Control"] = "no-cache"
-        return response
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
@@ -206,15 +292,15 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int =
           top_k: int = 3, limits: Limits | None = None, hedge_accuracy: float | None = None,
           beam_width: int | None = None) -> None:
     """Load ``path`` (run folder or .onnx) and serve it with uvicorn until interrupted. ``hedge_accuracy``:
-    add each image's hedged answer at that accuracy target (λ from the run's ``decisions.json``);
-    ``beam_width``: the search width of a decoder with a beam search (see :func:`load_predictor`)."""
+    add each image's hedged answer at that accuracy target (λ from the run's ``decisions.json``, or the
+    sidecar's copy of it for an ``.onnx``); ``beam_width``: the search width of a decoder with a beam search
+    (see :func:`load_predictor`)."""
     import uvicorn
 
-    from hiervision.posthoc import hedger
     from hiervision.serve.predictor import load_predictor
 
-    hedge = hedger(path, hedge_accuracy) if hedge_accuracy is not None else None
     predictor = load_predictor(path, top_k=top_k, beam_width=beam_width)
+    hedge = predictor.runtime.hedger(hedge_accuracy) if hedge_accuracy is not None else None
     app = create_app(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits, hedge=hedge,
                      name=str(path))
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -14,25 +14,36 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-__all__ = ["MicroBatcher"]
+__all__ = ["MicroBatcher", "QueueFull"]
 
 _STOP = object()
 
 
+class QueueFull(RuntimeError):
+    """More images waiting than ``max_queue``: the server answers 503 instead of queueing without bound."""
+
+
 class MicroBatcher:
-    """Runs ``predict(items) -> results`` (same length, same order) on batches of submitted items."""
+    """Runs ``predict(items) -> results`` (same length, same order) on batches of submitted items;
+    at most ``max_queue`` items wait or run at once (``None``: no bound)."""
 
     def __init__(
-        self, predict: Callable[[list[Any]], list[Any]], max_batch: int = 32, max_wait_ms: float = 5.0
+        self, predict: Callable[[list[Any]], list[Any]], max_batch: int = 32, max_wait_ms: float = 5.0,
+        max_queue: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be ≥ 0, got {max_wait_ms}")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be ≥ 1, got {max_queue}")
         self.predict, self.max_batch, self.max_wait = predict, int(max_batch), max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.pending = 0  # items submitted and not yet answered
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._count = threading.Lock()  # guards `pending` (never held while waiting for the worker)
         #: sizes of the batches run so far (tests and the load benchmark read it)
         self.batch_sizes: list[int] = []
 
@@ -52,10 +63,31 @@ class MicroBatcher:
 
     def submit(self, item: Any) -> Future:
         """Queue one item; the future gets its result (or the batch's exception)."""
+        return self.submit_many([item])[0]
+
+    def submit_many(self, items: list[Any]) -> list[Future]:
+        """Queue all of ``items`` or none: :class:`QueueFull` when they would take more than ``max_queue``."""
         self.start()
-        fut: Future = Future()
-        self._queue.put((item, fut))
-        return fut
+        with self._count:
+            self.check_room(len(items))
+            self.pending += len(items)
+        futures = []
+        for item in items:
+            fut: Future = Future()
+            fut.add_done_callback(self._done)
+            self._queue.put((item, fut))
+            futures.append(fut)
+        return futures
+
+    def check_room(self, n: int) -> None:
+        """:class:`QueueFull` unless ``n`` more items fit under ``max_queue`` now."""
+        if self.max_queue is not None and self.pending + n > self.max_queue:
+            raise QueueFull(f"{self.pending} images waiting for the model, {n} more would pass the limit of "
+                            f"{self.max_queue}; retry later")
+
+    def _done(self, _: Future) -> None:
+        with self._count:
+            self.pending -= 1
 
     def _gather(self, first: tuple) -> tuple[list[tuple], bool]:
         batch, stop = [first], False

@@ -8,8 +8,6 @@ come from the numpy :attr:`Tree.view`. Use :class:`hiervision.taxonomy.Taxonomy`
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cached_property
 from typing import TypeVar
@@ -101,11 +99,10 @@ class Tree:
             stack.extend(reversed(self.children[v]))
         return order
 
-    @cached_property
+    @property
     def fingerprint(self) -> str:
-        """Hash of names and parents: a checkpoint made for another tree is refused by comparing it."""
-        h = hashlib.sha256(json.dumps([self.names, self.parents]).encode())
-        return h.hexdigest()[:16]
+        """Hash of names and parents (:attr:`TreeView.fingerprint`): a checkpoint made for another tree is refused."""
+        return self.view.fingerprint
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tree) and (self.names, self.parents) == (other.names, other.parents)

@@ -8,6 +8,7 @@ Every array is O(N·depth) but :attr:`TreeView.ancestors`, the one dense (N+1)²
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -84,6 +85,12 @@ class TreeView:
     def num_nodes(self) -> int:
         """N + 1 (the root included), the width of every per-node vector."""
         return len(self.parents)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of names and parents: a checkpoint or an exported model made for another tree (a renamed,
+        moved or dropped class) is refused by comparing it."""
+        return hashlib.sha256(json.dumps([list(self.names), list(self.parents)]).encode()).hexdigest()[:16]
 
     @cached_property
     def max_depth(self) -> int:

@@ -127,7 +127,18 @@ function show(result) {
   draw(result);
 }
 
+// forget the previous image's answer: a new upload, good or bad, never shows it beside its own result
+function clearAnswer() {
+  $("answer").hidden = true;
+  $("path").replaceChildren();
+  $("topk").tBodies[0].replaceChildren();
+  $("hedged").hidden = true;
+  if (tree) draw(null);
+}
+
 async function predict(file) {
+  clearAnswer();
+  delete document.body.dataset.state;
   $("preview").src = URL.createObjectURL(file);
   $("preview").hidden = false;
   $("drop-text").hidden = true;

@@ -1,0 +1,178 @@
+"""The server under client faults, on a real uvicorn server on 127.0.0.1: a body that stalls or trickles is
+answered 408 within a bounded time, a client that vanishes mid-upload is one log line, a burst past the
+queue gets 503 + Retry-After, and well-behaved clients keep getting answers through all of it.
+
+The model is a stub (a fixed record after a short sleep), so the test measures the server, not a network.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from hiervision.records import TreeView, prediction_record  # noqa: E402
+from hiervision.serve import Limits, create_app  # noqa: E402
+from test_serve import png  # noqa: E402
+
+BOUNDARY = "hvfaults"
+LIMITS = Limits(max_files=8, max_body_bytes=200_000, read_timeout_s=0.5, min_body_rate=2000, max_queue=8)
+
+
+class StubPredictor:
+    """Two classes under the root; every batch takes ``delay`` seconds."""
+
+    tree = TreeView(("root", "a", "b"), (-1, 0, 0))
+    in_chans, image_size = 3, (16, 16)
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def predict_arrays(self, images: list[np.ndarray]) -> list[dict]:
+        time.sleep(self.delay)
+        return [prediction_record("", self.tree, [1], 0.75, [1.0, 0.75, 0.25], [([1], 0.75)]) for _ in images]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(StubPredictor(0.05), max_batch=4, max_wait_ms=2, limits=LIMITS)
+    # log_config=None: uvicorn's records reach the root logger, where caplog sees every line it would print
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="info"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield port, app
+    srv.should_exit = True
+    thread.join(10)
+
+
+def body(files: int = 1) -> bytes:
+    parts = [(f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.png\"\r\n"
+              "Content-Type: image/png\r\n\r\n").encode() + png(i) + b"\r\n" for i in range(files)]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def head(length: int) -> bytes:
+    return (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}"
+            f"\r\nContent-Length: {length}\r\n\r\n").encode()
+
+
+def read_all(sock: socket.socket, limit: float) -> bytes:
+    """Everything the server sends until it closes the connection (or ``limit`` seconds pass)."""
+    sock.settimeout(limit)
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except TimeoutError:
+        pass
+    return out
+
+
+def post(port: int, files: int = 1) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/predict", body=body(files),
+                     headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        resp = conn.getresponse()
+        return resp.status, {"retry_after": resp.getheader("Retry-After"), **json.loads(resp.read())}
+    finally:
+        conn.close()
+
+
+def good_client(port: int, requests: int) -> tuple[int, int]:
+    """A well-behaved client: one image per request, retrying on 503 after Retry-After. ``(sent, answered)``."""
+    answered = 0
+    for _ in range(requests):
+        for _ in range(50):
+            status, reply = post(port)
+            if status != 503:
+                break
+            time.sleep(float(reply["retry_after"]) / 10)  # shortened for the test
+        answered += status == 200 and reply["results"][0]["path"] == ["a"]
+    return requests, answered
+
+
+def test_a_stalled_body_gets_408_and_the_connection_closed(server):
+    port, _ = server
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        t0 = time.monotonic()
+        s.sendall(head(100_000) + b"x" * 100)  # announces 100000 bytes, sends 100, stalls
+        reply = read_all(s, 10)
+        waited = time.monotonic() - t0
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"request body too slow: 100 of 100000 bytes" in reply
+    assert waited < 3, f"answered after {waited:.1f} s (read timeout 0.5 s)"  # and closed: read_all returned
+
+
+def test_a_trickling_body_gets_408_in_bounded_time(server):
+    port, _ = server
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        t0 = time.monotonic()
+        s.sendall(head(100_000))
+        s.settimeout(0.2)
+        reply = b""
+        while time.monotonic() - t0 < 10 and not reply:
+            try:
+                s.sendall(b"x" * 10)  # 10 bytes every 0.2 s: never a long pause, far below 2000 bytes/s
+                reply = s.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        waited = time.monotonic() - t0
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert waited < 3, f"answered after {waited:.1f} s"
+
+
+def test_a_client_gone_mid_upload_is_one_log_line(server, caplog):
+    port, _ = server
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(head(100_000) + b"x" * 100)
+        time.sleep(0.1)
+    end = time.monotonic() + 5
+    while time.monotonic() < end and not any(r.levelno >= logging.WARNING for r in caplog.records):
+        time.sleep(0.05)  # until the server notices the closed socket
+    time.sleep(0.2)  # and anything it would log after that line
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "went away mid-upload (100 bytes received)" in lines[0], lines
+    assert not any(r.exc_info for r in caplog.records), "a traceback was logged"
+    assert post(port)[0] == 200
+
+
+def test_bursts_past_the_queue_get_503_while_good_clients_lose_nothing(server):
+    port, app = server
+    with ThreadPoolExecutor(40) as pool:
+        good = [pool.submit(good_client, port, 10) for _ in range(4)]
+        burst = [pool.submit(post, port, 4) for _ in range(24)]  # 4 images each into a queue of 8
+        slow = [pool.submit(test_a_stalled_body_gets_408_and_the_connection_closed, server) for _ in range(3)]
+        replies = [f.result() for f in burst]
+        statuses = [status for status, _ in replies]
+        for f in slow:
+            f.result()
+        sent_answered = [f.result() for f in good]
+    assert 503 in statuses and 200 in statuses, statuses
+    assert set(statuses) <= {200, 503}
+    busy = next(reply for status, reply in replies if status == 503)
+    assert busy["retry_after"] == "1" and "server busy:" in busy["detail"] and "limit of 8" in busy["detail"]
+    assert sum(s for s, _ in sent_answered) == sum(a for _, a in sent_answered) == 40  # 0 good requests lost
+    assert app.state.batcher.pending == 0
+    assert post(port, 8)[0] == 200  # the queue drained: a request as large as the queue fits again
