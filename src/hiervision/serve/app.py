@@ -204,7 +204,6 @@ def create_app(
     limits = limits or Limits()
     batcher = MicroBatcher(predictor.predict_arrays, max_batch=max_batch, max_wait_ms=max_wait_ms,
                            max_queue=limits.max_queue)
-    tree = predictor.tree
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -219,16 +218,7 @@ def create_app(
     app.add_middleware(_NoCache)
     _docs(app)
 
-    @app.exception_handler(ImageRejected)
-    async def _rejected(_: Request, e: ImageRejected) -> JSONResponse:
-        return _detail(e.status, str(e))
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'request'}: {err.get('msg', 'invalid')}"
-                 for err in e.errors()]
-        return _detail(422, "; ".join(parts) + " (send images as multipart field 'file')")
-
+    _errors(app)
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
               summary="Predict the class path of one or more images",
               responses={400: {"description": "not an image / truncated image"},
@@ -267,6 +257,29 @@ def create_app(
             results.append(rec)
         return {"results": results}
 
+    _info_routes(app, name)
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    """Rejected images and malformed requests answer one line (``{"detail": ...}``), never a traceback."""
+
+    @app.exception_handler(ImageRejected)
+    async def _rejected(_: Request, e: ImageRejected) -> JSONResponse:
+        return _detail(e.status, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'request'}: {err.get('msg', 'invalid')}"
+                 for err in e.errors()]
+        return _detail(422, "; ".join(parts) + " (send images as multipart field 'file')")
+
+
+def _info_routes(app: FastAPI, name: str) -> None:
+    """``/taxonomy``, ``/health``, the page at ``/`` and its static files."""
+    predictor, batcher, limits = app.state.predictor, app.state.batcher, app.state.limits
+    tree = predictor.tree
+
     @app.get("/taxonomy", summary="The class tree: nodes with id, name and parent (node 0 is the root)")
     async def get_taxonomy() -> dict[str, Any]:
         nodes = [{"id": i, "name": n, "parent": p} for i, (n, p) in enumerate(zip(tree.names, tree.parents))]
@@ -285,7 +298,6 @@ def create_app(
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
 
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, max_wait_ms: float = 5.0,
