@@ -173,12 +173,9 @@ def _check_decisions(c: _Check, decisions: Any) -> None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks (graphs can be large)."""
-    h = hashlib.sha256()
+    """Hex sha256 of a file's bytes (read in blocks: graphs can be large)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_sidecar(path: str | os.PathLike) -> dict:

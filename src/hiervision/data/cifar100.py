@@ -201,11 +201,8 @@ def load_cifar100(root: str | os.PathLike) -> tuple[TensorImageDataset, TensorIm
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def download_cifar100(root: str | os.PathLike) -> Path:
