@@ -39,10 +39,15 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["BAYES_METRICS", "bayes_nodes", "check_metric", "expected_scores"]
+from hiervision.marginals import end_distribution
+
+__all__ = ["BAYES_METRICS", "DECODE_RULES", "bayes_nodes", "check_metric", "decide_records", "decode_rule",
+           "expected_scores", "rule_spec"]
 
 #: the metrics :func:`bayes_nodes` optimises (``--metric``)
 BAYES_METRICS = ("hf1", "severity", "path_accuracy")
+#: decision rules: the model's own decoding, Karthik et al.'s CRM, or the Bayes-optimal answer for a metric
+DECODE_RULES = ("argmax", "crm", "bayes")
 _CHUNK = 1 << 23  # elements of the (N+1, b, D) per-depth masses held at once (hF1)
 
 
@@ -51,6 +56,46 @@ def check_metric(metric: str) -> str:
     if metric not in BAYES_METRICS:
         raise ValueError(f"decode metric must be one of {list(BAYES_METRICS)}, got {metric!r}")
     return metric
+
+
+def rule_spec(rule: str = "argmax", metric: str | None = None, allow_inner: bool = False) -> str:
+    """The one string that names a decision rule (``eval.decode``, the export sidecar's ``decode``):
+    ``argmax``, ``crm``, ``bayes:METRIC`` or ``bayes:METRIC:inner`` — from ``--decode/--metric/--allow-inner``."""
+    if rule not in DECODE_RULES:
+        raise ValueError(f"--decode must be one of {list(DECODE_RULES)}, got {rule!r}")
+    if rule != "bayes":
+        if metric is not None or allow_inner:
+            raise ValueError(f"--metric and --allow-inner go with --decode bayes, not --decode {rule}")
+        return rule
+    return f"bayes:{check_metric(metric or 'hf1')}" + (":inner" if allow_inner else "")
+
+
+def decode_rule(spec: str) -> tuple[str, str | None, bool]:
+    """``(rule, metric, allow_inner)`` of a :func:`rule_spec` string; one clear error when it is not one."""
+    parts = str(spec).split(":")
+    ok = (parts[0] in DECODE_RULES and (len(parts) == 1 or parts[0] == "bayes") and len(parts) <= 3
+          and (len(parts) < 2 or parts[1] in BAYES_METRICS) and (len(parts) < 3 or parts[2] == "inner"))
+    if not ok:
+        raise ValueError(f"eval.decode must be argmax, crm, bayes:METRIC or bayes:METRIC:inner (METRIC one of "
+                         f"{', '.join(BAYES_METRICS)}), got {spec!r}")
+    if parts[0] != "bayes":
+        return parts[0], None, False
+    return "bayes", parts[1] if len(parts) > 1 else "hf1", len(parts) == 3
+
+
+def decide_records(tree, ends: str, decoded: list[dict], spec: str) -> list[dict]:
+    """The runtime's decision rule: each decoded record (``path_ids``, ``path_probability``,
+    ``node_scores`` already calibrated) gets the answer of ``spec`` (CRM is the LCA-height rule over end
+    classes) and that answer's probability — of being the truth for an end class, of covering it for
+    an inner node. The ``top_k`` alternatives stay the model's own ranking."""
+    rule, metric, inner = decode_rule(spec)
+    if rule == "argmax" or not decoded:
+        return decoded
+    q = end_distribution(np.stack([np.asarray(d["node_scores"], dtype=np.float64) for d in decoded]), tree, ends)
+    nodes = bayes_nodes(q, tree, metric or "severity", inner)
+    prob = _tree(tuple(tree.parents)).up_sums(q.T).T if inner else q
+    return [{**d, "path_ids": list(tree.path(int(n))), "path_probability": float(prob[r, n])}
+            for r, (d, n) in enumerate(zip(decoded, nodes))]
 
 
 class _Tree:

@@ -74,9 +74,10 @@ __all__ = [
 ]
 
 DECISIONS_FILE = "decisions.json"
-#: ``eval.decode`` values: the model's own decoding, Karthik et al.'s conditional risk minimisation, or
-#: the Bayes-optimal answer for ``eval.decode_metric`` (:func:`bayes_nodes`)
-DECODE_RULES = ("argmax", "crm", "bayes")
+#: decision rules: the model's own decoding, Karthik et al.'s conditional risk minimisation, or the
+#: Bayes-optimal answer for a metric (:func:`bayes_nodes`); ``eval.decode`` names one as
+#: ``argmax | crm | bayes:METRIC[:inner]`` (:func:`hiervision.bayes.decode_rule`)
+DECODE_RULES = bayes.DECODE_RULES
 
 
 # ---------------------------------------------------------------------- distributions
@@ -386,20 +387,22 @@ def bayes_nodes(q: torch.Tensor, taxonomy: Taxonomy, metric: str, allow_inner: b
 def calibrate(prediction: Prediction, taxonomy: Taxonomy, temperature: Temperature = 1.0,
               decode: str = "argmax") -> Prediction:
     """A prediction whose ``scores`` are the temperature-scaled node marginals and whose
-    ``path_prob`` is the scaled probability of its end class; ``decode="crm"`` also replaces the paths
-    by :func:`crm_nodes`' answers. Multi-label predictions come back unchanged (their sigmoids are
-    thresholded, not normalised)."""
-    if decode not in DECODE_RULES:
-        raise ValueError(f"eval.decode must be one of {list(DECODE_RULES)}, got {decode!r}")
-    if prediction.labels is not None or (marginals.is_identity(temperature) and decode == "argmax"):
+    ``path_prob`` is the scaled probability of its answer; ``decode`` (``argmax | crm |
+    bayes:METRIC[:inner]``) also replaces the paths by :func:`crm_nodes`' or :func:`bayes_nodes`' answers
+    (an inner answer's probability is that it covers the truth). Multi-label predictions come back
+    unchanged (their sigmoids are thresholded, not normalised)."""
+    rule, metric, inner = bayes.decode_rule(decode)
+    if prediction.labels is not None or (marginals.is_identity(temperature) and rule == "argmax"):
         return prediction
     q = end_distribution(prediction, taxonomy, temperature=temperature)
-    paths = prediction.paths
-    if decode == "crm":
-        paths = taxonomy.path_matrix.to(q.device)[crm_nodes(q, taxonomy)]
-    end = prediction.nodes if decode == "argmax" else crm_nodes(q, taxonomy)
-    prob = q.gather(1, end.clamp(min=0).unsqueeze(1)).squeeze(1)
-    return Prediction(paths, node_marginals(q, taxonomy), prob, None)
+    m = node_marginals(q, taxonomy)
+    if rule == "argmax":
+        paths, end = prediction.paths, prediction.nodes
+    else:
+        end = crm_nodes(q, taxonomy) if rule == "crm" else bayes_nodes(q, taxonomy, metric, inner)
+        paths = taxonomy.path_matrix.to(q.device)[end]
+    prob = (m if inner else q).gather(1, end.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return Prediction(paths, m, prob, None)
 
 
 def set_temperature(model: torch.nn.Module, temperature: Temperature) -> None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hiervision.bayes import decode_rule
 from hiervision.checkpoint import CheckpointError
 from hiervision.decoding import prefix_logprob
 from hiervision.marginals import as_temperature
@@ -195,9 +196,11 @@ def torch_engine(model: HierarchicalClassifier, device: str | torch.device = "cp
     return _TorchEngine(model, torch.device(device))
 
 
-def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = None) -> dict:
-    """Everything the runtime needs besides the graph: tree, image size, normalisation, decoder, and the
-    calibration temperature the runtime applies to the graph's probabilities (the checkpoint's)."""
+def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = None, decode: str = "argmax") -> dict:
+    """Everything the runtime needs besides the graph: tree, image size, normalisation, decoder, the
+    calibration temperature the runtime applies to the graph's probabilities (the checkpoint's) and the
+    decision rule it answers by (``decode``: argmax | crm | bayes:METRIC[:inner], :mod:`hiervision.bayes`)."""
+    decode_rule(decode)
     in_chans = int(meta.get("in_chans", 3))
     size = meta.get("image_size")
     size = [int(size), int(size)] if isinstance(size, int) else ([int(s) for s in size] if size else None)
@@ -206,6 +209,7 @@ def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = 
             "mean": [float(v) for v in meta.get("mean", [0.0] * in_chans)],
             "std": [float(v) for v in meta.get("std", [1.0] * in_chans)], "decoder": decoder_settings(model),
             "step_graph": step_graph, "temperature": as_temperature(getattr(model, "temperature", 1.0)),
+            "decode": decode,
             "taxonomy": model.taxonomy.to_dict()}
 
 
@@ -228,7 +232,8 @@ def _onnx_export(module: nn.Module, args: tuple, inputs: list[str], outputs: lis
 
 
 @torch.no_grad()
-def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLike) -> list[Path]:
+def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLike,
+                 decode: str = "argmax") -> list[Path]:
     """Write ``out`` (.onnx), its step graph where the model has one, and the ``.json`` sidecar."""
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -236,7 +241,7 @@ def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLi
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
     graph, step, names = export_parts(model)
-    side = sidecar(model, meta)
+    side = sidecar(model, meta, decode=decode)
     c = side["in_chans"]
     h, w = side["image_size"] or (32, 32)
     images = torch.zeros(2, c, h, w)
@@ -265,16 +270,17 @@ def _load(run_dir: str | os.PathLike, which: str, device: str | torch.device, be
 
 
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best",
-                beam_width: int | None = None) -> list[Path]:
+                beam_width: int | None = None, decode: str | None = None) -> list[Path]:
     """``hiervision export RUN --out model.onnx``: the run's checkpoint → the files written; the sidecar
-    keeps ``beam_width`` when given (heads with a beam search)."""
-    return export_model(*_load(run_dir, which, "cpu", beam_width), out)
+    keeps ``beam_width`` when given (heads with a beam search) and the decision rule ``decode``."""
+    return export_model(*_load(run_dir, which, "cpu", beam_width), out, decode or "argmax")
 
 
 def run_predictor(run_dir: str | os.PathLike, top_k: int = 3, batch_size: int = 64, device: str | torch.device = "cpu",
-                  which: str = "best", beam_width: int | None = None) -> Predictor:
+                  which: str = "best", beam_width: int | None = None, decode: str | None = None) -> Predictor:
     """A :class:`~hiervision.runtime.Predictor` over a run folder's checkpoint, run eagerly in PyTorch
-    (``hiervision predict`` / ``serve`` on a run): the decoding an exported graph would get."""
+    (``hiervision predict`` / ``serve`` on a run): the decoding an exported graph would get, answering
+    by the decision rule ``decode`` (default argmax)."""
     model, meta = _load(run_dir, which, device, beam_width)
-    return Predictor(sidecar=sidecar(model, meta), engine=torch_engine(model, device), top_k=top_k,
-                     batch_size=batch_size)
+    return Predictor(sidecar=sidecar(model, meta, decode=decode or "argmax"), engine=torch_engine(model, device),
+                     top_k=top_k, batch_size=batch_size)

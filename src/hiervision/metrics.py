@@ -28,6 +28,7 @@ from hiervision.taxonomy import PAD, Taxonomy
 __all__ = [
     "calibration_points",
     "calibration_report",
+    "depth_severity",
     "evaluate",
     "expected_calibration_error",
     "hierarchical_distance_at_k",
@@ -348,6 +349,28 @@ def mistake_severity(pred_nodes: torch.Tensor, true_nodes: torch.Tensor, taxonom
     return float(heights[lca].mean())
 
 
+def depth_severity(pred_nodes: torch.Tensor, true_nodes: torch.Tensor, taxonomy: Taxonomy) -> float | None:
+    """Mean number of the true path's levels a mistake misses, ``depth(t) − depth(lca(a, t))``, over
+    mistakes only (``None`` without any): mistake severity measured from the true class up.
+
+    On a tree whose leaves all lie at one depth it equals :func:`mistake_severity` (an LCA's height is
+    then the leaves' depth minus its own). On a variable-depth tree the LCA height is not: a node's
+    height is its *deepest* descendant's distance, so one deep branch makes every ancestor it shares
+    costly, and a mistake between two shallow leaves under such an ancestor counts as many levels
+    lost as one between deep leaves. Counting from the truth scores the levels of its path the answer
+    actually got wrong (benchmarks/DECISIONS.md, "CRM on deep variable-depth trees").
+    """
+    pred = torch.as_tensor(pred_nodes).long().reshape(-1)
+    true = torch.as_tensor(true_nodes).long().reshape(-1).to(pred.device)
+    if len(pred) != len(true):
+        raise ValueError(f"{len(pred)} predictions but {len(true)} targets")
+    wrong = pred != true
+    if not wrong.any():
+        return None
+    depth = taxonomy.depth_tensor.to(pred.device).double()
+    return float((depth[true[wrong]] - depth[_lca(taxonomy, pred[wrong], true[wrong])]).mean())
+
+
 # ---------------------------------------------------------------------- multi-label
 def _prf(tp: torch.Tensor, n_pred: torch.Tensor, n_true: torch.Tensor) -> tuple[float, float, float]:
     return _div(tp, n_pred), _div(tp, n_true), _div(2 * tp, n_pred + n_true)
@@ -469,9 +492,10 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
     * single-label — ``(B,)`` node ids (inner nodes allowed) or ``(B, D)`` PAD-padded long paths:
       ``path_accuracy``, ``node_accuracy``, ``level_accuracy`` (list), ``path_accuracy_by_length``
       (``{length: accuracy}``), ``length_diagnostics`` (:func:`length_diagnostics`), ``leaf_accuracy``,
-      ``hierarchical_precision/recall/f1`` (micro), ``hierarchical_f1_macro``, ``mistake_severity``
-      (``None`` without mistakes), ``valid_path_rate``, ``num_samples``; from the scores' end-class
-      distribution (:func:`~hiervision.decisions.end_distribution`): ``ece``, ``ece_mass``,
+      ``hierarchical_precision/recall/f1`` (micro), ``hierarchical_f1_macro``, ``mistake_severity`` and
+      ``depth_severity`` (:func:`depth_severity`; ``None`` without mistakes), ``valid_path_rate``,
+      ``num_samples``; from the scores' end-class distribution
+      (:func:`~hiervision.decisions.end_distribution`): ``ece``, ``ece_mass``,
       ``ece_per_level``, ``ece_per_level_mass`` (:func:`calibration_report`) and ``hdist@1/5/20``
       (:func:`hierarchical_distance_at_k`; 1-D node-id targets only);
     * multi-label — ``(B, N+1)`` bool or float marks: ``path_f1``, ``path_precision``,
@@ -522,6 +546,7 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
         "hierarchical_f1": hf,
         "hierarchical_f1_macro": hierarchical_prf(pred, true, taxonomy, "macro")[2],
         "mistake_severity": mistake_severity(last_node(pred), last_node(true), taxonomy),
+        "depth_severity": depth_severity(last_node(pred), last_node(true), taxonomy),
         "valid_path_rate": valid_path_rate(pred, taxonomy),
         **decisions,
         "num_samples": len(true),

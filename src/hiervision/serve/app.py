@@ -204,17 +204,18 @@ def create_app(
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, max_wait_ms: float = 5.0,
           top_k: int = 3, limits: Limits | None = None, hedge_accuracy: float | None = None,
-          beam_width: int | None = None) -> None:
+          beam_width: int | None = None, decode: str | None = None) -> None:
     """Load ``path`` (run folder or .onnx) and serve it with uvicorn until interrupted. ``hedge_accuracy``:
     add each image's hedged answer at that accuracy target (λ from the run's ``decisions.json``);
-    ``beam_width``: the search width of a decoder with a beam search (see :func:`load_predictor`)."""
+    ``beam_width``: the search width of a decoder with a beam search; ``decode``: the decision rule
+    (see :func:`load_predictor`)."""
     import uvicorn
 
     from hiervision.posthoc import hedger
     from hiervision.serve.predictor import load_predictor
 
     hedge = hedger(path, hedge_accuracy) if hedge_accuracy is not None else None
-    predictor = load_predictor(path, top_k=top_k, beam_width=beam_width)
+    predictor = load_predictor(path, top_k=top_k, beam_width=beam_width, decode=decode)
     app = create_app(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits, hedge=hedge,
                      name=str(path))
     uvicorn.run(app, host=host, port=port, log_level="info")
