@@ -154,3 +154,23 @@ def test_cost_is_linear_in_the_tree() -> None:
     q[:, leaves] = rng.dirichlet(np.ones(len(leaves)), size=2)
     for metric in bayes.BAYES_METRICS:
         assert bayes.bayes_nodes(q, tax, metric, allow_inner=True).shape == (2,)
+
+
+def test_the_runtime_rule_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import numpy as np
+from hiervision.bayes import decide_records
+from hiervision.records import TreeView
+tree = TreeView(("root", "a", "b", "x", "y", "z", "w"), (-1, 0, 0, 1, 1, 1, 1))
+scores = np.array([1.0, 0.8, 0.2, 0.2, 0.2, 0.2, 0.2])  # node marginals: every leaf .2
+rec = {"path_ids": [1, 3], "path_probability": 0.2, "node_scores": scores, "top_k": []}
+out = decide_records(tree, "leaves", [rec], "bayes:hf1:inner")[0]
+assert out["path_ids"] == [1] and abs(out["path_probability"] - 0.8) < 1e-9, out
+assert decide_records(tree, "leaves", [rec], "argmax")[0] is rec
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)

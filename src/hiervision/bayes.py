@@ -48,7 +48,7 @@ __all__ = ["BAYES_METRICS", "DECODE_RULES", "bayes_nodes", "check_metric", "deci
 BAYES_METRICS = ("hf1", "severity", "path_accuracy")
 #: decision rules: the model's own decoding, Karthik et al.'s CRM, or the Bayes-optimal answer for a metric
 DECODE_RULES = ("argmax", "crm", "bayes")
-_CHUNK = 1 << 23  # elements of the (N+1, b, D) per-depth masses held at once (hF1)
+_CHUNK = 1 << 22  # elements of the (N+1, b, D) per-depth masses held at once (hF1)
 
 
 def check_metric(metric: str) -> str:
