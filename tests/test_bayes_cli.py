@@ -79,5 +79,5 @@ def test_the_sidecar_rule_is_used_unless_replaced(run_dir):
     assert Predictor(sidecar=side, engine=engine).decode == "bayes:hf1:inner"
     assert Predictor(sidecar=side, engine=engine, decode="crm").decode == "crm"
     assert Predictor(sidecar=sidecar(model, meta), engine=engine).decode == "argmax"
-    with pytest.raises(ValueError, match="eval.decode must be argmax, crm, bayes:METRIC"):
+    with pytest.raises(ValueError, match="sidecar key 'decode' must be argmax, crm, bayes:METRIC"):
         Predictor(sidecar={**side, "decode": "bayes:wu_palmer"}, engine=engine)

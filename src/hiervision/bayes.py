@@ -70,13 +70,14 @@ def rule_spec(rule: str = "argmax", metric: str | None = None, allow_inner: bool
     return f"bayes:{check_metric(metric or 'hf1')}" + (":inner" if allow_inner else "")
 
 
-def decode_rule(spec: str) -> tuple[str, str | None, bool]:
-    """``(rule, metric, allow_inner)`` of a :func:`rule_spec` string; one clear error when it is not one."""
+def decode_rule(spec: str, source: str = "eval.decode") -> tuple[str, str | None, bool]:
+    """``(rule, metric, allow_inner)`` of a :func:`rule_spec` string; one clear error naming ``source``
+    (where the string came from) when it is not one."""
     parts = str(spec).split(":")
     ok = (parts[0] in DECODE_RULES and (len(parts) == 1 or parts[0] == "bayes") and len(parts) <= 3
           and (len(parts) < 2 or parts[1] in BAYES_METRICS) and (len(parts) < 3 or parts[2] == "inner"))
     if not ok:
-        raise ValueError(f"eval.decode must be argmax, crm, bayes:METRIC or bayes:METRIC:inner (METRIC one of "
+        raise ValueError(f"{source} must be argmax, crm, bayes:METRIC or bayes:METRIC:inner (METRIC one of "
                          f"{', '.join(BAYES_METRICS)}), got {spec!r}")
     if parts[0] != "bayes":
         return parts[0], None, False

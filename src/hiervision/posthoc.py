@@ -70,11 +70,10 @@ def posthoc_report(
     t = fitted["temperature"]
     q0, q1 = end_distribution(test, taxonomy), end_distribution(test, taxonomy, temperature=t)
     reports = {rule: M.evaluate(calibrate(test, taxonomy, t, rule), test_targets, taxonomy)
-               for rule in ("argmax", *RULES, decode) if rule != "crm"}
-    crm = reports["crm"] = M.evaluate(calibrate(test, taxonomy, t, "crm"), test_targets, taxonomy)
+               for rule in dict.fromkeys(("argmax", *RULES, decode))}
     # CRM's hdist@k ranks by expected risk, as in Karthik et al.
     risk = q1 @ lca_heights(taxonomy, q1.device).to(q1.dtype)
-    crm.update(M.hierarchical_distance_at_k(q1, test_targets, taxonomy, ranking=risk))
+    reports["crm"].update(M.hierarchical_distance_at_k(q1, test_targets, taxonomy, ranking=risk))
     return {
         "temperature": t,
         "calibration": {"before": M.calibration_report(q0, test_targets, taxonomy),

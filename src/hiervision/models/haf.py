@@ -43,17 +43,26 @@ def carried_levels(taxonomy: Taxonomy) -> list[list[int]]:
     return out
 
 
+def _kl_to_mix(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``(KL(p‖m), KL(q‖m))``, ``m = (p + q)/2``. Written out rather than with ``F.kl_div``, whose
+    gradient with respect to a target probability of exactly 0 is −inf (a saturated softmax makes one)."""
+    log_mix = (0.5 * (p + q)).clamp(1e-7, 1).log()
+
+    def kl(a: torch.Tensor) -> torch.Tensor:
+        return (a * (a.clamp(min=1e-12).log() - log_mix)).sum(1)
+
+    return kl(p), kl(q)
+
+
 def _jsd(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Mean Jensen-Shannon divergence between the rows of two distributions."""
-    log_mix = (0.5 * (p + q)).clamp(1e-7, 1).log()
-    return 0.5 * (F.kl_div(log_mix, p, reduction="batchmean") + F.kl_div(log_mix, q, reduction="batchmean"))
+    kl_p, kl_q = _kl_to_mix(p, q)
+    return 0.5 * (kl_p + kl_q).mean()
 
 
 def _apart(p: torch.Tensor, q: torch.Tensor, margin: float) -> torch.Tensor:
     """The dissimilar-pair hinge: mean over rows of ½·(max(0, m − KL(p‖mix)) + max(0, m − KL(q‖mix)))."""
-    log_mix = (0.5 * (p + q)).clamp(1e-7, 1).log()
-    kl_p = F.kl_div(log_mix, p, reduction="none").sum(1)
-    kl_q = F.kl_div(log_mix, q, reduction="none").sum(1)
+    kl_p, kl_q = _kl_to_mix(p, q)
     return 0.5 * ((margin - kl_p).clamp(min=0).mean() + (margin - kl_q).clamp(min=0).mean())
 
 
