@@ -81,3 +81,6 @@ def test_the_sidecar_rule_is_used_unless_replaced(run_dir):
     assert Predictor(sidecar=sidecar(model, meta), engine=engine).decode == "argmax"
     with pytest.raises(ValueError, match="sidecar key 'decode' must be argmax, crm, bayes:METRIC"):
         Predictor(sidecar={**side, "decode": "bayes:wu_palmer"}, engine=engine)
+    multi = {**side, "decoder": {"kind": "multi_label", "end_nodes": "leaves", "threshold": 0.5}}
+    with pytest.raises(ValueError, match="decision rules apply to single-label models only"):
+        Predictor(sidecar=multi, engine=engine)

@@ -56,6 +56,9 @@ def test_haframe_loss_is_cross_entropy_plus_the_cosine_pull():
     ce2 = F.cross_entropy(out2["logits"], torch.tensor([0, 3]))
     assert model.loss(out2, targets) == pytest.approx(0.6 * float(ce2) + 0.4 * aux, rel=1e-5)
     assert not any(p is model.frame for p in model.parameters())  # fixed, not trained
+    with pytest.raises(ValueError, match="training batch of one"):  # batch norm in the head: one clear line
+        model.train()(torch.rand(1, 1, 16, 16))
+    assert model.eval()(torch.rand(1, 1, 16, 16))["logits"].shape == (1, 5)
 
 
 def test_haf_levels_carry_shallow_leaves_and_partition_the_leaves():

@@ -348,9 +348,10 @@ class Predictor:
         self.sidecar = sidecar
         #: the decision rule of every answer (hiervision.bayes): the model's own decoding unless named
         self.decode = decode or sidecar.get("decode", "argmax")
-        where = "decode" if decode else f"{path or sidecar['model']}: sidecar key 'decode'"
-        if decode_rule(self.decode, where)[0] != "argmax" and sidecar["decoder"]["kind"] == "multi_label":
-            raise ValueError(f"{path or sidecar['model']}: decision rules apply to single-label models only")
+        where = path or sidecar.get("model", "the model")
+        if decode_rule(self.decode, "decode" if decode else f"{where}: sidecar key 'decode'")[0] != "argmax" \
+                and sidecar["decoder"]["kind"] == "multi_label":
+            raise ValueError(f"{where}: decision rules apply to single-label models only")
         self.tree = TreeView.from_dict(sidecar["taxonomy"], source=str(path))
         self.in_chans = int(sidecar["in_chans"])
         self.image_size = tuple(sidecar["image_size"]) if sidecar.get("image_size") else None

@@ -113,6 +113,9 @@ class HAFrameClassifier(FlatClassifier):
         self.register_buffer("class_index", index, persistent=False)
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.training and len(features) < 2:
+            raise ValueError("model haframe: its head batch-normalises features, which a training batch of one "
+                             "image cannot be (the last batch of an epoch: change train.batch_size by one)")
         z = self.transform(self.dropout(features))
         return {"logits": z @ self.frame.T.to(z.dtype), "features": z}
 
