@@ -167,7 +167,13 @@ the Guo run itself decoded with tree-restricted beam search instead of the paper
 the width ({widths}) picked on validation path accuracy: no extra training. best.pt is picked on
 validation path accuracy; every number is on the test set. Seeds are paired: each method's
 difference to flat is taken seed by seed (same split and order) and reported as mean, std and a 95 %
-Student-t interval (n-1 degrees of freedom; none for n < 2)."""
+Student-t interval (n-1 degrees of freedom; none for n < 2). Issue 24's rows: HAFrame, HAF and
+soft-max-margin train with the papers' settings on the same recipe; the "+ CRM" rows and "flat + Bayes hF1"
+train nothing: they answer the named run's calibrated test scores by the post-hoc rule (CRM: least expected LCA
+height; Bayes hF1: largest expected per-image hierarchical F1, inner answers allowed), and their hdist@k ranks the
+classes by the rule's expected score. "depth sev." counts the true path's levels a mistake misses (equal to
+"mistake sev.", the LCA height, on a fixed-depth tree); "op. curve area" is the area under Valmadre's
+correct-vs-specificity operating curve."""
 
 
 # ----------------------------------------------------------------------------- statistics
