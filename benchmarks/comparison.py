@@ -6,6 +6,8 @@
     python benchmarks/run.py --profile comparison --device cuda --budget gpu   # + Tiny-ImageNet at 64x64
     python benchmarks/run.py --profile comparison --only 'guo_rnn/*' 'flat/fmnist' --seeds 0
     python benchmarks/run.py --profile comparison --budget tiny --seeds 0   # smoke test, minutes
+    python benchmarks/run.py --profile comparison --only flat_crm flat_bayes_hf1 haframe haframe_crm haf \
+        haf_crm soft_max_margin soft_max_margin_crm                     # issue 24's rows (optional until run)
 
 Resumable and cumulative: each (method, data, seed) cell is one run folder
 ``RUNS/comparison-<budget>/<data>/<method>-s<seed>-<digest>`` named by the digest of its full config
@@ -52,6 +54,8 @@ class Method:
 
     ``beam_widths``: a row that trains nothing — it decodes the run of the row ``reuses`` (same config,
     same folder) with tree-restricted beam search, the width picked on val path accuracy among these.
+    ``decode``: a row that trains nothing either — it answers the reused run's calibrated test scores
+    by a post-hoc decision rule (``crm``, ``bayes:hf1:inner``; :func:`decision_metrics`).
     """
 
     key: str
@@ -61,6 +65,7 @@ class Method:
     optional: bool = False  # run only when asked for (--optional, or named by --only)
     reuses: str | None = None
     beam_widths: tuple[int, ...] = ()
+    decode: str | None = None
 
     @property
     def run_key(self) -> str:
@@ -84,6 +89,26 @@ class DataSet:
 BEAM_WIDTHS = (1, 3, 10)  # the decoding-only row picks one of these on val
 
 
+def _mistake_rows(prefix: str) -> tuple[Method, ...]:
+    """Issue 24's rows: the post-hoc rules on flat's runs, and the hierarchy-aware losses that keep a
+    flat softmax (each also decoded by CRM). Optional until their cells are run: ``--optional``, or
+    ``--only`` with their names."""
+    rows = [Method("flat_crm", "flat + temperature + CRM", f"{prefix}-flat.yaml", reuses="flat", decode="crm",
+                   optional=True),
+            Method("flat_bayes_hf1", "flat + Bayes hF1 (inner answers)", f"{prefix}-flat.yaml", reuses="flat",
+                   decode="bayes:hf1:inner", optional=True)]
+    for key, label, config in (("haframe", "HAFrame", "haframe"), ("haf", "HAF", "haf"),
+                               ("soft_max_margin", "soft-max-margin", "soft-max-margin")):
+        rows += [Method(key, label, f"{prefix}-{config}.yaml", optional=True),
+                 Method(f"{key}_crm", f"{label} + CRM", f"{prefix}-{config}.yaml", reuses=key, decode="crm",
+                        optional=True)]
+    return tuple(rows)
+
+
+MISTAKE_ROWS = ("flat_crm", "flat_bayes_hf1", "haframe", "haframe_crm", "haf", "haf_crm", "soft_max_margin",
+                "soft_max_margin_crm")
+
+
 def _rows(prefix: str, dhnn: tuple[str, str], extra: tuple[Method, ...] = ()) -> tuple[Method, ...]:
     return (Method("flat", "flat", f"{prefix}-flat.yaml"),
             Method("dhnn", dhnn[0], f"{prefix}-{dhnn[1]}.yaml"),
@@ -91,7 +116,7 @@ def _rows(prefix: str, dhnn: tuple[str, str], extra: tuple[Method, ...] = ()) ->
             Method("guo_rnn_beam", "Guo CNN-RNN, beam (width tuned on val)", f"{prefix}-guo-rnn.yaml",
                    reuses="guo_rnn", beam_widths=BEAM_WIDTHS),
             Method("hiernet", "HierNet (induced tree)", f"{prefix}-hiernet-induced.yaml", induced=True),
-            *extra)
+            *extra, *_mistake_rows(prefix))
 
 
 _TINY_EXTRA = (Method("guo_rnn_tuned", "Guo CNN-RNN + sched. sampling, end weight, beam",
@@ -121,7 +146,11 @@ METRICS = [
     ("path_accuracy", "path acc %", 100, True, True),
     ("node_accuracy", "node acc %", 100, True, True),
     ("hierarchical_f1", "hier. F1 %", 100, True, True),
+    ("hierarchical_f1_macro", "hF1 per image %", 100, True, True),
     ("mistake_severity", "mistake sev.", 1, True, False),
+    ("depth_severity", "depth sev.", 1, True, False),
+    ("hdist@5", "hdist@5", 1, True, False),
+    ("operating_area_correct", "op. curve area", 1, True, True),
     ("train_images_per_s", "train img/s", 1, False, True),
 ]
 
@@ -138,7 +167,13 @@ the Guo run itself decoded with tree-restricted beam search instead of the paper
 the width ({widths}) picked on validation path accuracy: no extra training. best.pt is picked on
 validation path accuracy; every number is on the test set. Seeds are paired: each method's
 difference to flat is taken seed by seed (same split and order) and reported as mean, std and a 95 %
-Student-t interval (n-1 degrees of freedom; none for n < 2)."""
+Student-t interval (n-1 degrees of freedom; none for n < 2). Issue 24's rows: HAFrame, HAF and
+soft-max-margin train with the papers' settings on the same recipe; the "+ CRM" rows and "flat + Bayes hF1"
+train nothing: they answer the named run's calibrated test scores by the post-hoc rule (CRM: least expected LCA
+height; Bayes hF1: largest expected per-image hierarchical F1, inner answers allowed), and their hdist@k ranks the
+classes by the rule's expected score. "depth sev." counts the true path's levels a mistake misses (equal to
+"mistake sev.", the LCA height, on a fixed-depth tree); "op. curve area" is the area under Valmadre's
+correct-vs-specificity operating curve."""
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -212,7 +247,8 @@ class Cell:
     @property
     def decoded(self) -> Path | None:
         """A decoding-only row's test metrics (beside the trained row's metrics.json)."""
-        return self.run_dir / f"metrics_{self.method.key}.json" if self.method.beam_widths else None
+        m = self.method
+        return self.run_dir / f"metrics_{m.key}.json" if m.beam_widths or m.decode else None
 
     def done(self) -> bool:
         """Trained, and the steps after training done: scored in the given tree, decoded."""
@@ -369,20 +405,52 @@ def tuned_beam_metrics(run_dir: Path, widths: tuple[int, ...]) -> dict:
     return {**evaluate_split(model, data, "test", bs), "beam_width": best, "val_path_accuracy_by_width": val}
 
 
-def _finish(cell: Cell, score_fn, decode_fn) -> None:
-    """The steps after training: scoring in the given tree (induced trees), decoding (decoding-only rows)."""
+def decision_metrics(run_dir: Path, rule: str) -> dict:
+    """Test metrics of a run answered by a post-hoc decision rule on its calibrated scores (the
+    temperature fitted after training; ``hiervision evaluate --decode``). Its ``hdist@k`` ranks the end
+    classes by the rule's own expected score (CRM: least expected LCA height, as Karthik et al. rank)."""
+    import torch
+
+    from hiervision import metrics as M
+    from hiervision.bayes import decode_rule, expected_scores
+    from hiervision.decisions import end_distribution
+    from hiervision.decoding import last_node
+    from hiervision.experiment import load_run, run_data
+    from hiervision.posthoc import evaluate_decisions
+    from hiervision.training import autocast_dtype, select_device
+
+    cfg, tax, model, _ = load_run(run_dir)
+    device = select_device(cfg["train"]["device"])
+    model = model.to(device)
+    data = run_data(cfg, run_dir)
+    amp = autocast_dtype(cfg["train"]["amp"], device)
+    report, pred, targets = evaluate_decisions(run_dir, model, data, "test", cfg["eval"]["batch_size"], amp,
+                                               decode=rule, device=device)
+    _, metric, _ = decode_rule(rule)
+    q = end_distribution(pred, tax)
+    ranking = -torch.from_numpy(expected_scores(q.double().cpu().numpy(), tax, metric or "severity")).to(q)
+    report.update(M.hierarchical_distance_at_k(q, last_node(M.target_paths(targets, tax)), tax, ranking=ranking))
+    return report
+
+
+def _finish(cell: Cell, score_fn, decode_fn, rule_fn=None) -> None:
+    """The steps after training: scoring in the given tree (induced trees), decoding (decoding-only rows:
+    a beam width tuned on val, or a post-hoc decision rule)."""
     if cell.given is not None and not cell.given.exists():
         cell.given.write_text(json.dumps(score_fn(cell.run_dir), indent=1), encoding="utf-8")
     if cell.decoded is not None and not cell.decoded.exists():
-        cell.decoded.write_text(json.dumps(decode_fn(cell.run_dir, cell.method.beam_widths), indent=1),
-                                encoding="utf-8")
+        m = cell.method
+        out = decode_fn(cell.run_dir, m.beam_widths) if m.beam_widths else (rule_fn or decision_metrics)(
+            cell.run_dir, m.decode)
+        cell.decoded.write_text(json.dumps(out, indent=1), encoding="utf-8")
 
 
 def run_cells(cells: list[Cell], max_hours: float | None = None, train_fn=None, induce_fn=None, score_fn=None,
-              log=print, decode_fn=None) -> dict:
+              log=print, decode_fn=None, rule_fn=None) -> dict:
     """Train every unfinished cell in order (resuming interrupted ones); stop starting new cells after
     ``max_hours``. Induced-tree cells are then scored in the given tree (``score_fn``:
-    :func:`given_tree_metrics`), decoding-only rows decoded (``decode_fn``: :func:`tuned_beam_metrics`).
+    :func:`given_tree_metrics`), decoding-only rows decoded (``decode_fn``: :func:`tuned_beam_metrics`;
+    ``rule_fn``: :func:`decision_metrics`).
     Returns ``{"ran": [...], "skipped": [...], "stopped": bool}``."""
     if train_fn is None:
         from hiervision.training import train as train_fn
@@ -396,7 +464,7 @@ def run_cells(cells: list[Cell], max_hours: float | None = None, train_fn=None, 
             continue
         if cell.trained():  # only the steps after training are missing
             log(f"[comparison] {cell.name}: {cell.state()} ({cell.run_dir})")
-            _finish(cell, score_fn, decode_fn)
+            _finish(cell, score_fn, decode_fn, rule_fn)
             ran.append(cell.name)
             continue
         if max_hours is not None and time.monotonic() - t0 > max_hours * 3600:
@@ -414,7 +482,7 @@ def run_cells(cells: list[Cell], max_hours: float | None = None, train_fn=None, 
         (cell.run_dir / "cell.json").write_text(json.dumps(
             {"digest": cell.digest, "data": cell.data.key, "method": cell.method.run_key, "seed": cell.seed,
              "hidden": cell.hidden}, indent=1), encoding="utf-8")
-        _finish(cell, score_fn, decode_fn)
+        _finish(cell, score_fn, decode_fn, rule_fn)
         ran.append(cell.name)
     return {"ran": ran, "skipped": skipped, "stopped": False}
 

@@ -436,9 +436,13 @@ def test_posthoc_report(tree, tmp_path, per_level):
     assert rep["calibration"]["after"]["ece"] < rep["calibration"]["before"]["ece"]
     assert [h["target"] for h in rep["hedged"]] == [0.9, 0.99]
     assert rep["hedged"][1]["accuracy"] >= rep["hedged"][0]["accuracy"]
-    assert set(rep["crm"]["crm"]) == {"leaf_accuracy", "path_accuracy", "mistake_severity", "hdist@1", "hdist@5",
-                                      "hdist@20"}
+    assert set(rep["crm"]) == {"argmax", "crm", "bayes:hf1", "bayes:hf1:inner"}
+    assert set(rep["crm"]["crm"]) == {"leaf_accuracy", "path_accuracy", "hierarchical_f1", "hierarchical_f1_macro",
+                                      "mistake_severity", "depth_severity", "hdist@1", "hdist@5", "hdist@20"}
     assert rep["test"]["hdist@1"] == rep["crm"]["crm"]["hdist@1"]
+    # each rule wins on the metric it optimises (in expectation; here on 2000 samples of a calibrated toy)
+    f1 = {rule: r["hierarchical_f1_macro"] for rule, r in rep["crm"].items()}
+    assert f1["bayes:hf1:inner"] >= f1["bayes:hf1"] >= f1["argmax"] - 0.005
     assert (tmp_path / "decisions.json").is_file()
     json.dumps(rep)
 

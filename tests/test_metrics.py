@@ -6,11 +6,14 @@ import json
 import random
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
+from hiervision.decisions import node_marginals, rewards
 from hiervision.decoding import Prediction, threshold_paths
 from hiervision.metrics import (
+    depth_severity,
     evaluate,
     hierarchical_prf,
     leaf_accuracy,
@@ -21,6 +24,8 @@ from hiervision.metrics import (
     node_accuracy_final_only,
     node_f1,
     node_prf,
+    operating_curve,
+    pareto_area,
     path_accuracy,
     path_f1,
     path_prf,
@@ -32,6 +37,7 @@ from hiervision.metrics import (
 from hiervision.taxonomy import PAD, Taxonomy
 
 A, B, C, D, E, F, G, H = range(1, 9)
+LEAVES = (D, E, F, G, H)
 
 
 @pytest.fixture
@@ -121,6 +127,62 @@ def test_mistake_severity(tree):
     assert mistake_severity(torch.tensor([C]), torch.tensor([H]), tree) == 1.0  # an ancestor: LCA is C
     assert mistake_severity(torch.tensor([PAD]), torch.tensor([D]), tree) == 3.0  # no prediction: root
     assert mistake_severity(torch.tensor([H, E]), torch.tensor([H, E]), tree) is None
+
+
+def test_depth_severity_counts_the_true_paths_missed_levels(tree):
+    # H (depth 3) for D (depth 2) meets at A: LCA height 2, but D's path misses one level
+    assert mistake_severity(torch.tensor([H]), torch.tensor([D]), tree) == 2.0
+    assert depth_severity(torch.tensor([H]), torch.tensor([D]), tree) == 1.0
+    assert depth_severity(torch.tensor([D, E]), torch.tensor([H, D]), tree) == (2 + 2) / 2  # 3 − 1, 2 − 0
+    assert depth_severity(torch.tensor([H]), torch.tensor([H]), tree) is None
+
+
+def brute_force_curve(m: torch.Tensor, targets: list[int], tree: Taxonomy, tau: float) -> tuple[float, float, float]:
+    """(specificity, correct, exact) at threshold tau: each image answers the most specific node of
+    marginal ≥ tau (ties: the more probable, then the deeper, then the deeper-first id order)."""
+    info = (rewards(tree) / rewards(tree).max()).tolist()
+    out = []
+    for row, t in zip(m.tolist(), targets):
+        row[0] = 1.0
+        ok = [v for v in range(tree.num_nodes) if row[v] >= tau]
+        a = min(ok, key=lambda v: (-info[v], -row[v], -tree.depths[v], v))
+        lca = tree.lca(a, t)
+        out.append((info[a], float(lca in (a, t)), float(a == t)))
+    return tuple(sum(x) / len(out) for x in zip(*out))
+
+
+def test_operating_curve_matches_brute_force(tree):
+    rng = np.random.default_rng(0)
+    q = torch.zeros(40, tree.num_nodes, dtype=torch.float64)
+    q[:, list(LEAVES)] = torch.from_numpy(rng.dirichlet(np.full(5, 0.4), size=40))
+    q[0] = 0.0
+    q[0, D] = 1.0  # a sure image: its first answer is already the leaf
+    targets = [LEAVES[int(i)] for i in rng.integers(0, 5, 40)]
+    m = node_marginals(q, tree)
+    curve = operating_curve(m, torch.tensor(targets), tree)
+    assert curve["threshold"][0] == 1.0 and curve["threshold"] == sorted(curve["threshold"], reverse=True)
+    for i, tau in enumerate(curve["threshold"]):
+        expected = brute_force_curve(m, targets, tree, tau)
+        got = (curve["specificity"][i], curve["correct"][i], curve["exact"][i])
+        assert got == pytest.approx(expected, abs=1e-6), f"threshold {tau}"
+    assert curve["specificity"][-1] == pytest.approx(1.0)  # at the lowest threshold every image answers a leaf
+    assert curve["correct_area"] == pytest.approx(pareto_area(curve["specificity"], curve["correct"]))
+    assert 0 < curve["exact_area"] <= curve["correct_area"] <= 1
+
+
+def test_operating_curve_hand_cases(tree):
+    perfect = operating_curve(node_marginals(torch.eye(9)[[D, H]].double(), tree), torch.tensor([D, H]), tree)
+    assert perfect["correct_area"] == 1.0 and perfect["exact_area"] == 1.0
+    # one image, q: D .6, E .4 → the root at τ = 1, then D from .6 (A ties with it there, D is more
+    # specific); E at .4 is not more specific than D, so the answer stays D
+    q = torch.zeros(1, 9, dtype=torch.float64)
+    q[0, D], q[0, E] = 0.6, 0.4
+    curve = operating_curve(node_marginals(q, tree), torch.tensor([E]), tree)
+    assert curve["threshold"] == pytest.approx([1.0, 0.6])
+    assert curve["correct"] == [1.0, 0.0] and curve["exact"] == [0.0, 0.0]
+    assert curve["correct_area"] == 0.0  # wrong at every specificity above the root's 0
+    # Pareto area: the front at x is the best y at x or beyond
+    assert pareto_area(torch.tensor([0.0, 0.5, 1.0]), torch.tensor([1.0, 0.4, 0.6])) == pytest.approx(0.6)
 
 
 def test_valid_paths(tree):
@@ -258,7 +320,8 @@ def test_evaluate_single_label(tree):
     assert report.pop("path_accuracy_by_length") == {1: 0.0, 2: 0.5, 3: 1.0}
     assert report.pop("length_diagnostics") == length_diagnostics(pred, target_paths(torch.tensor(TARGETS), tree))
     # calibration and distance @k have their own hand-computed tests (test_decisions.py)
-    decision_keys = {"ece", "ece_mass", "ece_per_level", "ece_per_level_mass", "hdist@1", "hdist@5", "hdist@20"}
+    decision_keys = {"ece", "ece_mass", "ece_per_level", "ece_per_level_mass", "hdist@1", "hdist@5", "hdist@20",
+                     "operating_area_correct", "operating_area_exact"}
     assert decision_keys <= set(report)
     decision_values = {k: report.pop(k) for k in decision_keys}
     assert report == pytest.approx(
@@ -271,6 +334,7 @@ def test_evaluate_single_label(tree):
             "hierarchical_f1": 14 / 17,
             "hierarchical_f1_macro": (1 + 0.5 + 1 + 2 / 3) / 4,
             "mistake_severity": 2.0,  # D vs C and C vs A both meet at A
+            "depth_severity": 0.5,  # D misses C's level 2; C answers below A, missing none of A's path
             "valid_path_rate": 1.0,
             "num_samples": 4,
         }

@@ -102,7 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model.set_eval_mode(args.mode)
     if args.beam_width is not None:
         model.set_beam_width(args.beam_width)
-    decode = args.decode or cfg["eval"].get("decode", "argmax")
+    decode = _decode(args) or cfg["eval"].get("decode", "argmax")
     if args.accuracy is not None or decode != "argmax" or not is_identity(model.temperature):
         if args.given_level is not None and args.accuracy is not None:
             raise ValueError("--given-level cannot be combined with --accuracy (hedging fits on plain predictions)")
@@ -141,20 +141,33 @@ def _image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
+def _decode(args: argparse.Namespace) -> str | None:
+    """``--decode/--metric/--allow-inner`` as one rule name (``hiervision.bayes.rule_spec``); None when unset."""
+    if args.decode is None:
+        if args.metric is not None or args.allow_inner:
+            raise ValueError("--metric and --allow-inner go with --decode bayes")
+        return None
+    from hiervision.bayes import rule_spec
+
+    return rule_spec(args.decode, args.metric, args.allow_inner)
+
+
 def _predictor(args: argparse.Namespace):
     """An exported .onnx runs on onnxruntime; a run folder on PyTorch. Both decode in hiervision.runtime."""
     from hiervision.runtime import Predictor
 
+    decode = _decode(args)
     if Path(args.run_dir).suffix.lower() == ".onnx":
         if args.device not in ("cpu", "auto"):
             raise ValueError(f"--device {args.device}: an exported .onnx runs on onnxruntime's CPU provider")
-        return Predictor(args.run_dir, top_k=args.top_k, batch_size=args.batch_size, beam_width=args.beam_width)
+        return Predictor(args.run_dir, top_k=args.top_k, batch_size=args.batch_size, beam_width=args.beam_width,
+                         decode=decode)
     from hiervision.export import run_predictor
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return run_predictor(args.run_dir, args.top_k, args.batch_size, device, beam_width=args.beam_width)
+    return run_predictor(args.run_dir, args.top_k, args.batch_size, device, beam_width=args.beam_width, decode=decode)
 
 
 CSV_FIELDS = ["file", "path", "path_ids", "path_probability", "node_probabilities"]
@@ -236,7 +249,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hiervision.export import export_onnx
 
     for path in export_onnx(args.run_dir, args.out, which=args.checkpoint, beam_width=args.beam_width,
-                            verbose=args.verbose):
+                            verbose=args.verbose, decode=_decode(args)):
         print(path)
     return 0
 
@@ -291,7 +304,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_files=args.max_files, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                     read_timeout_s=args.read_timeout, min_body_rate=args.min_body_rate, max_queue=args.max_queue)
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-          top_k=args.top_k, limits=limits, hedge_accuracy=args.hedge_accuracy, beam_width=args.beam_width)
+          top_k=args.top_k, limits=limits, hedge_accuracy=args.hedge_accuracy, beam_width=args.beam_width,
+          decode=_decode(args))
     return 0
 
 
@@ -515,6 +529,19 @@ def _add_beam_width(parser: argparse.ArgumentParser) -> None:
                         "configured decoding (guo_rnn, dhnn_rnn, dhnn_s2s; compare widths with evaluate --beam-width)")
 
 
+def _add_decode(parser: argparse.ArgumentParser, default: str) -> None:
+    from hiervision.bayes import BAYES_METRICS, DECODE_RULES  # numpy only
+
+    parser.add_argument("--decode", choices=DECODE_RULES, default=None,
+                        help="crm: the leaf of least expected mistake severity (Karthik et al.); bayes: the answer of "
+                        f"largest expected --metric (Plaud et al.); default {default}")
+    parser.add_argument("--metric", choices=BAYES_METRICS, default=None,
+                        help="with --decode bayes: hf1 (per-image hierarchical F1, the default), severity (LCA height: "
+                        "CRM's answer) or path_accuracy (the most probable class)")
+    parser.add_argument("--allow-inner", action="store_true",
+                        help="with --decode bayes: the answer may stop at an inner node where the metric rewards it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hiervision`` argument parser (the docs site's CLI reference is generated from it)."""
     p = argparse.ArgumentParser(prog="hiervision", description="Hierarchical image classification.")
@@ -548,8 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--accuracy", type=_open_fraction, default=None, metavar="TARGET",
                    help="also report hedged answers (Deng et al.'s DARTS) reaching this accuracy, e.g. 0.99; "
                         "λ is fitted on the val split")
-    e.add_argument("--decode", choices=["argmax", "crm"], default=None,
-                   help="crm: the leaf of least expected mistake severity (Karthik et al.); default eval.decode")
+    _add_decode(e, "eval.decode")
     e.add_argument("--mode", default=None, help="how the model predicts, where it has several ways "
                    "(hiernet: conditional | routing)")
     _add_beam_width(e)
@@ -575,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also give each image's hedged answer: the most specific node that meets accuracy A "
                     "(λ from the run's decisions.json: 0.9, 0.95, 0.99 after training, others by evaluate --accuracy)")
     _add_beam_width(pr)
+    _add_decode(pr, "the export's (argmax for a run folder)")
     pr.set_defaults(func=cmd_predict)
 
     sv = sub.add_parser("serve", help="HTTP API and web page over a run folder or .onnx file ([serve] extra)")
@@ -596,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--hedge-accuracy", type=_open_fraction, default=None, metavar="A",
                     help="add each image's hedged answer at this accuracy target (λ from the run's decisions.json)")
     _add_beam_width(sv)
+    _add_decode(sv, "the export's (argmax for a run folder)")
     sv.set_defaults(func=cmd_serve)
 
     ex = sub.add_parser("export", help="ONNX graph + JSON sidecar of a trained run, for hiervision.runtime")
@@ -604,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", choices=["best", "last"], default="best")
     _add_beam_width(ex)
     ex.add_argument("--verbose", action="store_true", help="show the ONNX exporter's own messages and warnings")
+    _add_decode(ex, "argmax; the sidecar records the rule and predict/serve apply it")
     ex.set_defaults(func=cmd_export)
 
     ls = sub.add_parser("list", help="what is there: registered models, backbones, datasets, shipped configs")

@@ -85,7 +85,7 @@ DEFAULTS: dict[str, Any] = {
     # select: val metric that picks best.pt; given_level: also report test metrics when each image's
     # true ancestor at that depth is given (Guo et al.'s CNN-RNN*); calibrate: fit a temperature and the
     # hedging multipliers on the val split after training (hiervision.decisions): true (one temperature for
-    # the model), per_level (one per tree level) or false; decode: argmax | crm
+    # the model), per_level (one per tree level) or false; decode: argmax | crm | bayes:METRIC[:inner]
     "eval": {"batch_size": 512, "select": "auto", "given_level": None, "calibrate": True, "decode": "argmax",
              "hedge_targets": [0.9, 0.95, 0.99]},
 }
@@ -167,6 +167,16 @@ def _calibrate(key: str, v: Any) -> Any:
     if v is True or v is False or v == "per_level":
         return v
     raise _fail(key, "true, false or per_level", v)
+
+
+def _decode_rule(key: str, v: Any) -> Any:
+    from hiervision.bayes import decode_rule  # numpy only: argmax | crm | bayes:METRIC[:inner]
+
+    try:
+        decode_rule(v, f"'{key}'")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return v
 
 
 def _match(pattern: str, what: str) -> Rule:
@@ -262,7 +272,7 @@ SCHEMA: dict[str, Any] = {
         "select": _str(),
         "given_level": _int(lo=1, null=True),
         "calibrate": _calibrate,
-        "decode": _enum("argmax", "crm"),
+        "decode": _decode_rule,
         "hedge_targets": _list(_num(lo=0, hi=1, lo_open=True, hi_open=True)),
     },
     # the model keys with a range (each model takes a subset): checked here, before any data loads

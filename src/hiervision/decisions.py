@@ -18,6 +18,9 @@ probability that the truth lies under each node), and on those the rules work:
   baseline ("back off to the parent while its probability is below t").
 * CRM decoding (Karthik et al., ICLR 2021): :func:`crm_nodes`, the end class minimising the expected
   height of the lowest common ancestor with the truth.
+* Bayes-optimal decoding for a named metric (Plaud et al., ICML 2025): :func:`bayes_nodes`, the node
+  of largest expected hierarchical F1, minus LCA height (CRM's answer) or path accuracy, computed on
+  ancestor sums in O(N·depth) per image (:mod:`hiervision.bayes`, shared with the runtime).
 
 The temperature and λ of a run live in ``decisions.json`` in the run folder (:func:`save_decisions`).
 """
@@ -33,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hiervision import marginals
+from hiervision import bayes, marginals
 from hiervision.decoding import Prediction, end_mask
 from hiervision.marginals import Temperature
 from hiervision.taxonomy import PAD, Taxonomy
@@ -45,6 +48,7 @@ __all__ = [
     "apply_temperature",
     "calibrate",
     "backoff_nodes",
+    "bayes_nodes",
     "conformal_nodes",
     "conformal_threshold",
     "covers",
@@ -70,8 +74,10 @@ __all__ = [
 ]
 
 DECISIONS_FILE = "decisions.json"
-#: ``eval.decode`` values: the model's own decoding, or Karthik et al.'s conditional risk minimisation
-DECODE_RULES = ("argmax", "crm")
+#: decision rules: the model's own decoding, Karthik et al.'s conditional risk minimisation, or the
+#: Bayes-optimal answer for a metric (:func:`bayes_nodes`); ``eval.decode`` names one as
+#: ``argmax | crm | bayes:METRIC[:inner]`` (:func:`hiervision.bayes.decode_rule`)
+DECODE_RULES = bayes.DECODE_RULES
 
 
 # ---------------------------------------------------------------------- distributions
@@ -366,24 +372,37 @@ def crm_nodes(q: torch.Tensor, taxonomy: Taxonomy, heights: torch.Tensor | None 
     return risk.masked_fill(~ends, float("inf")).argmin(1)
 
 
+def bayes_nodes(q: torch.Tensor, taxonomy: Taxonomy, metric: str, allow_inner: bool = False) -> torch.Tensor:
+    """``(B,)`` long: per image the node (never the root) that maximises the expected ``metric`` under the
+    end-class distribution ``q`` ``(B, N+1)`` (:func:`end_distribution`): ``"hf1"`` (Kiritchenko's
+    per-image hierarchical F1), ``"severity"`` (minus the LCA height: :func:`crm_nodes`' answer) or
+    ``"path_accuracy"`` (the most probable end class). ``allow_inner``: the answer may be an inner node;
+    otherwise an end class. Exact, ties to the more probable node; O(N·depth) per image on ancestor
+    sums (the derivation and costs: :mod:`hiervision.bayes`, the numpy code the runtime shares)."""
+    nodes = bayes.bayes_nodes(q.detach().cpu().double().numpy(), taxonomy, metric, allow_inner)
+    return torch.from_numpy(nodes).long().to(q.device)
+
+
 # ---------------------------------------------------------------------- whole predictions
 def calibrate(prediction: Prediction, taxonomy: Taxonomy, temperature: Temperature = 1.0,
               decode: str = "argmax") -> Prediction:
     """A prediction whose ``scores`` are the temperature-scaled node marginals and whose
-    ``path_prob`` is the scaled probability of its end class; ``decode="crm"`` also replaces the paths
-    by :func:`crm_nodes`' answers. Multi-label predictions come back unchanged (their sigmoids are
-    thresholded, not normalised)."""
-    if decode not in DECODE_RULES:
-        raise ValueError(f"eval.decode must be one of {list(DECODE_RULES)}, got {decode!r}")
-    if prediction.labels is not None or (marginals.is_identity(temperature) and decode == "argmax"):
+    ``path_prob`` is the scaled probability of its answer; ``decode`` (``argmax | crm |
+    bayes:METRIC[:inner]``) also replaces the paths by :func:`crm_nodes`' or :func:`bayes_nodes`' answers
+    (an inner answer's probability is that it covers the truth). Multi-label predictions come back
+    unchanged (their sigmoids are thresholded, not normalised)."""
+    rule, metric, inner = bayes.decode_rule(decode)
+    if prediction.labels is not None or (marginals.is_identity(temperature) and rule == "argmax"):
         return prediction
     q = end_distribution(prediction, taxonomy, temperature=temperature)
-    paths = prediction.paths
-    if decode == "crm":
-        paths = taxonomy.path_matrix.to(q.device)[crm_nodes(q, taxonomy)]
-    end = prediction.nodes if decode == "argmax" else crm_nodes(q, taxonomy)
-    prob = q.gather(1, end.clamp(min=0).unsqueeze(1)).squeeze(1)
-    return Prediction(paths, node_marginals(q, taxonomy), prob, None)
+    m = node_marginals(q, taxonomy)
+    if rule == "argmax":
+        paths, end = prediction.paths, prediction.nodes
+    else:
+        end = crm_nodes(q, taxonomy) if rule == "crm" else bayes_nodes(q, taxonomy, metric, inner)
+        paths = taxonomy.path_matrix.to(q.device)[end]
+    prob = (m if inner else q).gather(1, end.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return Prediction(paths, m, prob, None)
 
 
 def set_temperature(model: torch.nn.Module, temperature: Temperature) -> None:

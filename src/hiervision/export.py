@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hiervision.bayes import decode_rule
 from hiervision.checkpoint import CheckpointError
 from hiervision.decisions import load_decisions
 from hiervision.experiment import load_run
@@ -114,11 +115,13 @@ def torch_engine(model: HierarchicalClassifier, device: str | torch.device = "cp
 
 
 def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = None,
-            decisions: dict | None = None) -> dict:
+            decisions: dict | None = None, decode: str = "argmax") -> dict:
     """Everything the runtime needs besides the graph (:mod:`hiervision.sidecar` checks it on load): tree and
     its fingerprint, image size, the normalisation the run was trained with (``meta``: the checkpoint's, never
-    recomputed), decoder, the calibration temperature, and the hedging λ table fitted on validation
-    (``decisions``: the run's ``decisions.json``), so an exported model hedges as the run does."""
+    recomputed), decoder, the calibration temperature, the hedging λ table fitted on validation
+    (``decisions``: the run's ``decisions.json``), so an exported model hedges as the run does, and the
+    decision rule it answers by (``decode``: argmax | crm | bayes:METRIC[:inner], :mod:`hiervision.bayes`)."""
+    decode_rule(decode)
     in_chans = int(meta.get("in_chans", 3))
     size = meta.get("image_size")
     size = [int(size), int(size)] if isinstance(size, int) else ([int(s) for s in size] if size else None)
@@ -128,7 +131,7 @@ def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = 
             "mean": [float(v) for v in meta.get("mean", [0.0] * in_chans)],
             "std": [float(v) for v in meta.get("std", [1.0] * in_chans)], "decoder": model.decoder_settings(),
             "step_graph": step_graph, "temperature": as_temperature(getattr(model, "temperature", 1.0)),
-            "decisions": {"hedge": {str(k): float(v) for k, v in hedge.items()}},
+            "decisions": {"hedge": {str(k): float(v) for k, v in hedge.items()}}, "decode": decode,
             "taxonomy": model.taxonomy.to_dict()}
 
 
@@ -154,7 +157,7 @@ def _onnx_export(module: nn.Module, args: tuple, inputs: list[str], outputs: lis
 
 @torch.no_grad()
 def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLike, decisions: dict | None = None,
-                 verbose: bool = False) -> list[Path]:
+                 verbose: bool = False, decode: str = "argmax") -> list[Path]:
     """Write ``out`` (.onnx), its step graph where the model has one, and the ``.json`` sidecar with the
     sha256 of each graph (checked on load). ``verbose``: let the exporter's own messages and warnings
     through (quiet by default: they say nothing about the model)."""
@@ -164,7 +167,7 @@ def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLi
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
     graph, step = export_parts(model)
-    side = sidecar(model, meta, decisions=decisions)
+    side = sidecar(model, meta, decisions=decisions, decode=decode)
     c = side["in_chans"]
     h, w = side["image_size"] or (32, 32)
     images = torch.zeros(2, c, h, w)
@@ -213,17 +216,19 @@ def _load(run_dir: str | os.PathLike, which: str, device: str | torch.device, be
 
 
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best",
-                beam_width: int | None = None, verbose: bool = False) -> list[Path]:
+                beam_width: int | None = None, verbose: bool = False, decode: str | None = None) -> list[Path]:
     """``hiervision export RUN --out model.onnx``: the run's checkpoint → the files written; the sidecar
-    keeps ``beam_width`` when given (heads with a beam search) and the run's fitted hedging λs."""
+    keeps ``beam_width`` when given (heads with a beam search), the run's fitted hedging λs and the decision
+    rule ``decode``."""
     return export_model(*_load(run_dir, which, "cpu", beam_width), out, decisions=load_decisions(run_dir),
-                        verbose=verbose)
+                        verbose=verbose, decode=decode or "argmax")
 
 
 def run_predictor(run_dir: str | os.PathLike, top_k: int = 3, batch_size: int = 64, device: str | torch.device = "cpu",
-                  which: str = "best", beam_width: int | None = None) -> Predictor:
+                  which: str = "best", beam_width: int | None = None, decode: str | None = None) -> Predictor:
     """A :class:`~hiervision.runtime.Predictor` over a run folder's checkpoint, run eagerly in PyTorch
-    (``hiervision predict`` / ``serve`` on a run): the decoding (and hedging) an exported graph would get."""
+    (``hiervision predict`` / ``serve`` on a run): the decoding (and hedging) an exported graph would get,
+    answering by the decision rule ``decode`` (default argmax)."""
     model, meta = _load(run_dir, which, device, beam_width)
-    return Predictor(run_dir, sidecar=sidecar(model, meta, decisions=load_decisions(run_dir)),
-                     engine=torch_engine(model, device), top_k=top_k, batch_size=batch_size)
+    side = sidecar(model, meta, decisions=load_decisions(run_dir), decode=decode or "argmax")
+    return Predictor(run_dir, sidecar=side, engine=torch_engine(model, device), top_k=top_k, batch_size=batch_size)

@@ -21,13 +21,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from hiervision.decisions import end_distribution, lca_heights, node_marginals
+from hiervision.decisions import end_distribution, lca_heights, node_marginals, rewards
 from hiervision.decoding import Prediction, last_node
 from hiervision.taxonomy import PAD, Taxonomy
 
 __all__ = [
     "calibration_points",
     "calibration_report",
+    "depth_severity",
     "evaluate",
     "expected_calibration_error",
     "hierarchical_distance_at_k",
@@ -41,6 +42,8 @@ __all__ = [
     "node_accuracy_final_only",
     "node_f1",
     "node_prf",
+    "operating_curve",
+    "pareto_area",
     "path_accuracy",
     "path_f1",
     "path_prf",
@@ -348,6 +351,28 @@ def mistake_severity(pred_nodes: torch.Tensor, true_nodes: torch.Tensor, taxonom
     return float(heights[lca].mean())
 
 
+def depth_severity(pred_nodes: torch.Tensor, true_nodes: torch.Tensor, taxonomy: Taxonomy) -> float | None:
+    """Mean number of the true path's levels a mistake misses, ``depth(t) − depth(lca(a, t))``, over
+    mistakes only (``None`` without any): mistake severity measured from the true class up.
+
+    On a tree whose leaves all lie at one depth it equals :func:`mistake_severity` (an LCA's height is
+    then the leaves' depth minus its own). On a variable-depth tree the LCA height is not: a node's
+    height is its *deepest* descendant's distance, so one deep branch makes every ancestor it shares
+    costly, and a mistake between two shallow leaves under such an ancestor counts as many levels
+    lost as one between deep leaves. Counting from the truth scores the levels of its path the answer
+    actually got wrong (benchmarks/DECISIONS.md, "CRM on deep variable-depth trees").
+    """
+    pred = torch.as_tensor(pred_nodes).long().reshape(-1)
+    true = torch.as_tensor(true_nodes).long().reshape(-1).to(pred.device)
+    if len(pred) != len(true):
+        raise ValueError(f"{len(pred)} predictions but {len(true)} targets")
+    wrong = pred != true
+    if not wrong.any():
+        return None
+    depth = taxonomy.depth_tensor.to(pred.device).double()
+    return float((depth[true[wrong]] - depth[_lca(taxonomy, pred[wrong], true[wrong])]).mean())
+
+
 # ---------------------------------------------------------------------- multi-label
 def _prf(tp: torch.Tensor, n_pred: torch.Tensor, n_true: torch.Tensor) -> tuple[float, float, float]:
     return _div(tp, n_pred), _div(tp, n_true), _div(2 * tp, n_pred + n_true)
@@ -469,11 +494,13 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
     * single-label — ``(B,)`` node ids (inner nodes allowed) or ``(B, D)`` PAD-padded long paths:
       ``path_accuracy``, ``node_accuracy``, ``level_accuracy`` (list), ``path_accuracy_by_length``
       (``{length: accuracy}``), ``length_diagnostics`` (:func:`length_diagnostics`), ``leaf_accuracy``,
-      ``hierarchical_precision/recall/f1`` (micro), ``hierarchical_f1_macro``, ``mistake_severity``
-      (``None`` without mistakes), ``valid_path_rate``, ``num_samples``; from the scores' end-class
-      distribution (:func:`~hiervision.decisions.end_distribution`): ``ece``, ``ece_mass``,
-      ``ece_per_level``, ``ece_per_level_mass`` (:func:`calibration_report`) and ``hdist@1/5/20``
-      (:func:`hierarchical_distance_at_k`; 1-D node-id targets only);
+      ``hierarchical_precision/recall/f1`` (micro), ``hierarchical_f1_macro``, ``mistake_severity`` and
+      ``depth_severity`` (:func:`depth_severity`; ``None`` without mistakes), ``valid_path_rate``,
+      ``num_samples``; from the scores' end-class distribution
+      (:func:`~hiervision.decisions.end_distribution`): ``ece``, ``ece_mass``,
+      ``ece_per_level``, ``ece_per_level_mass`` (:func:`calibration_report`), ``hdist@1/5/20``
+      (:func:`hierarchical_distance_at_k`; 1-D node-id targets only) and the areas under Valmadre's
+      operating curves, ``operating_area_correct`` and ``operating_area_exact`` (:func:`operating_curve`);
     * multi-label — ``(B, N+1)`` bool or float marks: ``path_f1``, ``path_precision``,
       ``path_recall``, ``node_f1``, ``num_samples``. Marks may be path ends or ancestor-closed sets
       (:meth:`Taxonomy.encode_multihot`): both are reduced to the deepest marked nodes, the form
@@ -509,7 +536,9 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
     if len(true):
         q = end_distribution(prediction, taxonomy)
         end = last_node(true)
-        decisions = {**calibration_report(q, end, taxonomy), **hierarchical_distance_at_k(q, end, taxonomy)}
+        curve = operating_curve(node_marginals(q, taxonomy), end, taxonomy)
+        decisions = {**calibration_report(q, end, taxonomy), **hierarchical_distance_at_k(q, end, taxonomy),
+                     "operating_area_correct": curve["correct_area"], "operating_area_exact": curve["exact_area"]}
     return {
         "path_accuracy": path_accuracy(pred, true),
         "node_accuracy": node_accuracy(pred, true),
@@ -522,6 +551,7 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
         "hierarchical_f1": hf,
         "hierarchical_f1_macro": hierarchical_prf(pred, true, taxonomy, "macro")[2],
         "mistake_severity": mistake_severity(last_node(pred), last_node(true), taxonomy),
+        "depth_severity": depth_severity(last_node(pred), last_node(true), taxonomy),
         "valid_path_rate": valid_path_rate(pred, taxonomy),
         **decisions,
         "num_samples": len(true),
@@ -610,3 +640,79 @@ def _leaf_mask(taxonomy: Taxonomy, device: torch.device | str) -> torch.Tensor:
     mask = torch.zeros(taxonomy.num_nodes, dtype=torch.bool, device=device)
     mask[list(taxonomy.leaves)] = True
     return mask
+
+
+# ---------------------------------------------------------------------- operating curves (Valmadre)
+def operating_curve(marginals: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> dict:
+    """Valmadre's operating curve (NeurIPS 2022, "Hierarchical classification at multiple operating
+    points"): at a threshold τ every image answers the most specific node whose probability (node
+    marginal: the truth lies under it) is ≥ τ; sweeping τ from 1 down traces, over the data set, how
+    often the answer is *correct* (the truth lies under it, or it lies under the truth) and *exact*
+    (it is the truth) against its mean *specificity* (Deng et al.'s information, ``log|leaves| −
+    log|leaves under v|``, over its largest value: 0 for the root, 1 for a leaf).
+
+    The DARTS curve (:func:`hiervision.decisions.accuracy_specificity_curve`) fits one λ per accuracy
+    target; this one needs no fitting: every threshold at once, exactly. Per image the answers form a
+    short sequence (the nodes more specific than every more probable one, found by one sort), and the
+    data set's curve merges them by threshold (the authors' ``infer.pareto_optimal_predictions`` and
+    ``metrics.operating_curve``).
+
+    Returns ``{"threshold", "specificity", "correct", "exact"}`` (lists, one point per distinct
+    threshold, the first the most confident answers) and ``correct_area`` / ``exact_area``: the area
+    under each curve's Pareto front over specificity (:func:`pareto_area`), 1 for a perfect classifier.
+    """
+    targets = torch.as_tensor(targets).long().to(marginals.device)
+    n = len(targets)
+    if n == 0:
+        return {"threshold": [], "specificity": [], "correct": [], "exact": [], "correct_area": 0.0,
+                "exact_area": 0.0}
+    depth = taxonomy.depth_tensor.to(marginals.device)
+    info = rewards(taxonomy).double().to(marginals.device)
+    info = info / info.max().clamp(min=1e-12)
+    paths = taxonomy.path_matrix.to(marginals.device)
+    # ties in probability: the more specific first, then the deeper (a node with one child is as
+    # specific as the child: answer the child)
+    by_depth = depth.argsort(descending=True, stable=True)
+    by_info = by_depth[info[by_depth].argsort(descending=True, stable=True)]
+    rows, thresholds, nodes = [], [], []
+    step = max(1, _CHUNK_ELEMENTS // taxonomy.num_nodes)
+    for s in range(0, n, step):
+        m = marginals[s : s + step].double().clone()
+        m[:, 0] = 1.0  # the root always covers the truth
+        order = by_info[m[:, by_info].argsort(dim=1, descending=True, stable=True)]  # (b, N+1) most probable first
+        inf = info[order]
+        best_before = F.pad(inf.cummax(1).values[:, :-1], (1, 0), value=-1.0)
+        r, k = (inf > best_before).nonzero(as_tuple=True)  # more specific than every more probable node
+        rows.append(r + s)
+        nodes.append(order[r, k])
+        thresholds.append(m[r, order[r, k]])
+    row, node, tau = torch.cat(rows), torch.cat(nodes), torch.cat(thresholds)
+    t = targets[row]
+    under = (node == 0) | (paths[t, (depth[node] - 1).clamp(min=0)] == node)  # the answer covers the truth
+    above = paths[node, (depth[t] - 1).clamp(min=0)] == t  # the answer lies under the truth
+    values = torch.stack([info[node], (under | above).double(), (node == t).double()], 1)  # (R, 3)
+    first = torch.ones_like(row, dtype=torch.bool)
+    first[1:] = row[1:] != row[:-1]  # records come grouped by image, most confident first
+    delta = values - torch.where(first.unsqueeze(1), 0.0, values.roll(1, 0))
+    start = delta[first].sum(0)
+    later = ~first
+    tau, delta = tau[later], delta[later]
+    order = tau.argsort(descending=True, stable=True)
+    tau, totals = tau[order], start + delta[order].cumsum(0)
+    last = torch.ones_like(tau, dtype=torch.bool)
+    last[:-1] = tau[1:] != tau[:-1]  # one point per distinct threshold, after all its changes
+    points = torch.cat([start.unsqueeze(0), totals[last]]) / n
+    spec, correct, exact = points.T
+    # the first answers are each image's most specific node of probability 1 (at least the root)
+    return {"threshold": [1.0, *tau[last].tolist()], "specificity": spec.tolist(), "correct": correct.tolist(),
+            "exact": exact.tolist(), "correct_area": pareto_area(spec, correct), "exact_area": pareto_area(spec, exact)}
+
+
+def pareto_area(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Area under the Pareto front of points ``(x, y)`` in [0, 1]²: at each x the best y any point at
+    that x or beyond reaches, integrated from 0 (Valmadre's ``metrics.pareto_integrate``)."""
+    x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
+    order = x.argsort()
+    x, y = x[order], y[order]
+    best = y.flip(0).cummax(0).values.flip(0)
+    return float(((x - F.pad(x[:-1], (1, 0))) * best).sum())

@@ -4,7 +4,8 @@ One call (:func:`posthoc_report`) from predictions the trainer already has, so `
 benchmarks share it: it fits the temperature and the hedging multipliers on the validation split
 (:func:`hiervision.decisions.fit_decisions`, written to ``decisions.json`` and into the model's
 ``temperature`` buffer), and measures on test ECE before/after, the hedged answers at each target
-against the naive back-off baseline and split-conformal answers, and CRM against argmax decoding.
+against the naive back-off baseline and split-conformal answers, and the decision rules (CRM, the
+Bayes-optimal answers for hierarchical F1, end classes only and inner nodes allowed) against argmax.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 import torch
 
 from hiervision import metrics as M
+from hiervision.bayes import decode_rule
 from hiervision.decisions import (
-    DECODE_RULES,
     calibrate,
     end_distribution,
     fit_decisions,
@@ -36,7 +37,11 @@ from hiervision.taxonomy import Taxonomy
 
 __all__ = ["evaluate_decisions", "hedger", "posthoc_report"]
 
-_MISTAKE_KEYS = ("leaf_accuracy", "path_accuracy", "mistake_severity", "hdist@1", "hdist@5", "hdist@20")
+_MISTAKE_KEYS = ("leaf_accuracy", "path_accuracy", "hierarchical_f1", "hierarchical_f1_macro", "mistake_severity",
+                 "depth_severity", "hdist@1", "hdist@5", "hdist@20")
+#: the rules every post-hoc report shows beside argmax (``crm`` entry of metrics.json); Bayes hF1 maximises
+#: the per-image F1, i.e. ``hierarchical_f1_macro``
+RULES = ("crm", "bayes:hf1", "bayes:hf1:inner")
 
 
 def posthoc_report(
@@ -51,31 +56,32 @@ def posthoc_report(
     decode: str = "argmax",
     per_level: bool = False,
 ) -> dict:
-    """``{"temperature", "calibration": {"before", "after"}, "hedged": [...], "crm": {"argmax", "crm"},
-    "test": <metrics report on the calibrated scores, decoded by decode>}`` — single-label only.
+    """``{"temperature", "calibration": {"before", "after"}, "hedged": [...], "crm": {"argmax", "crm",
+    "bayes:hf1", "bayes:hf1:inner"}, "test": <metrics report on the calibrated scores, decoded by decode>}``
+    — single-label only. The ``crm`` entry (named when CRM was the one rule) holds every rule of
+    :data:`RULES` beside argmax on the same calibrated scores.
 
     ``val``/``test``: the model's raw predictions (temperature 1) with their node-id targets;
     ``per_level``: one temperature per tree level (``eval.calibrate: per_level``).
     """
-    if decode not in DECODE_RULES:
-        raise ValueError(f"eval.decode must be one of {list(DECODE_RULES)}, got {decode!r}")
+    decode_rule(decode)  # a bad rule fails before anything is fitted
     if val.labels is not None or test.labels is not None:
         raise ValueError("post-hoc calibration and hedging apply to single-label runs only")
     fitted = fit_decisions(model, val, val_targets, taxonomy, run_dir, targets, per_level)
     t = fitted["temperature"]
     q0, q1 = end_distribution(test, taxonomy), end_distribution(test, taxonomy, temperature=t)
-    argmax = M.evaluate(calibrate(test, taxonomy, t, "argmax"), test_targets, taxonomy)
-    crm = M.evaluate(calibrate(test, taxonomy, t, "crm"), test_targets, taxonomy)
+    reports = {rule: M.evaluate(calibrate(test, taxonomy, t, rule), test_targets, taxonomy)
+               for rule in dict.fromkeys(("argmax", *RULES, decode))}
     # CRM's hdist@k ranks by expected risk, as in Karthik et al.
     risk = q1 @ lca_heights(taxonomy, q1.device).to(q1.dtype)
-    crm.update(M.hierarchical_distance_at_k(q1, test_targets, taxonomy, ranking=risk))
+    reports["crm"].update(M.hierarchical_distance_at_k(q1, test_targets, taxonomy, ranking=risk))
     return {
         "temperature": t,
         "calibration": {"before": M.calibration_report(q0, test_targets, taxonomy),
                         "after": M.calibration_report(q1, test_targets, taxonomy)},
         "hedged": [hedged_evaluation(val, val_targets, test, test_targets, taxonomy, a, t) for a in targets],
-        "crm": {"argmax": {k: argmax[k] for k in _MISTAKE_KEYS}, "crm": {k: crm[k] for k in _MISTAKE_KEYS}},
-        "test": crm if decode == "crm" else argmax,
+        "crm": {rule: {k: reports[rule][k] for k in _MISTAKE_KEYS} for rule in ("argmax", *RULES)},
+        "test": reports[decode],
     }
 
 
@@ -83,12 +89,13 @@ def evaluate_decisions(run_dir: str | os.PathLike, model, data, split: str, batc
                        accuracy: float | None = None, decode: str = "argmax",
                        device: torch.device | None = None, given_level: int | None = None):
     """``(report, calibrated prediction, targets)`` of a split on the run's calibrated scores (``decode``:
-    argmax | crm), plus, with an ``accuracy`` target, the ``hedged`` entry (λ fitted on the val split;
-    :func:`hedged_evaluation`), whose λ is also stored in the run's ``decisions.json`` (see :func:`hedger`)."""
+    argmax | crm | bayes:METRIC[:inner]), plus, with an ``accuracy`` target, the ``hedged`` entry (λ fitted
+    on the val split; :func:`hedged_evaluation`), whose λ is also stored in the run's ``decisions.json``
+    (see :func:`hedger`)."""
     if accuracy is not None and not 0 < accuracy < 1:
         raise ValueError(f"--accuracy must lie in (0, 1), got {accuracy}")
     if data.multi_label:
-        raise ValueError("--accuracy and --decode crm apply to single-label runs only")
+        raise ValueError("--accuracy and --decode crm/bayes apply to single-label runs only")
     device = device or torch.device("cpu")
     sets = {"train": data.train, "val": data.val, "test": data.test}
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hiervision.bayes import decide_records, decode_rule
 from hiervision.imagefile import DEFAULT_MAX_PIXELS, read_array
 from hiervision.marginals import (
     Temperature,
@@ -396,11 +397,13 @@ class Predictor:
         engine, sidecar: used by ``hiervision predict`` on a PyTorch run (same decoding, other engine).
         beam_width: search with this width instead of the sidecar's (decoders with a beam search; a
             width tuned on val after export).
+        decode: answer by this decision rule instead of the sidecar's ``decode`` (argmax | crm |
+            bayes:METRIC[:inner], :func:`hiervision.bayes.decide_records`).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, top_k: int = 3, batch_size: int = 64,
                  threads: int | None = None, engine: Engine | None = None, sidecar: dict | None = None,
-                 beam_width: int | None = None) -> None:
+                 beam_width: int | None = None, decode: str | None = None) -> None:
         if top_k < 1 or batch_size < 1:
             raise ValueError(f"top_k and batch_size must be ≥ 1, got {top_k} and {batch_size}")
         if sidecar is None:
@@ -420,6 +423,12 @@ class Predictor:
                 raise ValueError(f"beam width must be an integer >= 1, got {beam_width!r}")
             sidecar = {**sidecar, "decoder": {**sidecar["decoder"], "beam_width": int(beam_width)}}
         self.sidecar = sidecar
+        #: the decision rule of every answer (hiervision.bayes): the model's own decoding unless named
+        self.decode = decode or sidecar.get("decode", "argmax")
+        where = path or sidecar.get("model", "the model")
+        if decode_rule(self.decode, "decode" if decode else f"{where}: sidecar key 'decode'")[0] != "argmax" \
+                and sidecar["decoder"]["kind"] == "multi_label":
+            raise ValueError(f"{where}: decision rules apply to single-label models only")
         self.tree = TreeView.from_dict(sidecar["taxonomy"], source=str(path))
         self.in_chans = int(sidecar["in_chans"])
         self.image_size = tuple(sidecar["image_size"]) if sidecar.get("image_size") else None
@@ -457,6 +466,7 @@ class Predictor:
         outputs = self.engine.run(np.ascontiguousarray(x))
         decoded = decode_batch(self.tree, self.sidecar["decoder"], outputs, self.engine, self.top_k)
         decoded = calibrate_batch(self.tree, self.sidecar["decoder"], decoded, self.temperature)
+        decoded = decide_records(self.tree, self.sidecar["decoder"].get("end_nodes", "leaves"), decoded, self.decode)
         files = files if files is not None else [f"#{i}" for i in range(len(decoded))]
         records = [prediction_record(f, self.tree, d["path_ids"], d["path_probability"], d["node_scores"],
                                      d["top_k"], d.get("paths")) for f, d in zip(files, decoded)]

@@ -58,19 +58,21 @@ class RuntimePredictor:
 
 
 def load_predictor(path: str | Path, top_k: int = 3, checkpoint: str = "best",
-                   beam_width: int | None = None) -> RuntimePredictor:
+                   beam_width: int | None = None, decode: str | None = None) -> RuntimePredictor:
     """A run folder (PyTorch on the CPU) or an exported ``.onnx`` (onnxruntime, no PyTorch);
-    ``beam_width`` replaces the configured width of a decoder with a beam search."""
+    ``beam_width`` replaces the configured width of a decoder with a beam search, ``decode`` the decision
+    rule (:mod:`hiervision.bayes`)."""
     p = Path(path)
     if p.is_dir():
         from hiervision.export import run_predictor
 
-        return RuntimePredictor(run_predictor(p, top_k=top_k, which=checkpoint, beam_width=beam_width))
+        return RuntimePredictor(run_predictor(p, top_k=top_k, which=checkpoint, beam_width=beam_width,
+                                              decode=decode))
     if p.suffix.lower() == ".onnx" and p.is_file():
         try:
             from hiervision.runtime import Predictor
 
-            return RuntimePredictor(Predictor(p, top_k=top_k, beam_width=beam_width))
+            return RuntimePredictor(Predictor(p, top_k=top_k, beam_width=beam_width, decode=decode))
         except ImportError as e:
             raise ValueError(f"{p}: serving an .onnx file needs onnxruntime: pip install 'hiervision[export]' "
                              f"({e.name} missing)") from None

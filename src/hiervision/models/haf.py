@@ -1,0 +1,131 @@
+"""HAF (Garg et al., ECCV 2022, "Learning Hierarchy Aware Features for Reducing Mistake Severity"):
+a flat classifier over the leaves with one extra head per coarser level, on the same features, whose
+losses shape the features and the fine classifier's geometry after the tree. Only the fine head
+predicts, so it exports and predicts as the flat head it subclasses.
+
+The loss (the paper's method section; the authors' ``hafeat_l5_cejsd_wtconst_dissim`` heads, as
+vendored in ``ltong1130ztr/HAFrame``'s ``util/arch``), each head's weights L2-normalised where used:
+
+* cross-entropy of the fine head;
+* soft labels: for each pair of adjacent levels, the Jensen-Shannon divergence between the finer
+  head's softmax summed into the coarser level's classes and the coarser head's softmax;
+* geometric consistency: minus the mean cosine between each coarse class's weight and the
+  normalised sum of its children's weights;
+* margin loss: at each coarse level, pairs of images with different labels there push their
+  predictions apart, ``½·Σ max(0, m − KL(p‖mix))`` over both sides, m = 3 (the authors' margin).
+
+Variable-depth trees: a leaf shallower than a level stands for itself at that level (it is carried
+down), so every level partitions the leaves and a tree of depth D gets D − 1 coarse heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiervision.models.flat import FlatClassifier
+from hiervision.models.registry import register_model
+from hiervision.taxonomy import PAD, Taxonomy
+
+__all__ = ["HAFClassifier", "carried_levels"]
+
+
+def carried_levels(taxonomy: Taxonomy) -> list[list[int]]:
+    """Node ids of each level 1..D−1 with shallower leaves carried down: level l holds the nodes at depth
+    l and the leaves above it."""
+    leaves = set(taxonomy.leaves)
+    out: list[list[int]] = []
+    carried: list[int] = []
+    for level in taxonomy.levels[:-1]:
+        out.append(sorted([*level, *carried]))
+        carried += [n for n in level if n in leaves]
+    return out
+
+
+def _kl_to_mix(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``(KL(p‖m), KL(q‖m))``, ``m = (p + q)/2``. Written out rather than with ``F.kl_div``, whose
+    gradient with respect to a target probability of exactly 0 is −inf (a saturated softmax makes one)."""
+    log_mix = (0.5 * (p + q)).clamp(1e-7, 1).log()
+
+    def kl(a: torch.Tensor) -> torch.Tensor:
+        return (a * (a.clamp(min=1e-12).log() - log_mix)).sum(1)
+
+    return kl(p), kl(q)
+
+
+def _jsd(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Mean Jensen-Shannon divergence between the rows of two distributions."""
+    kl_p, kl_q = _kl_to_mix(p, q)
+    return 0.5 * (kl_p + kl_q).mean()
+
+
+def _apart(p: torch.Tensor, q: torch.Tensor, margin: float) -> torch.Tensor:
+    """The dissimilar-pair hinge: mean over rows of ½·(max(0, m − KL(p‖mix)) + max(0, m − KL(q‖mix)))."""
+    kl_p, kl_q = _kl_to_mix(p, q)
+    return 0.5 * ((margin - kl_p).clamp(min=0).mean() + (margin - kl_q).clamp(min=0).mean())
+
+
+class HAFClassifier(FlatClassifier):
+    """Flat softmax over the leaves (normalised weights) plus HAF's coarse heads and losses (module
+    docstring). ``dissimilar_margin``: m of the margin loss (3 in the authors' code)."""
+
+    def __init__(self, taxonomy: Taxonomy, dissimilar_margin: float = 3.0, **kwargs) -> None:
+        if kwargs.pop("multi_label", False):
+            raise ValueError("model haf is single-label (a softmax per level)")
+        if kwargs.pop("end_nodes", "leaves") != "leaves":
+            raise ValueError("model haf classifies leaves (model.end_nodes: leaves)")
+        super().__init__(taxonomy, **kwargs)
+        self.dissimilar_margin = float(dissimilar_margin)
+        levels = carried_levels(taxonomy)
+        self.coarse = nn.ModuleList(nn.Linear(self.backbone.num_features, len(nodes)) for nodes in levels)
+        paths = self.tables.paths
+        depth = self.tables.depth
+        # for each head (coarse levels, then the fine one), each class's coarser-level class index
+        members = [torch.tensor(nodes) for nodes in levels] + [self.classes]
+        for lv, nodes in enumerate(members[:-1], start=1):
+            finer = members[lv]
+            up = torch.where(depth[finer] >= lv, paths[finer, lv - 1], finer)  # the finer class's node at level lv
+            index = torch.full((taxonomy.num_nodes,), -1, dtype=torch.long)
+            index[nodes] = torch.arange(len(nodes))
+            self.register_buffer(f"up{lv}", index[up], persistent=False)
+            # a target's class at level lv: its ancestor there, itself when a leaf above it, else unknown
+            on = paths[:, lv - 1]
+            label = torch.where(on >= 0, on, torch.where(self.tables.leaf_mask, torch.arange(taxonomy.num_nodes), PAD))
+            self.register_buffer(f"label{lv}", torch.where(label >= 0, index[label.clamp(min=0)], -1),
+                                 persistent=False)
+
+    def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.dropout(features)
+        return {"logits": F.linear(x, F.normalize(self.fc.weight, dim=1), self.fc.bias), "features": x}
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        loss = super().loss({"logits": outputs["logits"]}, targets)
+        x = outputs["features"].float()
+        heads = [*self.coarse, self.fc]
+        weights = [F.normalize(h.weight.float(), dim=1) for h in heads]
+        # fp32 softmaxes: autocast would run the coarse heads in half precision
+        probs = [F.softmax(F.linear(x, w, h.bias), dim=1, dtype=torch.float32)
+                 for w, h in zip(weights[:-1], heads[:-1])]
+        probs.append(F.softmax(outputs["logits"], dim=1, dtype=torch.float32))
+        shift = torch.roll(torch.arange(len(x), device=x.device), 1)  # image i pairs with image i − 1
+        for lv in range(1, len(heads)):
+            coarse, finer = probs[lv - 1], probs[lv]
+            up = getattr(self, f"up{lv}")
+            # soft labels: the finer softmax summed into level lv's classes against level lv's own
+            loss = loss + _jsd(torch.zeros_like(coarse).index_add(1, up, finer), coarse)
+            # geometric consistency: a class's weight points where its children's weights sum
+            children = torch.zeros_like(weights[lv - 1]).index_add(0, up, weights[lv])
+            loss = loss - F.cosine_similarity(weights[lv - 1], F.normalize(children, dim=1), dim=1).mean()
+            # margin loss on pairs whose labels at level lv differ
+            lab = getattr(self, f"label{lv}")[targets]
+            pair = (lab >= 0) & (lab[shift] >= 0) & (lab != lab[shift])
+            if pair.any():
+                loss = loss + _apart(coarse[pair], coarse[shift][pair], self.dissimilar_margin)
+        return loss
+
+
+@register_model("haf")
+def haf(taxonomy: Taxonomy, **kwargs) -> HAFClassifier:
+    """HAF: hierarchy-aware features from per-level heads and their losses (Garg et al., ECCV 2022)."""
+    return HAFClassifier(taxonomy, **kwargs)

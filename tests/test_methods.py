@@ -1,0 +1,136 @@
+"""The training-time hierarchy-aware methods: HAFrame, HAF and Valmadre's soft max-margin — their
+parts by hand, then each trains a few steps, exports and predicts through the runtime."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hiervision.export import export_model, sidecar, torch_engine
+from hiervision.models import create_model
+from hiervision.models.haf import carried_levels
+from hiervision.models.haframe import hierarchy_aware_frame
+from hiervision.runtime import Predictor
+from hiervision.taxonomy import PAD, Taxonomy
+
+FIXED = Taxonomy.from_paths(["a/c", "a/d", "b/e", "b/f", "b/g"])
+VARIABLE = Taxonomy.from_paths(["a/c/x", "a/c/y", "a/d", "b"])
+SMALL = {"backbone": "resnet20", "in_chans": 1, "image_size": 16, "backbone_kwargs": {"width": 0.25}}
+META = {"in_chans": 1, "image_size": [16, 16], "mean": [0.5], "std": [0.25]}
+METHODS = ["haframe", "haf", "soft_max_margin"]
+
+
+def test_the_frame_has_the_trees_cosines():
+    c, d, e, f, g = (FIXED.index(n) for n in "cdefg")
+    leaves = torch.tensor([c, d, e, f, g])
+    dist = torch.tensor([[FIXED.heights[FIXED.lca(int(a), int(b))] for b in leaves] for a in leaves]).double()
+    frame, sim = hierarchy_aware_frame(dist.numpy(), gamma=2.0)
+    np.testing.assert_allclose(frame @ frame.T, sim, atol=1e-9)  # exactly the cosines asked for
+    np.testing.assert_allclose(np.linalg.norm(frame, axis=1), 1.0, atol=1e-9)
+    assert sim[2, 3] > sim[0, 2]  # siblings (e, f) closer than cousins (c, e)
+    # the widest separation: the next value on the authors' grid is no longer positive semi-definite
+    decay = np.exp(-2 * dist.numpy() / 2)
+    s_min = (sim[0, 2] - decay[0, 2]) / (1 - decay[0, 2])  # cosine = (1 − s)·decay + s
+    grid = np.linspace(-1 / 4, -1, 100)
+    nxt = grid[np.searchsorted(-grid, -s_min) + 1]
+    assert np.linalg.eigvalsh((1 - s_min) * decay + s_min).min() >= -1e-6
+    assert np.linalg.eigvalsh((1 - nxt) * decay + nxt).min() < -1e-6
+    assert np.array_equal(hierarchy_aware_frame(dist.numpy())[0], frame)  # seeded: reproducible
+
+
+def test_haframe_loss_is_cross_entropy_plus_the_cosine_pull():
+    torch.manual_seed(0)
+    model = create_model("haframe", FIXED, **SMALL)
+    targets = torch.tensor([FIXED.leaves[0], FIXED.leaves[3]])
+    z = 3 * model.frame[[0, 3]]  # features on their class vectors: the cosine term is 0
+    out = {"logits": z @ model.frame.T, "features": z}
+    ce = F.cross_entropy(out["logits"], torch.tensor([0, 3]))
+    assert model.loss(out, targets) == pytest.approx(0.6 * float(ce), rel=1e-5)
+    z2 = 3 * model.frame[[1, 3]]  # the first image's feature on the wrong class vector
+    out2 = {"logits": z2 @ model.frame.T, "features": z2}
+    aux = float((model.frame_cosines[1] - model.frame_cosines[0]).square().sum()) / 2
+    ce2 = F.cross_entropy(out2["logits"], torch.tensor([0, 3]))
+    assert model.loss(out2, targets) == pytest.approx(0.6 * float(ce2) + 0.4 * aux, rel=1e-5)
+    assert not any(p is model.frame for p in model.parameters())  # fixed, not trained
+    with pytest.raises(ValueError, match="training batch of one"):  # batch norm in the head: one clear line
+        model.train()(torch.rand(1, 1, 16, 16))
+    assert model.eval()(torch.rand(1, 1, 16, 16))["logits"].shape == (1, 5)
+
+
+def test_haf_levels_carry_shallow_leaves_and_partition_the_leaves():
+    levels = carried_levels(VARIABLE)
+    a, b, c, d = (VARIABLE.index(n) for n in "abcd")
+    assert levels == [sorted([a, b]), sorted([c, d, b])]  # b, a leaf at depth 1, stands for itself at depth 2
+    model = create_model("haf", VARIABLE, **SMALL)
+    assert len(model.coarse) == 2
+    for lv in (1, 2):
+        assert bool((getattr(model, f"up{lv}") >= 0).all())
+    x, y = VARIABLE.index("x"), VARIABLE.index("y")
+    assert model.label2[torch.tensor([x, y, b, a])].tolist() == [levels[1].index(c)] * 2 + [levels[1].index(b), -1]
+
+
+def test_soft_max_margin_loss_hand_case():
+    model = create_model("soft_max_margin", FIXED, **SMALL)
+    n = FIXED.num_nodes - 1  # one output per node but the root
+    c, a = FIXED.index("c"), FIXED.index("a")
+    logits = torch.zeros(1, n)
+    # incorrect margin, τ = 5: c and its ancestor a are right (0), the other 5 nodes wrong (1)
+    assert model.loss({"logits": logits}, torch.tensor([c])) == pytest.approx(math.log(2 + 5 * math.exp(5)))
+    coarse = model.loss({"logits": logits}, torch.tensor([a]))  # a coarse target: only a itself is right
+    assert coarse == pytest.approx(math.log(1 + 6 * math.exp(5)))
+    deep = create_model("soft_max_margin", FIXED, margin="depth_dist", margin_tau=1.0, **SMALL)
+    # from c: a 1, c 0, d 2, b 3, e f g 4 edges
+    assert deep.loss({"logits": logits}, torch.tensor([c])) == pytest.approx(
+        math.log(math.e + 1 + math.exp(2) + math.exp(3) + 3 * math.exp(4)))
+    # the answer is a leaf even where an inner node holds the most mass; scores are subtree sums
+    logits = torch.full((1, n), -10.0)
+    logits[0, a - 1], logits[0, c - 1] = 5.0, 1.0
+    pred = model.decode({"logits": logits})
+    assert pred.paths[0].tolist() == [a, c] and float(pred.scores[0, a]) == pytest.approx(1.0, abs=1e-3)
+
+
+def trained(name: str, tax: Taxonomy) -> torch.nn.Module:
+    """A few steps of SGD on 16 fixed images: the loss must fall."""
+    torch.manual_seed(0)
+    model = create_model(name, tax, **SMALL)
+    x = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([tax.leaves[i % len(tax.leaves)] for i in range(16)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(12):
+        loss = model.loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    return model.eval()
+
+
+def assert_runtime_predicts_as_the_model(model: torch.nn.Module, predictor: Predictor) -> None:
+    images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    pred = model.predict((images - 0.5) / 0.25)
+    records = predictor.predict_arrays(images.numpy())
+    assert [r["path_ids"] for r in records] == [[int(n) for n in row if n != PAD] for row in pred.paths]
+    assert [r["path_probability"] for r in records] == pytest.approx(pred.path_prob.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("tax", [FIXED, VARIABLE], ids=["fixed", "variable"])
+def test_each_method_learns_and_predicts_through_the_runtime(name, tax):
+    model = trained(name, tax)
+    assert_runtime_predicts_as_the_model(model, Predictor(sidecar=sidecar(model, META), engine=torch_engine(model)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", METHODS)
+def test_each_method_exports_to_onnx(name, tmp_path):
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(module, reason="the [export] extra is not installed")
+    model = trained(name, VARIABLE)
+    export_model(model, META, tmp_path / "m.onnx")
+    assert_runtime_predicts_as_the_model(model, Predictor(tmp_path / "m.onnx", threads=1))
