@@ -41,7 +41,7 @@ from hiervision.decisions import (
     end_distribution,
     fit_lambda,
     fit_temperature,
-    hedge,
+    hedge_nodes,
     node_marginals,
     plot_accuracy_specificity,
     plot_reliability,
@@ -87,7 +87,7 @@ def same_distribution_check(qt: torch.Tensor, test_t: torch.Tensor, taxonomy, ta
         for fit, held in (halves, halves[::-1]):
             lam = fit_lambda(mt[fit], test_t[fit], taxonomy, a)
             tau = conformal_threshold(qt[fit], test_t[fit], taxonomy, 1 - a)
-            darts.append(float(covers(hedge(mt[held], taxonomy, lam), test_t[held], taxonomy).float().mean()))
+            darts.append(float(covers(hedge_nodes(mt[held], taxonomy, lam), test_t[held], taxonomy).float().mean()))
             conf.append(float(covers(conformal_nodes(qt[held], taxonomy, tau), test_t[held], taxonomy).float().mean()))
         rows.append({"target": a, "darts_accuracy": statistics.fmean(darts),
                      "conformal_accuracy": statistics.fmean(conf)})

@@ -217,6 +217,6 @@ def test_predict_hedged_answers_stop_higher_for_a_stricter_target(run_dir, tmp_p
     assert [len(r["hedged_path"].split(" > ")) if r["hedged_path"] else 0 for r in rows] == depths["0.99"]
     assert all(0 <= float(r["hedged_probability"]) <= 1 and r["error"] == "" for r in rows)
     with pytest.raises(ValueError, match="no hedging λ for accuracy 0.5"):
-        from hiervision.posthoc import hedger
+        from hiervision.serve.predictor import load_predictor
 
-        hedger(run_dir, 0.5)
+        load_predictor(run_dir).runtime.hedger(0.5)

@@ -20,17 +20,17 @@ from hiervision.decisions import (
     calibrate,
     conformal_nodes,
     conformal_threshold,
+    coverage_report,
     covers,
     crm_nodes,
     end_distribution,
+    evaluate_hedging,
     fit_backoff,
     fit_decisions,
     fit_lambda,
     fit_temperature,
-    hedge,
-    hedged_evaluation,
-    hedged_records,
-    hedged_report,
+    hedge_nodes,
+    hedge_records,
     lca_heights,
     load_decisions,
     node_marginals,
@@ -105,15 +105,15 @@ def test_hedge_hand_cases(tree):
     m = node_marginals(q, tree)
     # λ=0: D (log5·0.4 > log(5/2)·0.5) and E (ties with F, first id); λ=1: D stays, B (1.209) beats the
     # root (1) and E (0.783); λ=3: the root's λ·1 = 3 beats B's 2.809
-    assert hedge(m, tree, 0.0).tolist() == [D, E]
-    assert hedge(m, tree, 1.0).tolist() == [D, B]
-    assert hedge(m, tree, 1.2).tolist() == [0, B]
-    assert hedge(m, tree, 3.0).tolist() == [0, 0]
+    assert hedge_nodes(m, tree, 0.0).tolist() == [D, E]
+    assert hedge_nodes(m, tree, 1.0).tolist() == [D, B]
+    assert hedge_nodes(m, tree, 1.2).tolist() == [0, B]
+    assert hedge_nodes(m, tree, 3.0).tolist() == [0, 0]
     # C's only child is H: same leaves, same reward, same probability — the deeper H is answered
     single = node_marginals(leaf_q(H=0.7, D=0.1, E=0.2).unsqueeze(0), tree)
-    assert hedge(single, tree, 0.0).tolist() == [H]
+    assert hedge_nodes(single, tree, 0.0).tolist() == [H]
     with pytest.raises(ValueError, match="λ"):
-        hedge(m, tree, -1.0)
+        hedge_nodes(m, tree, -1.0)
 
 
 def test_fit_lambda_meets_target_on_constructed_case(tree):
@@ -125,9 +125,9 @@ def test_fit_lambda_meets_target_on_constructed_case(tree):
     # B overtakes E when 0.8·(log 5/3 + λ) > 0.3·(log 5 + λ)
     expected = (0.3 * math.log(5) - 0.8 * math.log(5 / 3)) / 0.5
     assert lam == pytest.approx(expected, abs=1e-5)  # up to the near-tie tolerance
-    nodes = hedge(m, tree, lam)
+    nodes = hedge_nodes(m, tree, lam)
     assert nodes.tolist() == [D, B]
-    report = hedged_report(nodes, targets, tree)
+    report = coverage_report(nodes, targets, tree)
     assert report["accuracy"] == 1.0
     assert report["information_gain"] == pytest.approx((math.log(5) + math.log(5 / 3)) / 2)
     assert report["specificity"] == pytest.approx(report["information_gain"] / math.log(5))
@@ -139,7 +139,7 @@ def test_covers_and_report_count_wrong_answers_as_zero_gain(tree):
     nodes = torch.tensor([0, A, C, E])
     targets = torch.tensor([E, H, D, E])
     assert covers(nodes, targets, tree).tolist() == [True, True, False, True]
-    rep = hedged_report(nodes, targets, tree)
+    rep = coverage_report(nodes, targets, tree)
     assert rep["accuracy"] == 0.75
     assert rep["information_gain"] == pytest.approx((0 + math.log(5 / 2) + 0 + math.log(5)) / 4)
     assert rep["depths"] == {0: 0.25, 1: 0.25, 2: 0.5}
@@ -286,10 +286,10 @@ def test_evaluate_reports_ece_and_hdist(tree):
     json.dumps(rep)
 
 
-def test_hedged_records_and_decisions_file(tree, tmp_path):
+def test_hedge_records_and_decisions_file(tree, tmp_path):
     q = leaf_q(E=0.3, F=0.3, G=0.2, D=0.1, H=0.1).float().unsqueeze(0)
     pred = Prediction(tree.encode_paths([E]), node_marginals(q, tree), torch.tensor([0.3]))
-    (rec,) = hedged_records(pred, tree, lam=1.0)
+    (rec,) = hedge_records(pred, tree, lam=1.0)
     assert rec == {"node": "B", "path": ["B"], "probability": pytest.approx(0.8)}
     assert load_decisions(tmp_path) == {}
     save_decisions(tmp_path, temperature=1.5)
@@ -373,7 +373,7 @@ def test_calibrate_and_crm_prediction(tree):
         calibrate(pred, tree, decode="mode")
 
 
-def test_fit_decisions_and_hedged_evaluation(tree, tmp_path):
+def test_fit_decisions_and_evaluate_hedging(tree, tmp_path):
     val, val_t = _toy_predictions(tree, 3000, 1)
     test, test_t = _toy_predictions(tree, 3000, 2)
     model = torch.nn.Module()
@@ -385,7 +385,7 @@ def test_fit_decisions_and_hedged_evaluation(tree, tmp_path):
     before = calibration_report(end_distribution(test, tree), test_t, tree)["ece"]
     after = calibration_report(end_distribution(test, tree, temperature=fitted["temperature"]), test_t, tree)["ece"]
     assert after < before / 2
-    rep = hedged_evaluation(val, val_t, test, test_t, tree, 0.9, fitted["temperature"])
+    rep = evaluate_hedging(val, val_t, test, test_t, tree, 0.9, fitted["temperature"])
     assert rep["accuracy"] >= 0.9 - 0.02 and rep["conformal"]["accuracy"] >= 0.9 - 0.02
     assert 0 < rep["information_gain"] < math.log(5)
     assert rep["baseline"]["accuracy"] >= 0.9 - 0.02

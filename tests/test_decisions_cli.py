@@ -7,10 +7,11 @@ import torch
 import yaml
 
 from hiervision.cli import main
-from hiervision.decisions import hedge_lambda, load_decisions, set_temperature
+from hiervision.decisions import load_decisions, set_temperature
+from hiervision.experiment import load_run
 from hiervision.marginals import as_temperature
+from hiervision.serve.predictor import load_predictor
 from hiervision.taxonomy import Taxonomy
-from hiervision.training import load_run
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,9 @@ def test_evaluate_reports_hedged_and_calibration(run_dir, capsys):
     assert set(hedged) >= {"information_gain", "specificity", "depths", "baseline", "conformal"}
     assert {"ece", "ece_per_level", "hdist@1", "hdist@5", "hdist@20"} <= set(out)
     assert out["decode"] == "argmax"
-    assert hedge_lambda(run_dir, 0.9) == hedged["lambda"]  # stored for predict --accuracy
+    assert load_decisions(run_dir)["hedge"]["0.9"] == hedged["lambda"]  # stored for predict --accuracy
     with pytest.raises(ValueError, match="no hedging λ for accuracy 0.97"):
-        hedge_lambda(run_dir, 0.97)
+        load_predictor(run_dir).runtime.hedger(0.97)
     (run_dir / "decisions.json").unlink()
 
 
@@ -73,9 +74,7 @@ def test_calibrated_run_uses_its_temperature(run_dir, capsys):
 def test_predict_serve_and_export_apply_the_temperature(run_dir, per_level):
     """The runtime's records (predict, serve, an exported .onnx: one decoding path) carry the same
     calibrated probabilities as evaluate's, and hedging them needs no second temperature."""
-    from hiervision.decisions import calibrate, hedged_records
-    from hiervision.posthoc import hedger
-    from hiervision.serve.predictor import load_predictor
+    from hiervision.decisions import calibrate, hedge_records
 
     t = tuple(1.5 + d for d in range(Taxonomy.load(run_dir / "taxonomy.json").max_depth)) if per_level else 2.0
     (run_dir / "decisions.json").write_text(json.dumps({"temperature": t, "hedge": {"0.9": 0.5}}))
@@ -94,8 +93,8 @@ def test_predict_serve_and_export_apply_the_temperature(run_dir, per_level):
             assert rec["path_probability"] != pytest.approx(float(cool[r]), rel=1e-3)
             assert rec["top_k"][0]["probability"] == pytest.approx(rec["path_probability"], rel=1e-4)
             assert rec["node_scores"] == pytest.approx(hot.scores[r].tolist(), abs=1e-5)
-        hedged = [hedger(run_dir, 0.9)(rec) for rec in records]
-        expected = hedged_records(pred, taxonomy, 0.5, temperature=t)
+        hedged = [runtime.hedger(0.9)(rec) for rec in records]
+        expected = hedge_records(pred, taxonomy, 0.5, temperature=t)
         assert [h["node"] for h in hedged] == [e["node"] for e in expected]
         assert [h["probability"] for h in hedged] == pytest.approx([e["probability"] for e in expected], abs=1e-5)
     finally:

@@ -14,12 +14,13 @@ from hiervision.data import build_data
 from hiervision.data.base import coarsen_labels, split_fine_coarse
 from hiervision.decoding import transition_mask
 from hiervision.distributed import DistEnv
+from hiervision.experiment import load_run
 from hiervision.metrics import valid_paths
 from hiervision.models import create_model
 from hiervision.models.backbones import create_backbone
 from hiervision.models.guo import VisualLSTMCell
 from hiervision.taxonomy import EOS, Taxonomy
-from hiervision.training import load_run, pseudo_label, train
+from hiervision.training import pseudo_label, train
 
 FEAT = 16
 

@@ -11,11 +11,12 @@ from hiervision.cli import main
 from hiervision.config import load_config, merge
 from hiervision.data import build_data
 from hiervision.data.base import move_to_tree
+from hiervision.experiment import load_run
 from hiervision.induce import confusion_probability_matrix, group_classes, induce_taxonomy
 from hiervision.models import create_model
 from hiervision.models.backbones import create_backbone
 from hiervision.taxonomy import Taxonomy
-from hiervision.training import load_run, train
+from hiervision.training import train
 
 KW = dict(backbone="resnet20", in_chans=1, image_size=16, backbone_kwargs={"width": 0.25})
 

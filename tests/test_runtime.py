@@ -200,9 +200,8 @@ def test_torch_engine_predicts_a_single_image_of_every_family():
 
 def test_numpy_hedged_answers_match_torch():
     """The runtime's DARTS (hedging from an .onnx, no PyTorch) answers as hiervision.decisions does."""
-    from hiervision.decisions import hedged_records
+    from hiervision import decisions, runtime
     from hiervision.decoding import Prediction
-    from hiervision.runtime import hedge_answers
 
     tax = fashion_mnist_taxonomy()
     tree = TreeView(tuple(tax.names), tuple(tax.parents))
@@ -217,9 +216,9 @@ def test_numpy_hedged_answers_match_torch():
     scores = np.round(scores, 6)
     pred = Prediction(torch.zeros(64, 1, dtype=torch.long), torch.from_numpy(scores).float(), torch.ones(64))
     for lam in (0.0, 0.5, 3.0, 1e6):
-        want = hedged_records(pred, tax, lam)
-        got = hedge_answers(tree, scores, lam)
+        want = decisions.hedge_records(pred, tax, lam)
+        got = runtime.hedge_records(tree, scores, lam)
         assert [g["node"] for g in got] == [w["node"] for w in want]
         assert [g["path"] for g in got] == [w["path"] for w in want]
         assert np.allclose([g["probability"] for g in got], [w["probability"] for w in want], atol=1e-5)
-    assert {g["node"] for g in hedge_answers(tree, scores, 1e6)} == {"root"}
+    assert {g["node"] for g in runtime.hedge_records(tree, scores, 1e6)} == {"root"}

@@ -24,9 +24,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from hiervision.cli import main  # noqa: E402
 from hiervision.decisions import calibrate  # noqa: E402
+from hiervision.experiment import load_run  # noqa: E402
 from hiervision.serve import Limits, create_app, load_predictor  # noqa: E402
 from hiervision.serve.batching import MicroBatcher  # noqa: E402
-from hiervision.training import load_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -252,13 +252,12 @@ def test_onnx_file_serves_the_same_answers(run_dir, client, tmp_path):
 
 def test_hedged_answer_hook(run_dir, predictor):
     pytest.importorskip("hiervision.decisions")
-    from hiervision.posthoc import hedger as decisions_hedger
-
     (run_dir / "decisions.json").write_text(json.dumps({"temperature": 1.0, "hedge": {"0.9": 0.0, "0.99": 1e9}}))
     try:
         with pytest.raises(ValueError, match="no hedging λ for accuracy 0.5"):
-            decisions_hedger(run_dir, 0.5)
-        sure, root = decisions_hedger(run_dir, 0.9), decisions_hedger(run_dir, 0.99)
+            load_predictor(run_dir).runtime.hedger(0.5)
+        runtime = load_predictor(run_dir).runtime
+        sure, root = runtime.hedger(0.9), runtime.hedger(0.99)
         with TestClient(create_app(predictor, hedge=sure)) as c:
             res = c.post("/predict", files={"file": ("a.png", png(0), "image/png")}).json()["results"][0]
         assert res["hedged"]["path"] == res["path"]  # λ = 0: the most probable leaf, no hedging

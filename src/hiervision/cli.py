@@ -405,7 +405,7 @@ DEMO_METHODS: list[tuple[str, dict]] = [
 
 def _demo_hedged(run: Path, target: float) -> dict:
     """Calibrate a finished demo run on its val split and report the hedged answer on test."""
-    from hiervision.decisions import fit_decisions, hedged_evaluation
+    from hiervision.decisions import evaluate_hedging, fit_decisions
     from hiervision.evaluation import predict_dataset
     from hiervision.experiment import load_run, run_data
 
@@ -415,7 +415,7 @@ def _demo_hedged(run: Path, target: float) -> dict:
     val, val_t = predict_dataset(model, data, data.val, bs, device, None)
     test, test_t = predict_dataset(model, data, data.test, bs, device, None)
     temperature = fit_decisions(model, val, val_t, taxonomy, run, targets=(target,))["temperature"]
-    return hedged_evaluation(val, val_t, test, test_t, taxonomy, target, temperature)
+    return evaluate_hedging(val, val_t, test, test_t, taxonomy, target, temperature)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

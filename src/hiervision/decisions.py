@@ -58,11 +58,10 @@ __all__ = [
     "fit_decisions",
     "fit_lambda",
     "fit_temperature",
-    "hedge",
-    "hedge_lambda",
-    "hedged_evaluation",
-    "hedged_records",
-    "hedged_report",
+    "hedge_nodes",
+    "evaluate_hedging",
+    "hedge_records",
+    "coverage_report",
     "lca_heights",
     "load_decisions",
     "node_marginals",
@@ -187,7 +186,7 @@ def rewards(taxonomy: Taxonomy, ends: str = "leaves") -> torch.Tensor:
     return torch.log(mask.sum()) - torch.log(under.clamp(min=1))
 
 
-def hedge(marginals: torch.Tensor, taxonomy: Taxonomy, lam: float, ends: str = "leaves") -> torch.Tensor:
+def hedge_nodes(marginals: torch.Tensor, taxonomy: Taxonomy, lam: float, ends: str = "leaves") -> torch.Tensor:
     """DARTS: ``(B,)`` node ids ``argmax_v (r(v) + λ)·p(v)`` over every node, the root (id 0) included
     (ties go to the deepest node).
 
@@ -216,7 +215,7 @@ def covers(nodes: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> to
     return (nodes == 0) | anc[targets, nodes]
 
 
-def hedged_report(nodes: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, ends: str = "leaves") -> dict:
+def coverage_report(nodes: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, ends: str = "leaves") -> dict:
     """Accuracy and specificity of node answers: ``accuracy`` (answer covers the truth),
     ``information_gain`` (Deng et al.: mean ``r(v)`` of right answers, 0 for wrong ones, in nats),
     ``specificity`` (the same divided by ``log|ends|``: 1 = always the right end class) and ``depths``
@@ -245,7 +244,7 @@ def fit_lambda(marginals: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonom
     targets = torch.as_tensor(targets).long().to(marginals.device)
 
     def acc(lam: float) -> float:
-        return float(covers(hedge(marginals, taxonomy, lam, ends), targets, taxonomy).float().mean())
+        return float(covers(hedge_nodes(marginals, taxonomy, lam, ends), targets, taxonomy).float().mean())
 
     if acc(0.0) >= target_accuracy:
         return 0.0
@@ -433,10 +432,10 @@ def fit_decisions(model, val: Prediction, val_targets: torch.Tensor, taxonomy: T
     return out
 
 
-def hedged_evaluation(val: Prediction, val_targets: torch.Tensor, test: Prediction, test_targets: torch.Tensor,
+def evaluate_hedging(val: Prediction, val_targets: torch.Tensor, test: Prediction, test_targets: torch.Tensor,
                       taxonomy: Taxonomy, target: float, temperature: Temperature = 1.0) -> dict:
     """The ``hedged`` entry of an evaluation report at one accuracy target: λ fitted on ``val``,
-    :func:`hedged_report` on ``test``, and beside it the naive back-off baseline and the
+    :func:`coverage_report` on ``test``, and beside it the naive back-off baseline and the
     split-conformal answers (α = 1 − target), all on the same temperature-scaled marginals."""
     val_targets = torch.as_tensor(val_targets).long()
     test_targets = torch.as_tensor(test_targets).long()
@@ -450,10 +449,10 @@ def hedged_evaluation(val: Prediction, val_targets: torch.Tensor, test: Predicti
         "target": target,
         "lambda": lam,
         "temperature": marginals.as_temperature(temperature),
-        **hedged_report(hedge(mt, taxonomy, lam), test_targets, taxonomy),
-        "baseline": {"threshold": thr, **hedged_report(backoff_nodes(mt, taxonomy, thr), test_targets, taxonomy)},
+        **coverage_report(hedge_nodes(mt, taxonomy, lam), test_targets, taxonomy),
+        "baseline": {"threshold": thr, **coverage_report(backoff_nodes(mt, taxonomy, thr), test_targets, taxonomy)},
         "conformal": {"alpha": 1 - target, "tau": tau if math.isfinite(tau) else None,
-                      **hedged_report(conformal_nodes(qt, taxonomy, tau), test_targets, taxonomy)},
+                      **coverage_report(conformal_nodes(qt, taxonomy, tau), test_targets, taxonomy)},
     }
 
 
@@ -462,25 +461,25 @@ def accuracy_specificity_curve(
     val_marginals: torch.Tensor, val_targets: torch.Tensor, test_marginals: torch.Tensor,
     test_targets: torch.Tensor, taxonomy: Taxonomy, targets: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
 ) -> list[dict]:
-    """For each accuracy target: λ fitted on validation, the test :func:`hedged_report` at it, and the
+    """For each accuracy target: λ fitted on validation, the test :func:`coverage_report` at it, and the
     naive back-off baseline fitted the same way (``baseline``)."""
     rows = []
     for t in targets:
         lam = fit_lambda(val_marginals, val_targets, taxonomy, t)
         thr = fit_backoff(val_marginals, val_targets, taxonomy, t)
         rows.append({"target": t, "lambda": lam,
-                     **hedged_report(hedge(test_marginals, taxonomy, lam), test_targets, taxonomy),
-                     "baseline": {"threshold": thr, **hedged_report(backoff_nodes(test_marginals, taxonomy, thr),
+                     **coverage_report(hedge_nodes(test_marginals, taxonomy, lam), test_targets, taxonomy),
+                     "baseline": {"threshold": thr, **coverage_report(backoff_nodes(test_marginals, taxonomy, thr),
                                                                    test_targets, taxonomy)}})
     return rows
 
 
-def hedged_records(prediction: Prediction, taxonomy: Taxonomy, lam: float,
+def hedge_records(prediction: Prediction, taxonomy: Taxonomy, lam: float,
                    temperature: Temperature = 1.0) -> list[dict]:
     """Per image ``{"node", "path", "probability"}``: the hedged answer of each prediction, for
     ``predict --accuracy`` and the server to attach under a ``hedged`` key."""
     m = node_marginals(end_distribution(prediction, taxonomy, temperature=temperature), taxonomy)
-    nodes = hedge(m, taxonomy, lam).tolist()
+    nodes = hedge_nodes(m, taxonomy, lam).tolist()
     return [{"node": taxonomy.names[n], "path": [taxonomy.names[p] for p in taxonomy.path(n)],
              "probability": round(float(m[i, n]), 6)} for i, n in enumerate(nodes)]
 
@@ -494,18 +493,6 @@ def save_decisions(run_dir: str | os.PathLike, **values) -> Path:
     tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def hedge_lambda(run_dir: str | os.PathLike, target: float) -> float:
-    """The λ stored for an accuracy target in the run's ``decisions.json`` (by training's post-hoc step
-    or ``hiervision evaluate RUN --accuracy TARGET``); one clear error when there is none."""
-    fitted = load_decisions(run_dir).get("hedge", {})
-    for key, lam in fitted.items():
-        if math.isclose(float(key), float(target)):
-            return float(lam)
-    have = ", ".join(sorted(fitted)) or "none"
-    raise ValueError(f"{Path(run_dir) / DECISIONS_FILE}: no hedging λ for accuracy {target} (fitted: {have}); "
-                     f"run `hiervision evaluate {run_dir} --accuracy {target}` first")
 
 
 def load_decisions(run_dir: str | os.PathLike) -> dict:

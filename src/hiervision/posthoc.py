@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
@@ -23,9 +21,8 @@ from hiervision.bayes import decode_rule
 from hiervision.decisions import (
     calibrate,
     end_distribution,
+    evaluate_hedging,
     fit_decisions,
-    hedged_evaluation,
-    hedged_records,
     lca_heights,
     load_decisions,
     save_decisions,
@@ -35,7 +32,7 @@ from hiervision.evaluation import predict_dataset
 from hiervision.marginals import as_temperature
 from hiervision.taxonomy import Taxonomy
 
-__all__ = ["evaluate_decisions", "hedger", "posthoc_report"]
+__all__ = ["evaluate_decisions", "posthoc_report"]
 
 _MISTAKE_KEYS = ("leaf_accuracy", "path_accuracy", "hierarchical_f1", "hierarchical_f1_macro", "mistake_severity",
                  "depth_severity", "hdist@1", "hdist@5", "hdist@20")
@@ -79,7 +76,7 @@ def posthoc_report(
         "temperature": t,
         "calibration": {"before": M.calibration_report(q0, test_targets, taxonomy),
                         "after": M.calibration_report(q1, test_targets, taxonomy)},
-        "hedged": [hedged_evaluation(val, val_targets, test, test_targets, taxonomy, a, t) for a in targets],
+        "hedged": [evaluate_hedging(val, val_targets, test, test_targets, taxonomy, a, t) for a in targets],
         "crm": {rule: {k: reports[rule][k] for k in _MISTAKE_KEYS} for rule in ("argmax", *RULES)},
         "test": reports[decode],
     }
@@ -90,8 +87,8 @@ def evaluate_decisions(run_dir: str | os.PathLike, model, data, split: str, batc
                        device: torch.device | None = None, given_level: int | None = None):
     """``(report, calibrated prediction, targets)`` of a split on the run's calibrated scores (``decode``:
     argmax | crm | bayes:METRIC[:inner]), plus, with an ``accuracy`` target, the ``hedged`` entry (λ fitted
-    on the val split; :func:`hedged_evaluation`), whose λ is also stored in the run's ``decisions.json``
-    (see :func:`hedger`)."""
+    on the val split; :func:`evaluate_hedging`), whose λ is also stored in the run's ``decisions.json``
+    (``Predictor.hedger`` reads it: predict, serve and an export hedge with it)."""
     if accuracy is not None and not 0 < accuracy < 1:
         raise ValueError(f"--accuracy must lie in (0, 1), got {accuracy}")
     if data.multi_label:
@@ -110,34 +107,8 @@ def evaluate_decisions(run_dir: str | os.PathLike, model, data, split: str, batc
             raise ValueError(f"{run_dir}: --accuracy needs a validation split to fit λ (data.val_fraction is 0)")
         val, val_targets = (pred, targets) if split == "val" else predict_dataset(model, data, data.val, batch_size,
                                                                                   device, amp)
-        result["hedged"] = hedged_evaluation(val, val_targets, pred, targets, data.taxonomy, accuracy, temperature)
-        # keep λ for the server's hedged answers (hiervision.decisions.hedge_lambda)
+        result["hedged"] = evaluate_hedging(val, val_targets, pred, targets, data.taxonomy, accuracy, temperature)
+        # keep λ for the server's hedged answers (Predictor.hedger)
         fitted = load_decisions(run_dir).get("hedge", {})
         save_decisions(run_dir, hedge={**fitted, str(accuracy): result["hedged"]["lambda"]})
     return result, calibrated, targets
-
-
-def hedger(run_dir: str | os.PathLike, accuracy: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """``hedge(record)`` → the hedged answer (DARTS) of a record, with the λ that ``decisions.json`` in the
-    run folder holds for the ``accuracy`` target (:mod:`hiervision.decisions`).
-    Reads only the record's ``node_scores`` (``Predictor.predict(..., node_scores=True)``), which the
-    predictor has already calibrated with the run's temperature (:func:`hiervision.runtime.calibrate_batch`),
-    so it works on either backend; ``predict --accuracy`` and ``serve --hedge-accuracy`` use it."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ValueError(f"{run}: hedging needs a run folder (its decisions.json), not an .onnx file")
-    table = load_decisions(run).get("hedge", {})
-    key = next((k for k in table if abs(float(k) - accuracy) < 1e-9), None)
-    if key is None:
-        raise ValueError(f"{run / 'decisions.json'}: no hedging λ for accuracy {accuracy} "
-                         f"(has {sorted(table) or 'none'}; fit_decisions writes them)")
-    lam = float(table[key])
-    taxonomy = Taxonomy.load(run / "taxonomy.json")
-
-    def hedge(record: dict[str, Any]) -> dict[str, Any]:
-        scores = torch.tensor([record["node_scores"]], dtype=torch.float32)
-        path = torch.tensor([record["path_ids"] or [-1]], dtype=torch.long)
-        pred = Prediction(path, scores, torch.tensor([record["path_probability"]]))
-        return hedged_records(pred, taxonomy, lam)[0]
-
-    return hedge

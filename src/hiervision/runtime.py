@@ -33,7 +33,7 @@ from hiervision.records import PAD, TreeView, error_record, prediction_record, t
 from hiervision.sidecar import SIDECAR_FORMAT, TREE_KEY, check_sidecar, check_width, load_sidecar
 
 __all__ = ["Engine", "Predictor", "SIDECAR_FORMAT", "beam_search", "calibrate_batch", "decode_batch",
-           "hedge_answers", "load_sidecar", "read_image", "threshold_paths"]
+           "hedge_records", "load_sidecar", "read_image", "threshold_paths"]
 
 EOS = 0
 
@@ -299,10 +299,10 @@ def _rewards(tree: TreeView) -> np.ndarray:
     return np.log(leaves.sum()) - np.log(np.maximum(under, 1))
 
 
-def hedge_answers(tree: TreeView, node_scores: np.ndarray, lam: float) -> list[dict]:
+def hedge_records(tree: TreeView, node_scores: np.ndarray, lam: float) -> list[dict]:
     """DARTS (Deng et al.): per row of ``(B, N+1)`` calibrated node scores, the node maximising
     ``(r(v) + λ)·p(v)`` (the root included, ties to the deepest) as ``{"node", "path", "probability"}``:
-    the numpy twin of :func:`hiervision.decisions.hedged_records` (``tests/test_runtime.py`` holds them
+    the numpy twin of :func:`hiervision.decisions.hedge_records` (``tests/test_runtime.py`` holds them
     equal), so an exported model hedges without PyTorch."""
     m = node_marginals(end_distribution(np.atleast_2d(node_scores), tree, "leaves"), tree)
     m[:, 0] = 1.0
@@ -445,7 +445,7 @@ class Predictor:
         self.engine = engine
 
     def hedger(self, accuracy: float) -> Callable[[dict], dict]:
-        """``hedge(record)`` → the record's hedged answer (:func:`hedge_answers`) at an accuracy target whose
+        """``hedge(record)`` → the record's hedged answer (:func:`hedge_records`) at an accuracy target whose
         λ was fitted on validation (the sidecar's ``decisions``; a run folder's ``decisions.json``). Reads
         the record's ``node_scores`` (``predict(..., node_scores=True)``), already calibrated."""
         if not 0 < accuracy < 1:
@@ -456,12 +456,12 @@ class Predictor:
             have = ", ".join(sorted(table)) or "none"
             raise ValueError(f"{self.name}: no hedging λ for accuracy {accuracy} (fitted: {have}); run "
                              f"`hiervision evaluate RUN --accuracy {accuracy}` first (and export the run again)")
-        return lambda record: hedge_answers(self.tree, np.asarray(record["node_scores"]), lam)[0]
+        return lambda record: hedge_records(self.tree, np.asarray(record["node_scores"]), lam)[0]
 
     def predict_arrays(self, images: np.ndarray, files: Sequence[str] | None = None,
                        node_scores: bool = False) -> list[dict]:
         """Records for a ``(B, C, H, W)`` batch in [0, 1] (not yet normalised); ``node_scores`` also keeps
-        every node's score in each record (to draw the tree, or to hedge: :func:`hiervision.posthoc.hedger`)."""
+        every node's score in each record (to draw the tree, or to hedge: :meth:`Predictor.hedger`)."""
         x = ((np.asarray(images, dtype=np.float32) - self.mean) / self.std).astype(np.float32)
         outputs = self.engine.run(np.ascontiguousarray(x))
         decoded = decode_batch(self.tree, self.sidecar["decoder"], outputs, self.engine, self.top_k)

@@ -200,7 +200,8 @@ def create_app(
     hedge: Callable[[dict[str, Any]], Any] | None = None,
     name: str = "model",
 ) -> FastAPI:
-    """The app. ``hedge(record)`` (optional) adds each record's ``hedged`` answer (the decisions module)."""
+    """The app. ``hedge(record)`` (optional, :meth:`hiervision.runtime.Predictor.hedger`) adds each record's
+    ``hedged`` answer."""
     limits = limits or Limits()
     batcher = MicroBatcher(predictor.predict_arrays, max_batch=max_batch, max_wait_ms=max_wait_ms,
                            max_queue=limits.max_queue)
@@ -250,7 +251,7 @@ def create_app(
         results = []
         for upload, i, rec in zip(file, range(len(file)), records):
             rec = {**rec, "file": upload.filename or f"file #{i + 1}"}
-            if hedge is not None:  # the hedged answer (hiervision.posthoc.hedger)
+            if hedge is not None:  # the hedged answer (runtime.Predictor.hedger)
                 rec["hedged"] = hedge(rec)
             if not node_scores:
                 rec.pop("node_scores", None)
