@@ -93,3 +93,12 @@ def test_method_with_a_config_is_one_line(tmp_path, capsys):
     assert main(["train", str(tmp_path / "c.yaml"), "--method", "guo_rnn", "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--method applies to a folder or CSV" in err
+
+
+def test_every_registered_model_is_a_method() -> None:
+    """``--method NAME`` reaches every head a user can name in a config (a new head needs its entry)."""
+    from hiervision.models import list_models
+    from hiervision.recipe import METHOD_OPTIONS
+
+    assert set(METHOD_OPTIONS) == set(list_models())
+    assert all(opts["model"]["name"] == name for name, opts in METHOD_OPTIONS.items())

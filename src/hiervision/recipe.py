@@ -32,6 +32,9 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "guo_rnn": {"model": {"name": "guo_rnn", "embed_size": 128, "hidden_size": 256}, "train": {"grad_clip": 5.0}},
     "guo_multihead": {"model": {"name": "guo_multihead"}},
     "hiernet": {"model": {"name": "hiernet"}},
+    "haframe": {"model": {"name": "haframe"}},
+    "haf": {"model": {"name": "haf"}},
+    "soft_max_margin": {"model": {"name": "soft_max_margin"}},
 }
 
 
