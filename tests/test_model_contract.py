@@ -47,6 +47,21 @@ def test_every_registered_model_decodes_through_the_runtime_as_it_predicts(name:
     assert [r["path_ids"] for r in records] == predicted_paths(model, x)
 
 
+@pytest.mark.slow  # one ONNX export per registered model (the exporter traces each: seconds apiece)
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_exports_and_the_onnx_runtime_decodes_as_it_predicts(name: str, tmp_path) -> None:
+    pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
+    pytest.importorskip("onnxscript", reason="the [export] extra is not installed")
+    from hiervision.export import export_model
+
+    torch.manual_seed(0)
+    model = create_model(name, TREE, **SMALL, **EXTRA.get(name, {})).eval()
+    export_model(model, META, tmp_path / "m.onnx")
+    x = images()
+    records = Predictor(tmp_path / "m.onnx", top_k=2).predict_arrays(x)
+    assert [r["path_ids"] for r in records] == predicted_paths(model, x)
+
+
 class LocalSoftmax(HierarchicalClassifier):
     """A toy head: one softmax over each inner node's children (a local classifier per parent node)."""
 

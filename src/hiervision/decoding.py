@@ -48,7 +48,7 @@ def tree_tables(tree: Tree, device: torch.device | str | None = None) -> TreeTab
     if isinstance(tree, TreeTables):
         return tree
     device = torch.device(device if device is not None else "cpu")
-    if torch.compiler.is_compiling():  # tensors made while tracing (export) are fake: never cache them
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # tensors made while tracing are fake
         return TreeTables(tree).to(device)
     return _cached_tables(tree, device)
 

@@ -163,7 +163,7 @@ class HierarchicalClassifier(nn.Module):
 
     def _multi_label_outputs(self, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         """Exported outputs of independent sigmoid scores ``(B, N+1)``."""
-        return {"scores": scores, "path_logprob": prefix_logprob(self.taxonomy, torch.log(scores.clamp_min(1e-12)))}
+        return {"scores": scores, "path_logprob": prefix_logprob(self.tables, torch.log(scores.clamp_min(1e-12)))}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named parameter groups that freeze schedules refer to (``backbone``/``cnn`` and ``head``/``rnn``)."""

@@ -191,7 +191,7 @@ class _DHNN(HierarchicalClassifier):
         if self.multi_label:
             return self._multi_label_outputs(self._node_view(torch.sigmoid(logits)))
         step_lp = logits.log_softmax(-1)
-        prefix = prefix_logprob(self.taxonomy, self._node_view(step_lp))
+        prefix = prefix_logprob(self.tables, self._node_view(step_lp))
         out = {"scores": prefix.exp(), "path_logprob": prefix + self._end_logprob(step_lp)}
         return {**out, "step_logprob": step_lp} if self.decode_mode == "beam" else out
 

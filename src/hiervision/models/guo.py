@@ -402,7 +402,7 @@ class MultiHeadGenerator(HierarchicalClassifier):
 
     def export_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         node_lp = self._node_logprob(self(images))
-        return {"scores": node_lp.exp(), "path_logprob": prefix_logprob(self.taxonomy, node_lp)}
+        return {"scores": node_lp.exp(), "path_logprob": prefix_logprob(self.tables, node_lp)}
 
     @full_precision
     def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
