@@ -25,6 +25,7 @@ __all__ = ["autocast_dtype", "evaluate_split", "predict_dataset", "select_device
 
 
 def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA where a device is visible, else the CPU; a CUDA device that is not there: one line."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
