@@ -339,6 +339,17 @@ def mistake_severity(pred_nodes: torch.Tensor, true_nodes: torch.Tensor, taxonom
     Heights are :attr:`Taxonomy.heights`. ``None`` when there are no mistakes. Predicted ids outside
     the tree (e.g. PAD from an empty path) share only the root.
     """
+    mistakes = _mistakes(pred_nodes, true_nodes, taxonomy)
+    if mistakes is None:
+        return None
+    _, lca = mistakes
+    heights = torch.tensor(taxonomy.heights, dtype=torch.float64, device=lca.device)
+    return float(heights[lca].mean())
+
+
+def _mistakes(pred_nodes: torch.Tensor, true_nodes: torch.Tensor, taxonomy: Taxonomy
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(true node, LCA with the answer)`` of every wrong answer, ``None`` when there is none."""
     pred = torch.as_tensor(pred_nodes).long().reshape(-1)
     true = torch.as_tensor(true_nodes).long().reshape(-1).to(pred.device)
     if len(pred) != len(true):
@@ -346,9 +357,7 @@ def mistake_severity(pred_nodes: torch.Tensor, true_nodes: torch.Tensor, taxonom
     wrong = pred != true
     if not wrong.any():
         return None
-    lca = _lca(taxonomy, pred[wrong], true[wrong])
-    heights = torch.tensor(taxonomy.heights, dtype=torch.float64, device=pred.device)
-    return float(heights[lca].mean())
+    return true[wrong], _lca(taxonomy, pred[wrong], true[wrong])
 
 
 def depth_severity(pred_nodes: torch.Tensor, true_nodes: torch.Tensor, taxonomy: Taxonomy) -> float | None:
@@ -362,15 +371,12 @@ def depth_severity(pred_nodes: torch.Tensor, true_nodes: torch.Tensor, taxonomy:
     lost as one between deep leaves. Counting from the truth scores the levels of its path the answer
     actually got wrong (benchmarks/DECISIONS.md, "CRM on deep variable-depth trees").
     """
-    pred = torch.as_tensor(pred_nodes).long().reshape(-1)
-    true = torch.as_tensor(true_nodes).long().reshape(-1).to(pred.device)
-    if len(pred) != len(true):
-        raise ValueError(f"{len(pred)} predictions but {len(true)} targets")
-    wrong = pred != true
-    if not wrong.any():
+    mistakes = _mistakes(pred_nodes, true_nodes, taxonomy)
+    if mistakes is None:
         return None
-    depth = taxonomy.depth_tensor.to(pred.device).double()
-    return float((depth[true[wrong]] - depth[_lca(taxonomy, pred[wrong], true[wrong])]).mean())
+    true, lca = mistakes
+    depth = taxonomy.depth_tensor.to(lca.device).double()
+    return float((depth[true] - depth[lca]).mean())
 
 
 # ---------------------------------------------------------------------- multi-label
