@@ -34,6 +34,8 @@ ROOT = HERE.parent
 BREEDS = ROOT.parent / "shared" / "data" / "imagenet" / "breeds" / "wordnet"
 SIZES = (420, 1_000, 10_000, 45_000, 100_000)
 MODELS = ("flat", "guo_rnn", "dhnn_s2s", "hiernet")
+#: what a head needs besides the defaults at 32×32 (DHNN's default pooling conversion needs bigger maps)
+HEAD_KWARGS = {"dhnn_s2s": {"conversion": "linear"}}
 
 
 def random_tree(num_nodes: int, seed: int = 0, min_children: int = 2, max_children: int = 12):
@@ -75,7 +77,8 @@ def run_cell(tree_spec: str, model_name: str, steps: int, batch: int, threads: i
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     tax = load_tree(tree_spec)
-    model = create_model(model_name, tax, backbone="resnet20", in_chans=3, image_size=32)
+    model = create_model(model_name, tax, backbone="resnet20", in_chans=3, image_size=32,
+                         **HEAD_KWARGS.get(model_name, {}))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randn(batch, 3, 32, 32)
     leaves = torch.tensor(tax.leaves)
