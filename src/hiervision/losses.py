@@ -40,10 +40,6 @@ def check_loss_type(loss_type: str, supported: tuple[str, ...], model: str) -> s
     return loss_type
 
 
-def _heights(tables: TreeTables, device: torch.device) -> torch.Tensor:
-    return torch.tensor(tables.taxonomy.heights, dtype=torch.float32, device=device)
-
-
 def soft_label_targets(taxonomy: Taxonomy | TreeTables, targets: torch.Tensor, classes: torch.Tensor,
                        beta: float) -> torch.Tensor:
     """``(B, C)`` soft labels ``∝ exp(−β·d)``, ``d = (h(lca(class, target)) − h(target)) / (h(root) − h(target))``.
@@ -52,7 +48,7 @@ def soft_label_targets(taxonomy: Taxonomy | TreeTables, targets: torch.Tensor, c
     target's own height keeps the target (and, for a coarse target, every class under it) at distance 0,
     so the same rule serves a head over one level of inner nodes."""
     tables = tree_tables(taxonomy, targets.device)
-    heights = _heights(tables, targets.device)
+    heights = tables.height.float()
     h_t = heights[targets].unsqueeze(1)
     span = (heights[0] - h_t).clamp(min=1)
     lca = tables.lca(classes.unsqueeze(0), targets.unsqueeze(1))  # (B, C): one row per target, never C×C
@@ -80,7 +76,7 @@ def hxe_loss(logp: torch.Tensor, targets: torch.Tensor, classes: torch.Tensor, t
     on_path = path != PAD
     path = path.clamp(min=0)
     cond = (node_lp.gather(1, path) - node_lp.gather(1, tables.parent[path])).clamp(min=-1e4)  # log p(v | parent v)
-    weight = torch.exp(-alpha * _heights(tables, logp.device).to(logp.dtype))[path]
+    weight = torch.exp(-alpha * tables.height[path].to(logp.dtype))
     return -(cond * weight * on_path).sum(1).mean()
 
 

@@ -113,17 +113,20 @@ class FlatClassifier(HierarchicalClassifier):
         if self.multi_label:
             return self._multi_label_outputs(F.pad(torch.sigmoid(logits), (1, 0)))
         probs = logits.softmax(1)
-        return {"scores": self._marginals(probs), "path_logprob": torch.log(self._on_nodes(probs))}
+        return {"scores": self._marginals(probs), "path_logprob": torch.log(self._node_rows(probs)).T}
 
-    def _on_nodes(self, probs: torch.Tensor) -> torch.Tensor:
-        """``(B, C)`` class values → ``(B, N+1)``, each at its class's node, 0 elsewhere."""
-        out = probs.new_zeros(len(probs), self.taxonomy.num_nodes)
-        return out.index_copy(1, self.classes, probs)
+    def _node_rows(self, probs: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` class values → ``(N+1, B)``: row n holds class n's values, 0 where n is no class.
+        Nodes first, so placing the classes and summing them up the tree move whole rows (no column scatter)."""
+        rows = probs.new_zeros(self.taxonomy.num_nodes, len(probs))
+        return rows.index_copy_(0, self.classes, probs.T.contiguous())
 
     def _marginals(self, probs: torch.Tensor) -> torch.Tensor:
         """``(B, C)`` class probabilities → ``(B, N+1)`` marginal probability of every node (column 0: 0),
         summed up the tree one level at a time: O(B·N), no (N+1)×C product."""
-        return F.pad(self.tables.subtree_sum(self._on_nodes(probs))[:, 1:], (1, 0))
+        rows = self.tables.subtree_sum(self._node_rows(probs), nodes_first=True)
+        rows[0] = 0
+        return rows.T
 
     def _below(self, nodes: torch.Tensor) -> torch.Tensor:
         """``(B,)`` node ids → ``(B, C)`` bool: class c lies at or below the node (its depth-first interval)."""

@@ -144,13 +144,17 @@ def _levels(by_depth: torch.Tensor, bounds: Sequence[int], deepest_first: bool):
     return (by_depth[bounds[d] : bounds[d + 1]] for d in order)
 
 
-def subtree_sum(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
+def subtree_sum(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor, bounds: Sequence[int],
+                nodes_first: bool = False) -> torch.Tensor:
     """``(B, N+1)`` values per node → each node's sum over its subtree (itself included; column 0 holds
-    the row's total): children add into their parents one level at a time, deepest first. O(B·N)."""
-    out = x.T.contiguous()  # (N+1, B): a level's rows are added into their parents' rows
+    the row's total): children add into their parents one level at a time, deepest first. O(B·N).
+
+    The sums run on a ``(N+1, B)`` copy (a level's rows add into their parents' rows, contiguous); with
+    ``nodes_first`` ``x`` is already laid out so, and the result is too (no transposing copy at big N)."""
+    out = x.clone() if nodes_first else x.T.contiguous()
     for idx in _levels(by_depth, bounds, deepest_first=True):
         out.index_add_(0, parent[idx], out[idx])
-    return out.T
+    return out if nodes_first else out.T
 
 
 def subtree_logsumexp(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor,
@@ -198,6 +202,7 @@ class TreeTables(nn.Module):
         tables = {
             "paths": view.paths, "depth": view.depths, "parent": view.parent, "level_position": view.level_position,
             "leaf_mask": view.leaf_mask, "by_depth": by_depth, "tin": view.tin, "tout": view.tout, "lift": view.lift,
+            "height": np.asarray(taxonomy.heights, dtype=np.int64),
         }
         for name, t in tables.items():  # copies: in-place edits of a buffer must not reach the tree's view
             self.register_buffer(name, torch.as_tensor(t).clone(), persistent=False)
@@ -236,8 +241,8 @@ class TreeTables(nn.Module):
     def lca(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return lca(self.depth, self.lift, a, b)
 
-    def subtree_sum(self, x: torch.Tensor) -> torch.Tensor:
-        return subtree_sum(x, self.parent, self.by_depth, self.level_bounds)
+    def subtree_sum(self, x: torch.Tensor, nodes_first: bool = False) -> torch.Tensor:
+        return subtree_sum(x, self.parent, self.by_depth, self.level_bounds, nodes_first)
 
     def subtree_logsumexp(self, x: torch.Tensor) -> torch.Tensor:
         return subtree_logsumexp(x, self.parent, self.by_depth, self.level_bounds)
