@@ -25,7 +25,7 @@ def test_random_trees_have_2_to_12_children_per_inner_node_and_variable_depth(si
 def test_one_cell_runs_and_the_table_names_the_command():
     cell = scale.run_cell("random:40", "flat", steps=1, batch=2, threads=1)
     assert cell["nodes"] == 40 and cell["train_s"] > 0 and cell["predict_s"] > 0 and cell["peak_rss_mb"] > 0
-    args = argparse.Namespace(batch=2, threads=1, steps=1, cap_gb=6.0, timeout=120)
+    args = argparse.Namespace(batch=2, threads=1, steps=1, cap_gb=6.0, timeout=120, load=0.5)
     table = scale.render([("random 40", "flat", cell), ("random 40", "hiernet", {"error": "skipped: dense"})], args)
     assert table.startswith("## scale\n") and "python benchmarks/scale.py" in table
     assert "| random 40 | 40 |" in table and "skipped: dense" in table
