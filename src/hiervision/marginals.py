@@ -43,13 +43,6 @@ def _tables(tree: TreeView) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     return np.asarray(tree.parents, dtype=np.int64), tree.levels
 
 
-def _into_parents(values: np.ndarray, nodes: np.ndarray, parents: np.ndarray, num_nodes: int) -> np.ndarray:
-    """``(B, N+1)``: column p holds the sum of ``values`` ``(B, len(nodes))`` over the ``nodes`` whose parent is p."""
-    out = np.zeros((num_nodes, len(values)))
-    np.add.at(out, parents[nodes], np.asarray(values, dtype=np.float64).T)
-    return out.T
-
-
 def _view(tree) -> TreeView:
     """The torch-free view of a :class:`~hiervision.taxonomy.Taxonomy` (a TreeView stays as it is)."""
     return tree if isinstance(tree, TreeView) else tree.view
@@ -73,7 +66,7 @@ def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature
     s = np.clip(np.asarray(scores, dtype=np.float64), 0, 1).copy()
     s[:, 0] = 1.0  # the truth always lies under the root
     mask = tree.end_mask(ends)
-    child_sum = _into_parents(s[:, 1:], np.arange(1, tree.num_nodes), par, tree.num_nodes)
+    child_sum = tree.children_sum(s)
     if ends == "all":
         leaf = tree.end_mask("leaves")
         q = np.where(leaf, s, np.clip(s - child_sum, 0, None)) * mask
@@ -81,16 +74,16 @@ def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature
     n_leaves = tree.subtree_sum(mask[None].astype(np.float64))[0]  # (N+1,) leaves under each node
     rest = np.clip(s - child_sum, 0, None)
     unscored = s <= 0
-    n_unscored = _into_parents(unscored[:, 1:] * n_leaves[1:], np.arange(1, tree.num_nodes), par, tree.num_nodes)
+    n_unscored = tree.children_sum(unscored * n_leaves)
     m = np.zeros_like(s)
     m[:, 0] = 1.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        for idx in levels:  # top-down: a parent's final probability is known before its children's
+        for d, idx in enumerate(levels):  # top-down: a parent's final probability is known before its children's
             p = par[idx]
             u, nu, cs = rest[:, p], n_unscored[:, p], child_sum[:, p]
             w = s[:, idx] + np.where(unscored[:, idx], u * n_leaves[idx] / np.maximum(nu, 1), 0.0)
             w = w + np.where(nu > 0, 0.0, u * s[:, idx] / np.maximum(cs, 1e-12))
-            total = _into_parents(w, idx, par, tree.num_nodes)[:, p]
+            total = tree.children_sum(w, level=d)[:, p]
             share = np.where(total > 0, w / np.maximum(total, 1e-12), n_leaves[idx] / np.maximum(n_leaves[p], 1))
             m[:, idx] = m[:, p] * share
     q = m * mask
@@ -159,7 +152,7 @@ def temper_level(c: np.ndarray, stop: np.ndarray, tree, ends: str, level: int,
     par, levels = _tables(tree)
     kids, halts = levels[level - 1], _halts(tree, ends, level)
     ck, sk = c[:, kids] ** (1 / t), stop[:, halts] ** (1 / t)
-    z = _into_parents(ck, kids, par, tree.num_nodes)  # (B, N+1): each parent's sum over its children
+    z = tree.children_sum(ck, level=level - 1)  # (B, N+1): each parent's sum over its children
     z[:, halts] += sk
     with np.errstate(divide="ignore", invalid="ignore"):
         return (np.where(z[:, par[kids]] > 0, ck / z[:, par[kids]], 0.0),

@@ -200,23 +200,34 @@ class TreeView:
         return lowest_common_ancestor(a, b, self.depths, self.lift, np)
 
     @cached_property
-    def _groups(self) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]:
-        """Per level below depth 1, deepest first: (children sorted by parent, their parents, where each
-        parent's run starts), so a level's children add into their parents with one ``reduceat``."""
+    def _groups(self) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]:
+        """Per level (``levels`` order): (the order that sorts its nodes by parent, those nodes so sorted,
+        their distinct parents, where each parent's run starts), so a level's values add into their
+        parents with one ``reduceat``."""
         out = []
-        for idx in reversed(self.levels):
-            kids = idx[np.argsort(self.parent[idx], kind="stable")]
-            par = self.parent[kids]
+        for idx in self.levels:
+            order = np.argsort(self.parent[idx], kind="stable")
+            par = self.parent[idx[order]]
             starts = np.flatnonzero(np.r_[True, par[1:] != par[:-1]])
-            out.append((kids, par[starts], starts))
+            out.append((order, idx[order], par[starts], starts))
         return tuple(out)
 
     def subtree_sum(self, x: np.ndarray) -> np.ndarray:
         """``(B, N+1)`` values per node → each node's sum over its subtree (itself included; the root's
         column holds the row's total), bottom-up one level at a time: O(B·N), never a (N+1)² product."""
         out = np.array(x, copy=True)
-        for kids, par, starts in self._groups:
+        for _, kids, par, starts in reversed(self._groups):
             out[:, par] += np.add.reduceat(out[:, kids], starts, axis=1)
+        return out
+
+    def children_sum(self, x: np.ndarray, level: int | None = None) -> np.ndarray:
+        """``(B, N+1)`` float64: column p holds the sum of ``x`` over p's children (0 at leaves). ``x`` is
+        ``(B, N+1)`` values per node, or with ``level=d`` the ``(B, len(levels[d]))`` values of the nodes at
+        depth ``d + 1`` in ``levels[d]``'s order (then only their parents' columns are filled)."""
+        out = np.zeros((len(x), self.num_nodes))
+        for d in range(self.max_depth) if level is None else (level,):
+            order, kids, par, starts = self._groups[d]
+            out[:, par] = np.add.reduceat(x[:, kids] if level is None else x[:, order], starts, axis=1)
         return out
 
     def path_sum(self, x: np.ndarray) -> np.ndarray:
