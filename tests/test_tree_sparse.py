@@ -212,6 +212,10 @@ def test_view_sums_match_the_dense_products(tree):
     y = x.copy()
     y[:, 0] = 0
     assert np.allclose(tree.view.path_sum(x), y @ anc.T)
+    child_of = dense_transition_mask(tree, "leaves").numpy()[:, 1:].T.astype(np.float64)  # (N, N+1): [c, p]
+    assert np.allclose(tree.view.children_sum(x), x[:, 1:] @ child_of)
+    for d, idx in enumerate(tree.view.levels):
+        assert np.allclose(tree.view.children_sum(x[:, idx], level=d), x[:, idx] @ child_of[idx - 1])
 
 
 @trees
