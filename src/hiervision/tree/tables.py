@@ -186,12 +186,12 @@ def path_sum(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor, boun
 class TreeTables(nn.Module):
     """The tree's lookup tables as non-persistent buffers, for the per-step code of a model.
 
-    Every loss and decode reads some table (paths, ancestors, depths, where paths may end). As
-    buffers of the model they move once with ``model.to(device)`` instead of being copied from
-    the CPU on every call, and they stay out of ``state_dict`` (the tree is saved on its own).
-    The encoders never check label ids on the host (that check is a device→host sync per step);
-    labels are checked once, where the data set is read. Tables are bool/long, so
-    ``model.to(torch.float64)`` leaves them as they are.
+    Every loss and decode reads some table (paths, depths, depth-first intervals, the lifting table,
+    where paths may end), all O(N·depth) or less. As buffers of the model they move once with
+    ``model.to(device)`` instead of being copied from the CPU on every call, and they stay out of
+    ``state_dict`` (the tree is saved on its own). The encoders never check label ids on the host
+    (that check is a device→host sync per step); labels are checked once, where the data set is read.
+    Tables are bool/long, so ``model.to(torch.float64)`` leaves them as they are.
     """
 
     def __init__(self, taxonomy: Tree) -> None:
