@@ -339,3 +339,15 @@ def test_flat_matches_its_dense_class_paths(tree, end_nodes):
     assert torch.allclose(exported["scores"], probs @ class_paths.T.float(), atol=1e-6)
     dense_path = torch.log(probs @ F.one_hot(classes, tree.num_nodes).float())
     assert torch.equal(exported["path_logprob"], dense_path)
+
+
+@pytest.mark.parametrize("end_nodes", ["leaves", "all"])
+def test_flat_on_a_big_tree_holds_no_nodes_by_classes_table(end_nodes):
+    """Every buffer of a flat model is O(N·depth) (the (N+1)×C class-path table is gone), and it decodes."""
+    tree = random_tree(np.random.default_rng(7), 3_000, max_children=6)
+    model = create_model("flat", tree, backbone="resnet20", in_chans=1, end_nodes=end_nodes).eval()
+    bound = (tree.max_depth + 8) * tree.num_nodes  # paths (N+1)×D, the lifting table, a few vectors
+    assert all(b.numel() <= bound for _, b in model.named_buffers())
+    assert sum(b.numel() for _, b in model.named_buffers()) < 4 * bound
+    pred = model.decode({"logits": torch.randn(2, len(model.classes))})
+    assert torch.allclose(pred.scores[:, tree.children[0]].sum(1), torch.ones(2))
