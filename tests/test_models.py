@@ -192,8 +192,10 @@ def test_multi_label_models_keep_the_contract(name: str) -> None:
 def test_tree_tables_are_buffers_that_follow_the_model(name: str) -> None:
     model = build(name, FIXED)
     buffers = dict(model.named_buffers())
-    for table in ("paths", "ancestors", "depth", "parent", "leaf_mask", "child_of"):
+    for table in ("paths", "depth", "parent", "leaf_mask", "tin", "tout", "lift"):
         assert f"tables.{table}" in buffers
+    n = FIXED.num_nodes  # no dense (N+1)² table among them (trees reach 10^5 classes)
+    assert all(v.numel() < n * n for k, v in buffers.items() if k.startswith("tables."))
     before = {k: v.dtype for k, v in buffers.items() if k.startswith("tables.")}
     model.to(torch.float64)  # integer and bool tables keep their dtype; they move with the model
     assert {k: v.dtype for k, v in model.named_buffers() if k.startswith("tables.")} == before

@@ -681,7 +681,8 @@ def test_torch_tables_are_the_view_arrays(koo: Taxonomy) -> None:
         assert np.shares_memory(tensor.numpy(), array)
     tables = TreeTables(koo)
     for name, array in (("paths", view.paths), ("depth", view.depths), ("parent", view.parent),
-                        ("level_position", view.level_position), ("leaf_mask", view.leaf_mask)):
+                        ("level_position", view.level_position), ("leaf_mask", view.leaf_mask),
+                        ("tin", view.tin), ("tout", view.tout), ("lift", view.lift)):
         buffer = getattr(tables, name)
         assert np.array_equal(buffer.numpy(), array) and not np.shares_memory(buffer.numpy(), array)
     labels = torch.tensor([3, 7, 1])

@@ -5,7 +5,7 @@ method. Two decoders live here:
 
 * :func:`exact_best_path` — for heads whose per-node scores do not depend on earlier predictions
   (flat softmax, per-level heads, Koo's FPL outputs): the best *valid* path is found exactly by
-  summing log-probabilities along every root-to-node path, one matrix product.
+  summing log-probabilities along every root-to-node path, one level at a time (O(B·N)).
 * :func:`beam_search` — Koo et al.'s Algorithm 1 for decoders whose next step depends on what was
   predicted before (a seq2seq decoder fed its previous label): keep the ``k`` best partial paths,
   extend each only by children of its last node (or the end token where a path may stop).
@@ -16,6 +16,10 @@ Every function takes the tree as a :class:`~hiervision.taxonomy.Taxonomy` or as 
 :class:`~hiervision.taxonomy.TreeTables` (its buffers, already on the model's device: nothing is
 copied per call). Decoding sums log-probabilities of whole paths, so it runs in fp32 even inside
 autocast: with bf16's 8 mantissa bits near-tied paths would flip (:func:`full_precision`).
+
+Nothing here builds a (N+1)² table (trees reach 10^5 classes): "below a node" is a depth-first interval
+and "a child of the last node" a comparison with the parent ids. Only :func:`transition_mask`, kept for
+the heads that still register it as a buffer, is dense.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import torch
 from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy, TreeTables
 
 __all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "full_precision",
-           "last_node", "multi_label_prediction", "no_autocast", "path_scores", "prefix_logprob", "scheduled_feed",
-           "sequence_logprob", "threshold_paths", "transition_mask", "tree_tables"]
+           "last_node", "multi_label_prediction", "next_token_mask", "no_autocast", "path_scores", "prefix_logprob",
+           "scheduled_feed", "sequence_logprob", "threshold_paths", "transition_mask", "tree_tables"]
 
 Tree = Taxonomy | TreeTables
 
@@ -130,13 +134,11 @@ def end_mask(taxonomy: Tree, end_nodes: torch.Tensor | str | None = None) -> tor
 
 def prefix_logprob(taxonomy: Tree, node_logprob: torch.Tensor) -> torch.Tensor:
     """``(B, N+1)`` per-node log-probabilities → the summed log-probability of each root-to-node path
-    (fp32, whatever autocast says)."""
-    anc = tree_tables(taxonomy, node_logprob.device).ancestors
-    # -inf (probability 0) would turn 0·(-inf) into NaN in the product: a large finite floor is exact enough
+    (fp32, whatever autocast says; column 0, the root, is 0). Log-probabilities are floored at -1e4, so
+    a path through a node of probability 0 scores about -1e4 per such node, not -inf."""
     lp = node_logprob.float().clamp(min=-1e4)
-    lp[:, 0] = 0
     with no_autocast(lp.device):
-        return lp @ anc.T.float()
+        return tree_tables(taxonomy, lp.device).path_sum(lp)
 
 
 def exact_best_path(
@@ -172,18 +174,29 @@ def best_leaf_below(
     log-probabilities of whole root-to-node paths: ``(nodes, logprob)``. What conditioning on a known
     coarse label (Guo et al.'s CNN-RNN*) means for heads that score every path at once."""
     tables = tree_tables(taxonomy, given.device)
-    below = tables.ancestors[:, given].T & tables.leaf_mask
+    nodes = torch.arange(tables.taxonomy.num_nodes, device=given.device)
+    below = tables.is_ancestor(given.unsqueeze(1), nodes) & tables.leaf_mask  # (B, N+1): a depth-first interval
     lp, nodes = path_logprob.masked_fill(~below, float("-inf")).max(1)
     return nodes, lp
 
 
+def next_token_mask(tables: TreeTables, last: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``last.shape + (N+1,)`` bool: the tokens allowed after nodes ``last`` — their children (a comparison
+    with the parent ids, O(N) per node, no table) and :data:`~hiervision.taxonomy.EOS` where ``ends``
+    ``(N+1,)`` lets a path stop. What :func:`transition_mask`'s rows hold, for any tree size."""
+    mask = tables.parent == last.unsqueeze(-1)
+    mask[..., EOS] = ends[last]  # the root is its own parent in ``parent``: column 0 is set here instead
+    return mask
+
+
 def transition_mask(taxonomy: Tree, end_nodes: torch.Tensor | str | None = None) -> torch.Tensor:
     """``(N+1, N+1)`` bool: after node ``i`` the next token may be ``j`` (a child of ``i``, or
-    :data:`~hiervision.taxonomy.EOS` = 0 where a path may end at ``i``). Row 0 is the start (the root)."""
+    :data:`~hiervision.taxonomy.EOS` = 0 where a path may end at ``i``). Row 0 is the start (the root).
+
+    Dense: for small trees, and for the heads that still register it as a buffer (Guo's CNN-RNN and
+    DHNN, until they score over children). :func:`beam_search` uses :func:`next_token_mask` instead."""
     tables = tree_tables(taxonomy)
-    mask = tables.child_of.clone()
-    mask[:, EOS] = tables.end_mask(end_nodes)
-    return mask
+    return next_token_mask(tables, torch.arange(tables.taxonomy.num_nodes), tables.end_mask(end_nodes))
 
 
 def scheduled_feed(
@@ -253,8 +266,7 @@ def beam_search(
     tables = tree_tables(taxonomy, device)
     n = tables.taxonomy.num_nodes
     steps = max_steps if max_steps is not None else tables.taxonomy.max_depth + 1
-    trans = transition_mask(tables, end_nodes).to(device)
-    ends = trans[:, EOS]
+    ends = tables.end_mask(end_nodes).to(device)
     neg = torch.tensor(float("-inf"), device=device)
     scores = torch.full((batch_size, k), float("-inf"), device=device)
     scores[:, 0] = 0  # one live beam at the start: no duplicates
@@ -266,7 +278,7 @@ def beam_search(
     rows = torch.arange(batch_size, device=device).unsqueeze(1)
     for _ in range(steps):
         lp, state = step(last.reshape(-1), state)
-        lp = lp.float().view(batch_size, k, n).masked_fill(~trans[last], neg)
+        lp = lp.float().view(batch_size, k, n).masked_fill(~next_token_mask(tables, last, ends), neg)
         cand = scores.unsqueeze(2) + lp
         # a stopped beam has exactly one continuation: itself, unchanged
         stay = torch.full_like(cand, float("-inf"))

@@ -12,7 +12,10 @@
   positive node only through positive descendants.
 
 Classes are given as node ids (``classes`` ``(C,)``), so any head whose output is a softmax over a set
-of end classes can use the first two.
+of end classes can use the first two. Both cost O(B·C·log D) or O(B·N) per batch: LCAs come per target
+and class (binary lifting), node probabilities are summed up the tree level by level; no C×C or
+(N+1)×C table. ``taxonomy`` may be a model's :class:`~hiervision.taxonomy.TreeTables` (already on its
+device) or a :class:`~hiervision.taxonomy.Taxonomy`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hiervision.taxonomy import Taxonomy
+from hiervision.decoding import tree_tables
+from hiervision.taxonomy import PAD, Taxonomy, TreeTables
 
 __all__ = ["LOSS_TYPES", "check_loss_type", "chmcnn_loss", "hxe_loss", "max_constraint", "soft_label_loss",
            "soft_label_targets"]
@@ -36,48 +40,43 @@ def check_loss_type(loss_type: str, supported: tuple[str, ...], model: str) -> s
     return loss_type
 
 
-def _lca_height(taxonomy: Taxonomy, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(..)`` height of the lowest common ancestor of node ids ``a`` and ``b`` (broadcast)."""
-    pm = taxonomy.path_matrix.to(a.device)
-    pa, pb = pm[a], pm[b]
-    pa, pb = torch.broadcast_tensors(pa, pb)
-    shared = ((pa == pb) & (pa >= 0)).long().cumprod(-1).sum(-1)
-    lca = torch.where(shared > 0, pa.gather(-1, (shared - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1), 0)
-    return torch.tensor(taxonomy.heights, dtype=torch.float32, device=a.device)[lca]
-
-
-def soft_label_targets(taxonomy: Taxonomy, targets: torch.Tensor, classes: torch.Tensor, beta: float) -> torch.Tensor:
+def soft_label_targets(taxonomy: Taxonomy | TreeTables, targets: torch.Tensor, classes: torch.Tensor,
+                       beta: float) -> torch.Tensor:
     """``(B, C)`` soft labels ``∝ exp(−β·d)``, ``d = (h(lca(class, target)) − h(target)) / (h(root) − h(target))``.
 
     For a leaf target this is Bertinetto et al.'s LCA height over the tree's height; measuring from the
     target's own height keeps the target (and, for a coarse target, every class under it) at distance 0,
     so the same rule serves a head over one level of inner nodes."""
-    heights = torch.tensor(taxonomy.heights, dtype=torch.float32, device=targets.device)
+    tables = tree_tables(taxonomy, targets.device)
+    heights = tables.height.float()
     h_t = heights[targets].unsqueeze(1)
     span = (heights[0] - h_t).clamp(min=1)
-    d = (_lca_height(taxonomy, classes.unsqueeze(0), targets.unsqueeze(1)) - h_t).clamp(min=0) / span
+    lca = tables.lca(classes.unsqueeze(0), targets.unsqueeze(1))  # (B, C): one row per target, never C×C
+    d = (heights[lca] - h_t).clamp(min=0) / span
     return torch.softmax(-beta * d, dim=1)
 
 
-def soft_label_loss(logp: torch.Tensor, targets: torch.Tensor, classes: torch.Tensor, taxonomy: Taxonomy,
-                    beta: float) -> torch.Tensor:
+def soft_label_loss(logp: torch.Tensor, targets: torch.Tensor, classes: torch.Tensor,
+                    taxonomy: Taxonomy | TreeTables, beta: float) -> torch.Tensor:
     """Cross-entropy of ``(B, C)`` class log-probabilities against :func:`soft_label_targets`."""
     y = soft_label_targets(taxonomy, targets, classes.to(logp.device), beta)
     return -(y * logp.clamp(min=-1e4)).sum(1).mean()
 
 
-def hxe_loss(logp: torch.Tensor, targets: torch.Tensor, classes: torch.Tensor, taxonomy: Taxonomy,
+def hxe_loss(logp: torch.Tensor, targets: torch.Tensor, classes: torch.Tensor, taxonomy: Taxonomy | TreeTables,
              alpha: float) -> torch.Tensor:
     """Hierarchical cross-entropy from ``(B, C)`` class log-probabilities; inner (coarse) targets sum
     over their own path only."""
-    anc = taxonomy.ancestor_matrix.to(logp.device)
-    under = anc[classes.to(logp.device)].T  # (N+1, C): class c lies under node n
-    node_lp = torch.logsumexp(logp.unsqueeze(1).masked_fill(~under.unsqueeze(0), float("-inf")), dim=2)
+    tables = tree_tables(taxonomy, logp.device)
+    on_nodes = logp.new_full((len(logp), tables.taxonomy.num_nodes), float("-inf"))
+    on_nodes = on_nodes.index_copy(1, classes.to(logp.device), logp)
+    node_lp = tables.subtree_logsumexp(on_nodes)  # (B, N+1): log-probability that the truth lies under n
     node_lp = torch.cat([torch.zeros_like(node_lp[:, :1]), node_lp[:, 1:]], 1)  # the root holds all the mass
-    parents = taxonomy.parent_tensor.to(logp.device)
-    cond = (node_lp - node_lp[:, parents.clamp(min=0)]).clamp(min=-1e4)  # log p(v | parent v)
-    weight = torch.exp(-alpha * torch.tensor(taxonomy.heights, dtype=logp.dtype, device=logp.device))
-    on_path = anc[targets].float()  # (B, N+1), root column is False
+    path = tables.paths[targets]  # (B, D): the target's path, PAD after its end
+    on_path = path != PAD
+    path = path.clamp(min=0)
+    cond = (node_lp.gather(1, path) - node_lp.gather(1, tables.parent[path])).clamp(min=-1e4)  # log p(v | parent v)
+    weight = torch.exp(-alpha * tables.height[path].to(logp.dtype))
     return -(cond * weight * on_path).sum(1).mean()
 
 

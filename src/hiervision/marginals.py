@@ -4,7 +4,8 @@ The one implementation of the probability side of :mod:`hiervision.decisions`: t
 there call these, and the PyTorch-free runtime (``predict``, the server, an exported ``.onnx``) uses
 them to apply a run's calibration temperature, so a probability means the same thing in ``evaluate``
 and in a prediction record. Needs numpy only; ``tree`` is a :class:`~hiervision.taxonomy.Taxonomy`
-or a :class:`~hiervision.records.TreeView`.
+or a :class:`~hiervision.records.TreeView`. Everything is O(B·N): sums over subtrees and into parents
+go level by level (:meth:`~hiervision.tree.view.TreeView.subtree_sum`), never through a (N+1)² table.
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ def is_identity(temperature) -> bool:
 
 
 @lru_cache(maxsize=16)
-def _tables(tree: TreeView) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
-    """``(parents, ancestors, levels)``: ``ancestors[n, m]`` is true when m is n or an ancestor of n
-    (the root excluded); ``levels[d]`` the node ids at depth ``d + 1``."""
-    return np.asarray(tree.parents, dtype=np.int64), tree.ancestors, tree.levels
+def _tables(tree: TreeView) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """``(parents, levels)``: parent ids (the root's -1) and ``levels[d]``, the node ids at depth ``d + 1``."""
+    return np.asarray(tree.parents, dtype=np.int64), tree.levels
 
 
 def _view(tree) -> TreeView:
@@ -62,33 +62,28 @@ def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature
     (:func:`apply_temperature`).
     """
     tree = _view(tree)
-    par, anc, levels = _tables(tree)
+    par, levels = _tables(tree)
     s = np.clip(np.asarray(scores, dtype=np.float64), 0, 1).copy()
     s[:, 0] = 1.0  # the truth always lies under the root
     mask = tree.end_mask(ends)
-    child_sum = np.zeros_like(s)
-    np.add.at(child_sum.T, par[1:], s[:, 1:].T)
+    child_sum = tree.children_sum(s)
     if ends == "all":
         leaf = tree.end_mask("leaves")
         q = np.where(leaf, s, np.clip(s - child_sum, 0, None)) * mask
         return apply_temperature(q / np.clip(q.sum(1, keepdims=True), 1e-12, None), temperature, tree, ends)
-    n_leaves = (anc & mask[:, None]).sum(0).astype(np.float64)  # (N+1,) leaves under each node
-    n_leaves[0] = mask.sum()
+    n_leaves = tree.subtree_sum(mask[None].astype(np.float64))[0]  # (N+1,) leaves under each node
     rest = np.clip(s - child_sum, 0, None)
     unscored = s <= 0
-    n_unscored = np.zeros_like(s)
-    np.add.at(n_unscored.T, par[1:], (unscored[:, 1:] * n_leaves[1:]).T)
+    n_unscored = tree.children_sum(unscored * n_leaves)
     m = np.zeros_like(s)
     m[:, 0] = 1.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        for idx in levels:  # top-down: a parent's final probability is known before its children's
+        for d, idx in enumerate(levels):  # top-down: a parent's final probability is known before its children's
             p = par[idx]
             u, nu, cs = rest[:, p], n_unscored[:, p], child_sum[:, p]
             w = s[:, idx] + np.where(unscored[:, idx], u * n_leaves[idx] / np.maximum(nu, 1), 0.0)
             w = w + np.where(nu > 0, 0.0, u * s[:, idx] / np.maximum(cs, 1e-12))
-            total = np.zeros_like(s)
-            np.add.at(total.T, p, w.T)
-            total = total[:, p]
+            total = tree.children_sum(w, level=d)[:, p]
             share = np.where(total > 0, w / np.maximum(total, 1e-12), n_leaves[idx] / np.maximum(n_leaves[p], 1))
             m[:, idx] = m[:, p] * share
     q = m * mask
@@ -128,7 +123,7 @@ def conditionals(q: np.ndarray, tree, ends: str = "leaves") -> tuple[np.ndarray,
     ``stop[:, u]`` (``ends="all"``, inner u) that the truth is u itself given that it lies under u. Along a
     path their product gives ``q`` back, and each sibling group (with its parent's stop) sums to 1."""
     tree = _view(tree)
-    par, _, _ = _tables(tree)
+    par, _ = _tables(tree)
     m = node_marginals(q, tree)
     with np.errstate(divide="ignore", invalid="ignore"):
         c = np.where(m[:, par] > 0, m / m[:, par], 0.0)
@@ -154,10 +149,10 @@ def temper_level(c: np.ndarray, stop: np.ndarray, tree, ends: str, level: int,
     to ``1/t`` and renormalised within each sibling group. Returns the two tempered blocks: columns
     ``tree``'s nodes at depth ``level``, and the inner ends at depth ``level - 1`` (``ends="all"``)."""
     tree = _view(tree)
-    par, _, levels = _tables(tree)
+    par, levels = _tables(tree)
     kids, halts = levels[level - 1], _halts(tree, ends, level)
     ck, sk = c[:, kids] ** (1 / t), stop[:, halts] ** (1 / t)
-    z = ck @ (par[kids][:, None] == np.arange(tree.num_nodes)).astype(np.float64)  # (B, N+1) per parent
+    z = tree.children_sum(ck, level=level - 1)  # (B, N+1): each parent's sum over its children
     z[:, halts] += sk
     with np.errstate(divide="ignore", invalid="ignore"):
         return (np.where(z[:, par[kids]] > 0, ck / z[:, par[kids]], 0.0),
@@ -165,7 +160,7 @@ def temper_level(c: np.ndarray, stop: np.ndarray, tree, ends: str, level: int,
 
 
 def _apply_level_temperature(q: np.ndarray, temps: tuple[float, ...], tree: TreeView, ends: str) -> np.ndarray:
-    par, _, levels = _tables(tree)
+    par, levels = _tables(tree)
     if len(temps) != tree.max_depth:
         raise ValueError(f"a per-level temperature needs one value per level ({tree.max_depth}), got {len(temps)}")
     c, stop = conditionals(q, tree, ends)
@@ -181,8 +176,4 @@ def _apply_level_temperature(q: np.ndarray, temps: tuple[float, ...], tree: Tree
 def node_marginals(q: np.ndarray, tree) -> np.ndarray:
     """``(B, N+1)`` probability that the truth lies under (or at) each node; the root's column is the
     row's total (1). Coherent by construction: a parent is never below its child."""
-    _, anc, _ = _tables(_view(tree))
-    q = np.asarray(q, dtype=np.float64)
-    m = q @ anc
-    m[:, 0] = q.sum(1)
-    return m
+    return _view(tree).subtree_sum(np.asarray(q, dtype=np.float64))

@@ -2,6 +2,10 @@
 
 Its single prediction becomes a path through the taxonomy (the ancestors of the predicted class),
 so every hierarchical metric applies; that implied path is Koo et al.'s Remark 1 convention.
+
+No table here grows with nodes × classes (trees reach 10^5 classes): node marginals are the class
+probabilities summed up the tree level by level, and "the classes below a node" is the depth-first
+interval of that node, compared with each class's preorder position.
 """
 
 from __future__ import annotations
@@ -56,8 +60,6 @@ class FlatClassifier(HierarchicalClassifier):
         self.end_nodes = end_nodes
         classes = list(range(1, taxonomy.num_nodes)) if end_nodes == "all" or multi_label else list(taxonomy.leaves)
         self.register_buffer("classes", torch.tensor(classes), persistent=False)
-        # (N+1, C): node n lies on the path of class c
-        self.register_buffer("class_paths", taxonomy.ancestor_matrix[classes].T.contiguous(), persistent=False)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(self.backbone.num_features, len(classes))
 
@@ -82,7 +84,7 @@ class FlatClassifier(HierarchicalClassifier):
         if self.end_nodes == "all":
             # every node is its own class: an inner target means "the path ends here"
             return F.nll_loss(logp, targets - 1)
-        allowed = self.class_paths[targets]  # (B, C): leaves below (or equal to) the target
+        allowed = self._below(targets)  # (B, C): leaves below (or equal to) the target
         return -torch.logsumexp(logp.masked_fill(~allowed, float("-inf")), dim=1).mean()
 
     @full_precision
@@ -100,7 +102,7 @@ class FlatClassifier(HierarchicalClassifier):
         """The most probable class on a path through ``given`` (its descendants, or itself)."""
         if self.multi_label:
             return super().decode_given(outputs, given)
-        allowed = self.class_paths[given]  # (B, C): classes whose path passes through the given node
+        allowed = self._below(given)  # (B, C): classes whose path passes through the given node
         return self._best_class(outputs["logits"].float().softmax(1), allowed)
 
     def decoder_settings(self) -> dict:
@@ -111,11 +113,27 @@ class FlatClassifier(HierarchicalClassifier):
         if self.multi_label:
             return self._multi_label_outputs(F.pad(torch.sigmoid(logits), (1, 0)))
         probs = logits.softmax(1)
-        onehot = F.one_hot(self.classes, self.taxonomy.num_nodes).float()  # class c → its node
-        return {"scores": probs @ self.class_paths.T.float(), "path_logprob": torch.log(probs @ onehot)}
+        return {"scores": self._marginals(probs), "path_logprob": torch.log(self._node_rows(probs)).T}
+
+    def _node_rows(self, probs: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` class values → ``(N+1, B)``: row n holds class n's values, 0 where n is no class.
+        Nodes first, so placing the classes and summing them up the tree move whole rows (no column scatter)."""
+        rows = probs.new_zeros(self.taxonomy.num_nodes, len(probs))
+        return rows.index_copy_(0, self.classes, probs.T.contiguous())
+
+    def _marginals(self, probs: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` class probabilities → ``(B, N+1)`` marginal probability of every node (column 0: 0),
+        summed up the tree one level at a time: O(B·N), no (N+1)×C product."""
+        rows = self.tables.subtree_sum(self._node_rows(probs), nodes_first=True)
+        rows[0] = 0
+        return rows.T
+
+    def _below(self, nodes: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` node ids → ``(B, C)`` bool: class c lies at or below the node (its depth-first interval)."""
+        return self.tables.is_ancestor(nodes.unsqueeze(1), self.classes)
 
     def _best_class(self, probs: torch.Tensor, allowed: torch.Tensor | None = None) -> Prediction:
-        scores = probs @ self.class_paths.T.to(probs.dtype)  # marginal probability of every node
+        scores = self._marginals(probs)
         best_prob, best = (probs if allowed is None else probs.masked_fill(~allowed, 0)).max(1)
         nodes = self.classes[best]
         return Prediction(self.tables.paths[nodes], scores, best_prob)

@@ -6,8 +6,11 @@ functions here that a :class:`~hiervision.taxonomy.Taxonomy` caches (``path_matr
 encoders are written once, on plain tensors, and used by both: a taxonomy checks label ids first
 (one host sync), a model's tables do not (labels were checked where the data set was read).
 
-Tables are O(N·depth) except two dense (N+1)² ones that decoding still reads (``ancestor_matrix``,
-``TreeTables.child_of``); they are built only where used.
+Tables are O(N·depth) or less (trees reach 10^5 classes): ancestry is a comparison of depth-first
+intervals (``tin`` / ``tout``), the LCA a binary-lifting walk (:func:`lca`), and sums over subtrees or
+along paths go level by level (:func:`subtree_sum`, :func:`subtree_logsumexp`, :func:`path_sum`).
+:func:`ancestor_matrix`, the dense (N+1)² table, is for small trees and tests only (an oracle, and what
+the decision rules not yet rewritten read); no model or decoder builds it.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from torch import nn
 
 from hiervision.tree import EOS, IGNORE, PAD
 from hiervision.tree.core import Tree
+from hiervision.tree.view import lowest_common_ancestor
 
 __all__ = [
     "TreeTables", "ancestor_matrix", "close_upwards", "depth_tensor", "encode_level_positions", "encode_levels",
-    "encode_onehot", "encode_paths", "encode_sequence", "level_position", "levels_by_depth", "parent_tensor",
-    "path_ends", "path_matrix",
+    "encode_onehot", "encode_paths", "encode_sequence", "is_ancestor", "lca", "level_position", "levels_by_depth",
+    "parent_tensor", "path_ends", "path_matrix", "path_sum", "subtree_logsumexp", "subtree_sum",
 ]
 
 
@@ -50,7 +54,9 @@ def level_position(tree: Tree) -> torch.Tensor:
 
 
 def ancestor_matrix(tree: Tree) -> torch.Tensor:
-    """``(N+1, N+1)`` bool: ``A[n, m]`` is true when m is n or an ancestor of n (root excluded). Dense."""
+    """``(N+1, N+1)`` bool: ``A[n, m]`` is true when m is n or an ancestor of n (root excluded).
+
+    Dense: small trees and tests only (see the module's docstring)."""
     return torch.from_numpy(tree.view.ancestors)
 
 
@@ -119,33 +125,87 @@ def path_ends(closed: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     return ends
 
 
+# ---------------------------------------------------------------------- tree algorithms on tensors, O(B·N) each
+def is_ancestor(tin: torch.Tensor, tout: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bool (broadcast over id tensors): ``u`` is ``v`` or one of its ancestors (the root is everyone's)."""
+    tv = tin[v]
+    return (tin[u] <= tv) & (tv < tout[u])
+
+
+def lca(depth: torch.Tensor, lift: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Lowest common ancestor of node id tensors ``a`` and ``b`` (broadcast), by binary lifting:
+    O(log D) gathers per pair, so a ``(B, C)`` grid of pairs costs O(B·C·log D), not a (N+1)² table."""
+    a, b = torch.broadcast_tensors(a, b)
+    return lowest_common_ancestor(a, b, depth, lift, torch)
+
+
+def _levels(by_depth: torch.Tensor, bounds: Sequence[int], deepest_first: bool):
+    order = range(len(bounds) - 2, -1, -1) if deepest_first else range(len(bounds) - 1)
+    return (by_depth[bounds[d] : bounds[d + 1]] for d in order)
+
+
+def subtree_sum(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor, bounds: Sequence[int],
+                nodes_first: bool = False) -> torch.Tensor:
+    """``(B, N+1)`` values per node → each node's sum over its subtree (itself included; column 0 holds
+    the row's total): children add into their parents one level at a time, deepest first. O(B·N).
+
+    The sums run on a ``(N+1, B)`` copy (a level's rows add into their parents' rows, contiguous); with
+    ``nodes_first`` ``x`` is already laid out so, and the result is too (no transposing copy at big N)."""
+    out = x.clone() if nodes_first else x.T.contiguous()
+    for idx in _levels(by_depth, bounds, deepest_first=True):
+        out.index_add_(0, parent[idx], out[idx])
+    return out if nodes_first else out.T
+
+
+def subtree_logsumexp(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor,
+                      bounds: Sequence[int]) -> torch.Tensor:
+    """:func:`subtree_sum` in log space: ``log Σ exp(x)`` over each node's subtree, shifted by the largest
+    term per node, so tiny probabilities (log-probabilities below -87 in fp32) keep their exact logs."""
+    out = x.T.contiguous()
+    for idx in _levels(by_depth, bounds, deepest_first=True):
+        p = parent[idx]
+        up = torch.unique(p)  # only the parents change: no exp/log of the -inf of nodes with nothing below yet
+        shift = out.detach().scatter_reduce(0, p.unsqueeze(1).expand(-1, out.shape[1]), out[idx].detach(), "amax")
+        shift = shift.masked_fill(~torch.isfinite(shift), 0)
+        kids = torch.zeros_like(out).index_add(0, p, (out[idx] - shift[p]).exp())
+        total = kids[up] + (out[up] - shift[up]).exp()
+        out = out.index_copy(0, up, total.log() + shift[up])
+    return out.T
+
+
+def path_sum(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
+    """``(B, N+1)`` values per node → each node's sum along its path from depth 1 (column 0 is 0): every
+    level adds its parents' finished sums, top-down. O(B·N), not a product with a (N+1)² table."""
+    out = x.T.contiguous()
+    out[0] = 0
+    for idx in list(_levels(by_depth, bounds, deepest_first=False))[1:]:
+        out.index_add_(0, idx, out[parent[idx]])
+    return out.T
+
+
 class TreeTables(nn.Module):
     """The tree's lookup tables as non-persistent buffers, for the per-step code of a model.
 
-    Every loss and decode reads some table (paths, ancestors, depths, where paths may end). As
-    buffers of the model they move once with ``model.to(device)`` instead of being copied from
-    the CPU on every call, and they stay out of ``state_dict`` (the tree is saved on its own).
-    The encoders never check label ids on the host (that check is a device→host sync per step);
-    labels are checked once, where the data set is read. Tables are bool/long, so
-    ``model.to(torch.float64)`` leaves them as they are.
+    Every loss and decode reads some table (paths, depths, depth-first intervals, the lifting table,
+    where paths may end), all O(N·depth) or less. As buffers of the model they move once with
+    ``model.to(device)`` instead of being copied from the CPU on every call, and they stay out of
+    ``state_dict`` (the tree is saved on its own). The encoders never check label ids on the host
+    (that check is a device→host sync per step); labels are checked once, where the data set is read.
+    Tables are bool/long, so ``model.to(torch.float64)`` leaves them as they are.
     """
 
     def __init__(self, taxonomy: Tree) -> None:
         super().__init__()
         self.taxonomy = taxonomy
         view = taxonomy.view
-        n = taxonomy.num_nodes
-        child_of = torch.zeros(n, n, dtype=torch.bool)  # [i, j]: j is a child of i
-        child_of[torch.from_numpy(view.parent[1:]), torch.arange(1, n)] = True
         by_depth, self.level_bounds = levels_by_depth(taxonomy)
         tables = {
-            "paths": torch.from_numpy(view.paths), "ancestors": ancestor_matrix(taxonomy),
-            "depth": torch.from_numpy(view.depths), "parent": torch.from_numpy(view.parent),
-            "level_position": torch.from_numpy(view.level_position), "leaf_mask": torch.from_numpy(view.leaf_mask),
-            "child_of": child_of, "by_depth": by_depth,
+            "paths": view.paths, "depth": view.depths, "parent": view.parent, "level_position": view.level_position,
+            "leaf_mask": view.leaf_mask, "by_depth": by_depth, "tin": view.tin, "tout": view.tout, "lift": view.lift,
+            "height": np.asarray(taxonomy.heights, dtype=np.int64),
         }
-        for name, t in tables.items():  # clones: in-place edits of a buffer must not reach the tree's view
-            self.register_buffer(name, t.clone(), persistent=False)
+        for name, t in tables.items():  # copies: in-place edits of a buffer must not reach the tree's view
+            self.register_buffer(name, torch.as_tensor(t).clone(), persistent=False)
 
     def end_mask(self, end_nodes: torch.Tensor | str | None = None) -> torch.Tensor:
         """``(N+1,)`` bool where a path may stop (see :func:`hiervision.decoding.end_mask`)."""
@@ -174,3 +234,18 @@ class TreeTables(nn.Module):
 
     def close_upwards(self, marks: torch.Tensor) -> torch.Tensor:
         return close_upwards(marks, self.parent, self.by_depth, self.level_bounds)
+
+    def is_ancestor(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return is_ancestor(self.tin, self.tout, u, v)
+
+    def lca(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return lca(self.depth, self.lift, a, b)
+
+    def subtree_sum(self, x: torch.Tensor, nodes_first: bool = False) -> torch.Tensor:
+        return subtree_sum(x, self.parent, self.by_depth, self.level_bounds, nodes_first)
+
+    def subtree_logsumexp(self, x: torch.Tensor) -> torch.Tensor:
+        return subtree_logsumexp(x, self.parent, self.by_depth, self.level_bounds)
+
+    def path_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return path_sum(x, self.parent, self.by_depth, self.level_bounds)

@@ -3,7 +3,12 @@
 Torch-free on purpose: the ONNX runtime and the server read ``taxonomy.json`` into a :class:`TreeView`
 without PyTorch, and :class:`~hiervision.tree.core.Tree` keeps one as its ``view``, from which the
 torch tables (:mod:`hiervision.tree.tables`) are made without another copy of the same walk.
-Every array is O(N·depth) but :attr:`TreeView.ancestors`, the one dense (N+1)² table, built on demand.
+
+Every array is O(N·depth) or less, so trees of 10^5 classes fit: "u is an ancestor of v" is a
+comparison of depth-first intervals (:attr:`TreeView.tin` / :attr:`TreeView.tout`), the lowest common
+ancestor comes from a binary-lifting table (:meth:`TreeView.lca`), and sums over subtrees or along paths
+run level by level (:meth:`TreeView.subtree_sum`, :meth:`TreeView.path_sum`). The one dense (N+1)²
+table, :attr:`TreeView.ancestors`, is an oracle for small trees and tests only, built on demand.
 """
 
 from __future__ import annotations
@@ -20,7 +25,23 @@ import numpy as np
 
 from hiervision.tree import PAD
 
-__all__ = ["TreeView"]
+__all__ = ["TreeView", "lowest_common_ancestor"]
+
+
+def lowest_common_ancestor(a, b, depth, lift, xp):
+    """LCA of same-shaped id arrays by binary lifting: lift the deeper node by the depth difference, one
+    bit at a time, then lift both while their ancestors differ. ``xp`` is numpy or torch (the torch
+    tables call this too), with ``depth`` ``(N+1,)`` and ``lift`` ``(K, N+1)`` arrays of that library."""
+    swap = depth[a] < depth[b]
+    a, b = xp.where(swap, b, a), xp.where(swap, a, b)  # a is now the deeper one
+    diff = depth[a] - depth[b]
+    for k in range(lift.shape[0]):
+        a = xp.where(((diff >> k) & 1) == 1, lift[k][a], a)
+    for k in range(lift.shape[0] - 1, -1, -1):
+        ua, ub = lift[k][a], lift[k][b]
+        move = ua != ub
+        a, b = xp.where(move, ua, a), xp.where(move, ub, b)
+    return xp.where(a == b, a, lift[0][a])
 
 
 @dataclass(frozen=True)
@@ -132,12 +153,98 @@ class TreeView:
     def ancestors(self) -> np.ndarray:
         """``(N+1, N+1)`` bool: ``A[n, m]`` is true when m is n or an ancestor of n (root excluded).
 
-        Dense, so built only where a decoder or marginal still reads it; everything else here is O(N·D).
+        Dense: for small trees and tests only (the oracle the O(N·D) code here is checked against, and
+        what the decision rules not yet rewritten read). Nothing on a model's path builds it.
         """
         a = np.zeros((self.num_nodes, self.num_nodes), dtype=bool)
         rows, cols = np.nonzero(self.paths != PAD)
         a[rows, self.paths[rows, cols]] = True
         return a
+
+    @cached_property
+    def _euler(self) -> tuple[np.ndarray, np.ndarray]:
+        order, stack = [], [0]  # preorder, children in id order: one iterative walk, any depth
+        while stack:
+            v = stack.pop()
+            order.append(v)
+            stack.extend(reversed(self.children[v]))
+        tin = np.empty(self.num_nodes, dtype=np.int64)
+        tin[np.asarray(order, dtype=np.int64)] = np.arange(self.num_nodes)
+        return tin, tin + self.subtree_sum(np.ones((1, self.num_nodes), dtype=np.int64))[0]
+
+    @property
+    def tin(self) -> np.ndarray:
+        """``(N+1,)`` preorder position of every node (children in id order; root 0). A subtree is the
+        contiguous block ``tin[u] <= tin[v] < tout[u]``, so any set of nodes sorted by ``tin`` lists the
+        members under one node as one range."""
+        return self._euler[0]
+
+    @property
+    def tout(self) -> np.ndarray:
+        """``(N+1,)`` one past the last preorder position in each node's subtree (``tin`` + its size)."""
+        return self._euler[1]
+
+    def is_ancestor(self, u, v) -> np.ndarray:
+        """Bool (broadcast over id arrays): ``u`` is ``v`` or one of its ancestors (the root is everyone's)."""
+        tin, tout = self._euler
+        u, v = np.asarray(u), np.asarray(v)
+        return (tin[u] <= tin[v]) & (tin[v] < tout[u])
+
+    @cached_property
+    def lift(self) -> np.ndarray:
+        """``(K, N+1)`` binary-lifting table: ``lift[k, v]`` is v's ancestor ``2^k`` levels up (the root
+        stays the root), ``K = max(1, ⌈log2(D + 1)⌉)``: O(N log D) memory for O(log D) LCA queries."""
+        k = max(1, int(self.max_depth).bit_length())
+        up = np.empty((k, self.num_nodes), dtype=np.int64)
+        up[0] = self.parent
+        for i in range(1, k):
+            up[i] = up[i - 1][up[i - 1]]
+        return up
+
+    def lca(self, a, b) -> np.ndarray:
+        """Lowest common ancestor of node id arrays ``a`` and ``b`` (broadcast; 0 when only the root is shared)."""
+        a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+        return lowest_common_ancestor(a, b, self.depths, self.lift, np)
+
+    @cached_property
+    def _groups(self) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]:
+        """Per level (``levels`` order): (the order that sorts its nodes by parent, those nodes so sorted,
+        their distinct parents, where each parent's run starts), so a level's values add into their
+        parents with one ``reduceat``."""
+        out = []
+        for idx in self.levels:
+            order = np.argsort(self.parent[idx], kind="stable")
+            par = self.parent[idx[order]]
+            starts = np.flatnonzero(np.r_[True, par[1:] != par[:-1]])
+            out.append((order, idx[order], par[starts], starts))
+        return tuple(out)
+
+    def subtree_sum(self, x: np.ndarray) -> np.ndarray:
+        """``(B, N+1)`` values per node → each node's sum over its subtree (itself included; the root's
+        column holds the row's total), bottom-up one level at a time: O(B·N), never a (N+1)² product."""
+        out = np.array(x, copy=True)
+        for _, kids, par, starts in reversed(self._groups):
+            out[:, par] += np.add.reduceat(out[:, kids], starts, axis=1)
+        return out
+
+    def children_sum(self, x: np.ndarray, level: int | None = None) -> np.ndarray:
+        """``(B, N+1)`` float64: column p holds the sum of ``x`` over p's children (0 at leaves). ``x`` is
+        ``(B, N+1)`` values per node, or with ``level=d`` the ``(B, len(levels[d]))`` values of the nodes at
+        depth ``d + 1`` in ``levels[d]``'s order (then only their parents' columns are filled)."""
+        out = np.zeros((len(x), self.num_nodes))
+        for d in range(self.max_depth) if level is None else (level,):
+            order, kids, par, starts = self._groups[d]
+            out[:, par] = np.add.reduceat(x[:, kids] if level is None else x[:, order], starts, axis=1)
+        return out
+
+    def path_sum(self, x: np.ndarray) -> np.ndarray:
+        """``(B, N+1)`` values per node → each node's sum along its path from depth 1 (the root's own
+        value left out, its column 0), top-down one level at a time."""
+        out = np.array(x, copy=True)
+        out[:, 0] = 0
+        for idx in self.levels[1:]:
+            out[:, idx] += out[:, self.parent[idx]]
+        return out
 
     @cached_property
     def leaf_mask(self) -> np.ndarray:

@@ -1,0 +1,224 @@
+"""Large taxonomies (issue 23): train step, predict and peak memory of each head on trees of 10^3 to 10^5 nodes.
+
+Random variable-depth trees (every inner node has 2–12 children; the node that gets the next children is
+drawn at random from the open ones, so leaves sit at many depths) and the WordNet tree (all synsets, built
+by ``hiervision taxonomy build --from wordnet``: a synset with several hypernyms keeps the deepest, single-child
+chains are collapsed). resnet20 at 32×32, batch 64, random images; one process per (tree, model) cell, under
+an address-space cap, so one cell's memory never counts toward another's; median of ``--steps`` steps after a
+warm-up step; the peak RSS is the cell process's own ``ru_maxrss``.
+
+    python benchmarks/scale.py                              # the default grid, prints a table
+    python benchmarks/scale.py --write                      # ... and puts it in RESULTS.md § scale
+    python benchmarks/scale.py --sizes 420 45000 --models flat
+    python benchmarks/scale.py --cell random:1000 flat      # one cell, one JSON line (what the grid runs)
+
+Heads whose tables are still dense (N+1)² (Guo's and DHNN's transition masks, HierNet's one branch per inner
+node) run only on trees up to ``--dense-max`` nodes; bigger cells are listed as skipped, not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BREEDS = ROOT.parent / "shared" / "data" / "imagenet" / "breeds" / "wordnet"
+SIZES = (420, 1_000, 10_000, 45_000, 100_000)
+MODELS = ("flat", "guo_rnn", "dhnn_s2s", "hiernet")
+#: what a head needs besides the defaults at 32×32 (DHNN's default pooling conversion needs bigger maps)
+HEAD_KWARGS = {"dhnn_s2s": {"conversion": "linear"}}
+#: why a head is not run above ``--dense-max`` nodes yet (issue 23's next phase)
+NOT_YET = {"guo_rnn": "its (N+1)² transition mask and decoder steps over all N nodes",
+           "dhnn_s2s": "its (N+1)² transition mask and decoder steps over all N nodes",
+           "hiernet": "one branch per inner node"}
+
+
+def random_tree(num_nodes: int, seed: int = 0, min_children: int = 2, max_children: int = 12):
+    """A random tree of about ``num_nodes`` nodes (root included) whose inner nodes have 2–12 children."""
+    import numpy as np
+
+    from hiervision.taxonomy import Taxonomy
+
+    rng = np.random.default_rng(seed)
+    parents, open_nodes = [-1], [0]
+    while len(parents) < num_nodes:
+        at = int(rng.integers(len(open_nodes)))
+        v = open_nodes[at]
+        open_nodes[at] = open_nodes[-1]  # leaves the open list (swap-remove): it gets all its children now
+        open_nodes.pop()
+        k = min(int(rng.integers(min_children, max_children + 1)), max(num_nodes - len(parents), min_children))
+        open_nodes.extend(range(len(parents), len(parents) + k))
+        parents.extend([v] * k)
+    return Taxonomy(["root"] + [f"c{i}" for i in range(1, len(parents))], parents)
+
+
+def load_tree(spec: str):
+    from hiervision.taxonomy import Taxonomy
+
+    kind, _, arg = spec.partition(":")
+    if kind == "random":
+        return random_tree(int(arg))
+    if kind == "json":
+        return Taxonomy.load(arg)
+    raise ValueError(f"tree spec {spec!r}: expected random:N or json:PATH")
+
+
+def run_cell(tree_spec: str, model_name: str, steps: int, batch: int, threads: int) -> dict:
+    """One cell, in this process: build, warm up, time; returns what the table shows."""
+    import torch
+
+    from hiervision.models import create_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tax = load_tree(tree_spec)
+    model = create_model(model_name, tax, backbone="resnet20", in_chans=3, image_size=32,
+                         **HEAD_KWARGS.get(model_name, {}))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images = torch.randn(batch, 3, 32, 32)
+    leaves = torch.tensor(tax.leaves)
+    targets = leaves[torch.randint(len(leaves), (batch,))]
+
+    def train_step() -> None:
+        model.train()
+        loss = model.loss(model(images), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def timed(fn) -> float:
+        fn()  # warm-up, untimed
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    train = timed(train_step)
+    predict = timed(lambda: model.predict(images))
+    return {"nodes": tax.num_nodes, "leaves": len(tax.leaves), "depth": tax.max_depth, "train_s": train,
+            "predict_s": predict, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def spawn(tree_spec: str, model_name: str, args) -> dict:
+    """Run one cell in a child process under the address-space cap and the time cap."""
+    cap = int(args.cap_gb * 2**30)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    cmd = [sys.executable, __file__, "--cell", tree_spec, model_name, "--steps", str(args.steps),
+           "--batch", str(args.batch), "--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, preexec_fn=limit, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over the {args.timeout} s cap"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        oom = "MemoryError" in done.stderr or "alloc" in done.stderr.lower()
+        return {"error": f"over the {args.cap_gb:g} GB cap" if oom else f"failed: {last[:120]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def wordnet_tree(out: Path) -> str:
+    """Build the WordNet tree with the CLI (the documented rule), once; returns its tree spec."""
+    if not out.exists():
+        subprocess.run([sys.executable, "-m", "hiervision", "taxonomy", "build", str(BREEDS / "class_hierarchy.txt"),
+                        "--from", "wordnet", "--names", str(BREEDS / "node_names.txt"), "--out", str(out)],
+                       check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    return f"json:{out}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cell", nargs=2, metavar=("TREE", "MODEL"), help="run one cell here and print it as JSON")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="random trees of about these nodes")
+    p.add_argument("--no-wordnet", action="store_true", help="leave out the WordNet tree")
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--dense-max", type=int, default=10_000,
+                   help="heads other than flat run only on trees up to this many nodes (their tables are dense)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per cell (the machine is shared)")
+    p.add_argument("--timeout", type=int, default=120, help="seconds per cell")
+    p.add_argument("--cap-gb", type=float, default=6.0, help="address-space cap per cell (ulimit -v)")
+    p.add_argument("--write", action="store_true", help="write the table to RESULTS.md § scale")
+    args = p.parse_args()
+    args.load = os.getloadavg()[0]
+    if args.cell:
+        print(json.dumps(run_cell(*args.cell, args.steps, args.batch, args.threads)))
+        return 0
+    trees = [(f"random {n:,}", f"random:{n}") for n in args.sizes]
+    if not args.no_wordnet:
+        trees.append(("WordNet", wordnet_tree(Path(tempfile.gettempdir()) / "hiervision-wordnet-tree.json")))
+    rows = []
+    for label, spec in trees:
+        for name in args.models:
+            size = int(spec.split(":")[1]) if spec.startswith("random:") else None
+            if name != "flat" and (size is None or size > args.dense_max):
+                rows.append((label, name, {"error": f"not run yet: {NOT_YET.get(name, 'dense tables')}"}))
+                continue
+            cell = spawn(spec, name, args)
+            rows.append((label, name, cell))
+            print(label, name, json.dumps(cell), flush=True)
+    table = render(rows, args)
+    print(table)
+    if args.write:
+        sys.path.insert(0, str(HERE))
+        from results_md import write_section
+
+        write_section("scale", table)
+    return 0
+
+
+def render(rows: list[tuple[str, str, dict]], args) -> str:
+    flat = {label: c for label, name, c in rows if name == "flat" and "error" not in c}
+    base = next(iter(flat.values()), None)  # the smallest tree's flat predict: the issue's "~400-node" cost
+    cmd = " ".join(["python benchmarks/scale.py", *sys.argv[1:]])
+    lines = [
+        "## scale",
+        "",
+        f"`{cmd}` — resnet20 at 32×32, batch {args.batch}, {args.threads} torch thread(s), median of {args.steps} "
+        f"steps after a warm-up, one process per cell under a {args.cap_gb:g} GB address-space cap and a "
+        f"{args.timeout} s time cap; peak RSS = the cell's own `ru_maxrss` (load average at start: "
+        f"{args.load:.1f} on {os.cpu_count()} cores).",
+        "",
+        "| tree | nodes | leaves | depth | model | train step | predict | predict / smallest-tree flat | × flat train "
+        "| × flat predict | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    shape = {label: c for label, _, c in rows if "error" not in c}
+    for label, name, c in rows:
+        s = shape.get(label, {})
+        head = f"| {label} | {s.get('nodes', '')} | {s.get('leaves', '')} | {s.get('depth', '')} | {name} |"
+        if "error" in c:
+            lines.append(f"{head} — | — | — | — | — | {c['error']} |")
+            continue
+        f = flat.get(label)
+        rel = (f"{c['train_s'] / f['train_s']:.2f}× | {c['predict_s'] / f['predict_s']:.2f}×"
+               if f and name != "flat" else "— | —")
+        ratio = f"{c['predict_s'] / base['predict_s']:.2f}×" if base and name == "flat" else "—"
+        lines.append(f"{head} {c['train_s']:.3f} s | {c['predict_s']:.3f} s | {ratio} | {rel} | "
+                     f"{c['peak_rss_mb']:.0f} MB |")
+    big = [f for f in flat.values() if f["nodes"] >= 40_000]
+    if base and big:
+        worst = max(f["predict_s"] / base["predict_s"] for f in big)
+        rss = max(f["peak_rss_mb"] for f in big)
+        lines += ["", f"Issue 23's flat targets at ≥ 40,000 nodes: predict ≤ 2× its cost on the smallest tree "
+                      f"(worst here {worst:.2f}×), peak RSS ≤ 2 GB (largest here {rss:.0f} MB)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
