@@ -55,13 +55,12 @@ class Engine(Protocol):
 
 
 # ----------------------------------------------------------------------------- decoders
-def _transition_mask(tree: TreeView, end_nodes: str) -> np.ndarray:
-    """``(N+1, N+1)`` bool: after node i the next token may be j (a child, or EOS where i may end)."""
-    n = tree.num_nodes
-    mask = np.zeros((n, n), dtype=bool)
-    mask[np.asarray(tree.parents[1:]), np.arange(1, n)] = True
-    mask[:, EOS] = tree.end_mask(end_nodes)
-    return mask
+def _next_tokens(tree: TreeView, ends: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """``last.shape + (N+1,)`` bool: the tokens allowed after nodes ``last`` — their children (a comparison
+    with the parent ids: O(N) per beam, no (N+1)² table) and EOS where a path may stop there."""
+    allowed = tree.parent == last[..., None]
+    allowed[..., EOS] = ends[last]  # the root is its own parent in ``tree.parent``: column 0 set here instead
+    return allowed
 
 
 def _reorder(state: Any, index: np.ndarray) -> Any:
@@ -93,8 +92,7 @@ def beam_search(
     if k < 1:
         raise ValueError(f"beam_width must be ≥ 1, got {beam_width}")
     n = tree.num_nodes
-    trans = _transition_mask(tree, end_nodes)
-    ends = trans[:, EOS]
+    ends = tree.end_mask(end_nodes)
     scores = np.full((batch_size, k), -np.inf)
     scores[:, 0] = 0  # one live beam at the start
     last = np.zeros((batch_size, k), dtype=np.int64)
@@ -104,7 +102,8 @@ def beam_search(
     rows = np.arange(batch_size)[:, None]
     for _ in range(max_steps):
         lp, state = step(last.reshape(-1), state)
-        lp = np.where(trans[last], np.asarray(lp, dtype=np.float64).reshape(batch_size, k, n), -np.inf)
+        lp = np.where(_next_tokens(tree, ends, last), np.asarray(lp, dtype=np.float64).reshape(batch_size, k, n),
+                      -np.inf)
         cand = scores[:, :, None] + lp
         stay = np.full_like(cand, -np.inf)  # a stopped beam has one continuation: itself
         stay[..., EOS] = scores

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervision.losses import _lca_height
 from hiervision.models.flat import FlatClassifier
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
@@ -104,7 +103,8 @@ class HAFrameClassifier(FlatClassifier):
         del self.fc  # the frame replaces the trained classifier
         self.transform = nn.Sequential(nn.Linear(self.backbone.num_features, c, bias=False), nn.BatchNorm1d(c),
                                        _Residual(c), _Residual(c))
-        dist = _lca_height(taxonomy, self.classes.unsqueeze(1), self.classes.unsqueeze(0)).double().numpy()
+        lca = self.tables.lca(self.classes.unsqueeze(1), self.classes.unsqueeze(0))  # (C, C): the frame's own size
+        dist = self.tables.height[lca].double().numpy()
         frame, sim = hierarchy_aware_frame(dist, frame_gamma)
         self.register_buffer("frame", torch.from_numpy(frame).float())
         self.register_buffer("frame_cosines", torch.from_numpy(sim).float())

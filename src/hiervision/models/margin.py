@@ -62,8 +62,8 @@ class SoftMaxMarginClassifier(FlatClassifier):
         on_path = on_path[:, 1:]  # (B, N): the target and its ancestors
         if self.margin == "incorrect":
             delta = 1.0 - on_path
-        else:  # depth(y) + depth(v) − 2·depth(lca): the LCA's depth counts v's ancestors on y's path
-            shared = on_path @ self.class_paths[1:].float()  # (B, N)
+        else:  # depth(y) + depth(v) − 2·depth(lca(y, v)), one row per target (B×N, never N×N)
+            shared = self.tables.depth[self.tables.lca(targets.unsqueeze(1), self.classes.unsqueeze(0))]
             delta = self.tables.depth[targets].unsqueeze(1) + self.class_depth - 2 * shared
         label = logits.gather(1, (targets - 1).unsqueeze(1)).squeeze(1)
         return (torch.logsumexp(logits + self.margin_tau * delta, dim=1) - label).mean()
