@@ -35,11 +35,10 @@ their ``parents``).
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
 from hiervision.marginals import end_distribution
+from hiervision.tree.view import TreeView
 
 __all__ = ["BAYES_METRICS", "DECODE_RULES", "bayes_nodes", "check_metric", "decide_records", "decode_rule",
            "expected_scores", "rule_spec"]
@@ -94,99 +93,40 @@ def decide_records(tree, ends: str, decoded: list[dict], spec: str) -> list[dict
         return decoded
     q = end_distribution(np.stack([np.asarray(d["node_scores"], dtype=np.float64) for d in decoded]), tree, ends)
     nodes = bayes_nodes(q, tree, metric or "severity", inner)
-    prob = _tree(tuple(tree.parents)).up_sums(q.T).T if inner else q
+    prob = _view(tree).subtree_sum(q) if inner else q
     return [{**d, "path_ids": list(tree.path(int(n))), "path_probability": float(prob[r, n])}
             for r, (d, n) in enumerate(zip(decoded, nodes))]
 
 
-class _Tree:
-    """Parent pointers grouped for level-by-level sums: per depth, its nodes sorted by parent and the
-    run starts of each parent (``np.add.reduceat``), plus depths and heights."""
-
-    def __init__(self, parents: tuple[int, ...]) -> None:
-        par = np.asarray(parents, dtype=np.int64)
-        n = len(par)
-        depth = np.zeros(n, dtype=np.int64)
-        order = _top_down(par)
-        for v in order[1:]:
-            depth[v] = depth[par[v]] + 1
-        height = np.zeros(n, dtype=np.int64)
-        for v in order[:0:-1]:  # bottom-up: children before parents
-            height[par[v]] = max(height[par[v]], height[v] + 1)
-        has_child = np.zeros(n, dtype=bool)
-        has_child[par[1:]] = True
-        self.par, self.depth, self.height, self.leaf = par, depth, height, ~has_child
-        self.leaf[0] = False
-        self.max_depth = int(depth.max())
-        self.levels = []  # depth 1 first: (nodes sorted by parent, their distinct parents, run starts)
-        for d in range(1, self.max_depth + 1):
-            idx = np.flatnonzero(depth == d)
-            idx = idx[np.argsort(par[idx], kind="stable")]
-            ups, starts = np.unique(par[idx], return_index=True)
-            self.levels.append((idx, ups, starts))
-
-    def up_sums(self, x: np.ndarray) -> np.ndarray:
-        """Node-first ``x`` ``(N+1, ...)`` summed over each node's subtree (itself included)."""
-        out = x.copy()
-        for idx, ups, starts in reversed(self.levels):
-            out[ups] += np.add.reduceat(out[idx], starts, axis=0)
-        return out
-
-    def down_sums(self, x: np.ndarray) -> np.ndarray:
-        """Node-first ``x`` summed along each node's root path (itself included; the root's row kept)."""
-        out = x.copy()
-        for idx, _, _ in self.levels:
-            out[idx] += out[self.par[idx]]
-        return out
-
-
-def _top_down(par: np.ndarray) -> list[int]:
-    kids: list[list[int]] = [[] for _ in par]
-    for v in range(1, len(par)):
-        if not 0 <= par[v] < len(par):
-            raise ValueError(f"tree: node {v} has unknown parent {par[v]}")
-        kids[par[v]].append(v)
-    order, stack = [], [0]
-    while stack:
-        v = stack.pop()
-        order.append(v)
-        stack.extend(kids[v])
-    if len(order) != len(par):
-        raise ValueError("tree: some nodes do not reach the root")
-    return order
-
-
-@lru_cache(maxsize=8)
-def _tree(parents: tuple[int, ...]) -> _Tree:
-    return _Tree(parents)
+def _view(tree) -> TreeView:
+    """The numpy view of ``tree`` (a :class:`~hiervision.taxonomy.Taxonomy` keeps one; a view is itself)."""
+    return tree if isinstance(tree, TreeView) else tree.view
 
 
 def expected_scores(q: np.ndarray, tree, metric: str) -> np.ndarray:
     """``(B, N+1)`` float64 expected score under ``q`` of answering each node (the root: −inf)."""
     check_metric(metric)
-    t = _tree(tuple(tree.parents))
-    q = _check_q(q, len(t.par))
+    t = _view(tree)
+    q = _check_q(q, t.num_nodes)
     if metric == "path_accuracy":
         out = q.copy()
     elif metric == "severity":
-        m = t.up_sums(q.T)  # (N+1, B) node marginals
+        m = t.subtree_sum(q.T, nodes_first=True)  # (N+1, B) node marginals
         step = np.zeros_like(m)
-        step[1:] = m[1:] * (t.height[1:] - t.height[t.par[1:]])[:, None]
-        step[0] = t.height[0] * m[0]
-        out = -t.down_sums(step).T
+        step[1:] = m[1:] * (t.heights[1:] - t.heights[t.parent[1:]])[:, None]
+        out = -(t.path_sum(step, nodes_first=True) + t.heights[0] * m[0]).T  # E[height(lca)] per answer
     else:
         out = np.empty_like(q)
-        n, d = len(t.par), t.max_depth
+        n, d = t.num_nodes, t.max_depth
         nodes = np.arange(1, n)
-        weight = 2.0 / (t.depth[:, None] + np.arange(1, d + 1)[None, :])  # (N+1, D): 2 / (d_a + e)
+        weight = 2.0 / (t.depths[:, None] + np.arange(1, d + 1)[None, :])  # (N+1, D): 2 / (d_a + e)
         rows = max(1, _CHUNK // (n * d))
         for s in range(0, len(q), rows):
             qc = q[s : s + rows]
             mass = np.zeros((n, len(qc), d))
-            mass[nodes, :, t.depth[nodes] - 1] = qc[:, nodes].T  # truth at node v sits at depth d_v
-            under = t.up_sums(mass)
-            under[0] = 0.0  # the root is in no node set
-            out[s : s + rows] = np.einsum("nbe,ne->bn", t.down_sums(under), weight)
+            mass[nodes, :, t.depths[nodes] - 1] = qc[:, nodes].T  # truth at node v sits at depth d_v
+            under = t.subtree_sum(mass, nodes_first=True)  # the root is in no node set: path_sum leaves it out
+            out[s : s + rows] = np.einsum("nbe,ne->bn", t.path_sum(under, nodes_first=True), weight)
     out[:, 0] = -np.inf
     return out
 
@@ -194,15 +134,15 @@ def expected_scores(q: np.ndarray, tree, metric: str) -> np.ndarray:
 def bayes_nodes(q: np.ndarray, tree, metric: str, allow_inner: bool = False) -> np.ndarray:
     """``(B,)`` int64: per row of ``q`` ``(B, N+1)``, the node (never the root) of largest expected
     ``metric`` (module docstring); ``allow_inner=False`` keeps the answer to end classes."""
-    t = _tree(tuple(tree.parents))
-    q = _check_q(q, len(t.par))
-    score = expected_scores(q, tree, metric)
-    allowed = np.ones_like(q, dtype=bool) if allow_inner else (t.leaf[None, :] | (q > 0))
+    t = _view(tree)
+    q = _check_q(q, t.num_nodes)
+    score = expected_scores(q, t, metric)
+    allowed = np.ones_like(q, dtype=bool) if allow_inner else (t.leaf_mask[None, :] | (q > 0))
     allowed[:, 0] = False
     score = np.where(allowed, score, -np.inf)
     best = score.max(1, keepdims=True)
     near = score >= best - 1e-9 * np.maximum(np.abs(best), 1.0)
-    for key in (q, t.up_sums(q.T).T):  # ties: the likelier truth, then the likelier cover
+    for key in (q, t.subtree_sum(q)):  # ties: the likelier truth, then the likelier cover
         k = np.where(near, key, -np.inf)
         near &= k >= k.max(1, keepdims=True) - 1e-12
     return near.argmax(1)  # the first (lowest) id left

@@ -218,12 +218,8 @@ class Tree:
 
     @cached_property
     def heights(self) -> tuple[int, ...]:
-        """Longest distance from each node down to a leaf below it (0 for leaves)."""
-        h = [0] * self.num_nodes
-        for n in reversed(self._topological()):
-            if n:
-                h[self.parents[n]] = max(h[self.parents[n]], h[n] + 1)
-        return tuple(h)
+        """Longest distance from each node down to a leaf below it (0 for leaves): :attr:`TreeView.heights`."""
+        return tuple(self.view.heights.tolist())
 
     def subtree(self, node: int) -> list[int]:
         out, stack = [], [node]

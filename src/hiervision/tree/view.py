@@ -219,12 +219,16 @@ class TreeView:
             out.append((order, idx[order], par[starts], starts))
         return tuple(out)
 
-    def subtree_sum(self, x: np.ndarray) -> np.ndarray:
+    def subtree_sum(self, x: np.ndarray, nodes_first: bool = False) -> np.ndarray:
         """``(B, N+1)`` values per node → each node's sum over its subtree (itself included; the root's
-        column holds the row's total), bottom-up one level at a time: O(B·N), never a (N+1)² product."""
+        column holds the row's total), bottom-up one level at a time: O(B·N), never a (N+1)² product.
+        ``nodes_first``: ``x`` is ``(N+1, ...)`` (any trailing axes), and so is the result."""
         out = np.array(x, copy=True)
         for _, kids, par, starts in reversed(self._groups):
-            out[:, par] += np.add.reduceat(out[:, kids], starts, axis=1)
+            if nodes_first:
+                out[par] += np.add.reduceat(out[kids], starts, axis=0)
+            else:
+                out[:, par] += np.add.reduceat(out[:, kids], starts, axis=1)
         return out
 
     def children_sum(self, x: np.ndarray, level: int | None = None) -> np.ndarray:
@@ -237,14 +241,23 @@ class TreeView:
             out[:, par] = np.add.reduceat(x[:, kids] if level is None else x[:, order], starts, axis=1)
         return out
 
-    def path_sum(self, x: np.ndarray) -> np.ndarray:
+    def path_sum(self, x: np.ndarray, nodes_first: bool = False) -> np.ndarray:
         """``(B, N+1)`` values per node → each node's sum along its path from depth 1 (the root's own
-        value left out, its column 0), top-down one level at a time."""
+        value left out, its column 0), top-down one level at a time. ``nodes_first``: as in :meth:`subtree_sum`."""
         out = np.array(x, copy=True)
-        out[:, 0] = 0
+        view = out if nodes_first else out.T
+        view[0] = 0
         for idx in self.levels[1:]:
-            out[:, idx] += out[:, self.parent[idx]]
+            view[idx] += view[self.parent[idx]]
         return out
+
+    @cached_property
+    def heights(self) -> np.ndarray:
+        """``(N+1,)`` longest distance from each node down to a leaf below it (0 at leaves)."""
+        h = np.zeros(self.num_nodes, dtype=np.int64)
+        for idx in reversed(self.levels):
+            np.maximum.at(h, self.parent[idx], h[idx] + 1)
+        return h
 
     @cached_property
     def leaf_mask(self) -> np.ndarray:
