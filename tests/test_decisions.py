@@ -25,13 +25,13 @@ from hiervision.decisions import (
     crm_nodes,
     end_distribution,
     evaluate_hedging,
+    expected_lca_height,
     fit_backoff,
     fit_decisions,
     fit_lambda,
     fit_temperature,
     hedge_nodes,
     hedge_records,
-    lca_heights,
     load_decisions,
     node_marginals,
     plot_accuracy_specificity,
@@ -265,10 +265,11 @@ def test_calibration_report_per_level(tree):
 
 
 def test_crm_and_hdist_hand_case(tree):
-    h = lca_heights(tree)
-    assert h[H, D] == 2 and h[H, E] == 3 and h[E, F] == 1 and h[D, D] == 0
+    h = lambda a, b: tree.heights[tree.lca(a, b)]  # noqa: E731
+    assert h(H, D) == 2 and h(H, E) == 3 and h(E, F) == 1 and h(D, D) == 0
     q = leaf_q(H=0.35, E=0.25, F=0.21, G=0.19).float().unsqueeze(0)
     # risk(H) = 3·0.65 = 1.95, risk(E) = 3·0.35 + 1·0.40 = 1.45, risk(F) = 3·0.35 + 1·0.44 = 1.49
+    assert expected_lca_height(q, tree)[0, [H, E, F]].tolist() == pytest.approx([1.95, 1.45, 1.49])
     assert q.argmax(1).tolist() == [H]
     assert crm_nodes(q, tree).tolist() == [E]
     # ranking H, E, F, G, D against target F: distances 3, 1, 0, 1, 3

@@ -351,3 +351,17 @@ def test_flat_on_a_big_tree_holds_no_nodes_by_classes_table(end_nodes):
     assert sum(b.numel() for _, b in model.named_buffers()) < 4 * bound
     pred = model.decode({"logits": torch.randn(2, len(model.classes))})
     assert torch.allclose(pred.scores[:, tree.children[0]].sum(1), torch.ones(2))
+
+
+def test_the_level_sums_never_change_their_input_even_for_one_row():
+    """With one row the transpose is contiguous: a sum that works in place must still copy (a one-image
+    batch once had its log-probabilities rewritten by prefix_logprob, and DARTS' rewards by subtree_sum)."""
+    tree = Taxonomy.from_paths(["a/b/c", "a/d", "e"])
+    tables = tree_tables(tree)
+    for rows in (1, 3):
+        x = torch.rand(rows, tree.num_nodes)
+        before = x.clone()
+        tables.subtree_sum(x)
+        tables.path_sum(x)
+        tables.subtree_logsumexp(x.log())
+        assert torch.equal(x, before)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from hiervision import bayes, marginals
-from hiervision.decoding import Prediction, end_mask
+from hiervision.decoding import Prediction, end_mask, tree_tables
 from hiervision.marginals import Temperature
 from hiervision.taxonomy import PAD, Taxonomy
 
@@ -62,7 +62,7 @@ __all__ = [
     "evaluate_hedging",
     "hedge_records",
     "coverage_report",
-    "lca_heights",
+    "expected_lca_height",
     "load_decisions",
     "node_marginals",
     "plot_accuracy_specificity",
@@ -109,8 +109,8 @@ def node_marginals(q: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
 
 def _target_marginal(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
     """``(B,)`` probability that ``q`` gives the target node (the mass of the end classes under it)."""
-    under = taxonomy.ancestor_matrix.to(q.device)[:, targets.to(q.device)].T  # (B, N+1) ends under target
-    return (q * under).sum(1)
+    under = tree_tables(taxonomy, q.device).subtree_sum(q)  # (B, N+1) mass at or below each node
+    return under.gather(1, targets.to(q.device).unsqueeze(1)).squeeze(1)
 
 
 def fit_temperature(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, per_level: bool = False,
@@ -181,8 +181,7 @@ def rewards(taxonomy: Taxonomy, ends: str = "leaves") -> torch.Tensor:
     """``(N+1,)`` Deng et al.'s reward ``r(v) = log|ends| − log|ends under v|``: 0 at the root, largest
     at an end class (information gained by the answer when it is right)."""
     mask = end_mask(taxonomy, ends).float()
-    under = taxonomy.ancestor_matrix.float().T @ mask  # (N+1,) end classes at or below each node
-    under[0] = mask.sum()
+    under = tree_tables(taxonomy, mask.device).subtree_sum(mask.unsqueeze(0))[0]  # end classes at or below
     return torch.log(mask.sum()) - torch.log(under.clamp(min=1))
 
 
@@ -211,8 +210,7 @@ def covers(nodes: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> to
     """``(B,)`` bool: the answered node is the target or one of its ancestors (the root always is)."""
     nodes = torch.as_tensor(nodes).long()
     targets = torch.as_tensor(targets).long().to(nodes.device)
-    anc = taxonomy.ancestor_matrix.to(nodes.device)
-    return (nodes == 0) | anc[targets, nodes]
+    return (nodes == 0) | tree_tables(taxonomy, nodes.device).is_ancestor(nodes, targets)
 
 
 def coverage_report(nodes: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, ends: str = "leaves") -> dict:
@@ -330,7 +328,7 @@ def conformal_threshold(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxono
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     targets = torch.as_tensor(targets).long().to(q.device)
     before, lca = _ranked_lcas(q, taxonomy)
-    ok = (lca == 0) | taxonomy.ancestor_matrix.to(q.device)[targets.unsqueeze(1).expand_as(lca), lca]
+    ok = (lca == 0) | tree_tables(taxonomy, q.device).is_ancestor(lca, targets.unsqueeze(1))
     first = ok.float().argmax(1)  # the root at rank C always covers, so there is a first covering rank
     scores = before.gather(1, first.unsqueeze(1)).squeeze(1).sort().values
     n = len(scores)
@@ -346,26 +344,18 @@ def conformal_nodes(q: torch.Tensor, taxonomy: Taxonomy, tau: float) -> torch.Te
 
 
 # ---------------------------------------------------------------------- CRM
-def lca_heights(taxonomy: Taxonomy, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(N+1, N+1)`` float: height of the lowest common ancestor of every pair of nodes."""
-    pm = taxonomy.path_matrix.to(device)
-    n, d = pm.shape
-    heights = torch.tensor(taxonomy.heights, dtype=torch.float32, device=device)
-    out = torch.empty(n, n, dtype=torch.float32, device=device)
-    step = max(1, (1 << 22) // max(n * d, 1))
-    for s in range(0, n, step):
-        a = pm[s : s + step].unsqueeze(1)  # (b, 1, D)
-        shared = ((a == pm.unsqueeze(0)) & (a != PAD)).long().cumprod(2).sum(2)  # (b, N+1)
-        lca = torch.where(shared > 0, a.squeeze(1).gather(1, (shared - 1).clamp(min=0)), 0)
-        out[s : s + step] = heights[lca]
-    return out
+def expected_lca_height(q: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
+    """``(B, N+1)``: for every answer, the expected height of its lowest common ancestor with the truth
+    under ``q`` (CRM's risk), from ancestor sums in O(N·depth) per image (:mod:`hiervision.bayes`), never
+    an (N+1)² table of pairwise LCA heights."""
+    scores = bayes.expected_scores(q.detach().cpu().double().numpy(), taxonomy, "severity")
+    return torch.from_numpy(-scores).to(q.device, torch.float32)
 
 
-def crm_nodes(q: torch.Tensor, taxonomy: Taxonomy, heights: torch.Tensor | None = None) -> torch.Tensor:
+def crm_nodes(q: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
     """Karthik et al.'s Conditional Risk Minimisation: ``(B,)`` the end class ``c`` minimising
     ``Σ_y q(y)·height(lca(c, y))``, the expected mistake severity (ties → the more probable class)."""
-    h = heights if heights is not None else lca_heights(taxonomy, q.device)
-    risk = q @ h.to(q.device, q.dtype)
+    risk = expected_lca_height(q, taxonomy).to(q.dtype)
     ends = (q > 0).any(0) | end_mask(taxonomy, "leaves").to(q.device)
     risk = risk - 1e-6 * q  # tie-break towards probability
     return risk.masked_fill(~ends, float("inf")).argmin(1)

@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from hiervision.decisions import end_distribution, lca_heights, node_marginals, rewards
-from hiervision.decoding import Prediction, last_node
+from hiervision.decisions import end_distribution, node_marginals, rewards
+from hiervision.decoding import Prediction, last_node, tree_tables
 from hiervision.taxonomy import PAD, Taxonomy
 
 __all__ = [
@@ -633,12 +633,12 @@ def hierarchical_distance_at_k(
     count 0 at rank 1). Ranking is by ``q`` (or lower ``ranking`` first, e.g. CRM's expected risk);
     k is capped at the number of end classes."""
     targets = torch.as_tensor(targets).long().to(q.device)
-    h = lca_heights(taxonomy, q.device)
     classes = (q > 0).any(0) | _leaf_mask(taxonomy, q.device)
     key = (q if ranking is None else -ranking).masked_fill(~classes, float("-inf"))
     kmax = min(max(ks), int(classes.sum()))
     top = key.topk(kmax, dim=1).indices  # (B, k)
-    dist = h[targets.unsqueeze(1), top]  # (B, k)
+    tables = tree_tables(taxonomy, q.device)
+    dist = tables.height[tables.lca(targets.unsqueeze(1), top)].float()  # (B, k): only the top k vs the truth
     return {f"hdist@{k}": float(dist[:, : min(k, kmax)].mean()) if len(q) else 0.0 for k in ks}
 
 

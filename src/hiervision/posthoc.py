@@ -22,8 +22,8 @@ from hiervision.decisions import (
     calibrate,
     end_distribution,
     evaluate_hedging,
+    expected_lca_height,
     fit_decisions,
-    lca_heights,
     load_decisions,
     save_decisions,
 )
@@ -70,7 +70,7 @@ def posthoc_report(
     reports = {rule: M.evaluate(calibrate(test, taxonomy, t, rule), test_targets, taxonomy)
                for rule in dict.fromkeys(("argmax", *RULES, decode))}
     # CRM's hdist@k ranks by expected risk, as in Karthik et al.
-    risk = q1 @ lca_heights(taxonomy, q1.device).to(q1.dtype)
+    risk = expected_lca_height(q1, taxonomy)
     reports["crm"].update(M.hierarchical_distance_at_k(q1, test_targets, taxonomy, ranking=risk))
     return {
         "temperature": t,

@@ -144,6 +144,12 @@ def _levels(by_depth: torch.Tensor, bounds: Sequence[int], deepest_first: bool):
     return (by_depth[bounds[d] : bounds[d + 1]] for d in order)
 
 
+def _nodes_first_copy(x: torch.Tensor) -> torch.Tensor:
+    """``(B, N+1)`` → a contiguous ``(N+1, B)`` copy. Always a copy: with one row the transpose is already
+    contiguous, and ``.contiguous()`` would hand back ``x``'s own storage for the in-place sums to change."""
+    return x.T.clone(memory_format=torch.contiguous_format)
+
+
 def subtree_sum(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor, bounds: Sequence[int],
                 nodes_first: bool = False) -> torch.Tensor:
     """``(B, N+1)`` values per node → each node's sum over its subtree (itself included; column 0 holds
@@ -151,7 +157,7 @@ def subtree_sum(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor, b
 
     The sums run on a ``(N+1, B)`` copy (a level's rows add into their parents' rows, contiguous); with
     ``nodes_first`` ``x`` is already laid out so, and the result is too (no transposing copy at big N)."""
-    out = x.clone() if nodes_first else x.T.contiguous()
+    out = x.clone() if nodes_first else _nodes_first_copy(x)
     for idx in _levels(by_depth, bounds, deepest_first=True):
         out.index_add_(0, parent[idx], out[idx])
     return out if nodes_first else out.T
@@ -161,7 +167,7 @@ def subtree_logsumexp(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Ten
                       bounds: Sequence[int]) -> torch.Tensor:
     """:func:`subtree_sum` in log space: ``log Σ exp(x)`` over each node's subtree, shifted by the largest
     term per node, so tiny probabilities (log-probabilities below -87 in fp32) keep their exact logs."""
-    out = x.T.contiguous()
+    out = _nodes_first_copy(x)
     for idx in _levels(by_depth, bounds, deepest_first=True):
         p = parent[idx]
         up = torch.unique(p)  # only the parents change: no exp/log of the -inf of nodes with nothing below yet
@@ -176,7 +182,7 @@ def subtree_logsumexp(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Ten
 def path_sum(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
     """``(B, N+1)`` values per node → each node's sum along its path from depth 1 (column 0 is 0): every
     level adds its parents' finished sums, top-down. O(B·N), not a product with a (N+1)² table."""
-    out = x.T.contiguous()
+    out = _nodes_first_copy(x)
     out[0] = 0
     for idx in list(_levels(by_depth, bounds, deepest_first=False))[1:]:
         out.index_add_(0, idx, out[parent[idx]])
