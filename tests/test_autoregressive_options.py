@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hiervision.decoding import scheduled_feed, transition_mask
+from hiervision.decoding import next_token_mask, scheduled_feed, tree_tables
 from hiervision.models import create_model
 from hiervision.taxonomy import EOS, IGNORE, Taxonomy
 
@@ -44,18 +44,19 @@ def _targets(tax: Taxonomy) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- scheduled_feed
 def test_scheduled_feed_extremes_and_tree_restriction(koo_tree):
-    trans = transition_mask(koo_tree, "leaves")
     logits = torch.zeros(3, koo_tree.num_nodes)
     logits[:, koo_tree.index("G")] = 5.0  # G is best overall, but only a child of B may follow B
     logits[:, koo_tree.index("C")] = 1.0
     logits[:, koo_tree.index("B")] = 2.0
     prev = torch.tensor([koo_tree.index("A"), koo_tree.index("B"), 0])
+    tables = tree_tables(koo_tree)
+    allowed = next_token_mask(tables, prev, tables.end_mask("leaves"))
     teacher = torch.tensor([9, 9, 9])
-    assert torch.equal(scheduled_feed(logits, prev, teacher, 0.0, trans), teacher)
-    own = scheduled_feed(logits, prev, teacher, 1.0, trans)
+    assert torch.equal(scheduled_feed(logits, allowed, teacher, 0.0), teacher)
+    own = scheduled_feed(logits, allowed, teacher, 1.0)
     # after A: its best child C (not G or B); after B: G; at the start: a level-1 node, B
     assert own.tolist() == [koo_tree.index(n) for n in ("C", "G", "B")]
-    mixed = [scheduled_feed(logits, prev, teacher, 0.5, trans) for _ in range(20)]
+    mixed = [scheduled_feed(logits, allowed, teacher, 0.5) for _ in range(20)]
     assert any((m == teacher).any() for m in mixed) and any((m == own).any() for m in mixed)
 
 

@@ -200,17 +200,17 @@ def transition_mask(taxonomy: Tree, end_nodes: torch.Tensor | str | None = None)
 
 
 def scheduled_feed(
-    logits: torch.Tensor, prev: torch.Tensor, teacher: torch.Tensor, p: float, trans: torch.Tensor
+    logits: torch.Tensor, allowed: torch.Tensor, teacher: torch.Tensor, p: float
 ) -> torch.Tensor:
     """The next token an autoregressive head reads in training under scheduled sampling (Bengio et al., 2015).
 
     Teacher forcing feeds the true previous node, so at test the head meets its own mistakes for the
     first time (exposure bias). Here each image reads, with probability ``p``, the head's own greedy
-    choice from ``logits`` ``(B, N+1)`` instead — restricted to the tree after ``prev`` (``trans``:
-    :func:`transition_mask`), as decoding is, and detached (no gradient through the choice).
+    choice from ``logits`` ``(B, N+1)`` instead — restricted to the tokens ``allowed`` ``(B, N+1)`` after
+    the previous node (:func:`next_token_mask`), as decoding is, and detached (no gradient through it).
     ``p = 0`` is teacher forcing, ``p = 1`` feeds only the head's own choices.
     """
-    own = logits.detach().float().masked_fill(~trans[prev], float("-inf")).argmax(-1)
+    own = logits.detach().float().masked_fill(~allowed, float("-inf")).argmax(-1)
     if p >= 1:
         return own
     return torch.where(torch.rand(len(own), device=own.device) < p, own, teacher)

@@ -30,12 +30,12 @@ from hiervision.decoding import (
     exact_best_path,
     full_precision,
     multi_label_prediction,
+    next_token_mask,
     no_autocast,
     path_scores,
     prefix_logprob,
     scheduled_feed,
     sequence_logprob,
-    transition_mask,
 )
 from hiervision.losses import check_loss_type, soft_label_targets
 from hiervision.models.base import HierarchicalClassifier
@@ -362,7 +362,7 @@ class CnnS2S(_DHNN):
         self.decoder = _orthogonal_lstm(nn.LSTM(dec_in, width, self.num_layers, batch_first=True,
                                                 dropout=self.dropout.p if self.num_layers > 1 else 0.0))
         self.out = nn.Linear(width, v)
-        self.register_buffer("transitions", transition_mask(taxonomy, end_nodes), persistent=False)
+        self.register_buffer("ends", self.tables.end_mask(end_nodes), persistent=False)  # where paths may stop
 
     def _default_num_steps(self, num_stages: int) -> int:
         return num_stages
@@ -407,7 +407,7 @@ class CnnS2S(_DHNN):
         state, out, fed = (outputs["h"], outputs["c"]), [], [tokens[:, 0]]
         for t in range(tokens.shape[1]):
             if t:
-                fed.append(scheduled_feed(out[-1], fed[-1], tokens[:, t], p, self.transitions))
+                fed.append(scheduled_feed(out[-1], next_token_mask(self.tables, fed[-1], self.ends), tokens[:, t], p))
             o, state = self.decoder(self.embed(fed[-1]).unsqueeze(1), state)
             out.append(self.out(self.dropout(o[:, 0])))
         return torch.stack(out, 1), torch.stack(fed, 1)

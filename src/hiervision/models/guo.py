@@ -32,11 +32,11 @@ from hiervision.decoding import (
     end_mask,
     exact_best_path,
     full_precision,
+    next_token_mask,
     path_scores,
     prefix_logprob,
     scheduled_feed,
     sequence_logprob,
-    transition_mask,
 )
 from hiervision.losses import check_loss_type, soft_label_targets
 from hiervision.models.base import HierarchicalClassifier
@@ -153,7 +153,7 @@ class CnnRnnGenerator(HierarchicalClassifier):
             raise ValueError(f"model.level_weights: {self.num_steps} steps need {self.num_steps} weights, "
                              f"got {len(weights)}")
         self.register_buffer("level_weights", torch.tensor(weights), persistent=False)
-        self.register_buffer("transitions", transition_mask(taxonomy, end_nodes), persistent=False)
+        self.register_buffer("ends", self.tables.end_mask(end_nodes), persistent=False)  # where paths may stop
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_head(self.backbone(images))
@@ -183,7 +183,7 @@ class CnnRnnGenerator(HierarchicalClassifier):
         state, out, fed = self._zero_state(len(v), vg), [], [tokens[:, 0]]
         for t in range(tokens.shape[1]):
             if t:
-                fed.append(scheduled_feed(out[-1], fed[-1], tokens[:, t], p, self.transitions))
+                fed.append(scheduled_feed(out[-1], next_token_mask(self.tables, fed[-1], self.ends), tokens[:, t], p))
             state = self.cell(self.embed(fed[-1]), state, vg)
             out.append(self.out(self.dropout(state[0])))
         return torch.stack(out, 1), torch.stack(fed, 1)
