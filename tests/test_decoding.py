@@ -8,7 +8,14 @@ import random
 import pytest
 import torch
 
-from hiervision.decoding import Prediction, beam_search, exact_best_path, threshold_paths, transition_mask
+from hiervision.decoding import (
+    Prediction,
+    beam_search,
+    exact_best_path,
+    next_token_mask,
+    threshold_paths,
+    tree_tables,
+)
 from hiervision.taxonomy import PAD, Taxonomy
 
 A, B, C, D, E, F, G, H = range(1, 9)
@@ -183,8 +190,9 @@ def test_beam_search_stops_at_inner_nodes_and_carries_decoder_state(koo_tree):
     assert all(koo_tree.is_valid_path(p) and p[-1] in koo_tree.leaves for p in best)
 
 
-def test_transition_mask(koo_tree):
-    m = transition_mask(koo_tree, "leaves")
+def test_next_token_mask(koo_tree):
+    tables = tree_tables(koo_tree)
+    m = next_token_mask(tables, torch.arange(koo_tree.num_nodes), tables.end_mask("leaves"))
     A, C, D = (koo_tree.index(x) for x in "ACD")
     assert set(m[A].nonzero().flatten().tolist()) == {C, D}
     assert m[C].nonzero().flatten().tolist() == [0]  # a leaf may only stop

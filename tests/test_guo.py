@@ -12,7 +12,7 @@ from conftest import FMNIST
 from hiervision.config import load_config, merge
 from hiervision.data import build_data
 from hiervision.data.base import coarsen_labels, split_fine_coarse
-from hiervision.decoding import transition_mask
+from hiervision.decoding import next_token_mask, tree_tables
 from hiervision.distributed import DistEnv
 from hiervision.experiment import load_run
 from hiervision.metrics import valid_paths
@@ -100,14 +100,14 @@ def test_teacher_forcing_feeds_true_labels_free_running_feeds_its_own(fixed_tree
     torch.testing.assert_close(m.loss({"v": v}, targets), ref)
     # greedy decoding: each step feeds back its own best child (the paper's argmax, kept inside the tree)
     pred = m.decode({"v": v})
-    trans = transition_mask(fixed_tree)
+    tables = tree_tables(fixed_tree)
     tok = torch.zeros(6, dtype=torch.long)
     state = m._zero_state(6, v)
     vg = m.cell.visual(v)
     manual = []
     for _ in range(fixed_tree.max_depth):
         state = m.cell(m.embed(tok), state, vg)
-        tok = m.out(state[0]).masked_fill(~trans[tok], float("-inf")).argmax(1)
+        tok = m.out(state[0]).masked_fill(~next_token_mask(tables, tok, tables.end_mask()), float("-inf")).argmax(1)
         manual.append(tok)
     assert torch.equal(pred.paths, torch.stack(manual, 1))
     # where the first predicted level is wrong, the two regimes see different inputs at step 2
@@ -167,7 +167,7 @@ def test_cnn_rnn_star_paths_pass_through_the_given_label(tree, request):
         mid = tax.path_matrix[torch.tensor(tax.leaves), 1]
         pred = m.decode_given({"v": v}, mid)
         logits = m.unroll(v, torch.stack([torch.zeros_like(mid), tax.path_matrix[mid, 0], mid], 1))[:, 2]
-        children = transition_mask(tax)[mid]
+        children = next_token_mask(tree_tables(tax), mid, tree_tables(tax).end_mask())
         assert torch.equal(pred.paths[:, 2], logits.masked_fill(~children, float("-inf")).argmax(1))
         assert torch.equal(pred.paths[:, 1], mid)
 

@@ -21,7 +21,6 @@ from hiervision.decoding import (
     exact_best_path,
     next_token_mask,
     prefix_logprob,
-    transition_mask,
     tree_tables,
 )
 from hiervision.losses import hxe_loss, soft_label_targets
@@ -250,7 +249,9 @@ def test_decoding_matches_the_dense_code(tree):
         dense = dense_prefix_logprob(tree, lp).masked_fill(~torch.tensor(tree.view.end_mask(ends)), float("-inf"))
         assert torch.allclose(best, dense.max(1).values, atol=1e-3)
         assert torch.allclose(dense.gather(1, nodes.unsqueeze(1)).squeeze(1), best, atol=1e-3)
-        assert torch.equal(transition_mask(tree, ends), dense_transition_mask(tree, ends))
+        every = torch.arange(tree.num_nodes)
+        assert torch.equal(next_token_mask(tree_tables(tree), every, tree_tables(tree).end_mask(ends)),
+                           dense_transition_mask(tree, ends))
         last = torch.randint(0, tree.num_nodes, (3, 2))
         ends_mask = tree_tables(tree).end_mask(ends)
         assert torch.equal(next_token_mask(tree_tables(tree), last, ends_mask), dense_transition_mask(tree, ends)[last])

@@ -18,8 +18,7 @@ copied per call). Decoding sums log-probabilities of whole paths, so it runs in 
 autocast: with bf16's 8 mantissa bits near-tied paths would flip (:func:`full_precision`).
 
 Nothing here builds a (N+1)² table (trees reach 10^5 classes): "below a node" is a depth-first interval
-and "a child of the last node" a comparison with the parent ids. Only :func:`transition_mask`, kept for
-the heads that still register it as a buffer, is dense.
+and "a child of the last node" a comparison with the parent ids (:func:`next_token_mask`).
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy, TreeTables
 
 __all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "full_precision",
            "last_node", "multi_label_prediction", "next_token_mask", "no_autocast", "path_scores", "prefix_logprob",
-           "scheduled_feed", "sequence_logprob", "threshold_paths", "transition_mask", "tree_tables"]
+           "scheduled_feed", "sequence_logprob", "threshold_paths", "tree_tables"]
 
 Tree = Taxonomy | TreeTables
 
@@ -183,20 +182,10 @@ def best_leaf_below(
 def next_token_mask(tables: TreeTables, last: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """``last.shape + (N+1,)`` bool: the tokens allowed after nodes ``last`` — their children (a comparison
     with the parent ids, O(N) per node, no table) and :data:`~hiervision.taxonomy.EOS` where ``ends``
-    ``(N+1,)`` lets a path stop. What :func:`transition_mask`'s rows hold, for any tree size."""
+    ``(N+1,)`` lets a path stop, for any tree size."""
     mask = tables.parent == last.unsqueeze(-1)
     mask[..., EOS] = ends[last]  # the root is its own parent in ``parent``: column 0 is set here instead
     return mask
-
-
-def transition_mask(taxonomy: Tree, end_nodes: torch.Tensor | str | None = None) -> torch.Tensor:
-    """``(N+1, N+1)`` bool: after node ``i`` the next token may be ``j`` (a child of ``i``, or
-    :data:`~hiervision.taxonomy.EOS` = 0 where a path may end at ``i``). Row 0 is the start (the root).
-
-    Dense: for small trees, and for the heads that still register it as a buffer (Guo's CNN-RNN and
-    DHNN, until they score over children). :func:`beam_search` uses :func:`next_token_mask` instead."""
-    tables = tree_tables(taxonomy)
-    return next_token_mask(tables, torch.arange(tables.taxonomy.num_nodes), tables.end_mask(end_nodes))
 
 
 def scheduled_feed(
