@@ -8,19 +8,17 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import FMNIST
+from conftest import FMNIST, free_port, post_image
 from hiervision.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,21 +54,6 @@ def write_photos(root: Path) -> None:
         folder = root.joinpath(*(tax.names[n].replace("/", " or ") for n in tax.path(int(target))))
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((image[0] * 255).round().byte().numpy(), "L").save(folder / f"{i}.png")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post_image(base: str, image: Path) -> dict:
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{image.name}\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + image.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    req = urllib.request.Request(f"{base}/predict", data=body, method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    return json.load(urllib.request.urlopen(req, timeout=30))["results"][0]
 
 
 def page_path_ids(base: str, image: Path) -> list[int]:

@@ -6,12 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
-import threading
-import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -34,6 +30,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from conftest import post_image, serving  # noqa: E402
 from hiervision.cli import main  # noqa: E402
 from hiervision.data.fashion_mnist import read_idx  # noqa: E402
 from hiervision.serve import create_app, load_predictor  # noqa: E402
@@ -42,28 +39,14 @@ from hiervision.serve import create_app, load_predictor  # noqa: E402
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A tiny run trained on real Fashion-MNIST, served by uvicorn on a free 127.0.0.1 port."""
-    import uvicorn
-
     d = tmp_path_factory.mktemp("browser")
     cfg = {"data": {"name": "fashion_mnist", "limit_train": 300, "limit_test": 50},
            "model": {"name": "flat", "backbone": "resnet20", "backbone_kwargs": {"width": 0.5}},
            "train": {"epochs": 1, "batch_size": 64, "amp": "none"}}
     (d / "fm.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(d / "fm.yaml"), "--out", str(d / "run"), "--quiet"]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(load_predictor(d / "run", top_k=3))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", d
-    srv.should_exit = True
-    thread.join(10)
+    with serving(create_app(load_predictor(d / "run", top_k=3))) as port:
+        yield f"http://127.0.0.1:{port}", d
 
 
 @pytest.fixture
@@ -84,15 +67,6 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def api_predict(base: str, image: Path) -> dict:
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{image.name}\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + image.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    req = urllib.request.Request(f"{base}/predict?node_scores=true", data=body, method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    return json.load(urllib.request.urlopen(req, timeout=30))["results"][0]
-
-
 def pct(p: float) -> str:
     return f"{100 * p:.1f}%"
 
@@ -101,7 +75,7 @@ def test_page_shows_the_apis_answer(server, browser):
     base, d = server
     image = d / "fmnist-test-0.png"
     Image.fromarray(read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")[0]).save(image)
-    expected = api_predict(base, image)
+    expected = post_image(base, image, "node_scores=true")
     n_nodes = len(json.load(urllib.request.urlopen(f"{base}/taxonomy", timeout=10))["nodes"])
 
     browser.get(base + "/")

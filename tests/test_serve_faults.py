@@ -11,7 +11,6 @@ import http.client
 import json
 import logging
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,8 +18,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
+from conftest import serving  # noqa: E402
 from hiervision.records import TreeView, prediction_record  # noqa: E402
 from hiervision.serve import Limits, create_app  # noqa: E402
 from test_serve import png  # noqa: E402
@@ -45,21 +45,10 @@ class StubPredictor:
 
 @pytest.fixture(scope="module")
 def server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(StubPredictor(0.05), max_batch=4, max_wait_ms=2, limits=LIMITS)
     # log_config=None: uvicorn's records reach the root logger, where caplog sees every line it would print
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="info"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield port, app
-    srv.should_exit = True
-    thread.join(10)
+    with serving(app, log_config=None, log_level="info") as port:
+        yield port, app
 
 
 def body(files: int = 1) -> bytes:
