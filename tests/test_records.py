@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hiervision.records import TreeView, error_record, prediction_record, top_k_ends
-from hiervision.taxonomy import Taxonomy
+from hiervision.taxonomy import PAD, Taxonomy
 
 
 @pytest.fixture
@@ -54,3 +54,22 @@ def test_prediction_record_fields(tax):
 def test_records_module_does_not_import_torch():
     code = "import sys, hiervision.records; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_top_k_ends_matches_a_full_stable_sort_ties_and_invalid_entries_included():
+    """The partition that picks each row's k best gives what sorting all N+1 entries gives: best first,
+    ties to the lower node id, no root, no invalid entry (≤ 0, NaN), PAD and 0 past the valid ends."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        rows, n, k = int(rng.integers(1, 6)), int(rng.integers(2, 40)), int(rng.integers(1, 8))
+        p = (rng.choice([0.0, 0.1, 0.2, 0.3, -1.0, np.nan, 0.5], size=(rows, n)) if trial % 2
+             else rng.random((rows, n)))
+        q = np.where(np.isfinite(p) & (p > 0), p, -1.0)
+        q[:, 0] = -1.0
+        order = np.argsort(-q, axis=1, kind="stable")[:, : min(k, n)]
+        best = np.take_along_axis(q, order, 1)
+        nodes, probs = top_k_ends(p, k)
+        assert nodes.shape == probs.shape == (rows, k)
+        assert (nodes[:, : min(k, n)] == np.where(best > 0, order, PAD)).all()
+        assert np.allclose(probs[:, : min(k, n)], np.clip(best, 0, None))
+        assert (nodes[:, min(k, n):] == PAD).all() and (probs[:, min(k, n):] == 0).all()
