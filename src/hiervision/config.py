@@ -16,8 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 if TYPE_CHECKING:
     from hiervision.taxonomy import Taxonomy
 
@@ -354,6 +352,8 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    import yaml  # here, not at the top: the ONNX runtime imports this module's checks without PyYAML
+
     if path in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
@@ -404,6 +404,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` strings; the value is parsed as YAML (numbers, lists, booleans)."""
+    import yaml
+
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -424,4 +426,6 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
 
 
 def dump(cfg: dict) -> str:
+    import yaml
+
     return yaml.safe_dump(cfg, sort_keys=False)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from hiervision.bayes import decide_records, decode_rule
+from hiervision.config import check_beam_width
 from hiervision.imagefile import DEFAULT_MAX_PIXELS, read_array
 from hiervision.marginals import (
     Temperature,
@@ -418,9 +419,7 @@ class Predictor:
                 hint = " (export the run with --beam-width)" if sidecar.get("model") in ("CnnRnn", "CnnS2S") else ""
                 raise ValueError(f"{self.name}: its decoder ({kind}) has no beam search to set a "
                                  f"width for{hint}")
-            if isinstance(beam_width, bool) or int(beam_width) != beam_width or beam_width < 1:
-                raise ValueError(f"beam width must be an integer >= 1, got {beam_width!r}")
-            sidecar = {**sidecar, "decoder": {**sidecar["decoder"], "beam_width": int(beam_width)}}
+            sidecar = {**sidecar, "decoder": {**sidecar["decoder"], "beam_width": check_beam_width(beam_width)}}
         self.sidecar = sidecar
         #: the decision rule of every answer (hiervision.bayes): the model's own decoding unless named
         self.decode = decode or sidecar.get("decode", "argmax")
