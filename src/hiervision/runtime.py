@@ -290,12 +290,9 @@ def read_image(path: str | os.PathLike, in_chans: int, size: Sequence[int] | Non
 # ----------------------------------------------------------------------------- hedging
 def _rewards(tree: TreeView) -> np.ndarray:
     """``(N+1,)`` Deng et al.'s ``r(v) = log|leaves| − log|leaves under v|`` (the numpy twin of
-    :func:`hiervision.decisions.rewards`), counted along each leaf's path: O(N·depth)."""
-    leaves = tree.end_mask("leaves")
-    under = np.zeros(tree.num_nodes)
-    for leaf in np.flatnonzero(leaves):
-        under[list(tree.path(int(leaf)))] += 1
-    under[0] = leaves.sum()
+    :func:`hiervision.decisions.rewards`): the leaves under each node are the view's subtree sums."""
+    leaves = tree.end_mask("leaves").astype(np.float64)
+    under = tree.subtree_sum(leaves[None])[0]  # the root's column holds every leaf
     return np.log(leaves.sum()) - np.log(np.maximum(under, 1))
 
 
