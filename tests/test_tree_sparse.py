@@ -226,6 +226,11 @@ def test_torch_sums_match_the_dense_products(tree):
     expected = x @ anc.double()
     expected[:, 0] = x.sum(1)
     assert torch.allclose(tables.subtree_sum(x), expected)
+    # values given at some nodes only (a flat softmax's classes): zero elsewhere, then the same sums
+    nodes = torch.tensor(tree.leaves)
+    x_at = torch.zeros_like(x)
+    x_at[:, nodes] = x[:, nodes]
+    assert torch.allclose(tables.scatter_subtree_sum(x[:, nodes], nodes), tables.subtree_sum(x_at))
     # in log space, with terms far below fp32's exp range (-200): the oracle's exact logsumexp
     lx = torch.randn(4, tree.num_nodes) * 3 - torch.tensor([0.0, 200.0, 0.0, 0.0]).unsqueeze(1)
     lx[:, 0] = float("-inf")

@@ -124,9 +124,9 @@ class FlatClassifier(HierarchicalClassifier):
     def _marginals(self, probs: torch.Tensor) -> torch.Tensor:
         """``(B, C)`` class probabilities → ``(B, N+1)`` marginal probability of every node (column 0: 0),
         summed up the tree one level at a time: O(B·N), no (N+1)×C product."""
-        rows = self.tables.subtree_sum(self._node_rows(probs), nodes_first=True)
-        rows[0] = 0
-        return rows.T
+        scores = self.tables.scatter_subtree_sum(probs, self.classes)
+        scores[:, 0] = 0
+        return scores
 
     def _below(self, nodes: torch.Tensor) -> torch.Tensor:
         """``(B,)`` node ids → ``(B, C)`` bool: class c lies at or below the node (its depth-first interval)."""

@@ -150,17 +150,15 @@ def _nodes_first_copy(x: torch.Tensor) -> torch.Tensor:
     return x.T.clone(memory_format=torch.contiguous_format)
 
 
-def subtree_sum(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor, bounds: Sequence[int],
-                nodes_first: bool = False) -> torch.Tensor:
+def subtree_sum(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
     """``(B, N+1)`` values per node → each node's sum over its subtree (itself included; column 0 holds
     the row's total): children add into their parents one level at a time, deepest first. O(B·N).
 
-    The sums run on a ``(N+1, B)`` copy (a level's rows add into their parents' rows, contiguous); with
-    ``nodes_first`` ``x`` is already laid out so, and the result is too (no transposing copy at big N)."""
-    out = x.clone() if nodes_first else _nodes_first_copy(x)
+    The sums run on a ``(N+1, B)`` copy: a level's rows add into their parents' rows, contiguous."""
+    out = _nodes_first_copy(x)
     for idx in _levels(by_depth, bounds, deepest_first=True):
         out.index_add_(0, parent[idx], out[idx])
-    return out if nodes_first else out.T
+    return out.T
 
 
 def subtree_logsumexp(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor,
@@ -247,8 +245,17 @@ class TreeTables(nn.Module):
     def lca(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return lca(self.depth, self.lift, a, b)
 
-    def subtree_sum(self, x: torch.Tensor, nodes_first: bool = False) -> torch.Tensor:
-        return subtree_sum(x, self.parent, self.by_depth, self.level_bounds, nodes_first)
+    def subtree_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return subtree_sum(x, self.parent, self.by_depth, self.level_bounds)
+
+    def scatter_subtree_sum(self, values: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` values at ``nodes`` (distinct ids, ascending for speed) → ``(B, N+1)`` sum over each
+        node's subtree: a flat softmax's node marginals. The values land in a fresh ``(N+1, B)`` block that is
+        summed in place — no working copy, which at 10^5 nodes is a good part of a flat prediction."""
+        rows = values.new_zeros(len(self.parent), len(values)).index_copy_(0, nodes, values.T.contiguous())
+        for idx in _levels(self.by_depth, self.level_bounds, deepest_first=True):
+            rows.index_add_(0, self.parent[idx], rows[idx])
+        return rows.T
 
     def subtree_logsumexp(self, x: torch.Tensor) -> torch.Tensor:
         return subtree_logsumexp(x, self.parent, self.by_depth, self.level_bounds)
