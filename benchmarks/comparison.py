@@ -226,6 +226,7 @@ class Cell:
     needs: Cell | None = None
     tree: Path | None = None  # HierNet: where the induced tree goes (from ``needs``)
     hidden: bool = False
+    ledger: Ledger | None = None  # finished cells committed with the results (see :class:`Ledger`)
 
     @property
     def name(self) -> str:
@@ -250,13 +251,19 @@ class Cell:
         m = self.method
         return self.run_dir / f"metrics_{m.key}.json" if m.beam_widths or m.decode else None
 
-    def done(self) -> bool:
-        """Trained, and the steps after training done: scored in the given tree, decoded."""
+    def finished_here(self) -> bool:
+        """Trained in this run folder, and the steps after training done: scored in the given tree, decoded."""
         return self.trained() and all(f.exists() for f in (self.given, self.decoded) if f is not None)
 
+    def done(self) -> bool:
+        """Finished here, or in an earlier sitting whose metrics the ledger holds under this very config."""
+        return self.finished_here() or (self.ledger is not None and self.ledger.get(self) is not None)
+
     def state(self) -> str:
-        if self.done():
+        if self.finished_here():
             return "done"
+        if self.done():
+            return "done (ledger)"
         if self.trained():
             return "trained; to " + ("score" if self.given and not self.given.exists() else "decode")
         if (self.run_dir / "last.pt").exists():
@@ -267,11 +274,49 @@ class Cell:
 
     def metrics(self) -> dict:
         """Test metrics; an induced-tree run's are those in the data set's own tree (comparable with flat)."""
+        if not self.finished_here() and self.ledger is not None and self.ledger.get(self) is not None:
+            return self.ledger.get(self)
         m = json.loads((self.run_dir / "metrics.json").read_text(encoding="utf-8"))
         for extra in (self.given, self.decoded):
             if extra is not None:
                 m = {**m, **json.loads(extra.read_text(encoding="utf-8"))}
         return m
+
+
+#: what a ledger keeps of a cell's metrics: everything the tables read
+LEDGER_KEYS = (*(k for k, *_ in METRICS), "level_accuracy", "path_accuracy_by_length", "length_diagnostics",
+               "beam_width")
+
+
+class Ledger:
+    """Every finished cell's test metrics, keyed by cell and config digest, in a committed JSON file.
+
+    Run folders are not committed and a fresh machine has none: without the ledger a sitting that
+    runs the new rows would rewrite the tables from its own cells only. With it, a cell is done when
+    this config's metrics are recorded (a changed recipe has a new digest, so it is a new cell), every
+    sitting adds the cells it finishes as they finish, and the tables always cover every cell ever
+    run. A decoding-only row whose trained run is only in the ledger trains that run again (the rule
+    needs its checkpoint); the new run's metrics then replace the recorded ones."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.cells: dict = json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else {}
+
+    def get(self, cell: Cell) -> dict | None:
+        entry = self.cells.get(cell.name)
+        return entry["metrics"] if entry and entry.get("digest") == cell.digest else None
+
+    def record(self, cell: Cell, machine: str) -> None:
+        """Keep a cell finished in its run folder (written at once, atomically: a killed sitting loses nothing)."""
+        metrics = {k: v for k, v in cell.metrics().items() if k in LEDGER_KEYS}
+        entry = {"digest": cell.digest, "machine": machine, "run_dir": str(cell.run_dir), "metrics": metrics}
+        if {k: v for k, v in self.cells.get(cell.name, {}).items() if k != "recorded"} == entry:
+            return
+        self.cells[cell.name] = {**entry, "recorded": time.strftime("%Y-%m-%d")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(sorted(self.cells.items())), indent=1, default=str), encoding="utf-8")
+        tmp.replace(self.path)
 
 
 def digest(cfg: dict) -> str:
@@ -289,7 +334,7 @@ def _cell(data: DataSet, method: Method, seed: int, root: Path, config_dir: Path
 
 def plan(budget: str, seeds: list[int], root: Path, device: str | None = None, only: list[str] | None = None,
          optional: bool = False, datasets: tuple[DataSet, ...] = DATASETS, config_dir: Path = CONFIGS,
-         extra: list[str] | None = None) -> list[Cell]:
+         extra: list[str] | None = None, ledger: Ledger | None = None) -> list[Cell]:
     """Every cell of the budget, seed-major (seed 0 of every row first, so pairs fill in early).
 
     ``only``: ``METHOD/DATA`` glob patterns (``guo_rnn/*``, ``*/fmnist``, ``flat``); the pre-train an
@@ -337,6 +382,8 @@ def plan(budget: str, seeds: list[int], root: Path, device: str | None = None, o
                 cell = _cell(data, m, seed, root, config_dir, own)
                 cell.needs, cell.tree = pre, tree
                 cells += [pre, cell]
+    for c in cells:
+        c.ledger = ledger
     return cells
 
 
@@ -445,44 +492,51 @@ def _finish(cell: Cell, score_fn, decode_fn, rule_fn=None) -> None:
         cell.decoded.write_text(json.dumps(out, indent=1), encoding="utf-8")
 
 
+def _train_cell(cell: Cell, train_fn, log) -> None:
+    log(f"[comparison] {cell.name} ({cell.cfg['train']['epochs']} epochs) -> {cell.run_dir}")
+    train_fn(cell.cfg, cell.run_dir, resume=True)  # the run folder is the engine's: cell.json goes in after
+    (cell.run_dir / "cell.json").write_text(json.dumps(
+        {"digest": cell.digest, "data": cell.data.key, "method": cell.method.run_key, "seed": cell.seed,
+         "hidden": cell.hidden}, indent=1), encoding="utf-8")
+
+
 def run_cells(cells: list[Cell], max_hours: float | None = None, train_fn=None, induce_fn=None, score_fn=None,
-              log=print, decode_fn=None, rule_fn=None) -> dict:
+              log=print, decode_fn=None, rule_fn=None, on_done=None) -> dict:
     """Train every unfinished cell in order (resuming interrupted ones); stop starting new cells after
     ``max_hours``. Induced-tree cells are then scored in the given tree (``score_fn``:
     :func:`given_tree_metrics`), decoding-only rows decoded (``decode_fn``: :func:`tuned_beam_metrics`;
-    ``rule_fn``: :func:`decision_metrics`).
+    ``rule_fn``: :func:`decision_metrics`); ``on_done(cell)`` follows each finished cell (the ledger).
+    A hidden pre-train runs only while a cell that needs it is unfinished.
     Returns ``{"ran": [...], "skipped": [...], "stopped": bool}``."""
     if train_fn is None:
         from hiervision.training import train as train_fn
     if induce_fn is None:
         from hiervision.induce import induce_from_run as induce_fn
     score_fn, decode_fn = score_fn or given_tree_metrics, decode_fn or tuned_beam_metrics
+    waiting = {c.needs.name for c in cells if c.needs is not None and not c.done()}
     t0, ran, skipped = time.monotonic(), [], []
     for cell in cells:
-        if cell.done():
+        if cell.done() or (cell.hidden and cell.name not in waiting):
             skipped.append(cell.name)
             continue
-        if cell.trained():  # only the steps after training are missing
+        if not cell.trained():
+            if max_hours is not None and time.monotonic() - t0 > max_hours * 3600:
+                log(f"[comparison] {max_hours} h used: stopping before {cell.name}; run the same command to go on")
+                return {"ran": ran, "skipped": skipped, "stopped": True}
+            if cell.needs is not None:
+                if not cell.needs.trained():  # finished in an earlier sitting: its checkpoint is needed again
+                    _train_cell(cell.needs, train_fn, log)
+                if not cell.tree.exists():
+                    p_min, g_max = cell.data.induce
+                    induce_fn(cell.needs.run_dir, p_min, g_max).save(cell.tree)
+            _train_cell(cell, train_fn, log)
+        else:  # only the steps after training are missing
             log(f"[comparison] {cell.name}: {cell.state()} ({cell.run_dir})")
-            _finish(cell, score_fn, decode_fn, rule_fn)
-            ran.append(cell.name)
-            continue
-        if max_hours is not None and time.monotonic() - t0 > max_hours * 3600:
-            log(f"[comparison] {max_hours} h used: stopping before {cell.name}; run the same command to go on")
-            return {"ran": ran, "skipped": skipped, "stopped": True}
-        if cell.needs is not None:
-            if not cell.needs.done():
-                raise RuntimeError(f"{cell.name} needs {cell.needs.name}, which is not finished")
-            if not cell.tree.exists():
-                p_min, g_max = cell.data.induce
-                tree = induce_fn(cell.needs.run_dir, p_min, g_max)
-                tree.save(cell.tree)
-        log(f"[comparison] {cell.name} ({cell.cfg['train']['epochs']} epochs) -> {cell.run_dir}")
-        train_fn(cell.cfg, cell.run_dir, resume=True)  # the run folder is the engine's: cell.json goes in after
-        (cell.run_dir / "cell.json").write_text(json.dumps(
-            {"digest": cell.digest, "data": cell.data.key, "method": cell.method.run_key, "seed": cell.seed,
-             "hidden": cell.hidden}, indent=1), encoding="utf-8")
         _finish(cell, score_fn, decode_fn, rule_fn)
+        if on_done is not None:  # and the rows sharing its run folder (a post-hoc row's trained run)
+            for c in cells:
+                if c.run_dir == cell.run_dir and c.finished_here():
+                    on_done(c)
         ran.append(cell.name)
     return {"ran": ran, "skipped": skipped, "stopped": False}
 
@@ -729,6 +783,19 @@ def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s
     return body
 
 
+def machines_note(cells: list[Cell], ledger: Ledger, machine: str) -> str:
+    """Where the table's cells ran, when not all on this sitting's machine (sittings add up across machines)."""
+    where: dict[str, list[str]] = {}
+    for c in cells:
+        entry = ledger.cells.get(c.name)
+        if c.done() and not c.hidden and entry:
+            where.setdefault(entry["machine"], []).append(c.name)
+    if set(where) <= {machine}:
+        return ""
+    return "  \nCells by machine: " + "; ".join(f"{len(v)} on {m} ({', '.join(sorted({n.split('/')[0] for n in v}))})"
+                                             for m, v in where.items()) + "."
+
+
 def _without_only(argv: list[str]) -> list[str]:
     """The command line minus ``--only PATTERN...`` and ``--table-only``: the command that regenerates
     the whole table (and continues every cell) from the cache."""
@@ -749,7 +816,11 @@ def main(args, machine_fn) -> int:
 
     root = Path(args.out) / f"comparison-{args.budget}"
     seeds = args.seeds or [0, 1, 2]
-    cells = plan(args.budget, seeds, root, args.device, args.only, args.optional, extra=args.set)
+    name = "comparison" if args.budget == "cpu" else f"comparison-{args.budget}"
+    # the smoke test's ledger stays beside its runs; the budgets' is committed with their tables
+    ledger = Ledger((root / "results" if args.budget == "tiny" else HERE / "results") / f"{name}-cells.json")
+    machine = machine_fn()
+    cells = plan(args.budget, seeds, root, args.device, args.only, args.optional, extra=args.set, ledger=ledger)
     if args.status:
         print(status(cells))
         return 0
@@ -758,25 +829,30 @@ def main(args, machine_fn) -> int:
         from hiervision.training import Preempted
 
         try:
-            run_cells(cells, args.max_hours)
+            run_cells(cells, args.max_hours, on_done=lambda c: ledger.record(c, machine))
         except Preempted as e:  # the cell's last.pt holds the step: the same command resumes it
             print(f"[comparison] {e}", file=sys.stderr)
             return 128 + e.signum
     # the tables cover every row and cached seed whatever this sitting ran: `--only` never shrinks them
-    table = plan(args.budget, sorted({0, 1, 2, *seeds}), root, args.device, None, args.optional, extra=args.set)
+    table = plan(args.budget, sorted({0, 1, 2, *seeds}), root, args.device, None, args.optional, extra=args.set,
+                 ledger=ledger)
     planned = {t.name for t in table}
     table += [c for c in cells if c.name not in planned]
+    for c in table:  # cells finished here before the ledger knew them
+        if c.finished_here():
+            ledger.record(c, machine)
     summary = summarize(table, args.budget)
     command = " ".join(["python benchmarks/run.py", *_without_only(sys.argv[1:])])
     where = {}
     if args.budget == "tiny":  # a smoke test: keep its numbers out of the project's results
         root = Path(args.out) / "comparison-tiny"
         where = {"results_dir": root / "results", "results_md": root / "RESULTS.md", "readme": None}
-    done = sum(c.done() for c in table)
-    progress = (f"Progress: {done} of {len(table)} cells done; "
-                f"{'complete' if done == len(table) else f'continue with `{command}`'} "
-                f"(`--status` lists the cells).")
-    print(write_outputs(summary, args.budget, command, machine_fn(), time.perf_counter() - t0, progress=progress,
+    shown = [c for c in table if not c.hidden]  # a pre-train is part of its HierNet cell
+    done = sum(c.done() for c in shown)
+    progress = (f"Progress: {done} of {len(shown)} cells done; "
+                f"{'complete' if done == len(shown) else f'continue with `{command}`'} "
+                f"(`--status` lists the cells).{machines_note(shown, ledger, machine)}")
+    print(write_outputs(summary, args.budget, command, machine, time.perf_counter() - t0, progress=progress,
                         **where))
     print(status(cells))
     return 0

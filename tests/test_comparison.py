@@ -236,6 +236,55 @@ def test_status_reports_partial_cells_and_max_hours_stops(tmp_path, configs):
         C.plan("tpu", [0], tmp_path, datasets=_tiny(), config_dir=configs)
 
 
+def test_the_ledger_keeps_finished_cells_across_machines(tmp_path, configs):
+    """Run folders are not committed: a fresh checkout's tables come from the ledger, a sitting adds to it,
+    and a post-hoc row whose trained run is only in the ledger trains that run again."""
+    crm = C.Method("flat_crm", "flat + CRM", "flat.yaml", reuses="flat", decode="crm")
+    toy = _tiny()[0]
+    data = (dataclasses.replace(toy, methods=(*toy.methods, crm)),)
+    trained = []
+
+    def train_fn(cfg, run_dir, resume):  # a stand-in run: the seed decides its accuracy
+        trained.append(run_dir.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        acc = 0.5 + 0.1 * cfg["seed"] + (0.05 if cfg["model"]["name"] == "guo_rnn" else 0.0)
+        (run_dir / "metrics.json").write_text(json.dumps({"path_accuracy": acc, "other": 1}))
+
+    def rule_fn(run_dir, rule):
+        return {"path_accuracy": json.loads((run_dir / "metrics.json").read_text())["path_accuracy"] - 0.01}
+
+    ledger_path = tmp_path / "results" / "comparison-cells.json"
+    first = tmp_path / "machine-a"
+    cells = C.plan("cpu", [0, 1], first, datasets=data, config_dir=configs, only=["flat", "guo_rnn"],
+                   ledger=C.Ledger(ledger_path))
+    C.run_cells(cells, train_fn=train_fn, log=lambda *_: None,
+                on_done=lambda c: c.ledger.record(c, "machine A"))
+    assert len(trained) == 4
+    kept = json.loads(ledger_path.read_text())
+    assert set(kept) == {"flat/toy/s0", "guo_rnn/toy/s0", "flat/toy/s1", "guo_rnn/toy/s1"}
+    assert kept["flat/toy/s1"]["metrics"] == {"path_accuracy": pytest.approx(0.6)}  # only what the tables read
+
+    # another machine, no run folders: the ledger's cells are done, the new row trains flat again
+    second = tmp_path / "machine-b"
+    ledger = C.Ledger(ledger_path)
+    cells = C.plan("cpu", [0, 1], second, datasets=data, config_dir=configs, ledger=ledger)
+    assert [c.state() for c in cells if c.method.key != "flat_crm"] == ["done (ledger)"] * 4
+    trained.clear()
+    C.run_cells(cells, train_fn=train_fn, rule_fn=rule_fn, log=lambda *_: None,
+                on_done=lambda c: ledger.record(c, "machine B"))
+    assert sorted(trained) == sorted(c.run_dir.name for c in cells if c.method.key == "flat_crm")
+    rows = C.summarize(cells)["toy"]["rows"]
+    assert rows["guo_rnn"]["n"] == 2 and rows["flat_crm"]["n"] == 2
+    assert rows["guo_rnn"]["vs_flat"]["path_accuracy"]["mean"] == pytest.approx(0.05)
+    assert rows["flat_crm"]["vs_flat"]["path_accuracy"]["mean"] == pytest.approx(-0.01)
+    kept = json.loads(ledger_path.read_text())
+    assert kept["flat/toy/s0"]["machine"] == "machine B" and kept["guo_rnn/toy/s0"]["machine"] == "machine A"
+    assert "2 on machine A (guo_rnn)" in C.machines_note(cells, ledger, "machine B")
+    # a changed recipe is a new cell: the ledger's numbers never stand in for it
+    changed = C.plan("cpu", [0], second, datasets=data, config_dir=configs, extra=["train.lr=0.05"], ledger=ledger)
+    assert not any(c.done() for c in changed)
+
+
 @pytest.mark.slow
 def test_run_py_status_lists_every_cell_of_the_real_plan(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--profile", "comparison",
