@@ -649,6 +649,54 @@ def which_method(summary: dict, min_seeds: int = 3) -> str:
     return "\n\n".join(parts)
 
 
+#: issue 24's bar for the recipe hiervision recommends: (metric, short name, scale, what its paired 95 %
+#: interval against flat must show on every data set)
+RECIPE_BAR = (("leaf_accuracy", "Δ top-1 pt", 100, lambda d: d["hi"] >= 0),  # ties or beats flat
+              ("mistake_severity", "Δ mistake sev.", 1, lambda d: d["hi"] < 0),  # lower
+              ("hdist@5", "Δ hdist@5", 1, lambda d: d["hi"] < 0))  # lower
+
+
+def recommendation(summary: dict, min_seeds: int = 3) -> str:
+    """The recommended recipe, from the paired intervals: a row that on every data set keeps flat's top-1
+    (interval reaching 0 or above) and lowers mistake severity and hdist@5 (intervals below 0). Without
+    one, the best trade-off: among rows that keep top-1 everywhere, the largest cut in mistake severity."""
+    first = next(iter(summary.values()))["rows"] if summary else {}
+
+    def pairs(key: str, metric: str) -> list[dict] | None:
+        ds = [data["rows"].get(key, {}).get("vs_flat", {}).get(metric) for data in summary.values()]
+        return ds if all(d and d["lo"] is not None and d["n"] >= min_seeds for d in ds) else None
+
+    measured = [k for k in first if k != "flat" and all(pairs(k, m) for m, *_ in RECIPE_BAR)]
+    if not measured:
+        return (f"*Recommended recipe*: not decided yet — it needs >= {min_seeds} paired seeds of top-1, mistake "
+                "severity and hdist@5 on every data set (issue 24's rows).")
+
+    def shown(key: str) -> str:
+        per_data = []
+        for i, data in enumerate(summary.values()):
+            ds = [(name, f, pairs(key, m)[i]) for m, name, f, _ in RECIPE_BAR]
+            per_data.append(f"{data['label']}: " + ", ".join(
+                f"{name} {d['mean'] * f:+.2f} [{d['lo'] * f:+.2f}, {d['hi'] * f:+.2f}]" for name, f, d in ds))
+        return "; ".join(per_data) + f" (95 % CI, n >= {min_seeds})"
+
+    def passes(key: str, bar=RECIPE_BAR) -> bool:
+        return all(ok(d) for m, *_, ok in bar for d in pairs(key, m))
+
+    meets = [k for k in measured if passes(k)]
+    if meets:
+        best = max(meets, key=lambda k: sum(d["mean"] for d in pairs(k, "leaf_accuracy")))
+        return (f"*Recommended recipe*: **{first[best]['label']}** — on every data set it keeps flat's top-1 and "
+                f"makes milder mistakes: {shown(best)}.")
+    text = ("*Recommended recipe*: no row meets the bar (top-1 ties or beats flat, mistake severity and hdist@5 "
+            "lower with 95 % intervals below 0, on every data set).")
+    keeps = [k for k in measured if passes(k, RECIPE_BAR[:1])]
+    if not keeps:
+        return text + " None keeps flat's top-1 everywhere: flat stays the recipe."
+    best = min(keeps, key=lambda k: sum(d["mean"] for d in pairs(k, "mistake_severity")))
+    return text + (f" Best trade-off (keeps top-1, largest cut in mistake severity): **{first[best]['label']}**: "
+                   f"{shown(best)}.")
+
+
 def section(summary: dict, budget: str, command: str, machine: str, wall_s: float, name: str,
             progress: str = "") -> str:
     """The RESULTS.md section: protocol, machine, command, then per data set the table (n per row),
@@ -709,7 +757,7 @@ def section(summary: dict, budget: str, command: str, machine: str, wall_s: floa
                 lines.append(f"| {r['label']} | " + " | ".join(
                     f"{v[str(n)]:.3f}" if str(n) in v else "–" for n in lengths) + " |")
         lines += ["", f"![paired differences]({_plot_name(name, key)})"]
-    lines += ["", "### Which method?", "", which_method(summary), ""]
+    lines += ["", "### Which method?", "", which_method(summary), "", recommendation(summary), ""]
     return "\n".join(lines)
 
 
@@ -776,8 +824,8 @@ def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s
         if README_START in text and README_END in text:
             head, rest = text.split(README_START, 1)
             old, tail = rest.split(README_END, 1)
-            para = which_method(summary) + f"\n\n(Generated from `{command}`; protocol and tables: " \
-                "benchmarks/RESULTS.md, section `" + name + "`.)"
+            para = (f"{which_method(summary)}\n\n{recommendation(summary)}\n\n(Generated from `{command}`; protocol "
+                    f"and tables: benchmarks/RESULTS.md, section `{name}`.)")
             if para.count(_CLAIM) >= old.count(_CLAIM):
                 readme.write_text(f"{head}{README_START}\n{para}\n{README_END}{tail}", encoding="utf-8")
     return body

@@ -97,6 +97,32 @@ def test_which_method_is_generated_from_intervals_only():
     assert "*X*: not measured yet with >= 3 seeds: flat, A, B, C" in text
 
 
+def _paired(mean: float, half: float, n: int = 3) -> dict:
+    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half}
+
+
+def test_the_recommended_recipe_follows_the_bar_on_every_data_set():
+    def row(label, top1, sev, hd5, n=3):
+        return {"label": label, "n": n, "vs_flat": {"leaf_accuracy": _paired(top1, 0.004, n),
+                                                     "mistake_severity": _paired(sev, 0.02, n),
+                                                     "hdist@5": _paired(hd5, 0.02, n)}}
+
+    def summary(**rows):
+        both = {"flat": {"label": "flat", "n": 3}}
+        return {d: {"label": d.upper(), "rows": {**both, **rows}} for d in ("a", "b")}
+
+    assert "not decided yet" in C.recommendation(summary(x=row("X", 0.0, -0.1, -0.1, n=2)))
+    # X keeps top-1 (interval holds 0) and cuts both mistake measures; Y gains top-1 but not severity
+    text = C.recommendation(summary(x=row("X", 0.001, -0.1, -0.1), y=row("Y", 0.01, 0.0, -0.1)))
+    assert text.startswith("*Recommended recipe*: **X**") and "Δ top-1 pt +0.10 [-0.30, +0.50]" in text
+    # nobody meets the bar: the best trade-off among the rows that keep top-1
+    text = C.recommendation(summary(x=row("X", 0.001, -0.01, -0.1), y=row("Y", 0.0, -0.015, 0.0),
+                                    z=row("Z", -0.05, -0.5, -0.5)))
+    assert "no row meets the bar" in text
+    assert "Best trade-off (keeps top-1, largest cut in mistake severity): **Y**" in text
+    assert "flat stays the recipe" in C.recommendation(summary(z=row("Z", -0.05, -0.5, -0.5)))
+
+
 # ----------------------------------------------------------------------------- the profile end to end
 @pytest.mark.slow
 def test_profile_is_resumable_and_cumulative(tmp_path, configs):
