@@ -185,6 +185,13 @@ def test_induce_p_min_must_lie_in_0_1(capsys, exported, tmp_path, value):
     assert not (tmp_path / "t.json").exists()
 
 
+def test_induce_refuses_a_tree_too_big_for_its_dense_matrix(capsys, exported, tmp_path, monkeypatch):
+    monkeypatch.setattr("hiervision.induce.MAX_INDUCE_CLASSES", 2)
+    rc, err, _ = cli(capsys, "induce", exported / "run", "--p-min", "0.1", "--out", tmp_path / "t.json")
+    assert rc == 1 and "inducing a tree reads a dense confusion matrix" in err and "give the tree" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "t.json").exists()
+
+
 def test_csv_path_separator_never_found_in_a_class_name(capsys, exported):
     rc, _, out = cli(capsys, "predict", exported / "m.onnx", exported / "a.png", "--format", "csv")
     assert rc == 0

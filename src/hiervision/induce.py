@@ -16,6 +16,7 @@ aeroplane both have wings). HierNet groups the classes the network itself mixes 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +25,10 @@ import torch
 from hiervision.taxonomy import Taxonomy
 
 __all__ = ["confusion_probability_matrix", "group_classes", "induce_from_run", "induce_taxonomy", "plot_taxonomy"]
+
+
+#: the most classes :func:`induce_from_run` takes: its (C, C) float64 matrix is 3.2 GB at 20,000
+MAX_INDUCE_CLASSES = 20_000
 
 
 def confusion_probability_matrix(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -142,6 +147,9 @@ def induce_from_run(run_dir: str | os.PathLike, p_min: float | Sequence[float],
 
     dev = select_device(device)
     cfg, taxonomy, model, meta = load_run(run_dir, device=dev)
+    if len(taxonomy.leaves) > MAX_INDUCE_CLASSES:  # HierNet's grouping reads a dense C x C matrix
+        raise ValueError(f"{run_dir}: {len(taxonomy.leaves)} classes; inducing a tree reads a dense confusion "
+                         f"matrix (C² floats), so it is for up to {MAX_INDUCE_CLASSES:,} classes — give the tree")
     data = run_data(cfg, run_dir, meta=meta)
     if data.multi_label or not len(data.val):
         raise ValueError(f"{run_dir}: inducing a tree needs single-label data with a validation split")
@@ -157,7 +165,7 @@ def induce_from_run(run_dir: str | os.PathLike, p_min: float | Sequence[float],
     cpm = confusion_probability_matrix(probs, index[targets], len(leaves))
     names = [taxonomy.names[n] for n in leaves]
     ext = [taxonomy.external_ids[n] for n in leaves]
-    repeated = {n for n in names if names.count(n) > 1}  # WordNet names repeat; groups need unique ones
+    repeated = {n for n, k in Counter(names).items() if k > 1}  # WordNet names repeat; groups need unique ones
     names = [f"{n} ({e})" if n in repeated and e else n for n, e in zip(names, ext)]
     return induce_taxonomy(cpm, names, p_min, g_max, ext)
 
