@@ -59,6 +59,13 @@ def test_haframe_loss_is_cross_entropy_plus_the_cosine_pull():
     with pytest.raises(ValueError, match="training batch of one"):  # batch norm in the head: one clear line
         model.train()(torch.rand(1, 1, 16, 16))
     assert model.eval()(torch.rand(1, 1, 16, 16))["logits"].shape == (1, 5)
+    assert "frame" not in model.state_dict()  # the tree gives it again: checkpoints carry no copy
+
+
+def test_haframe_refuses_a_tree_too_big_for_its_dense_frame(monkeypatch):
+    monkeypatch.setattr("hiervision.models.haframe.MAX_FRAME_CLASSES", 4)
+    with pytest.raises(ValueError, match=r"model haframe: 5 classes; its frame is a dense C x C matrix"):
+        create_model("haframe", FIXED, **SMALL)
 
 
 def test_haf_levels_carry_shallow_leaves_and_partition_the_leaves():

@@ -84,6 +84,10 @@ class _Residual(nn.Module):
         return x + self.body(x)
 
 
+#: the most classes a frame is built for (five eigen-decompositions of a C x C matrix: seconds at 1,000)
+MAX_FRAME_CLASSES = 5_000
+
+
 class HAFrameClassifier(FlatClassifier):
     """Flat softmax over the leaves through the transformation head and the fixed hierarchy-aware frame
     (module docstring). ``frame_gamma``: γ of the distance-to-cosine decay; ``cosine_weight``: α, the
@@ -100,14 +104,19 @@ class HAFrameClassifier(FlatClassifier):
         super().__init__(taxonomy, **kwargs)
         self.cosine_weight = float(cosine_weight)
         c = len(self.classes)
+        if c > MAX_FRAME_CLASSES:
+            raise ValueError(f"model haframe: {c:,} classes; its frame is a dense C x C matrix found by "
+                             f"eigen-decompositions (O(C³)), so it takes up to {MAX_FRAME_CLASSES:,} classes — "
+                             "on a bigger tree use soft_max_margin, haf or flat with a decision rule")
         del self.fc  # the frame replaces the trained classifier
         self.transform = nn.Sequential(nn.Linear(self.backbone.num_features, c, bias=False), nn.BatchNorm1d(c),
                                        _Residual(c), _Residual(c))
         lca = self.tables.lca(self.classes.unsqueeze(1), self.classes.unsqueeze(0))  # (C, C): the frame's own size
         dist = self.tables.height[lca].double().numpy()
         frame, sim = hierarchy_aware_frame(dist, frame_gamma)
-        self.register_buffer("frame", torch.from_numpy(frame).float())
-        self.register_buffer("frame_cosines", torch.from_numpy(sim).float())
+        # the tree gives both again (the rotation is seeded): checkpoints carry no table the tree recomputes
+        self.register_buffer("frame", torch.from_numpy(frame).float(), persistent=False)
+        self.register_buffer("frame_cosines", torch.from_numpy(sim).float(), persistent=False)
         index = torch.full((taxonomy.num_nodes,), -1, dtype=torch.long)
         index[self.classes] = torch.arange(c)
         self.register_buffer("class_index", index, persistent=False)
