@@ -12,8 +12,12 @@
 Resumable and cumulative: each (method, data, seed) cell is one run folder
 ``RUNS/comparison-<budget>/<data>/<method>-s<seed>-<digest>`` named by the digest of its full config
 (so a changed recipe makes new cells instead of mixing results); a cell with ``metrics.json`` and a
-matching ``cell.json`` is skipped, an interrupted one resumes from ``last.pt``. Every invocation
-rewrites the tables from every finished cell, with ``n`` per cell: the table fills in over sittings.
+matching ``cell.json`` is skipped, an interrupted one resumes from ``last.pt``. Run folders are not
+committed: each finished cell's test metrics also go, as it finishes, into the committed ledger
+``benchmarks/results/comparison-cells.json`` (:class:`Ledger`, keyed by cell and config digest), so a
+fresh checkout on another machine starts with every cell ever finished and only runs the rest. Every
+invocation rewrites the tables from every finished cell, with ``n`` per cell (and, when they differ,
+which machine each came from): the table fills in over sittings.
 
 HierNet-induced gets the flat row's whole budget: a flat pre-train (same recipe, ``pretrain_fraction``
 of the epochs; its own hidden cell), the tree induced from that run's validation confusion, then
