@@ -101,7 +101,8 @@ async function reveal(result) {
       p.numKids = level.num_children;
       p.shown = [];
       p.offset = 0;  // "+ N more" lists the rest from the first page on
-      for (const c of level.nodes) {
+      const on = new Set(result.path_ids);  // the path first, then the siblings, most probable first
+      for (const c of [...level.nodes].sort((a, b) => on.has(b.id) - on.has(a.id))) {
         node(c.id, c.name, level.parent).numKids = c.num_children;
         show_child(p, c.id);
         scores.set(c.id, c.probability);
@@ -126,20 +127,35 @@ async function reveal(result) {
   }
 }
 
-// the drawn tree: open nodes' shown children, depth first; `more` rows stand for children not listed yet
-// (each leaf of the drawn tree and each `more` box gets a row; a parent sits at the middle of its rows)
+// the drawn tree: open nodes' shown children, depth first; a `more` box stands for the children not listed
+// yet. A small tree is drawn as before: each leaf gets a row, a parent sits at the middle of its children.
+// A big one is packed by column: a node takes the first free row of its column at or below its parent's,
+// so the predicted path (first at each level) runs along the top row with its siblings stacked under it.
 function layout() {
-  const more = [], y = new Map(), kids = new Map();
+  const more = [], y = new Map(), kids = new Map(), free = [];
   let rows = 0;
-  (function place(v) {
+  const take = (depth, from) => {
+    const r = Math.max(from, free[depth] || 0);
+    free[depth] = r + 1;
+    rows = Math.max(rows, r + 1);
+    return r;
+  };
+  (function place(v, from) {
     const shown = v.open ? v.shown.map((id) => tree.nodes.get(id)) : [];
-    kids.set(v.id, shown);
-    shown.forEach(place);
     const rest = v.open && v.numKids !== null ? v.numKids - v.shown.length : 0;
+    kids.set(v.id, shown);
+    if (tree.big) {
+      const r = take(v.depth, from);
+      y.set(v.id, r * ROW);
+      shown.forEach((c) => place(c, r));
+      if (rest > 0) more.push({ parent: v, rest, y: take(v.depth + 1, r) * ROW });
+      return;
+    }
+    shown.forEach((c) => place(c, 0));
     if (rest > 0) more.push({ parent: v, rest, y: rows++ * ROW });
     const ys = [...shown.map((c) => y.get(c.id)), ...(rest > 0 ? [more[more.length - 1].y] : [])];
     y.set(v.id, ys.length ? (ys[0] + ys[ys.length - 1]) / 2 : rows++ * ROW);
-  })(tree.nodes.get(0));
+  })(tree.nodes.get(0), 0);
   return { y, kids, rows, more };
 }
 
