@@ -341,3 +341,17 @@ def test_big_tree_page_shows_the_answer_and_expands_without_fetching_the_tree(bi
 @pytest.mark.slow
 def test_big_tree_page_fits_a_360_px_screen(big_server, browser, noise_png):
     fits_360_px(browser, big_server[0], noise_png)
+
+
+@pytest.mark.slow
+def test_page_load_benchmark_measures_the_lazy_page(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import page_load
+
+    assert page_load.main(["--trees", "random:5000", "--out", str(tmp_path / "page.json")]) == 0
+    row = json.loads((tmp_path / "page.json").read_text())["rows"][0]
+    assert abs(row["nodes"] - 5000) <= 1 and not row["fetched_whole_taxonomy"] and row["open_s"] > 0
+    assert row["load_bytes"] < row["taxonomy_bytes"] and row["answer_bytes"] < row["node_scores_bytes"]
+    assert "| random:5000 | 5,000 |" in capsys.readouterr().out

@@ -30,6 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
+from hiervision.records import TreeView
 from hiervision.serve.batching import MicroBatcher, QueueFull
 from hiervision.serve.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from hiervision.serve.nodes import MAX_IDS, BadNodeId, node_record, parse_ids, path_siblings
@@ -260,7 +261,7 @@ def create_app(
     return app
 
 
-def _finish(rec: dict[str, Any], name: str, tree, hedge: Callable[[dict[str, Any]], Any] | None,
+def _finish(rec: dict[str, Any], name: str, tree: TreeView, hedge: Callable[[dict[str, Any]], Any] | None,
             node_scores: bool, siblings: int) -> dict[str, Any]:
     """The record as answered: its file name, the hedged answer (``runtime.Predictor.hedger``), the path's
     siblings and ``node_scores`` (every node's, kept only on request), all read from the record's scores."""

@@ -50,7 +50,7 @@ function node(id, name, parent) {
   return v;
 }
 
-function show_child(v, id) { if (!v.shown.includes(id)) v.shown.push(id); }
+function addShown(v, id) { if (!v.shown.includes(id)) v.shown.push(id); }
 
 // the next page of v's children from the server, added to those drawn
 async function loadChildren(v) {
@@ -61,7 +61,7 @@ async function loadChildren(v) {
     v.name = got.name;
     v.numKids = got.num_children;
     v.offset += got.children.length;
-    for (const c of got.children) { node(c.id, c.name, v.id).numKids = c.num_children; show_child(v, c.id); }
+    for (const c of got.children) { node(c.id, c.name, v.id).numKids = c.num_children; addShown(v, c.id); }
     if (!got.children.length) break;
   }
 }
@@ -93,18 +93,19 @@ async function loadTree() {
 
 // the answer's nodes in the tree: the path with its siblings, the alternatives' paths, all opened
 async function reveal(result) {
-  for (const v of tree.nodes.values()) if (tree.big) v.open = false;
   tree.nodes.get(0).open = true;
   if (tree.big) {
+    for (const v of tree.nodes.values()) v.open = v.id === 0;  // what was opened for the previous image closes
+    const on = new Set(result.path_ids);
     for (const level of result.siblings) {
       const p = tree.nodes.get(level.parent);
       p.numKids = level.num_children;
       p.shown = [];
       p.offset = 0;  // "+ N more" lists the rest from the first page on
-      const on = new Set(result.path_ids);  // the path first, then the siblings, most probable first
+      // the path's node first, then its siblings, most probable first
       for (const c of [...level.nodes].sort((a, b) => on.has(b.id) - on.has(a.id))) {
         node(c.id, c.name, level.parent).numKids = c.num_children;
-        show_child(p, c.id);
+        addShown(p, c.id);
         scores.set(c.id, c.probability);
       }
       p.open = true;
@@ -114,7 +115,7 @@ async function reveal(result) {
     alt.path_ids.forEach((id, i) => {
       const parent = i ? alt.path_ids[i - 1] : 0;
       node(id, alt.path[i], parent);
-      show_child(tree.nodes.get(parent), id);
+      addShown(tree.nodes.get(parent), id);
       tree.nodes.get(parent).open = true;
     });
   }
