@@ -295,3 +295,89 @@ def test_docs_are_served_from_local_files(client):
     assert "http://" not in page.text and "https://" not in page.text  # no CDN
     for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
         assert client.get(f"/docs/assets/{asset}").status_code == 200
+
+
+# ----------------------------------------------------------------------------- a big tree, a few nodes at a time
+def test_taxonomy_nodes_are_the_trees_nodes_with_a_page_of_children(client, predictor):
+    tree = predictor.tree
+    inner = next(v for v in range(1, tree.num_nodes) if len(tree.children[v]) >= 3)
+    leaf = next(v for v in range(1, tree.num_nodes) if not tree.children[v])
+    r = client.get(f"/taxonomy/nodes?ids=0,{inner}&ids={leaf}")
+    assert r.status_code == 200, r.text
+    root, node, end = r.json()["nodes"]
+    assert (root["id"], root["parent"], root["depth"], root["path_ids"], root["more"]) == (0, -1, 0, [], 0)
+    assert [c["id"] for c in root["children"]] == list(tree.children[0]) and root["num_children"] == len(
+        tree.children[0])
+    assert node["path_ids"] == list(tree.path(inner)) and node["path"] == [tree.names[n] for n in tree.path(inner)]
+    assert (node["name"], node["parent"], node["depth"]) == (tree.names[inner], tree.parents[inner],
+                                                             len(tree.path(inner)))
+    assert node["children"] == [{"id": c, "name": tree.names[c], "num_children": len(tree.children[c])}
+                                for c in tree.children[inner]]
+    assert end["children"] == [] and end["num_children"] == 0 and end["path_ids"][-1] == leaf
+    # a page of the children and a count of the rest
+    page = client.get(f"/taxonomy/nodes?ids={inner}&offset=1&limit=1").json()["nodes"][0]
+    kids = tree.children[inner]
+    assert [c["id"] for c in page["children"]] == [kids[1]] and page["more"] == len(kids) - 2
+    assert page["num_children"] == len(kids)
+    past = client.get(f"/taxonomy/nodes?ids={inner}&offset=99").json()["nodes"][0]
+    assert past["children"] == [] and past["more"] == 0
+
+
+BAD_IDS = [  # (query, status, words in the message)
+    ("ids=abc", 422, "'abc' is not a node id"),
+    ("ids=0,-1", 422, "'-1' is not a node id"),
+    ("ids=3,99999", 404, "node 99999 does not exist"),
+    ("ids=", 422, "at least one node id"),
+    ("", 422, "ids: Field required"),
+    ("ids=" + ",".join(["1"] * 257), 422, "257 ids, more than the limit of 256"),
+    ("ids=0&limit=1001", 422, "limit:"),
+    ("ids=0&offset=-1", 422, "offset:"),
+]
+
+
+@pytest.mark.parametrize("query,status,words", BAD_IDS, ids=[b[0][:20] for b in BAD_IDS])
+def test_bad_node_ids_get_one_line_naming_the_id(client, query, status, words):
+    r = client.get(f"/taxonomy/nodes?{query}")
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert words in detail and "\n" not in detail and "multipart" not in detail
+
+
+def test_predict_siblings_are_the_most_probable_children_at_each_level(client, predictor):
+    tree = predictor.tree
+    r = client.post("/predict?siblings=2&node_scores=true", files={"file": ("a.png", png(0), "image/png")})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    scores, path = res["node_scores"], res["path_ids"]
+    levels = res["siblings"]
+    assert [lv["parent"] for lv in levels] == ([0, *path] if tree.children[path[-1]] else [0, *path[:-1]])
+    for d, lv in enumerate(levels):
+        kids = tree.children[lv["parent"]]
+        ids = [n["id"] for n in lv["nodes"]]
+        assert lv["num_children"] == len(kids) and set(ids) <= set(kids) and len(ids) == min(2, len(kids))
+        if d < len(path):
+            assert path[d] in ids
+        assert [n["probability"] for n in lv["nodes"]] == [scores[n] for n in ids]
+        assert ids == sorted(ids, key=lambda n: -scores[n])
+        assert all(n["name"] == tree.names[n["id"]] and n["num_children"] == len(tree.children[n["id"]])
+                   for n in lv["nodes"])
+    plain = client.post("/predict", files={"file": ("a.png", png(0), "image/png")}).json()["results"][0]
+    assert "siblings" not in plain
+    bad = client.post("/predict?siblings=101", files={"file": ("a.png", png(0), "image/png")})
+    assert bad.status_code == 422 and "siblings" in bad.json()["detail"]
+
+
+def test_path_siblings_keep_the_path_node_and_cost_no_more_than_the_fan_out():
+    from hiervision.records import TreeView
+    from hiervision.serve.nodes import path_siblings
+
+    # root -> 1..5; 1 -> 6, 7, 8; the path 1 > 6 has low scores, its siblings high ones
+    tree = TreeView(tuple(f"n{i}" for i in range(9)), (-1, 0, 0, 0, 0, 0, 1, 1, 1))
+    scores = [1, .1, .3, .2, .25, .15, .01, .5, .4]
+    levels = path_siblings(tree, [1, 6], scores, k=2)
+    assert [[n["id"] for n in lv["nodes"]] for lv in levels] == [[2, 1], [7, 6]]  # not [2, 4], [7, 8]
+    assert [lv["num_children"] for lv in levels] == [5, 3]
+    # an answer that stops at an inner node: one more level lists its children
+    levels = path_siblings(tree, [1], scores, k=5)
+    assert [lv["parent"] for lv in levels] == [0, 1] and [n["id"] for n in levels[1]["nodes"]] == [7, 8, 6]
+    assert [n["id"] for n in levels[0]["nodes"]] == [2, 4, 3, 5, 1]

@@ -10,6 +10,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -116,6 +117,23 @@ def test_page_shows_the_apis_answer(server, browser):
         browser.save_screenshot(os.environ["HIERVISION_SCREENSHOT"])
 
 
+def test_small_tree_nodes_close_and_open_on_a_click(server, browser):
+    base, _ = server
+    tax = json.load(urllib.request.urlopen(f"{base}/taxonomy", timeout=10))
+    inner = next(n["id"] for n in tax["nodes"] if n["parent"] == 0)
+    kids = {n["id"] for n in tax["nodes"] if n["parent"] == inner}
+    under = f"#tree g.node[data-parent='{inner}']"
+    browser.get(base + "/")
+    WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#tree g.node")) ==
+                                     len(tax["nodes"]))
+    assert {int(g.get_attribute("data-id")) for g in browser.find_elements(By.CSS_SELECTOR, under)} == kids
+    click(browser, f"#tree g.node[data-id='{inner}']", lambda b: not b.find_elements(By.CSS_SELECTOR, under))
+    assert browser.find_element(By.ID, "tree-note").is_displayed()  # some classes are hidden now
+    click(browser, f"#tree g.node[data-id='{inner}']",
+          lambda b: {int(g.get_attribute("data-id")) for g in b.find_elements(By.CSS_SELECTOR, under)} == kids)
+    assert not browser.find_element(By.ID, "tree-note").is_displayed()
+
+
 def test_page_reports_a_bad_upload(server, browser, tmp_path):
     base, _ = server
     bad = tmp_path / "notes.png"
@@ -178,11 +196,16 @@ def test_docs_render_offline_from_local_files(server, browser):
 
 def test_page_fits_a_360_px_screen(server, browser):
     base, d = server
+    fits_360_px(browser, base, fmnist_png(d))
+
+
+def fits_360_px(browser, base: str, image: Path) -> None:
+    """The page with an answer on a 360 px phone: nothing wider than the screen (a wide tree scrolls in its card)."""
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                             {"width": 360, "height": 740, "deviceScaleFactor": 2, "mobile": True})
     browser.get(base + "/")
     WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#tree g.node"))
-    assert upload(browser, fmnist_png(d)) == "done"
+    assert upload(browser, image) == "done"
     width, view = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
     # too wide a page either scrolls sideways or (mobile) widens the layout viewport past the screen
     assert view == 360 and width <= view, f"page {width} px wide, layout viewport {view} px, screen 360 px"
@@ -190,3 +213,145 @@ def test_page_fits_a_360_px_screen(server, browser):
         left, right = browser.execute_script("const r = arguments[0].getBoundingClientRect(); "
                                              "return [r.left, r.right]", card)
         assert 0 <= left and right <= view
+
+
+# ----------------------------------------------------------------------------- a big tree, read lazily
+BIG = 50_000  # nodes
+PAGE = 30  # children per "+ N more" page (app.js)
+
+
+def wide_random_tree(num_nodes: int, root_children: int = 40, seed: int = 0):
+    """A random tree (as benchmarks/scale.py draws them: every inner node 2–12 children, leaves at many
+    depths) whose root has ``root_children`` children, more than one page of the page's."""
+    import numpy as np
+
+    from hiervision import Taxonomy
+
+    rng = np.random.default_rng(seed)
+    parents, open_nodes = [-1] + [0] * root_children, list(range(1, root_children + 1))
+    while len(parents) < num_nodes:
+        v = open_nodes.pop(int(rng.integers(len(open_nodes))))
+        k = int(rng.integers(2, 13))
+        open_nodes.extend(range(len(parents), len(parents) + k))
+        parents.extend([v] * k)
+    return Taxonomy(["root"] + [f"c{i}" for i in range(1, len(parents))], parents)
+
+
+@pytest.fixture(scope="module")
+def big_server():
+    """A flat head on a tiny backbone over a random tree of ~50,000 nodes (untrained: only the page is tested)."""
+    import torch
+
+    from hiervision.export import sidecar, torch_engine
+    from hiervision.models import create_model
+    from hiervision.runtime import Predictor
+    from hiervision.serve.predictor import RuntimePredictor
+
+    torch.manual_seed(0)
+    tax = wide_random_tree(BIG)
+    model = create_model("flat", tax, backbone="resnet20", backbone_kwargs={"width": 0.25}, in_chans=1,
+                         image_size=16).eval()
+    runtime = Predictor("big", sidecar=sidecar(model, {"in_chans": 1, "image_size": 16}), engine=torch_engine(model))
+    predictor = RuntimePredictor(runtime)
+    with serving(create_app(predictor, name="random tree")) as port:
+        yield f"http://127.0.0.1:{port}", predictor.tree
+
+
+def drawn(browser, selector: str = "#tree g.node") -> dict[int, tuple[int, str]]:
+    """id → (parent, probability shown or '') of every node drawn."""
+    return {int(g.get_attribute("data-id")): (int(g.get_attribute("data-parent")),
+                                              "".join(t.text for t in g.find_elements(By.CSS_SELECTOR, "text.prob")))
+            for g in browser.find_elements(By.CSS_SELECTOR, selector)}
+
+
+def click(browser, selector: str, until) -> None:
+    """Click the tree element ``selector`` and wait for ``until(browser)`` (the tree is redrawn after each)."""
+    browser.find_element(By.CSS_SELECTOR, selector).click()
+    WebDriverWait(browser, 30).until(until)
+
+
+@pytest.fixture
+def noise_png(tmp_path) -> Path:
+    image = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)).save(image)
+    return image
+
+
+@pytest.mark.slow
+def test_big_tree_page_shows_the_answer_and_expands_without_fetching_the_tree(big_server, browser, noise_png):
+    base, tree = big_server
+    browser.get(base + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#tree g.more"))
+    root_kids = list(tree.children[0])
+    assert set(drawn(browser)) == {0, *root_kids[:PAGE]}  # the top level, one page of it
+    assert browser.find_element(By.CSS_SELECTOR, "#tree g.more").text == f"+ {len(root_kids) - PAGE} more"
+
+    expected = post_image(base, noise_png, "siblings=6")
+    assert upload(browser, noise_png) == "done", browser.find_element(By.ID, "status").text
+    nodes = drawn(browser)
+    assert len(nodes) < 300  # the neighbourhood of the answer, not 50,000 nodes
+    # the predicted path, highlighted, with its probabilities; the breadcrumb
+    on_path = [int(g.get_attribute("data-id")) for g in browser.find_elements(By.CSS_SELECTOR, "#tree g.node.on-path")]
+    assert sorted(on_path) == sorted(expected["path_ids"])
+    assert [nodes[n][1] for n in expected["path_ids"]] == [pct(p) for p in expected["node_probabilities"]]
+    assert [int(li.get_attribute("data-id")) for li in browser.find_elements(By.CSS_SELECTOR, "#path li")] == \
+        expected["path_ids"]
+    # the most probable siblings at each level, under their parent, with their probabilities
+    for level in expected["siblings"]:
+        for s in level["nodes"]:
+            assert nodes[s["id"]] == (level["parent"], pct(s["probability"]))
+        assert len(level["nodes"]) == min(6, level["num_children"])
+    # the top-k alternatives: in the table, and their paths drawn in the tree
+    rows = browser.find_elements(By.CSS_SELECTOR, "#topk tbody tr")
+    assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows] == [" › ".join(a["path"])
+                                                                         for a in expected["top_k"]]
+    for alt in expected["top_k"]:
+        assert [nodes[n][0] for n in alt["path_ids"]] == [0, *alt["path_ids"][:-1]]
+
+    # a closed node opens on a click (its first page of children, from the server) and closes again
+    closed = next(s["id"] for level in expected["siblings"] for s in level["nodes"]
+                  if s["num_children"] and s["id"] not in expected["path_ids"]
+                  and not any(s["id"] in a["path_ids"] for a in expected["top_k"]))
+    kids = f"#tree g.node[data-parent='{closed}']"
+    assert not browser.find_elements(By.CSS_SELECTOR, kids)
+    click(browser, f"#tree g.node[data-id='{closed}']", lambda b: b.find_elements(By.CSS_SELECTOR, kids))
+    assert [int(g.get_attribute("data-id")) for g in browser.find_elements(By.CSS_SELECTOR, kids)] == \
+        list(tree.children[closed][:PAGE])
+    click(browser, f"#tree g.node[data-id='{closed}']", lambda b: not b.find_elements(By.CSS_SELECTOR, kids))
+    # a path node closes and opens again (its siblings kept); "+ N more" lists more of the root's children
+    first = expected["path_ids"][0]
+    under = f"#tree g.node[data-parent='{first}']"
+    before = len(browser.find_elements(By.CSS_SELECTOR, under))
+    click(browser, f"#tree g.node[data-id='{first}']", lambda b: not b.find_elements(By.CSS_SELECTOR, under))
+    click(browser, f"#tree g.node[data-id='{first}']", lambda b: len(b.find_elements(By.CSS_SELECTOR, under)) == before)
+    top = "#tree g.node[data-parent='0']"
+    shown = len(browser.find_elements(By.CSS_SELECTOR, top))
+    click(browser, "#tree g.more[data-parent='0']", lambda b: len(b.find_elements(By.CSS_SELECTOR, top)) > shown)
+    assert {int(g.get_attribute("data-id")) for g in browser.find_elements(By.CSS_SELECTOR, top)} <= set(root_kids)
+
+    # the whole tree was never fetched; nothing came from outside the server
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert all(url.startswith(base) for url in loaded), loaded
+    assert not [url for url in loaded if url.split("?")[0].endswith("/taxonomy")], loaded
+    if os.environ.get("HIERVISION_SCREENSHOT"):
+        browser.save_screenshot(os.environ["HIERVISION_SCREENSHOT"].replace(".png", "-big.png"))
+
+
+@pytest.mark.slow
+def test_big_tree_page_fits_a_360_px_screen(big_server, browser, noise_png):
+    fits_360_px(browser, big_server[0], noise_png)
+
+
+@pytest.mark.slow
+def test_page_load_benchmark_measures_the_lazy_page(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import page_load
+
+    assert page_load.main(["--trees", "random:5000", "--out", str(tmp_path / "page.json")]) == 0
+    row = json.loads((tmp_path / "page.json").read_text())["rows"][0]
+    assert abs(row["nodes"] - 5000) <= 1 and not row["fetched_whole_taxonomy"] and row["open_s"] > 0
+    assert row["load_bytes"] < row["taxonomy_bytes"] and row["answer_bytes"] < row["node_scores_bytes"]
+    assert "| random:5000 | 5,000 |" in capsys.readouterr().out

@@ -1,9 +1,10 @@
 """The prediction server: FastAPI app over one :class:`~hiervision.serve.predictor.ImagePredictor`.
 
-``POST /predict`` (multipart, field ``file`` repeatable) → one record per image; ``GET /taxonomy``;
-``GET /health``; ``GET /`` the web page; ``/docs`` (Swagger UI served from the ``fastapi-offline``
-package: no CDN) and ``/openapi.json``. Every bad request is answered with a 4xx and
-``{"detail": "one line"}``; none reaches the model.
+``POST /predict`` (multipart, field ``file`` repeatable) → one record per image; ``GET /taxonomy`` (the
+whole tree); ``GET /taxonomy/nodes`` (a few nodes with a page of their children, what the page reads of
+a big tree: :mod:`hiervision.serve.nodes`); ``GET /health``; ``GET /`` the web page; ``/docs`` (Swagger
+UI served from the ``fastapi-offline`` package: no CDN) and ``/openapi.json``. Every bad request is
+answered with a 4xx and ``{"detail": "one line"}``; none reaches the model.
 
 Faults a client can cause stay with that client: a body that arrives too slowly (a pause longer
 than ``read_timeout_s``, or under ``min_body_rate`` bytes/s on average) is answered 408 and the
@@ -29,8 +30,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
+from hiervision.records import TreeView
 from hiervision.serve.batching import MicroBatcher, QueueFull
 from hiervision.serve.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from hiervision.serve.nodes import MAX_IDS, BadNodeId, node_record, parse_ids, path_siblings
 from hiervision.serve.predictor import ImagePredictor
 
 __all__ = ["Limits", "create_app"]
@@ -71,6 +74,7 @@ class Record(BaseModel):
     node_probabilities: list[float]
     top_k: list[Alternative]
     node_scores: list[float] | None = None
+    siblings: list[dict[str, Any]] | None = None
     hedged: Any | None = None
 
 
@@ -230,6 +234,8 @@ def create_app(
     async def predict(
         file: Annotated[list[UploadFile], File(description="image file; repeat the field for several images")],
         node_scores: Annotated[bool, Query(description="also return every node's score (to draw the tree)")] = False,
+        siblings: Annotated[int, Query(ge=0, le=100, description="also return, at each level of the path, the "
+                                       "parent's K most probable children (to draw a big tree)")] = 0,
     ) -> dict[str, Any]:
         if len(file) > limits.max_files:
             raise HTTPException(413, f"{len(file)} files in one request, more than the limit of {limits.max_files}")
@@ -248,18 +254,25 @@ def create_app(
             records = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except Exception as e:
             raise HTTPException(500, f"prediction failed: {type(e).__name__}: {e}") from None
-        results = []
-        for upload, i, rec in zip(file, range(len(file)), records):
-            rec = {**rec, "file": upload.filename or f"file #{i + 1}"}
-            if hedge is not None:  # the hedged answer (runtime.Predictor.hedger)
-                rec["hedged"] = hedge(rec)
-            if not node_scores:
-                rec.pop("node_scores", None)
-            results.append(rec)
-        return {"results": results}
+        return {"results": [_finish(rec, upload.filename or f"file #{i + 1}", predictor.tree, hedge, node_scores,
+                                    siblings) for i, (upload, rec) in enumerate(zip(file, records))]}
 
     _info_routes(app, name)
     return app
+
+
+def _finish(rec: dict[str, Any], name: str, tree: TreeView, hedge: Callable[[dict[str, Any]], Any] | None,
+            node_scores: bool, siblings: int) -> dict[str, Any]:
+    """The record as answered: its file name, the hedged answer (``runtime.Predictor.hedger``), the path's
+    siblings and ``node_scores`` (every node's, kept only on request), all read from the record's scores."""
+    rec = {**rec, "file": name}
+    if hedge is not None:
+        rec["hedged"] = hedge(rec)
+    if siblings:
+        rec["siblings"] = path_siblings(tree, rec["path_ids"], rec["node_scores"], siblings)
+    if not node_scores:
+        rec.pop("node_scores", None)
+    return rec
 
 
 def _errors(app: FastAPI) -> None:
@@ -269,26 +282,45 @@ def _errors(app: FastAPI) -> None:
     async def _rejected(_: Request, e: ImageRejected) -> JSONResponse:
         return _detail(e.status, str(e))
 
+    @app.exception_handler(BadNodeId)
+    async def _bad_node(_: Request, e: BadNodeId) -> JSONResponse:
+        return _detail(e.status, str(e))
+
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'request'}: {err.get('msg', 'invalid')}"
                  for err in e.errors()]
-        return _detail(422, "; ".join(parts) + " (send images as multipart field 'file')")
+        hint = " (send images as multipart field 'file')" if request.url.path == "/predict" else ""
+        return _detail(422, "; ".join(parts) + hint)
 
 
 def _info_routes(app: FastAPI, name: str) -> None:
-    """``/taxonomy``, ``/health``, the page at ``/`` and its static files."""
+    """``/taxonomy``, ``/taxonomy/nodes``, ``/health``, the page at ``/`` and its static files."""
     predictor, batcher, limits = app.state.predictor, app.state.batcher, app.state.limits
     tree = predictor.tree
 
-    @app.get("/taxonomy", summary="The class tree: nodes with id, name and parent (node 0 is the root)")
+    @app.get("/taxonomy", summary="The class tree: nodes with id, name and parent (node 0 is the root)",
+             description="The whole tree in one answer (about 40 bytes a node: 4 MB at 10^5 nodes). "
+                         "`GET /taxonomy/nodes` reads a few nodes at a time.")
     async def get_taxonomy() -> dict[str, Any]:
         nodes = [{"id": i, "name": n, "parent": p} for i, (n, p) in enumerate(zip(tree.names, tree.parents))]
         return {"nodes": nodes, "max_depth": tree.max_depth}
 
+    @app.get("/taxonomy/nodes", summary="A few nodes, each with its path and a page of its children",
+             responses={404: {"description": "an id that is not a node"}, 422: {"description": "an id that is "
+                                                                                 "not an integer, or too many"}})
+    async def get_nodes(
+        ids: Annotated[list[str], Query(description=f"node ids, comma-separated or repeated (at most {MAX_IDS}; "
+                                        "0 is the root)")],
+        offset: Annotated[int, Query(ge=0, description="first child of each node to list (id order)")] = 0,
+        limit: Annotated[int, Query(ge=0, le=1000, description="most children listed per node")] = 50,
+    ) -> dict[str, Any]:
+        return {"nodes": [node_record(tree, v, offset, limit) for v in parse_ids(ids, tree.num_nodes)]}
+
     @app.get("/health", summary="Liveness and what is being served")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "classes": tree.num_nodes - 1, "in_chans": predictor.in_chans,
+        return {"status": "ok", "model": name, "classes": tree.num_nodes - 1,
+                "max_depth": tree.max_depth, "in_chans": predictor.in_chans,
                 "image_size": list(predictor.image_size) if predictor.image_size else None,
                 "max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1000,
                 "limits": json.loads(limits.model_dump_json()), "batches_run": len(batcher.batch_sizes),

@@ -1,10 +1,21 @@
 // hiervision web page: pick or drop an image, POST it to /predict, draw the class tree as SVG.
 // Plain browser JavaScript, no build step and no outside requests.
+//
+// A small tree (at most MAX_DRAWN nodes) is read whole from /taxonomy and drawn whole. A big one (10^5
+// nodes) is never downloaded: the page reads the nodes it draws from /taxonomy/nodes (a node and a page of
+// its children) and the answer's neighbourhood from /predict?siblings=K: the predicted path with its most
+// probable siblings at each level, and the top-k alternative paths. Every node with children opens and
+// closes on a click; "+ N more" lists the next page of a node's children.
 "use strict";
 
 const NS = "http://www.w3.org/2000/svg";
-const BOX_W = 150, BOX_H = 38, COL = 200, ROW = 46, PAD = 12, MAX_DRAWN = 160;
-let tree = null;  // {names, parents, children, depth}
+const BOX_W = 150, BOX_H = 38, COL = 200, ROW = 46, PAD = 12;
+const MAX_DRAWN = 160, PAGE = 30, SIBLINGS = 6;
+// the tree as far as the page knows it: id -> {id, name, parent, depth, numKids (null: not known yet),
+// shown (the children drawn when open), offset (children listed so far, in id order), open}
+let tree = null;  // {big, n, nodes: Map}
+let scores = new Map();  // id -> the current answer's probability of that node
+let answer = null;  // the current /predict record
 
 const $ = (id) => document.getElementById(id);
 const pct = (p) => (100 * p).toFixed(1) + "%";
@@ -21,74 +32,200 @@ function status(text, isError) {
   $("status").className = isError ? "error" : "muted";
 }
 
-async function loadTree() {
-  const [tax, health] = await Promise.all([fetch("/taxonomy").then((r) => r.json()),
-                                           fetch("/health").then((r) => r.json())]);
-  const n = tax.nodes.length, names = [], parents = [], children = [], depth = [];
-  for (const node of tax.nodes) { names[node.id] = node.name; parents[node.id] = node.parent; children[node.id] = []; }
-  for (let i = 1; i < n; i++) children[parents[i]].push(i);
-  depth[0] = 0;
-  const order = [0];
-  for (let k = 0; k < order.length; k++) for (const c of children[order[k]]) { depth[c] = depth[order[k]] + 1; order.push(c); }
-  tree = { names, parents, children, depth, n };
-  $("model").textContent = `${health.classes} classes · depth ${tax.max_depth} · ${health.model}`;
-  draw(null);
+async function getJSON(url) {
+  const r = await fetch(url);
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.detail || r.statusText);
+  return body;
 }
 
-// which nodes to draw: the whole tree when small, else the predicted path and its siblings
-function visible(result) {
-  if (tree.n <= MAX_DRAWN) return new Set(tree.names.keys());
-  const keep = new Set([0, ...tree.children[0]]);
-  for (const id of (result ? result.path_ids : [])) { keep.add(id); tree.children[id].forEach((c) => keep.add(c)); }
-  return keep;
-}
-
-function draw(result) {
-  const svg = $("tree");
-  svg.replaceChildren();
-  const keep = visible(result);
-  $("tree-note").hidden = keep.size === tree.n;
-  $("tree-note").textContent = `${tree.n - 1} classes: showing the top level, the predicted path and the ` +
-    "children of each node on it";
-  const onPath = new Set(result ? result.path_ids : []);
-  const pathProb = new Map(result ? result.path_ids.map((id, i) => [id, result.node_probabilities[i]]) : []);
-  const scores = result && result.node_scores ? result.node_scores : null;
-  // rows: leaves of the drawn tree in depth-first order; a parent sits at the middle of its children
-  const y = [], x = [];
-  let row = 0;
-  (function place(v) {
-    const kids = tree.children[v].filter((c) => keep.has(c));
-    kids.forEach(place);
-    y[v] = kids.length ? (y[kids[0]] + y[kids[kids.length - 1]]) / 2 : row++ * ROW;
-    x[v] = tree.depth[v] * COL;
-  })(0);
-  const maxDepth = Math.max(...[...keep].map((v) => tree.depth[v]));
-  svg.setAttribute("width", maxDepth * COL + BOX_W + 2 * PAD);
-  svg.setAttribute("height", Math.max(row, 1) * ROW + 2 * PAD);
-  const g = el("g", { transform: `translate(${PAD},${PAD})` }, svg);
-  for (const v of keep) {
-    if (v === 0) continue;
-    const p = tree.parents[v], x0 = x[p] + BOX_W, y0 = y[p] + BOX_H / 2, x1 = x[v], y1 = y[v] + BOX_H / 2, mx = (x0 + x1) / 2;
-    el("path", { d: `M${x0},${y0} C${mx},${y0} ${mx},${y1} ${x1},${y1}`,
-                 class: "edge" + (onPath.has(v) ? " on-path" : "") }, g);
+// the node `id` (created on first sight); known facts about it are filled in as they arrive
+function node(id, name, parent) {
+  let v = tree.nodes.get(id);
+  if (!v) {
+    const depth = parent === undefined || parent < 0 ? 0 : tree.nodes.get(parent).depth + 1;
+    v = { id, name, parent, depth, numKids: null, shown: [], offset: 0, open: false };
+    tree.nodes.set(id, v);
   }
-  for (const v of keep) {
-    const prob = pathProb.has(v) ? pathProb.get(v) : (scores ? scores[v] : null);
-    const node = el("g", { class: "node" + (onPath.has(v) ? " on-path" : ""), "data-id": v,
-                           transform: `translate(${x[v]},${y[v]})` }, g);
-    if (prob !== null && v !== 0) node.setAttribute("data-prob", prob);
-    const light = prob === null || v === 0 ? 97 : 96 - 34 * prob;
-    el("rect", { width: BOX_W, height: BOX_H, rx: 7, fill: `hsl(217, 85%, ${light}%)` }, node);
-    const name = tree.names[v];
-    const label = el("text", { x: 9, y: prob === null || v === 0 ? 24 : 16, class: "name" }, node);
-    label.textContent = name.length > 20 ? name.slice(0, 19) + "…" : name;
-    el("title", {}, node).textContent = name;
-    if (prob !== null && v !== 0) {
-      const t = el("text", { x: 9, y: 31, class: "prob" }, node);
-      t.textContent = pct(prob);
+  return v;
+}
+
+function addShown(v, id) { if (!v.shown.includes(id)) v.shown.push(id); }
+
+// the next page of v's children from the server, added to those drawn
+async function loadChildren(v) {
+  const start = v.shown.length;
+  while (v.shown.length === start && (v.numKids === null || v.offset < v.numKids)) {
+    const body = await getJSON(`/taxonomy/nodes?ids=${v.id}&offset=${v.offset}&limit=${PAGE}`);
+    const got = body.nodes[0];
+    v.name = got.name;
+    v.numKids = got.num_children;
+    v.offset += got.children.length;
+    for (const c of got.children) { node(c.id, c.name, v.id).numKids = c.num_children; addShown(v, c.id); }
+    if (!got.children.length) break;
+  }
+}
+
+async function loadTree() {
+  const health = await getJSON("/health");
+  const n = health.classes + 1;
+  tree = { big: n > MAX_DRAWN, n, nodes: new Map() };
+  if (tree.big) {
+    const root = node(0, "root", -1);
+    await loadChildren(root);
+    root.open = true;
+  } else {
+    const tax = await getJSON("/taxonomy");
+    const byId = [...tax.nodes].sort((a, b) => a.id - b.id);
+    for (const t of byId) tree.nodes.set(t.id, { id: t.id, name: t.name, parent: t.parent, depth: 0,
+                                                 numKids: 0, shown: [], offset: 0, open: true });
+    for (const t of byId) if (t.parent >= 0) { const p = tree.nodes.get(t.parent); p.shown.push(t.id); p.numKids++; }
+    const order = [tree.nodes.get(0)];  // depths top-down (a child's id may be smaller than its parent's)
+    for (let k = 0; k < order.length; k++) {
+      const v = order[k];
+      v.offset = v.numKids;
+      for (const id of v.shown) { const c = tree.nodes.get(id); c.depth = v.depth + 1; order.push(c); }
     }
   }
+  $("model").textContent = `${health.classes} classes · depth ${health.max_depth} · ${health.model}`;
+  draw();
 }
+
+// the answer's nodes in the tree: the path with its siblings, the alternatives' paths, all opened
+async function reveal(result) {
+  tree.nodes.get(0).open = true;
+  if (tree.big) {
+    for (const v of tree.nodes.values()) v.open = v.id === 0;  // what was opened for the previous image closes
+    const on = new Set(result.path_ids);
+    for (const level of result.siblings) {
+      const p = tree.nodes.get(level.parent);
+      p.numKids = level.num_children;
+      p.shown = [];
+      p.offset = 0;  // "+ N more" lists the rest from the first page on
+      // the path's node first, then its siblings, most probable first
+      for (const c of [...level.nodes].sort((a, b) => on.has(b.id) - on.has(a.id))) {
+        node(c.id, c.name, level.parent).numKids = c.num_children;
+        addShown(p, c.id);
+        scores.set(c.id, c.probability);
+      }
+      p.open = true;
+    }
+  }
+  for (const alt of [{ path: result.path, path_ids: result.path_ids }, ...result.top_k]) {
+    alt.path_ids.forEach((id, i) => {
+      const parent = i ? alt.path_ids[i - 1] : 0;
+      node(id, alt.path[i], parent);
+      addShown(tree.nodes.get(parent), id);
+      tree.nodes.get(parent).open = true;
+    });
+  }
+  result.path_ids.forEach((id, i) => scores.set(id, result.node_probabilities[i]));
+  // how many children the alternatives' nodes have: one request for all of them
+  const unknown = [...tree.nodes.values()].filter((v) => v.numKids === null).map((v) => v.id).slice(0, 256);
+  if (unknown.length) {
+    const body = await getJSON(`/taxonomy/nodes?ids=${unknown.join(",")}&limit=0`);
+    for (const got of body.nodes) tree.nodes.get(got.id).numKids = got.num_children;
+  }
+}
+
+// the drawn tree: open nodes' shown children, depth first; a `more` box stands for the children not listed
+// yet. A small tree is drawn as before: each leaf gets a row, a parent sits at the middle of its children.
+// A big one is packed by column: a node takes the first free row of its column at or below its parent's,
+// so the predicted path (first at each level) runs along the top row with its siblings stacked under it.
+function layout() {
+  const more = [], y = new Map(), kids = new Map(), free = [];
+  let rows = 0;
+  const take = (depth, from) => {
+    const r = Math.max(from, free[depth] || 0);
+    free[depth] = r + 1;
+    rows = Math.max(rows, r + 1);
+    return r;
+  };
+  (function place(v, from) {
+    const shown = v.open ? v.shown.map((id) => tree.nodes.get(id)) : [];
+    const rest = v.open && v.numKids !== null ? v.numKids - v.shown.length : 0;
+    kids.set(v.id, shown);
+    if (tree.big) {
+      const r = take(v.depth, from);
+      y.set(v.id, r * ROW);
+      shown.forEach((c) => place(c, r));
+      if (rest > 0) more.push({ parent: v, rest, y: take(v.depth + 1, r) * ROW });
+      return;
+    }
+    shown.forEach((c) => place(c, 0));
+    if (rest > 0) more.push({ parent: v, rest, y: rows++ * ROW });
+    const ys = [...shown.map((c) => y.get(c.id)), ...(rest > 0 ? [more[more.length - 1].y] : [])];
+    y.set(v.id, ys.length ? (ys[0] + ys[ys.length - 1]) / 2 : rows++ * ROW);
+  })(tree.nodes.get(0), 0);
+  return { y, kids, rows, more };
+}
+
+function draw() {
+  const svg = $("tree");
+  svg.replaceChildren();
+  const { y, kids, rows, more } = layout();
+  const drawn = [...y.keys()].map((id) => tree.nodes.get(id));
+  $("tree-note").hidden = drawn.length === tree.n;
+  $("tree-note").textContent = `${tree.n - 1} classes, ${drawn.length - 1} shown` +
+    (answer && tree.big ? `: the predicted path with its ${SIBLINGS - 1} most likely siblings at each level ` +
+                          "and the top alternatives" : "") + ". Click a node to show or hide its children.";
+  const onPath = new Set(answer ? answer.path_ids : []);
+  const onAlt = new Set(answer ? answer.top_k.flatMap((a) => a.path_ids) : []);
+  const x = (v) => v.depth * COL;
+  const maxDepth = Math.max(...drawn.map((v) => v.depth), ...more.map((m) => m.parent.depth + 1));
+  svg.setAttribute("width", maxDepth * COL + BOX_W + 2 * PAD);
+  svg.setAttribute("height", Math.max(rows, 1) * ROW + 2 * PAD);
+  const g = el("g", { transform: `translate(${PAD},${PAD})` }, svg);
+  const edge = (p, x1, y1, cls) => {
+    const x0 = x(p) + BOX_W, y0 = y.get(p.id) + BOX_H / 2, mx = (x0 + x1) / 2;
+    el("path", { d: `M${x0},${y0} C${mx},${y0} ${mx},${y1} ${x1},${y1}`, class: cls }, g);
+  };
+  for (const v of drawn) for (const c of kids.get(v.id)) {
+    edge(v, x(c), y.get(c.id) + BOX_H / 2, "edge" + (onPath.has(c.id) ? " on-path" : ""));
+  }
+  for (const m of more) {
+    edge(m.parent, x(m.parent) + COL, m.y + BOX_H / 2, "edge more-edge");
+    const b = el("g", { class: "more", "data-parent": m.parent.id,
+                        transform: `translate(${x(m.parent) + COL},${m.y})` }, g);
+    el("rect", { width: BOX_W, height: BOX_H, rx: 7 }, b);
+    el("text", { x: 9, y: 24 }, b).textContent = `+ ${m.rest} more`;
+  }
+  for (const v of drawn) drawNode(g, v, x(v), y.get(v.id), onPath.has(v.id), onAlt.has(v.id));
+}
+
+function drawNode(g, v, x, y, onPath, onAlt) {
+  const prob = scores.has(v.id) && v.id !== 0 ? scores.get(v.id) : null;
+  const open = v.open && v.shown.length > 0;
+  const cls = ["node", onPath && "on-path", onAlt && !onPath && "alt", v.numKids !== 0 && v.id !== 0 && "expandable",
+               open && "open"].filter(Boolean).join(" ");
+  const box = el("g", { class: cls, "data-id": v.id, "data-parent": v.parent, transform: `translate(${x},${y})` }, g);
+  if (prob !== null) box.setAttribute("data-prob", prob);
+  const light = prob === null ? 97 : 96 - 34 * prob;
+  el("rect", { width: BOX_W, height: BOX_H, rx: 7, fill: `hsl(217, 85%, ${light}%)` }, box);
+  const label = el("text", { x: 9, y: prob === null ? 24 : 16, class: "name" }, box);
+  label.textContent = v.name.length > 20 ? v.name.slice(0, 19) + "…" : v.name;
+  el("title", {}, box).textContent = v.name + (v.numKids ? ` (${v.numKids} children)` : "");
+  if (prob !== null) el("text", { x: 9, y: 31, class: "prob" }, box).textContent = pct(prob);
+  if (v.numKids !== 0 && v.id !== 0) el("text", { x: BOX_W - 16, y: 24, class: "toggle" }, box).textContent = open ? "−" : "+";
+}
+
+// clicks on the tree: a node opens or closes, "+ N more" lists the next page of children
+$("tree").addEventListener("click", async (e) => {
+  const target = e.target.closest("g.node.expandable, g.more");
+  if (!target) return;
+  const v = tree.nodes.get(Number(target.dataset[target.classList.contains("more") ? "parent" : "id"]));
+  try {
+    if (target.classList.contains("more")) await loadChildren(v);
+    else if (v.open && v.shown.length) v.open = false;
+    else {
+      if (!v.shown.length) await loadChildren(v);
+      v.open = true;
+    }
+    draw();
+  } catch (err) {
+    status("could not load the children of " + v.name + ": " + (err.message || err), true);
+  }
+});
 
 function show(result) {
   $("answer").hidden = false;
@@ -124,7 +261,6 @@ function show(result) {
     tr.querySelector(".bar b").textContent = pct(alt.probability);
     return tr;
   }));
-  draw(result);
 }
 
 // forget the previous image's answer: a new upload, good or bad, never shows it beside its own result
@@ -133,7 +269,9 @@ function clearAnswer() {
   $("path").replaceChildren();
   $("topk").tBodies[0].replaceChildren();
   $("hedged").hidden = true;
-  if (tree) draw(null);
+  answer = null;
+  scores = new Map();
+  if (tree) draw();
 }
 
 async function predict(file) {
@@ -146,10 +284,17 @@ async function predict(file) {
   const form = new FormData();
   form.append("file", file, file.name);
   try {
-    const r = await fetch("/predict?node_scores=true", { method: "POST", body: form });
+    if (!tree) throw new Error("the model's tree is not loaded");
+    const query = tree.big ? `siblings=${SIBLINGS}` : "node_scores=true";
+    const r = await fetch(`/predict?${query}`, { method: "POST", body: form });
     const body = await r.json();
     if (!r.ok) throw new Error(body.detail || r.statusText);
-    show(body.results[0]);
+    const result = body.results[0];
+    if (result.node_scores) result.node_scores.forEach((s, id) => scores.set(id, s));
+    await reveal(result);
+    answer = result;
+    show(result);
+    draw();
     status(`${file.name}: done`);
     document.body.dataset.state = "done";
   } catch (e) {
@@ -163,4 +308,4 @@ const drop = $("drop");
 for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
 for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
 drop.addEventListener("drop", (e) => { if (e.dataTransfer.files[0]) predict(e.dataTransfer.files[0]); });
-loadTree().catch((e) => status("could not load the model's tree: " + e, true));
+loadTree().catch((e) => status("could not load the model's tree: " + (e.message || e), true));
