@@ -91,14 +91,15 @@ class _SubtreeRouter(nn.Module):
                     pos[c] = len(ids)
                     ids.append(c)
                     group.append(gid[p])
-                    parent_pos.append(pos[p] - (bounds[-2] if len(bounds) > 1 else 0))  # within the level above
+                    if bounds:  # below the first level: the parent's position within the level above
+                        parent_pos.append(pos[p] - (bounds[-2] if len(bounds) > 1 else 0))
                     if kids[c]:
                         gid[c] = len(gid)
                         below.append(c)
                     child_group.append(gid.get(c, -1))
             bounds.append(len(ids))
             level = below
-        self.bounds, self.groups = bounds, len(gid)
+        self.sizes, self.groups = [b - a for a, b in zip([0, *bounds], bounds)], len(gid)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels, len(ids))
         for name, values in (("ids", ids), ("group", group), ("child_group", child_group),
@@ -112,10 +113,11 @@ class _SubtreeRouter(nn.Module):
         top = z.new_full((len(z), self.groups), float("-inf")).scatter_reduce(1, grp, z.detach(), "amax")
         z = z - top.gather(1, grp)  # each group's largest logit is 0: exp cannot overflow
         local = z - z.new_zeros(len(z), self.groups).scatter_add(1, grp, z.exp()).log().gather(1, grp)
-        out, start = [local[:, : self.bounds[0]]], self.bounds[0]
-        for end in self.bounds[1:]:
-            out.append(local[:, start:end] + out[-1][:, self.parent_pos[start:end]])
-            start = end
+        # one split (whose backward is one cat), not a slice per level (each slice's backward is a (B, M) tensor)
+        levels = local.split(self.sizes, 1)
+        out = [levels[0]]
+        for level, parent in zip(levels[1:], self.parent_pos.split(self.sizes[1:])):
+            out.append(level + out[-1].index_select(1, parent))
         return torch.cat(out, 1)
 
     @torch.no_grad()
@@ -133,7 +135,7 @@ class _SubtreeRouter(nn.Module):
         g = torch.zeros(b, dtype=torch.long, device=path.device)
         done = torch.zeros(b, dtype=torch.bool, device=path.device)
         cur, visited = g, []
-        for _ in self.bounds:
+        for _ in self.sizes:
             cur = torch.where(done, cur, choice.gather(1, g[:, None]).squeeze(1))
             visited.append(cur)
             done = self.child_group[cur] < 0
