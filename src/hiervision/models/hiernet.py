@@ -231,16 +231,15 @@ class HierNet(HierarchicalClassifier):
         # the columns _node_logprob builds, in order (each routed node's children or sub-tree): one index_copy
         # places them all, no per-node write into (B, N+1)
         covered = [0]
-        self._spans: dict[int, tuple[int, int]] = {}  # routed node → its children's slice of child_ids
+        self._first_child: dict[int, int] = {}  # routed node → where its children start in child_ids
         for n in routed:
-            below = self.routers[str(n)].ids.tolist() if n in frontier else list(kids[n])
             if n not in frontier:
-                self._spans[n] = (len(covered) - 1, len(covered) - 1 + len(below))
-            covered += below
+                self._first_child[n] = len(covered) - 1
+            covered += self.routers[str(n)].ids.tolist() if n in frontier else list(kids[n])
         if sorted(covered) != list(range(taxonomy.num_nodes)):
             raise AssertionError("hiernet: the routed nodes and sub-trees must cover every node once")
         self.register_buffer("child_ids", torch.tensor(covered[1:]), persistent=False)
-        self._inner, self._frontier = routed, frontier
+        self._routed, self._frontier = routed, frontier
         routed_set = set(routed)
         self._routed_kids = {n: [(j, c) for j, c in enumerate(kids[n]) if c in routed_set]
                              for n in routed if n not in frontier}
@@ -313,7 +312,7 @@ class HierNet(HierarchicalClassifier):
         feats = {0: self.trunk(images)}
         reach = {0: images.new_zeros(len(images), 1, dtype=torch.float32)}  # log P(route reaches routed node)
         columns = [reach[0]]
-        for n in self._inner:
+        for n in self._routed:
             if n:
                 p = self.taxonomy.parents[n]
                 feats[n] = self.edges[str(n)](feats[p]) if str(n) in self.edges else feats[p]
@@ -350,11 +349,11 @@ class HierNet(HierarchicalClassifier):
                 scores[idx[:, None], nodes] = (lp[idx, None] + path_lp).exp()
                 node[idx], lp[idx] = nodes[:, -1], lp[idx] + path_lp[:, -1]
                 return
-            a, b_ = self._spans[n]
+            first = self._first_child[n]
             if str(n) in self.routers:
                 best_lp, best = self.routers[str(n)](x).float().log_softmax(1).max(1)
                 lp[idx] += best_lp
-                child = self.child_ids[a:b_][best]
+                child = self.child_ids[first : first + len(kids)][best]
                 # group the images by chosen child: one sort on the device, one sync for the group sizes
                 order = best.argsort(stable=True)
                 # (bincount would sync twice on CUDA: once for its output size, once here)
@@ -362,7 +361,7 @@ class HierNet(HierarchicalClassifier):
                 sizes = counts.scatter_add_(0, best, torch.ones_like(best)).tolist()
                 groups = zip(kids, x[order].split(sizes), idx[order].split(sizes))
             else:
-                child = self.child_ids[a : a + 1].expand(len(idx))
+                child = self.child_ids[first : first + 1].expand(len(idx))
                 groups = zip(kids, [x], [idx])
             scores[idx, child] = lp[idx].exp()
             node[idx] = child  # the deepest node reached so far; a leaf's is final
