@@ -275,6 +275,15 @@ def test_branch_depth_beyond_the_tree_is_the_paper(deep):
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # a short training run (~10 s on a shared CPU)
+def test_depth_limited_hiernet_trains_saves_and_reloads(tiny_cfg, tmp_path):
+    cfg = merge(tiny_cfg, {"train": {"epochs": 1}, "model": {"name": "hiernet", "branch_depth": 1, "split": 6}})
+    metrics = train(cfg, tmp_path)
+    assert metrics["valid_path_rate"] == 1.0 and 0 <= metrics["routing"]["path_accuracy"] <= 1
+    model = load_run(tmp_path)[2]
+    assert model.branch_depth == 1 and list(model.routers) == ["0"] and len(model.edges) == 0
+
+
 # ----------------------------------------------------------------------------- data on an induced tree
 def test_move_to_tree_relabels_by_class_name(tiny_cfg, tmp_path):
     data = build_data(tiny_cfg["data"])
