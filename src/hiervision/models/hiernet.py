@@ -129,22 +129,23 @@ class _SubtreeRouter(nn.Module):
         """Algorithm 1 inside the sub-tree: from ``top``, each group's best child (the first on ties)
         down to a leaf. ``(B, L)`` node ids visited (the leaf repeated once reached) and their path
         log-probabilities relative to ``top``."""
-        path = self(x)
-        b, m = path.shape
-        grp = self.group.expand(b, -1)
-        best = path.new_full((b, self.groups), float("-inf")).scatter_reduce(1, grp, path, "amax")
-        at = torch.arange(m, device=path.device).expand(b, -1)
-        first = at.masked_fill(path != best.gather(1, grp), m)
-        choice = torch.full_like(grp[:, : self.groups], m).scatter_reduce(1, grp, first, "amin")
+        path = self(x).t()  # (M, B), contiguous: per-group reductions along rows, as in forward
+        m, b = path.shape
+        rows = self.group[:, None].expand(-1, b)
+        best = path.new_full((self.groups, b), float("-inf")).scatter_reduce(0, rows, path, "amax")
+        at = torch.arange(m, device=path.device)[:, None].expand(-1, b)
+        first = at.masked_fill(path != best.index_select(0, self.group), m)
+        choice = torch.full_like(first[: self.groups], m).scatter_reduce(0, rows, first, "amin")  # (G, B)
         g = torch.zeros(b, dtype=torch.long, device=path.device)
         done = torch.zeros(b, dtype=torch.bool, device=path.device)
         cur, visited = g, []
         for _ in self.sizes:
-            cur = torch.where(done, cur, choice.gather(1, g[:, None]).squeeze(1))
+            cur = torch.where(done, cur, choice.gather(0, g[None]).squeeze(0))
             visited.append(cur)
             done = self.child_group[cur] < 0
             g = self.child_group[cur].clamp_min(0)
         visited = torch.stack(visited, 1)
+        path = path.t()
         return self.ids[visited], path.gather(1, visited)
 
 
