@@ -15,6 +15,7 @@ from hiervision.experiment import load_run
 from hiervision.induce import confusion_probability_matrix, group_classes, induce_taxonomy
 from hiervision.models import create_model
 from hiervision.models.backbones import create_backbone
+from hiervision.models.hiernet import AUTO_ROUTERS
 from hiervision.taxonomy import Taxonomy
 from hiervision.training import train
 
@@ -182,6 +183,105 @@ def test_bad_split_and_backbone_give_clear_errors(two_level):
         create_model("hiernet", two_level, split=9, **KW)
     with pytest.raises(ValueError, match="stem"):
         create_model("hiernet", two_level, backbone="vgg16", in_chans=1, image_size=32)
+
+
+# ----------------------------------------------------------------------------- branch_depth (big trees)
+@pytest.fixture
+def uneven() -> Taxonomy:
+    """Depths 2-4 below a and b, a one-child node (u) inside b's sub-tree."""
+    return Taxonomy.from_paths(["a/c", "a/d/x", "a/d/y", "b/e", "b/f/u/v", "b/f/w", "b/g", "h"])
+
+
+def _reference_subtree(tax: Taxonomy, top: int, ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """Log-probability of the path from ``top`` to each node, one node at a time: a softmax over each
+    node's siblings' logits, summed up its ancestors (the slow, obvious way)."""
+    col = {n: i for i, n in enumerate(ids)}
+    out = torch.zeros_like(logits)
+    for i, n in enumerate(ids):
+        node = n
+        while node != top:
+            sib = [col[c] for c in tax.children[tax.parents[node]]]
+            out[:, i] += logits[:, col[node]] - torch.logsumexp(logits[:, sib], 1)
+            node = tax.parents[node]
+    return out
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_depth_limited_hiernet_routes_the_top_and_classifies_each_sub_tree_below(uneven, depth):
+    torch.manual_seed(0)
+    m = create_model("hiernet", uneven, split=[4, 6], branch_depth=depth, **KW).eval()
+    images = torch.randn(5, 1, 16, 16)
+    lp = m(images)["node_logprob"]
+    torch.testing.assert_close(lp[:, list(uneven.leaves)].exp().sum(1), torch.ones(5))
+    for n in range(1, uneven.num_nodes):  # the product rule, through routers and sub-tree classifiers alike
+        if uneven.children[n]:
+            torch.testing.assert_close(lp[:, n].exp(), lp[:, list(uneven.children[n])].exp().sum(1))
+    # a router only above branch_depth; each node at depth branch_depth - 1 with deeper nodes scores its sub-tree
+    assert all(uneven.depth(int(k)) < depth for k in m.routers)
+    frontier = {n for n in range(uneven.num_nodes) if uneven.depth(n) == depth - 1
+                and any(uneven.children[c] for c in uneven.children[n])}
+    assert {int(k) for k, r in m.routers.items() if hasattr(r, "ids")} == frontier
+    for top in frontier:
+        router, feats = m.routers[str(top)], torch.randn(5, 16, 2, 2)
+        ids = router.ids.tolist()
+        assert sorted(ids) == [n for n in range(1, uneven.num_nodes) if top == 0 or top in uneven.ancestors(n)]
+        logits = router.fc(feats.mean(dim=(2, 3)))
+        torch.testing.assert_close(router(feats), _reference_subtree(uneven, top, ids, logits))
+
+
+@pytest.mark.parametrize("depth", [1, 2, None])
+def test_depth_limited_routing_follows_the_best_child_at_every_node(uneven, depth):
+    torch.manual_seed(1)
+    m = create_model("hiernet", uneven, split=5, branch_depth=depth, **KW).eval()
+    images = torch.randn(9, 1, 16, 16)
+    lp = m(images)["node_logprob"]
+    m.set_eval_mode("routing")
+    pred = m.predict(images)
+    for i in range(len(images)):
+        node, route = 0, []
+        while uneven.children[node]:  # a node's path log-prob ranks its siblings as its router does
+            kids = list(uneven.children[node])
+            node = kids[int(lp[i, kids].argmax())]
+            route.append(node)
+        assert [n for n in pred.paths[i].tolist() if n >= 0] == route
+        torch.testing.assert_close(pred.scores[i, route], lp[i, route].exp())
+        torch.testing.assert_close(pred.path_prob[i], lp[i, node].exp())
+
+
+def test_branch_depth_auto_keeps_the_paper_on_small_trees_and_bounds_big_ones(two_level, deep):
+    for tax in (two_level, deep):
+        assert create_model("hiernet", tax, **KW).branch_depth is None
+    # 255 groups of 2 under the root: 256 routers, still the paper; one more group and it is capped
+    paths = [f"g{i}/{leaf}" for i in range(255) for leaf in "xy"]
+    assert create_model("hiernet", Taxonomy.from_paths(paths), **KW).branch_depth is None
+    wide = create_model("hiernet", Taxonomy.from_paths([*paths, "g255/x", "g255/y"]), **KW)
+    assert AUTO_ROUTERS == 256 and wide.branch_depth == 1  # 256 branches would add 3 blocks each
+    assert len(wide.routers) == 1 and len(wide.edges) == 0 and len(wide.trunk) == 1 + 9  # the whole backbone
+    # one group on top with 300 below: its branch adds 3 of 9 blocks (≤ half), its 300 routers are too many
+    tall = create_model("hiernet", Taxonomy.from_paths(["leaf", *(f"top/s{i}/{c}" for i in range(300) for c in "xy")]),
+                        **KW)
+    assert tall.branch_depth == 2 and set(tall.routers) == {"0", str(tall.taxonomy.index("top"))}
+    for bad in (0, "deep", True, 1.5):
+        with pytest.raises(ValueError, match="model.branch_depth"):
+            create_model("hiernet", deep, branch_depth=bad, **KW)
+
+
+def test_branch_depth_beyond_the_tree_is_the_paper(deep):
+    torch.manual_seed(0)
+    paper = create_model("hiernet", deep, split=[4, 6], extra_blocks=1, branch_depth=None, **KW)
+    torch.manual_seed(0)
+    deepest = create_model("hiernet", deep, split=[4, 6], extra_blocks=1, branch_depth=deep.max_depth, **KW)
+    a, b = paper.state_dict(), deepest.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # a short training run (~10 s on a shared CPU)
+def test_depth_limited_hiernet_trains_saves_and_reloads(tiny_cfg, tmp_path):
+    cfg = merge(tiny_cfg, {"train": {"epochs": 1}, "model": {"name": "hiernet", "branch_depth": 1, "split": 6}})
+    metrics = train(cfg, tmp_path)
+    assert metrics["valid_path_rate"] == 1.0 and 0 <= metrics["routing"]["path_accuracy"] <= 1
+    model = load_run(tmp_path)[2]
+    assert model.branch_depth == 1 and list(model.routers) == ["0"] and len(model.edges) == 0
 
 
 # ----------------------------------------------------------------------------- data on an induced tree

@@ -16,6 +16,7 @@ from torch import nn
 from hiervision.decoding import Prediction, exact_best_path, prefix_logprob
 from hiervision.export import sidecar, torch_engine
 from hiervision.models import HierarchicalClassifier, create_model, list_models, register_model
+from hiervision.models.hiernet import HierNet
 from hiervision.models.registry import _MODELS
 from hiervision.runtime import Predictor
 from hiervision.taxonomy import PAD, Taxonomy
@@ -24,6 +25,11 @@ from test_models import EXTRA, SMALL
 TREE = Taxonomy.from_paths(["a/c", "a/d", "b/e", "b/f", "b/g"])
 SIZE = SMALL["image_size"]
 META = {"in_chans": 1, "image_size": [SIZE, SIZE], "mean": [0.5], "std": [0.25]}
+#: every registered model, plus variants that take another code path (HierNet with branch_depth=1: the whole
+#: tree scored by one sub-tree classifier, as on big trees; conditional and routing)
+CASES = [pytest.param(name, EXTRA.get(name, {}), id=name) for name in list_models()] + [
+    pytest.param("hiernet", {"branch_depth": 1, "eval_mode": mode}, id=f"hiernet-branch_depth-1-{mode}")
+    for mode in HierNet.eval_modes]
 
 
 def images(n: int = 6, seed: int = 0) -> np.ndarray:
@@ -35,10 +41,10 @@ def predicted_paths(model: nn.Module, x: np.ndarray) -> list[list[int]]:
     return [[n for n in row if n != PAD] for row in pred.paths.tolist()]
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_every_registered_model_decodes_through_the_runtime_as_it_predicts(name: str) -> None:
+@pytest.mark.parametrize(("name", "kwargs"), CASES)
+def test_every_registered_model_decodes_through_the_runtime_as_it_predicts(name: str, kwargs: dict) -> None:
     torch.manual_seed(0)
-    model = create_model(name, TREE, **SMALL, **EXTRA.get(name, {})).eval()
+    model = create_model(name, TREE, **SMALL, **kwargs).eval()
     settings = model.decoder_settings()
     assert isinstance(settings["kind"], str) and settings["end_nodes"] in ("leaves", "all")
     predictor = Predictor(sidecar=sidecar(model, META), engine=torch_engine(model), top_k=2)
@@ -48,14 +54,15 @@ def test_every_registered_model_decodes_through_the_runtime_as_it_predicts(name:
 
 
 @pytest.mark.slow  # one ONNX export per registered model (the exporter traces each: seconds apiece)
-@pytest.mark.parametrize("name", list_models())
-def test_every_registered_model_exports_and_the_onnx_runtime_decodes_as_it_predicts(name: str, tmp_path) -> None:
+@pytest.mark.parametrize(("name", "kwargs"), CASES)
+def test_every_registered_model_exports_and_the_onnx_runtime_decodes_as_it_predicts(name: str, kwargs: dict,
+                                                                                    tmp_path) -> None:
     pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
     pytest.importorskip("onnxscript", reason="the [export] extra is not installed")
     from hiervision.export import export_model
 
     torch.manual_seed(0)
-    model = create_model(name, TREE, **SMALL, **EXTRA.get(name, {})).eval()
+    model = create_model(name, TREE, **SMALL, **kwargs).eval()
     export_model(model, META, tmp_path / "m.onnx")
     x = images()
     records = Predictor(tmp_path / "m.onnx", top_k=2).predict_arrays(x)

@@ -29,5 +29,22 @@ def test_one_cell_runs_and_the_table_names_the_command():
     table = scale.render([("random 40", "flat", cell), ("random 40", "hiernet", {"error": "skipped: dense"})], args)
     assert table.startswith("## scale\n") and "python benchmarks/scale.py" in table
     assert "| random 40 | 40 |" in table and "skipped: dense" in table
-    with pytest.raises(ValueError, match="random:N or json:PATH"):
+    with pytest.raises(ValueError, match="random:N, json:PATH or one of wordnet, wordnet-full"):
         scale.load_tree("nope:3")
+
+
+def test_hiernet_runs_on_every_tree_and_bounds_its_branches_on_big_ones():
+    assert "hiernet" not in scale.NOT_YET  # not gated by --dense-max: branch_depth="auto" bounds it
+    cell = scale.run_cell("random:40", "hiernet", steps=1, batch=2, threads=1)
+    assert cell["nodes"] == 40 and cell["train_s"] > 0 and cell["predict_s"] > 0
+
+
+def test_wordnet_trees_are_built_by_the_cli_with_their_flags(tmp_path, monkeypatch):
+    (tmp_path / "class_hierarchy.txt").write_text("e a\ne b\na m\nm x\nm y\nb q\nb r\n")
+    (tmp_path / "node_names.txt").write_text("e\tentity\na\tA\nb\tB\nm\tM\nlone\tan instance\n")
+    monkeypatch.setattr(scale, "BREEDS", tmp_path)
+    monkeypatch.setattr(scale.tempfile, "gettempdir", lambda: str(tmp_path))
+    collapsed, full = scale.load_tree("wordnet"), scale.load_tree("wordnet-full")
+    assert len(full) == 9 and full.names[full.children[0][-1]] == "an instance"  # every synset (+ the root)
+    assert len(collapsed) == len(full) - 3  # e (a chain at the top) and a (one child) collapsed; no instance
+    assert scale.wordnet_tree("wordnet-full") == tmp_path / "hiervision-wordnet-full-tree.json"  # built once

@@ -357,6 +357,41 @@ def test_wordnet_small_file_rules(tmp_path: Path) -> None:
     assert "z" not in t.external_index
 
 
+def test_wordnet_keep_chains_and_all_synsets(tmp_path: Path, capsys) -> None:
+    from hiervision.cli import main
+
+    # e -> {a, b}; a -> m -> {x, y}; b -> {y, q} (y: deeper parent m wins); i: a synset no edge names
+    edges = [("e", "a"), ("e", "b"), ("a", "m"), ("m", "x"), ("m", "y"), ("b", "y"), ("b", "q")]
+    h, n = _write_wordnet(tmp_path, edges, {"e": "entity", "a": "A", "b": "B", "m": "M", "i": "I"})
+    t = Taxonomy.from_wordnet(h, n, classes=["x", "y", "q"], keep_chains=True)
+    assert t.path_name(t.index("y")) == "entity/A/M/y" and t.path_name(t.index("q")) == "entity/B/q"
+    collapsed = Taxonomy.from_wordnet(h, n, classes=["x", "y", "q"])
+    assert collapsed.path_name(collapsed.index("y")) == "M/y"
+    full = Taxonomy.from_wordnet(h, n, keep_chains=True, all_synsets=True)
+    assert sorted(full.external_ids[1:]) == ["a", "b", "e", "i", "m", "q", "x", "y"]  # every synset, once
+    assert full.path_name(full.index("i")) == "I"  # under the root
+    assert list(full.children[full.index("entity/A")]) == [full.index("entity/A/M")]  # a chain, kept
+    assert len(Taxonomy.from_wordnet(h, n, keep_chains=True)) == 7  # without all_synsets: i is in no edge
+    with pytest.raises(TaxonomyError) as e:
+        Taxonomy.from_wordnet(h, all_synsets=True)
+    one_line_error(e, "hier.txt", "names")
+    out = tmp_path / "t.json"
+    assert main(["taxonomy", "build", str(h), "--from", "wordnet", "--names", str(n), "--keep-chains",
+                 "--all-synsets", "--out", str(out)]) == 0
+    assert Taxonomy.load(out) == full
+    assert main(["taxonomy", "build", str(h), "--from", "folders", "--keep-chains", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--keep-chains applies to --from wordnet only" in err
+
+
+@pytest.mark.skipif(not (WN_HIER.exists() and WN_NAMES.exists()), reason="WordNet files absent")
+def test_whole_wordnet_with_chains_and_all_synsets_has_every_synset() -> None:
+    synsets = [line.partition("\t")[0] for line in WN_NAMES.read_text(encoding="utf-8").splitlines() if line]
+    t = Taxonomy.from_wordnet(WN_HIER, WN_NAMES, keep_chains=True, all_synsets=True)  # ~2 s
+    assert len(t) == len(synsets) >= 80_000 and set(t.external_ids[1:]) == set(synsets)
+    assert any(len(c) == 1 for c in t.children[1:])  # chains kept
+
+
 def test_wordnet_same_name_synsets_become_siblings_after_collapse(tmp_path: Path) -> None:
     edges = [("e", "c"), ("c", "r"), ("r", "g1"), ("c", "g2"), ("c", "o")]
     h, n = _write_wordnet(tmp_path, edges, {"e": "E", "c": "C", "r": "R", "g1": "g", "g2": "g, robe", "o": "O"})

@@ -325,7 +325,12 @@ def _build_taxonomy(args: argparse.Namespace) -> Taxonomy:
         return Taxonomy.from_openimages(src, args.names)
     if args.source == "wordnet":
         classes = Path(args.classes).read_text().split() if args.classes else None
-        return Taxonomy.from_wordnet(src, args.names, classes=classes, max_depth=args.max_depth)
+        return Taxonomy.from_wordnet(src, args.names, classes=classes, max_depth=args.max_depth,
+                                     keep_chains=args.keep_chains, all_synsets=args.all_synsets)
+    for flag in ("keep_chains", "all_synsets"):
+        if getattr(args, flag):
+            raise ValueError(f"taxonomy build --{flag.replace('_', '-')} applies to --from wordnet only, "
+                             f"not --from {args.source}")
     if args.source == "folders":
         return Taxonomy.from_folders(src)
     return _read_taxonomy(src)
@@ -648,6 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
     tx.add_argument("--names", help="build: Open Images class-descriptions CSV or WordNet node_names.txt")
     tx.add_argument("--classes", help="build --from wordnet: file of class wnids to keep (prune, collapse)")
     tx.add_argument("--max-depth", type=_positive_int, default=None, help="build --from wordnet: cap path length")
+    tx.add_argument("--keep-chains", action="store_true",
+                    help="build --from wordnet: keep single-child chains, so every synset reachable from the root "
+                         "is a node (default: collapse them)")
+    tx.add_argument("--all-synsets", action="store_true",
+                    help="build --from wordnet: also every synset of --names that no edge names (WordNet's "
+                         "instances), as classes under the root")
     tx.add_argument("--out", help="build: where to write the JSON")
     tx.set_defaults(func=cmd_taxonomy)
 

@@ -19,6 +19,18 @@ the end; a repeated value leaves a level's branches empty, so ``[6, 6, 6]`` bran
 node whose children are all classes always runs to the last block. Nodes with one child need no
 router; when that child is a class, no branch either.
 
+``branch_depth`` (big trees, issue 23): only inner nodes at depth < ``k`` get their own branch and router;
+a node at depth ``k - 1`` with deeper nodes below runs its route to the last block and scores its whole
+sub-tree with one linear layer (a softmax among each node's siblings, path log-probabilities summed level
+by level), so the sub-trees cost O(nodes) in all, not a module per node. ``None`` is the paper (every
+level). The default, ``"auto"``, keeps the paper on every tree with at most ``AUTO_ROUTERS`` (256) routers —
+each one is a module, a kernel launch and a Python step, fine for the papers' trees (any tree of ≤ 257
+classes: CIFAR-100, Tiny-ImageNet's WordNet tree) but 1,400 of them on a 10,000-node tree cost 7× a flat
+step. A bigger tree gets the deepest ``k`` whose branches add at most half the backbone's blocks (a
+conditional train step then stays near 1.5× the backbone's, the issue's budget) and at most
+``BIG_TREE_ROUTERS`` (64) routers; on trees whose top already branches into several groups that is
+``k = 1``: the whole backbone and one per-parent softmax over the tree.
+
 Transfer (Sec. 5.4): give a trained backbone — a flat run's ``best.pt`` works — as
 ``backbone_kwargs.pretrained_path``; trunk, branches and extra blocks are copies of its weights.
 Backbones need ``stem`` and ``blocks`` (the CIFAR ResNets, ELU ResNets, WRN, wider-ResNet); a final
@@ -39,7 +51,12 @@ from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
 
-__all__ = ["HierNet"]
+__all__ = ["AUTO_ROUTERS", "BIG_TREE_ROUTERS", "HierNet"]
+
+#: ``branch_depth="auto"``: every level (the paper) on trees with at most this many routers
+AUTO_ROUTERS = 256
+#: ... and on bigger trees at most this many routers (with branches adding ≤ half the backbone's blocks)
+BIG_TREE_ROUTERS = 64
 
 
 class _Router(nn.Module):
@@ -55,6 +72,83 @@ class _Router(nn.Module):
         return self.fc(self.dropout(self.extra(x).mean(dim=(2, 3))))
 
 
+class _SubtreeRouter(nn.Module):
+    """Every node below ``top`` from the features where ``top``'s route ends: one linear layer over the
+    sub-tree's nodes, a softmax among each node's siblings, path log-probabilities (relative to ``top``)
+    summed level by level. Nodes are stored breadth-first, so each level is a slice and siblings share a
+    group id; O(sub-tree size) memory per image."""
+
+    def __init__(self, taxonomy: Taxonomy, top: int, channels: int, dropout: float) -> None:
+        super().__init__()
+        kids = taxonomy.children
+        ids, group, child_group, parent_pos, bounds = [], [], [], [], []
+        gid, pos = {top: 0}, {top: -1}
+        level = [top]
+        while level:
+            below = []
+            for p in level:
+                for c in kids[p]:
+                    pos[c] = len(ids)
+                    ids.append(c)
+                    group.append(gid[p])
+                    if bounds:  # below the first level: the parent's position within the level above
+                        parent_pos.append(pos[p] - (bounds[-2] if len(bounds) > 1 else 0))
+                    if kids[c]:
+                        gid[c] = len(gid)
+                        below.append(c)
+                    child_group.append(gid.get(c, -1))
+            bounds.append(len(ids))
+            level = below
+        self.sizes, self.groups = [b - a for a, b in zip([0, *bounds], bounds)], len(gid)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels, len(ids))
+        for name, values in (("ids", ids), ("group", group), ("child_group", child_group),
+                             ("parent_pos", parent_pos)):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, M)`` log-probability of the path from ``top`` to each node below it (order: :attr:`ids`), a
+        view of an ``(M, B)`` tensor: sums and maxima over sibling groups then run along rows, several times
+        faster than along columns."""
+        pooled = self.dropout(x.mean(dim=(2, 3)))
+        z = torch.addmm(self.fc.bias[:, None], self.fc.weight, pooled.t()).float()  # (M, B)
+        rows = self.group[:, None].expand(-1, z.shape[1])
+        top = z.new_full((self.groups, z.shape[1]), float("-inf")).scatter_reduce(0, rows, z.detach(), "amax")
+        z = z - top.index_select(0, self.group)  # each group's largest logit is 0: exp cannot overflow
+        sums = z.new_zeros(top.shape).scatter_add(0, rows, z.exp())
+        local = z - sums.log().index_select(0, self.group)
+        # one split (whose backward is one cat), not a slice per level (each slice's backward is a (M, B) tensor)
+        levels = local.split(self.sizes)
+        out = [levels[0]]
+        for level, parent in zip(levels[1:], self.parent_pos.split(self.sizes[1:])):
+            out.append(level + out[-1].index_select(0, parent))
+        return torch.cat(out).t()
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Algorithm 1 inside the sub-tree: from ``top``, each group's best child (the first on ties)
+        down to a leaf. ``(B, L)`` node ids visited (the leaf repeated once reached) and their path
+        log-probabilities relative to ``top``."""
+        path = self(x).t()  # (M, B), contiguous: per-group reductions along rows, as in forward
+        m, b = path.shape
+        rows = self.group[:, None].expand(-1, b)
+        best = path.new_full((self.groups, b), float("-inf")).scatter_reduce(0, rows, path, "amax")
+        at = torch.arange(m, device=path.device)[:, None].expand(-1, b)
+        first = at.masked_fill(path != best.index_select(0, self.group), m)
+        choice = torch.full_like(first[: self.groups], m).scatter_reduce(0, rows, first, "amin")  # (G, B)
+        g = torch.zeros(b, dtype=torch.long, device=path.device)
+        done = torch.zeros(b, dtype=torch.bool, device=path.device)
+        cur, visited = g, []
+        for _ in self.sizes:
+            cur = torch.where(done, cur, choice.gather(0, g[None]).squeeze(0))
+            visited.append(cur)
+            done = self.child_group[cur] < 0
+            g = self.child_group[cur].clamp_min(0)
+        visited = torch.stack(visited, 1)
+        path = path.t()
+        return self.ids[visited], path.gather(1, visited)
+
+
 class HierNet(HierarchicalClassifier):
     """Tempfli & Sándor's HierNet on any taxonomy (see the module docstring).
 
@@ -64,6 +158,8 @@ class HierNet(HierarchicalClassifier):
             route has reached the last block, as for the paper's leaf nodes).
         dropout: before every router's linear layer.
         eval_mode: ``"conditional"`` or ``"routing"`` — how :meth:`predict` works in eval mode.
+        branch_depth: inner nodes at depth < this get a branch and router; the sub-trees below depth
+            ``branch_depth - 1`` one linear layer each. ``None``: every level; ``"auto"``: see the module docstring.
     """
 
     eval_modes = ("conditional", "routing")
@@ -76,6 +172,7 @@ class HierNet(HierarchicalClassifier):
         extra_blocks: int = 0,
         dropout: float = 0.0,
         eval_mode: str = "conditional",
+        branch_depth: int | str | None = "auto",
         loss_type: str = "ce",
         loss_beta: float = 10.0,
         loss_alpha: float = 0.1,
@@ -113,29 +210,77 @@ class HierNet(HierarchicalClassifier):
 
         kids = taxonomy.children
         inner = [n for level in ((0,), *taxonomy.levels) for n in level if kids[n]]  # parents first
-        self.trunk = nn.Sequential(copy.deepcopy(net.stem), *ops(0, cuts[0]))
-        end = {0: cuts[0]}
+        if branch_depth == "auto":
+            branch_depth = self._auto_depth(taxonomy, inner, cuts, nb)
+        elif branch_depth is not None and (isinstance(branch_depth, bool) or not isinstance(branch_depth, int)
+                                           or branch_depth < 1):
+            raise ValueError(f"model.branch_depth must be an integer ≥ 1, 'auto' or null, got {branch_depth!r}")
+        self.branch_depth = branch_depth
+        routed, frontier, end = self._layout(taxonomy, inner, cuts, nb, branch_depth)
+        self.trunk = nn.Sequential(copy.deepcopy(net.stem), *ops(0, end[0]))
         self.edges, self.routers = nn.ModuleDict(), nn.ModuleDict()
-        for n in inner:
-            d = taxonomy.depth(n)
-            if n:
-                start = end[taxonomy.parents[n]]
-                stop = nb if all(not kids[c] for c in kids[n]) or d >= len(cuts) else max(cuts[d], start)
-                end[n] = stop
-                if len(kids[n]) > 1 or kids[kids[n][0]]:  # a lone class below needs no features
-                    self.edges[str(n)] = ops(start, stop)
-            if len(kids[n]) > 1:
+        for n in routed:
+            if n and self._has_edge(kids, n):
+                self.edges[str(n)] = ops(end[taxonomy.parents[n]], end[n])
+            if n in frontier:
+                self.routers[str(n)] = _SubtreeRouter(taxonomy, n, channels[-1], dropout)
+            elif len(kids[n]) > 1:
                 stop = min(end[n] + self.extra_blocks, nb)
                 self.routers[str(n)] = _Router(ops(end[n], stop), channels[stop - 1], len(kids[n]), dropout)
         del self.backbone  # its weights live on, copied, in trunk / edges / routers
         self.register_buffer("leaf_mask", end_mask(taxonomy, "leaves"), persistent=False)
-        # (N+1, max children) node ids, row n = n's children: indexing on the device, no list → tensor per call
-        width = max(len(kids[n]) for n in inner)
-        child_table = torch.zeros(taxonomy.num_nodes, width, dtype=torch.long)
-        for n in inner:
-            child_table[n, : len(kids[n])] = torch.tensor(kids[n])
-        self.register_buffer("child_table", child_table, persistent=False)
-        self._inner = inner
+        # the columns _node_logprob builds, in order (each routed node's children or sub-tree): one index_copy
+        # places them all, no per-node write into (B, N+1)
+        covered = [0]
+        self._first_child: dict[int, int] = {}  # routed node → where its children start in child_ids
+        for n in routed:
+            if n not in frontier:
+                self._first_child[n] = len(covered) - 1
+            covered += self.routers[str(n)].ids.tolist() if n in frontier else list(kids[n])
+        if sorted(covered) != list(range(taxonomy.num_nodes)):
+            raise AssertionError("hiernet: the routed nodes and sub-trees must cover every node once")
+        self.register_buffer("child_ids", torch.tensor(covered[1:]), persistent=False)
+        self._routed, self._frontier = routed, frontier
+        routed_set = set(routed)
+        self._routed_kids = {n: [(j, c) for j, c in enumerate(kids[n]) if c in routed_set]
+                             for n in routed if n not in frontier}
+
+    @staticmethod
+    def _has_edge(kids: Sequence[Sequence[int]], n: int) -> bool:
+        """A (non-root) routed node has a branch unless its lone child is a class (which needs no features)."""
+        return len(kids[n]) > 1 or bool(kids[kids[n][0]])
+
+    @staticmethod
+    def _layout(taxonomy: Taxonomy, inner: list[int], cuts: list[int], nb: int,
+                branch_depth: int | None) -> tuple[list[int], set[int], dict[int, int]]:
+        """The routed inner nodes (parents first), the frontier (routed nodes at depth ``branch_depth - 1``
+        with deeper nodes below: one sub-tree classifier each) and the block where each route ends."""
+        kids, depth = taxonomy.children, taxonomy.depths
+        routed = [n for n in inner if branch_depth is None or depth[n] < branch_depth]
+        frontier = {n for n in routed if depth[n] == (branch_depth or 0) - 1 and any(kids[c] for c in kids[n])}
+        end = {0: nb if 0 in frontier else cuts[0]}
+        for n in routed[1:]:
+            d, start = depth[n], end[taxonomy.parents[n]]
+            leafy = n in frontier or all(not kids[c] for c in kids[n]) or d >= len(cuts)
+            end[n] = nb if leafy else max(cuts[d], start)
+        return routed, frontier, end
+
+    def _auto_depth(self, taxonomy: Taxonomy, inner: list[int], cuts: list[int], nb: int) -> int | None:
+        """``branch_depth="auto"`` (see the module docstring)."""
+        kids = taxonomy.children
+        if sum(len(kids[n]) > 1 for n in inner) <= AUTO_ROUTERS:
+            return None
+        best = 1
+        for k in range(2, taxonomy.max_depth + 1):
+            routed, frontier, end = self._layout(taxonomy, inner, cuts, nb, k)
+            blocks = end[0] - nb + sum(end[n] - end[taxonomy.parents[n]] for n in routed[1:] if self._has_edge(kids, n))
+            blocks += sum(min(end[n] + self.extra_blocks, nb) - end[n] for n in routed
+                          if n not in frontier and len(kids[n]) > 1)
+            routers = sum(n in frontier or len(kids[n]) > 1 for n in routed)
+            if 2 * blocks > nb or routers > BIG_TREE_ROUTERS:
+                break
+            best = k
+        return best
 
     @staticmethod
     @torch.no_grad()
@@ -165,20 +310,27 @@ class HierNet(HierarchicalClassifier):
     # -- conditional: every branch -----------------------------------------------------------------
     def _node_logprob(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, N+1)`` log-probability of reaching each node (the product of routers on its path)."""
-        tax = self.taxonomy
         feats = {0: self.trunk(images)}
-        lp = images.new_zeros(len(images), tax.num_nodes, dtype=torch.float32)
-        for n in self._inner:
+        reach = {0: images.new_zeros(len(images), 1, dtype=torch.float32)}  # log P(route reaches routed node)
+        columns = [reach[0]]
+        for n in self._routed:
             if n:
-                p = tax.parents[n]
+                p = self.taxonomy.parents[n]
                 feats[n] = self.edges[str(n)](feats[p]) if str(n) in self.edges else feats[p]
-            kids = self.child_table[n, : len(tax.children[n])]
+            if n in self._frontier:  # the whole sub-tree below, already summed along its paths
+                columns.append(reach[n] + self.routers[str(n)](feats[n]))
+                continue
             if str(n) in self.routers:
-                step = self.routers[str(n)](feats[n]).float().log_softmax(1)
-                lp[:, kids] = lp[:, n : n + 1] + step
-            else:  # one child: it inherits its parent's log-probability (a copy: with one image both views alias)
-                lp[:, kids] = lp[:, n : n + 1].clone()
-        return lp
+                step = reach[n] + self.routers[str(n)](feats[n]).float().log_softmax(1)
+            else:  # one child: it inherits its parent's log-probability
+                step = reach[n]
+            columns.append(step)
+            for j, c in self._routed_kids[n]:
+                reach[c] = step[:, j : j + 1]
+        # placed as rows (one node per row: each copy is contiguous), the root's row stays 0; (B, N+1) view
+        rows = [c.t() for c in columns[1:]]
+        out = columns[0].new_zeros(self.taxonomy.num_nodes, len(images))
+        return out.index_copy(0, self.child_ids, torch.cat(rows) if len(rows) > 1 else rows[0]).t()
 
     # -- routing: Algorithm 1, batched by route ----------------------------------------------------
     def _route(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -193,10 +345,16 @@ class HierNet(HierarchicalClassifier):
 
         def visit(n: int, x: torch.Tensor, idx: torch.Tensor) -> None:
             kids = tax.children[n]
+            if n in self._frontier:  # the sub-tree's own descent, all images at once
+                nodes, path_lp = self.routers[str(n)].route(x)
+                scores[idx[:, None], nodes] = (lp[idx, None] + path_lp).exp()
+                node[idx], lp[idx] = nodes[:, -1], lp[idx] + path_lp[:, -1]
+                return
+            first = self._first_child[n]
             if str(n) in self.routers:
                 best_lp, best = self.routers[str(n)](x).float().log_softmax(1).max(1)
                 lp[idx] += best_lp
-                child = self.child_table[n][best]
+                child = self.child_ids[first : first + len(kids)][best]
                 # group the images by chosen child: one sort on the device, one sync for the group sizes
                 order = best.argsort(stable=True)
                 # (bincount would sync twice on CUDA: once for its output size, once here)
@@ -204,7 +362,7 @@ class HierNet(HierarchicalClassifier):
                 sizes = counts.scatter_add_(0, best, torch.ones_like(best)).tolist()
                 groups = zip(kids, x[order].split(sizes), idx[order].split(sizes))
             else:
-                child = self.child_table[n, :1].expand(len(idx))
+                child = self.child_ids[first : first + 1].expand(len(idx))
                 groups = zip(kids, [x], [idx])
             scores[idx, child] = lp[idx].exp()
             node[idx] = child  # the deepest node reached so far; a leaf's is final
@@ -257,7 +415,8 @@ class HierNet(HierarchicalClassifier):
         return {"scores": lp.exp(), "path_logprob": lp}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, split={self.split}, extra_blocks={self.extra_blocks}, eval={self.eval_mode}"
+        return (f"{super().extra_repr()}, split={self.split}, extra_blocks={self.extra_blocks}, "
+                f"branch_depth={self.branch_depth}, eval={self.eval_mode}")
 
 
 @register_model("hiernet")
