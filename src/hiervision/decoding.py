@@ -33,9 +33,9 @@ import torch
 
 from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy, TreeTables
 
-__all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "full_precision",
+__all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "feed_own", "full_precision",
            "last_node", "multi_label_prediction", "next_token_mask", "no_autocast", "path_scores", "prefix_logprob",
-           "scheduled_feed", "sequence_logprob", "threshold_paths", "tree_tables"]
+           "prefix_scores", "scheduled_feed", "sequence_logprob", "sequence_targets", "threshold_paths", "tree_tables"]
 
 Tree = Taxonomy | TreeTables
 
@@ -199,15 +199,22 @@ def scheduled_feed(
     the previous node (:func:`next_token_mask`), as decoding is, and detached (no gradient through it).
     ``p = 0`` is teacher forcing, ``p = 1`` feeds only the head's own choices.
     """
-    own = logits.detach().float().masked_fill(~allowed, float("-inf")).argmax(-1)
+    return feed_own(logits.detach().float().masked_fill(~allowed, float("-inf")).argmax(-1), teacher, p)
+
+
+def feed_own(own: torch.Tensor, teacher: torch.Tensor, p: float) -> torch.Tensor:
+    """:func:`scheduled_feed`'s draw, for a head that found its greedy choices ``own`` ``(B,)`` itself
+    (a children softmax scores only the allowed tokens): ``own`` with probability ``p``, else ``teacher``."""
     if p >= 1:
         return own
     return torch.where(torch.rand(len(own), device=own.device) < p, own, teacher)
 
 
 #: ``step(tokens, state) -> (logprob, state)``: ``tokens`` ``(B·k,)`` the last node of each beam (0 at
-#: the start), ``logprob`` ``(B·k, N+1)`` over the next token (column 0 = end of path).
-StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+#: the start), ``logprob`` ``(B·k, N+1)`` over the next token (column 0 = end of path) — or, for a step
+#: that scores only the allowed tokens (a children softmax), a pair ``(logprob, tokens)`` of ``(B·k, F)``
+#: candidates padded with ``-inf``.
+StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], Any]]
 
 
 def _reorder(state: Any, index: torch.Tensor) -> Any:
@@ -232,14 +239,16 @@ def beam_search(
     state: Any = None,
     device: torch.device | str = "cpu",
     start: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_prefix: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Koo et al.'s Algorithm 1: beam search restricted to the tree.
 
     Each step keeps the ``beam_width`` best partial paths by summed log-probability; a beam may only
     continue to a child of its last node, or stop (token 0) where ``end_nodes`` allows it, so every
     returned path is valid. A stopped beam stays a candidate with its score. ``state`` (e.g. the
     decoder's LSTM state, batch ``B·k``) is reordered with the beams. With ``beam_width=1`` this is
-    the greedy decoder of the slides' worked example.
+    the greedy decoder of the slides' worked example. A step that returns its allowed candidates
+    (:data:`StepFn`) costs O(B·k·F) here instead of O(B·k·N).
 
     ``start`` ``(B,)`` begins each search below a given node instead of the root (Guo et al.'s
     CNN-RNN*, where the coarse label is known): the first step reads that node and the returned
@@ -247,7 +256,9 @@ def beam_search(
 
     Returns:
         ``(paths, logprob)``: ``(B, k, D)`` node ids per level, PAD after the end, best beam first;
-        ``(B, k)`` their log-probabilities (``-inf`` for beams that found no valid path).
+        ``(B, k)`` their log-probabilities (``-inf`` for beams that found no valid path); with
+        ``with_prefix`` also ``(B, k, D)`` the log-probability of each path's prefix ending at every
+        position (what :func:`prefix_scores` turns into node scores without a second decoder pass).
     """
     k = int(beam_width)
     if k < 1:
@@ -264,22 +275,34 @@ def beam_search(
         last[:] = start.to(device).view(batch_size, 1)
     done = torch.zeros(batch_size, k, dtype=torch.bool, device=device)
     paths = torch.empty(batch_size, k, 0, dtype=torch.long, device=device)
+    prefix = torch.empty(batch_size, k, 0, device=device)
     rows = torch.arange(batch_size, device=device).unsqueeze(1)
     for _ in range(steps):
         lp, state = step(last.reshape(-1), state)
-        lp = lp.float().view(batch_size, k, n).masked_fill(~next_token_mask(tables, last, ends), neg)
+        if isinstance(lp, tuple):  # the allowed candidates only, padded with -inf
+            lp, cand_tok = lp[0].float().view(batch_size, k, -1), lp[1].view(batch_size, k, -1)
+        else:
+            lp = lp.float().view(batch_size, k, n).masked_fill(~next_token_mask(tables, last, ends), neg)
+            cand_tok = None
+        width = lp.shape[2]
         cand = scores.unsqueeze(2) + lp
-        # a stopped beam has exactly one continuation: itself, unchanged
+        # a stopped beam has exactly one continuation: itself, unchanged (column 0, read as the end token)
         stay = torch.full_like(cand, float("-inf"))
-        stay[..., EOS] = scores
+        stay[..., 0] = scores
         cand = torch.where(done.unsqueeze(2), stay, cand)
-        scores, flat = cand.view(batch_size, k * n).topk(k, dim=1)
-        beam, tok = flat // n, flat % n
+        scores, flat = cand.view(batch_size, k * width).topk(k, dim=1)
+        beam, col = flat // width, flat % width
+        if cand_tok is None:
+            tok = col
+        else:  # a stopped beam's column 0 is its end token, whatever its last node's candidates were
+            tok = torch.where(done.unsqueeze(2), EOS, cand_tok).view(batch_size, -1).gather(1, flat)
         state = _reorder(state, (rows * k + beam).reshape(-1))
         stopped = tok == EOS
         prev_last = last.gather(1, beam)
         paths = torch.cat([paths.gather(1, beam.unsqueeze(2).expand(-1, -1, paths.shape[2])),
                            torch.where(stopped, PAD, tok).unsqueeze(2)], dim=2)
+        prefix = torch.cat([prefix.gather(1, beam.unsqueeze(2).expand(-1, -1, prefix.shape[2])),
+                            scores.unsqueeze(2)], dim=2)
         done = done.gather(1, beam) | stopped
         last = torch.where(stopped, prev_last, tok)
         if bool(done.all()):
@@ -290,7 +313,21 @@ def beam_search(
     paths = paths.gather(1, order.unsqueeze(2).expand(-1, -1, paths.shape[2]))
     # trim the all-PAD tail left by the final end tokens
     keep = int((paths != PAD).any(0).any(0).nonzero().max()) + 1 if bool((paths != PAD).any()) else 0
-    return paths[..., :keep], scores
+    if not with_prefix:
+        return paths[..., :keep], scores
+    prefix = prefix.gather(1, order.unsqueeze(2).expand(-1, -1, prefix.shape[2]))
+    return paths[..., :keep], scores, prefix[..., :keep]
+
+
+def prefix_scores(taxonomy: Tree, paths: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """``(B, N+1)`` per-node scores of decoded ``paths`` ``(B, D)`` from their prefixes' log-probabilities
+    ``(B, D)`` (:func:`beam_search` ``with_prefix``): each node of the path gets the probability of the
+    prefix ending at it, nodes off the path 0 — :func:`path_scores` without re-running the decoder."""
+    idx = paths.clamp(min=0)
+    scores = torch.zeros(len(paths), tree_tables(taxonomy).taxonomy.num_nodes, device=paths.device)
+    scores.scatter_(1, idx, torch.where(paths == PAD, 0.0, prefix[:, : paths.shape[1]].float().exp()))
+    scores[:, 0] = 0
+    return scores
 
 
 def path_scores(taxonomy: Tree, paths: torch.Tensor, step_logprob: torch.Tensor) -> torch.Tensor:
@@ -311,11 +348,17 @@ def sequence_logprob(taxonomy: Tree, paths: torch.Tensor, step_logprob: torch.Te
     """``(B,)`` log-probability of ``paths`` ``(B, D)`` (PAD after the end), then the end token when
     ``end``, read from a decoder's ``(B, S, N+1)`` per-step log-probabilities: the sum a tree-restricted
     beam search ranks paths by, so a true path and a decoded one can be compared on the search's scale."""
-    nodes = last_node(paths)
-    tax = tree_tables(taxonomy, paths.device)
-    seq = (tax.encode_sequence(nodes) if end else tax.encode_levels(nodes))[:, : step_logprob.shape[1]]
+    seq = sequence_targets(taxonomy, paths, end, step_logprob.shape[1])
     lp = step_logprob.float().gather(2, seq.clamp(min=EOS).unsqueeze(2)).squeeze(2)
     return lp.masked_fill(seq == IGNORE, 0).sum(1)
+
+
+def sequence_targets(taxonomy: Tree, paths: torch.Tensor, end: bool, steps: int) -> torch.Tensor:
+    """``(B, steps)`` what a decoder emits for ``paths`` ``(B, D)``: the nodes, then :data:`EOS` when ``end``,
+    then :data:`IGNORE` (the terms :func:`sequence_logprob` sums)."""
+    nodes = last_node(paths)
+    tax = tree_tables(taxonomy, paths.device)
+    return (tax.encode_sequence(nodes) if end else tax.encode_levels(nodes))[:, :steps]
 
 
 def multi_label_prediction(taxonomy: Tree, scores: torch.Tensor, threshold: float) -> Prediction:

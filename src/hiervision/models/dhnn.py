@@ -28,19 +28,22 @@ from hiervision.decoding import (
     Prediction,
     beam_search,
     exact_best_path,
+    feed_own,
     full_precision,
     multi_label_prediction,
     next_token_mask,
     no_autocast,
-    path_scores,
     prefix_logprob,
+    prefix_scores,
     scheduled_feed,
     sequence_logprob,
+    sequence_targets,
 )
 from hiervision.losses import check_loss_type, soft_label_targets
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.conversion import StageSequence, default_steps
 from hiervision.models.registry import register_model
+from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax
 from hiervision.taxonomy import EOS, IGNORE, Taxonomy
 
 __all__ = ["CnnRnn", "CnnS2S", "run_fp32"]
@@ -322,11 +325,20 @@ class CnnS2S(_DHNN):
     Training options for deep variable-length trees: ``end_weight`` multiplies the end token's loss
     terms; ``scheduled_sampling`` (``feed: label`` only) is the probability that a decoder step reads
     its own greedy choice instead of the true previous node (Bengio et al., 2015; 0 = teacher forcing).
+
+    ``step_softmax`` (``feed: label``): what each decoder step's softmax runs over
+    (:mod:`hiervision.models.step_softmax`): ``"full"`` — all N+1 columns, the paper's; ``"children"`` —
+    a hierarchical softmax over the tokens allowed after the node the step reads (its children, and the
+    end token where a path may stop), whose training cost grows with the fan-out, not with N; ``"auto"``
+    (default) — full up to 1,000 nodes (the paper's results reproduce unchanged), children above. A
+    decoder fed its previous output distribution (``feed: output``) reads all N+1 columns anyway and
+    keeps the full softmax. Under the children softmax a scheduled-sampling step whose own choice left
+    the true path teaches nothing (the true node has probability 0 there).
     """
 
     def __init__(self, taxonomy: Taxonomy, feed: str | None = None, embed_size: int | None = None,
                  end_nodes: str = "all", end_weight: float = 1.0, scheduled_sampling: float = 0.0,
-                 **kwargs) -> None:
+                 step_softmax: str = "auto", **kwargs) -> None:
         multi = kwargs.get("multi_label", False)
         feed = feed or ("output" if multi else "label")
         if feed not in ("label", "output"):
@@ -346,6 +358,12 @@ class CnnS2S(_DHNN):
                              "fed its own choices")
         if float(end_weight) < 0:
             raise ValueError(f"model.end_weight must be >= 0, got {end_weight}")
+        self.step_softmax = resolve_step_softmax(step_softmax, taxonomy.num_nodes)
+        if feed != "label":  # a decoder fed its previous output distribution reads all N+1 columns anyway
+            if step_softmax == "children":
+                raise ValueError("model.step_softmax: the children softmax needs a decoder fed its previous label "
+                                 "(feed: label)")
+            self.step_softmax = "full"
         self.feed, self.end_nodes = feed, end_nodes
         self.end_weight, self.scheduled_sampling = float(end_weight), float(scheduled_sampling)
         self._out_steps = taxonomy.max_depth + (0 if multi else 1)  # the path, then the end token
@@ -363,6 +381,7 @@ class CnnS2S(_DHNN):
                                                 dropout=self.dropout.p if self.num_layers > 1 else 0.0))
         self.out = nn.Linear(width, v)
         self.register_buffer("ends", self.tables.end_mask(end_nodes), persistent=False)  # where paths may stop
+        self.children_softmax = ChildrenSoftmax(self.tables, self.ends) if self.step_softmax == "children" else None
 
     def _default_num_steps(self, num_stages: int) -> int:
         return num_stages
@@ -392,24 +411,36 @@ class CnnS2S(_DHNN):
             prev = torch.sigmoid(o) if self.multi_label else o.softmax(-1)
         return {"logits": torch.cat(logits, 1)}
 
+    def _tokens(self, paths: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs for ``(B, D)`` paths: the start token, then the path (0 where it has ended)."""
+        return torch.cat([torch.zeros_like(paths[:, :1]), paths.clamp(min=0)], 1)[:, : self._out_steps]
+
     def _teacher_forced(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
         """Decoder logits ``(B, D+1, N+1)`` when fed the given paths ``(B, D)`` (PAD after the end)."""
-        tokens = torch.cat([torch.zeros_like(paths[:, :1]), paths.clamp(min=0)], 1)[:, : self._out_steps]
+        return self.out(self._hidden(outputs, self._tokens(paths)))
+
+    def _hidden(self, outputs: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+        """The output layer's input ``(B, T, W)`` when step ``t`` reads ``tokens[:, t]`` (teacher forcing)."""
         out, _ = run_fp32(self.decoder, self.embed(tokens), (outputs["h"], outputs["c"]))
-        return self.out(self.dropout(out))
+        return self.dropout(out)
 
     def sampled(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor, p: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`_teacher_forced`, but each step after the first reads the decoder's own greedy
         choice with probability ``p`` (:func:`~hiervision.decoding.scheduled_feed`); also returns the
-        tokens read ``(B, D+1)``."""
-        tokens = torch.cat([torch.zeros_like(paths[:, :1]), paths.clamp(min=0)], 1)[:, : self._out_steps]
+        tokens read ``(B, D+1)``. Under the children softmax the first tensor is the steps' output-layer
+        input ``(B, D+1, W)`` (as :meth:`_hidden`): its loss never forms ``(B, D+1, N+1)`` logits."""
+        tokens = self._tokens(paths)
         state, out, fed = (outputs["h"], outputs["c"]), [], [tokens[:, 0]]
+        children = self.children_softmax
         for t in range(tokens.shape[1]):
-            if t:
+            if t and children is None:
                 fed.append(scheduled_feed(out[-1], next_token_mask(self.tables, fed[-1], self.ends), tokens[:, t], p))
+            elif t:
+                fed.append(feed_own(children.greedy(self.out, out[-1], fed[-1]), tokens[:, t], p))
             o, state = self.decoder(self.embed(fed[-1]).unsqueeze(1), state)
-            out.append(self.out(self.dropout(o[:, 0])))
+            h = self.dropout(o[:, 0])
+            out.append(h if children is not None else self.out(h))
         return torch.stack(out, 1), torch.stack(fed, 1)
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -419,19 +450,37 @@ class CnnS2S(_DHNN):
             per = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(2)
             return self._weighted(per, torch.ones_like(per))
         seq = self.tables.encode_sequence(targets)  # (B, D+1): path, EOS, IGNORE
+        children = self.children_softmax
         if self.feed == "label" and self.training and self.scheduled_sampling > 0:
-            logits = self.sampled(outputs, self.tables.encode_paths(targets), self.scheduled_sampling)[0].float()
+            out, tokens = self.sampled(outputs, self.tables.encode_paths(targets), self.scheduled_sampling)
+        elif children is not None:
+            tokens = self._tokens(self.tables.encode_paths(targets))
+            out = self._hidden(outputs, tokens)
         elif self.feed == "label":
-            logits = self._teacher_forced(outputs, self.tables.encode_paths(targets)).float()
+            out = self._teacher_forced(outputs, self.tables.encode_paths(targets))
         else:
-            logits = outputs["logits"].float()
-        per = F.cross_entropy(logits.transpose(1, 2), seq, ignore_index=IGNORE, reduction="none")
+            out = outputs["logits"]
+        if children is not None:  # O(Σ fan-out): only the allowed tokens' output rows
+            # a token the step may not emit (the end after an inner node with end_nodes "leaves"; a node off the
+            # path scheduled sampling fed) has probability 0 here: such a term teaches nothing and is left out
+            seq = seq[:, : tokens.shape[1]].masked_fill(~children.allowed(tokens, seq[:, : tokens.shape[1]]), IGNORE)
+            per = (-children.target_logprob(self.out, out, tokens, seq)).masked_fill(seq == IGNORE, 0)
+        else:
+            per = F.cross_entropy(out.float().transpose(1, 2), seq, ignore_index=IGNORE, reduction="none")
         if self.end_weight != 1.0:
             per = torch.where(seq == EOS, per * self.end_weight, per)
         return self._weighted(per, (seq != IGNORE).float())
 
     def _decoder_logits(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
         return self._teacher_forced(outputs, paths) if self.feed == "label" else outputs["logits"]
+
+    @full_precision
+    def path_logprob(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
+        if self.children_softmax is None:
+            return super().path_logprob(outputs, paths)
+        tokens = self._tokens(paths)
+        seq = sequence_targets(self.tables, paths, True, tokens.shape[1])
+        return self.children_softmax.sequence_logprob(self.out, self._hidden(outputs, tokens), tokens, seq)
 
     def _end_logprob(self, step_lp: torch.Tensor) -> torch.Tensor:
         return step_lp[:, self.tables.depth.clamp(max=self._out_steps - 1), EOS].clamp(min=-1e4)
@@ -449,8 +498,9 @@ class CnnS2S(_DHNN):
     def export_step(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h, c = (s.transpose(0, 1).contiguous() for s in state)
         out, (h, c) = self.decoder(self.embed(tokens).unsqueeze(1), (h, c))
-        return (self.out(out[:, 0]).float().log_softmax(-1), h.transpose(0, 1).contiguous(),
-                c.transpose(0, 1).contiguous())
+        lp = (self.out(out[:, 0]).float().log_softmax(-1) if self.children_softmax is None
+              else self.children_softmax.dense(self.out, out[:, 0], tokens))  # the runtime reads N+1 columns
+        return lp, h.transpose(0, 1).contiguous(), c.transpose(0, 1).contiguous()
 
     @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
@@ -473,13 +523,15 @@ class CnnS2S(_DHNN):
 
         def step(tokens: torch.Tensor, state):
             out, state = run_fp32(self.decoder, self.embed(tokens).unsqueeze(1), state)
+            if self.children_softmax is not None:
+                return self.children_softmax.candidates(self.out, out[:, 0], tokens), state
             return self.out(out[:, 0]).float().log_softmax(-1), state
 
         start = (h.repeat_interleave(k, 1), c.repeat_interleave(k, 1))
-        beams, lp = beam_search(tax, step, h.shape[1], k, self.end_nodes, self._out_steps, start, h.device)
-        paths = beams[:, 0]
-        scores = path_scores(tax, paths, self._teacher_forced(outputs, paths).float().log_softmax(-1))
-        return Prediction(paths, scores, lp[:, 0].exp())
+        beams, lp, cum = beam_search(tax, step, h.shape[1], k, self.end_nodes, self._out_steps, start, h.device,
+                                     with_prefix=True)
+        paths = beams[:, 0]  # node scores from the prefixes the search summed: no second pass of the decoder
+        return Prediction(paths, prefix_scores(tax, paths, cum[:, 0]), lp[:, 0].exp())
 
 
 @register_model("dhnn_rnn")
