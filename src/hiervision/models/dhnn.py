@@ -43,7 +43,7 @@ from hiervision.losses import check_loss_type, soft_label_targets
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.conversion import StageSequence, default_steps
 from hiervision.models.registry import register_model
-from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax
+from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax, used_steps
 from hiervision.taxonomy import EOS, IGNORE, Taxonomy
 
 __all__ = ["CnnRnn", "CnnS2S", "run_fp32"]
@@ -157,7 +157,7 @@ class _DHNN(HierarchicalClassifier):
     def _weighted(self, per_step: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``Σ_t w_t · mean(loss at step t over the samples that have a step t)``."""
         per_step = (per_step * valid).sum(0) / valid.sum(0).clamp(min=1)
-        return (self.level_weights * per_step).sum()
+        return (self.level_weights[: len(per_step)] * per_step).sum()
 
     def _node_view(self, step_scores: torch.Tensor) -> torch.Tensor:
         """``(B, S, N+1)`` per-step scores → ``(B, N+1)``: node ``n`` read at the step of its level."""
@@ -450,20 +450,23 @@ class CnnS2S(_DHNN):
             per = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(2)
             return self._weighted(per, torch.ones_like(per))
         seq = self.tables.encode_sequence(targets)  # (B, D+1): path, EOS, IGNORE
-        children = self.children_softmax
+        paths, children = self.tables.encode_paths(targets), self.children_softmax
+        if children is not None:  # the decoder runs only as far as the batch's paths go
+            seq = seq[:, : used_steps(seq)]
+            paths = paths[:, : seq.shape[1] - 1]
         if self.feed == "label" and self.training and self.scheduled_sampling > 0:
-            out, tokens = self.sampled(outputs, self.tables.encode_paths(targets), self.scheduled_sampling)
+            out, tokens = self.sampled(outputs, paths, self.scheduled_sampling)
         elif children is not None:
-            tokens = self._tokens(self.tables.encode_paths(targets))
+            tokens = self._tokens(paths)
             out = self._hidden(outputs, tokens)
         elif self.feed == "label":
-            out = self._teacher_forced(outputs, self.tables.encode_paths(targets))
+            out = self._teacher_forced(outputs, paths)
         else:
             out = outputs["logits"]
         if children is not None:  # O(Σ fan-out): only the allowed tokens' output rows
             # a token the step may not emit (the end after an inner node with end_nodes "leaves"; a node off the
             # path scheduled sampling fed) has probability 0 here: such a term teaches nothing and is left out
-            seq = seq[:, : tokens.shape[1]].masked_fill(~children.allowed(tokens, seq[:, : tokens.shape[1]]), IGNORE)
+            seq = seq.masked_fill(~children.allowed(tokens, seq), IGNORE)
             per = (-children.target_logprob(self.out, out, tokens, seq)).masked_fill(seq == IGNORE, 0)
         else:
             per = F.cross_entropy(out.float().transpose(1, 2), seq, ignore_index=IGNORE, reduction="none")

@@ -43,7 +43,7 @@ from hiervision.decoding import (
 from hiervision.losses import check_loss_type, soft_label_targets
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
-from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax
+from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax, used_steps
 from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy
 
 __all__ = ["CnnRnnGenerator", "MultiHeadGenerator", "VisualLSTMCell"]
@@ -226,6 +226,9 @@ class CnnRnnGenerator(HierarchicalClassifier):
         else:
             seq = tax.encode_levels(targets)
         tokens = self._tokens(tax.encode_paths(targets))
+        if self.children_softmax is not None:  # the decoder runs only as far as the batch's paths go
+            seq = seq[:, : used_steps(seq)]
+            tokens = tokens[:, : seq.shape[1]]
         if self.training and self.scheduled_sampling > 0:
             out, tokens = self.unroll_sampled(outputs["v"], tokens, self.scheduled_sampling)
         else:

@@ -23,7 +23,7 @@ from torch import nn
 from hiervision.taxonomy import EOS, IGNORE, TreeTables
 from hiervision.tree.tables import segment_logsumexp, step_candidates, step_csr
 
-__all__ = ["AUTO_CHILDREN_ABOVE", "STEP_SOFTMAX", "ChildrenSoftmax", "resolve_step_softmax"]
+__all__ = ["AUTO_CHILDREN_ABOVE", "STEP_SOFTMAX", "ChildrenSoftmax", "resolve_step_softmax", "used_steps"]
 
 STEP_SOFTMAX = ("full", "children", "auto")
 #: ``step_softmax="auto"`` uses the children softmax on trees with more nodes than this
@@ -37,6 +37,13 @@ def resolve_step_softmax(value: str, num_nodes: int) -> str:
     if value == "auto":
         return "children" if num_nodes > AUTO_CHILDREN_ABOVE else "full"
     return value
+
+
+def used_steps(seq: torch.Tensor) -> int:
+    """How many leading steps of ``(B, T)`` targets hold any term (1 at least): on a deep tree a batch's
+    paths rarely reach its deepest level, and a decoder step past every path's end teaches nothing."""
+    used = (seq != IGNORE).any(0).nonzero()
+    return int(used.max()) + 1 if len(used) else 1
 
 
 class ChildrenSoftmax(nn.Module):
