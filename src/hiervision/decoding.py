@@ -34,7 +34,7 @@ import torch
 from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy, TreeTables
 
 __all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "feed_own", "full_precision",
-           "last_node", "multi_label_prediction", "next_token_mask", "no_autocast", "path_scores", "prefix_logprob",
+           "last_node", "multi_label_prediction", "next_token_mask", "no_autocast", "prefix_logprob",
            "prefix_scores", "scheduled_feed", "sequence_logprob", "sequence_targets", "threshold_paths", "tree_tables"]
 
 Tree = Taxonomy | TreeTables
@@ -322,23 +322,11 @@ def beam_search(
 def prefix_scores(taxonomy: Tree, paths: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
     """``(B, N+1)`` per-node scores of decoded ``paths`` ``(B, D)`` from their prefixes' log-probabilities
     ``(B, D)`` (:func:`beam_search` ``with_prefix``): each node of the path gets the probability of the
-    prefix ending at it, nodes off the path 0 — :func:`path_scores` without re-running the decoder."""
+    prefix ending at it, nodes off the path 0 (what autoregressive heads put in ``Prediction.scores``),
+    read off the search instead of a second pass of the decoder."""
     idx = paths.clamp(min=0)
     scores = torch.zeros(len(paths), tree_tables(taxonomy).taxonomy.num_nodes, device=paths.device)
     scores.scatter_(1, idx, torch.where(paths == PAD, 0.0, prefix[:, : paths.shape[1]].float().exp()))
-    scores[:, 0] = 0
-    return scores
-
-
-def path_scores(taxonomy: Tree, paths: torch.Tensor, step_logprob: torch.Tensor) -> torch.Tensor:
-    """``(B, N+1)`` per-node scores of decoded paths: each node of the path gets the probability of
-    the prefix ending at it (from the decoder's ``(B, S, N+1)`` per-step log-probabilities, step t
-    scoring level t+1); nodes off the path get 0. What autoregressive heads put in ``Prediction.scores``."""
-    idx = paths.clamp(min=0)
-    taken = step_logprob[:, : paths.shape[1]].float().gather(2, idx.unsqueeze(2)).squeeze(2)
-    prefix = taken.masked_fill(paths == PAD, 0).cumsum(1).exp()
-    scores = torch.zeros(len(paths), tree_tables(taxonomy).taxonomy.num_nodes, device=paths.device)
-    scores.scatter_(1, idx, torch.where(paths == PAD, 0.0, prefix))
     scores[:, 0] = 0
     return scores
 
