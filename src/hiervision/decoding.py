@@ -229,6 +229,20 @@ def _reorder(state: Any, index: torch.Tensor) -> Any:
     return state.index_select(1 if state.dim() == 3 else 0, index)
 
 
+def _pick(x: torch.Tensor, beam: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, k, D)`` rows of the beams ``beam`` ``(B, k)`` keeps."""
+    return x.gather(1, beam.unsqueeze(2).expand(-1, -1, x.shape[2]))
+
+
+def _step_scores(tables: TreeTables, out, last: torch.Tensor, ends: torch.Tensor):
+    """A step's output as ``(logprob, tokens)`` ``(B, k, F)``: a step's own candidates as they are, or
+    ``(B·k, N+1)`` dense log-probabilities masked to the allowed tokens (``tokens`` None: the column)."""
+    b, k = last.shape
+    if isinstance(out, tuple):
+        return out[0].float().view(b, k, -1), out[1].view(b, k, -1)
+    return out.float().view(b, k, -1).masked_fill(~next_token_mask(tables, last, ends), float("-inf")), None
+
+
 def beam_search(
     taxonomy: Tree,
     step: StepFn,
@@ -264,10 +278,8 @@ def beam_search(
     if k < 1:
         raise ValueError(f"beam_width must be ≥ 1, got {beam_width}")
     tables = tree_tables(taxonomy, device)
-    n = tables.taxonomy.num_nodes
     steps = max_steps if max_steps is not None else tables.taxonomy.max_depth + 1
     ends = tables.end_mask(end_nodes).to(device)
-    neg = torch.tensor(float("-inf"), device=device)
     scores = torch.full((batch_size, k), float("-inf"), device=device)
     scores[:, 0] = 0  # one live beam at the start: no duplicates
     last = torch.zeros(batch_size, k, dtype=torch.long, device=device)
@@ -278,12 +290,8 @@ def beam_search(
     prefix = torch.empty(batch_size, k, 0, device=device)
     rows = torch.arange(batch_size, device=device).unsqueeze(1)
     for _ in range(steps):
-        lp, state = step(last.reshape(-1), state)
-        if isinstance(lp, tuple):  # the allowed candidates only, padded with -inf
-            lp, cand_tok = lp[0].float().view(batch_size, k, -1), lp[1].view(batch_size, k, -1)
-        else:
-            lp = lp.float().view(batch_size, k, n).masked_fill(~next_token_mask(tables, last, ends), neg)
-            cand_tok = None
+        out, state = step(last.reshape(-1), state)
+        lp, cand_tok = _step_scores(tables, out, last, ends)
         width = lp.shape[2]
         cand = scores.unsqueeze(2) + lp
         # a stopped beam has exactly one continuation: itself, unchanged (column 0, read as the end token)
@@ -299,10 +307,8 @@ def beam_search(
         state = _reorder(state, (rows * k + beam).reshape(-1))
         stopped = tok == EOS
         prev_last = last.gather(1, beam)
-        paths = torch.cat([paths.gather(1, beam.unsqueeze(2).expand(-1, -1, paths.shape[2])),
-                           torch.where(stopped, PAD, tok).unsqueeze(2)], dim=2)
-        prefix = torch.cat([prefix.gather(1, beam.unsqueeze(2).expand(-1, -1, prefix.shape[2])),
-                            scores.unsqueeze(2)], dim=2)
+        paths = torch.cat([_pick(paths, beam), torch.where(stopped, PAD, tok).unsqueeze(2)], dim=2)
+        prefix = torch.cat([_pick(prefix, beam), scores.unsqueeze(2)], dim=2)
         done = done.gather(1, beam) | stopped
         last = torch.where(stopped, prev_last, tok)
         if bool(done.all()):
@@ -310,13 +316,12 @@ def beam_search(
     # beams cut off by max_steps count only where they may end (fixed-depth heads stop at leaves)
     scores = scores.masked_fill(~done & ~ends[last], float("-inf"))
     scores, order = scores.sort(dim=1, descending=True)
-    paths = paths.gather(1, order.unsqueeze(2).expand(-1, -1, paths.shape[2]))
+    paths = _pick(paths, order)
     # trim the all-PAD tail left by the final end tokens
     keep = int((paths != PAD).any(0).any(0).nonzero().max()) + 1 if bool((paths != PAD).any()) else 0
     if not with_prefix:
         return paths[..., :keep], scores
-    prefix = prefix.gather(1, order.unsqueeze(2).expand(-1, -1, prefix.shape[2]))
-    return paths[..., :keep], scores, prefix[..., :keep]
+    return paths[..., :keep], scores, _pick(prefix, order)[..., :keep]
 
 
 def prefix_scores(taxonomy: Tree, paths: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
