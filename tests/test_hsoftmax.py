@@ -9,13 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from hiervision.decoding import beam_search, next_token_mask, sequence_targets, tree_tables
+from hiervision.decoding import beam_search, next_token_mask, prefix_logprob, sequence_targets, tree_tables
 from hiervision.models import create_model
 from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax
 from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy
-from hiervision.tree.tables import segment_logsumexp, step_candidates, step_csr
+from hiervision.tree.tables import segment_logsumexp, sibling_log_softmax, step_candidates, step_csr
 
 VAR = Taxonomy.from_paths(["a/x/1", "a/x/2", "a/y", "b/z/4/q", "b/w", "b/z/5", "c"])
 FIXED = Taxonomy.from_paths(["a/x/1", "a/x/2", "a/y/3", "b/z/4", "b/z/5", "b/w/6"])
@@ -241,3 +242,71 @@ def test_training_touches_only_the_candidates_output_rows() -> None:
     model.loss(model(images(1)), y).backward()  # alone after a leaf, whose probability is 1 (no gradient)
     touched = set((model.out.weight.grad.abs().sum(1) > 0).nonzero().squeeze(1).tolist())
     assert touched == {VAR.index(n) for n in ["a", "b", "c", "x", "y", "1", "2"]}
+
+
+# ----------------------------------------------------------------------------- dhnn_rnn: each node at its own level
+@pytest.mark.parametrize("seed", range(3))
+def test_sibling_log_softmax_is_the_dense_masked_one(seed: int) -> None:
+    tax = random_tree(30, seed)
+    parent = tree_tables(tax).parent
+    x = torch.randn(5, tax.num_nodes, generator=torch.Generator().manual_seed(seed)) * 4
+    siblings = parent[1:, None] == parent[None, 1:]  # (N, N): the oracle, tiny trees only
+    want = x[:, 1:] - torch.logsumexp(x[:, None, 1:].masked_fill(~siblings, float("-inf")), 2)
+    got = sibling_log_softmax(x, parent)
+    torch.testing.assert_close(got[:, 1:], want)
+    assert bool((got[:, 0] == 0).all())
+
+
+def rnn(**kw):
+    torch.manual_seed(0)
+    return create_model("dhnn_rnn", FIXED, **SMALL, input_size=8, hidden_size=16, pool_fallback="project",
+                        step_softmax="children", **kw).eval()
+
+
+def rnn_oracle(model, h: torch.Tensor) -> torch.Tensor:
+    """``(B, N+1)``: node n's logit at its level's step, log-softmaxed among its siblings with a dense mask."""
+    tables = model.tables
+    logits = F.pad(model.out(h), (1, 0))  # (B, T, N+1)
+    z = logits[:, (tables.depth - 1).clamp(min=0), torch.arange(FIXED.num_nodes)]
+    siblings = tables.parent[1:, None] == tables.parent[None, 1:]
+    return F.pad(z[:, 1:] - torch.logsumexp(z[:, None, 1:].masked_fill(~siblings, float("-inf")), 2), (1, 0))
+
+
+def test_dhnn_rnn_children_loss_and_decoding_match_the_dense_oracle() -> None:
+    model = rnn()
+    x, targets = images(9), torch.tensor([n for n in range(1, FIXED.num_nodes)])[:9]
+    with torch.no_grad():
+        outputs = model(x)
+        node_lp = rnn_oracle(model, outputs["h"])
+        levels = model.tables.encode_levels(targets)
+        per = -node_lp.gather(1, levels.clamp(min=0)).masked_fill(levels == IGNORE, 0)
+        torch.testing.assert_close(model.loss(outputs, targets), model._weighted(per, (levels != IGNORE).float()))
+        pred = model.predict(x)
+        leaves = torch.tensor(FIXED.leaves)
+        path_lp = prefix_logprob(model.tables, node_lp)
+        best = leaves[path_lp[:, leaves].argmax(1)]
+        assert pred.nodes.tolist() == best.tolist()
+        torch.testing.assert_close(pred.path_prob.log(), path_lp.gather(1, best[:, None])[:, 0])
+        torch.testing.assert_close(model.path_logprob(outputs, pred.paths), pred.path_prob.log())
+        torch.testing.assert_close(pred.scores[:, 1:], path_lp[:, 1:].exp())  # each node's exact marginal
+        model.set_beam_width(3)
+        assert model.predict(x).nodes.tolist() == best.tolist()  # the best path also wins a beam of 3 here
+
+
+def test_dhnn_rnn_children_softmax_trains_and_refuses_what_reads_every_score() -> None:
+    model = rnn().train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = images(6), torch.tensor(FIXED.leaves)
+    losses = []
+    for _ in range(15):
+        loss = model.loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(ValueError, match="children is not available with residual"):
+        rnn(residual=True)
+    plain = create_model("dhnn_rnn", FIXED, **SMALL, input_size=8, hidden_size=16, pool_fallback="project",
+                         residual=True)  # auto: full here (a small tree, and the residual arc)
+    assert plain.children_softmax is None

@@ -49,7 +49,8 @@ def test_every_registered_model_decodes_through_the_runtime_as_it_predicts(name:
 
 # the decoders' children (hierarchical) step softmax: the exported step hands the runtime N+1 columns
 CHILDREN = [("guo_rnn", {"step_softmax": "children"}), ("guo_rnn", {"step_softmax": "children", "decode": "beam"}),
-            ("dhnn_s2s", {"step_softmax": "children"})]
+            ("dhnn_s2s", {"step_softmax": "children"}), ("dhnn_rnn", {"step_softmax": "children"}),
+            ("dhnn_rnn", {"step_softmax": "children", "decode": "beam"})]
 
 
 @pytest.mark.parametrize("name,kwargs", CHILDREN)

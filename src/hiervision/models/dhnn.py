@@ -30,6 +30,7 @@ from hiervision.decoding import (
     exact_best_path,
     feed_own,
     full_precision,
+    last_node,
     multi_label_prediction,
     next_token_mask,
     no_autocast,
@@ -45,6 +46,7 @@ from hiervision.models.conversion import StageSequence, default_steps
 from hiervision.models.registry import register_model
 from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax, used_steps
 from hiervision.taxonomy import EOS, IGNORE, Taxonomy
+from hiervision.tree.tables import sibling_log_softmax
 
 __all__ = ["CnnRnn", "CnnS2S", "run_fp32"]
 
@@ -228,12 +230,20 @@ class CnnRnn(_DHNN):
     ``loss_type="soft_labels"`` (Bertinetto et al., ``loss_beta``): each step's target is spread over the
     nodes of its level by LCA height (:func:`hiervision.losses.soft_label_targets`), as for Guo's
     per-level heads; nodes of other levels get none.
+
+    ``step_softmax`` (:mod:`hiervision.models.step_softmax`): ``"full"`` — each step's softmax over all N
+    nodes, the paper's; ``"children"`` — node ``n`` is scored only at its own level's step and normalised
+    among its siblings (a hierarchical softmax: a path's probability is the product of its branch
+    choices, each node's score its exact marginal), so training costs O(Σ fan-out) and decoding one
+    score per node instead of one per node and step; ``"auto"`` (default) — full up to 1,000 nodes,
+    children above. The residual arc, soft labels and multi-label sigmoids read every node's score at
+    every step, so they keep the full softmax.
     """
 
     end_nodes = "leaves"  # fixed-depth paths: every path ends at a leaf
 
     def __init__(self, taxonomy: Taxonomy, residual: bool = False, loss_type: str = "ce", loss_beta: float = 10.0,
-                 **kwargs) -> None:
+                 step_softmax: str = "auto", **kwargs) -> None:
         if not taxonomy.is_fixed_depth:
             depths = sorted({taxonomy.depth(n) for n in taxonomy.leaves})
             raise ValueError(f"model dhnn_rnn needs every leaf at the same depth (this tree has leaves at depths "
@@ -256,6 +266,16 @@ class CnnRnn(_DHNN):
         if residual:
             self.z = nn.Linear(n, self.features.p)
             self.classify = nn.Linear(self.features.p, n)
+        self.step_softmax = resolve_step_softmax(step_softmax, taxonomy.num_nodes)
+        dense = "residual" if residual else "multi_label" if self.multi_label else (
+            "loss_type soft_labels" if self.loss_type == "soft_labels" else None)
+        if dense and step_softmax == "children":
+            raise ValueError(f"model.step_softmax: children is not available with {dense} (it reads every node's "
+                             f"score at every step)")
+        self.step_softmax = "full" if dense else self.step_softmax
+        # paths stop by depth: no end token (and the output layer has no column for it)
+        self.children_softmax = (ChildrenSoftmax(self.tables, torch.zeros_like(self.tables.leaf_mask), offset=1)
+                                 if self.step_softmax == "children" else None)
 
     def _default_num_steps(self, num_stages: int) -> int:
         return self._depth
@@ -267,12 +287,36 @@ class CnnRnn(_DHNN):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         u = self.sequence(images)
         h, _ = run_fp32(self.rnn, u)
+        if self.children_softmax is not None:  # scored where needed: the loss's siblings, decoding's own levels
+            return {"h": self.dropout(h)}
         o = self.out(self.dropout(h))
         if self.residual:
             o = self.classify(u + self.z(o))
         return {"logits": F.pad(o, (1, 0), value=float("-inf"))}  # (B, T, N+1): column 0 (EOS) unused
 
+    def _children_node_logprob(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, N+1)`` each node's log-probability among its siblings, scored at its own level's step:
+        one output row per node, O(B·N·H) — not every node at every step."""
+        z = h.new_full((len(h), self.taxonomy.num_nodes), float("-inf"), dtype=torch.float32)
+        for t in range(self._depth):
+            nodes = getattr(self, f"level_nodes{t}")
+            z[:, nodes] = F.linear(h[:, t], self.out.weight[nodes - 1], self.out.bias[nodes - 1]).float()
+        return sibling_log_softmax(z, self.tables.parent)
+
+    def _children_steps(self, node_lp: torch.Tensor) -> torch.Tensor:
+        """``(B, N+1)`` node log-probabilities → ``(B, T, N+1)`` per-step ones (a node at its level's step,
+        ``-inf`` elsewhere): what the beam search over precomputed steps reads."""
+        depth = self.tables.depth
+        steps = torch.arange(1, self._depth + 1, device=depth.device)
+        return node_lp.unsqueeze(1).masked_fill(depth.unsqueeze(0) != steps.unsqueeze(1), float("-inf"))
+
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        if self.children_softmax is not None:  # O(Σ fan-out): each level's target among its siblings only
+            levels = self.tables.encode_levels(targets)
+            parents = torch.cat([torch.zeros_like(levels[:, :1]), levels[:, :-1].clamp(min=0)], 1)
+            lp = self.children_softmax.target_logprob(self.out, outputs["h"], parents, levels)
+            valid = levels != IGNORE
+            return self._weighted(torch.where(valid, -lp, 0.0), valid.float())
         logits = outputs["logits"].float()
         if self.multi_label:
             y = self._multi_label_targets(targets, self._depth)[..., 1:]
@@ -292,13 +336,32 @@ class CnnRnn(_DHNN):
         return self._weighted(per, valid.float())
 
     @full_precision
+    def path_logprob(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
+        if self.children_softmax is None:
+            return super().path_logprob(outputs, paths)
+        path_lp = prefix_logprob(self.tables, self._children_node_logprob(outputs["h"]))
+        return path_lp.gather(1, last_node(paths).clamp(min=0).unsqueeze(1)).squeeze(1)
+
+    def export_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.children_softmax is None:
+            return super().export_outputs(images)
+        node_lp = self._children_node_logprob(self(images)["h"].float())
+        prefix = prefix_logprob(self.tables, node_lp)
+        out = {"scores": prefix.exp(), "path_logprob": prefix}
+        return {**out, "step_logprob": self._children_steps(node_lp)} if self.decode_mode == "beam" else out
+
+    @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
-        logits = outputs["logits"].float()
-        if self.multi_label:
-            return multi_label_prediction(self.tables, self._node_view(torch.sigmoid(logits)),
-                                          float(self.threshold))
-        step_lp = logits.log_softmax(-1)
-        node_lp = self._node_view(step_lp)
+        if self.children_softmax is not None:
+            node_lp = self._children_node_logprob(outputs["h"])
+            step_lp = self._children_steps(node_lp) if self.decode_mode == "beam" else None
+        else:
+            logits = outputs["logits"].float()
+            if self.multi_label:
+                return multi_label_prediction(self.tables, self._node_view(torch.sigmoid(logits)),
+                                              float(self.threshold))
+            step_lp = logits.log_softmax(-1)
+            node_lp = self._node_view(step_lp)
         if self.decode_mode == "beam":
             paths, lp = self._beam_precomputed(step_lp, "leaves")
         else:

@@ -53,10 +53,13 @@ class ChildrenSoftmax(nn.Module):
     keep their keys); this module holds only the tree's ragged table of allowed tokens
     (:func:`~hiervision.tree.tables.step_csr`) as non-persistent buffers. Every method takes hidden states
     ``h`` ``(M, H)`` and the node each row has just read, ``contexts`` ``(M,)`` (0 at the start).
+    ``offset=1`` reads a layer with no end token's column (``H → N``, column ``j`` = node ``j + 1``), for
+    trees whose paths stop by depth (``ends`` all false).
     """
 
-    def __init__(self, tables: TreeTables, ends: torch.Tensor) -> None:
+    def __init__(self, tables: TreeTables, ends: torch.Tensor, offset: int = 0) -> None:
         super().__init__()
+        self.offset = offset  # output column of node n: n - offset (1 for a layer without the end token's column)
         ptr, tokens, slot = step_csr(tables.parent, ends)
         for name, t in {"ptr": ptr, "tokens": tokens, "slot": slot, "parent": tables.parent.clone(),
                         "ends": ends.clone()}.items():
@@ -67,7 +70,8 @@ class ChildrenSoftmax(nn.Module):
         tokens and where each row starts: only those S output rows are read."""
         seg, pos, start = step_candidates(self.ptr, contexts)
         tok = self.tokens[pos]
-        logit = ((h[seg] * out.weight[tok]).sum(-1) + out.bias[tok]).float()
+        col = tok - self.offset
+        logit = ((h[seg] * out.weight[col]).sum(-1) + out.bias[col]).float()
         return logit - segment_logsumexp(logit, seg, len(contexts))[seg], seg, tok, start
 
     def allowed(self, contexts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -118,7 +122,7 @@ class ChildrenSoftmax(nn.Module):
         """``(M, N+1)`` the same log-probabilities laid out over all columns, ``-inf`` where not allowed:
         the exported decoder step's contract (the runtime's beam search reads N+1 columns). O(M·N·H), as
         the full softmax; only export uses it."""
-        z = out(h).float()
+        z = torch.nn.functional.pad(out(h).float(), (self.offset, 0), value=float("-inf"))
         allowed = torch.cat([self.ends[contexts].unsqueeze(1), self.parent[1:] == contexts.unsqueeze(1)], 1)
         z = z.masked_fill(~allowed, float("-inf"))
         return torch.where(allowed, z - z.logsumexp(1, keepdim=True), float("-inf"))

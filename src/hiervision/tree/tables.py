@@ -28,8 +28,8 @@ from hiervision.tree.view import lowest_common_ancestor
 __all__ = [
     "TreeTables", "ancestor_matrix", "close_upwards", "depth_tensor", "encode_level_positions", "encode_levels",
     "encode_onehot", "encode_paths", "encode_sequence", "is_ancestor", "lca", "level_position", "levels_by_depth",
-    "parent_tensor", "path_ends", "path_matrix", "path_sum", "segment_logsumexp", "step_candidates", "step_csr",
-    "subtree_logsumexp", "subtree_sum",
+    "parent_tensor", "path_ends", "path_matrix", "path_sum", "segment_logsumexp", "sibling_log_softmax",
+    "step_candidates", "step_csr", "subtree_logsumexp", "subtree_sum",
 ]
 
 
@@ -235,6 +235,18 @@ def segment_logsumexp(x: torch.Tensor, seg: torch.Tensor, num_segments: int) -> 
     shift = shift.masked_fill(~torch.isfinite(shift), 0)
     total = torch.zeros(num_segments, dtype=x.dtype, device=x.device).index_add(0, seg, (x - shift[seg]).exp())
     return total.log() + shift
+
+
+def sibling_log_softmax(x: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+    """``(B, N+1)`` scores per node → each node's log-softmax among its siblings (the children of its
+    parent; column 0, the root, is 0): a hierarchical softmax's node terms, by scatter amax / scatter add
+    over the parent ids, O(B·N) — no (N+1)² sibling mask."""
+    kids = x[:, 1:]
+    idx = parent[1:].expand(len(x), -1)
+    shift = torch.full_like(x, float("-inf")).scatter_reduce(1, idx, kids.detach(), "amax")
+    shift = shift.masked_fill(~torch.isfinite(shift), 0).gather(1, idx)
+    total = torch.zeros_like(x).scatter_add(1, idx, (kids - shift).exp())
+    return torch.nn.functional.pad(kids - shift - total.gather(1, idx).log(), (1, 0))
 
 
 class TreeTables(nn.Module):
