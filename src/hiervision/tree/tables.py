@@ -201,12 +201,12 @@ def step_csr(parent: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, to
     """
     n = len(parent)
     kids = parent[1:]
-    counts = torch.bincount(kids, minlength=n) + ends.long()
+    fan_out = torch.bincount(kids, minlength=n)
     ptr = torch.zeros(n + 1, dtype=torch.long, device=parent.device)
-    ptr[1:] = counts.cumsum(0)
+    ptr[1:] = (fan_out + ends.long()).cumsum(0)
     order = torch.argsort(kids, stable=True) + 1  # node ids grouped by parent, each group in id order
     first = torch.zeros(n + 1, dtype=torch.long, device=parent.device)  # where each parent's group starts in order
-    first[1:] = torch.bincount(kids, minlength=n).cumsum(0)
+    first[1:] = fan_out.cumsum(0)
     rank = torch.arange(n - 1, device=parent.device) - first[parent[order]]
     slot = torch.zeros(n, dtype=torch.long, device=parent.device)
     slot[order] = ptr[parent[order]] + ends.long()[parent[order]] + rank
