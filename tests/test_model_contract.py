@@ -53,6 +53,21 @@ def test_every_registered_model_decodes_through_the_runtime_as_it_predicts(name:
     assert [r["path_ids"] for r in records] == predicted_paths(model, x)
 
 
+# the decoders' children (hierarchical) step softmax: the exported step hands the runtime N+1 columns
+CHILDREN = [("guo_rnn", {"step_softmax": "children"}), ("guo_rnn", {"step_softmax": "children", "decode": "beam"}),
+            ("dhnn_s2s", {"step_softmax": "children"}), ("dhnn_rnn", {"step_softmax": "children"}),
+            ("dhnn_rnn", {"step_softmax": "children", "decode": "beam"})]
+
+
+@pytest.mark.parametrize("name,kwargs", CHILDREN)
+def test_children_softmax_decoders_decode_through_the_runtime_as_they_predict(name: str, kwargs: dict) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, TREE, **SMALL, **EXTRA.get(name, {}), **kwargs).eval()
+    predictor = Predictor(sidecar=sidecar(model, META), engine=torch_engine(model), top_k=2)
+    x = images()
+    assert [r["path_ids"] for r in predictor.predict_arrays(x)] == predicted_paths(model, x)
+
+
 @pytest.mark.slow  # one ONNX export per registered model (the exporter traces each: seconds apiece)
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_every_registered_model_exports_and_the_onnx_runtime_decodes_as_it_predicts(name: str, kwargs: dict,
@@ -63,6 +78,22 @@ def test_every_registered_model_exports_and_the_onnx_runtime_decodes_as_it_predi
 
     torch.manual_seed(0)
     model = create_model(name, TREE, **SMALL, **kwargs).eval()
+    export_model(model, META, tmp_path / "m.onnx")
+    x = images()
+    records = Predictor(tmp_path / "m.onnx", top_k=2).predict_arrays(x)
+    assert [r["path_ids"] for r in records] == predicted_paths(model, x)
+
+
+@pytest.mark.slow  # an ONNX export apiece
+@pytest.mark.parametrize("name,kwargs", CHILDREN[::2])
+def test_children_softmax_decoders_export_and_the_onnx_runtime_decodes_as_they_predict(name: str, kwargs: dict,
+                                                                                      tmp_path) -> None:
+    pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
+    pytest.importorskip("onnxscript", reason="the [export] extra is not installed")
+    from hiervision.export import export_model
+
+    torch.manual_seed(0)
+    model = create_model(name, TREE, **SMALL, **EXTRA.get(name, {}), **kwargs).eval()
     export_model(model, META, tmp_path / "m.onnx")
     x = images()
     records = Predictor(tmp_path / "m.onnx", top_k=2).predict_arrays(x)

@@ -34,7 +34,6 @@ def test_one_cell_runs_and_the_table_names_the_command():
 
 
 def test_hiernet_runs_on_every_tree_and_bounds_its_branches_on_big_ones():
-    assert "hiernet" not in scale.NOT_YET  # not gated by --dense-max: branch_depth="auto" bounds it
     cell = scale.run_cell("random:40", "hiernet", steps=1, batch=2, threads=1)
     assert cell["nodes"] == 40 and cell["train_s"] > 0 and cell["predict_s"] > 0
 

@@ -284,6 +284,7 @@ SCHEMA: dict[str, Any] = {
         "extra_blocks": _int(lo=0),
         "dropout": _num(lo=0, hi=1, hi_open=True),
         "scheduled_sampling": _num(lo=0, hi=1),
+        "step_softmax": _enum("full", "children", "auto"),
         "end_weight": _num(lo=0),
         "loss_beta": _num(lo=0),
         "loss_alpha": _num(lo=0),

@@ -33,9 +33,9 @@ import torch
 
 from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy, TreeTables
 
-__all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "full_precision",
-           "last_node", "multi_label_prediction", "next_token_mask", "no_autocast", "path_scores", "prefix_logprob",
-           "scheduled_feed", "sequence_logprob", "threshold_paths", "tree_tables"]
+__all__ = ["Prediction", "beam_search", "best_leaf_below", "end_mask", "exact_best_path", "feed_own", "full_precision",
+           "last_node", "multi_label_prediction", "next_token_mask", "no_autocast", "prefix_logprob",
+           "prefix_scores", "scheduled_feed", "sequence_logprob", "sequence_targets", "threshold_paths", "tree_tables"]
 
 Tree = Taxonomy | TreeTables
 
@@ -199,15 +199,22 @@ def scheduled_feed(
     the previous node (:func:`next_token_mask`), as decoding is, and detached (no gradient through it).
     ``p = 0`` is teacher forcing, ``p = 1`` feeds only the head's own choices.
     """
-    own = logits.detach().float().masked_fill(~allowed, float("-inf")).argmax(-1)
+    return feed_own(logits.detach().float().masked_fill(~allowed, float("-inf")).argmax(-1), teacher, p)
+
+
+def feed_own(own: torch.Tensor, teacher: torch.Tensor, p: float) -> torch.Tensor:
+    """:func:`scheduled_feed`'s draw, for a head that found its greedy choices ``own`` ``(B,)`` itself
+    (a children softmax scores only the allowed tokens): ``own`` with probability ``p``, else ``teacher``."""
     if p >= 1:
         return own
     return torch.where(torch.rand(len(own), device=own.device) < p, own, teacher)
 
 
 #: ``step(tokens, state) -> (logprob, state)``: ``tokens`` ``(B·k,)`` the last node of each beam (0 at
-#: the start), ``logprob`` ``(B·k, N+1)`` over the next token (column 0 = end of path).
-StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+#: the start), ``logprob`` ``(B·k, N+1)`` over the next token (column 0 = end of path) — or, for a step
+#: that scores only the allowed tokens (a children softmax), a pair ``(logprob, tokens)`` of ``(B·k, F)``
+#: candidates padded with ``-inf``.
+StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], Any]]
 
 
 def _reorder(state: Any, index: torch.Tensor) -> Any:
@@ -222,6 +229,20 @@ def _reorder(state: Any, index: torch.Tensor) -> Any:
     return state.index_select(1 if state.dim() == 3 else 0, index)
 
 
+def _pick(x: torch.Tensor, beam: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, k, D)`` rows of the beams ``beam`` ``(B, k)`` keeps."""
+    return x.gather(1, beam.unsqueeze(2).expand(-1, -1, x.shape[2]))
+
+
+def _step_scores(tables: TreeTables, out, last: torch.Tensor, ends: torch.Tensor):
+    """A step's output as ``(logprob, tokens)`` ``(B, k, F)``: a step's own candidates as they are, or
+    ``(B·k, N+1)`` dense log-probabilities masked to the allowed tokens (``tokens`` None: the column)."""
+    b, k = last.shape
+    if isinstance(out, tuple):
+        return out[0].float().view(b, k, -1), out[1].view(b, k, -1)
+    return out.float().view(b, k, -1).masked_fill(~next_token_mask(tables, last, ends), float("-inf")), None
+
+
 def beam_search(
     taxonomy: Tree,
     step: StepFn,
@@ -232,14 +253,16 @@ def beam_search(
     state: Any = None,
     device: torch.device | str = "cpu",
     start: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_prefix: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Koo et al.'s Algorithm 1: beam search restricted to the tree.
 
     Each step keeps the ``beam_width`` best partial paths by summed log-probability; a beam may only
     continue to a child of its last node, or stop (token 0) where ``end_nodes`` allows it, so every
     returned path is valid. A stopped beam stays a candidate with its score. ``state`` (e.g. the
     decoder's LSTM state, batch ``B·k``) is reordered with the beams. With ``beam_width=1`` this is
-    the greedy decoder of the slides' worked example.
+    the greedy decoder of the slides' worked example. A step that returns its allowed candidates
+    (:data:`StepFn`) costs O(B·k·F) here instead of O(B·k·N).
 
     ``start`` ``(B,)`` begins each search below a given node instead of the root (Guo et al.'s
     CNN-RNN*, where the coarse label is known): the first step reads that node and the returned
@@ -247,16 +270,16 @@ def beam_search(
 
     Returns:
         ``(paths, logprob)``: ``(B, k, D)`` node ids per level, PAD after the end, best beam first;
-        ``(B, k)`` their log-probabilities (``-inf`` for beams that found no valid path).
+        ``(B, k)`` their log-probabilities (``-inf`` for beams that found no valid path); with
+        ``with_prefix`` also ``(B, k, D)`` the log-probability of each path's prefix ending at every
+        position (what :func:`prefix_scores` turns into node scores without a second decoder pass).
     """
     k = int(beam_width)
     if k < 1:
         raise ValueError(f"beam_width must be ≥ 1, got {beam_width}")
     tables = tree_tables(taxonomy, device)
-    n = tables.taxonomy.num_nodes
     steps = max_steps if max_steps is not None else tables.taxonomy.max_depth + 1
     ends = tables.end_mask(end_nodes).to(device)
-    neg = torch.tensor(float("-inf"), device=device)
     scores = torch.full((batch_size, k), float("-inf"), device=device)
     scores[:, 0] = 0  # one live beam at the start: no duplicates
     last = torch.zeros(batch_size, k, dtype=torch.long, device=device)
@@ -264,22 +287,28 @@ def beam_search(
         last[:] = start.to(device).view(batch_size, 1)
     done = torch.zeros(batch_size, k, dtype=torch.bool, device=device)
     paths = torch.empty(batch_size, k, 0, dtype=torch.long, device=device)
+    prefix = torch.empty(batch_size, k, 0, device=device)
     rows = torch.arange(batch_size, device=device).unsqueeze(1)
     for _ in range(steps):
-        lp, state = step(last.reshape(-1), state)
-        lp = lp.float().view(batch_size, k, n).masked_fill(~next_token_mask(tables, last, ends), neg)
+        out, state = step(last.reshape(-1), state)
+        lp, cand_tok = _step_scores(tables, out, last, ends)
+        width = lp.shape[2]
         cand = scores.unsqueeze(2) + lp
-        # a stopped beam has exactly one continuation: itself, unchanged
+        # a stopped beam has exactly one continuation: itself, unchanged (column 0, read as the end token)
         stay = torch.full_like(cand, float("-inf"))
-        stay[..., EOS] = scores
+        stay[..., 0] = scores
         cand = torch.where(done.unsqueeze(2), stay, cand)
-        scores, flat = cand.view(batch_size, k * n).topk(k, dim=1)
-        beam, tok = flat // n, flat % n
+        scores, flat = cand.view(batch_size, k * width).topk(k, dim=1)
+        beam, col = flat // width, flat % width
+        if cand_tok is None:
+            tok = col
+        else:  # a stopped beam's column 0 is its end token, whatever its last node's candidates were
+            tok = torch.where(done.unsqueeze(2), EOS, cand_tok).view(batch_size, -1).gather(1, flat)
         state = _reorder(state, (rows * k + beam).reshape(-1))
         stopped = tok == EOS
         prev_last = last.gather(1, beam)
-        paths = torch.cat([paths.gather(1, beam.unsqueeze(2).expand(-1, -1, paths.shape[2])),
-                           torch.where(stopped, PAD, tok).unsqueeze(2)], dim=2)
+        paths = torch.cat([_pick(paths, beam), torch.where(stopped, PAD, tok).unsqueeze(2)], dim=2)
+        prefix = torch.cat([_pick(prefix, beam), scores.unsqueeze(2)], dim=2)
         done = done.gather(1, beam) | stopped
         last = torch.where(stopped, prev_last, tok)
         if bool(done.all()):
@@ -287,21 +316,22 @@ def beam_search(
     # beams cut off by max_steps count only where they may end (fixed-depth heads stop at leaves)
     scores = scores.masked_fill(~done & ~ends[last], float("-inf"))
     scores, order = scores.sort(dim=1, descending=True)
-    paths = paths.gather(1, order.unsqueeze(2).expand(-1, -1, paths.shape[2]))
+    paths = _pick(paths, order)
     # trim the all-PAD tail left by the final end tokens
     keep = int((paths != PAD).any(0).any(0).nonzero().max()) + 1 if bool((paths != PAD).any()) else 0
-    return paths[..., :keep], scores
+    if not with_prefix:
+        return paths[..., :keep], scores
+    return paths[..., :keep], scores, _pick(prefix, order)[..., :keep]
 
 
-def path_scores(taxonomy: Tree, paths: torch.Tensor, step_logprob: torch.Tensor) -> torch.Tensor:
-    """``(B, N+1)`` per-node scores of decoded paths: each node of the path gets the probability of
-    the prefix ending at it (from the decoder's ``(B, S, N+1)`` per-step log-probabilities, step t
-    scoring level t+1); nodes off the path get 0. What autoregressive heads put in ``Prediction.scores``."""
+def prefix_scores(taxonomy: Tree, paths: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """``(B, N+1)`` per-node scores of decoded ``paths`` ``(B, D)`` from their prefixes' log-probabilities
+    ``(B, D)`` (:func:`beam_search` ``with_prefix``): each node of the path gets the probability of the
+    prefix ending at it, nodes off the path 0 (what autoregressive heads put in ``Prediction.scores``),
+    read off the search instead of a second pass of the decoder."""
     idx = paths.clamp(min=0)
-    taken = step_logprob[:, : paths.shape[1]].float().gather(2, idx.unsqueeze(2)).squeeze(2)
-    prefix = taken.masked_fill(paths == PAD, 0).cumsum(1).exp()
     scores = torch.zeros(len(paths), tree_tables(taxonomy).taxonomy.num_nodes, device=paths.device)
-    scores.scatter_(1, idx, torch.where(paths == PAD, 0.0, prefix))
+    scores.scatter_(1, idx, torch.where(paths == PAD, 0.0, prefix[:, : paths.shape[1]].float().exp()))
     scores[:, 0] = 0
     return scores
 
@@ -311,11 +341,17 @@ def sequence_logprob(taxonomy: Tree, paths: torch.Tensor, step_logprob: torch.Te
     """``(B,)`` log-probability of ``paths`` ``(B, D)`` (PAD after the end), then the end token when
     ``end``, read from a decoder's ``(B, S, N+1)`` per-step log-probabilities: the sum a tree-restricted
     beam search ranks paths by, so a true path and a decoded one can be compared on the search's scale."""
-    nodes = last_node(paths)
-    tax = tree_tables(taxonomy, paths.device)
-    seq = (tax.encode_sequence(nodes) if end else tax.encode_levels(nodes))[:, : step_logprob.shape[1]]
+    seq = sequence_targets(taxonomy, paths, end, step_logprob.shape[1])
     lp = step_logprob.float().gather(2, seq.clamp(min=EOS).unsqueeze(2)).squeeze(2)
     return lp.masked_fill(seq == IGNORE, 0).sum(1)
+
+
+def sequence_targets(taxonomy: Tree, paths: torch.Tensor, end: bool, steps: int) -> torch.Tensor:
+    """``(B, steps)`` what a decoder emits for ``paths`` ``(B, D)``: the nodes, then :data:`EOS` when ``end``,
+    then :data:`IGNORE` (the terms :func:`sequence_logprob` sums)."""
+    nodes = last_node(paths)
+    tax = tree_tables(taxonomy, paths.device)
+    return (tax.encode_sequence(nodes) if end else tax.encode_levels(nodes))[:, :steps]
 
 
 def multi_label_prediction(taxonomy: Tree, scores: torch.Tensor, threshold: float) -> Prediction:

@@ -28,20 +28,25 @@ from hiervision.decoding import (
     Prediction,
     beam_search,
     exact_best_path,
+    feed_own,
     full_precision,
+    last_node,
     multi_label_prediction,
     next_token_mask,
     no_autocast,
-    path_scores,
     prefix_logprob,
+    prefix_scores,
     scheduled_feed,
     sequence_logprob,
+    sequence_targets,
 )
 from hiervision.losses import check_loss_type, soft_label_targets
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.conversion import StageSequence, default_steps
 from hiervision.models.registry import register_model
+from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax, used_steps
 from hiervision.taxonomy import EOS, IGNORE, Taxonomy
+from hiervision.tree.tables import sibling_log_softmax
 
 __all__ = ["CnnRnn", "CnnS2S", "run_fp32"]
 
@@ -154,7 +159,7 @@ class _DHNN(HierarchicalClassifier):
     def _weighted(self, per_step: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``Σ_t w_t · mean(loss at step t over the samples that have a step t)``."""
         per_step = (per_step * valid).sum(0) / valid.sum(0).clamp(min=1)
-        return (self.level_weights * per_step).sum()
+        return (self.level_weights[: len(per_step)] * per_step).sum()
 
     def _node_view(self, step_scores: torch.Tensor) -> torch.Tensor:
         """``(B, S, N+1)`` per-step scores → ``(B, N+1)``: node ``n`` read at the step of its level."""
@@ -225,12 +230,20 @@ class CnnRnn(_DHNN):
     ``loss_type="soft_labels"`` (Bertinetto et al., ``loss_beta``): each step's target is spread over the
     nodes of its level by LCA height (:func:`hiervision.losses.soft_label_targets`), as for Guo's
     per-level heads; nodes of other levels get none.
+
+    ``step_softmax`` (:mod:`hiervision.models.step_softmax`): ``"full"`` — each step's softmax over all N
+    nodes, the paper's; ``"children"`` — node ``n`` is scored only at its own level's step and normalised
+    among its siblings (a hierarchical softmax: a path's probability is the product of its branch
+    choices, each node's score its exact marginal), so training costs O(Σ fan-out) and decoding one
+    score per node instead of one per node and step; ``"auto"`` (default) — full up to 1,000 nodes,
+    children above. The residual arc, soft labels and multi-label sigmoids read every node's score at
+    every step, so they keep the full softmax.
     """
 
     end_nodes = "leaves"  # fixed-depth paths: every path ends at a leaf
 
     def __init__(self, taxonomy: Taxonomy, residual: bool = False, loss_type: str = "ce", loss_beta: float = 10.0,
-                 **kwargs) -> None:
+                 step_softmax: str = "auto", **kwargs) -> None:
         if not taxonomy.is_fixed_depth:
             depths = sorted({taxonomy.depth(n) for n in taxonomy.leaves})
             raise ValueError(f"model dhnn_rnn needs every leaf at the same depth (this tree has leaves at depths "
@@ -253,6 +266,16 @@ class CnnRnn(_DHNN):
         if residual:
             self.z = nn.Linear(n, self.features.p)
             self.classify = nn.Linear(self.features.p, n)
+        self.step_softmax = resolve_step_softmax(step_softmax, taxonomy.num_nodes)
+        dense = "residual" if residual else "multi_label" if self.multi_label else (
+            "loss_type soft_labels" if self.loss_type == "soft_labels" else None)
+        if dense and step_softmax == "children":
+            raise ValueError(f"model.step_softmax: children is not available with {dense} (it reads every node's "
+                             f"score at every step)")
+        self.step_softmax = "full" if dense else self.step_softmax
+        # paths stop by depth: no end token (and the output layer has no column for it)
+        self.children_softmax = (ChildrenSoftmax(self.tables, torch.zeros_like(self.tables.leaf_mask), offset=1)
+                                 if self.step_softmax == "children" else None)
 
     def _default_num_steps(self, num_stages: int) -> int:
         return self._depth
@@ -264,12 +287,36 @@ class CnnRnn(_DHNN):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         u = self.sequence(images)
         h, _ = run_fp32(self.rnn, u)
+        if self.children_softmax is not None:  # scored where needed: the loss's siblings, decoding's own levels
+            return {"h": self.dropout(h)}
         o = self.out(self.dropout(h))
         if self.residual:
             o = self.classify(u + self.z(o))
         return {"logits": F.pad(o, (1, 0), value=float("-inf"))}  # (B, T, N+1): column 0 (EOS) unused
 
+    def _children_node_logprob(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, N+1)`` each node's log-probability among its siblings, scored at its own level's step:
+        one output row per node, O(B·N·H) — not every node at every step."""
+        z = h.new_full((len(h), self.taxonomy.num_nodes), float("-inf"), dtype=torch.float32)
+        for t in range(self._depth):
+            nodes = getattr(self, f"level_nodes{t}")
+            z[:, nodes] = F.linear(h[:, t], self.out.weight[nodes - 1], self.out.bias[nodes - 1]).float()
+        return sibling_log_softmax(z, self.tables.parent)
+
+    def _children_steps(self, node_lp: torch.Tensor) -> torch.Tensor:
+        """``(B, N+1)`` node log-probabilities → ``(B, T, N+1)`` per-step ones (a node at its level's step,
+        ``-inf`` elsewhere): what the beam search over precomputed steps reads."""
+        depth = self.tables.depth
+        steps = torch.arange(1, self._depth + 1, device=depth.device)
+        return node_lp.unsqueeze(1).masked_fill(depth.unsqueeze(0) != steps.unsqueeze(1), float("-inf"))
+
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        if self.children_softmax is not None:  # O(Σ fan-out): each level's target among its siblings only
+            levels = self.tables.encode_levels(targets)
+            parents = torch.cat([torch.zeros_like(levels[:, :1]), levels[:, :-1].clamp(min=0)], 1)
+            lp = self.children_softmax.target_logprob(self.out, outputs["h"], parents, levels)
+            valid = levels != IGNORE
+            return self._weighted(torch.where(valid, -lp, 0.0), valid.float())
         logits = outputs["logits"].float()
         if self.multi_label:
             y = self._multi_label_targets(targets, self._depth)[..., 1:]
@@ -289,13 +336,32 @@ class CnnRnn(_DHNN):
         return self._weighted(per, valid.float())
 
     @full_precision
+    def path_logprob(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
+        if self.children_softmax is None:
+            return super().path_logprob(outputs, paths)
+        path_lp = prefix_logprob(self.tables, self._children_node_logprob(outputs["h"]))
+        return path_lp.gather(1, last_node(paths).clamp(min=0).unsqueeze(1)).squeeze(1)
+
+    def export_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.children_softmax is None:
+            return super().export_outputs(images)
+        node_lp = self._children_node_logprob(self(images)["h"].float())
+        prefix = prefix_logprob(self.tables, node_lp)
+        out = {"scores": prefix.exp(), "path_logprob": prefix}
+        return {**out, "step_logprob": self._children_steps(node_lp)} if self.decode_mode == "beam" else out
+
+    @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
-        logits = outputs["logits"].float()
-        if self.multi_label:
-            return multi_label_prediction(self.tables, self._node_view(torch.sigmoid(logits)),
-                                          float(self.threshold))
-        step_lp = logits.log_softmax(-1)
-        node_lp = self._node_view(step_lp)
+        if self.children_softmax is not None:
+            node_lp = self._children_node_logprob(outputs["h"])
+            step_lp = self._children_steps(node_lp) if self.decode_mode == "beam" else None
+        else:
+            logits = outputs["logits"].float()
+            if self.multi_label:
+                return multi_label_prediction(self.tables, self._node_view(torch.sigmoid(logits)),
+                                              float(self.threshold))
+            step_lp = logits.log_softmax(-1)
+            node_lp = self._node_view(step_lp)
         if self.decode_mode == "beam":
             paths, lp = self._beam_precomputed(step_lp, "leaves")
         else:
@@ -322,11 +388,20 @@ class CnnS2S(_DHNN):
     Training options for deep variable-length trees: ``end_weight`` multiplies the end token's loss
     terms; ``scheduled_sampling`` (``feed: label`` only) is the probability that a decoder step reads
     its own greedy choice instead of the true previous node (Bengio et al., 2015; 0 = teacher forcing).
+
+    ``step_softmax`` (``feed: label``): what each decoder step's softmax runs over
+    (:mod:`hiervision.models.step_softmax`): ``"full"`` — all N+1 columns, the paper's; ``"children"`` —
+    a hierarchical softmax over the tokens allowed after the node the step reads (its children, and the
+    end token where a path may stop), whose training cost grows with the fan-out, not with N; ``"auto"``
+    (default) — full up to 1,000 nodes (the paper's results reproduce unchanged), children above. A
+    decoder fed its previous output distribution (``feed: output``) reads all N+1 columns anyway and
+    keeps the full softmax. Under the children softmax a scheduled-sampling step whose own choice left
+    the true path teaches nothing (the true node has probability 0 there).
     """
 
     def __init__(self, taxonomy: Taxonomy, feed: str | None = None, embed_size: int | None = None,
                  end_nodes: str = "all", end_weight: float = 1.0, scheduled_sampling: float = 0.0,
-                 **kwargs) -> None:
+                 step_softmax: str = "auto", **kwargs) -> None:
         multi = kwargs.get("multi_label", False)
         feed = feed or ("output" if multi else "label")
         if feed not in ("label", "output"):
@@ -346,6 +421,12 @@ class CnnS2S(_DHNN):
                              "fed its own choices")
         if float(end_weight) < 0:
             raise ValueError(f"model.end_weight must be >= 0, got {end_weight}")
+        self.step_softmax = resolve_step_softmax(step_softmax, taxonomy.num_nodes)
+        if feed != "label":  # a decoder fed its previous output distribution reads all N+1 columns anyway
+            if step_softmax == "children":
+                raise ValueError("model.step_softmax: the children softmax needs a decoder fed its previous label "
+                                 "(feed: label)")
+            self.step_softmax = "full"
         self.feed, self.end_nodes = feed, end_nodes
         self.end_weight, self.scheduled_sampling = float(end_weight), float(scheduled_sampling)
         self._out_steps = taxonomy.max_depth + (0 if multi else 1)  # the path, then the end token
@@ -363,6 +444,7 @@ class CnnS2S(_DHNN):
                                                 dropout=self.dropout.p if self.num_layers > 1 else 0.0))
         self.out = nn.Linear(width, v)
         self.register_buffer("ends", self.tables.end_mask(end_nodes), persistent=False)  # where paths may stop
+        self.children_softmax = ChildrenSoftmax(self.tables, self.ends) if self.step_softmax == "children" else None
 
     def _default_num_steps(self, num_stages: int) -> int:
         return num_stages
@@ -392,24 +474,36 @@ class CnnS2S(_DHNN):
             prev = torch.sigmoid(o) if self.multi_label else o.softmax(-1)
         return {"logits": torch.cat(logits, 1)}
 
+    def _tokens(self, paths: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs for ``(B, D)`` paths: the start token, then the path (0 where it has ended)."""
+        return torch.cat([torch.zeros_like(paths[:, :1]), paths.clamp(min=0)], 1)[:, : self._out_steps]
+
     def _teacher_forced(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
         """Decoder logits ``(B, D+1, N+1)`` when fed the given paths ``(B, D)`` (PAD after the end)."""
-        tokens = torch.cat([torch.zeros_like(paths[:, :1]), paths.clamp(min=0)], 1)[:, : self._out_steps]
+        return self.out(self._hidden(outputs, self._tokens(paths)))
+
+    def _hidden(self, outputs: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+        """The output layer's input ``(B, T, W)`` when step ``t`` reads ``tokens[:, t]`` (teacher forcing)."""
         out, _ = run_fp32(self.decoder, self.embed(tokens), (outputs["h"], outputs["c"]))
-        return self.out(self.dropout(out))
+        return self.dropout(out)
 
     def sampled(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor, p: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`_teacher_forced`, but each step after the first reads the decoder's own greedy
         choice with probability ``p`` (:func:`~hiervision.decoding.scheduled_feed`); also returns the
-        tokens read ``(B, D+1)``."""
-        tokens = torch.cat([torch.zeros_like(paths[:, :1]), paths.clamp(min=0)], 1)[:, : self._out_steps]
+        tokens read ``(B, D+1)``. Under the children softmax the first tensor is the steps' output-layer
+        input ``(B, D+1, W)`` (as :meth:`_hidden`): its loss never forms ``(B, D+1, N+1)`` logits."""
+        tokens = self._tokens(paths)
         state, out, fed = (outputs["h"], outputs["c"]), [], [tokens[:, 0]]
+        children = self.children_softmax
         for t in range(tokens.shape[1]):
-            if t:
+            if t and children is None:
                 fed.append(scheduled_feed(out[-1], next_token_mask(self.tables, fed[-1], self.ends), tokens[:, t], p))
+            elif t:
+                fed.append(feed_own(children.greedy(self.out, out[-1], fed[-1]), tokens[:, t], p))
             o, state = self.decoder(self.embed(fed[-1]).unsqueeze(1), state)
-            out.append(self.out(self.dropout(o[:, 0])))
+            h = self.dropout(o[:, 0])
+            out.append(h if children is not None else self.out(h))
         return torch.stack(out, 1), torch.stack(fed, 1)
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -419,19 +513,40 @@ class CnnS2S(_DHNN):
             per = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(2)
             return self._weighted(per, torch.ones_like(per))
         seq = self.tables.encode_sequence(targets)  # (B, D+1): path, EOS, IGNORE
+        paths, children = self.tables.encode_paths(targets), self.children_softmax
+        if children is not None:  # the decoder runs only as far as the batch's paths go
+            seq = seq[:, : used_steps(seq)]
+            paths = paths[:, : seq.shape[1] - 1]
         if self.feed == "label" and self.training and self.scheduled_sampling > 0:
-            logits = self.sampled(outputs, self.tables.encode_paths(targets), self.scheduled_sampling)[0].float()
+            out, tokens = self.sampled(outputs, paths, self.scheduled_sampling)
+        elif children is not None:
+            tokens = self._tokens(paths)
+            out = self._hidden(outputs, tokens)
         elif self.feed == "label":
-            logits = self._teacher_forced(outputs, self.tables.encode_paths(targets)).float()
+            out = self._teacher_forced(outputs, paths)
         else:
-            logits = outputs["logits"].float()
-        per = F.cross_entropy(logits.transpose(1, 2), seq, ignore_index=IGNORE, reduction="none")
+            out = outputs["logits"]
+        if children is not None:  # O(Σ fan-out): only the allowed tokens' output rows
+            # a token the step may not emit (the end after an inner node with end_nodes "leaves"; a node off the
+            # path scheduled sampling fed) has probability 0 here: such a term teaches nothing and is left out
+            seq = seq.masked_fill(~children.allowed(tokens, seq), IGNORE)
+            per = (-children.target_logprob(self.out, out, tokens, seq)).masked_fill(seq == IGNORE, 0)
+        else:
+            per = F.cross_entropy(out.float().transpose(1, 2), seq, ignore_index=IGNORE, reduction="none")
         if self.end_weight != 1.0:
             per = torch.where(seq == EOS, per * self.end_weight, per)
         return self._weighted(per, (seq != IGNORE).float())
 
     def _decoder_logits(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
         return self._teacher_forced(outputs, paths) if self.feed == "label" else outputs["logits"]
+
+    @full_precision
+    def path_logprob(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
+        if self.children_softmax is None:
+            return super().path_logprob(outputs, paths)
+        tokens = self._tokens(paths)
+        seq = sequence_targets(self.tables, paths, True, tokens.shape[1])
+        return self.children_softmax.sequence_logprob(self.out, self._hidden(outputs, tokens), tokens, seq)
 
     def _end_logprob(self, step_lp: torch.Tensor) -> torch.Tensor:
         return step_lp[:, self.tables.depth.clamp(max=self._out_steps - 1), EOS].clamp(min=-1e4)
@@ -449,8 +564,9 @@ class CnnS2S(_DHNN):
     def export_step(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h, c = (s.transpose(0, 1).contiguous() for s in state)
         out, (h, c) = self.decoder(self.embed(tokens).unsqueeze(1), (h, c))
-        return (self.out(out[:, 0]).float().log_softmax(-1), h.transpose(0, 1).contiguous(),
-                c.transpose(0, 1).contiguous())
+        lp = (self.out(out[:, 0]).float().log_softmax(-1) if self.children_softmax is None
+              else self.children_softmax.dense(self.out, out[:, 0], tokens))  # the runtime reads N+1 columns
+        return lp, h.transpose(0, 1).contiguous(), c.transpose(0, 1).contiguous()
 
     @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
@@ -473,13 +589,15 @@ class CnnS2S(_DHNN):
 
         def step(tokens: torch.Tensor, state):
             out, state = run_fp32(self.decoder, self.embed(tokens).unsqueeze(1), state)
+            if self.children_softmax is not None:
+                return self.children_softmax.candidates(self.out, out[:, 0], tokens), state
             return self.out(out[:, 0]).float().log_softmax(-1), state
 
         start = (h.repeat_interleave(k, 1), c.repeat_interleave(k, 1))
-        beams, lp = beam_search(tax, step, h.shape[1], k, self.end_nodes, self._out_steps, start, h.device)
-        paths = beams[:, 0]
-        scores = path_scores(tax, paths, self._teacher_forced(outputs, paths).float().log_softmax(-1))
-        return Prediction(paths, scores, lp[:, 0].exp())
+        beams, lp, cum = beam_search(tax, step, h.shape[1], k, self.end_nodes, self._out_steps, start, h.device,
+                                     with_prefix=True)
+        paths = beams[:, 0]  # node scores from the prefixes the search summed: no second pass of the decoder
+        return Prediction(paths, prefix_scores(tax, paths, cum[:, 0]), lp[:, 0].exp())
 
 
 @register_model("dhnn_rnn")

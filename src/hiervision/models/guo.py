@@ -31,16 +31,19 @@ from hiervision.decoding import (
     best_leaf_below,
     end_mask,
     exact_best_path,
+    feed_own,
     full_precision,
     next_token_mask,
-    path_scores,
     prefix_logprob,
+    prefix_scores,
     scheduled_feed,
     sequence_logprob,
+    sequence_targets,
 )
 from hiervision.losses import check_loss_type, soft_label_targets
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
+from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax, used_steps
 from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy
 
 __all__ = ["CnnRnnGenerator", "MultiHeadGenerator", "VisualLSTMCell"]
@@ -110,6 +113,14 @@ class CnnRnnGenerator(HierarchicalClassifier):
             end decision is where greedy decoding stops too early or too late.
         scheduled_sampling: probability that a training step reads the head's own greedy choice
             instead of the true previous node (Bengio et al., 2015; 0 = teacher forcing, eq. 8).
+        step_softmax: what each step's softmax runs over (:mod:`hiervision.models.step_softmax`):
+            ``"full"`` — all N+1 columns, the paper's; ``"children"`` — only the tokens allowed after the
+            node the step reads (its children, and the end token where a path may stop), a hierarchical
+            softmax whose training cost grows with the fan-out, not with N; ``"auto"`` (default) — full up
+            to 1,000 nodes (the paper's results reproduce unchanged), children above, where the (B, T, N)
+            logits of the full softmax dominate a step's time and memory. Under the children softmax a
+            scheduled-sampling step whose own choice left the true path (the true next node is no child
+            of what it read) teaches nothing: that node has probability 0 there.
     """
 
     def __init__(
@@ -125,9 +136,11 @@ class CnnRnnGenerator(HierarchicalClassifier):
         level_weights: Sequence[float] | None = None,
         end_weight: float = 1.0,
         scheduled_sampling: float = 0.0,
+        step_softmax: str = "auto",
         **kwargs,
     ) -> None:
         super().__init__(taxonomy, **kwargs)
+        self.step_softmax = resolve_step_softmax(step_softmax, taxonomy.num_nodes)
         if not 0.0 <= float(scheduled_sampling) <= 1.0:
             raise ValueError(f"model.scheduled_sampling must be a probability in [0, 1], got {scheduled_sampling}")
         if float(end_weight) < 0:
@@ -154,6 +167,7 @@ class CnnRnnGenerator(HierarchicalClassifier):
                              f"got {len(weights)}")
         self.register_buffer("level_weights", torch.tensor(weights), persistent=False)
         self.register_buffer("ends", self.tables.end_mask(end_nodes), persistent=False)  # where paths may stop
+        self.children_softmax = ChildrenSoftmax(self.tables, self.ends) if self.step_softmax == "children" else None
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_head(self.backbone(images))
@@ -167,6 +181,10 @@ class CnnRnnGenerator(HierarchicalClassifier):
 
     def unroll(self, v: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, T, N+1)`` when step ``t`` reads ``tokens[:, t]`` (teacher forcing)."""
+        return self.out(self.hidden(v, tokens))
+
+    def hidden(self, v: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The output layer's input ``(B, T, H)`` when step ``t`` reads ``tokens[:, t]`` (teacher forcing)."""
         vg = self.cell.visual(self.dropout(v))
         # the inputs are known in advance: their gate parts, and the output layer, run once for all steps
         xg = self.cell.x2g(self.embed(tokens))
@@ -174,18 +192,24 @@ class CnnRnnGenerator(HierarchicalClassifier):
         for t in range(tokens.shape[1]):
             state = self.cell.step(xg[:, t], state, vg)
             hs.append(state[0])
-        return self.out(self.dropout(torch.stack(hs, 1)))
+        return self.dropout(torch.stack(hs, 1))
 
     def unroll_sampled(self, v: torch.Tensor, tokens: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`unroll`, but each step after the first reads the head's own greedy choice with
-        probability ``p`` (:func:`~hiervision.decoding.scheduled_feed`); also returns the tokens read."""
+        probability ``p`` (:func:`~hiervision.decoding.scheduled_feed`); also returns the tokens read.
+        Under the children softmax the first tensor is the steps' output-layer input ``(B, T, H)`` (as
+        :meth:`hidden`), not ``(B, T, N+1)`` logits: its loss never forms those."""
         vg = self.cell.visual(self.dropout(v))
         state, out, fed = self._zero_state(len(v), vg), [], [tokens[:, 0]]
+        children = self.children_softmax
         for t in range(tokens.shape[1]):
-            if t:
+            if t and children is None:
                 fed.append(scheduled_feed(out[-1], next_token_mask(self.tables, fed[-1], self.ends), tokens[:, t], p))
+            elif t:
+                fed.append(feed_own(children.greedy(self.out, out[-1], fed[-1]), tokens[:, t], p))
             state = self.cell(self.embed(fed[-1]), state, vg)
-            out.append(self.out(self.dropout(state[0])))
+            h = self.dropout(state[0])
+            out.append(h if children is not None else self.out(h))
         return torch.stack(out, 1), torch.stack(fed, 1)
 
     def _tokens(self, paths: torch.Tensor) -> torch.Tensor:
@@ -202,15 +226,36 @@ class CnnRnnGenerator(HierarchicalClassifier):
         else:
             seq = tax.encode_levels(targets)
         tokens = self._tokens(tax.encode_paths(targets))
+        if self.children_softmax is not None:  # the decoder runs only as far as the batch's paths go
+            seq = seq[:, : used_steps(seq)]
+            tokens = tokens[:, : seq.shape[1]]
         if self.training and self.scheduled_sampling > 0:
-            logits = self.unroll_sampled(outputs["v"], tokens, self.scheduled_sampling)[0].float()
+            out, tokens = self.unroll_sampled(outputs["v"], tokens, self.scheduled_sampling)
         else:
-            logits = self.unroll(outputs["v"], tokens).float()
-        per = F.cross_entropy(logits.transpose(1, 2), seq, ignore_index=IGNORE, reduction="none")
+            out = self.hidden(outputs["v"], tokens) if self.children_softmax is not None else None
+        if self.children_softmax is not None:  # O(Σ fan-out): only the allowed tokens' output rows
+            lp = self.children_softmax.target_logprob(self.out, out, tokens, seq)
+            per = torch.where(self.children_softmax.allowed(tokens, seq), -lp, 0.0)
+        else:
+            logits = (out if out is not None else self.unroll(outputs["v"], tokens)).float()
+            per = F.cross_entropy(logits.transpose(1, 2), seq, ignore_index=IGNORE, reduction="none")
         weights = self.level_weights[: seq.shape[1]].expand_as(per)
         if self.end_weight != 1.0:
             weights = torch.where(seq == EOS, weights * self.end_weight, weights)
         return (per * weights).sum(1).mean()  # eq. 8: summed over the steps, averaged over the images
+
+    def _step_logprob(self, h: torch.Tensor, tokens: torch.Tensor):
+        """One search step's scores after reading ``tokens``: ``(B·k, N+1)`` log-probabilities, or the
+        children softmax's ``(logprob, tokens)`` candidates (see :data:`~hiervision.decoding.StepFn`)."""
+        if self.children_softmax is not None:
+            return self.children_softmax.candidates(self.out, h, tokens)
+        return self.out(h).float().log_softmax(-1)
+
+    def _token_logprob(self, h: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` log-probability of ``targets`` after ``tokens`` (``-inf`` for PAD)."""
+        if self.children_softmax is not None:
+            return self.children_softmax.target_logprob(self.out, h, tokens, targets)
+        return self.out(h).float().log_softmax(-1).gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
 
     def _search(self, v: torch.Tensor, given: torch.Tensor | None) -> Prediction:
         tax, k = self.tables, (self.beam_width if self.decode_mode == "beam" else 1)
@@ -223,9 +268,11 @@ class CnnRnnGenerator(HierarchicalClassifier):
             prefix = tax.paths[given]
             depth = tax.depth[given]
             tokens = self._tokens(prefix)
-            states = [self._zero_state(b, vg)]
+            states, given_lp = [self._zero_state(b, vg)], torch.zeros(prefix.shape, device=dev)
             for t in range(int(depth.max())):
                 states.append(self.cell(self.embed(tokens[:, t]), states[-1], vg))
+                given_lp[:, t] = self._token_logprob(states[-1][0], tokens[:, t], prefix[:, t])
+            given_lp = given_lp.masked_fill(prefix == PAD, 0).cumsum(1)  # the given prefix's own log-probabilities
             rows = torch.arange(b, device=dev)
             state = tuple(torch.stack([s[i] for s in states])[depth, rows] for i in range(2))
             skip = int(depth.min())
@@ -233,23 +280,31 @@ class CnnRnnGenerator(HierarchicalClassifier):
 
         def step(tokens: torch.Tensor, state):
             h, c = self.cell(self.embed(tokens), state, vg)
-            return self.out(h).float().log_softmax(-1), (h, c)
+            return self._step_logprob(h, tokens), (h, c)
 
         start = tuple(s.repeat_interleave(k, 0) for s in state)
-        beams, lp = beam_search(tax, step, b, k, self.end_nodes, self.num_steps - skip, start, dev, given)
-        paths = beams[:, 0]
+        beams, lp, cum = beam_search(tax, step, b, k, self.end_nodes, self.num_steps - skip, start, dev, given,
+                                     with_prefix=True)
+        paths, cum = beams[:, 0], cum[:, 0]
         if prefix is not None:  # the given prefix, then the continuation written after it
             cols = depth.unsqueeze(1) + torch.arange(paths.shape[1], device=dev)
-            paths = F.pad(prefix, (0, paths.shape[1]), value=PAD).scatter(1, cols, paths)[:, : tax.paths.shape[1]]
-        step_lp = self.unroll(v, self._tokens(paths)).float().log_softmax(-1)
-        return Prediction(paths, path_scores(tax, paths, step_lp), lp[:, 0].exp())
+            width = tax.paths.shape[1]
+            paths = F.pad(prefix, (0, paths.shape[1]), value=PAD).scatter(1, cols, paths)[:, :width]
+            below = cum + given_lp.gather(1, (depth - 1).clamp(min=0).unsqueeze(1))
+            cum = F.pad(given_lp, (0, cum.shape[1])).scatter(1, cols, below)[:, :width]
+        # node scores from the prefixes the search summed: no second pass of the decoder
+        return Prediction(paths, prefix_scores(tax, paths, cum), lp[:, 0].exp())
 
     def set_beam_width(self, width: int) -> None:
         self.decode_mode, self.beam_width = "beam", check_beam_width(width)
 
     @full_precision
     def path_logprob(self, outputs: dict[str, torch.Tensor], paths: torch.Tensor) -> torch.Tensor:
-        step_lp = self.unroll(outputs["v"], self._tokens(paths)).float().log_softmax(-1)
+        tokens = self._tokens(paths)
+        if self.children_softmax is not None:
+            seq = sequence_targets(self.tables, paths, self.end_token, tokens.shape[1])
+            return self.children_softmax.sequence_logprob(self.out, self.hidden(outputs["v"], tokens), tokens, seq)
+        step_lp = self.unroll(outputs["v"], tokens).float().log_softmax(-1)
         return sequence_logprob(self.tables, paths, step_lp, self.end_token)
 
     @full_precision
@@ -269,6 +324,8 @@ class CnnRnnGenerator(HierarchicalClassifier):
     def export_step(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h, c, vg = state
         h, c = self.cell(self.embed(tokens), (h, c), vg)
+        if self.children_softmax is not None:  # the runtime reads N+1 columns: -inf where not allowed
+            return self.children_softmax.dense(self.out, h, tokens), h, c, vg
         return self.out(h).float().log_softmax(-1), h, c, vg
 
     @full_precision

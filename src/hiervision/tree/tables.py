@@ -28,7 +28,8 @@ from hiervision.tree.view import lowest_common_ancestor
 __all__ = [
     "TreeTables", "ancestor_matrix", "close_upwards", "depth_tensor", "encode_level_positions", "encode_levels",
     "encode_onehot", "encode_paths", "encode_sequence", "is_ancestor", "lca", "level_position", "levels_by_depth",
-    "parent_tensor", "path_ends", "path_matrix", "path_sum", "subtree_logsumexp", "subtree_sum",
+    "parent_tensor", "path_ends", "path_matrix", "path_sum", "segment_logsumexp", "sibling_log_softmax",
+    "step_candidates", "step_csr", "subtree_logsumexp", "subtree_sum",
 ]
 
 
@@ -185,6 +186,65 @@ def path_sum(x: torch.Tensor, parent: torch.Tensor, by_depth: torch.Tensor, boun
     for idx in list(_levels(by_depth, bounds, deepest_first=False))[1:]:
         out.index_add_(0, idx, out[parent[idx]])
     return out.T
+
+
+# ---------------------------------------------------------------------- a decoder's next tokens, ragged (O(N) memory)
+def step_csr(parent: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tokens a tree-restricted decoder may emit after each node, as one ragged (CSR) table.
+
+    After node ``c`` (the root at the start) come :data:`EOS` when ``ends[c]`` lets a path stop there, then
+    ``c``'s children in id order — the order of a dense ``(N+1,)`` row, so ties break alike. Returns
+    ``(ptr, tokens, slot)``: ``tokens[ptr[c]:ptr[c + 1]]`` are the tokens after ``c``; ``slot[n]`` is node
+    ``n``'s position in ``tokens`` (in its parent's run; ``slot[0]`` unused). O(N) memory, no (N+1)² table.
+    """
+    n = len(parent)
+    kids = parent[1:]
+    fan_out = torch.bincount(kids, minlength=n)
+    ptr = torch.zeros(n + 1, dtype=torch.long, device=parent.device)
+    ptr[1:] = (fan_out + ends.long()).cumsum(0)
+    order = torch.argsort(kids, stable=True) + 1  # node ids grouped by parent, each group in id order
+    first = torch.zeros(n + 1, dtype=torch.long, device=parent.device)  # where each parent's group starts in order
+    first[1:] = fan_out.cumsum(0)
+    rank = torch.arange(n - 1, device=parent.device) - first[parent[order]]
+    slot = torch.zeros(n, dtype=torch.long, device=parent.device)
+    slot[order] = ptr[parent[order]] + ends.long()[parent[order]] + rank
+    tokens = torch.full((int(ptr[-1]),), EOS, dtype=torch.long, device=parent.device)
+    tokens[slot[1:]] = torch.arange(1, n, device=parent.device)  # the rest (the first of a stopping node) is EOS
+    return ptr, tokens, slot
+
+
+def step_candidates(ptr: torch.Tensor, contexts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ragged candidates of ``contexts`` ``(M,)`` under :func:`step_csr`'s ``ptr``: ``(seg, pos, start)`` —
+    for each candidate its context's row ``seg`` and its position ``pos`` in the table's ``tokens``; ``start``
+    ``(M,)`` where each row's candidates begin in the flat list. O(Σ fan-out), never (M, N)."""
+    counts = ptr[contexts + 1] - ptr[contexts]
+    seg = torch.repeat_interleave(torch.arange(len(contexts), device=contexts.device), counts)
+    start = counts.cumsum(0) - counts
+    pos = ptr[contexts][seg] + torch.arange(len(seg), device=contexts.device) - start[seg]
+    return seg, pos, start
+
+
+def segment_logsumexp(x: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """``log Σ exp(x)`` over the entries of each segment (``seg`` ``(S,)`` row ids): ``(num_segments,)``,
+    ``-inf`` for an empty one. Shifted by each segment's largest entry (scatter amax) before the exp, so
+    it is exact where a plain exp would under- or overflow; differentiable in ``x``."""
+    shift = torch.full((num_segments,), float("-inf"), dtype=x.dtype, device=x.device)
+    shift = shift.scatter_reduce(0, seg, x.detach(), "amax")
+    shift = shift.masked_fill(~torch.isfinite(shift), 0)
+    total = torch.zeros(num_segments, dtype=x.dtype, device=x.device).index_add(0, seg, (x - shift[seg]).exp())
+    return total.log() + shift
+
+
+def sibling_log_softmax(x: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+    """``(B, N+1)`` scores per node → each node's log-softmax among its siblings (the children of its
+    parent; column 0, the root, is 0): a hierarchical softmax's node terms, by scatter amax / scatter add
+    over the parent ids, O(B·N) — no (N+1)² sibling mask."""
+    kids = x[:, 1:]
+    idx = parent[1:].expand(len(x), -1)
+    shift = torch.full_like(x, float("-inf")).scatter_reduce(1, idx, kids.detach(), "amax")
+    shift = shift.masked_fill(~torch.isfinite(shift), 0).gather(1, idx)
+    total = torch.zeros_like(x).scatter_add(1, idx, (kids - shift).exp())
+    return torch.nn.functional.pad(kids - shift - total.gather(1, idx).log(), (1, 0))
 
 
 class TreeTables(nn.Module):

@@ -1,0 +1,128 @@
+"""The output softmax of a tree-restricted decoder step: over all N nodes, or over the current node's children.
+
+Guo's CNN-RNN and Koo's CNN-S2S decoders emit one node per step and only ever follow tree edges. Their
+papers score each step over every node (``"full"``: a softmax over N+1 columns). On a tree of 10^4–10^5
+nodes that is most of a training step's time and memory: (B, T, N) logits, one (H × N) product per step.
+``"children"`` is a hierarchical softmax: step ``t`` normalises only over the tokens allowed after the
+node it reads — that node's children, plus the end token where a path may stop there — so a step's
+log-probability for node ``n`` is its logit minus the log-sum-exp over its siblings (and the end token),
+and a path's probability is the product along it, summing to 1 over the valid paths. Training then costs
+O(Σ fan-out·H) per batch, not O(B·T·N·H): only the output rows of those candidates are gathered, and the
+normaliser is a segment log-sum-exp (:func:`~hiervision.tree.tables.segment_logsumexp`).
+
+``"auto"`` (the default) keeps the papers' full softmax up to :data:`AUTO_CHILDREN_ABOVE` nodes — their
+tables and configs reproduce unchanged, and on such trees the dense product is cheap — and switches to
+the children softmax above, where the full one dominates the cost.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hiervision.taxonomy import EOS, IGNORE, TreeTables
+from hiervision.tree.tables import segment_logsumexp, step_candidates, step_csr
+
+__all__ = ["AUTO_CHILDREN_ABOVE", "STEP_SOFTMAX", "ChildrenSoftmax", "resolve_step_softmax", "used_steps"]
+
+STEP_SOFTMAX = ("full", "children", "auto")
+#: ``step_softmax="auto"`` uses the children softmax on trees with more nodes than this
+AUTO_CHILDREN_ABOVE = 1000
+
+
+def resolve_step_softmax(value: str, num_nodes: int) -> str:
+    """``"full"`` or ``"children"`` for a tree of ``num_nodes`` nodes (``"auto"`` decided by size)."""
+    if value not in STEP_SOFTMAX:
+        raise ValueError(f"model.step_softmax must be 'full', 'children' or 'auto', got {value!r}")
+    if value == "auto":
+        return "children" if num_nodes > AUTO_CHILDREN_ABOVE else "full"
+    return value
+
+
+def used_steps(seq: torch.Tensor) -> int:
+    """How many leading steps of ``(B, T)`` targets hold any term (1 at least): on a deep tree a batch's
+    paths rarely reach its deepest level, and a decoder step past every path's end teaches nothing."""
+    used = (seq != IGNORE).any(0).nonzero()
+    return int(used.max()) + 1 if len(used) else 1
+
+
+class ChildrenSoftmax(nn.Module):
+    """A decoder step's softmax over the tokens allowed after its context node, read off an ``nn.Linear``.
+
+    The layer ``out`` (``H → N+1``, column 0 the end token) stays the model's own parameter (checkpoints
+    keep their keys); this module holds only the tree's ragged table of allowed tokens
+    (:func:`~hiervision.tree.tables.step_csr`) as non-persistent buffers. Every method takes hidden states
+    ``h`` ``(M, H)`` and the node each row has just read, ``contexts`` ``(M,)`` (0 at the start).
+    ``offset=1`` reads a layer with no end token's column (``H → N``, column ``j`` = node ``j + 1``), for
+    trees whose paths stop by depth (``ends`` all false).
+    """
+
+    def __init__(self, tables: TreeTables, ends: torch.Tensor, offset: int = 0) -> None:
+        super().__init__()
+        self.offset = offset  # output column of node n: n - offset (1 for a layer without the end token's column)
+        ptr, tokens, slot = step_csr(tables.parent, ends)
+        for name, t in {"ptr": ptr, "tokens": tokens, "slot": slot, "parent": tables.parent.clone(),
+                        "ends": ends.clone()}.items():
+            self.register_buffer(name, t, persistent=False)
+
+    def _logprob(self, out: nn.Linear, h: torch.Tensor, contexts: torch.Tensor):
+        """Ragged ``(S,)`` log-probabilities of every candidate of every row, with the candidates' rows,
+        tokens and where each row starts: only those S output rows are read."""
+        seg, pos, start = step_candidates(self.ptr, contexts)
+        tok = self.tokens[pos]
+        col = tok - self.offset
+        logit = ((h[seg] * out.weight[col]).sum(-1) + out.bias[col]).float()
+        return logit - segment_logsumexp(logit, seg, len(contexts))[seg], seg, tok, start
+
+    def allowed(self, contexts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``(M,)`` bool: ``targets`` may follow ``contexts`` (a child, or the end token where a path may stop)."""
+        return torch.where(targets == EOS, self.ends[contexts],
+                           (targets > 0) & (self.parent[targets.clamp(min=0)] == contexts))
+
+    def target_logprob(self, out: nn.Linear, h: torch.Tensor, contexts: torch.Tensor,
+                       targets: torch.Tensor) -> torch.Tensor:
+        """Log-probability of ``targets`` after ``contexts`` (any shape ``S``; ``h`` is ``S + (H,)``):
+        ``-inf`` where a target may not follow, :data:`~hiervision.taxonomy.IGNORE` included (those rows
+        cost nothing). Teacher forcing's loss terms, and a path's terms in ``path_logprob``."""
+        shape, h = targets.shape, h.reshape(-1, h.shape[-1])
+        contexts, targets = contexts.reshape(-1), targets.reshape(-1)
+        ok = self.allowed(contexts, targets)
+        result = torch.full((len(contexts),), float("-inf"), device=h.device)
+        if bool(ok.any()):
+            ctx, tgt = contexts[ok], targets[ok]
+            lp, _, _, start = self._logprob(out, h[ok], ctx)
+            at = start + torch.where(tgt == EOS, self.ptr[ctx], self.slot[tgt.clamp(min=0)]) - self.ptr[ctx]
+            result = result.index_put((ok.nonzero().squeeze(1),), lp[at])
+        return result.view(shape)
+
+    def sequence_logprob(self, out: nn.Linear, h: torch.Tensor, contexts: torch.Tensor,
+                         seq: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` a path's log-probability from its steps' ``h`` ``(B, T, H)``, the nodes read ``(B, T)``
+        and what is emitted ``seq`` (:func:`~hiervision.decoding.sequence_targets`; IGNORE terms count 0)."""
+        return self.target_logprob(out, h, contexts, seq).masked_fill(seq == IGNORE, 0).sum(1)
+
+    def candidates(self, out: nn.Linear, h: torch.Tensor, contexts: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logprob, tokens)``, each ``(M, F)`` (F = the widest row's candidate count), padded with
+        ``-inf`` / :data:`EOS`: what a search step hands :func:`~hiervision.decoding.beam_search`."""
+        lp, seg, tok, start = self._logprob(out, h, contexts)
+        col = torch.arange(len(seg), device=h.device) - start[seg]
+        width = max(int(col.max()) + 1 if len(col) else 1, 1)
+        logprob = torch.full((len(contexts), width), float("-inf"), device=h.device)
+        tokens = torch.full((len(contexts), width), EOS, dtype=torch.long, device=h.device)
+        return logprob.index_put((seg, col), lp), tokens.index_put((seg, col), tok)
+
+    def greedy(self, out: nn.Linear, h: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """``(M,)`` the most likely allowed token after each context (scheduled sampling's own choice)."""
+        with torch.no_grad():
+            lp, tokens = self.candidates(out, h, contexts)
+        return tokens.gather(1, lp.argmax(1, keepdim=True)).squeeze(1)
+
+    def dense(self, out: nn.Linear, h: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """``(M, N+1)`` the same log-probabilities laid out over all columns, ``-inf`` where not allowed:
+        the exported decoder step's contract (the runtime's beam search reads N+1 columns). O(M·N·H), as
+        the full softmax; only export uses it."""
+        z = torch.nn.functional.pad(out(h).float(), (self.offset, 0), value=float("-inf"))
+        allowed = torch.cat([self.ends[contexts].unsqueeze(1), self.parent[1:] == contexts.unsqueeze(1)], 1)
+        z = z.masked_fill(~allowed, float("-inf"))
+        return torch.where(allowed, z - z.logsumexp(1, keepdim=True), float("-inf"))
