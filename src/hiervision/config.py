@@ -177,6 +177,15 @@ def _decode_rule(key: str, v: Any) -> Any:
     return v
 
 
+def _branch_depth(key: str, v: Any) -> Any:
+    if v is None or v == "auto":
+        return v
+    try:
+        return _int(lo=1)(key, v)
+    except ConfigError:
+        raise _fail(key, "a whole number ≥ 1, null or auto", v) from None
+
+
 def _match(pattern: str, what: str) -> Rule:
     def rule(key: str, v: Any) -> Any:
         if not isinstance(v, str) or not re.fullmatch(pattern, v):
@@ -285,6 +294,7 @@ SCHEMA: dict[str, Any] = {
         "dropout": _num(lo=0, hi=1, hi_open=True),
         "scheduled_sampling": _num(lo=0, hi=1),
         "step_softmax": _enum("full", "children", "auto"),
+        "branch_depth": _branch_depth,
         "end_weight": _num(lo=0),
         "loss_beta": _num(lo=0),
         "loss_alpha": _num(lo=0),
