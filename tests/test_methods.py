@@ -68,6 +68,28 @@ def test_haframe_refuses_a_tree_too_big_for_its_dense_frame(monkeypatch):
         create_model("haframe", FIXED, **SMALL)
 
 
+def test_haf_keeps_every_level_on_small_trees_and_bounds_its_heads_on_big_ones():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from scale import random_tree
+
+    small = create_model("haf", VARIABLE, **SMALL)
+    assert len(small.coarse) == len(carried_levels(VARIABLE))  # the paper: a head per level
+    big = random_tree(3000)
+    levels = carried_levels(big)
+    model = create_model("haf", big, **SMALL)
+    k = len(model.coarse)
+    assert 1 <= k < len(levels) and sum(len(v) for v in levels[:k]) <= len(big.leaves) < sum(
+        len(v) for v in levels[: k + 1])
+    assert len(create_model("haf", big, coarse_levels=None, **SMALL).coarse) == len(levels)
+    two = create_model("haf", big, coarse_levels=2, **SMALL)
+    assert len(two.coarse) == 2 and bool((two.up2 >= 0).all())  # the fine head pairs with level 2
+    with pytest.raises(ValueError, match="model.coarse_levels must be a whole number"):
+        create_model("haf", big, coarse_levels=0, **SMALL)
+
+
 def test_haf_levels_carry_shallow_leaves_and_partition_the_leaves():
     levels = carried_levels(VARIABLE)
     a, b, c, d = (VARIABLE.index(n) for n in "abcd")

@@ -177,7 +177,7 @@ def _decode_rule(key: str, v: Any) -> Any:
     return v
 
 
-def _branch_depth(key: str, v: Any) -> Any:
+def _count_null_or_auto(key: str, v: Any) -> Any:
     if v is None or v == "auto":
         return v
     try:
@@ -294,7 +294,8 @@ SCHEMA: dict[str, Any] = {
         "dropout": _num(lo=0, hi=1, hi_open=True),
         "scheduled_sampling": _num(lo=0, hi=1),
         "step_softmax": _enum("full", "children", "auto"),
-        "branch_depth": _branch_depth,
+        "branch_depth": _count_null_or_auto,
+        "coarse_levels": _count_null_or_auto,
         "end_weight": _num(lo=0),
         "loss_beta": _num(lo=0),
         "loss_alpha": _num(lo=0),

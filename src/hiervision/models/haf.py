@@ -66,11 +66,33 @@ def _apart(p: torch.Tensor, q: torch.Tensor, margin: float) -> torch.Tensor:
     return 0.5 * ((margin - kl_p).clamp(min=0).mean() + (margin - kl_q).clamp(min=0).mean())
 
 
+#: ``coarse_levels="auto"`` keeps every level on trees up to this many nodes (the papers' and the comparison's)
+AUTO_ALL_LEVELS = 1_000
+
+
+def coarse_level_count(levels: list[list[int]], num_classes: int, num_nodes: int, setting: int | str | None) -> int:
+    """How many of the carried levels (top first) get a head. On a deep tree the carried levels near the
+    bottom hold nearly every leaf, so heads for all of them cost O(N·depth) outputs (7× flat's train step at
+    45,000 nodes); ``"auto"`` keeps every level up to :data:`AUTO_ALL_LEVELS` nodes and above that the top
+    levels whose heads together have no more outputs than the fine head (at least one)."""
+    if setting is None or (setting == "auto" and num_nodes <= AUTO_ALL_LEVELS):
+        return len(levels)
+    if setting == "auto":
+        sizes = [len(level) for level in levels]
+        k = next((i for i in range(len(sizes)) if sum(sizes[: i + 1]) > num_classes), len(sizes))
+        return max(k, min(1, len(sizes)))
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise ValueError(f"model.coarse_levels must be a whole number ≥ 1, null or 'auto', got {setting!r}")
+    return min(setting, len(levels))
+
+
 class HAFClassifier(FlatClassifier):
     """Flat softmax over the leaves (normalised weights) plus HAF's coarse heads and losses (module
-    docstring). ``dissimilar_margin``: m of the margin loss (3 in the authors' code)."""
+    docstring). ``dissimilar_margin``: m of the margin loss (3 in the authors' code). ``coarse_levels``:
+    how many levels, from the top, get a coarse head (:func:`coarse_level_count`; ``None``: all)."""
 
-    def __init__(self, taxonomy: Taxonomy, dissimilar_margin: float = 3.0, **kwargs) -> None:
+    def __init__(self, taxonomy: Taxonomy, dissimilar_margin: float = 3.0,
+                 coarse_levels: int | str | None = "auto", **kwargs) -> None:
         if kwargs.pop("multi_label", False):
             raise ValueError("model haf is single-label (a softmax per level)")
         if kwargs.pop("end_nodes", "leaves") != "leaves":
@@ -78,6 +100,7 @@ class HAFClassifier(FlatClassifier):
         super().__init__(taxonomy, **kwargs)
         self.dissimilar_margin = float(dissimilar_margin)
         levels = carried_levels(taxonomy)
+        levels = levels[: coarse_level_count(levels, len(self.classes), taxonomy.num_nodes, coarse_levels)]
         self.coarse = nn.ModuleList(nn.Linear(self.backbone.num_features, len(nodes)) for nodes in levels)
         paths = self.tables.paths
         depth = self.tables.depth
