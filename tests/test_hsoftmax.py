@@ -65,6 +65,32 @@ def test_step_csr_and_segment_logsumexp_agree_with_the_dense_masked_softmax(seed
 
 
 @pytest.mark.parametrize("seed", range(3))
+def test_wide_contexts_share_one_product_with_the_same_values_and_gradients(seed: int, monkeypatch) -> None:
+    """A node with many children (a WordNet root has thousands) is scored by one matrix product for all its
+    rows instead of gathering a weight row per candidate: same log-probabilities, same gradients."""
+    from hiervision.models import step_softmax
+
+    tax = random_tree(60, seed)  # node i below an earlier one: the first nodes have many children
+    tables = tree_tables(tax)
+    g = torch.Generator().manual_seed(seed)
+    layer = ChildrenSoftmax(tables, tables.end_mask("leaves"))
+    out = nn.Linear(5, tax.num_nodes)
+    contexts = torch.cat([torch.zeros(4, dtype=torch.long), torch.randint(0, tax.num_nodes, (16,), generator=g)])
+    contexts = torch.where(tables.leaf_mask[contexts] | (tables.height[contexts] > 0), contexts, 0)
+    h = torch.randn(20, 5, generator=g)
+    results = []
+    for wide in (10**9, 2):  # every context gathered one by one; every context with > 2 candidates grouped
+        monkeypatch.setattr(step_softmax, "WIDE", wide)
+        hh = h.clone().requires_grad_()
+        out.zero_grad()
+        lp, *_ = layer._logprob(out, hh, contexts)
+        (lp * torch.linspace(0, 1, len(lp))).sum().backward()
+        results.append((lp.detach(), hh.grad, out.weight.grad.clone(), out.bias.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("seed", range(3))
 def test_children_softmax_layer_matches_the_dense_oracle(seed: int) -> None:
     tax = random_tree(30, seed)
     tables = tree_tables(tax)

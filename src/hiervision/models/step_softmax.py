@@ -28,6 +28,8 @@ __all__ = ["AUTO_CHILDREN_ABOVE", "STEP_SOFTMAX", "ChildrenSoftmax", "resolve_st
 STEP_SOFTMAX = ("full", "children", "auto")
 #: ``step_softmax="auto"`` uses the children softmax on trees with more nodes than this
 AUTO_CHILDREN_ABOVE = 1000
+#: a context with more candidates than this gets one matrix product for all its rows (see ``_dots``)
+WIDE = 64
 
 
 def resolve_step_softmax(value: str, num_nodes: int) -> str:
@@ -71,8 +73,27 @@ class ChildrenSoftmax(nn.Module):
         seg, pos, start = step_candidates(self.ptr, contexts)
         tok = self.tokens[pos]
         col = tok - self.offset
-        logit = ((h[seg] * out.weight[col]).sum(-1) + out.bias[col]).float()
+        logit = (self._dots(out.weight, h, contexts, seg, col, start) + out.bias[col]).float()
         return logit - segment_logsumexp(logit, seg, len(contexts))[seg], seg, tok, start
+
+    def _dots(self, weight: torch.Tensor, h: torch.Tensor, contexts: torch.Tensor, seg: torch.Tensor,
+              col: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """``(S,)`` each candidate's ``h · w``. A row with few candidates reads their weight rows one by one
+        (memory S × H); the rows after a node with more than :data:`WIDE` candidates (a WordNet root has
+        thousands) share one product per such node, ``h[rows] @ W[its candidates]ᵀ`` — never S × H."""
+        width = self.ptr[contexts + 1] - self.ptr[contexts]
+        wide = width > WIDE
+        if not bool(wide.any()):
+            return (h[seg] * weight[col]).sum(-1)
+        narrow = (~wide[seg]).nonzero().squeeze(1)
+        where, values = [narrow], [(h[seg[narrow]] * weight[col[narrow]]).sum(-1)]
+        for c in contexts[wide].unique().tolist():
+            rows = (contexts == c).nonzero().squeeze(1)
+            k = int(width[rows[0]])
+            cols = col[int(start[rows[0]]): int(start[rows[0]]) + k]
+            where.append((start[rows].unsqueeze(1) + torch.arange(k, device=h.device)).reshape(-1))
+            values.append((h[rows] @ weight[cols].T).reshape(-1))
+        return h.new_zeros(len(seg)).index_put((torch.cat(where),), torch.cat(values))
 
     def allowed(self, contexts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``(M,)`` bool: ``targets`` may follow ``contexts`` (a child, or the end token where a path may stop)."""
