@@ -496,6 +496,17 @@ def _finish(cell: Cell, score_fn, decode_fn, rule_fn=None) -> None:
         cell.decoded.write_text(json.dumps(out, indent=1), encoding="utf-8")
 
 
+def recorder(ledger: Ledger, table: list[Cell], machine: str):
+    """``on_done`` for :func:`run_cells`: a finished cell goes into the ledger with every row of ``table``
+    that shares its run folder (flat's own row, when a post-hoc row trained flat's run)."""
+    def record(cell: Cell) -> None:
+        for c in table:
+            if c.run_dir == cell.run_dir and c.finished_here():
+                ledger.record(c, machine)
+
+    return record
+
+
 def _train_cell(cell: Cell, train_fn, log) -> None:
     log(f"[comparison] {cell.name} ({cell.cfg['train']['epochs']} epochs) -> {cell.run_dir}")
     train_fn(cell.cfg, cell.run_dir, resume=True)  # the run folder is the engine's: cell.json goes in after
@@ -537,10 +548,8 @@ def run_cells(cells: list[Cell], max_hours: float | None = None, train_fn=None, 
         else:  # only the steps after training are missing
             log(f"[comparison] {cell.name}: {cell.state()} ({cell.run_dir})")
         _finish(cell, score_fn, decode_fn, rule_fn)
-        if on_done is not None:  # and the rows sharing its run folder (a post-hoc row's trained run)
-            for c in cells:
-                if c.run_dir == cell.run_dir and c.finished_here():
-                    on_done(c)
+        if on_done is not None:
+            on_done(cell)
         ran.append(cell.name)
     return {"ran": ran, "skipped": skipped, "stopped": False}
 
@@ -876,20 +885,22 @@ def main(args, machine_fn) -> int:
     if args.status:
         print(status(cells))
         return 0
+    # the tables cover every row and cached seed whatever this sitting runs: `--only` never shrinks them
+    table = plan(args.budget, sorted({0, 1, 2, *seeds}), root, args.device, None, args.optional, extra=args.set,
+                 ledger=ledger)
+    planned = {t.name for t in table}
+    table += [c for c in cells if c.name not in planned]
+    record = recorder(ledger, table, machine)
+
     t0 = time.perf_counter()
     if not args.table_only:
         from hiervision.training import Preempted
 
         try:
-            run_cells(cells, args.max_hours, on_done=lambda c: ledger.record(c, machine))
+            run_cells(cells, args.max_hours, on_done=record)
         except Preempted as e:  # the cell's last.pt holds the step: the same command resumes it
             print(f"[comparison] {e}", file=sys.stderr)
             return 128 + e.signum
-    # the tables cover every row and cached seed whatever this sitting ran: `--only` never shrinks them
-    table = plan(args.budget, sorted({0, 1, 2, *seeds}), root, args.device, None, args.optional, extra=args.set,
-                 ledger=ledger)
-    planned = {t.name for t in table}
-    table += [c for c in cells if c.name not in planned]
     for c in table:  # cells finished here before the ledger knew them
         if c.finished_here():
             ledger.record(c, machine)

@@ -283,8 +283,7 @@ def test_the_ledger_keeps_finished_cells_across_machines(tmp_path, configs):
     first = tmp_path / "machine-a"
     cells = C.plan("cpu", [0, 1], first, datasets=data, config_dir=configs, only=["flat", "guo_rnn"],
                    ledger=C.Ledger(ledger_path))
-    C.run_cells(cells, train_fn=train_fn, log=lambda *_: None,
-                on_done=lambda c: c.ledger.record(c, "machine A"))
+    C.run_cells(cells, train_fn=train_fn, log=lambda *_: None, on_done=C.recorder(cells[0].ledger, cells, "machine A"))
     assert len(trained) == 4
     kept = json.loads(ledger_path.read_text())
     assert set(kept) == {"flat/toy/s0", "guo_rnn/toy/s0", "flat/toy/s1", "guo_rnn/toy/s1"}
@@ -296,8 +295,10 @@ def test_the_ledger_keeps_finished_cells_across_machines(tmp_path, configs):
     cells = C.plan("cpu", [0, 1], second, datasets=data, config_dir=configs, ledger=ledger)
     assert [c.state() for c in cells if c.method.key != "flat_crm"] == ["done (ledger)"] * 4
     trained.clear()
-    C.run_cells(cells, train_fn=train_fn, rule_fn=rule_fn, log=lambda *_: None,
-                on_done=lambda c: ledger.record(c, "machine B"))
+    table = C.plan("cpu", [0, 1], second, datasets=data, config_dir=configs, only=["flat_crm"], ledger=ledger)
+    assert [c.method.key for c in table] == ["flat_crm"] * 2  # a sitting that names the post-hoc row only
+    C.run_cells(table, train_fn=train_fn, rule_fn=rule_fn, log=lambda *_: None,
+                on_done=C.recorder(ledger, cells, "machine B"))
     assert sorted(trained) == sorted(c.run_dir.name for c in cells if c.method.key == "flat_crm")
     rows = C.summarize(cells)["toy"]["rows"]
     assert rows["guo_rnn"]["n"] == 2 and rows["flat_crm"]["n"] == 2
