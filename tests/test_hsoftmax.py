@@ -79,15 +79,16 @@ def test_wide_contexts_share_one_product_with_the_same_values_and_gradients(seed
     contexts = torch.where(tables.leaf_mask[contexts] | (tables.height[contexts] > 0), contexts, 0)
     h = torch.randn(20, 5, generator=g)
     results = []
-    for wide in (10**9, 2):  # every context gathered one by one; every context with > 2 candidates grouped
-        monkeypatch.setattr(step_softmax, "WIDE", wide)
+    for budget in (10**9, 0, 40):  # every candidate gathered; every context grouped; the biggest grouped
+        monkeypatch.setattr(step_softmax, "GATHER_BUDGET", budget)
         hh = h.clone().requires_grad_()
         out.zero_grad()
         lp, *_ = layer._logprob(out, hh, contexts)
         (lp * torch.linspace(0, 1, len(lp))).sum().backward()
         results.append((lp.detach(), hh.grad, out.weight.grad.clone(), out.bias.grad.clone()))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("seed", range(3))

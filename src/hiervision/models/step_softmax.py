@@ -28,8 +28,9 @@ __all__ = ["AUTO_CHILDREN_ABOVE", "STEP_SOFTMAX", "ChildrenSoftmax", "resolve_st
 STEP_SOFTMAX = ("full", "children", "auto")
 #: ``step_softmax="auto"`` uses the children softmax on trees with more nodes than this
 AUTO_CHILDREN_ABOVE = 1000
-#: a context with more candidates than this gets one matrix product for all its rows (see ``_dots``)
-WIDE = 64
+#: the most candidate × hidden values a step gathers at once (512 MB of fp32); above it the contexts that
+#: bring the most candidates get one matrix product each (see ``ChildrenSoftmax._dots``)
+GATHER_BUDGET = 2**27
 
 
 def resolve_step_softmax(value: str, num_nodes: int) -> str:
@@ -78,21 +79,27 @@ class ChildrenSoftmax(nn.Module):
 
     def _dots(self, weight: torch.Tensor, h: torch.Tensor, contexts: torch.Tensor, seg: torch.Tensor,
               col: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """``(S,)`` each candidate's ``h · w``. A row with few candidates reads their weight rows one by one
-        (memory S × H); the rows after a node with more than :data:`WIDE` candidates (a WordNet root has
-        thousands) share one product per such node, ``h[rows] @ W[its candidates]ᵀ`` — never S × H."""
-        width = self.ptr[contexts + 1] - self.ptr[contexts]
-        wide = width > WIDE
-        if not bool(wide.any()):
+        """``(S,)`` each candidate's ``h · w``. Gathering a weight row per candidate costs S × H memory; while
+        that stays under :data:`GATHER_BUDGET` values it is the fast way. Above it, the contexts that bring the
+        most candidates (a WordNet root with thousands of children, read by every row at step one) are taken
+        out, largest first, and each gets one product for all its rows, ``h[rows] @ W[its candidates]ᵀ``."""
+        if len(seg) * h.shape[1] <= GATHER_BUDGET:
             return (h[seg] * weight[col]).sum(-1)
-        narrow = (~wide[seg]).nonzero().squeeze(1)
+        width = self.ptr[contexts + 1] - self.ptr[contexts]
+        uniq, inverse = contexts.unique(return_inverse=True)
+        brings = (self.ptr[uniq + 1] - self.ptr[uniq]) * torch.bincount(inverse, minlength=len(uniq))
+        order = brings.argsort(descending=True)
+        left = len(seg) - brings[order].cumsum(0)  # candidates still gathered after taking out the first i + 1
+        n_big = int((left * h.shape[1] > GATHER_BUDGET).sum()) + 1
+        big = torch.zeros(len(uniq), dtype=torch.bool, device=h.device)
+        big[order[:n_big]] = True
+        narrow = (~big[inverse][seg]).nonzero().squeeze(1)
         where, values = [narrow], [(h[seg[narrow]] * weight[col[narrow]]).sum(-1)]
-        for c in contexts[wide].unique().tolist():
+        for c in uniq[big].tolist():
             rows = (contexts == c).nonzero().squeeze(1)
-            k = int(width[rows[0]])
-            cols = col[int(start[rows[0]]): int(start[rows[0]]) + k]
+            k, first = int(width[rows[0]]), int(start[rows[0]])
             where.append((start[rows].unsqueeze(1) + torch.arange(k, device=h.device)).reshape(-1))
-            values.append((h[rows] @ weight[cols].T).reshape(-1))
+            values.append((h[rows] @ weight[col[first: first + k]].T).reshape(-1))
         return h.new_zeros(len(seg)).index_put((torch.cat(where),), torch.cat(values))
 
     def allowed(self, contexts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
