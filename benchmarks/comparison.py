@@ -171,7 +171,9 @@ the Guo run itself decoded with tree-restricted beam search instead of the paper
 the width ({widths}) picked on validation path accuracy: no extra training. best.pt is picked on
 validation path accuracy; every number is on the test set. Seeds are paired: each method's
 difference to flat is taken seed by seed (same split and order) and reported as mean, std and a 95 %
-Student-t interval (n-1 degrees of freedom; none for n < 2). Issue 24's rows: HAFrame, HAF and
+Student-t interval (n-1 degrees of freedom; none for n < 2); a row pairs with flat's run on the machine (the
+precision: amp auto picks bf16 where the CPU has it) its own cell ran on, kept by the ledger — the flat row shows the
+latest. Issue 24's rows: HAFrame, HAF and
 soft-max-margin train with the papers' settings on the same recipe; the "+ CRM" rows and "flat + Bayes hF1"
 train nothing: they answer the named run's calibrated test scores by the post-hoc rule (CRM: least expected LCA
 height; Bayes hF1: largest expected per-image hierarchical F1, inner answers allowed), and their hdist@k ranks the
@@ -310,13 +312,30 @@ class Ledger:
         entry = self.cells.get(cell.name)
         return entry["metrics"] if entry and entry.get("digest") == cell.digest else None
 
+    def machine(self, cell: Cell) -> str | None:
+        entry = self.cells.get(cell.name)
+        return entry["machine"] if entry and entry.get("digest") == cell.digest else None
+
+    def metrics_on(self, cell: Cell, machine: str | None) -> dict | None:
+        """The cell's metrics from a run on ``machine`` (this config), the latest or an earlier one."""
+        entry = self.cells.get(cell.name) or {}
+        for e in [entry, *entry.get("earlier", [])]:
+            if e.get("digest") == cell.digest and e.get("machine") == machine:
+                return e["metrics"]
+        return None
+
     def record(self, cell: Cell, machine: str) -> None:
         """Keep a cell finished in its run folder (written at once, atomically: a killed sitting loses nothing)."""
         metrics = {k: v for k, v in cell.metrics().items() if k in LEDGER_KEYS}
         entry = {"digest": cell.digest, "machine": machine, "run_dir": str(cell.run_dir), "metrics": metrics}
-        if {k: v for k, v in self.cells.get(cell.name, {}).items() if k != "recorded"} == entry:
+        old = self.cells.get(cell.name, {})
+        if {k: v for k, v in old.items() if k not in ("recorded", "earlier")} == entry:
             return
-        self.cells[cell.name] = {**entry, "recorded": time.strftime("%Y-%m-%d")}
+        # a rerun on another machine (another precision) keeps the earlier result: rows that ran there pair with it
+        earlier = [e for e in [{k: v for k, v in old.items() if k != "earlier"}, *old.get("earlier", [])]
+                   if e and e.get("machine") != machine]
+        self.cells[cell.name] = {**entry, "recorded": time.strftime("%Y-%m-%d"),
+                                 **({"earlier": earlier} if earlier else {})}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(dict(sorted(self.cells.items())), indent=1, default=str), encoding="utf-8")
@@ -570,6 +589,22 @@ def _shares(counts: dict) -> dict:
     return {k: v / total for k, v in counts.items()} if total else {}
 
 
+def _paired_baseline(cells: list[Cell], data: DataSet, flat: Method, key: str, latest: dict) -> dict:
+    """Flat's per-seed metrics to pair row ``key`` with: per seed, flat's run on the machine (the precision)
+    the row's cell ran on, where the ledger keeps one; else flat's latest."""
+    out = {k: dict(v) for k, v in latest.items()}
+    by_seed = {(c.method.key, c.seed): c for c in cells if c.data == data and not c.hidden}
+    for (m, seed), cell in by_seed.items():
+        base = by_seed.get((flat.key, seed))
+        if m != key or base is None or cell.ledger is None:
+            continue
+        metrics = cell.ledger.metrics_on(base, cell.ledger.machine(cell))
+        if metrics is not None:
+            for k in out:
+                out[k][seed] = metrics.get(k)
+    return out
+
+
 def summarize(cells: list[Cell], budget: str = "cpu") -> dict:
     """Per data set and method: n, mean ± std of every metric, per-level accuracy, length diagnostics
     (means over seeds), and the seed-paired difference to the data set's first row (flat)."""
@@ -601,7 +636,8 @@ def summarize(cells: list[Cell], budget: str = "cpu") -> dict:
         base_key = data.methods[0].key
         for key, row in rows.items():
             if key != base_key and base_key in rows:
-                row["vs_flat"] = {k: paired_difference(row["per_seed"][k], rows[base_key]["per_seed"][k])
+                base = _paired_baseline(cells, data, data.methods[0], key, rows[base_key]["per_seed"])
+                row["vs_flat"] = {k: paired_difference(row["per_seed"][k], base[k])
                                   for k, _, _, paired, _ in METRICS if paired}
         out[data.key] = {"label": data.label, "epochs": data.epochs.get(budget),
                          "pretrain_fraction": data.pretrain_fraction, "induce": list(data.induce), "rows": rows}

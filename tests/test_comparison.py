@@ -268,12 +268,12 @@ def test_the_ledger_keeps_finished_cells_across_machines(tmp_path, configs):
     crm = C.Method("flat_crm", "flat + CRM", "flat.yaml", reuses="flat", decode="crm")
     toy = _tiny()[0]
     data = (dataclasses.replace(toy, methods=(*toy.methods, crm)),)
-    trained = []
+    trained, bump = [], [0.0]
 
-    def train_fn(cfg, run_dir, resume):  # a stand-in run: the seed decides its accuracy
+    def train_fn(cfg, run_dir, resume):  # a stand-in run: the seed (and the machine's precision) decide it
         trained.append(run_dir.name)
         run_dir.mkdir(parents=True, exist_ok=True)
-        acc = 0.5 + 0.1 * cfg["seed"] + (0.05 if cfg["model"]["name"] == "guo_rnn" else 0.0)
+        acc = 0.5 + 0.1 * cfg["seed"] + (0.05 if cfg["model"]["name"] == "guo_rnn" else 0.0) + bump[0]
         (run_dir / "metrics.json").write_text(json.dumps({"path_accuracy": acc, "other": 1}))
 
     def rule_fn(run_dir, rule):
@@ -297,13 +297,16 @@ def test_the_ledger_keeps_finished_cells_across_machines(tmp_path, configs):
     trained.clear()
     table = C.plan("cpu", [0, 1], second, datasets=data, config_dir=configs, only=["flat_crm"], ledger=ledger)
     assert [c.method.key for c in table] == ["flat_crm"] * 2  # a sitting that names the post-hoc row only
+    bump[0] = -0.02  # machine B's runs come out lower (another precision)
     C.run_cells(table, train_fn=train_fn, rule_fn=rule_fn, log=lambda *_: None,
                 on_done=C.recorder(ledger, cells, "machine B"))
     assert sorted(trained) == sorted(c.run_dir.name for c in cells if c.method.key == "flat_crm")
     rows = C.summarize(cells)["toy"]["rows"]
     assert rows["guo_rnn"]["n"] == 2 and rows["flat_crm"]["n"] == 2
+    # each row pairs with flat's run on its own machine: guo (A) with flat's earlier A run, CRM with B's
     assert rows["guo_rnn"]["vs_flat"]["path_accuracy"]["mean"] == pytest.approx(0.05)
     assert rows["flat_crm"]["vs_flat"]["path_accuracy"]["mean"] == pytest.approx(-0.01)
+    assert rows["flat"]["per_seed"]["path_accuracy"][0] == pytest.approx(0.48)
     kept = json.loads(ledger_path.read_text())
     assert kept["flat/toy/s0"]["machine"] == "machine B" and kept["guo_rnn/toy/s0"]["machine"] == "machine A"
     assert "2 on machine A (guo_rnn)" in C.machines_note(cells, ledger, "machine B")
