@@ -49,6 +49,18 @@ def tiny_cfg() -> dict:
 
 
 # ----------------------------------------------------------------------------- a real server on 127.0.0.1
+def training_losses(model, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, steps: int) -> list[float]:
+    """The loss of each of ``steps`` optimizer steps on one fixed batch: a head that learns drives it down."""
+    losses = []
+    for _ in range(steps):
+        loss = model.loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import training_losses
 from hiervision.decoding import beam_search, next_token_mask, prefix_logprob, sequence_targets, tree_tables
 from hiervision.models import create_model
 from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax
@@ -242,13 +243,7 @@ def test_a_few_training_steps_lower_the_children_softmax_loss(name: str) -> None
     model = build(name, VAR).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = images(8), torch.tensor([VAR.index(n) for n in ["1", "2", "y", "q", "w", "5", "c", "x"]])
-    losses = []
-    for _ in range(15):
-        loss = model.loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = training_losses(model, x, y, opt, 15)
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -324,13 +319,7 @@ def test_dhnn_rnn_children_softmax_trains_and_refuses_what_reads_every_score() -
     model = rnn().train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = images(6), torch.tensor(FIXED.leaves)
-    losses = []
-    for _ in range(15):
-        loss = model.loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = training_losses(model, x, y, opt, 15)
     assert losses[-1] < 0.5 * losses[0]
     with pytest.raises(ValueError, match="children is not available with residual"):
         rnn(residual=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import training_losses
 from hiervision.export import export_model, sidecar, torch_engine
 from hiervision.models import create_model
 from hiervision.models.haf import carried_levels
@@ -129,13 +130,7 @@ def trained(name: str, tax: Taxonomy) -> torch.nn.Module:
     x = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([tax.leaves[i % len(tax.leaves)] for i in range(16)])
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(12):
-        loss = model.loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = training_losses(model, x, y, opt, 12)
     assert losses[-1] < losses[0]
     return model.eval()
 
