@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import training_losses
+from hiervision.config import ConfigError, validate_config
 from hiervision.decoding import beam_search, next_token_mask, prefix_logprob, sequence_targets, tree_tables
 from hiervision.models import create_model
-from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax
+from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax, resolve_width
 from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy
 from hiervision.tree.tables import segment_logsumexp, sibling_log_softmax, step_candidates, step_csr
 
@@ -80,8 +81,10 @@ def test_wide_contexts_share_one_product_with_the_same_values_and_gradients(seed
     contexts = torch.where(tables.leaf_mask[contexts] | (tables.height[contexts] > 0), contexts, 0)
     h = torch.randn(20, 5, generator=g)
     results = []
-    for budget in (10**9, 0, 40):  # every candidate gathered; every context grouped; the biggest grouped
-        monkeypatch.setattr(step_softmax, "GATHER_BUDGET", budget)
+    # every candidate gathered; every context read twice or more shared; the biggest shared; only the largest
+    for share_above, most in ((10**9, 32), (0, 10**3), (12, 32), (0, 1)):
+        monkeypatch.setattr(step_softmax, "SHARE_ABOVE", share_above)
+        monkeypatch.setattr(step_softmax, "MAX_SHARED", most)
         hh = h.clone().requires_grad_()
         out.zero_grad()
         lp, *_ = layer._logprob(out, hh, contexts)
@@ -105,7 +108,10 @@ def test_children_softmax_layer_matches_the_dense_oracle(seed: int) -> None:
     contexts = torch.where(tables.leaf_mask[contexts] | (tables.height[contexts] > 0), contexts, 0)
     want = dense_logprob(out(h).detach(), tables, contexts, ends)
     with torch.no_grad():
-        torch.testing.assert_close(layer.dense(out, h, contexts), want)
+        # the exported step's raw logits of asked tokens, normalised over the allowed ones as the runtime does
+        z = layer.logits(out, h, torch.arange(tax.num_nodes))
+        torch.testing.assert_close(z.masked_fill(want == float("-inf"), float("-inf")).log_softmax(1), want)
+        torch.testing.assert_close(layer.logits(out, h, torch.tensor([4, 2])), z[:, [4, 2]])
         lp, tok = layer.candidates(out, h, contexts)
         torch.testing.assert_close(lp, want.gather(1, tok).masked_fill(lp == float("-inf"), float("-inf")))
         assert bool((torch.logsumexp(lp, 1) .abs() < 1e-5).all())  # each row sums to 1
@@ -128,6 +134,23 @@ def test_step_softmax_option() -> None:
     with pytest.raises(ValueError, match="feed: label"):
         create_model("dhnn_s2s", VAR, **SMALL, **HEADS["dhnn_s2s"], feed="output", step_softmax="children")
     assert create_model("guo_rnn", VAR, **SMALL, **HEADS["guo_rnn"]).children_softmax is None  # auto, small
+
+
+def test_decoder_widths_left_at_auto_halve_above_ten_thousand_nodes() -> None:
+    assert resolve_width("hidden_size", "auto", 512, 10_000) == 512
+    assert resolve_width("hidden_size", "auto", 512, 10_001) == 256
+    assert resolve_width("hidden_size", 300, 512, 10**5) == 300  # a width the user names is kept
+    with pytest.raises(ValueError, match="model.embed_size must be a whole number"):
+        resolve_width("embed_size", 0, 256, 10)
+    big = random_tree(10_001, 0)
+    guo = create_model("guo_rnn", big, **SMALL)
+    assert (guo.embed.embedding_dim, guo.cell.hidden_size) == (128, 256)
+    assert create_model("guo_rnn", VAR, **SMALL).cell.hidden_size == 512  # the paper-sized width below
+    s2s = create_model("dhnn_s2s", big, **SMALL, pool_fallback="project", embed_size="auto")
+    assert (s2s.features.p, s2s.hidden_size, s2s.embed.embedding_dim) == (128, 256, 128)
+    assert validate_config({"model": {"hidden_size": "auto", "embed_size": "auto"}})["model"]["hidden_size"] == "auto"
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        validate_config({"model": {"hidden_size": "wide"}})
 
 
 # ----------------------------------------------------------------------------- the heads
@@ -186,13 +209,16 @@ def test_decode_path_logprob_and_export_step_agree(name: str, tax: Taxonomy, kw:
     with torch.no_grad():
         outputs = model(x)
         pred = model.predict(x)
-        # the search over the exported step (dense N+1 columns, as the runtime reads them) finds the same paths
-        # exported states are batch-first; the torch search reorders an LSTM's (layers, B·k, W) on dim 1
+        # the search over the exported step (asked every token, normalised over the allowed ones as the runtime
+        # does) finds the same paths; exported states are batch-first, the torch search reorders an LSTM's
+        # (layers, B·k, W) on dim 1
         flip = (lambda st: tuple(t.transpose(0, 1) for t in st)) if name == "dhnn_s2s" else (lambda st: st)
+        assert model.decoder_settings()["candidates"]
 
         def step(tokens, st):
-            lp, *st = model.export_step(tokens, *flip(st))
-            return lp, flip(st)
+            z, *st = model.export_step(tokens, *flip(st), candidates=torch.arange(model.taxonomy.num_nodes))
+            allowed = next_token_mask(model.tables, tokens, model.ends)
+            return z.masked_fill(~allowed, float("-inf")).log_softmax(-1), flip(st)
 
         k = model.beam_width if width > 1 else 1
         start = flip(tuple(s.repeat_interleave(k, 0) for s in model.export_encoder(x)))

@@ -178,12 +178,21 @@ def _decode_rule(key: str, v: Any) -> Any:
 
 
 def _count_null_or_auto(key: str, v: Any) -> Any:
-    if v is None or v == "auto":
+    if v is None:
+        return v
+    try:
+        return _count_or_auto(key, v)
+    except ConfigError:
+        raise _fail(key, "a whole number ≥ 1, null or auto", v) from None
+
+
+def _count_or_auto(key: str, v: Any) -> Any:
+    if v == "auto":
         return v
     try:
         return _int(lo=1)(key, v)
     except ConfigError:
-        raise _fail(key, "a whole number ≥ 1, null or auto", v) from None
+        raise _fail(key, "a whole number ≥ 1 or auto", v) from None
 
 
 def _match(pattern: str, what: str) -> Rule:
@@ -285,9 +294,9 @@ SCHEMA: dict[str, Any] = {
     # the model keys with a range (each model takes a subset): checked here, before any data loads
     "model": {
         "beam_width": _int(lo=1),
-        "input_size": _int(lo=1),
-        "hidden_size": _int(lo=1),
-        "embed_size": _int(lo=1, null=True),
+        "input_size": _count_or_auto,
+        "hidden_size": _count_or_auto,
+        "embed_size": _count_null_or_auto,
         "num_layers": _int(lo=1),
         "conv_out_size": _int(lo=1, null=True),
         "extra_blocks": _int(lo=0),

@@ -81,11 +81,19 @@ class _Step(nn.Module):
         return self.model.export_step(tokens, *state)
 
 
+class _CandidateStep(_Step):
+    """A decoder step that scores the tokens it is asked for (``decoder_settings()["candidates"]``)."""
+
+    def forward(self, tokens: torch.Tensor, candidates: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.export_step(tokens, *state, candidates=candidates)
+
+
 def export_parts(model: HierarchicalClassifier) -> tuple[nn.Module, nn.Module | None]:
     """``(graph, step graph or None)``: the modules that become the ONNX graph(s), as the model's contract
     declares them (a decoder that carries ``state`` exports an encoder and one step)."""
-    if model.decoder_settings().get("state"):
-        return _Encoder(model).eval(), _Step(model).eval()
+    dec = model.decoder_settings()
+    if dec.get("state"):
+        return _Encoder(model).eval(), (_CandidateStep if dec.get("candidates") else _Step)(model).eval()
     return _Graph(model).eval(), None
 
 
@@ -95,6 +103,7 @@ class _TorchEngine:
     def __init__(self, model: HierarchicalClassifier, device: torch.device) -> None:
         self.model, self.device = model.to(device).eval(), device
         self.state = model.decoder_settings().get("state")
+        self.candidates = bool(model.decoder_settings().get("candidates"))
 
     @torch.no_grad()
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -103,9 +112,13 @@ class _TorchEngine:
         return {name: t.float().cpu().numpy() for name, t in out.items()}
 
     @torch.no_grad()
-    def step(self, tokens: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        ts = [torch.from_numpy(np.ascontiguousarray(s)).to(self.device) for s in state]
-        lp, *new = self.model.export_step(torch.from_numpy(np.ascontiguousarray(tokens)).to(self.device), *ts)
+    def step(self, tokens: np.ndarray, state: tuple[np.ndarray, ...],
+             candidates: np.ndarray | None = None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+        asked = {"candidates": tensor(candidates)} if candidates is not None else {}
+        lp, *new = self.model.export_step(tensor(tokens), *(tensor(s) for s in state), **asked)
         return lp.float().cpu().numpy(), tuple(t.cpu().numpy() for t in new)
 
 
@@ -138,8 +151,11 @@ def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = 
 def _onnx_export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path,
                  metadata: dict[str, str] | None = None) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
-    # one dynamic batch axis on every input; a step's state arrives as one *args tuple
-    shapes = ({0: batch},) if len(args) == 1 else ({0: batch}, tuple({0: batch} for _ in args[1:]))
+    # one dynamic batch axis on every input; a step's state arrives as one *args tuple, after the tokens and
+    # (a step scoring asked tokens) the candidates, whose count is dynamic too
+    asked = ({0: torch.export.Dim("candidates", min=1, max=2**31 - 1)},) if isinstance(module, _CandidateStep) else ()
+    fixed = 1 + len(asked)
+    shapes = ({0: batch},) if len(args) == 1 else ({0: batch}, *asked, tuple({0: batch} for _ in args[fixed:]))
     try:
         try:
             program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
@@ -181,8 +197,10 @@ def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLi
             state = graph(images)
             step_path = out.with_name(out.stem + ".step.onnx")
             state_names = [f"state{i}" for i in range(len(state))]
-            _onnx_export(step, (torch.zeros(2, dtype=torch.long), *state), ["tokens", *state_names],
-                         ["logprob", *[f"next_{n}" for n in state_names]], step_path, tree)
+            asked = ([torch.arange(3)], ["candidates"]) if isinstance(step, _CandidateStep) else ([], [])
+            _onnx_export(step, (torch.zeros(2, dtype=torch.long), *asked[0], *state),
+                         ["tokens", *asked[1], *state_names], ["logprob", *[f"next_{n}" for n in state_names]],
+                         step_path, tree)
             side["step_graph"] = step_path.name
             written.append(step_path)
     side["sha256"] = {"graph": file_sha256(out), **({"step_graph": file_sha256(written[1])} if step else {})}

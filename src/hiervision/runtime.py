@@ -39,8 +39,9 @@ __all__ = ["Engine", "Predictor", "SIDECAR_FORMAT", "beam_search", "calibrate_ba
 EOS = 0
 
 #: ``step(tokens, state) -> (logprob, state)``: ``tokens`` ``(B·k,)`` the last node of each beam (0 at
-#: the start), ``logprob`` ``(B·k, N+1)`` over the next token (column 0 = end of path).
-StepFn = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
+#: the start), ``logprob`` ``(B·k, N+1)`` over the next token (column 0 = end of path). A step that scores
+#: asked tokens is called ``step(tokens, state, candidates)`` and returns raw logits ``(B·k, U)`` of those.
+StepFn = Callable[..., tuple[np.ndarray, Any]]
 
 
 class Engine(Protocol):
@@ -51,17 +52,39 @@ class Engine(Protocol):
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
 
-    def step(self, tokens: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    def step(self, tokens: np.ndarray, state: tuple[np.ndarray, ...],
+             candidates: np.ndarray | None = None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         ...
 
 
 # ----------------------------------------------------------------------------- decoders
-def _next_tokens(tree: TreeView, ends: np.ndarray, last: np.ndarray) -> np.ndarray:
-    """``last.shape + (N+1,)`` bool: the tokens allowed after nodes ``last`` — their children (a comparison
-    with the parent ids: O(N) per beam, no (N+1)² table) and EOS where a path may stop there."""
-    allowed = tree.parent == last[..., None]
-    allowed[..., EOS] = ends[last]  # the root is its own parent in ``tree.parent``: column 0 set here instead
-    return allowed
+def _next_tokens(tree: TreeView, ends: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, valid)``, each ``last.shape + (F,)``: the tokens allowed after nodes ``last`` — EOS first
+    where a path may stop there, then the children in id order (the dense columns' order, so a stable sort
+    keeps the same beams) — read from the tree's children CSR; F is the most any of them allows. O(B·k·F)
+    per step, not O(B·k·N): what keeps the search cheap on a tree of 10^5 nodes."""
+    ptr, kids = tree.child_csr
+    stop = ends[last].astype(np.int64)
+    width = ptr[last + 1] - ptr[last] + stop
+    j = np.arange(max(int(width.max()), 1))
+    pos = (ptr[last] - stop)[..., None] + j
+    tokens = kids[np.clip(pos, 0, max(len(kids) - 1, 0))] if len(kids) else np.zeros_like(pos)
+    valid = j < width[..., None]
+    return np.where(valid & ((j > 0) | (stop[..., None] == 0)), tokens, EOS), valid
+
+
+def _asked_logprob(step: StepFn, last: np.ndarray, state: Any, tok: np.ndarray, valid: np.ndarray):
+    """Call a step that scores asked tokens with every token some beam may take next, then normalise each
+    row over its own allowed tokens: ``(log-probs (B, k, F), state)``."""
+    asked = np.unique(tok[valid]) if valid.any() else np.zeros(1, dtype=np.int64)
+    logits, state = step(last.reshape(-1), state, asked)
+    at = np.minimum(np.searchsorted(asked, tok), len(asked) - 1)
+    z = np.take_along_axis(np.asarray(logits).reshape(*last.shape, len(asked)), at, 2).astype(np.float64)
+    z = np.where(valid, z, -np.inf)
+    top = np.where(valid.any(2, keepdims=True), z.max(2, keepdims=True), 0.0)
+    with np.errstate(divide="ignore"):
+        lse = top + np.log(np.exp(z - top).sum(2, keepdims=True))
+    return np.where(valid, z - lse, -np.inf), state
 
 
 def _reorder(state: Any, index: np.ndarray) -> Any:
@@ -78,11 +101,13 @@ def beam_search(
     end_nodes: str,
     max_steps: int,
     state: Any = None,
+    asked: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Koo et al.'s Algorithm 1 restricted to the tree, in numpy (the reference is
     :func:`hiervision.decoding.beam_search`; ``tests/test_runtime.py`` holds the two together).
 
     ``state`` is a tuple of arrays with ``B·k`` rows (or anything else, passed through untouched).
+    ``asked``: ``step`` scores the tokens it is asked for (:data:`StepFn`), normalised here per row.
 
     Returns:
         ``(paths, logprob, prefix)``: ``(B, k, D)`` node ids per level (PAD after the end), best beam
@@ -102,16 +127,22 @@ def beam_search(
     prefix = np.empty((batch_size, k, 0))
     rows = np.arange(batch_size)[:, None]
     for _ in range(max_steps):
-        lp, state = step(last.reshape(-1), state)
-        lp = np.where(_next_tokens(tree, ends, last), np.asarray(lp, dtype=np.float64).reshape(batch_size, k, n),
-                      -np.inf)
-        cand = scores[:, :, None] + lp
-        stay = np.full_like(cand, -np.inf)  # a stopped beam has one continuation: itself
-        stay[..., EOS] = scores
-        cand = np.where(done[:, :, None], stay, cand).reshape(batch_size, k * n)
+        tok, valid = _next_tokens(tree, ends, last)
+        width = tok.shape[2]
+        if asked:
+            lp, state = _asked_logprob(step, last, state, tok, valid)
+        else:
+            lp, state = step(last.reshape(-1), state)
+            lp = np.take_along_axis(np.asarray(lp).reshape(batch_size, k, n), tok, 2).astype(np.float64)
+        cand = scores[:, :, None] + np.where(valid, lp, -np.inf)
+        # a stopped beam has one continuation: itself (its column 0, read as the end token)
+        stay = np.full_like(cand, -np.inf)
+        stay[..., 0] = scores
+        cand = np.where(done[:, :, None], stay, cand).reshape(batch_size, k * width)
+        tok = np.where(done[:, :, None], EOS, tok).reshape(batch_size, k * width)
         flat = np.argsort(-cand, axis=1, kind="stable")[:, :k]
         scores = np.take_along_axis(cand, flat, 1)
-        beam, tok = flat // n, flat % n
+        beam, tok = flat // width, np.take_along_axis(tok, flat, 1)
         state = _reorder(state, (rows * k + beam).reshape(-1))
         stopped = tok == EOS
         prev_last = np.take_along_axis(last, beam, 1)
@@ -262,7 +293,8 @@ def _decode_autoregressive(tree: TreeView, decoder: dict, outputs: dict[str, np.
 
     def search(k: int):
         start = tuple(np.repeat(s, k, axis=0) for s in state0)
-        return beam_search(tree, engine.step, b, k, decoder["end_nodes"], decoder["max_steps"], start)
+        return beam_search(tree, engine.step, b, k, decoder["end_nodes"], decoder["max_steps"], start,
+                           bool(decoder.get("candidates")))
 
     width = int(decoder["beam_width"])
     paths, lp, prefix = search(width)
@@ -371,13 +403,21 @@ class _OnnxEngine:
             if name in needed:
                 check_width(str(graph), name, outputs[name][-1], tree)
         if self.step_session is not None:
-            check_width(str(step), "logprob", self.step_session.get_outputs()[0].shape[-1], tree)
+            asked = "candidates" in {i.name for i in self.step_session.get_inputs()}
+            if asked != bool(dec.get("candidates")):
+                raise ValueError(f"{step}: the step graph {'takes' if asked else 'has no'} 'candidates' input but "
+                                 f"the sidecar's key 'decoder.candidates' says {bool(dec.get('candidates'))}")
+            if not asked:  # a step scoring asked tokens is as wide as what it is asked
+                check_width(str(step), "logprob", self.step_session.get_outputs()[0].shape[-1], tree)
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.session.run(None, {"images": images})))
 
-    def step(self, tokens: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    def step(self, tokens: np.ndarray, state: tuple[np.ndarray, ...],
+             candidates: np.ndarray | None = None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         feeds = {"tokens": tokens.astype(np.int64), **{f"state{i}": s for i, s in enumerate(state)}}
+        if candidates is not None:
+            feeds["candidates"] = candidates.astype(np.int64)
         lp, *new = self.step_session.run(None, feeds)
         return lp, tuple(new)
 

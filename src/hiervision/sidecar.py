@@ -141,6 +141,8 @@ def _check_decoder(c: _Check, dec: Any, tree: TreeView) -> None:
             c.integer(f"decoder.{key}", dec[key])
     if "threshold" in dec and not 0 <= c.number("decoder.threshold", dec["threshold"]) <= 1:
         raise c.fail("decoder.threshold", f"must lie in [0, 1], got {dec['threshold']!r}")
+    if not isinstance(dec.get("candidates", False), bool):
+        raise c.fail("decoder.candidates", f"must be true or false, got {dec['candidates']!r}")
     if kind == "beam" and not (isinstance(dec["state"], list) and dec["state"]
                                and all(isinstance(s, str) for s in dec["state"])):
         raise c.fail("decoder.state", f"must be a list of output names, got {dec['state']!r}")

@@ -140,7 +140,8 @@ class HierarchicalClassifier(nn.Module):
         ``{"kind": ..., "end_nodes": ..., ...}`` with a kind the runtime knows (``exact``: the most probable
         path ending at an allowed node; ``independent``: each level's argmax; ``routing``: follow the best
         child; ``beam_steps``: beam search over exported per-step log-probabilities; ``beam``: beam search
-        calling the exported decoder step, whose state tensors ``"state"`` names; ``multi_label``: every
+        calling the exported decoder step, whose state tensors ``"state"`` names (with ``"candidates"``: the
+        step scores only the tokens it is asked for, see :meth:`export_step`); ``multi_label``: every
         path whose nodes pass ``threshold``). Multi-label heads share the last one."""
         if self.multi_label:
             return {"kind": "multi_label", "end_nodes": "leaves", "threshold": float(self.threshold)}
@@ -156,9 +157,14 @@ class HierarchicalClassifier(nn.Module):
         """Autoregressive heads (decoder kind ``beam``): images → the decoder's start state, batch-first."""
         raise NotImplementedError(f"model {type(self).__name__} has no exportable decoder")
 
-    def export_step(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Autoregressive heads: ONE decoder step, ``(tokens, *state) → (next-token log-probs, *state)``. The
-        search stays outside the graph (in numpy), so every beam width decodes the same exported step."""
+    def export_step(self, tokens: torch.Tensor, *state: torch.Tensor,
+                    candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Autoregressive heads: ONE decoder step, ``(tokens, *state) → (next-token log-probs (M, N+1), *state)``.
+        The search stays outside the graph (in numpy), so every beam width decodes the same exported step.
+        A head whose :meth:`decoder_settings` say ``"candidates": true`` (a children softmax) takes the tokens
+        the search may take next, ``candidates`` ``(U,)``, and returns their raw logits ``(M, U)`` instead; the
+        runtime normalises each row over the tokens allowed after its node — on a big tree a step then costs
+        what its candidates cost, not N."""
         raise NotImplementedError(f"model {type(self).__name__} has no exportable decoder")
 
     def _multi_label_outputs(self, scores: torch.Tensor) -> dict[str, torch.Tensor]:

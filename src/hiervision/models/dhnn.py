@@ -44,7 +44,7 @@ from hiervision.losses import check_loss_type, soft_label_targets
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.conversion import StageSequence, default_steps
 from hiervision.models.registry import register_model
-from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax, used_steps
+from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax, resolve_width, used_steps
 from hiervision.taxonomy import EOS, IGNORE, Taxonomy
 from hiervision.tree.tables import sibling_log_softmax
 
@@ -72,15 +72,19 @@ def _orthogonal_lstm(lstm: nn.LSTM) -> nn.LSTM:
 
 
 class _DHNN(HierarchicalClassifier):
-    """Shared part: backbone stage maps → ``u`` ``(B, T, p)``, step weights, decoding helpers."""
+    """Shared part: backbone stage maps → ``u`` ``(B, T, p)``, step weights, decoding helpers.
+
+    ``input_size`` (p) and ``hidden_size`` left at ``"auto"`` are 256 and 512, halved on trees of more than
+    10,000 nodes, whose N-row output layer (and label embedding) the optimizer updates densely every step
+    (:func:`~hiervision.models.step_softmax.resolve_width`)."""
 
     def __init__(
         self,
         taxonomy: Taxonomy,
         *,
         conversion: str = "pool",
-        input_size: int = 256,
-        hidden_size: int = 512,
+        input_size: int | str = "auto",
+        hidden_size: int | str = "auto",
         num_layers: int = 1,
         bidirectional: bool = False,
         steps: Sequence[Sequence[int]] | None = None,
@@ -96,6 +100,8 @@ class _DHNN(HierarchicalClassifier):
         **kwargs,
     ) -> None:
         super().__init__(taxonomy, **kwargs)
+        input_size = resolve_width("input_size", input_size, 256, taxonomy.num_nodes)
+        hidden_size = resolve_width("hidden_size", hidden_size, 512, taxonomy.num_nodes)
         shapes = self._stage_shapes(self.in_chans)
         steps = steps if steps is not None else default_steps(len(shapes), self._default_num_steps(len(shapes)))
         self.features = StageSequence(shapes, steps, input_size, conversion, linear_shape, conv_out_size,
@@ -399,7 +405,7 @@ class CnnS2S(_DHNN):
     the true path teaches nothing (the true node has probability 0 there).
     """
 
-    def __init__(self, taxonomy: Taxonomy, feed: str | None = None, embed_size: int | None = None,
+    def __init__(self, taxonomy: Taxonomy, feed: str | None = None, embed_size: int | str | None = None,
                  end_nodes: str = "all", end_weight: float = 1.0, scheduled_sampling: float = 0.0,
                  step_softmax: str = "auto", **kwargs) -> None:
         multi = kwargs.get("multi_label", False)
@@ -436,7 +442,8 @@ class CnnS2S(_DHNN):
         width = self.hidden_size * (2 if self.bidirectional else 1)
         self.encoder = self._rnn(self.features.p)
         if feed == "label":
-            self.embed = nn.Embedding(v, embed_size or self.features.p)  # row 0: the start (root)
+            width = self.features.p if embed_size in (None, "auto") else embed_size
+            self.embed = nn.Embedding(v, width)  # row 0: the start (root)
             dec_in = self.embed.embedding_dim
         else:
             dec_in = v
@@ -555,17 +562,19 @@ class CnnS2S(_DHNN):
         if self.feed != "label" or self.multi_label:
             return super().decoder_settings()
         return {"kind": "beam", "end_nodes": self.end_nodes, "beam_width": self.beam_width,
-                "max_steps": self._out_steps, "state": ["state0", "state1"]}
+                "max_steps": self._out_steps, "state": ["state0", "state1"],
+                "candidates": self.children_softmax is not None}
 
     def export_encoder(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h, c = self.encode(images)  # (layers, B, W) → (B, layers, W): every exported tensor is batch-first
         return h.transpose(0, 1).contiguous(), c.transpose(0, 1).contiguous()
 
-    def export_step(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def export_step(self, tokens: torch.Tensor, *state: torch.Tensor,
+                    candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         h, c = (s.transpose(0, 1).contiguous() for s in state)
         out, (h, c) = self.decoder(self.embed(tokens).unsqueeze(1), (h, c))
         lp = (self.out(out[:, 0]).float().log_softmax(-1) if self.children_softmax is None
-              else self.children_softmax.dense(self.out, out[:, 0], tokens))  # the runtime reads N+1 columns
+              else self.children_softmax.logits(self.out, out[:, 0], candidates))  # the runtime normalises these
         return lp, h.transpose(0, 1).contiguous(), c.transpose(0, 1).contiguous()
 
     @full_precision

@@ -43,7 +43,7 @@ from hiervision.decoding import (
 from hiervision.losses import check_loss_type, soft_label_targets
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
-from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax, used_steps
+from hiervision.models.step_softmax import ChildrenSoftmax, resolve_step_softmax, resolve_width, used_steps
 from hiervision.taxonomy import EOS, IGNORE, PAD, Taxonomy
 
 __all__ = ["CnnRnnGenerator", "MultiHeadGenerator", "VisualLSTMCell"]
@@ -101,8 +101,9 @@ class CnnRnnGenerator(HierarchicalClassifier):
     token either.
 
     Args:
-        embed_size: label embedding width (the paper: 1000 on ImageNet).
-        hidden_size: LSTM memory width (the paper: 1000 on ImageNet).
+        embed_size: label embedding width (the paper: 1000 on ImageNet); ``"auto"``: 256, or 128 on trees of
+            more than 10,000 nodes (:func:`~hiervision.models.step_softmax.resolve_width` says why).
+        hidden_size: LSTM memory width (the paper: 1000 on ImageNet); ``"auto"``: 512, or 256 above 10,000 nodes.
         dropout: on ``v`` and on ``h_t`` before the output layer.
         end_nodes: ``"leaves"`` (paths end at leaves) or ``"all"``.
         decode: ``"greedy"`` (the paper's: feed back the most likely label) or ``"beam"``; both only
@@ -127,8 +128,8 @@ class CnnRnnGenerator(HierarchicalClassifier):
         self,
         taxonomy: Taxonomy,
         *,
-        embed_size: int = 256,
-        hidden_size: int = 512,
+        embed_size: int | str = "auto",
+        hidden_size: int | str = "auto",
         dropout: float = 0.0,
         end_nodes: str = "leaves",
         decode: str = "greedy",
@@ -156,6 +157,8 @@ class CnnRnnGenerator(HierarchicalClassifier):
         self.end_token = end_nodes == "all" or not taxonomy.is_fixed_depth
         self.num_steps = taxonomy.max_depth + int(self.end_token)
         n = taxonomy.num_nodes
+        embed_size = resolve_width("embed_size", embed_size, 256, n)
+        hidden_size = resolve_width("hidden_size", hidden_size, 512, n)
         self.embed = nn.Embedding(n, embed_size)  # row 0: the start token
         self.cell = VisualLSTMCell(embed_size, self.backbone.num_features, hidden_size)
         self.dropout = nn.Dropout(dropout)
@@ -314,18 +317,19 @@ class CnnRnnGenerator(HierarchicalClassifier):
     def decoder_settings(self) -> dict:
         k = self.beam_width if self.decode_mode == "beam" else 1
         return {"kind": "beam", "end_nodes": self.end_nodes, "beam_width": k, "max_steps": self.num_steps,
-                "state": ["state0", "state1", "state2"]}
+                "state": ["state0", "state1", "state2"], "candidates": self.children_softmax is not None}
 
     def export_encoder(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         vg = self.cell.visual(self.backbone(images))  # the image's gate input, carried as state for every step
         h, c = self._zero_state(len(vg), vg)
         return h, c, vg
 
-    def export_step(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def export_step(self, tokens: torch.Tensor, *state: torch.Tensor,
+                    candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         h, c, vg = state
         h, c = self.cell(self.embed(tokens), (h, c), vg)
-        if self.children_softmax is not None:  # the runtime reads N+1 columns: -inf where not allowed
-            return self.children_softmax.dense(self.out, h, tokens), h, c, vg
+        if self.children_softmax is not None:  # raw logits of the asked tokens; the runtime normalises
+            return self.children_softmax.logits(self.out, h, candidates), h, c, vg
         return self.out(h).float().log_softmax(-1), h, c, vg
 
     @full_precision

@@ -23,14 +23,20 @@ from torch import nn
 from hiervision.taxonomy import EOS, IGNORE, TreeTables
 from hiervision.tree.tables import segment_logsumexp, step_candidates, step_csr
 
-__all__ = ["AUTO_CHILDREN_ABOVE", "STEP_SOFTMAX", "ChildrenSoftmax", "resolve_step_softmax", "used_steps"]
+__all__ = ["AUTO_CHILDREN_ABOVE", "AUTO_NARROW_ABOVE", "STEP_SOFTMAX", "ChildrenSoftmax", "resolve_step_softmax",
+           "resolve_width", "used_steps"]
 
 STEP_SOFTMAX = ("full", "children", "auto")
 #: ``step_softmax="auto"`` uses the children softmax on trees with more nodes than this
 AUTO_CHILDREN_ABOVE = 1000
-#: the most candidate × hidden values a step gathers at once (512 MB of fp32); above it the contexts that
-#: bring the most candidates get one matrix product each (see ``ChildrenSoftmax._dots``)
-GATHER_BUDGET = 2**27
+#: a context whose rows bring at least this many candidates (rows × its fan-out) is scored by one matrix
+#: product for all its rows instead of a gathered weight row per candidate (see ``ChildrenSoftmax._dots``)
+SHARE_ABOVE = 2048
+#: at most this many contexts per call get their own product (the largest first; a Python loop runs over them)
+MAX_SHARED = 32
+#: widths left at ``"auto"`` (a decoder's label embedding and hidden state) are halved on trees with more
+#: nodes than this (see :func:`resolve_width`)
+AUTO_NARROW_ABOVE = 10_000
 
 
 def resolve_step_softmax(value: str, num_nodes: int) -> str:
@@ -39,6 +45,20 @@ def resolve_step_softmax(value: str, num_nodes: int) -> str:
         raise ValueError(f"model.step_softmax must be 'full', 'children' or 'auto', got {value!r}")
     if value == "auto":
         return "children" if num_nodes > AUTO_CHILDREN_ABOVE else "full"
+    return value
+
+
+def resolve_width(key: str, value: int | str, default: int, num_nodes: int) -> int:
+    """A decoder width: ``value`` itself, or for ``"auto"`` ``default`` up to :data:`AUTO_NARROW_ABOVE` nodes
+    and half of it above. Why: the label embedding and the output layer are N × width tables that the
+    optimizer updates densely every step (momentum touches every row, not only the few a batch reads); at
+    45,000 nodes and the paper-sized 256 + 512 they are 35M parameters, 12× flat's whole model, and zeroing
+    and updating them made a train step 1.9× flat's (``benchmarks/scale.py``). Half the width keeps a step
+    within 1.5× — and the recipes already train these decoders at 128 / 256 on every tree."""
+    if value == "auto":
+        return default if num_nodes <= AUTO_NARROW_ABOVE else default // 2
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"model.{key} must be a whole number ≥ 1 or 'auto', got {value!r}")
     return value
 
 
@@ -79,23 +99,26 @@ class ChildrenSoftmax(nn.Module):
 
     def _dots(self, weight: torch.Tensor, h: torch.Tensor, contexts: torch.Tensor, seg: torch.Tensor,
               col: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """``(S,)`` each candidate's ``h · w``. Gathering a weight row per candidate costs S × H memory; while
-        that stays under :data:`GATHER_BUDGET` values it is the fast way. Above it, the contexts that bring the
-        most candidates (a WordNet root with thousands of children, read by every row at step one) are taken
-        out, largest first, and each gets one product for all its rows, ``h[rows] @ W[its candidates]ᵀ``."""
-        if len(seg) * h.shape[1] <= GATHER_BUDGET:
+        """``(S,)`` each candidate's ``h · w``. Gathering a weight row per candidate reads S × H values: cheap while
+        contexts are narrow, but a context read by many rows (a WordNet root with ~7,700 children, read by every
+        row at step one) brings its whole fan-out once per row — 500 MB at batch 64. Such contexts (those whose
+        rows bring at least :data:`SHARE_ABOVE` candidates, at most :data:`MAX_SHARED` of them, largest first)
+        get one product for all their rows, ``h[rows] @ W[its candidates]ᵀ``, reading each weight row once."""
+        if len(seg) < SHARE_ABOVE:
             return (h[seg] * weight[col]).sum(-1)
         width = self.ptr[contexts + 1] - self.ptr[contexts]
         uniq, inverse = contexts.unique(return_inverse=True)
-        brings = (self.ptr[uniq + 1] - self.ptr[uniq]) * torch.bincount(inverse, minlength=len(uniq))
-        order = brings.argsort(descending=True)
-        left = len(seg) - brings[order].cumsum(0)  # candidates still gathered after taking out the first i + 1
-        n_big = int((left * h.shape[1] > GATHER_BUDGET).sum()) + 1
-        big = torch.zeros(len(uniq), dtype=torch.bool, device=h.device)
-        big[order[:n_big]] = True
-        narrow = (~big[inverse][seg]).nonzero().squeeze(1)
+        count = torch.bincount(inverse, minlength=len(uniq))
+        brings = (self.ptr[uniq + 1] - self.ptr[uniq]) * count
+        order = brings.argsort(descending=True)[:MAX_SHARED]
+        order = order[(brings[order] >= SHARE_ABOVE) & (count[order] > 1)]
+        if not len(order):
+            return (h[seg] * weight[col]).sum(-1)
+        shared = torch.zeros(len(uniq), dtype=torch.bool, device=h.device)
+        shared[order] = True
+        narrow = (~shared[inverse][seg]).nonzero().squeeze(1)
         where, values = [narrow], [(h[seg[narrow]] * weight[col[narrow]]).sum(-1)]
-        for c in uniq[big].tolist():
+        for c in uniq[order].tolist():
             rows = (contexts == c).nonzero().squeeze(1)
             k, first = int(width[rows[0]]), int(start[rows[0]])
             where.append((start[rows].unsqueeze(1) + torch.arange(k, device=h.device)).reshape(-1))
@@ -146,11 +169,11 @@ class ChildrenSoftmax(nn.Module):
             lp, tokens = self.candidates(out, h, contexts)
         return tokens.gather(1, lp.argmax(1, keepdim=True)).squeeze(1)
 
-    def dense(self, out: nn.Linear, h: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
-        """``(M, N+1)`` the same log-probabilities laid out over all columns, ``-inf`` where not allowed:
-        the exported decoder step's contract (the runtime's beam search reads N+1 columns). O(M·N·H), as
-        the full softmax; only export uses it."""
-        z = torch.nn.functional.pad(out(h).float(), (self.offset, 0), value=float("-inf"))
-        allowed = torch.cat([self.ends[contexts].unsqueeze(1), self.parent[1:] == contexts.unsqueeze(1)], 1)
-        z = z.masked_fill(~allowed, float("-inf"))
-        return torch.where(allowed, z - z.logsumexp(1, keepdim=True), float("-inf"))
+    def logits(self, out: nn.Linear, h: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """``(M, U)`` raw logits of the tokens ``candidates`` ``(U,)`` (all N+1 columns when ``None``): the
+        exported decoder step's output. The runtime asks for the tokens any of its beams may take next and
+        normalises each row over those allowed after its own node, so a step costs O(M·U·H), not O(M·N·H)."""
+        if candidates is None:
+            return torch.nn.functional.pad(out(h).float(), (self.offset, 0), value=float("-inf"))
+        col = candidates - self.offset
+        return (h @ out.weight[col].T + out.bias[col]).float()

@@ -260,6 +260,15 @@ class TreeView:
         return h
 
     @cached_property
+    def child_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ptr, ids)``: node v's children are ``ids[ptr[v]:ptr[v + 1]]``, ascending — a search step reads
+        the few tokens allowed after its nodes from these O(N) arrays instead of an (N+1)-wide mask."""
+        ptr = np.zeros(self.num_nodes + 1, dtype=np.int64)
+        np.cumsum([len(k) for k in self.children], out=ptr[1:])
+        ids = np.fromiter((c for k in self.children for c in k), dtype=np.int64, count=int(ptr[-1]))
+        return ptr, ids
+
+    @cached_property
     def leaf_mask(self) -> np.ndarray:
         """``(N+1,)`` bool, true at nodes without children (the root is never one)."""
         mask = np.array([not k for k in self.children], dtype=bool)
