@@ -94,6 +94,8 @@ SIDECAR_CASES = [  # (id, edit of the sidecar, words in the one-line error)
     ("decoder beam width 0", lambda s: s["decoder"].update(kind="beam_steps", beam_width=0),
      "key 'decoder.beam_width': must be a whole number ≥ 1, got 0"),
     ("decoder end nodes", lambda s: s["decoder"].update(end_nodes="some"), "key 'decoder.end_nodes'"),
+    ("decoder candidates text", lambda s: s["decoder"].update(candidates="yes"),
+     "key 'decoder.candidates': must be true or false, got 'yes'"),
     ("step graph outside the folder", lambda s: s.update(step_graph="../x.onnx"), "key 'step_graph': must be a file"),
     ("hedge target out of range", lambda s: s["decisions"]["hedge"].update({"1.5": 1.0}),
      "key 'decisions.hedge': accuracy target '1.5' must lie in (0, 1)"),

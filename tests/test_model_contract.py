@@ -5,6 +5,7 @@ predicts, and a head written in this file alone exports, runtime-predicts and se
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -82,6 +83,15 @@ def test_every_registered_model_exports_and_the_onnx_runtime_decodes_as_it_predi
     x = images()
     records = Predictor(tmp_path / "m.onnx", top_k=2).predict_arrays(x)
     assert [r["path_ids"] for r in records] == predicted_paths(model, x)
+    want = model.predict((torch.from_numpy(x) - META["mean"][0]) / META["std"][0]).path_prob
+    np.testing.assert_allclose([r["path_probability"] for r in records], want.numpy(), rtol=1e-4)
+    side_path = tmp_path / "m.json"
+    side = json.loads(side_path.read_text())
+    if side["decoder"].get("candidates"):  # the step graph scores asked tokens: a sidecar saying otherwise is refused
+        side["decoder"]["candidates"] = False
+        side_path.write_text(json.dumps(side))
+        with pytest.raises(ValueError, match="the step graph takes 'candidates' input but the sidecar's key"):
+            Predictor(tmp_path / "m.onnx")
 
 
 @pytest.mark.slow  # an ONNX export apiece
@@ -98,6 +108,15 @@ def test_children_softmax_decoders_export_and_the_onnx_runtime_decodes_as_they_p
     x = images()
     records = Predictor(tmp_path / "m.onnx", top_k=2).predict_arrays(x)
     assert [r["path_ids"] for r in records] == predicted_paths(model, x)
+    want = model.predict((torch.from_numpy(x) - META["mean"][0]) / META["std"][0]).path_prob
+    np.testing.assert_allclose([r["path_probability"] for r in records], want.numpy(), rtol=1e-4)
+    side_path = tmp_path / "m.json"
+    side = json.loads(side_path.read_text())
+    if side["decoder"].get("candidates"):  # the step graph scores asked tokens: a sidecar saying otherwise is refused
+        side["decoder"]["candidates"] = False
+        side_path.write_text(json.dumps(side))
+        with pytest.raises(ValueError, match="the step graph takes 'candidates' input but the sidecar's key"):
+            Predictor(tmp_path / "m.onnx")
 
 
 class LocalSoftmax(HierarchicalClassifier):

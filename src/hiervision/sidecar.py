@@ -41,7 +41,9 @@ __all__ = ["SIDECAR_FORMAT", "SIDECAR_VERSION", "TREE_KEY", "check_sidecar", "ch
            "load_sidecar"]
 
 SIDECAR_FORMAT = "hiervision-onnx"
-SIDECAR_VERSION = 2
+SIDECAR_VERSION = 3
+#: versions this one reads: 2 is 3 without ``decoder.candidates`` (a step graph scoring asked tokens)
+READS_VERSIONS = (2, 3)
 #: the graph's own metadata entry holding the fingerprint of the tree it was exported for
 TREE_KEY = "hiervision.taxonomy_fingerprint"
 #: decoder kinds :func:`hiervision.runtime.decode_batch` knows, with the keys each needs besides ``kind``
@@ -197,7 +199,7 @@ def load_sidecar(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
         raise ValueError(f"{side}: not a hiervision export sidecar (format must be {SIDECAR_FORMAT!r})")
     version = data.get("version")
-    if version != SIDECAR_VERSION:
+    if version not in READS_VERSIONS:
         if isinstance(version, int) and not isinstance(version, bool) and version > SIDECAR_VERSION:
             raise ValueError(f"{side}: key 'version': {version} was written by a newer hiervision (this one reads "
                              f"{SIDECAR_VERSION}); upgrade hiervision")
