@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import training_losses
 from hiervision.export import export_model, sidecar, torch_engine
 from hiervision.models import create_model
-from hiervision.models.haf import carried_levels
+from hiervision.models.haf import carried_levels, unit_rows
 from hiervision.models.haframe import hierarchy_aware_frame
 from hiervision.runtime import Predictor
 from hiervision.taxonomy import PAD, Taxonomy
@@ -89,6 +89,12 @@ def test_haf_keeps_every_level_on_small_trees_and_bounds_its_heads_on_big_ones()
     assert len(two.coarse) == 2 and bool((two.up2 >= 0).all())  # the fine head pairs with level 2
     with pytest.raises(ValueError, match="model.coarse_levels must be a whole number"):
         create_model("haf", big, coarse_levels=0, **SMALL)
+
+
+def test_haf_unit_rows_is_f_normalize_with_a_written_out_backward():
+    x = torch.randn(30, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(unit_rows(x.clone().requires_grad_()), F.normalize(x, dim=1))  # the same forward, bit for bit
+    assert torch.autograd.gradcheck(unit_rows, (x.clone().requires_grad_(),))
 
 
 def test_haf_levels_carry_shallow_leaves_and_partition_the_leaves():

@@ -442,8 +442,8 @@ class CnnS2S(_DHNN):
         width = self.hidden_size * (2 if self.bidirectional else 1)
         self.encoder = self._rnn(self.features.p)
         if feed == "label":
-            width = self.features.p if embed_size in (None, "auto") else embed_size
-            self.embed = nn.Embedding(v, width)  # row 0: the start (root)
+            embed_width = self.features.p if embed_size in (None, "auto") else embed_size
+            self.embed = nn.Embedding(v, embed_width)  # row 0: the start (root)
             dec_in = self.embed.embedding_dim
         else:
             dec_in = v

@@ -76,7 +76,10 @@ class FlatClassifier(HierarchicalClassifier):
             if self.loss_type == "chmcnn":
                 return chmcnn_loss(F.pad(logits, (1, 0)), closed, self.taxonomy)
             return F.binary_cross_entropy_with_logits(logits, closed[:, 1:])
-        logp = F.log_softmax(logits, dim=1)
+        return self.class_loss(F.log_softmax(logits, dim=1), targets)
+
+    def class_loss(self, logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The single-label loss from the classes' log-probabilities ``(B, C)`` (HAF reads them again)."""
         if self.loss_type == "soft_labels":
             return soft_label_loss(logp, targets, self.classes, self.taxonomy, self.loss_beta)
         if self.loss_type == "hxe":

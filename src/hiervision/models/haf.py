@@ -66,6 +66,29 @@ def _apart(p: torch.Tensor, q: torch.Tensor, margin: float) -> torch.Tensor:
     return 0.5 * ((margin - kl_p).clamp(min=0).mean() + (margin - kl_q).clamp(min=0).mean())
 
 
+class _UnitRows(torch.autograd.Function):
+    """Rows scaled to unit length: :func:`F.normalize`'s forward, with its backward written out,
+    ``(g − y·⟨g, y⟩) / ‖x‖``: autograd's graph of ``F.normalize`` makes several passes over the (C, d) weight,
+    which on a 10^5-class head cost as much as the rest of HAF's losses."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n = x.norm(2, 1, keepdim=True).clamp_min(1e-12)
+        y = x / n
+        ctx.save_for_backward(y, n)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        y, n = ctx.saved_tensors
+        return (g - y * (g * y).sum(1, keepdim=True)) / n
+
+
+def unit_rows(w: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(w, dim=1)``, by :class:`_UnitRows` where a gradient is wanted (export traces the plain one)."""
+    return _UnitRows.apply(w) if torch.is_grad_enabled() and w.requires_grad else F.normalize(w, dim=1)
+
+
 #: ``coarse_levels="auto"`` keeps every level on trees up to this many nodes (the papers' and the comparison's)
 AUTO_ALL_LEVELS = 1_000
 
@@ -122,17 +145,21 @@ class HAFClassifier(FlatClassifier):
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.dropout(features)
-        return {"logits": F.linear(x, F.normalize(self.fc.weight, dim=1), self.fc.bias), "features": x}
+        # the normalised fine weight goes to the loss too: normalising a 10^5-row matrix (and its backward)
+        # twice per step cost more than the rest of HAF's losses on a WordNet-sized tree
+        w = unit_rows(self.fc.weight)
+        return {"logits": F.linear(x, w, self.fc.bias), "features": x, "fine_weight": w}
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        loss = super().loss({"logits": outputs["logits"]}, targets)
+        logp = F.log_softmax(outputs["logits"].float(), dim=1)
+        loss = self.class_loss(logp, targets)
         x = outputs["features"].float()
         heads = [*self.coarse, self.fc]
-        weights = [F.normalize(h.weight.float(), dim=1) for h in heads]
-        # fp32 softmaxes: autocast would run the coarse heads in half precision
+        weights = [*(unit_rows(h.weight.float()) for h in self.coarse), outputs["fine_weight"].float()]
+        # fp32 softmaxes: autocast would run the coarse heads in half precision; the fine one is the loss's own
         probs = [F.softmax(F.linear(x, w, h.bias), dim=1, dtype=torch.float32)
                  for w, h in zip(weights[:-1], heads[:-1])]
-        probs.append(F.softmax(outputs["logits"], dim=1, dtype=torch.float32))
+        probs.append(logp.exp())
         shift = torch.roll(torch.arange(len(x), device=x.device), 1)  # image i pairs with image i − 1
         for lv in range(1, len(heads)):
             coarse, finer = probs[lv - 1], probs[lv]
