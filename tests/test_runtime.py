@@ -144,6 +144,35 @@ def test_numpy_beam_search_matches_torch(width, end_nodes):
     assert np.all(last[finite] >= lp[finite, 0] - 1e-6)
 
 
+@pytest.mark.parametrize(("width", "end_nodes"), [(1, "leaves"), (3, "all")])
+def test_a_step_asked_for_its_candidates_searches_as_the_dense_step(width, end_nodes):
+    """A step that returns raw logits of the tokens it is asked for (a children-softmax export), normalised
+    per beam over the tokens allowed after its node, finds what a step over all N+1 columns finds."""
+    tax = _random_tree(3)
+    tree = TreeView(tuple(tax.names), tuple(tax.parents))
+    rng = np.random.default_rng(0)
+    b, steps = 16, tax.max_depth + 1
+    logits = rng.normal(size=(steps, b * width, tax.num_nodes)) * 3
+    ends = tree.end_mask(end_nodes)
+    asked_sizes = []
+
+    def dense(tokens, t):
+        allowed = (tree.parent[None, :] == tokens[:, None]) & (np.arange(tax.num_nodes) > 0)
+        allowed[:, 0] = ends[tokens]
+        z = np.where(allowed, logits[t], -np.inf)
+        return z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(1, keepdims=True), t + 1
+
+    def asked(tokens, t, candidates):
+        asked_sizes.append(len(candidates))
+        return logits[t][:, candidates], t + 1
+
+    want = beam_search(tree, dense, b, width, end_nodes, steps, 0)
+    got = beam_search(tree, asked, b, width, end_nodes, steps, 0, asked=True)
+    assert np.array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], atol=1e-9)
+    assert max(asked_sizes) < tax.num_nodes  # asked only for what some beam may take next
+
+
 def test_numpy_threshold_paths_matches_torch():
     tax = _random_tree(2)
     tree = TreeView(tuple(tax.names), tuple(tax.parents))
