@@ -103,7 +103,6 @@ class _TorchEngine:
     def __init__(self, model: HierarchicalClassifier, device: torch.device) -> None:
         self.model, self.device = model.to(device).eval(), device
         self.state = model.decoder_settings().get("state")
-        self.candidates = bool(model.decoder_settings().get("candidates"))
 
     @torch.no_grad()
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -197,9 +196,10 @@ def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLi
             state = graph(images)
             step_path = out.with_name(out.stem + ".step.onnx")
             state_names = [f"state{i}" for i in range(len(state))]
-            asked = ([torch.arange(3)], ["candidates"]) if isinstance(step, _CandidateStep) else ([], [])
-            _onnx_export(step, (torch.zeros(2, dtype=torch.long), *asked[0], *state),
-                         ["tokens", *asked[1], *state_names], ["logprob", *[f"next_{n}" for n in state_names]],
+            asks = isinstance(step, _CandidateStep)  # an example of asked tokens, and the input's name
+            asked_args, asked_names = ([torch.arange(3)], ["candidates"]) if asks else ([], [])
+            _onnx_export(step, (torch.zeros(2, dtype=torch.long), *asked_args, *state),
+                         ["tokens", *asked_names, *state_names], ["logprob", *[f"next_{n}" for n in state_names]],
                          step_path, tree)
             side["step_graph"] = step_path.name
             written.append(step_path)
