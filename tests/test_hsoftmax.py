@@ -68,28 +68,36 @@ def test_step_csr_and_segment_logsumexp_agree_with_the_dense_masked_softmax(seed
 
 @pytest.mark.parametrize("seed", range(3))
 def test_wide_contexts_share_one_product_with_the_same_values_and_gradients(seed: int, monkeypatch) -> None:
-    """A node with many children (a WordNet root has thousands) is scored by one matrix product for all its
-    rows instead of gathering a weight row per candidate: same log-probabilities, same gradients."""
+    """A node with many children (a WordNet root has thousands) is scored as one dense block for all its rows
+    instead of gathering a weight row per candidate: the dense oracle's log-probabilities, the same gradients."""
     from hiervision.models import step_softmax
 
     tax = random_tree(60, seed)  # node i below an earlier one: the first nodes have many children
     tables = tree_tables(tax)
     g = torch.Generator().manual_seed(seed)
-    layer = ChildrenSoftmax(tables, tables.end_mask("leaves"))
+    ends = tables.end_mask("leaves")
+    layer = ChildrenSoftmax(tables, ends)
     out = nn.Linear(5, tax.num_nodes)
     contexts = torch.cat([torch.zeros(4, dtype=torch.long), torch.randint(0, tax.num_nodes, (16,), generator=g)])
     contexts = torch.where(tables.leaf_mask[contexts] | (tables.height[contexts] > 0), contexts, 0)
     h = torch.randn(20, 5, generator=g)
+    want = dense_logprob(out(h).detach(), tables, contexts, ends)
+    targets = want.argmax(1)
+    targets[:2] = want.masked_fill(want == float("-inf"), 0).argmin(1)[:2]  # some unlikely allowed ones too
     results = []
     # every candidate gathered; every context read twice or more shared; the biggest shared; only the largest
     for share_above, most in ((10**9, 32), (0, 10**3), (12, 32), (0, 1)):
         monkeypatch.setattr(step_softmax, "SHARE_ABOVE", share_above)
         monkeypatch.setattr(step_softmax, "MAX_SHARED", most)
+        with torch.no_grad():
+            lp, tok = layer.candidates(out, h, contexts)
+        torch.testing.assert_close(lp, want.gather(1, tok).masked_fill(lp == float("-inf"), float("-inf")))
         hh = h.clone().requires_grad_()
         out.zero_grad()
-        lp, *_ = layer._logprob(out, hh, contexts)
-        (lp * torch.linspace(0, 1, len(lp))).sum().backward()
-        results.append((lp.detach(), hh.grad, out.weight.grad.clone(), out.bias.grad.clone()))
+        got = layer.target_logprob(out, hh, contexts, targets)
+        torch.testing.assert_close(got.detach(), want.gather(1, targets[:, None])[:, 0])
+        (got * torch.linspace(0, 1, len(got))).sum().backward()
+        results.append((hh.grad, out.weight.grad.clone(), out.bias.grad.clone()))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b)

@@ -30,7 +30,7 @@ STEP_SOFTMAX = ("full", "children", "auto")
 #: ``step_softmax="auto"`` uses the children softmax on trees with more nodes than this
 AUTO_CHILDREN_ABOVE = 1000
 #: a context whose rows bring at least this many candidates (rows × its fan-out) is scored by one matrix
-#: product for all its rows instead of a gathered weight row per candidate (see ``ChildrenSoftmax._dots``)
+#: product for all its rows instead of a gathered weight row per candidate (see ``ChildrenSoftmax._blocks``)
 SHARE_ABOVE = 2048
 #: at most this many contexts per call get their own product (the largest first; a Python loop runs over them)
 MAX_SHARED = 32
@@ -88,42 +88,43 @@ class ChildrenSoftmax(nn.Module):
                         "ends": ends.clone()}.items():
             self.register_buffer(name, t, persistent=False)
 
-    def _logprob(self, out: nn.Linear, h: torch.Tensor, contexts: torch.Tensor):
+    def _ragged(self, out: nn.Linear, h: torch.Tensor, contexts: torch.Tensor):
         """Ragged ``(S,)`` log-probabilities of every candidate of every row, with the candidates' rows,
-        tokens and where each row starts: only those S output rows are read."""
+        tokens and where each row starts: only those S output rows are read (one gathered per candidate)."""
         seg, pos, start = step_candidates(self.ptr, contexts)
         tok = self.tokens[pos]
         col = tok - self.offset
-        logit = (self._dots(out.weight, h, contexts, seg, col, start) + out.bias[col]).float()
+        logit = ((h[seg] * out.weight[col]).sum(-1) + out.bias[col]).float()
         return logit - segment_logsumexp(logit, seg, len(contexts))[seg], seg, tok, start
 
-    def _dots(self, weight: torch.Tensor, h: torch.Tensor, contexts: torch.Tensor, seg: torch.Tensor,
-              col: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """``(S,)`` each candidate's ``h · w``. Gathering a weight row per candidate reads S × H values: cheap while
-        contexts are narrow, but a context read by many rows (a WordNet root with ~7,700 children, read by every
-        row at step one) brings its whole fan-out once per row — 500 MB at batch 64. Such contexts (those whose
-        rows bring at least :data:`SHARE_ABOVE` candidates, at most :data:`MAX_SHARED` of them, largest first)
-        get one product for all their rows, ``h[rows] @ W[its candidates]ᵀ``, reading each weight row once."""
-        if len(seg) < SHARE_ABOVE:
-            return (h[seg] * weight[col]).sum(-1)
+    def _blocks(self, out: nn.Linear, h: torch.Tensor, contexts: torch.Tensor):
+        """``(narrow, blocks)``: the rows left to :meth:`_ragged` (``None``: all of them) and, for each wide
+        context, ``(its rows, its candidate tokens (k,), their log-probabilities (r, k))``.
+
+        Gathering a weight row per candidate reads S × H values: cheap while contexts are narrow, but a context
+        read by many rows (a WordNet root with ~7,700 children, read by every row at step one) brings its whole
+        fan-out once per row — 500 MB at batch 64, and as many ragged entries. Such contexts (those whose rows
+        bring at least :data:`SHARE_ABOVE` candidates, at most :data:`MAX_SHARED` of them, largest first) are
+        scored as one dense block, ``log_softmax(h[rows] @ W[its candidates]ᵀ + b)``: each weight row read once."""
         width = self.ptr[contexts + 1] - self.ptr[contexts]
+        if int(width.sum()) < SHARE_ABOVE:
+            return None, []
         uniq, inverse = contexts.unique(return_inverse=True)
         count = torch.bincount(inverse, minlength=len(uniq))
         brings = (self.ptr[uniq + 1] - self.ptr[uniq]) * count
         order = brings.argsort(descending=True)[:MAX_SHARED]
         order = order[(brings[order] >= SHARE_ABOVE) & (count[order] > 1)]
         if not len(order):
-            return (h[seg] * weight[col]).sum(-1)
-        shared = torch.zeros(len(uniq), dtype=torch.bool, device=h.device)
-        shared[order] = True
-        narrow = (~shared[inverse][seg]).nonzero().squeeze(1)
-        where, values = [narrow], [(h[seg[narrow]] * weight[col[narrow]]).sum(-1)]
+            return None, []
+        chosen = torch.zeros(len(uniq), dtype=torch.bool, device=contexts.device)
+        chosen[order] = True
+        blocks = []
         for c in uniq[order].tolist():
             rows = (contexts == c).nonzero().squeeze(1)
-            k, first = int(width[rows[0]]), int(start[rows[0]])
-            where.append((start[rows].unsqueeze(1) + torch.arange(k, device=h.device)).reshape(-1))
-            values.append((h[rows] @ weight[col[first: first + k]].T).reshape(-1))
-        return h.new_zeros(len(seg)).index_put((torch.cat(where),), torch.cat(values))
+            tok = self.tokens[self.ptr[c]: self.ptr[c + 1]]
+            col = tok - self.offset
+            blocks.append((rows, tok, (h[rows] @ out.weight[col].T + out.bias[col]).float().log_softmax(1)))
+        return (~chosen[inverse]).nonzero().squeeze(1), blocks
 
     def allowed(self, contexts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``(M,)`` bool: ``targets`` may follow ``contexts`` (a child, or the end token where a path may stop)."""
@@ -139,12 +140,19 @@ class ChildrenSoftmax(nn.Module):
         contexts, targets = contexts.reshape(-1), targets.reshape(-1)
         ok = self.allowed(contexts, targets)
         result = torch.full((len(contexts),), float("-inf"), device=h.device)
-        if bool(ok.any()):
-            ctx, tgt = contexts[ok], targets[ok]
-            lp, _, _, start = self._logprob(out, h[ok], ctx)
-            at = start + torch.where(tgt == EOS, self.ptr[ctx], self.slot[tgt.clamp(min=0)]) - self.ptr[ctx]
-            result = result.index_put((ok.nonzero().squeeze(1),), lp[at])
-        return result.view(shape)
+        if not bool(ok.any()):
+            return result.view(shape)
+        where, ctx, tgt, h = ok.nonzero().squeeze(1), contexts[ok], targets[ok], h[ok]
+        # a target's place among its context's candidates (the end token is the first where it is one)
+        slot = torch.where(tgt == EOS, self.ptr[ctx], self.slot[tgt.clamp(min=0)]) - self.ptr[ctx]
+        narrow, blocks = self._blocks(out, h, ctx)
+        rows = narrow if narrow is not None else torch.arange(len(ctx), device=h.device)
+        lp, _, _, start = self._ragged(out, h[rows], ctx[rows])
+        at, values = [where[rows]], [lp[start + slot[rows]]]
+        for r, _, block in blocks:
+            at.append(where[r])
+            values.append(block.gather(1, slot[r].unsqueeze(1)).squeeze(1))
+        return result.index_put((torch.cat(at),), torch.cat(values)).view(shape)
 
     def sequence_logprob(self, out: nn.Linear, h: torch.Tensor, contexts: torch.Tensor,
                          seq: torch.Tensor) -> torch.Tensor:
@@ -156,12 +164,18 @@ class ChildrenSoftmax(nn.Module):
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logprob, tokens)``, each ``(M, F)`` (F = the widest row's candidate count), padded with
         ``-inf`` / :data:`EOS`: what a search step hands :func:`~hiervision.decoding.beam_search`."""
-        lp, seg, tok, start = self._logprob(out, h, contexts)
-        col = torch.arange(len(seg), device=h.device) - start[seg]
-        width = max(int(col.max()) + 1 if len(col) else 1, 1)
+        width = max(int((self.ptr[contexts + 1] - self.ptr[contexts]).max()) if len(contexts) else 1, 1)
         logprob = torch.full((len(contexts), width), float("-inf"), device=h.device)
         tokens = torch.full((len(contexts), width), EOS, dtype=torch.long, device=h.device)
-        return logprob.index_put((seg, col), lp), tokens.index_put((seg, col), tok)
+        narrow, blocks = self._blocks(out, h, contexts)
+        rows = narrow if narrow is not None else torch.arange(len(contexts), device=h.device)
+        lp, seg, tok, start = self._ragged(out, h[rows], contexts[rows])
+        col = torch.arange(len(seg), device=h.device) - start[seg]
+        logprob, tokens = logprob.index_put((rows[seg], col), lp), tokens.index_put((rows[seg], col), tok)
+        for r, block_tokens, block in blocks:
+            logprob[r, : len(block_tokens)] = block
+            tokens[r, : len(block_tokens)] = block_tokens
+        return logprob, tokens
 
     def greedy(self, out: nn.Linear, h: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
         """``(M,)`` the most likely allowed token after each context (scheduled sampling's own choice)."""
