@@ -82,7 +82,7 @@ def test_haf_keeps_every_level_on_small_trees_and_bounds_its_heads_on_big_ones()
     levels = carried_levels(big)
     model = create_model("haf", big, **SMALL)
     k = len(model.coarse)
-    assert 1 <= k < len(levels) and 2 * sum(len(v) for v in levels[:k]) <= len(big.leaves) < 2 * sum(
+    assert 1 <= k < len(levels) and 4 * sum(len(v) for v in levels[:k]) <= len(big.leaves) < 4 * sum(
         len(v) for v in levels[: k + 1])
     assert len(create_model("haf", big, coarse_levels=None, **SMALL).coarse) == len(levels)
     two = create_model("haf", big, coarse_levels=2, **SMALL)

@@ -97,14 +97,15 @@ def coarse_level_count(levels: list[list[int]], num_classes: int, num_nodes: int
     """How many of the carried levels (top first) get a head. On a deep tree the carried levels near the
     bottom hold nearly every leaf, so heads for all of them cost O(N·depth) outputs (7× flat's train step at
     45,000 nodes); ``"auto"`` keeps every level up to :data:`AUTO_ALL_LEVELS` nodes and above that the top
-    levels whose heads together have at most half the fine head's outputs (at least one). Why half: each
-    coarse output costs a dozen element-wise passes of the soft-label and margin losses, forward and back —
-    with as many coarse outputs as fine ones a WordNet step was 2× flat's."""
+    levels whose heads together have at most a quarter of the fine head's outputs (at least one). Why a
+    quarter: each coarse output costs a dozen element-wise passes of the soft-label, margin and consistency
+    losses, forward and back — several times what a fine output costs flat's cross-entropy. At 10^5 nodes,
+    heads with half the fine outputs made a step 1.8× flat's, a quarter 1.4× (``benchmarks/scale.py``)."""
     if setting is None or (setting == "auto" and num_nodes <= AUTO_ALL_LEVELS):
         return len(levels)
     if setting == "auto":
         sizes = [len(level) for level in levels]
-        k = next((i for i in range(len(sizes)) if 2 * sum(sizes[: i + 1]) > num_classes), len(sizes))
+        k = next((i for i in range(len(sizes)) if 4 * sum(sizes[: i + 1]) > num_classes), len(sizes))
         return max(k, min(1, len(sizes)))
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ValueError(f"model.coarse_levels must be a whole number ≥ 1, null or 'auto', got {setting!r}")
