@@ -208,7 +208,7 @@ def test_csv_path_separator_never_found_in_a_class_name(capsys, exported):
 @pytest.mark.parametrize("setting,words", [
     ("model.beam_width=0", "config key 'model.beam_width' must be ≥ 1, got 0"),
     ("model.dropout=1.5", "config key 'model.dropout' must be < 1, got 1.5"),
-    ("model.hidden_size=-4", "config key 'model.hidden_size' must be ≥ 1, got -4"),
+    ("model.hidden_size=-4", "config key 'model.hidden_size' must be a whole number ≥ 1 or auto, got -4"),
 ])
 def test_model_keys_with_a_range_fail_before_any_data_loads(capsys, tiny_yaml, tmp_path, setting, words):
     rc, err, _ = cli(capsys, "train", tiny_yaml, "--out", tmp_path / "out", "--set", setting)
