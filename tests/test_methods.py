@@ -91,6 +91,21 @@ def test_haf_keeps_every_level_on_small_trees_and_bounds_its_heads_on_big_ones()
         create_model("haf", big, coarse_levels=0, **SMALL)
 
 
+def test_haf_level_reduction_mean_divides_the_level_terms_by_the_number_of_coarse_heads():
+    torch.manual_seed(0)
+    summed = create_model("haf", VARIABLE, **SMALL).train()
+    mean = create_model("haf", VARIABLE, level_reduction="mean", **SMALL).train()
+    mean.load_state_dict(summed.state_dict())
+    images, targets = torch.rand(4, 1, 16, 16), torch.tensor(VARIABLE.leaves)
+    outs = summed(images)
+    ce = summed.class_loss(F.log_softmax(outs["logits"].float(), dim=1), targets)
+    k = len(summed.coarse)
+    assert k == 2  # two coarse levels: the mean halves what the levels add to the cross-entropy
+    assert float(mean.loss(outs, targets) - ce) == pytest.approx(float(summed.loss(outs, targets) - ce) / k, rel=1e-5)
+    with pytest.raises(ValueError, match="model.level_reduction must be 'sum' or 'mean'"):
+        create_model("haf", VARIABLE, level_reduction="max", **SMALL)
+
+
 def test_haf_unit_rows_is_f_normalize_with_a_written_out_backward():
     x = torch.randn(30, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(unit_rows(x.clone().requires_grad_()), F.normalize(x, dim=1))  # the same forward, bit for bit

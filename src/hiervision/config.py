@@ -305,6 +305,7 @@ SCHEMA: dict[str, Any] = {
         "step_softmax": _enum("full", "children", "auto"),
         "branch_depth": _count_null_or_auto,
         "coarse_levels": _count_null_or_auto,
+        "level_reduction": _enum("sum", "mean"),
         "end_weight": _num(lo=0),
         "loss_beta": _num(lo=0),
         "loss_alpha": _num(lo=0),
