@@ -4,6 +4,7 @@ on a tiny trained run."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -84,3 +85,16 @@ def test_the_sidecar_rule_is_used_unless_replaced(run_dir):
     multi = {**side, "decoder": {"kind": "multi_label", "end_nodes": "leaves", "threshold": 0.5}}
     with pytest.raises(ValueError, match="decision rules apply to single-label models only"):
         Predictor(sidecar=multi, engine=engine)
+
+
+def test_a_run_answers_by_its_own_eval_decode_unless_told(run_dir, tmp_path):
+    """A run trained with ``eval.decode: crm`` (configs/recommended-fmnist.yaml) predicts, serves and exports by
+    CRM without a flag; ``--decode`` still replaces it."""
+    crm_run = tmp_path / "crm-run"
+    shutil.copytree(run_dir, crm_run)
+    cfg = yaml.safe_load((crm_run / "config.yaml").read_text())
+    cfg["eval"]["decode"] = "crm"
+    (crm_run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_predictor(run_dir).decode == "argmax"
+    assert run_predictor(crm_run).decode == "crm"
+    assert run_predictor(crm_run, decode="argmax").decode == "argmax"

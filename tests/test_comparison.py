@@ -122,6 +122,30 @@ def test_the_recommended_recipe_follows_the_bar_on_every_data_set():
     assert "no row meets the bar" in text
     assert "Best trade-off (keeps top-1, largest cut in mistake severity): **Y**" in text
     assert "flat stays the recipe" in C.recommendation(summary(z=row("Z", -0.05, -0.5, -0.5)))
+    # nobody keeps top-1 on both: per data set, the row that keeps it there and lowers a mistake measure
+    w = row("W", 0.0, 0.0, -0.1)
+    w_b = {**w, "vs_flat": {**w["vs_flat"], "leaf_accuracy": _paired(-0.02, 0.004)}}  # loses top-1 on B
+    both = summary(z=row("Z", -0.05, -0.5, -0.5), w=w)
+    both["b"]["rows"]["w"] = w_b
+    text = C.recommendation(both)
+    assert "flat stays the recipe" in text and "A: **W** (Δ top-1 pt +0.00" in text and "B: none (flat)" in text
+
+
+def test_the_crm_note_quotes_the_paired_cost_and_the_synthetic_decomposition(tmp_path):
+    crm = {"label": "flat + CRM", "n": 3, "vs_flat": {k: _paired(v, 0.01) for k, v in (
+        ("leaf_accuracy", -0.013), ("mistake_severity", -0.29), ("depth_severity", -0.28))}}
+    summary = {"tiny": {"label": "TINY", "rows": {"flat": {"label": "flat", "n": 3}, "flat_crm": crm}}}
+    synthetic = tmp_path / "crm-depth.json"
+    assert C.crm_on_deep_trees(summary, synthetic) == ""  # without the decomposition: no note
+
+    def rule(top1, crm):
+        return {"argmax": {"top1": top1}, "crm": {"top1": crm}}
+    synthetic.write_text(json.dumps({"hier@0.284": {"wordnet": rule(0.28, 0.27), "padded": rule(0.28, 0.271)},
+                                     "hier@0.75": {"wordnet": rule(0.75, 0.749), "padded": rule(0.75, 0.75)}}))
+    text = C.crm_on_deep_trees(summary, synthetic)
+    assert "TINY: Δ top-1 pt -1.30 [-2.30, -0.30], Δ mistake sev. -0.29 [-0.30, -0.28]" in text
+    assert "CRM costs 1.00 pt top-1 on the WordNet tree and 0.90 pt on the same tree padded" in text
+    assert "0.10 pt on WordNet at 75 %: the cost comes from low confidence" in text
 
 
 # ----------------------------------------------------------------------------- the profile end to end

@@ -392,7 +392,8 @@ DEMO_VERDICT = ("at a credible budget (8-10 epochs, 3 paired seeds) no architect
 DEMO_HEDGE_TARGET = 0.95
 # (table label, config overrides): every method of the package, same backbone, seed and budget
 DEMO_METHODS: list[tuple[str, dict]] = [
-    ("flat (leaf softmax)", {"model": {"name": "flat"}}),
+    # first: the recipe hiervision recommends (README "Which method?": flat + calibration; CRM shown beside it)
+    ("flat (recommended)", {"model": {"name": "flat"}}),
     # Koo et al.'s best variant in benchmarks/RESULTS.md (dhnn profile): configs/fmnist-res-rnn-resi.yaml
     ("DHNN CNN-RNN-Resi", {"model": {"name": "dhnn_rnn", "conversion": "pool", "pool_fallback": "project",
                                      "input_size": 128, "hidden_size": 256, "residual": True},
@@ -447,6 +448,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         hedged = _demo_hedged(out, target)
         rows.append((label, m["leaf_accuracy"], m["path_accuracy"], m["hdist@5"], hedged["accuracy"],
                      hedged["information_gain"], time.perf_counter() - t0))
+        if label == DEMO_METHODS[0][0] and "crm" in m.get("crm", {}):  # CRM on the recipe's run: no training
+            r = m["crm"]["crm"]
+            rows.append((f"{label.split()[0]} + CRM", r["leaf_accuracy"], r["path_accuracy"], r["hdist@5"], None,
+                         None, 0.0))
         if "routing" in m:
             r = m["routing"]
             rows.append(("HierNet routing", r["leaf_accuracy"], r["path_accuracy"], r["hdist@5"], None, None, 0.0))
@@ -606,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also give each image's hedged answer: the most specific node that meets accuracy A "
                     "(λ from the run's decisions.json: 0.9, 0.95, 0.99 after training, others by evaluate --accuracy)")
     _add_beam_width(pr)
-    _add_decode(pr, "the export's (argmax for a run folder)")
+    _add_decode(pr, "the export's, or the run's eval.decode")
     pr.set_defaults(func=cmd_predict)
 
     sv = sub.add_parser("serve", help="HTTP API and web page over a run folder or .onnx file ([serve] extra)")
@@ -628,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--hedge-accuracy", type=_open_fraction, default=None, metavar="A",
                     help="add each image's hedged answer at this accuracy target (λ from the run's decisions.json)")
     _add_beam_width(sv)
-    _add_decode(sv, "the export's (argmax for a run folder)")
+    _add_decode(sv, "the export's, or the run's eval.decode")
     sv.set_defaults(func=cmd_serve)
 
     ex = sub.add_parser("export", help="ONNX graph + JSON sidecar of a trained run, for hiervision.runtime")
@@ -637,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", choices=["best", "last"], default="best")
     _add_beam_width(ex)
     ex.add_argument("--verbose", action="store_true", help="show the ONNX exporter's own messages and warnings")
-    _add_decode(ex, "argmax; the sidecar records the rule and predict/serve apply it")
+    _add_decode(ex, "the run's eval.decode; the sidecar records the rule and predict/serve apply it")
     ex.set_defaults(func=cmd_export)
 
     ls = sub.add_parser("list", help="what is there: registered models, backbones, datasets, shipped configs")

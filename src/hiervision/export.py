@@ -226,27 +226,30 @@ def _quiet(verbose: bool):
         logger.setLevel(level)
 
 
-def _load(run_dir: str | os.PathLike, which: str, device: str | torch.device, beam_width: int | None):
-    _, _, model, meta = load_run(run_dir, which=which, device=device)
+def _load(run_dir: str | os.PathLike, which: str, device: str | torch.device, beam_width: int | None,
+          decode: str | None):
+    """``(model, meta, rule)``: the rule is ``decode`` or else the run's own ``eval.decode``, so a run trained
+    to answer by CRM (configs/recommended-fmnist.yaml) predicts, serves and exports that way without a flag."""
+    cfg, _, model, meta = load_run(run_dir, which=which, device=device)
     if beam_width is not None:  # a width tuned on val (`evaluate --beam-width`) instead of the config's
         model.set_beam_width(beam_width)
-    return model, meta
+    return model, meta, decode or cfg["eval"]["decode"]
 
 
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best",
                 beam_width: int | None = None, verbose: bool = False, decode: str | None = None) -> list[Path]:
     """``hiervision export RUN --out model.onnx``: the run's checkpoint → the files written; the sidecar
     keeps ``beam_width`` when given (heads with a beam search), the run's fitted hedging λs and the decision
-    rule ``decode``."""
-    return export_model(*_load(run_dir, which, "cpu", beam_width), out, decisions=load_decisions(run_dir),
-                        verbose=verbose, decode=decode or "argmax")
+    rule ``decode`` (default: the run's ``eval.decode``)."""
+    model, meta, rule = _load(run_dir, which, "cpu", beam_width, decode)
+    return export_model(model, meta, out, decisions=load_decisions(run_dir), verbose=verbose, decode=rule)
 
 
 def run_predictor(run_dir: str | os.PathLike, top_k: int = 3, batch_size: int = 64, device: str | torch.device = "cpu",
                   which: str = "best", beam_width: int | None = None, decode: str | None = None) -> Predictor:
     """A :class:`~hiervision.runtime.Predictor` over a run folder's checkpoint, run eagerly in PyTorch
     (``hiervision predict`` / ``serve`` on a run): the decoding (and hedging) an exported graph would get,
-    answering by the decision rule ``decode`` (default argmax)."""
-    model, meta = _load(run_dir, which, device, beam_width)
-    side = sidecar(model, meta, decisions=load_decisions(run_dir), decode=decode or "argmax")
+    answering by the decision rule ``decode`` (default: the run's ``eval.decode``)."""
+    model, meta, rule = _load(run_dir, which, device, beam_width, decode)
+    side = sidecar(model, meta, decisions=load_decisions(run_dir), decode=rule)
     return Predictor(run_dir, sidecar=side, engine=torch_engine(model, device), top_k=top_k, batch_size=batch_size)

@@ -228,7 +228,7 @@ class HierNet(HierarchicalClassifier):
                 stop = min(end[n] + self.extra_blocks, nb)
                 self.routers[str(n)] = _Router(ops(end[n], stop), channels[stop - 1], len(kids[n]), dropout)
         del self.backbone  # its weights live on, copied, in trunk / edges / routers
-        self.register_buffer("leaf_mask", end_mask(taxonomy, "leaves"), persistent=False)
+        self.register_buffer("leaf_ids", end_mask(taxonomy, "leaves").nonzero().squeeze(1), persistent=False)
         # the columns _node_logprob builds, in order (each routed node's children or sub-tree): one index_copy
         # places them all, no per-node write into (B, N+1)
         covered = [0]
@@ -382,11 +382,10 @@ class HierNet(HierarchicalClassifier):
         # cross-entropy on the conditional output; a coarse-only label: -log P(route passes its node)
         if self.loss_type == "ce":
             return -outputs["node_logprob"].gather(1, targets.unsqueeze(1)).mean()
-        leaves = self.leaf_mask.nonzero().squeeze(1)
-        logp = outputs["node_logprob"][:, leaves]
+        logp = outputs["node_logprob"][:, self.leaf_ids]
         if self.loss_type == "soft_labels":
-            return soft_label_loss(logp, targets, leaves, self.taxonomy, self.loss_beta)
-        return hxe_loss(logp, targets, leaves, self.taxonomy, self.loss_alpha)
+            return soft_label_loss(logp, targets, self.leaf_ids, self.taxonomy, self.loss_beta)
+        return hxe_loss(logp, targets, self.leaf_ids, self.taxonomy, self.loss_alpha)
 
     @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
@@ -395,7 +394,10 @@ class HierNet(HierarchicalClassifier):
             node = outputs["route"]
             return Prediction(paths[node], outputs["route_scores"], outputs["route_logprob"].exp())
         lp = outputs["node_logprob"]
-        best, node = lp.masked_fill(~self.leaf_mask, float("-inf")).max(1)
+        # lp is the (B, N+1) view of a node-major table (_node_logprob): its leaf rows are contiguous copies,
+        # where a leaf mask over the view copied it column by column (11 ms of a 64-image predict at 82k nodes)
+        best, at = lp.t().index_select(0, self.leaf_ids).max(0)
+        node = self.leaf_ids[at]
         return Prediction(paths[node], lp.exp(), best.exp())
 
     @full_precision
