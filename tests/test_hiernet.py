@@ -266,6 +266,17 @@ def test_branch_depth_auto_keeps_the_paper_on_small_trees_and_bounds_big_ones(tw
             create_model("hiernet", deep, branch_depth=bad, **KW)
 
 
+def test_a_subtree_router_gives_the_same_log_probabilities_with_and_without_autograd(deep):
+    """Without autograd its (M, B) passes run in place (the predict path at 10^5 nodes); they must not differ."""
+    torch.manual_seed(0)
+    model = create_model("hiernet", deep, branch_depth=1, **KW).eval()
+    images = torch.rand(3, 1, 16, 16)
+    with_grad = model(images)["node_logprob"]
+    with torch.no_grad():
+        without = model(images)["node_logprob"]
+    assert with_grad.requires_grad and torch.equal(with_grad.detach(), without)
+
+
 def test_branch_depth_beyond_the_tree_is_the_paper(deep):
     torch.manual_seed(0)
     paper = create_model("hiernet", deep, split=[4, 6], extra_blocks=1, branch_depth=None, **KW)

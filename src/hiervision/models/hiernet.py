@@ -114,15 +114,18 @@ class _SubtreeRouter(nn.Module):
         z = torch.addmm(self.fc.bias[:, None], self.fc.weight, pooled.t()).float()  # (M, B)
         rows = self.group[:, None].expand(-1, z.shape[1])
         top = z.new_full((self.groups, z.shape[1]), float("-inf")).scatter_reduce(0, rows, z.detach(), "amax")
-        z = z - top.index_select(0, self.group)  # each group's largest logit is 0: exp cannot overflow
+        grad = torch.is_grad_enabled()
+        # without autograd the (M, B) passes run in place: at 10^5 nodes each fresh (M, B) tensor costs a
+        # page-faulting allocation, and the level sums need no final cat
+        z = z - top.index_select(0, self.group) if grad else z.sub_(top.index_select(0, self.group))  # max logit 0
         sums = z.new_zeros(top.shape).scatter_add(0, rows, z.exp())
-        local = z - sums.log().index_select(0, self.group)
+        local = z - sums.log().index_select(0, self.group) if grad else z.sub_(sums.log_().index_select(0, self.group))
         # one split (whose backward is one cat), not a slice per level (each slice's backward is a (M, B) tensor)
         levels = local.split(self.sizes)
         out = [levels[0]]
         for level, parent in zip(levels[1:], self.parent_pos.split(self.sizes[1:])):
-            out.append(level + out[-1].index_select(0, parent))
-        return torch.cat(out).t()
+            out.append(level + out[-1].index_select(0, parent) if grad else level.add_(out[-1].index_select(0, parent)))
+        return (torch.cat(out) if grad else local).t()
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
