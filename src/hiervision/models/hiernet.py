@@ -114,9 +114,10 @@ class _SubtreeRouter(nn.Module):
         z = torch.addmm(self.fc.bias[:, None], self.fc.weight, pooled.t()).float()  # (M, B)
         rows = self.group[:, None].expand(-1, z.shape[1])
         top = z.new_full((self.groups, z.shape[1]), float("-inf")).scatter_reduce(0, rows, z.detach(), "amax")
-        grad = torch.is_grad_enabled()
-        # without autograd the (M, B) passes run in place: at 10^5 nodes each fresh (M, B) tensor costs a
+        # without autograd (and outside export, whose graph would keep copies for in-place ops: more memory
+        # in onnxruntime) the (M, B) passes run in place: at 10^5 nodes each fresh (M, B) tensor costs a
         # page-faulting allocation, and the level sums need no final cat
+        grad = torch.is_grad_enabled() or torch.compiler.is_compiling()
         z = z - top.index_select(0, self.group) if grad else z.sub_(top.index_select(0, self.group))  # max logit 0
         sums = z.new_zeros(top.shape).scatter_add(0, rows, z.exp())
         local = z - sums.log().index_select(0, self.group) if grad else z.sub_(sums.log_().index_select(0, self.group))
