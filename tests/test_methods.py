@@ -1,4 +1,4 @@
-"""The training-time hierarchy-aware methods: HAFrame, HAF and Valmadre's soft max-margin — their
+"""The training-time hierarchy-aware methods: HAFrame, HAF, Valmadre's soft max-margin and BiLT — their
 parts by hand, then each trains a few steps, exports and predicts through the runtime."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import training_losses
 from hiervision.export import export_model, sidecar, torch_engine
 from hiervision.models import create_model
+from hiervision.models.bilt import path_cost
 from hiervision.models.haf import carried_levels, unit_rows
 from hiervision.models.haframe import hierarchy_aware_frame
 from hiervision.runtime import Predictor
@@ -22,7 +23,7 @@ FIXED = Taxonomy.from_paths(["a/c", "a/d", "b/e", "b/f", "b/g"])
 VARIABLE = Taxonomy.from_paths(["a/c/x", "a/c/y", "a/d", "b"])
 SMALL = {"backbone": "resnet20", "in_chans": 1, "image_size": 16, "backbone_kwargs": {"width": 0.25}}
 META = {"in_chans": 1, "image_size": [16, 16], "mean": [0.5], "std": [0.25]}
-METHODS = ["haframe", "haf", "soft_max_margin"]
+METHODS = ["haframe", "haf", "soft_max_margin", "bilt"]
 
 
 def test_the_frame_has_the_trees_cosines():
@@ -142,6 +143,49 @@ def test_soft_max_margin_loss_hand_case():
     logits[0, a - 1], logits[0, c - 1] = 5.0, 1.0
     pred = model.decode({"logits": logits})
     assert pred.paths[0].tolist() == [a, c] and float(pred.scores[0, a]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_bilt_costs_are_half_the_tree_path_rounded_up():
+    model = create_model("bilt", VARIABLE, **SMALL)
+    x, y, d, b = (VARIABLE.index(n) for n in "xydb")
+    nodes = torch.tensor([x, y, d, b])
+    lca = model.tables.lca(nodes.unsqueeze(1), nodes.unsqueeze(0))
+    # x–y siblings (2 edges), x–d 3 edges, x–b 4 edges (x c a root b), d–b 3 edges
+    assert path_cost(model.tables.depth, lca, nodes.unsqueeze(1), nodes.unsqueeze(0)).tolist() == [
+        [0, 1, 2, 2], [1, 0, 2, 2], [2, 2, 0, 2], [2, 2, 2, 0]]
+    fine = model.classes.tolist()
+    cost = model.levels[0].tree_cost
+    assert cost[fine.index(x), fine.index(y)] == 1 and cost[fine.index(x), fine.index(b)] == 2
+    # levels fine → coarse: the leaves, then depth 2 (b carried down), then depth 1
+    assert [len(level.mix) for level in model.levels] == [4, 3, 2]
+    assert model.label1[torch.tensor([x, b])].tolist() == [sorted([VARIABLE.index("c"), d, b]).index(
+        VARIABLE.index("c")), sorted([VARIABLE.index("c"), d, b]).index(b)]
+    with pytest.raises(ValueError, match="training batch of one"):
+        model.train()(torch.rand(1, 1, 16, 16))
+
+
+def test_bilt_rescoring_starts_as_minus_the_expected_cost_and_its_loss_adds_the_levels():
+    torch.manual_seed(0)
+    model = create_model("bilt", FIXED, rescore_weight=0.0, **SMALL).eval()
+    base = torch.randn(3, 5)
+    p = base.softmax(1)
+    expected_cost = p @ model.levels[0].tree_cost.T  # (B, C): each answer's expected path cost
+    assert torch.allclose(model.levels[0].rescore(base, 0.0), -expected_cost, atol=1e-6)
+    # β > 0 at the start: every other class's probability, through uniform unit rows (1/√(C − 1) each)
+    assert torch.allclose(model.levels[0].rescore(base, 0.5), 0.5 * (1 - p) / 2 - expected_cost, atol=1e-6)
+    # no smoothing, coarse levels weighted e^-60 ≈ 0: the loss is the base CE plus the re-scored CE
+    bare = create_model("bilt", FIXED, smoothing=0.0, level_decay=60.0, **SMALL).train()
+    targets = torch.tensor([FIXED.leaves[0], FIXED.leaves[3], FIXED.leaves[4]])
+    idx = torch.tensor([0, 3, 4])
+    out = bare.forward_head(torch.randn(3, bare.backbone.num_features))
+    want = F.cross_entropy(out["base_logits"], idx) + F.cross_entropy(out["logits"], idx)
+    assert float(bare.loss(out, targets).detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    # the soft targets: most mass on the class, then its sibling, then its cousins
+    level = bare.levels[0]
+    t = F.softmax(-(level.tree_cost[0] - 0.5 * level.neighbours()[0]), dim=0)
+    assert t[0] > t[1] > t[2] and torch.allclose(t[2:], t[2].expand(3))
+    with pytest.raises(ValueError, match="model.smoothing must lie in"):
+        create_model("bilt", FIXED, smoothing=2.0, **SMALL)
 
 
 def trained(name: str, tax: Taxonomy) -> torch.nn.Module:

@@ -35,6 +35,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "haframe": {"model": {"name": "haframe"}},
     "haf": {"model": {"name": "haf"}},
     "soft_max_margin": {"model": {"name": "soft_max_margin"}},
+    "bilt": {"model": {"name": "bilt"}},
 }
 
 

@@ -35,7 +35,7 @@ from hiervision.models.flat import FlatClassifier
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import PAD, Taxonomy
 
-__all__ = ["HAFClassifier", "carried_levels"]
+__all__ = ["HAFClassifier", "carried_levels", "level_labels"]
 
 
 def carried_levels(taxonomy: Taxonomy) -> list[list[int]]:
@@ -48,6 +48,16 @@ def carried_levels(taxonomy: Taxonomy) -> list[list[int]]:
         out.append(sorted([*level, *carried]))
         carried += [n for n in level if n in leaves]
     return out
+
+
+def level_labels(taxonomy: Taxonomy, tables: nn.Module, nodes: list[int], lv: int) -> torch.Tensor:
+    """``(N,)``: each node's class index at carried level ``lv`` (whose classes are ``nodes``) — its ancestor
+    there, itself when a leaf above it — and −1 for an inner node above the level (a target too coarse)."""
+    index = torch.full((taxonomy.num_nodes,), -1, dtype=torch.long)
+    index[nodes] = torch.arange(len(nodes))
+    on = tables.paths[:, lv - 1]
+    label = torch.where(on >= 0, on, torch.where(tables.leaf_mask, torch.arange(taxonomy.num_nodes), PAD))
+    return torch.where(label >= 0, index[label.clamp(min=0)], -1)
 
 
 def _kl_to_mix(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,10 +159,7 @@ class HAFClassifier(FlatClassifier):
             index = torch.full((taxonomy.num_nodes,), -1, dtype=torch.long)
             index[nodes] = torch.arange(len(nodes))
             self.register_buffer(f"up{lv}", index[up], persistent=False)
-            # a target's class at level lv: its ancestor there, itself when a leaf above it, else unknown
-            on = paths[:, lv - 1]
-            label = torch.where(on >= 0, on, torch.where(self.tables.leaf_mask, torch.arange(taxonomy.num_nodes), PAD))
-            self.register_buffer(f"label{lv}", torch.where(label >= 0, index[label.clamp(min=0)], -1),
+            self.register_buffer(f"label{lv}", level_labels(taxonomy, self.tables, nodes.tolist(), lv),
                                  persistent=False)
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
