@@ -170,9 +170,10 @@ def test_bilt_rescoring_starts_as_minus_the_expected_cost_and_its_loss_adds_the_
     base = torch.randn(3, 5)
     p = base.softmax(1)
     expected_cost = p @ model.levels[0].tree_cost.T  # (B, C): each answer's expected path cost
-    assert torch.allclose(model.levels[0].rescore(base, 0.0), -expected_cost, atol=1e-6)
+    fine = model.levels[0]
+    assert torch.allclose(fine.rescore(base, 0.0, fine.neighbours()), -expected_cost, atol=1e-6)
     # β > 0 at the start: every other class's probability, through uniform unit rows (1/√(C − 1) each)
-    assert torch.allclose(model.levels[0].rescore(base, 0.5), 0.5 * (1 - p) / 2 - expected_cost, atol=1e-6)
+    assert torch.allclose(fine.rescore(base, 0.5, fine.neighbours()), 0.5 * (1 - p) / 2 - expected_cost, atol=1e-6)
     # no smoothing, coarse levels weighted e^-60 ≈ 0: the loss is the base CE plus the re-scored CE
     bare = create_model("bilt", FIXED, smoothing=0.0, level_decay=60.0, **SMALL).train()
     targets = torch.tensor([FIXED.leaves[0], FIXED.leaves[3], FIXED.leaves[4]])

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervision.models.flat import FlatClassifier
+from hiervision.models.flat import FlatClassifier, single_label_leaves
 from hiervision.models.haf import carried_levels, level_labels
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
@@ -54,7 +54,8 @@ def path_cost(depth: torch.Tensor, lca: torch.Tensor, a: torch.Tensor, b: torch.
 
 class _Level(nn.Module):
     """One level of the logits tree: its map from the finer level's logits (none at the fine level), the
-    re-scoring matrices and the fixed cost matrix."""
+    re-scoring matrices and the fixed cost matrix. Everything here runs in fp32 outside autocast: the
+    matrices are small, and under bf16 autocast each of the dozens of per-level products paid for casts."""
 
     def __init__(self, cost: torch.Tensor, finer: int | None) -> None:
         super().__init__()
@@ -63,22 +64,27 @@ class _Level(nn.Module):
             nn.BatchNorm1d(finer), nn.Linear(finer, c), nn.BatchNorm1d(c), nn.ELU(), nn.Linear(c, c))
         self.mix = nn.Parameter(torch.full((c, c), 1.0 / c))
         self.cost = nn.Parameter(cost.float().clone())
-        self.register_buffer("tree_cost", cost.float(), persistent=False)  # the tree gives it again
+        # the tree gives both again: not in checkpoints
+        self.register_buffer("tree_cost", cost.float(), persistent=False)
+        self.register_buffer("off_diagonal", 1 - torch.eye(c), persistent=False)
 
     def neighbours(self) -> torch.Tensor:
         """``N(W)``: the off-diagonal part of ``mix``, rows of unit length."""
-        return F.normalize(self.mix * (1 - torch.eye(len(self.mix), device=self.mix.device)), dim=1)
+        return F.normalize(self.mix * self.off_diagonal, dim=1)
 
-    def rescore(self, logits: torch.Tensor, beta: float) -> torch.Tensor:
-        p = logits.float().softmax(1)
-        return beta * p @ self.neighbours().T - p @ self.cost.T
+    def rescore(self, logits: torch.Tensor, beta: float, neighbours: torch.Tensor) -> torch.Tensor:
+        """``z' = β·p·N(W)ᵀ − p·Dᵀ`` as one product."""
+        return logits.float().softmax(1) @ (beta * neighbours - self.cost).T
 
-    def smoothed_ce(self, rescored: torch.Tensor, y: torch.Tensor, beta: float, epsilon: float,
-                    gamma: float) -> torch.Tensor:
-        logp = F.log_softmax(rescored, dim=1)
-        target = F.softmax(-gamma * (self.tree_cost[y] - beta * self.neighbours().detach()[y]), dim=1)
-        soft = -(target * logp).sum(1).mean()
-        return epsilon * soft + (1 - epsilon) * F.nll_loss(logp, y)
+    def smoothed_ce(self, rescored: torch.Tensor, y: torch.Tensor, known: torch.Tensor, beta: float,
+                    epsilon: float, gamma: float, neighbours: torch.Tensor) -> torch.Tensor:
+        """``ε·Σ_c t_c·(−log q_c) + (1 − ε)·(−log q_y)``, averaged over the rows whose label is known (a
+        target too coarse for the level has none): one cross-entropy against ``ε·t + (1 − ε)·onehot(y)``."""
+        targets = F.softmax(-gamma * (self.tree_cost - beta * neighbours.detach()), dim=1)  # (C, C), row y: t
+        y = y.clamp(min=0)
+        mixed = (epsilon * targets[y]).scatter_add_(1, y.unsqueeze(1), rescored.new_full((len(y), 1), 1 - epsilon))
+        per_row = -(mixed * F.log_softmax(rescored, dim=1)).sum(1)
+        return (per_row * known).sum() / known.sum()
 
 
 class BiLTClassifier(FlatClassifier):
@@ -88,10 +94,7 @@ class BiLTClassifier(FlatClassifier):
 
     def __init__(self, taxonomy: Taxonomy, level_decay: float = 1.0, rescore_weight: float = 0.5,
                  smoothing: float = 0.5, cost_temperature: float = 1.0, **kwargs) -> None:
-        if kwargs.pop("multi_label", False):
-            raise ValueError("model bilt is single-label (a softmax per level)")
-        if kwargs.pop("end_nodes", "leaves") != "leaves":
-            raise ValueError("model bilt classifies leaves (model.end_nodes: leaves)")
+        single_label_leaves("bilt", "a softmax per level", kwargs)
         if not 0 <= smoothing <= 1:
             raise ValueError(f"model.smoothing must lie in [0, 1], got {smoothing}")
         super().__init__(taxonomy, **kwargs)
@@ -124,25 +127,30 @@ class BiLTClassifier(FlatClassifier):
             raise ValueError("model bilt: its coarse levels batch-normalise logits, which a training batch of one "
                              "image cannot be (the last batch of an epoch: change train.batch_size by one)")
         base = self.fc(self.dropout(features))
-        return {"logits": self.levels[0].rescore(base, self.beta), "base_logits": base}
+        fine = self.levels[0]
+        with torch.autocast(base.device.type, enabled=False):
+            rescored = fine.rescore(base, self.beta, fine.neighbours())
+        return {"logits": rescored, "base_logits": base}
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         z = outputs["base_logits"].float()
         # the fine level: an inner target trains the base softmax by its marginal, as flat does
         loss = self.class_loss(F.log_softmax(z, dim=1), targets)
         rescored = outputs["logits"].float()
-        for k, level in enumerate(self.levels):
-            if k:
-                z = level.up(z)
-                rescored = level.rescore(z, self.beta)
-            y = getattr(self, f"label{k}")[targets]
-            known = y >= 0
-            if not known.any():
-                continue
-            term = level.smoothed_ce(rescored[known], y[known], self.beta, self.epsilon, self.gamma)
-            if k:
-                term = term + F.cross_entropy(z[known], y[known])
-            loss = loss + self.level_weights[k] * term
+        with torch.autocast(z.device.type, enabled=False):
+            for k, level in enumerate(self.levels):
+                neighbours = level.neighbours()
+                if k:
+                    z = level.up(z)
+                    rescored = level.rescore(z, self.beta, neighbours)
+                y = getattr(self, f"label{k}")[targets]
+                known = (y >= 0).float()
+                if not known.any():
+                    continue
+                term = level.smoothed_ce(rescored, y, known, self.beta, self.epsilon, self.gamma, neighbours)
+                if k:
+                    term = term + F.cross_entropy(z, y, ignore_index=-1)
+                loss = loss + self.level_weights[k] * term
         return loss
 
 

@@ -20,7 +20,16 @@ from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
 
-__all__ = ["FlatClassifier"]
+__all__ = ["FlatClassifier", "single_label_leaves"]
+
+
+def single_label_leaves(name: str, softmax: str, kwargs: dict) -> None:
+    """Take the flat head's ``multi_label`` and ``end_nodes`` out of ``kwargs``, refusing the modes a method
+    built on one softmax over the leaves cannot have (the subclasses' shared guard)."""
+    if kwargs.pop("multi_label", False):
+        raise ValueError(f"model {name} is single-label ({softmax})")
+    if kwargs.pop("end_nodes", "leaves") != "leaves":
+        raise ValueError(f"model {name} answers leaves (model.end_nodes: leaves)")
 
 
 class FlatClassifier(HierarchicalClassifier):

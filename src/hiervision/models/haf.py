@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervision.models.flat import FlatClassifier
+from hiervision.models.flat import FlatClassifier, single_label_leaves
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import PAD, Taxonomy
 
@@ -137,10 +137,7 @@ class HAFClassifier(FlatClassifier):
 
     def __init__(self, taxonomy: Taxonomy, dissimilar_margin: float = 3.0,
                  coarse_levels: int | str | None = "auto", level_reduction: str = "sum", **kwargs) -> None:
-        if kwargs.pop("multi_label", False):
-            raise ValueError("model haf is single-label (a softmax per level)")
-        if kwargs.pop("end_nodes", "leaves") != "leaves":
-            raise ValueError("model haf classifies leaves (model.end_nodes: leaves)")
+        single_label_leaves("haf", "a softmax per level", kwargs)
         super().__init__(taxonomy, **kwargs)
         self.dissimilar_margin = float(dissimilar_margin)
         if level_reduction not in ("sum", "mean"):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervision.models.flat import FlatClassifier
+from hiervision.models.flat import FlatClassifier, single_label_leaves
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
 
@@ -95,10 +95,7 @@ class HAFrameClassifier(FlatClassifier):
     does) and skips the cosine term (its frame row is undefined)."""
 
     def __init__(self, taxonomy: Taxonomy, frame_gamma: float = 2.0, cosine_weight: float = 0.4, **kwargs) -> None:
-        if kwargs.pop("multi_label", False):
-            raise ValueError("model haframe is single-label (a softmax over a fixed frame)")
-        if kwargs.pop("end_nodes", "leaves") != "leaves":
-            raise ValueError("model haframe classifies leaves (model.end_nodes: leaves)")
+        single_label_leaves("haframe", "a softmax over a fixed frame", kwargs)
         if not 0 <= cosine_weight <= 1:
             raise ValueError(f"model.cosine_weight must lie in [0, 1], got {cosine_weight}")
         super().__init__(taxonomy, **kwargs)

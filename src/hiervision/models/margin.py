@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from hiervision.models.flat import FlatClassifier
+from hiervision.models.flat import FlatClassifier, single_label_leaves
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import PAD, Taxonomy
 
@@ -40,10 +40,7 @@ class SoftMaxMarginClassifier(FlatClassifier):
     """
 
     def __init__(self, taxonomy: Taxonomy, margin: str = "incorrect", margin_tau: float = 5.0, **kwargs) -> None:
-        if kwargs.pop("multi_label", False):
-            raise ValueError("model soft_max_margin is single-label (a softmax over the nodes)")
-        if kwargs.pop("end_nodes", "leaves") != "leaves":
-            raise ValueError("model soft_max_margin answers leaves (model.end_nodes: leaves)")
+        single_label_leaves("soft_max_margin", "a softmax over the nodes", kwargs)
         if margin not in MARGINS:
             raise ValueError(f"model.margin must be one of {list(MARGINS)}, got {margin!r}")
         if margin_tau < 0:
