@@ -79,6 +79,19 @@ def test_fast_loader_reproducible_by_epoch() -> None:
     assert len(BatchLoader(ds, 32, drop_last=True)) == 3
 
 
+def test_loader_drops_a_last_batch_under_min_last_unless_it_is_the_only_one() -> None:
+    ds = make_synthetic("synthetic", 66, seed=0)  # 2 full batches of 32 and 2 images left
+    sizes = [len(y) for _, y in BatchLoader(ds, 32, shuffle=True, min_last=4).set_epoch(0)]
+    assert sizes == [32, 32]
+    assert [len(y) for _, y in BatchLoader(ds, 32, min_last=2)] == [32, 32, 2]
+    # which images sit out rotates with the epoch's shuffle
+    left_out = [set(range(66)) - set(torch.cat(list(BatchLoader(ds, 32, shuffle=True, min_last=4)
+                                                    .set_epoch(e).global_batches())).tolist()) for e in range(3)]
+    assert all(len(s) == 2 for s in left_out) and len({frozenset(s) for s in left_out}) > 1
+    assert [len(y) for _, y in BatchLoader(make_synthetic("synthetic", 3, seed=0), 32, min_last=4)] == [3]
+
+
+
 def test_lazy_loader_matches_fast_path_order() -> None:
     ds = make_synthetic("synthetic", 50, seed=0)
 

@@ -141,3 +141,20 @@ def test_no_validation_split_keeps_the_last_epoch(tiny_cfg, tmp_path):
                                  "train.epochs=2", "train.progress=false", "train.amp=none"])
     train(cfg, tmp_path)
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 2
+
+
+def test_training_never_steps_on_a_last_batch_of_a_handful_of_images(tiny_cfg, tmp_path, monkeypatch):
+    """Fashion-MNIST's seed-2 split left 2 of 128 images in the last batch, and that step wrecked batch norm's
+    running statistics (training.MIN_LAST_BATCH_FRACTION): such a batch is dropped, a bigger one kept."""
+    import hiervision.training as training
+    from hiervision.experiment import run_data
+
+    n = len(run_data(tiny_cfg).train)
+    seen: list[int] = []
+    accumulate = training._accumulate
+    monkeypatch.setattr(training, "_accumulate", lambda loop, x, y: (seen.append(len(x)), accumulate(loop, x, y))[1])
+    for rest, kept in ((2, False), (n // 3, True)):
+        seen.clear()
+        cfg = merge(tiny_cfg, {"train": {"batch_size": n - rest, "epochs": 1}})
+        train(cfg, tmp_path / str(rest))
+        assert seen == [n - rest, rest] if kept else seen == [n - rest]

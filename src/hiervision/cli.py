@@ -19,6 +19,7 @@ import yaml
 from hiervision.checkpoint import CheckpointError
 from hiervision.config import ConfigError, check_given_level, load_config, merge
 from hiervision.imagefile import find_images
+from hiervision.recipe import METHOD_OPTIONS
 from hiervision.taxonomy import Taxonomy, TaxonomyError
 
 __all__ = ["build_parser", "main"]
@@ -563,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a YAML config (see configs/), or your images: a folder of nested class folders (or its "
                    ".zip), or a CSV with path,label columns (labels as A/B/C paths); these get the recommended recipe")
     t.add_argument("--method", default=None, metavar="NAME",
-                   help="FOLDER|CSV only: another method than flat (flat, dhnn_rnn, dhnn_s2s, guo_rnn, guo_multihead, "
-                   "hiernet) with the options it had in the comparison")
+                   help=f"FOLDER|CSV only: another method than flat ({', '.join(METHOD_OPTIONS)}) with the "
+                   "options it had in the comparison")
     t.add_argument("--out", help="run folder (required unless --print-config)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.05")
     t.add_argument("--no-resume", action="store_true", help="start over even if --out holds last.pt")

@@ -96,6 +96,8 @@ class BatchLoader:
         seed: base seed.
         num_workers: worker processes for lazy datasets (ignored by the in-memory paths).
         drop_last: drop the last incomplete batch.
+        min_last: drop a last incomplete batch smaller than this, unless it is the epoch's only batch
+            (training: :data:`~hiervision.training.MIN_LAST_BATCH_FRACTION` of the batch).
         device: move uint8 batches there before the float conversion (saves bandwidth); pinned on CUDA.
         rank, world_size: this process's slice of every global batch.
         persistent_workers: keep lazy datasets' workers alive between epochs (no re-fork per epoch).
@@ -111,6 +113,7 @@ class BatchLoader:
         seed: int = 0,
         num_workers: int = 0,
         drop_last: bool = False,
+        min_last: int = 1,
         device: torch.device | str | None = None,
         rank: int = 0,
         world_size: int = 1,
@@ -126,7 +129,7 @@ class BatchLoader:
         if num_workers < 0:
             raise ValueError(f"num_workers must be ≥ 0, got {num_workers}")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
-        self.num_workers, self.drop_last = num_workers, drop_last
+        self.num_workers, self.drop_last, self.min_last = num_workers, drop_last, int(min_last)
         self.device = None if device is None else torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.persistent_workers, self.prefetch_factor = persistent_workers, prefetch_factor
@@ -153,8 +156,10 @@ class BatchLoader:
 
     def _count(self, n: int) -> int:
         full, rest = divmod(n, self.batch_size)
-        # a last batch too small to give every rank a sample is dropped, so no rank ever gets an empty batch
-        return full + (rest > 0 and not self.drop_last and rest >= self.world_size)
+        # a last batch too small to give every rank a sample is dropped, so no rank ever gets an empty batch;
+        # one under min_last too, unless it is all there is
+        return full + (rest > 0 and not self.drop_last and rest >= self.world_size and (rest >= self.min_last
+                                                                                         or full == 0))
 
     def __len__(self) -> int:
         """Global batches per epoch (the same count on every rank)."""

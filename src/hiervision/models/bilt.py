@@ -125,7 +125,7 @@ class BiLTClassifier(FlatClassifier):
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.training and len(features) < 2:
             raise ValueError("model bilt: its coarse levels batch-normalise logits, which a training batch of one "
-                             "image cannot be (the last batch of an epoch: change train.batch_size by one)")
+                             "image cannot be (train.batch_size must be at least 2)")
         base = self.fc(self.dropout(features))
         fine = self.levels[0]
         with torch.autocast(base.device.type, enabled=False):

@@ -121,7 +121,7 @@ class HAFrameClassifier(FlatClassifier):
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.training and len(features) < 2:
             raise ValueError("model haframe: its head batch-normalises features, which a training batch of one "
-                             "image cannot be (the last batch of an epoch: change train.batch_size by one)")
+                             "image cannot be (train.batch_size must be at least 2)")
         z = self.transform(self.dropout(features))
         return {"logits": z @ self.frame.T.to(z.dtype), "features": z}
 
