@@ -14,11 +14,16 @@ warm-up step; the peak RSS is the cell process's own ``ru_maxrss``.
     python benchmarks/scale.py --sizes 420 45000 --models flat
     python benchmarks/scale.py --cell random:1000 flat      # one cell, one JSON line (what the grid runs)
     python benchmarks/scale.py --cell wordnet-full hiernet  # builds the tree once (in the temp folder)
+    python benchmarks/scale.py --sizes 420 --models flat --repeat 3 --section "scale flat" --write
+                                                            # flat's predict across tree sizes, 3 interleaved rounds
 
 Every head runs on every tree: above 1,000 nodes Guo's and DHNN's decoders score each step over the current
 node's children only (their default ``step_softmax: auto``), and HierNet's default ``branch_depth="auto"`` bounds
-its branches (see :mod:`hiervision.models.hiernet`). HAFrame is left out: its frame is a dense C x C matrix (the
-model refuses more than 5,000 classes).
+its branches (see :mod:`hiervision.models.hiernet`). HAFrame and BiLT are left out: HAFrame's frame is a dense
+C x C matrix and BiLT trains two C x C matrices per level (each refuses more than 5,000 classes).
+
+One machine's noise can land on one cell (a grid runs for minutes); ``--repeat N`` runs the whole grid N times,
+round after round, and reports each cell's median, so a ratio never rests on one noisy cell.
 """
 
 from __future__ import annotations
@@ -224,7 +229,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per cell (the machine is shared)")
     p.add_argument("--timeout", type=int, default=120, help="seconds per cell")
     p.add_argument("--cap-gb", type=float, default=6.0, help="address-space cap per cell (ulimit -v)")
-    p.add_argument("--write", action="store_true", help="write the table to RESULTS.md § scale")
+    p.add_argument("--repeat", type=int, default=1, help="rounds over the whole grid; each cell's median is kept")
+    p.add_argument("--write", action="store_true", help="write the table to RESULTS.md (§ --section)")
+    p.add_argument("--section", default="scale", help="the RESULTS.md section --write replaces")
     p.add_argument("--export", action="store_true", help="with --cell: also ONNX-export and time the runtime "
                    "(the grid does, for every cell)")
     args = p.parse_args()
@@ -237,20 +244,35 @@ def main() -> int:
         trees += [("WordNet", "wordnet"), ("WordNet, chains kept, all synsets", "wordnet-full")]
         for kind in WORDNET:
             wordnet_tree(kind)  # here, not inside a timed, memory-capped cell
-    rows = []
-    for label, spec in trees:
-        for name in args.models:
-            cell = spawn(spec, name, args)
-            rows.append((label, name, cell))
-            print(label, name, json.dumps(cell), flush=True)
+    rounds: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.repeat):
+        for label, spec in trees:
+            for name in args.models:
+                cell = spawn(spec, name, args)
+                rounds.setdefault((label, name), []).append(cell)
+                print(label, name, json.dumps(cell), flush=True)
+    rows = [(label, name, median_cell(cells)) for (label, name), cells in rounds.items()]
     table = render(rows, args)
     print(table)
     if args.write:
         sys.path.insert(0, str(HERE))
         from results_md import write_section
 
-        write_section("scale", table)
+        write_section(args.section, table)
     return 0
+
+
+def median_cell(cells: list[dict]) -> dict:
+    """One cell's rounds as one: each timing's median, the largest peak RSS; failed if any round failed."""
+    failed = [c for c in cells if "error" in c]
+    if failed:
+        return failed[0]
+    out = dict(cells[0])
+    for key, value in out.items():
+        if isinstance(value, float):
+            values = [c[key] for c in cells]
+            out[key] = max(values) if key == "peak_rss_mb" else statistics.median(values)
+    return out
 
 
 def render(rows: list[tuple[str, str, dict]], args) -> str:
@@ -258,10 +280,11 @@ def render(rows: list[tuple[str, str, dict]], args) -> str:
     base = next(iter(flat.values()), None)  # the smallest tree's flat predict: the issue's "~400-node" cost
     cmd = " ".join(["python benchmarks/scale.py", *sys.argv[1:]])
     lines = [
-        "## scale",
+        f"## {args.section}",
         "",
         f"`{cmd}` — resnet20 at 32×32, batch {args.batch}, {args.threads} torch thread(s), median of {args.steps} "
-        f"steps after a warm-up, one process per cell under a {args.cap_gb:g} GB address-space cap and a "
+        f"steps after a warm-up{f', median over {args.repeat} rounds of the whole grid' if args.repeat > 1 else ''}"
+        f", one process per cell under a {args.cap_gb:g} GB address-space cap and a "
         f"{args.timeout} s time cap; peak RSS = the cell's own `ru_maxrss` (load average at start: "
         f"{args.load:.1f} on {os.cpu_count()} cores).",
         "",
