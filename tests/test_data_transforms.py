@@ -91,7 +91,6 @@ def test_loader_drops_a_last_batch_under_min_last_unless_it_is_the_only_one() ->
     assert [len(y) for _, y in BatchLoader(make_synthetic("synthetic", 3, seed=0), 32, min_last=4)] == [3]
 
 
-
 def test_lazy_loader_matches_fast_path_order() -> None:
     ds = make_synthetic("synthetic", 50, seed=0)
 

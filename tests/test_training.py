@@ -157,4 +157,4 @@ def test_training_never_steps_on_a_last_batch_of_a_handful_of_images(tiny_cfg, t
         seen.clear()
         cfg = merge(tiny_cfg, {"train": {"batch_size": n - rest, "epochs": 1}})
         train(cfg, tmp_path / str(rest))
-        assert seen == [n - rest, rest] if kept else seen == [n - rest]
+        assert seen == ([n - rest, rest] if kept else [n - rest])

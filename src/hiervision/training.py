@@ -51,9 +51,10 @@ __all__ = ["Preempted", "TrainingError", "train", "train_one_epoch"]
 
 #: each epoch's last training batch is dropped when it holds fewer images than this share of ``train.batch_size``
 #: (or than 2): its batch norm statistics would come from a handful of images. Which images it would have held
-#: rotates with the shuffle. Seen: Fashion-MNIST's seed-2 split left 2 of 128 images, and that one step at
-#: lr 0.07 moved BiLT's backbone 12x an ordinary step after the running statistics were taken — val top-1
-#: 12 % in eval mode, 86 % with batch statistics; HAFrame collapsed on the same seed (RESULTS.md § comparison)
+#: rotates with the shuffle. Seen in a one-off diagnosis (issue 24's note): Fashion-MNIST's seed-2 split left
+#: 2 of 128 images, and that one step at lr 0.07 moved BiLT's backbone 12x an ordinary step after the running
+#: statistics were taken — val top-1 12 % in eval mode, 86 % with batch statistics; HAFrame collapsed on the
+#: same seed (RESULTS.md § comparison)
 MIN_LAST_BATCH_FRACTION = 1 / 8
 
 
