@@ -60,6 +60,7 @@ class Method:
     same folder) with tree-restricted beam search, the width picked on val path accuracy among these.
     ``decode``: a row that trains nothing either — it answers the reused run's calibrated test scores
     by a post-hoc decision rule (``crm``, ``bayes:hf1:inner``; :func:`decision_metrics`).
+    ``networks``: an ensemble's count; such a row is shown (its label says the cost) but never recommended.
     """
 
     key: str
@@ -70,6 +71,7 @@ class Method:
     reuses: str | None = None
     beam_widths: tuple[int, ...] = ()
     decode: str | None = None
+    networks: int = 1  # networks trained and run (HiE's fine + coarse: 2); above 1 it is not equal budget
 
     @property
     def run_key(self) -> str:
@@ -106,11 +108,15 @@ def _mistake_rows(prefix: str) -> tuple[Method, ...]:
         rows += [Method(key, label, f"{prefix}-{config}.yaml", optional=True),
                  Method(f"{key}_crm", f"{label} + CRM", f"{prefix}-{config}.yaml", reuses=key, decode="crm",
                         optional=True)]
+    hie = "HiE (fine + coarse network: 2x flat's compute)"
+    rows += [Method("hie", hie, f"{prefix}-hie.yaml", optional=True, networks=2),
+             Method("hie_crm", f"{hie} + CRM", f"{prefix}-hie.yaml", reuses="hie", decode="crm", optional=True,
+                    networks=2)]
     return tuple(rows)
 
 
 MISTAKE_ROWS = ("flat_crm", "flat_bayes_hf1", "haframe", "haframe_crm", "haf", "haf_crm", "soft_max_margin",
-                "soft_max_margin_crm", "bilt", "bilt_crm")
+                "soft_max_margin_crm", "bilt", "bilt_crm", "hie", "hie_crm")
 
 
 def _rows(prefix: str, dhnn: tuple[str, str], extra: tuple[Method, ...] = ()) -> tuple[Method, ...]:
@@ -705,17 +711,22 @@ RECIPE_BAR = (("leaf_accuracy", "Δ top-1 pt", 100, lambda d: d["hi"] >= 0),  # 
               ("hdist@5", "Δ hdist@5", 1, lambda d: d["hi"] < 0))  # lower
 
 
+#: rows that train and run more than one network (HiE): not equal budget, so never the recommended recipe
+ENSEMBLES = frozenset(m.key for d in DATASETS for m in d.methods if m.networks > 1)
+
+
 def recommendation(summary: dict, min_seeds: int = 3) -> str:
     """The recommended recipe, from the paired intervals: a row that on every data set keeps flat's top-1
     (interval reaching 0 or above) and lowers mistake severity and hdist@5 (intervals below 0). Without
-    one, the best trade-off: among rows that keep top-1 everywhere, the largest cut in mistake severity."""
+    one, the best trade-off: among rows that keep top-1 everywhere, the largest cut in mistake severity.
+    Equal budget only: an ensemble's row (:data:`ENSEMBLES`) is never the recipe."""
     first = next(iter(summary.values()))["rows"] if summary else {}
 
     def pairs(key: str, metric: str) -> list[dict] | None:
         ds = [data["rows"].get(key, {}).get("vs_flat", {}).get(metric) for data in summary.values()]
         return ds if all(d and d["lo"] is not None and d["n"] >= min_seeds for d in ds) else None
 
-    measured = [k for k in first if k != "flat" and all(pairs(k, m) for m, *_ in RECIPE_BAR)]
+    measured = [k for k in first if k != "flat" and k not in ENSEMBLES and all(pairs(k, m) for m, *_ in RECIPE_BAR)]
     if not measured:
         return (f"*Recommended recipe*: not decided yet — it needs >= {min_seeds} paired seeds of top-1, mistake "
                 "severity and hdist@5 on every data set (issue 24's rows).")

@@ -31,7 +31,7 @@ EXTRA = {
 
 # what each head declares it cannot do: a fixed-depth tree (one step or head per level), several paths per image
 NEEDS_FIXED_DEPTH = {"dhnn_rnn", "guo_multihead"}
-SINGLE_LABEL = {"guo_multihead", "guo_rnn", "hiernet", "haframe", "haf", "soft_max_margin", "bilt"}
+SINGLE_LABEL = {"guo_multihead", "guo_rnn", "hiernet", "haframe", "haf", "soft_max_margin", "bilt", "hie"}
 
 
 # heads that cannot condition their prediction on a given node (decode_given raises NotImplementedError)

@@ -38,6 +38,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "haf": {"model": {"name": "haf"}},
     "soft_max_margin": {"model": {"name": "soft_max_margin"}},
     "bilt": {"model": {"name": "bilt"}},
+    "hie": {"model": {"name": "hie"}},
 }
 
 
