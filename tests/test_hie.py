@@ -75,3 +75,12 @@ def test_both_backbones_are_the_backbone_group():
     n_backbone = sum(p.numel() for p in groups["backbone"])
     assert n_backbone == sum(p.numel() for p in model.backbone.parameters()) * 2
     assert {id(p) for p in groups["head"]} == {id(p) for p in [*model.fc.parameters(), *model.coarse_fc.parameters()]}
+
+
+def test_precomputed_features_are_refused_in_one_line():
+    from hiervision.config import ConfigError
+    from hiervision.training import precompute_features
+
+    model = build(VARIABLE)
+    with pytest.raises(ConfigError, match="train.precompute_features: model HiEClassifier does not run on one"):
+        precompute_features(model, None, 8, torch.device("cpu"), None)  # refused before any data is read

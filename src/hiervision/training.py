@@ -180,8 +180,8 @@ def precompute_features(
     epochs cost only the head — Guo et al.'s RNN trained on extracted CNN features. Under DDP each
     rank computes a shard and every rank gets all of them."""
     if type(model).forward_head is HierarchicalClassifier.forward_head:
-        raise ConfigError(f"train.precompute_features: model {type(model).__name__} reads the backbone's stage "
-                          "maps, not its pooled features")
+        raise ConfigError(f"train.precompute_features: model {type(model).__name__} does not run on one "
+                          "backbone's pooled features (it reads stage maps, or runs more than one backbone)")
     model.eval()
 
     env = env or DistEnv(0, 1, 0, device)

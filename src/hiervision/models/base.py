@@ -93,8 +93,8 @@ class HierarchicalClassifier(nn.Module):
         """Outputs from the backbone's pooled ``(B, num_features)`` features. Heads that read only
         those implement it (and ``forward`` is then ``forward_head(backbone(images))``), which lets
         training run on pre-computed features (``train.precompute_features``)."""
-        raise NotImplementedError(f"model {type(self).__name__} reads the backbone's stage maps, not its pooled "
-                                  "features: train.precompute_features does not apply to it")
+        raise NotImplementedError(f"model {type(self).__name__} does not run on one backbone's pooled features: "
+                                  "train.precompute_features does not apply to it")
 
     def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
         """Like :meth:`decode`, but every path must pass through ``given`` ``(B,)`` node ids."""

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hiervision.models.backbones import create_backbone
+from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.flat import FlatClassifier, single_label_leaves
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
@@ -67,9 +68,9 @@ class HiEClassifier(FlatClassifier):
         amended = F.log_softmax(fine.float(), 1) + F.log_softmax(coarse.float(), 1)[:, self.leaf_group]
         return {"logits": amended, "fine": fine, "coarse": coarse}
 
-    def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError("model hie runs two backbones on the images, so one backbone's features are "
-                                  "not its input: train.precompute_features does not apply to it")
+    # two backbones read the images: one backbone's pooled features are not its input (training refuses
+    # train.precompute_features in one line for a model that keeps the base's forward_head)
+    forward_head = HierarchicalClassifier.forward_head
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         fine = self.class_loss(F.log_softmax(outputs["fine"].float(), 1), targets)
