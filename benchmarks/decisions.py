@@ -43,13 +43,12 @@ from hiervision.decisions import (
     fit_temperature,
     hedge_nodes,
     node_marginals,
-    plot_accuracy_specificity,
-    plot_reliability,
 )
 from hiervision.evaluation import predict_dataset
 from hiervision.experiment import data_config, load_run
 from hiervision.metrics import calibration_points, calibration_report
 from hiervision.posthoc import posthoc_report
+from hiervision.report import plot_accuracy_specificity, plot_reliability
 from hiervision.training import train
 
 HERE = Path(__file__).resolve().parent

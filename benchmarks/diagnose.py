@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from hiervision.data import iter_batches
 from hiervision.decoding import last_node
-from hiervision.evaluation import autocast_dtype, evaluate_split, select_device
+from hiervision.distributed import autocast_dtype, select_device
+from hiervision.evaluation import evaluate_split
 from hiervision.experiment import load_run, run_data
 
 HERE = Path(__file__).resolve().parent

@@ -30,7 +30,7 @@ import torch
 
 from hiervision.config import load_config, merge
 from hiervision.data.fashion_mnist import fashion_mnist_taxonomy
-from hiervision.evaluation import autocast_dtype
+from hiervision.distributed import autocast_dtype
 from hiervision.models import create_model
 from hiervision.taxonomy import Taxonomy
 from hiervision.training import build_optimizer, train

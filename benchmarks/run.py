@@ -10,10 +10,13 @@
                                                       #  --max-hours H; see benchmarks/comparison.py)
     python benchmarks/run.py --profile losses         # soft labels / HXE vs cross-entropy (configs/decisions)
 
+Each profile but comparison is a YAML file, ``benchmarks/profiles/<name>.yaml``: a description,
+the seeds, and rows of label, config file (under configs/), overrides, and optionally a group and
+options (checked on load: a mistake stops the command with one line naming the file and field).
 Every row is mean ± std over the seeds. Each profile writes its own section of
 ``benchmarks/RESULTS.md`` (replacing that section only), ``benchmarks/results/<profile>.json`` with
 every seed's metrics, and a per-level accuracy plot ``benchmarks/results/<profile>.png``. Rows may
-name a group (4th entry): each group gets its own table, and ``img/s ratio`` compares every row's
+name a group: each group gets its own table, and ``img/s ratio`` compares every row's
 training throughput with the group's first row (its flat baseline).
 """
 
@@ -32,158 +35,115 @@ from pathlib import Path
 import torch
 
 from hiervision.config import load_config
-from hiervision.evaluation import autocast_dtype, select_device
+from hiervision.distributed import autocast_dtype, select_device
 from hiervision.induce import induce_from_run, plot_taxonomy
 from hiervision.training import train
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "configs"
 
-# HierNet rows start from the flat rows' weights (placeholders filled per seed by run_profile)
-_FROM_FLAT = "model.backbone_kwargs.pretrained_path={runs}/flat-3-epochs-s{seed}/best.pt"
-_FROM_TINY = "model.backbone_kwargs.pretrained_path={runs}/flat-tiny-3-epochs-s{seed}/best.pt"
-_TINY_PMIN = 0.012  # 8 groups from the 3-epoch flat model's CPM (the paper: 6-8 groups work best)
+#: one YAML file per profile (``profiles/<name>.yaml``): tables are data, kept apart from the engine below
+PROFILE_DIR = HERE / "profiles"
+ROW_FIELDS = ("label", "config", "overrides", "group", "options")
+OPTION_FIELDS = ("run", "metrics", "induce")
 
-# profile -> (rows: (label, config file, overrides[, group[, options]]), seeds, description); options:
-# "run" (reuse another row's run folder), "metrics" ("given" / "routing": report that sub-report),
-# "induce" ({"from": row, "p_min", "g_max"}: induce a tree from that row's run and set data.tree)
-PROFILES: dict[str, dict] = {
-    "quick": {
-        "description": "Fashion-MNIST (real), 3-level tree, 12k train images, ResNet-20, 2 epochs",
-        "seeds": [0, 1, 2],
-        "rows": [
-            ("flat", "fmnist-flat.yaml", ["data.limit_train=12000", "train.epochs=2"]),
-        ],
-    },
-    "foundation": {
-        "description": "flat baselines on real data: Fashion-MNIST (3-level tree, ResNet-20, 3 epochs) and "
-        "Tiny-ImageNet (WordNet tree, variable depth, 32x32, ResNet-20, 5 epochs)",
-        "seeds": [0, 1, 2],
-        "rows": [
-            ("fmnist flat", "fmnist-flat.yaml", ["train.epochs=3"]),
-            ("tiny-imagenet flat", "tinyimagenet-flat.yaml", ["train.epochs=5"]),
-        ],
-    },
-    "dhnn": {
-        "description": "Koo et al.'s DHNN beside the flat baseline on real data, ResNet-20, same seed, split and "
-        "budget per group: Fashion-MNIST 20k train images x 3 epochs (FPL tree, variable-depth tree, 2x2 "
-        "multi-label canvases: 6k x 3 epochs), Tiny-ImageNet 32x32 with its WordNet tree 20k x 3 epochs",
-        "seeds": [0],
-        "rows": [
-            *[(label, cfg, ["data.limit_train=20000", "train.epochs=3"], "Fashion-MNIST, 3-level tree (FPL)")
-              for label, cfg in [("flat", "fmnist-flat.yaml"), ("CNN-RNN", "fmnist-res-rnn.yaml"),
-                                 ("CNN-RNN-Alt", "fmnist-res-rnn-alt.yaml"),
-                                 ("CNN-RNN-Alt-Resi", "fmnist-res-rnn-alt-resi.yaml"),
-                                 ("CNN-RNN-Resi", "fmnist-res-rnn-resi.yaml")]],
-            *[(label, cfg, ["data.limit_train=20000", "train.epochs=3"], "Fashion-MNIST, variable-depth tree")
-              for label, cfg in [("flat (var)", "fmnistvar-flat.yaml"),
-                                 ("CNN-S2S-Linear", "fmnistvar-res-s2s-linear.yaml"),
-                                 ("CNN-S2S-Conv", "fmnistvar-res-s2s-conv.yaml"),
-                                 ("CNN-S2S-Pool", "fmnistvar-res-s2s-pool.yaml")]],
-            *[(label, cfg, ["data.limit_train=6000", "data.limit_test=3000", "train.epochs=3"],
-               "Fashion-MNIST 2x2 canvases, multi-label (path/node F1)")
-              for label, cfg in [("flat-sigmoid", "fmnist-canvas-flat.yaml"),
-                                 ("CNN-S2S-Pool (ML)", "fmnist-canvas-res-s2s-pool.yaml")]],
-            *[(label, cfg, ["data.limit_train=20000", "train.epochs=3"], "Tiny-ImageNet 32x32, WordNet tree")
-              for label, cfg in [("flat (tiny)", "tinyimagenet-flat.yaml"),
-                                 ("CNN-S2S-Pool (tiny)", "tinyimagenet-res-s2s-pool.yaml")]],
-        ],
-    },
-    "guo": {
-        "description": "Guo et al.'s CNN-RNN beside its CNN-based generators and the specific networks on real data, "
-        "ResNet-20, same seed and split per group: Fashion-MNIST 3-level tree, 20k train images x 3 epochs (coarse-"
-        "specific = one softmax over the 6 level-2 groups; CNN-RNN* = the same CNN-RNN run with each test image's true "
-        "level-2 group given). Coarse-only data: of the same 18k-image training set, |S_fine| = 0.1/0.2/0.5 keep "
-        "full labels and |S_coarse| = 0.5 only their level-2 group, 3 epochs per training (the pseudo-label protocol "
-        "trains twice: on S_fine, then on both). Tiny-ImageNet 32x32 with its WordNet tree (paths of 1-12 nodes), "
-        "20k x 3 epochs; the frozen-feature CNN-RNN trains 10 epochs of its LSTM on features of the flat row's CNN "
-        "(pre-computed once)",
-        "seeds": [0],
-        "rows": [
-            *[(label, cfg, ["data.limit_train=20000", "train.epochs=3", *extra], "Fashion-MNIST, 3-level tree", opts)
-              for label, cfg, extra, opts in [
-                  ("flat (fine-specific)", "fmnist-flat.yaml", [], {}),
-                  ("coarse-specific (level 2)", "fmnist-guo-coarse.yaml", [], {}),
-                  ("coarse-to-fine", "fmnist-guo-c2f.yaml", [], {}),
-                  ("fine-to-coarse", "fmnist-guo-f2c.yaml", [], {}),
-                  ("fine-and-coarse", "fmnist-guo-fandc.yaml", [], {}),
-                  ("CNN-RNN", "fmnist-guo-rnn.yaml", [], {}),
-                  ("CNN-RNN* (level 2 given)", "fmnist-guo-rnn.yaml", [], {"run": "CNN-RNN", "metrics": "given"})]],
-            *[(f"{proto} |S_fine|={f}", f"fmnist-guo-rnn-partial-{cfg}.yaml",
-               ["data.limit_train=20000", "train.epochs=3", f"data.fine_fraction={f}", "eval.given_level=null"],
-               f"Fashion-MNIST, coarse-only training data (|S_coarse| = 0.5), |S_fine| = {f}")
-              for f in (0.1, 0.2, 0.5)
-              for proto, cfg in [("S_fine", "sfine"), ("S_fine + S_coarse- (pseudo)", "pseudo"),
-                                 ("S_fine + S_coarse masked", "masked"), ("S_fine + S_coarse+ (oracle)", "oracle")]],
-            *[(label, cfg, ["data.limit_train=20000", *extra], "Tiny-ImageNet 32x32, WordNet tree (variable length)")
-              for label, cfg, extra in [
-                  ("flat (tiny)", "tinyimagenet-flat.yaml", ["train.epochs=3"]),
-                  ("CNN-RNN end-to-end (tiny)", "tinyimagenet-guo-rnn.yaml", ["train.epochs=3"]),
-                  ("CNN-RNN on frozen flat features (tiny)", "tinyimagenet-guo-rnn-frozen.yaml",
-                   ["train.epochs=10", "model.backbone_kwargs.pretrained_path={runs}/flat-tiny-s{seed}/best.pt"])]],
-        ],
-    },
-    "hiernet": {
-        "description": "Tempfli & Sandor's HierNet beside its backbone on real data, ResNet-20, same seed and split: "
-        "Fashion-MNIST 20k train images, Tiny-ImageNet 32x32 20k train images. Budget: the flat backbone trains 3 "
-        "epochs; HierNet starts from that run's weights (transfer, Sec. 5.4) and trains 3 more, so it has seen 6 "
-        "epochs in all (the 6-epoch flat rows are the equal-budget backbones). Induced trees come from the 3-epoch "
-        "flat run's confusion on the validation split. Eval img/s: test-set prediction, batch 512 (conditional = "
-        "every branch, routing = one route per image)",
-        "seeds": [0],
-        "rows": [
-            *[(label, cfg, ["data.limit_train=20000", *extra], "Fashion-MNIST, ResNet-20", opts)
-              for label, cfg, extra, opts in [
-                  ("flat, 3 epochs", "fmnist-flat.yaml", ["train.epochs=3"], {}),
-                  ("flat, 6 epochs", "fmnist-flat.yaml", ["train.epochs=6"], {}),
-                  ("HierNet given tree, conditional", "fmnist-hiernet.yaml", ["train.epochs=3", _FROM_FLAT], {}),
-                  ("HierNet given tree, routing", "fmnist-hiernet.yaml", ["train.epochs=3", _FROM_FLAT],
-                   {"run": "HierNet given tree, conditional", "metrics": "routing"}),
-                  ("HierNet induced tree, conditional", "fmnist-hiernet-induced.yaml", ["train.epochs=3", _FROM_FLAT],
-                   {"induce": {"from": "flat, 3 epochs", "p_min": 0.02, "g_max": 5}}),
-                  ("HierNet induced tree, routing", "fmnist-hiernet-induced.yaml", ["train.epochs=3", _FROM_FLAT],
-                   {"run": "HierNet induced tree, conditional", "metrics": "routing",
-                    "induce": {"from": "flat, 3 epochs", "p_min": 0.02, "g_max": 5}})]],
-            *[(label, cfg, ["data.limit_train=20000", "train.epochs=3", *extra],
-               "Tiny-ImageNet 32x32 (200 classes), ResNet-20", opts)
-              for label, cfg, extra, opts in [
-                  ("flat (tiny), 3 epochs", "tinyimagenet-flat.yaml", [], {}),
-                  ("flat (tiny), 6 epochs", "tinyimagenet-flat.yaml", ["train.epochs=6"], {}),
-                  ("HierNet (tiny) induced tree, conditional", "tinyimagenet-hiernet-induced.yaml", [_FROM_TINY],
-                   {"induce": {"from": "flat (tiny), 3 epochs", "p_min": _TINY_PMIN, "g_max": 100}}),
-                  ("HierNet (tiny) induced tree, routing", "tinyimagenet-hiernet-induced.yaml", [_FROM_TINY],
-                   {"run": "HierNet (tiny) induced tree, conditional", "metrics": "routing",
-                    "induce": {"from": "flat (tiny), 3 epochs", "p_min": _TINY_PMIN, "g_max": 100}}),
-                  ("HierNet (tiny) WordNet tree, conditional", "tinyimagenet-hiernet-wordnet.yaml", [_FROM_TINY], {}),
-                  ("HierNet (tiny) WordNet tree, routing", "tinyimagenet-hiernet-wordnet.yaml", [_FROM_TINY],
-                   {"run": "HierNet (tiny) WordNet tree, conditional", "metrics": "routing"})]],
-        ],
-    },
-    # Bertinetto et al.'s hierarchy-aware losses on the flat model (configs/decisions): top-1 against
-    # mistake severity and hdist@5, cross-entropy first
-    "losses": {
-        "description": "flat ResNet-20 with cross-entropy, soft labels (beta 4/10/30) and HXE (alpha 0.1/0.4/0.6), "
-        "and DHNN CNN-RNN-Resi with cross-entropy and soft labels (beta 10): Fashion-MNIST (3-level tree, 3 epochs) "
-        "and Tiny-ImageNet (WordNet tree, 32x32, 5 epochs)",
-        "seeds": [0, 1, 2],
-        "rows": [
-            *[(label, cfg, ["train.epochs=3"], "Fashion-MNIST")
-              for label, cfg in [("cross-entropy", "fmnist-flat.yaml"),
-                                 *[(f"soft labels β={b}", f"decisions/fmnist-flat-soft-b{b}.yaml")
-                                   for b in (4, 10, 30)],
-                                 *[(f"HXE α={a}", f"decisions/fmnist-flat-hxe-a{a}.yaml") for a in (0.1, 0.4, 0.6)],
-                                 ("DHNN CNN-RNN-Resi", "fmnist-res-rnn-resi.yaml"),
-                                 ("DHNN CNN-RNN-Resi, soft labels β=10",
-                                  "decisions/fmnist-res-rnn-resi-soft-b10.yaml")]],
-            *[(label, cfg, ["train.epochs=5"], "Tiny-ImageNet")
-              for label, cfg in [("cross-entropy (tiny)", "tinyimagenet-flat.yaml"),
-                                 *[(f"soft labels β={b} (tiny)", f"decisions/tinyimagenet-flat-soft-b{b}.yaml")
-                                   for b in (4, 10, 30)],
-                                 *[(f"HXE α={a} (tiny)", f"decisions/tinyimagenet-flat-hxe-a{a}.yaml")
-                                   for a in (0.1, 0.4, 0.6)]]],
-        ],
-    },
-}
+
+class ProfileError(ValueError):
+    """A profile file that run_profile could not follow; the message is one line naming the file and field."""
+
+
+def _check(ok: object, where: str, field: str, what: str) -> None:
+    """Stop with one line naming the file and field: a profile is hand-written, its mistakes should be easy to find."""
+    if not ok:
+        raise ProfileError(f"{where}: {field}: {what}")
+
+
+def _options(raw: object, where: str, at: str) -> dict:
+    """A row's options: ``run`` (another row's run folder), ``metrics`` (that sub-report), ``induce``."""
+    _check(isinstance(raw, dict), where, at, f"expected a mapping of {', '.join(OPTION_FIELDS)}")
+    for key in raw:
+        _check(key in OPTION_FIELDS, where, f"{at}.{key}", f"unknown option (known: {', '.join(OPTION_FIELDS)})")
+    _check("run" not in raw or isinstance(raw["run"], str), where, f"{at}.run", "expected a row's label")
+    _check(raw.get("metrics", "given") in ("given", "routing"), where, f"{at}.metrics",
+           "expected given or routing")
+    if "induce" in raw:
+        spec = raw["induce"]
+        _check(isinstance(spec, dict) and set(spec) == {"from", "p_min", "g_max"}, where, f"{at}.induce",
+               "expected a mapping of exactly from, p_min, g_max")
+        _check(isinstance(spec["from"], str), where, f"{at}.induce.from", "expected a row's label")
+        for key in ("p_min", "g_max"):
+            _check(isinstance(spec[key], int | float) and not isinstance(spec[key], bool), where,
+                   f"{at}.induce.{key}", "expected a number")
+    return raw
+
+
+def _row(raw: object, where: str, at: str) -> tuple:
+    """One row as run_profile and write_results read it: ``(label, config, overrides[, group[, options]])``.
+
+    Options without a group get the group ``""``, which write_results treats as no group at all.
+    """
+    _check(isinstance(raw, dict), where, at, "expected a mapping with label, config and overrides")
+    for key in raw:
+        _check(key in ROW_FIELDS, where, f"{at}.{key}", f"unknown field (known: {', '.join(ROW_FIELDS)})")
+    for key in ("label", "config"):
+        _check(isinstance(raw.get(key), str) and raw[key], where, f"{at}.{key}", "expected a non-empty string")
+    overrides = raw.get("overrides")
+    _check(isinstance(overrides, list) and all(isinstance(o, str) and "=" in o for o in overrides), where,
+           f"{at}.overrides", "expected a list of KEY=VALUE strings")
+    _check(isinstance(raw.get("group", ""), str), where, f"{at}.group", "expected a string")
+    row = (raw["label"], raw["config"], list(overrides))
+    if "options" in raw:
+        return (*row, raw.get("group", ""), _options(raw["options"], where, f"{at}.options"))
+    return (*row, raw["group"]) if "group" in raw else row
+
+
+def load_profile(path: Path) -> dict:
+    """One profile from its YAML file: ``{description, seeds, rows}``, each row a tuple (see :func:`_row`).
+
+    Checked here, before anything trains, so a typo stops the command at once instead of hours in.
+    """
+    import yaml
+
+    where = str(path.relative_to(HERE.parent)) if path.is_relative_to(HERE.parent) else str(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ProfileError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}"
+                           f"{f' at line {mark.line + 1}' if mark else ''})") from None
+    _check(isinstance(raw, dict), where, "(top level)", "expected a mapping with description, seeds and rows")
+    for key in raw:
+        _check(key in ("description", "seeds", "rows"), where, key, "unknown field (known: description, seeds, rows)")
+    _check(isinstance(raw.get("description"), str) and raw["description"], where, "description",
+           "expected a non-empty string")
+    seeds = raw.get("seeds")
+    _check(isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds), where, "seeds",
+           "expected a non-empty list of integers")
+    _check(isinstance(raw.get("rows"), list) and raw["rows"], where, "rows", "expected a non-empty list of rows")
+    rows = [_row(r, where, f"rows[{i}]") for i, r in enumerate(raw["rows"])]
+    labels = [r[0] for r in rows]
+    for i, row in enumerate(rows):
+        _check(row[0] not in labels[:i], where, f"rows[{i}].label", f"{row[0]!r} is already a row's label")
+        opts = row[4] if len(row) > 4 else {}
+        for field, named in (("run", opts.get("run")), ("induce.from", opts.get("induce", {}).get("from"))):
+            _check(named is None or named in labels, where, f"rows[{i}].options.{field}",
+                   f"{named!r} is no row's label")
+    return {"description": raw["description"], "seeds": seeds, "rows": rows}
+
+
+def load_profiles(directory: Path = PROFILE_DIR) -> dict[str, dict]:
+    """Every ``<name>.yaml`` in ``directory`` by name (``comparison`` is benchmarks/comparison.py's own)."""
+    profiles = {}
+    for path in sorted(directory.glob("*.yaml")):
+        _check(path.stem != "comparison", str(path), "(file name)", "comparison is the comparison profile's name")
+        profiles[path.stem] = load_profile(path)
+    return profiles
+
+
+# profile -> {description, seeds, rows}; each row (label, config file under configs/, overrides[, group[,
+# options]]); options: "run" (reuse another row's run folder), "metrics" ("given" / "routing": report that
+# sub-report), "induce" ({"from": row, "p_min", "g_max"}: induce a tree from that row's run and set data.tree)
+PROFILES: dict[str, dict] = load_profiles()
 
 COLUMNS = [
     ("path_f1", "path F1"),

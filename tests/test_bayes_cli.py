@@ -12,9 +12,9 @@ import yaml
 
 from hiervision.cli import main
 from hiervision.decisions import calibrate
+from hiervision.experiment import load_run
 from hiervision.export import run_predictor, sidecar
 from hiervision.runtime import Predictor
-from hiervision.training import load_run
 
 RULES = ["crm", "bayes:hf1", "bayes:hf1:inner", "bayes:severity", "bayes:path_accuracy"]
 

@@ -26,6 +26,9 @@ from hiervision.taxonomy import PAD
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import comparison as C  # noqa: E402  (benchmarks/ is not a package)
+import comparison_plan as P  # noqa: E402  (benchmarks/ is not a package)
+import comparison_report as R  # noqa: E402  (benchmarks/ is not a package)
+import comparison_stats as S  # noqa: E402  (benchmarks/ is not a package)
 
 FLAT = """data: {name: synthetic_var, n_train: 256, n_test: 96, size: 16}
 model: {name: flat, backbone: resnet20, backbone_kwargs: {width: 0.25}}
@@ -45,18 +48,18 @@ def configs(tmp_path: Path) -> Path:
     return d
 
 
-def _tiny(induced: bool = False) -> tuple[C.DataSet, ...]:
-    methods = [C.Method("flat", "flat", "flat.yaml"), C.Method("guo_rnn", "Guo CNN-RNN", "guo.yaml")]
+def _tiny(induced: bool = False) -> tuple[P.DataSet, ...]:
+    methods = [P.Method("flat", "flat", "flat.yaml"), P.Method("guo_rnn", "Guo CNN-RNN", "guo.yaml")]
     if induced:
-        methods.append(C.Method("hiernet", "HierNet", "hiernet.yaml", induced=True))
-    return (C.DataSet("toy", "toy tree", tuple(methods), epochs={"cpu": 4 if induced else 1}, induce=(0.05, 3)),)
+        methods.append(P.Method("hiernet", "HierNet", "hiernet.yaml", induced=True))
+    return (P.DataSet("toy", "toy tree", tuple(methods), epochs={"cpu": 4 if induced else 1}, induce=(0.05, 3)),)
 
 
 # ----------------------------------------------------------------------------- statistics
 def test_paired_difference_and_t_interval_by_hand():
     method = {0: 0.90, 1: 0.80, 2: 0.85}
     flat = {0: 0.88, 1: 0.79, 2: 0.80, 3: 0.70}  # seed 3 has no partner: left out
-    d = C.paired_difference(method, flat)
+    d = S.paired_difference(method, flat)
     diffs = [0.02, 0.01, 0.05]
     mean = sum(diffs) / 3
     std = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2)
@@ -65,12 +68,12 @@ def test_paired_difference_and_t_interval_by_hand():
     assert d["mean"] == pytest.approx(mean) and d["std"] == pytest.approx(std)
     assert (d["lo"], d["hi"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
     assert d["lo"] < 0 < d["hi"]  # +2.7 pt, but three seeds do not pin it down
-    one = C.paired_difference({0: 0.9}, {0: 0.8})
+    one = S.paired_difference({0: 0.9}, {0: 0.8})
     assert one["n"] == 1 and one["mean"] == pytest.approx(0.1) and one["lo"] is None
-    assert C.t_quantile(1) == 12.706 and C.t_quantile(30) == 2.042 and C.t_quantile(100) == 1.96
+    assert S.t_quantile(1) == 12.706 and S.t_quantile(30) == 2.042 and S.t_quantile(100) == 1.96
     with pytest.raises(ValueError):
-        C.t_quantile(0)
-    assert C.mean_std([1.0, None, 3.0]) == {"n": 2, "mean": 2.0, "std": pytest.approx(math.sqrt(2))}
+        S.t_quantile(0)
+    assert S.mean_std([1.0, None, 3.0]) == {"n": 2, "mean": 2.0, "std": pytest.approx(math.sqrt(2))}
 
 
 def _row(label: str, n: int, mean: float, lo: float | None, hi: float | None) -> dict:
@@ -81,19 +84,19 @@ def _row(label: str, n: int, mean: float, lo: float | None, hi: float | None) ->
 def test_which_method_is_generated_from_intervals_only():
     rows = {"flat": {"label": "flat", "n": 3}, "a": _row("A", 3, 0.02, 0.01, 0.03),
             "b": _row("B", 3, -0.1, -0.12, -0.08), "c": _row("C", 3, 0.01, -0.01, 0.03)}
-    text = C.which_method({"x": {"label": "X", "rows": rows}})
+    text = R.which_method({"x": {"label": "X", "rows": rows}})
     assert "A beats flat (+2.00 pt, 95 % CI [+1.00, +3.00], n = 3)" in text
     assert "B loses to flat (-10.00 pt" in text and "C is not distinguishable from flat" in text
     rows["c"] = _row("C", 2, 0.01, -0.01, 0.03)  # claims only where the seeds are there; the rest is named
-    text = C.which_method({"x": {"label": "X", "rows": rows}})
+    text = R.which_method({"x": {"label": "X", "rows": rows}})
     assert "A beats flat" in text and "B loses to flat" in text and "C is not" not in text
     assert "Not measured yet with >= 3 seeds: C;" in text
     rows["d"] = {**_row("D", 1, 0.05, None, None), "optional": True}  # an exploratory row: tables only
-    assert C.which_method({"x": {"label": "X", "rows": rows}}) == text
+    assert R.which_method({"x": {"label": "X", "rows": rows}}) == text
     rows["flat"]["n"] = 2
     for r in ("a", "b"):
         rows[r] = _row(rows[r]["label"], 2, 0.02, 0.01, 0.03)
-    text = C.which_method({"x": {"label": "X", "rows": rows}})
+    text = R.which_method({"x": {"label": "X", "rows": rows}})
     assert "beats" not in text and "loses" not in text
     assert "*X*: not measured yet with >= 3 seeds: flat, A, B, C" in text
 
@@ -112,26 +115,26 @@ def test_the_recommended_recipe_follows_the_bar_on_every_data_set():
         both = {"flat": {"label": "flat", "n": 3}}
         return {d: {"label": d.upper(), "rows": {**both, **rows}} for d in ("a", "b")}
 
-    assert "not decided yet" in C.recommendation(summary(x=row("X", 0.0, -0.1, -0.1, n=2)))
+    assert "not decided yet" in R.recommendation(summary(x=row("X", 0.0, -0.1, -0.1, n=2)))
     # X keeps top-1 (interval holds 0) and cuts both mistake measures; Y gains top-1 but not severity
-    text = C.recommendation(summary(x=row("X", 0.001, -0.1, -0.1), y=row("Y", 0.01, 0.0, -0.1)))
+    text = R.recommendation(summary(x=row("X", 0.001, -0.1, -0.1), y=row("Y", 0.01, 0.0, -0.1)))
     assert text.startswith("*Recommended recipe*: **X**") and "Δ top-1 pt +0.10 [-0.30, +0.50]" in text
     # an ensemble (HiE: two networks) that does better still is shown in the tables but is not equal budget
-    assert C.ENSEMBLES == {"hie", "hie_crm"}
-    text = C.recommendation(summary(x=row("X", 0.001, -0.1, -0.1), hie=row("HiE", 0.02, -0.3, -0.3)))
+    assert R.ENSEMBLES == {"hie", "hie_crm"}
+    text = R.recommendation(summary(x=row("X", 0.001, -0.1, -0.1), hie=row("HiE", 0.02, -0.3, -0.3)))
     assert text.startswith("*Recommended recipe*: **X**")
     # nobody meets the bar: the best trade-off among the rows that keep top-1
-    text = C.recommendation(summary(x=row("X", 0.001, -0.01, -0.1), y=row("Y", 0.0, -0.015, 0.0),
+    text = R.recommendation(summary(x=row("X", 0.001, -0.01, -0.1), y=row("Y", 0.0, -0.015, 0.0),
                                     z=row("Z", -0.05, -0.5, -0.5)))
     assert "no row meets the bar" in text
     assert "Best trade-off (keeps top-1, largest cut in mistake severity): **Y**" in text
-    assert "flat stays the recipe" in C.recommendation(summary(z=row("Z", -0.05, -0.5, -0.5)))
+    assert "flat stays the recipe" in R.recommendation(summary(z=row("Z", -0.05, -0.5, -0.5)))
     # nobody keeps top-1 on both: per data set, the row that keeps it there and lowers a mistake measure
     w = row("W", 0.0, 0.0, -0.1)
     w_b = {**w, "vs_flat": {**w["vs_flat"], "leaf_accuracy": _paired(-0.02, 0.004)}}  # loses top-1 on B
     both = summary(z=row("Z", -0.05, -0.5, -0.5), w=w)
     both["b"]["rows"]["w"] = w_b
-    text = C.recommendation(both)
+    text = R.recommendation(both)
     assert "flat stays the recipe" in text and "A: **W** (Δ top-1 pt +0.00" in text and "B: none (flat)" in text
 
 
@@ -140,13 +143,13 @@ def test_the_crm_note_quotes_the_paired_cost_and_the_synthetic_decomposition(tmp
         ("leaf_accuracy", -0.013), ("mistake_severity", -0.29), ("depth_severity", -0.28))}}
     summary = {"tiny": {"label": "TINY", "rows": {"flat": {"label": "flat", "n": 3}, "flat_crm": crm}}}
     synthetic = tmp_path / "crm-depth.json"
-    assert C.crm_on_deep_trees(summary, synthetic) == ""  # without the decomposition: no note
+    assert R.crm_on_deep_trees(summary, synthetic) == ""  # without the decomposition: no note
 
     def rule(top1, crm):
         return {"argmax": {"top1": top1}, "crm": {"top1": crm}}
     synthetic.write_text(json.dumps({"hier@0.284": {"wordnet": rule(0.28, 0.27), "padded": rule(0.28, 0.271)},
                                      "hier@0.75": {"wordnet": rule(0.75, 0.749), "padded": rule(0.75, 0.75)}}))
-    text = C.crm_on_deep_trees(summary, synthetic)
+    text = R.crm_on_deep_trees(summary, synthetic)
     assert "TINY: Δ top-1 pt -1.30 [-2.30, -0.30], Δ mistake sev. -0.29 [-0.30, -0.28]" in text
     assert "CRM costs 1.00 pt top-1 on the WordNet tree and 0.90 pt on the same tree padded" in text
     assert "0.10 pt on WordNet at 75 %: the cost comes from low confidence" in text
@@ -156,27 +159,27 @@ def test_the_crm_note_quotes_the_paired_cost_and_the_synthetic_decomposition(tmp
 @pytest.mark.slow
 def test_profile_is_resumable_and_cumulative(tmp_path, configs):
     runs = tmp_path / "runs"
-    cells = C.plan("cpu", [0, 1], runs, datasets=_tiny(), config_dir=configs)
+    cells = P.plan("cpu", [0, 1], runs, datasets=_tiny(), config_dir=configs)
     assert [c.name for c in cells] == ["flat/toy/s0", "guo_rnn/toy/s0", "flat/toy/s1", "guo_rnn/toy/s1"]
-    assert "0 of 4 cells done" in C.status(cells)
-    first = C.run_cells(cells, log=lambda *_: None)
+    assert "0 of 4 cells done" in P.status(cells)
+    first = P.run_cells(cells, log=lambda *_: None)
     assert len(first["ran"]) == 4 and not first["skipped"]
-    assert "4 of 4 cells done" in C.status(cells) and "todo" not in C.status(cells)
+    assert "4 of 4 cells done" in P.status(cells) and "todo" not in P.status(cells)
 
     def must_not_train(*_a, **_k):
         raise AssertionError("a finished cell was trained again")
 
-    again = C.plan("cpu", [0, 1], runs, datasets=_tiny(), config_dir=configs)
-    second = C.run_cells(again, train_fn=must_not_train, log=lambda *_: None)
+    again = P.plan("cpu", [0, 1], runs, datasets=_tiny(), config_dir=configs)
+    second = P.run_cells(again, train_fn=must_not_train, log=lambda *_: None)
     assert second["ran"] == [] and len(second["skipped"]) == 4
     # a changed recipe is a new cell (new digest, new folder): cached results are never mixed in
-    changed = C.plan("cpu", [0], runs, datasets=_tiny(), config_dir=configs, extra=["train.lr=0.05"])
+    changed = P.plan("cpu", [0], runs, datasets=_tiny(), config_dir=configs, extra=["train.lr=0.05"])
     assert not any(c.done() for c in changed) and changed[0].run_dir != cells[0].run_dir
     # a third seed adds to the table: n grows per cell
-    more = C.plan("cpu", [0, 1, 2], runs, datasets=_tiny(), config_dir=configs, only=["flat"])
+    more = P.plan("cpu", [0, 1, 2], runs, datasets=_tiny(), config_dir=configs, only=["flat"])
     assert [c.state() for c in more] == ["done", "done", "todo"]
 
-    summary = C.summarize(again)
+    summary = S.summarize(again)
     rows = summary["toy"]["rows"]
     assert rows["flat"]["n"] == 2 and rows["guo_rnn"]["n"] == 2 and "vs_flat" not in rows["flat"]
     pa = rows["guo_rnn"]["vs_flat"]["path_accuracy"]
@@ -187,14 +190,14 @@ def test_profile_is_resumable_and_cumulative(tmp_path, configs):
 
     results, md, readme = tmp_path / "results", tmp_path / "RESULTS.md", tmp_path / "README.md"
     md.write_text("# Benchmark results\n\n## quick\n\nkept\n")
-    readme.write_text(f"intro\n{C.README_START}\nold: not measured yet, not measured yet\n{C.README_END}\nrest\n")
-    body = C.write_outputs(summary, "cpu", "python benchmarks/run.py --profile comparison", "test machine", 1.0,
+    readme.write_text(f"intro\n{R.README_START}\nold: not measured yet, not measured yet\n{R.README_END}\nrest\n")
+    body = R.write_outputs(summary, "cpu", "python benchmarks/run.py --profile comparison", "test machine", 1.0,
                            results, md, readme)
     assert "Protocol (issue 14)" in body and "| flat | 2 |" in body and "| Guo CNN-RNN | 2 |" in body
     assert "Machine: test machine" in body and "too short" in body
     text = md.read_text()
     assert "## quick\n\nkept" in text and text.count("## comparison") == 1
-    C.write_outputs(summary, "cpu", "cmd", "m", 1.0, results, md, readme)  # replaces its section, once
+    R.write_outputs(summary, "cpu", "cmd", "m", 1.0, results, md, readme)  # replaces its section, once
     assert md.read_text().count("## comparison") == 1
     assert json.loads((results / "comparison.json").read_text())["summary"]["toy"]["rows"]["flat"]["n"] == 2
     assert (results / "comparison-toy.png").stat().st_size > 0
@@ -202,18 +205,18 @@ def test_profile_is_resumable_and_cumulative(tmp_path, configs):
     assert "\nold\n" not in r and "not measured yet with >= 3 seeds" in r and r.endswith("rest\n")
     # a paragraph with measured claims is never replaced by one with fewer
     claim = "A beats flat (+1 pt, 95 % CI [+0.5, +1.5], n = 3)"
-    readme.write_text(f"intro\n{C.README_START}\n{claim}\n{C.README_END}\nrest\n")
-    C.write_outputs(summary, "cpu", "cmd", "m", 1.0, results, md, readme)
+    readme.write_text(f"intro\n{R.README_START}\n{claim}\n{R.README_END}\nrest\n")
+    R.write_outputs(summary, "cpu", "cmd", "m", 1.0, results, md, readme)
     assert "A beats flat" in readme.read_text()
 
 
 def test_a_decoding_only_row_decodes_the_trained_run_and_trains_nothing(tmp_path, configs):
     from hiervision.training import train
 
-    beam = C.Method("guo_rnn_beam", "Guo CNN-RNN, beam", "guo.yaml", reuses="guo_rnn", beam_widths=(1, 2))
+    beam = P.Method("guo_rnn_beam", "Guo CNN-RNN, beam", "guo.yaml", reuses="guo_rnn", beam_widths=(1, 2))
     toy = _tiny()[0]
     data = (dataclasses.replace(toy, methods=(*toy.methods, beam)),)
-    cells = C.plan("cpu", [0], tmp_path / "runs", datasets=data, config_dir=configs)
+    cells = P.plan("cpu", [0], tmp_path / "runs", datasets=data, config_dir=configs)
     flat, guo, dec = cells
     assert dec.name == "guo_rnn_beam/toy/s0" and (dec.run_dir, dec.digest) == (guo.run_dir, guo.digest)
     trained = []
@@ -222,7 +225,7 @@ def test_a_decoding_only_row_decodes_the_trained_run_and_trains_nothing(tmp_path
         trained.append(run_dir)
         return train(cfg, run_dir, resume=resume)
 
-    C.run_cells(cells, train_fn=train_fn, log=lambda *_: None)
+    P.run_cells(cells, train_fn=train_fn, log=lambda *_: None)
     assert trained == [flat.run_dir, guo.run_dir] and dec.done()
     m, own = dec.metrics(), guo.metrics()
     val = {int(k): v for k, v in m["val_path_accuracy_by_width"].items()}
@@ -230,18 +233,18 @@ def test_a_decoding_only_row_decodes_the_trained_run_and_trains_nothing(tmp_path
     assert m["train_images_per_s"] == own["train_images_per_s"]  # the same training run
     if m["beam_width"] == 1:  # width 1 is the run's own greedy decoding
         assert m["path_accuracy"] == pytest.approx(own["path_accuracy"])
-    summary = C.summarize(cells)
+    summary = S.summarize(cells)
     row = summary["toy"]["rows"]["guo_rnn_beam"]
     assert row["n"] == 1 and row["vs_flat"]["path_accuracy"]["n"] == 1 and row["beam_width"] == {0: m["beam_width"]}
-    text = C.section(summary, "cpu", "cmd", "machine", 1.0, "comparison")
+    text = R.section(summary, "cpu", "cmd", "machine", 1.0, "comparison")
     assert f"Guo CNN-RNN, beam: beam width picked on val per seed: s0: {m['beam_width']}." in text
     dec.decoded.unlink()  # e.g. a row added after its run was trained: only the decoding is left to do
     assert dec.state() == "trained; to decode"
-    assert C.run_cells(cells, train_fn=train_fn, log=lambda *_: None)["ran"] == [dec.name] and len(trained) == 2
+    assert P.run_cells(cells, train_fn=train_fn, log=lambda *_: None)["ran"] == [dec.name] and len(trained) == 2
 
 
 def test_induced_hiernet_gets_flat_pretrain_and_the_rest_of_the_budget(tmp_path, configs):
-    cells = C.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(induced=True), config_dir=configs,
+    cells = P.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(induced=True), config_dir=configs,
                    only=["hiernet/*"])
     assert [c.name for c in cells] == ["flat-pretrain/toy/s0", "hiernet/toy/s0"]
     pre, hier = cells
@@ -264,37 +267,37 @@ def test_induced_hiernet_gets_flat_pretrain_and_the_rest_of_the_budget(tmp_path,
         calls.append(("score", Path(run_dir)))
         return {"path_accuracy": 0.25, "scored_in": "given tree"}
 
-    C.run_cells(cells, train_fn=fake_train, induce_fn=fake_induce, score_fn=fake_score, log=lambda *_: None)
+    P.run_cells(cells, train_fn=fake_train, induce_fn=fake_induce, score_fn=fake_score, log=lambda *_: None)
     assert calls == [("train", "flat", 2), ("induce", pre.run_dir, 0.05, 3), ("train", "hiernet", 2),
                      ("score", hier.run_dir)]
     assert hier.tree.exists() and all(c.done() for c in cells)
     assert hier.metrics()["path_accuracy"] == 0.25  # the given tree's numbers replace the induced tree's
     # a trained cell whose given-tree scores are missing only gets scored (no training)
-    (hier.run_dir / C.GIVEN_TREE).unlink()
+    (hier.run_dir / P.GIVEN_TREE).unlink()
     assert hier.trained() and not hier.done()
     calls.clear()
-    C.run_cells(cells, train_fn=fake_train, induce_fn=fake_induce, score_fn=fake_score, log=lambda *_: None)
+    P.run_cells(cells, train_fn=fake_train, induce_fn=fake_induce, score_fn=fake_score, log=lambda *_: None)
     assert calls == [("score", hier.run_dir)]
-    summary = C.summarize(cells)  # the pre-train is not a row: flat is there (the baseline) with n = 0
+    summary = S.summarize(cells)  # the pre-train is not a row: flat is there (the baseline) with n = 0
     assert set(summary["toy"]["rows"]) == {"flat", "hiernet"}
     assert summary["toy"]["rows"]["hiernet"]["n"] == 1 and summary["toy"]["rows"]["flat"]["n"] == 0
 
 
 def test_status_reports_partial_cells_and_max_hours_stops(tmp_path, configs):
-    cells = C.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(), config_dir=configs)
+    cells = P.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(), config_dir=configs)
     cells[0].run_dir.mkdir(parents=True)
     (cells[0].run_dir / "last.pt").write_bytes(b"x")
     assert cells[0].state() == "partial (0/1 epochs)"
-    out = C.run_cells(cells, max_hours=0.0, train_fn=lambda *a, **k: None, log=lambda *_: None)
+    out = P.run_cells(cells, max_hours=0.0, train_fn=lambda *a, **k: None, log=lambda *_: None)
     assert out["stopped"] and out["ran"] == []
     with pytest.raises(ValueError, match="--budget"):
-        C.plan("tpu", [0], tmp_path, datasets=_tiny(), config_dir=configs)
+        P.plan("tpu", [0], tmp_path, datasets=_tiny(), config_dir=configs)
 
 
 def test_the_ledger_keeps_finished_cells_across_machines(tmp_path, configs):
     """Run folders are not committed: a fresh checkout's tables come from the ledger, a sitting adds to it,
     and a post-hoc row whose trained run is only in the ledger trains that run again."""
-    crm = C.Method("flat_crm", "flat + CRM", "flat.yaml", reuses="flat", decode="crm")
+    crm = P.Method("flat_crm", "flat + CRM", "flat.yaml", reuses="flat", decode="crm")
     toy = _tiny()[0]
     data = (dataclasses.replace(toy, methods=(*toy.methods, crm)),)
     trained, bump = [], [0.0]
@@ -310,9 +313,9 @@ def test_the_ledger_keeps_finished_cells_across_machines(tmp_path, configs):
 
     ledger_path = tmp_path / "results" / "comparison-cells.json"
     first = tmp_path / "machine-a"
-    cells = C.plan("cpu", [0, 1], first, datasets=data, config_dir=configs, only=["flat", "guo_rnn"],
-                   ledger=C.Ledger(ledger_path))
-    C.run_cells(cells, train_fn=train_fn, log=lambda *_: None, on_done=C.recorder(cells[0].ledger, cells, "machine A"))
+    cells = P.plan("cpu", [0, 1], first, datasets=data, config_dir=configs, only=["flat", "guo_rnn"],
+                   ledger=P.Ledger(ledger_path))
+    P.run_cells(cells, train_fn=train_fn, log=lambda *_: None, on_done=P.recorder(cells[0].ledger, cells, "machine A"))
     assert len(trained) == 4
     kept = json.loads(ledger_path.read_text())
     assert set(kept) == {"flat/toy/s0", "guo_rnn/toy/s0", "flat/toy/s1", "guo_rnn/toy/s1"}
@@ -320,17 +323,17 @@ def test_the_ledger_keeps_finished_cells_across_machines(tmp_path, configs):
 
     # another machine, no run folders: the ledger's cells are done, the new row trains flat again
     second = tmp_path / "machine-b"
-    ledger = C.Ledger(ledger_path)
-    cells = C.plan("cpu", [0, 1], second, datasets=data, config_dir=configs, ledger=ledger)
+    ledger = P.Ledger(ledger_path)
+    cells = P.plan("cpu", [0, 1], second, datasets=data, config_dir=configs, ledger=ledger)
     assert [c.state() for c in cells if c.method.key != "flat_crm"] == ["done (ledger)"] * 4
     trained.clear()
-    table = C.plan("cpu", [0, 1], second, datasets=data, config_dir=configs, only=["flat_crm"], ledger=ledger)
+    table = P.plan("cpu", [0, 1], second, datasets=data, config_dir=configs, only=["flat_crm"], ledger=ledger)
     assert [c.method.key for c in table] == ["flat_crm"] * 2  # a sitting that names the post-hoc row only
     bump[0] = -0.02  # machine B's runs come out lower (another precision)
-    C.run_cells(table, train_fn=train_fn, rule_fn=rule_fn, log=lambda *_: None,
-                on_done=C.recorder(ledger, cells, "machine B"))
+    P.run_cells(table, train_fn=train_fn, rule_fn=rule_fn, log=lambda *_: None,
+                on_done=P.recorder(ledger, cells, "machine B"))
     assert sorted(trained) == sorted(c.run_dir.name for c in cells if c.method.key == "flat_crm")
-    rows = C.summarize(cells)["toy"]["rows"]
+    rows = S.summarize(cells)["toy"]["rows"]
     assert rows["guo_rnn"]["n"] == 2 and rows["flat_crm"]["n"] == 2
     # each row pairs with flat's run on its own machine: guo (A) with flat's earlier A run, CRM with B's
     assert rows["guo_rnn"]["vs_flat"]["path_accuracy"]["mean"] == pytest.approx(0.05)
@@ -338,9 +341,9 @@ def test_the_ledger_keeps_finished_cells_across_machines(tmp_path, configs):
     assert rows["flat"]["per_seed"]["path_accuracy"][0] == pytest.approx(0.48)
     kept = json.loads(ledger_path.read_text())
     assert kept["flat/toy/s0"]["machine"] == "machine B" and kept["guo_rnn/toy/s0"]["machine"] == "machine A"
-    assert "2 on machine A (guo_rnn)" in C.machines_note(cells, ledger, "machine B")
+    assert "2 on machine A (guo_rnn)" in R.machines_note(cells, ledger, "machine B")
     # a changed recipe is a new cell: the ledger's numbers never stand in for it
-    changed = C.plan("cpu", [0], second, datasets=data, config_dir=configs, extra=["train.lr=0.05"], ledger=ledger)
+    changed = P.plan("cpu", [0], second, datasets=data, config_dir=configs, extra=["train.lr=0.05"], ledger=ledger)
     assert not any(c.done() for c in changed)
 
 
@@ -356,16 +359,16 @@ def test_run_py_status_lists_every_cell_of_the_real_plan(tmp_path):
     assert re.fullmatch(r"\d+ of 24 cells done", lines[-1]) and any("done (ledger)" in x for x in lines)
     assert any(x.startswith("hiernet/tiny32/s1") for x in lines)
     assert any(x.startswith("flat-pretrain/fmnist/s0") for x in lines)
-    gpu = C.plan("gpu", [0], tmp_path, device="cuda")
+    gpu = P.plan("gpu", [0], tmp_path, device="cuda")
     assert {c.data.key for c in gpu} == {"fmnist", "tiny32", "tiny64"}
     assert all(c.cfg["train"]["device"] == "cuda" for c in gpu)
     assert {c.cfg["data"]["image_size"] for c in gpu if c.data.key == "tiny64"} == {64}
     flat = {c.data.key: c.cfg["train"]["epochs"] for c in gpu if c.method.key == "flat" and not c.hidden}
     assert flat == {"fmnist": 20, "tiny32": 30, "tiny64": 30}
-    tuned = C.plan("cpu", [0], tmp_path, only=["guo_rnn_tuned/tiny32"])
+    tuned = P.plan("cpu", [0], tmp_path, only=["guo_rnn_tuned/tiny32"])
     assert [c.name for c in tuned] == ["guo_rnn_tuned/tiny32/s0"]
-    assert not any(c.method.optional for c in C.plan("cpu", [0], tmp_path, only=["*/tiny32"]))
-    assert any(c.method.optional for c in C.plan("cpu", [0], tmp_path, only=["*/tiny32"], optional=True))
+    assert not any(c.method.optional for c in P.plan("cpu", [0], tmp_path, only=["*/tiny32"]))
+    assert any(c.method.optional for c in P.plan("cpu", [0], tmp_path, only=["*/tiny32"], optional=True))
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "comparison").glob("*.yaml")), ids=lambda p: p.stem)
@@ -385,8 +388,8 @@ def test_comparison_configs_build_their_models(path):
 def test_diagnose_reports_a_trained_run(tmp_path, configs, capsys):
     import diagnose
 
-    cells = C.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(), config_dir=configs, only=["guo_rnn"])
-    C.run_cells(cells, log=lambda *_: None)
+    cells = P.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(), config_dir=configs, only=["guo_rnn"])
+    P.run_cells(cells, log=lambda *_: None)
     report = diagnose.diagnose(cells[0].run_dir)
     saved = cells[0].metrics()
     assert report["path_accuracy"] == pytest.approx(saved["path_accuracy"])  # the same predictions again
@@ -446,18 +449,18 @@ def test_cached_cells_keep_their_identity(tmp_path):
     # A cell's cache key is the digest of its resolved config, defaults included: a new config default
     # would silently orphan every cell already run (hours of CPU). Add options so that their absence
     # resolves as before (e.g. a new value of an existing key), or rerun the comparison on purpose.
-    first = C.plan("cpu", [0], tmp_path)[0]
+    first = P.plan("cpu", [0], tmp_path)[0]
     assert (first.name, first.digest) == ("flat/fmnist/s0", "fc91a7fd508d")
 
 
 def test_induced_hiernet_cell_for_real_is_scored_in_the_given_tree(tmp_path, configs):
     """Pre-train, induce, HierNet, then its predictions moved to the given tree and scored there."""
-    cells = C.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(induced=True), config_dir=configs,
+    cells = P.plan("cpu", [0], tmp_path / "runs", datasets=_tiny(induced=True), config_dir=configs,
                    only=["hiernet/*"], extra=["data.val_fraction=0.4"])  # every class in val: the confusion matrix
-    C.run_cells(cells, log=lambda *_: None)
+    P.run_cells(cells, log=lambda *_: None)
     hier = cells[-1]
     assert hier.done()
-    given = json.loads((hier.run_dir / C.GIVEN_TREE).read_text())
+    given = json.loads((hier.run_dir / P.GIVEN_TREE).read_text())
     assert given["scored_in"] == "given tree" and given["num_samples"] == 96
     assert 0 <= given["path_accuracy"] <= given["node_accuracy"] <= 1 and 0 <= given["ece"] <= 1
     # HierNet answers its most probable leaf, the rank-1 class of hdist@1: a right answer adds an LCA height

@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import comparison as C  # noqa: E402  (benchmarks/ is not a package)
+import comparison_plan as P  # noqa: E402  (benchmarks/ is not a package)
+import comparison_stats as S  # noqa: E402  (benchmarks/ is not a package)
 
 FLAT = """data: {name: synthetic_var, n_train: 256, n_test: 96, size: 16}
 model: {name: flat, backbone: resnet20, backbone_kwargs: {width: 0.25}}
@@ -23,11 +24,11 @@ def test_a_decision_row_answers_the_trained_run_by_its_rule_and_trains_nothing(t
     from hiervision.training import train
 
     (tmp_path / "flat.yaml").write_text(FLAT)
-    methods = (C.Method("flat", "flat", "flat.yaml"),
-               C.Method("flat_crm", "flat + CRM", "flat.yaml", reuses="flat", decode="crm"),
-               C.Method("flat_bayes", "flat + Bayes hF1", "flat.yaml", reuses="flat", decode="bayes:hf1:inner"))
-    data = (C.DataSet("toy", "toy tree", methods, epochs={"cpu": 1}),)
-    cells = C.plan("cpu", [0], tmp_path / "runs", datasets=data, config_dir=tmp_path)
+    methods = (P.Method("flat", "flat", "flat.yaml"),
+               P.Method("flat_crm", "flat + CRM", "flat.yaml", reuses="flat", decode="crm"),
+               P.Method("flat_bayes", "flat + Bayes hF1", "flat.yaml", reuses="flat", decode="bayes:hf1:inner"))
+    data = (P.DataSet("toy", "toy tree", methods, epochs={"cpu": 1}),)
+    cells = P.plan("cpu", [0], tmp_path / "runs", datasets=data, config_dir=tmp_path)
     flat, crm, bayes = cells
     assert crm.run_dir == bayes.run_dir == flat.run_dir
     trained = []
@@ -36,7 +37,7 @@ def test_a_decision_row_answers_the_trained_run_by_its_rule_and_trains_nothing(t
         trained.append(run_dir)
         return train(cfg, run_dir, resume=resume)
 
-    C.run_cells(cells, train_fn=train_fn, log=lambda *_: None)
+    P.run_cells(cells, train_fn=train_fn, log=lambda *_: None)
     assert trained == [flat.run_dir] and crm.done() and bayes.done()
     own, m = flat.metrics(), crm.metrics()
     assert m["decode"] == "crm" and m["train_images_per_s"] == own["train_images_per_s"]
@@ -46,20 +47,20 @@ def test_a_decision_row_answers_the_trained_run_by_its_rule_and_trains_nothing(t
     b = bayes.metrics()
     assert b["decode"] == "bayes:hf1:inner"
     assert b["hierarchical_f1_macro"] == pytest.approx(own["crm"]["bayes:hf1:inner"]["hierarchical_f1_macro"])
-    summary = C.summarize(cells)
+    summary = S.summarize(cells)
     assert summary["toy"]["rows"]["flat_crm"]["vs_flat"]["hdist@5"]["n"] == 1
 
 
 def test_issue_24_rows_are_planned_with_their_configs(tmp_path):
-    default = {c.method.key for c in C.plan("cpu", [0], tmp_path)}
-    assert not default & set(C.MISTAKE_ROWS)  # optional: the default sitting does not start them
-    cells = C.plan("cpu", [0], tmp_path, only=list(C.MISTAKE_ROWS))
-    assert sorted(c.name for c in cells) == sorted(f"{k}/{d}/s0" for k in C.MISTAKE_ROWS for d in ("fmnist", "tiny32"))
+    default = {c.method.key for c in P.plan("cpu", [0], tmp_path)}
+    assert not default & set(P.MISTAKE_ROWS)  # optional: the default sitting does not start them
+    cells = P.plan("cpu", [0], tmp_path, only=list(P.MISTAKE_ROWS))
+    assert sorted(c.name for c in cells) == sorted(f"{k}/{d}/s0" for k in P.MISTAKE_ROWS for d in ("fmnist", "tiny32"))
     by = {c.name: c for c in cells}
     assert by["haframe_crm/tiny32/s0"].run_dir == by["haframe/tiny32/s0"].run_dir  # + CRM reuses the run
     assert by["haframe/tiny32/s0"].cfg["model"]["name"] == "haframe"
     assert by["flat_bayes_hf1/fmnist/s0"].method.decode == "bayes:hf1:inner"
-    flat = C.plan("cpu", [0], tmp_path, only=["flat/fmnist"])[0]
+    flat = P.plan("cpu", [0], tmp_path, only=["flat/fmnist"])[0]
     assert by["flat_crm/fmnist/s0"].run_dir == flat.run_dir  # post-hoc rows reuse flat's run
     # the same frozen recipe as flat: only the model section differs
     for key in ("haframe", "haf", "soft_max_margin", "bilt"):

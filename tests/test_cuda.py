@@ -13,7 +13,7 @@ import torch
 
 from hiervision.cli import main
 from hiervision.config import load_config
-from hiervision.evaluation import autocast_dtype
+from hiervision.distributed import autocast_dtype
 from hiervision.models import create_model, list_models
 from hiervision.training import train
 

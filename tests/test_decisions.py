@@ -34,8 +34,6 @@ from hiervision.decisions import (
     hedge_records,
     load_decisions,
     node_marginals,
-    plot_accuracy_specificity,
-    plot_reliability,
     rewards,
     save_decisions,
 )
@@ -47,6 +45,7 @@ from hiervision.metrics import (
     expected_calibration_error,
     hierarchical_distance_at_k,
 )
+from hiervision.report import plot_accuracy_specificity, plot_reliability
 from hiervision.taxonomy import Taxonomy
 
 A, B, C, D, E, F, G, H = range(1, 9)

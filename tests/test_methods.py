@@ -14,10 +14,11 @@ from conftest import training_losses
 from hiervision.export import export_model, sidecar, torch_engine
 from hiervision.models import create_model
 from hiervision.models.bilt import path_cost
-from hiervision.models.haf import carried_levels, unit_rows
+from hiervision.models.haf import unit_rows
 from hiervision.models.haframe import hierarchy_aware_frame
 from hiervision.runtime import Predictor
 from hiervision.taxonomy import PAD, Taxonomy
+from hiervision.tree.tables import carried_levels
 
 FIXED = Taxonomy.from_paths(["a/c", "a/d", "b/e", "b/f", "b/g"])
 VARIABLE = Taxonomy.from_paths(["a/c/x", "a/c/y", "a/d", "b"])
@@ -68,6 +69,18 @@ def test_haframe_refuses_a_tree_too_big_for_its_dense_frame(monkeypatch):
     monkeypatch.setattr("hiervision.models.haframe.MAX_FRAME_CLASSES", 4)
     with pytest.raises(ValueError, match=r"model haframe: 5 classes; its frame is a dense C x C matrix"):
         create_model("haframe", FIXED, **SMALL)
+
+
+def test_haframe_holds_its_transformation_head_in_the_flat_slot_and_loads_runs_saved_before():
+    torch.manual_seed(0)
+    model = create_model("haframe", FIXED, **SMALL).eval()
+    assert isinstance(model.fc, torch.nn.Sequential) and not hasattr(model, "transform")
+    old = {k.replace("fc.", "transform.", 1) if k.startswith("fc.") else k: v for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    again = create_model("haframe", FIXED, **SMALL).eval()
+    again.load_state_dict(old)  # strict: every key found under its new name
+    x = torch.randn(3, 1, 16, 16)
+    assert torch.equal(again(x)["logits"], model(x)["logits"])
 
 
 def test_haf_keeps_every_level_on_small_trees_and_bounds_its_heads_on_big_ones():

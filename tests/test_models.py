@@ -12,34 +12,20 @@ import pytest
 import torch
 
 from hiervision.decoding import Prediction
-from hiervision.models import create_model, list_models
+from hiervision.models import create_model, list_models, model_info
 from hiervision.taxonomy import PAD, Taxonomy
 
 FIXED = Taxonomy.from_paths(["a/c", "a/d", "b/e", "b/f", "b/g"])
 VARIABLE = Taxonomy.from_paths(["a/c/x", "a/c/y", "a/d", "b"])
 BATCH, SIZE = 4, 16
 SMALL = {"backbone": "resnet20", "in_chans": 1, "image_size": SIZE, "backbone_kwargs": {"width": 0.25}}
-# per-model sizes that keep the heads tiny; guo_multihead decodes the tree's best path (its default,
-# "independent", reads each level's argmax and may leave the tree by design)
-EXTRA = {
-    "dhnn_rnn": {"input_size": 16, "hidden_size": 16, "pool_fallback": "project"},
-    "dhnn_s2s": {"input_size": 16, "hidden_size": 16, "pool_fallback": "project"},
-    "guo_rnn": {"embed_size": 16, "hidden_size": 16},
-    "guo_multihead": {"decode": "exact"},
-}
-
-
-# what each head declares it cannot do: a fixed-depth tree (one step or head per level), several paths per image
-NEEDS_FIXED_DEPTH = {"dhnn_rnn", "guo_multihead"}
-SINGLE_LABEL = {"guo_multihead", "guo_rnn", "hiernet", "haframe", "haf", "soft_max_margin", "bilt", "hie"}
-
-
-# heads that cannot condition their prediction on a given node (decode_given raises NotImplementedError)
-NO_GIVEN = {"dhnn_rnn", "dhnn_s2s"}
+# every head's own test sizes and capabilities, as it registered them (a new head needs no entry here)
+EXTRA = {name: model_info(name).tiny for name in list_models()}
 
 
 def supports(name: str, tax: Taxonomy, multi_label: bool = False) -> bool:
-    return not ((tax is VARIABLE and name in NEEDS_FIXED_DEPTH) or (multi_label and name in SINGLE_LABEL))
+    info = model_info(name)
+    return not ((tax is VARIABLE and info.fixed_depth) or (multi_label and not info.multi_label))
 
 
 def build(name: str, tax: Taxonomy, seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -139,7 +125,7 @@ def test_a_beam_width_is_set_or_refused_in_one_line_and_its_score_is_readable(na
 def test_predict_given_stays_below_the_given_node(name: str, tax: Taxonomy) -> None:
     model = build(name, tax).eval()
     given = torch.tensor([tax.path(int(t))[0] for t in leaf_targets(tax)])
-    if name in NO_GIVEN:
+    if not model_info(name).given:
         with pytest.raises(NotImplementedError, match="cannot condition"):
             model.predict_given(images(), given)
         return

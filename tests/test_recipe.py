@@ -105,9 +105,21 @@ def test_method_with_a_config_is_one_line(tmp_path, capsys):
 
 
 def test_every_registered_model_is_a_method() -> None:
-    """``--method NAME`` reaches every head a user can name in a config (a new head needs its entry)."""
+    """``--method NAME`` reaches every head a user can name in a config, with the options the head declares."""
     from hiervision.models import list_models
-    from hiervision.recipe import METHOD_OPTIONS
+    from hiervision.recipe import method_options
 
-    assert set(METHOD_OPTIONS) == set(list_models())
-    assert all(opts["model"]["name"] == name for name, opts in METHOD_OPTIONS.items())
+    options = method_options()
+    assert set(options) == set(list_models())
+    assert all(opts["model"]["name"] == name for name, opts in options.items())
+    assert options["dhnn_s2s"] == {"model": {"name": "dhnn_s2s", "conversion": "pool", "pool_fallback": "project",
+                                             "input_size": 128, "hidden_size": 256, "beam_width": 3},
+                                   "train": {"grad_clip": 5.0}}
+
+
+def test_the_demo_starts_with_the_recipes_head_and_trains_each_head_with_its_declared_options() -> None:
+    from hiervision.cli.demo import DEMO_METHODS
+    from hiervision.models import list_models
+
+    assert DEMO_METHODS[0][1] == recommended_method(10, False)[0]
+    assert {head for _, head, _ in DEMO_METHODS} <= set(list_models())

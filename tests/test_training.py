@@ -5,7 +5,8 @@ import torch
 
 from hiervision.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hiervision.config import load_config, merge
-from hiervision.training import TrainingError, frozen_groups, load_run, lr_factor, train
+from hiervision.experiment import load_run
+from hiervision.training import TrainingError, frozen_groups, lr_factor, train
 
 
 def test_resume_after_stop_gives_the_same_final_metrics(tiny_cfg, tmp_path):
@@ -146,13 +147,13 @@ def test_no_validation_split_keeps_the_last_epoch(tiny_cfg, tmp_path):
 def test_training_never_steps_on_a_last_batch_of_a_handful_of_images(tiny_cfg, tmp_path, monkeypatch):
     """Fashion-MNIST's seed-2 split left 2 of 128 images in the last batch, and that step wrecked batch norm's
     running statistics (training.MIN_LAST_BATCH_FRACTION): such a batch is dropped, a bigger one kept."""
-    import hiervision.training as training
+    import hiervision.training.engine as engine
     from hiervision.experiment import run_data
 
     n = len(run_data(tiny_cfg).train)
     seen: list[int] = []
-    accumulate = training._accumulate
-    monkeypatch.setattr(training, "_accumulate", lambda loop, x, y: (seen.append(len(x)), accumulate(loop, x, y))[1])
+    accumulate = engine.accumulate
+    monkeypatch.setattr(engine, "accumulate", lambda loop, x, y: (seen.append(len(x)), accumulate(loop, x, y))[1])
     for rest, kept in ((2, False), (n // 3, True)):
         seen.clear()
         cfg = merge(tiny_cfg, {"train": {"batch_size": n - rest, "epochs": 1}})

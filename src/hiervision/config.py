@@ -359,13 +359,6 @@ def check_given_level(level: Any, taxonomy: Taxonomy, key: str = "--given-level"
     return level
 
 
-def check_beam_width(width: int) -> int:
-    """``width`` as an int ≥ 1, else a one-line error (torch-free: models and the ONNX runtime share it)."""
-    if isinstance(width, bool) or int(width) != width or width < 1:
-        raise ValueError(f"beam width must be an integer >= 1, got {width!r}")
-    return int(width)
-
-
 def merge(base: dict, override: dict) -> dict:
     """Deep merge: dicts merge key by key, everything else is replaced."""
     out = copy.deepcopy(base)

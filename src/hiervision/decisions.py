@@ -2,12 +2,15 @@
 
 Every rule reads one thing every model family produces, :attr:`Prediction.scores <hiervision.decoding.
 Prediction>`, turned into an *end-class distribution* ``q`` ``(B, N+1)`` (column 0 = 0, rows sum to 1) by
-:func:`end_distribution`. From ``q`` come coherent node marginals (:func:`node_marginals`: the
-probability that the truth lies under each node), and on those the rules work:
+:func:`~hiervision.distributions.end_distribution`. From ``q`` come coherent node marginals
+(:func:`~hiervision.distributions.node_marginals`: the probability that the truth lies under each node), and
+on those the rules work. The rules that take a whole prediction (:func:`calibrate`, :func:`fit_decisions`,
+:func:`evaluate_hedging`, :func:`hedge_records`) also take its :class:`~hiervision.distributions.EndDistribution`,
+so that a caller that runs several of them (the post-hoc step) builds each distribution once:
 
-* temperature scaling (:func:`apply_temperature`, :func:`fit_temperature`) — ``q ∝ q^(1/T)``; for the
-  flat softmax this is exactly dividing the logits by ``T``; for path-scoring heads (per-level softmaxes,
-  HierNet's routers, decoders) it scales the whole path's log-probability. It never changes the
+* temperature scaling (:func:`~hiervision.distributions.apply_temperature`, :func:`fit_temperature`) —
+  ``q ∝ q^(1/T)``; for the flat softmax this is exactly dividing the logits by ``T``; for path-scoring heads
+  (per-level softmaxes, HierNet's routers, decoders) it scales the whole path's log-probability. It never changes the
   argmax. ``eval.calibrate: per_level`` fits one ``T`` per tree level instead and tempers each
   level's conditionals (a head with levels has one softmax per level); the argmax may then move, but a
   model's decoded paths stay as they are either way: only probabilities change.
@@ -38,6 +41,14 @@ import torch
 
 from hiervision import bayes, marginals
 from hiervision.decoding import Prediction, end_mask, tree_tables
+from hiervision.distributions import (  # below decisions and metrics; re-exported here, where callers know them
+    EndDistribution,
+    apply_temperature,
+    distribution_of,
+    end_distribution,
+    node_marginals,
+    rewards,
+)
 from hiervision.marginals import Temperature
 from hiervision.taxonomy import PAD, Taxonomy
 
@@ -65,8 +76,6 @@ __all__ = [
     "expected_lca_height",
     "load_decisions",
     "node_marginals",
-    "plot_accuracy_specificity",
-    "plot_reliability",
     "rewards",
     "save_decisions",
     "set_temperature",
@@ -79,34 +88,7 @@ DECISIONS_FILE = "decisions.json"
 DECODE_RULES = bayes.DECODE_RULES
 
 
-# ---------------------------------------------------------------------- distributions
-def end_distribution(
-    scores: torch.Tensor | Prediction, taxonomy: Taxonomy, ends: str = "leaves", temperature: Temperature = 1.0
-) -> torch.Tensor:
-    """``(B, N+1)`` probability that each end class is the truth, from a model's node scores, with the
-    temperature applied: :func:`hiervision.marginals.end_distribution` (the numpy implementation the
-    runtime shares), as a float32 tensor on the scores' device."""
-    s = scores.scores if isinstance(scores, Prediction) else scores
-    q = marginals.end_distribution(s.detach().float().cpu().numpy(), taxonomy, ends, temperature)
-    return torch.from_numpy(q).float().to(s.device)
-
-
-def apply_temperature(q: torch.Tensor, temperature: Temperature | torch.Tensor, taxonomy: Taxonomy | None = None,
-                      ends: str = "leaves") -> torch.Tensor:
-    """``q ∝ q^(1/T)`` row-wise, or per level along the tree (``taxonomy`` needed); zeros stay zero
-    (:func:`hiervision.marginals.apply_temperature`)."""
-    if marginals.is_identity(temperature):
-        return q
-    t = marginals.as_temperature(temperature)
-    return torch.from_numpy(marginals.apply_temperature(q.detach().cpu().numpy(), t, taxonomy, ends)).to(q)
-
-
-def node_marginals(q: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
-    """``(B, N+1)`` probability that the truth lies under (or at) each node; the root's column is 1.
-    Coherent by construction: a parent is never below its child."""
-    return torch.from_numpy(marginals.node_marginals(q.detach().cpu().numpy(), taxonomy)).to(q)
-
-
+# ---------------------------------------------------------------------- temperature
 def _target_marginal(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
     """``(B,)`` probability that ``q`` gives the target node (the mass of the end classes under it)."""
     under = tree_tables(taxonomy, q.device).subtree_sum(q)  # (B, N+1) mass at or below each node
@@ -177,20 +159,13 @@ def _golden_min(f, lo: float, hi: float, iters: int) -> float:
 
 
 # ---------------------------------------------------------------------- hedging (DARTS)
-def rewards(taxonomy: Taxonomy, ends: str = "leaves") -> torch.Tensor:
-    """``(N+1,)`` Deng et al.'s reward ``r(v) = log|ends| − log|ends under v|``: 0 at the root, largest
-    at an end class (information gained by the answer when it is right)."""
-    mask = end_mask(taxonomy, ends).float()
-    under = tree_tables(taxonomy, mask.device).subtree_sum(mask.unsqueeze(0))[0]  # end classes at or below
-    return torch.log(mask.sum()) - torch.log(under.clamp(min=1))
-
-
 def hedge_nodes(marginals: torch.Tensor, taxonomy: Taxonomy, lam: float, ends: str = "leaves") -> torch.Tensor:
     """DARTS: ``(B,)`` node ids ``argmax_v (r(v) + λ)·p(v)`` over every node, the root (id 0) included
     (ties go to the deepest node).
 
-    ``marginals``: :func:`node_marginals` (probability the truth lies under each node). ``λ = 0`` answers
-    the most probable end class (for leaf rewards); ``λ → ∞`` backs off to the root, which is always right.
+    ``marginals``: :func:`~hiervision.distributions.node_marginals` (probability the truth lies under each
+    node). ``λ = 0`` answers the most probable end class (for leaf rewards); ``λ → ∞`` backs off to the
+    root, which is always right.
     """
     if lam < 0:
         raise ValueError(f"hedging multiplier λ must be ≥ 0, got {lam}")
@@ -363,8 +338,8 @@ def crm_nodes(q: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
 
 def bayes_nodes(q: torch.Tensor, taxonomy: Taxonomy, metric: str, allow_inner: bool = False) -> torch.Tensor:
     """``(B,)`` long: per image the node (never the root) that maximises the expected ``metric`` under the
-    end-class distribution ``q`` ``(B, N+1)`` (:func:`end_distribution`): ``"hf1"`` (Kiritchenko's
-    per-image hierarchical F1), ``"severity"`` (minus the LCA height: :func:`crm_nodes`' answer) or
+    end-class distribution ``q`` ``(B, N+1)`` (:func:`~hiervision.distributions.end_distribution`): ``"hf1"``
+    (Kiritchenko's per-image hierarchical F1), ``"severity"`` (minus the LCA height: :func:`crm_nodes`' answer) or
     ``"path_accuracy"`` (the most probable end class). ``allow_inner``: the answer may be an inner node;
     otherwise an end class. Exact, ties to the more probable node; O(N·depth) per image on ancestor
     sums (the derivation and costs: :mod:`hiervision.bayes`, the numpy code the runtime shares)."""
@@ -373,20 +348,23 @@ def bayes_nodes(q: torch.Tensor, taxonomy: Taxonomy, metric: str, allow_inner: b
 
 
 # ---------------------------------------------------------------------- whole predictions
-def calibrate(prediction: Prediction, taxonomy: Taxonomy, temperature: Temperature = 1.0,
+def calibrate(prediction: Prediction | EndDistribution, taxonomy: Taxonomy, temperature: Temperature = 1.0,
               decode: str = "argmax") -> Prediction:
     """A prediction whose ``scores`` are the temperature-scaled node marginals and whose
     ``path_prob`` is the scaled probability of its answer; ``decode`` (``argmax | crm |
     bayes:METRIC[:inner]``) also replaces the paths by :func:`crm_nodes`' or :func:`bayes_nodes`' answers
     (an inner answer's probability is that it covers the truth). Multi-label predictions come back
-    unchanged (their sigmoids are thresholded, not normalised)."""
+    unchanged (their sigmoids are thresholded, not normalised). Given the prediction's
+    :class:`~hiervision.distributions.EndDistribution`, every rule calibrated from it shares its ``q`` and
+    marginals (the answers' ``scores`` are then one tensor)."""
     rule, metric, inner = bayes.decode_rule(decode)
-    if prediction.labels is not None or (marginals.is_identity(temperature) and rule == "argmax"):
-        return prediction
-    q = end_distribution(prediction, taxonomy, temperature=temperature)
-    m = node_marginals(q, taxonomy)
+    raw = prediction.prediction if isinstance(prediction, EndDistribution) else prediction
+    if raw.labels is not None or (marginals.is_identity(temperature) and rule == "argmax"):
+        return raw
+    dist = distribution_of(prediction, taxonomy)
+    q, m = dist.q(temperature), dist.node_marginals(temperature)
     if rule == "argmax":
-        paths, end = prediction.paths, prediction.nodes
+        paths, end = raw.paths, raw.nodes
     else:
         end = crm_nodes(q, taxonomy) if rule == "crm" else bayes_nodes(q, taxonomy, metric, inner)
         paths = taxonomy.path_matrix.to(q.device)[end]
@@ -400,16 +378,17 @@ def set_temperature(model: torch.nn.Module, temperature: Temperature) -> None:
     model.temperature = torch.tensor(temperature, dtype=torch.float32, device=model.temperature.device)
 
 
-def fit_decisions(model, val: Prediction, val_targets: torch.Tensor, taxonomy: Taxonomy,
+def fit_decisions(model, val: Prediction | EndDistribution, val_targets: torch.Tensor, taxonomy: Taxonomy,
                   run_dir: str | os.PathLike | None = None,
                   targets: Sequence[float] = (0.9, 0.95, 0.99), per_level: bool = False) -> dict:
     """After training: fit the temperature on the validation predictions (one, or one per level with
     ``per_level``; kept in ``model.temperature`` so the next checkpoint carries it), then λ for each
     accuracy target and the split-conformal τ for α = 1 − target on the calibrated marginals; written
-    to ``decisions.json`` when ``run_dir`` is given.
+    to ``decisions.json`` when ``run_dir`` is given. ``val``: the raw (temperature 1) prediction or its
+    :class:`~hiervision.distributions.EndDistribution`.
     Returns ``{"temperature", "hedge": {target: λ}, "conformal": {target: τ}}``."""
     val_targets = torch.as_tensor(val_targets).long()
-    q = end_distribution(val, taxonomy)
+    q = distribution_of(val, taxonomy).q()
     t = fit_temperature(q, val_targets, taxonomy, per_level)
     set_temperature(model, t)
     qt = apply_temperature(q, t, taxonomy)
@@ -422,16 +401,19 @@ def fit_decisions(model, val: Prediction, val_targets: torch.Tensor, taxonomy: T
     return out
 
 
-def evaluate_hedging(val: Prediction, val_targets: torch.Tensor, test: Prediction, test_targets: torch.Tensor,
-                      taxonomy: Taxonomy, target: float, temperature: Temperature = 1.0) -> dict:
+def evaluate_hedging(val: Prediction | EndDistribution, val_targets: torch.Tensor, test: Prediction | EndDistribution,
+                     test_targets: torch.Tensor, taxonomy: Taxonomy, target: float,
+                     temperature: Temperature = 1.0) -> dict:
     """The ``hedged`` entry of an evaluation report at one accuracy target: λ fitted on ``val``,
     :func:`coverage_report` on ``test``, and beside it the naive back-off baseline and the
-    split-conformal answers (α = 1 − target), all on the same temperature-scaled marginals."""
+    split-conformal answers (α = 1 − target), all on the same temperature-scaled marginals. ``val`` and
+    ``test``: raw predictions or their :class:`~hiervision.distributions.EndDistribution` (one per split
+    serves every target)."""
     val_targets = torch.as_tensor(val_targets).long()
     test_targets = torch.as_tensor(test_targets).long()
-    qv = end_distribution(val, taxonomy, temperature=temperature)
-    qt = end_distribution(test, taxonomy, temperature=temperature)
-    mv, mt = node_marginals(qv, taxonomy), node_marginals(qt, taxonomy)
+    dv, dt = distribution_of(val, taxonomy), distribution_of(test, taxonomy)
+    qv, qt = dv.q(temperature), dt.q(temperature)
+    mv, mt = dv.node_marginals(temperature), dt.node_marginals(temperature)
     lam = fit_lambda(mv, val_targets, taxonomy, target)
     thr = fit_backoff(mv, val_targets, taxonomy, target)
     tau = conformal_threshold(qv, val_targets, taxonomy, 1 - target) if target < 1 else float("inf")
@@ -464,11 +446,11 @@ def accuracy_specificity_curve(
     return rows
 
 
-def hedge_records(prediction: Prediction, taxonomy: Taxonomy, lam: float,
-                   temperature: Temperature = 1.0) -> list[dict]:
+def hedge_records(prediction: Prediction | EndDistribution, taxonomy: Taxonomy, lam: float,
+                  temperature: Temperature = 1.0) -> list[dict]:
     """Per image ``{"node", "path", "probability"}``: the hedged answer of each prediction, for
     ``predict --accuracy`` and the server to attach under a ``hedged`` key."""
-    m = node_marginals(end_distribution(prediction, taxonomy, temperature=temperature), taxonomy)
+    m = distribution_of(prediction, taxonomy).node_marginals(temperature)
     nodes = hedge_nodes(m, taxonomy, lam).tolist()
     return [{"node": taxonomy.names[n], "path": [taxonomy.names[p] for p in taxonomy.path(n)],
              "probability": round(float(m[i, n]), 6)} for i, n in enumerate(nodes)]
@@ -506,55 +488,3 @@ def load_decisions(run_dir: str | os.PathLike) -> dict:
                              f"got {data['temperature']!r}")
         data["temperature"] = t
     return data
-
-
-# ---------------------------------------------------------------------- pictures
-def plot_reliability(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | os.PathLike,
-                     bins: int = 15, title: str = "") -> Path:
-    """Reliability diagram: accuracy against mean confidence per equal-width bin, one line per
-    ``{label: (confidence, correct)}`` (e.g. before/after temperature scaling), the diagonal is perfect."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
-    for label, (conf, ok) in curves.items():
-        conf, ok = torch.as_tensor(conf).double(), torch.as_tensor(ok).double()
-        idx = (conf * bins).long().clamp(0, bins - 1)
-        count = torch.bincount(idx, minlength=bins)
-        has = count > 0
-        mean_conf = torch.bincount(idx, conf, minlength=bins)[has] / count[has]
-        acc = torch.bincount(idx, ok, minlength=bins)[has] / count[has]
-        ax.plot(mean_conf.tolist(), acc.tolist(), marker="o", ms=3, label=label)
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_accuracy_specificity(curves: dict[str, list[dict]], path: str | os.PathLike, title: str = "") -> Path:
-    """Accuracy–specificity curves from :func:`accuracy_specificity_curve` rows (``{label: rows}``):
-    DARTS solid, the back-off baseline dashed, the same colour per label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for i, (label, rows) in enumerate(curves.items()):
-        color = f"C{i}"
-        ax.plot([r["information_gain"] for r in rows], [r["accuracy"] for r in rows], marker="o", color=color,
-                label=f"{label} DARTS")
-        ax.plot([r["baseline"]["information_gain"] for r in rows], [r["baseline"]["accuracy"] for r in rows],
-                marker="x", ls="--", color=color, label=f"{label} back-off")
-    ax.set(xlabel="information gain (nats)", ylabel="hedged accuracy", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)

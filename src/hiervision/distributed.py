@@ -1,4 +1,6 @@
-"""Data-parallel training through the engine PyTorch users already run: ``torchrun`` + DDP.
+"""Where a process runs: the device and precision choice every entry point shares (:func:`select_device`,
+:func:`autocast_dtype`), and data-parallel training through the engine PyTorch users already run:
+``torchrun`` + DDP.
 
 ``torchrun --nproc-per-node N -m hiervision train ...`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
 (and the rendezvous address); :func:`setup` reads them and joins the process group (NCCL on CUDA,
@@ -12,11 +14,47 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "any_flag", "barrier", "gather_rows", "interleave", "max_over_ranks", "setup", "shard_indices"]
+from hiervision.config import ConfigError
+
+__all__ = ["DistEnv", "any_flag", "autocast_dtype", "barrier", "gather_rows", "interleave", "max_over_ranks",
+           "select_device", "setup", "shard_indices"]
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA where a device is visible, else the CPU; a CUDA device that is not there: one line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but no CUDA device is available")
+    return torch.device(name)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 where the hardware computes it natively (recent CPUs, Ampere+ GPUs), else fp32."""
+    if setting == "none":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp16":
+        return torch.float16
+    if setting != "auto":
+        raise ConfigError(f"train.amp must be auto, bf16, fp16 or none, got {setting!r}")
+    if device.type == "cuda":  # native bf16 from Ampere (sm 8.0) on; emulated bf16 (V100, T4) is slow: fp16 there
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else None
 
 
 @dataclass(frozen=True)

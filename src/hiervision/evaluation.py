@@ -2,14 +2,14 @@
 
 Training (its validation and test reports), ``evaluate``, ``induce``, post-hoc decisions, export and
 the benchmarks predict through :func:`predict_dataset` / :func:`evaluate_split`, with the device and
-mixed-precision choice made here once (:func:`select_device`, :func:`autocast_dtype`). It sits below
+mixed-precision choice of :mod:`hiervision.distributed` (:func:`~hiervision.distributed.select_device`,
+:func:`~hiervision.distributed.autocast_dtype`). It sits below
 :mod:`hiervision.training` and :mod:`hiervision.posthoc`, so neither imports the other to predict.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,40 +21,7 @@ from hiervision.decoding import Prediction, threshold_paths
 from hiervision.distributed import DistEnv, gather_rows, shard_indices
 from hiervision.taxonomy import PAD
 
-__all__ = ["autocast_dtype", "evaluate_split", "predict_dataset", "select_device"]
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA where a device is visible, else the CPU; a CUDA device that is not there: one line."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA device is available")
-    return torch.device(name)
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 where the hardware computes it natively (recent CPUs, Ampere+ GPUs), else fp32."""
-    if setting == "none":
-        return None
-    if setting == "bf16":
-        return torch.bfloat16
-    if setting == "fp16":
-        return torch.float16
-    if setting != "auto":
-        raise ConfigError(f"train.amp must be auto, bf16, fp16 or none, got {setting!r}")
-    if device.type == "cuda":  # native bf16 from Ampere (sm 8.0) on; emulated bf16 (V100, T4) is slow: fp16 there
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    return torch.bfloat16 if _cpu_has_bf16() else None
-
+__all__ = ["evaluate_split", "predict_dataset"]
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from hiervision.taxonomy import Taxonomy
+from hiervision.tree.tables import column_index
 
 __all__ = ["confusion_probability_matrix", "group_classes", "induce_from_run", "induce_taxonomy", "plot_taxonomy"]
 
@@ -142,7 +143,8 @@ def induce_from_run(run_dir: str | os.PathLike, p_min: float | Sequence[float],
                     g_max: int | Sequence[int] = 50, device: str = "auto") -> Taxonomy:
     """The induced tree of a trained run: its model's class probabilities on its own validation split
     (a flat model's softmax; other models' leaf scores, renormalised) → CPM → :func:`induce_taxonomy`."""
-    from hiervision.evaluation import autocast_dtype, predict_dataset, select_device
+    from hiervision.distributed import autocast_dtype, select_device
+    from hiervision.evaluation import predict_dataset
     from hiervision.experiment import load_run, run_data
 
     dev = select_device(device)
@@ -156,8 +158,7 @@ def induce_from_run(run_dir: str | os.PathLike, p_min: float | Sequence[float],
     amp = autocast_dtype(cfg["train"]["amp"], dev)
     pred, targets = predict_dataset(model, data, data.val, cfg["eval"]["batch_size"], dev, amp)
     leaves = list(taxonomy.leaves)
-    index = torch.full((taxonomy.num_nodes,), -1, dtype=torch.long)
-    index[leaves] = torch.arange(len(leaves))
+    index = column_index(leaves, taxonomy.num_nodes)
     if bool((index[targets] < 0).any()):
         raise ValueError(f"{run_dir}: validation labels above the leaves; the CPM needs class labels")
     probs = pred.scores[:, leaves]

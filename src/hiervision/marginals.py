@@ -1,9 +1,10 @@
 """End-class distributions, temperature and node marginals from node scores, in numpy.
 
-The one implementation of the probability side of :mod:`hiervision.decisions`: the torch functions
-there call these, and the PyTorch-free runtime (``predict``, the server, an exported ``.onnx``) uses
-them to apply a run's calibration temperature, so a probability means the same thing in ``evaluate``
-and in a prediction record. Needs numpy only; ``tree`` is a :class:`~hiervision.taxonomy.Taxonomy`
+The one implementation of the probability side of :mod:`hiervision.decisions` and
+:mod:`hiervision.metrics`: the torch wrappers in :mod:`hiervision.distributions` call these, and the
+PyTorch-free runtime (``predict``, the server, an exported ``.onnx``) uses them to apply a run's
+calibration temperature, so a probability means the same thing in ``evaluate`` and in a prediction
+record. Needs numpy only; ``tree`` is a :class:`~hiervision.taxonomy.Taxonomy`
 or a :class:`~hiervision.records.TreeView`. Everything is O(B·N): sums over subtrees and into parents
 go level by level (:meth:`~hiervision.tree.view.TreeView.subtree_sum`), never through a (N+1)² table.
 """

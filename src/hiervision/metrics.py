@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from hiervision.decisions import end_distribution, node_marginals, rewards
 from hiervision.decoding import Prediction, last_node, tree_tables
+from hiervision.distributions import end_distribution, node_marginals, rewards
 from hiervision.taxonomy import PAD, Taxonomy
 
 __all__ = [
@@ -492,7 +492,7 @@ def select_threshold(
 
 
 # ---------------------------------------------------------------------- the report
-def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) -> dict:
+def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy, q: torch.Tensor | None = None) -> dict:
     """The one metrics report used by the CLI and the trainer (plain Python values, JSON-ready).
 
     ``targets`` decides the task:
@@ -503,7 +503,8 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
       ``hierarchical_precision/recall/f1`` (micro), ``hierarchical_f1_macro``, ``mistake_severity`` and
       ``depth_severity`` (:func:`depth_severity`; ``None`` without mistakes), ``valid_path_rate``,
       ``num_samples``; from the scores' end-class distribution
-      (:func:`~hiervision.decisions.end_distribution`): ``ece``, ``ece_mass``,
+      (:func:`~hiervision.distributions.end_distribution`; ``q``, when the caller already holds it, e.g. the
+      post-hoc step's shared :class:`~hiervision.distributions.EndDistribution`): ``ece``, ``ece_mass``,
       ``ece_per_level``, ``ece_per_level_mass`` (:func:`calibration_report`), ``hdist@1/5/20``
       (:func:`hierarchical_distance_at_k`; 1-D node-id targets only) and the areas under Valmadre's
       operating curves, ``operating_area_correct`` and ``operating_area_exact`` (:func:`operating_curve`);
@@ -540,7 +541,7 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy) 
     hp, hr, hf = hierarchical_prf(pred, true, taxonomy, "micro")
     decisions: dict = {}
     if len(true):
-        q = end_distribution(prediction, taxonomy)
+        q = end_distribution(prediction, taxonomy) if q is None else q
         end = last_node(true)
         curve = operating_curve(node_marginals(q, taxonomy), end, taxonomy)
         decisions = {**calibration_report(q, end, taxonomy), **hierarchical_distance_at_k(q, end, taxonomy),
@@ -614,7 +615,7 @@ def calibration_points(
 def calibration_report(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, bins: int = 15) -> dict:
     """``ece`` (top-1 end class, equal-width bins), ``ece_mass`` (equal-mass bins) and the same per level
     (``ece_per_level``, ``ece_per_level_mass``) from an end-class distribution
-    (:func:`hiervision.decisions.end_distribution`)."""
+    (:func:`hiervision.distributions.end_distribution`)."""
     pts = calibration_points(q, targets, taxonomy)
     return {
         "ece": expected_calibration_error(*pts[-1], bins, "width"),

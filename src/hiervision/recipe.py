@@ -18,28 +18,18 @@ from typing import Any
 
 from hiervision.config import DEFAULTS, ConfigError, apply_overrides, merge, validate_config
 
-__all__ = ["METHOD_OPTIONS", "STEPS", "auto_config", "describe", "is_data_source", "recommended_method"]
+__all__ = ["STEPS", "auto_config", "describe", "is_data_source", "method_options", "recommended_method"]
 
 #: optimizer steps the recipe aims at: the comparison's Fashion-MNIST budget (54,000 images × 8 epochs / 128)
 STEPS = 3400
 #: images whose longer side is at most this train at their own size; larger ones are cropped to it
 SMALL_SIDE = 64
-#: ``--method NAME``: the options each model had in the comparison (configs/comparison/), the LSTM heads' clip
-METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    "flat": {"model": {"name": "flat"}},
-    "dhnn_rnn": {"model": {"name": "dhnn_rnn", "conversion": "pool", "pool_fallback": "project", "input_size": 128,
-                           "hidden_size": 256, "residual": True}, "train": {"grad_clip": 5.0}},
-    "dhnn_s2s": {"model": {"name": "dhnn_s2s", "conversion": "pool", "pool_fallback": "project", "input_size": 128,
-                           "hidden_size": 256, "beam_width": 3}, "train": {"grad_clip": 5.0}},
-    "guo_rnn": {"model": {"name": "guo_rnn", "embed_size": 128, "hidden_size": 256}, "train": {"grad_clip": 5.0}},
-    "guo_multihead": {"model": {"name": "guo_multihead"}},
-    "hiernet": {"model": {"name": "hiernet"}},
-    "haframe": {"model": {"name": "haframe"}},
-    "haf": {"model": {"name": "haf"}},
-    "soft_max_margin": {"model": {"name": "soft_max_margin"}},
-    "bilt": {"model": {"name": "bilt"}},
-    "hie": {"model": {"name": "hie"}},
-}
+def method_options() -> dict[str, dict[str, Any]]:
+    """``--method NAME`` → the config sections it merges into the recipe, for every registered head (each
+    declares its own: :class:`~hiervision.models.registry.ModelInfo`)."""
+    from hiervision.models import list_models, model_info
+
+    return {name: model_info(name).recipe_options() for name in list_models()}
 
 
 def is_data_source(path: str | Path) -> bool:
@@ -84,8 +74,9 @@ def auto_config(source: str | Path, method: str | None = None, overrides: list[s
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such folder or CSV file")
-    if method is not None and method not in METHOD_OPTIONS:
-        raise ConfigError(f"--method {method}: not a method (one of {', '.join(METHOD_OPTIONS)})")
+    options = method_options()
+    if method is not None and method not in options:
+        raise ConfigError(f"--method {method}: not a method (one of {', '.join(options)})")
     overrides = list(overrides or [])
     data_cfg = apply_overrides({"data": _data_section(source)}, overrides)["data"]
     probe = build_data({**data_cfg, "check": False})
@@ -107,7 +98,7 @@ def auto_config(source: str | Path, method: str | None = None, overrides: list[s
     recipe = merge({"name": source.stem or source.name,
                     "description": f"hiervision train {source} (auto recipe{'; ' + why if why else ''})",
                     "data": data, "model": {"name": "flat", "backbone": "resnet20"}, "train": train},
-                   METHOD_OPTIONS[method])
+                   options[method])
     return validate_config(merge(DEFAULTS, apply_overrides(recipe, overrides)))
 
 

@@ -10,6 +10,10 @@ tree, and writes PNGs (matplotlib, Agg) plus ``index.html`` that shows them besi
   passes through the node, the share whose predicted path does too);
 * ``mistake_severity.png`` — histogram of the height of the lowest common ancestor of the predicted
   and the true class over the mistakes (Bertinetto et al.; 1 = a sibling class, higher = worse).
+
+The post-hoc decision rules' pictures live here too, beside the report's: :func:`plot_reliability`
+(before/after temperature scaling) and :func:`plot_accuracy_specificity` (hedged answers against the
+back-off baseline), drawn from numbers :mod:`hiervision.metrics` and :mod:`hiervision.decisions` compute.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from hiervision import metrics
 from hiervision.decoding import Prediction, last_node
 from hiervision.taxonomy import PAD, Taxonomy
 
-__all__ = ["node_accuracy_per_node", "write_report"]
+__all__ = ["node_accuracy_per_node", "plot_accuracy_specificity", "plot_reliability", "write_report"]
 
 
 def _closed(paths: np.ndarray, num_nodes: int) -> np.ndarray:
@@ -244,3 +248,48 @@ figure{{display:inline-block;vertical-align:top;margin:.6rem;padding:.6rem;backg
 border-radius:8px}}img{{max-width:min(100%,900px)}}figcaption{{color:#6b7280;font-size:.85rem}}</style></head>
 <body><h1>{html.escape(title)}</h1><table>{rows}</table>{figs}</body></html>
 """, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------- the decision rules' pictures
+def plot_reliability(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | os.PathLike,
+                     bins: int = 15, title: str = "") -> Path:
+    """Reliability diagram: accuracy against mean confidence per equal-width bin, one line per
+    ``{label: (confidence, correct)}`` (e.g. before/after temperature scaling, from
+    :func:`hiervision.metrics.calibration_points`), the diagonal is perfect."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
+    for label, (conf, ok) in curves.items():
+        conf, ok = torch.as_tensor(conf).double(), torch.as_tensor(ok).double()
+        idx = (conf * bins).long().clamp(0, bins - 1)
+        count = torch.bincount(idx, minlength=bins)
+        has = count > 0
+        mean_conf = torch.bincount(idx, conf, minlength=bins)[has] / count[has]
+        acc = torch.bincount(idx, ok, minlength=bins)[has] / count[has]
+        ax.plot(mean_conf.tolist(), acc.tolist(), marker="o", ms=3, label=label)
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_accuracy_specificity(curves: dict[str, list[dict]], path: str | os.PathLike, title: str = "") -> Path:
+    """Accuracy–specificity curves from :func:`hiervision.decisions.accuracy_specificity_curve` rows
+    (``{label: rows}``): DARTS solid, the back-off baseline dashed, the same colour per label."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for i, (label, rows) in enumerate(curves.items()):
+        color = f"C{i}"
+        ax.plot([r["information_gain"] for r in rows], [r["accuracy"] for r in rows], marker="o", color=color,
+                label=f"{label} DARTS")
+        ax.plot([r["baseline"]["information_gain"] for r in rows], [r["baseline"]["accuracy"] for r in rows],
+                marker="x", ls="--", color=color, label=f"{label} back-off")
+    ax.set(xlabel="information gain (nats)", ylabel="hedged accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from hiervision.bayes import decide_records, decode_rule
-from hiervision.config import check_beam_width
+from hiervision.checks import check_beam_width
 from hiervision.imagefile import DEFAULT_MAX_PIXELS, read_array
 from hiervision.marginals import (
     Temperature,
@@ -322,7 +322,7 @@ def read_image(path: str | os.PathLike, in_chans: int, size: Sequence[int] | Non
 # ----------------------------------------------------------------------------- hedging
 def _rewards(tree: TreeView) -> np.ndarray:
     """``(N+1,)`` Deng et al.'s ``r(v) = log|leaves| − log|leaves under v|`` (the numpy twin of
-    :func:`hiervision.decisions.rewards`): the leaves under each node are the view's subtree sums."""
+    :func:`hiervision.distributions.rewards`): the leaves under each node are the view's subtree sums."""
     leaves = tree.end_mask("leaves").astype(np.float64)
     under = tree.subtree_sum(leaves[None])[0]  # the root's column holds every leaf
     return np.log(leaves.sum()) - np.log(np.maximum(under, 1))

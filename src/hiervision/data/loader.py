@@ -97,7 +97,7 @@ class BatchLoader:
         num_workers: worker processes for lazy datasets (ignored by the in-memory paths).
         drop_last: drop the last incomplete batch.
         min_last: drop a last incomplete batch smaller than this, unless it is the epoch's only batch
-            (training: :data:`~hiervision.training.MIN_LAST_BATCH_FRACTION` of the batch).
+            (training: :data:`~hiervision.training.engine.MIN_LAST_BATCH_FRACTION` of the batch).
         device: move uint8 batches there before the float conversion (saves bandwidth); pinned on CUDA.
         rank, world_size: this process's slice of every global batch.
         persistent_workers: keep lazy datasets' workers alive between epochs (no re-fork per epoch).

@@ -171,9 +171,13 @@ class HierarchicalClassifier(nn.Module):
         """Exported outputs of independent sigmoid scores ``(B, N+1)``."""
         return {"scores": scores, "path_logprob": prefix_logprob(self.tables, torch.log(scores.clamp_min(1e-12)))}
 
+    def backbones(self) -> list[nn.Module]:
+        """The image encoders whose parameters form the ``backbone`` group (an ensemble has several)."""
+        return [self.backbone]
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named parameter groups that freeze schedules refer to (``backbone``/``cnn`` and ``head``/``rnn``)."""
-        backbone = list(self.backbone.parameters())
+        backbone = [p for module in self.backbones() for p in module.parameters()]
         ids = {id(p) for p in backbone}
         head = [p for p in self.parameters() if id(p) not in ids]
         return {"backbone": backbone, "cnn": backbone, "head": head, "rnn": head}

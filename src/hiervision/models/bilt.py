@@ -7,7 +7,7 @@ The parts (the authors' code, ``ZhiguangLuu/BiLT``: ``util/arch/custom_resnet.py
 ``util/loss_function/smooth_ce.py``, ``cost_matrix.py``; settings from its README):
 
 * levels: the fine level is the leaves; each coarser level (shallower leaves carried down, as
-  :func:`~hiervision.models.haf.carried_levels`) reads the *logits* of the level below through
+  :func:`~hiervision.tree.tables.carried_levels`) reads the *logits* of the level below through
   batch norm → linear → batch norm → ELU → linear — the tree of logits, fine to coarse;
 * cost matrix of a level: for two of its classes, half the length of the tree path between them,
   rounded up (``len(bfs_path) // 2`` in nodes: 1 for siblings), 0 on the diagonal;
@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hiervision.models.flat import FlatClassifier, single_label_leaves
-from hiervision.models.haf import carried_levels, level_labels
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
+from hiervision.tree.tables import carried_levels, column_index, level_labels
 
 __all__ = ["BiLTClassifier", "path_cost"]
 
@@ -116,11 +116,9 @@ class BiLTClassifier(FlatClassifier):
                              persistent=False)
         # each coarse level's label of every node (fine first): its ancestor there, −1 above it
         for k, lv in enumerate(range(len(members) - 1, 0, -1), start=1):
-            self.register_buffer(f"label{k}", level_labels(taxonomy, self.tables, members[lv - 1].tolist(), lv),
+            self.register_buffer(f"label{k}", level_labels(self.tables, members[lv - 1].tolist(), lv),
                                  persistent=False)
-        index = torch.full((taxonomy.num_nodes,), -1, dtype=torch.long)
-        index[self.classes] = torch.arange(len(self.classes))
-        self.register_buffer("label0", index, persistent=False)
+        self.register_buffer("label0", column_index(self.classes, taxonomy.num_nodes), persistent=False)
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.training and len(features) < 2:
@@ -154,7 +152,7 @@ class BiLTClassifier(FlatClassifier):
         return loss
 
 
-@register_model("bilt")
+@register_model("bilt", multi_label=False)
 def bilt(taxonomy: Taxonomy, **kwargs) -> BiLTClassifier:
     """BiLT: a bidirectional tree of logits re-scored by expected cost (Lu et al., AAAI 2025)."""
     return BiLTClassifier(taxonomy, **kwargs)

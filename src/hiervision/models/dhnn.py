@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervision.config import check_beam_width
+from hiervision.checks import check_beam_width
 from hiervision.decoding import (
     Prediction,
     beam_search,
@@ -609,13 +609,21 @@ class CnnS2S(_DHNN):
         return Prediction(paths, prefix_scores(tax, paths, cum[:, 0]), lp[:, 0].exp())
 
 
-@register_model("dhnn_rnn")
+#: ``--method`` options (the comparison's: pooled conversion, the LSTM's sizes and gradient clip) and tiny sizes
+_METHOD = {"model": {"conversion": "pool", "pool_fallback": "project", "input_size": 128, "hidden_size": 256},
+           "train": {"grad_clip": 5.0}}
+_TINY = {"input_size": 16, "hidden_size": 16, "pool_fallback": "project"}
+
+
+@register_model("dhnn_rnn", fixed_depth=True, given=False, tiny=_TINY,
+                method={**_METHOD, "model": {**_METHOD["model"], "residual": True}})
 def dhnn_rnn(taxonomy: Taxonomy, **kwargs) -> CnnRnn:
     """Koo's CNN-RNN (fixed-depth trees); ``residual=True`` adds the residual arc."""
     return CnnRnn(taxonomy, **kwargs)
 
 
-@register_model("dhnn_s2s")
+@register_model("dhnn_s2s", given=False, tiny=_TINY,
+                method={**_METHOD, "model": {**_METHOD["model"], "beam_width": 3}})
 def dhnn_s2s(taxonomy: Taxonomy, **kwargs) -> CnnS2S:
     """Koo's CNN-S2S (any tree; paths may end at inner nodes)."""
     return CnnS2S(taxonomy, **kwargs)

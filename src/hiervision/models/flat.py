@@ -18,9 +18,10 @@ from hiervision.decoding import Prediction, full_precision, multi_label_predicti
 from hiervision.losses import check_loss_type, chmcnn_loss, hxe_loss, max_constraint, soft_label_loss
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.models.registry import register_model
-from hiervision.taxonomy import Taxonomy
+from hiervision.taxonomy import Taxonomy, TreeTables
 
-__all__ = ["FlatClassifier", "single_label_leaves"]
+__all__ = ["FlatClassifier", "best_class", "class_loss", "class_marginals", "class_rows", "classes_below",
+           "single_label_leaves"]
 
 
 def single_label_leaves(name: str, softmax: str, kwargs: dict) -> None:
@@ -30,6 +31,51 @@ def single_label_leaves(name: str, softmax: str, kwargs: dict) -> None:
         raise ValueError(f"model {name} is single-label ({softmax})")
     if kwargs.pop("end_nodes", "leaves") != "leaves":
         raise ValueError(f"model {name} answers leaves (model.end_nodes: leaves)")
+
+
+def class_rows(num_nodes: int, classes: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` class values → ``(N+1, B)``: row n holds class n's values, 0 where n is no class.
+    Nodes first, so placing the classes and summing them up the tree move whole rows (no column scatter)."""
+    rows = probs.new_zeros(num_nodes, len(probs))
+    return rows.index_copy_(0, classes, probs.T.contiguous())
+
+
+def class_marginals(tables: TreeTables, classes: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` class probabilities → ``(B, N+1)`` marginal probability of every node (column 0: 0),
+    summed up the tree one level at a time: O(B·N), no (N+1)×C product."""
+    scores = tables.scatter_subtree_sum(probs, classes)
+    scores[:, 0] = 0
+    return scores
+
+
+def classes_below(tables: TreeTables, classes: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` node ids → ``(B, C)`` bool: class c lies at or below the node (its depth-first interval)."""
+    return tables.is_ancestor(nodes.unsqueeze(1), classes)
+
+
+def best_class(tables: TreeTables, classes: torch.Tensor, probs: torch.Tensor,
+               allowed: torch.Tensor | None = None) -> Prediction:
+    """The most probable (allowed) class's path, with every node's marginal as its score."""
+    scores = class_marginals(tables, classes, probs)
+    best_prob, best = (probs if allowed is None else probs.masked_fill(~allowed, 0)).max(1)
+    return Prediction(tables.paths[classes[best]], scores, best_prob)
+
+
+def class_loss(logp: torch.Tensor, targets: torch.Tensor, classes: torch.Tensor, tables: TreeTables, *,
+               loss_type: str = "ce", beta: float = 10.0, alpha: float = 0.1, end_nodes: str = "leaves"
+               ) -> torch.Tensor:
+    """The single-label loss from the classes' log-probabilities ``(B, C)``: ``ce`` trains an inner-node target
+    by its marginal (``-log Σ p(class)`` over the classes below it), ``soft_labels`` / ``hxe`` as
+    :mod:`hiervision.losses` defines them."""
+    if loss_type == "soft_labels":
+        return soft_label_loss(logp, targets, classes, tables.taxonomy, beta)
+    if loss_type == "hxe":
+        return hxe_loss(logp, targets, classes, tables.taxonomy, alpha)
+    if end_nodes == "all":
+        # every node is its own class: an inner target means "the path ends here"
+        return F.nll_loss(logp, targets - 1)
+    allowed = classes_below(tables, classes, targets)  # (B, C): leaves below (or equal to) the target
+    return -torch.logsumexp(logp.masked_fill(~allowed, float("-inf")), dim=1).mean()
 
 
 class FlatClassifier(HierarchicalClassifier):
@@ -89,15 +135,8 @@ class FlatClassifier(HierarchicalClassifier):
 
     def class_loss(self, logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The single-label loss from the classes' log-probabilities ``(B, C)`` (HAF reads them again)."""
-        if self.loss_type == "soft_labels":
-            return soft_label_loss(logp, targets, self.classes, self.taxonomy, self.loss_beta)
-        if self.loss_type == "hxe":
-            return hxe_loss(logp, targets, self.classes, self.taxonomy, self.loss_alpha)
-        if self.end_nodes == "all":
-            # every node is its own class: an inner target means "the path ends here"
-            return F.nll_loss(logp, targets - 1)
-        allowed = self._below(targets)  # (B, C): leaves below (or equal to) the target
-        return -torch.logsumexp(logp.masked_fill(~allowed, float("-inf")), dim=1).mean()
+        return class_loss(logp, targets, self.classes, self.tables, loss_type=self.loss_type, beta=self.loss_beta,
+                          alpha=self.loss_alpha, end_nodes=self.end_nodes)
 
     @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
@@ -125,30 +164,17 @@ class FlatClassifier(HierarchicalClassifier):
         if self.multi_label:
             return self._multi_label_outputs(F.pad(torch.sigmoid(logits), (1, 0)))
         probs = logits.softmax(1)
-        return {"scores": self._marginals(probs), "path_logprob": torch.log(self._node_rows(probs)).T}
-
-    def _node_rows(self, probs: torch.Tensor) -> torch.Tensor:
-        """``(B, C)`` class values → ``(N+1, B)``: row n holds class n's values, 0 where n is no class.
-        Nodes first, so placing the classes and summing them up the tree move whole rows (no column scatter)."""
-        rows = probs.new_zeros(self.taxonomy.num_nodes, len(probs))
-        return rows.index_copy_(0, self.classes, probs.T.contiguous())
+        return {"scores": self._marginals(probs),
+                "path_logprob": torch.log(class_rows(self.taxonomy.num_nodes, self.classes, probs)).T}
 
     def _marginals(self, probs: torch.Tensor) -> torch.Tensor:
-        """``(B, C)`` class probabilities → ``(B, N+1)`` marginal probability of every node (column 0: 0),
-        summed up the tree one level at a time: O(B·N), no (N+1)×C product."""
-        scores = self.tables.scatter_subtree_sum(probs, self.classes)
-        scores[:, 0] = 0
-        return scores
+        return class_marginals(self.tables, self.classes, probs)
 
     def _below(self, nodes: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` node ids → ``(B, C)`` bool: class c lies at or below the node (its depth-first interval)."""
-        return self.tables.is_ancestor(nodes.unsqueeze(1), self.classes)
+        return classes_below(self.tables, self.classes, nodes)
 
     def _best_class(self, probs: torch.Tensor, allowed: torch.Tensor | None = None) -> Prediction:
-        scores = self._marginals(probs)
-        best_prob, best = (probs if allowed is None else probs.masked_fill(~allowed, 0)).max(1)
-        nodes = self.classes[best]
-        return Prediction(self.tables.paths[nodes], scores, best_prob)
+        return best_class(self.tables, self.classes, probs, allowed)
 
 
 @register_model("flat")

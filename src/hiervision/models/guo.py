@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervision.config import check_beam_width
+from hiervision.checks import check_beam_width
 from hiervision.decoding import (
     Prediction,
     beam_search,
@@ -476,13 +476,16 @@ class MultiHeadGenerator(HierarchicalClassifier):
         return Prediction(tax.paths[nodes], node_lp.exp(), lp.exp())
 
 
-@register_model("guo_rnn")
+@register_model("guo_rnn", multi_label=False, method={"model": {"embed_size": 128, "hidden_size": 256},
+                                                      "train": {"grad_clip": 5.0}},
+                tiny={"embed_size": 16, "hidden_size": 16})
 def guo_rnn(taxonomy: Taxonomy, **kwargs) -> CnnRnnGenerator:
     """Guo et al.'s CNN-RNN generator (any tree; variable-length paths end with an end token)."""
     return CnnRnnGenerator(taxonomy, **kwargs)
 
 
-@register_model("guo_multihead")
+# tiny: the tree's best path (the default, "independent", reads each level's argmax and may leave the tree)
+@register_model("guo_multihead", multi_label=False, fixed_depth=True, tiny={"decode": "exact"})
 def guo_multihead(taxonomy: Taxonomy, **kwargs) -> MultiHeadGenerator:
     """Guo et al.'s CNN-based generators (strategies 1–3) and the coarse-specific network (``levels=[1]``)."""
     return MultiHeadGenerator(taxonomy, **kwargs)

@@ -33,31 +33,10 @@ from torch import nn
 
 from hiervision.models.flat import FlatClassifier, single_label_leaves
 from hiervision.models.registry import register_model
-from hiervision.taxonomy import PAD, Taxonomy
+from hiervision.taxonomy import Taxonomy
+from hiervision.tree.tables import carried_levels, column_index, level_labels
 
-__all__ = ["HAFClassifier", "carried_levels", "level_labels"]
-
-
-def carried_levels(taxonomy: Taxonomy) -> list[list[int]]:
-    """Node ids of each level 1..D−1 with shallower leaves carried down: level l holds the nodes at depth
-    l and the leaves above it."""
-    leaves = set(taxonomy.leaves)
-    out: list[list[int]] = []
-    carried: list[int] = []
-    for level in taxonomy.levels[:-1]:
-        out.append(sorted([*level, *carried]))
-        carried += [n for n in level if n in leaves]
-    return out
-
-
-def level_labels(taxonomy: Taxonomy, tables: nn.Module, nodes: list[int], lv: int) -> torch.Tensor:
-    """``(N,)``: each node's class index at carried level ``lv`` (whose classes are ``nodes``) — its ancestor
-    there, itself when a leaf above it — and −1 for an inner node above the level (a target too coarse)."""
-    index = torch.full((taxonomy.num_nodes,), -1, dtype=torch.long)
-    index[nodes] = torch.arange(len(nodes))
-    on = tables.paths[:, lv - 1]
-    label = torch.where(on >= 0, on, torch.where(tables.leaf_mask, torch.arange(taxonomy.num_nodes), PAD))
-    return torch.where(label >= 0, index[label.clamp(min=0)], -1)
+__all__ = ["HAFClassifier"]
 
 
 def _kl_to_mix(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,11 +132,8 @@ class HAFClassifier(FlatClassifier):
         for lv, nodes in enumerate(members[:-1], start=1):
             finer = members[lv]
             up = torch.where(depth[finer] >= lv, paths[finer, lv - 1], finer)  # the finer class's node at level lv
-            index = torch.full((taxonomy.num_nodes,), -1, dtype=torch.long)
-            index[nodes] = torch.arange(len(nodes))
-            self.register_buffer(f"up{lv}", index[up], persistent=False)
-            self.register_buffer(f"label{lv}", level_labels(taxonomy, self.tables, nodes.tolist(), lv),
-                                 persistent=False)
+            self.register_buffer(f"up{lv}", column_index(nodes, taxonomy.num_nodes)[up], persistent=False)
+            self.register_buffer(f"label{lv}", level_labels(self.tables, nodes.tolist(), lv), persistent=False)
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.dropout(features)
@@ -194,7 +170,7 @@ class HAFClassifier(FlatClassifier):
         return loss
 
 
-@register_model("haf")
+@register_model("haf", multi_label=False)
 def haf(taxonomy: Taxonomy, **kwargs) -> HAFClassifier:
     """HAF: hierarchy-aware features from per-level heads and their losses (Garg et al., ECCV 2022)."""
     return HAFClassifier(taxonomy, **kwargs)

@@ -31,6 +31,7 @@ from torch import nn
 from hiervision.models.flat import FlatClassifier, single_label_leaves
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
+from hiervision.tree.tables import column_index
 
 __all__ = ["HAFrameClassifier", "hierarchy_aware_frame"]
 
@@ -105,24 +106,28 @@ class HAFrameClassifier(FlatClassifier):
             raise ValueError(f"model haframe: {c:,} classes; its frame is a dense C x C matrix found by "
                              f"eigen-decompositions (O(C³)), so it takes up to {MAX_FRAME_CLASSES:,} classes — "
                              "on a bigger tree use soft_max_margin, haf or flat with a decision rule")
-        del self.fc  # the frame replaces the trained classifier
-        self.transform = nn.Sequential(nn.Linear(self.backbone.num_features, c, bias=False), nn.BatchNorm1d(c),
-                                       _Residual(c), _Residual(c))
+        # the flat head's classifier slot holds the transformation head; the fixed frame replaces its weights
+        self.fc = nn.Sequential(nn.Linear(self.backbone.num_features, c, bias=False), nn.BatchNorm1d(c),
+                                _Residual(c), _Residual(c))
         lca = self.tables.lca(self.classes.unsqueeze(1), self.classes.unsqueeze(0))  # (C, C): the frame's own size
         dist = self.tables.height[lca].double().numpy()
         frame, sim = hierarchy_aware_frame(dist, frame_gamma)
         # the tree gives both again (the rotation is seeded): checkpoints carry no table the tree recomputes
         self.register_buffer("frame", torch.from_numpy(frame).float(), persistent=False)
         self.register_buffer("frame_cosines", torch.from_numpy(sim).float(), persistent=False)
-        index = torch.full((taxonomy.num_nodes,), -1, dtype=torch.long)
-        index[self.classes] = torch.arange(c)
-        self.register_buffer("class_index", index, persistent=False)
+        self.register_buffer("class_index", column_index(self.classes, taxonomy.num_nodes), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # runs saved before the transformation head took the flat head's ``fc`` slot kept it as ``transform``
+        for key in [k for k in state_dict if k.startswith(prefix + "transform.")]:
+            state_dict[prefix + "fc." + key.removeprefix(prefix + "transform.")] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.training and len(features) < 2:
             raise ValueError("model haframe: its head batch-normalises features, which a training batch of one "
                              "image cannot be (train.batch_size must be at least 2)")
-        z = self.transform(self.dropout(features))
+        z = self.fc(self.dropout(features))
         return {"logits": z @ self.frame.T.to(z.dtype), "features": z}
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -137,7 +142,7 @@ class HAFrameClassifier(FlatClassifier):
         return (1 - self.cosine_weight) * ce + self.cosine_weight * aux
 
 
-@register_model("haframe")
+@register_model("haframe", multi_label=False)
 def haframe(taxonomy: Taxonomy, **kwargs) -> HAFrameClassifier:
     """HAFrame: a fixed hierarchy-aware frame behind a transformation head (Liang & Davis, ICCV 2023)."""
     return HAFrameClassifier(taxonomy, **kwargs)

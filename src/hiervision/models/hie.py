@@ -25,25 +25,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hiervision.decoding import Prediction, full_precision
+from hiervision.losses import check_loss_type
 from hiervision.models.backbones import create_backbone
 from hiervision.models.base import HierarchicalClassifier
-from hiervision.models.flat import FlatClassifier, single_label_leaves
+from hiervision.models.flat import (
+    best_class,
+    class_loss,
+    class_marginals,
+    class_rows,
+    classes_below,
+    single_label_leaves,
+)
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
 
 __all__ = ["HiEClassifier"]
 
 
-class HiEClassifier(FlatClassifier):
+class HiEClassifier(HierarchicalClassifier):
     """A flat softmax over the leaves amended at prediction by a coarse classifier over the leaves' parents
     (module docstring). ``outputs["logits"]`` are the amended log-probabilities, so decoding, calibration,
-    every post-hoc rule and the exported graph treat HiE as a flat head; ``"fine"`` and ``"coarse"`` hold
-    the two networks' own logits, which the loss trains."""
+    every post-hoc rule and the exported graph treat HiE as a flat head (through the flat head's functions);
+    ``"fine"`` and ``"coarse"`` hold the two networks' own logits, which the loss trains. ``loss_type`` is the
+    fine network's (as for :class:`~hiervision.models.flat.FlatClassifier`)."""
 
-    def __init__(self, taxonomy: Taxonomy, **kwargs) -> None:
+    def __init__(self, taxonomy: Taxonomy, *, dropout: float = 0.0, loss_type: str = "ce", loss_beta: float = 10.0,
+                 loss_alpha: float = 0.1, **kwargs) -> None:
         single_label_leaves("hie", "a softmax over the leaves amended by one over their parents", kwargs)
         backbone = kwargs.get("backbone", "resnet20")
         super().__init__(taxonomy, **kwargs)
+        self.loss_type = check_loss_type(loss_type, ("ce", "soft_labels", "hxe"), "hie")
+        self.loss_beta, self.loss_alpha = float(loss_beta), float(loss_alpha)
+        self.register_buffer("classes", torch.tensor(list(taxonomy.leaves)), persistent=False)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(self.backbone.num_features, len(self.classes))
         parents = self.tables.parent[self.classes]  # (C,) the parent of each leaf
         groups, leaf_group = torch.unique(parents, return_inverse=True)
         if len(groups) < 2:
@@ -62,33 +78,46 @@ class HiEClassifier(FlatClassifier):
                     m.reset_parameters()
         self.coarse_fc = nn.Linear(self.coarse_backbone.num_features, self.num_groups)
 
+    # two backbones read the images, so there is no forward_head: train.precompute_features is refused
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         fine = self.fc(self.dropout(self.backbone(images)))
         coarse = self.coarse_fc(self.dropout(self.coarse_backbone(images)))
         amended = F.log_softmax(fine.float(), 1) + F.log_softmax(coarse.float(), 1)[:, self.leaf_group]
         return {"logits": amended, "fine": fine, "coarse": coarse}
 
-    # two backbones read the images: one backbone's pooled features are not its input (training refuses
-    # train.precompute_features in one line for a model that keeps the base's forward_head)
-    forward_head = HierarchicalClassifier.forward_head
-
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        fine = self.class_loss(F.log_softmax(outputs["fine"].float(), 1), targets)
+        fine = class_loss(F.log_softmax(outputs["fine"].float(), 1), targets, self.classes, self.tables,
+                          loss_type=self.loss_type, beta=self.loss_beta, alpha=self.loss_alpha)
         # the groups with a leaf at or below the target (one group for a leaf target), O(B·C)
-        below = self._below(targets).float()
+        below = classes_below(self.tables, self.classes, targets).float()
         allowed = below.new_zeros(len(targets), self.num_groups).index_add_(1, self.leaf_group, below) > 0
         logp = F.log_softmax(outputs["coarse"].float(), 1).masked_fill(~allowed, float("-inf"))
         return fine - torch.logsumexp(logp, dim=1).mean()
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+    @full_precision
+    def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
+        return best_class(self.tables, self.classes, outputs["logits"].float().softmax(1))
+
+    @full_precision
+    def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
+        """The most probable leaf below ``given`` (or ``given`` itself)."""
+        allowed = classes_below(self.tables, self.classes, given)
+        return best_class(self.tables, self.classes, outputs["logits"].float().softmax(1), allowed)
+
+    def decoder_settings(self) -> dict:
+        return {"kind": "exact", "end_nodes": "leaves"}
+
+    def export_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        probs = self(images)["logits"].float().softmax(1)
+        return {"scores": class_marginals(self.tables, self.classes, probs),
+                "path_logprob": torch.log(class_rows(self.taxonomy.num_nodes, self.classes, probs)).T}
+
+    def backbones(self) -> list[nn.Module]:
         """Both networks' backbones are ``backbone`` (a freeze schedule freezes both)."""
-        backbone = [*self.backbone.parameters(), *self.coarse_backbone.parameters()]
-        ids = {id(p) for p in backbone}
-        head = [p for p in self.parameters() if id(p) not in ids]
-        return {"backbone": backbone, "cnn": backbone, "head": head, "rnn": head}
+        return [self.backbone, self.coarse_backbone]
 
 
-@register_model("hie")
+@register_model("hie", multi_label=False)
 def hie(taxonomy: Taxonomy, **kwargs) -> HiEClassifier:
     """HiE: a fine classifier amended by a coarse one over the leaves' parents (Jain et al., NeurIPS 2023)."""
     return HiEClassifier(taxonomy, **kwargs)

@@ -425,7 +425,7 @@ class HierNet(HierarchicalClassifier):
                 f"branch_depth={self.branch_depth}, eval={self.eval_mode}")
 
 
-@register_model("hiernet")
+@register_model("hiernet", multi_label=False)
 def hiernet(taxonomy: Taxonomy, **kwargs) -> HierNet:
     """Tempfli & Sándor's HierNet: a tree-shaped CNN cut from a CIFAR-style backbone."""
     return HierNet(taxonomy, **kwargs)

@@ -70,7 +70,7 @@ class SoftMaxMarginClassifier(FlatClassifier):
         return super()._best_class(probs, leaves if allowed is None else allowed & leaves)
 
 
-@register_model("soft_max_margin")
+@register_model("soft_max_margin", multi_label=False)
 def soft_max_margin(taxonomy: Taxonomy, **kwargs) -> SoftMaxMarginClassifier:
     """Valmadre's soft max-margin loss over every node (NeurIPS 2022)."""
     return SoftMaxMarginClassifier(taxonomy, **kwargs)

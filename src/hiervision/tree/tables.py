@@ -26,11 +26,43 @@ from hiervision.tree.core import Tree
 from hiervision.tree.view import lowest_common_ancestor
 
 __all__ = [
-    "TreeTables", "ancestor_matrix", "close_upwards", "depth_tensor", "encode_level_positions", "encode_levels",
-    "encode_onehot", "encode_paths", "encode_sequence", "is_ancestor", "lca", "level_position", "levels_by_depth",
-    "parent_tensor", "path_ends", "path_matrix", "path_sum", "segment_logsumexp", "sibling_log_softmax",
-    "step_candidates", "step_csr", "subtree_logsumexp", "subtree_sum",
+    "TreeTables", "ancestor_matrix", "carried_levels", "close_upwards", "column_index", "depth_tensor",
+    "encode_level_positions", "encode_levels", "encode_onehot", "encode_paths", "encode_sequence",
+    "is_ancestor", "lca", "level_labels", "level_position", "levels_by_depth", "parent_tensor", "path_ends",
+    "path_matrix", "path_sum", "segment_logsumexp", "sibling_log_softmax", "step_candidates", "step_csr",
+    "subtree_logsumexp", "subtree_sum",
 ]
+
+
+# ---------------------------------------------------------------------- class columns and carried levels (heads)
+def column_index(nodes: torch.Tensor | Sequence[int], num_nodes: int) -> torch.Tensor:
+    """``(num_nodes,)``: the column of each node among a head's classes ``nodes``, −1 for a node that is no
+    class — how a head reads a node-id target as a column of its logits."""
+    nodes = torch.as_tensor(nodes, dtype=torch.long)
+    index = torch.full((num_nodes,), -1, dtype=torch.long)
+    index[nodes] = torch.arange(len(nodes))
+    return index
+
+
+def carried_levels(tree: Tree) -> list[list[int]]:
+    """Node ids of each level 1..D−1 with shallower leaves carried down: level l holds the nodes at depth
+    l and the leaves above it (the per-level heads' classes on a tree whose leaves lie at several depths)."""
+    leaves = set(tree.leaves)
+    out: list[list[int]] = []
+    carried: list[int] = []
+    for level in tree.levels[:-1]:
+        out.append(sorted([*level, *carried]))
+        carried += [n for n in level if n in leaves]
+    return out
+
+
+def level_labels(tables: TreeTables, nodes: list[int], lv: int) -> torch.Tensor:
+    """``(N,)``: each node's class index at carried level ``lv`` (whose classes are ``nodes``) — its ancestor
+    there, itself when a leaf above it — and −1 for an inner node above the level (a target too coarse)."""
+    num_nodes = tables.taxonomy.num_nodes
+    on = tables.paths[:, lv - 1]
+    label = torch.where(on >= 0, on, torch.where(tables.leaf_mask, torch.arange(num_nodes), PAD))
+    return torch.where(label >= 0, column_index(nodes, num_nodes)[label.clamp(min=0)], -1)
 
 
 # ---------------------------------------------------------------------- a tree's tables, sharing its view's arrays

@@ -1,0 +1,341 @@
+"""The comparison's write-up: tables, plots, the RESULTS.md section and the README's "Which method?" paragraph.
+
+Every sentence here is generated from the summary's paired intervals (``comparison_stats.summarize``),
+so a claim never outlives the numbers behind it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from comparison_plan import BEAM_WIDTHS, DATASETS, METRICS, Cell, Ledger
+from results_md import replace_section
+
+HERE = Path(__file__).resolve().parent
+
+PROTOCOL = """Protocol (issue 14). Data: Fashion-MNIST with its 3-level tree (full training set, 10 % carved
+off as validation, the official test set); Tiny-ImageNet-200 with its WordNet tree (variable depth;
+every training image in shared/data, 10 % carved off as validation, the official val set as test) at 32x32, and on
+the gpu budget also at 64x64. One frozen flat recipe (configs/comparison/*-flat.yaml: ResNet-20, SGD
+lr 0.1 Nesterov, wd 5e-4, cosine with 0.2-epoch warm-up, batch 128, pad+flip augmentation) and every
+method gets the same backbone, epochs, augmentation and data order (the seed fixes split and order;
+the LSTM heads add grad_clip 5). Budget: {budget}. HierNet-induced: a flat pre-train of
+{pre} of the epochs, the tree induced from its validation confusion (p_min, g_max per data set), then
+HierNet for the rest, transferred from it: the same total epochs as flat. "Guo CNN-RNN, beam" is
+the Guo run itself decoded with tree-restricted beam search instead of the paper's greedy decoding,
+the width ({widths}) picked on validation path accuracy: no extra training. best.pt is picked on
+validation path accuracy; every number is on the test set. Seeds are paired: each method's
+difference to flat is taken seed by seed (same split and order) and reported as mean, std and a 95 %
+Student-t interval (n-1 degrees of freedom; none for n < 2); a row pairs with flat's run on the machine (the
+precision: amp auto picks bf16 where the CPU has it) its own cell ran on, kept by the ledger — the flat row shows the
+latest. Issue 24's rows: HAFrame, HAF and
+soft-max-margin train with the papers' settings on the same recipe; the "+ CRM" rows and "flat + Bayes hF1"
+train nothing: they answer the named run's calibrated test scores by the post-hoc rule (CRM: least expected LCA
+height; Bayes hF1: largest expected per-image hierarchical F1, inner answers allowed), and their hdist@k ranks the
+classes by the rule's expected score. "depth sev." counts the true path's levels a mistake misses (equal to
+"mistake sev.", the LCA height, on a fixed-depth tree); "op. curve area" is the area under Valmadre's
+correct-vs-specificity operating curve."""
+
+
+def _fmt(stat: dict, scale: float) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    digits = 2 if scale == 1 and abs(stat["mean"]) < 100 else 1
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def _fmt_diff(d: dict, scale: float) -> str:
+    if not d or d["n"] == 0:
+        return "–"
+    digits = 2  # a paired difference in points: one decimal rounds a -0.03 mean to "-0.0"
+    s = f"{d['mean'] * scale:+.{digits}f}"
+    if d["lo"] is not None:
+        s += f" [{d['lo'] * scale:+.{digits}f}, {d['hi'] * scale:+.{digits}f}]"
+    return s
+
+
+_PLACEHOLDER = "not measured yet"
+_CLAIM = "95 % CI"  # every claim of the "Which method?" paragraph carries its interval
+
+
+def which_method(summary: dict, min_seeds: int = 3) -> str:
+    """The README's "Which method?" paragraph, generated from the paired intervals on path accuracy.
+
+    Only rows with ``min_seeds`` paired seeds get a claim (with its interval); the others are named as
+    not measured yet, and a data set without any such row (or whose flat row is short) gets a placeholder.
+    Optional rows short of ``min_seeds`` are exploratory: the tables show them, this paragraph does not.
+    """
+    parts = []
+    for data in summary.values():
+        rows = data["rows"]
+        short = [r["label"] for r in rows.values() if r["n"] < min_seeds and not r.get("optional")]
+        said = []
+        for r in rows.values():
+            d = r.get("vs_flat", {}).get("path_accuracy")
+            if not d or d["lo"] is None or r["n"] < min_seeds or d["n"] < min_seeds:
+                continue
+            ci = f"{d['mean'] * 100:+.2f} pt, 95 % CI [{d['lo'] * 100:+.2f}, {d['hi'] * 100:+.2f}], n = {d['n']}"
+            if d["lo"] > 0:
+                said.append(f"{r['label']} beats flat ({ci})")
+            elif d["hi"] < 0:
+                said.append(f"{r['label']} loses to flat ({ci})")
+            else:
+                said.append(f"{r['label']} is not distinguishable from flat ({ci})")
+        missing = (f"{_PLACEHOLDER} with >= {min_seeds} seeds: {', '.join(short)}; placeholder until "
+                   "`benchmarks/run.py --profile comparison` fills it") if short else ""
+        if said:
+            parts.append(f"*{data['label']}* (path accuracy, paired by seed): " + "; ".join(said)
+                         + (f". {missing[0].upper()}{missing[1:]}." if missing else "."))
+        else:
+            parts.append(f"*{data['label']}*: {missing}.")
+    return "\n\n".join(parts)
+
+
+#: issue 24's bar for the recipe hiervision recommends: (metric, short name, scale, what its paired 95 %
+#: interval against flat must show on every data set)
+RECIPE_BAR = (("leaf_accuracy", "Δ top-1 pt", 100, lambda d: d["hi"] >= 0),  # ties or beats flat
+              ("mistake_severity", "Δ mistake sev.", 1, lambda d: d["hi"] < 0),  # lower
+              ("hdist@5", "Δ hdist@5", 1, lambda d: d["hi"] < 0))  # lower
+
+
+#: rows that train and run more than one network (HiE): not equal budget, so never the recommended recipe
+ENSEMBLES = frozenset(m.key for d in DATASETS for m in d.methods if m.networks > 1)
+
+
+def recommendation(summary: dict, min_seeds: int = 3) -> str:
+    """The recommended recipe, from the paired intervals: a row that on every data set keeps flat's top-1
+    (interval reaching 0 or above) and lowers mistake severity and hdist@5 (intervals below 0). Without
+    one, the best trade-off: among rows that keep top-1 everywhere, the largest cut in mistake severity.
+    Equal budget only: an ensemble's row (:data:`ENSEMBLES`) is never the recipe."""
+    first = next(iter(summary.values()))["rows"] if summary else {}
+
+    def pairs(key: str, metric: str) -> list[dict] | None:
+        ds = [data["rows"].get(key, {}).get("vs_flat", {}).get(metric) for data in summary.values()]
+        return ds if all(d and d["lo"] is not None and d["n"] >= min_seeds for d in ds) else None
+
+    measured = [k for k in first if k != "flat" and k not in ENSEMBLES and all(pairs(k, m) for m, *_ in RECIPE_BAR)]
+    if not measured:
+        return (f"*Recommended recipe*: not decided yet — it needs >= {min_seeds} paired seeds of top-1, mistake "
+                "severity and hdist@5 on every data set (issue 24's rows).")
+
+    def on(key: str, i: int) -> str:
+        return ", ".join(f"{name} {d['mean'] * f:+.2f} [{d['lo'] * f:+.2f}, {d['hi'] * f:+.2f}]"
+                         for m, name, f, _ in RECIPE_BAR for d in [pairs(key, m)[i]])
+
+    def shown(key: str) -> str:
+        return "; ".join(f"{data['label']}: {on(key, i)}" for i, data in enumerate(summary.values())) + \
+            f" (95 % CI, n >= {min_seeds})"
+
+    def passes(key: str, bar=RECIPE_BAR) -> bool:
+        return all(ok(d) for m, *_, ok in bar for d in pairs(key, m))
+
+    meets = [k for k in measured if passes(k)]
+    if meets:
+        best = max(meets, key=lambda k: sum(d["mean"] for d in pairs(k, "leaf_accuracy")))
+        return (f"*Recommended recipe*: **{first[best]['label']}** — on every data set it keeps flat's top-1 and "
+                f"makes milder mistakes: {shown(best)}.")
+    text = ("*Recommended recipe*: no row meets the bar (top-1 ties or beats flat, mistake severity and hdist@5 "
+            "lower with 95 % intervals below 0, on every data set).")
+    keeps = [k for k in measured if passes(k, RECIPE_BAR[:1])]
+    if not keeps:
+        per_data = []
+        for i, data in enumerate(summary.values()):
+            # on this data set alone: keeps top-1, then the most mistake measures lowered, then the most surely
+            # lowered (the smallest sum of their intervals' upper ends; means within noise would pick at random)
+            here = [k for k in measured if RECIPE_BAR[0][3](pairs(k, "leaf_accuracy")[i])
+                    and any(ok(pairs(k, m)[i]) for m, *_, ok in RECIPE_BAR[1:])]
+            if not here:
+                per_data.append(f"{data['label']}: none (flat)")
+                continue
+            best = min(here, key=lambda k: (-sum(ok(pairs(k, m)[i]) for m, *_, ok in RECIPE_BAR[1:]),
+                                            sum(pairs(k, m)[i]["hi"] for m, *_ in RECIPE_BAR[1:])))
+            per_data.append(f"{data['label']}: **{first[best]['label']}** ({on(best, i)})")
+        return text + (" None keeps flat's top-1 everywhere: flat stays the recipe. Best trade-off per data set "
+                       f"(keeps top-1 there and lowers a mistake measure, 95 % CI, n >= {min_seeds}): "
+                       + "; ".join(per_data) + ".")
+    best = min(keeps, key=lambda k: sum(d["mean"] for d in pairs(k, "mistake_severity")))
+    return text + (f" Best trade-off (keeps top-1, largest cut in mistake severity): **{first[best]['label']}**: "
+                   f"{shown(best)}.")
+
+
+def crm_on_deep_trees(summary: dict, synthetic: Path = HERE / "results" / "crm-depth.json") -> str:
+    """Issue 24's CRM finding, from the numbers: what CRM costs flat on each data set (paired intervals) and,
+    from ``benchmarks/crm_depth.py``'s exact expectations, how much of its top-1 cost comes from the variable
+    depth (WordNet vs the same tree padded to one depth) and how much from low confidence (28 % vs 75 %)."""
+    said = []
+    for data in summary.values():
+        d = data["rows"].get("flat_crm", {}).get("vs_flat", {})
+        if all(d.get(k) and d[k]["lo"] is not None for k in ("leaf_accuracy", "mistake_severity", "depth_severity")):
+            said.append(f"{data['label']}: " + ", ".join(
+                f"{name} {d[k]['mean'] * f:+.2f} [{d[k]['lo'] * f:+.2f}, {d[k]['hi'] * f:+.2f}]"
+                for k, name, f in (("leaf_accuracy", "Δ top-1 pt", 100), ("mistake_severity", "Δ mistake sev.", 1),
+                                   ("depth_severity", "Δ depth sev.", 1))) + f" (n = {d['leaf_accuracy']['n']})")
+    if not said or not synthetic.exists():
+        return ""
+    q = json.loads(synthetic.read_text(encoding="utf-8"))
+
+    def cost(key: str, tree: str) -> float:
+        r = q[key][tree]
+        return 100 * (r["argmax"]["top1"] - r["crm"]["top1"])
+
+    deep, padded, sure = cost("hier@0.284", "wordnet"), cost("hier@0.284", "padded"), cost("hier@0.75", "wordnet")
+    why = ("the cost comes from low confidence, the variable depth adds a little" if padded >= deep / 2 > sure
+           else "the variable depth accounts for much of it" if padded < deep / 2 else "confidence does not explain it")
+    return ("*CRM on deep trees*: flat + temperature + CRM against flat, paired by seed — " + "; ".join(said)
+            + ". Why it costs top-1 on Tiny-ImageNet and not in the CRM paper (exact expectations over calibrated "
+            "synthetic distributions on the same 200 classes, `benchmarks/crm_depth.py`): CRM costs "
+            f"{deep:.2f} pt top-1 on the WordNet tree and {padded:.2f} pt on the same tree padded to one depth when "
+            f"argmax is right 28 % of the time, {sure:.2f} pt on WordNet at 75 %: {why}. LCA height rewards moving "
+            "answers into bushy deep subtrees on such a tree; `depth sev.` (levels of the true path a mistake misses) "
+            "is the column to compare mistakes across depths, `mistake sev.` the papers' (benchmarks/DECISIONS.md).")
+
+
+def section(summary: dict, budget: str, command: str, machine: str, wall_s: float, name: str,
+            progress: str = "") -> str:
+    """The RESULTS.md section: protocol, machine, command, then per data set the table (n per row),
+    the paired differences, per-level accuracy and the length diagnostics of variable-length paths."""
+    epochs = ", ".join(f"{d['label']}: {d['epochs']} epochs, HierNet tree p_min {d['induce'][0]}, g_max "
+                       f"{d['induce'][1]}" for d in summary.values())
+    pre = ", ".join(sorted({f"{d['pretrain_fraction']:.0%}" for d in summary.values()})) or "–"
+    lines = [f"## {name}", "", PROTOCOL.format(budget=f"{budget} ({epochs})", pre=pre,
+                                                 widths=", ".join(map(str, BEAM_WIDTHS))).replace("\n", " "), "",
+             f"Command: `{command}`  ", f"Machine: {machine}  ",
+             f"Wall time of this sitting: {wall_s / 60:.1f} min (cells are cached: earlier sittings add to the "
+             "tables)" + ("  " if progress else ""), *([progress] if progress else [])]
+    for key, data in summary.items():
+        rows = data["rows"]
+        lines += ["", f"### {data['label']}", "",
+                  "| method | n | " + " | ".join(c for _, c, *_ in METRICS) + " | level acc |",
+                  "|---" * (len(METRICS) + 3) + "|"]
+        for r in rows.values():
+            lvl = " / ".join(f"{v:.3f}" for v in r["level_accuracy"]) or "–"
+            lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(_fmt(r[k], s) for k, _, s, *_ in METRICS)
+                         + f" | {lvl} |")
+        paired = [(k, c, s) for k, c, s, p, _ in METRICS if p]
+        lines += ["", "Difference to flat, paired by seed: mean [95 % t-interval] (accuracies in points):", "",
+                  "| method | n pairs | " + " | ".join(f"Δ {c}" for _, c, _ in paired) + " |",
+                  "|---" * (len(paired) + 2) + "|"]
+        for r in rows.values():
+            if "vs_flat" in r:
+                n = r["vs_flat"]["path_accuracy"]["n"]
+                lines.append(f"| {r['label']} | {n} | "
+                             + " | ".join(_fmt_diff(r["vs_flat"][k], s) for k, _, s in paired) + " |")
+        for r in rows.values():
+            if r.get("beam_width"):
+                picked = ", ".join(f"s{s}: {k}" for s, k in sorted(r["beam_width"].items()))
+                lines += ["", f"{r['label']}: beam width picked on val per seed: {picked}."]
+        if any(r["diagnostics"] for r in rows.values()):
+            lines += ["", "Where the paths go wrong (means over seeds): shares of test images whose predicted "
+                      "path is too short / too long, a strict prefix of the true one (stopped early) or runs on "
+                      "past its end; where wrong paths first leave the true one (share of errors per level); "
+                      "level accuracy among images whose levels above were right — a per-step error rate free of "
+                      "compounding, to hold beside the plain level accuracy above.", "",
+                      "| method | too short | too long | stopped early | ran on | first wrong level | "
+                      "level acc given right prefix |", "|---|---|---|---|---|---|---|"]
+            for r in rows.values():
+                d = r["diagnostics"]
+                if not d:
+                    continue
+                lvl = " / ".join(f"{v:.3f}" for v in r["level_accuracy_given_prefix"])
+                first = " / ".join(f"{k}: {v:.2f}" for k, v in r["first_wrong_level"].items()) or "–"
+                lines.append(f"| {r['label']} | {d['too_short']:.3f} | {d['too_long']:.3f} | "
+                             f"{d['stopped_early']:.3f} | {d['ran_on']:.3f} | {first} | {lvl} |")
+        lengths = sorted({int(n) for r in rows.values() for n in r["path_accuracy_by_length"]})
+        if len(lengths) > 1:
+            lines += ["", "Path accuracy per true path length (means over seeds):", "",
+                      "| method | " + " | ".join(str(n) for n in lengths) + " |",
+                      "|---" * (len(lengths) + 1) + "|"]
+            for r in rows.values():
+                v = r["path_accuracy_by_length"]
+                lines.append(f"| {r['label']} | " + " | ".join(
+                    f"{v[str(n)]:.3f}" if str(n) in v else "–" for n in lengths) + " |")
+        lines += ["", f"![paired differences]({_plot_name(name, key)})"]
+    crm = crm_on_deep_trees(summary)
+    lines += ["", "### Which method?", "", which_method(summary), "", recommendation(summary), "",
+              *([crm, ""] if crm else [])]
+    return "\n".join(lines)
+
+
+def _plot_name(name: str, data_key: str) -> str:
+    return f"results/{name}-{data_key}.png"
+
+
+def plot(summary: dict, name: str, outdir: Path) -> list[Path]:
+    """Per data set: each method's paired difference to flat (path accuracy, hierarchical F1) with its
+    95 % interval; methods without an interval (n < 2) are drawn as points only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, data in summary.items():
+        rows = [r for r in data["rows"].values() if "vs_flat" in r]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 0.6 * max(len(rows), 2) + 1.4), sharey=True)
+        for ax, (metric, title) in zip(axes, [("path_accuracy", "path accuracy"),
+                                             ("hierarchical_f1", "hierarchical F1")]):
+            for i, r in enumerate(rows):
+                d = r["vs_flat"][metric]
+                if d["n"] == 0:
+                    continue
+                m = d["mean"] * 100
+                err = [[m - d["lo"] * 100], [d["hi"] * 100 - m]] if d["lo"] is not None else None
+                ax.errorbar([m], [i], xerr=err, fmt="o", capsize=4)
+            ax.axvline(0, color="grey", lw=1)
+            ax.set_xlabel(f"Δ {title} vs flat (pt), 95 % CI")
+            ax.grid(alpha=0.3, axis="x")
+        axes[0].set_yticks(range(len(rows)), [f"{r['label']} (n={r['vs_flat']['path_accuracy']['n']})"
+                                              for r in rows])
+        axes[0].invert_yaxis()  # rows top to bottom as in the tables
+        fig.suptitle(f"{data['label']}: paired difference to flat")
+        fig.tight_layout()
+        path = outdir / Path(_plot_name(name, key)).name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+README_START, README_END = "<!-- which-method:start -->", "<!-- which-method:end -->"
+
+
+def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s: float,
+                  results_dir: Path = HERE / "results", results_md: Path = HERE / "RESULTS.md",
+                  readme: Path | None = HERE.parent / "README.md", progress: str = "") -> str:
+    """JSON, plots, the RESULTS.md section and the README's "Which method?" paragraph (between
+    :data:`README_START` and :data:`README_END`; replaced only by a paragraph with at least as many
+    claims (intervals) as the one there, so a partial sitting never erases measured claims)."""
+    name = "comparison" if budget == "cpu" else f"comparison-{budget}"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(
+        {"profile": name, "budget": budget, "command": command, "machine": machine, "summary": summary},
+        indent=1, default=str), encoding="utf-8")
+    plot(summary, name, results_dir)
+    body = section(summary, budget, command, machine, wall_s, name, progress)
+    text = results_md.read_text(encoding="utf-8") if results_md.exists() else "# Benchmark results\n"
+    results_md.write_text(replace_section(text, name, body), encoding="utf-8")
+    if readme is not None and readme.exists():
+        text = readme.read_text(encoding="utf-8")
+        if README_START in text and README_END in text:
+            head, rest = text.split(README_START, 1)
+            old, tail = rest.split(README_END, 1)
+            para = (f"{which_method(summary)}\n\n{recommendation(summary)}\n\n(Generated from `{command}`; protocol "
+                    f"and tables: benchmarks/RESULTS.md, section `{name}`.)")
+            if para.count(_CLAIM) >= old.count(_CLAIM):
+                readme.write_text(f"{head}{README_START}\n{para}\n{README_END}{tail}", encoding="utf-8")
+    return body
+
+
+def machines_note(cells: list[Cell], ledger: Ledger, machine: str) -> str:
+    """Where the table's cells ran, when not all on this sitting's machine (sittings add up across machines)."""
+    where: dict[str, list[str]] = {}
+    for c in cells:
+        entry = ledger.cells.get(c.name)
+        if c.done() and not c.hidden and entry:
+            where.setdefault(entry["machine"], []).append(c.name)
+    if set(where) <= {machine}:
+        return ""
+    return "  \nCells by machine: " + "; ".join(f"{len(v)} on {m} ({', '.join(sorted({n.split('/')[0] for n in v}))})"
+                                             for m, v in where.items()) + "."
+

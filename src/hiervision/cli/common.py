@@ -1,0 +1,93 @@
+"""What several commands share: the user-error types ``main`` turns into one line, argparse types and the
+decoding flags (so ``evaluate``, ``predict``, ``serve`` and ``export`` spell them the same way)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+from hiervision.checkpoint import CheckpointError
+from hiervision.config import ConfigError
+from hiervision.taxonomy import TaxonomyError
+
+__all__ = ["USER_ERRORS", "add_beam_width", "add_decode", "count", "decode_rule", "int_at_least", "open_fraction",
+           "positive_int", "print_metrics", "user_errors"]
+
+USER_ERRORS = (ConfigError, TaxonomyError, CheckpointError, FileNotFoundError, ValueError, OSError)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that end in one line on stderr; training's and the run folder's are imported late (torch)."""
+    from hiervision.experiment import RunError
+    from hiervision.training import TrainingError
+
+    return (*USER_ERRORS, TrainingError, RunError)
+
+
+def print_metrics(result: dict) -> None:
+    """A run's headline metrics as one JSON line (the float ones, rounded to 4 places)."""
+    keys = ["path_accuracy", "node_accuracy", "leaf_accuracy", "hierarchical_f1", "path_f1", "node_f1"]
+    shown = {k: round(result[k], 4) for k in keys if isinstance(result.get(k), float)}
+    print(json.dumps(shown))
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """argparse type: a whole number ≥ ``lo`` (argparse names the flag in its one-line error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number ≥ {lo}, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be ≥ {lo}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int, count = int_at_least(1), int_at_least(0)
+
+
+def open_fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1 (an accuracy target, a proximity threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
+
+
+def add_beam_width(parser: argparse.ArgumentParser) -> None:
+    """``--beam-width``: one help text for every command that decodes."""
+    parser.add_argument("--beam-width", type=positive_int, default=None, metavar="K",
+                        help="decode with tree-restricted beam search of width K (1 = greedy) instead of the run's "
+                        "configured decoding (guo_rnn, dhnn_rnn, dhnn_s2s; compare widths with evaluate --beam-width)")
+
+
+def add_decode(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--decode/--metric/--allow-inner``; ``default`` says in the help what applies when none is given."""
+    from hiervision.bayes import BAYES_METRICS, DECODE_RULES  # numpy only
+
+    parser.add_argument("--decode", choices=DECODE_RULES, default=None,
+                        help="crm: the leaf of least expected mistake severity (Karthik et al.); bayes: the answer of "
+                        f"largest expected --metric (Plaud et al.); default {default}")
+    parser.add_argument("--metric", choices=BAYES_METRICS, default=None,
+                        help="with --decode bayes: hf1 (per-image hierarchical F1, the default), severity (LCA height: "
+                        "CRM's answer) or path_accuracy (the most probable class)")
+    parser.add_argument("--allow-inner", action="store_true",
+                        help="with --decode bayes: the answer may stop at an inner node where the metric rewards it")
+
+
+def decode_rule(args: argparse.Namespace) -> str | None:
+    """``--decode/--metric/--allow-inner`` as one rule name (``hiervision.bayes.rule_spec``); None when unset."""
+    if args.decode is None:
+        if args.metric is not None or args.allow_inner:
+            raise ValueError("--metric and --allow-inner go with --decode bayes")
+        return None
+    from hiervision.bayes import rule_spec
+
+    return rule_spec(args.decode, args.metric, args.allow_inner)

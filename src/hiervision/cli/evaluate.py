@@ -1,0 +1,79 @@
+"""``hiervision evaluate``: a trained run's metrics on a split, optionally hedged, re-decoded or with a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hiervision.checkpoint import CheckpointError
+from hiervision.cli.common import add_beam_width, add_decode, decode_rule, open_fraction
+from hiervision.config import check_given_level
+
+__all__ = ["add_parser", "cmd_evaluate"]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Print the run's metrics on ``--split`` as JSON (decision rules go through ``hiervision.posthoc``)."""
+    from hiervision.distributed import autocast_dtype, select_device
+    from hiervision.evaluation import evaluate_split
+    from hiervision.experiment import load_run, run_data
+    from hiervision.marginals import is_identity
+    from hiervision.posthoc import evaluate_decisions
+
+    device = select_device(args.device)
+    cfg, taxonomy, model, meta = load_run(args.run_dir, which=args.checkpoint, device=device)
+    check_given_level(args.given_level, taxonomy)
+    data = run_data(cfg, args.run_dir, args.allow_changed_data, meta)  # the normalisation it was trained with
+    if data.taxonomy != taxonomy:
+        raise CheckpointError(f"{args.run_dir}: the data's taxonomy differs from the run's taxonomy.json")
+    amp = autocast_dtype(cfg["train"]["amp"], device)
+    if args.mode is not None:
+        if args.mode not in model.eval_modes:
+            raise ValueError(f"--mode {args.mode}: model {cfg['model']['name']} has modes {list(model.eval_modes)}")
+        model.set_eval_mode(args.mode)
+    if args.beam_width is not None:
+        model.set_beam_width(args.beam_width)
+    decode = decode_rule(args) or cfg["eval"].get("decode", "argmax")
+    if args.accuracy is not None or decode != "argmax" or not is_identity(model.temperature):
+        if args.given_level is not None and args.accuracy is not None:
+            raise ValueError("--given-level cannot be combined with --accuracy (hedging fits on plain predictions)")
+        result, pred, targets = evaluate_decisions(args.run_dir, model, data, args.split, cfg["eval"]["batch_size"],
+                                                   amp, args.accuracy, decode, device, args.given_level)
+    else:
+        result, pred, targets = evaluate_split(model, data, args.split, cfg["eval"]["batch_size"], device, amp,
+                                               given_level=args.given_level, return_prediction=True)
+    result["split"] = args.split
+    if args.given_level is not None:
+        result["given_level"] = args.given_level
+    if args.report:  # pictures of the same predictions (see hiervision.report)
+        from hiervision.report import write_report
+
+        write_report(pred, targets, taxonomy, args.report, title=f"{args.run_dir}: {args.split} split")
+        result["report"] = str(Path(args.report) / "index.html")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """``evaluate RUN``."""
+    e = sub.add_parser("evaluate", help="metrics of a trained run on a split")
+    e.add_argument("run_dir")
+    e.add_argument("--split", choices=["val", "test"], default="test")
+    e.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    e.add_argument("--given-level", type=int, default=None, metavar="DEPTH",
+                   help="give the model each image's true ancestor at this depth (Guo et al.'s CNN-RNN*)")
+    e.add_argument("--accuracy", type=open_fraction, default=None, metavar="TARGET",
+                   help="also report hedged answers (Deng et al.'s DARTS) reaching this accuracy, e.g. 0.99; "
+                        "λ is fitted on the val split")
+    add_decode(e, "eval.decode")
+    e.add_argument("--mode", default=None, help="how the model predicts, where it has several ways "
+                   "(hiernet: conditional | routing)")
+    add_beam_width(e)
+    e.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda | cuda:N")
+    e.add_argument("--allow-changed-data", action="store_true",
+                   help="evaluate although the data's splits differ from the run's splits.json (prints the overlap)")
+    e.add_argument("--report", default=None, metavar="DIR",
+                   help="also write plots (per-level accuracy, confusion per level, tree coloured by node accuracy, "
+                   "mistake severity) and DIR/index.html showing them")
+    e.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,88 @@
+"""``hiervision train``: a config, or a folder/CSV of images with the recommended recipe, and the closing screen
+a first run ends with."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import yaml
+
+from hiervision.cli.common import print_metrics
+from hiervision.config import load_config
+from hiervision.recipe import method_options
+
+__all__ = ["add_parser", "cmd_train"]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or with ``--print-config`` only resolve) one run; under torchrun only rank 0 prints."""
+    from hiervision.recipe import auto_config, describe, is_data_source
+
+    auto = is_data_source(args.config)  # a folder, zip or CSV of images: the recommended recipe, no YAML
+    if args.method is not None and not auto:
+        raise ValueError(f"--method applies to a folder or CSV of images; {args.config} is a config "
+                         "(use --set model.name=NAME there)")
+    cfg = auto_config(args.config, args.method, args.set) if auto else load_config(args.config, args.set)
+    if args.print_config:  # the resolved config (base: chain and --set applied), nothing trained
+        print(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), end="")
+        return 0
+    if not args.out:
+        raise ValueError("train needs --out RUN_FOLDER")
+    from hiervision.training import train
+
+    if args.quiet:
+        cfg["train"]["progress"] = False
+    main_rank = int(os.environ.get("RANK", 0)) == 0  # under torchrun, one rank reports
+    if auto and main_rank:
+        print(describe(cfg))
+    result = train(cfg, args.out, resume=not args.no_resume, force=args.force,
+                   allow_changed_data=args.allow_changed_data)
+    if main_rank and auto:
+        print(closing_screen(result, args.out))
+    elif main_rank:
+        print_metrics(result)
+        print(f"run written to {args.out}")
+    return 0
+
+
+def closing_screen(result: dict, out: str) -> str:
+    """What a first run ends with: its test metrics, where it is, and the three commands that come next."""
+    levels = result.get("level_accuracy") or []
+    lines = ["", f"test ({result.get('data_note', '')}):",
+             f"  path accuracy {result['path_accuracy']:.4f}   leaf accuracy {result['leaf_accuracy']:.4f}"
+             + (f"   per level {' / '.join(f'{a:.3f}' for a in levels)}" if levels else "")]
+    extra = [f"{k} {result[k]:.3f}" for k in ("hdist@5", "ece") if isinstance(result.get(k), float)]
+    if extra:
+        lines.append("  " + "   ".join(extra))
+    run = Path(out)
+    nxt = [(f"hiervision evaluate {run} --report {run / 'report'}", f"plots, {run / 'report' / 'index.html'}"),
+           (f"hiervision export {run} --out {run / 'model.onnx'}", "ONNX + sidecar ([export] extra)"),
+           (f"hiervision serve {run / 'model.onnx'}", "API and web page at http://127.0.0.1:8000/ ([serve] extra)")]
+    width = max(len(c) for c, _ in nxt)
+    lines += [f"run: {run}  (config.yaml, best.pt, metrics.json, log.csv)", "next:",
+              *(f"  {c:<{width}}  # {why}" for c, why in nxt)]
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """``train CONFIG|FOLDER|CSV --out RUN``."""
+    t = sub.add_parser("train", help="train a config, or a folder/CSV of your images; writes checkpoints, log.csv "
+                       "and metrics.json to --out")
+    t.add_argument("config", metavar="CONFIG|FOLDER|CSV",
+                   help="a YAML config (see configs/), or your images: a folder of nested class folders (or its "
+                   ".zip), or a CSV with path,label columns (labels as A/B/C paths); these get the recommended recipe")
+    t.add_argument("--method", default=None, metavar="NAME",
+                   help=f"FOLDER|CSV only: train this head ({', '.join(method_options())}) instead of the "
+                   "recommended one, with the options the head declares")
+    t.add_argument("--out", help="run folder (required unless --print-config)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.05")
+    t.add_argument("--no-resume", action="store_true", help="start over even if --out holds last.pt")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--force", action="store_true", help="write into an --out folder that is not a hiervision run")
+    t.add_argument("--allow-changed-data", action="store_true",
+                   help="resume although the data's splits differ from the run's splits.json")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (after base: and --set) and exit")
+    t.set_defaults(func=cmd_train)
