@@ -47,7 +47,14 @@ def int_at_least(lo: int) -> Callable[[str], int]:
     return parse
 
 
-positive_int, count = int_at_least(1), int_at_least(0)
+def positive_int(text: str) -> int:
+    """argparse type: a whole number ≥ 1 (sizes, counts of images, top-k)."""
+    return int_at_least(1)(text)
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number ≥ 0."""
+    return int_at_least(0)(text)
 
 
 def open_fraction(text: str) -> float:
