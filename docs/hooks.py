@@ -26,6 +26,7 @@ SRC = ROOT / "src"
 #: repository paths that are pages of this site (links to them are rewritten to the page)
 SITE_PAGES = {
     "docs/serving.md": "serving.md",
+    "docs/encoders.md": "encoders.md",
     "docs/reliability.md": "reliability.md",
     "benchmarks/RESULTS.md": "benchmarks.md",
     "benchmarks/DECISIONS.md": "decisions.md",

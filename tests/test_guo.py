@@ -306,7 +306,8 @@ def test_precomputed_features_train_only_the_head_from_a_run_checkpoint(tiny_cfg
     cfg = merge(tiny_cfg, {
         "model": {"name": "guo_rnn", "embed_size": 16, "hidden_size": 32,
                   "backbone_kwargs": {"width": 0.5, "pretrained_path": str(tmp_path / "flat" / "best.pt")}},
-        "train": {"precompute_features": True, "epochs": 3, "optimizer": "adam", "lr": 0.01},
+        "train": {"precompute_features": True, "epochs": 3, "optimizer": "adam", "lr": 0.01,
+                  "feature_cache": str(tmp_path / "features")},  # not the user's own cache
     })
     metrics = train(cfg, tmp_path / "rnn")
     _, _, flat, _ = load_run(tmp_path / "flat")

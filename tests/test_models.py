@@ -186,3 +186,71 @@ def test_tree_tables_are_buffers_that_follow_the_model(name: str) -> None:
     model.to(torch.float64)  # integer and bool tables keep their dtype; they move with the model
     assert {k: v.dtype for k, v in model.named_buffers() if k.startswith("tables.")} == before
     assert torch.equal(model.tables.paths, FIXED.path_matrix)
+
+
+# ----------------------------------------------------------------------------- every head on a pretrained encoder
+@pytest.fixture(scope="module")
+def hf_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``hf:<folder>`` of a tiny randomly initialised DINOv2 (saved once per session; nothing is downloaded)."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("dinov2")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, image_size=32, patch_size=8)
+    transformers.AutoModel.from_config(config).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+def build_on_encoder(name: str, encoder: str) -> torch.nn.Module | None:
+    """The head on the encoder, or ``None`` after checking its one-line refusal: a head that needs what one
+    pooled vector and one token map cannot give (several stage maps, a CNN's blocks to cut) says so when built."""
+    torch.manual_seed(0)
+    try:
+        return create_model(name, FIXED, backbone=encoder, in_chans=3, image_size=32, **EXTRA.get(name, {}))
+    except ValueError as e:
+        assert "\n" not in str(e) and "backbone" in str(e), f"{name}: {e}"
+        return None
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_head_fine_tunes_an_hf_encoder_or_refuses_in_one_line(name: str, hf_encoder: str) -> None:
+    model = build_on_encoder(name, hf_encoder)
+    if model is None:
+        return
+    x = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    loss = model.train().loss(model(x), leaf_targets(FIXED))
+    assert torch.isfinite(loss)
+    loss.backward()
+    encoders = {id(p) for p in model.param_groups()["backbone"]}
+    assert encoders, f"{name}: no encoder parameters"
+    for pname, p in model.named_parameters():
+        if p.requires_grad:  # the encoder's included: it is fine-tuned with the head
+            assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: {pname} has no finite gradient"
+    assert any(p.grad.abs().sum() > 0 for p in model.param_groups()["backbone"]), f"{name}: the encoder never learns"
+    assert_valid(FIXED, model.predict(x))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_head_trains_on_frozen_hf_features_or_refuses_in_one_line(name: str, hf_encoder: str) -> None:
+    model = build_on_encoder(name, hf_encoder)
+    if model is None:
+        return
+    x = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        features = model.backbone(x)
+    assert features.shape == (BATCH, model.backbone.num_features)
+    model.train()
+    try:
+        outputs = model.forward_head(features)
+    except NotImplementedError as e:  # two encoders (HiE) or stage maps (DHNN): it needs the images
+        assert "\n" not in str(e) and "does not run on one backbone's pooled features" in str(e)
+        return
+    model.loss(outputs, leaf_targets(FIXED)).backward()
+    for p in model.param_groups()["backbone"]:
+        assert p.grad is None  # the encoder's features were computed without a graph
+    for p in model.param_groups()["head"]:
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+    model.eval()
+    with torch.no_grad():
+        assert_valid(FIXED, model.decode(model.forward_head(features)))

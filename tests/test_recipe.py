@@ -82,7 +82,7 @@ def test_train_folder_end_screen(tmp_path, capsys):
     assert main(["train", str(photos), "--out", str(out), "--quiet", "--set", "train.epochs=1", *sum(
         (["--set", s] for s in TINY), [])]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("recipe: haframe resnet20, 1 channel(s), 8 px, 1 epochs")
+    assert text.startswith("recipe: haframe on resnet20, 1 channel(s), 8 px, 1 epochs")
     assert f"run: {out}" in text and "path accuracy" in text and "per level" in text
     for cmd in (f"hiervision evaluate {out} --report {out / 'report'}", f"hiervision export {out} --out "
                 f"{out / 'model.onnx'}", f"hiervision serve {out / 'model.onnx'}"):

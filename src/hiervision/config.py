@@ -243,7 +243,15 @@ def _freeze_entry(key: str, v: Any) -> Any:
 
 # keys that may be given but have no entry in DEFAULTS, so that configs without them resolve (and digest, as
 # the comparison's cached cells do) exactly as before; absent means off
-OPTIONAL_KEYS = {"train.log_to"}  # experiment tracking: [tensorboard, mlflow] (hiervision.tracking)
+OPTIONAL_KEYS = {
+    "train.log_to",  # experiment tracking: [tensorboard, mlflow] (hiervision.tracking)
+    # a pretrained encoder (model.backbone: hf:...): train the head on its features computed once and cached
+    # (absent: false; train.precompute_features is the older name of the same switch)
+    "train.freeze_backbone",
+    "train.feature_cache",  # where cached features live (absent: $HIERVISION_CACHE or ~/.cache/hiervision)
+    "train.backbone_lr_scale",  # fine-tuning: the backbone's learning rate is train.lr times this (absent: 1)
+    "train.unfreeze_after",  # fine-tuning: train the head alone for this many epochs, then everything
+}
 
 # what every key of seed/train/eval may hold (data and model keys are checked by their builders)
 SCHEMA: dict[str, Any] = {
@@ -282,6 +290,10 @@ SCHEMA: dict[str, Any] = {
         "compile": _bool,
         "max_loss": _num(lo=0, lo_open=True, null=True),
         "log_to": _list(_enum("tensorboard", "mlflow")),
+        "freeze_backbone": _bool,
+        "feature_cache": _str(null=True),
+        "backbone_lr_scale": _num(lo=0, lo_open=True),
+        "unfreeze_after": _int(lo=0),
     },
     "eval": {
         "batch_size": _int(lo=1),

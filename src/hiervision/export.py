@@ -18,6 +18,11 @@ The search (argmax over allowed ends, each level's argmax, routing, beam search,
 :mod:`hiervision.runtime`, as :meth:`~HierarchicalClassifier.decoder_settings` tells it;
 :func:`torch_engine` feeds the same methods to it eagerly, which is how
 ``hiervision predict`` decodes a PyTorch run, so both paths share one decoder.
+
+``export --quantize int8`` (:func:`export_int8`) exports the float graphs into a temporary folder and
+writes only their int8 versions where ``--out`` says: static quantisation (onnxruntime's QDQ format,
+per-channel weights) calibrated on the run's validation images for a graph with an image input, dynamic
+quantisation for a decoder step graph (no image input) or a run without validation images.
 """
 
 from __future__ import annotations
@@ -26,8 +31,13 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
+import shutil
+import sys
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +46,16 @@ from torch import nn
 
 from hiervision.bayes import decode_rule
 from hiervision.checkpoint import CheckpointError
+from hiervision.config import ConfigError
 from hiervision.decisions import load_decisions
-from hiervision.experiment import load_run
+from hiervision.experiment import RunError, load_run, run_data
 from hiervision.marginals import as_temperature
 from hiervision.models.base import HierarchicalClassifier
 from hiervision.runtime import Predictor
 from hiervision.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, TREE_KEY, file_sha256
 
-__all__ = ["export_onnx", "export_parts", "run_predictor", "torch_engine"]
+__all__ = ["QUANTIZE_CHOICES", "export_int8", "export_onnx", "export_parts", "run_predictor", "torch_engine",
+           "validation_images"]
 
 OPSET = 18
 
@@ -176,9 +188,7 @@ def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLi
     """Write ``out`` (.onnx), its step graph where the model has one, and the ``.json`` sidecar with the
     sha256 of each graph (checked on load). ``verbose``: let the exporter's own messages and warnings
     through (quiet by default: they say nothing about the model)."""
-    out = Path(out)
-    if out.suffix.lower() != ".onnx":
-        raise ValueError(f"--out {out}: the file name must end in .onnx")
+    out = _checked_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
     graph, step = export_parts(model)
@@ -209,6 +219,25 @@ def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLi
     return [*written, side_path]
 
 
+def _checked_out(out: str | os.PathLike) -> Path:
+    """``--out`` as a path, refused when it does not end in .onnx or when its sidecar (same name, .json) would
+    replace a file that is not an export's sidecar (a run's ``metrics.json`` next to ``--out RUN/metrics.onnx``):
+    export writes the files the user named and their companions, never anything else."""
+    out = Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise ValueError(f"--out {out}: the file name must end in .onnx")
+    side = out.with_suffix(".json")
+    if side.exists():
+        try:
+            ours = json.loads(side.read_text(encoding="utf-8")).get("format") == SIDECAR_FORMAT
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"--out {out}: its sidecar {side} would replace a file that is not an export's sidecar; "
+                             "choose another name")
+    return out
+
+
 @contextlib.contextmanager
 def _quiet(verbose: bool):
     """Silence the exporter's warnings and its prints to stdout/stderr unless ``verbose``."""
@@ -228,21 +257,35 @@ def _quiet(verbose: bool):
 
 def _load(run_dir: str | os.PathLike, which: str, device: str | torch.device, beam_width: int | None,
           decode: str | None):
-    """``(model, meta, rule)``: the rule is ``decode`` or else the run's own ``eval.decode``, so a run trained
+    """``(cfg, model, meta, rule)``: the rule is ``decode`` or else the run's own ``eval.decode``, so a run trained
     to answer by CRM (configs/recommended-fmnist.yaml) predicts, serves and exports that way without a flag."""
     cfg, _, model, meta = load_run(run_dir, which=which, device=device)
     if beam_width is not None:  # a width tuned on val (`evaluate --beam-width`) instead of the config's
         model.set_beam_width(beam_width)
-    return model, meta, decode or cfg["eval"]["decode"]
+    return cfg, model, meta, decode or cfg["eval"]["decode"]
 
 
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best",
-                beam_width: int | None = None, verbose: bool = False, decode: str | None = None) -> list[Path]:
+                beam_width: int | None = None, verbose: bool = False, decode: str | None = None,
+                quantize: str | None = None, calibration_images: int = 128,
+                note: Callable[[str], None] | None = None) -> list[Path]:
     """``hiervision export RUN --out model.onnx``: the run's checkpoint → the files written; the sidecar
     keeps ``beam_width`` when given (heads with a beam search), the run's fitted hedging λs and the decision
-    rule ``decode`` (default: the run's ``eval.decode``)."""
-    model, meta, rule = _load(run_dir, which, "cpu", beam_width, decode)
-    return export_model(model, meta, out, decisions=load_decisions(run_dir), verbose=verbose, decode=rule)
+    rule ``decode`` (default: the run's ``eval.decode``). ``quantize="int8"``: write the int8 model instead
+    (:func:`export_int8`), calibrated on up to ``calibration_images`` of the run's validation images;
+    ``note(line)`` hears what it did (default: stderr)."""
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize {quantize}: must be one of {', '.join(QUANTIZE_CHOICES)}")
+    if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < 1:
+        raise ValueError(f"--calibration-images {calibration_images}: must be a whole number ≥ 1")
+    out = _checked_out(out)  # before the run's weights and data load
+    cfg, model, meta, rule = _load(run_dir, which, "cpu", beam_width, decode)
+    decisions = load_decisions(run_dir)
+    if quantize is None:
+        return export_model(model, meta, out, decisions=decisions, verbose=verbose, decode=rule)
+    images, why = validation_images(cfg, run_dir, meta, calibration_images)
+    return export_int8(model, meta, out, images, decisions=decisions, verbose=verbose, decode=rule,
+                       note=note or _say, why_dynamic=why)
 
 
 def run_predictor(run_dir: str | os.PathLike, top_k: int = 3, batch_size: int = 64, device: str | torch.device = "cpu",
@@ -250,6 +293,210 @@ def run_predictor(run_dir: str | os.PathLike, top_k: int = 3, batch_size: int = 
     """A :class:`~hiervision.runtime.Predictor` over a run folder's checkpoint, run eagerly in PyTorch
     (``hiervision predict`` / ``serve`` on a run): the decoding (and hedging) an exported graph would get,
     answering by the decision rule ``decode`` (default: the run's ``eval.decode``)."""
-    model, meta, rule = _load(run_dir, which, device, beam_width, decode)
+    _, model, meta, rule = _load(run_dir, which, device, beam_width, decode)
     side = sidecar(model, meta, decisions=load_decisions(run_dir), decode=rule)
     return Predictor(run_dir, sidecar=side, engine=torch_engine(model, device), top_k=top_k, batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------- int8
+#: what ``export --quantize`` accepts
+QUANTIZE_CHOICES = ("int8",)
+#: the ops static int8 quantises (weights per channel, their input activations scaled from calibration): where
+#: the compute is. The decoding math after them (softmax, log, sums over the tree) stays float: 8-bit steps
+#: there would turn small probabilities into log(0)
+STATIC_OPS = ["Conv", "Gemm", "MatMul"]
+#: the ops dynamic int8 quantises (onnxruntime has integer kernels for these; a Gemm becomes MatMul + Add first)
+DYNAMIC_OPS = ["Conv", "MatMul", "LSTM", "Attention"]
+#: images per calibration (and check) batch
+CALIBRATION_BATCH = 16
+
+
+def _say(line: str) -> None:
+    print(f"hiervision: {line}", file=sys.stderr, flush=True)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def validation_images(cfg: dict, run_dir: str | os.PathLike, meta: dict, n: int) -> tuple[list[np.ndarray], str]:
+    """Up to ``n`` images of the run's validation split, spread evenly over it (a split is often ordered by
+    class), as the runtime has them before normalising: float32 ``(C, H, W)`` in [0, 1], resized and cropped by
+    the data's own evaluation transform. ``([], why)`` where there are none to calibrate on."""
+    try:  # calibration only needs images like the run's: a changed split is a warning, not a refusal
+        data = run_data(cfg, run_dir, allow_changed=True, meta=meta)
+    except (OSError, ConfigError, RunError, ValueError) as e:  # data moved away: dynamic int8 still works
+        return [], f"the run's data cannot be read ({_one_line(e)})"
+    if data.features:
+        return [], "the run's data holds cached backbone features, not images"
+    if not len(data.val):
+        return [], "the run's validation split is empty"
+    pick = np.unique(np.linspace(0, len(data.val) - 1, min(n, len(data.val))).round().astype(np.int64))
+    return [data.val[int(i)][0].numpy().astype(np.float32) for i in pick], ""
+
+
+def _batches(images: list[np.ndarray]) -> list[np.ndarray]:
+    """Stacks of up to ``CALIBRATION_BATCH`` images, one image per stack when their sizes differ."""
+    step = CALIBRATION_BATCH if len({a.shape for a in images}) == 1 else 1
+    return [np.stack(images[i : i + step]) for i in range(0, len(images), step)]
+
+
+class _Calibration:
+    """onnxruntime's ``CalibrationDataReader`` (the protocol: ``get_next`` → one input feed, ``None`` at the end)
+    over normalised image batches for the graph's ``images`` input."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self.batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {"images": np.ascontiguousarray(batch, dtype=np.float32)}
+
+
+def _pre_process(src: Path, dst: Path, verbose: bool, note: Callable[[str], None]) -> Path:
+    """onnxruntime's recommended step before quantising (shape inference, graph optimisation): ``dst``, or
+    ``src`` unchanged, said in one line, where it fails on a graph (quantising still works without it)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with _quiet(verbose):
+            quant_pre_process(str(src), str(dst))
+        return dst
+    except Exception as e:  # noqa: BLE001 - its symbolic shape inference fails on some graphs: go on without it
+        note(f"int8: {src.name}: pre-processing failed, quantising the graph as exported ({type(e).__name__}: "
+             f"{_one_line(e)})")
+        return src
+
+
+def _gemm_as_matmul(path: Path) -> bool:
+    """Rewrite in place each plain ``Gemm`` whose weight is a constant used by it alone as ``MatMul`` (+ ``Add``
+    of the bias): dynamic int8 has integer kernels for MatMul but none for Gemm. True where it has one."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    weights = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    nodes, changed = [], False
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        w = weights.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        plain = not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        if w is None or not plain or uses[w.name] != 1:
+            nodes.append(node)
+            continue
+        if attrs.get("transB", 0):
+            w.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T), w.name))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{node.output[0]}__matmul" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], w.name], [product], name=f"{node.name}__matmul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{node.name}__bias"))
+        changed = True
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.save(model, str(path))
+    return changed
+
+
+def _quantize_graph(src: Path, dst: Path, batches: list[np.ndarray], verbose: bool,
+                    note: Callable[[str], None]) -> str:
+    """One float graph → its int8 version at ``dst``: static (QDQ, per-channel weights) calibrated on
+    ``batches``, or dynamic where there are none. Returns the kind written (the sidecar's ``quantization``)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    graph = _pre_process(src, src.with_name(src.stem + ".pre.onnx"), verbose, note)
+    try:
+        with _quiet(verbose):
+            if batches:
+                quantize_static(str(graph), str(dst), _Calibration(batches), quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=STATIC_OPS, per_channel=True,
+                                calibrate_method=CalibrationMethod.MinMax, activation_type=QuantType.QInt8,
+                                weight_type=QuantType.QInt8)
+                return "int8-static"
+            if graph == src:  # never edit the float export itself
+                graph = Path(shutil.copy(src, src.with_name(src.stem + ".pre.onnx")))
+            _gemm_as_matmul(graph)
+            import onnx
+
+            convs = any(n.op_type == "Conv" for n in onnx.load(str(graph), load_external_data=False).graph.node)
+            # onnxruntime's ConvInteger kernel takes uint8 weights only; MatMulInteger takes either
+            quantize_dynamic(str(graph), str(dst), op_types_to_quantize=DYNAMIC_OPS, per_channel=False,
+                             weight_type=QuantType.QUInt8 if convs else QuantType.QInt8)
+            return "int8-dynamic"
+    except Exception as e:  # noqa: BLE001 - whatever onnxruntime's quantiser trips on is one line
+        raise ValueError(f"{src.name}: onnxruntime could not quantise the graph ({type(e).__name__}: "
+                         f"{_one_line(e)}); export without --quantize") from None
+
+
+def export_int8(model: HierarchicalClassifier, meta: dict, out: str | os.PathLike, images: list[np.ndarray],
+                decisions: dict | None = None, verbose: bool = False, decode: str = "argmax",
+                note: Callable[[str], None] = _say, why_dynamic: str = "") -> list[Path]:
+    """``export --quantize int8``: the float export goes to a temporary folder; its int8 version (graph, step
+    graph, sidecar with ``quantization``) is written to ``out`` once it gives finite answers (:func:`_check_int8`).
+
+    ``images``: calibration images (:func:`validation_images`); the graph with the image input is quantised
+    statically on them, or dynamically where there are none (``why_dynamic`` says why). A step graph
+    (tokens and state in, no image) is always quantised dynamically."""
+    out = _checked_out(out)
+    with tempfile.TemporaryDirectory(prefix="hiervision-int8-") as tmp:
+        floats, q_dir = Path(tmp, "float"), Path(tmp, "int8")
+        q_dir.mkdir()
+        written = export_model(model, meta, floats / out.name, decisions=decisions, verbose=verbose, decode=decode)
+        side = json.loads(written[-1].read_text(encoding="utf-8"))
+        reference = Predictor(written[0])
+        x = [((a[None] - reference.mean) / reference.std)[0].astype(np.float32) for a in images]
+        if images:
+            note(f"int8: static quantisation of {out.name} (QDQ, per-channel weights), calibrated on {len(images)} "
+                 "validation image(s)")
+        else:
+            note(f"int8: {why_dynamic or 'no calibration images'}: dynamic quantisation of {out.name} instead "
+                 "(int8 weights, activations scaled per batch at run time)")
+        kinds = [_quantize_graph(g, q_dir / g.name, _batches(x) if i == 0 and x else [], verbose, note)
+                 for i, g in enumerate(written[:-1])]
+        if len(kinds) > 1:
+            note(f"int8: dynamic quantisation of {written[1].name} (a decoder step has no image input to calibrate)")
+        side["quantization"] = {"kind": kinds[0], "format": "QDQ" if kinds[0] == "int8-static" else "QOperator",
+                                "calibration_images": len(images) if kinds[0] == "int8-static" else 0,
+                                "per_channel": kinds[0] == "int8-static",
+                                **({"step_graph": kinds[1]} if len(kinds) > 1 else {})}
+        graphs = [q_dir / g.name for g in written[:-1]]
+        side["sha256"] = {"graph": file_sha256(graphs[0]), **({"step_graph": file_sha256(graphs[1])}
+                                                               if len(graphs) > 1 else {})}
+        q_side = q_dir / written[-1].name
+        q_side.write_text(json.dumps(side, indent=1, ensure_ascii=False), encoding="utf-8")
+        _check_int8(reference, Predictor(graphs[0]), images or _noise(side), out, note, calibrated=bool(images))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return [Path(shutil.move(str(f), str(out.parent / f.name))) for f in [*graphs, q_side]]  # sidecar last
+
+
+def _noise(side: dict) -> list[np.ndarray]:
+    """Eight fixed noise images of the graph's size: what the check runs without calibration images."""
+    h, w = side["image_size"] or (32, 32)
+    return list(np.random.default_rng(0).random((8, side["in_chans"], h, w), dtype=np.float32))
+
+
+def _check_int8(reference: Predictor, quantized: Predictor, images: list[np.ndarray], out: Path,
+                note: Callable[[str], None], calibrated: bool) -> None:
+    """Refuse, in one line and before anything is written, an int8 model whose outputs are not finite where the
+    float model's are, or whose answers' probabilities leave [0, 1]; say how often it answers as the float model."""
+    same = 0
+    for batch in _batches(images):
+        x = ((batch - reference.mean) / reference.std).astype(np.float32)
+        want, got = reference.engine.run(x), quantized.engine.run(x)
+        for name, values in got.items():
+            if (~np.isfinite(values) & np.isfinite(want[name])).any():
+                raise ValueError(f"--out {out}: int8 quantisation gives non-finite values in the graph's output "
+                                 f"{name!r}; nothing written (export without --quantize)")
+        for a, b in zip(reference.predict_arrays(batch), quantized.predict_arrays(batch)):
+            probs = [b["path_probability"], *b["node_probabilities"], *(t["probability"] for t in b["top_k"])]
+            if not all(math.isfinite(p) and 0 <= p <= 1 for p in probs):
+                raise ValueError(f"--out {out}: the int8 model's answers hold probabilities outside [0, 1] or not "
+                                 "finite; nothing written (export without --quantize)")
+            same += a["path_ids"] == b["path_ids"]
+    where = "calibration images" if calibrated else "fixed noise images (no calibration images)"
+    note(f"int8: same answer as the float model on {same}/{len(images)} {where}")

@@ -18,7 +18,8 @@ from typing import Any
 
 from hiervision.config import DEFAULTS, ConfigError, apply_overrides, merge, validate_config
 
-__all__ = ["STEPS", "auto_config", "describe", "is_data_source", "method_options", "recommended_method"]
+__all__ = ["STEPS", "auto_config", "describe", "is_data_source", "method_options", "recommended_method",
+           "with_encoder"]
 
 #: optimizer steps the recipe aims at: the comparison's Fashion-MNIST budget (54,000 images × 8 epochs / 128)
 STEPS = 3400
@@ -63,11 +64,13 @@ def _epochs(n_train: int, batch: int) -> int:
     return max(8, min(30, math.ceil(STEPS * batch / max(n_train, 1))))
 
 
-def auto_config(source: str | Path, method: str | None = None, overrides: list[str] | None = None) -> dict:
+def auto_config(source: str | Path, method: str | None = None, overrides: list[str] | None = None,
+                encoder: str | None = None) -> dict:
     """The validated config for ``source`` (folder, zip or CSV), ``--method`` and ``--set`` applied last.
 
     The data is opened once here (without the image check training does) to read the number of training
-    images, their channels and size; ``--set data.*`` overrides apply to that look too.
+    images, their channels and size; ``--set data.*`` overrides apply to that look too. ``encoder``
+    (``hf:<hub id or folder>``) starts from a pretrained image encoder: :func:`with_encoder`.
     """
     from hiervision.data import build_data
 
@@ -92,14 +95,29 @@ def auto_config(source: str | Path, method: str | None = None, overrides: list[s
         train["augment"] = {"pad": 2 if max(h, w) <= 28 else 4, "flip": True}
     else:  # photos: random crops of the shorter side at SMALL_SIDE px, centre crops for evaluation
         data.update(pipeline="imagenet", crop=SMALL_SIDE, crop_scale=[0.25, 1.0])
+    backbone = "resnet20" if encoder is None else with_encoder(encoder, data, train)
     why = ""
     if method is None:
         method, why = recommended_method(len(probe.taxonomy.leaves), probe.multi_label)
     recipe = merge({"name": source.stem or source.name,
                     "description": f"hiervision train {source} (auto recipe{'; ' + why if why else ''})",
-                    "data": data, "model": {"name": "flat", "backbone": "resnet20"}, "train": train},
+                    "data": data, "model": {"name": "flat", "backbone": backbone}, "train": train},
                    options[method])
     return validate_config(merge(DEFAULTS, apply_overrides(recipe, overrides)))
+
+
+def with_encoder(encoder: str, data: dict[str, Any], train: dict[str, Any]) -> str:
+    """Point the recipe at a pretrained encoder: its own input settings (size, resize and crop, mean, std) replace
+    the ones read from the images, and the head trains on its features computed once (``train.freeze_backbone``:
+    no augmentation, seconds per epoch). Returns the ``model.backbone`` value."""
+    from hiervision.models.backbones import HF_PREFIX, encoder_data_settings
+
+    backbone = encoder if encoder.startswith(HF_PREFIX) else HF_PREFIX + encoder
+    for key in ("image_size", "pipeline", "crop", "crop_scale"):
+        data.pop(key, None)
+    data.update(encoder_data_settings(backbone, data["name"], data["channels"]))
+    train.update(freeze_backbone=True, augment=None)
+    return backbone
 
 
 def describe(cfg: dict) -> str:
@@ -107,6 +125,7 @@ def describe(cfg: dict) -> str:
     d, t, m = cfg["data"], cfg["train"], cfg["model"]
     size = d.get("image_size") or f"crops of {d.get('crop')}"
     size = "x".join(map(str, size)) if isinstance(size, list) else size
-    return (f"recipe: {m['name']} {m['backbone']}, {d.get('channels')} channel(s), {size} px, {t['epochs']} epochs of "
-            f"batch {t['batch_size']}, then calibration and hedged answers fitted on val "
+    frozen = " (frozen: its features computed once, the head trains on them)" if t.get("freeze_backbone") else ""
+    return (f"recipe: {m['name']} on {m['backbone']}{frozen}, {d.get('channels')} channel(s), {size} px, "
+            f"{t['epochs']} epochs of batch {t['batch_size']}, then calibration and hedged answers fitted on val "
             "(the comparison's recommendation: benchmarks/RESULTS.md § comparison; change it with --method or --set)")

@@ -11,7 +11,12 @@ and the key:
 * the tree: its fingerprint (:attr:`hiervision.records.TreeView.fingerprint`, written at export)
   is recomputed, so a renamed, swapped, moved or dropped class is refused;
 * the graph files: a sha256 of each ``.onnx`` is written at export and compared, so a truncated,
-  replaced or edited graph is refused before onnxruntime reads it.
+  replaced or edited graph is refused before onnxruntime reads it;
+* ``quantization`` (optional, written by ``hiervision export --quantize int8``): how the graphs were
+  quantised — ``kind`` ``int8-static`` (calibrated on ``calibration_images`` validation images) or
+  ``int8-dynamic``, the ``format`` of the quantised operators and, with a step graph, its own
+  ``step_graph`` kind. The runtime runs a quantised graph like any other; the key says what it is
+  (a reader that predates it ignores it, so the version stays 3).
 
 When the session is built (:class:`hiervision.runtime.Predictor`), the graph's input channels, image
 size and output widths are compared with the sidecar, and so is the tree fingerprint the graph
@@ -37,8 +42,8 @@ from typing import Any
 
 from hiervision.records import TreeView
 
-__all__ = ["SIDECAR_FORMAT", "SIDECAR_VERSION", "TREE_KEY", "check_sidecar", "check_width", "file_sha256",
-           "load_sidecar"]
+__all__ = ["QUANTIZATION_KINDS", "SIDECAR_FORMAT", "SIDECAR_VERSION", "TREE_KEY", "check_sidecar", "check_width",
+           "file_sha256", "load_sidecar"]
 
 SIDECAR_FORMAT = "hiervision-onnx"
 SIDECAR_VERSION = 3
@@ -55,6 +60,10 @@ DECODER_KEYS: dict[str, tuple[str, ...]] = {
     "beam_steps": ("beam_width",),
     "beam": ("beam_width", "max_steps", "state"),
 }
+#: ``quantization.kind`` values: int8 weights, activations scaled from calibration images or per batch
+QUANTIZATION_KINDS = ("int8-static", "int8-dynamic")
+#: ``quantization.format``: quantise/dequantise pairs around float operators, or integer operators
+QUANTIZATION_FORMATS = ("QDQ", "QOperator")
 
 
 class _Check:
@@ -125,6 +134,7 @@ def check_sidecar(data: Any, source: str = "sidecar") -> dict:
     if step is not None and (not isinstance(step, str) or not step or Path(step).name != step):
         raise c.fail("step_graph", f"must be a file name next to the .onnx, got {step!r}")
     _check_decisions(c, data.get("decisions"))
+    _check_quantization(c, data.get("quantization"), step is not None)
     return dict(data)
 
 
@@ -174,6 +184,28 @@ def _check_decisions(c: _Check, decisions: Any) -> None:
             raise c.fail("decisions.hedge", f"accuracy target {target!r} must lie in (0, 1)")
         if c.number("decisions.hedge", lam) < 0:
             raise c.fail("decisions.hedge", f"λ for {target} must be ≥ 0, got {lam!r}")
+
+
+def _check_quantization(c: _Check, q: Any, has_step: bool) -> None:
+    """``quantization``: absent/null for a float export, else what ``export --quantize`` did to each graph."""
+    if q is None:
+        return
+    if not isinstance(q, Mapping):
+        raise c.fail("quantization", f"must be an object (kind, format, calibration_images), got {q!r}")
+    if q.get("kind") not in QUANTIZATION_KINDS:
+        raise c.fail("quantization.kind", f"must be one of {', '.join(QUANTIZATION_KINDS)}, got {q.get('kind')!r}")
+    if q.get("format") not in QUANTIZATION_FORMATS:
+        raise c.fail("quantization.format", f"must be one of {', '.join(QUANTIZATION_FORMATS)}, "
+                                            f"got {q.get('format')!r}")
+    n = c.integer("quantization.calibration_images", q.get("calibration_images"), lo=0)
+    if (n > 0) != (q["kind"] == "int8-static"):
+        raise c.fail("quantization.calibration_images", f"{n} for kind {q['kind']!r} (static quantisation is "
+                                                        "calibrated on ≥ 1 image, dynamic on none)")
+    if not isinstance(q.get("per_channel", False), bool):
+        raise c.fail("quantization.per_channel", f"must be true or false, got {q['per_channel']!r}")
+    if "step_graph" in q and (not has_step or q["step_graph"] not in QUANTIZATION_KINDS):
+        what = f"one of {', '.join(QUANTIZATION_KINDS)}" if has_step else "absent (the model has no step graph)"
+        raise c.fail("quantization.step_graph", f"must be {what}, got {q['step_graph']!r}")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

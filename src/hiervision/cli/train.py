@@ -21,10 +21,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hiervision.recipe import auto_config, describe, is_data_source
 
     auto = is_data_source(args.config)  # a folder, zip or CSV of images: the recommended recipe, no YAML
-    if args.method is not None and not auto:
-        raise ValueError(f"--method applies to a folder or CSV of images; {args.config} is a config "
-                         "(use --set model.name=NAME there)")
-    cfg = auto_config(args.config, args.method, args.set) if auto else load_config(args.config, args.set)
+    for flag, value, key in (("--method", args.method, "model.name=NAME"), ("--encoder", args.encoder,
+                                                                          "model.backbone=hf:NAME")):
+        if value is not None and not auto:
+            raise ValueError(f"{flag} applies to a folder or CSV of images; {args.config} is a config "
+                             f"(use --set {key} there)")
+    cfg = (auto_config(args.config, args.method, args.set, args.encoder) if auto
+           else load_config(args.config, args.set))
     if args.print_config:  # the resolved config (base: chain and --set applied), nothing trained
         print(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), end="")
         return 0
@@ -40,15 +43,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, args.out, resume=not args.no_resume, force=args.force,
                    allow_changed_data=args.allow_changed_data)
     if main_rank and auto:
-        print(closing_screen(result, args.out))
+        model = cfg["model"]
+        scratch = not (str(model["backbone"]).startswith("hf:") or (model.get("backbone_kwargs") or {}).get(
+            "pretrained_path"))
+        print(closing_screen(result, args.out, from_scratch=scratch))
     elif main_rank:
         print_metrics(result)
         print(f"run written to {args.out}")
     return 0
 
 
-def closing_screen(result: dict, out: str) -> str:
-    """What a first run ends with: its test metrics, where it is, and the three commands that come next."""
+def closing_screen(result: dict, out: str, from_scratch: bool = False) -> str:
+    """What a first run ends with: its test metrics, where it is, and the three commands that come next (and,
+    for a run from scratch, that a pretrained encoder is the way to better accuracy)."""
     levels = result.get("level_accuracy") or []
     lines = ["", f"test ({result.get('data_note', '')}):",
              f"  path accuracy {result['path_accuracy']:.4f}   leaf accuracy {result['leaf_accuracy']:.4f}"
@@ -63,6 +70,9 @@ def closing_screen(result: dict, out: str) -> str:
     width = max(len(c) for c, _ in nxt)
     lines += [f"run: {run}  (config.yaml, best.pt, metrics.json, log.csv)", "next:",
               *(f"  {c:<{width}}  # {why}" for c, why in nxt)]
+    if from_scratch:
+        lines.append("better accuracy: start from a pretrained encoder, e.g. --encoder hf:facebook/dinov2-small "
+                     "(or a folder saved with save_pretrained; docs: 'Start from a pretrained encoder')")
     return "\n".join(lines)
 
 
@@ -76,6 +86,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--method", default=None, metavar="NAME",
                    help=f"FOLDER|CSV only: train this head ({', '.join(method_options())}) instead of the "
                    "recommended one, with the options the head declares")
+    t.add_argument("--encoder", default=None, metavar="hf:NAME",
+                   help="FOLDER|CSV only: start from a pretrained image encoder (a Hugging Face hub id or a local "
+                   "save_pretrained folder; [hf] extra): the head trains on its features, computed once")
     t.add_argument("--out", help="run folder (required unless --print-config)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.05")
     t.add_argument("--no-resume", action="store_true", help="start over even if --out holds last.pt")

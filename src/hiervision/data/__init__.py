@@ -7,6 +7,7 @@ multi-label sets, a bool ``(N+1,)`` tensor marking the labelled path ends.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from hiervision.data.base import (
     TensorImageDataset,
     channel_stats,
     coarsen_labels,
+    keep_classes,
     move_to_tree,
     shared_data_dir,
     split_fine_coarse,
@@ -52,7 +54,8 @@ __all__ = [
 ]
 
 _COMMON = {"name", "root", "val_fraction", "split_seed", "limit_train", "limit_test", "image_size",
-           "coarse_fraction", "coarse_level", "fine_fraction", "coarse_labels", "tree", "fallback"}  # fmt: skip
+           "coarse_fraction", "coarse_level", "fine_fraction", "coarse_labels", "tree", "fallback",
+           "mean", "std", "keep_classes"}  # fmt: skip
 _SYNTH = {"size", "channels", "n_train", "n_test", "seed", "noise"}
 _FILES = {"check", "on_bad_image", "max_pixels", "check_cache"}  # file-backed sets: verification and limits
 _CANVAS = {"grid", "min_items", "max_items", "n_train", "n_val", "n_test", "seed", "variable_depth"}
@@ -146,6 +149,23 @@ def _size(cfg: dict) -> int | tuple[int, int] | None:
     raise ValueError(f"data.image_size: must be a positive int or [height, width], got {v!r}")
 
 
+def _given_stats(cfg: dict, key: str, chans: int | None = None) -> tuple[float, ...] | None:
+    """``data.mean``/``data.std``: normalisation given instead of computed (a pretrained encoder's own, see
+    :func:`~hiervision.models.backbones.hf.encoder_data_settings`); one finite number per channel, std > 0."""
+    v = cfg.get(key)
+    if v is None:
+        return None
+    ok = (isinstance(v, (list, tuple)) and len(v) > 0
+          and all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in v)
+          and (key != "std" or all(a > 0 for a in v)))
+    if not ok:
+        what = "positive finite numbers" if key == "std" else "finite numbers"
+        raise ValueError(f"data.{key}: must be a list of {what}, one per image channel, got {v!r}")
+    if chans is not None and len(v) != chans:
+        raise ValueError(f"data.{key}: the images have {chans} channel(s), got {len(v)} values {list(v)}")
+    return tuple(float(a) for a in v)
+
+
 def _channels(cfg: dict) -> int | None:
     v = cfg.get("channels")
     if v not in (None, 1, 3) or isinstance(v, bool):
@@ -176,6 +196,8 @@ def _check_cfg(cfg: dict) -> str:
     fb = cfg.get("fallback")
     if fb is not None and fb not in SYNTHETIC_VARIANTS:
         raise ValueError(f"data.fallback: must be one of {', '.join(SYNTHETIC_VARIANTS)} or null, got {fb!r}")
+    for key in ("mean", "std"):  # checked before the (maybe slow) loading; their length once channels are known
+        _given_stats(cfg, key)
     return name
 
 
@@ -403,6 +425,31 @@ def _stats(ds: HierDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return channel_stats(sample)
 
 
+def _normalisation(cfg: dict, ds: HierDataset, chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``data.mean``/``data.std`` where given, else the statistics of ``ds``'s images."""
+    mean, std = _given_stats(cfg, "mean", chans), _given_stats(cfg, "std", chans)
+    if mean is None or std is None:
+        computed = _stats(ds)
+        mean, std = mean or computed[0], std or computed[1]
+    return mean, std
+
+
+def _relabelled(cfg: dict, splits: list[HierDataset], note: str) -> tuple[list[HierDataset], str]:
+    """``data.tree`` (another tree over the same classes) and ``data.keep_classes`` (part of the label set, the
+    tree pruned to it), applied after splitting so that the splits match a run on the data's own tree."""
+    if cfg.get("tree") is not None:
+        tree = Taxonomy.load(cfg["tree"])
+        splits = [move_to_tree(ds, tree) for ds in splits]
+        note += f"; relabelled into the tree {cfg['tree']}"
+    spec = cfg.get("keep_classes")
+    if spec is not None:
+        if not isinstance(spec, (list, tuple)) or not all(isinstance(k, str) for k in spec):
+            raise ValueError("data.keep_classes: must be a list of class names, A/B/C paths or ids")
+        splits = keep_classes(splits, spec)
+        note += f"; {len(splits[0].taxonomy.leaves)} classes kept (data.keep_classes)"
+    return splits, note
+
+
 def build_data(cfg: dict[str, Any]) -> DataBundle:
     """Build train/val/test datasets and their metadata from a config dict (see :data:`DATASETS` for keys).
 
@@ -412,7 +459,10 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
     ``image_size``, ``coarse_fraction`` (0) and
     ``coarse_level`` (1), ``fine_fraction``/``coarse_labels`` (Guo et al.'s S_fine/S_coarse split, see
     :func:`~hiervision.data.base.split_fine_coarse`), ``tree`` (a taxonomy JSON over the same classes to
-    relabel into, e.g. an induced one), ``fallback`` (a synthetic variant to use when the data files are missing).
+    relabel into, e.g. an induced one), ``keep_classes`` (train on these end classes only: names, ``A/B/C``
+    paths or ids; the tree pruned to them), ``fallback`` (a synthetic variant to use when the data files are missing),
+    ``mean``/``std`` (per-channel normalisation in [0, 1] units used instead of the training images' statistics,
+    e.g. a pretrained encoder's; they reach the checkpoint's meta and the export sidecar like computed ones).
 
     Folder and manifest sets also take ``test_fraction`` (0.2, by path hash), ``check`` (true: decode every
     image once before training, cached in ``check_cache``, default ``"auto"`` = under ``$HIERVISION_CACHE``,
@@ -449,10 +499,7 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         train, val = pool.subset(rest), pool.subset(held)
     else:
         train, val = pool, pool.subset(torch.zeros(0, dtype=torch.long))
-    if cfg.get("tree") is not None:  # relabel after splitting, so the splits match a run on the own tree
-        tree = Taxonomy.load(cfg["tree"])
-        train, val, test = (move_to_tree(ds, tree) for ds in (train, val, test))
-        note += f"; relabelled into the tree {cfg['tree']}"
+    (train, val, test), note = _relabelled(cfg, [train, val, test], note)  # after splitting: same splits
     if fine_fraction is not None:
         keep, new, mask = split_fine_coarse(train.targets, train.taxonomy, fine_fraction, coarse_fraction,
                                             coarse_level, seed + 2, coarse_labels, ids=train.ids)
@@ -473,7 +520,7 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         train, val, test = pipe.wrap(train, True), pipe.wrap(val, False), pipe.wrap(test, False)
     x0 = train[0][0] if len(train) else test[0][0]
     h, w = x0.shape[-2:]
-    mean, std = _stats(train if len(train) else test)
+    mean, std = _normalisation(cfg, train if len(train) else test, x0.shape[0])
     return DataBundle(
         train=train, val=val, test=test, taxonomy=train.taxonomy, in_chans=x0.shape[0],
         image_size=h if h == w else (h, w), multi_label=train.multi_label, mean=mean, std=std,

@@ -24,7 +24,9 @@ __all__ = [
     "HierDataset",
     "TensorImageDataset",
     "channel_stats",
+    "class_keys",
     "coarsen_labels",
+    "keep_classes",
     "move_to_tree",
     "shared_data_dir",
     "split_fine_coarse",
@@ -343,6 +345,57 @@ def move_to_tree(dataset: HierDataset, tree: Taxonomy, source: str = "data.tree"
         raise ValueError(f"{source}: only single labels at the leaves can move to another tree")
     out = dataset.with_targets(lut[dataset.targets], dataset.coarse_mask)
     out.taxonomy = tree
+    return out
+
+
+def class_keys(taxonomy: Taxonomy, spec: Sequence[str]) -> list[int]:
+    """The end classes ``spec`` names (a leaf's name, its ``A/B/C`` path or its external id, e.g. a WordNet id),
+    in tree order; an unknown, ambiguous (a name several classes share) or repeated name is a one-line
+    ``ValueError`` naming it."""
+    by_key: dict[str, set[int]] = {}
+    for n in taxonomy.leaves:
+        for key in {taxonomy.names[n], taxonomy.path_name(n), taxonomy.external_ids[n] or taxonomy.names[n]}:
+            by_key.setdefault(key, set()).add(n)
+    unknown = [k for k in spec if k not in by_key]
+    if unknown:
+        raise ValueError(f"data.keep_classes: {len(unknown)} name(s) are no end class of the tree, e.g. {unknown[0]!r}")
+    shared = next((k for k in spec if len(by_key[k]) > 1), None)
+    if shared is not None:
+        raise ValueError(f"data.keep_classes: {shared!r} names {len(by_key[shared])} classes; give its A/B/C path")
+    nodes = [next(iter(by_key[k])) for k in spec]
+    if len(set(nodes)) != len(nodes):
+        raise ValueError("data.keep_classes: a class is named twice")
+    return sorted(nodes)
+
+
+def keep_classes(datasets: Sequence[HierDataset], spec: Sequence[str]) -> list[HierDataset]:
+    """The samples of the named end classes only, relabelled into the tree pruned to those classes and their
+    ancestors (an image labelled with an inner node stays if one of the kept classes lies below it) — for
+    training on part of a label set, e.g. pretraining on half of Tiny-ImageNet's classes."""
+    old = datasets[0].taxonomy
+    leaves = class_keys(old, spec)
+    if not leaves:
+        raise ValueError("data.keep_classes: names no class")
+    tree = old.prune(leaves)
+
+    def key(t: Taxonomy, n: int) -> str:  # pruning keeps every kept node's id and path
+        return t.external_ids[n] or t.path_name(n)
+
+    new_of = {key(tree, n): n for n in range(1, tree.num_nodes)}
+    lut = torch.full((old.num_nodes,), -1, dtype=torch.long)
+    for n in range(1, old.num_nodes):
+        lut[n] = new_of.get(key(old, n), -1)
+    if int((lut >= 0).sum()) != tree.num_nodes - 1:
+        raise ValueError("data.keep_classes: the tree's node names or ids repeat, so the pruned tree cannot be matched")
+    out = []
+    for ds in datasets:
+        if ds.multi_label:
+            raise ValueError("data.keep_classes: applies to single-label data")
+        keep = torch.nonzero(lut[ds.targets] >= 0).flatten()
+        part = ds.subset(keep)
+        part = part.with_targets(lut[part.targets], part.coarse_mask)
+        part.taxonomy = tree
+        out.append(part)
     return out
 
 

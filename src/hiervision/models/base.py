@@ -92,7 +92,7 @@ class HierarchicalClassifier(nn.Module):
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Outputs from the backbone's pooled ``(B, num_features)`` features. Heads that read only
         those implement it (and ``forward`` is then ``forward_head(backbone(images))``), which lets
-        training run on pre-computed features (``train.precompute_features``)."""
+        training run on features computed once (``train.freeze_backbone``)."""
         raise NotImplementedError(f"model {type(self).__name__} does not run on one backbone's pooled features: "
                                   "train.precompute_features does not apply to it")
 

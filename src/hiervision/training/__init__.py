@@ -5,7 +5,8 @@ Read it top down, as pytorch/examples' ``imagenet/main.py``:
 * :mod:`~hiervision.training.engine` — one run: set-up, the epochs, validation, checkpoints, the test report;
 * :mod:`~hiervision.training.steps` — what one step needs: optimizer, learning-rate schedule, freezing, loss checks;
 * :mod:`~hiervision.training.signals` — preemption: SIGTERM/SIGINT save a checkpoint and raise ``Preempted``;
-* :mod:`~hiervision.training.features` — pre-computed backbone features (``train.precompute_features``);
+* :mod:`~hiervision.training.features` — a frozen backbone's features, computed once and cached on disk
+  (``train.freeze_backbone``, or its older name ``train.precompute_features``);
 * :mod:`~hiervision.training.protocols` — runs of more than one engine run (Guo et al.'s pseudo-labels).
 
 :func:`train` here is the entry point: it sends a config to the protocol it asks for, else to the engine.
@@ -19,7 +20,7 @@ from typing import Any
 from hiervision.config import validate_config
 from hiervision.training import engine
 from hiervision.training.engine import MIN_LAST_BATCH_FRACTION, train_one_epoch
-from hiervision.training.features import precompute_features
+from hiervision.training.features import cached_features, precompute_features
 from hiervision.training.protocols import pseudo_label, train_with_pseudo_labels
 from hiervision.training.signals import Preempted
 from hiervision.training.steps import TrainingError, build_optimizer, check_loss, frozen_groups, lr_factor
@@ -29,6 +30,7 @@ __all__ = [
     "Preempted",
     "TrainingError",
     "build_optimizer",
+    "cached_features",
     "check_loss",
     "frozen_groups",
     "lr_factor",

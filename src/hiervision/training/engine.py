@@ -3,7 +3,9 @@
 ``train(cfg, out_dir)`` builds data and model from the config, runs the epochs (freeze schedule,
 augmentation, mixed precision, progress bar), evaluates on validation after each epoch, writes
 ``last.pt``/``best.pt`` atomically with ``taxonomy.json`` and ``config.yaml`` beside them, logs
-``log.csv`` and finally writes ``metrics.json`` for the test split.
+``log.csv`` and finally writes ``metrics.json`` for the test split. A frozen backbone
+(``train.freeze_backbone``/``train.precompute_features``) trains the head on cached features and records
+which in ``features.json``; ``train.backbone_lr_scale`` and ``train.unfreeze_after`` fine-tune it instead.
 
 Determinism: data order, augmentation and dropout are seeded from ``(seed, epoch)`` and the
 learning rate is a pure function of the step, so resuming from ``last.pt`` after a kill replays
@@ -46,15 +48,18 @@ from hiervision.models import HierarchicalClassifier
 from hiervision.posthoc import posthoc_report
 from hiervision.runfolder import RunFolderError, atomic_write_json, atomic_write_text, claim_run_dir, set_aside
 from hiervision.tracking import Tracker, open_tracker
-from hiervision.training.features import FeatureHead, precompute_features
+from hiervision.training.features import FeatureHead, cached_features, feature_cache_root
 from hiervision.training.signals import Preempted, StopSignal
 from hiervision.training.steps import (
     Loop,
     TrainingError,
     accumulate,
     build_optimizer,
+    check_backbone_options,
     check_window,
     device_batch,
+    frozen_backbone_key,
+    optimizer_params,
     optimizer_step,
     prepare_epoch,
     set_lr,
@@ -134,12 +139,13 @@ def run_training(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_th
     tcfg = cfg["train"]
     if tcfg["pseudo_labels"] and data is None:
         raise ConfigError("train.pseudo_labels: a protocol of two runs; train it with hiervision.training.train")
+    check_backbone_options(tcfg)
     configure_backends(tcfg)
     amp = autocast_dtype(tcfg["amp"], env.device)
     tracker = open_tracker(cfg, out, env.is_main)  # train.log_to; a missing library stops here, before any data
     data = build_run_data(cfg, data)
     model = build_run_model(cfg, data, env)
-    optimizer = build_optimizer(model.parameters(), tcfg)
+    optimizer = build_optimizer(optimizer_params(model, tcfg), tcfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them with scheduled values
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp is torch.float16)
     record = data.split_record()
@@ -152,6 +158,7 @@ def run_training(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_th
         data.taxonomy.save(out / "taxonomy.json")
         atomic_write_text(out / "config.yaml", dump(cfg))
         write_split_record(out / "splits.json", record)
+        _record_features(out, loop.features)
     save = functools.partial(save_run_checkpoint, loop, progress, cfg, out)
     select_key = cfg["eval"]["select"]
     if select_key == "auto":
@@ -167,6 +174,15 @@ def run_training(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_th
     tracker.finish(result)
     barrier(env)
     return result
+
+
+def _record_features(out: Path, features: dict | None) -> None:
+    """``features.json``: which cached features this call trained on and whether it computed them; none in a
+    folder reused by a run that trains its backbone (no record of features it did not use)."""
+    if features is not None:
+        atomic_write_json(out / "features.json", features)
+    else:
+        (out / "features.json").unlink(missing_ok=True)
 
 
 def configure_backends(tcfg: dict) -> None:
@@ -240,10 +256,14 @@ def resume_progress(out: Path, cfg: dict, data: DataBundle, model: nn.Module, op
 
 def build_loop(cfg: dict, model: HierarchicalClassifier, data: DataBundle, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, base_lrs: list[float], env: DistEnv, amp: torch.dtype | None) -> Loop:
-    """The epochs' shared state; ``train.precompute_features`` swaps the images for the backbone's features."""
-    tcfg, seed, net = cfg["train"], int(cfg["seed"]), model
-    if tcfg["precompute_features"]:
-        data = precompute_features(model, data, cfg["eval"]["batch_size"], env.device, amp, env)
+    """The epochs' shared state; a frozen backbone (``train.freeze_backbone`` or ``train.precompute_features``)
+    swaps the images for its cached features (:func:`~hiervision.training.features.cached_features`)."""
+    tcfg, seed, net, record = cfg["train"], int(cfg["seed"]), model, None
+    key = frozen_backbone_key(tcfg)
+    if key is not None:
+        data, record = cached_features(model, data, cfg["eval"]["batch_size"], env.device, amp, env,
+                                       cache=feature_cache_root(tcfg), model_cfg=cfg["model"], key=key,
+                                       progress=tcfg["progress"])
         net = FeatureHead(model)
     loader = BatchLoader(data.train, tcfg["batch_size"], shuffle=True, seed=seed, num_workers=tcfg["num_workers"],
                          min_last=max(2, math.ceil(tcfg["batch_size"] * MIN_LAST_BATCH_FRACTION)),
@@ -251,7 +271,7 @@ def build_loop(cfg: dict, model: HierarchicalClassifier, data: DataBundle, optim
     augment = BatchAugment(**(tcfg["augment"] or {}))
     return Loop(model=model, net=net, optimizer=optimizer, scaler=scaler, augment=augment, data=data, loader=loader,
                 tcfg=tcfg, seed=seed, env=env, amp=amp, base_lrs=base_lrs,
-                eval_batch_size=int(cfg["eval"]["batch_size"]))
+                eval_batch_size=int(cfg["eval"]["batch_size"]), features=record)
 
 
 # ----------------------------------------------------------------------------- the epochs

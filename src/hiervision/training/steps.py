@@ -1,6 +1,7 @@
 """Step mechanics: what one optimizer step needs, apart from the loop that runs the steps.
 
-The optimizer and its learning-rate schedule, the freeze schedule, the loss checks that stop a diverging
+The optimizer and its learning-rate schedule (``train.backbone_lr_scale``: the backbone's group at a share of
+the rate), the freeze schedule (``train.freeze``, ``train.unfreeze_after``), the loss checks that stop a diverging
 run, and the forward/backward/step helpers of :func:`~hiervision.training.engine.train_one_epoch`. Every
 one of them is a function of the config and the step alone, so a resumed run replays what an uninterrupted
 one would have done.
@@ -28,12 +29,16 @@ __all__ = [
     "accumulate",
     "apply_freeze",
     "build_optimizer",
+    "check_backbone_options",
     "check_loss",
     "check_window",
     "device_batch",
     "freeze_batchnorm_stats",
+    "freeze_schedule",
+    "frozen_backbone_key",
     "frozen_groups",
     "lr_factor",
+    "optimizer_params",
     "optimizer_step",
     "prepare_epoch",
     "set_lr",
@@ -73,6 +78,20 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: dict) -> torch.optim.Op
     raise ConfigError(f"train.optimizer must be sgd, adam or adamw, got {name!r}")
 
 
+def optimizer_params(model: HierarchicalClassifier, tcfg: dict) -> Iterable[nn.Parameter] | list[dict]:
+    """What :func:`build_optimizer` gets: every parameter at ``train.lr``, or with ``train.backbone_lr_scale``
+    two groups, the head (first: the rate the log shows) at ``lr`` and the backbone at ``lr × scale``, so a
+    pretrained encoder moves less than the new head. The schedule multiplies both groups' base rates."""
+    scale = tcfg.get("backbone_lr_scale")
+    if scale is None:
+        return model.parameters()
+    backbone = model.param_groups()["backbone"]
+    ids = {id(p) for p in backbone}
+    head = [p for p in model.parameters() if id(p) not in ids]
+    lr = float(tcfg["lr"])
+    return [{"params": head, "lr": lr}, {"params": backbone, "lr": lr * float(scale)}]
+
+
 def lr_factor(step: int, steps_per_epoch: int, cfg: dict) -> float:
     """Learning-rate multiplier as a pure function of the global step (linear warm-up, then the schedule)."""
     epoch = step / steps_per_epoch
@@ -93,6 +112,36 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: dict) -> float:
 
 
 # ----------------------------------------------------------------------------- freezing
+def frozen_backbone_key(tcfg: dict) -> str | None:
+    """The key that asks for a frozen backbone trained on its cached features (one switch, two names)."""
+    if tcfg.get("freeze_backbone"):
+        return "train.freeze_backbone"
+    return "train.precompute_features" if tcfg["precompute_features"] else None
+
+
+def check_backbone_options(tcfg: dict) -> None:
+    """Refuse, in one line, the backbone settings that contradict each other (before any data is read)."""
+    key = frozen_backbone_key(tcfg)
+    if tcfg.get("freeze_backbone") is False and tcfg["precompute_features"]:
+        raise ConfigError("train.freeze_backbone: false contradicts train.precompute_features: true (the same "
+                          "switch under its older name); drop one of them")
+    for name in ("backbone_lr_scale", "unfreeze_after"):
+        if key and tcfg.get(name) is not None:
+            raise ConfigError(f"train.{name}: applies to a backbone that trains, but {key} is true (it stays "
+                              "frozen and trains on cached features); drop one of them")
+    after = tcfg.get("unfreeze_after")
+    if after is not None and after >= tcfg["epochs"]:
+        raise ConfigError(f"train.unfreeze_after: {after} ≥ train.epochs ({tcfg['epochs']}), so the backbone "
+                          "would never train; set train.freeze_backbone: true instead")
+
+
+def freeze_schedule(tcfg: dict) -> list[dict]:
+    """``train.freeze`` with ``train.unfreeze_after: K`` added as one more entry: the backbone frozen in
+    epochs [0, K), the head alone learning on top of the pretrained encoder before everything trains."""
+    after = tcfg.get("unfreeze_after")
+    return [*tcfg["freeze"], {"epochs": [0, after], "frozen": ["backbone"]}] if after else list(tcfg["freeze"])
+
+
 def frozen_groups(epoch: int, schedule: list[dict], known: set[str]) -> set[str]:
     """Parameter groups frozen in this epoch: the union of every entry whose [start, end) holds it."""
     frozen: set[str] = set()
@@ -118,13 +167,16 @@ def apply_freeze(model: nn.Module, frozen: set[str]) -> None:
         p.requires_grad_(id(p) not in frozen_ids)
 
 
-def freeze_batchnorm_stats(model: nn.Module) -> None:
+def freeze_batchnorm_stats(model: nn.Module, frozen: set[str] | frozenset[str] = frozenset()) -> None:
     """Batch norms whose parameters are all frozen go to eval mode: a frozen part's running statistics
-    must not drift either."""
+    must not drift either. Those of a frozen backbone (``frozen`` names ``backbone`` or ``cnn``) do too,
+    affine or not. Layer norms keep no statistics and need nothing."""
+    frozen_backbones = bool(frozen & {"backbone", "cnn"}) and hasattr(model, "backbones")
+    inside = {id(m) for b in model.backbones() for m in b.modules()} if frozen_backbones else set()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if id(m) in inside or (params and not any(p.requires_grad for p in params)):
                 m.eval()
 
 
@@ -148,6 +200,7 @@ class Loop:
     eval_batch_size: int
     forward: nn.Module | None = None  # DDP / compiled wrapper of ``net``, rebuilt when the frozen set changes
     frozen: frozenset[str] | None = None
+    features: dict | None = None  # frozen backbone: where its cached features came from (run's features.json)
 
     @property
     def device(self) -> torch.device:
@@ -166,10 +219,10 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
 def prepare_epoch(loop: Loop, epoch: int) -> None:
     """Freeze schedule, train mode, and the DDP/compiled wrapper over the parameters that train this epoch."""
     tcfg = loop.tcfg
-    frozen = frozen_groups(epoch, tcfg["freeze"], set(loop.model.param_groups()))
+    frozen = frozen_groups(epoch, freeze_schedule(tcfg), set(loop.model.param_groups()))
     apply_freeze(loop.model, frozen | {"backbone"} if loop.data.features else frozen)
     loop.model.train()
-    freeze_batchnorm_stats(loop.model)
+    freeze_batchnorm_stats(loop.model, frozen)
     if loop.forward is None or frozenset(frozen) != loop.frozen:
         fwd: nn.Module = loop.net
         if loop.env.enabled:  # DDP registers the parameters that require grad now

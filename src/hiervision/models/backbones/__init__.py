@@ -12,11 +12,14 @@ The base class implements the parts every family shares (``forward``, ``num_feat
 of ``forward_features`` and the weight init), so a family file holds only its layout.
 
 Build them by name with :func:`create_backbone`; ``"timm/<model>"`` wraps a timm model when the
-optional ``timm`` extra is installed. Weights only ever come from a local file (``pretrained_path``);
-nothing here downloads.
+optional ``timm`` extra is installed, and ``"hf:<hub id or folder>"`` a Hugging Face encoder (DINOv2, ViT,
+ConvNeXt, ...) with the ``hf`` extra, whose ``hf_input_settings``/``encoder_data_settings`` give the data
+settings it expects. Weights come from a local file (``pretrained_path``) or an ``hf:`` folder; only an
+``hf:`` hub id downloads (once, into the Hugging Face cache).
 """
 
 from hiervision.models.backbones.registry import (
+    HF_PREFIX,
     TIMM_PREFIX,
     create_backbone,
     list_backbones,
@@ -24,7 +27,8 @@ from hiervision.models.backbones.registry import (
     register_backbone,
 )
 
-__all__ = ["TIMM_PREFIX", "create_backbone", "list_backbones", "load_backbone_weights", "register_backbone"]
+__all__ = ["HF_PREFIX", "TIMM_PREFIX", "create_backbone", "list_backbones", "load_backbone_weights",
+           "register_backbone"]
 
 # built-in families register themselves on import
 from hiervision.models.backbones import cifar_resnet as cifar_resnet
@@ -35,9 +39,11 @@ from hiervision.models.backbones import wide_resnet as wide_resnet
 from hiervision.models.backbones.base import Backbone
 from hiervision.models.backbones.cifar_resnet import CifarResNet
 from hiervision.models.backbones.cnn7 import CNN7
+from hiervision.models.backbones.hf import HFBackbone, encoder_data_settings, hf_input_settings
 from hiervision.models.backbones.resnet import ResNet
 from hiervision.models.backbones.timm_adapter import TimmBackbone
 from hiervision.models.backbones.vgg import VGG
 from hiervision.models.backbones.wide_resnet import WideResNet, WiderResNet
 
-__all__ += ["Backbone", "CNN7", "CifarResNet", "ResNet", "TimmBackbone", "VGG", "WideResNet", "WiderResNet"]
+__all__ += ["Backbone", "CNN7", "CifarResNet", "HFBackbone", "ResNet", "TimmBackbone", "VGG", "WideResNet",
+            "WiderResNet", "encoder_data_settings", "hf_input_settings"]

@@ -14,7 +14,10 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["TIMM_PREFIX", "create_backbone", "list_backbones", "load_backbone_weights", "register_backbone"]
+from hiervision.models.backbones.hf import HF_PREFIX, HFBackbone  # transformers itself is imported when used
+
+__all__ = ["HF_PREFIX", "TIMM_PREFIX", "create_backbone", "list_backbones", "load_backbone_weights",
+           "register_backbone"]
 
 TIMM_PREFIX = "timm/"
 
@@ -28,8 +31,9 @@ def register_backbone(name: str) -> Callable[[F], F]:
 
     Names are unique so that a config string always means one network; re-registering raises.
     """
-    if name.startswith(TIMM_PREFIX):
-        raise ValueError(f"backbone names starting with {TIMM_PREFIX!r} are reserved for the timm adapter")
+    for prefix, what in ((TIMM_PREFIX, "the timm adapter"), (HF_PREFIX, "Hugging Face encoders")):
+        if name.startswith(prefix):
+            raise ValueError(f"backbone names starting with {prefix!r} are reserved for {what}")
 
     def deco(fn: F) -> F:
         if name in _REGISTRY:
@@ -41,7 +45,7 @@ def register_backbone(name: str) -> Callable[[F], F]:
 
 
 def list_backbones() -> list[str]:
-    """Registered names, sorted (``timm/<model>`` names are accepted too but not listed)."""
+    """Registered names, sorted (``timm/<model>`` and ``hf:<hub id or folder>`` are accepted too but not listed)."""
     return sorted(_REGISTRY)
 
 
@@ -54,12 +58,19 @@ def create_backbone(
     """Build a registered backbone and optionally load local weights into it.
 
     Args:
-        name: a name from :func:`list_backbones`, or ``"timm/<model>"`` (needs ``pip install hiervision[timm]``).
+        name: a name from :func:`list_backbones`, ``"timm/<model>"`` (needs ``pip install hiervision[timm]``) or
+            ``"hf:<hub id or save_pretrained folder>"`` (needs ``pip install 'hiervision[hf]'``; its weights come
+            with it, so ``pretrained_path`` is refused).
         in_chans: input channels (1 or 3).
         pretrained_path: a ``.safetensors`` file or a ``torch.save`` state dict; keys must match exactly
             (classifier keys the model lists in ``pretrained_ignore`` excepted, see :func:`load_backbone_weights`).
         **kwargs: forwarded to the family's constructor (e.g. ``shortcut``, ``width``, ``act``).
     """
+    if name.startswith(HF_PREFIX):
+        if pretrained_path is not None:
+            raise ValueError(f"backbone_kwargs.pretrained_path: not used with model.backbone {name} (its weights "
+                             "come from the folder or hub id); leave it out")
+        return HFBackbone(name[len(HF_PREFIX) :], in_chans=in_chans, **kwargs)
     if name.startswith(TIMM_PREFIX):
         from hiervision.models.backbones.timm_adapter import TimmBackbone
 
@@ -67,7 +78,8 @@ def create_backbone(
     else:
         if name not in _REGISTRY:
             known = ", ".join(list_backbones())
-            raise ValueError(f"unknown backbone {name!r}; known: {known} (or '{TIMM_PREFIX}<model>' with timm)")
+            raise ValueError(f"unknown backbone {name!r}; known: {known} (or '{TIMM_PREFIX}<model>' with timm, "
+                             f"'{HF_PREFIX}<hub id or folder>' with transformers)")
         model = _REGISTRY[name](in_chans=in_chans, **kwargs)
     if pretrained_path is not None:
         load_backbone_weights(model, pretrained_path)
