@@ -2,6 +2,7 @@
 
     python benchmarks/encoders.py transfer  # Tiny-ImageNet: pretrain on half of the classes, transfer to the rest
     python benchmarks/encoders.py speed     # feature extraction vs a bare AutoModel loop; head epochs on features
+    python benchmarks/encoders.py int8      # trains the runs of RESULTS.md § int8, then benchmarks/quantize.py
 
 **transfer**: the 200 Tiny-ImageNet classes are split in two halves by a hash of their WordNet id. Our
 ResNet-20 is pretrained (flat, one seed) on half A; on half B, with half B's own WordNet tree, four rows
@@ -13,6 +14,10 @@ its seed-paired difference to the from-scratch row with a 95 % t-interval.
 **speed**: the frozen-feature path (``train.freeze_backbone``) over an ``hf:`` encoder (a DINOv2-small-sized
 network, random weights: speed does not depend on them) against a bare ``transformers`` forward loop over the
 same images, batch and precision; and seconds per head epoch on cached features of Tiny-ImageNet's training set.
+
+**int8**: the runs that ``benchmarks/quantize.py`` compares in float and int8 on both data sets — our flat
+ResNet-20 and a small ViT (``hf:``, 6 layers of width 192, patch 4; trained here from random weights, since
+no pretrained weights download on these machines) on Fashion-MNIST and on Tiny-ImageNet's half B.
 
 Each part keeps its numbers in ``results/encoders-<part>.json``; the section is written from every part
 that has run, so either command can be rerun alone.
@@ -208,6 +213,38 @@ def head_epochs(out: Path) -> dict:
     return out_rows
 
 
+#: a small ViT, trained here from random weights (the int8 rows need a trained transformers encoder)
+VIT_SMALL = {"hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 3, "intermediate_size": 768,
+             "patch_size": 4}
+VIT_TRAIN = ["train.optimizer=adamw", "train.lr=0.001", "train.weight_decay=0.05", "train.warmup_epochs=1",
+             "train.progress=false"]
+
+
+def int8_runs(out: Path, pretrained_half_b: Path) -> list[Path]:
+    """Train (or reuse) the four runs the int8 rows compare; returns their folders."""
+    import torch
+    import transformers
+
+    fmnist = HERE.parent / "configs" / "comparison" / "fmnist-flat.yaml"
+    runs = []
+    for name, config, size, sets in (("fmnist-flat", fmnist, None, ["train.epochs=3", "train.progress=false"]),
+                                     ("fmnist-vit", fmnist, 28, ["train.epochs=3", *VIT_TRAIN]),
+                                     ("tiny-half-b-vit", CONFIG, 32, ["train.epochs=6", *VIT_TRAIN])):
+        if size is not None:
+            folder = out / f"vit-small-{size}"
+            if not (folder / "config.json").exists():
+                torch.manual_seed(0)
+                vit = transformers.ViTConfig(**VIT_SMALL, image_size=size)
+                transformers.AutoModel.from_config(vit).save_pretrained(folder)
+            sets = [*sets, f"model.backbone=hf:{folder.resolve()}", "model.backbone_kwargs={}", "train.augment=null"]
+        cfg = load_config(config, sets)
+        if config == CONFIG:
+            cfg["data"]["keep_classes"] = class_halves()[1]
+        train(cfg, out / name, resume=True)
+        runs.append(out / name)
+    return [runs[0], pretrained_half_b, *runs[1:]]
+
+
 def speed(out: Path, images: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     return {"extraction": extraction_speed(out, images), "head": head_epochs(out)}
@@ -241,7 +278,7 @@ def write(part: str, res: dict, command: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["transfer", "speed"])
+    p.add_argument("part", choices=["transfer", "speed", "int8"])
     p.add_argument("--out", default="runs/encoders", help="where the runs and the feature cache go")
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--epochs", type=int, default=6, help="epochs of the rows that train the encoder")
@@ -249,6 +286,12 @@ def main() -> int:
     p.add_argument("--images", type=int, default=256, help="speed: images the two extraction loops read")
     args = p.parse_args()
     command = "python benchmarks/encoders.py " + " ".join(sys.argv[1:])
+    if args.part == "int8":
+        import quantize
+
+        runs = int8_runs(Path(args.out), Path(args.out) / "from-scratch-s0")
+        return quantize.main([str(r) for r in runs], command=f"{command} (trains the runs, then benchmarks/quantize.py "
+                             + " ".join(str(r) for r in runs) + ")")
     if args.part == "transfer":
         res = transfer(Path(args.out), args.pretrain_epochs, args.epochs, args.head_epochs)
     else:

@@ -129,7 +129,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, command: str | None = None) -> int:
+    """``command``: what to record as the command (a caller that trained the runs first names itself)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run folders (hiervision train … --out RUN)")
     p.add_argument("--calibration-images", type=int, default=128)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['agreement']:.1%}", flush=True)
     cpu = platform.processor() or platform.machine()
     result = {
-        "command": "python benchmarks/quantize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command or "python benchmarks/quantize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{cpu}, {os.cpu_count()} cores, onnxruntime {_ort_version()}, "
                    f"{args.threads or 'default'} intra-op threads",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "runs"},

@@ -37,9 +37,11 @@ pytest.importorskip("uvicorn")
 
 
 def readme_commands() -> list[list[str]]:
-    """The ``hiervision`` commands of the README's "Your own images" section, as argument lists."""
+    """The five ``hiervision`` commands of the README's "Your own images" section (its second block; the first
+    starts from a pretrained encoder, tests/test_recipe_encoder.py runs that recipe), as argument lists."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"## Your own images\n.*?```bash\n(.*?)```", text, re.S).group(1)
+    section = text.split("## Your own images\n", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)```", section, re.S)[1]
     return [shlex.split(line.split("#")[0])[1:] for line in block.splitlines() if line.strip()]
 
 

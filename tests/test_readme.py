@@ -57,7 +57,9 @@ def test_readme_hiervision_commands_parse():
             words = shlex.split(part)
             if words and words[0].endswith("hiervision") and not words[0].startswith("pip"):
                 commands.append(words[1:])
-    own = re.search(r"## Your own images\n.*?```bash\n(.*?)```", text, re.S).group(1)
+    section = text.split("## Your own images\n", 1)[1].split("\n## ", 1)[0]
+    encoder, own = re.findall(r"```bash\n(.*?)```", section, re.S)[:2]  # the encoder first, then the five
+    assert shlex.split(encoder)[1:3] == ["train", "my-photos"] and "--encoder" in encoder
     assert [shlex.split(x)[1] for x in own.strip().splitlines()] == ["train", "evaluate", "predict", "export", "serve"]
     assert len(commands) >= 10
     parser = build_parser()
