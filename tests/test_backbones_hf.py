@@ -70,7 +70,8 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 @pytest.mark.parametrize("kind", list(PROCESSORS))
 @pytest.mark.parametrize("pool", ["auto", "pooler", "cls", "mean"])
-def test_every_pool_mode_gives_pooled_features_and_one_map(folders: dict[str, Path], kind: str, pool: str) -> None:
+def test_every_pool_mode_gives_pooled_features_and_a_map_per_stage(folders: dict[str, Path], kind: str,
+                                                                   pool: str) -> None:
     name = f"hf:{folders[kind]}"
     if kind == "convnext" and pool == "cls":  # a conv encoder has no class token
         with pytest.raises(ValueError, match="class token") as e:
@@ -82,11 +83,13 @@ def test_every_pool_mode_gives_pooled_features_and_one_map(folders: dict[str, Pa
     x = torch.randn(BATCH, 3, SIZE, SIZE)
     feats = net(x)
     assert feats.shape == (BATCH, net.num_features) and torch.isfinite(feats).all()
-    (fmap,) = net.forward_features(x)
-    info = net.feature_info[-1]
-    side = SIZE // info["reduction"]
-    assert fmap.shape == (BATCH, info["num_chs"], side, side)
-    assert info["reduction"] == (8 if kind != "convnext" else 32)
+    maps = net.forward_features(x)
+    assert len(maps) == len(net.feature_info) == (4 if kind == "convnext" else 2)  # stages; 2 layers: both
+    for fmap, info in zip(maps, net.feature_info):
+        side = SIZE // info["reduction"]
+        assert fmap.shape == (BATCH, info["num_chs"], side, side)
+    assert [i["reduction"] for i in net.feature_info] == ([4, 8, 16, 32] if kind == "convnext" else [8, 8])
+    fmap = maps[-1]
     assert net.pool == ("pooler" if pool == "auto" else pool)  # all three have a pooled output with weights
     if kind != "convnext" and pool == "mean":  # the mean of the patch tokens is the mean of the map
         torch.testing.assert_close(feats, fmap.mean(dim=(2, 3)))
@@ -95,7 +98,7 @@ def test_every_pool_mode_gives_pooled_features_and_one_map(folders: dict[str, Pa
 def test_patch_tokens_lie_on_their_grid_at_any_size_and_cls_is_dropped(folders: dict[str, Path]) -> None:
     net = create_backbone(f"hf:{folders['vit']}", pool="cls").eval()
     x = torch.randn(2, 3, 48, 40)  # not the encoder's own size: position embeddings are interpolated
-    (fmap,) = net.forward_features(x)
+    fmap = net.forward_features(x)[-1]
     assert fmap.shape == (2, 32, 6, 5)
     hidden = net.model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
     torch.testing.assert_close(fmap.flatten(2).transpose(1, 2), hidden[:, 1:])

@@ -202,8 +202,8 @@ def hf_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def build_on_encoder(name: str, encoder: str) -> torch.nn.Module | None:
-    """The head on the encoder, or ``None`` after checking its one-line refusal: a head that needs what one
-    pooled vector and one token map cannot give (several stage maps, a CNN's blocks to cut) says so when built."""
+    """The head on the encoder, or ``None`` after checking its one-line refusal: a head that needs what an
+    encoder's pooled vector and hidden-state maps cannot give (HierNet: a CNN's blocks to cut) says so when built."""
     torch.manual_seed(0)
     try:
         return create_model(name, FIXED, backbone=encoder, in_chans=3, image_size=32, **EXTRA.get(name, {}))

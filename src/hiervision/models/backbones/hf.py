@@ -3,8 +3,8 @@
 ``hf:facebook/dinov2-small`` or ``hf:/models/dinov2-small`` (a ``save_pretrained`` folder) wraps
 ``transformers.AutoModel.from_pretrained(...)``: ViT-like token models (ViT, DeiT, DINOv2, ...) and conv
 models (ConvNeXt, ResNet, ...) alike. ``forward(x)`` is the encoder's pooled ``(B, hidden)`` feature
-(``pool``), ``forward_features(x)`` its last hidden state as one ``(B, C, h, w)`` map (patch tokens laid out
-on their grid; CLS and register tokens dropped), so heads that read maps get something valid.
+(``pool``), ``forward_features(x)`` up to four of its hidden states (the last one last) as ``(B, C, h, w)`` maps (patch
+tokens laid out on their grid; CLS and register tokens dropped), so heads that read stage maps get them.
 
 A local folder loads offline; anything else is a hub id fetched into the Hugging Face cache once (the
 one place hiervision downloads, and only when asked to by name). :func:`hf_input_settings` reads the
@@ -182,25 +182,36 @@ class HFBackbone(Backbone):
         side = patch * max(2, math.ceil(_PROBE / patch)) if patch else _PROBE
         was = self.model.training
         self.model.eval()
-        out = self.model(pixel_values=torch.zeros(1, self.model_channels, side, side), **self._call_kwargs)
+        out = self.model(pixel_values=torch.zeros(1, self.model_channels, side, side), output_hidden_states=True,
+                         **self._call_kwargs)
         hidden = out.last_hidden_state
         pooled = getattr(out, "pooler_output", None)
         self.tokens = hidden.dim() == 3
-        if self.tokens:
-            reduction, self.prefix = _token_grid(ref, hidden.shape[1], side, patch)
-        elif hidden.dim() == 4:
-            reduction, self.prefix = side // hidden.shape[-1], 0
-        else:
+        if hidden.dim() not in (3, 4):
             raise ValueError(f"model.backbone hf:{ref}: its last hidden state has shape {tuple(hidden.shape)}, "
                              "neither tokens (B, N, C) nor a map (B, C, H, W)")
-        self.reduction = reduction
+        self.reduction, self.prefix = self._layout(ref, hidden, side, patch)
         self.pool = self._pool_mode(ref, pool, pooled is not None, any("pooler" in k for k in missing))
-        channels = hidden.shape[1 if hidden.dim() == 4 else 2]
-        self.add_feature(int(channels), int(reduction), "model")
+        # the maps forward_features returns: up to 4 hidden states evenly spaced through the encoder (the
+        # stages of a conv model, layers of a token model), the last being last_hidden_state
+        states = tuple(getattr(out, "hidden_states", None) or ())
+        picked = sorted({round(len(states[1:]) * k / 4) for k in range(1, 4)} - {0, len(states) - 1})
+        self._stages = [(i, *self._layout(ref, states[i], side, patch)) for i in picked
+                        if states[i].dim() == hidden.dim()] + [(-1, self.reduction, self.prefix)]
+        for i, reduction, _ in self._stages:
+            h = hidden if i < 0 else states[i]
+            self.add_feature(int(h.shape[1 if h.dim() == 4 else 2]), int(reduction),
+                             "model" if i < 0 else f"model.hidden_states[{i}]")
         self._width = int(self._pooled(out).shape[1])
         self._unused_pooled = self._unused(self._pooled(out))
-        self._unused_map = self._unused(self._map(out.last_hidden_state, side, side))
+        self._unused_map = self._unused(sum(m.mean() for m in self._maps(out, side, side)))
         self.model.train(was)
+
+    def _layout(self, ref: str, hidden: torch.Tensor, side: int, patch: int | None) -> tuple[int, int]:
+        """``(reduction, prefix tokens)`` of one hidden state of the ``side``² probe."""
+        if hidden.dim() == 3:
+            return _token_grid(ref, hidden.shape[1], side, patch)
+        return side // hidden.shape[-1], 0
 
     def _pool_mode(self, ref: str, pool: str, has_pooler: bool, pooler_missing: bool) -> str:
         """The pool mode ``auto`` stands for, or a one-line refusal of one the encoder cannot give."""
@@ -231,13 +242,13 @@ class HFBackbone(Backbone):
         return self._width
 
     # -- the contract -----------------------------------------------------------------------------------
-    def _encode(self, x: torch.Tensor) -> Any:
+    def _encode(self, x: torch.Tensor, hidden_states: bool = False) -> Any:
         if x.shape[1] != self.model_channels:
             if x.shape[1] != 1:
                 raise ValueError(f"model.backbone hf:{self.ref}: got {x.shape[1]}-channel images, the encoder "
                                  f"takes {self.model_channels} (or grey ones)")
             x = x.expand(-1, self.model_channels, -1, -1)
-        return self.model(pixel_values=x, **self._call_kwargs)
+        return self.model(pixel_values=x, output_hidden_states=hidden_states, **self._call_kwargs)
 
     def _pooled(self, out: Any) -> torch.Tensor:
         if self.pool == "pooler":
@@ -247,18 +258,23 @@ class HFBackbone(Backbone):
             return hidden[:, 0]
         return hidden[:, self.prefix:].mean(1) if self.tokens else hidden.mean(dim=(2, 3))
 
-    def _map(self, hidden: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The last hidden state as a ``(B, C, h, w)`` map: patch tokens on their grid, or the conv map."""
-        if not self.tokens:
+    def _map(self, hidden: torch.Tensor, height: int, width: int, reduction: int, prefix: int) -> torch.Tensor:
+        """A hidden state as a ``(B, C, h, w)`` map: patch tokens on their grid, or the conv map."""
+        if hidden.dim() == 4:
             return hidden
-        patches = hidden[:, self.prefix:]
-        h, w = height // self.reduction, width // self.reduction
+        patches = hidden[:, prefix:]
+        h, w = height // reduction, width // reduction
         if h * w != patches.shape[1]:
-            h, w = -(-height // self.reduction), -(-width // self.reduction)  # encoders that pad the last patch
+            h, w = -(-height // reduction), -(-width // reduction)  # encoders that pad the last patch
         if h * w != patches.shape[1]:
             raise ValueError(f"model.backbone hf:{self.ref}: {patches.shape[1]} patch tokens do not fit a "
-                             f"{height}x{width} image at stride {self.reduction}")
+                             f"{height}x{width} image at stride {reduction}")
         return patches.transpose(1, 2).reshape(len(hidden), hidden.shape[2], h, w)
+
+    def _maps(self, out: Any, height: int, width: int) -> list[torch.Tensor]:
+        """Every stage's map, shallow to deep (:attr:`feature_info` order)."""
+        return [self._map(out.last_hidden_state if i < 0 else out.hidden_states[i], height, width, r, p)
+                for i, r, p in self._stages]
 
     def _touch(self, out: torch.Tensor, unused: list[str]) -> torch.Tensor:
         """``out`` plus zero times each unused parameter, so that they get (zero) gradients too."""
@@ -269,9 +285,11 @@ class HFBackbone(Backbone):
         return out if isinstance(zero, int) else out + zero.to(out.dtype) * 0
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """One map: the encoder's last hidden state, ``(B, num_chs, H / reduction, W / reduction)``."""
-        out = self._encode(x)
-        return [self._touch(self._map(out.last_hidden_state, x.shape[-2], x.shape[-1]), self._unused_map)]
+        """One ``(B, num_chs, H / reduction, W / reduction)`` map per :attr:`feature_info` entry: up to four hidden
+        states evenly spaced through the encoder, the last hidden state last."""
+        maps = self._maps(self._encode(x, hidden_states=len(self._stages) > 1), x.shape[-2], x.shape[-1])
+        maps[-1] = self._touch(maps[-1], self._unused_map)
+        return maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features ``(B, num_features)`` (``pool``)."""
