@@ -227,9 +227,9 @@ def int8_runs(out: Path, pretrained_half_b: Path) -> list[Path]:
 
     fmnist = HERE.parent / "configs" / "comparison" / "fmnist-flat.yaml"
     runs = []
-    for name, config, size, sets in (("fmnist-flat", fmnist, None, ["train.epochs=3", "train.progress=false"]),
-                                     ("fmnist-vit", fmnist, 28, ["train.epochs=3", *VIT_TRAIN]),
-                                     ("tiny-half-b-vit", CONFIG, 32, ["train.epochs=6", *VIT_TRAIN])):
+    for name, config, size, sets in (("fmnist-flat", fmnist, None, ["train.epochs=2", "train.progress=false"]),
+                                     ("fmnist-vit", fmnist, 28, ["train.epochs=2", *VIT_TRAIN]),
+                                     ("tiny-half-b-vit", CONFIG, 32, ["train.epochs=4", *VIT_TRAIN])):
         if size is not None:
             folder = out / f"vit-small-{size}"
             if not (folder / "config.json").exists():
