@@ -61,7 +61,8 @@ ROWS = (
 
 def class_halves() -> tuple[list[str], list[str]]:
     """Tiny-ImageNet's 200 WordNet ids in two halves of 100, by a hash of the id (stable, no seed to pick)."""
-    wnids = sorted(tiny_imagenet_taxonomy().external_ids[n] for n in tiny_imagenet_taxonomy().leaves)
+    tree = tiny_imagenet_taxonomy()
+    wnids = sorted(tree.external_ids[n] for n in tree.leaves)
     ranked = sorted(wnids, key=lambda w: hashlib.sha256(w.encode()).hexdigest())
     return sorted(ranked[:100]), sorted(ranked[100:])
 

@@ -79,8 +79,8 @@ def test_both_backbones_are_the_backbone_group():
 
 def test_precomputed_features_are_refused_in_one_line():
     from hiervision.config import ConfigError
-    from hiervision.training import precompute_features
+    from hiervision.training import cached_features
 
     model = build(VARIABLE)
     with pytest.raises(ConfigError, match="train.precompute_features: model HiEClassifier does not run on one"):
-        precompute_features(model, None, 8, torch.device("cpu"), None)  # refused before any data is read
+        cached_features(model, None, 8, torch.device("cpu"), None)  # refused before any data is read

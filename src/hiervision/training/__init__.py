@@ -20,7 +20,7 @@ from typing import Any
 from hiervision.config import validate_config
 from hiervision.training import engine
 from hiervision.training.engine import MIN_LAST_BATCH_FRACTION, train_one_epoch
-from hiervision.training.features import cached_features, precompute_features
+from hiervision.training.features import cached_features
 from hiervision.training.protocols import pseudo_label, train_with_pseudo_labels
 from hiervision.training.signals import Preempted
 from hiervision.training.steps import TrainingError, build_optimizer, check_loss, frozen_groups, lr_factor
@@ -34,7 +34,6 @@ __all__ = [
     "check_loss",
     "frozen_groups",
     "lr_factor",
-    "precompute_features",
     "pseudo_label",
     "train",
     "train_one_epoch",

@@ -45,7 +45,7 @@ from hiervision.distributed import DistEnv, any_flag, barrier, gather_rows, shar
 from hiervision.models import HierarchicalClassifier
 from hiervision.runfolder import RunFolderError, atomic_write, atomic_write_json
 
-__all__ = ["FeatureHead", "cached_features", "feature_cache_root", "feature_identity", "precompute_features"]
+__all__ = ["FeatureHead", "cached_features", "feature_cache_root", "feature_identity"]
 
 #: bump when what a cache folder holds changes meaning: older folders are then simply not found
 CACHE_FORMAT = 1
@@ -283,19 +283,3 @@ def _store(folder: Path, feats: dict[str, torch.Tensor], identity: Mapping[str, 
         return feats
     mapped, _ = load_cache(folder, digest, {s: len(t) for s, t in feats.items()}, feats["train"].shape[1])
     return feats if mapped is None else mapped
-
-
-@torch.no_grad()
-def precompute_features(
-    model: HierarchicalClassifier,
-    data: DataBundle,
-    batch_size: int,
-    device: torch.device,
-    amp: torch.dtype | None,
-    env: DistEnv | None = None,
-    **cache: Any,
-) -> DataBundle:
-    """Every split's pooled backbone features (:func:`cached_features` without its record): computed once,
-    eval mode, no augmentation — Guo et al.'s RNN trained on extracted CNN features. ``cache``: the keyword
-    arguments of :func:`cached_features` (``cache=None``, the default, keeps them in memory only)."""
-    return cached_features(model, data, batch_size, device, amp, env, **cache)[0]
