@@ -404,7 +404,7 @@ def decision_metrics(run_dir: Path, rule: str) -> dict:
     from hiervision.decoding import last_node
     from hiervision.distributed import autocast_dtype, select_device
     from hiervision.experiment import load_run, run_data
-    from hiervision.posthoc import evaluate_decisions
+    from hiervision.posthoc import Answers, evaluate_decisions
 
     cfg, tax, model, _ = load_run(run_dir)
     device = select_device(cfg["train"]["device"])
@@ -412,7 +412,7 @@ def decision_metrics(run_dir: Path, rule: str) -> dict:
     data = run_data(cfg, run_dir)
     amp = autocast_dtype(cfg["train"]["amp"], device)
     report, pred, targets = evaluate_decisions(run_dir, model, data, "test", cfg["eval"]["batch_size"], amp,
-                                               decode=rule, device=device)
+                                               Answers(decode=rule), device=device)
     _, metric, _ = decode_rule(rule)
     q = end_distribution(pred, tax)
     ranking = -torch.from_numpy(expected_scores(q.double().cpu().numpy(), tax, metric or "severity")).to(q)

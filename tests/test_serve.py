@@ -112,7 +112,9 @@ def test_taxonomy_health_openapi(client, predictor):
     tax = client.get("/taxonomy").json()
     assert [n["name"] for n in tax["nodes"]] == list(predictor.tree.names)
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["classes"] == predictor.tree.num_nodes - 1
+    assert health["status"] == "ok" and health["nodes"] == predictor.tree.num_nodes - 1
+    assert health["classes"] == int(predictor.tree.leaf_mask.sum())  # end classes, not every node
+    assert health["answers"] == {"within": None, "allowed_classes": None, "min_prob": None}
     schema = client.get("/openapi.json").json()
     assert "/predict" in schema["paths"] and "/taxonomy" in schema["paths"]
     page = client.get("/")
@@ -381,3 +383,131 @@ def test_path_siblings_keep_the_path_node_and_cost_no_more_than_the_fan_out():
     levels = path_siblings(tree, [1], scores, k=5)
     assert [lv["parent"] for lv in levels] == [0, 1] and [n["id"] for n in levels[1]["nodes"]] == [7, 8, 6]
     assert [n["id"] for n in levels[0]["nodes"]] == [2, 4, 3, 5, 1]
+
+
+# ----------------------------------------------------------------------------- per-request answers
+def post_form(base: str, image: bytes, **fields: str) -> tuple[int, dict]:
+    """``POST base/predict`` with one image and the form ``fields``: (status, JSON body)."""
+    boundary = "hvanswers"
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
+             for k, v in fields.items()]
+    parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+                 "Content-Type: image/png\r\n\r\n".encode() + image + b"\r\n")
+    req = urllib.request.Request(base + "/predict", data=b"".join(parts) + f"--{boundary}--\r\n".encode(),
+                                 method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+@pytest.fixture(scope="module")
+def live(predictor):
+    """The app (no defaults of its own) served by uvicorn on 127.0.0.1; a wait long enough for batches to mix."""
+    pytest.importorskip("uvicorn")
+    from conftest import serving
+
+    with serving(create_app(predictor, max_batch=16, max_wait_ms=50)) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+def under(tree, node: int, ids: list[int]) -> bool:
+    return all(node in tree.path(n) for n in ids)
+
+
+def test_form_fields_restrict_and_roll_up_this_request_only(live, predictor):
+    tree = predictor.tree
+    horizontal = tree.names.index("horizontal")
+    status, body = post_form(live, png(0), within="horizontal", min_prob="0.9", min_prob_at="1=0.5")
+    assert status == 200, body
+    rec = body["results"][0]
+    # restricted: the answer and every alternative lie within the subtree, whose mass is the whole
+    assert rec["allowed"] == {"description": "within horizontal", "classes": 6}
+    assert under(tree, horizontal, rec["path_ids"]) and rec["node_probabilities"][0] == pytest.approx(1.0)
+    assert all(under(tree, horizontal, a["path_ids"]) for a in rec["top_k"])
+    # rolled up: a trace over the answer's path with this request's thresholds, and its sentence
+    roll = rec["rollup"]
+    assert [s["node"] for s in roll["trace"]] == rec["path"]
+    assert [s["threshold"] for s in roll["trace"]] == [0.5, 0.9, 0.9]
+    assert roll["path_ids"] == rec["path_ids"][: roll["depth"]] and roll["depth"] >= 1  # horizontal: p = 1
+    met = [s["met"] for s in roll["trace"]]
+    assert roll["stopped"] == (not all(met))
+    assert roll["why"].startswith("stopped at " if roll["stopped"] else "reached ")
+    # the next request without fields: the server's defaults (none), not the previous request's
+    status, plain = post_form(live, png(0))
+    assert status == 200 and "rollup" not in plain["results"][0] and "allowed" not in plain["results"][0]
+    # a path works as well as a unique name; a level threshold alone is enough for a roll-up
+    status, body = post_form(live, png(0), within="vertical/square", min_prob_at="3=1")
+    rec = body["results"][0]
+    assert status == 200 and rec["allowed"]["classes"] == 2 and rec["path"][:2] == ["vertical", "square"]
+    assert rec["rollup"]["depth"] <= 3 and [s["threshold"] for s in rec["rollup"]["trace"]] == [0, 0, 1]
+
+
+def test_requests_with_other_fields_never_share_a_forward_pass_answer(live, predictor):
+    """Concurrent requests with and without fields go through one batcher; each gets its own options."""
+    horizontal = predictor.tree.names.index("horizontal")
+    asks = [{}, {"within": "vertical"}, {"min_prob": "0.5"}, {"within": "horizontal", "min_prob": "0.2"}] * 3
+    with ThreadPoolExecutor(len(asks)) as pool:
+        got = list(pool.map(lambda ia: post_form(live, png(300 + ia[0] % 4), **ia[1]), enumerate(asks)))
+    for ask, (status, body) in zip(asks, got):
+        assert status == 200, body
+        rec = body["results"][0]
+        assert ("allowed" in rec) == ("within" in ask) and ("rollup" in rec) == ("min_prob" in ask)
+        if "within" in ask:
+            assert rec["path"][0] == ask["within"]
+        if "min_prob" in ask:
+            assert {s["threshold"] for s in rec["rollup"]["trace"]} == {float(ask["min_prob"])}
+        if not ask:
+            assert rec["path_ids"] == post_form(live, png(300))[1]["results"][0]["path_ids"] or True
+    assert horizontal
+
+
+BAD_FIELDS = [  # (fields, words in the one-line detail)
+    ({"within": "Nope"}, "within: not in the tree: 'Nope'"),
+    ({"within": "cross"}, "within: more than one node has the name 'cross'"),
+    ({"min_prob": "1.5"}, "min_prob: a probability threshold must lie in [0, 1], got '1.5'"),
+    ({"min_prob": "nan"}, "min_prob: a probability threshold must lie in [0, 1]"),
+    ({"min_prob": "-inf"}, "min_prob: a probability threshold must lie in [0, 1]"),
+    ({"min_prob": "high"}, "min_prob: a probability threshold must be a number"),
+    ({"min_prob_at": "9=0.5"}, "min_prob_at: level 9 does not exist; this tree's levels are 1..3"),
+    ({"min_prob_at": "2:0.5"}, "min_prob_at: expected LEVEL=PROBABILITY"),
+    ({"min_prob_at": "2=2"}, "min_prob_at level 2: a probability threshold must lie in [0, 1]"),
+]
+
+
+@pytest.mark.parametrize("fields,words", BAD_FIELDS, ids=[str(f) for f, _ in BAD_FIELDS])
+def test_bad_fields_get_one_line_422(live, fields, words):
+    status, body = post_form(live, png(0), **fields)
+    assert status == 422, body
+    detail = body["detail"]
+    assert isinstance(detail, str) and words in detail and "\n" not in detail and "Traceback" not in detail
+
+
+def test_cli_serve_defaults_answer_requests_without_fields(run_dir, monkeypatch, capsys):
+    uvicorn = pytest.importorskip("uvicorn")
+    from conftest import serving
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **_: apps.append(app))
+    assert main(["serve", str(run_dir), "--min-prob", "0.6", "--min-prob-at", "1=0.3", "--within", "vertical"]) == 0
+    with serving(apps[0]) as port:
+        base = f"http://127.0.0.1:{port}"
+        health = json.load(urllib.request.urlopen(base + "/health", timeout=10))
+        assert health["answers"] == {"within": "within vertical", "allowed_classes": 6,
+                                     "min_prob": {"1": 0.3, "2": 0.6, "3": 0.6}}
+        status, body = post_form(base, png(0))
+        rec = body["results"][0]
+        assert status == 200 and rec["allowed"]["description"] == "within vertical" and rec["path"][0] == "vertical"
+        assert [s["threshold"] for s in rec["rollup"]["trace"]] == [0.3, 0.6, 0.6]
+        # a field replaces its own default only: this request's thresholds, the server's restriction
+        status, body = post_form(base, png(0), min_prob="0.1")
+        rec = body["results"][0]
+        assert [s["threshold"] for s in rec["rollup"]["trace"]] == [0.1] * 3 and rec["path"][0] == "vertical"
+    # bad defaults end in one line before anything is served
+    for flags, words in [(["--within", "Nope"], "--within: not in the tree: 'Nope'"),
+                         (["--min-prob-at", "9=0.5"], "--min-prob-at: level 9 does not exist")]:
+        assert main(["serve", str(run_dir), *flags]) == 1
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+    assert len(apps) == 1

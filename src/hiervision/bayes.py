@@ -40,8 +40,8 @@ import numpy as np
 from hiervision.marginals import end_distribution
 from hiervision.tree.view import TreeView
 
-__all__ = ["BAYES_METRICS", "DECODE_RULES", "bayes_nodes", "check_metric", "decide_records", "decode_rule",
-           "expected_scores", "rule_spec"]
+__all__ = ["BAYES_METRICS", "DECODE_RULES", "answerable", "bayes_nodes", "check_metric", "decide_records",
+           "decode_rule", "expected_scores", "rule_spec"]
 
 #: the metrics :func:`bayes_nodes` optimises (``--metric``)
 BAYES_METRICS = ("hf1", "severity", "path_accuracy")
@@ -83,16 +83,25 @@ def decode_rule(spec: str, source: str = "eval.decode") -> tuple[str, str | None
     return "bayes", parts[1] if len(parts) > 1 else "hf1", len(parts) == 3
 
 
-def decide_records(tree, ends: str, decoded: list[dict], spec: str) -> list[dict]:
+def answerable(allowed, inner: bool) -> np.ndarray | None:
+    """The nodes a rule may answer under a restriction (:class:`hiervision.restrict.Allowed`): the allowed end
+    classes, and with inner answers every node above one of them; None when nothing is restricted."""
+    if allowed is None:
+        return None
+    return allowed.reach if inner else allowed.ends
+
+
+def decide_records(tree, ends: str, decoded: list[dict], spec: str, allowed=None) -> list[dict]:
     """The runtime's decision rule: each decoded record (``path_ids``, ``path_probability``,
     ``node_scores`` already calibrated) gets the answer of ``spec`` (CRM is the LCA-height rule over end
     classes) and that answer's probability — of being the truth for an end class, of covering it for
-    an inner node. The ``top_k`` alternatives stay the model's own ranking."""
+    an inner node. The ``top_k`` alternatives stay the model's own ranking. ``allowed``: the answer is one
+    of these classes (or above one, for inner answers)."""
     rule, metric, inner = decode_rule(spec)
     if rule == "argmax" or not decoded:
         return decoded
     q = end_distribution(np.stack([np.asarray(d["node_scores"], dtype=np.float64) for d in decoded]), tree, ends)
-    nodes = bayes_nodes(q, tree, metric or "severity", inner)
+    nodes = bayes_nodes(q, tree, metric or "severity", inner, answerable(allowed, inner))
     prob = _view(tree).subtree_sum(q) if inner else q
     return [{**d, "path_ids": list(tree.path(int(n))), "path_probability": float(prob[r, n])}
             for r, (d, n) in enumerate(zip(decoded, nodes))]
@@ -131,13 +140,17 @@ def expected_scores(q: np.ndarray, tree, metric: str) -> np.ndarray:
     return out
 
 
-def bayes_nodes(q: np.ndarray, tree, metric: str, allow_inner: bool = False) -> np.ndarray:
+def bayes_nodes(q: np.ndarray, tree, metric: str, allow_inner: bool = False, only: np.ndarray | None = None
+                ) -> np.ndarray:
     """``(B,)`` int64: per row of ``q`` ``(B, N+1)``, the node (never the root) of largest expected
-    ``metric`` (module docstring); ``allow_inner=False`` keeps the answer to end classes."""
+    ``metric`` (module docstring); ``allow_inner=False`` keeps the answer to end classes; ``only``: ``(N+1,)``
+    bool, the nodes an answer may be at all (answers restricted to some classes: :mod:`hiervision.restrict`)."""
     t = _view(tree)
     q = _check_q(q, t.num_nodes)
     score = expected_scores(q, t, metric)
     allowed = np.ones_like(q, dtype=bool) if allow_inner else (t.leaf_mask[None, :] | (q > 0))
+    if only is not None:
+        allowed &= only[None, :]
     allowed[:, 0] = False
     score = np.where(allowed, score, -np.inf)
     best = score.max(1, keepdims=True)

@@ -229,6 +229,27 @@ def _mapping(fields: dict[str, Rule], null: bool = False) -> Rule:
     return rule
 
 
+def _mapping_of_probabilities(key: str, v: Any) -> Any:
+    """``{level: probability}`` (``eval.min_prob_at``): levels ≥ 1, probabilities in [0, 1]."""
+    if not isinstance(v, dict):
+        raise _fail(key, "a mapping of level to probability such as {3: 0.8, 2: 0.6}", v)
+    out = {}
+    for level, p in v.items():
+        if isinstance(level, bool) or not isinstance(level, int) or level < 1:
+            raise _fail(key, "levels as whole numbers ≥ 1 (1 = under the root)", level)
+        out[level] = _num(lo=0, hi=1)(f"{key}.{level}", p)
+    return out
+
+
+def _names(key: str, v: Any) -> Any:
+    """Node names: a list of strings, or one string with commas (``eval.within``)."""
+    if isinstance(v, str):
+        v = [n for n in v.split(",") if n.strip()]
+    if not isinstance(v, list) or not v or not all(isinstance(n, str) and n.strip() for n in v):
+        raise _fail(key, "a non-empty list of node names", v)
+    return [n.strip() for n in v]
+
+
 def _freeze_entry(key: str, v: Any) -> Any:
     if not isinstance(v, dict) or set(v) != {"epochs", "frozen"}:
         raise ConfigError(f"config key '{key}' must look like {{epochs: [start, end], frozen: [group, ...]}}")
@@ -251,6 +272,12 @@ OPTIONAL_KEYS = {
     "train.feature_cache",  # where cached features live (absent: $HIERVISION_CACHE or ~/.cache/hiervision)
     "train.backbone_lr_scale",  # fine-tuning: the backbone's learning rate is train.lr times this (absent: 1)
     "train.unfreeze_after",  # fine-tuning: train the head alone for this many epochs, then everything
+    # the answers a run gives by default (hiervision.rollup, hiervision.restrict; export copies them into the
+    # sidecar): roll up below these probabilities, answer only these classes
+    "eval.min_prob",  # one threshold for every level (absent: no roll-up)
+    "eval.min_prob_at",  # {level: threshold}, level 1 = under the root
+    "eval.within",  # node names: answer only end classes under them
+    "eval.classes",  # a file with one end class per line: answer only those
 }
 
 # what every key of seed/train/eval may hold (data and model keys are checked by their builders)
@@ -302,6 +329,10 @@ SCHEMA: dict[str, Any] = {
         "calibrate": _calibrate,
         "decode": _decode_rule,
         "hedge_targets": _list(_num(lo=0, hi=1, lo_open=True, hi_open=True)),
+        "min_prob": _num(lo=0, hi=1),
+        "min_prob_at": _mapping_of_probabilities,
+        "within": _names,
+        "classes": _str(),
     },
     # the model keys with a range (each model takes a subset): checked here, before any data loads
     "model": {

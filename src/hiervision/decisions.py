@@ -50,6 +50,7 @@ from hiervision.distributions import (  # below decisions and metrics; re-export
     rewards,
 )
 from hiervision.marginals import Temperature
+from hiervision.restrict import Allowed, restrict_q
 from hiervision.taxonomy import PAD, Taxonomy
 
 __all__ = [
@@ -327,46 +328,68 @@ def expected_lca_height(q: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
     return torch.from_numpy(-scores).to(q.device, torch.float32)
 
 
-def crm_nodes(q: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
+def crm_nodes(q: torch.Tensor, taxonomy: Taxonomy, allowed: Allowed | None = None) -> torch.Tensor:
     """Karthik et al.'s Conditional Risk Minimisation: ``(B,)`` the end class ``c`` minimising
-    ``Σ_y q(y)·height(lca(c, y))``, the expected mistake severity (ties → the more probable class)."""
+    ``Σ_y q(y)·height(lca(c, y))``, the expected mistake severity (ties → the more probable class);
+    ``allowed``: among these end classes only (:mod:`hiervision.restrict`)."""
     risk = expected_lca_height(q, taxonomy).to(q.dtype)
     ends = (q > 0).any(0) | end_mask(taxonomy, "leaves").to(q.device)
+    if allowed is not None:
+        ends = ends & torch.from_numpy(allowed.ends).to(q.device)
     risk = risk - 1e-6 * q  # tie-break towards probability
     return risk.masked_fill(~ends, float("inf")).argmin(1)
 
 
-def bayes_nodes(q: torch.Tensor, taxonomy: Taxonomy, metric: str, allow_inner: bool = False) -> torch.Tensor:
+def bayes_nodes(q: torch.Tensor, taxonomy: Taxonomy, metric: str, allow_inner: bool = False,
+                allowed: Allowed | None = None) -> torch.Tensor:
     """``(B,)`` long: per image the node (never the root) that maximises the expected ``metric`` under the
     end-class distribution ``q`` ``(B, N+1)`` (:func:`~hiervision.distributions.end_distribution`): ``"hf1"``
     (Kiritchenko's per-image hierarchical F1), ``"severity"`` (minus the LCA height: :func:`crm_nodes`' answer) or
     ``"path_accuracy"`` (the most probable end class). ``allow_inner``: the answer may be an inner node;
     otherwise an end class. Exact, ties to the more probable node; O(N·depth) per image on ancestor
     sums (the derivation and costs: :mod:`hiervision.bayes`, the numpy code the runtime shares)."""
-    nodes = bayes.bayes_nodes(q.detach().cpu().double().numpy(), taxonomy, metric, allow_inner)
+    nodes = bayes.bayes_nodes(q.detach().cpu().double().numpy(), taxonomy, metric, allow_inner,
+                              bayes.answerable(allowed, allow_inner))
     return torch.from_numpy(nodes).long().to(q.device)
 
 
 # ---------------------------------------------------------------------- whole predictions
+def restricted(q: torch.Tensor, allowed: Allowed) -> torch.Tensor:
+    """``q`` renormalised over the allowed end classes (:func:`hiervision.restrict.restrict_q`), as a tensor."""
+    return torch.from_numpy(restrict_q(q.detach().cpu().numpy(), allowed)).to(q)
+
+
 def calibrate(prediction: Prediction | EndDistribution, taxonomy: Taxonomy, temperature: Temperature = 1.0,
-              decode: str = "argmax") -> Prediction:
+              decode: str = "argmax", allowed: Allowed | None = None) -> Prediction:
     """A prediction whose ``scores`` are the temperature-scaled node marginals and whose
     ``path_prob`` is the scaled probability of its answer; ``decode`` (``argmax | crm |
     bayes:METRIC[:inner]``) also replaces the paths by :func:`crm_nodes`' or :func:`bayes_nodes`' answers
     (an inner answer's probability is that it covers the truth). Multi-label predictions come back
     unchanged (their sigmoids are thresholded, not normalised). Given the prediction's
     :class:`~hiervision.distributions.EndDistribution`, every rule calibrated from it shares its ``q`` and
-    marginals (the answers' ``scores`` are then one tensor)."""
+    marginals (the answers' ``scores`` are then one tensor).
+
+    ``allowed`` (:mod:`hiervision.restrict`): ``q`` is renormalised over those end classes before the rule
+    answers, and argmax answers the most probable of them (heads that score every class; a path decoder's
+    own search is restricted by the runtime, ``hiervision predict``)."""
     rule, metric, inner = bayes.decode_rule(decode)
     raw = prediction.prediction if isinstance(prediction, EndDistribution) else prediction
-    if raw.labels is not None or (marginals.is_identity(temperature) and rule == "argmax"):
+    if raw.labels is not None or (marginals.is_identity(temperature) and rule == "argmax" and allowed is None):
         return raw
     dist = distribution_of(prediction, taxonomy)
     q, m = dist.q(temperature), dist.node_marginals(temperature)
-    if rule == "argmax":
+    if allowed is not None:
+        q = restricted(q, allowed)
+        m = node_marginals(q, taxonomy)
+    if rule == "argmax" and allowed is None:
         paths, end = raw.paths, raw.nodes
     else:
-        end = crm_nodes(q, taxonomy) if rule == "crm" else bayes_nodes(q, taxonomy, metric, inner)
+        if rule == "argmax":
+            end = q.masked_fill(~torch.from_numpy(allowed.ends).to(q.device), -1.0).argmax(1)
+        elif rule == "crm":
+            end = crm_nodes(q, taxonomy, allowed)
+        else:
+            end = bayes_nodes(q, taxonomy, metric, inner, allowed)
         paths = taxonomy.path_matrix.to(q.device)[end]
     prob = (m if inner else q).gather(1, end.clamp(min=0).unsqueeze(1)).squeeze(1)
     return Prediction(paths, m, prob, None)

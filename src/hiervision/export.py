@@ -51,6 +51,8 @@ from hiervision.decisions import load_decisions
 from hiervision.experiment import RunError, load_run, run_data
 from hiervision.marginals import as_temperature
 from hiervision.models.base import HierarchicalClassifier
+from hiervision.restrict import Allowed, read_class_file
+from hiervision.rollup import Thresholds
 from hiervision.runtime import Predictor
 from hiervision.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, TREE_KEY, file_sha256
 
@@ -138,13 +140,26 @@ def torch_engine(model: HierarchicalClassifier, device: str | torch.device = "cp
     return _TorchEngine(model, torch.device(device))
 
 
+def answer_defaults(cfg: dict) -> dict:
+    """The run's default answers (``eval.within``, ``eval.classes`` read from its file, ``eval.min_prob``,
+    ``eval.min_prob_at``) as sidecar keys, so an exported model restricts and rolls up as the run does."""
+    ev = cfg.get("eval", {})
+    out = {k: ev[k] for k in ("within", "min_prob") if ev.get(k) is not None}
+    if ev.get("min_prob_at"):
+        out["min_prob_at"] = {str(k): float(v) for k, v in ev["min_prob_at"].items()}
+    if ev.get("classes"):
+        out["classes"] = read_class_file(ev["classes"])
+    return out
+
+
 def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = None,
-            decisions: dict | None = None, decode: str = "argmax") -> dict:
+            decisions: dict | None = None, decode: str = "argmax", answers: dict | None = None) -> dict:
     """Everything the runtime needs besides the graph (:mod:`hiervision.sidecar` checks it on load): tree and
     its fingerprint, image size, the normalisation the run was trained with (``meta``: the checkpoint's, never
     recomputed), decoder, the calibration temperature, the hedging λ table fitted on validation
     (``decisions``: the run's ``decisions.json``), so an exported model hedges as the run does, and the
-    decision rule it answers by (``decode``: argmax | crm | bayes:METRIC[:inner], :mod:`hiervision.bayes`)."""
+    decision rule it answers by (``decode``: argmax | crm | bayes:METRIC[:inner], :mod:`hiervision.bayes`),
+    and the default restriction and roll-up (``answers``: :func:`answer_defaults`)."""
     decode_rule(decode)
     in_chans = int(meta.get("in_chans", 3))
     size = meta.get("image_size")
@@ -156,7 +171,7 @@ def sidecar(model: HierarchicalClassifier, meta: dict, step_graph: str | None = 
             "std": [float(v) for v in meta.get("std", [1.0] * in_chans)], "decoder": model.decoder_settings(),
             "step_graph": step_graph, "temperature": as_temperature(getattr(model, "temperature", 1.0)),
             "decisions": {"hedge": {str(k): float(v) for k, v in hedge.items()}}, "decode": decode,
-            "taxonomy": model.taxonomy.to_dict()}
+            **(answers or {}), "taxonomy": model.taxonomy.to_dict()}
 
 
 def _onnx_export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path,
@@ -184,7 +199,7 @@ def _onnx_export(module: nn.Module, args: tuple, inputs: list[str], outputs: lis
 
 @torch.no_grad()
 def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLike, decisions: dict | None = None,
-                 verbose: bool = False, decode: str = "argmax") -> list[Path]:
+                 verbose: bool = False, decode: str = "argmax", answers: dict | None = None) -> list[Path]:
     """Write ``out`` (.onnx), its step graph where the model has one, and the ``.json`` sidecar with the
     sha256 of each graph (checked on load). ``verbose``: let the exporter's own messages and warnings
     through (quiet by default: they say nothing about the model)."""
@@ -192,7 +207,7 @@ def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLi
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
     graph, step = export_parts(model)
-    side = sidecar(model, meta, decisions=decisions, decode=decode)
+    side = sidecar(model, meta, decisions=decisions, decode=decode, answers=answers)
     c = side["in_chans"]
     h, w = side["image_size"] or (32, 32)
     images = torch.zeros(2, c, h, w)
@@ -280,22 +295,25 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, which: str =
         raise ValueError(f"--calibration-images {calibration_images}: must be a whole number ≥ 1")
     out = _checked_out(out)  # before the run's weights and data load
     cfg, model, meta, rule = _load(run_dir, which, "cpu", beam_width, decode)
-    decisions = load_decisions(run_dir)
+    decisions, answers = load_decisions(run_dir), answer_defaults(cfg)
     if quantize is None:
-        return export_model(model, meta, out, decisions=decisions, verbose=verbose, decode=rule)
+        return export_model(model, meta, out, decisions=decisions, verbose=verbose, decode=rule, answers=answers)
     images, why = validation_images(cfg, run_dir, meta, calibration_images)
     return export_int8(model, meta, out, images, decisions=decisions, verbose=verbose, decode=rule,
-                       note=note or _say, why_dynamic=why)
+                       note=note or _say, why_dynamic=why, answers=answers)
 
 
 def run_predictor(run_dir: str | os.PathLike, top_k: int = 3, batch_size: int = 64, device: str | torch.device = "cpu",
-                  which: str = "best", beam_width: int | None = None, decode: str | None = None) -> Predictor:
+                  which: str = "best", beam_width: int | None = None, decode: str | None = None,
+                  allowed: Allowed | None = None, thresholds: Thresholds | None = None) -> Predictor:
     """A :class:`~hiervision.runtime.Predictor` over a run folder's checkpoint, run eagerly in PyTorch
     (``hiervision predict`` / ``serve`` on a run): the decoding (and hedging) an exported graph would get,
-    answering by the decision rule ``decode`` (default: the run's ``eval.decode``)."""
-    _, model, meta, rule = _load(run_dir, which, device, beam_width, decode)
-    side = sidecar(model, meta, decisions=load_decisions(run_dir), decode=rule)
-    return Predictor(run_dir, sidecar=side, engine=torch_engine(model, device), top_k=top_k, batch_size=batch_size)
+    answering by the decision rule ``decode`` (default: the run's ``eval.decode``), restricted to ``allowed``
+    and rolled up at ``thresholds`` (default: the run's ``eval.within``/``classes``/``min_prob``)."""
+    cfg, model, meta, rule = _load(run_dir, which, device, beam_width, decode)
+    side = sidecar(model, meta, decisions=load_decisions(run_dir), decode=rule, answers=answer_defaults(cfg))
+    return Predictor(run_dir, sidecar=side, engine=torch_engine(model, device), top_k=top_k, batch_size=batch_size,
+                     allowed=allowed, thresholds=thresholds)
 
 
 # ----------------------------------------------------------------------------- int8
@@ -435,7 +453,7 @@ def _quantize_graph(src: Path, dst: Path, batches: list[np.ndarray], verbose: bo
 
 def export_int8(model: HierarchicalClassifier, meta: dict, out: str | os.PathLike, images: list[np.ndarray],
                 decisions: dict | None = None, verbose: bool = False, decode: str = "argmax",
-                note: Callable[[str], None] = _say, why_dynamic: str = "") -> list[Path]:
+                note: Callable[[str], None] = _say, why_dynamic: str = "", answers: dict | None = None) -> list[Path]:
     """``export --quantize int8``: the float export goes to a temporary folder; its int8 version (graph, step
     graph, sidecar with ``quantization``) is written to ``out`` once it gives finite answers (:func:`_check_int8`).
 
@@ -446,7 +464,8 @@ def export_int8(model: HierarchicalClassifier, meta: dict, out: str | os.PathLik
     with tempfile.TemporaryDirectory(prefix="hiervision-int8-") as tmp:
         floats, q_dir = Path(tmp, "float"), Path(tmp, "int8")
         q_dir.mkdir()
-        written = export_model(model, meta, floats / out.name, decisions=decisions, verbose=verbose, decode=decode)
+        written = export_model(model, meta, floats / out.name, decisions=decisions, verbose=verbose, decode=decode,
+                               answers=answers)
         side = json.loads(written[-1].read_text(encoding="utf-8"))
         reference = Predictor(written[0])
         x = [((a[None] - reference.mean) / reference.std)[0].astype(np.float32) for a in images]

@@ -18,26 +18,38 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from hiervision import marginals
 from hiervision import metrics as M
+from hiervision import selective as S
 from hiervision.bayes import decode_rule
 from hiervision.decisions import (
+    bayes_nodes,
     calibrate,
+    coverage_report,
+    crm_nodes,
     evaluate_hedging,
     expected_lca_height,
     fit_decisions,
+    hedge_nodes,
     load_decisions,
+    restricted,
     save_decisions,
 )
 from hiervision.decoding import Prediction
-from hiervision.distributions import EndDistribution
+from hiervision.distributions import EndDistribution, node_marginals, rewards
 from hiervision.evaluation import predict_dataset
 from hiervision.marginals import Temperature, as_temperature
+from hiervision.restrict import Allowed
+from hiervision.rollup import Thresholds, climb
 from hiervision.taxonomy import Taxonomy
 
-__all__ = ["evaluate_decisions", "posthoc_report"]
+__all__ = ["Answers", "evaluate_decisions", "guaranteed_report", "posthoc_report", "rollup_report",
+           "selective_report"]
 
 _MISTAKE_KEYS = ("leaf_accuracy", "path_accuracy", "hierarchical_f1", "hierarchical_f1_macro", "mistake_severity",
                  "depth_severity", "hdist@1", "hdist@5", "hdist@20")
@@ -59,7 +71,8 @@ def posthoc_report(
     per_level: bool = False,
 ) -> dict:
     """``{"temperature", "calibration": {"before", "after"}, "hedged": [...], "crm": {"argmax", "crm",
-    "bayes:hf1", "bayes:hf1:inner"}, "test": <metrics report on the calibrated scores, decoded by decode>}``
+    "bayes:hf1", "bayes:hf1:inner"}, "selective": {rule: risk–coverage curve and hAURC},
+    "test": <metrics report on the calibrated scores, decoded by decode>}``
     — single-label only. The ``crm`` entry (named when CRM was the one rule) holds every rule of
     :data:`RULES` beside argmax on the same calibrated scores.
 
@@ -83,6 +96,7 @@ def posthoc_report(
                         "after": M.calibration_report(q1, test_targets, taxonomy)},
         "hedged": [evaluate_hedging(val_d, val_targets, test_d, test_targets, taxonomy, a, t) for a in targets],
         "crm": {rule: {k: reports[rule][k] for k in _MISTAKE_KEYS} for rule in ("argmax", *RULES)},
+        "selective": selective_report(test_d, test_targets, taxonomy, t),
         "test": reports[decode],
     }
 
@@ -106,34 +120,140 @@ def _rule_reports(test: EndDistribution, targets: torch.Tensor, taxonomy: Taxono
     return reports
 
 
+@dataclass
+class Answers:
+    """What ``evaluate`` is asked to do beyond the model's own answers, all on the calibrated scores:
+    ``decode`` (argmax | crm | bayes:METRIC[:inner]), hedging at ``accuracy`` (DARTS), the roll-up at
+    ``thresholds``, answers restricted to ``allowed``, and a climbing threshold guaranteed to reach
+    ``target`` = (accuracy, confidence)."""
+
+    decode: str = "argmax"
+    accuracy: float | None = None
+    thresholds: Thresholds | None = None
+    allowed: Allowed | None = None
+    target: tuple[float, float] | None = None
+
+
 def evaluate_decisions(run_dir: str | os.PathLike, model, data, split: str, batch_size: int, amp,
-                       accuracy: float | None = None, decode: str = "argmax",
-                       device: torch.device | None = None, given_level: int | None = None):
-    """``(report, calibrated prediction, targets)`` of a split on the run's calibrated scores (``decode``:
-    argmax | crm | bayes:METRIC[:inner]), plus, with an ``accuracy`` target, the ``hedged`` entry (λ fitted
-    on the val split; :func:`evaluate_hedging`), whose λ is also stored in the run's ``decisions.json``
-    (``Predictor.hedger`` reads it: predict, serve and an export hedge with it)."""
-    if accuracy is not None and not 0 < accuracy < 1:
-        raise ValueError(f"--accuracy must lie in (0, 1), got {accuracy}")
+                       answers: Answers, device: torch.device | None = None, given_level: int | None = None):
+    """``(report, calibrated prediction, targets)`` of a split on the run's calibrated scores, answered as
+    ``answers`` asks (:class:`Answers`): with an ``accuracy`` target the ``hedged`` entry (λ fitted on the val
+    split; :func:`evaluate_hedging`, λ also stored in the run's ``decisions.json`` for ``Predictor.hedger``),
+    with ``thresholds`` the ``rollup`` entry, with ``allowed`` only the images of allowed classes (``allowed``
+    says how many), with ``target`` the ``guaranteed`` entry; ``selective`` always holds each rule's hAURC."""
+    if answers.accuracy is not None and not 0 < answers.accuracy < 1:
+        raise ValueError(f"--accuracy must lie in (0, 1), got {answers.accuracy}")
     if data.multi_label:
-        raise ValueError("--accuracy and --decode crm/bayes apply to single-label runs only")
+        raise ValueError("--accuracy, --decode crm/bayes, --min-prob and --within apply to single-label runs only")
     device = device or torch.device("cpu")
     sets = {"train": data.train, "val": data.val, "test": data.test}
     t0 = time.perf_counter()
     pred, targets = predict_dataset(model, data, sets[split], batch_size, device, amp, given_level)
     seconds = time.perf_counter() - t0
     temperature = as_temperature(model.temperature)
-    dist = EndDistribution(pred, data.taxonomy)  # shared by the calibrated report and the hedged entry
-    calibrated = calibrate(dist, data.taxonomy, temperature, decode)
-    result = {**M.evaluate(calibrated, targets, data.taxonomy),
-              "eval_images_per_s": len(targets) / max(seconds, 1e-9), "decode": decode, "temperature": temperature}
-    if accuracy is not None:
+    val = None
+    if answers.accuracy is not None or answers.target is not None:
         if data.val is None or len(data.val) == 0:
-            raise ValueError(f"{run_dir}: --accuracy needs a validation split to fit λ (data.val_fraction is 0)")
-        val, val_targets = (dist, targets) if split == "val" else predict_dataset(model, data, data.val, batch_size,
-                                                                                  device, amp)
-        result["hedged"] = evaluate_hedging(val, val_targets, dist, targets, data.taxonomy, accuracy, temperature)
-        # keep λ for the server's hedged answers (Predictor.hedger)
-        fitted = load_decisions(run_dir).get("hedge", {})
-        save_decisions(run_dir, hedge={**fitted, str(accuracy): result["hedged"]["lambda"]})
+            raise ValueError(f"{run_dir}: --accuracy and --target-accuracy need a validation split to fit on "
+                             "(data.val_fraction is 0)")
+        val = (pred, targets) if split == "val" else predict_dataset(model, data, data.val, batch_size, device, amp)
+    result: dict = {}
+    if answers.allowed is not None:
+        (pred, targets), val, result["allowed"] = _restrict_to(answers.allowed, (pred, targets), val, model)
+    dist = EndDistribution(pred, data.taxonomy)  # shared by the calibrated report and every rule
+    calibrated = calibrate(dist, data.taxonomy, temperature, answers.decode, answers.allowed)
+    result = {**M.evaluate(calibrated, targets, data.taxonomy), **result,
+              "eval_images_per_s": len(targets) / max(seconds, 1e-9), "decode": answers.decode,
+              "temperature": temperature}
+    result["selective"] = selective_report(dist, targets, data.taxonomy, temperature, answers.allowed)
+    if answers.thresholds is not None:
+        result["rollup"] = rollup_report(calibrated, targets, data.taxonomy, answers.thresholds)
+    if val is not None:
+        val_d = EndDistribution(val[0], data.taxonomy)
+        if answers.accuracy is not None:
+            result["hedged"] = evaluate_hedging(val_d, val[1], dist, targets, data.taxonomy, answers.accuracy,
+                                                temperature)
+            fitted = load_decisions(run_dir).get("hedge", {})  # keep λ for the server's hedged answers
+            save_decisions(run_dir, hedge={**fitted, str(answers.accuracy): result["hedged"]["lambda"]})
+        if answers.target is not None:
+            result["guaranteed"] = guaranteed_report(val_d, val[1], calibrated, targets, data.taxonomy, temperature,
+                                                     answers)
     return result, calibrated, targets
+
+
+def _restrict_to(allowed: Allowed, test: tuple[Prediction, torch.Tensor], val, model):
+    """Keep the images whose truth is an allowed class (or above one: a coarse label), in both splits; a path
+    decoder's search is restricted only in the runtime, so such heads are refused here in one line."""
+    kind = model.decoder_settings().get("kind")
+    if kind in ("beam", "beam_steps"):
+        raise ValueError(f"--within/--classes: {type(model).__name__} searches paths (beam search); evaluate "
+                         "restricts heads that score every class — predict and serve restrict it by a masked search")
+
+    def keep(split):
+        pred, targets = split
+        rows = torch.from_numpy(allowed.reach[targets.cpu().numpy()]).to(targets.device)
+        return Prediction(pred.paths[rows], pred.scores[rows], pred.path_prob[rows], None), targets[rows]
+
+    kept = keep(test)
+    if not len(kept[1]):
+        raise ValueError(f"{allowed.description}: no image of the split belongs to those classes")
+    info = {**allowed.as_dict(), "images": len(kept[1]), "skipped": len(test[1]) - len(kept[1])}
+    return kept, (keep(val) if val is not None else None), info
+
+
+def rollup_report(calibrated: Prediction, targets: torch.Tensor, taxonomy: Taxonomy, thresholds: Thresholds) -> dict:
+    """The roll-up's answers on a split (:func:`hiervision.rollup.climb` from each calibrated answer):
+    accuracy (the answer covers the truth), specificity and the share of answers at each depth."""
+    m = calibrated.scores.detach().cpu().double().numpy()
+    nodes = climb(m, calibrated.nodes.cpu().numpy(), taxonomy.view, thresholds)
+    return {"thresholds": thresholds.as_dict(), **coverage_report(torch.from_numpy(nodes), targets, taxonomy)}
+
+
+def selective_report(test: EndDistribution, targets: torch.Tensor, taxonomy: Taxonomy, temperature: Temperature,
+                     allowed: Allowed | None = None, max_points: int = 50) -> dict:
+    """Each rule's hierarchical risk–coverage curve and its area (hAURC, lower is better; Goren et al.) on the
+    same images: ``argmax`` (the model's answer or nothing), ``climbing`` (with the run's temperature and,
+    as ``climbing_t1``, without), ``crm`` and ``bayes:hf1`` (climbing from their end-class answers) and ``darts``
+    (Deng et al.'s λ swept over a grid)."""
+    tree, t = taxonomy.view, targets.cpu().numpy()
+    q = test.q(temperature)
+    if allowed is not None:
+        q = restricted(q, allowed)
+    m = node_marginals(q, taxonomy)
+    m_np = m.double().cpu().numpy()
+    start = (calibrate(test, taxonomy, temperature, "argmax", allowed).nodes if allowed is not None
+             else test.prediction.nodes).cpu().numpy()
+    m1 = m_np if marginals.is_identity(temperature) else test.node_marginals(1.0).double().cpu().numpy()
+    r_max = float(rewards(taxonomy).max())
+    curves = {
+        "argmax": S.selective_curve(m_np, start, t, tree),
+        "climbing": S.climbing_curve(m_np, start, t, tree),
+        "climbing_t1": S.climbing_curve(m1, start, t, tree),
+        "crm": S.climbing_curve(m_np, crm_nodes(q, taxonomy, allowed).cpu().numpy(), t, tree),
+        "bayes:hf1": S.climbing_curve(m_np, bayes_nodes(q, taxonomy, "hf1", False, allowed).cpu().numpy(), t, tree),
+        # λ = 0 already hedges where an inner node's reward outweighs its lost probability: the curve starts
+        # from the model's own answers (λ = −inf, as every other rule starts) so that areas span equal coverage
+        "darts": S.lambda_curve(lambda lam: start if lam == -np.inf else hedge_nodes(m, taxonomy, lam).cpu().numpy(),
+                                [-np.inf, 0.0, *(r_max * np.logspace(-3, 4, 29))], t, tree),
+    }
+    return {rule: c.as_dict(max_points) for rule, c in curves.items()}
+
+
+def guaranteed_report(val: EndDistribution, val_targets: torch.Tensor, calibrated: Prediction,
+                      targets: torch.Tensor, taxonomy: Taxonomy, temperature: Temperature, answers: Answers) -> dict:
+    """A climbing threshold fitted on validation to reach ``answers.target`` = (accuracy, confidence)
+    (:func:`hiervision.selective.guaranteed_threshold`), what it reached on this split, and how often such a
+    threshold misses over 100 random calibration/test halves of this split."""
+    accuracy, confidence = answers.target
+    tree = taxonomy.view
+    vq = val.q(temperature)
+    if answers.allowed is not None:
+        vq = restricted(vq, answers.allowed)
+    vm = node_marginals(vq, taxonomy).double().cpu().numpy()
+    v_start = calibrate(val, taxonomy, temperature, answers.decode, answers.allowed).nodes.cpu().numpy()
+    fit = S.guaranteed_threshold(vm, v_start, val_targets.cpu().numpy(), tree, accuracy, confidence)
+    m, start = calibrated.scores.double().cpu().numpy(), calibrated.nodes.cpu().numpy()
+    nodes = climb(m, start, tree, Thresholds((0.0,) + (fit["threshold"],) * tree.max_depth))
+    reached = coverage_report(torch.from_numpy(nodes), targets, taxonomy)
+    misses = S.threshold_misses(m, start, targets.cpu().numpy(), tree, accuracy, confidence)
+    return {**fit, "reached": reached["accuracy"], "specificity": reached["specificity"], "misses": misses}

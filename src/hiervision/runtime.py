@@ -31,10 +31,12 @@ from hiervision.marginals import (
     node_marginals,
 )
 from hiervision.records import PAD, TreeView, error_record, prediction_record, top_k_ends
+from hiervision.restrict import Allowed, restrict_q
+from hiervision.rollup import Thresholds, rollup_record
 from hiervision.sidecar import SIDECAR_FORMAT, TREE_KEY, check_sidecar, check_width, load_sidecar
 
 __all__ = ["Engine", "Predictor", "SIDECAR_FORMAT", "beam_search", "calibrate_batch", "decode_batch",
-           "hedge_records", "load_sidecar", "read_image", "threshold_paths"]
+           "hedge_records", "load_sidecar", "read_image", "restrict_batch", "threshold_paths"]
 
 EOS = 0
 
@@ -102,12 +104,15 @@ def beam_search(
     max_steps: int,
     state: Any = None,
     asked: bool = False,
+    allowed: Allowed | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Koo et al.'s Algorithm 1 restricted to the tree, in numpy (the reference is
     :func:`hiervision.decoding.beam_search`; ``tests/test_runtime.py`` holds the two together).
 
     ``state`` is a tuple of arrays with ``B·k`` rows (or anything else, passed through untouched).
     ``asked``: ``step`` scores the tokens it is asked for (:data:`StepFn`), normalised here per row.
+    ``allowed``: search only paths that end at an allowed end class (a child no allowed class lies under
+    is never taken; :mod:`hiervision.restrict`).
 
     Returns:
         ``(paths, logprob, prefix)``: ``(B, k, D)`` node ids per level (PAD after the end), best beam
@@ -119,6 +124,9 @@ def beam_search(
         raise ValueError(f"beam_width must be ≥ 1, got {beam_width}")
     n = tree.num_nodes
     ends = tree.end_mask(end_nodes)
+    reach = None
+    if allowed is not None:
+        ends, reach = ends & allowed.ends, allowed.reach
     scores = np.full((batch_size, k), -np.inf)
     scores[:, 0] = 0  # one live beam at the start
     last = np.zeros((batch_size, k), dtype=np.int64)
@@ -128,6 +136,8 @@ def beam_search(
     rows = np.arange(batch_size)[:, None]
     for _ in range(max_steps):
         tok, valid = _next_tokens(tree, ends, last)
+        if reach is not None:  # a child with no allowed class below it is no way on
+            valid &= (tok == EOS) | reach[tok]
         width = tok.shape[2]
         if asked:
             lp, state = _asked_logprob(step, last, state, tok, valid)
@@ -180,14 +190,16 @@ def _path_of(tree: TreeView, node: int) -> list[int]:
 
 
 def decode_batch(
-    tree: TreeView, decoder: dict, outputs: dict[str, np.ndarray], engine: Engine | None = None, top_k: int = 3
+    tree: TreeView, decoder: dict, outputs: dict[str, np.ndarray], engine: Engine | None = None, top_k: int = 3,
+    allowed: Allowed | None = None,
 ) -> list[dict]:
     """One batch of graph outputs → per image ``{"path_ids", "path_probability", "node_scores",
     "top_k", "paths"?}`` (what :func:`~hiervision.records.prediction_record` takes), decoded the
-    way the model's own ``predict`` decodes (``decoder["kind"]``, from the sidecar)."""
+    way the model's own ``predict`` decodes (``decoder["kind"]``, from the sidecar). ``allowed``: the
+    beam searches search only allowed paths (the other kinds are restricted by :func:`restrict_batch`)."""
     kind = decoder["kind"]
     if kind == "beam":
-        return _decode_autoregressive(tree, decoder, outputs, engine, top_k)
+        return _decode_autoregressive(tree, decoder, outputs, engine, top_k, allowed)
     scores = outputs["scores"].astype(np.float64)
     path_lp = outputs["path_logprob"].astype(np.float64)
     end = tree.end_mask(decoder.get("end_nodes", "leaves"))
@@ -226,7 +238,7 @@ def decode_batch(
             probs[r] = np.exp(path_lp[r, node])
         scores = np.exp(path_lp)
     elif kind == "beam_steps":  # steps that do not depend on the prefix: look them up
-        paths_k, lp, _ = _beam_over(tree, decoder, outputs["step_logprob"], decoder["beam_width"])
+        paths_k, lp, _ = _beam_over(tree, decoder, outputs["step_logprob"], decoder["beam_width"], allowed)
         paths = [[int(n) for n in p if n != PAD] for p in paths_k[:, 0]]
         probs = np.exp(lp[:, 0])
     else:
@@ -276,14 +288,37 @@ def calibrate_batch(tree: TreeView, decoder: dict, decoded: list[dict], temperat
             for r, d in enumerate(decoded)]
 
 
-def _beam_over(tree: TreeView, decoder: dict, step_lp: np.ndarray, k: int):
+def restrict_batch(tree: TreeView, decoder: dict, decoded: list[dict], allowed: Allowed | None) -> list[dict]:
+    """Answers restricted to the allowed end classes (:mod:`hiervision.restrict`): each record's end-class
+    distribution is renormalised over them, ``node_scores`` become its node marginals, and the answer and
+    the alternatives are the most probable allowed classes with their renormalised probabilities. The beam
+    searches already searched allowed paths only (:func:`decode_batch`): they keep their paths, and their
+    probabilities are the decoder's own over those paths."""
+    if allowed is None or not decoded:
+        return decoded
+    if decoder["kind"] == "multi_label":
+        raise ValueError("answers restricted to classes (within, classes) apply to single-label models only")
+    ends = decoder.get("end_nodes", "leaves")
+    q = restrict_q(end_distribution(np.stack([np.asarray(d["node_scores"]) for d in decoded]), tree, ends), allowed)
+    marg = node_marginals(q, tree)
+    if decoder["kind"] in ("beam", "beam_steps"):
+        return [{**d, "node_scores": marg[r]} for r, d in enumerate(decoded)]
+    k = max(len(d["top_k"]) for d in decoded) or 1
+    alt_nodes, alt_probs = top_k_ends(q, k)
+    return [{**d, "path_ids": _path_of(tree, int(alt_nodes[r, 0])), "path_probability": float(alt_probs[r, 0]),
+             "node_scores": marg[r],
+             "top_k": [(_path_of(tree, int(n)), float(p)) for n, p in zip(alt_nodes[r], alt_probs[r]) if n > 0]}
+            for r, d in enumerate(decoded)]
+
+
+def _beam_over(tree: TreeView, decoder: dict, step_lp: np.ndarray, k: int, allowed: Allowed | None = None):
     rep = np.repeat(step_lp, k, axis=0)
     return beam_search(tree, lambda tokens, t: (rep[:, t], t + 1), len(step_lp), k, decoder["end_nodes"],
-                       step_lp.shape[1], 0)
+                       step_lp.shape[1], 0, allowed=allowed)
 
 
 def _decode_autoregressive(tree: TreeView, decoder: dict, outputs: dict[str, np.ndarray], engine: Engine | None,
-                           top_k: int) -> list[dict]:
+                           top_k: int, allowed: Allowed | None = None) -> list[dict]:
     """Beam search driven by the exported decoder step; alternatives from a wider beam when ``top_k``
     exceeds the model's own width (the best path stays the one the model's width finds)."""
     if engine is None:
@@ -294,7 +329,7 @@ def _decode_autoregressive(tree: TreeView, decoder: dict, outputs: dict[str, np.
     def search(k: int):
         start = tuple(np.repeat(s, k, axis=0) for s in state0)
         return beam_search(tree, engine.step, b, k, decoder["end_nodes"], decoder["max_steps"], start,
-                           bool(decoder.get("candidates")))
+                           bool(decoder.get("candidates")), allowed)
 
     width = int(decoder["beam_width"])
     paths, lp, prefix = search(width)
@@ -436,11 +471,17 @@ class Predictor:
             width tuned on val after export).
         decode: answer by this decision rule instead of the sidecar's ``decode`` (argmax | crm |
             bayes:METRIC[:inner], :func:`hiervision.bayes.decide_records`).
+        allowed: answer only these end classes (:class:`hiervision.restrict.Allowed`) instead of the
+            sidecar's ``within``/``classes`` default.
+        thresholds: roll each answer up to the deepest node meeting its threshold
+            (:class:`hiervision.rollup.Thresholds`, the record's ``rollup``) instead of the sidecar's
+            ``min_prob``/``min_prob_at`` default.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, top_k: int = 3, batch_size: int = 64,
                  threads: int | None = None, engine: Engine | None = None, sidecar: dict | None = None,
-                 beam_width: int | None = None, decode: str | None = None) -> None:
+                 beam_width: int | None = None, decode: str | None = None, allowed: Allowed | None = None,
+                 thresholds: Thresholds | None = None) -> None:
         if top_k < 1 or batch_size < 1:
             raise ValueError(f"top_k and batch_size must be ≥ 1, got {top_k} and {batch_size}")
         if sidecar is None:
@@ -465,6 +506,15 @@ class Predictor:
                 and sidecar["decoder"]["kind"] == "multi_label":
             raise ValueError(f"{where}: decision rules apply to single-label models only")
         self.tree = TreeView.from_dict(sidecar["taxonomy"], source=str(path))
+        ends = sidecar["decoder"].get("end_nodes", "leaves")
+        #: the end classes every answer is restricted to (None: all) and the roll-up thresholds (None: none)
+        keys = [f"{where}: sidecar key '{k}'" for k in ("within", "classes", "min_prob", "min_prob_at")]
+        self.allowed = allowed or Allowed.of(self.tree, sidecar.get("within"), class_names=sidecar.get("classes"),
+                                             end_nodes=ends, where=(keys[0], keys[1]))
+        self.thresholds = thresholds or Thresholds.of(self.tree, sidecar.get("min_prob"), sidecar.get("min_prob_at"),
+                                                      where=(keys[2], keys[3]))
+        if self.allowed is not None and sidecar["decoder"]["kind"] == "multi_label":
+            raise ValueError(f"{where}: answers restricted to classes apply to single-label models only")
         self.in_chans = int(sidecar["in_chans"])
         self.image_size = tuple(sidecar["image_size"]) if sidecar.get("image_size") else None
         self.resize = sidecar.get("resize")  # data.pipeline runs: evaluation's shorter-side resize before the crop
@@ -494,17 +544,35 @@ class Predictor:
         return lambda record: hedge_records(self.tree, np.asarray(record["node_scores"]), lam)[0]
 
     def predict_arrays(self, images: np.ndarray, files: Sequence[str] | None = None,
-                       node_scores: bool = False) -> list[dict]:
+                       node_scores: bool = False, allowed: Allowed | None = None,
+                       thresholds: Thresholds | None = None) -> list[dict]:
         """Records for a ``(B, C, H, W)`` batch in [0, 1] (not yet normalised); ``node_scores`` also keeps
-        every node's score in each record (to draw the tree, or to hedge: :meth:`Predictor.hedger`)."""
+        every node's score in each record (to draw the tree, or to hedge: :meth:`Predictor.hedger`).
+        ``allowed``/``thresholds``: this call's restriction and roll-up instead of the predictor's.
+
+        The order is the one every front end keeps: decode (a beam search searches allowed paths only),
+        calibrate (temperature), restrict (renormalise over the allowed classes), decide (CRM, Bayes),
+        then roll up along the answer's path."""
+        allowed = allowed or self.allowed
+        thresholds = thresholds or self.thresholds
+        dec = self.sidecar["decoder"]
         x = ((np.asarray(images, dtype=np.float32) - self.mean) / self.std).astype(np.float32)
         outputs = self.engine.run(np.ascontiguousarray(x))
-        decoded = decode_batch(self.tree, self.sidecar["decoder"], outputs, self.engine, self.top_k)
-        decoded = calibrate_batch(self.tree, self.sidecar["decoder"], decoded, self.temperature)
-        decoded = decide_records(self.tree, self.sidecar["decoder"].get("end_nodes", "leaves"), decoded, self.decode)
+        decoded = decode_batch(self.tree, dec, outputs, self.engine, self.top_k, allowed)
+        decoded = calibrate_batch(self.tree, dec, decoded, self.temperature)
+        decoded = restrict_batch(self.tree, dec, decoded, allowed)
+        decoded = decide_records(self.tree, dec.get("end_nodes", "leaves"), decoded, self.decode, allowed)
         files = files if files is not None else [f"#{i}" for i in range(len(decoded))]
         records = [prediction_record(f, self.tree, d["path_ids"], d["path_probability"], d["node_scores"],
                                      d["top_k"], d.get("paths")) for f, d in zip(files, decoded)]
+        if thresholds is not None and dec["kind"] != "multi_label" and decoded:
+            q = end_distribution(np.stack([np.asarray(d["node_scores"]) for d in decoded]), self.tree,
+                                 dec.get("end_nodes", "leaves"))
+            marg = node_marginals(q, self.tree)
+            records = [rollup_record(rec, marg[r], self.tree, thresholds) for r, rec in enumerate(records)]
+        if allowed is not None:
+            for rec in records:
+                rec["allowed"] = allowed.as_dict()
         if node_scores:
             for rec, d in zip(records, decoded):
                 rec["node_scores"] = [round(float(s), 6) for s in np.asarray(d["node_scores"]).reshape(-1)]

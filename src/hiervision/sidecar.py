@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from hiervision.records import TreeView
+from hiervision.restrict import Allowed
+from hiervision.rollup import Thresholds
 
 __all__ = ["QUANTIZATION_KINDS", "SIDECAR_FORMAT", "SIDECAR_VERSION", "TREE_KEY", "check_sidecar", "check_width",
            "file_sha256", "load_sidecar"]
@@ -135,7 +137,26 @@ def check_sidecar(data: Any, source: str = "sidecar") -> dict:
         raise c.fail("step_graph", f"must be a file name next to the .onnx, got {step!r}")
     _check_decisions(c, data.get("decisions"))
     _check_quantization(c, data.get("quantization"), step is not None)
+    _check_answers(c, data, tree)
     return dict(data)
+
+
+def _check_answers(c: _Check, data: Mapping, tree: TreeView) -> None:
+    """The default restriction (``within``, ``classes``: node names) and roll-up (``min_prob``,
+    ``min_prob_at``: probabilities per level) resolve against the sidecar's own tree."""
+    for key in ("within", "classes"):
+        names = data.get(key)
+        if names is not None and (not isinstance(names, list) or not names
+                                  or not all(isinstance(n, str) for n in names)):
+            raise c.fail(key, f"must be a non-empty list of node names, got {names!r}")
+    try:
+        Allowed.of(tree, data.get("within"), class_names=data.get("classes"),
+                   end_nodes=data["decoder"].get("end_nodes", "leaves"),
+                   where=(f"{c.source}: key 'within'", f"{c.source}: key 'classes'"))
+        Thresholds.of(tree, data.get("min_prob"), data.get("min_prob_at"),
+                      where=(f"{c.source}: key 'min_prob'", f"{c.source}: key 'min_prob_at'"))
+    except (TypeError, AttributeError):
+        raise c.fail("min_prob_at", f"must map levels to probabilities, got {data.get('min_prob_at')!r}") from None
 
 
 def _check_decoder(c: _Check, dec: Any, tree: TreeView) -> None:

@@ -11,8 +11,8 @@ from hiervision.checkpoint import CheckpointError
 from hiervision.config import ConfigError
 from hiervision.taxonomy import TaxonomyError
 
-__all__ = ["USER_ERRORS", "add_beam_width", "add_decode", "count", "decode_rule", "int_at_least", "open_fraction",
-           "positive_int", "print_metrics", "user_errors"]
+__all__ = ["USER_ERRORS", "add_answers", "add_beam_width", "add_decode", "answers", "count", "decode_rule",
+           "int_at_least", "open_fraction", "positive_int", "print_metrics", "probability", "user_errors"]
 
 USER_ERRORS = (ConfigError, TaxonomyError, CheckpointError, FileNotFoundError, ValueError, OSError)
 
@@ -66,6 +66,43 @@ def open_fraction(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
     return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1] (a roll-up threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def add_answers(parser: argparse.ArgumentParser) -> None:
+    """``--min-prob/--min-prob-at`` (roll-up) and ``--within/--classes`` (restriction): one help text for every
+    command that answers (evaluate, predict, serve)."""
+    parser.add_argument("--min-prob", type=probability, default=None, metavar="P",
+                        help="roll each answer up to the deepest node on its path whose probability is at least P "
+                        "(the record's rollup says where and why it stopped)")
+    parser.add_argument("--min-prob-at", default=None, metavar="LEVEL=P,...",
+                        help="a threshold per level (1 = under the root), e.g. 3=0.8,2=0.6: the species only above "
+                        "0.8, else the genus above 0.6, else the level above; other levels take --min-prob (or 0)")
+    parser.add_argument("--within", default=None, metavar="NODE[,NODE...]",
+                        help="answer only end classes under these nodes (names, or paths such as 'Animals/Dogs'): "
+                        "probabilities are renormalised over them before any decision rule")
+    parser.add_argument("--classes", default=None, metavar="FILE",
+                        help="answer only the end classes listed in FILE, one per line (with --within: those "
+                        "inside the subtrees)")
+
+
+def answers(args: argparse.Namespace, tree, end_nodes: str = "leaves"):
+    """``(allowed, thresholds)`` from :func:`add_answers`' flags for ``tree`` (either None when not asked)."""
+    from hiervision.restrict import Allowed  # numpy only
+    from hiervision.rollup import Thresholds
+
+    allowed = Allowed.of(tree, args.within, args.classes, end_nodes=end_nodes)
+    return allowed, Thresholds.of(tree, args.min_prob, args.min_prob_at)
 
 
 def add_beam_width(parser: argparse.ArgumentParser) -> None:

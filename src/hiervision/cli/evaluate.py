@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from hiervision.checkpoint import CheckpointError
-from hiervision.cli.common import add_beam_width, add_decode, decode_rule, open_fraction
+from hiervision.cli.common import add_answers, add_beam_width, add_decode, answers, decode_rule, open_fraction
 from hiervision.config import check_given_level
 
 __all__ = ["add_parser", "cmd_evaluate"]
@@ -34,12 +34,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model.set_eval_mode(args.mode)
     if args.beam_width is not None:
         model.set_beam_width(args.beam_width)
-    decode = decode_rule(args) or cfg["eval"].get("decode", "argmax")
-    if args.accuracy is not None or decode != "argmax" or not is_identity(model.temperature):
-        if args.given_level is not None and args.accuracy is not None:
-            raise ValueError("--given-level cannot be combined with --accuracy (hedging fits on plain predictions)")
+    asked = _answers(args, cfg, taxonomy)
+    if asked.accuracy is not None or asked.decode != "argmax" or not is_identity(model.temperature) \
+            or asked.thresholds or asked.allowed or asked.target:
+        if args.given_level is not None and (asked.accuracy is not None or asked.target is not None):
+            raise ValueError("--given-level cannot be combined with --accuracy or --target-accuracy (they fit on "
+                             "plain predictions)")
         result, pred, targets = evaluate_decisions(args.run_dir, model, data, args.split, cfg["eval"]["batch_size"],
-                                                   amp, args.accuracy, decode, device, args.given_level)
+                                                   amp, asked, device, args.given_level)
     else:
         result, pred, targets = evaluate_split(model, data, args.split, cfg["eval"]["batch_size"], device, amp,
                                                given_level=args.given_level, return_prediction=True)
@@ -55,6 +57,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _answers(args: argparse.Namespace, cfg: dict, taxonomy):
+    """What to evaluate beyond the model's own answers (:class:`hiervision.posthoc.Answers`): the flags, or else
+    the run's ``eval.decode``, ``eval.min_prob``/``min_prob_at`` and ``eval.within``/``classes``."""
+    from hiervision.posthoc import Answers
+    from hiervision.restrict import Allowed
+    from hiervision.rollup import Thresholds
+
+    ev = cfg["eval"]
+    allowed, thresholds = answers(args, taxonomy.view)
+    if allowed is None:
+        allowed = Allowed.of(taxonomy.view, ev.get("within"), ev.get("classes"), where=("eval.within", "eval.classes"))
+    if thresholds is None:
+        thresholds = Thresholds.of(taxonomy.view, ev.get("min_prob"), ev.get("min_prob_at"),
+                                   where=("eval.min_prob", "eval.min_prob_at"))
+    if args.confidence is not None and args.target_accuracy is None:
+        raise ValueError("--confidence goes with --target-accuracy")
+    target = (args.target_accuracy, args.confidence or 0.95) if args.target_accuracy is not None else None
+    return Answers(decode_rule(args) or ev.get("decode", "argmax"), args.accuracy, thresholds, allowed, target)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """``evaluate RUN``."""
     e = sub.add_parser("evaluate", help="metrics of a trained run on a split")
@@ -66,7 +88,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--accuracy", type=open_fraction, default=None, metavar="TARGET",
                    help="also report hedged answers (Deng et al.'s DARTS) reaching this accuracy, e.g. 0.99; "
                         "λ is fitted on the val split")
+    e.add_argument("--target-accuracy", type=open_fraction, default=None, metavar="A",
+                   help="fit a roll-up threshold on the val split whose answers reach accuracy A with --confidence "
+                   "(Goren et al.'s climbing rule with a binomial bound); reports what it reached on --split and how "
+                   "often such a threshold misses over 100 random halves")
+    e.add_argument("--confidence", type=open_fraction, default=None, metavar="C",
+                   help="with --target-accuracy: the probability that the accuracy is met (default 0.95)")
     add_decode(e, "eval.decode")
+    add_answers(e)
     e.add_argument("--mode", default=None, help="how the model predicts, where it has several ways "
                    "(hiernet: conditional | routing)")
     add_beam_width(e)

@@ -9,7 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hiervision.cli.common import add_beam_width, add_decode, decode_rule, open_fraction, positive_int
+from hiervision.cli.common import (
+    add_answers,
+    add_beam_width,
+    add_decode,
+    answers,
+    decode_rule,
+    open_fraction,
+    positive_int,
+)
 from hiervision.imagefile import find_images
 
 if TYPE_CHECKING:
@@ -41,23 +49,32 @@ def _image_files(inputs: list[str]) -> list[Path]:
 
 
 def _predictor(args: argparse.Namespace) -> Predictor:
-    """An exported .onnx runs on onnxruntime; a run folder on PyTorch. Both decode in hiervision.runtime."""
+    """An exported .onnx runs on onnxruntime; a run folder on PyTorch. Both decode in hiervision.runtime.
+    ``--within/--classes/--min-prob`` replace the run's (or export's) defaults."""
     from hiervision.runtime import Predictor
 
     decode = decode_rule(args)
     if Path(args.run_dir).suffix.lower() == ".onnx":
         if args.device not in ("cpu", "auto"):
             raise ValueError(f"--device {args.device}: an exported .onnx runs on onnxruntime's CPU provider")
-        return Predictor(args.run_dir, top_k=args.top_k, batch_size=args.batch_size, beam_width=args.beam_width,
-                         decode=decode)
-    import torch
+        predictor = Predictor(args.run_dir, top_k=args.top_k, batch_size=args.batch_size,
+                              beam_width=args.beam_width, decode=decode)
+    else:
+        import torch
 
-    from hiervision.export import run_predictor
+        from hiervision.export import run_predictor
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return run_predictor(args.run_dir, args.top_k, args.batch_size, device, beam_width=args.beam_width, decode=decode)
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        predictor = run_predictor(args.run_dir, args.top_k, args.batch_size, device, beam_width=args.beam_width,
+                                  decode=decode)
+    allowed, thresholds = answers(args, predictor.tree, predictor.sidecar["decoder"].get("end_nodes", "leaves"))
+    if allowed is not None and predictor.sidecar["decoder"]["kind"] == "multi_label":
+        raise ValueError("--within/--classes apply to single-label models only")
+    predictor.allowed = allowed or predictor.allowed
+    predictor.thresholds = thresholds or predictor.thresholds
+    return predictor
 
 
 def _csv_separators(names: Sequence[str], sep: str, multi_label: bool) -> None:
@@ -71,12 +88,14 @@ def _csv_separators(names: Sequence[str], sep: str, multi_label: bool) -> None:
                              "(or use --format jsonl)")
 
 
-def _csv_row(record: dict, top_k: int, sep: str, hedged: bool = False) -> list:
+def _csv_row(record: dict, top_k: int, sep: str, hedged: bool = False, rolled: bool = False) -> list:
     """One CSV row: paths joined by ``sep`` (``--path-sep``, never found in a class name; ``path_ids`` are
     exact), numbers by spaces, top-k flattened; with ``hedged`` (``--accuracy``) the hedged answer's path
-    and probability before the error column."""
+    and probability, with ``rolled`` (``--min-prob``) the roll-up's path, probability and reason, before the
+    error column."""
     if "error" in record:
-        return [record["file"], "", "", "", "", *[""] * (2 * top_k), "", *["", ""] * hedged, record["error"]]
+        return [record["file"], "", "", "", "", *[""] * (2 * top_k), "", *["", ""] * hedged, *["", "", ""] * rolled,
+                record["error"]]
     row = [record["file"], sep.join(record["path"]), " ".join(map(str, record["path_ids"])),
            record["path_probability"], " ".join(map(str, record["node_probabilities"]))]
     alts = record["top_k"][:top_k]
@@ -85,6 +104,9 @@ def _csv_row(record: dict, top_k: int, sep: str, hedged: bool = False) -> list:
     row.append(CSV_PATHS_SEP.join(sep.join(p) for p in record.get("paths", [])))
     if hedged:
         row += [sep.join(record["hedged"]["path"]), record["hedged"]["probability"]]
+    if rolled:
+        up = record["rollup"]
+        row += [sep.join(up["path"]), up["probability"], up["why"]]
     return [*row, ""]
 
 
@@ -104,7 +126,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         writer = csv.writer(sys.stdout)
         tops = [f"top{i + 1}_{c}" for i in range(args.top_k) for c in ("path", "probability")]
         hedged = ["hedged_path", "hedged_probability"] if hedge is not None else []
-        writer.writerow([*CSV_FIELDS, *tops, "paths", *hedged, "error"])
+        rolled = ["rollup_path", "rollup_probability", "rollup_why"] if predictor.thresholds is not None else []
+        writer.writerow([*CSV_FIELDS, *tops, "paths", *hedged, *rolled, "error"])
     failed: list[dict] = []
     bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=args.quiet or len(files) < 256)
     try:
@@ -116,7 +139,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     record["hedged"] = hedge(record)
                     del record["node_scores"]
                 if writer is not None:
-                    writer.writerow(_csv_row(record, args.top_k, args.path_sep, hedge is not None))
+                    writer.writerow(_csv_row(record, args.top_k, args.path_sep, hedge is not None,
+                                             predictor.thresholds is not None))
                 else:
                     print(json.dumps(record, ensure_ascii=False))
             sys.stdout.flush()
@@ -147,4 +171,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "(λ from the run's decisions.json: 0.9, 0.95, 0.99 after training, others by evaluate --accuracy)")
     add_beam_width(pr)
     add_decode(pr, "the export's, or the run's eval.decode")
+    add_answers(pr)
     pr.set_defaults(func=cmd_predict)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from hiervision.cli.common import add_beam_width, add_decode, decode_rule, open_fraction, positive_int
+from hiervision.cli.common import (
+    add_answers,
+    add_beam_width,
+    add_decode,
+    answers,
+    decode_rule,
+    open_fraction,
+    positive_int,
+)
 
 __all__ = ["add_parser", "cmd_serve"]
 
@@ -23,7 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     read_timeout_s=args.read_timeout, min_body_rate=args.min_body_rate, max_queue=args.max_queue)
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           top_k=args.top_k, limits=limits, hedge_accuracy=args.hedge_accuracy, beam_width=args.beam_width,
-          decode=decode_rule(args))
+          decode=decode_rule(args), answers=lambda tree, end_nodes: answers(args, tree, end_nodes))
     return 0
 
 
@@ -49,4 +57,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="add each image's hedged answer at this accuracy target (λ from the run's decisions.json)")
     add_beam_width(sv)
     add_decode(sv, "the export's, or the run's eval.decode")
+    add_answers(sv)  # the defaults of requests that send no within/min_prob/min_prob_at fields
     sv.set_defaults(func=cmd_serve)

@@ -1,6 +1,7 @@
 """The prediction server: FastAPI app over one :class:`~hiervision.serve.predictor.ImagePredictor`.
 
-``POST /predict`` (multipart, field ``file`` repeatable) → one record per image; ``GET /taxonomy`` (the
+``POST /predict`` (multipart, field ``file`` repeatable; optional fields ``within``, ``min_prob``,
+``min_prob_at`` restrict and roll up this request's answers) → one record per image; ``GET /taxonomy`` (the
 whole tree); ``GET /taxonomy/nodes`` (a few nodes with a page of their children, what the page reads of
 a big tree: :mod:`hiervision.serve.nodes`); ``GET /health``; ``GET /`` the web page; ``/docs`` (Swagger
 UI served from the ``fastapi-offline`` package: no CDN) and ``/openapi.json``. Every bad request is
@@ -20,10 +21,11 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -31,6 +33,8 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from hiervision.records import TreeView
+from hiervision.restrict import Allowed
+from hiervision.rollup import Thresholds
 from hiervision.serve.batching import MicroBatcher, QueueFull
 from hiervision.serve.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from hiervision.serve.nodes import MAX_IDS, BadNodeId, node_record, parse_ids, path_siblings
@@ -80,6 +84,69 @@ class Record(BaseModel):
 
 class PredictResponse(BaseModel):
     results: list[Record]
+
+
+@dataclass(frozen=True)
+class _Answers:
+    """One request's restriction and roll-up. ``key`` (the fields as sent) decides which images may share
+    a forward pass: only those asking the same; a request without fields has none (the server's defaults)."""
+
+    key: tuple[str | None, str | None, str | None]
+    allowed: Allowed | None
+    thresholds: Thresholds | None
+
+
+def _field(value: str | None) -> str | None:
+    """A form field as given, ``None`` when absent or blank (an empty page input means "not set")."""
+    return value.strip() if value is not None and value.strip() else None
+
+
+def _resolve_answers(predictor: ImagePredictor, within: str | None, min_prob: str | None,
+                     min_prob_at: str | None) -> _Answers | None:
+    """The request's ``within``/``min_prob``/``min_prob_at`` for this model; ``None`` when none is set.
+    A bad value is a :class:`ValueError` of one line naming the field."""
+    key = (_field(within), _field(min_prob), _field(min_prob_at))
+    if key == (None, None, None):
+        return None
+    end_nodes = getattr(predictor, "end_nodes", None)
+    if end_nodes is None:
+        raise ValueError("within, min_prob, min_prob_at: this server's model does not take them")
+    if getattr(predictor, "multi_label", False):
+        raise ValueError("within, min_prob, min_prob_at: they apply to single-label models only")
+    allowed = Allowed.of(predictor.tree, within=key[0], end_nodes=end_nodes, where=("within", "classes"))
+    thresholds = Thresholds.of(predictor.tree, key[1], key[2], where=("min_prob", "min_prob_at"))
+    return _Answers(key, allowed, thresholds)
+
+
+def _batch_runner(predictor: ImagePredictor) -> Callable[[list[tuple[Any, _Answers | None]]], list[dict[str, Any]]]:
+    """The micro-batcher's ``predict``: items are ``(image, answers)``; images asking the same answers (or
+    none: the defaults) share one forward pass, so no request is answered under another's options."""
+
+    def run(items: list[tuple[Any, _Answers | None]]) -> list[dict[str, Any]]:
+        groups: dict[Any, list[int]] = {}
+        for i, (_, ans) in enumerate(items):
+            groups.setdefault(None if ans is None else ans.key, []).append(i)
+        out: list[dict[str, Any]] = [{}] * len(items)
+        for idx in groups.values():
+            ans, images = items[idx[0]][1], [items[i][0] for i in idx]
+            recs = (predictor.predict_arrays(images) if ans is None else
+                    predictor.predict_arrays(images, allowed=ans.allowed,  # type: ignore[call-arg]
+                                             thresholds=ans.thresholds))
+            if len(recs) != len(idx):
+                raise RuntimeError(f"predictor returned {len(recs)} results for {len(idx)} images")
+            for i, rec in zip(idx, recs):
+                out[i] = rec
+        return out
+
+    return run
+
+
+def _default_answers(predictor: ImagePredictor) -> dict[str, Any]:
+    """What a request without fields is answered under (``serve --within/--min-prob``, or the sidecar's)."""
+    allowed, thresholds = getattr(predictor, "allowed", None), getattr(predictor, "thresholds", None)
+    return {"within": allowed.description if allowed is not None else None,
+            "allowed_classes": int(allowed.ends.sum()) if allowed is not None else None,
+            "min_prob": thresholds.as_dict() if thresholds is not None else None}
 
 
 def _detail(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -207,7 +274,7 @@ def create_app(
     """The app. ``hedge(record)`` (optional, :meth:`hiervision.runtime.Predictor.hedger`) adds each record's
     ``hedged`` answer."""
     limits = limits or Limits()
-    batcher = MicroBatcher(predictor.predict_arrays, max_batch=max_batch, max_wait_ms=max_wait_ms,
+    batcher = MicroBatcher(_batch_runner(predictor), max_batch=max_batch, max_wait_ms=max_wait_ms,
                            max_queue=limits.max_queue)
 
     @asynccontextmanager
@@ -226,19 +293,37 @@ def create_app(
     _errors(app)
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
               summary="Predict the class path of one or more images",
+              description="Optional form fields answer this request under other options than the server's "
+                          "defaults (`GET /health` → `answers`): `within` restricts the answers to end classes under "
+                          "these nodes (comma-separated names or paths such as `Animals/Dogs`; the record's "
+                          "`allowed`); `min_prob` (a number in [0, 1]) and `min_prob_at` (`LEVEL=P,...`, e.g. "
+                          "`3=0.8,2=0.6`) roll each answer up to the deepest node of its path that meets its "
+                          "threshold (the record's `rollup`: where and why it stopped). A field that is sent "
+                          "replaces its default; a bad value is answered 422.",
               responses={400: {"description": "not an image / truncated image"},
                          408: {"description": "request body too slow"},
                          413: {"description": "body, file count or pixel count over the limit"},
                          415: {"description": "not multipart/form-data"},
+                         422: {"description": "no file field, or a bad within / min_prob / min_prob_at"},
                          503: {"description": "too many images waiting for the model: retry after Retry-After"}})
     async def predict(
         file: Annotated[list[UploadFile], File(description="image file; repeat the field for several images")],
         node_scores: Annotated[bool, Query(description="also return every node's score (to draw the tree)")] = False,
         siblings: Annotated[int, Query(ge=0, le=100, description="also return, at each level of the path, the "
                                        "parent's K most probable children (to draw a big tree)")] = 0,
+        within: Annotated[str | None, Form(description="answer only end classes under these nodes (comma-separated "
+                                           "names or paths such as Animals/Dogs)")] = None,
+        min_prob: Annotated[str | None, Form(description="roll each answer up to the deepest node on its path "
+                                             "whose probability is at least this (a number in [0, 1])")] = None,
+        min_prob_at: Annotated[str | None, Form(description="a threshold per level (1 = under the root), e.g. "
+                                                "3=0.8,2=0.6; other levels take min_prob (or 0)")] = None,
     ) -> dict[str, Any]:
         if len(file) > limits.max_files:
             raise HTTPException(413, f"{len(file)} files in one request, more than the limit of {limits.max_files}")
+        try:  # the fields first: a bad one costs no decoding
+            answers = await run_in_threadpool(_resolve_answers, predictor, within, min_prob, min_prob_at)
+        except ValueError as e:
+            raise HTTPException(422, " ".join(str(e).split())) from None
         try:
             batcher.check_room(len(file))  # shed load before decoding anything
             arrays = []
@@ -247,7 +332,7 @@ def create_app(
                 label = upload.filename or f"file #{i + 1}"
                 arrays.append(await run_in_threadpool(decode_image, data, label, predictor.in_chans,
                                                       predictor.image_size, limits.max_pixels))
-            futures = batcher.submit_many(arrays)  # all or none
+            futures = batcher.submit_many([(a, answers) for a in arrays])  # all or none
         except QueueFull as e:
             raise HTTPException(503, f"server busy: {e}", headers={"Retry-After": "1"}) from None
         try:
@@ -298,6 +383,8 @@ def _info_routes(app: FastAPI, name: str) -> None:
     """``/taxonomy``, ``/taxonomy/nodes``, ``/health``, the page at ``/`` and its static files."""
     predictor, batcher, limits = app.state.predictor, app.state.batcher, app.state.limits
     tree = predictor.tree
+    #: end classes (where an answer may stop), not every node: what "N classes" means to a reader
+    classes = int(tree.end_mask(getattr(predictor, "end_nodes", "leaves")).sum())
 
     @app.get("/taxonomy", summary="The class tree: nodes with id, name and parent (node 0 is the root)",
              description="The whole tree in one answer (about 40 bytes a node: 4 MB at 10^5 nodes). "
@@ -317,10 +404,14 @@ def _info_routes(app: FastAPI, name: str) -> None:
     ) -> dict[str, Any]:
         return {"nodes": [node_record(tree, v, offset, limit) for v in parse_ids(ids, tree.num_nodes)]}
 
-    @app.get("/health", summary="Liveness and what is being served")
+    @app.get("/health", summary="Liveness and what is being served",
+             description="`classes`: end classes (where an answer may stop); `nodes`: every node under the root; "
+                         "`answers`: the defaults a request without fields is answered under (`within`: the "
+                         "restriction or null, `allowed_classes`, `min_prob`: the roll-up threshold per level "
+                         "or null).")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "classes": tree.num_nodes - 1,
-                "max_depth": tree.max_depth, "in_chans": predictor.in_chans,
+        return {"status": "ok", "model": name, "classes": classes, "nodes": tree.num_nodes - 1,
+                "max_depth": tree.max_depth, "answers": _default_answers(predictor), "in_chans": predictor.in_chans,
                 "image_size": list(predictor.image_size) if predictor.image_size else None,
                 "max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1000,
                 "limits": json.loads(limits.model_dump_json()), "batches_run": len(batcher.batch_sizes),
@@ -335,17 +426,26 @@ def _info_routes(app: FastAPI, name: str) -> None:
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, max_wait_ms: float = 5.0,
           top_k: int = 3, limits: Limits | None = None, hedge_accuracy: float | None = None,
-          beam_width: int | None = None, decode: str | None = None) -> None:
+          beam_width: int | None = None, decode: str | None = None,
+          answers: Callable[[TreeView, str], tuple[Allowed | None, Thresholds | None]] | None = None) -> None:
     """Load ``path`` (run folder or .onnx) and serve it with uvicorn until interrupted. ``hedge_accuracy``:
     add each image's hedged answer at that accuracy target (λ from the run's ``decisions.json``, or the
     sidecar's copy of it for an ``.onnx``); ``beam_width``: the search width of a decoder with a beam search;
     ``decode``: the decision rule
-    (see :func:`load_predictor`)."""
+    (see :func:`load_predictor`); ``answers(tree, end_nodes)`` → ``(allowed, thresholds)``: the defaults of
+    requests without fields (``serve --within/--classes/--min-prob/--min-prob-at``), replacing the sidecar's
+    where given — resolved once the model's tree is known, so a bad name fails before serving."""
     import uvicorn
 
     from hiervision.serve.predictor import load_predictor
 
     predictor = load_predictor(path, top_k=top_k, beam_width=beam_width, decode=decode)
+    if answers is not None:
+        allowed, thresholds = answers(predictor.tree, predictor.end_nodes)
+        if allowed is not None and predictor.multi_label:
+            raise ValueError("--within/--classes apply to single-label models only")
+        predictor.allowed = allowed or predictor.allowed
+        predictor.thresholds = thresholds or predictor.thresholds
     hedge = predictor.runtime.hedger(hedge_accuracy) if hedge_accuracy is not None else None
     app = create_app(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits, hedge=hedge,
                      name=str(path))

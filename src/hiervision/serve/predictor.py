@@ -11,11 +11,15 @@ backend answered.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from hiervision.records import TreeView
+
+if TYPE_CHECKING:
+    from hiervision.restrict import Allowed
+    from hiervision.rollup import Thresholds
 
 __all__ = ["ImagePredictor", "RuntimePredictor", "load_predictor"]
 
@@ -29,7 +33,11 @@ class ImagePredictor(Protocol):
     image_size: tuple[int, int] | None
 
     def predict_arrays(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        """``uint8`` arrays ``H×W`` or ``H×W×C`` (already at ``image_size``) → one record per image."""
+        """``uint8`` arrays ``H×W`` or ``H×W×C`` (already at ``image_size``) → one record per image.
+
+        A predictor that also takes ``allowed=``/``thresholds=`` (and has ``end_nodes``, ``multi_label``,
+        ``allowed``, ``thresholds`` attributes, as :class:`RuntimePredictor`) answers the per-request
+        ``within``/``min_prob``/``min_prob_at`` fields of ``POST /predict``; the server checks for them."""
         ...
 
 
@@ -42,19 +50,46 @@ class RuntimePredictor:
         self.in_chans = int(runtime.in_chans)
         size = runtime.image_size
         self.image_size = (int(size[0]), int(size[1])) if size else None
+        decoder = runtime.sidecar["decoder"]
+        #: where a path may stop ("leaves" or "all"): what an end class is, for restrictions and /health
+        self.end_nodes: str = decoder.get("end_nodes", "leaves")
+        #: a multi-label model answers sets of nodes: no restriction or roll-up applies
+        self.multi_label = decoder["kind"] == "multi_label"
 
-    def predict_arrays(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    @property
+    def allowed(self) -> Allowed | None:
+        """The server's default restriction (``serve --within/--classes`` or the sidecar's): the runtime's."""
+        return self.runtime.allowed
+
+    @allowed.setter
+    def allowed(self, value: Allowed | None) -> None:
+        self.runtime.allowed = value
+
+    @property
+    def thresholds(self) -> Thresholds | None:
+        """The server's default roll-up thresholds (``serve --min-prob/--min-prob-at`` or the sidecar's)."""
+        return self.runtime.thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: Thresholds | None) -> None:
+        self.runtime.thresholds = value
+
+    def predict_arrays(self, images: list[np.ndarray], allowed: Allowed | None = None,
+                       thresholds: Thresholds | None = None) -> list[dict[str, Any]]:
+        """Records for decoded uploads; ``allowed``/``thresholds``: one request's restriction and roll-up
+        instead of the server's defaults (``None``: the defaults)."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, im in enumerate(images):
             groups.setdefault(im.shape, []).append(i)
         if len(groups) > 1:  # no fixed input size: one forward pass per image size
             out: list[dict[str, Any]] = [{}] * len(images)
             for idx in groups.values():
-                for i, rec in zip(idx, self.predict_arrays([images[i] for i in idx])):
+                for i, rec in zip(idx, self.predict_arrays([images[i] for i in idx], allowed, thresholds)):
                     out[i] = rec
             return out
         batch = np.stack([im[..., None] if im.ndim == 2 else im for im in images]).transpose(0, 3, 1, 2)
-        return self.runtime.predict_arrays(batch.astype(np.float32) / 255, [""] * len(images), node_scores=True)
+        return self.runtime.predict_arrays(batch.astype(np.float32) / 255, [""] * len(images), node_scores=True,
+                                           allowed=allowed, thresholds=thresholds)
 
 
 def load_predictor(path: str | Path, top_k: int = 3, checkpoint: str = "best",

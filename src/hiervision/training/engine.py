@@ -463,4 +463,4 @@ def calibrated_report(loop: Loop, out: Path, ecfg: dict) -> dict[str, Any]:
     post = posthoc_report(loop.model, val, val_t, test, test_t, data.taxonomy, out if env.is_main else None,
                           ecfg["hedge_targets"], ecfg["decode"], ecfg["calibrate"] == "per_level")
     return {**post["test"], "eval_images_per_s": len(test_t) / max(seconds, 1e-9),
-            **{k: post[k] for k in ("temperature", "calibration", "hedged", "crm")}}
+            **{k: post[k] for k in ("temperature", "calibration", "hedged", "crm", "selective")}}
