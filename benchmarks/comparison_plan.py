@@ -443,7 +443,7 @@ def recorder(ledger: Ledger, table: list[Cell], machine: str):
     return record
 
 
-def _train_cell(cell: Cell, train_fn, log) -> None:
+def train_cell(cell: Cell, train_fn, log) -> None:
     log(f"[comparison] {cell.name} ({cell.cfg['train']['epochs']} epochs) -> {cell.run_dir}")
     train_fn(cell.cfg, cell.run_dir, resume=True)  # the run folder is the engine's: cell.json goes in after
     (cell.run_dir / "cell.json").write_text(json.dumps(
@@ -476,11 +476,11 @@ def run_cells(cells: list[Cell], max_hours: float | None = None, train_fn=None, 
                 return {"ran": ran, "skipped": skipped, "stopped": True}
             if cell.needs is not None:
                 if not cell.needs.trained():  # finished in an earlier sitting: its checkpoint is needed again
-                    _train_cell(cell.needs, train_fn, log)
+                    train_cell(cell.needs, train_fn, log)
                 if not cell.tree.exists():
                     p_min, g_max = cell.data.induce
                     induce_fn(cell.needs.run_dir, p_min, g_max).save(cell.tree)
-            _train_cell(cell, train_fn, log)
+            train_cell(cell, train_fn, log)
         else:  # only the steps after training are missing
             log(f"[comparison] {cell.name}: {cell.state()} ({cell.run_dir})")
         _finish(cell, score_fn, decode_fn, rule_fn)

@@ -215,6 +215,82 @@ def fits_360_px(browser, base: str, image: Path) -> None:
         assert 0 <= left and right <= view
 
 
+# ----------------------------------------------------------------------------- answer options
+def post_fields(base: str, image: Path, **fields: str) -> dict:
+    """``POST base/predict?node_scores=true`` with one image and the form ``fields``: its record."""
+    boundary = "hvpage"
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
+             for k, v in fields.items()]
+    parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{image.name}\"\r\n"
+                 "Content-Type: image/png\r\n\r\n".encode() + image.read_bytes() + b"\r\n")
+    req = urllib.request.Request(f"{base}/predict?node_scores=true", method="POST",
+                                 data=b"".join(parts) + f"--{boundary}--\r\n".encode(),
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return json.load(urllib.request.urlopen(req, timeout=30))["results"][0]
+
+
+def ids(browser, selector: str) -> list[int]:
+    return [int(e.get_attribute("data-id")) for e in browser.find_elements(By.CSS_SELECTOR, selector)]
+
+
+def test_page_sends_thresholds_and_filter_and_shows_where_the_answer_stopped(server, browser):
+    base, d = server
+    image = fmnist_png(d)
+    tax = json.load(urllib.request.urlopen(f"{base}/taxonomy", timeout=10))
+    goods = next(n["id"] for n in tax["nodes"] if n["name"] == "Goods")
+    expected = post_fields(base, image, min_prob="0.99", within="Goods")
+    roll = expected["rollup"]
+
+    browser.get(base + "/")
+    WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#tree g.node")) ==
+                                     len(tax["nodes"]))
+    # the header counts end classes and nodes apart; the filter suggests the tree's node names
+    assert browser.find_element(By.ID, "model").text.startswith("10 classes · 18 nodes · depth 3")
+    names = {o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#node-names option")}
+    assert {"Goods", "Shoes", "Ankle boot"} <= names
+    browser.find_element(By.ID, "min-prob").send_keys("0.99")
+    browser.find_element(By.ID, "within").send_keys("Goods")
+    assert upload(browser, image) == "done", browser.find_element(By.ID, "status").text
+
+    # the answer lies inside the filtered subtree, and the page says it was restricted
+    path = [int(li.get_attribute("data-id")) for li in browser.find_elements(By.CSS_SELECTOR, "#path li")]
+    assert path == expected["path_ids"] and path[0] == goods
+    on_path = {int(g.get_attribute("data-id")) for g in browser.find_elements(By.CSS_SELECTOR, "#tree g.node.on-path")}
+    assert on_path == set(path)
+    assert "within Goods (4 classes)" in browser.find_element(By.ID, "allowed").text
+    # the roll-up: the sentence, each node against its threshold, the stop marked in the list and the tree
+    why = browser.find_element(By.ID, "why").text
+    assert why == roll["why"] and why.startswith(("stopped at ", "reached "))
+    steps = browser.find_elements(By.CSS_SELECTOR, "#trace li")
+    assert [li.find_element(By.CLASS_NAME, "name").text for li in steps] == expected["path"]
+    assert [li.find_element(By.CLASS_NAME, "prob").text for li in steps] == [pct(s["probability"])
+                                                                             for s in roll["trace"]]
+    assert [li.find_element(By.CLASS_NAME, "cmp").text for li in steps] == \
+        [("≥ " if s["met"] else "< ") + pct(s["threshold"]) for s in roll["trace"]]
+    stop = roll["path_ids"][-1]  # Goods has all the mass once restricted to it: the answer is at least Goods
+    short = [path[roll["depth"]]] if roll["stopped"] else []
+    assert ids(browser, "#trace li.answer-node") == ids(browser, "#tree g.node.answer-node") == [stop]
+    assert ids(browser, "#trace li.fell-short") == ids(browser, "#tree g.node.fell-short") == short
+    assert browser.find_element(By.ID, "rollup-node").text.startswith(roll["node"])
+    if os.environ.get("HIERVISION_SCREENSHOT"):
+        browser.save_screenshot(os.environ["HIERVISION_SCREENSHOT"].replace(".png", "-rollup.png"))
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("min-prob", "1.5", "min_prob: a probability threshold must lie in [0, 1], got '1.5'"),
+    ("min-prob-at", "9=0.5", "min_prob_at: level 9 does not exist; this tree's levels are 1..3"),
+    ("within", "Nope", "within: not in the tree: 'Nope'"),
+])
+def test_page_shows_the_servers_one_line_for_a_bad_option(server, browser, field, value, words):
+    base, d = server
+    browser.get(base + "/")
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#tree g.node"))
+    browser.find_element(By.ID, field).send_keys(value)
+    assert upload(browser, fmnist_png(d)) == "error"
+    assert browser.find_element(By.ID, "status").text == words
+    assert not browser.find_element(By.ID, "answer").is_displayed()
+
+
 # ----------------------------------------------------------------------------- a big tree, read lazily
 BIG = 50_000  # nodes
 PAGE = 30  # children per "+ N more" page (app.js)

@@ -203,6 +203,8 @@ def decode_batch(
     scores = outputs["scores"].astype(np.float64)
     path_lp = outputs["path_logprob"].astype(np.float64)
     end = tree.end_mask(decoder.get("end_nodes", "leaves"))
+    if allowed is not None:
+        end = end & allowed.ends
     ranked = np.where(end, path_lp, -np.inf)
     alt_nodes, alt_probs = top_k_ends(np.exp(ranked), top_k)
     b = len(scores)

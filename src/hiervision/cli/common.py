@@ -96,13 +96,23 @@ def add_answers(parser: argparse.ArgumentParser) -> None:
                         "inside the subtrees)")
 
 
-def answers(args: argparse.Namespace, tree, end_nodes: str = "leaves"):
-    """``(allowed, thresholds)`` from :func:`add_answers`' flags for ``tree`` (either None when not asked)."""
+def answers(args: argparse.Namespace, tree, end_nodes: str = "leaves", defaults: dict | None = None):
+    """``(allowed, thresholds)`` for ``tree`` from :func:`add_answers`' flags over ``defaults`` (the sidecar's
+    ``within``/``classes``/``min_prob``/``min_prob_at``, or a run's: :func:`hiervision.export.answer_defaults`):
+    ``--within``/``--classes`` replace the default restriction as a whole, each threshold flag its own key.
+    Either is None when nothing asks for it."""
     from hiervision.restrict import Allowed  # numpy only
     from hiervision.rollup import Thresholds
 
-    allowed = Allowed.of(tree, args.within, args.classes, end_nodes=end_nodes)
-    return allowed, Thresholds.of(tree, args.min_prob, args.min_prob_at)
+    d = defaults or {}
+    if args.within is None and args.classes is None:
+        allowed = Allowed.of(tree, d.get("within"), class_names=d.get("classes"), end_nodes=end_nodes,
+                             where=("the run's within", "the run's classes"))
+    else:
+        allowed = Allowed.of(tree, args.within, args.classes, end_nodes=end_nodes)
+    min_prob = args.min_prob if args.min_prob is not None else d.get("min_prob")
+    levels = args.min_prob_at if args.min_prob_at is not None else d.get("min_prob_at")
+    return allowed, Thresholds.of(tree, min_prob, levels)
 
 
 def add_beam_width(parser: argparse.ArgumentParser) -> None:

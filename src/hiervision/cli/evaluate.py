@@ -60,17 +60,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _answers(args: argparse.Namespace, cfg: dict, taxonomy):
     """What to evaluate beyond the model's own answers (:class:`hiervision.posthoc.Answers`): the flags, or else
     the run's ``eval.decode``, ``eval.min_prob``/``min_prob_at`` and ``eval.within``/``classes``."""
+    from hiervision.export import answer_defaults
     from hiervision.posthoc import Answers
-    from hiervision.restrict import Allowed
-    from hiervision.rollup import Thresholds
 
     ev = cfg["eval"]
-    allowed, thresholds = answers(args, taxonomy.view)
-    if allowed is None:
-        allowed = Allowed.of(taxonomy.view, ev.get("within"), ev.get("classes"), where=("eval.within", "eval.classes"))
-    if thresholds is None:
-        thresholds = Thresholds.of(taxonomy.view, ev.get("min_prob"), ev.get("min_prob_at"),
-                                   where=("eval.min_prob", "eval.min_prob_at"))
+    allowed, thresholds = answers(args, taxonomy.view, defaults=answer_defaults(cfg))
     if args.confidence is not None and args.target_accuracy is None:
         raise ValueError("--confidence goes with --target-accuracy")
     target = (args.target_accuracy, args.confidence or 0.95) if args.target_accuracy is not None else None

@@ -69,11 +69,11 @@ def _predictor(args: argparse.Namespace) -> Predictor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         predictor = run_predictor(args.run_dir, args.top_k, args.batch_size, device, beam_width=args.beam_width,
                                   decode=decode)
-    allowed, thresholds = answers(args, predictor.tree, predictor.sidecar["decoder"].get("end_nodes", "leaves"))
-    if allowed is not None and predictor.sidecar["decoder"]["kind"] == "multi_label":
+    side = predictor.sidecar
+    predictor.allowed, predictor.thresholds = answers(args, predictor.tree, side["decoder"].get("end_nodes", "leaves"),
+                                                      side)
+    if predictor.allowed is not None and side["decoder"]["kind"] == "multi_label":
         raise ValueError("--within/--classes apply to single-label models only")
-    predictor.allowed = allowed or predictor.allowed
-    predictor.thresholds = thresholds or predictor.thresholds
     return predictor
 
 

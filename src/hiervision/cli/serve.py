@@ -31,7 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     read_timeout_s=args.read_timeout, min_body_rate=args.min_body_rate, max_queue=args.max_queue)
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           top_k=args.top_k, limits=limits, hedge_accuracy=args.hedge_accuracy, beam_width=args.beam_width,
-          decode=decode_rule(args), answers=lambda tree, end_nodes: answers(args, tree, end_nodes))
+          decode=decode_rule(args), answers=lambda tree, end_nodes, side: answers(args, tree, end_nodes, side))
     return 0
 
 

@@ -427,25 +427,24 @@ def _info_routes(app: FastAPI, name: str) -> None:
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, max_wait_ms: float = 5.0,
           top_k: int = 3, limits: Limits | None = None, hedge_accuracy: float | None = None,
           beam_width: int | None = None, decode: str | None = None,
-          answers: Callable[[TreeView, str], tuple[Allowed | None, Thresholds | None]] | None = None) -> None:
+          answers: Callable[[TreeView, str, dict], tuple[Allowed | None, Thresholds | None]] | None = None) -> None:
     """Load ``path`` (run folder or .onnx) and serve it with uvicorn until interrupted. ``hedge_accuracy``:
     add each image's hedged answer at that accuracy target (λ from the run's ``decisions.json``, or the
     sidecar's copy of it for an ``.onnx``); ``beam_width``: the search width of a decoder with a beam search;
     ``decode``: the decision rule
-    (see :func:`load_predictor`); ``answers(tree, end_nodes)`` → ``(allowed, thresholds)``: the defaults of
-    requests without fields (``serve --within/--classes/--min-prob/--min-prob-at``), replacing the sidecar's
-    where given — resolved once the model's tree is known, so a bad name fails before serving."""
+    (see :func:`load_predictor`); ``answers(tree, end_nodes, sidecar)`` → ``(allowed, thresholds)``: the defaults
+    of requests without fields (``serve --within/--classes/--min-prob/--min-prob-at`` over the sidecar's or the
+    run's own) — resolved once the model's tree is known, so a bad name fails before serving."""
     import uvicorn
 
     from hiervision.serve.predictor import load_predictor
 
     predictor = load_predictor(path, top_k=top_k, beam_width=beam_width, decode=decode)
     if answers is not None:
-        allowed, thresholds = answers(predictor.tree, predictor.end_nodes)
+        allowed, thresholds = answers(predictor.tree, predictor.end_nodes, predictor.runtime.sidecar)
         if allowed is not None and predictor.multi_label:
             raise ValueError("--within/--classes apply to single-label models only")
-        predictor.allowed = allowed or predictor.allowed
-        predictor.thresholds = thresholds or predictor.thresholds
+        predictor.allowed, predictor.thresholds = allowed, thresholds
     hedge = predictor.runtime.hedger(hedge_accuracy) if hedge_accuracy is not None else None
     app = create_app(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits, hedge=hedge,
                      name=str(path))

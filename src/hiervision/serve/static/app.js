@@ -6,6 +6,11 @@
 // its children) and the answer's neighbourhood from /predict?siblings=K: the predicted path with its most
 // probable siblings at each level, and the top-k alternative paths. Every node with children opens and
 // closes on a click; "+ N more" lists the next page of a node's children.
+//
+// Answer options (the form fields of /predict, sent with each image): a minimum probability and per-level
+// thresholds roll the answer up its path (the record's `rollup`: each node's probability against its
+// threshold, and why it stopped), "only classes within…" restricts it to a subtree (the record's `allowed`).
+// Changing an option predicts the last image again.
 "use strict";
 
 const NS = "http://www.w3.org/2000/svg";
@@ -16,6 +21,8 @@ const MAX_DRAWN = 160, PAGE = 30, SIBLINGS = 6;
 let tree = null;  // {big, n, nodes: Map}
 let scores = new Map();  // id -> the current answer's probability of that node
 let answer = null;  // the current /predict record
+let lastFile = null;  // the last image picked: predicted again when an option changes
+let asked = 0;  // requests sent so far: only the latest one's answer is shown
 
 const $ = (id) => document.getElementById(id);
 const pct = (p) => (100 * p).toFixed(1) + "%";
@@ -68,7 +75,7 @@ async function loadChildren(v) {
 
 async function loadTree() {
   const health = await getJSON("/health");
-  const n = health.classes + 1;
+  const n = (health.nodes ?? health.classes) + 1;
   tree = { big: n > MAX_DRAWN, n, nodes: new Map() };
   if (tree.big) {
     const root = node(0, "root", -1);
@@ -87,8 +94,39 @@ async function loadTree() {
       for (const id of v.shown) { const c = tree.nodes.get(id); c.depth = v.depth + 1; order.push(c); }
     }
   }
-  $("model").textContent = `${health.classes} classes · depth ${health.max_depth} · ${health.model}`;
+  const nodes = health.nodes === undefined ? "" : ` · ${health.nodes} nodes`;
+  $("model").textContent = `${health.classes} classes${nodes} · depth ${health.max_depth} · ${health.model}`;
+  showDefaults(health.answers);
+  fillNodeNames();
   draw();
+}
+
+// what an image is answered under when no option is set (serve --within/--min-prob, or the export's)
+function showDefaults(answers) {
+  const said = [];
+  if (answers && answers.within) said.push(`answers ${answers.within} (${answers.allowed_classes} classes)`);
+  if (answers && answers.min_prob) {
+    said.push("thresholds " + Object.entries(answers.min_prob).map(([d, p]) => `${d}=${p}`).join(","));
+  }
+  $("defaults").hidden = !said.length;
+  $("defaults").textContent = said.length ? `Server defaults: ${said.join("; ")}. An option set here replaces its default.` : "";
+}
+
+// the "only classes within…" suggestions: every known node by name, or by its path where names repeat
+function fillNodeNames() {
+  const known = [...tree.nodes.values()].filter((v) => v.id !== 0);
+  const count = new Map();
+  for (const v of known) count.set(v.name, (count.get(v.name) || 0) + 1);
+  const pathOf = (v) => {
+    const names = [];
+    for (let u = v; u && u.id !== 0; u = tree.nodes.get(u.parent)) names.unshift(u.name);
+    return names.join("/");
+  };
+  $("node-names").replaceChildren(...known.slice(0, 5000).map((v) => {
+    const o = document.createElement("option");
+    o.value = count.get(v.name) > 1 ? pathOf(v) : v.name;
+    return o;
+  }));
 }
 
 // the answer's nodes in the tree: the path with its siblings, the alternatives' paths, all opened
@@ -166,11 +204,12 @@ function draw() {
   const { y, kids, rows, more } = layout();
   const drawn = [...y.keys()].map((id) => tree.nodes.get(id));
   $("tree-note").hidden = drawn.length === tree.n;
-  $("tree-note").textContent = `${tree.n - 1} classes, ${drawn.length - 1} shown` +
+  $("tree-note").textContent = `${tree.n - 1} nodes, ${drawn.length - 1} shown` +
     (answer && tree.big ? `: the predicted path with its ${SIBLINGS - 1} most likely siblings at each level ` +
                           "and the top alternatives" : "") + ". Click a node to show or hide its children.";
   const onPath = new Set(answer ? answer.path_ids : []);
   const onAlt = new Set(answer ? answer.top_k.flatMap((a) => a.path_ids) : []);
+  const marks = rollupMarks(answer);
   const x = (v) => v.depth * COL;
   const maxDepth = Math.max(...drawn.map((v) => v.depth), ...more.map((m) => m.parent.depth + 1));
   svg.setAttribute("width", maxDepth * COL + BOX_W + 2 * PAD);
@@ -190,21 +229,37 @@ function draw() {
     el("rect", { width: BOX_W, height: BOX_H, rx: 7 }, b);
     el("text", { x: 9, y: 24 }, b).textContent = `+ ${m.rest} more`;
   }
-  for (const v of drawn) drawNode(g, v, x(v), y.get(v.id), onPath.has(v.id), onAlt.has(v.id));
+  for (const v of drawn) drawNode(g, v, x(v), y.get(v.id), onPath.has(v.id), onAlt.has(v.id), marks.get(v.id));
 }
 
-function drawNode(g, v, x, y, onPath, onAlt) {
+// the roll-up in the tree: id -> {cls, step}; the node the answer stopped at is "answer-node", the first
+// node below it that fell short of its threshold "fell-short", the path's other nodes under it "beyond"
+function rollupMarks(result) {
+  const marks = new Map();
+  const roll = result && result.rollup;
+  if (!roll) return marks;
+  result.path_ids.forEach((id, i) => {
+    const cls = i === roll.depth - 1 ? "answer-node" : i === roll.depth ? "fell-short" : i > roll.depth ? "beyond" : "";
+    marks.set(id, { cls, step: roll.trace[i] });
+  });
+  if (roll.depth === 0) marks.set(0, { cls: "answer-node", step: null });
+  return marks;
+}
+
+function drawNode(g, v, x, y, onPath, onAlt, mark) {
   const prob = scores.has(v.id) && v.id !== 0 ? scores.get(v.id) : null;
   const open = v.open && v.shown.length > 0;
   const cls = ["node", onPath && "on-path", onAlt && !onPath && "alt", v.numKids !== 0 && v.id !== 0 && "expandable",
-               open && "open"].filter(Boolean).join(" ");
+               open && "open", mark && mark.cls].filter(Boolean).join(" ");
   const box = el("g", { class: cls, "data-id": v.id, "data-parent": v.parent, transform: `translate(${x},${y})` }, g);
   if (prob !== null) box.setAttribute("data-prob", prob);
   const light = prob === null ? 97 : 96 - 34 * prob;
   el("rect", { width: BOX_W, height: BOX_H, rx: 7, fill: `hsl(217, 85%, ${light}%)` }, box);
   const label = el("text", { x: 9, y: prob === null ? 24 : 16, class: "name" }, box);
   label.textContent = v.name.length > 20 ? v.name.slice(0, 19) + "…" : v.name;
-  el("title", {}, box).textContent = v.name + (v.numKids ? ` (${v.numKids} children)` : "");
+  const step = mark && mark.step;
+  el("title", {}, box).textContent = v.name + (v.numKids ? ` (${v.numKids} children)` : "") +
+    (step ? ` · ${pct(step.probability)} ${step.met ? "≥" : "<"} threshold ${pct(step.threshold)}` : "");
   if (prob !== null) el("text", { x: 9, y: 31, class: "prob" }, box).textContent = pct(prob);
   if (v.numKids !== 0 && v.id !== 0) el("text", { x: BOX_W - 16, y: 24, class: "toggle" }, box).textContent = open ? "−" : "+";
 }
@@ -250,6 +305,8 @@ function show(result) {
     const where = result.hedged.path.length ? result.hedged.path.join(" › ") : "(root: no class is sure enough)";
     $("hedged").textContent = `Hedged answer: ${where} · p = ${pct(result.hedged.probability)}`;
   }
+  showAllowed(result.allowed);
+  showRollup(result);
   const best = result.path_ids.join("/");
   $("topk").tBodies[0].replaceChildren(...result.top_k.map((alt, i) => {
     const tr = document.createElement("tr");
@@ -263,18 +320,69 @@ function show(result) {
   }));
 }
 
+// the restriction this answer was made under (the record's `allowed`), if any
+function showAllowed(allowed) {
+  $("allowed").hidden = !allowed;
+  $("allowed").textContent = allowed ? `Answers restricted: ${allowed.description} (${allowed.classes} classes)` : "";
+}
+
+// the roll-up (the record's `rollup`): where the answer stopped and why, then each node of the path with its
+// probability against its threshold; the node stopped at and the first node that fell short are marked
+function showRollup(result) {
+  const roll = result.rollup;
+  $("rollup").hidden = !roll;
+  if (!roll) return;
+  $("rollup-node").textContent = roll.depth ? `${roll.node} · p = ${pct(roll.probability)}` : "root: no class sure enough";
+  $("rollup-node").dataset.id = roll.depth ? roll.path_ids[roll.depth - 1] : 0;
+  $("why").textContent = roll.why;
+  $("why").className = roll.stopped ? "stopped" : "reached";
+  $("trace").replaceChildren(...roll.trace.map((step, i) => {
+    const li = document.createElement("li");
+    li.dataset.id = result.path_ids[i];
+    li.className = [step.met ? "met" : "short", i === roll.depth - 1 && "answer-node",
+                    i === roll.depth && "fell-short"].filter(Boolean).join(" ");
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = step.node;
+    const p = document.createElement("span");
+    p.className = "prob";
+    p.textContent = pct(step.probability);
+    const cmp = document.createElement("span");
+    cmp.className = "cmp";
+    cmp.textContent = `${step.met ? "≥" : "<"} ${pct(step.threshold)}`;
+    const mark = document.createElement("span");
+    mark.className = "mark";
+    mark.textContent = i === roll.depth - 1 ? "✓ answer" : i === roll.depth ? "✗ fell short" : "";
+    li.append(name, p, cmp, mark);
+    return li;
+  }));
+}
+
 // forget the previous image's answer: a new upload, good or bad, never shows it beside its own result
 function clearAnswer() {
   $("answer").hidden = true;
   $("path").replaceChildren();
   $("topk").tBodies[0].replaceChildren();
   $("hedged").hidden = true;
+  $("allowed").hidden = true;
+  $("rollup").hidden = true;
+  $("trace").replaceChildren();
   answer = null;
   scores = new Map();
   if (tree) draw();
 }
 
+// the answer options as form fields (only those set); a number the browser cannot read is an error here
+function addOptions(form) {
+  const minProb = $("min-prob");
+  if (minProb.validity.badInput) throw new Error("min_prob: a probability threshold must be a number in [0, 1]");
+  const fields = { min_prob: minProb.value, min_prob_at: $("min-prob-at").value, within: $("within").value };
+  for (const [k, v] of Object.entries(fields)) if (v.trim()) form.append(k, v.trim());
+}
+
 async function predict(file) {
+  const mine = ++asked;
+  lastFile = file;
   clearAnswer();
   delete document.body.dataset.state;
   $("preview").src = URL.createObjectURL(file);
@@ -285,10 +393,12 @@ async function predict(file) {
   form.append("file", file, file.name);
   try {
     if (!tree) throw new Error("the model's tree is not loaded");
+    addOptions(form);
     const query = tree.big ? `siblings=${SIBLINGS}` : "node_scores=true";
     const r = await fetch(`/predict?${query}`, { method: "POST", body: form });
     const body = await r.json();
     if (!r.ok) throw new Error(body.detail || r.statusText);
+    if (mine !== asked) return;  // a newer image or option is being answered
     const result = body.results[0];
     if (result.node_scores) result.node_scores.forEach((s, id) => scores.set(id, s));
     await reveal(result);
@@ -298,9 +408,15 @@ async function predict(file) {
     status(`${file.name}: done`);
     document.body.dataset.state = "done";
   } catch (e) {
+    if (mine !== asked) return;
     status(String(e.message || e), true);
     document.body.dataset.state = "error";
   }
+}
+
+// a changed option answers the last image again
+for (const id of ["min-prob", "min-prob-at", "within"]) {
+  $(id).addEventListener("change", () => { if (lastFile) predict(lastFile); });
 }
 
 $("picker").addEventListener("change", (e) => { if (e.target.files[0]) predict(e.target.files[0]); });
