@@ -174,18 +174,13 @@ def plot(cells: dict, data_key: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 4), sharey=True)
+    from hiervision.report import plot_risk_coverage
+
+    fig, axes = plt.subplots(1, len(METHODS), figsize=(5.5 * len(METHODS), 4), sharey=True)
     for ax, m in zip(axes, METHODS):
         cell = cells.get(f"{m}/{data_key}/s0")
-        if cell is None:
-            continue
-        for rule in RULES:
-            c = cell["curves"][rule]
-            ax.plot(c["coverage"], c["risk"], label=f"{RULE_NAMES[rule]} ({c['area'] * 100:.2f})")
-        ax.set_title(f"{m}, seed 0")
-        ax.set_xlabel("hierarchical coverage (1 = always an end class)")
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("risk (share of answers that miss the truth)")
+        if cell is not None:
+            plot_risk_coverage({RULE_NAMES[r]: cell["curves"][r] for r in RULES}, path, f"{m}, seed 0", ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -27,6 +27,7 @@ SRC = ROOT / "src"
 SITE_PAGES = {
     "docs/serving.md": "serving.md",
     "docs/encoders.md": "encoders.md",
+    "docs/unsure.md": "unsure.md",
     "docs/reliability.md": "reliability.md",
     "benchmarks/RESULTS.md": "benchmarks.md",
     "benchmarks/DECISIONS.md": "decisions.md",

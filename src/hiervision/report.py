@@ -183,11 +183,13 @@ def write_report(
     out_dir: str | os.PathLike,
     title: str = "hiervision evaluation",
     max_confusion_classes: int = 40,
+    selective: dict | None = None,
 ) -> dict[str, Any]:
     """Write the plots and ``index.html`` to ``out_dir``; returns the numbers shown and the files written.
 
     ``targets``: ``(B,)`` node ids or ``(B, D)`` PAD-padded paths (single-label; a multi-label run has
-    no single true path per image, so it is refused with a ValueError).
+    no single true path per image, so it is refused with a ValueError). ``selective``: the rules'
+    risk–coverage curves (:func:`hiervision.posthoc.selective_report`), drawn as ``risk_coverage.png``.
     """
     targets = torch.as_tensor(targets)
     if targets.dim() == 2 and (targets.dtype == torch.bool or targets.is_floating_point()):
@@ -221,6 +223,9 @@ def write_report(
                         for p, t in zip(p_end, t_end) if p != t], dtype=np.int64)
     _plot_severity(heights, taxonomy.max_depth, len(p_end), out / "mistake_severity.png")
     files.append("mistake_severity.png")
+    if selective:
+        plot_risk_coverage(selective, out / "risk_coverage.png", "when the model is unsure: risk vs coverage")
+        files.append("risk_coverage.png")
 
     result = {"summary": summary, "node_accuracy": {taxonomy.names[n]: (None if np.isnan(acc[n]) else float(acc[n]))
                                                     for n in range(1, taxonomy.num_nodes)},
@@ -292,4 +297,25 @@ def plot_accuracy_specificity(curves: dict[str, list[dict]], path: str | os.Path
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return Path(path)
+
+
+def plot_risk_coverage(curves: dict[str, dict], path: str | os.PathLike, title: str = "", ax=None) -> Path:
+    """Hierarchical risk–coverage curves (``{rule: RiskCoverage.as_dict()}``, :mod:`hiervision.selective`),
+    each labelled with its area (hAURC ×100, lower is better): the lower-left a curve runs, the better the
+    rule knows when to answer less specifically. With ``ax``, draws there and leaves saving to the caller."""
+    plt = _plt()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+    for rule, c in curves.items():
+        ax.plot(c["coverage"], c["risk"], label=f"{rule} ({c['area'] * 100:.2f})")
+    ax.set(xlabel="coverage (1 = always an end class, 0 = the root)", ylabel="risk (answers that miss the truth)",
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title="rule (hAURC ×100)", title_fontsize=7)
+    if fig is not None:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
     return Path(path)

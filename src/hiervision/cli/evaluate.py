@@ -51,7 +51,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.report:  # pictures of the same predictions (see hiervision.report)
         from hiervision.report import write_report
 
-        write_report(pred, targets, taxonomy, args.report, title=f"{args.run_dir}: {args.split} split")
+        if "selective" not in result and not data.multi_label:
+            from hiervision.distributions import EndDistribution
+            from hiervision.marginals import as_temperature
+            from hiervision.posthoc import selective_report
+
+            result["selective"] = selective_report(EndDistribution(pred, taxonomy), targets, taxonomy,
+                                                   as_temperature(model.temperature))
+        write_report(pred, targets, taxonomy, args.report, title=f"{args.run_dir}: {args.split} split",
+                     selective=result.get("selective"))
         result["report"] = str(Path(args.report) / "index.html")
     print(json.dumps(result, indent=2))
     return 0
