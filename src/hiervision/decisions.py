@@ -359,6 +359,16 @@ def restricted(q: torch.Tensor, allowed: Allowed) -> torch.Tensor:
     return torch.from_numpy(restrict_q(q.detach().cpu().numpy(), allowed)).to(q)
 
 
+def restrict_prediction(prediction: Prediction, taxonomy: Taxonomy, allowed: Allowed) -> Prediction:
+    """The prediction a head scoring every class makes when only ``allowed`` may be answered: its scores the
+    node marginals of the renormalised distribution, its answer the most probable allowed class. Every rule and
+    metric reading it sees the restricted model (a single temperature commutes with the renormalisation)."""
+    q = restricted(end_distribution(prediction, taxonomy), allowed)
+    end = q.masked_fill(~torch.from_numpy(allowed.ends).to(q.device), -1.0).argmax(1)
+    return Prediction(taxonomy.path_matrix.to(q.device)[end], node_marginals(q, taxonomy),
+                      q.gather(1, end.unsqueeze(1)).squeeze(1), None)
+
+
 def calibrate(prediction: Prediction | EndDistribution, taxonomy: Taxonomy, temperature: Temperature = 1.0,
               decode: str = "argmax", allowed: Allowed | None = None) -> Prediction:
     """A prediction whose ``scores`` are the temperature-scaled node marginals and whose

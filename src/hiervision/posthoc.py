@@ -37,11 +37,11 @@ from hiervision.decisions import (
     fit_decisions,
     hedge_nodes,
     load_decisions,
-    restricted,
+    restrict_prediction,
     save_decisions,
 )
 from hiervision.decoding import Prediction
-from hiervision.distributions import EndDistribution, node_marginals, rewards
+from hiervision.distributions import EndDistribution, rewards
 from hiervision.evaluation import predict_dataset
 from hiervision.marginals import Temperature, as_temperature
 from hiervision.restrict import Allowed
@@ -192,7 +192,8 @@ def _restrict_to(allowed: Allowed, test: tuple[Prediction, torch.Tensor], val, m
     def keep(split):
         pred, targets = split
         rows = torch.from_numpy(allowed.reach[targets.cpu().numpy()]).to(targets.device)
-        return Prediction(pred.paths[rows], pred.scores[rows], pred.path_prob[rows], None), targets[rows]
+        kept = Prediction(pred.paths[rows], pred.scores[rows], pred.path_prob[rows], None)
+        return restrict_prediction(kept, model.taxonomy, allowed), targets[rows]
 
     kept = keep(test)
     if not len(kept[1]):
@@ -214,15 +215,11 @@ def selective_report(test: EndDistribution, targets: torch.Tensor, taxonomy: Tax
     """Each rule's hierarchical risk–coverage curve and its area (hAURC, lower is better; Goren et al.) on the
     same images: ``argmax`` (the model's answer or nothing), ``climbing`` (with the run's temperature and,
     as ``climbing_t1``, without), ``crm`` and ``bayes:hf1`` (climbing from their end-class answers) and ``darts``
-    (Deng et al.'s λ swept over a grid)."""
+    (Deng et al.'s λ swept over a grid). A restricted run passes its restricted prediction
+    (:func:`hiervision.decisions.restrict_prediction`) and ``allowed``, which CRM and Bayes answer within."""
     tree, t = taxonomy.view, targets.cpu().numpy()
-    q = test.q(temperature)
-    if allowed is not None:
-        q = restricted(q, allowed)
-    m = node_marginals(q, taxonomy)
-    m_np = m.double().cpu().numpy()
-    start = (calibrate(test, taxonomy, temperature, "argmax", allowed).nodes if allowed is not None
-             else test.prediction.nodes).cpu().numpy()
+    q, m = test.q(temperature), test.node_marginals(temperature)
+    m_np, start = m.double().cpu().numpy(), test.prediction.nodes.cpu().numpy()
     m1 = m_np if marginals.is_identity(temperature) else test.node_marginals(1.0).double().cpu().numpy()
     r_max = float(rewards(taxonomy).max())
     curves = {
@@ -246,10 +243,7 @@ def guaranteed_report(val: EndDistribution, val_targets: torch.Tensor, calibrate
     threshold misses over 100 random calibration/test halves of this split."""
     accuracy, confidence = answers.target
     tree = taxonomy.view
-    vq = val.q(temperature)
-    if answers.allowed is not None:
-        vq = restricted(vq, answers.allowed)
-    vm = node_marginals(vq, taxonomy).double().cpu().numpy()
+    vm = val.node_marginals(temperature).double().cpu().numpy()
     v_start = calibrate(val, taxonomy, temperature, answers.decode, answers.allowed).nodes.cpu().numpy()
     fit = S.guaranteed_threshold(vm, v_start, val_targets.cpu().numpy(), tree, accuracy, confidence)
     m, start = calibrated.scores.double().cpu().numpy(), calibrated.nodes.cpu().numpy()
