@@ -186,9 +186,10 @@ def tiny_run(tmp_path_factory):
     return out
 
 
-def test_evaluate_reports_rollup_restriction_hAURC_and_a_guaranteed_threshold(tiny_run, capsys):
+def test_evaluate_reports_rollup_restriction_hAURC_and_a_guaranteed_threshold(tiny_run, tmp_path, capsys):
     assert main(["evaluate", str(tiny_run), "--min-prob-at", "2=0.5", "--target-accuracy", "0.8",
-                 "--confidence", "0.9", "--device", "cpu"]) == 0
+                 "--confidence", "0.9", "--device", "cpu", "--report", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "risk_coverage.png").stat().st_size > 0
     out = json.loads(capsys.readouterr().out)
     assert out["rollup"]["thresholds"] == {"1": 0.3, "2": 0.5, "3": 0.3}  # the run's eval.min_prob fills the rest
     assert out["allowed"]["description"] == "within horizontal" and out["allowed"]["skipped"] > 0

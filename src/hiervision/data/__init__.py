@@ -22,6 +22,7 @@ from hiervision.data.base import (
     TensorImageDataset,
     channel_stats,
     coarsen_labels,
+    hold_out,
     keep_classes,
     move_to_tree,
     shared_data_dir,
@@ -55,7 +56,7 @@ __all__ = [
 
 _COMMON = {"name", "root", "val_fraction", "split_seed", "limit_train", "limit_test", "image_size",
            "coarse_fraction", "coarse_level", "fine_fraction", "coarse_labels", "tree", "fallback",
-           "mean", "std", "keep_classes"}  # fmt: skip
+           "mean", "std", "keep_classes", "holdout_leaves"}  # fmt: skip
 _SYNTH = {"size", "channels", "n_train", "n_test", "seed", "noise"}
 _FILES = {"check", "on_bad_image", "max_pixels", "check_cache"}  # file-backed sets: verification and limits
 _CANVAS = {"grid", "min_items", "max_items", "n_train", "n_val", "n_test", "seed", "variable_depth"}
@@ -93,6 +94,9 @@ class DataBundle:
     features: bool = False  # the datasets hold pre-computed backbone features, not images
     augmented: bool = False  # the training set augments each image in the loader (data.pipeline): no batch augment
     skipped: int = 0  # unreadable images dropped under data.on_bad_image: skip (report it in metrics.json)
+    #: data.holdout_leaves: which test images belong to a class held out of training and of the tree (their
+    #: label is its nearest ancestor in the tree); None when nothing is held out
+    novel: torch.Tensor | None = None
     bad_images: list[str] = field(default_factory=list)  # their one-line reasons, file named first
 
     def split_record(self) -> dict[str, Any]:
@@ -434,9 +438,12 @@ def _normalisation(cfg: dict, ds: HierDataset, chans: int) -> tuple[tuple[float,
     return mean, std
 
 
-def _relabelled(cfg: dict, splits: list[HierDataset], note: str) -> tuple[list[HierDataset], str]:
-    """``data.tree`` (another tree over the same classes) and ``data.keep_classes`` (part of the label set, the
-    tree pruned to it), applied after splitting so that the splits match a run on the data's own tree."""
+def _relabelled(cfg: dict, splits: list[HierDataset], note: str
+                ) -> tuple[list[HierDataset], str, torch.Tensor | None]:
+    """``data.tree`` (another tree over the same classes), ``data.keep_classes`` (part of the label set, the
+    tree pruned to it) and ``data.holdout_leaves`` (classes the model never sees, their test images labelled
+    with their nearest ancestor: :func:`~hiervision.data.base.hold_out`), applied after splitting so that the
+    splits match a run on the data's own tree. Returns the novel-image mask of the test split too."""
     if cfg.get("tree") is not None:
         tree = Taxonomy.load(cfg["tree"])
         splits = [move_to_tree(ds, tree) for ds in splits]
@@ -447,7 +454,13 @@ def _relabelled(cfg: dict, splits: list[HierDataset], note: str) -> tuple[list[H
             raise ValueError("data.keep_classes: must be a list of class names, A/B/C paths or ids")
         splits = keep_classes(splits, spec)
         note += f"; {len(splits[0].taxonomy.leaves)} classes kept (data.keep_classes)"
-    return splits, note
+    novel = None
+    if cfg.get("holdout_leaves") is not None:
+        before = len(splits[-1].taxonomy.leaves)
+        splits, novel = hold_out(splits, cfg["holdout_leaves"], int(cfg.get("split_seed", 0)))
+        note += (f"; {before - len(splits[-1].taxonomy.leaves)} of {before} classes held out (data.holdout_leaves: "
+                 f"{int(novel.sum())} novel test images, labelled with their nearest ancestor)")
+    return splits, note, novel
 
 
 def build_data(cfg: dict[str, Any]) -> DataBundle:
@@ -499,7 +512,7 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         train, val = pool.subset(rest), pool.subset(held)
     else:
         train, val = pool, pool.subset(torch.zeros(0, dtype=torch.long))
-    (train, val, test), note = _relabelled(cfg, [train, val, test], note)  # after splitting: same splits
+    (train, val, test), note, novel = _relabelled(cfg, [train, val, test], note)  # after splitting: same splits
     if fine_fraction is not None:
         keep, new, mask = split_fine_coarse(train.targets, train.taxonomy, fine_fraction, coarse_fraction,
                                             coarse_level, seed + 2, coarse_labels, ids=train.ids)
@@ -525,4 +538,5 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         train=train, val=val, test=test, taxonomy=train.taxonomy, in_chans=x0.shape[0],
         image_size=h if h == w else (h, w), multi_label=train.multi_label, mean=mean, std=std,
         name=name, note=note, cfg=dict(cfg), augmented=pipe is not None, skipped=len(bad), bad_images=list(bad),
+        novel=novel,
     )  # fmt: skip

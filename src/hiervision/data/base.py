@@ -7,6 +7,7 @@ seeded way, so a run is reproducible from its config alone.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -348,24 +349,100 @@ def move_to_tree(dataset: HierDataset, tree: Taxonomy, source: str = "data.tree"
     return out
 
 
-def class_keys(taxonomy: Taxonomy, spec: Sequence[str]) -> list[int]:
+def class_keys(taxonomy: Taxonomy, spec: Sequence[str], key: str = "data.keep_classes") -> list[int]:
     """The end classes ``spec`` names (a leaf's name, its ``A/B/C`` path or its external id, e.g. a WordNet id),
     in tree order; an unknown, ambiguous (a name several classes share) or repeated name is a one-line
-    ``ValueError`` naming it."""
+    ``ValueError`` naming it (and the config ``key``)."""
     by_key: dict[str, set[int]] = {}
     for n in taxonomy.leaves:
-        for key in {taxonomy.names[n], taxonomy.path_name(n), taxonomy.external_ids[n] or taxonomy.names[n]}:
-            by_key.setdefault(key, set()).add(n)
+        for k in {taxonomy.names[n], taxonomy.path_name(n), taxonomy.external_ids[n] or taxonomy.names[n]}:
+            by_key.setdefault(k, set()).add(n)
     unknown = [k for k in spec if k not in by_key]
     if unknown:
-        raise ValueError(f"data.keep_classes: {len(unknown)} name(s) are no end class of the tree, e.g. {unknown[0]!r}")
+        raise ValueError(f"{key}: {len(unknown)} name(s) are no end class of the tree, e.g. {unknown[0]!r}")
     shared = next((k for k in spec if len(by_key[k]) > 1), None)
     if shared is not None:
-        raise ValueError(f"data.keep_classes: {shared!r} names {len(by_key[shared])} classes; give its A/B/C path")
+        raise ValueError(f"{key}: {shared!r} names {len(by_key[shared])} classes; give its A/B/C path")
     nodes = [next(iter(by_key[k])) for k in spec]
     if len(set(nodes)) != len(nodes):
-        raise ValueError("data.keep_classes: a class is named twice")
+        raise ValueError(f"{key}: a class is named twice")
     return sorted(nodes)
+
+
+def held_out_leaves(taxonomy: Taxonomy, spec: float | Sequence[str], seed: int = 0) -> list[int]:
+    """The end classes ``data.holdout_leaves`` takes out: a list of names (:func:`class_keys`), or a fraction of
+    the end classes chosen by a seeded hash of each one's path — skipping any whose removal would leave an inner
+    node with no class (its images could have no right answer below the root). A list that empties a group is
+    refused in one line naming the group."""
+    key = "data.holdout_leaves"
+    leaves = list(taxonomy.leaves)
+    under = {n: 0 for n in range(taxonomy.num_nodes)}
+    for leaf in leaves:
+        for a in taxonomy.path(leaf)[:-1]:
+            under[a] += 1
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        if not 0 < spec < 1:
+            raise ValueError(f"{key}: a fraction must lie in (0, 1), got {spec!r}")
+        want = max(1, round(spec * len(leaves)))
+        order = sorted(leaves, key=lambda n: hashlib.sha256(f"{seed}/{taxonomy.path_name(n)}".encode()).hexdigest())
+        held: list[int] = []
+        for leaf in order:
+            if len(held) == want:
+                break
+            if all(under[a] > 1 for a in taxonomy.path(leaf)[:-1]):
+                held.append(leaf)
+                for a in taxonomy.path(leaf)[:-1]:
+                    under[a] -= 1
+        if len(held) < want:
+            raise ValueError(f"{key}: only {len(held)} of the {want} classes asked for can go without emptying a "
+                             "group; ask for a smaller fraction")
+        return sorted(held)
+    if not isinstance(spec, (list, tuple)) or not spec or not all(isinstance(k, str) for k in spec):
+        raise ValueError(f"{key}: must be a fraction in (0, 1) or a list of class names, A/B/C paths or ids")
+    held = class_keys(taxonomy, spec, key)
+    for leaf in held:
+        for a in taxonomy.path(leaf)[:-1]:
+            under[a] -= 1
+    empty = next((a for a in range(1, taxonomy.num_nodes) if under[a] == 0 and a not in set(leaves)), None)
+    if empty is not None:
+        raise ValueError(f"{key}: holding these out empties the group {taxonomy.path_name(empty)!r} (no class of it "
+                         "would be left to answer under); keep one of its classes")
+    if len(held) == len(leaves):
+        raise ValueError(f"{key}: holds out every class")
+    return held
+
+
+def hold_out(datasets: Sequence[HierDataset], spec: float | Sequence[str], seed: int = 0
+             ) -> tuple[list[HierDataset], torch.Tensor]:
+    """The open-world protocol (Lee et al., CVPR 2018): the held-out end classes (:func:`held_out_leaves`) leave
+    the training and validation splits and the tree; the last split (test) keeps their images, labelled with
+    their nearest ancestor that is still in the tree — the right answer for a class the model never saw.
+    Returns the splits (in the pruned tree) and the test split's ``(n,)`` bool mask of those novel images."""
+    *fitted, test = datasets
+    old = test.taxonomy
+    held = set(held_out_leaves(old, spec, seed))
+    tree = old.prune([n for n in old.leaves if n not in held])
+    new_of = {old_key: n for n in range(1, tree.num_nodes) for old_key in [tree.external_ids[n] or tree.path_name(n)]}
+    lut = torch.zeros(old.num_nodes, dtype=torch.long)  # every node -> itself or its nearest kept ancestor
+    for n in range(1, old.num_nodes):
+        a = n
+        while a > 0 and (old.external_ids[a] or old.path_name(a)) not in new_of:
+            a = old.parents[a]
+        lut[n] = new_of[old.external_ids[a] or old.path_name(a)] if a > 0 else 0
+    is_held = torch.zeros(old.num_nodes, dtype=torch.bool)
+    is_held[sorted(held)] = True
+    out = []
+    for ds in fitted:
+        if ds.multi_label:
+            raise ValueError("data.holdout_leaves: applies to single-label data")
+        part = ds.subset(torch.nonzero(~is_held[ds.targets]).flatten())
+        part = part.with_targets(lut[part.targets], part.coarse_mask)
+        part.taxonomy = tree
+        out.append(part)
+    novel = is_held[test.targets]
+    test = test.with_targets(lut[test.targets], test.coarse_mask | novel)
+    test.taxonomy = tree
+    return [*out, test], novel
 
 
 def keep_classes(datasets: Sequence[HierDataset], spec: Sequence[str]) -> list[HierDataset]:
