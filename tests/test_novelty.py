@@ -119,3 +119,21 @@ def test_a_folder_holds_out_classes_too(tmp_path):
     assert "Pug" not in d.taxonomy.names and int(d.novel.sum()) == int((d.test.targets == d.taxonomy.names.index(
         "Dogs")).sum()) > 0
     assert not torch.isin(d.train.targets, torch.tensor([d.taxonomy.names.index("Dogs")])).any()
+
+
+def test_a_run_with_held_out_classes_reports_the_open_world_in_metrics_and_evaluate(tmp_path, capsys):
+    import json
+
+    from hiervision.cli import main
+    from hiervision.training import train
+
+    cfg = load_config(overrides=["data={name: synthetic, n_train: 320, n_test: 256, size: 16, holdout_leaves: 0.3}",
+                                 "model={name: flat, backbone: resnet20, backbone_kwargs: {width: 0.5}}",
+                                 "train.epochs=1", "train.batch_size=64", "train.progress=false", "train.amp=none"])
+    train(cfg, tmp_path / "run")
+    ow = json.loads((tmp_path / "run" / "metrics.json").read_text())["open_world"]
+    assert ow["novel_images"] > 0 and ow["argmax"]["novel"] == 0.0
+    assert 0 <= ow["climbing"]["area"] <= 1 and 0 <= ow["darts"]["area"] <= 1
+    assert set(ow["bayes:hf1:inner"]) == {"known", "novel", "novel_distance"}
+    assert main(["evaluate", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["open_world"]["climbing"]["area"] == ow["climbing"]["area"]

@@ -52,9 +52,10 @@ def accuracies(answers, targets, novel, tree: TreeView) -> dict:
             "novel_distance": float(dist.mean())}
 
 
-def climbing_curve(marginals, start, targets, novel, tree: TreeView) -> dict:
+def climbing_curve(marginals, start, targets, novel, tree: TreeView, at: float | None = None) -> dict:
     """The known–novel accuracy curve of the climbing rule from ``start`` over every threshold θ (answer: the
-    deepest node on the start's path whose marginal is ≥ θ): :func:`curve_summary` of its points. Image i is
+    deepest node on the start's path whose marginal is ≥ θ): :func:`curve_summary` of its points (``at``: as
+    there). Image i is
     right for θ in ``(g_i, f_i]``: ``f_i`` the marginal of its right answer on the path (none: never right),
     ``g_i`` that of the path node just below it (−inf when it is the start)."""
     s, t, nv = _check(start, targets, novel)
@@ -76,17 +77,17 @@ def climbing_curve(marginals, start, targets, novel, tree: TreeView) -> dict:
         n = len(fs)
         return ((n - np.searchsorted(fs, thetas, "left")) - (n - np.searchsorted(gs, thetas, "left"))) / n
 
-    return curve_summary(share(~nv), share(nv))
+    return curve_summary(share(~nv), share(nv), at)
 
 
 def points_curve(answer_fn: Callable[[float], np.ndarray], values: Iterable[float], targets, novel,
-                 tree: TreeView) -> dict:
+                 tree: TreeView, at: float | None = None) -> dict:
     """The known–novel curve of a rule with a knob that is not one threshold on one path (DARTS' λ): one point
     per value, :func:`curve_summary` of them."""
     pts = [accuracies(answer_fn(float(v)), targets, novel, tree) for v in values]
     if not pts:
         raise ValueError("values must hold at least one knob setting")
-    return curve_summary(np.array([p["known"] for p in pts]), np.array([p["novel"] for p in pts]))
+    return curve_summary(np.array([p["known"] for p in pts]), np.array([p["novel"] for p in pts]), at)
 
 
 def _novel_at(known: np.ndarray, novel: np.ndarray, level: float) -> float | None:

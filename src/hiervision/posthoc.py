@@ -25,6 +25,7 @@ import torch
 
 from hiervision import marginals
 from hiervision import metrics as M
+from hiervision import novelty as N
 from hiervision import selective as S
 from hiervision.bayes import decode_rule
 from hiervision.decisions import (
@@ -48,8 +49,8 @@ from hiervision.restrict import Allowed
 from hiervision.rollup import Thresholds, climb
 from hiervision.taxonomy import Taxonomy
 
-__all__ = ["Answers", "evaluate_decisions", "guaranteed_report", "posthoc_report", "rollup_report",
-           "selective_report"]
+__all__ = ["Answers", "evaluate_decisions", "guaranteed_report", "open_world_report", "posthoc_report",
+           "rollup_report", "selective_report"]
 
 _MISTAKE_KEYS = ("leaf_accuracy", "path_accuracy", "hierarchical_f1", "hierarchical_f1_macro", "mistake_severity",
                  "depth_severity", "hdist@1", "hdist@5", "hdist@20")
@@ -69,6 +70,7 @@ def posthoc_report(
     targets: Sequence[float] = (0.9, 0.95, 0.99),
     decode: str = "argmax",
     per_level: bool = False,
+    novel: torch.Tensor | None = None,
 ) -> dict:
     """``{"temperature", "calibration": {"before", "after"}, "hedged": [...], "crm": {"argmax", "crm",
     "bayes:hf1", "bayes:hf1:inner"}, "selective": {rule: risk–coverage curve and hAURC},
@@ -77,7 +79,8 @@ def posthoc_report(
     :data:`RULES` beside argmax on the same calibrated scores.
 
     ``val``/``test``: the model's raw predictions (temperature 1) with their node-id targets;
-    ``per_level``: one temperature per tree level (``eval.calibrate: per_level``).
+    ``per_level``: one temperature per tree level (``eval.calibrate: per_level``); ``novel``: which test images
+    belong to classes held out of training (``data.holdout_leaves``), adding ``open_world``.
     """
     decode_rule(decode)  # a bad rule fails before anything is fitted
     if val.labels is not None or test.labels is not None:
@@ -90,7 +93,7 @@ def posthoc_report(
     # CRM's hdist@k ranks by expected risk, as in Karthik et al.
     risk = expected_lca_height(q1, taxonomy)
     reports["crm"].update(M.hierarchical_distance_at_k(q1, test_targets, taxonomy, ranking=risk))
-    return {
+    out = {
         "temperature": t,
         "calibration": {"before": M.calibration_report(q0, test_targets, taxonomy),
                         "after": M.calibration_report(q1, test_targets, taxonomy)},
@@ -99,6 +102,9 @@ def posthoc_report(
         "selective": selective_report(test_d, test_targets, taxonomy, t),
         "test": reports[decode],
     }
+    if novel is not None:
+        out["open_world"] = open_world_report(test_d, test_targets, novel, taxonomy, t)
+    return out
 
 
 def _rule_reports(test: EndDistribution, targets: torch.Tensor, taxonomy: Taxonomy, temperature: Temperature,
@@ -166,6 +172,8 @@ def evaluate_decisions(run_dir: str | os.PathLike, model, data, split: str, batc
               "eval_images_per_s": len(targets) / max(seconds, 1e-9), "decode": answers.decode,
               "temperature": temperature}
     result["selective"] = selective_report(dist, targets, data.taxonomy, temperature, answers.allowed)
+    if data.novel is not None and split == "test" and answers.allowed is None:
+        result["open_world"] = open_world_report(dist, targets, data.novel, data.taxonomy, temperature)
     if answers.thresholds is not None:
         result["rollup"] = rollup_report(calibrated, targets, data.taxonomy, answers.thresholds)
     if val is not None:
@@ -234,6 +242,30 @@ def selective_report(test: EndDistribution, targets: torch.Tensor, taxonomy: Tax
                                 [-np.inf, 0.0, *(r_max * np.logspace(-3, 4, 29))], t, tree),
     }
     return {rule: c.as_dict(max_points) for rule, c in curves.items()}
+
+
+def open_world_report(test: EndDistribution, targets: torch.Tensor, novel: torch.Tensor, taxonomy: Taxonomy,
+                      temperature: Temperature) -> dict:
+    """How each rule answers classes held out of training (``data.holdout_leaves``): a known image is right at
+    its end class, a novel one at exactly its nearest ancestor in the tree (Lee et al.). ``argmax`` is the
+    model's own answer (never right on a novel image); ``climbing`` (the roll-up from it, every threshold) and
+    ``darts`` (λ swept) trace known–novel curves (:func:`hiervision.novelty.curve_summary`: area, novel accuracy
+    at 50 % known and at argmax's known accuracy); ``bayes:hf1:inner`` answers once; ``min_prob_0.5`` is the
+    roll-up at 0.5, with the tree distance of its novel answers from the right ancestor."""
+    tree, t, nv = taxonomy.view, targets.cpu().numpy(), novel.cpu().numpy().astype(bool)
+    q, m = test.q(temperature), test.node_marginals(temperature)
+    m_np, start = m.double().cpu().numpy(), test.prediction.nodes.cpu().numpy()
+    own = N.accuracies(start, t, nv, tree)
+    r_max = float(rewards(taxonomy).max())
+    half = climb(m_np, start, tree, Thresholds((0.0,) + (0.5,) * tree.max_depth))
+    return {
+        "known_images": int((~nv).sum()), "novel_images": int(nv.sum()), "argmax": own,
+        "climbing": {**N.climbing_curve(m_np, start, t, nv, tree, at=own["known"])},
+        "darts": N.points_curve(lambda lam: hedge_nodes(m, taxonomy, lam).cpu().numpy(),
+                                [0.0, *(r_max * np.logspace(-3, 4, 29))], t, nv, tree, at=own["known"]),
+        "bayes:hf1:inner": N.accuracies(bayes_nodes(q, taxonomy, "hf1", True).cpu().numpy(), t, nv, tree),
+        "min_prob_0.5": N.accuracies(half, t, nv, tree),
+    }
 
 
 def guaranteed_report(val: EndDistribution, val_targets: torch.Tensor, calibrated: Prediction,

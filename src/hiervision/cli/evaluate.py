@@ -36,7 +36,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model.set_beam_width(args.beam_width)
     asked = _answers(args, cfg, taxonomy)
     if asked.accuracy is not None or asked.decode != "argmax" or not is_identity(model.temperature) \
-            or asked.thresholds or asked.allowed or asked.target:
+            or asked.thresholds or asked.allowed or asked.target or data.novel is not None:
         if args.given_level is not None and (asked.accuracy is not None or asked.target is not None):
             raise ValueError("--given-level cannot be combined with --accuracy or --target-accuracy (they fit on "
                              "plain predictions)")
