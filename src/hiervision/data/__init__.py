@@ -22,6 +22,7 @@ from hiervision.data.base import (
     TensorImageDataset,
     channel_stats,
     coarsen_labels,
+    coarsen_to_ancestors,
     hold_out,
     keep_classes,
     move_to_tree,
@@ -56,7 +57,7 @@ __all__ = [
 
 _COMMON = {"name", "root", "val_fraction", "split_seed", "limit_train", "limit_test", "image_size",
            "coarse_fraction", "coarse_level", "fine_fraction", "coarse_labels", "tree", "fallback",
-           "mean", "std", "keep_classes", "holdout_leaves"}  # fmt: skip
+           "mean", "std", "keep_classes", "holdout_leaves", "coarsen"}  # fmt: skip
 _SYNTH = {"size", "channels", "n_train", "n_test", "seed", "noise"}
 _FILES = {"check", "on_bad_image", "max_pixels", "check_cache"}  # file-backed sets: verification and limits
 _CANVAS = {"grid", "min_items", "max_items", "n_train", "n_val", "n_test", "seed", "variable_depth"}
@@ -513,6 +514,9 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
     else:
         train, val = pool, pool.subset(torch.zeros(0, dtype=torch.long))
     (train, val, test), note, novel = _relabelled(cfg, [train, val, test], note)  # after splitting: same splits
+    if cfg.get("coarsen") and (fine_fraction is not None or coarse_fraction > 0):
+        raise ValueError("data.coarsen: coarsens labels on its own; leave data.fine_fraction and "
+                         "data.coarse_fraction out")
     if fine_fraction is not None:
         keep, new, mask = split_fine_coarse(train.targets, train.taxonomy, fine_fraction, coarse_fraction,
                                             coarse_level, seed + 2, coarse_labels, ids=train.ids)
@@ -520,6 +524,11 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         train = train.subset(keep).with_targets(new, mask)
         note += (f"; S_fine {n_fine} ({fine_fraction:g}) + S_coarse {len(keep) - n_fine} "
                  f"({coarse_fraction:g}, labels: {coarse_labels}, depth {coarse_level})")
+    elif cfg.get("coarsen"):
+        new, mask = coarsen_to_ancestors(train.targets, train.taxonomy, float(cfg["coarsen"]), seed + 3,
+                                         ids=train.ids)
+        train = train.with_targets(new, mask)
+        note += f"; {int(mask.sum())} train labels ({cfg['coarsen']:g}) cut to a random proper ancestor (data.coarsen)"
     elif coarse_fraction > 0:
         new, mask = coarsen_labels(train.targets, train.taxonomy, coarse_fraction, coarse_level, seed + 2,
                                    ids=train.ids)

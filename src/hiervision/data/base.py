@@ -316,6 +316,28 @@ def split_fine_coarse(
     return keep, cut[keep], mask[keep]
 
 
+def coarsen_to_ancestors(targets: torch.Tensor, taxonomy: Taxonomy, fraction: float, seed: int,
+                         ids: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``data.coarsen``: replace the labels of a seeded ``fraction`` of samples by a proper ancestor of each,
+    its depth drawn uniformly (seeded) from those above the label — labels known only to the genus, or only as
+    "bird", mixed in one set (the free-grain setting). Samples at depth 1 have no proper ancestor below the root
+    and keep their labels. Returns ``(new_targets, coarse_mask)``."""
+    if targets.dim() != 1:
+        raise ValueError("data.coarsen: not supported for multi-label datasets")
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.coarsen: a fraction must lie in (0, 1), got {fraction!r}")
+    depth = taxonomy.depth_tensor[targets]
+    eligible = torch.nonzero(depth > 1).flatten().numpy()
+    chosen = np.sort(_draw(eligible, min(round(fraction * len(targets)), len(eligible)), seed, ids, "coarsen"))
+    rng = np.random.default_rng(seed)
+    mask = torch.zeros(len(targets), dtype=torch.bool)
+    mask[torch.from_numpy(chosen)] = True
+    new = targets.clone()
+    for i in chosen.tolist():  # an ancestor at depth 1 .. depth-1, drawn per sample
+        new[i] = taxonomy.path_matrix[targets[i], int(rng.integers(1, int(depth[i])) - 1)]
+    return new, mask
+
+
 def _draw(candidates: np.ndarray, count: int, seed: int, ids: Sequence[str] | None, salt: str) -> np.ndarray:
     """``count`` of the candidate indices: lowest id hash when ids are given, else a seeded permutation."""
     if ids is None:
