@@ -474,7 +474,10 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
     ``coarse_level`` (1), ``fine_fraction``/``coarse_labels`` (Guo et al.'s S_fine/S_coarse split, see
     :func:`~hiervision.data.base.split_fine_coarse`), ``tree`` (a taxonomy JSON over the same classes to
     relabel into, e.g. an induced one), ``keep_classes`` (train on these end classes only: names, ``A/B/C``
-    paths or ids; the tree pruned to them), ``fallback`` (a synthetic variant to use when the data files are missing),
+    paths or ids; the tree pruned to them), ``holdout_leaves`` (end classes the model never sees, names or a
+    seeded fraction; their test images labelled with their nearest ancestor, :attr:`DataBundle.novel`),
+    ``coarsen`` (a seeded fraction of training labels cut to a random proper ancestor), ``fallback`` (a
+    synthetic variant to use when the data files are missing),
     ``mean``/``std`` (per-channel normalisation in [0, 1] units used instead of the training images' statistics,
     e.g. a pretrained encoder's; they reach the checkpoint's meta and the export sidecar like computed ones).
 
