@@ -163,12 +163,14 @@ def test_guaranteed_threshold_holds_on_calibrated_data() -> None:
     fit = selective.guaranteed_threshold(m[:2000], start[:2000], targets[:2000], TREE, 0.9, 0.9)
     assert fit["feasible"] and fit["n"] == 2000 and 0 < fit["threshold"] <= 1
     assert fit["calibration_accuracy"] >= fit["k"] / 2000 >= 0.9
-    assert set(fit) == {"threshold", "target_accuracy", "confidence", "n", "k", "feasible", "calibration_accuracy"}
+    assert set(fit) == {"threshold", "target_accuracy", "confidence", "n", "k", "feasible", "calibration_accuracy",
+                        "test_size"}
     # 2,000 calibration images, 38,000 test images: the test set's own noise is small beside the calibration's
     out = selective.threshold_misses(m, start, targets, TREE, 0.9, 0.9, repeats=200, seed=1,
                                      calibration_fraction=0.05)
     assert out["repeats"] == 200 and out["miss_rate"] <= 0.1 + 0.05
     assert out["accuracy_mean"] >= 0.9 and out["coverage_mean"] > 0.2
+    assert out["test_set"]["miss_rate"] <= 0.1 + 0.05 and out["test_size"] == 38_000
     # the check has teeth: asking for 50% confidence misses about half the time
     coin = selective.threshold_misses(m, start, targets, TREE, 0.9, 0.5, repeats=200, seed=1,
                                       calibration_fraction=0.05)
@@ -209,3 +211,21 @@ def test_bad_inputs_say_one_line(call, word: str) -> None:
     with pytest.raises(ValueError) as err:
         call(m, s, t)
     assert word in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_test_set_bound_keeps_a_finite_test_sets_miss_rate_within_the_confidence():
+    """With exchangeable scores, a threshold bounded for a test set of m images misses its target on such a set
+    with probability ≤ 1 − confidence (the population bound may miss more: the set's own sampling noise)."""
+    from hiervision.selective import _order_index, _order_index_for
+
+    rng = np.random.default_rng(0)
+    n, m, a, c = 400, 400, 0.9, 0.9
+    k_set, k_pop = _order_index_for(n, m, a, c), _order_index(n, a, c)
+    assert k_set >= k_pop
+    misses = {"set": 0, "population": 0}
+    for _ in range(2000):
+        cal, test = np.sort(rng.random(n)), rng.random(m)
+        misses["set"] += np.mean(test < cal[k_set - 1]) < a
+        misses["population"] += np.mean(test < cal[k_pop - 1]) < a
+    assert misses["set"] / 2000 <= 1 - c + 0.02
+    assert misses["population"] > misses["set"]

@@ -277,7 +277,8 @@ def guaranteed_report(val: EndDistribution, val_targets: torch.Tensor, calibrate
     tree = taxonomy.view
     vm = val.node_marginals(temperature).double().cpu().numpy()
     v_start = calibrate(val, taxonomy, temperature, answers.decode, answers.allowed).nodes.cpu().numpy()
-    fit = S.guaranteed_threshold(vm, v_start, val_targets.cpu().numpy(), tree, accuracy, confidence)
+    # bounded for a set the size of the split it is measured on (the population bound is looser by that set's noise)
+    fit = S.guaranteed_threshold(vm, v_start, val_targets.cpu().numpy(), tree, accuracy, confidence, len(targets))
     m, start = calibrated.scores.double().cpu().numpy(), calibrated.nodes.cpu().numpy()
     nodes = climb(m, start, tree, Thresholds((0.0,) + (fit["threshold"],) * tree.max_depth))
     reached = coverage_report(torch.from_numpy(nodes), targets, taxonomy)

@@ -206,6 +206,33 @@ def _order_index(n: int, target_accuracy: float, confidence: float) -> int | Non
     return int(ok[0]) + 1 if len(ok) else None
 
 
+def _order_index_for(n: int, test_size: int, target_accuracy: float, confidence: float) -> int | None:
+    """The smallest k for which a set of ``test_size`` new images reaches the target with probability ≥
+    ``confidence``: for exchangeable scores the number J of them below the k-th smallest of n has
+    ``P(J = j) = C(k−1+j, j)·C(n−k+test_size−j, test_size−j) / C(n+test_size, test_size)``, and the set misses
+    when ``J < ⌈A·test_size⌉`` (what a finite test set adds to the population bound of :func:`_order_index`)."""
+    need = math.ceil(target_accuracy * test_size - 1e-9)
+    j = np.arange(need)
+    log_total = math.lgamma(n + test_size + 1) - math.lgamma(test_size + 1) - math.lgamma(n + 1)
+
+    def miss(k: int) -> float:  # P(J < need), decreasing in k
+        a = np.array([math.lgamma(k + i) for i in j]) - math.lgamma(k) - np.array([math.lgamma(i + 1) for i in j])
+        rest = n - k + test_size - j
+        b = (np.array([math.lgamma(r + 1) for r in rest]) - np.array([math.lgamma(test_size - i + 1) for i in j])
+             - math.lgamma(n - k + 1))
+        return float(np.exp(a + b - log_total).sum())
+
+    if need == 0:
+        return 1
+    if miss(n) > 1.0 - confidence:
+        return None
+    lo, hi = 1, n  # binary search for the first k whose miss probability is small enough
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if miss(mid) <= 1.0 - confidence else (mid + 1, hi)
+    return lo
+
+
 def _threshold_at(sorted_scores: np.ndarray, k: int | None) -> float:
     """θ just above the k-th smallest score (so it and every smaller one are correct); 0 when that score is
     −inf (the start is right), :data:`ROOT_ONLY` when k is None."""
@@ -223,30 +250,35 @@ def _check_levels(target_accuracy: float, confidence: float) -> tuple[float, flo
 
 
 def guaranteed_threshold(marginals, start, targets, tree: TreeView, target_accuracy: float,
-                         confidence: float) -> dict:
+                         confidence: float, test_size: int | None = None) -> dict:
     """A climbing threshold θ̂ fitted on these (calibration) images whose accuracy on new exchangeable images
-    is ≥ ``target_accuracy`` with probability ≥ ``confidence`` over the draw of the calibration set.
+    is ≥ ``target_accuracy`` with probability ≥ ``confidence`` over the draw of the calibration set — of the
+    population (default), or with ``test_size`` of a set of that many new images (its own sampling noise
+    included, so θ̂ is more cautious).
 
     θ̂ lies just above the k-th smallest tight score (:func:`tight_thresholds`), k the smallest order that
-    the binomial bound allows; with too few images no k does, and θ̂ answers the root always
-    (``"feasible": False``). Returns ``{"threshold", "target_accuracy", "confidence", "n", "k", "feasible",
-    "calibration_accuracy"}``."""
+    the bound allows; with too few images no k does, and θ̂ answers the root always (``"feasible": False``).
+    Returns ``{"threshold", "target_accuracy", "confidence", "n", "k", "feasible", "calibration_accuracy",
+    "test_size"}``."""
     target_accuracy, confidence = _check_levels(target_accuracy, confidence)
     scores = np.sort(tight_thresholds(marginals, start, targets, tree))
-    k = _order_index(len(scores), target_accuracy, confidence)
+    k = (_order_index(len(scores), target_accuracy, confidence) if test_size is None
+         else _order_index_for(len(scores), int(test_size), target_accuracy, confidence))
     theta = _threshold_at(scores, k)
     return {"threshold": theta, "target_accuracy": target_accuracy, "confidence": confidence,
             "n": len(scores), "k": k, "feasible": k is not None,
-            "calibration_accuracy": float(np.mean(scores < theta))}
+            "calibration_accuracy": float(np.mean(scores < theta)), "test_size": test_size}
 
 
 def threshold_misses(marginals, start, targets, tree: TreeView, target_accuracy: float, confidence: float,
                      repeats: int = 100, seed: int = 0, calibration_fraction: float = 0.5) -> dict:
     """How often :func:`guaranteed_threshold` misses its target: over ``repeats`` random calibration/test
     splits of these images, fit θ̂ on the calibration part and measure hierarchical accuracy and coverage
-    on the rest. ``miss_rate`` should stay near or below ``1 − confidence`` (plus the test part's own noise).
-    Returns ``{"repeats", "target_accuracy", "confidence", "miss_rate", "accuracy_mean", "accuracy_min",
-    "coverage_mean"}``; deterministic by ``seed``."""
+    on the rest. The population bound's ``miss_rate`` may exceed ``1 − confidence`` by the test part's own
+    sampling noise; ``test_set`` holds the same for θ̂ bounded for a test set of that size, whose miss rate
+    stays at or below ``1 − confidence``. Returns ``{"repeats", "target_accuracy", "confidence", "test_size",
+    "miss_rate", "accuracy_mean", "accuracy_min", "coverage_mean", "test_set": {the same four}}``;
+    deterministic by ``seed``."""
     target_accuracy, confidence = _check_levels(target_accuracy, confidence)
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"repeats must be a whole number ≥ 1, got {repeats!r}")
@@ -258,16 +290,24 @@ def threshold_misses(marginals, start, targets, tree: TreeView, target_accuracy:
         raise ValueError(f"calibration_fraction {calibration_fraction} leaves no calibration or no test images "
                          f"of {len(m)}")
     scores, v = tight_thresholds(m, s, t, tree), coverage_values(tree)
-    k = _order_index(n_cal, target_accuracy, confidence)  # depends on n only: once for every split
+    n_test = len(m) - n_cal
+    # the orders depend on the sizes only: once for every split
+    orders = {"population": _order_index(n_cal, target_accuracy, confidence),
+              "test_set": _order_index_for(n_cal, n_test, target_accuracy, confidence)}
     rng = np.random.default_rng(seed)
-    acc, cov = np.empty(repeats), np.empty(repeats)
+    acc, cov = np.empty((2, repeats)), np.empty((2, repeats))
     for r in range(repeats):
         perm = rng.permutation(len(m))
         cal, test = perm[:n_cal], perm[n_cal:]
-        theta = _threshold_at(np.sort(scores[cal]), k)
-        acc[r] = np.mean(scores[test] < theta)
-        answers = climb(m[test], s[test], tree, Thresholds((0.0,) + (theta,) * tree.max_depth))
-        cov[r] = v[answers].mean()
-    return {"repeats": repeats, "target_accuracy": target_accuracy, "confidence": confidence,
-            "miss_rate": float(np.mean(acc < target_accuracy)), "accuracy_mean": float(acc.mean()),
-            "accuracy_min": float(acc.min()), "coverage_mean": float(cov.mean())}
+        ranked = np.sort(scores[cal])
+        for i, k in enumerate(orders.values()):
+            theta = _threshold_at(ranked, k)
+            acc[i, r] = np.mean(scores[test] < theta)
+            answers = climb(m[test], s[test], tree, Thresholds((0.0,) + (theta,) * tree.max_depth))
+            cov[i, r] = v[answers].mean()
+    out = {"repeats": repeats, "target_accuracy": target_accuracy, "confidence": confidence, "test_size": n_test}
+    for i, name in enumerate(orders):
+        part = {"miss_rate": float(np.mean(acc[i] < target_accuracy)), "accuracy_mean": float(acc[i].mean()),
+                "accuracy_min": float(acc[i].min()), "coverage_mean": float(cov[i].mean())}
+        out.update(part) if name == "population" else out.update({name: part})
+    return out
