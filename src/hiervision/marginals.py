@@ -72,6 +72,14 @@ def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature
         leaf = tree.end_mask("leaves")
         q = np.where(leaf, s, np.clip(s - child_sum, 0, None)) * mask
         return apply_temperature(q / np.clip(q.sum(1, keepdims=True), 1e-12, None), temperature, tree, ends)
+    inner = ~mask
+    inner[0] = False
+    q = s * mask
+    total = q.sum(1, keepdims=True)
+    if np.allclose(total, 1.0, atol=1e-4) and np.allclose(child_sum[:, inner], s[:, inner], atol=1e-5):
+        # coherent scores (a flat softmax's marginals, a restricted distribution's): every inner node holds its
+        # leaves' sum, so pushing down would give the leaves back — one pass instead of one per level
+        return apply_temperature(q / total, temperature, tree, ends)
     n_leaves = tree.subtree_sum(mask[None].astype(np.float64))[0]  # (N+1,) leaves under each node
     rest = np.clip(s - child_sum, 0, None)
     unscored = s <= 0

@@ -568,9 +568,10 @@ class Predictor:
         records = [prediction_record(f, self.tree, d["path_ids"], d["path_probability"], d["node_scores"],
                                      d["top_k"], d.get("paths")) for f, d in zip(files, decoded)]
         if thresholds is not None and dec["kind"] != "multi_label" and decoded:
-            q = end_distribution(np.stack([np.asarray(d["node_scores"]) for d in decoded]), self.tree,
-                                 dec.get("end_nodes", "leaves"))
-            marg = node_marginals(q, self.tree)
+            scores = np.stack([np.asarray(d["node_scores"]) for d in decoded])
+            # restricted scores already are the node marginals of the renormalised distribution
+            marg = scores if allowed is not None else node_marginals(
+                end_distribution(scores, self.tree, dec.get("end_nodes", "leaves")), self.tree)
             records = [rollup_record(rec, marg[r], self.tree, thresholds) for r, rec in enumerate(records)]
         if allowed is not None:
             for rec in records:
