@@ -464,6 +464,45 @@ def _relabelled(cfg: dict, splits: list[HierDataset], note: str
     return splits, note, novel
 
 
+def _coarse_spec(cfg: dict) -> tuple[float | None, float, int, str]:
+    """``(fine_fraction, coarse_fraction, coarse_level, coarse_labels)``, each checked."""
+    coarse_fraction = _frac(cfg, "coarse_fraction", 0.0, hi_open=False)
+    coarse_level = _int(cfg, "coarse_level", 1, 1)
+    fine_fraction = None if cfg.get("fine_fraction") is None else _frac(cfg, "fine_fraction", 1.0, hi_open=False)
+    coarse_labels = cfg.get("coarse_labels", "coarse")
+    if fine_fraction is None and coarse_labels != "coarse":
+        raise ValueError("data.coarse_labels: applies only with data.fine_fraction (the S_fine/S_coarse split)")
+    if cfg.get("coarsen") and (fine_fraction is not None or coarse_fraction > 0):
+        raise ValueError("data.coarsen: coarsens labels on its own; leave data.fine_fraction and "
+                         "data.coarse_fraction out")
+    return fine_fraction, coarse_fraction, coarse_level, coarse_labels
+
+
+def _coarse_labels(cfg: dict, coarse: tuple, train: HierDataset, note: str, seed: int) -> tuple[HierDataset, str]:
+    """Training labels made coarse on purpose (:func:`_coarse_spec`): Guo et al.'s S_fine/S_coarse split
+    (``fine_fraction``), a fraction cut to one depth (``coarse_fraction``/``coarse_level``) or to random proper
+    ancestors (``coarsen``)."""
+    fine_fraction, coarse_fraction, coarse_level, coarse_labels = coarse
+    if fine_fraction is not None:
+        keep, new, mask = split_fine_coarse(train.targets, train.taxonomy, fine_fraction, coarse_fraction,
+                                            coarse_level, seed + 2, coarse_labels, ids=train.ids)
+        n_fine = round(fine_fraction * len(train))
+        return train.subset(keep).with_targets(new, mask), note + (
+            f"; S_fine {n_fine} ({fine_fraction:g}) + S_coarse {len(keep) - n_fine} "
+            f"({coarse_fraction:g}, labels: {coarse_labels}, depth {coarse_level})")
+    if cfg.get("coarsen"):
+        new, mask = coarsen_to_ancestors(train.targets, train.taxonomy, float(cfg["coarsen"]), seed + 3,
+                                         ids=train.ids)
+        return train.with_targets(new, mask), note + (
+            f"; {int(mask.sum())} train labels ({cfg['coarsen']:g}) cut to a random proper ancestor (data.coarsen)")
+    if coarse_fraction > 0:
+        new, mask = coarsen_labels(train.targets, train.taxonomy, coarse_fraction, coarse_level, seed + 2,
+                                   ids=train.ids)
+        return train.with_targets(new, mask), note + (
+            f"; {int(mask.sum())} train labels ({coarse_fraction:g}) cut to depth {coarse_level}")
+    return train, note
+
+
 def build_data(cfg: dict[str, Any]) -> DataBundle:
     """Build train/val/test datasets and their metadata from a config dict (see :data:`DATASETS` for keys).
 
@@ -491,12 +530,7 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
     name = _check_cfg(cfg)
     seed = _int(cfg, "split_seed", 0)
     val_fraction = _frac(cfg, "val_fraction", 0.1)
-    coarse_fraction = _frac(cfg, "coarse_fraction", 0.0, hi_open=False)
-    coarse_level = _int(cfg, "coarse_level", 1, 1)
-    fine_fraction = None if cfg.get("fine_fraction") is None else _frac(cfg, "fine_fraction", 1.0, hi_open=False)
-    coarse_labels = cfg.get("coarse_labels", "coarse")
-    if fine_fraction is None and coarse_labels != "coarse":
-        raise ValueError("data.coarse_labels: applies only with data.fine_fraction (the S_fine/S_coarse split)")
+    coarse = _coarse_spec(cfg)  # checked before any data loads
     pipe = pipeline_from_cfg(cfg, _size(cfg))
     try:
         pool, test, val, note, bad = _load(cfg, name, seed)
@@ -517,26 +551,7 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
     else:
         train, val = pool, pool.subset(torch.zeros(0, dtype=torch.long))
     (train, val, test), note, novel = _relabelled(cfg, [train, val, test], note)  # after splitting: same splits
-    if cfg.get("coarsen") and (fine_fraction is not None or coarse_fraction > 0):
-        raise ValueError("data.coarsen: coarsens labels on its own; leave data.fine_fraction and "
-                         "data.coarse_fraction out")
-    if fine_fraction is not None:
-        keep, new, mask = split_fine_coarse(train.targets, train.taxonomy, fine_fraction, coarse_fraction,
-                                            coarse_level, seed + 2, coarse_labels, ids=train.ids)
-        n_fine = round(fine_fraction * len(train))
-        train = train.subset(keep).with_targets(new, mask)
-        note += (f"; S_fine {n_fine} ({fine_fraction:g}) + S_coarse {len(keep) - n_fine} "
-                 f"({coarse_fraction:g}, labels: {coarse_labels}, depth {coarse_level})")
-    elif cfg.get("coarsen"):
-        new, mask = coarsen_to_ancestors(train.targets, train.taxonomy, float(cfg["coarsen"]), seed + 3,
-                                         ids=train.ids)
-        train = train.with_targets(new, mask)
-        note += f"; {int(mask.sum())} train labels ({cfg['coarsen']:g}) cut to a random proper ancestor (data.coarsen)"
-    elif coarse_fraction > 0:
-        new, mask = coarsen_labels(train.targets, train.taxonomy, coarse_fraction, coarse_level, seed + 2,
-                                   ids=train.ids)
-        train = train.with_targets(new, mask)
-        note += f"; {int(mask.sum())} train labels ({coarse_fraction:g}) cut to depth {coarse_level}"
+    train, note = _coarse_labels(cfg, coarse, train, note, seed)
     if pipe is not None:
         lazy = [type(ds).__name__ for ds in (train, val, test) if isinstance(ds, (TensorImageDataset, FeatureDataset))]
         if lazy:

@@ -263,6 +263,15 @@ def _docs(app: FastAPI) -> None:
                                    swagger_favicon_url="/docs/assets/favicon.png")
 
 
+_PREDICT_FIELDS = (
+    "Optional form fields answer this request under other options than the server's defaults (`GET /health` → "
+    "`answers`): `within` restricts the answers to end classes under these nodes (comma-separated names or paths "
+    "such as `Animals/Dogs`; the record's `allowed`); `min_prob` (a number in [0, 1]) and `min_prob_at` "
+    "(`LEVEL=P,...`, e.g. `3=0.8,2=0.6`) roll each answer up to the deepest node of its path that meets its "
+    "threshold (the record's `rollup`: where and why it stopped). A field that is sent replaces its default; a "
+    "bad value is answered 422.")
+
+
 def create_app(
     predictor: ImagePredictor,
     max_batch: int = 32,
@@ -291,15 +300,10 @@ def create_app(
     _docs(app)
 
     _errors(app)
+
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
               summary="Predict the class path of one or more images",
-              description="Optional form fields answer this request under other options than the server's "
-                          "defaults (`GET /health` → `answers`): `within` restricts the answers to end classes under "
-                          "these nodes (comma-separated names or paths such as `Animals/Dogs`; the record's "
-                          "`allowed`); `min_prob` (a number in [0, 1]) and `min_prob_at` (`LEVEL=P,...`, e.g. "
-                          "`3=0.8,2=0.6`) roll each answer up to the deepest node of its path that meets its "
-                          "threshold (the record's `rollup`: where and why it stopped). A field that is sent "
-                          "replaces its default; a bad value is answered 422.",
+              description=_PREDICT_FIELDS,
               responses={400: {"description": "not an image / truncated image"},
                          408: {"description": "request body too slow"},
                          413: {"description": "body, file count or pixel count over the limit"},
