@@ -224,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     ledger_path = results / "selective.json"
     ledger = json.loads(ledger_path.read_text(encoding="utf-8")) if ledger_path.exists() else {}
     for cell in _cells(args.budget, args.seeds, runs, args.data):
+        key = f"{cell.method.key}/{cell.data.key}/s{cell.seed}"
+        if ledger.get(key, {}).get("digest") == cell.digest:  # measured in an earlier sitting (maybe elsewhere)
+            continue
         if not cell.trained():
             train_cell(cell, train, print)
-        key = f"{cell.method.key}/{cell.data.key}/s{cell.seed}"
-        if ledger.get(key, {}).get("digest") == cell.digest:
-            continue
         t0 = time.perf_counter()
         ledger[key] = {"digest": cell.digest, **measure(cell.run_dir)}
         print(f"[selective] {key}: hAURC {ledger[key]['hAURC']} ({time.perf_counter() - t0:.0f} s)", flush=True)
