@@ -67,9 +67,9 @@ def climbing_curve(marginals, start, targets, novel, tree: TreeView, at: float |
     on = hit.any(1)
     d = hit.argmax(1)
     f = np.where(on, keys[np.arange(len(s)), d], -np.inf)
+    # keys are −inf past a path's end, so the node below the last one reads −inf too
     below = np.where(d + 1 < paths.shape[1], keys[np.arange(len(s)), np.minimum(d + 1, paths.shape[1] - 1)], -np.inf)
-    g = np.where(on & (d + 1 < paths.shape[1]) & real[np.arange(len(s)), np.minimum(d + 1, paths.shape[1] - 1)],
-                 below, -np.inf)
+    g = np.where(on, below, -np.inf)
     thetas = np.unique(np.concatenate([[0.0], f[on], np.nextafter(g[np.isfinite(g)], np.inf), [math.nextafter(1, 2)]]))
 
     def share(rows: np.ndarray) -> np.ndarray:  # right at each θ: #{f ≥ θ} − #{g ≥ θ}, as g < f on the path

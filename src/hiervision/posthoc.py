@@ -260,7 +260,7 @@ def open_world_report(test: EndDistribution, targets: torch.Tensor, novel: torch
     half = climb(m_np, start, tree, Thresholds((0.0,) + (0.5,) * tree.max_depth))
     return {
         "known_images": int((~nv).sum()), "novel_images": int(nv.sum()), "argmax": own,
-        "climbing": {**N.climbing_curve(m_np, start, t, nv, tree, at=own["known"])},
+        "climbing": N.climbing_curve(m_np, start, t, nv, tree, at=own["known"]),
         "darts": N.points_curve(lambda lam: hedge_nodes(m, taxonomy, lam).cpu().numpy(),
                                 [0.0, *(r_max * np.logspace(-3, 4, 29))], t, nv, tree, at=own["known"]),
         "bayes:hf1:inner": N.accuracies(bayes_nodes(q, taxonomy, "hf1", True).cpu().numpy(), t, nv, tree),

@@ -114,10 +114,9 @@ def trace(marginals: np.ndarray, start: int, tree: TreeView, thresholds: Thresho
     marginal (1-D ``marginals`` for this image)."""
     m = np.asarray(marginals, dtype=np.float64).reshape(-1)
     path = [int(n) for n in tree.path(int(start))] if start > 0 else []
-    steps = [{"node": tree.names[n], "probability": round(float(m[n]), digits),
-              "threshold": thresholds.at[d] if d < len(thresholds.at) else 0.0,
-              "met": bool(m[n] >= (thresholds.at[d] if d < len(thresholds.at) else 0.0))}
-             for d, n in enumerate(path, start=1)]
+    limits = [thresholds.at[d] for d in range(1, len(path) + 1)]  # Thresholds.of covers every depth of its tree
+    steps = [{"node": tree.names[n], "probability": round(float(m[n]), digits), "threshold": t, "met": bool(m[n] >= t)}
+             for n, t in zip(path, limits)]
     k = max((d for d, s in enumerate(steps, start=1) if s["met"]), default=0)
     node = path[k - 1] if k else 0
     if k == len(path) and path:

@@ -329,12 +329,12 @@ def coarsen_to_ancestors(targets: torch.Tensor, taxonomy: Taxonomy, fraction: fl
     depth = taxonomy.depth_tensor[targets]
     eligible = torch.nonzero(depth > 1).flatten().numpy()
     chosen = np.sort(_draw(eligible, min(round(fraction * len(targets)), len(eligible)), seed, ids, "coarsen"))
-    rng = np.random.default_rng(seed)
     mask = torch.zeros(len(targets), dtype=torch.bool)
     mask[torch.from_numpy(chosen)] = True
     new = targets.clone()
-    for i in chosen.tolist():  # an ancestor at depth 1 .. depth-1, drawn per sample
-        new[i] = taxonomy.path_matrix[targets[i], int(rng.integers(1, int(depth[i])) - 1)]
+    idx = torch.from_numpy(chosen).long()
+    level = torch.from_numpy(np.random.default_rng(seed).integers(1, depth[idx].numpy()))  # depth 1 .. depth-1
+    new[idx] = taxonomy.path_matrix[targets[idx], level - 1]
     return new, mask
 
 
