@@ -16,7 +16,7 @@ from hiervision.export import sidecar, torch_engine
 from hiervision.marginals import node_marginals
 from hiervision.models.registry import create_model
 from hiervision.records import TreeView
-from hiervision.restrict import Allowed, restrict_q
+from hiervision.restrict import Allowed, restrict_q, restricted_marginals
 from hiervision.rollup import Thresholds, climb, trace
 from hiervision.runtime import Predictor, beam_search
 from hiervision.training import train
@@ -94,6 +94,20 @@ def test_the_restricted_distribution_is_renormalised_over_the_allowed_classes():
     assert m[0, 3] == 0 and np.isclose(m[0, 1], 0.14 / 0.24)
 
 
+
+def test_restricted_marginals_read_on_demand_equal_the_dense_ones():
+    rng = np.random.default_rng(0)
+    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, 200)]  # a random tree, node ids in any order
+    tree = TreeView(names=tuple(f"n{i}" for i in range(200)), parents=tuple(parents))
+    leaves = np.flatnonzero(tree.end_mask("leaves"))
+    allowed = Allowed.of(tree, class_names=[f"n{i}" for i in leaves[::3]])
+    q = rng.random((4, 200)) * tree.end_mask("leaves")
+    q[1, allowed.ends] = 0  # no mass on the allowed classes: spread evenly, as restrict_q does
+    dense = node_marginals(restrict_q(q, allowed), tree)
+    lazy = restricted_marginals(q[:, allowed.order], allowed)
+    assert np.allclose(np.stack([np.asarray(m) for m in lazy]), dense, atol=1e-12)
+    assert all(np.isclose(m[v], dense[r, v]) for r, m in enumerate(lazy) for v in (0, 5, int(leaves[0])))
+
 def _flat(seed: int = 0):
     torch.manual_seed(seed)
     return create_model("flat", fashion_mnist_taxonomy(), **SMALL).eval()
@@ -115,6 +129,9 @@ def test_restricted_flat_answers_the_argmax_over_the_allowed_classes_in_torch_an
         images.numpy(), allowed=allowed)
     assert [r["path_ids"][-1] for r in records] == want.tolist()
     assert np.allclose([r["path_probability"] for r in records], got.path_prob.numpy(), atol=1e-5)
+    rows = Predictor(sidecar=sidecar(model, META), engine=torch_engine(model)).predict_arrays(
+        images.numpy(), allowed=allowed, node_scores=True)
+    assert np.allclose([r["node_scores"] for r in rows], got.scores.numpy(), atol=1e-5)
     assert all(r["allowed"] == {"description": "within Shoes, Bottoms", "classes": 4} for r in records)
 
 

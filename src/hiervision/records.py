@@ -81,13 +81,12 @@ def prediction_record(
         digits: rounding of the probabilities, so JSON lines stay short.
     """
     ids = _ids(path_ids)
-    scores = np.asarray(node_scores, dtype=np.float64)
     record: dict = {
         "file": str(file),
         "path": [tree.names[n] for n in ids],
         "path_ids": ids,
         "path_probability": round(float(path_probability), digits),
-        "node_probabilities": [round(float(scores[n]), digits) for n in ids],
+        "node_probabilities": [round(float(node_scores[n]), digits) for n in ids],  # any array indexed by node id
         "top_k": [],
     }
     for alt, prob in top_k:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hiervision.records import TreeView
+from hiervision.restrict import RestrictedMarginals
 
 __all__ = ["Thresholds", "climb", "parse_levels", "rollup_record", "trace"]
 
@@ -112,7 +113,7 @@ def trace(marginals: np.ndarray, start: int, tree: TreeView, thresholds: Thresho
     ``why`` is the sentence a person reads: "reached Beagle: 0.91 ≥ 0.80", or "stopped at Dogs: Beagle
     0.41 < 0.80" (the first node below the answer that fell short). Every probability is the node's
     marginal (1-D ``marginals`` for this image)."""
-    m = np.asarray(marginals, dtype=np.float64).reshape(-1)
+    m = marginals if isinstance(marginals, RestrictedMarginals) else np.asarray(marginals, dtype=np.float64).reshape(-1)
     path = [int(n) for n in tree.path(int(start))] if start > 0 else []
     limits = [thresholds.at[d] for d in range(1, len(path) + 1)]  # Thresholds.of covers every depth of its tree
     steps = [{"node": tree.names[n], "probability": round(float(m[n]), digits), "threshold": t, "met": bool(m[n] >= t)}

@@ -31,7 +31,7 @@ from hiervision.marginals import (
     node_marginals,
 )
 from hiervision.records import PAD, TreeView, error_record, prediction_record, top_k_ends
-from hiervision.restrict import Allowed, restrict_q
+from hiervision.restrict import Allowed, restrict_q, restricted_marginals
 from hiervision.rollup import Thresholds, rollup_record
 from hiervision.sidecar import SIDECAR_FORMAT, TREE_KEY, check_sidecar, check_width, load_sidecar
 
@@ -290,23 +290,32 @@ def calibrate_batch(tree: TreeView, decoder: dict, decoded: list[dict], temperat
             for r, d in enumerate(decoded)]
 
 
-def restrict_batch(tree: TreeView, decoder: dict, decoded: list[dict], allowed: Allowed | None) -> list[dict]:
+def restrict_batch(tree: TreeView, decoder: dict, decoded: list[dict], allowed: Allowed | None,
+                   ranked: bool = True) -> list[dict]:
     """Answers restricted to the allowed end classes (:mod:`hiervision.restrict`): each record's end-class
-    distribution is renormalised over them, ``node_scores`` become its node marginals, and the answer and
-    the alternatives are the most probable allowed classes with their renormalised probabilities. The beam
-    searches already searched allowed paths only (:func:`decode_batch`): they keep their paths, and their
-    probabilities are the decoder's own over those paths."""
+    distribution is renormalised over them, ``node_scores`` become its node marginals (read on demand:
+    :class:`~hiervision.restrict.RestrictedMarginals`), and the answer and the alternatives are the most
+    probable allowed classes with their renormalised probabilities. The beam searches already searched
+    allowed paths only (:func:`decode_batch`): they keep their paths, and their probabilities are the
+    decoder's own over those paths. ``ranked``: :func:`decode_batch`'s order of the allowed classes is still
+    the distribution's (no temperature per level since), so an exact decoder's answers are kept."""
     if allowed is None or not decoded:
         return decoded
-    if decoder["kind"] == "multi_label":
+    kind, ends = decoder["kind"], decoder.get("end_nodes", "leaves")
+    if kind == "multi_label":
         raise ValueError("answers restricted to classes (within, classes) apply to single-label models only")
-    ends = decoder.get("end_nodes", "leaves")
-    q = restrict_q(end_distribution(np.stack([np.asarray(d["node_scores"]) for d in decoded]), tree, ends), allowed)
-    marg = node_marginals(q, tree)
-    if decoder["kind"] in ("beam", "beam_steps"):
-        return [{**d, "node_scores": marg[r]} for r, d in enumerate(decoded)]
+    if kind == "exact" and ends == "leaves" and ranked and all(d["path_ids"] for d in decoded):
+        # an exact decoder's node scores are its node marginals (a leaf's is its probability), and
+        # decode_batch ranked the allowed leaves already: only the renormaliser is new
+        marg = restricted_marginals(np.stack([np.asarray(d["node_scores"])[allowed.order] for d in decoded]), allowed)
+        return [{**d, "path_probability": float(m[d["path_ids"][-1]]), "node_scores": m,
+                 "top_k": [(path, float(m[path[-1]])) for path, _ in d["top_k"]]} for d, m in zip(decoded, marg)]
+    q = end_distribution(np.stack([np.asarray(d["node_scores"]) for d in decoded]), tree, ends)
+    marg = restricted_marginals(q[:, allowed.order], allowed)
+    if kind in ("beam", "beam_steps"):
+        return [{**d, "node_scores": m} for d, m in zip(decoded, marg)]
     k = max(len(d["top_k"]) for d in decoded) or 1
-    alt_nodes, alt_probs = top_k_ends(q, k)
+    alt_nodes, alt_probs = top_k_ends(restrict_q(q, allowed), k)
     return [{**d, "path_ids": _path_of(tree, int(alt_nodes[r, 0])), "path_probability": float(alt_probs[r, 0]),
              "node_scores": marg[r],
              "top_k": [(_path_of(tree, int(n)), float(p)) for n, p in zip(alt_nodes[r], alt_probs[r]) if n > 0]}
@@ -562,16 +571,16 @@ class Predictor:
         outputs = self.engine.run(np.ascontiguousarray(x))
         decoded = decode_batch(self.tree, dec, outputs, self.engine, self.top_k, allowed)
         decoded = calibrate_batch(self.tree, dec, decoded, self.temperature)
-        decoded = restrict_batch(self.tree, dec, decoded, allowed)
+        decoded = restrict_batch(self.tree, dec, decoded, allowed, not isinstance(self.temperature, tuple))
         decoded = decide_records(self.tree, dec.get("end_nodes", "leaves"), decoded, self.decode, allowed)
         files = files if files is not None else [f"#{i}" for i in range(len(decoded))]
         records = [prediction_record(f, self.tree, d["path_ids"], d["path_probability"], d["node_scores"],
                                      d["top_k"], d.get("paths")) for f, d in zip(files, decoded)]
         if thresholds is not None and dec["kind"] != "multi_label" and decoded:
-            scores = np.stack([np.asarray(d["node_scores"]) for d in decoded])
             # restricted scores already are the node marginals of the renormalised distribution
-            marg = scores if allowed is not None else node_marginals(
-                end_distribution(scores, self.tree, dec.get("end_nodes", "leaves")), self.tree)
+            marg = [d["node_scores"] for d in decoded] if allowed is not None else node_marginals(end_distribution(
+                np.stack([np.asarray(d["node_scores"]) for d in decoded]), self.tree, dec.get("end_nodes", "leaves")),
+                self.tree)
             records = [rollup_record(rec, marg[r], self.tree, thresholds) for r, rec in enumerate(records)]
         if allowed is not None:
             for rec in records:
