@@ -17,7 +17,7 @@ from hiervision.marginals import node_marginals
 from hiervision.models.registry import create_model
 from hiervision.records import TreeView
 from hiervision.restrict import Allowed, restrict_q, restricted_marginals
-from hiervision.rollup import Thresholds, climb, trace
+from hiervision.rollup import Thresholds, check_ranks, climb, trace
 from hiervision.runtime import Predictor, beam_search
 from hiervision.training import train
 
@@ -43,6 +43,9 @@ def test_the_climb_stops_at_the_deepest_node_that_meets_its_threshold(min_prob, 
     th = Thresholds.of(TREE, min_prob, levels)
     node = int(climb(M, np.array([5]), TREE, th)[0])
     assert TREE.names[node] == stop
+    if levels:  # the same thresholds by rank name
+        named = levels.replace("3=", "species=").replace("2=", "genus=").replace("1=", "kingdom=")
+        assert Thresholds.of(TREE, min_prob, named, ranks=("kingdom", "genus", "species")) == th
     assert (trace(M[0], 5, TREE, th)["node"] or "root") == stop
 
 
@@ -62,7 +65,11 @@ def test_the_trace_says_where_and_why_it_stopped():
     (lambda: Thresholds.of(TREE, None, "4=0.5"), "--min-prob-at: level 4 does not exist; this tree's levels are 1..3"),
     (lambda: Thresholds.of(TREE, None, "0=0.5"), "levels start at 1"),
     (lambda: Thresholds.of(TREE, None, "2=0.5,2=0.6"), "level 2 is given twice"),
-    (lambda: Thresholds.of(TREE, None, "two=0.5"), "a level is a depth"),
+    (lambda: Thresholds.of(TREE, None, "two=0.5"), "'two' is neither a level (1 = under the root) nor a rank (this"),
+    (lambda: Thresholds.of(TREE, None, "genus=0.5", ranks=("kingdom", "family", "species")),
+     "'genus' is neither a level (1 = under the root) nor a rank (kingdom, family, species)"),
+    (lambda: check_ranks(("a", "b", "c", "d"), TREE), "data.ranks: names 4 ranks, but the tree has 3 levels"),
+    (lambda: check_ranks(("a", "a"), TREE), "data.ranks: a rank is named twice"),
     (lambda: Allowed.of(TREE, within="Wolf,Dogs,Fox"), "--within: not in the tree: 'Wolf', 'Fox'"),
     (lambda: Allowed.of(TREE, class_names=["Dogs"]), "'Dogs' is not an end class"),
     (lambda: Allowed.of(TREE, within="Cats", class_names=["Beagle"]), "leaves no end class to answer"),
@@ -194,7 +201,8 @@ def test_masked_beam_search_never_enters_a_subtree_without_an_allowed_class():
 def tiny_run(tmp_path_factory):
     from hiervision.config import load_config
 
-    cfg = load_config(overrides=["data={name: synthetic, n_train: 320, n_test: 256, size: 16}",
+    cfg = load_config(overrides=["data={name: synthetic, n_train: 320, n_test: 256, size: 16, "
+                                 "ranks: [orientation, group, shape]}",
                                  "model={name: flat, backbone: resnet20, backbone_kwargs: {width: 0.5}}",
                                  "train.epochs=2", "train.batch_size=64", "train.progress=false", "train.amp=none",
                                  "eval.batch_size=256", "eval.min_prob=0.3", "eval.within=horizontal"])
@@ -204,7 +212,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_evaluate_reports_rollup_restriction_hAURC_and_a_guaranteed_threshold(tiny_run, tmp_path, capsys):
-    assert main(["evaluate", str(tiny_run), "--min-prob-at", "2=0.5", "--target-accuracy", "0.8",
+    assert main(["evaluate", str(tiny_run), "--min-prob-at", "group=0.5", "--target-accuracy", "0.8",
                  "--confidence", "0.9", "--device", "cpu", "--report", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "risk_coverage.png").stat().st_size > 0
     out = json.loads(capsys.readouterr().out)
@@ -233,6 +241,10 @@ def test_predict_applies_the_runs_defaults_and_flags_override_them(tiny_run, tmp
     assert "rollup_why" in rows[0] and rows[1].startswith(f"{img},vertical > ")
     assert main(["predict", str(tiny_run), str(img), "--within", "Nowhere"]) == 1
     assert "--within: not in the tree: 'Nowhere'" in capsys.readouterr().err
+    assert main(["predict", str(tiny_run), str(img), "--min-prob-at", "shape=0.99"]) == 0  # by the run's ranks
+    assert json.loads(capsys.readouterr().out)["rollup"]["trace"][2]["threshold"] == 0.99
+    assert main(["predict", str(tiny_run), str(img), "--min-prob-at", "genus=0.5"]) == 1
+    assert "nor a rank (orientation, group, shape)" in capsys.readouterr().err
 
 
 def test_an_export_carries_the_defaults_and_a_bad_sidecar_value_is_one_line(tiny_run, tmp_path):
@@ -242,6 +254,8 @@ def test_an_export_carries_the_defaults_and_a_bad_sidecar_value_is_one_line(tiny
     assert main(["export", str(tiny_run), "--out", str(onnx)]) == 0
     side = json.loads(onnx.with_suffix(".json").read_text())
     assert side["within"] == ["horizontal"] and side["min_prob"] == 0.3
+    assert side["ranks"] == ["orientation", "group", "shape"]
+    assert Predictor(onnx, thresholds=None).ranks == ("orientation", "group", "shape")
     side["within"] = ["Nowhere"]
     onnx.with_suffix(".json").write_text(json.dumps(side))
     with pytest.raises(ValueError, match="key 'within': not in the tree: 'Nowhere'"):

@@ -230,13 +230,15 @@ def _mapping(fields: dict[str, Rule], null: bool = False) -> Rule:
 
 
 def _mapping_of_probabilities(key: str, v: Any) -> Any:
-    """``{level: probability}`` (``eval.min_prob_at``): levels ≥ 1, probabilities in [0, 1]."""
+    """``{level: probability}`` (``eval.min_prob_at``): levels ≥ 1 or rank names (``data.ranks``),
+    probabilities in [0, 1]."""
     if not isinstance(v, dict):
         raise _fail(key, "a mapping of level to probability such as {3: 0.8, 2: 0.6}", v)
     out = {}
     for level, p in v.items():
-        if isinstance(level, bool) or not isinstance(level, int) or level < 1:
-            raise _fail(key, "levels as whole numbers ≥ 1 (1 = under the root)", level)
+        if isinstance(level, bool) or not (isinstance(level, int) and level >= 1 or isinstance(level, str)
+                                           and level.strip()):
+            raise _fail(key, "levels as whole numbers ≥ 1 (1 = under the root) or rank names (data.ranks)", level)
         out[level] = _num(lo=0, hi=1)(f"{key}.{level}", p)
     return out
 
@@ -275,7 +277,7 @@ OPTIONAL_KEYS = {
     # the answers a run gives by default (hiervision.rollup, hiervision.restrict; export copies them into the
     # sidecar): roll up below these probabilities, answer only these classes
     "eval.min_prob",  # one threshold for every level (absent: no roll-up)
-    "eval.min_prob_at",  # {level: threshold}, level 1 = under the root
+    "eval.min_prob_at",  # {level: threshold}, level 1 = under the root, or {rank: threshold} (data.ranks)
     "eval.within",  # node names: answer only end classes under them
     "eval.classes",  # a file with one end class per line: answer only those
 }

@@ -142,9 +142,12 @@ def torch_engine(model: HierarchicalClassifier, device: str | torch.device = "cp
 
 def answer_defaults(cfg: dict) -> dict:
     """The run's default answers (``eval.within``, ``eval.classes`` read from its file, ``eval.min_prob``,
-    ``eval.min_prob_at``) as sidecar keys, so an exported model restricts and rolls up as the run does."""
+    ``eval.min_prob_at``) and the names of its levels (``data.ranks``) as sidecar keys, so an exported model
+    restricts and rolls up as the run does, and takes thresholds by rank."""
     ev = cfg.get("eval", {})
     out = {k: ev[k] for k in ("within", "min_prob") if ev.get(k) is not None}
+    if cfg.get("data", {}).get("ranks"):
+        out["ranks"] = list(cfg["data"]["ranks"])
     if ev.get("min_prob_at"):
         out["min_prob_at"] = {str(k): float(v) for k, v in ev["min_prob_at"].items()}
     if ev.get("classes"):

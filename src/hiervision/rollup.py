@@ -8,10 +8,11 @@ meets that node's threshold. Marginals never grow down a path, so this is the de
 path that meets its threshold, and the root (probability 1) always does.
 
 Thresholds come as one number for every level (``--min-prob 0.8``), one per level
-(``--min-prob-at 3=0.8,2=0.6``: depth = threshold, unnamed levels take the global one, default 0), or
-both; :class:`Thresholds` holds them as one array over depths. :func:`climb` gives the answers for a
-batch, :func:`trace` the readable account of one: each node on the path with its probability and its
-threshold, and a sentence that says where and why it stopped ("stopped at Dogs: Beagle 0.41 < 0.80").
+(``--min-prob-at 3=0.8,2=0.6``: depth = threshold, unnamed levels take the global one, default 0; or by
+rank, ``species=0.8,genus=0.6``, where the run names its levels in ``data.ranks``), or both;
+:class:`Thresholds` holds them as one array over depths. :func:`climb` gives the answers for a batch,
+:func:`trace` the readable account of one: each node on the path with its probability and its threshold,
+and a sentence that says where and why it stopped ("stopped at Dogs: Beagle 0.41 < 0.80").
 
 Numpy only (the runtime and the server use it without PyTorch); the probabilities are whatever node
 marginals the caller has — calibrated with the run's temperature and restricted to the allowed classes
@@ -29,7 +30,7 @@ import numpy as np
 from hiervision.records import TreeView
 from hiervision.restrict import RestrictedMarginals
 
-__all__ = ["Thresholds", "climb", "parse_levels", "rollup_record", "trace"]
+__all__ = ["Thresholds", "check_ranks", "climb", "parse_levels", "rollup_record", "trace"]
 
 
 def _probability(value, where: str) -> float:
@@ -42,26 +43,46 @@ def _probability(value, where: str) -> float:
     return p
 
 
-def parse_levels(spec: str | Mapping | None, where: str = "--min-prob-at") -> dict[int, float]:
+def check_ranks(ranks: Sequence[str] | None, tree: TreeView, where: str = "data.ranks") -> tuple[str, ...]:
+    """The names of the tree's levels, depth 1 first (``data.ranks: [family, genus, species]``): distinct,
+    non-empty, no more than the tree has levels. One line naming what is wrong otherwise."""
+    if not ranks:
+        return ()
+    if isinstance(ranks, str) or not all(isinstance(r, str) and r.strip() for r in ranks):
+        raise ValueError(f"{where}: must be a list of level names, depth 1 first, got {ranks!r}")
+    out = tuple(r.strip() for r in ranks)
+    if len(set(out)) < len(out):
+        raise ValueError(f"{where}: a rank is named twice ({', '.join(out)})")
+    if len(out) > tree.max_depth:
+        raise ValueError(f"{where}: names {len(out)} ranks, but the tree has {tree.max_depth} levels")
+    return out
+
+
+def parse_levels(spec: str | Mapping | None, where: str = "--min-prob-at",
+                 ranks: Sequence[str] = ()) -> dict[int, float]:
     """``"3=0.8,2=0.6"`` (or a mapping ``{3: 0.8}``, as a config gives it) → ``{3: 0.8, 2: 0.6}``;
-    depth 1 is the level under the root. One line naming the bad entry otherwise."""
+    depth 1 is the level under the root. A level may also be named by its rank (``species=0.8``, with
+    ``ranks`` the names of depths 1, 2, ...). One line naming the bad entry otherwise."""
     if spec is None or spec == "":
         return {}
     items = spec.items() if isinstance(spec, Mapping) else (
         part.split("=", 1) if "=" in part else (part, None) for part in str(spec).split(",") if part.strip())
+    depth_of = {r: d for d, r in enumerate(ranks, start=1)}
     out: dict[int, float] = {}
     for level, value in items:
         if value is None:
             raise ValueError(f"{where}: expected LEVEL=PROBABILITY entries such as 3=0.8,2=0.6, got {level!r}")
+        key = str(level).strip()
         try:
-            d = int(str(level).strip())
+            d = depth_of[key] if key in depth_of else int(key)
         except ValueError:
-            raise ValueError(f"{where}: a level is a depth (1 = under the root), got {str(level).strip()!r}") from None
+            named = f"a rank ({', '.join(ranks)})" if ranks else "a rank (this tree names none: data.ranks)"
+            raise ValueError(f"{where}: {key!r} is neither a level (1 = under the root) nor {named}") from None
         if d < 1:
             raise ValueError(f"{where}: levels start at 1 (the level under the root), got {d}")
         if d in out:
             raise ValueError(f"{where}: level {d} is given twice")
-        out[d] = _probability(value, f"{where} level {d}")
+        out[d] = _probability(value, f"{where} level {key}")
     return out
 
 
@@ -75,10 +96,11 @@ class Thresholds:
 
     @classmethod
     def of(cls, tree: TreeView, min_prob: float | None = None, levels: str | Mapping | None = None,
-           where: tuple[str, str] = ("--min-prob", "--min-prob-at")) -> Thresholds | None:
+           where: tuple[str, str] = ("--min-prob", "--min-prob-at"), ranks: Sequence[str] = ()) -> Thresholds | None:
         """Thresholds for ``tree`` from a global ``min_prob`` and per-level ``levels`` (which win where
-        given); ``None`` when neither is given (no roll-up). ``where``: how messages name the two."""
-        per = parse_levels(levels, where[1])
+        given; a level by depth or by its name in ``ranks``); ``None`` when neither is given (no roll-up).
+        ``where``: how messages name the two."""
+        per = parse_levels(levels, where[1], ranks)
         if min_prob is None and not per:
             return None
         base = 0.0 if min_prob is None else _probability(min_prob, where[0])

@@ -522,8 +522,10 @@ class Predictor:
         keys = [f"{where}: sidecar key '{k}'" for k in ("within", "classes", "min_prob", "min_prob_at")]
         self.allowed = allowed or Allowed.of(self.tree, sidecar.get("within"), class_names=sidecar.get("classes"),
                                              end_nodes=ends, where=(keys[0], keys[1]))
+        #: the names of the tree's levels (depth 1 first; ``data.ranks``): thresholds may name them
+        self.ranks: tuple[str, ...] = tuple(sidecar.get("ranks") or ())
         self.thresholds = thresholds or Thresholds.of(self.tree, sidecar.get("min_prob"), sidecar.get("min_prob_at"),
-                                                      where=(keys[2], keys[3]))
+                                                      where=(keys[2], keys[3]), ranks=self.ranks)
         if self.allowed is not None and sidecar["decoder"]["kind"] == "multi_label":
             raise ValueError(f"{where}: answers restricted to classes apply to single-label models only")
         self.in_chans = int(sidecar["in_chans"])

@@ -42,7 +42,7 @@ from typing import Any
 
 from hiervision.records import TreeView
 from hiervision.restrict import Allowed
-from hiervision.rollup import Thresholds
+from hiervision.rollup import Thresholds, check_ranks
 
 __all__ = ["QUANTIZATION_KINDS", "SIDECAR_FORMAT", "SIDECAR_VERSION", "TREE_KEY", "check_sidecar", "check_width",
            "file_sha256", "load_sidecar"]
@@ -142,8 +142,8 @@ def check_sidecar(data: Any, source: str = "sidecar") -> dict:
 
 
 def _check_answers(c: _Check, data: Mapping, tree: TreeView) -> None:
-    """The default restriction (``within``, ``classes``: node names) and roll-up (``min_prob``,
-    ``min_prob_at``: probabilities per level) resolve against the sidecar's own tree."""
+    """The default restriction (``within``, ``classes``: node names), roll-up (``min_prob``,
+    ``min_prob_at``: probabilities per level) and level names (``ranks``) resolve against the sidecar's own tree."""
     for key in ("within", "classes"):
         names = data.get(key)
         if names is not None and (not isinstance(names, list) or not names
@@ -154,7 +154,8 @@ def _check_answers(c: _Check, data: Mapping, tree: TreeView) -> None:
                    end_nodes=data["decoder"].get("end_nodes", "leaves"),
                    where=(f"{c.source}: key 'within'", f"{c.source}: key 'classes'"))
         Thresholds.of(tree, data.get("min_prob"), data.get("min_prob_at"),
-                      where=(f"{c.source}: key 'min_prob'", f"{c.source}: key 'min_prob_at'"))
+                      where=(f"{c.source}: key 'min_prob'", f"{c.source}: key 'min_prob_at'"),
+                      ranks=check_ranks(data.get("ranks"), tree, f"{c.source}: key 'ranks'"))
     except (TypeError, AttributeError):
         raise c.fail("min_prob_at", f"must map levels to probabilities, got {data.get('min_prob_at')!r}") from None
 

@@ -112,7 +112,7 @@ def answers(args: argparse.Namespace, tree, end_nodes: str = "leaves", defaults:
         allowed = Allowed.of(tree, args.within, args.classes, end_nodes=end_nodes)
     min_prob = args.min_prob if args.min_prob is not None else d.get("min_prob")
     levels = args.min_prob_at if args.min_prob_at is not None else d.get("min_prob_at")
-    return allowed, Thresholds.of(tree, min_prob, levels)
+    return allowed, Thresholds.of(tree, min_prob, levels, ranks=d.get("ranks") or ())
 
 
 def add_beam_width(parser: argparse.ArgumentParser) -> None:

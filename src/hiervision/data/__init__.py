@@ -35,6 +35,7 @@ from hiervision.data.pipeline import PIPELINE_KEYS, CenterCrop, pipeline_from_cf
 from hiervision.data.splits import RECORD_SPLITS, hash_split, hash_subset, split_record
 from hiervision.data.synthetic import SYNTHETIC_VARIANTS, make_synthetic
 from hiervision.data.transforms import BatchAugment, hflip, normalize, pad_crop, resize
+from hiervision.rollup import check_ranks
 from hiervision.taxonomy import Taxonomy
 
 __all__ = [
@@ -57,7 +58,7 @@ __all__ = [
 
 _COMMON = {"name", "root", "val_fraction", "split_seed", "limit_train", "limit_test", "image_size",
            "coarse_fraction", "coarse_level", "fine_fraction", "coarse_labels", "tree", "fallback",
-           "mean", "std", "keep_classes", "holdout_leaves", "coarsen"}  # fmt: skip
+           "mean", "std", "keep_classes", "holdout_leaves", "coarsen", "ranks"}  # fmt: skip
 _SYNTH = {"size", "channels", "n_train", "n_test", "seed", "noise"}
 _FILES = {"check", "on_bad_image", "max_pixels", "check_cache"}  # file-backed sets: verification and limits
 _CANVAS = {"grid", "min_items", "max_items", "n_train", "n_val", "n_test", "seed", "variable_depth"}
@@ -551,6 +552,7 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
     else:
         train, val = pool, pool.subset(torch.zeros(0, dtype=torch.long))
     (train, val, test), note, novel = _relabelled(cfg, [train, val, test], note)  # after splitting: same splits
+    check_ranks(cfg.get("ranks"), test.taxonomy.view)  # the names of its levels, for --min-prob-at
     train, note = _coarse_labels(cfg, coarse, train, note, seed)
     if pipe is not None:
         lazy = [type(ds).__name__ for ds in (train, val, test) if isinstance(ds, (TensorImageDataset, FeatureDataset))]

@@ -114,7 +114,8 @@ def _resolve_answers(predictor: ImagePredictor, within: str | None, min_prob: st
     if getattr(predictor, "multi_label", False):
         raise ValueError("within, min_prob, min_prob_at: they apply to single-label models only")
     allowed = Allowed.of(predictor.tree, within=key[0], end_nodes=end_nodes, where=("within", "classes"))
-    thresholds = Thresholds.of(predictor.tree, key[1], key[2], where=("min_prob", "min_prob_at"))
+    thresholds = Thresholds.of(predictor.tree, key[1], key[2], where=("min_prob", "min_prob_at"),
+                               ranks=getattr(predictor, "ranks", ()))
     return _Answers(key, allowed, thresholds)
 
 
@@ -146,7 +147,8 @@ def _default_answers(predictor: ImagePredictor) -> dict[str, Any]:
     allowed, thresholds = getattr(predictor, "allowed", None), getattr(predictor, "thresholds", None)
     return {"within": allowed.description if allowed is not None else None,
             "allowed_classes": int(allowed.ends.sum()) if allowed is not None else None,
-            "min_prob": thresholds.as_dict() if thresholds is not None else None}
+            "min_prob": thresholds.as_dict() if thresholds is not None else None,
+            "ranks": list(getattr(predictor, "ranks", ()))}
 
 
 def _detail(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -319,8 +321,9 @@ def create_app(
                                            "names or paths such as Animals/Dogs)")] = None,
         min_prob: Annotated[str | None, Form(description="roll each answer up to the deepest node on its path "
                                              "whose probability is at least this (a number in [0, 1])")] = None,
-        min_prob_at: Annotated[str | None, Form(description="a threshold per level (1 = under the root), e.g. "
-                                                "3=0.8,2=0.6; other levels take min_prob (or 0)")] = None,
+        min_prob_at: Annotated[str | None, Form(description="a threshold per level (1 = under the root) or rank "
+                                                "(/health's answers.ranks), e.g. 3=0.8,2=0.6 or species=0.8; "
+                                                "other levels take min_prob (or 0)")] = None,
     ) -> dict[str, Any]:
         if len(file) > limits.max_files:
             raise HTTPException(413, f"{len(file)} files in one request, more than the limit of {limits.max_files}")

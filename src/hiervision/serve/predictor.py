@@ -55,6 +55,8 @@ class RuntimePredictor:
         self.end_nodes: str = decoder.get("end_nodes", "leaves")
         #: a multi-label model answers sets of nodes: no restriction or roll-up applies
         self.multi_label = decoder["kind"] == "multi_label"
+        #: the names of the tree's levels: a request's min_prob_at may use them (species=0.8)
+        self.ranks: tuple[str, ...] = getattr(runtime, "ranks", ())
 
     @property
     def allowed(self) -> Allowed | None:
