@@ -137,3 +137,52 @@ def test_a_run_with_held_out_classes_reports_the_open_world_in_metrics_and_evalu
     assert set(ow["bayes:hf1:inner"]) == {"known", "novel", "novel_distance"}
     assert main(["evaluate", str(tmp_path / "run"), "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["open_world"]["climbing"]["area"] == ow["climbing"]["area"]
+
+
+def test_the_leave_one_out_loss_equals_the_softmax_without_each_subtree():
+    from hiervision.models.registry import create_model
+    from hiervision.taxonomy import Taxonomy
+
+    tax = Taxonomy(list(TREE.names), list(TREE.parents))
+    torch.manual_seed(0)
+    model = create_model("hnd", tax, backbone="resnet20", in_chans=1, image_size=8, backbone_kwargs={"width": 0.25})
+    logits = torch.randn(4, 9, dtype=torch.float64)  # column c: node c + 1; inner nodes are "novel under" classes
+    targets = torch.tensor([5, 7, 9, 3])  # a, c, e and a coarse label A1
+    got = model.leave_one_out(torch.log_softmax(logits, 1), targets)
+    want = []
+    for row, y in zip(logits, targets.tolist()):
+        path = list(TREE.path(y))
+        terms = []
+        for parent, a in zip(path, path[1:]):  # a below depth 1: leave a's subtree out, answer "novel under parent"
+            keep = [c for c in range(1, 10) if not TREE.is_ancestor(a, c)]
+            terms.append(-torch.log_softmax(row[[c - 1 for c in keep]], 0)[keep.index(parent)])
+        if terms:
+            want.append(torch.stack(terms).mean())
+    assert torch.allclose(got.double(), torch.stack(want).mean(), atol=1e-6)
+
+
+def test_a_novelty_head_answers_novel_under_an_ancestor_in_metrics_and_the_runtime(tmp_path):
+    import json
+
+    from hiervision.cli import main
+    from hiervision.records import mark_novel
+    from hiervision.runtime import Predictor
+    from hiervision.training import train
+
+    rec = {"file": "x", "path": ["A", "A1"], "path_ids": [1, 3]}
+    assert mark_novel(rec, TREE) == {**rec, "novel": True, "under": "A > A1"}
+    assert mark_novel({**rec, "path": ["A", "A1", "a"], "path_ids": [1, 3, 5]}, TREE)["novel"] is False
+    cfg = load_config(overrides=["data={name: synthetic, n_train: 320, n_test: 256, size: 16, holdout_leaves: 0.3}",
+                                 "model={name: hnd, backbone: resnet20, backbone_kwargs: {width: 0.5}}",
+                                 "train.epochs=2", "train.batch_size=64", "train.progress=false", "train.amp=none"])
+    train(cfg, tmp_path / "run")
+    ow = json.loads((tmp_path / "run" / "metrics.json").read_text())["open_world"]
+    curve = ow["novel_bias"]
+    assert 0 <= curve["area"] <= 1 and set(ow) >= {"argmax", "climbing", "darts"}
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx")]) == 0
+    side = json.loads((tmp_path / "m.json").read_text())
+    assert side["decoder"] == {"kind": "exact", "end_nodes": "all", "novel": True}
+    records = Predictor(tmp_path / "m.onnx").predict_arrays(np.random.default_rng(0).random((32, 3, 16, 16)))
+    assert all(isinstance(r["novel"], bool) for r in records)
+    assert all(("under" in r) == r["novel"] and (not r["novel"] or r["under"] == " > ".join(r["path"]))
+               for r in records)

@@ -431,3 +431,28 @@ def test_page_load_benchmark_measures_the_lazy_page(tmp_path, capsys):
     assert abs(row["nodes"] - 5000) <= 1 and not row["fetched_whole_taxonomy"] and row["open_s"] > 0
     assert row["load_bytes"] < row["taxonomy_bytes"] and row["answer_bytes"] < row["node_scores_bytes"]
     assert "| random:5000 | 5,000 |" in capsys.readouterr().out
+
+
+def test_page_says_an_unknown_kind_for_a_novelty_heads_inner_answer(browser, tmp_path):
+    import torch
+
+    from hiervision.data.fashion_mnist import fashion_mnist_taxonomy
+    from hiervision.export import sidecar, torch_engine
+    from hiervision.models import create_model
+    from hiervision.runtime import Predictor
+    from hiervision.serve.predictor import RuntimePredictor
+
+    torch.manual_seed(0)  # untrained, its novel classes biased up: every answer is "novel under" an inner node
+    model = create_model("hnd", fashion_mnist_taxonomy(), backbone="resnet20", backbone_kwargs={"width": 0.25},
+                         in_chans=1, image_size=28, novel_bias=50.0).eval()
+    runtime = Predictor("hnd", sidecar=sidecar(model, {"in_chans": 1, "image_size": 28}), engine=torch_engine(model))
+    with serving(create_app(RuntimePredictor(runtime), name="hnd")) as port:
+        base = f"http://127.0.0.1:{port}"
+        image = fmnist_png(tmp_path)
+        expected = post_fields(base, image)
+        assert expected["novel"] is True
+        browser.get(base + "/")
+        assert upload(browser, image) == "done"
+        shown = browser.find_element(By.ID, "novel")
+        assert shown.is_displayed()
+        assert shown.text == f"An unknown kind of {expected['path'][-1]} ({expected['under']})"

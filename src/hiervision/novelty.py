@@ -9,7 +9,8 @@ accuracy at 50 % known accuracy, summarise a rule.
 
 * :func:`climbing_curve` — the climbing rule (:mod:`hiervision.rollup`) over every threshold, exactly: an image
   is answered right over an interval of thresholds, so the curve is read off sorted interval ends;
-* :func:`points_curve` — a rule with another knob (DARTS' λ), from its answers at a grid of values;
+* :func:`points_curve` — a rule with another knob (DARTS' λ, the bias on a novelty head's novel classes:
+  :func:`novel_bias_answers`), from its answers at a grid of values;
 * :func:`accuracies` — one rule's answers (a Bayes rule with inner answers has no knob): known and novel
   accuracy, and the mean tree distance of novel answers from their right ancestor.
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from hiervision.records import TreeView
 
-__all__ = ["accuracies", "climbing_curve", "curve_summary", "points_curve"]
+__all__ = ["NOVEL_BIASES", "accuracies", "climbing_curve", "curve_summary", "novel_bias_answers", "points_curve"]
 
 
 def _check(start, targets, novel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,6 +89,21 @@ def points_curve(answer_fn: Callable[[float], np.ndarray], values: Iterable[floa
     if not pts:
         raise ValueError("values must hold at least one knob setting")
     return curve_summary(np.array([p["known"] for p in pts]), np.array([p["novel"] for p in pts]), at)
+
+
+#: Lee et al.'s sweep of the bias on the novel classes' logits (``test.py``: powers of two each way), with the
+#: two ends that answer only known classes and only novel ones
+NOVEL_BIASES = (-64.0, *(-(2.0 ** k) for k in range(4, -4, -1)), 0.0, *(2.0 ** k for k in range(-3, 5)), 64.0)
+
+
+def novel_bias_answers(q: np.ndarray, bias: float, tree: TreeView) -> np.ndarray:
+    """``(B,)`` answers of a head whose inner classes mean "novel under this node" (``end_nodes="all"``, the
+    ``hnd`` head) with ``bias`` added to those classes' logits: the most probable node of ``log q + bias``
+    on inner nodes."""
+    with np.errstate(divide="ignore"):
+        score = np.log(np.asarray(q, dtype=np.float64))
+    score[:, 0] = -np.inf  # the root is no class
+    return np.argmax(score + bias * ~tree.end_mask("leaves"), axis=1)
 
 
 def _novel_at(known: np.ndarray, novel: np.ndarray, level: float) -> float | None:

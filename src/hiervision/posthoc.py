@@ -44,7 +44,7 @@ from hiervision.decisions import (
 from hiervision.decoding import Prediction
 from hiervision.distributions import EndDistribution, rewards
 from hiervision.evaluation import predict_dataset
-from hiervision.marginals import Temperature, as_temperature
+from hiervision.marginals import Temperature, as_temperature, end_distribution
 from hiervision.restrict import Allowed
 from hiervision.rollup import Thresholds, climb
 from hiervision.taxonomy import Taxonomy
@@ -103,7 +103,7 @@ def posthoc_report(
         "test": reports[decode],
     }
     if novel is not None:
-        out["open_world"] = open_world_report(test_d, test_targets, novel, taxonomy, t)
+        out["open_world"] = open_world_report(test_d, test_targets, novel, taxonomy, t, _novel_classes(model))
     return out
 
 
@@ -173,7 +173,8 @@ def evaluate_decisions(run_dir: str | os.PathLike, model, data, split: str, batc
               "temperature": temperature}
     result["selective"] = selective_report(dist, targets, data.taxonomy, temperature, answers.allowed)
     if data.novel is not None and split == "test" and answers.allowed is None:
-        result["open_world"] = open_world_report(dist, targets, data.novel, data.taxonomy, temperature)
+        result["open_world"] = open_world_report(dist, targets, data.novel, data.taxonomy, temperature,
+                                                 _novel_classes(model))
     if answers.thresholds is not None:
         result["rollup"] = rollup_report(calibrated, targets, data.taxonomy, answers.thresholds)
     if val is not None:
@@ -244,27 +245,38 @@ def selective_report(test: EndDistribution, targets: torch.Tensor, taxonomy: Tax
     return {rule: c.as_dict(max_points) for rule, c in curves.items()}
 
 
+def _novel_classes(model: torch.nn.Module) -> bool:
+    """Whether the model's inner answers mean "novel under this node" (its decoder's ``novel`` flag: hnd)."""
+    return bool(model.decoder_settings().get("novel")) if hasattr(model, "decoder_settings") else False
+
+
 def open_world_report(test: EndDistribution, targets: torch.Tensor, novel: torch.Tensor, taxonomy: Taxonomy,
-                      temperature: Temperature) -> dict:
+                      temperature: Temperature, novel_classes: bool = False) -> dict:
     """How each rule answers classes held out of training (``data.holdout_leaves``): a known image is right at
     its end class, a novel one at exactly its nearest ancestor in the tree (Lee et al.). ``argmax`` is the
     model's own answer (never right on a novel image); ``climbing`` (the roll-up from it, every threshold) and
     ``darts`` (λ swept) trace known–novel curves (:func:`hiervision.novelty.curve_summary`: area, novel accuracy
     at 50 % known and at argmax's known accuracy); ``bayes:hf1:inner`` answers once; ``min_prob_0.5`` is the
-    roll-up at 0.5, with the tree distance of its novel answers from the right ancestor."""
+    roll-up at 0.5, with the tree distance of its novel answers from the right ancestor; ``novel_bias`` (a head
+    whose inner nodes are "novel" classes, ``hnd``) sweeps the bias on those classes' logits."""
     tree, t, nv = taxonomy.view, targets.cpu().numpy(), novel.cpu().numpy().astype(bool)
     q, m = test.q(temperature), test.node_marginals(temperature)
     m_np, start = m.double().cpu().numpy(), test.prediction.nodes.cpu().numpy()
     own = N.accuracies(start, t, nv, tree)
     r_max = float(rewards(taxonomy).max())
     half = climb(m_np, start, tree, Thresholds((0.0,) + (0.5,) * tree.max_depth))
+    biased = {}
+    if novel_classes:  # inner nodes are "novel under it" classes (hnd): Lee et al.'s curve, their bias swept
+        q_all = end_distribution(test.prediction.scores.double().cpu().numpy(), tree, "all")
+        biased["novel_bias"] = N.points_curve(lambda b: N.novel_bias_answers(q_all, b, tree), N.NOVEL_BIASES, t, nv,
+                                              tree, at=own["known"])
     return {
         "known_images": int((~nv).sum()), "novel_images": int(nv.sum()), "argmax": own,
         "climbing": N.climbing_curve(m_np, start, t, nv, tree, at=own["known"]),
         "darts": N.points_curve(lambda lam: hedge_nodes(m, taxonomy, lam).cpu().numpy(),
                                 [0.0, *(r_max * np.logspace(-3, 4, 29))], t, nv, tree, at=own["known"]),
         "bayes:hf1:inner": N.accuracies(bayes_nodes(q, taxonomy, "hf1", True).cpu().numpy(), t, nv, tree),
-        "min_prob_0.5": N.accuracies(half, t, nv, tree),
+        "min_prob_0.5": N.accuracies(half, t, nv, tree), **biased,
     }
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from hiervision.tree import PAD
 from hiervision.tree.view import TreeView
 
-__all__ = ["TreeView", "error_record", "prediction_record", "top_k_ends"]
+__all__ = ["TreeView", "error_record", "mark_novel", "prediction_record", "top_k_ends"]
 
 
 def top_k_ends(path_prob: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +97,16 @@ def prediction_record(
     if paths is not None:
         record["paths"] = [[tree.names[n] for n in _ids(p)] for p in paths]
     return record
+
+
+def mark_novel(record: dict, tree: TreeView) -> dict:
+    """``record`` of a head whose inner answers mean "a kind never seen under this node" (the ``hnd`` head's
+    own answers) with ``novel`` (the answer is an inner node) and, when it is, ``under``: its path, as a
+    person reads it ("Animals > Dogs")."""
+    if "error" in record or not record.get("path_ids"):
+        return record
+    novel = bool(tree.children[record["path_ids"][-1]])
+    return {**record, "novel": novel, **({"under": " > ".join(record["path"])} if novel else {})}
 
 
 def error_record(file: str, message: str) -> dict:

@@ -30,7 +30,7 @@ from hiervision.marginals import (
     is_identity,
     node_marginals,
 )
-from hiervision.records import PAD, TreeView, error_record, prediction_record, top_k_ends
+from hiervision.records import PAD, TreeView, error_record, mark_novel, prediction_record, top_k_ends
 from hiervision.restrict import Allowed, restrict_q, restricted_marginals
 from hiervision.rollup import Thresholds, rollup_record
 from hiervision.sidecar import SIDECAR_FORMAT, TREE_KEY, check_sidecar, check_width, load_sidecar
@@ -578,6 +578,8 @@ class Predictor:
         files = files if files is not None else [f"#{i}" for i in range(len(decoded))]
         records = [prediction_record(f, self.tree, d["path_ids"], d["path_probability"], d["node_scores"],
                                      d["top_k"], d.get("paths")) for f, d in zip(files, decoded)]
+        if dec.get("novel") and decode_rule(self.decode)[0] == "argmax":  # the head's own answers: inner = novel
+            records = [mark_novel(rec, self.tree) for rec in records]
         if thresholds is not None and dec["kind"] != "multi_label" and decoded:
             # restricted scores already are the node marginals of the renormalised distribution
             marg = [d["node_scores"] for d in decoded] if allowed is not None else node_marginals(end_distribution(

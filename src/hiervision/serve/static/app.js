@@ -305,6 +305,9 @@ function show(result) {
     const where = result.hedged.path.length ? result.hedged.path.join(" › ") : "(root: no class is sure enough)";
     $("hedged").textContent = `Hedged answer: ${where} · p = ${pct(result.hedged.probability)}`;
   }
+  // a novelty head (hnd) answering an inner node: a kind it has never seen, under that node
+  $("novel").hidden = !result.novel;
+  $("novel").textContent = result.novel ? `An unknown kind of ${result.path[result.path.length - 1]} (${result.under})` : "";
   showAllowed(result.allowed);
   showRollup(result);
   const best = result.path_ids.join("/");
@@ -365,6 +368,7 @@ function clearAnswer() {
   $("topk").tBodies[0].replaceChildren();
   $("hedged").hidden = true;
   $("allowed").hidden = true;
+  $("novel").hidden = true;
   $("rollup").hidden = true;
   $("trace").replaceChildren();
   answer = null;
