@@ -274,6 +274,7 @@ OPTIONAL_KEYS = {
     "train.feature_cache",  # where cached features live (absent: $HIERVISION_CACHE or ~/.cache/hiervision)
     "train.backbone_lr_scale",  # fine-tuning: the backbone's learning rate is train.lr times this (absent: 1)
     "train.unfreeze_after",  # fine-tuning: train the head alone for this many epochs, then everything
+    "train.init_from",  # hiervision extend: a run folder whose weights start this run (its tree grown: data.grow_from)
     # the answers a run gives by default (hiervision.rollup, hiervision.restrict; export copies them into the
     # sidecar): roll up below these probabilities, answer only these classes
     "eval.min_prob",  # one threshold for every level (absent: no roll-up)
@@ -323,6 +324,7 @@ SCHEMA: dict[str, Any] = {
         "feature_cache": _str(null=True),
         "backbone_lr_scale": _num(lo=0, lo_open=True),
         "unfreeze_after": _int(lo=0),
+        "init_from": _str(null=True),
     },
     "eval": {
         "batch_size": _int(lo=1),

@@ -18,7 +18,7 @@ from typing import Any
 
 from hiervision.config import DEFAULTS, ConfigError, apply_overrides, merge, validate_config
 
-__all__ = ["STEPS", "auto_config", "describe", "is_data_source", "method_options", "recommended_method",
+__all__ = ["STEPS", "auto_config", "data_section", "describe", "is_data_source", "method_options", "recommended_method",
            "with_encoder"]
 
 #: optimizer steps the recipe aims at: the comparison's Fashion-MNIST budget (54,000 images × 8 epochs / 128)
@@ -41,7 +41,7 @@ def is_data_source(path: str | Path) -> bool:
     return p.is_dir() or suffix in (".csv", ".zip") or (not p.exists() and suffix not in (".yaml", ".yml"))
 
 
-def _data_section(source: Path) -> dict[str, Any]:
+def data_section(source: Path) -> dict[str, Any]:
     """Absolute, so that ``evaluate``/``serve`` of the run work from any folder (split ids stay relative)."""
     if source.suffix.lower() == ".csv":  # labels are A/B/C paths: the tree is built from them
         return {"name": "manifest", "manifest": str(source.resolve())}
@@ -81,12 +81,12 @@ def auto_config(source: str | Path, method: str | None = None, overrides: list[s
     if method is not None and method not in options:
         raise ConfigError(f"--method {method}: not a method (one of {', '.join(options)})")
     overrides = list(overrides or [])
-    data_cfg = apply_overrides({"data": _data_section(source)}, overrides)["data"]
+    data_cfg = apply_overrides({"data": data_section(source)}, overrides)["data"]
     probe = build_data({**data_cfg, "check": False})
     h, w = (probe.image_size, probe.image_size) if isinstance(probe.image_size, int) else probe.image_size
     n = len(probe.train)
     batch = 128 if n >= 4096 else 64 if n >= 1024 else 32
-    data: dict[str, Any] = {**_data_section(source), "channels": probe.in_chans}
+    data: dict[str, Any] = {**data_section(source), "channels": probe.in_chans}
     train: dict[str, Any] = {"batch_size": batch, "lr": 0.1 * batch / 128, "optimizer": "sgd", "nesterov": True,
                              "weight_decay": 5.0e-4, "schedule": "cosine", "warmup_epochs": 0.2,
                              "epochs": _epochs(n, batch)}

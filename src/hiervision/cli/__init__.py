@@ -1,4 +1,4 @@
-"""Command line: ``hiervision train|evaluate|predict|export|serve|list|taxonomy|induce|data|demo``.
+"""Command line: ``hiervision train|extend|evaluate|predict|export|serve|list|taxonomy|induce|data|demo``.
 
 Every user error ends in one line on stderr and a non-zero exit code; only bugs show a traceback.
 Each command lives in its own module beside the sub-parser it adds (``add_parser``); this one only
@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hiervision.cli import data, demo, evaluate, export, induce, listing, predict, serve, taxonomy, train
+from hiervision.cli import data, demo, evaluate, export, extend, induce, listing, predict, serve, taxonomy, train
 from hiervision.cli.common import user_errors
 
 __all__ = ["build_parser", "main"]
 
 #: the command modules, in the order of ``hiervision --help``
-COMMANDS = (train, evaluate, predict, serve, export, listing, taxonomy, induce, data, demo)
+COMMANDS = (train, extend, evaluate, predict, serve, export, listing, taxonomy, induce, data, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,8 +23,10 @@ from hiervision.data.base import (
     channel_stats,
     coarsen_labels,
     coarsen_to_ancestors,
+    grow_tree,
     hold_out,
     keep_classes,
+    move_into,
     move_to_tree,
     shared_data_dir,
     split_fine_coarse,
@@ -58,7 +60,7 @@ __all__ = [
 
 _COMMON = {"name", "root", "val_fraction", "split_seed", "limit_train", "limit_test", "image_size",
            "coarse_fraction", "coarse_level", "fine_fraction", "coarse_labels", "tree", "fallback",
-           "mean", "std", "keep_classes", "holdout_leaves", "coarsen", "ranks"}  # fmt: skip
+           "mean", "std", "keep_classes", "holdout_leaves", "coarsen", "ranks", "grow_from"}  # fmt: skip
 _SYNTH = {"size", "channels", "n_train", "n_test", "seed", "noise"}
 _FILES = {"check", "on_bad_image", "max_pixels", "check_cache"}  # file-backed sets: verification and limits
 _CANVAS = {"grid", "min_items", "max_items", "n_train", "n_val", "n_test", "seed", "variable_depth"}
@@ -462,6 +464,11 @@ def _relabelled(cfg: dict, splits: list[HierDataset], note: str
         splits, novel = hold_out(splits, cfg["holdout_leaves"], int(cfg.get("split_seed", 0)))
         note += (f"; {before - len(splits[-1].taxonomy.leaves)} of {before} classes held out (data.holdout_leaves: "
                  f"{int(novel.sum())} novel test images, labelled with their nearest ancestor)")
+    if cfg.get("grow_from") is not None:  # hiervision extend: a trained run's tree, grown by the data's new classes
+        known = Taxonomy.load(cfg["grow_from"])
+        tree = grow_tree(known, splits[0].taxonomy)
+        splits = [move_into(ds, tree) for ds in splits]
+        note += f"; {tree.num_nodes - known.num_nodes} nodes added to the tree {cfg['grow_from']} (data.grow_from)"
     return splits, note, novel
 
 

@@ -371,6 +371,55 @@ def move_to_tree(dataset: HierDataset, tree: Taxonomy, source: str = "data.tree"
     return out
 
 
+def grow_tree(known: Taxonomy, data_tree: Taxonomy, source: str = "data.grow_from") -> Taxonomy:
+    """``known`` (a trained run's tree) grown by the nodes of ``data_tree`` it lacks, matched by path from the
+    root: every known node keeps its id (so the run's weights still fit), new ones follow in ``data_tree``'s
+    order. Refused in one line: data with no class the run lacks, a known class that would become a group
+    (its images would lose their class), a known class name at another place (a move, not an extension)."""
+
+    def names(t: Taxonomy, n: int) -> tuple[str, ...]:
+        return tuple(t.names[v] for v in t.path(n))
+
+    ids = {names(known, n): n for n in range(1, known.num_nodes)}
+    leaf_paths: dict[str, list[tuple[str, ...]]] = {}
+    for n in known.leaves:
+        leaf_paths.setdefault(known.names[n], []).append(names(known, n))
+    out_names, parents, ext = list(known.names), list(known.parents), list(known.external_ids)
+    added = 0
+    for n in sorted(range(1, data_tree.num_nodes), key=lambda v: (len(data_tree.path(v)), v)):  # parents first
+        path = names(data_tree, n)
+        if path in ids:
+            if not known.children[ids[path]] and data_tree.children[n]:
+                raise ValueError(f"{source}: {'/'.join(path)} is a class of the run and would become a group here")
+            continue
+        leaf = not data_tree.children[n]
+        if leaf and len(leaf_paths.get(path[-1], ())) == 1:
+            raise ValueError(f"{source}: class {path[-1]!r} is at {'/'.join(path)} here but at "
+                             f"{'/'.join(leaf_paths[path[-1]][0])} in the run: a known class cannot move")
+        ids[path] = len(out_names)
+        out_names.append(path[-1])
+        parents.append(ids[path[:-1]] if len(path) > 1 else 0)
+        ext.append(data_tree.external_ids[n])
+        added += leaf
+    if not added:
+        raise ValueError(f"{source}: the data has no class the run lacks (its {len(data_tree.leaves)} classes are "
+                         "all known): nothing to add")
+    return Taxonomy(out_names, parents, ext)
+
+
+def move_into(dataset: HierDataset, tree: Taxonomy) -> HierDataset:
+    """``dataset`` labelled in ``tree``, a tree that holds every node of the dataset's own at the same path
+    (:func:`grow_tree`'s): the ids change, the classes do not."""
+    old = dataset.taxonomy
+    by_path = {tuple(tree.names[v] for v in tree.path(n)): n for n in range(1, tree.num_nodes)}
+    lut = torch.tensor([0] + [by_path[tuple(old.names[v] for v in old.path(n))] for n in range(1, old.num_nodes)])
+    if dataset.multi_label:
+        raise ValueError("data.grow_from: new classes join single-label runs only")
+    out = dataset.with_targets(lut[dataset.targets], dataset.coarse_mask)
+    out.taxonomy = tree
+    return out
+
+
 def class_keys(taxonomy: Taxonomy, spec: Sequence[str], key: str = "data.keep_classes") -> list[int]:
     """The end classes ``spec`` names (a leaf's name, its ``A/B/C`` path or its external id, e.g. a WordNet id),
     in tree order; an unknown, ambiguous (a name several classes share) or repeated name is a one-line

@@ -27,6 +27,9 @@ class HierarchicalClassifier(nn.Module):
     Every head's constructor takes the taxonomy, its own keyword arguments, and passes the rest
     (``**kwargs``: the ones below) here unchanged: one constructor path for every model.
 
+    ``extendable``: the head's output layer is ``fc``, one row per entry of its ``classes``, so new classes
+    can join a trained model (:mod:`hiervision.extend`).
+
     Args:
         taxonomy: the class tree every output refers to.
         backbone: a registered backbone name or a module keeping the backbone contract
@@ -36,6 +39,8 @@ class HierarchicalClassifier(nn.Module):
         image_size: training image size (``int`` or ``(H, W)``); heads that read intermediate
             feature maps size themselves from it.
     """
+
+    extendable = False
 
     #: other ways the model can predict (HierNet: conditional, routing); training reports each on test
     eval_modes: tuple[str, ...] = ()

@@ -92,6 +92,8 @@ class BiLTClassifier(FlatClassifier):
     docstring). ``level_decay``: α, the weight ``exp(−α·k)`` of the level k above the fine one;
     ``rescore_weight``: β; ``smoothing``: ε; ``cost_temperature``: γ of the soft targets."""
 
+    extendable = False  # its output is not one fc row per class: no class can join it
+
     def __init__(self, taxonomy: Taxonomy, level_decay: float = 1.0, rescore_weight: float = 0.5,
                  smoothing: float = 0.5, cost_temperature: float = 1.0, **kwargs) -> None:
         single_label_leaves("bilt", "a softmax per level", kwargs)

@@ -94,6 +94,8 @@ class FlatClassifier(HierarchicalClassifier):
     the decoded scores, so thresholded outputs are coherent).
     """
 
+    extendable = True  # fc: one row per class (hiervision.extend)
+
     def __init__(
         self,
         taxonomy: Taxonomy,

@@ -114,6 +114,8 @@ class HAFClassifier(FlatClassifier):
     how many levels, from the top, get a coarse head (:func:`coarse_level_count`; ``None``: all).
     ``level_reduction``: ``"sum"`` (the authors') or ``"mean"`` of the per-level terms (module docstring)."""
 
+    extendable = False  # its output is not one fc row per class: no class can join it
+
     def __init__(self, taxonomy: Taxonomy, dissimilar_margin: float = 3.0,
                  coarse_levels: int | str | None = "auto", level_reduction: str = "sum", **kwargs) -> None:
         single_label_leaves("haf", "a softmax per level", kwargs)

@@ -95,6 +95,8 @@ class HAFrameClassifier(FlatClassifier):
     share of the cosine loss. A coarse target trains the cross-entropy by its marginal (as the flat head
     does) and skips the cosine term (its frame row is undefined)."""
 
+    extendable = False  # its output is not one fc row per class: no class can join it
+
     def __init__(self, taxonomy: Taxonomy, frame_gamma: float = 2.0, cosine_weight: float = 0.4, **kwargs) -> None:
         single_label_leaves("haframe", "a softmax over a fixed frame", kwargs)
         if not 0 <= cosine_weight <= 1:

@@ -151,6 +151,12 @@ def run_training(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_th
     record = data.split_record()
     progress, data = (resume_progress(out, cfg, data, model, optimizer, scaler, allow_changed_data, env) if resume
                       else (Progress(), data))
+    if tcfg.get("init_from") and progress.epoch == 0 and progress.step == 0:  # hiervision extend; a resume has its own
+        from hiervision.extend import init_from_run
+
+        grown = init_from_run(model, tcfg["init_from"], data, env.device)
+        data = dataclasses.replace(data, note=data.note + f"; started from {grown['parent']} "
+                                   f"({grown['known_classes']} known classes, {grown['new_classes']} imprinted)")
     loop = build_loop(cfg, model, data, optimizer, scaler, base_lrs, env, amp)
     if env.is_main:
         if progress.epoch == 0 and progress.step == 0:
