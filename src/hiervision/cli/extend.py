@@ -40,6 +40,7 @@ def extend_config(run: str | Path, data: str | None, epochs: int, train_backbone
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
+    """Train the grown run (:func:`extend_config`) and print its test metrics."""
     from hiervision.training import train
 
     cfg = extend_config(args.run, args.data, args.epochs, args.train_backbone, args.lr_scale, args.set)
