@@ -82,7 +82,10 @@ def auto_config(source: str | Path, method: str | None = None, overrides: list[s
         raise ConfigError(f"--method {method}: not a method (one of {', '.join(options)})")
     overrides = list(overrides or [])
     data_cfg = apply_overrides({"data": data_section(source)}, overrides)["data"]
-    probe = build_data({**data_cfg, "check": False})
+    if not isinstance(data_cfg, dict):
+        raise ConfigError(f"config key 'data' must be a mapping, got {data_cfg!r} (set one key: --set data.KEY=VALUE)")
+    # the look skips the image check (training runs it), and with it what only the check acts on
+    probe = build_data({**{k: v for k, v in data_cfg.items() if k != "on_bad_image"}, "check": False})
     h, w = (probe.image_size, probe.image_size) if isinstance(probe.image_size, int) else probe.image_size
     n = len(probe.train)
     batch = 128 if n >= 4096 else 64 if n >= 1024 else 32

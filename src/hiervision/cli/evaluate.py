@@ -27,6 +27,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = run_data(cfg, args.run_dir, args.allow_changed_data, meta)  # the normalisation it was trained with
     if data.taxonomy != taxonomy:
         raise CheckpointError(f"{args.run_dir}: the data's taxonomy differs from the run's taxonomy.json")
+    if len(data.val if args.split == "val" else data.test) == 0:
+        why = " (data.val_fraction is 0)" if args.split == "val" else ""
+        raise ValueError(f"--split {args.split}: {args.run_dir}'s {args.split} split holds no image{why}")
     amp = autocast_dtype(cfg["train"]["amp"], device)
     if args.mode is not None:
         if args.mode not in model.eval_modes:

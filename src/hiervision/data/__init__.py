@@ -429,8 +429,15 @@ def _stats(ds: HierDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if isinstance(ds, TensorImageDataset):
         return channel_stats(ds.images)
     idx = torch.linspace(0, len(ds) - 1, min(len(ds), 256)).long().unique()
-    sample = torch.stack([(ds[int(i)][0] * 255).round().to(torch.uint8) for i in idx])
-    return channel_stats(sample)
+    sample = []
+    for i in idx:  # an unreadable image is the check's to name (or skip); it has no say in the statistics
+        try:
+            sample.append((ds[int(i)][0] * 255).round().to(torch.uint8))
+        except ValueError:
+            continue
+    if not sample:
+        raise ValueError(f"none of the {len(idx)} images sampled for the normalisation statistics can be read")
+    return channel_stats(torch.stack(sample))
 
 
 def _normalisation(cfg: dict, ds: HierDataset, chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -65,7 +65,7 @@ def _read_rows(manifest: Path, tax: Taxonomy, base: Path) -> list[tuple[str, str
     """``(image file, sample id, label nodes, split or None)`` per row, each row checked in one line."""
     rows = []
     first_line: dict[str, int] = {}
-    with open(manifest, newline="", encoding="utf-8") as f:
+    with open(manifest, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM
         reader = csv.DictReader(f)
         fields = set(reader.fieldnames or ())
         if not {"path", "label"} <= fields:
@@ -96,9 +96,15 @@ def _read_rows(manifest: Path, tax: Taxonomy, base: Path) -> list[tuple[str, str
     return rows
 
 
+def _label_paths(text: str) -> list[str]:
+    """A row's labels (``;``-separated), each a path whose ``/`` may have spaces around it ("Clothes / Tops" is
+    "Clothes/Tops": a spreadsheet's spacing never makes a second class)."""
+    return ["/".join(x.strip() for x in part.split("/")) for part in text.split(";") if part.strip()]
+
+
 def _labels(manifest: Path, line: int, tax: Taxonomy, text: str) -> list[int]:
     nodes = []
-    for label in (part.strip() for part in text.split(";")):
+    for label in _label_paths(text):
         if label:
             try:
                 nodes.append(tax.index(label))
@@ -132,11 +138,11 @@ def _load_taxonomy(path: str | os.PathLike) -> Taxonomy:
 
 def _tree_of_labels(manifest: Path) -> Taxonomy:
     """No taxonomy file: every label is a ``/``-separated name path and the tree is made of them."""
-    with open(manifest, newline="", encoding="utf-8") as f:
+    with open(manifest, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM
         reader = csv.DictReader(f)
         if "label" not in (reader.fieldnames or ()):
             raise ValueError(f"{manifest}: header must name 'path' and 'label' columns, got {reader.fieldnames}")
-        labels = [x.strip() for row in reader for x in (row["label"] or "").split(";") if x.strip()]
+        labels = [x for row in reader for x in _label_paths(row["label"] or "")]
     try:
         return Taxonomy.from_paths(labels)
     except TaxonomyError as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -163,10 +164,23 @@ def from_paths(cls: type[T], paths: Iterable[str], root: str = "root") -> T:
         nodes.update("/".join(parts[: i + 1]) for i in range(len(parts)))
     if not nodes:
         raise TaxonomyError("empty tree (no paths)")
+    _no_lookalikes(nodes)
     ordered = sorted(nodes, key=lambda n: n.split("/"))
     parent_of = {n: (n.rsplit("/", 1)[0] if "/" in n else None) for n in ordered}
     tax = from_parent_map(cls, parent_of, root=root)
     return cls([root] + [n.rsplit("/", 1)[-1] for n in tax.names[1:]], tax.parents, [None, *tax.names[1:]])
+
+
+def _no_lookalikes(nodes: set[str]) -> None:
+    """Two siblings whose names differ only by case or Unicode normal form ("Dogs" and "dogs", "é" composed
+    and decomposed) would be two classes that a person reads as one: refused, both spellings shown."""
+    seen: dict[str, str] = {}
+    for n in sorted(nodes):
+        key = unicodedata.normalize("NFC", n).casefold()
+        if key in seen:
+            raise TaxonomyError(f"{seen[key]!r} and {n!r} differ only by case or Unicode form: two classes a "
+                                "person reads as one (rename one)")
+        seen[key] = n
 
 
 def from_folders(cls: type[T], root_dir: str | os.PathLike, root: str = "root") -> T:

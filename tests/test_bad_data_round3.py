@@ -1,0 +1,73 @@
+"""Hostile inputs, third round (issue 38): data scans, CSV manifests, values checked at the boundary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hiervision.cli import main
+from hiervision.data.manifest import load_manifest
+from hiervision.taxonomy import Taxonomy, TaxonomyError
+
+
+def _png(path, value: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_a_spreadsheets_csv_with_a_bom_and_spaces_around_slashes_gives_one_class_per_label(tmp_path):
+    rows = []
+    for i, label in enumerate(["Clothes / Bottoms / Trouser", "Clothes/Bottoms/Trouser", "Clothes/ Tops /Shirt",
+                               "Clothes/Tops/Shirt"]):
+        _png(tmp_path / f"{i}.png", i)
+        rows.append(f"{i}.png,{label}")
+    (tmp_path / "m.csv").write_text("\ufeffpath,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    ds, _ = load_manifest(tmp_path / "m.csv", None)
+    assert sorted(ds.taxonomy.path_name(n) for n in ds.taxonomy.leaves) == ["Clothes/Bottoms/Trouser",
+                                                                           "Clothes/Tops/Shirt"]
+    assert ds.targets.tolist()[0] == ds.targets.tolist()[1]
+
+
+@pytest.mark.parametrize(("a", "b"), [("Dogs", "dogs"), ("Caf\u00e9", "Cafe\u0301")])
+def test_class_names_that_differ_only_by_case_or_unicode_form_are_refused_with_both(a, b):
+    with pytest.raises(TaxonomyError) as e:
+        Taxonomy.from_paths([f"Animals/{a}", f"Animals/{b}", "Plants/Rose"])
+    assert repr(f"Animals/{a}") in str(e.value) or repr(f"Animals/{b}") in str(e.value)
+    assert "differ only by case or Unicode form" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_folder_with_lookalike_class_folders_is_one_line(tmp_path, capsys):
+    for name in ("Dogs", "dogs", "Cats"):
+        for i in range(2):
+            _png(tmp_path / "data" / name / f"{i}.png", i)
+    if len({p.name for p in (tmp_path / "data").iterdir()}) < 3:
+        pytest.skip("this file system folds case: the two folders are one")
+    assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "differ only by case or Unicode form" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_folder_form_set_of_a_whole_section_and_the_documented_skip_override(tmp_path, capsys):
+    for name in ("A", "B"):
+        for i in range(3):
+            _png(tmp_path / "data" / name / f"{i}.png", 40 * i)
+    (tmp_path / "data" / "A" / "bad.png").write_bytes(b"not an image")
+    assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "r"), "--set", "data=5"]) == 1
+    err = capsys.readouterr().err
+    assert "config key 'data' must be a mapping, got 5" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--set", "data.on_bad_image=skip",
+                 "--set", "train.epochs=1", "--quiet"]) == 0  # the documented override works in the folder form
+
+
+def test_evaluate_of_an_empty_split_is_one_line(tmp_path, capsys):
+    for name in ("A", "B"):
+        for i in range(3):
+            _png(tmp_path / "data" / name / f"{i}.png", 40 * i)
+    assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--set", "data.val_fraction=0",
+                 "--set", "train.epochs=1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--split", "val"]) == 1
+    err = capsys.readouterr().err
+    assert "--split val: " in err and "val split holds no image (data.val_fraction is 0)" in err
+    assert len(err.strip().splitlines()) == 1
