@@ -12,9 +12,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import urllib.error
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hiervision.records import TreeView
@@ -94,6 +97,10 @@ SIDECAR_CASES = [  # (id, edit of the sidecar, words in the one-line error)
     ("decoder beam width 0", lambda s: s["decoder"].update(kind="beam_steps", beam_width=0),
      "key 'decoder.beam_width': must be a whole number ≥ 1, got 0"),
     ("decoder end nodes", lambda s: s["decoder"].update(end_nodes="some"), "key 'decoder.end_nodes'"),
+    ("decoder kind another valid one", lambda s: s["decoder"].update(kind="routing"),
+     "m.onnx: the sidecar's key 'decoder' ({'kind': 'routing'"),
+    ("decoder end nodes another valid one", lambda s: s["decoder"].update(end_nodes="all"),
+     "is not the decoder the graph was exported with"),
     ("decoder candidates text", lambda s: s["decoder"].update(candidates="yes"),
      "key 'decoder.candidates': must be true or false, got 'yes'"),
     ("step graph outside the folder", lambda s: s.update(step_graph="../x.onnx"), "key 'step_graph': must be a file"),
@@ -286,3 +293,29 @@ def test_resume_on_changed_data_keeps_the_runs_normalisation(tmp_path):
     train(cfg, tmp_path / "out", allow_changed_data=True)
     last = load_checkpoint(tmp_path / "out" / "last.pt")
     assert last["epoch"] == 2 and last["meta"]["mean"] == first["mean"] and last["meta"]["std"] == first["std"]
+
+
+def test_a_nan_from_the_model_never_leaves_the_runtime_or_the_server_as_an_answer():
+    import torch
+
+    from conftest import post_image, serving
+    from hiervision.data.fashion_mnist import fashion_mnist_taxonomy
+    from hiervision.export import sidecar, torch_engine
+    from hiervision.models import create_model
+    from hiervision.runtime import Predictor
+    from hiervision.serve import create_app
+    from hiervision.serve.predictor import RuntimePredictor
+
+    model = create_model("flat", fashion_mnist_taxonomy(), backbone="resnet20", backbone_kwargs={"width": 0.25},
+                         in_chans=1, image_size=28).eval()
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))  # a diverged model
+    runtime = Predictor("nan", sidecar=sidecar(model, {"in_chans": 1, "image_size": 28}), engine=torch_engine(model))
+    records = runtime.predict_arrays(np.random.default_rng(0).random((3, 1, 28, 28)))
+    assert all("not a number (NaN)" in r["error"] and "path" not in r for r in records)
+    image = Path(tempfile.mkdtemp()) / "a.png"
+    write_png(image, 128, 28)
+    with serving(create_app(RuntimePredictor(runtime))) as port:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post_image(f"http://127.0.0.1:{port}", image)
+    assert e.value.code == 500 and "not a number (NaN)" in json.load(e.value)["detail"]

@@ -54,7 +54,7 @@ from hiervision.models.base import HierarchicalClassifier
 from hiervision.restrict import Allowed, read_class_file
 from hiervision.rollup import Thresholds
 from hiervision.runtime import Predictor
-from hiervision.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, TREE_KEY, file_sha256
+from hiervision.sidecar import DECODER_KEY, SIDECAR_FORMAT, SIDECAR_VERSION, TREE_KEY, file_sha256
 
 __all__ = ["QUANTIZE_CHOICES", "export_int8", "export_onnx", "export_parts", "run_predictor", "torch_engine",
            "validation_images"]
@@ -215,8 +215,9 @@ def export_model(model: HierarchicalClassifier, meta: dict, out: str | os.PathLi
     h, w = side["image_size"] or (32, 32)
     images = torch.zeros(2, c, h, w)
     names = side["decoder"].get("state") or list(model.export_outputs(images).keys())
-    # the graph itself names its tree: a sidecar whose tree was edited, fingerprint and all, is still refused
-    tree = {TREE_KEY: side["taxonomy"]["fingerprint"]}
+    # the graph itself names its tree and its decoder: a sidecar whose tree (fingerprint and all) or decoder was
+    # edited is still refused
+    tree = {TREE_KEY: side["taxonomy"]["fingerprint"], DECODER_KEY: json.dumps(side["decoder"], sort_keys=True)}
     with _quiet(verbose):
         _onnx_export(graph, (images,), ["images"], names, out, tree)
         written = [out]

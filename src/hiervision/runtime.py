@@ -12,6 +12,7 @@ Needs numpy, Pillow and onnxruntime only (``pip install hiervision[export]``); n
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from hiervision.marginals import (
 from hiervision.records import PAD, TreeView, error_record, mark_novel, prediction_record, top_k_ends
 from hiervision.restrict import Allowed, restrict_q, restricted_marginals
 from hiervision.rollup import Thresholds, rollup_record
-from hiervision.sidecar import SIDECAR_FORMAT, TREE_KEY, check_sidecar, check_width, load_sidecar
+from hiervision.sidecar import DECODER_KEY, SIDECAR_FORMAT, TREE_KEY, check_sidecar, check_width, load_sidecar
 
 __all__ = ["Engine", "Predictor", "SIDECAR_FORMAT", "beam_search", "calibrate_batch", "decode_batch",
            "hedge_records", "load_sidecar", "read_image", "restrict_batch", "threshold_paths"]
@@ -424,10 +425,15 @@ class _OnnxEngine:
     def _check(self, graph: Path, side: dict, tree: TreeView) -> None:
         step = graph.with_name(str(side.get("step_graph")))
         for path, sess in ((graph, self.session), (step, self.step_session)):
-            exported_for = sess.get_modelmeta().custom_metadata_map.get(TREE_KEY) if sess is not None else None
+            meta = sess.get_modelmeta().custom_metadata_map if sess is not None else {}
+            exported_for = meta.get(TREE_KEY)
             if exported_for is not None and exported_for != tree.fingerprint:
                 raise ValueError(f"{path}: the graph was exported for another tree (fingerprint {exported_for}) than "
                                  f"its sidecar's key 'taxonomy' holds ({tree.fingerprint}); export the run again")
+            decoder = meta.get(DECODER_KEY)
+            if decoder is not None and json.loads(decoder) != side["decoder"]:
+                raise ValueError(f"{path}: the sidecar's key 'decoder' ({side['decoder']}) is not the decoder the "
+                                 f"graph was exported with ({json.loads(decoder)}); export the run again")
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         shape = inputs.get("images")
         if shape is None or len(shape) != 4:
@@ -571,6 +577,10 @@ class Predictor:
         dec = self.sidecar["decoder"]
         x = ((np.asarray(images, dtype=np.float32) - self.mean) / self.std).astype(np.float32)
         outputs = self.engine.run(np.ascontiguousarray(x))
+        # a NaN never leaves as an answer (a diverged model, a broken graph): that image's record says so
+        broken = np.zeros(len(x), dtype=bool)
+        for value in outputs.values():
+            broken |= np.isnan(value.reshape(len(x), -1)).any(1) if len(value) == len(x) else False
         decoded = decode_batch(self.tree, dec, outputs, self.engine, self.top_k, allowed)
         decoded = calibrate_batch(self.tree, dec, decoded, self.temperature)
         decoded = restrict_batch(self.tree, dec, decoded, allowed, not isinstance(self.temperature, tuple))
@@ -592,6 +602,9 @@ class Predictor:
         if node_scores:
             for rec, d in zip(records, decoded):
                 rec["node_scores"] = [round(float(s), 6) for s in np.asarray(d["node_scores"]).reshape(-1)]
+        if broken.any():
+            records = [error_record(r["file"], "the model's output for this image is not a number (NaN): the graph "
+                                    "or its weights are broken") if b else r for r, b in zip(records, broken)]
         return records
 
     def predict(self, image_files: Sequence[str | os.PathLike],

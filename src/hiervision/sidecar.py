@@ -44,8 +44,8 @@ from hiervision.records import TreeView
 from hiervision.restrict import Allowed
 from hiervision.rollup import Thresholds, check_ranks
 
-__all__ = ["QUANTIZATION_KINDS", "SIDECAR_FORMAT", "SIDECAR_VERSION", "TREE_KEY", "check_sidecar", "check_width",
-           "file_sha256", "load_sidecar"]
+__all__ = ["DECODER_KEY", "QUANTIZATION_KINDS", "SIDECAR_FORMAT", "SIDECAR_VERSION", "TREE_KEY", "check_sidecar",
+           "check_width", "file_sha256", "load_sidecar"]
 
 SIDECAR_FORMAT = "hiervision-onnx"
 SIDECAR_VERSION = 3
@@ -53,6 +53,8 @@ SIDECAR_VERSION = 3
 READS_VERSIONS = (2, 3)
 #: the graph's own metadata entry holding the fingerprint of the tree it was exported for
 TREE_KEY = "hiervision.taxonomy_fingerprint"
+#: the graph's own metadata entry holding the decoder settings it was exported with (JSON, sorted keys)
+DECODER_KEY = "hiervision.decoder"
 #: decoder kinds :func:`hiervision.runtime.decode_batch` knows, with the keys each needs besides ``kind``
 DECODER_KEYS: dict[str, tuple[str, ...]] = {
     "exact": (),

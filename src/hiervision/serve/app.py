@@ -346,6 +346,9 @@ def create_app(
             records = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except Exception as e:
             raise HTTPException(500, f"prediction failed: {type(e).__name__}: {e}") from None
+        broken = next((r["error"] for r in records if "error" in r), None)
+        if broken is not None:  # e.g. a NaN from the model: never sent as an answer
+            raise HTTPException(500, f"prediction failed: {broken}")
         return {"results": [_finish(rec, upload.filename or f"file #{i + 1}", predictor.tree, hedge, node_scores,
                                     siblings) for i, (upload, rec) in enumerate(zip(file, records))]}
 
