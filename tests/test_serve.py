@@ -115,7 +115,7 @@ def test_taxonomy_health_openapi(client, predictor):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["nodes"] == predictor.tree.num_nodes - 1
     assert health["classes"] == int(predictor.tree.leaf_mask.sum())  # end classes, not every node
-    assert health["answers"] == {"within": None, "allowed_classes": None, "min_prob": None}
+    assert health["answers"] == {"within": None, "allowed_classes": None, "min_prob": None, "ranks": []}
     schema = client.get("/openapi.json").json()
     assert "/predict" in schema["paths"] and "/taxonomy" in schema["paths"]
     page = client.get("/")
