@@ -496,7 +496,7 @@ def test_cli_serve_defaults_answer_requests_without_fields(run_dir, monkeypatch,
         base = f"http://127.0.0.1:{port}"
         health = json.load(urllib.request.urlopen(base + "/health", timeout=10))
         assert health["answers"] == {"within": "within vertical", "allowed_classes": 6,
-                                     "min_prob": {"1": 0.3, "2": 0.6, "3": 0.6}}
+                                     "min_prob": {"1": 0.3, "2": 0.6, "3": 0.6}, "ranks": []}
         status, body = post_form(base, png(0))
         rec = body["results"][0]
         assert status == 200 and rec["allowed"]["description"] == "within vertical" and rec["path"][0] == "vertical"
