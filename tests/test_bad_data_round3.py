@@ -71,3 +71,34 @@ def test_evaluate_of_an_empty_split_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--split val: " in err and "val split holds no image (data.val_fraction is 0)" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_pipe_named_like_an_image_is_named_and_skipped_never_read(tmp_path, capsys):
+    import os
+
+    from hiervision.data.folder import load_folder
+
+    for name in ("A", "B"):
+        for i in range(2):
+            _png(tmp_path / name / f"{i}.png", 40 * i)
+    os.mkfifo(tmp_path / "A" / "pipe.png")  # reading it would block for ever
+    ds = load_folder(tmp_path)
+    assert len(ds) == 4
+    err = capsys.readouterr().err
+    assert "skipped 1 file(s) that are not regular files" in err and "pipe.png" in err
+
+
+def test_a_zip_member_that_unpacks_past_the_bound_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
+    import io
+    import zipfile
+
+    import hiervision.data.imageio as imageio
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(buf, format="BMP")  # 12 kB unpacked
+    with zipfile.ZipFile(tmp_path / "d.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("A/big.bmp", buf.getvalue())
+    monkeypatch.setattr(imageio, "MAX_MEMBER_BYTES", 4096)
+    reader = imageio.ImageReader(3, (64, 64), tmp_path / "d.zip")
+    with pytest.raises(ValueError, match=r"A/big.bmp.*unpacks to 12,\d{3} bytes, over the 4,096 an image member"):
+        reader("A/big.bmp")

@@ -7,6 +7,7 @@ label), so partially annotated collections need no special format.
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -29,6 +30,7 @@ def _walk(root: Path) -> tuple[list[str], list[str], list[str]]:
     dirs: list[str] = []
     sources: list[str] = []
     folders: list[str] = []
+    odd: list[str] = []  # image names that are not regular files: named and skipped
     seen: dict[str, str] = {os.path.realpath(root): "."}
 
     stack: list[tuple[str, str, str]] = [(str(root), ".", os.path.realpath(root))]
@@ -57,12 +59,18 @@ def _walk(root: Path) -> tuple[list[str], list[str], list[str]]:
                 seen[real] = sub
                 dirs.append(sub)
                 below.append((e.path, sub, real))
+            elif is_image_name(e.name) and not e.is_file():  # a pipe, device or socket: reading it could hang
+                odd.append(e.path)
             elif is_image_name(e.name):
                 if rel == ".":
                     raise ValueError(f"{e.path}: image at the top of the folder has no class folder")
                 sources.append(e.path)
                 folders.append(rel)
         stack.extend(reversed(below))
+    if odd:
+        shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        print(f"hiervision: warning: {root}: skipped {len(odd)} file(s) that are not regular files (a pipe, a "
+              f"device or a socket): {shown}", file=sys.stderr)
     return dirs, sources, folders
 
 

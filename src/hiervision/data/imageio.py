@@ -41,6 +41,11 @@ __all__ = [
 ]
 
 
+#: the most bytes one image in a zip archive may unpack to (a 64-megapixel RGBA image is 256 MB raw; real PNGs
+#: and JPEGs are far smaller): a member declaring more is refused before it is inflated
+MAX_MEMBER_BYTES = 256_000_000
+
+
 def read_image(
     path: str | os.PathLike,
     in_chans: int,
@@ -82,7 +87,12 @@ class ImageReader:
             return Image.open(source)
         if self._zip is None or self._pid != os.getpid():  # reopen in each worker process
             self._zip, self._pid = zipfile.ZipFile(self.archive), os.getpid()
-        return Image.open(io.BytesIO(self._zip.read(source)))
+        info = self._zip.getinfo(source)
+        if info.file_size > MAX_MEMBER_BYTES:  # checked before a byte is inflated (a zip bomb declares its size)
+            raise ValueError(f"unpacks to {info.file_size:,} bytes, over the {MAX_MEMBER_BYTES:,} an image member "
+                             "may hold")
+        with self._zip.open(info) as member:  # reads at most the declared size (zipfile stops there)
+            return Image.open(io.BytesIO(member.read(MAX_MEMBER_BYTES + 1)))
 
     def name(self, source: str) -> str:
         return f"{self.archive}:{source}" if self.archive else source
