@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hiervision.cli import main
@@ -102,3 +103,24 @@ def test_a_zip_member_that_unpacks_past_the_bound_is_refused_before_it_is_inflat
     reader = imageio.ImageReader(3, (64, 64), tmp_path / "d.zip")
     with pytest.raises(ValueError, match=r"A/big.bmp.*unpacks to 12,\d{3} bytes, over the 4,096 an image member"):
         reader("A/big.bmp")
+
+
+def test_one_class_is_refused_and_classes_without_training_images_are_named_before_training(tmp_path, capsys):
+    for i in range(3):
+        _png(tmp_path / "one" / "A" / f"{i}.png", 40 * i)
+    assert main(["train", str(tmp_path / "one"), "--out", str(tmp_path / "r1"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "one class (A): nothing to tell apart" in err and len(err.strip().splitlines()) == 1
+    import dataclasses
+
+    from hiervision.config import load_config
+    from hiervision.data import build_data, untrained_classes
+
+    for name in ("A", "B", "C"):
+        for i in range(6):
+            _png(tmp_path / "three" / name / f"{i}.png", 20 * i)
+    data = build_data(load_config(overrides=[f"data={{name: folder, root: {tmp_path / 'three'}}}"])["data"])
+    assert untrained_classes(data) == []
+    c = data.taxonomy.index("C")
+    without_c = dataclasses.replace(data, train=data.train.subset(torch.nonzero(data.train.targets != c)[:, 0]))
+    assert untrained_classes(without_c) == ["C"]

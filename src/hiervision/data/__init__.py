@@ -50,6 +50,7 @@ __all__ = [
     "HierDataset",
     "TensorImageDataset",
     "build_data",
+    "untrained_classes",
     "hflip",
     "iter_batches",
     "normalize",
@@ -449,6 +450,15 @@ def _normalisation(cfg: dict, ds: HierDataset, chans: int) -> tuple[tuple[float,
     return mean, std
 
 
+def untrained_classes(data: DataBundle) -> list[str]:
+    """The end classes no training image is labelled with (after the split and any coarsening): a model cannot
+    learn them, so training names them before it starts."""
+    if data.multi_label or data.features:
+        return []
+    seen = set(data.train.targets.unique().tolist())
+    return [data.taxonomy.path_name(n) for n in data.taxonomy.leaves if n not in seen]
+
+
 def _relabelled(cfg: dict, splits: list[HierDataset], note: str
                 ) -> tuple[list[HierDataset], str, torch.Tensor | None]:
     """``data.tree`` (another tree over the same classes), ``data.keep_classes`` (part of the label set, the
@@ -567,6 +577,9 @@ def build_data(cfg: dict[str, Any]) -> DataBundle:
         train, val = pool, pool.subset(torch.zeros(0, dtype=torch.long))
     (train, val, test), note, novel = _relabelled(cfg, [train, val, test], note)  # after splitting: same splits
     check_ranks(cfg.get("ranks"), test.taxonomy.view)  # the names of its levels, for --min-prob-at
+    if len(test.taxonomy.leaves) < 2:
+        only = test.taxonomy.path_name(test.taxonomy.leaves[0]) if test.taxonomy.leaves else "none"
+        raise ValueError(f"{name}: one class ({only}): nothing to tell apart; a classifier needs at least two")
     train, note = _coarse_labels(cfg, coarse, train, note, seed)
     if pipe is not None:
         lazy = [type(ds).__name__ for ds in (train, val, test) if isinstance(ds, (TensorImageDataset, FeatureDataset))]

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from hiervision import distributed
 from hiervision.checkpoint import load_checkpoint, save_checkpoint
 from hiervision.config import ConfigError, check_given_level, dump, validate_config
-from hiervision.data import BatchAugment, BatchLoader, DataBundle
+from hiervision.data import BatchAugment, BatchLoader, DataBundle, untrained_classes
 from hiervision.data.splits import verify_split_record, write_split_record
 from hiervision.distributed import DistEnv, any_flag, autocast_dtype, barrier, select_device
 from hiervision.evaluation import evaluate_split, predict_dataset
@@ -144,6 +144,11 @@ def run_training(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_th
     amp = autocast_dtype(tcfg["amp"], env.device)
     tracker = open_tracker(cfg, out, env.is_main)  # train.log_to; a missing library stops here, before any data
     data = build_run_data(cfg, data)
+    untrained = untrained_classes(data)
+    if untrained and env.is_main:
+        shown = ", ".join(untrained[:5]) + (f" and {len(untrained) - 5} more" if len(untrained) > 5 else "")
+        print(f"hiervision: warning: {len(untrained)} of {len(data.taxonomy.leaves)} classes have no training image "
+              f"after the split, so the model cannot learn them: {shown}", file=sys.stderr)
     model = build_run_model(cfg, data, env)
     optimizer = build_optimizer(optimizer_params(model, tcfg), tcfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them with scheduled values
