@@ -14,10 +14,12 @@ and refuses to open unless told otherwise; SQLite is the local store it recommen
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -121,18 +123,23 @@ class _MLflow:
 
         out = out.resolve()
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
+        # an unreachable server is one line now, not minutes of retries (a user's own settings win)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client = client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(EXPERIMENT)
         exp_id = exp.experiment_id if exp else client.create_experiment(
             EXPERIMENT, artifact_location=(out / "mlflow-artifacts").as_uri())
         # a resumed run continues its unfinished MLflow run; anything else starts a new one
-        running = client.search_runs([exp_id], f"tags.run_dir = '{out}' and attributes.status = 'RUNNING'",
+        # searched by a hash of the folder: any character in --out (a quote) is safe in the filter
+        key = hashlib.sha256(str(out).encode()).hexdigest()[:32]
+        running = client.search_runs([exp_id], f"tags.run_dir_key = '{key}' and attributes.status = 'RUNNING'",
                                      max_results=1)
         if running:
             self.run_id = running[0].info.run_id
         else:
             self.run_id = client.create_run(exp_id, run_name=cfg.get("name") or out.name,
-                                            tags={"run_dir": str(out)}).info.run_id
+                                            tags={"run_dir": str(out), "run_dir_key": key}).info.run_id
             params = [Param(k, v[:6000]) for k, v in _params(cfg).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
                 client.log_batch(self.run_id, params=params[i : i + 100])
@@ -163,16 +170,24 @@ class Tracker:
         if not self.backends:
             return
         epoch, metrics = _epoch_metrics(row)
-        for b in self.backends:
-            b.log(metrics, epoch)
+        self._each(lambda b: b.log(metrics, epoch))
 
     def finish(self, result: dict[str, Any]) -> None:
         """The run's test metrics (``metrics.json``) under ``test/``, logged at the last epoch; then close."""
         metrics = flatten_metrics(result, "test")
-        for b in self.backends:
-            b.log(metrics, int(result.get("epochs", 0)))
-            b.close(finished=True)
+        self._each(lambda b: (b.log(metrics, int(result.get("epochs", 0))), b.close(finished=True)))
         self.backends = []
+
+    def _each(self, call) -> None:
+        """``call`` on every backend; one that fails is dropped with one warning line: a run never dies
+        because its tracker did (the run folder keeps every metric in ``log.csv`` and ``metrics.json``)."""
+        for b in list(self.backends):
+            try:
+                call(b)
+            except Exception as e:  # noqa: BLE001 - any library's failure, reported in one line
+                self.backends.remove(b)
+                print(f"hiervision: warning: train.log_to: {_name(b)} stopped logging ({_line(e)}); training goes "
+                      "on (log.csv and metrics.json keep everything)", file=sys.stderr)
 
 
 def open_tracker(cfg: dict[str, Any], out: str | os.PathLike, is_main: bool = True) -> Tracker:
@@ -186,4 +201,21 @@ def open_tracker(cfg: dict[str, Any], out: str | os.PathLike, is_main: bool = Tr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kinds = {"tensorboard": _TensorBoard, "mlflow": _MLflow}
-    return Tracker([kinds[n](out, cfg) for n in dict.fromkeys(names)])
+    backends = []
+    for n in dict.fromkeys(names):  # a tracker that cannot start stops the run before any training, in one line
+        try:
+            backends.append(kinds[n](out, cfg))
+        except Exception as e:  # noqa: BLE001 - a bad URI, an unreachable server, an unwritable folder
+            where = os.environ.get("MLFLOW_TRACKING_URI", "the run folder") if n == "mlflow" else out / "tensorboard"
+            raise ConfigError(f"train.log_to: {n} cannot start at {where} ({_line(e)})") from None
+    return Tracker(backends)
+
+
+def _name(backend: _Backend) -> str:
+    return "mlflow" if isinstance(backend, _MLflow) else "tensorboard"
+
+
+def _line(e: BaseException) -> str:
+    """An exception as one short line (library messages can run to many)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}{'…' if len(text) > 200 else ''}"
