@@ -124,3 +124,32 @@ def test_one_class_is_refused_and_classes_without_training_images_are_named_befo
     c = data.taxonomy.index("C")
     without_c = dataclasses.replace(data, train=data.train.subset(torch.nonzero(data.train.targets != c)[:, 0]))
     assert untrained_classes(without_c) == ["C"]
+
+
+def test_every_start_over_keeps_what_it_replaces(tmp_path):
+    for name in ("A", "B"):
+        for i in range(3):
+            _png(tmp_path / "data" / name / f"{i}.png", 40 * i)
+    run = tmp_path / "run"
+    args = ["train", str(tmp_path / "data"), "--out", str(run), "--set", "train.epochs=1", "--quiet"]
+    assert main(args) == 0
+    first = (run / "best.pt").read_bytes()
+    assert main([*args, "--no-resume"]) == 0
+    second = (run / "best.pt").read_bytes()
+    assert main([*args, "--no-resume"]) == 0
+    assert (run / "previous" / "best.pt").read_bytes() == first  # never overwritten by the second start over
+    assert (run / "previous-2" / "best.pt").read_bytes() == second
+
+
+def test_data_pack_never_replaces_a_runs_tree(tmp_path, capsys):
+    for name in ("A", "B"):
+        for i in range(3):
+            _png(tmp_path / "data" / name / f"{i}.png", 40 * i)
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "data"), "--out", str(run), "--set", "train.epochs=1", "--quiet"]) == 0
+    tree = (run / "taxonomy.json").read_bytes()
+    capsys.readouterr()
+    assert main(["data", "pack", str(tmp_path / "data"), "--out", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a taxonomy.json (a run folder?)" in err and len(err.strip().splitlines()) == 1
+    assert (run / "taxonomy.json").read_bytes() == tree

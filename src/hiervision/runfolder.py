@@ -192,16 +192,18 @@ def claim_run_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
 
 
 def set_aside(out: str | os.PathLike, names: tuple[str, ...] = RUN_OUTPUTS) -> list[str]:
-    """Move a previous run's outputs into ``out/previous/`` instead of deleting them (a fresh start).
-
-    A rename needs no free space, so even on a full disk nothing is lost; the run before the
-    previous one is what gets replaced. Returns the names moved.
+    """Move a previous run's outputs into ``out/previous/`` instead of deleting them (a fresh start); when that
+    already holds an earlier run's, into ``previous-2/``, ``previous-3/``, ...: every start over keeps what it
+    replaces. A rename needs no free space, so even on a full disk nothing is lost. Returns the names moved.
     """
     out = Path(out)
     found = [n for n in names if (out / n).is_file()]
     if not found:
         return []
-    prev = out / PREVIOUS
+    prev, k = out / PREVIOUS, 1
+    while prev.exists() and any(prev.iterdir()):
+        k += 1
+        prev = out / f"{PREVIOUS}-{k}"
     try:
         prev.mkdir(exist_ok=True)
         for n in found:

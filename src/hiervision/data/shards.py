@@ -131,6 +131,9 @@ def pack(splits: dict[str, HierDataset], taxonomy: Taxonomy, out: str | os.PathL
     out.mkdir(parents=True, exist_ok=True)
     if (out / "index.json").exists() or any(out.glob("*.tar")):
         raise FileExistsError(f"{out}: already holds shards; pack into a new --out folder")
+    if (out / "taxonomy.json").exists():  # a run's own tree (or a user's): never replaced
+        raise FileExistsError(f"{out}: already holds a taxonomy.json (a run folder?) that packing would replace; "
+                              "pack into a new --out folder")
     taxonomy.save(out / "taxonomy.json")
     index: dict[str, Any] = {"format": FORMAT, "version": 1, "taxonomy": "taxonomy.json", "channels": channels,
                              "multi_label": any(ds.targets.dim() == 2 for ds in splits.values()), "splits": {}}
