@@ -153,3 +153,21 @@ def test_data_pack_never_replaces_a_runs_tree(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already holds a taxonomy.json (a run folder?)" in err and len(err.strip().splitlines()) == 1
     assert (run / "taxonomy.json").read_bytes() == tree
+
+
+def test_channels_and_size_come_from_a_sample_of_the_whole_data_set_not_its_first_file(tmp_path):
+    from hiervision.data.folder import load_folder
+
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(_mk(tmp_path / "A" / "0-grey.png"))  # sorts first
+    for name in ("A", "B"):
+        for i in range(1, 5):
+            _png(tmp_path / name / f"{i}.png", 30 * i)
+    Image.fromarray(np.zeros((12, 10, 3), dtype=np.uint8)).save(_mk(tmp_path / "B" / "9-odd.png"))
+    ds = load_folder(tmp_path)
+    assert ds[0][0].shape == (3, 8, 8)  # colour (most images are), the most common size
+    assert ds.found == "10 of 10 images sampled: 9 colour, 1 grey; 2 sizes, most common 8x8"
+
+
+def _mk(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

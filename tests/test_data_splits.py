@@ -198,15 +198,15 @@ def test_a_test_split_that_holds_nothing_is_an_error(tmp_path: Path) -> None:
     root = tmp_path / "data"
     from PIL import Image
 
-    for i in range(3):
-        (root / "a").mkdir(parents=True, exist_ok=True)
-        Image.new("L", (4, 4), i).save(root / "a" / f"{i}.png")
+    ids = [f"{c}/{i}.png" for c in "ab" for i in range(2)]  # two classes: one would be refused first
+    for name in ids:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (4, 4), int(name[2])).save(root / name)
     outcomes = set()
     for seed in range(12):
         cfg = {"name": "folder", "root": str(root), "split_seed": seed, "test_fraction": 0.2, "check_cache": None}
-        ids = ["a/0.png", "a/1.png", "a/2.png"]
         if (hash_split(ids, 0.2, seed, "test")[1]).numel() == 0:
-            with pytest.raises(ValueError, match="data.test_fraction: a 0.2 split of 3 images by path hash holds none"):
+            with pytest.raises(ValueError, match="data.test_fraction: a 0.2 split of 4 images by path hash holds none"):
                 build_data(cfg)
             outcomes.add("error")
         else:

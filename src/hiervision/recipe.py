@@ -21,6 +21,8 @@ from hiervision.config import DEFAULTS, ConfigError, apply_overrides, merge, val
 __all__ = ["STEPS", "auto_config", "data_section", "describe", "is_data_source", "method_options", "recommended_method",
            "with_encoder"]
 
+#: where the recipe's description says what the images were found to be (channels, sizes: how mixed)
+FOUND = "images found: "
 #: optimizer steps the recipe aims at: the comparison's Fashion-MNIST budget (54,000 images × 8 epochs / 128)
 STEPS = 3400
 #: images whose longer side is at most this train at their own size; larger ones are cropped to it
@@ -102,8 +104,10 @@ def auto_config(source: str | Path, method: str | None = None, overrides: list[s
     why = ""
     if method is None:
         method, why = recommended_method(len(probe.taxonomy.leaves), probe.multi_label)
+    found = probe.note.split("; channels and size from ")[-1] if "; channels and size from " in probe.note else ""
     recipe = merge({"name": source.stem or source.name,
-                    "description": f"hiervision train {source} (auto recipe{'; ' + why if why else ''})",
+                    "description": f"hiervision train {source} (auto recipe{'; ' + why if why else ''})"
+                    + (f"; {FOUND}{found}" if found else ""),
                     "data": data, "model": {"name": "flat", "backbone": backbone}, "train": train},
                    options[method])
     return validate_config(merge(DEFAULTS, apply_overrides(recipe, overrides)))
@@ -129,6 +133,8 @@ def describe(cfg: dict) -> str:
     size = d.get("image_size") or f"crops of {d.get('crop')}"
     size = "x".join(map(str, size)) if isinstance(size, list) else size
     frozen = " (frozen: its features computed once, the head trains on them)" if t.get("freeze_backbone") else ""
+    found = str(cfg.get("description") or "").partition(FOUND)[2]
     return (f"recipe: {m['name']} on {m['backbone']}{frozen}, {d.get('channels')} channel(s), {size} px, "
             f"{t['epochs']} epochs of batch {t['batch_size']}, then calibration and hedged answers fitted on val "
-            "(the comparison's recommendation: benchmarks/RESULTS.md § comparison; change it with --method or --set)")
+            "(the comparison's recommendation: benchmarks/RESULTS.md § comparison; change it with --method or --set)"
+            + (f"\nimages: {found}" if found else ""))

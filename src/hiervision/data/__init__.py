@@ -358,6 +358,8 @@ def _load_files(cfg: dict, name: str, seed: int, size: int | tuple[int, int] | N
         note = f"{name} {cfg.get('root') or cfg.get('manifest')} (test = {test_fraction:g} split by path hash)"
     if bad:
         note += f"; {len(bad)} unreadable images skipped"
+    if getattr(pool, "found", None):
+        note += f"; channels and size from {pool.found}"
     return train, test, val, note, bad
 
 

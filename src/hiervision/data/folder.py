@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from hiervision.data.base import FileImageDataset
-from hiervision.data.imageio import DEFAULT_MAX_PIXELS, ImageReader, first_readable, is_hidden, is_image_name
+from hiervision.data.imageio import DEFAULT_MAX_PIXELS, ImageReader, is_hidden, is_image_name, probe_sample
 from hiervision.taxonomy import Taxonomy
 
 __all__ = ["folder_index", "load_folder"]
@@ -158,9 +158,11 @@ def load_folder(
     tax, sources, folders, archive = folder_index(root)
     if not sources:
         raise FileNotFoundError(f"{root}: no image files found (expected root/<class>/.../*.png)")
-    probe_c, probe_hw = first_readable(ImageReader(3, None, archive, max_pixels), sources)
+    probe_c, probe_hw, found = probe_sample(ImageReader(3, None, archive, max_pixels), sources)
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
     reader = ImageReader(channels or probe_c, tuple(size) if size else probe_hw, archive, max_pixels)
     targets = torch.tensor([tax.external_index[f] for f in folders], dtype=torch.long)
     ids = [f"{f}/{PurePosixPath(s).name}" for s, f in zip(sources, folders)]
-    return FileImageDataset(sources, targets, tax, reader, ids=ids)
+    ds = FileImageDataset(sources, targets, tax, reader, ids=ids)
+    ds.found = found  # what the probe saw, for the run's note
+    return ds

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from collections import Counter
 
 import torch
 from PIL import Image
@@ -29,7 +30,7 @@ from hiervision.imagefile import (
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
-    "first_readable",
+    "probe_sample",
     "IMAGE_EXTENSIONS",
     "ImageReader",
     "find_images",
@@ -44,6 +45,8 @@ __all__ = [
 #: the most bytes one image in a zip archive may unpack to (a 64-megapixel RGBA image is 256 MB raw; real PNGs
 #: and JPEGs are far smaller): a member declaring more is refused before it is inflated
 MAX_MEMBER_BYTES = 256_000_000
+#: images read to find a data set's channels and size (spread over all of it)
+PROBE_SAMPLE = 64
 
 
 def read_image(
@@ -125,13 +128,25 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def first_readable(reader: ImageReader, sources: list[str]) -> tuple[int, tuple[int, int]]:
-    """:func:`probe_image` of the first source that can be probed, so one bad file (which ``data.check``
-    reports or skips) does not decide the data set's channels and size; the first error when none can."""
-    first: ValueError | None = None
-    for s in sources:
+def probe_sample(reader: ImageReader, sources: list[str], k: int = PROBE_SAMPLE) -> tuple[int, tuple[int, int], str]:
+    """``(channels, (H, W), summary)`` of the data set from up to ``k`` images spread evenly over ``sources``
+    (never from the first alone: a grey image sorting first must not make a colour data set grey): colour when
+    any sampled image is, the most common size; ``summary`` says what was found and how mixed it was. Bad
+    files (which ``data.check`` names or skips) are passed over; the first error when none can be read."""
+    n = min(k, len(sources))
+    idx = sorted({round(i * (len(sources) - 1) / max(n - 1, 1)) for i in range(n)})
+    found, first = [], None
+    for i in idx:
         try:
-            return probe_image(reader, s)
+            found.append(probe_image(reader, sources[i]))
         except ValueError as e:
             first = first or e
-    raise first if first is not None else ValueError("no images to probe")
+    if not found:
+        raise first if first is not None else ValueError("no images to probe")
+    grey = sum(c == 1 for c, _ in found)
+    sizes = Counter(hw for _, hw in found)
+    (h, w), _ = sizes.most_common(1)[0]
+    colour = "grey" if grey == len(found) else "colour" if not grey else f"{len(found) - grey} colour, {grey} grey"
+    kinds = f"{len(sizes)} sizes, most common {w}x{h}" if len(sizes) > 1 else f"all {w}x{h}"
+    summary = f"{len(found)} of {len(sources):,} images sampled: {colour}; {kinds}"
+    return (3 if grey < len(found) else 1), (h, w), summary

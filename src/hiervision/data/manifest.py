@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from hiervision.data.base import FileImageDataset
-from hiervision.data.imageio import DEFAULT_MAX_PIXELS, ImageReader, first_readable, is_hidden
+from hiervision.data.imageio import DEFAULT_MAX_PIXELS, ImageReader, is_hidden, probe_sample
 from hiervision.taxonomy import Taxonomy, TaxonomyError
 
 __all__ = ["SPLITS", "load_manifest"]
@@ -55,10 +55,12 @@ def load_manifest(
         raise ValueError(f"{manifest}: no rows")
     sources, ids, labels, splits = (list(col) for col in zip(*rows))
     targets = _targets(manifest, tax, labels, multi_label)
-    probe_c, probe_hw = first_readable(ImageReader(3, max_pixels=max_pixels), sources)
+    probe_c, probe_hw, found = probe_sample(ImageReader(3, max_pixels=max_pixels), sources)
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
     reader = ImageReader(channels or probe_c, tuple(size) if size else probe_hw, max_pixels=max_pixels)
-    return FileImageDataset(sources, targets, tax, reader, ids=ids), (None if splits[0] is None else splits)
+    ds = FileImageDataset(sources, targets, tax, reader, ids=ids)
+    ds.found = found  # what the probe saw, for the run's note
+    return ds, (None if splits[0] is None else splits)
 
 
 def _read_rows(manifest: Path, tax: Taxonomy, base: Path) -> list[tuple[str, str, list[int], str | None]]:
