@@ -231,8 +231,16 @@ def test_real_uvicorn_server(predictor):
 def test_cli_serve_user_errors(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 1
     assert "missing: neither a run folder nor an .onnx file" in capsys.readouterr().err
-    assert main(["serve", str(tmp_path), "--max-batch", "0"]) == 1
-    assert "--max-batch" in capsys.readouterr().err
+    for flag, value, words in (("--max-batch", "0", "must be ≥ 1, got 0"),
+                               ("--port", "70000", "must be a port number 0–65535"),
+                               ("--read-timeout", "nan", "must be a finite number > 0"),
+                               ("--max-wait-ms", "-1", "must be a finite number ≥ 0")):
+        with pytest.raises(SystemExit) as e:  # argparse: usage and one error line naming the flag, status 2
+            main(["serve", str(tmp_path), flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag}: {words}" in err, err
+    assert main(["evaluate", str(tmp_path), "--device", "tpu"]) == 1
+    assert "--device='tpu' is not a device (auto, cpu, cuda or cuda:N)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -25,13 +25,23 @@ __all__ = ["DistEnv", "any_flag", "autocast_dtype", "barrier", "gather_rows", "i
            "select_device", "setup", "shard_indices"]
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA where a device is visible, else the CPU; a CUDA device that is not there: one line."""
+def select_device(name: str = "auto", where: str = "train.device") -> torch.device:
+    """``auto``: CUDA where a device is visible, else the CPU. A name that is no device, or a CUDA device this
+    machine does not have, is one line naming ``where`` (the config key or the flag)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA device is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{where}={name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}={name!r} but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{where}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"{where}={name!r}: hiervision runs on cpu or cuda")
+    return device
 
 
 def _cpu_has_bf16() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable
 
 from hiervision.checkpoint import CheckpointError
@@ -42,6 +43,30 @@ def int_at_least(lo: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be a whole number ≥ {lo}, got {text!r}") from None
         if value < lo:
             raise argparse.ArgumentTypeError(f"must be ≥ {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 0–65535 (0: any free one)."""
+    value = int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0–65535, got {value}")
+    return value
+
+
+def finite_at_least(lo: float, strict: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number ≥ ``lo`` (> ``lo`` when ``strict``): waits, sizes, rates."""
+    said = f"{'>' if strict else '≥'} {lo:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number {said}, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (strict and value == lo):
+            raise argparse.ArgumentTypeError(f"must be a finite number {said}, got {text}")
         return value
 
     return parse

@@ -21,7 +21,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hiervision.marginals import is_identity
     from hiervision.posthoc import evaluate_decisions
 
-    device = select_device(args.device)
+    device = select_device(args.device, "--device")
     cfg, taxonomy, model, meta = load_run(args.run_dir, which=args.checkpoint, device=device)
     check_given_level(args.given_level, taxonomy)
     data = run_data(cfg, args.run_dir, args.allow_changed_data, meta)  # the normalisation it was trained with

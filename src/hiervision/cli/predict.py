@@ -60,13 +60,10 @@ def _predictor(args: argparse.Namespace) -> Predictor:
         predictor = Predictor(args.run_dir, top_k=args.top_k, batch_size=args.batch_size,
                               beam_width=args.beam_width, decode=decode)
     else:
-        import torch
-
+        from hiervision.distributed import select_device
         from hiervision.export import run_predictor
 
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(select_device(args.device, "--device"))
         predictor = run_predictor(args.run_dir, args.top_k, args.batch_size, device, beam_width=args.beam_width,
                                   decode=decode)
     side = predictor.sidecar

@@ -10,7 +10,9 @@ from hiervision.cli.common import (
     add_decode,
     answers,
     decode_rule,
+    finite_at_least,
     open_fraction,
+    port,
     positive_int,
 )
 
@@ -23,10 +25,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from hiervision.serve import Limits, serve
     except ImportError as e:
         raise ValueError(f"hiervision serve needs: pip install 'hiervision[serve]' ({e.name} missing)") from None
-    if args.max_batch < 1 or args.max_wait_ms < 0 or args.top_k < 1 or args.max_files < 1:
-        raise ValueError("--max-batch, --top-k and --max-files must be ≥ 1 and --max-wait-ms ≥ 0")
-    if not (args.max_body_mb > 0 and args.read_timeout > 0 and args.min_body_rate >= 0):
-        raise ValueError("--max-body-mb and --read-timeout must be > 0 and --min-body-rate ≥ 0")
     limits = Limits(max_files=args.max_files, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                     read_timeout_s=args.read_timeout, min_body_rate=args.min_body_rate, max_queue=args.max_queue)
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
@@ -40,16 +38,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="HTTP API and web page over a run folder or .onnx file ([serve] extra)")
     sv.add_argument("model", metavar="RUN_OR_ONNX")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-batch", type=int, default=32, help="most images predicted in one forward pass")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+    sv.add_argument("--port", type=port, default=8000)
+    sv.add_argument("--max-batch", type=positive_int, default=32, help="most images predicted in one forward pass")
+    sv.add_argument("--max-wait-ms", type=finite_at_least(0), default=5.0,
                     help="how long the first image of a batch waits for others (0: no waiting)")
-    sv.add_argument("--top-k", type=int, default=3, help="alternative paths per image")
-    sv.add_argument("--max-files", type=int, default=64, help="most images in one request (more: 413)")
-    sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (more: 413)")
-    sv.add_argument("--read-timeout", type=float, default=10.0, metavar="S",
+    sv.add_argument("--top-k", type=positive_int, default=3, help="alternative paths per image")
+    sv.add_argument("--max-files", type=positive_int, default=64, help="most images in one request (more: 413)")
+    sv.add_argument("--max-body-mb", type=finite_at_least(0, strict=True), default=32.0,
+                    help="largest request body (more: 413)")
+    sv.add_argument("--read-timeout", type=finite_at_least(0, strict=True), default=10.0, metavar="S",
                     help="longest pause while a request body arrives (more: 408, connection closed)")
-    sv.add_argument("--min-body-rate", type=float, default=8192, metavar="BYTES_PER_S",
+    sv.add_argument("--min-body-rate", type=finite_at_least(0), default=8192, metavar="BYTES_PER_S",
                     help="slowest average upload accepted after the first --read-timeout seconds (slower: 408)")
     sv.add_argument("--max-queue", type=positive_int, default=256,
                     help="most images waiting for the model (more: 503 with Retry-After)")
