@@ -86,7 +86,7 @@ def test_a_pipe_named_like_an_image_is_named_and_skipped_never_read(tmp_path, ca
     ds = load_folder(tmp_path)
     assert len(ds) == 4
     err = capsys.readouterr().err
-    assert "skipped 1 file(s) that are not regular files" in err and "pipe.png" in err
+    assert "skipped 1 entries that are no images of a class" in err and "pipe.png" in err
 
 
 def test_a_zip_member_that_unpacks_past_the_bound_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
@@ -171,3 +171,17 @@ def test_channels_and_size_come_from_a_sample_of_the_whole_data_set_not_its_firs
 def _mk(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def test_a_run_folder_inside_the_data_never_becomes_a_class(tmp_path, capsys):
+    for name in ("A", "B"):
+        for i in range(3):
+            _png(tmp_path / "data" / name / f"{i}.png", 40 * i)
+    inside = tmp_path / "data" / "run"
+    args = ["--set", "train.epochs=1", "--quiet"]
+    assert main(["train", str(tmp_path / "data"), "--out", str(inside), *args]) == 0
+    assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "again"), *args]) == 0  # not blocked
+    assert "a hiervision run folder" in capsys.readouterr().err
+    from hiervision.experiment import load_run
+
+    assert sorted(load_run(tmp_path / "again")[1].names) == ["A", "B", "root"]

@@ -15,6 +15,7 @@ import torch
 
 from hiervision.data.base import FileImageDataset
 from hiervision.data.imageio import DEFAULT_MAX_PIXELS, ImageReader, is_hidden, is_image_name, probe_sample
+from hiervision.runfolder import MARKER
 from hiervision.taxonomy import Taxonomy
 
 __all__ = ["folder_index", "load_folder"]
@@ -30,7 +31,7 @@ def _walk(root: Path) -> tuple[list[str], list[str], list[str]]:
     dirs: list[str] = []
     sources: list[str] = []
     folders: list[str] = []
-    odd: list[str] = []  # image names that are not regular files: named and skipped
+    odd: list[str] = []  # image names that are not regular files, run folders: named and skipped
     seen: dict[str, str] = {os.path.realpath(root): "."}
 
     stack: list[tuple[str, str, str]] = [(str(root), ".", os.path.realpath(root))]
@@ -47,6 +48,9 @@ def _walk(root: Path) -> tuple[list[str], list[str], list[str]]:
             if e.is_dir() or is_image_name(e.name):
                 _check_name(e.path, e.name)
             sub = e.name if rel == "." else f"{rel}/{e.name}"
+            if e.is_dir() and os.path.isfile(os.path.join(e.path, MARKER)):  # a run's own folder (--out inside
+                odd.append(e.path)  # the data): its plots and checkpoints are no class
+                continue
             if e.is_dir():  # follows symlinks
                 real = os.path.realpath(e.path)
                 if here == real or here.startswith(real.rstrip(os.sep) + os.sep):  # real is this folder or above
@@ -69,8 +73,8 @@ def _walk(root: Path) -> tuple[list[str], list[str], list[str]]:
         stack.extend(reversed(below))
     if odd:
         shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
-        print(f"hiervision: warning: {root}: skipped {len(odd)} file(s) that are not regular files (a pipe, a "
-              f"device or a socket): {shown}", file=sys.stderr)
+        print(f"hiervision: warning: {root}: skipped {len(odd)} entries that are no images of a class (a pipe, a "
+              f"device or a socket named like an image, or a hiervision run folder): {shown}", file=sys.stderr)
     return dirs, sources, folders
 
 
