@@ -379,6 +379,11 @@ def test_wordnet_keep_chains_and_all_synsets(tmp_path: Path, capsys) -> None:
     assert main(["taxonomy", "build", str(h), "--from", "wordnet", "--names", str(n), "--keep-chains",
                  "--all-synsets", "--out", str(out)]) == 0
     assert Taxonomy.load(out) == full
+    assert "names 4 of the hierarchy's 7 ids; the others keep their ids as names" in capsys.readouterr().err
+    (tmp_path / "wrong.txt").write_text("n999\tsomething else\n")
+    with pytest.raises(TaxonomyError) as e:  # the wrong file: it would name every class by its id
+        Taxonomy.from_wordnet(h, tmp_path / "wrong.txt")
+    one_line_error(e, "wrong.txt", "names none of the hierarchy's 7 ids (the wrong file?)")
     assert main(["taxonomy", "build", str(h), "--from", "folders", "--keep-chains", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--keep-chains applies to --from wordnet only" in err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -183,6 +184,20 @@ def _no_lookalikes(nodes: set[str]) -> None:
         seen[key] = n
 
 
+def _names_fit(names: dict[str, str], edges: list[tuple[str, str]], names_file) -> None:
+    """A names file that names none of the hierarchy's ids is the wrong file (every class would be called by its
+    id): refused; one that names only some of them is said in one warning line."""
+    if names_file is None:
+        return
+    ids = {n for edge in edges for n in edge}
+    named = sum(i in names for i in ids)
+    if ids and not named:
+        raise TaxonomyError(f"{names_file}: names none of the hierarchy's {len(ids):,} ids (the wrong file?)")
+    if named < len(ids):
+        print(f"hiervision: warning: {names_file}: names {named:,} of the hierarchy's {len(ids):,} ids; the others "
+              "keep their ids as names", file=sys.stderr)
+
+
 def from_folders(cls: type[T], root_dir: str | os.PathLike, root: str = "root") -> T:
     """Each sub-folder of ``root_dir`` is a node; nesting gives the tree (hidden folders skipped)."""
     root_dir = Path(root_dir)
@@ -247,6 +262,7 @@ def from_openimages(
             edges.append((parent, label))
         for child in reversed(node.get("Subcategory", [])):
             stack.append((child, label))
+    _names_fit(names, edges, descriptions_csv)
     top = data["LabelName"]
     tax = from_edges(cls, edges, root=names.get(top, "Entity"), names=names, multi_parent="first")
     # the file's top node became a class under our root: remove it so its children hang at depth 1
@@ -292,6 +308,7 @@ def from_wordnet(
         if len(parts) != 2:
             raise TaxonomyError(f"{hierarchy_file}:{i}: expected 'parent child', got {line!r}")
         edges.append((parts[0], parts[1]))
+    _names_fit(names, edges, names_file)
     if all_synsets:
         if names_file is None:
             raise TaxonomyError(f"{hierarchy_file}: all_synsets needs the names file (the list of synsets, --names)")
