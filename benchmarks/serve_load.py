@@ -8,10 +8,13 @@ sent vs answered 200 (none may be lost or failed), mean batch size the server ra
 
 ``--faults``: the same good clients, first alone, then while other clients misbehave: bodies that
 stall (announce 100000 bytes, send 100) or trickle, clients that vanish mid-upload, and bursts of
-many-image requests past the server's queue (``--max-queue``). Good clients retry a 503 after its
-Retry-After, as well-behaved clients do; a good request is lost when it never gets its answer.
+many-image requests past the server's queue (``--max-queue``), slow-loris connections that send half a
+request line and stop (``--slow-headers`` of them opened in all, 1,600 at a time), and clients uploading
+31 MB each (``--big-uploads`` at once). Good clients retry a 503 after its Retry-After (and a connection
+closed before any answer), as well-behaved clients do; a good request is lost when it never gets its answer.
 Reported: good requests lost, good p50/p99 without and with faults, how the faults were answered
-(408 and the seconds until the connection closed, 503s) and the tracebacks in the server's log.
+(408 and the seconds until the connection closed, 503s, connections closed), the server's resident memory
+before the faults and at its peak (``VmHWM``), and the tracebacks and lines in the server's log.
 
     python benchmarks/serve_load.py runs/x --clients 32 --requests 200 --out benchmarks/results/serve.json
     python benchmarks/serve_load.py --faults --out benchmarks/results/serve_faults.json
@@ -174,6 +177,8 @@ def post_with_retries(port: int, body: bytes, boundary: str, deadline: float) ->
                 return resp.status == 200 and len(json.loads(payload)["results"]) == 1, busy
             busy += 1
             wait = float(resp.getheader("Retry-After") or 1)
+        except (ConnectionResetError, BrokenPipeError):  # closed before an answer (a server shedding
+            busy, wait = busy + 1, 0.1  # connections): nothing was answered, so sending again is safe
         except (OSError, http.client.HTTPException, ValueError, KeyError):
             return False, busy
         finally:
@@ -277,18 +282,86 @@ def burst_client(port: int, body: bytes, boundary: str, stop: float, out: dict) 
         out[f"burst_{status}"] = out.get(f"burst_{status}", 0) + 1
 
 
-def faults(port: int, images: list[bytes], clients: int, seconds: float, burst_files: int, log: Path) -> dict:
+def slow_header_client(port: int, stop: float, out: dict, hold: int, total: int) -> None:
+    """Keeps up to ``hold`` connections open, each having sent half a request line and nothing more (a slow
+    loris), opening new ones as the server closes them, until ``total`` have been opened in all."""
+    socks: list[socket.socket] = []
+    while time.monotonic() < stop and out["slow_header_opened"] < total:
+        while len(socks) < hold and out["slow_header_opened"] < total:
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.sendall(b"POST /pred")
+                s.setblocking(False)
+            except OSError:
+                out["slow_header_refused"] += 1
+                break
+            socks.append(s)
+            out["slow_header_opened"] += 1
+        time.sleep(0.05)
+        alive = []
+        for s in socks:
+            try:
+                closed = s.recv(1) == b""
+            except BlockingIOError:
+                closed = False
+            except OSError:
+                closed = True
+            if closed:
+                s.close()
+                out["slow_header_closed_by_server"] += 1
+            else:
+                alive.append(s)
+        socks = alive
+    for s in socks:
+        s.close()
+
+
+def big_upload_client(port: int, body: bytes, boundary: str, stop: float, out: dict) -> None:
+    """One upload of ``body`` (31 MB) after another, never retrying: what does holding it cost the server?"""
+    while time.monotonic() < stop:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            conn.request("POST", "/predict", body=body,
+                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            status = conn.getresponse().status
+        except (OSError, http.client.HTTPException):
+            status = 0
+        finally:
+            conn.close()
+        out[f"big_{status}"] = out.get(f"big_{status}", 0) + 1
+
+
+def rss_mb(pid: int, key: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of a process, in MB (Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def faults(port: int, images: list[bytes], clients: int, seconds: float, burst_files: int, log: Path,
+           pid: int, slow_headers: int = 20_000, big_uploads: int = 30) -> dict:
     boundary = uuid.uuid4().hex
     bodies = [multipart(im, boundary) for im in images]
     good_clients(port, bodies, boundary, 1, 2)  # warm-up
     calm = good_clients(port, bodies, boundary, clients, seconds)
     burst_body = multipart([images[i % len(images)] for i in range(burst_files)], boundary)
-    out = {"stalled": 0, "trickled": 0, "vanished": 0, "answered_408": 0, "max_seconds_to_close": 0.0}
+    out = {"stalled": 0, "trickled": 0, "vanished": 0, "answered_408": 0, "max_seconds_to_close": 0.0,
+           "slow_header_opened": 0, "slow_header_refused": 0, "slow_header_closed_by_server": 0}
+    big_body = multipart(os.urandom(31 * 1024 * 1024), boundary)  # 31 MB that is no image: read, then refused
+    rss_before = rss_mb(pid, "VmRSS")
     stop = time.monotonic() + seconds
     bad = ([threading.Thread(target=stalled_client, args=(port, boundary, stop, out)) for _ in range(4)]
            + [threading.Thread(target=trickle_client, args=(port, boundary, stop, out)) for _ in range(2)]
            + [threading.Thread(target=vanishing_client, args=(port, boundary, stop, out)) for _ in range(2)]
-           + [threading.Thread(target=burst_client, args=(port, burst_body, boundary, stop, out)) for _ in range(6)])
+           + [threading.Thread(target=burst_client, args=(port, burst_body, boundary, stop, out)) for _ in range(6)]
+           + [threading.Thread(target=slow_header_client, args=(port, stop, out, 400, slow_headers // 4))
+              for _ in range(4 if slow_headers else 0)]
+           + [threading.Thread(target=big_upload_client, args=(port, big_body, boundary, stop, out))
+              for _ in range(big_uploads)])
     for t in bad:
         t.start()
     under = good_clients(port, bodies, boundary, clients, seconds)
@@ -296,7 +369,8 @@ def faults(port: int, images: list[bytes], clients: int, seconds: float, burst_f
         t.join()
     text = log.read_text(errors="replace")
     return {"good_alone": calm, "good_under_faults": under, "faults": out,
-            "server_log": {"tracebacks": text.count("Traceback"),
+            "server_rss_mb": {"before_faults": rss_before, "peak": rss_mb(pid, "VmHWM")},
+            "server_log": {"tracebacks": text.count("Traceback"), "lines": text.count("\n"),
                            "went_away_lines": text.count("went away mid-upload"),
                            "too_slow_lines": text.count("request body too slow")}}
 
@@ -314,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", action="store_true", help="good clients alone, then beside misbehaving ones")
     p.add_argument("--max-queue", type=int, default=64, help="--faults: the server's --max-queue")
     p.add_argument("--burst-files", type=int, default=16, help="--faults: images per burst request")
+    p.add_argument("--slow-headers", type=int, default=20_000,
+                   help="--faults: connections opened in all that send half a request line and stop")
+    p.add_argument("--big-uploads", type=int, default=30, help="--faults: clients uploading 31 MB at once")
     p.add_argument("--out", default=None, help="results JSON (default: a temporary file)")
     args = p.parse_args(argv)
     if args.tiny:
@@ -357,7 +434,8 @@ def _faults_main(args, run: str, images: list[bytes], tmp: Path, out: Path, comm
     settings = ["--max-queue", str(args.max_queue), "--read-timeout", "2", "--min-body-rate", "4096"]
     server = start_server(run, port, args.max_batch, args.max_wait_ms, args.threads, log, settings)
     try:
-        r = faults(port, images, args.clients, args.seconds, args.burst_files, log)
+        r = faults(port, images, args.clients, args.seconds, args.burst_files, log, server.pid, args.slow_headers,
+                   args.big_uploads)
     finally:
         server.terminate()
         server.wait(30)
@@ -370,7 +448,8 @@ def _faults_main(args, run: str, images: list[bytes], tmp: Path, out: Path, comm
           f"| alone | {a['sent']} | {a['ok']} | {a['lost']} | {a['503_retried']} | {a['p50_ms']} | {a['p99_ms']} |\n"
           f"| under faults | {u['sent']} | {u['ok']} | {u['lost']} | {u['503_retried']} | {u['p50_ms']} | "
           f"{u['p99_ms']} |")
-    print(f"faults: {json.dumps(f)}; server log: {json.dumps(r['server_log'])}\nresults: {out}")
+    print(f"faults: {json.dumps(f)}; server log: {json.dumps(r['server_log'])}; server RSS MB: "
+          f"{json.dumps(r['server_rss_mb'])}\nresults: {out}")
     return 1 if a["lost"] or u["lost"] or r["server_log"]["tracebacks"] else 0
 
 

@@ -165,3 +165,60 @@ def test_bursts_past_the_queue_get_503_while_good_clients_lose_nothing(server):
     assert sum(s for s, _ in sent_answered) == sum(a for _, a in sent_answered) == 40  # 0 good requests lost
     assert app.state.batcher.pending == 0
     assert post(port, 8)[0] == 200  # the queue drained: a request as large as the queue fits again
+
+
+def _guarded_server(**limits):
+    from hiervision.serve.connections import guarded_protocol
+
+    lim = Limits(**{**LIMITS.model_dump(), **limits})
+    app = create_app(StubPredictor(0.01), max_batch=4, max_wait_ms=2, limits=lim)
+    return serving(app, log_config=None, log_level="info",
+                   http=guarded_protocol(lim.max_connections, lim.header_timeout_s))
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """The server closed (or reset) the connection without sending anything."""
+    try:
+        return read_all(sock, 0.2) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_slow_header_connections_are_closed_and_cannot_crowd_out_good_clients(caplog):
+    with _guarded_server(max_connections=20, header_timeout_s=0.5) as port:
+        hoarders = []
+        for _ in range(60):  # three times the cap, each sending half a request line and then nothing
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /pred")
+            hoarders.append(s)
+        sent, answered = good_client(port, 5)  # evicts hoarders: newcomers send their headers at once
+        assert answered == sent == 5
+        time.sleep(0.8)
+        closed = sum(_closed_by_server(s) for s in hoarders)
+        for s in hoarders:
+            s.close()
+    assert closed == 60
+    lines = [r.getMessage() for r in caplog.records if "connection(s)" in r.getMessage()]
+    assert 1 <= len(lines) <= 4 and not any(r.exc_info for r in caplog.records)  # counted, not one per client
+
+
+def test_uploads_in_flight_are_bounded_and_a_huge_id_is_a_4xx():
+    with _guarded_server(max_inflight_bytes=250_000) as port:
+        def slow_upload():
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(head(200_000) + b"x" * 1000)  # announces 200 kB, then waits: holds 200 kB of the budget
+            return s
+
+        holder = slow_upload()
+        time.sleep(0.1)
+        status, _ = post(port)  # a small request fits beside it (200 kB + a few kB ≤ 250 kB)
+        over = slow_upload()
+        reply_over = read_all(over, 1.0)
+        holder.close()
+        over.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/taxonomy/nodes?ids=" + "9" * 5000)
+        resp = conn.getresponse()
+        assert resp.status == 404 and "does not exist" in json.loads(resp.read())["detail"]
+    assert status == 200
+    assert b" 503 " in reply_over.split(b"\r\n")[0] and b"bytes of uploads already in flight" in reply_over

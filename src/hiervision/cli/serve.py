@@ -25,8 +25,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from hiervision.serve import Limits, serve
     except ImportError as e:
         raise ValueError(f"hiervision serve needs: pip install 'hiervision[serve]' ({e.name} missing)") from None
-    limits = Limits(max_files=args.max_files, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                    read_timeout_s=args.read_timeout, min_body_rate=args.min_body_rate, max_queue=args.max_queue)
+    mb = 1024 * 1024
+    limits = Limits(max_files=args.max_files, max_body_bytes=int(args.max_body_mb * mb),
+                    read_timeout_s=args.read_timeout, min_body_rate=args.min_body_rate, max_queue=args.max_queue,
+                    max_inflight_bytes=int(args.max_inflight_mb * mb), max_connections=args.max_connections,
+                    header_timeout_s=args.header_timeout)
+    if limits.max_inflight_bytes < limits.max_body_bytes:
+        raise ValueError(f"--max-inflight-mb {args.max_inflight_mb:g} is below --max-body-mb {args.max_body_mb:g}: "
+                         "no full-size request could ever be read")
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           top_k=args.top_k, limits=limits, hedge_accuracy=args.hedge_accuracy, beam_width=args.beam_width,
           decode=decode_rule(args), answers=lambda tree, end_nodes, side: answers(args, tree, end_nodes, side))
@@ -52,6 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="slowest average upload accepted after the first --read-timeout seconds (slower: 408)")
     sv.add_argument("--max-queue", type=positive_int, default=256,
                     help="most images waiting for the model (more: 503 with Retry-After)")
+    sv.add_argument("--max-inflight-mb", type=finite_at_least(0, strict=True), default=256.0,
+                    help="most upload bytes held at once over all requests (more: 503 with Retry-After)")
+    sv.add_argument("--max-connections", type=positive_int, default=512,
+                    help="most open connections; past it the oldest still sending its headers is closed")
+    sv.add_argument("--header-timeout", type=finite_at_least(0, strict=True), default=10.0, metavar="S",
+                    help="longest a connection may take to send a request's headers (slower: closed)")
     sv.add_argument("--hedge-accuracy", type=open_fraction, default=None, metavar="A",
                     help="add each image's hedged answer at this accuracy target (λ from the run's decisions.json)")
     add_beam_width(sv)

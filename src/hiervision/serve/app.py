@@ -36,6 +36,7 @@ from hiervision.records import TreeView
 from hiervision.restrict import Allowed
 from hiervision.rollup import Thresholds
 from hiervision.serve.batching import MicroBatcher, QueueFull
+from hiervision.serve.connections import guarded_protocol
 from hiervision.serve.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from hiervision.serve.nodes import MAX_IDS, BadNodeId, node_record, parse_ids, path_siblings
 from hiervision.serve.predictor import ImagePredictor
@@ -59,6 +60,12 @@ class Limits(BaseModel):
     min_body_rate: float = 8 * 1024
     #: most images waiting for (or in) the model at once; more get 503
     max_queue: int = 256
+    #: most request-body bytes held at once, over every request being read or decoded; more get 503
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    #: most open connections; past it the oldest one still sending headers is closed (``serve.connections``)
+    max_connections: int = 512
+    #: longest a connection may take to send a request's headers, in seconds
+    header_timeout_s: float = 10.0
 
 
 class Alternative(BaseModel):
@@ -159,10 +166,12 @@ class _RequestGuard:
     """ASGI middleware for ``POST /predict``: 415 unless multipart, 413 past ``max_body_bytes`` (checked on
     Content-Length and again while reading, for chunked bodies), 408 for a body that stalls or trickles
     (``read_timeout_s``, ``min_body_rate``); a client that disconnects mid-upload is logged in one line.
-    The body is buffered (bounded) and replayed."""
+    The body is buffered (bounded, and over all requests at once ``max_inflight_bytes``: 503 past it) and
+    replayed."""
 
     def __init__(self, app, limits: Limits) -> None:
         self.app, self.limits = app, limits
+        self.inflight = 0  # body bytes held by requests being read or answered (one event loop: no lock)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/predict":
@@ -178,6 +187,18 @@ class _RequestGuard:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > lim.max_body_bytes:
             return await too_big(scope, receive, send)
+        held = int(length) if length is not None and length.isdigit() else lim.max_body_bytes
+        if self.inflight + held > lim.max_inflight_bytes:  # memory is bounded: shed load, never queue bytes
+            return await _detail(503, f"server busy: {self.inflight:,} bytes of uploads already in flight",
+                                 {"Retry-After": "1"})(scope, receive, send)
+        self.inflight += held
+        try:
+            return await self._read_and_answer(scope, receive, send, length, too_big)
+        finally:
+            self.inflight -= held
+
+    async def _read_and_answer(self, scope, receive, send, length: str | None, too_big) -> None:
+        lim = self.limits
         chunks, size, more, start = [], 0, True, time.monotonic()
         while more:
             elapsed = time.monotonic() - start
@@ -202,13 +223,11 @@ class _RequestGuard:
                 return await too_big(scope, receive, send)
             chunks.append(chunk)
             more = message.get("more_body", False)
-        body, sent = b"".join(chunks), False
+        chunks.reverse()
 
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
+        async def replay():  # the chunks as they came (never joined: one copy of the body, not two)
+            if chunks:
+                return {"type": "http.request", "body": chunks.pop(), "more_body": bool(chunks)}
             return await receive()
 
         return await self.app(scope, replay, send)
@@ -458,4 +477,6 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int =
     hedge = predictor.runtime.hedger(hedge_accuracy) if hedge_accuracy is not None else None
     app = create_app(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits, hedge=hedge,
                      name=str(path))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    lim = limits or Limits()
+    uvicorn.run(app, host=host, port=port, log_level="info",
+                http=guarded_protocol(lim.max_connections, lim.header_timeout_s))
