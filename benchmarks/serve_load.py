@@ -284,7 +284,8 @@ def burst_client(port: int, body: bytes, boundary: str, stop: float, out: dict) 
 
 def slow_header_client(port: int, stop: float, out: dict, hold: int, total: int) -> None:
     """Keeps up to ``hold`` connections open, each having sent half a request line and nothing more (a slow
-    loris), opening new ones as the server closes them, until ``total`` have been opened in all."""
+    loris), opening new ones as the server closes them, until ``total`` have been opened in all (by every such
+    client together: the count is shared)."""
     socks: list[socket.socket] = []
     while time.monotonic() < stop and out["slow_header_opened"] < total:
         while len(socks) < hold and out["slow_header_opened"] < total:
@@ -358,7 +359,7 @@ def faults(port: int, images: list[bytes], clients: int, seconds: float, burst_f
            + [threading.Thread(target=trickle_client, args=(port, boundary, stop, out)) for _ in range(2)]
            + [threading.Thread(target=vanishing_client, args=(port, boundary, stop, out)) for _ in range(2)]
            + [threading.Thread(target=burst_client, args=(port, burst_body, boundary, stop, out)) for _ in range(6)]
-           + [threading.Thread(target=slow_header_client, args=(port, stop, out, 400, slow_headers // 4))
+           + [threading.Thread(target=slow_header_client, args=(port, stop, out, 400, slow_headers))
               for _ in range(4 if slow_headers else 0)]
            + [threading.Thread(target=big_upload_client, args=(port, big_body, boundary, stop, out))
               for _ in range(big_uploads)])
