@@ -185,3 +185,17 @@ def test_a_run_folder_inside_the_data_never_becomes_a_class(tmp_path, capsys):
     from hiervision.experiment import load_run
 
     assert sorted(load_run(tmp_path / "again")[1].names) == ["A", "B", "root"]
+
+
+def test_a_model_key_the_head_does_not_take_fails_before_any_data_is_read(tmp_path, capsys):
+    from hiervision.models import list_models
+    from hiervision.models.registry import model_arguments
+
+    assert all(model_arguments(name) for name in list_models())  # every head's arguments read from signatures
+    for name in ("A", "B"):
+        for i in range(3):
+            _png(tmp_path / "data" / name / f"{i}.png", 40 * i)
+    assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--set", "model.bogus=1"]) == 1
+    err = capsys.readouterr().err
+    assert "model.bogus: not an argument of model 'haframe'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "splits.json").exists()  # stopped before the data was read

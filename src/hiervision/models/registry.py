@@ -16,6 +16,7 @@ import inspect
 import os
 import re
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["PLUGINS_ENV", "ModelInfo", "create_model", "list_models", "load_plugins", "model_info", "register_model"]
+__all__ = ["PLUGINS_ENV", "ModelInfo", "check_model_keys", "create_model", "list_models", "load_plugins",
+           "model_arguments", "model_info", "register_model"]
 
 #: the environment variable naming heads outside the package (module names or .py files, os.pathsep-separated)
 PLUGINS_ENV = "HIERVISION_MODELS"
@@ -86,6 +88,37 @@ def model_info(name: str) -> ModelInfo:
     if name not in _MODELS:
         raise ValueError(f"model.name: unknown model {name!r} (known: {', '.join(list_models())})")
     return _MODELS[name]
+
+
+def model_arguments(name: str) -> frozenset[str] | None:
+    """The keyword arguments head ``name`` takes (its factory's, then each constructor's up the class chain while
+    they pass ``**kwargs`` on), read from signatures without building anything; ``None`` when a signature
+    leaves them open. Lets a config's ``model.*`` keys be checked before any data is read."""
+    target = getattr(model_info(name).factory, "__wrapped__", model_info(name).factory)
+    names: set[str] = set()
+    chain: list[Callable] = [target]
+    try:
+        cls = typing.get_type_hints(target).get("return")
+    except (NameError, TypeError):
+        cls = None
+    chain += [k.__init__ for k in getattr(cls, "__mro__", ()) if "__init__" in k.__dict__]
+    for fn in chain:
+        params = inspect.signature(fn).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return frozenset(names - {"self", "taxonomy"})
+    return None
+
+
+def check_model_keys(model_cfg: dict) -> None:
+    """One line naming the first ``model.*`` key that head ``model.name`` does not take (before any data)."""
+    accepted = model_arguments(model_cfg["name"])
+    if accepted is None:
+        return
+    given = set(model_cfg) - {"name", "in_chans", "multi_label", "image_size"}
+    unknown = sorted(given - accepted)
+    if unknown:
+        raise ValueError(f"model.{unknown[0]}: not an argument of model {model_cfg['name']!r}")
 
 
 def create_model(name: str, taxonomy, **kwargs) -> nn.Module:

@@ -45,6 +45,7 @@ from hiervision.distributed import DistEnv, any_flag, autocast_dtype, barrier, s
 from hiervision.evaluation import evaluate_split, predict_dataset
 from hiervision.experiment import run_data, run_model, with_run_statistics
 from hiervision.models import HierarchicalClassifier
+from hiervision.models.registry import check_model_keys
 from hiervision.posthoc import posthoc_report
 from hiervision.runfolder import RunFolderError, atomic_write_json, atomic_write_text, claim_run_dir, set_aside
 from hiervision.tracking import Tracker, open_tracker
@@ -140,6 +141,7 @@ def run_training(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_th
     if tcfg["pseudo_labels"] and data is None:
         raise ConfigError("train.pseudo_labels: a protocol of two runs; train it with hiervision.training.train")
     check_backbone_options(tcfg)
+    check_model_keys(cfg["model"])  # a key the head does not take fails now, not after the data is read
     configure_backends(tcfg)
     amp = autocast_dtype(tcfg["amp"], env.device)
     tracker = open_tracker(cfg, out, env.is_main)  # train.log_to; a missing library stops here, before any data
