@@ -142,6 +142,19 @@ def test_restricted_flat_answers_the_argmax_over_the_allowed_classes_in_torch_an
     assert all(r["allowed"] == {"description": "within Shoes, Bottoms", "classes": 4} for r in records)
 
 
+def test_a_head_whose_inner_nodes_hold_mass_is_restricted_the_same_in_torch_and_the_runtime():
+    tax = fashion_mnist_taxonomy()
+    torch.manual_seed(2)
+    model = create_model("soft_max_margin", tax, **SMALL).eval()  # a softmax over every node: not leaf marginals
+    images = torch.rand(32, 1, 28, 28)
+    allowed = Allowed.of(tax.view, within="Tops,Shoes")
+    got = calibrate(model.predict((images - 0.286) / 0.353), tax, 1.0, "argmax", allowed)
+    records = Predictor(sidecar=sidecar(model, META), engine=torch_engine(model)).predict_arrays(
+        images.numpy(), allowed=allowed)
+    assert [r["path_ids"][-1] for r in records] == got.nodes.tolist()
+    assert np.allclose([r["path_probability"] for r in records], got.path_prob.numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("rule", ["crm", "bayes:hf1", "bayes:hf1:inner"])
 def test_decision_rules_answer_inside_the_restriction_and_the_runtime_agrees(rule):
     tax = fashion_mnist_taxonomy()

@@ -305,8 +305,10 @@ def restrict_batch(tree: TreeView, decoder: dict, decoded: list[dict], allowed: 
     kind, ends = decoder["kind"], decoder.get("end_nodes", "leaves")
     if kind == "multi_label":
         raise ValueError("answers restricted to classes (within, classes) apply to single-label models only")
-    if kind == "exact" and ends == "leaves" and ranked and all(d["path_ids"] for d in decoded):
-        # an exact decoder's node scores are its node marginals (a leaf's is its probability), and
+    first = np.asarray(decoded[0]["node_scores"])
+    coherent = abs(float(first[tree.leaf_mask].sum()) - 1.0) < 1e-4  # the leaves hold all the mass (not SMM's)
+    if kind == "exact" and ends == "leaves" and coherent and ranked and all(d["path_ids"] for d in decoded):
+        # an exact decoder whose node scores are its leaves' marginals (a leaf's is its probability), and
         # decode_batch ranked the allowed leaves already: only the renormaliser is new
         marg = restricted_marginals(np.stack([np.asarray(d["node_scores"])[allowed.order] for d in decoded]), allowed)
         return [{**d, "path_probability": float(m[d["path_ids"][-1]]), "node_scores": m,
