@@ -19,6 +19,17 @@ def test_flatten_metrics_per_level_and_safe_names():
                     "val/hdist_5": 1.2, "val/calibration/ece/before": 0.1}
 
 
+def test_hedged_answers_are_named_by_their_target_and_the_logs_are_located():
+    flat = tracking.flatten_metrics({"hedged": [{"target": 0.9, "accuracy": 0.91}, {"target": 0.99, "accuracy": 0.98}]},
+                                    "test")
+    assert flat == {"test/hedged/target_0.9/target": 0.9, "test/hedged/target_0.9/accuracy": 0.91,
+                    "test/hedged/target_0.99/target": 0.99, "test/hedged/target_0.99/accuracy": 0.98}
+    cfg = load_config(overrides=["train.log_to=[tensorboard, mlflow]"])
+    where = tracking.log_locations(cfg, "runs/x")
+    assert where[0].startswith("tensorboard --logdir ") and where[0].endswith("runs/x/tensorboard")
+    assert where[1].startswith("mlflow ui")
+
+
 def test_unknown_backend_is_a_config_error():
     with pytest.raises(ConfigError, match=r"train.log_to\[0\]' must be one of tensorboard, mlflow"):
         load_config(overrides=["train.log_to=[wandb]"])

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from hiervision.config import ConfigError
 
-__all__ = ["BACKENDS", "Tracker", "check_backends", "flatten_metrics", "open_tracker"]
+__all__ = ["BACKENDS", "Tracker", "check_backends", "flatten_metrics", "log_locations", "open_tracker"]
 
 #: backend → (module that must import, the extra that installs it)
 BACKENDS: dict[str, tuple[str, str]] = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow")}
@@ -51,8 +51,9 @@ def _key(name: str) -> str:
 
 
 def flatten_metrics(report: dict[str, Any], prefix: str) -> dict[str, float]:
-    """Every finite number of a metrics report under ``prefix/``: lists per level (``level_1``, ...),
-    mappings by their keys (``hdist@5`` → ``hdist_5``); text and other values are left out."""
+    """Every finite number of a metrics report under ``prefix/``: lists per level (``level_1``, ...) or, for
+    entries with a ``target`` (hedged answers), per target (``hedged/target_0.9``), mappings by their keys
+    (``hdist@5`` → ``hdist_5``); text and other values are left out."""
     out: dict[str, float] = {}
 
     def walk(value: Any, name: str) -> None:
@@ -65,8 +66,9 @@ def flatten_metrics(report: dict[str, Any], prefix: str) -> dict[str, float]:
             for k, v in value.items():
                 walk(v, f"{name}/{k}")
         elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(v, f"{name}/level_{i + 1}")
+            for i, v in enumerate(value):  # hedged answers are named by their accuracy target, levels by depth
+                target = v.get("target") if isinstance(v, dict) else None
+                walk(v, f"{name}/target_{target:g}" if isinstance(target, (int, float)) else f"{name}/level_{i + 1}")
 
     for k, v in report.items():
         walk(v, f"{prefix}/{k}")
@@ -138,7 +140,7 @@ class _MLflow:
         if running:
             self.run_id = running[0].info.run_id
         else:
-            self.run_id = client.create_run(exp_id, run_name=cfg.get("name") or out.name,
+            self.run_id = client.create_run(exp_id, run_name=out.name,  # the run folder: one name per run
                                             tags={"run_dir": str(out), "run_dir_key": key}).info.run_id
             params = [Param(k, v[:6000]) for k, v in _params(cfg).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
@@ -188,6 +190,15 @@ class Tracker:
                 self.backends.remove(b)
                 print(f"hiervision: warning: train.log_to: {_name(b)} stopped logging ({_line(e)}); training goes "
                       "on (log.csv and metrics.json keep everything)", file=sys.stderr)
+
+
+def log_locations(cfg: dict[str, Any], out: str | os.PathLike) -> list[str]:
+    """Where ``train.log_to`` wrote, as the commands that show it (for the screen a run ends with)."""
+    out = Path(out).resolve()
+    shown = {"tensorboard": f"tensorboard --logdir {out / 'tensorboard'}",
+             "mlflow": (f"mlflow ui (at {os.environ['MLFLOW_TRACKING_URI']})" if os.environ.get("MLFLOW_TRACKING_URI")
+                        else f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}")}
+    return [shown[n] for n in dict.fromkeys(cfg["train"].get("log_to") or []) if n in shown]
 
 
 def open_tracker(cfg: dict[str, Any], out: str | os.PathLike, is_main: bool = True) -> Tracker:

@@ -42,14 +42,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(describe(cfg))
     result = train(cfg, args.out, resume=not args.no_resume, force=args.force,
                    allow_changed_data=args.allow_changed_data)
+    from hiervision.tracking import log_locations
+
+    logs = [f"logs: {where}" for where in log_locations(cfg, args.out)]
     if main_rank and auto:
         model = cfg["model"]
         scratch = not (str(model["backbone"]).startswith("hf:") or (model.get("backbone_kwargs") or {}).get(
             "pretrained_path"))
-        print(closing_screen(result, args.out, from_scratch=scratch))
+        print("\n".join([closing_screen(result, args.out, from_scratch=scratch), *logs]))
     elif main_rank:
         print_metrics(result)
-        print(f"run written to {args.out}")
+        print("\n".join([f"run written to {args.out}", *logs]))
     return 0
 
 
