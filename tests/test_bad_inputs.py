@@ -233,7 +233,7 @@ def test_taxonomy_csv_naming_the_root_is_the_root(capsys, tmp_path):
     f = tmp_path / "t.csv"
     f.write_text("parent,child\nroot,animal\nanimal,cat\nroot,plant\n")
     rc, _, out = cli(capsys, "taxonomy", "validate", f)
-    assert rc == 0 and "3 classes, 2 leaves, depth 2" in out
+    assert rc == 0 and "2 classes · 3 nodes · depth 2" in out
 
 
 def test_taxonomy_build_disk_full_keeps_the_old_file(capsys, tmp_path, monkeypatch):

@@ -663,7 +663,7 @@ def test_collapse_keeps_external_ids_and_root_name() -> None:
 def test_render(koo: Taxonomy) -> None:
     text = koo.render()
     lines = text.splitlines()
-    assert lines[0] == "root  (7 classes, 5 leaves, depth 2)"
+    assert lines[0] == "root  (5 classes · 7 nodes · depth 2)"
     assert lines[1:4] == ["  A", "    C", "    D"]
     assert lines[-1] == "    G" and len(lines) == 8
     short = koo.render(max_nodes=3).splitlines()

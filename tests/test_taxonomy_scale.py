@@ -21,7 +21,7 @@ def deep() -> Taxonomy:
 def test_deep_tree_renders_lazily_in_bounded_memory(deep):
     assert deep.max_depth == N
     lines = deep.iter_render()
-    assert next(lines).startswith("root  (100000 classes, 1 leaves, depth 100000)")
+    assert next(lines).startswith("root  (1 classes · 100000 nodes · depth 100000)")
     tracemalloc.start()
     try:
         count, widest = 0, 0
@@ -40,7 +40,7 @@ def test_deep_tree_through_the_cli(deep, tmp_path, capsys):
     deep.save(tmp_path / "deep.json")
     assert main(["taxonomy", "show", str(tmp_path / "deep.json"), "--max-nodes", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == ["root  (100000 classes, 1 leaves, depth 100000)", "  n0", "    n1", "      n2",
+    assert out == ["root  (1 classes · 100000 nodes · depth 100000)", "  n0", "    n1", "      n2",
                    f"... ({N - 3} more)"]
     assert main(["taxonomy", "show", str(tmp_path / "deep.json")]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -56,7 +56,7 @@ def test_deep_and_wide_csv(tmp_path, capsys):
     wide_csv = tmp_path / "wide.csv"
     wide_csv.write_text("parent,child\n" + "".join(f"g{i % 100},c{i}\n" for i in range(N)))
     assert main(["taxonomy", "validate", str(wide_csv)]) == 0
-    assert "100100 classes, 100000 leaves, depth 2" in capsys.readouterr().out
+    assert "100000 classes · 100100 nodes · depth 2" in capsys.readouterr().out
 
 
 def test_deepest_parent_rule_is_iterative_on_deep_dags():

@@ -49,7 +49,7 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
             raise ValueError("taxonomy build needs --out FILE")
         tax = _build_taxonomy(args)
         tax.save(args.out)
-        print(f"{args.out}: {len(tax)} classes, {len(tax.leaves)} leaves, depth {tax.max_depth}")
+        print(f"{args.out}: {len(tax.leaves)} classes · {len(tax)} nodes · depth {tax.max_depth}")
         return 0
     tax = _read_taxonomy(args.file)
     if args.action == "show":
@@ -60,7 +60,7 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
             sys.stdout = open(os.devnull, "w")  # keeps the final flush quiet
         return 0
     else:
-        print(f"{args.file}: valid tree, {len(tax)} classes, {len(tax.leaves)} leaves, depth {tax.max_depth}"
+        print(f"{args.file}: valid tree, {len(tax.leaves)} classes · {len(tax)} nodes · depth {tax.max_depth}"
               f"{' (fixed depth)' if tax.is_fixed_depth else ' (variable depth)'}")
     return 0
 

@@ -390,7 +390,7 @@ def iter_render(tree: Tree, max_nodes: int | None = None) -> Iterator[str]:
     """:meth:`render` one line at a time, depth-first without recursion, so that printing a
     100k-node or 100k-deep tree needs memory for the tree only. Indentation stops growing at
     depth :data:`MAX_INDENT`; deeper lines show their depth instead (else line i would be i wide)."""
-    yield f"{tree.names[0]}  ({len(tree)} classes, {len(tree.leaves)} leaves, depth {tree.max_depth})"
+    yield f"{tree.names[0]}  ({len(tree.leaves)} classes · {len(tree)} nodes · depth {tree.max_depth})"  # classes: ends
     shown, stack = 1, list(reversed(tree.children[0]))
     while stack:
         n = stack.pop()
