@@ -153,7 +153,7 @@ def test_predict_csv_and_argument_checks(run_dir, tmp_path, capsys):
     (folder / "broken.png").unlink()
     assert main(["predict", str(run_dir), str(folder / "a.png"), "--format", "csv", "--top-k", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("file,path,path_ids,path_probability,node_probabilities,top1_path")
+    assert lines[0] == "file,path,path_ids,path_probability,node_probabilities,top1_path,top1_probability,error"
     assert len(lines) == 2 and lines[1].count(" > ") >= 2  # --path-sep's default
     for flag in (["--top-k", "0"], ["--batch-size", "0"]):
         with pytest.raises(SystemExit) as exit_:  # argparse: status 2 and one line naming the flag

@@ -85,20 +85,22 @@ def _csv_separators(names: Sequence[str], sep: str, multi_label: bool) -> None:
                              "(or use --format jsonl)")
 
 
-def _csv_row(record: dict, top_k: int, sep: str, hedged: bool = False, rolled: bool = False) -> list:
+def _csv_row(record: dict, top_k: int, sep: str, hedged: bool = False, rolled: bool = False,
+             multi: bool = False) -> list:
     """One CSV row: paths joined by ``sep`` (``--path-sep``, never found in a class name; ``path_ids`` are
     exact), numbers by spaces, top-k flattened; with ``hedged`` (``--accuracy``) the hedged answer's path
     and probability, with ``rolled`` (``--min-prob``) the roll-up's path, probability and reason, before the
-    error column."""
+    error column; ``multi`` (a multi-label model): the ``paths`` column (single-label records have none)."""
     if "error" in record:
-        return [record["file"], "", "", "", "", *[""] * (2 * top_k), "", *["", ""] * hedged, *["", "", ""] * rolled,
-                record["error"]]
+        return [record["file"], "", "", "", "", *[""] * (2 * top_k), *[""] * multi, *["", ""] * hedged,
+                *["", "", ""] * rolled, record["error"]]
     row = [record["file"], sep.join(record["path"]), " ".join(map(str, record["path_ids"])),
            record["path_probability"], " ".join(map(str, record["node_probabilities"]))]
     alts = record["top_k"][:top_k]
     for i in range(top_k):
         row += [sep.join(alts[i]["path"]), alts[i]["probability"]] if i < len(alts) else ["", ""]
-    row.append(CSV_PATHS_SEP.join(sep.join(p) for p in record.get("paths", [])))
+    if multi:
+        row.append(CSV_PATHS_SEP.join(sep.join(p) for p in record.get("paths", [])))
     if hedged:
         row += [sep.join(record["hedged"]["path"]), record["hedged"]["probability"]]
     if rolled:
@@ -118,13 +120,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     hedge = predictor.hedger(args.accuracy) if args.accuracy is not None else None  # the sidecar's λ table
     files = _image_files(args.inputs)
     writer = None
+    multi = predictor.sidecar["decoder"]["kind"] == "multi_label"
     if args.format == "csv":
-        _csv_separators(predictor.tree.names, args.path_sep, predictor.sidecar["decoder"]["kind"] == "multi_label")
+        _csv_separators(predictor.tree.names, args.path_sep, multi)
         writer = csv.writer(sys.stdout)
         tops = [f"top{i + 1}_{c}" for i in range(args.top_k) for c in ("path", "probability")]
         hedged = ["hedged_path", "hedged_probability"] if hedge is not None else []
         rolled = ["rollup_path", "rollup_probability", "rollup_why"] if predictor.thresholds is not None else []
-        writer.writerow([*CSV_FIELDS, *tops, "paths", *hedged, *rolled, "error"])
+        writer.writerow([*CSV_FIELDS, *tops, *["paths"] * multi, *hedged, *rolled, "error"])
     failed: list[dict] = []
     bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=args.quiet or len(files) < 256)
     try:
@@ -137,7 +140,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     del record["node_scores"]
                 if writer is not None:
                     writer.writerow(_csv_row(record, args.top_k, args.path_sep, hedge is not None,
-                                             predictor.thresholds is not None))
+                                             predictor.thresholds is not None, multi))
                 else:
                     print(json.dumps(record, ensure_ascii=False))
             sys.stdout.flush()
