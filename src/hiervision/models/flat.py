@@ -140,9 +140,14 @@ class FlatClassifier(HierarchicalClassifier):
         return class_loss(logp, targets, self.classes, self.tables, loss_type=self.loss_type, beta=self.loss_beta,
                           alpha=self.loss_alpha, end_nodes=self.end_nodes)
 
+    def prediction_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits every prediction reads (decode, decode_given, export): the trained ones here; a head may
+        shift them (hnd's bias on its novel classes) without touching what the loss sees."""
+        return logits
+
     @full_precision
     def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
-        logits = outputs["logits"].float()
+        logits = self.prediction_logits(outputs["logits"].float())
         if self.multi_label:
             scores = F.pad(torch.sigmoid(logits), (1, 0))
             if self.loss_type == "chmcnn":
@@ -156,13 +161,13 @@ class FlatClassifier(HierarchicalClassifier):
         if self.multi_label:
             return super().decode_given(outputs, given)
         allowed = self._below(given)  # (B, C): classes whose path passes through the given node
-        return self._best_class(outputs["logits"].float().softmax(1), allowed)
+        return self._best_class(self.prediction_logits(outputs["logits"].float()).softmax(1), allowed)
 
     def decoder_settings(self) -> dict:
         return super().decoder_settings() if self.multi_label else {"kind": "exact", "end_nodes": self.end_nodes}
 
     def export_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self(images)["logits"].float()
+        logits = self.prediction_logits(self(images)["logits"].float())
         if self.multi_label:
             return self._multi_label_outputs(F.pad(torch.sigmoid(logits), (1, 0)))
         probs = logits.softmax(1)

@@ -7,8 +7,8 @@ node", beside the known leaves, in one softmax. Novel images never occur in trai
 taught by pretending: for each training image and each node ``a`` on its path (below depth 1), ``a``'s whole
 subtree is left out of the softmax and the image counts as novel under ``a``'s parent — the authors'
 ``LOOLoss`` (``kibok90/cvpr2018-hnd``: ``models.py``, the "relevant" sets of ``utils.update_taxonomy``). The
-known classes keep the usual cross-entropy. The authors weight the two losses equally on fixed features; trained
-end to end from pixels that stalled the known classes (a 2-epoch, 2,000-image Fashion-MNIST smoke run: known
+known classes keep the usual cross-entropy. The authors weight the two losses equally, on fixed features; end to
+end from pixels that weight stalled the known classes (a 2-epoch, 2,000-image Fashion-MNIST smoke run: known
 accuracy 12.5 % at ``loo=1``, 68 % at 0.3 and 66 % at 0.1, flat 52 %), so ``loo`` defaults to 0.3. At test
 time the answer is the most probable class; adding a bias to the novel classes' logits trades known accuracy for
 novel accuracy (the authors' known–novel curve sweeps it: ``novel_bias`` here, and
@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hiervision.decoding import Prediction
 from hiervision.models.flat import FlatClassifier, class_marginals, class_rows, classes_below
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import PAD, Taxonomy
@@ -55,7 +54,7 @@ class NoveltyClassifier(FlatClassifier):
         self.register_buffer("novel_bias", torch.tensor(float(novel_bias)), persistent=False)  # the config's
         self.register_buffer("novel_class", ~self.tables.leaf_mask[self.classes], persistent=False)
 
-    def biased(self, logits: torch.Tensor) -> torch.Tensor:
+    def prediction_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits with ``novel_bias`` on the novel (inner-node) classes: what every prediction reads."""
         return logits + self.novel_bias * self.novel_class
 
@@ -87,19 +86,8 @@ class NoveltyClassifier(FlatClassifier):
         per_image = terms.sum(1) / valid.sum(1).clamp(min=1)
         return per_image[valid.any(1)].mean().float()
 
-    def decode(self, outputs: dict[str, torch.Tensor]) -> Prediction:
-        return super().decode({"logits": self.biased(outputs["logits"].float())})
-
-    def decode_given(self, outputs: dict[str, torch.Tensor], given: torch.Tensor) -> Prediction:
-        return super().decode_given({"logits": self.biased(outputs["logits"].float())}, given)
-
     def decoder_settings(self) -> dict:
         return {**super().decoder_settings(), "novel": True}  # an inner answer means "novel under it"
-
-    def export_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        probs = self.biased(self(images)["logits"].float()).softmax(1)
-        return {"scores": self._marginals(probs),
-                "path_logprob": torch.log(class_rows(self.taxonomy.num_nodes, self.classes, probs)).T}
 
 
 @register_model("hnd", multi_label=False)
