@@ -27,6 +27,7 @@ __all__ = [
     "check_given_level",
     "load_config",
     "merge",
+    "parse_duration",
     "validate_config",
 ]
 
@@ -243,6 +244,33 @@ def _mapping_of_probabilities(key: str, v: Any) -> Any:
     return out
 
 
+def parse_duration(value: str | float | int, where: str = "--time") -> float:
+    """``"20m"``, ``"1h30m"``, ``"90s"``, ``"1.5h"`` or a number of seconds → seconds (> 0); one line otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: a duration such as 20m, 1h30m or 90s, got {value!r}")
+    text = str(value).strip().lower().replace(" ", "")
+    if isinstance(value, (int, float)) or re.fullmatch(r"\d+(\.\d+)?", text):  # a bare number: seconds
+        seconds = float(text)
+    else:
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?", text)
+        if parts is None or not any(parts.groups()):
+            raise ValueError(f"{where}: a duration such as 20m, 1h30m or 90s, got {value!r}")
+        seconds = sum(float(x) * u for x, u in zip(parts.groups(), (3600.0, 60.0, 1.0)) if x)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{where}: a duration must be longer than 0, got {value!r}")
+    return seconds
+
+
+def _duration(key: str, v: Any) -> Any:
+    """A time budget (``train.time_budget``): seconds, or ``20m``, ``1h30m``, ``90s``; stored as seconds."""
+    if v is None:
+        return None
+    try:
+        return parse_duration(v, f"config key '{key}'")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _names(key: str, v: Any) -> Any:
     """Node names: a list of strings, or one string with commas (``eval.within``)."""
     if isinstance(v, str):
@@ -274,6 +302,7 @@ OPTIONAL_KEYS = {
     "train.feature_cache",  # where cached features live (absent: $HIERVISION_CACHE or ~/.cache/hiervision)
     "train.backbone_lr_scale",  # fine-tuning: the backbone's learning rate is train.lr times this (absent: 1)
     "train.unfreeze_after",  # fine-tuning: train the head alone for this many epochs, then everything
+    "train.time_budget",  # seconds (or 20m, 1h30m): the epochs that fit are planned after the first steps
     "train.init_from",  # hiervision extend: a run folder whose weights start this run (its tree grown: data.grow_from)
     # the answers a run gives by default (hiervision.rollup, hiervision.restrict; export copies them into the
     # sidecar): roll up below these probabilities, answer only these classes
@@ -325,6 +354,7 @@ SCHEMA: dict[str, Any] = {
         "backbone_lr_scale": _num(lo=0, lo_open=True),
         "unfreeze_after": _int(lo=0),
         "init_from": _str(null=True),
+        "time_budget": _duration,
     },
     "eval": {
         "batch_size": _int(lo=1),

@@ -28,6 +28,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                              f"(use --set {key} there)")
     cfg = (auto_config(args.config, args.method, args.set, args.encoder) if auto
            else load_config(args.config, args.set))
+    if args.time is not None:  # a budget: the epochs that fit are planned once the first steps are timed
+        from hiervision.config import parse_duration
+
+        cfg["train"]["time_budget"] = parse_duration(args.time)
     if args.print_config:  # the resolved config (base: chain and --set applied), nothing trained
         print(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), end="")
         return 0
@@ -93,6 +97,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="FOLDER|CSV only: start from a pretrained image encoder (a Hugging Face hub id or a local "
                    "save_pretrained folder; [hf] extra): the head trains on its features, computed once")
     t.add_argument("--out", help="run folder (required unless --print-config)")
+    t.add_argument("--time", default=None, metavar="BUDGET",
+                   help="fit the run into this much time (20m, 1h30m, 90s): the first steps are timed and the "
+                   "epochs that fit (at most train.epochs) planned, the learning-rate schedule with them; without "
+                   "it the run's estimated length is printed once those steps are timed")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.05")
     t.add_argument("--no-resume", action="store_true", help="start over even if --out holds last.pt")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

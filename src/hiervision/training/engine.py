@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -49,6 +50,7 @@ from hiervision.models.registry import check_model_keys
 from hiervision.posthoc import posthoc_report
 from hiervision.runfolder import RunFolderError, atomic_write_json, atomic_write_text, claim_run_dir, set_aside
 from hiervision.tracking import Tracker, open_tracker
+from hiervision.training.budget import Planner
 from hiervision.training.features import FeatureHead, cached_features, feature_cache_root
 from hiervision.training.signals import Preempted, StopSignal
 from hiervision.training.steps import (
@@ -178,8 +180,9 @@ def run_training(cfg: dict, out: Path, env: DistEnv, resume: bool, max_epochs_th
         select_key = "path_f1" if data.multi_label else "path_accuracy"
     epochs = int(tcfg["epochs"])
     stop_at = epochs if max_epochs_this_call is None else min(epochs, progress.epoch + max_epochs_this_call)
-    run_epochs(loop, progress, stop_at, save, select_key, out, tracker)
-    if stop_at < epochs:
+    planner = Planner(tcfg, len(data.train), len(data.val), progress.epoch)  # may plan fewer epochs (--time)
+    run_epochs(loop, progress, stop_at, save, select_key, out, tracker, planner)
+    if min(stop_at, int(tcfg["epochs"])) < int(tcfg["epochs"]):
         return {"stopped_at_epoch": stop_at}
     result = report_on_test(loop, cfg, out, progress, select_key)
     if env.is_main:
@@ -253,7 +256,7 @@ def resume_progress(out: Path, cfg: dict, data: DataBundle, model: nn.Module, op
     if not last.exists():
         return Progress(), data
     state = load_checkpoint(last, data.taxonomy)
-    if state["config"] != dump(cfg):
+    if _unscheduled(yaml.safe_load(state["config"])) != _unscheduled(cfg):  # epochs and budget may change
         raise TrainingError(f"{out}: holds a run with another config; use a new --out folder or --no-resume")
     change = verify_split_record(out / "splits.json", data.split_record(), allow_changed_data)
     if change and env.is_main:
@@ -265,6 +268,13 @@ def resume_progress(out: Path, cfg: dict, data: DataBundle, model: nn.Module, op
     progress = Progress(state["epoch"], state.get("step", 0), state["best"], list(state["history"]),
                         **state.get("partial", {}))
     return progress, with_run_statistics(data, state.get("meta", {}))
+
+
+def _unscheduled(cfg: dict) -> str:
+    """The config without what only plans the schedule (``train.epochs``, ``train.time_budget``): a resumed run
+    may change those — the learning rate is a function of the step and the epochs, so the rest of the run is
+    re-planned and the work done is kept."""
+    return dump({**cfg, "train": {k: v for k, v in cfg["train"].items() if k not in ("epochs", "time_budget")}})
 
 
 def build_loop(cfg: dict, model: HierarchicalClassifier, data: DataBundle, optimizer: torch.optim.Optimizer,
@@ -289,18 +299,22 @@ def build_loop(cfg: dict, model: HierarchicalClassifier, data: DataBundle, optim
 
 # ----------------------------------------------------------------------------- the epochs
 def run_epochs(loop: Loop, progress: Progress, stop_at: int, save: Callable[..., None], select_key: str,
-               out: Path, tracker: Tracker) -> None:
-    """Train, validate and checkpoint epoch after epoch up to ``stop_at``; a signal saves and raises Preempted."""
-    epochs = int(loop.tcfg["epochs"])
+               out: Path, tracker: Tracker, planner: Planner | None = None) -> None:
+    """Train, validate and checkpoint epoch after epoch up to ``stop_at`` (or the epochs ``planner`` found to
+    fit the time budget); a signal saves and raises Preempted."""
+    planner = planner or Planner(loop.tcfg, len(loop.data.train), len(loop.data.val), progress.epoch)
     with StopSignal() as stop:
-        while progress.epoch < stop_at:
-            epoch = progress.epoch
-            if not train_one_epoch(loop, epoch, progress, stop, lambda: save("last.pt"), epochs):
+        while progress.epoch < min(stop_at, int(loop.tcfg["epochs"])):
+            epoch, started = progress.epoch, time.monotonic()
+            if not train_one_epoch(loop, epoch, progress, stop, lambda: save("last.pt"), planner):
                 signum = int(stop.requested or signal.SIGTERM)
                 raise Preempted(f"interrupted by {signal.Signals(signum).name} at epoch {epoch + 1}, step "
                                 f"{progress.step}; checkpoint saved to {out / 'last.pt'} — run the same command "
                                 "again to resume", signum)
             row = validate(loop, epoch, progress, select_key)
+            said = planner.after_epoch(time.monotonic() - started)
+            if said and loop.env.is_main and (loop.tcfg["progress"] or loop.tcfg.get("time_budget")):
+                tqdm.write(said)
             names = ["last.pt"]
             if row["score"] > progress.best:
                 progress.best = row["score"]
@@ -314,7 +328,7 @@ def run_epochs(loop: Loop, progress: Progress, stop_at: int, save: Callable[...,
 
 
 def train_one_epoch(
-    loop: Loop, epoch: int, progress: Progress, stop: StopSignal, save: Callable[[], None], epochs: int
+    loop: Loop, epoch: int, progress: Progress, stop: StopSignal, save: Callable[[], None], planner: Planner
 ) -> bool:
     """Run the batches of ``epoch`` from ``progress.step`` on; False when a signal stopped it (checkpoint saved).
 
@@ -327,7 +341,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=loop.device)
     window = torch.zeros((), device=loop.device)  # worst loss since the last check
     t0 = time.perf_counter() - progress.seconds
-    with _epoch_bar(loop, progress, epoch, epochs) as bar:
+    with _epoch_bar(loop, progress, epoch, int(loop.tcfg["epochs"])) as bar:
         for step, (images, targets) in enumerate(loop.loader.set_epoch(epoch, progress.step), start=progress.step):
             set_lr(loop, epoch * loop.steps_per_epoch + step)
             torch.manual_seed(step_seed(loop.seed, epoch, step, env.rank))  # dropout and other torch randomness
@@ -340,12 +354,16 @@ def train_one_epoch(
             optimizer_step(loop)
             progress.step, progress.seen = step + 1, progress.seen + len(images)
             bar.update(len(images) * env.world_size)
+            said = planner.after_step(len(images) * env.world_size)
+            if said and env.is_main and (loop.tcfg["progress"] or loop.tcfg.get("time_budget")):
+                tqdm.write(said)
             if (step + 1) % check_every and progress.step != len(loop.loader):
                 continue
             check_window(loop, window, epoch, step)
             progress.loss_sum += float(loss_sum)
             loss_sum.zero_()
-            bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.3f}")
+            bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.3f}",
+                            run_left=planner.left(epoch, progress.step / loop.steps_per_epoch) or "…")
             progress.seconds = time.perf_counter() - t0
             stopping = any_flag(stop.requested is not None, env)
             if stopping or (every and progress.step % every == 0 and progress.step < len(loop.loader)):
