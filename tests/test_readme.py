@@ -81,3 +81,14 @@ def test_readme_install_extras_exist():
         for group in re.findall(r"-e '\.\[([^\]]+)\]'", line):
             named |= set(group.split(","))
     assert named and named <= extras, named - extras
+
+
+def test_the_recipe_is_described_in_one_set_of_words_everywhere(capsys):
+    from hiervision.cli import build_parser
+    from hiervision.recipe import RECIPE_WORDS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert RECIPE_WORDS in readme
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+                 if a.dest == "config")
+    assert train.help.endswith(RECIPE_WORDS)

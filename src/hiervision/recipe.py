@@ -18,9 +18,13 @@ from typing import Any
 
 from hiervision.config import DEFAULTS, ConfigError, apply_overrides, merge, validate_config
 
-__all__ = ["STEPS", "auto_config", "data_section", "describe", "is_data_source", "method_options", "recommended_method",
-           "with_encoder"]
+__all__ = ["RECIPE_WORDS", "STEPS", "auto_config", "data_section", "describe", "is_data_source", "method_options",
+           "recommended_method", "with_encoder"]
 
+#: the recipe in words: the one source of the README's command table, ``train --help`` and the docs (a test keeps
+#: them equal), so the recipe is never described three ways
+RECIPE_WORDS = ("HAFrame on a ResNet-20 (flat for multi-label data or over 5,000 classes), calibration and hedged "
+                "answers fitted on validation, about 3,400 optimizer steps (8–30 epochs)")
 #: where the recipe's description says what the images were found to be (channels, sizes: how mixed)
 FOUND = "images found: "
 #: optimizer steps the recipe aims at: the comparison's Fashion-MNIST budget (54,000 images × 8 epochs / 128)

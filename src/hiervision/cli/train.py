@@ -11,7 +11,7 @@ import yaml
 
 from hiervision.cli.common import print_metrics
 from hiervision.config import load_config
-from hiervision.recipe import method_options
+from hiervision.recipe import RECIPE_WORDS, method_options
 
 __all__ = ["add_parser", "cmd_train"]
 
@@ -89,7 +89,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "and metrics.json to --out")
     t.add_argument("config", metavar="CONFIG|FOLDER|CSV",
                    help="a YAML config (see configs/), or your images: a folder of nested class folders (or its "
-                   ".zip), or a CSV with path,label columns (labels as A/B/C paths); these get the recommended recipe")
+                   ".zip), or a CSV with path,label columns (labels as A/B/C paths); these get the recommended recipe: "
+                   + RECIPE_WORDS)
     t.add_argument("--method", default=None, metavar="NAME",
                    help=f"FOLDER|CSV only: train this head ({', '.join(method_options())}) instead of the "
                    "recommended one, with the options the head declares")
