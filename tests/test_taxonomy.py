@@ -364,14 +364,14 @@ def test_wordnet_keep_chains_and_all_synsets(tmp_path: Path, capsys) -> None:
     edges = [("e", "a"), ("e", "b"), ("a", "m"), ("m", "x"), ("m", "y"), ("b", "y"), ("b", "q")]
     h, n = _write_wordnet(tmp_path, edges, {"e": "entity", "a": "A", "b": "B", "m": "M", "i": "I"})
     t = Taxonomy.from_wordnet(h, n, classes=["x", "y", "q"], keep_chains=True)
-    assert t.path_name(t.index("y")) == "entity/A/M/y" and t.path_name(t.index("q")) == "entity/B/q"
+    assert t.path_name(t.index("y")) == "A/M/y" and t.path_name(t.index("q")) == "B/q"  # entity is the root
     collapsed = Taxonomy.from_wordnet(h, n, classes=["x", "y", "q"])
     assert collapsed.path_name(collapsed.index("y")) == "M/y"
     full = Taxonomy.from_wordnet(h, n, keep_chains=True, all_synsets=True)
     assert sorted(full.external_ids[1:]) == ["a", "b", "e", "i", "m", "q", "x", "y"]  # every synset, once
     assert full.path_name(full.index("i")) == "I"  # under the root
     assert list(full.children[full.index("entity/A")]) == [full.index("entity/A/M")]  # a chain, kept
-    assert len(Taxonomy.from_wordnet(h, n, keep_chains=True)) == 7  # without all_synsets: i is in no edge
+    assert len(Taxonomy.from_wordnet(h, n, keep_chains=True)) == 6  # without all_synsets: i is in no edge
     with pytest.raises(TaxonomyError) as e:
         Taxonomy.from_wordnet(h, all_synsets=True)
     one_line_error(e, "hier.txt", "names")
@@ -768,3 +768,24 @@ def test_core_class_stays_small() -> None:
     lines, _ = inspect.getsourcelines(Tree)
     assert len(lines) <= 400
     assert not {"from_csv", "to_dict", "render", "path_matrix", "encode_paths"} & set(vars(Tree))
+
+
+def test_wordnet_from_its_debian_database(tmp_path, capsys):
+    from hiervision.cli import main
+    from hiervision.tree.formats import WORDNET_DIR
+
+    if not (WORDNET_DIR / "data.noun").is_file():
+        pytest.skip("WordNet's database is not installed (apt-get install wordnet-base)")
+    t = Taxonomy.from_wordnet(keep_chains=True)
+    assert t.names[0] == "entity" and len(t) == 82114  # every noun synset; the top synset is the root itself
+    assert len(set(t.names)) == len(t.names)  # names unique, lemmas disambiguated only where they collide
+    dog = t.external_index["n02084071"]
+    assert t.names[dog] == "dog (canine)" and t.names[t.parents[dog]] == "canine (carnivore)"
+    einstein = t.external_index["n10054657"]  # an instance synset hangs under its class, not the root
+    assert t.depth(einstein) > 5
+    small = Taxonomy.from_wordnet(classes=["n02084071", "n02121808"])  # dog, domestic cat
+    assert sorted(small.names[n] for n in small.leaves) == ["dog (canine)", "domestic cat"]
+    assert main(["taxonomy", "build", "--from", "wordnet", "--out", str(tmp_path / "wn.json")]) == 0
+    assert "65157 classes" in capsys.readouterr().out
+    assert main(["taxonomy", "show"]) == 1
+    assert "taxonomy show needs a FILE" in capsys.readouterr().err

@@ -44,6 +44,9 @@ def _build_taxonomy(args: argparse.Namespace) -> Taxonomy:
 
 def cmd_taxonomy(args: argparse.Namespace) -> int:
     """``show`` streams the tree, ``validate`` prints its shape, ``build`` writes it as JSON."""
+    if args.file is None and not (args.action == "build" and args.source == "wordnet"):
+        raise ValueError(f"taxonomy {args.action} needs a FILE (only build --from wordnet has a default: Debian's "
+                         "WordNet database)")
     if args.action == "build":
         if not args.out:
             raise ValueError("taxonomy build needs --out FILE")
@@ -69,7 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """``taxonomy show|validate|build FILE``."""
     tx = sub.add_parser("taxonomy", help="show, validate or build a taxonomy (JSON, parent/child CSV, run folder)")
     tx.add_argument("action", choices=["show", "validate", "build"])
-    tx.add_argument("file", help="taxonomy file; for build, the source (see --from)")
+    tx.add_argument("file", nargs="?", default=None,
+                    help="taxonomy file; for build, the source (see --from; for --from wordnet, a WordNet database "
+                    "folder or an edge list, by default Debian's wordnet-base in /usr/share/wordnet)")
     tx.add_argument("--max-nodes", type=count, default=None, help="show: print at most this many nodes")
     tx.add_argument("--from", dest="source", choices=["auto", "openimages", "wordnet", "folders"], default="auto",
                     help="build: the source's kind (auto = our JSON or a parent,child CSV)")

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -269,16 +270,22 @@ def from_openimages(
     return tax.collapse(lambda t, n: t.external_ids[n] == top)
 
 
+#: where Debian's ``wordnet-base`` puts the WordNet 3.0 database (``$WNSEARCHDIR`` overrides it)
+WORDNET_DIR = Path(os.environ.get("WNSEARCHDIR", "/usr/share/wordnet"))
+
+
 def from_wordnet(
     cls: type[T],
-    hierarchy_file: str | os.PathLike,
+    hierarchy_file: str | os.PathLike | None = None,
     names_file: str | os.PathLike | None = None,
     classes: Sequence[str] | None = None,
     max_depth: int | None = None,
     keep_chains: bool = False,
     all_synsets: bool = False,
 ) -> T:
-    """WordNet is-a edges (BREEDS ``class_hierarchy.txt``: ``parent child`` wnids per line) → tree.
+    """WordNet is-a edges → tree: from the WordNet database (a folder holding ``data.noun``; by default Debian's
+    ``wordnet-base``, :data:`WORDNET_DIR`: :func:`read_wordnet_db`) or from an edge list (BREEDS
+    ``class_hierarchy.txt``: ``parent child`` wnids per line, names from ``names_file``).
 
     The explicit rule, in order:
 
@@ -294,6 +301,40 @@ def from_wordnet(
        WordNet: 68,326 nodes collapsed, 74,402 kept, 82,116 kept with ``all_synsets``);
     4. ``max_depth`` caps path length by dropping the lowest intermediate nodes of long paths.
     """
+    hierarchy_file = WORDNET_DIR if hierarchy_file is None else hierarchy_file
+    if Path(hierarchy_file).is_dir():  # the WordNet database itself (Debian's wordnet-base)
+        if names_file is not None or all_synsets:
+            raise TaxonomyError(f"{hierarchy_file}: a WordNet database names its synsets and holds every one "
+                                "(leave out --names and --all-synsets)")
+        edges, names = read_wordnet_db(hierarchy_file)
+    else:
+        edges, names = _wordnet_edges(hierarchy_file, names_file)
+    if all_synsets:
+        if names_file is None:
+            raise TaxonomyError(f"{hierarchy_file}: all_synsets needs the names file (the list of synsets, --names)")
+        named = {n for edge in edges for n in edge}
+        edges += [("entity", wnid) for wnid in names if wnid not in named]  # naming the root hangs them under it
+    tax = from_edges(cls, edges, root="entity", names=names, multi_parent="deepest")
+    # the top synset "entity" is the root itself, not a lone child of it
+    tax = tax.collapse(lambda t, n: t.parents[n] == 0 and t.names[n] == t.names[0] and len(t.children[0]) == 1)
+    keep: set[int] | None = None
+    if classes is not None:
+        idx = tax.external_index
+        missing = [c for c in classes if c not in idx]
+        if missing:
+            raise TaxonomyError(f"{hierarchy_file}: class {missing[0]!r} is not in the hierarchy")
+        keep = {idx[c] for c in classes}
+        tax = tax.prune(keep)
+        keep = {tax.external_index[c] for c in classes}
+    if not keep_chains:
+        tax = tax.collapse_chains(protect=keep)
+    if max_depth is not None:
+        tax = tax.cap_depth(max_depth)
+    return tax
+
+
+def _wordnet_edges(hierarchy_file, names_file) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """``parent child`` wnid lines (BREEDS ``class_hierarchy.txt``) and a ``wnid<TAB>name`` file."""
     names: dict[str, str] = {}
     if names_file is not None:
         for line in _read_text(names_file).splitlines():
@@ -309,26 +350,38 @@ def from_wordnet(
             raise TaxonomyError(f"{hierarchy_file}:{i}: expected 'parent child', got {line!r}")
         edges.append((parts[0], parts[1]))
     _names_fit(names, edges, names_file)
-    if all_synsets:
-        if names_file is None:
-            raise TaxonomyError(f"{hierarchy_file}: all_synsets needs the names file (the list of synsets, --names)")
-        named = {n for edge in edges for n in edge}
-        edges += [("entity", wnid) for wnid in names if wnid not in named]  # naming the root hangs them under it
-    tax = from_edges(cls, edges, root="entity", names=names, multi_parent="deepest")
-    keep: set[int] | None = None
-    if classes is not None:
-        idx = tax.external_index
-        missing = [c for c in classes if c not in idx]
-        if missing:
-            raise TaxonomyError(f"{hierarchy_file}: class {missing[0]!r} is not in the hierarchy")
-        keep = {idx[c] for c in classes}
-        tax = tax.prune(keep)
-        keep = {tax.external_index[c] for c in classes}
-    if not keep_chains:
-        tax = tax.collapse_chains(protect=keep)
-    if max_depth is not None:
-        tax = tax.cap_depth(max_depth)
-    return tax
+    return edges, names
+
+
+def read_wordnet_db(folder: str | os.PathLike = WORDNET_DIR) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """``(edges, names)`` of WordNet's noun hierarchy from its database (``data.noun``; Debian's
+    ``wordnet-base`` installs it in ``/usr/share/wordnet``): an edge per hypernym (``@``) and per instance
+    hypernym (``@i``: a person or place under its class, not the root), ids ``n`` + offset (ImageNet's wnids).
+    A synset is named by its first lemma; where lemmas collide, by the lemma and its first hypernym's
+    ("bank (slope)"), and by its wnid too where even that collides."""
+    path = Path(folder) / "data.noun"
+    if not path.is_file():
+        raise TaxonomyError(f"{folder}: no WordNet database (data.noun) here; install Debian's wordnet-base "
+                            "(apt-get install wordnet-base) or give its folder")
+    lemma: dict[str, str] = {}
+    parent: dict[str, str] = {}
+    edges: list[tuple[str, str]] = []
+    for line in _read_text(path).splitlines():
+        if not line or line.startswith("  "):  # the licence header
+            continue
+        f = line.split(" ")
+        wnid, words = "n" + f[0], int(f[3], 16)
+        lemma[wnid] = f[4].replace("_", " ")
+        at = 4 + 2 * words
+        for k in range(int(f[at])):
+            symbol, target, pos = f[at + 1 + 4 * k : at + 4 + 4 * k]
+            if symbol in ("@", "@i") and pos == "n":
+                edges.append(("n" + target, wnid))
+                parent.setdefault(wnid, "n" + target)
+    counts = Counter(lemma.values())
+    names = {w: n if counts[n] == 1 else f"{n} ({lemma.get(parent.get(w, ''), 'top')})" for w, n in lemma.items()}
+    again = Counter(names.values())
+    return edges, {w: n if again[n] == 1 else f"{n[:-1]}, {w})" for w, n in names.items()}
 
 
 def to_dict(tree: Tree) -> dict:
