@@ -305,8 +305,19 @@ def test_move_to_tree_relabels_by_class_name(tiny_cfg, tmp_path):
     assert [tree.names[t] for t in moved.targets.tolist()] == [old.external_ids[t] for t in data.train.targets.tolist()]
     tree.save(tmp_path / "t.json")
     assert build_data({**tiny_cfg["data"], "tree": str(tmp_path / "t.json")}).taxonomy == tree
-    with pytest.raises(ValueError, match="data.tree"):
+    with pytest.raises(ValueError, match="data.tree: the data's class .* is no end class of the tree"):
         move_to_tree(data.train, Taxonomy.from_paths(["x/y"]))
+    # a larger tree (WordNet-like): its extra end classes are pruned away by default, kept on request
+    bigger = Taxonomy.from_parent_map({"A": None, "B": None, "C": None, "extra": "C",
+                                       **{n: ("A" if i % 2 else "B") for i, n in enumerate(ids)}})
+    def paths(t):
+        return sorted(t.path_name(n) for n in range(1, t.num_nodes))
+
+    assert paths(move_to_tree(data.train, bigger).taxonomy) == paths(tree)
+    kept = move_to_tree(data.train, bigger, unused="keep").taxonomy
+    assert kept == bigger and "extra" in kept.names
+    bigger.save(tmp_path / "big.json")
+    assert paths(build_data({**tiny_cfg["data"], "tree": str(tmp_path / "big.json")}).taxonomy) == paths(tree)
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ __all__ = [
 
 _COMMON = {"name", "root", "val_fraction", "split_seed", "limit_train", "limit_test", "image_size",
            "coarse_fraction", "coarse_level", "fine_fraction", "coarse_labels", "tree", "fallback",
-           "mean", "std", "keep_classes", "holdout_leaves", "coarsen", "ranks", "grow_from"}  # fmt: skip
+           "mean", "std", "keep_classes", "holdout_leaves", "coarsen", "ranks", "grow_from", "tree_unused"}  # fmt: skip
 _SYNTH = {"size", "channels", "n_train", "n_test", "seed", "noise"}
 _FILES = {"check", "on_bad_image", "max_pixels", "check_cache"}  # file-backed sets: verification and limits
 _CANVAS = {"grid", "min_items", "max_items", "n_train", "n_val", "n_test", "seed", "variable_depth"}
@@ -469,8 +469,9 @@ def _relabelled(cfg: dict, splits: list[HierDataset], note: str
     splits match a run on the data's own tree. Returns the novel-image mask of the test split too."""
     if cfg.get("tree") is not None:
         tree = Taxonomy.load(cfg["tree"])
-        splits = [move_to_tree(ds, tree) for ds in splits]
-        note += f"; relabelled into the tree {cfg['tree']}"
+        splits = [move_to_tree(ds, tree, unused=cfg.get("tree_unused", "prune")) for ds in splits]
+        note += (f"; relabelled into the tree {cfg['tree']} ({splits[0].taxonomy.num_nodes - 1} of its "
+                 f"{tree.num_nodes - 1} nodes)")
     spec = cfg.get("keep_classes")
     if spec is not None:
         if not isinstance(spec, (list, tuple)) or not all(isinstance(k, str) for k in spec):

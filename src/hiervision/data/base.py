@@ -346,9 +346,13 @@ def _draw(candidates: np.ndarray, count: int, seed: int, ids: Sequence[str] | No
     return candidates[np.argsort(u, kind="stable")[:count]]
 
 
-def move_to_tree(dataset: HierDataset, tree: Taxonomy, source: str = "data.tree") -> HierDataset:
-    """The same samples labelled in another tree over the same classes (e.g. one induced from a
-    confusion matrix). Classes are matched by external id where both trees have one, else by name."""
+def move_to_tree(dataset: HierDataset, tree: Taxonomy, source: str = "data.tree", unused: str = "prune"
+                 ) -> HierDataset:
+    """The same samples labelled in another tree (one induced from a confusion matrix, or a larger one such as
+    WordNet whose end classes include the data's). Classes are matched by external id where both trees have
+    one, else by name. End classes of the tree that the data lacks are pruned away (``unused="prune"``, with
+    the nodes only they reached) or kept as classes without images (``"keep"``); a data class the tree lacks is
+    one line."""
 
     def key(t: Taxonomy, n: int) -> str:
         return t.external_ids[n] or t.names[n]
@@ -358,9 +362,14 @@ def move_to_tree(dataset: HierDataset, tree: Taxonomy, source: str = "data.tree"
     old_keys = {key(old, n) for n in old.leaves}
     if len(new_of) != len(tree.leaves) or len(old_keys) != len(old.leaves):
         raise ValueError(f"{source}: leaf names repeat, so classes cannot be matched between the trees")
-    if old_keys != set(new_of):
-        diff = sorted(old_keys ^ set(new_of))
-        raise ValueError(f"{source}: the tree's leaves are not the data's classes (e.g. {diff[0]!r})")
+    if not old_keys <= set(new_of):
+        raise ValueError(f"{source}: the data's class {sorted(old_keys - set(new_of))[0]!r} is no end class of "
+                         f"the tree")
+    if unused not in ("prune", "keep"):
+        raise ValueError(f"data.tree_unused: must be 'prune' or 'keep', got {unused!r}")
+    if unused == "prune" and old_keys != set(new_of):
+        tree = tree.prune(new_of[k] for k in old_keys)
+        new_of = {key(tree, n): n for n in tree.leaves}
     lut = torch.full((old.num_nodes,), -1, dtype=torch.long)
     for n in old.leaves:
         lut[n] = new_of[key(old, n)]
