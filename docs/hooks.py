@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import html
 import pkgutil
 import posixpath
 import re
@@ -79,6 +80,11 @@ def _cell(text: object) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def _code_cell(text: object) -> str:
+    """Code in a table cell: ``\\|`` would show its backslash inside backticks, so HTML with ``&#124;``."""
+    return f"<code>{html.escape(' '.join(str(text).split())).replace('|', '&#124;')}</code>"
+
+
 def _help(action: argparse.Action) -> str:
     text = action.help or ""
     if "%(" in text:
@@ -113,7 +119,7 @@ def cli_reference() -> str:
             if action.choices is not None and not isinstance(action.choices, dict):
                 what += f" (one of: {', '.join(map(str, action.choices))})"
             default = "" if action.default in (None, False, [], argparse.SUPPRESS) else f"`{action.default}`"
-            out.append(f"| `{_cell(names)}` | {_cell(what)} | {default} |")
+            out.append(f"| {_code_cell(names)} | {_cell(what)} | {default} |")
         out.append("")
     return "\n".join(out)
 
@@ -202,3 +208,24 @@ def on_files(files: Files, config) -> Files:
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     return expand_includes(markdown, page.file.src_uri)
+
+
+#: a Sphinx role left in a rendered docstring, ``:class:<code>~hiervision.taxonomy.Taxonomy</code>``
+_ROLE = re.compile(r":(?:py:)?(?:class|mod|func|meth|attr|data|exc|obj):"
+                   r"<code>(~?)([\w.]+)(?:\s*&lt;([\w.]+)&gt;)?</code>")
+
+
+def _role_link(m: re.Match) -> str:
+    """The role as a cross-reference that autorefs resolves across the site (plain code where it finds no
+    target: ``optional``); ``~`` shows only the last name, as Sphinx does."""
+    short, target, explicit = m.group(1), m.group(2), m.group(3)
+    title = target.rsplit(".", 1)[-1] if short else target
+    if explicit:  # :attr:`title <target>`
+        title, target = target, explicit
+    return f'<autoref identifier="{target}" optional><code>{title}</code></autoref>'
+
+
+def on_page_content(html_text: str, page, config, files) -> str:
+    """Docstrings are written with Sphinx roles (``:func:`x```); the API pages render them as links, never as
+    raw roles."""
+    return _ROLE.sub(_role_link, html_text)

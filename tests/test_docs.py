@@ -45,7 +45,7 @@ def test_cli_reference_has_every_subcommand_and_option(hooks):
         for action in parser._actions:
             for option in action.option_strings:
                 if option not in ("-h", "--help"):
-                    assert f"`{option}" in section or f", {option}" in section, (name, option)
+                    assert f"<code>{option}" in section or f", {option}" in section, (name, option)
 
 
 def test_every_module_has_an_api_page(hooks):
@@ -91,5 +91,13 @@ def test_strict_build_lists_every_public_function(hooks, tmp_path):
                 undocumented.append(f"{module}.{name}")
     assert not missing, f"not in the API reference: {missing}"
     assert not undocumented, f"public without a docstring: {undocumented}"
+    pages = {f: f.read_text(encoding="utf-8") for f in site.rglob("*.html")}
+    raw = [f"{f.relative_to(site)}: {m}" for f, text in pages.items()
+           for m in re.findall(r":(?:class|mod|func|meth|attr|data|exc|obj):<code>", text)]
+    assert not raw, f"raw Sphinx roles in the built site: {raw[:5]} ({len(raw)} in all)"
+    links = sum(t.count('class="autorefs autorefs-internal"') for t in pages.values())
+    assert links > 100  # the roles became links
+    cli = (site / "cli" / "index.html").read_text(encoding="utf-8")
+    assert "CONFIG|FOLDER|CSV" in cli.replace("&#124;", "|") and "\\|" not in cli
     assert (site / "benchmarks" / "results" / "comparison-fmnist.png").is_file()
     assert "comparison" in (site / "benchmarks" / "index.html").read_text(encoding="utf-8")

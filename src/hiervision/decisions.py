@@ -1,7 +1,8 @@
 """Post-hoc decision rules on a model's node scores: calibration, hedged answers, mistake-aware decoding.
 
-Every rule reads one thing every model family produces, :attr:`Prediction.scores <hiervision.decoding.
-Prediction>`, turned into an *end-class distribution* ``q`` ``(B, N+1)`` (column 0 = 0, rows sum to 1) by
+Every rule reads one thing every model family produces,
+:attr:`Prediction.scores <hiervision.decoding.Prediction>`, turned into an *end-class distribution* ``q``
+``(B, N+1)`` (column 0 = 0, rows sum to 1) by
 :func:`~hiervision.distributions.end_distribution`. From ``q`` come coherent node marginals
 (:func:`~hiervision.distributions.node_marginals`: the probability that the truth lies under each node), and
 on those the rules work. The rules that take a whole prediction (:func:`calibrate`, :func:`fit_decisions`,
