@@ -168,6 +168,7 @@ def test_decision_rules_answer_inside_the_restriction_and_the_runtime_agrees(rul
     records = Predictor(sidecar={**sidecar(model, META), "decode": rule}, engine=torch_engine(model)).predict_arrays(
         images.numpy(), allowed=allowed)
     assert [r["path_ids"][-1] for r in records] == got.tolist()
+    assert all(r["decode"] == rule for r in records)  # each record names the rule that answered it
 
 
 def test_the_runtime_rollup_matches_the_climb_on_its_own_marginals():

@@ -588,8 +588,9 @@ class Predictor:
         decoded = restrict_batch(self.tree, dec, decoded, allowed, not isinstance(self.temperature, tuple))
         decoded = decide_records(self.tree, dec.get("end_nodes", "leaves"), decoded, self.decode, allowed)
         files = files if files is not None else [f"#{i}" for i in range(len(decoded))]
-        records = [prediction_record(f, self.tree, d["path_ids"], d["path_probability"], d["node_scores"],
-                                     d["top_k"], d.get("paths")) for f, d in zip(files, decoded)]
+        records = [{**prediction_record(f, self.tree, d["path_ids"], d["path_probability"], d["node_scores"],
+                                        d["top_k"], d.get("paths")), "decode": self.decode}  # the rule that answered
+                   for f, d in zip(files, decoded)]
         if dec.get("novel") and decode_rule(self.decode)[0] == "argmax":  # the head's own answers: inner = novel
             records = [mark_novel(rec, self.tree) for rec in records]
         if thresholds is not None and dec["kind"] != "multi_label" and decoded:
