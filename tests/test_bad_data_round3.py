@@ -199,3 +199,19 @@ def test_a_model_key_the_head_does_not_take_fails_before_any_data_is_read(tmp_pa
     err = capsys.readouterr().err
     assert "model.bogus: not an argument of model 'haframe'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "splits.json").exists()  # stopped before the data was read
+
+
+def test_a_class_name_holding_a_slash_is_written_by_its_path_when_the_csv_comes_with_its_tree(tmp_path):
+    from hiervision.data.fashion_mnist import fashion_mnist_taxonomy
+
+    tax = fashion_mnist_taxonomy()  # its class "T-shirt/top" holds the path separator
+    tax.save(tmp_path / "t.json")
+    for i in range(2):
+        _png(tmp_path / f"{i}.png", i)
+    (tmp_path / "m.csv").write_text("path,label\n0.png,Clothes/Tops/T-shirt/top\n1.png,T-shirt/top\n",
+                                    encoding="utf-8")
+    ds, _ = load_manifest(tmp_path / "m.csv", tmp_path / "t.json")
+    assert [tax.names[int(t)] for t in ds.targets] == ["T-shirt/top", "T-shirt/top"]
+    (tmp_path / "m.csv").write_text("path,label\n0.png,Clothes/Tops/T-shirt\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="label 'Clothes/Tops/T-shirt' is not in the taxonomy"):
+        load_manifest(tmp_path / "m.csv", tmp_path / "t.json")

@@ -146,17 +146,23 @@ class Tree:
         if len(hits) == 1:
             return hits[0]
         if "/" in key:
-            node = 0
-            for part in key.strip("/").split("/"):
-                match = [c for c in self.children[node] if self.names[c] == part]
-                if not match:
-                    raise TaxonomyError(f"label {key!r} is not in the tree (no {part!r} under {self.names[node]!r})")
-                node = match[0]
-            return node
+            return self._walk(key)
         if len(hits) > 1:
             paths = " or ".join(self.path_name(h) for h in hits[:2])
             raise TaxonomyError(f"label {key!r} is ambiguous: write its path ({paths})")
         raise TaxonomyError(f"label {key!r} is not in the tree")
+
+    def _walk(self, key: str) -> int:
+        """A ``/``-separated name path from the root. A class whose own name holds ``/`` (Fashion-MNIST's
+        ``T-shirt/top``) is found too: at each level the longest run of parts that names a child is taken."""
+        node, parts, i = 0, key.strip("/").split("/"), 0
+        while i < len(parts):
+            names = {self.names[c]: c for c in self.children[node]}
+            j = next((j for j in range(len(parts), i, -1) if "/".join(parts[i:j]) in names), None)
+            if j is None:
+                raise TaxonomyError(f"label {key!r} is not in the tree (no {parts[i]!r} under {self.names[node]!r})")
+            node, i = names["/".join(parts[i:j])], j
+        return node
 
     def path_name(self, node: int, sep: str = "/") -> str:
         return sep.join(self.names[n] for n in self.path(node))
