@@ -153,6 +153,10 @@ def test_data_pack_never_replaces_a_runs_tree(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already holds a taxonomy.json (a run folder?)" in err and len(err.strip().splitlines()) == 1
     assert (run / "taxonomy.json").read_bytes() == tree
+    assert main(["evaluate", str(run), "--report", str(run)]) == 1  # nor a report among the run's files
+    err = capsys.readouterr().err
+    assert f"--report {run}: a run folder; give the report a folder of its own" in err
+    assert not (run / "index.html").exists()
 
 
 def test_channels_and_size_come_from_a_sample_of_the_whole_data_set_not_its_first_file(tmp_path):

@@ -20,7 +20,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hiervision.experiment import load_run, run_data
     from hiervision.marginals import is_identity
     from hiervision.posthoc import evaluate_decisions
+    from hiervision.runfolder import is_run_dir
 
+    if args.report and is_run_dir(args.report):  # before any work: a report never lands among a run's files
+        raise ValueError(f"--report {args.report}: a run folder; give the report a folder of its own "
+                         f"(e.g. {Path(args.report) / 'report'})")
     device = select_device(args.device, "--device")
     cfg, taxonomy, model, meta = load_run(args.run_dir, which=args.checkpoint, device=device)
     check_given_level(args.given_level, taxonomy)
