@@ -299,10 +299,9 @@ def build_loop(cfg: dict, model: HierarchicalClassifier, data: DataBundle, optim
 
 # ----------------------------------------------------------------------------- the epochs
 def run_epochs(loop: Loop, progress: Progress, stop_at: int, save: Callable[..., None], select_key: str,
-               out: Path, tracker: Tracker, planner: Planner | None = None) -> None:
+               out: Path, tracker: Tracker, planner: Planner) -> None:
     """Train, validate and checkpoint epoch after epoch up to ``stop_at`` (or the epochs ``planner`` found to
     fit the time budget); a signal saves and raises Preempted."""
-    planner = planner or Planner(loop.tcfg, len(loop.data.train), len(loop.data.val), progress.epoch)
     with StopSignal() as stop:
         while progress.epoch < min(stop_at, int(loop.tcfg["epochs"])):
             epoch, started = progress.epoch, time.monotonic()
