@@ -267,10 +267,12 @@ def vanishing_client(port: int, boundary: str, stop: float, out: dict) -> None:
         time.sleep(0.2)
 
 
-def burst_client(port: int, body: bytes, boundary: str, stop: float, out: dict) -> None:
-    """Back-to-back requests of many images each, never retrying: more than the queue takes."""
+def repeat_client(port: int, body: bytes, boundary: str, stop: float, out: dict, tag: str = "burst",
+                  timeout: float = 60) -> None:
+    """``body`` posted back to back, never retrying (many-image bursts past the queue, 31 MB uploads); the
+    statuses counted as ``{tag}_{status}`` (0: the connection failed)."""
     while time.monotonic() < stop:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         try:
             conn.request("POST", "/predict", body=body,
                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
@@ -279,7 +281,7 @@ def burst_client(port: int, body: bytes, boundary: str, stop: float, out: dict) 
             status = 0
         finally:
             conn.close()
-        out[f"burst_{status}"] = out.get(f"burst_{status}", 0) + 1
+        out[f"{tag}_{status}"] = out.get(f"{tag}_{status}", 0) + 1
 
 
 def slow_header_client(port: int, stop: float, out: dict, hold: int, total: int) -> None:
@@ -317,21 +319,6 @@ def slow_header_client(port: int, stop: float, out: dict, hold: int, total: int)
         s.close()
 
 
-def big_upload_client(port: int, body: bytes, boundary: str, stop: float, out: dict) -> None:
-    """One upload of ``body`` (31 MB) after another, never retrying: what does holding it cost the server?"""
-    while time.monotonic() < stop:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        try:
-            conn.request("POST", "/predict", body=body,
-                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-            status = conn.getresponse().status
-        except (OSError, http.client.HTTPException):
-            status = 0
-        finally:
-            conn.close()
-        out[f"big_{status}"] = out.get(f"big_{status}", 0) + 1
-
-
 def rss_mb(pid: int, key: str) -> float | None:
     """``VmRSS`` (now) or ``VmHWM`` (peak) of a process, in MB (Linux)."""
     try:
@@ -358,10 +345,10 @@ def faults(port: int, images: list[bytes], clients: int, seconds: float, burst_f
     bad = ([threading.Thread(target=stalled_client, args=(port, boundary, stop, out)) for _ in range(4)]
            + [threading.Thread(target=trickle_client, args=(port, boundary, stop, out)) for _ in range(2)]
            + [threading.Thread(target=vanishing_client, args=(port, boundary, stop, out)) for _ in range(2)]
-           + [threading.Thread(target=burst_client, args=(port, burst_body, boundary, stop, out)) for _ in range(6)]
+           + [threading.Thread(target=repeat_client, args=(port, burst_body, boundary, stop, out)) for _ in range(6)]
            + [threading.Thread(target=slow_header_client, args=(port, stop, out, 400, slow_headers))
               for _ in range(4 if slow_headers else 0)]
-           + [threading.Thread(target=big_upload_client, args=(port, big_body, boundary, stop, out))
+           + [threading.Thread(target=repeat_client, args=(port, big_body, boundary, stop, out, "big", 120))
               for _ in range(big_uploads)])
     for t in bad:
         t.start()
