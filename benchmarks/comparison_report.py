@@ -59,8 +59,28 @@ _PLACEHOLDER = "not measured yet"
 _CLAIM = "95 % CI"  # every claim of the "Which method?" paragraph carries its interval
 
 
+#: declared before the five-seed runs (issue 40): a row *keeps* flat's top-1 when the lower end of the seed-paired
+#: 95 % interval of Δ top-1 is at least −MARGIN_PT points; it makes *milder mistakes* when the upper ends of
+#: Δ mistake severity and of Δ hdist@5 are below 0. "Not distinguishable" (an interval holding 0) is no tie.
+MARGIN_PT = 0.5
+
+
+def top1_words(d: dict) -> str:
+    """What a paired interval of Δ top-1 (fractions) allows us to say about a row against flat, by the margin."""
+    lo, hi, m = d["lo"] * 100, d["hi"] * 100, MARGIN_PT
+    if lo > 0:
+        return "beats flat"
+    if hi < 0:
+        return "loses to flat" if lo < -m else f"loses to flat by less than the {m} pt margin (keeps its top-1)"
+    if lo < -m:
+        return f"is not settled at n = {d['n']} (a loss beyond {m} pt is not ruled out)"
+    if hi <= m:
+        return "ties flat"
+    return f"keeps flat's top-1 (whether it beats flat is not settled at n = {d['n']})"
+
+
 def which_method(summary: dict, min_seeds: int = 3) -> str:
-    """The README's "Which method?" paragraph, generated from the paired intervals on path accuracy.
+    """The README's "Which method?" paragraph, generated from the paired intervals on top-1 by :func:`top1_words`.
 
     Only rows with ``min_seeds`` paired seeds get a claim (with its interval); the others are named as
     not measured yet, and a data set without any such row (or whose flat row is short) gets a placeholder.
@@ -72,91 +92,106 @@ def which_method(summary: dict, min_seeds: int = 3) -> str:
         short = [r["label"] for r in rows.values() if r["n"] < min_seeds and not r.get("optional")]
         said = []
         for r in rows.values():
-            d = r.get("vs_flat", {}).get("path_accuracy")
+            d = r.get("vs_flat", {}).get("leaf_accuracy")
             if not d or d["lo"] is None or r["n"] < min_seeds or d["n"] < min_seeds:
                 continue
             ci = f"{d['mean'] * 100:+.2f} pt, 95 % CI [{d['lo'] * 100:+.2f}, {d['hi'] * 100:+.2f}], n = {d['n']}"
-            if d["lo"] > 0:
-                said.append(f"{r['label']} beats flat ({ci})")
-            elif d["hi"] < 0:
-                said.append(f"{r['label']} loses to flat ({ci})")
-            else:
-                said.append(f"{r['label']} is not distinguishable from flat ({ci})")
+            said.append(f"{r['label']} {top1_words(d)} ({ci})")
         missing = (f"{_PLACEHOLDER} with >= {min_seeds} seeds: {', '.join(short)}; placeholder until "
                    "`benchmarks/run.py --profile comparison` fills it") if short else ""
         if said:
-            parts.append(f"*{data['label']}* (path accuracy, paired by seed): " + "; ".join(said)
+            parts.append(f"*{data['label']}* (top-1, paired by seed; margin {MARGIN_PT} pt): " + "; ".join(said)
                          + (f". {missing[0].upper()}{missing[1:]}." if missing else "."))
         else:
             parts.append(f"*{data['label']}*: {missing}.")
     return "\n\n".join(parts)
 
 
-#: issue 24's bar for the recipe hiervision recommends: (metric, short name, scale, what its paired 95 %
-#: interval against flat must show on every data set)
-RECIPE_BAR = (("leaf_accuracy", "Δ top-1 pt", 100, lambda d: d["hi"] >= 0),  # ties or beats flat
-              ("mistake_severity", "Δ mistake sev.", 1, lambda d: d["hi"] < 0),  # lower
-              ("hdist@5", "Δ hdist@5", 1, lambda d: d["hi"] < 0))  # lower
+#: the rule for the recipe hiervision recommends: (metric, short name, scale, what its paired 95 % interval
+#: against flat must show on a data set)
+RECIPE_BAR = (("leaf_accuracy", "Δ top-1 pt", 100, lambda d: d["lo"] * 100 >= -MARGIN_PT),  # keeps top-1
+              ("mistake_severity", "Δ mistake sev.", 1, lambda d: d["hi"] < 0),  # milder
+              ("hdist@5", "Δ hdist@5", 1, lambda d: d["hi"] < 0))  # milder
+RULE = (f"keeps flat's top-1 (lower end of Δ top-1 at or above −{MARGIN_PT} pt) and makes milder mistakes (upper "
+        "ends of Δ mistake severity and Δ hdist@5 below 0)")
 
 
 #: rows that train and run more than one network (HiE): not equal budget, so never the recommended recipe
 ENSEMBLES = frozenset(m.key for d in DATASETS for m in d.methods if m.networks > 1)
 
 
-def recommendation(summary: dict, min_seeds: int = 3) -> str:
-    """The recommended recipe, from the paired intervals: a row that on every data set keeps flat's top-1
-    (interval reaching 0 or above) and lowers mistake severity and hdist@5 (intervals below 0). Without
-    one, the best trade-off: among rows that keep top-1 everywhere, the largest cut in mistake severity.
-    Equal budget only: an ensemble's row (:data:`ENSEMBLES`) is never the recipe."""
+def _pairs(summary: dict, key: str, metric: str, min_seeds: int) -> list[dict] | None:
+    ds = [data["rows"].get(key, {}).get("vs_flat", {}).get(metric) for data in summary.values()]
+    return ds if all(d and d["lo"] is not None and d["n"] >= min_seeds for d in ds) else None
+
+
+def recipe_choice(summary: dict, min_seeds: int = 3) -> dict | None:
+    """What the rule picks (None until every contender has ``min_seeds`` paired seeds of the three metrics).
+
+    ``recipe``: the row that meets :data:`RULE` on every data set (the highest mean Δ top-1 among several), else
+    None: flat. ``per_data[data key]``: ``meets`` (the same pick on that data set alone, or None), ``trade_off``
+    where nothing meets it (among rows that lower a mistake measure: those keeping top-1 first, then the most
+    measures lowered, then the highest lower end of Δ top-1) and ``ensembles`` (ensemble rows meeting it there).
+    Equal budget only: an ensemble's row (:data:`ENSEMBLES`) is never picked."""
     first = next(iter(summary.values()))["rows"] if summary else {}
+    measured = [k for k in first if k != "flat" and all(_pairs(summary, k, m, min_seeds) for m, *_ in RECIPE_BAR)]
+    if not [k for k in measured if k not in ENSEMBLES]:
+        return None
 
-    def pairs(key: str, metric: str) -> list[dict] | None:
-        ds = [data["rows"].get(key, {}).get("vs_flat", {}).get(metric) for data in summary.values()]
-        return ds if all(d and d["lo"] is not None and d["n"] >= min_seeds for d in ds) else None
+    def ok(key: str, i: int, bar=RECIPE_BAR) -> list[bool]:
+        return [test(_pairs(summary, key, m, min_seeds)[i]) for m, *_, test in bar]
 
-    measured = [k for k in first if k != "flat" and k not in ENSEMBLES and all(pairs(k, m) for m, *_ in RECIPE_BAR)]
-    if not measured:
+    def top1(key: str, i: int) -> dict:
+        return _pairs(summary, key, "leaf_accuracy", min_seeds)[i]
+
+    singles = [k for k in measured if k not in ENSEMBLES]
+    per_data = {}
+    for i, data_key in enumerate(summary):
+        meets = [k for k in singles if all(ok(k, i))]
+        lowers = [k for k in singles if any(ok(k, i)[1:])]
+        per_data[data_key] = {
+            "meets": max(meets, key=lambda k: top1(k, i)["mean"]) if meets else None,
+            "trade_off": None if meets or not lowers else max(
+                lowers, key=lambda k: (ok(k, i)[0], sum(ok(k, i)[1:]), top1(k, i)["lo"])),
+            "ensembles": [k for k in measured if k in ENSEMBLES and all(ok(k, i))]}
+    everywhere = [k for k in singles if all(all(ok(k, i)) for i in range(len(summary)))]
+    recipe = max(everywhere, key=lambda k: sum(top1(k, i)["mean"] for i in range(len(summary)))) if everywhere \
+        else None
+    return {"recipe": recipe, "per_data": per_data}
+
+
+def recommendation(summary: dict, min_seeds: int = 3) -> str:
+    """The recommended recipe in words, from :func:`recipe_choice` (the numbers quoted beside every name)."""
+    choice = recipe_choice(summary, min_seeds)
+    if choice is None:
         return (f"*Recommended recipe*: not decided yet — it needs >= {min_seeds} paired seeds of top-1, mistake "
-                "severity and hdist@5 on every data set (issue 24's rows).")
+                "severity and hdist@5 on every data set.")
+    first = next(iter(summary.values()))["rows"]
 
     def on(key: str, i: int) -> str:
         return ", ".join(f"{name} {d['mean'] * f:+.2f} [{d['lo'] * f:+.2f}, {d['hi'] * f:+.2f}]"
-                         for m, name, f, _ in RECIPE_BAR for d in [pairs(key, m)[i]])
+                         for m, name, f, _ in RECIPE_BAR for d in [_pairs(summary, key, m, min_seeds)[i]])
 
-    def shown(key: str) -> str:
-        return "; ".join(f"{data['label']}: {on(key, i)}" for i, data in enumerate(summary.values())) + \
-            f" (95 % CI, n >= {min_seeds})"
-
-    def passes(key: str, bar=RECIPE_BAR) -> bool:
-        return all(ok(d) for m, *_, ok in bar for d in pairs(key, m))
-
-    meets = [k for k in measured if passes(k)]
-    if meets:
-        best = max(meets, key=lambda k: sum(d["mean"] for d in pairs(k, "leaf_accuracy")))
-        return (f"*Recommended recipe*: **{first[best]['label']}** — on every data set it keeps flat's top-1 and "
-                f"makes milder mistakes: {shown(best)}.")
-    text = ("*Recommended recipe*: no row meets the bar (top-1 ties or beats flat, mistake severity and hdist@5 "
-            "lower with 95 % intervals below 0, on every data set).")
-    keeps = [k for k in measured if passes(k, RECIPE_BAR[:1])]
-    if not keeps:
-        per_data = []
-        for i, data in enumerate(summary.values()):
-            # on this data set alone: keeps top-1, then the most mistake measures lowered, then the most surely
-            # lowered (the smallest sum of their intervals' upper ends; means within noise would pick at random)
-            here = [k for k in measured if RECIPE_BAR[0][3](pairs(k, "leaf_accuracy")[i])
-                    and any(ok(pairs(k, m)[i]) for m, *_, ok in RECIPE_BAR[1:])]
-            if not here:
-                per_data.append(f"{data['label']}: none (flat)")
-                continue
-            best = min(here, key=lambda k: (-sum(ok(pairs(k, m)[i]) for m, *_, ok in RECIPE_BAR[1:]),
-                                            sum(pairs(k, m)[i]["hi"] for m, *_ in RECIPE_BAR[1:])))
-            per_data.append(f"{data['label']}: **{first[best]['label']}** ({on(best, i)})")
-        return text + (" None keeps flat's top-1 everywhere: flat stays the recipe. Best trade-off per data set "
-                       f"(keeps top-1 there and lowers a mistake measure, 95 % CI, n >= {min_seeds}): "
-                       + "; ".join(per_data) + ".")
-    best = min(keeps, key=lambda k: sum(d["mean"] for d in pairs(k, "mistake_severity")))
-    return text + (f" Best trade-off (keeps top-1, largest cut in mistake severity): **{first[best]['label']}**: "
-                   f"{shown(best)}.")
+    labels = [data["label"] for data in summary.values()]
+    if choice["recipe"]:
+        best = choice["recipe"]
+        return (f"*Recommended recipe*: **{first[best]['label']}** — on every data set it {RULE}: "
+                + "; ".join(f"{label}: {on(best, i)}" for i, label in enumerate(labels))
+                + f" (95 % CI, n >= {min_seeds}).")
+    said = []
+    for i, (label, pick) in enumerate(zip(labels, choice["per_data"].values())):
+        if pick["meets"]:
+            text = f"{label}: **{first[pick['meets']]['label']}** meets it ({on(pick['meets'], i)})"
+        elif pick["trade_off"]:
+            text = (f"{label}: no row meets it; the best trade-off there is **{first[pick['trade_off']]['label']}** "
+                    f"({on(pick['trade_off'], i)})")
+        else:
+            text = f"{label}: no row meets it or lowers a mistake measure (flat)"
+        if pick["ensembles"]:
+            text += " — " + ", ".join(first[k]["label"] for k in pick["ensembles"]) + " meets it at more compute"
+        said.append(text)
+    return (f"*Recommended recipe*: **flat** — no single-network row {RULE} on every data set. Per data set (95 % "
+            f"CI, n >= {min_seeds}): " + "; ".join(said) + ".")
 
 
 def crm_on_deep_trees(summary: dict, synthetic: Path = HERE / "results" / "crm-depth.json") -> str:

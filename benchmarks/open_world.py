@@ -69,13 +69,19 @@ def cells(budget: str, seed: int, data_key: str, runs: Path) -> dict[str, Cell]:
             "haframe_coarse": variant(full["haframe"], "haframe-coarse", COARSEN)}
 
 
-def trained(cell: Cell, train, timings: dict) -> dict:
-    """``cell``'s metrics, trained first (and its wall time kept) when its folder lacks them."""
+def trained(cell: Cell, train) -> dict:
+    """``cell``'s metrics, trained first (its wall time kept in ``train_seconds.txt``) when its folder lacks them."""
     if not cell.trained():
         t0 = time.perf_counter()
         train_cell(cell, train, print)
-        timings[cell.digest] = time.perf_counter() - t0
+        (cell.run_dir / "train_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n", encoding="utf-8")
     return json.loads((cell.run_dir / "metrics.json").read_text(encoding="utf-8"))
+
+
+def _seconds(run: Path) -> float | None:
+    """A run's training wall time when this benchmark trained it (a folder trained elsewhere has none)."""
+    f = run / "train_seconds.txt"
+    return float(f.read_text()) if f.is_file() else None
 
 
 def novelty(ow: dict, hnd: dict) -> dict:
@@ -118,25 +124,29 @@ def extend_cell(parent: Path, out: Path) -> dict:
             "path_accuracy": json.loads((out / "metrics.json").read_text())["path_accuracy"]}
 
 
-def measure(budget: str, seed: int, data_key: str, runs: Path, ledger: dict, train) -> None:
-    """Train what one data set and seed still lacks and record its three parts in ``ledger``."""
+PARTS = ("novelty", "extend", "coarse")
+ROLES = {"novelty": ("flat_holdout", "hnd_holdout"), "extend": ("flat_holdout", "flat"),
+         "coarse": ("flat", "haframe", "flat_coarse", "haframe_coarse")}
+
+
+def measure(budget: str, seed: int, data_key: str, runs: Path, ledger: dict, train, part: str) -> None:
+    """Train what one part of one data set and seed still lacks and record it in ``ledger``."""
     c = cells(budget, seed, data_key, runs)
-    key = f"{data_key}/s{seed}"
-    if ledger.get(f"extend/{key}", {}).get("digest") == c["flat_holdout"].digest and ledger.get(
-            f"novelty/{key}", {}).get("digests") == [c["flat_holdout"].digest, c["hnd_holdout"].digest]:
+    key = f"{part}/{data_key}/s{seed}"
+    digests = [c[role].digest for role in ROLES[part]]
+    if ledger.get(key, {}).get("digests") == digests:
         return  # measured in an earlier sitting (maybe elsewhere: the run folders need not be here)
-    timings: dict = {}
-    m = {role: trained(cell, train, timings) for role, cell in c.items()}
-    ledger[f"novelty/{key}"] = {"digests": [c["flat_holdout"].digest, c["hnd_holdout"].digest],
-                                **novelty(m["flat_holdout"]["open_world"], m["hnd_holdout"])}
-    ledger[f"coarse/{key}"] = {"digests": [c["flat_coarse"].digest, c["haframe_coarse"].digest],
-                               **{h: {"coarse": m[f"{h}_coarse"]["path_accuracy"], "full": m[h]["path_accuracy"]}
-                                  for h in ("flat", "haframe")}}
-    ext = extend_cell(c["flat_holdout"].run_dir, c["flat_holdout"].run_dir.with_name(
-        c["flat_holdout"].run_dir.name + "-extended"))
-    full_s = timings.get(c["flat"].digest) or ledger.get(f"extend/{key}", {}).get("full_seconds")
-    ledger[f"extend/{key}"] = {"digest": c["flat_holdout"].digest, **ext, "full_seconds": full_s,
-                               "full_path_accuracy": m["flat"]["path_accuracy"]}
+    m = {role: trained(c[role], train) for role in ROLES[part]}
+    if part == "novelty":
+        ledger[key] = {"digests": digests, **novelty(m["flat_holdout"]["open_world"], m["hnd_holdout"])}
+    elif part == "coarse":
+        ledger[key] = {"digests": digests, **{h: {"coarse": m[f"{h}_coarse"]["path_accuracy"],
+                                                  "full": m[h]["path_accuracy"]} for h in ("flat", "haframe")}}
+    else:
+        run = c["flat_holdout"].run_dir
+        ext = extend_cell(run, run.with_name(run.name + "-extended"))
+        ledger[key] = {"digests": digests, **ext, "full_path_accuracy": m["flat"]["path_accuracy"],
+                       "full_seconds": _seconds(c["flat"].run_dir), "holdout_seconds": _seconds(run)}
 
 
 def _ci(d: dict, scale: float = 100.0) -> str:
@@ -191,14 +201,16 @@ def coarse_and_extend_lines(ledger: dict, data_key: str) -> list[str]:
                      f"{keeps} |")
     ext = [v for k, v in ledger.items() if k.startswith(f"extend/{data_key}/")]
     if ext:
-        secs = mean_std([e["seconds"] for e in ext])["mean"]
-        full_s = mean_std([e["full_seconds"] for e in ext if e.get("full_seconds")])["mean"]
+        mean = lambda key: mean_std([e[key] for e in ext if e.get(key)])["mean"]  # noqa: E731
+        secs, full_s, held_s = mean("seconds"), mean("full_seconds"), mean("holdout_seconds")
+        against = (f"against {full_s:.0f} s for the full retrain" if full_s else
+                   f"against {held_s:.0f} s to train the held-out run from scratch (a full retrain sees the "
+                   "held-out classes' images too, so it costs more)" if held_s else
+                   "(no retrain was timed in this sitting)")
         lines += ["", f"Extend (n = {len(ext)}): new classes {_pm([e['new_accuracy'] for e in ext])} % leaf accuracy, "
                   f"old classes {_pm([e['old_accuracy'] for e in ext])} %, path accuracy "
                   f"{_pm([e['path_accuracy'] for e in ext])} % against {_pm([e['full_path_accuracy'] for e in ext])} % "
-                  f"for the full retrain; wall time {secs:.0f} s"
-                  + (f" against {full_s:.0f} s for the full retrain." if full_s else " (the full retrain's time was "
-                     "not measured in this sitting).")]
+                  f"for the full-label run; wall time {secs:.0f} s {against}."]
     return lines
 
 
@@ -239,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", nargs="+", default=list(HOLDOUT))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="measured in this order")
     p.add_argument("--budget", default="cpu", choices=["cpu", "gpu", "tiny"])
     p.add_argument("--out", default="runs/bench", help="where the comparison's run folders are (or go)")
     p.add_argument("--table-only", action="store_true", help="rewrite the section from the measured cells")
@@ -250,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     ledger_path = results / "open_world.json"
     ledger = json.loads(ledger_path.read_text(encoding="utf-8")) if ledger_path.exists() else {}
-    for seed in [] if args.table_only else args.seeds:
+    for part in [] if args.table_only else args.parts:
         for data_key in args.data:
-            measure(args.budget, seed, data_key, runs, ledger, train)
-            ledger_path.write_text(json.dumps(ledger, indent=1), encoding="utf-8")
+            for seed in args.seeds:
+                measure(args.budget, seed, data_key, runs, ledger, train, part)
+                ledger_path.write_text(json.dumps(ledger, indent=1), encoding="utf-8")
     text = section(ledger, "python benchmarks/open_world.py" + (" --budget tiny" if args.budget == "tiny" else ""))
     for d in args.data:
         plot(ledger, d, results / f"open-world-{d}.png")

@@ -88,7 +88,7 @@ def test_the_sidecar_rule_is_used_unless_replaced(run_dir):
 
 
 def test_a_run_answers_by_its_own_eval_decode_unless_told(run_dir, tmp_path):
-    """A run trained with ``eval.decode: crm`` (configs/recommended-fmnist.yaml) predicts, serves and exports by
+    """A run trained with ``eval.decode: crm`` (e.g. ``--set eval.decode=crm``) predicts, serves and exports by
     CRM without a flag; ``--decode`` still replaces it."""
     crm_run = tmp_path / "crm-run"
     shutil.copytree(run_dir, crm_run)

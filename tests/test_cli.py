@@ -92,9 +92,9 @@ def test_demo_falls_back_to_synthetic_and_says_how_to_get_real_data(tmp_path, mo
     out = capsys.readouterr().out
     assert "synthetic images (fallback)" in out and "apt-get install dataset-fashion-mnist" in out
     table = out[out.index("method"):].splitlines()
-    assert table[1].startswith("HAFrame (recommended)") and len(table[1].split()) >= 6
-    assert table[2].startswith("HAFrame + CRM") and table[2].split()[-3:] == ["-", "-", "0.0"]  # post-hoc: no training
-    assert table[3].startswith("flat ") and any(row.startswith("HierNet routing") for row in table)
+    assert table[1].startswith("flat (recommended)") and len(table[1].split()) >= 6
+    assert table[2].startswith("flat + CRM") and table[2].split()[-3:] == ["-", "-", "0.0"]  # post-hoc: no training
+    assert table[3].startswith("HAFrame ") and any(row.startswith("HierNet routing") for row in table)
     assert table[-1].startswith("at a credible budget") and "benchmarks/RESULTS.md" in table[-1]  # the comparison
 
 

@@ -78,7 +78,25 @@ def test_paired_difference_and_t_interval_by_hand():
 
 def _row(label: str, n: int, mean: float, lo: float | None, hi: float | None) -> dict:
     d = {"n": n, "mean": mean, "lo": lo, "hi": hi}
-    return {"label": label, "n": n, "vs_flat": {"path_accuracy": d}}
+    return {"label": label, "n": n, "vs_flat": {"leaf_accuracy": d}}
+
+
+def test_the_words_follow_the_declared_margin_on_each_side():
+    """Made-up intervals on each side of 0, −0.5 pt and +0.5 pt: each word is said only where the rule allows it."""
+    assert R.MARGIN_PT == 0.5
+
+    def words(lo_pt: float, hi_pt: float, n: int = 5) -> str:
+        return R.top1_words({"n": n, "mean": (lo_pt + hi_pt) / 200, "lo": lo_pt / 100, "hi": hi_pt / 100})
+
+    assert words(0.01, 0.9) == "beats flat"
+    assert words(-0.9, -0.01) == "loses to flat"
+    assert words(-0.49, -0.01).startswith("loses to flat by less than the 0.5 pt margin")
+    assert words(-0.51, -0.01) == "loses to flat"
+    assert words(-0.49, 0.49) == "ties flat"
+    assert words(-0.5, 0.5) == "ties flat"  # the margin's ends belong to it
+    assert words(-0.49, 0.51) == "keeps flat's top-1 (whether it beats flat is not settled at n = 5)"
+    assert words(-0.51, 0.49) == "is not settled at n = 5 (a loss beyond 0.5 pt is not ruled out)"
+    assert words(-3.73, 0.85, 3).startswith("is not settled at n = 3")  # HAFrame on Tiny-ImageNet, three seeds
 
 
 def test_which_method_is_generated_from_intervals_only():
@@ -86,7 +104,8 @@ def test_which_method_is_generated_from_intervals_only():
             "b": _row("B", 3, -0.1, -0.12, -0.08), "c": _row("C", 3, 0.01, -0.01, 0.03)}
     text = R.which_method({"x": {"label": "X", "rows": rows}})
     assert "A beats flat (+2.00 pt, 95 % CI [+1.00, +3.00], n = 3)" in text
-    assert "B loses to flat (-10.00 pt" in text and "C is not distinguishable from flat" in text
+    assert "B loses to flat (-10.00 pt" in text and "C is not settled at n = 3" in text
+    assert "distinguishable" not in text
     rows["c"] = _row("C", 2, 0.01, -0.01, 0.03)  # claims only where the seeds are there; the rest is named
     text = R.which_method({"x": {"label": "X", "rows": rows}})
     assert "A beats flat" in text and "B loses to flat" in text and "C is not" not in text
@@ -105,9 +124,9 @@ def _paired(mean: float, half: float, n: int = 3) -> dict:
     return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half}
 
 
-def test_the_recommended_recipe_follows_the_bar_on_every_data_set():
-    def row(label, top1, sev, hd5, n=3):
-        return {"label": label, "n": n, "vs_flat": {"leaf_accuracy": _paired(top1, 0.004, n),
+def test_the_recommended_recipe_follows_the_rule_on_every_data_set():
+    def row(label, top1, sev, hd5, n=3, half=0.004):
+        return {"label": label, "n": n, "vs_flat": {"leaf_accuracy": _paired(top1, half, n),
                                                      "mistake_severity": _paired(sev, 0.02, n),
                                                      "hdist@5": _paired(hd5, 0.02, n)}}
 
@@ -116,26 +135,53 @@ def test_the_recommended_recipe_follows_the_bar_on_every_data_set():
         return {d: {"label": d.upper(), "rows": {**both, **rows}} for d in ("a", "b")}
 
     assert "not decided yet" in R.recommendation(summary(x=row("X", 0.0, -0.1, -0.1, n=2)))
-    # X keeps top-1 (interval holds 0) and cuts both mistake measures; Y gains top-1 but not severity
+    assert R.recipe_choice(summary(x=row("X", 0.0, -0.1, -0.1, n=2))) is None
+    # X keeps top-1 (lower end -0.3 pt, inside the margin) and cuts both mistake measures; Y gains top-1 but not
+    # severity
     text = R.recommendation(summary(x=row("X", 0.001, -0.1, -0.1), y=row("Y", 0.01, 0.0, -0.1)))
     assert text.startswith("*Recommended recipe*: **X**") and "Δ top-1 pt +0.10 [-0.30, +0.50]" in text
+    # the same means with a wider interval (lower end -0.6 pt): not shown to keep top-1, so flat stays
+    wide = summary(x=row("X", 0.001, -0.1, -0.1, half=0.007))
+    assert R.recipe_choice(wide)["recipe"] is None
+    assert R.recommendation(wide).startswith("*Recommended recipe*: **flat** — no single-network row keeps")
     # an ensemble (HiE: two networks) that does better still is shown in the tables but is not equal budget
     assert R.ENSEMBLES == {"hie", "hie_crm"}
     text = R.recommendation(summary(x=row("X", 0.001, -0.1, -0.1), hie=row("HiE", 0.02, -0.3, -0.3)))
     assert text.startswith("*Recommended recipe*: **X**")
-    # nobody meets the bar: the best trade-off among the rows that keep top-1
-    text = R.recommendation(summary(x=row("X", 0.001, -0.01, -0.1), y=row("Y", 0.0, -0.015, 0.0),
-                                    z=row("Z", -0.05, -0.5, -0.5)))
-    assert "no row meets the bar" in text
-    assert "Best trade-off (keeps top-1, largest cut in mistake severity): **Y**" in text
-    assert "flat stays the recipe" in R.recommendation(summary(z=row("Z", -0.05, -0.5, -0.5)))
-    # nobody keeps top-1 on both: per data set, the row that keeps it there and lowers a mistake measure
-    w = row("W", 0.0, 0.0, -0.1)
-    w_b = {**w, "vs_flat": {**w["vs_flat"], "leaf_accuracy": _paired(-0.02, 0.004)}}  # loses top-1 on B
-    both = summary(z=row("Z", -0.05, -0.5, -0.5), w=w)
-    both["b"]["rows"]["w"] = w_b
-    text = R.recommendation(both)
-    assert "flat stays the recipe" in text and "A: **W** (Δ top-1 pt +0.00" in text and "B: none (flat)" in text
+    # meets on one data set only: flat, with the row named where it meets the rule and the best trade-off elsewhere
+    s = summary(x=row("X", 0.001, -0.1, -0.1), z=row("Z", -0.02, -0.5, -0.5), hie=row("HiE", 0.0, -0.1, -0.1))
+    s["b"]["rows"]["x"] = row("X", -0.02, -0.1, -0.1)  # loses 2 pt on B
+    s["b"]["rows"]["z"] = row("Z", -0.01, -0.5, -0.5)  # loses 1 pt on B: the smaller loss
+    choice = R.recipe_choice(s)
+    assert choice["recipe"] is None and choice["per_data"]["a"]["meets"] == "x"
+    assert choice["per_data"]["b"] == {"meets": None, "trade_off": "z", "ensembles": ["hie"]}
+    text = R.recommendation(s)
+    assert "A: **X** meets it" in text and "B: no row meets it; the best trade-off there is **Z**" in text
+    assert "HiE meets it at more compute" in text
+    # nothing lowers a mistake measure on a data set: flat there, said so
+    s["b"]["rows"]["x"] = s["b"]["rows"]["z"] = row("X", -0.02, 0.1, 0.1)
+    assert "B: no row meets it or lowers a mistake measure (flat)" in R.recommendation(s)
+
+
+def test_the_recipe_the_package_trains_is_the_one_the_rule_picks_on_the_committed_comparison():
+    """`train FOLDER`'s head, the demo's first row and configs/recommended-*.yaml follow ``recipe_choice`` on
+    benchmarks/results/comparison.json: a new comparison that changes the pick fails here until they follow."""
+    import yaml
+
+    from hiervision.cli.demo import DEMO_METHODS
+    from hiervision.recipe import RECOMMENDED_HEAD
+
+    summary = json.loads((ROOT / "benchmarks" / "results" / "comparison.json").read_text(encoding="utf-8"))
+    choice = R.recipe_choice(summary["summary"])
+    methods = {d.key: {m.key: m for m in d.methods} for d in P.DATASETS}
+    recipe = methods["fmnist"][choice["recipe"] or "flat"].config
+    recipe_head = yaml.safe_load((ROOT / "configs" / "comparison" / recipe).read_text(encoding="utf-8"))["model"]
+    assert RECOMMENDED_HEAD == recipe_head["name"]
+    assert DEMO_METHODS[0][1] == RECOMMENDED_HEAD and DEMO_METHODS[0][0].endswith("(recommended)")
+    for data_key, name in (("fmnist", "fmnist"), ("tiny32", "tinyimagenet")):
+        cfg = yaml.safe_load((ROOT / "configs" / f"recommended-{name}.yaml").read_text(encoding="utf-8"))
+        m = methods[data_key][choice["per_data"][data_key]["meets"] or "flat"]
+        assert cfg["base"] == f"comparison/{m.config}" and cfg["eval"]["decode"] == (m.decode or "argmax")
 
 
 def test_the_crm_note_quotes_the_paired_cost_and_the_synthetic_decomposition(tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 from hiervision.cli import main
 from hiervision.config import ConfigError
 from hiervision.data import build_data
-from hiervision.recipe import auto_config, recommended_method
+from hiervision.recipe import RECOMMENDED_HEAD, auto_config, recommended_method
 
 LEAVES = ["Animals/Dogs/Beagle", "Animals/Dogs/Pug", "Animals/Cats", "Plants/Trees/Oak"]
 TINY = ["model.backbone_kwargs={width: 0.25}", "train.amp=none", "eval.batch_size=64"]
@@ -33,19 +33,21 @@ def test_folder_recipe_reads_channels_size_and_sizes_the_budget(tmp_path):
     cfg = auto_config(_folder(tmp_path / "photos"))
     assert cfg["data"] == {"name": "folder", "root": str((tmp_path / "photos").resolve()), "channels": 1,
                            "image_size": 12}
-    assert cfg["model"] == {"name": "haframe", "backbone": "resnet20"}  # the comparison's recommendation
+    assert cfg["model"]["name"] == RECOMMENDED_HEAD and cfg["model"]["backbone"] == "resnet20"
     t = cfg["train"]
     assert (t["batch_size"], t["epochs"], t["lr"]) == (32, 30, 0.025)  # few images: the longest budget, batch 32
     assert t["augment"] == {"pad": 2, "flip": True} and cfg["eval"]["calibrate"] is True  # the decision layer
 
 
-def test_the_recipe_is_flat_where_haframe_cannot_go():
+def test_the_recipe_is_flat_where_its_head_cannot_go():
     from hiervision.models.haframe import MAX_FRAME_CLASSES
 
-    assert recommended_method(MAX_FRAME_CLASSES, False) == ("haframe", "")
-    method, why = recommended_method(MAX_FRAME_CLASSES + 1, False)
+    assert recommended_method(MAX_FRAME_CLASSES, False, "haframe") == ("haframe", "")
+    method, why = recommended_method(MAX_FRAME_CLASSES + 1, False, "haframe")
     assert method == "flat" and f"{MAX_FRAME_CLASSES + 1:,} classes" in why
-    assert recommended_method(4, True)[0] == "flat"
+    method, why = recommended_method(4, True, "haframe")
+    assert method == "flat" and "multi-label" in why
+    assert recommended_method(4, True, "flat") == ("flat", "")  # flat's sigmoid takes several paths
 
 
 def test_overrides_and_method_win_over_the_recipe(tmp_path):
@@ -82,7 +84,7 @@ def test_train_folder_end_screen(tmp_path, capsys):
     assert main(["train", str(photos), "--out", str(out), "--quiet", "--set", "train.epochs=1", *sum(
         (["--set", s] for s in TINY), [])]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("recipe: haframe on resnet20, 1 channel(s), 8 px, 1 epochs")
+    assert text.startswith(f"recipe: {RECOMMENDED_HEAD} on resnet20, 1 channel(s), 8 px, 1 epochs")
     assert f"run: {out}" in text and "path accuracy" in text and "per level" in text
     for cmd in (f"hiervision evaluate {out} --report {out / 'report'}", f"hiervision export {out} --out "
                 f"{out / 'model.onnx'}", f"hiervision serve {out / 'model.onnx'}"):

@@ -277,7 +277,7 @@ def _quiet(verbose: bool):
 def _load(run_dir: str | os.PathLike, which: str, device: str | torch.device, beam_width: int | None,
           decode: str | None):
     """``(cfg, model, meta, rule)``: the rule is ``decode`` or else the run's own ``eval.decode``, so a run trained
-    to answer by CRM (configs/recommended-fmnist.yaml) predicts, serves and exports that way without a flag."""
+    to answer by CRM (``eval.decode: crm``) predicts, serves and exports that way without a flag."""
     cfg, _, model, meta = load_run(run_dir, which=which, device=device)
     if beam_width is not None:  # a width tuned on val (`evaluate --beam-width`) instead of the config's
         model.set_beam_width(beam_width)
