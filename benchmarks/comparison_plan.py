@@ -127,6 +127,7 @@ METRICS = [
     ("mistake_severity", "mistake sev.", 1, True, False),
     ("depth_severity", "depth sev.", 1, True, False),
     ("hdist@5", "hdist@5", 1, True, False),
+    ("hops", "HOPS %", 100, True, True),  # Sani & Anand's score of the whole ranking (cells since issue 40)
     ("operating_area_correct", "op. curve area", 1, True, True),
     ("train_images_per_s", "train img/s", 1, False, True),
 ]
@@ -394,7 +395,7 @@ def tuned_beam_metrics(run_dir: Path, widths: tuple[int, ...]) -> dict:
 
 def decision_metrics(run_dir: Path, rule: str) -> dict:
     """Test metrics of a run answered by a post-hoc decision rule on its calibrated scores (the
-    temperature fitted after training; ``hiervision evaluate --decode``). Its ``hdist@k`` ranks the end
+    temperature fitted after training; ``hiervision evaluate --decode``). Its ``hdist@k`` and HOPS rank the end
     classes by the rule's own expected score (CRM: least expected LCA height, as Karthik et al. rank)."""
     import torch
 
@@ -416,7 +417,9 @@ def decision_metrics(run_dir: Path, rule: str) -> dict:
     _, metric, _ = decode_rule(rule)
     q = end_distribution(pred, tax)
     ranking = -torch.from_numpy(expected_scores(q.double().cpu().numpy(), tax, metric or "severity")).to(q)
-    report.update(M.hierarchical_distance_at_k(q, last_node(M.target_paths(targets, tax)), tax, ranking=ranking))
+    end = last_node(M.target_paths(targets, tax))
+    report.update(M.hierarchical_distance_at_k(q, end, tax, ranking=ranking),
+                  hops=M.hops(q, end, tax, ranking=ranking)["hops"])
     return report
 
 

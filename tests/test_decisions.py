@@ -438,7 +438,8 @@ def test_posthoc_report(tree, tmp_path, per_level):
     assert rep["hedged"][1]["accuracy"] >= rep["hedged"][0]["accuracy"]
     assert set(rep["crm"]) == {"argmax", "crm", "bayes:hf1", "bayes:hf1:inner"}
     assert set(rep["crm"]["crm"]) == {"leaf_accuracy", "path_accuracy", "hierarchical_f1", "hierarchical_f1_macro",
-                                      "mistake_severity", "depth_severity", "hdist@1", "hdist@5", "hdist@20"}
+                                      "mistake_severity", "depth_severity", "hdist@1", "hdist@5", "hdist@20",
+                                      "hops"}
     assert rep["test"]["hdist@1"] == rep["crm"]["crm"]["hdist@1"]
     # each rule wins on the metric it optimises (in expectation; here on 2000 samples of a calibrated toy)
     f1 = {rule: r["hierarchical_f1_macro"] for rule, r in rep["crm"].items()}

@@ -319,9 +319,9 @@ def test_evaluate_single_label(tree):
     # true paths of length 1 (A: predicted A/C, too deep), 2 (C wrong, E right) and 3 (H right)
     assert report.pop("path_accuracy_by_length") == {1: 0.0, 2: 0.5, 3: 1.0}
     assert report.pop("length_diagnostics") == length_diagnostics(pred, target_paths(torch.tensor(TARGETS), tree))
-    # calibration and distance @k have their own hand-computed tests (test_decisions.py)
+    # calibration, distance @k and HOPS have their own hand-computed tests (test_decisions.py, below)
     decision_keys = {"ece", "ece_mass", "ece_per_level", "ece_per_level_mass", "hdist@1", "hdist@5", "hdist@20",
-                     "operating_area_correct", "operating_area_exact"}
+                     "hops", "operating_area_correct", "operating_area_exact"}
     assert decision_keys <= set(report)
     decision_values = {k: report.pop(k) for k in decision_keys}
     assert report == pytest.approx(
@@ -384,3 +384,43 @@ def test_closure_matches_dense_reference(density):
     deepest = _deepest(tree, marks)
     assert torch.equal(tree.close_upwards(deepest), closed)
     assert torch.equal(_deepest(tree, deepest), deepest)
+
+
+def _ranked(tree, order: list[str]) -> torch.Tensor:
+    """One image's end-class scores that rank ``order`` first to last."""
+    q = torch.zeros(1, tree.num_nodes)
+    for r, name in enumerate(order):
+        q[0, tree.names.index(name)] = (len(order) - r) / 100
+    return q
+
+
+def test_hops_matches_hand_computed_cases():
+    """Sani & Anand's HOPS by hand: truth a1 in A{a1, a2}, B{b1, b2}: ideal ranks e = [0, 1, 2, 2], position
+    weights [1, .5, .25, .125] (the last group falls from .25 towards 0), the reversed order's error
+    2 + .5 + .25 + .25 = 3; a ranking b1, a1, a2, b2 has ranks [2, 0, 1, 2]: error 2 + .5 + .25 = 2.75."""
+    from hiervision.metrics import hops
+
+    t = Taxonomy.from_paths(["A/a1", "A/a2", "B/b1", "B/b2"])
+    y = torch.tensor([t.names.index("a1")])
+    for order, want in ((["b1", "a1", "a2", "b2"], 1 - 2.75 / 3), (["a2", "a1", "b1", "b2"], 1 - 1.5 / 3),
+                        (["a1", "a2", "b2", "b1"], 1.0), (["b1", "b2", "a2", "a1"], 0.0)):
+        assert hops(_ranked(t, order), y, t) == {"hops": pytest.approx(want), "hops_images": 1}
+    # HOPS@2: against the ideal order with its top two reversed (error 1.5); clipped at 0
+    assert hops(_ranked(t, ["a2", "a1", "b1", "b2"]), y, t, k=2)["hops"] == 0.0
+    assert hops(_ranked(t, ["a1", "a2", "b2", "b1"]), y, t, k=2)["hops"] == 1.0
+    # three levels, a middle group of two: e = [0, 1, 2, 2, 3, 3], weights [1, .5, .25, .1875, .125, .0625],
+    # reversed error 4.4375; swapping the first two costs 1 + .5
+    t3 = Taxonomy.from_paths(["A/x/a1", "A/x/a2", "A/y/a3", "A/y/a4", "B/z/b1", "B/z/b2"])
+    q = _ranked(t3, ["a2", "a1", "a3", "a4", "b1", "b2"])
+    assert hops(q, torch.tensor([t3.names.index("a1")]), t3)["hops"] == pytest.approx(1 - 1.5 / 4.4375)
+
+
+def test_hops_scores_evenly_spaced_images_on_a_budget(monkeypatch):
+    import hiervision.metrics as M
+
+    t = Taxonomy.from_paths(["A/a1", "A/a2", "B/b1", "B/b2"])
+    q = torch.cat([_ranked(t, ["a1", "a2", "b1", "b2"])] * 10)
+    y = torch.full((10,), t.names.index("a1"))
+    assert M.hops(q, y, t)["hops_images"] == 10
+    monkeypatch.setattr(M, "HOPS_PAIRS", 12)  # 3 images of 4 classes
+    assert M.hops(q, y, t) == {"hops": 1.0, "hops_images": 3}

@@ -506,8 +506,9 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy, 
       (:func:`~hiervision.distributions.end_distribution`; ``q``, when the caller already holds it, e.g. the
       post-hoc step's shared :class:`~hiervision.distributions.EndDistribution`): ``ece``, ``ece_mass``,
       ``ece_per_level``, ``ece_per_level_mass`` (:func:`calibration_report`), ``hdist@1/5/20``
-      (:func:`hierarchical_distance_at_k`; 1-D node-id targets only) and the areas under Valmadre's
-      operating curves, ``operating_area_correct`` and ``operating_area_exact`` (:func:`operating_curve`);
+      (:func:`hierarchical_distance_at_k`; 1-D node-id targets only), ``hops`` (:func:`hops`) and the areas
+      under Valmadre's operating curves, ``operating_area_correct`` and ``operating_area_exact``
+      (:func:`operating_curve`);
     * multi-label — ``(B, N+1)`` bool or float marks: ``path_f1``, ``path_precision``,
       ``path_recall``, ``node_f1``, ``num_samples``. Marks may be path ends or ancestor-closed sets
       (:meth:`Taxonomy.encode_multihot`): both are reduced to the deepest marked nodes, the form
@@ -545,6 +546,7 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy, 
         end = last_node(true)
         curve = operating_curve(node_marginals(q, taxonomy), end, taxonomy)
         decisions = {**calibration_report(q, end, taxonomy), **hierarchical_distance_at_k(q, end, taxonomy),
+                     "hops": hops(q, end, taxonomy)["hops"],
                      "operating_area_correct": curve["correct_area"], "operating_area_exact": curve["exact_area"]}
     return {
         "path_accuracy": path_accuracy(pred, true),
@@ -641,6 +643,53 @@ def hierarchical_distance_at_k(
     tables = tree_tables(taxonomy, q.device)
     dist = tables.height[tables.lca(targets.unsqueeze(1), top)].float()  # (B, k): only the top k vs the truth
     return {f"hdist@{k}": float(dist[:, : min(k, kmax)].mean()) if len(q) else 0.0 for k in ks}
+
+
+#: HOPS compares every image's whole ranking: at most this many (image, class) pairs are scored, on evenly spaced
+#: images, so a 10⁵-class tree costs what 200 classes do on 250,000 images
+HOPS_PAIRS = 50_000_000
+
+
+def hops(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, ranking: torch.Tensor | None = None,
+         k: int | None = None) -> dict[str, float | int]:
+    """Sani & Anand's HOPS (CVPR 2026): how close each image's ranking of *all* end classes is to the ideal one,
+    in which classes come in order of their distance (LCA height, as in :func:`hierarchical_distance_at_k`) to the
+    truth.
+
+    Per image: ``e`` is the ideal sequence of dense distance ranks (0 for the truth, 1 for the nearest distance
+    present, …: classes at one distance share a rank, so any order among them is as good), ``o`` the ranks in
+    the order the model ranks the classes (by ``q``, or lower ``ranking`` first). Position weights fall from
+    ``2^-r`` at the start of rank group ``r`` linearly towards the next group's ``2^-(r+1)`` (the last group towards
+    0); the error ``Σ w·|e − o|`` is divided by that of the reversed ideal order and ``1 −`` it is clipped to
+    [0, 1]. ``k`` scores the top ``k`` positions only, against the ideal order with its top ``k`` reversed (the
+    authors' HOPS@k). Returns ``{"hops": mean, "hops_images": images scored}`` (at most :data:`HOPS_PAIRS` pairs)."""
+    targets = torch.as_tensor(targets).long().to(q.device)
+    classes = ((q > 0).any(0) | _leaf_mask(taxonomy, q.device)).nonzero().squeeze(1)
+    c = len(classes)
+    take = torch.linspace(0, len(q) - 1, min(len(q), max(1, HOPS_PAIRS // max(c, 1)))).round().long().unique() \
+        if len(q) else torch.zeros(0, dtype=torch.long)
+    if not len(take) or c < 2:
+        return {"hops": 1.0 if len(take) else 0.0, "hops_images": len(take)}
+    tables = tree_tables(taxonomy, q.device)
+    key = (q if ranking is None else -ranking)[take][:, classes]
+    dist = tables.height[tables.lca(targets[take].unsqueeze(1), classes.unsqueeze(0))]  # (B, C)
+    ideal, order = dist.sort(dim=1, stable=True)
+    e = F.pad((ideal.diff(dim=1) != 0).long().cumsum(1), (1, 0))  # dense ranks, ascending by position
+    rank = torch.empty_like(e).scatter_(1, order, e)  # each class's rank
+    o = rank.gather(1, key.argsort(dim=1, descending=True, stable=True))
+    left = torch.searchsorted(e, e, right=False)
+    size = torch.searchsorted(e, e, right=True) - left
+    pos = torch.arange(c, device=q.device).expand_as(e)
+    top = 2.0 ** -e.double()
+    floor = torch.where(e == e[:, -1:], 0.0, top / 2)  # the next group's start; the last group falls to 0
+    w = top - (top - floor) * (pos - left) / size
+    worst = e.flip(1) if k is None else torch.cat([e[:, :k].flip(1), e[:, k:]], 1)
+    z = (w * (e - worst).abs()).sum(1)
+    if k is not None:
+        w = w.masked_fill(pos >= k, 0)
+    err = (w * (e - o).abs()).sum(1)
+    score = torch.where(z > 0, (1 - err / z.clamp(min=1e-12)).clamp(0, 1), 1.0)
+    return {"hops": float(score.mean()), "hops_images": len(take)}
 
 
 def _leaf_mask(taxonomy: Taxonomy, device: torch.device | str) -> torch.Tensor:

@@ -53,7 +53,7 @@ __all__ = ["Answers", "evaluate_decisions", "guaranteed_report", "open_world_rep
            "rollup_report", "selective_report"]
 
 _MISTAKE_KEYS = ("leaf_accuracy", "path_accuracy", "hierarchical_f1", "hierarchical_f1_macro", "mistake_severity",
-                 "depth_severity", "hdist@1", "hdist@5", "hdist@20")
+                 "depth_severity", "hdist@1", "hdist@5", "hdist@20", "hops")
 #: the rules every post-hoc report shows beside argmax (``crm`` entry of metrics.json); Bayes hF1 maximises
 #: the per-image F1, i.e. ``hierarchical_f1_macro``
 RULES = ("crm", "bayes:hf1", "bayes:hf1:inner")
@@ -90,9 +90,10 @@ def posthoc_report(
     t = fitted["temperature"]
     q0, q1 = test_d.q(), test_d.q(t)
     reports = _rule_reports(test_d, test_targets, taxonomy, t, dict.fromkeys(("argmax", *RULES, decode)))
-    # CRM's hdist@k ranks by expected risk, as in Karthik et al.
+    # CRM's hdist@k and HOPS rank by expected risk, as in Karthik et al.
     risk = expected_lca_height(q1, taxonomy)
-    reports["crm"].update(M.hierarchical_distance_at_k(q1, test_targets, taxonomy, ranking=risk))
+    reports["crm"].update(M.hierarchical_distance_at_k(q1, test_targets, taxonomy, ranking=risk),
+                          hops=M.hops(q1, test_targets, taxonomy, ranking=risk)["hops"])
     out = {
         "temperature": t,
         "calibration": {"before": M.calibration_report(q0, test_targets, taxonomy),
