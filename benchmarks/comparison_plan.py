@@ -71,7 +71,8 @@ def _mistake_rows(prefix: str) -> tuple[Method, ...]:
             Method("flat_bayes_hf1", "flat + Bayes hF1 (inner answers)", f"{prefix}-flat.yaml", reuses="flat",
                    decode="bayes:hf1:inner", optional=True)]
     for key, label, config in (("haframe", "HAFrame", "haframe"), ("haf", "HAF", "haf"),
-                               ("soft_max_margin", "soft-max-margin", "soft-max-margin"), ("bilt", "BiLT", "bilt")):
+                               ("soft_max_margin", "soft-max-margin", "soft-max-margin"), ("bilt", "BiLT", "bilt"),
+                               ("hiercos", "Hier-COS", "hiercos")):
         rows += [Method(key, label, f"{prefix}-{config}.yaml", optional=True),
                  Method(f"{key}_crm", f"{label} + CRM", f"{prefix}-{config}.yaml", reuses=key, decode="crm",
                         optional=True)]
@@ -83,7 +84,7 @@ def _mistake_rows(prefix: str) -> tuple[Method, ...]:
 
 
 MISTAKE_ROWS = ("flat_crm", "flat_bayes_hf1", "haframe", "haframe_crm", "haf", "haf_crm", "soft_max_margin",
-                "soft_max_margin_crm", "bilt", "bilt_crm", "hie", "hie_crm")
+                "soft_max_margin_crm", "bilt", "bilt_crm", "hiercos", "hiercos_crm", "hie", "hie_crm")
 
 
 def _rows(prefix: str, dhnn: tuple[str, str], extra: tuple[Method, ...] = ()) -> tuple[Method, ...]:

@@ -33,7 +33,7 @@ from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
 from hiervision.tree.tables import column_index
 
-__all__ = ["HAFrameClassifier", "hierarchy_aware_frame"]
+__all__ = ["HAFrameClassifier", "ResidualBlock", "hierarchy_aware_frame"]
 
 
 def hierarchy_aware_frame(distances: np.ndarray, gamma: float = 2.0, grid: int = 100,
@@ -73,7 +73,7 @@ def hierarchy_aware_frame(distances: np.ndarray, gamma: float = 2.0, grid: int =
     return frame, sim
 
 
-class _Residual(nn.Module):
+class ResidualBlock(nn.Module):
     """One residual block of the transformation head: linear → BN → PReLU, twice, plus the input."""
 
     def __init__(self, width: int) -> None:
@@ -110,7 +110,7 @@ class HAFrameClassifier(FlatClassifier):
                              "on a bigger tree use soft_max_margin, haf or flat with a decision rule")
         # the flat head's classifier slot holds the transformation head; the fixed frame replaces its weights
         self.fc = nn.Sequential(nn.Linear(self.backbone.num_features, c, bias=False), nn.BatchNorm1d(c),
-                                _Residual(c), _Residual(c))
+                                ResidualBlock(c), ResidualBlock(c))
         lca = self.tables.lca(self.classes.unsqueeze(1), self.classes.unsqueeze(0))  # (C, C): the frame's own size
         dist = self.tables.height[lca].double().numpy()
         frame, sim = hierarchy_aware_frame(dist, frame_gamma)
