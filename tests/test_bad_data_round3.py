@@ -9,6 +9,7 @@ from PIL import Image
 
 from hiervision.cli import main
 from hiervision.data.manifest import load_manifest
+from hiervision.recipe import RECOMMENDED_HEAD
 from hiervision.taxonomy import Taxonomy, TaxonomyError
 
 
@@ -201,7 +202,7 @@ def test_a_model_key_the_head_does_not_take_fails_before_any_data_is_read(tmp_pa
             _png(tmp_path / "data" / name / f"{i}.png", 40 * i)
     assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--set", "model.bogus=1"]) == 1
     err = capsys.readouterr().err
-    assert "model.bogus: not an argument of model 'haframe'" in err and len(err.strip().splitlines()) == 1
+    assert f"model.bogus: not an argument of model '{RECOMMENDED_HEAD}'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "splits.json").exists()  # stopped before the data was read
 
 

@@ -63,6 +63,6 @@ def test_issue_24_rows_are_planned_with_their_configs(tmp_path):
     flat = P.plan("cpu", [0], tmp_path, only=["flat/fmnist"])[0]
     assert by["flat_crm/fmnist/s0"].run_dir == flat.run_dir  # post-hoc rows reuse flat's run
     # the same frozen recipe as flat: only the model section differs
-    for key in ("haframe", "haf", "soft_max_margin", "bilt"):
+    for key in ("haframe", "haf", "soft_max_margin", "bilt", "hiercos"):
         cfg = dict(by[f"{key}/fmnist/s0"].cfg)
         assert cfg["train"] == flat.cfg["train"] and cfg["data"] == flat.cfg["data"]

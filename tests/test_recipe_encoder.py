@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from hiervision.cli import main  # noqa: E402
 from hiervision.cli.train import closing_screen  # noqa: E402
-from hiervision.recipe import auto_config, describe  # noqa: E402
+from hiervision.recipe import RECOMMENDED_HEAD, auto_config, describe  # noqa: E402
 from test_backbones_hf import PROCESSORS, _config  # noqa: E402
 from test_recipe import TINY, _folder  # noqa: E402
 
@@ -31,12 +31,12 @@ def dino(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_encoder_recipe_takes_the_encoders_input_settings_and_trains_the_head_on_its_features(tmp_path, dino):
     photos = _folder(tmp_path / "photos", size=(40, 30), mode="RGB", per_class=4)
     cfg = auto_config(photos, encoder=str(dino))  # a bare folder means hf:FOLDER
-    assert cfg["model"]["backbone"] == f"hf:{dino}" and cfg["model"]["name"] == "haframe"
+    assert cfg["model"]["backbone"] == f"hf:{dino}" and cfg["model"]["name"] == RECOMMENDED_HEAD
     d = cfg["data"]
     assert d["mean"] == PROCESSORS["dinov2"]["image_mean"] and d["std"] == PROCESSORS["dinov2"]["image_std"]
     assert d["pipeline"] == "imagenet" and d["crop"] == 32 and "crop_scale" not in d
     assert cfg["train"]["freeze_backbone"] is True and cfg["train"]["augment"] is None
-    assert "haframe on hf:" in describe(cfg) and "frozen" in describe(cfg)
+    assert f"{RECOMMENDED_HEAD} on hf:" in describe(cfg) and "frozen" in describe(cfg)
 
 
 def test_encoder_with_a_config_is_one_line(tmp_path, capsys):
