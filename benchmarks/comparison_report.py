@@ -56,7 +56,7 @@ def _fmt_diff(d: dict, scale: float) -> str:
 
 
 _PLACEHOLDER = "not measured yet"
-_CLAIM = "95 % CI"  # every claim of the "Which method?" paragraph carries its interval
+_CLAIM = " pt"  # every claim of the "Which method?" tables carries its interval in points: " pt [lo, hi]"
 
 
 #: declared before the five-seed runs (issue 40): a row *keeps* flat's top-1 when the lower end of the seed-paired
@@ -71,37 +71,53 @@ def top1_words(d: dict) -> str:
     if lo > 0:
         return "beats flat"
     if hi < 0:
-        return "loses to flat" if lo < -m else f"loses to flat by less than the {m} pt margin (keeps its top-1)"
+        return "loses" if lo < -m else f"loses by less than {m} pt (keeps top-1)"
     if lo < -m:
-        return f"is not settled at n = {d['n']} (a loss beyond {m} pt is not ruled out)"
+        return f"not settled at n = {d['n']}"
     if hi <= m:
-        return "ties flat"
-    return f"keeps flat's top-1 (whether it beats flat is not settled at n = {d['n']})"
+        return f"ties (within ±{m} pt)"
+    return f"keeps top-1 (a gain not settled at n = {d['n']})"
 
 
 def which_method(summary: dict, min_seeds: int = 3) -> str:
-    """The README's "Which method?" paragraph, generated from the paired intervals on top-1 by :func:`top1_words`.
+    """The README's "Which method?" tables, one per data set, generated from the paired intervals: each row's
+    Δ top-1 with its interval and what :func:`top1_words` lets us say, its Δ mistake severity and Δ hdist@5, and
+    whether it meets :data:`RULE` there.
 
-    Only rows with ``min_seeds`` paired seeds get a claim (with its interval); the others are named as
-    not measured yet, and a data set without any such row (or whose flat row is short) gets a placeholder.
-    Optional rows short of ``min_seeds`` are exploratory: the tables show them, this paragraph does not.
+    Only rows with ``min_seeds`` paired seeds get a row; the others are named as not measured yet, and a data set
+    without any such row (or whose flat row is short) gets a placeholder. Optional rows short of ``min_seeds``
+    are exploratory: the RESULTS tables show them, these do not.
     """
+    def interval(d: dict | None, scale: float, unit: str = "") -> str:
+        if not d or d["lo"] is None:
+            return "–"
+        return f"{d['mean'] * scale:+.2f}{unit} [{d['lo'] * scale:+.2f}, {d['hi'] * scale:+.2f}]"
+
     parts = []
     for data in summary.values():
         rows = data["rows"]
         short = [r["label"] for r in rows.values() if r["n"] < min_seeds and not r.get("optional")]
-        said = []
-        for r in rows.values():
+        table = []
+        for key, r in rows.items():
             d = r.get("vs_flat", {}).get("leaf_accuracy")
             if not d or d["lo"] is None or r["n"] < min_seeds or d["n"] < min_seeds:
                 continue
-            ci = f"{d['mean'] * 100:+.2f} pt, 95 % CI [{d['lo'] * 100:+.2f}, {d['hi'] * 100:+.2f}], n = {d['n']}"
-            said.append(f"{r['label']} {top1_words(d)} ({ci})")
+            v = r["vs_flat"]
+            bar = [v.get(m) for m, *_ in RECIPE_BAR]
+            meets = "–" if not all(x and x["lo"] is not None for x in bar) else \
+                "yes" + (" (2 networks)" if key in ENSEMBLES else "") if all(
+                    ok(x) for x, (*_, ok) in zip(bar, RECIPE_BAR)) else "no"
+            table.append(f"| {r['label']} | {d['n']} | {interval(d, 100, _CLAIM)} | {top1_words(d)} | "
+                         f"{interval(v.get('mistake_severity'), 1)} | {interval(v.get('hdist@5'), 1)} | {meets} |")
         missing = (f"{_PLACEHOLDER} with >= {min_seeds} seeds: {', '.join(short)}; placeholder until "
                    "`benchmarks/run.py --profile comparison` fills it") if short else ""
-        if said:
-            parts.append(f"*{data['label']}* (top-1, paired by seed; margin {MARGIN_PT} pt): " + "; ".join(said)
-                         + (f". {missing[0].upper()}{missing[1:]}." if missing else "."))
+        if table:
+            parts.append("\n".join([
+                f"*{data['label']}* — against flat, paired by seed (95 % t-intervals; the words by the declared "
+                f"margin of {MARGIN_PT} pt):", "",
+                "| method | n | Δ top-1 | top-1 against flat | Δ mistake sev. | Δ hdist@5 | meets the rule |",
+                "|---|---|---|---|---|---|---|", *table])
+                + (f"\n\n{missing[0].upper()}{missing[1:]}." if missing else ""))
         else:
             parts.append(f"*{data['label']}*: {missing}.")
     return "\n\n".join(parts)

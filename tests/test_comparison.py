@@ -89,35 +89,44 @@ def test_the_words_follow_the_declared_margin_on_each_side():
         return R.top1_words({"n": n, "mean": (lo_pt + hi_pt) / 200, "lo": lo_pt / 100, "hi": hi_pt / 100})
 
     assert words(0.01, 0.9) == "beats flat"
-    assert words(-0.9, -0.01) == "loses to flat"
-    assert words(-0.49, -0.01).startswith("loses to flat by less than the 0.5 pt margin")
-    assert words(-0.51, -0.01) == "loses to flat"
-    assert words(-0.49, 0.49) == "ties flat"
-    assert words(-0.5, 0.5) == "ties flat"  # the margin's ends belong to it
-    assert words(-0.49, 0.51) == "keeps flat's top-1 (whether it beats flat is not settled at n = 5)"
-    assert words(-0.51, 0.49) == "is not settled at n = 5 (a loss beyond 0.5 pt is not ruled out)"
-    assert words(-3.73, 0.85, 3).startswith("is not settled at n = 3")  # HAFrame on Tiny-ImageNet, three seeds
+    assert words(-0.9, -0.01) == "loses"
+    assert words(-0.49, -0.01) == "loses by less than 0.5 pt (keeps top-1)"
+    assert words(-0.51, -0.01) == "loses"
+    assert words(-0.49, 0.49) == "ties (within ±0.5 pt)"
+    assert words(-0.5, 0.5) == "ties (within ±0.5 pt)"  # the margin's ends belong to it
+    assert words(-0.49, 0.51) == "keeps top-1 (a gain not settled at n = 5)"
+    assert words(-0.51, 0.49) == "not settled at n = 5"
+    assert words(-3.73, 0.85, 3) == "not settled at n = 3"  # HAFrame on Tiny-ImageNet, three seeds
 
 
 def test_which_method_is_generated_from_intervals_only():
     rows = {"flat": {"label": "flat", "n": 3}, "a": _row("A", 3, 0.02, 0.01, 0.03),
             "b": _row("B", 3, -0.1, -0.12, -0.08), "c": _row("C", 3, 0.01, -0.01, 0.03)}
     text = R.which_method({"x": {"label": "X", "rows": rows}})
-    assert "A beats flat (+2.00 pt, 95 % CI [+1.00, +3.00], n = 3)" in text
-    assert "B loses to flat (-10.00 pt" in text and "C is not settled at n = 3" in text
+    assert "| A | 3 | +2.00 pt [+1.00, +3.00] | beats flat | – | – | – |" in text
+    assert "| B | 3 | -10.00 pt [-12.00, -8.00] | loses |" in text
+    assert "| C | 3 | +1.00 pt [-1.00, +3.00] | not settled at n = 3 |" in text
     assert "distinguishable" not in text
     rows["c"] = _row("C", 2, 0.01, -0.01, 0.03)  # claims only where the seeds are there; the rest is named
     text = R.which_method({"x": {"label": "X", "rows": rows}})
-    assert "A beats flat" in text and "B loses to flat" in text and "C is not" not in text
+    assert "| A |" in text and "| B |" in text and "| C |" not in text
     assert "Not measured yet with >= 3 seeds: C;" in text
     rows["d"] = {**_row("D", 1, 0.05, None, None), "optional": True}  # an exploratory row: tables only
     assert R.which_method({"x": {"label": "X", "rows": rows}}) == text
+    # a row with all three intervals says whether it meets the rule; an ensemble says it is one
+    rows["e"] = {"label": "E", "n": 3, "vs_flat": {"leaf_accuracy": _paired(0.001, 0.004),
+                                                    "mistake_severity": _paired(-0.1, 0.02),
+                                                    "hdist@5": _paired(-0.1, 0.02)}}
+    rows["hie"] = {**rows["e"], "label": "HiE"}
+    text = R.which_method({"x": {"label": "X", "rows": rows}})
+    assert "| E | 3 | +0.10 pt [-0.30, +0.50] | ties (within ±0.5 pt) | -0.10 [-0.12, -0.08] | -0.10 [-0.12, -0.08] " \
+        "| yes |" in text and "| yes (2 networks) |" in text
     rows["flat"]["n"] = 2
-    for r in ("a", "b"):
+    for r in ("a", "b", "e", "hie"):
         rows[r] = _row(rows[r]["label"], 2, 0.02, 0.01, 0.03)
     text = R.which_method({"x": {"label": "X", "rows": rows}})
     assert "beats" not in text and "loses" not in text
-    assert "*X*: not measured yet with >= 3 seeds: flat, A, B, C" in text
+    assert "*X*: not measured yet with >= 3 seeds: flat, A, B, C, E, HiE" in text
 
 
 def _paired(mean: float, half: float, n: int = 3) -> dict:
