@@ -179,6 +179,14 @@ def test_a_bad_upload_after_a_good_one_clears_the_previous_answer(server, browse
     assert browser.find_elements(By.CSS_SELECTOR, "#tree g.node[data-prob]") == []  # no stale probabilities
 
 
+def test_the_page_has_its_own_icon(server):
+    base, _ = server
+    page = urllib.request.urlopen(base + "/", timeout=10).read().decode()
+    assert '<link rel="icon" href="/static/favicon.svg"' in page
+    icon = urllib.request.urlopen(base + "/static/favicon.svg", timeout=10)
+    assert icon.status == 200 and icon.read().startswith(b"<svg")
+
+
 def test_docs_render_offline_from_local_files(server, browser):
     """Swagger UI comes from the server itself (the fastapi-offline package's files): the browser has no
     network beyond 127.0.0.1, so a CDN reference would leave the page blank."""
@@ -213,6 +221,25 @@ def fits_360_px(browser, base: str, image: Path) -> None:
         left, right = browser.execute_script("const r = arguments[0].getBoundingClientRect(); "
                                              "return [r.left, r.right]", card)
         assert 0 <= left and right <= view
+    in_view(browser, predicted_leaf(browser))  # the answer in view, though the tree is wider than the screen
+    wrap = browser.find_element(By.ID, "tree-wrap")
+    if browser.execute_script("return arguments[0].scrollLeft", wrap) > 0:  # scrolled: a cue says so
+        assert "more-left" in wrap.get_attribute("class")
+
+
+def predicted_leaf(browser):
+    """The tree's box of the predicted path's last node."""
+    last = browser.find_elements(By.CSS_SELECTOR, "#path li")[-1].get_attribute("data-id")
+    return browser.find_element(By.CSS_SELECTOR, f"#tree g.node[data-id='{last}']")
+
+
+def in_view(browser, element) -> None:
+    """``element``'s box lies inside the browser's viewport (no scrolling needed to see it)."""
+    left, top, right, bottom, width, height = browser.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); "
+        "return [r.left, r.top, r.right, r.bottom, window.innerWidth, window.innerHeight]", element)
+    assert 0 <= left and right <= width and 0 <= top and bottom <= height, \
+        f"box at x {left:.0f}..{right:.0f}, y {top:.0f}..{bottom:.0f}; viewport {width} x {height}"
 
 
 # ----------------------------------------------------------------------------- answer options
@@ -365,6 +392,11 @@ def test_big_tree_page_shows_the_answer_and_expands_without_fetching_the_tree(bi
 
     expected = post_image(base, noise_png, "siblings=6")
     assert upload(browser, noise_png) == "done", browser.find_element(By.ID, "status").text
+    in_view(browser, predicted_leaf(browser))
+    # "+ N more" under the root says how much probability the children not drawn hold together
+    rest = 1 - sum(s["probability"] for s in expected["siblings"][0]["nodes"])
+    assert browser.find_element(By.CSS_SELECTOR, "#tree g.more[data-parent='0']").text.endswith(
+        f"{pct(max(rest, 0))} together")
     nodes = drawn(browser)
     assert len(nodes) < 300  # the neighbourhood of the answer, not 50,000 nodes
     # the predicted path, highlighted, with its probabilities; the breadcrumb
@@ -394,6 +426,7 @@ def test_big_tree_page_shows_the_answer_and_expands_without_fetching_the_tree(bi
     click(browser, f"#tree g.node[data-id='{closed}']", lambda b: b.find_elements(By.CSS_SELECTOR, kids))
     assert [int(g.get_attribute("data-id")) for g in browser.find_elements(By.CSS_SELECTOR, kids)] == \
         list(tree.children[closed][:PAGE])
+    in_view(browser, browser.find_elements(By.CSS_SELECTOR, kids)[-1])  # what a click opened comes into view
     click(browser, f"#tree g.node[data-id='{closed}']", lambda b: not b.find_elements(By.CSS_SELECTOR, kids))
     # a path node closes and opens again (its siblings kept); "+ N more" lists more of the root's children
     first = expected["path_ids"][0]

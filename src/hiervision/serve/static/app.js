@@ -227,9 +227,36 @@ function draw() {
     const b = el("g", { class: "more", "data-parent": m.parent.id,
                         transform: `translate(${x(m.parent) + COL},${m.y})` }, g);
     el("rect", { width: BOX_W, height: BOX_H, rx: 7 }, b);
-    el("text", { x: 9, y: 24 }, b).textContent = `+ ${m.rest} more`;
+    const rest = restProbability(m.parent);
+    el("text", { x: 9, y: rest === null ? 24 : 16 }, b).textContent = `+ ${m.rest} more`;
+    if (rest !== null) el("text", { x: 9, y: 31, class: "prob" }, b).textContent = `${pct(rest)} together`;
   }
   for (const v of drawn) drawNode(g, v, x(v), y.get(v.id), onPath.has(v.id), onAlt.has(v.id), marks.get(v.id));
+}
+
+// the probability of the children of v not drawn: v's own less its drawn children's (null where unknown)
+function restProbability(v) {
+  if (!scores.has(v.id) && v.id !== 0) return null;
+  let rest = v.id === 0 ? 1 : scores.get(v.id);
+  for (const id of v.shown) {
+    if (!scores.has(id)) return null;
+    rest -= scores.get(id);
+  }
+  return Math.max(rest, 0);
+}
+
+// the answer in view: the tree card scrolls (sideways, then the page) until the box of `id` is inside the
+// screen; the cue on the card's edges says which way more of the tree lies
+function bringIntoView(id) {
+  const box = $("tree").querySelector(`g.node[data-id="${id}"]`);
+  if (box) box.scrollIntoView({ block: "nearest", inline: "center" });
+  scrollCue();
+}
+
+function scrollCue() {
+  const w = $("tree-wrap");
+  w.classList.toggle("more-left", w.scrollLeft > 1);
+  w.classList.toggle("more-right", w.scrollLeft + w.clientWidth < w.scrollWidth - 1);
 }
 
 // the roll-up in the tree: id -> {cls, step}; the node the answer stopped at is "answer-node", the first
@@ -277,6 +304,8 @@ $("tree").addEventListener("click", async (e) => {
       v.open = true;
     }
     draw();
+    if (v.open && v.shown.length) bringIntoView(v.shown[v.shown.length - 1]);
+    else scrollCue();
   } catch (err) {
     status("could not load the children of " + v.name + ": " + (err.message || err), true);
   }
@@ -409,6 +438,7 @@ async function predict(file) {
     answer = result;
     show(result);
     draw();
+    bringIntoView(result.path_ids[result.path_ids.length - 1] ?? 0);
     status(`${file.name}: done`);
     document.body.dataset.state = "done";
   } catch (e) {
@@ -423,6 +453,8 @@ for (const id of ["min-prob", "min-prob-at", "within"]) {
   $(id).addEventListener("change", () => { if (lastFile) predict(lastFile); });
 }
 
+$("tree-wrap").addEventListener("scroll", scrollCue, { passive: true });
+window.addEventListener("resize", scrollCue);
 $("picker").addEventListener("change", (e) => { if (e.target.files[0]) predict(e.target.files[0]); });
 const drop = $("drop");
 for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
