@@ -12,7 +12,7 @@ import yaml
 from hiervision import metrics
 from hiervision.cli import main
 from hiervision.decoding import Prediction
-from hiervision.report import node_accuracy_per_node, write_report
+from hiervision.report import _level_confusion, metric_sentences, node_accuracy_per_node, write_report
 from hiervision.taxonomy import PAD
 
 
@@ -49,6 +49,45 @@ def test_write_report_files_and_numbers(koo_tree, tmp_path):
     page = (tmp_path / "r" / "index.html").read_text()
     assert all(f'src="{f}"' in page for f in out["files"] if f.endswith(".png"))
     assert json.loads((tmp_path / "r" / "report.json").read_text())["node_accuracy"]["C"] == 0.5
+    # in words first, then the numbers, then pictures whose captions say what to look at
+    assert "20.0% of the images got their whole path right" in page and "mistake severity" in page
+    assert {"reliability.png", "operating_curve.png"} <= set(out["files"])
+    assert "on the dashed diagonal the probabilities can be read as chances" in page
+    assert 'alt="level_accuracy.png"' not in page
+
+
+def test_metric_sentences_say_each_number_once():
+    said = metric_sentences({"path_accuracy": 0.5, "leaf_accuracy": 0.625, "mistake_severity": 1.25,
+                             "valid_path_rate": 0.9, "num_samples": 1200, "ece": None})
+    assert said == ["50.0% of the images got their whole path right, from the top level to the end class.",
+                    "The end class was right for 62.5% (top-1).",
+                    "When the end class was wrong, answer and truth met on average 1.25 levels up (1 = a sibling "
+                    "class: the mildest mistake).",
+                    "10.0% of the predicted paths were not paths of the tree.", "1,200 images."]
+
+
+def test_a_wide_level_shows_its_most_confused_nodes():
+    # level 1 holds nodes 1..5; node 3's images are all wrong (3), node 5's half (1), node 1 all right
+    true = np.array([[1], [1], [3], [3], [3], [5], [5], [2]])
+    pred = np.array([[1], [1], [4], [4], [2], [5], [2], [2]])
+    conf, shown = _level_confusion(pred, true, (1, 2, 3, 4, 5), 0, most=2)
+    assert shown == [3, 5]  # most mistakes first
+    assert conf.tolist() == [[3 - 3, 0, 3], [0, 1, 1]]  # node 3: all to others; node 5: one right, one to 2
+    conf, shown = _level_confusion(pred, true, (1, 2, 3, 4, 5), 0)
+    assert shown == [1, 2, 3, 4, 5] and conf.sum() == len(true)
+
+
+def test_a_tree_too_big_to_draw_is_left_out_and_said(tmp_path, monkeypatch):
+    import hiervision.report as R
+    from hiervision import Taxonomy
+
+    tree = Taxonomy.from_paths([f"g{i}/c{j}" for i in range(4) for j in range(5)])
+    ends = torch.tensor(tree.leaves[:10])
+    monkeypatch.setattr(R, "MAX_TREE_LEAVES", 19)
+    out = write_report(_prediction(tree, ends.tolist()), ends, tree, tmp_path / "r", max_confusion_classes=3)
+    assert "tree_accuracy.png" not in out["files"]
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "too many end classes to draw" in page and "the 3 nodes with the most mistakes of 20" in page
 
 
 def test_multi_label_refused(koo_tree, tmp_path):
