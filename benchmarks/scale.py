@@ -16,6 +16,8 @@ warm-up step; the peak RSS is the cell process's own ``ru_maxrss``.
     python benchmarks/scale.py --cell wordnet-full hiernet  # builds the tree once (in the temp folder)
     python benchmarks/scale.py --sizes 420 --models flat --repeat 3 --section "scale flat" --write
                                                             # flat's predict across tree sizes, 3 interleaved rounds
+    python benchmarks/scale.py --posthoc wordnet-full --images 300 --threads 2 --write
+                                                            # the post-training steps and evaluate --report
 
 Every head runs on every tree: above 1,000 nodes Guo's and DHNN's decoders score each step over the current
 node's children only (their default ``step_softmax: auto``), and HierNet's default ``branch_depth="auto"`` bounds
@@ -223,6 +225,38 @@ def spawn(tree_spec: str, model_name: str, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def posthoc_cell(tree_spec: str, images: int, threads: int, out: Path) -> dict:
+    """Issue 39's post-training cell: a flat head over the tree predicts ``images`` validation and ``images`` test
+    images (random pixels, untrained weights: the cost does not depend on what the model learned); then the steps
+    every run takes after training (:func:`hiervision.posthoc.posthoc_report`: temperature, three hedging targets,
+    conformal sets, CRM and the Bayes rules, selective curves) and ``evaluate --report``'s (its metrics, selective
+    curves and every picture, :func:`hiervision.report.write_report`), each timed once."""
+    import torch
+
+    from hiervision.distributions import EndDistribution
+    from hiervision.models import create_model
+    from hiervision.posthoc import posthoc_report, selective_report
+    from hiervision.report import write_report
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tax = load_tree(tree_spec)
+    model = create_model("flat", tax, backbone="resnet20", in_chans=3, image_size=32).eval()
+    leaves = torch.tensor(tax.leaves)
+    with torch.no_grad():
+        val, test = (model.predict(torch.randn(images, 3, 32, 32)) for _ in range(2))
+    val_t, test_t = (leaves[torch.randint(len(leaves), (images,))] for _ in range(2))
+    t0 = time.perf_counter()
+    posthoc_report(model, val, val_t, test, test_t, tax)
+    fit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    curves = selective_report(EndDistribution(test, tax), test_t, tax, model.temperature)
+    write_report(test, test_t, tax, out, selective=curves)
+    report = time.perf_counter() - t0
+    return {"nodes": tax.num_nodes, "leaves": len(tax.leaves), "images": images, "posthoc_fit_s": fit,
+            "report_s": report, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def wordnet_tree(kind: str) -> Path:
     """Build a WordNet tree with the CLI (the documented rule), once, in the temp folder; returns its path."""
     out = Path(tempfile.gettempdir()) / f"hiervision-{kind}-tree.json"
@@ -249,8 +283,23 @@ def main() -> int:
     p.add_argument("--section", default="scale", help="the RESULTS.md section --write replaces")
     p.add_argument("--export", action="store_true", help="with --cell: also ONNX-export and time the runtime "
                    "(the grid does, for every cell)")
+    p.add_argument("--posthoc", metavar="TREE", help="time the post-training steps and evaluate --report on TREE "
+                   "(e.g. wordnet-full) with --images validation and test images (issue 39's cell) and exit")
+    p.add_argument("--images", type=int, default=300)
     args = p.parse_args()
     args.load = os.getloadavg()[0]
+    if args.posthoc:
+        if args.posthoc in WORDNET:
+            wordnet_tree(args.posthoc)
+        with tempfile.TemporaryDirectory() as tmp:
+            cell = posthoc_cell(args.posthoc, args.images, args.threads, Path(tmp) / "report")
+        print(json.dumps(cell))
+        if args.write:
+            sys.path.insert(0, str(HERE))
+            from results_md import write_section
+
+            write_section("scale post-training", render_posthoc(cell, args))
+        return 0
     if args.cell:
         print(json.dumps(run_cell(*args.cell, args.steps, args.batch, args.threads, args.export)))
         return 0
@@ -275,6 +324,21 @@ def main() -> int:
 
         write_section(args.section, table)
     return 0
+
+
+def render_posthoc(cell: dict, args) -> str:
+    cmd = " ".join(["python benchmarks/scale.py", *sys.argv[1:]])
+    return "\n".join([
+        "## scale post-training", "",
+        f"`{cmd}` — {args.threads} torch thread(s), load average at start {args.load:.1f} on 2 cores. A flat "
+        "ResNet-20 head (untrained) over the tree; the post-training fit is what every run does after its last "
+        "epoch (temperature, hedging at 0.9/0.95/0.99, conformal sets, CRM and Bayes rules, selective curves), "
+        "the report is `evaluate --report`'s work after predicting (metrics, selective curves, every picture). "
+        "Issue 39's aim: fit ≤ 60 s, report ≤ 90 s on the full WordNet tree with 300 images.", "",
+        "| tree | nodes | end classes | images (val + test) | post-training fit | evaluate --report | peak RSS |",
+        "|---|---|---|---|---|---|---|",
+        f"| {args.posthoc} | {cell['nodes']:,} | {cell['leaves']:,} | {cell['images']} + {cell['images']} | "
+        f"{cell['posthoc_fit_s']:.1f} s | {cell['report_s']:.1f} s | {cell['peak_rss_mb']:.0f} MB |", ""])
 
 
 def median_cell(cells: list[dict]) -> dict:

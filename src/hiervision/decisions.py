@@ -91,14 +91,8 @@ DECODE_RULES = bayes.DECODE_RULES
 
 
 # ---------------------------------------------------------------------- temperature
-def _target_marginal(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
-    """``(B,)`` probability that ``q`` gives the target node (the mass of the end classes under it)."""
-    under = tree_tables(taxonomy, q.device).subtree_sum(q)  # (B, N+1) mass at or below each node
-    return under.gather(1, targets.to(q.device).unsqueeze(1)).squeeze(1)
-
-
 def fit_temperature(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, per_level: bool = False,
-                    ends: str = "leaves", bounds: tuple[float, float] = (0.05, 20.0), iters: int = 60) -> Temperature:
+                    ends: str = "leaves", bounds: tuple[float, float] = (0.05, 20.0), iters: int = 40) -> Temperature:
     """Temperature minimising the validation negative log-likelihood of the targets (Guo et al., 2017).
 
     One scalar per model, found by golden-section search on ``log T`` (the NLL is unimodal there for a
@@ -115,9 +109,17 @@ def fit_temperature(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, 
     if per_level:
         return _fit_level_temperatures(q, targets, taxonomy, ends, lo, hi, iters)
 
+    # q^(1/T) renormalised, read at the target: log Σ_{c under target} q_c^(1/T) − log Σ_c q_c^(1/T), over the
+    # classes that hold mass (zeros stay zero), with log q computed once
+    ids = ((q > 0).any(0) | end_mask(taxonomy, "leaves").to(q.device)).nonzero().squeeze(1)
+    logq = q[:, ids].double().log()
+    under = tree_tables(taxonomy, q.device).is_ancestor(targets.unsqueeze(1), ids.unsqueeze(0))
+    logq_under = logq.masked_fill(~under, float("-inf"))
+
     def nll(log_t: float) -> float:
-        p = _target_marginal(apply_temperature(q, math.exp(log_t)), targets, taxonomy)
-        return float(-torch.log(p.clamp(min=1e-12)).mean())
+        inv = math.exp(-log_t)
+        return float((torch.logsumexp(logq * inv, 1) - torch.logsumexp(logq_under * inv, 1)).clamp(
+            max=-math.log(1e-12)).mean())
 
     return math.exp(_golden_min(nll, lo, hi, iters))
 
@@ -210,7 +212,7 @@ def coverage_report(nodes: torch.Tensor, targets: torch.Tensor, taxonomy: Taxono
 
 
 def fit_lambda(marginals: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, target_accuracy: float,
-               ends: str = "leaves", iters: int = 50) -> float:
+               ends: str = "leaves", iters: int = 40) -> float:
     """Smallest λ ≥ 0 (to bisection precision) whose hedged answers reach ``target_accuracy`` on these
     (validation) samples — Deng et al.'s Algorithm 1. The upper end of the search is their bound
     ``λ̄ = (r_max·(1−ε) − r_root)/ε``, beyond which answers only get less specific."""
@@ -275,19 +277,20 @@ def fit_backoff(marginals: torch.Tensor, targets: torch.Tensor, taxonomy: Taxono
 # ---------------------------------------------------------------------- split-conformal hedging
 def _ranked_lcas(q: torch.Tensor, taxonomy: Taxonomy) -> tuple[torch.Tensor, torch.Tensor]:
     """End classes by falling probability: ``(B, C)`` the mass *before* each rank and ``(B, C)`` the
-    lowest common ancestor of the top-k classes for k = 1..C (only end classes ranked)."""
+    lowest common ancestor of the top-k classes for k = 1..C (only end classes ranked).
+
+    The top-k classes all share the top class's path down to their LCA, so its depth is the smallest depth of
+    ``lca(top class, k-th class)`` so far: one pairwise LCA per rank (binary lifting) and a running minimum,
+    O(B·C·log depth) with no (B, C, depth) table."""
     ends = end_mask(taxonomy, "leaves").to(q.device) | (q > 0).any(0)
     ids = ends.nonzero().squeeze(1)
     qs, order = q[:, ids].sort(1, descending=True)
     ranked = ids[order]  # (B, C) node ids
     before = qs.cumsum(1) - qs
-    pm = taxonomy.path_matrix.to(q.device)
-    paths = pm[ranked]  # (B, C, D)
-    first = paths[:, :1]
-    # a level stays shared while every class ranked so far agrees with the first one there
-    same = (paths == first) & (paths != PAD)
-    shared = same.long().cummin(1).values.cumprod(2).sum(2)  # (B, C) common prefix length of the top-k
-    lca = torch.where(shared > 0, first.squeeze(1).gather(1, (shared - 1).clamp(min=0)), 0)
+    tables = tree_tables(taxonomy, q.device)
+    first = ranked[:, :1]
+    shared = tables.depth[tables.lca(first, ranked)].cummin(1).values  # (B, C) depth of the top-k's LCA
+    lca = torch.where(shared > 0, tables.paths[first.squeeze(1)].gather(1, (shared - 1).clamp(min=0)), 0)
     return before, lca
 
 
@@ -437,20 +440,23 @@ def fit_decisions(model, val: Prediction | EndDistribution, val_targets: torch.T
 
 def evaluate_hedging(val: Prediction | EndDistribution, val_targets: torch.Tensor, test: Prediction | EndDistribution,
                      test_targets: torch.Tensor, taxonomy: Taxonomy, target: float,
-                     temperature: Temperature = 1.0) -> dict:
+                     temperature: Temperature = 1.0, fitted: dict | None = None) -> dict:
     """The ``hedged`` entry of an evaluation report at one accuracy target: λ fitted on ``val``,
     :func:`coverage_report` on ``test``, and beside it the naive back-off baseline and the
     split-conformal answers (α = 1 − target), all on the same temperature-scaled marginals. ``val`` and
     ``test``: raw predictions or their :class:`~hiervision.distributions.EndDistribution` (one per split
-    serves every target)."""
+    serves every target). ``fitted``: :func:`fit_decisions`'s output on the same scores, whose λ and conformal
+    threshold for ``target`` are used instead of fitting them again."""
     val_targets = torch.as_tensor(val_targets).long()
     test_targets = torch.as_tensor(test_targets).long()
     dv, dt = distribution_of(val, taxonomy), distribution_of(test, taxonomy)
     qv, qt = dv.q(temperature), dt.q(temperature)
     mv, mt = dv.node_marginals(temperature), dt.node_marginals(temperature)
-    lam = fit_lambda(mv, val_targets, taxonomy, target)
+    key = str(target)
+    lam = fitted["hedge"][key] if fitted and key in fitted["hedge"] else fit_lambda(mv, val_targets, taxonomy, target)
     thr = fit_backoff(mv, val_targets, taxonomy, target)
-    tau = conformal_threshold(qv, val_targets, taxonomy, 1 - target) if target < 1 else float("inf")
+    tau = (fitted["conformal"][key] if fitted and key in fitted["conformal"] else
+           conformal_threshold(qv, val_targets, taxonomy, 1 - target) if target < 1 else float("inf"))
     return {
         "target": target,
         "lambda": lam,

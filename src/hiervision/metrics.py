@@ -492,7 +492,18 @@ def select_threshold(
 
 
 # ---------------------------------------------------------------------- the report
-def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy, q: torch.Tensor | None = None) -> dict:
+def score_metrics(q: torch.Tensor, end: torch.Tensor, taxonomy: Taxonomy) -> dict:
+    """The metrics of the scores alone (end-class distribution ``q`` against the true end nodes): calibration,
+    hdist@k, HOPS and the operating-curve areas — the same for every decision rule answering from ``q``, so a
+    report of several rules computes them once."""
+    curve = operating_curve(node_marginals(q, taxonomy), end, taxonomy)
+    return {**calibration_report(q, end, taxonomy), **hierarchical_distance_at_k(q, end, taxonomy),
+            "hops": hops(q, end, taxonomy)["hops"],
+            "operating_area_correct": curve["correct_area"], "operating_area_exact": curve["exact_area"]}
+
+
+def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy, q: torch.Tensor | None = None,
+             scored: dict | None = None) -> dict:
     """The one metrics report used by the CLI and the trainer (plain Python values, JSON-ready).
 
     ``targets`` decides the task:
@@ -504,7 +515,8 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy, 
       ``depth_severity`` (:func:`depth_severity`; ``None`` without mistakes), ``valid_path_rate``,
       ``num_samples``; from the scores' end-class distribution
       (:func:`~hiervision.distributions.end_distribution`; ``q``, when the caller already holds it, e.g. the
-      post-hoc step's shared :class:`~hiervision.distributions.EndDistribution`): ``ece``, ``ece_mass``,
+      post-hoc step's shared :class:`~hiervision.distributions.EndDistribution`; ``scored``, when it already
+      holds their :func:`score_metrics`): ``ece``, ``ece_mass``,
       ``ece_per_level``, ``ece_per_level_mass`` (:func:`calibration_report`), ``hdist@1/5/20``
       (:func:`hierarchical_distance_at_k`; 1-D node-id targets only), ``hops`` (:func:`hops`) and the areas
       under Valmadre's operating curves, ``operating_area_correct`` and ``operating_area_exact``
@@ -542,12 +554,8 @@ def evaluate(prediction: Prediction, targets: torch.Tensor, taxonomy: Taxonomy, 
     hp, hr, hf = hierarchical_prf(pred, true, taxonomy, "micro")
     decisions: dict = {}
     if len(true):
-        q = end_distribution(prediction, taxonomy) if q is None else q
-        end = last_node(true)
-        curve = operating_curve(node_marginals(q, taxonomy), end, taxonomy)
-        decisions = {**calibration_report(q, end, taxonomy), **hierarchical_distance_at_k(q, end, taxonomy),
-                     "hops": hops(q, end, taxonomy)["hops"],
-                     "operating_area_correct": curve["correct_area"], "operating_area_exact": curve["exact_area"]}
+        decisions = scored if scored is not None else score_metrics(
+            end_distribution(prediction, taxonomy) if q is None else q, last_node(true), taxonomy)
     return {
         "path_accuracy": path_accuracy(pred, true),
         "node_accuracy": node_accuracy(pred, true),

@@ -41,7 +41,7 @@ from hiervision.decisions import (
     restrict_prediction,
     save_decisions,
 )
-from hiervision.decoding import Prediction
+from hiervision.decoding import Prediction, last_node
 from hiervision.distributions import EndDistribution, rewards
 from hiervision.evaluation import predict_dataset
 from hiervision.marginals import Temperature, as_temperature, end_distribution
@@ -98,7 +98,7 @@ def posthoc_report(
         "temperature": t,
         "calibration": {"before": M.calibration_report(q0, test_targets, taxonomy),
                         "after": M.calibration_report(q1, test_targets, taxonomy)},
-        "hedged": [evaluate_hedging(val_d, val_targets, test_d, test_targets, taxonomy, a, t) for a in targets],
+        "hedged": [evaluate_hedging(val_d, val_targets, test_d, test_targets, taxonomy, a, t, fitted) for a in targets],
         "crm": {rule: {k: reports[rule][k] for k in _MISTAKE_KEYS} for rule in ("argmax", *RULES)},
         "selective": selective_report(test_d, test_targets, taxonomy, t),
         "test": reports[decode],
@@ -113,17 +113,23 @@ def _rule_reports(test: EndDistribution, targets: torch.Tensor, taxonomy: Taxono
     """``{rule: metrics report}`` of each decision rule's answers on the calibrated scores.
 
     Every rule calibrated from ``test`` carries the same scores (its calibrated node marginals, one
-    tensor), and the report reads the end-class distribution back from them: it is built once and
-    shared, not once per rule. (It equals ``test.q(temperature)`` up to float32 rounding of the
-    marginals; reading it back keeps the reports as ``evaluate`` gives them for a calibrated prediction.)
+    tensor), and the report reads the end-class distribution back from them: it and the metrics of the
+    scores alone (:func:`~hiervision.metrics.score_metrics`) are built once and shared, not once per rule.
+    (It equals ``test.q(temperature)`` up to float32 rounding of the marginals; reading it back keeps the
+    reports as ``evaluate`` gives them for a calibrated prediction.)
     """
-    shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(scores) -> (scores, their q)
+    shared: dict[int, tuple[torch.Tensor, torch.Tensor, dict]] = {}  # id(scores) -> (scores, their q, metrics)
+    targets = torch.as_tensor(targets)
+    end = last_node(M.target_paths(targets, taxonomy) if targets.dim() == 1 else targets.long())
     reports = {}
     for rule in rules:
         pred = calibrate(test, taxonomy, temperature, rule)
         if id(pred.scores) not in shared:
-            shared[id(pred.scores)] = (pred.scores, EndDistribution(pred, taxonomy).q())
-        reports[rule] = M.evaluate(pred, targets, taxonomy, q=shared[id(pred.scores)][1])
+            q = EndDistribution(pred, taxonomy).q()
+            shared[id(pred.scores)] = (pred.scores, q, M.score_metrics(q, end.to(q.device), taxonomy) if len(end)
+                                       else None)
+        _, q, scored = shared[id(pred.scores)]
+        reports[rule] = M.evaluate(pred, targets, taxonomy, q=q, scored=scored)
     return reports
 
 
