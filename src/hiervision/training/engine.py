@@ -491,7 +491,8 @@ def calibrated_report(loop: Loop, out: Path, ecfg: dict) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     val, val_t = predict_dataset(loop.net, data, data.val, bs, loop.device, loop.amp, env=env, **kw)
     post = posthoc_report(loop.model, val, val_t, test, test_t, data.taxonomy, out if env.is_main else None,
-                          ecfg["hedge_targets"], ecfg["decode"], ecfg["calibrate"] == "per_level", data.novel)
+                          ecfg["hedge_targets"], ecfg["decode"], ecfg["calibrate"] == "per_level", data.novel,
+                          progress=bool(loop.tcfg["progress"]) and env.is_main)
     return {**post["test"], "eval_images_per_s": len(test_t) / max(seconds, 1e-9),
             **{k: post[k] for k in ("temperature", "calibration", "hedged", "crm", "selective", "open_world")
                if k in post}}
