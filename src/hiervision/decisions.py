@@ -112,14 +112,19 @@ def fit_temperature(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, 
     # q^(1/T) renormalised, read at the target: log Σ_{c under target} q_c^(1/T) − log Σ_c q_c^(1/T), over the
     # classes that hold mass (zeros stay zero), with log q computed once
     ids = ((q > 0).any(0) | end_mask(taxonomy, "leaves").to(q.device)).nonzero().squeeze(1)
-    logq = q[:, ids].double().log()
-    under = tree_tables(taxonomy, q.device).is_ancestor(targets.unsqueeze(1), ids.unsqueeze(0))
-    logq_under = logq.masked_fill(~under, float("-inf"))
+    logq = q[:, ids].double().log().float()  # logs of tiny masses kept: q^(1/T) lifts them at T > 1
+    col = torch.full((taxonomy.num_nodes,), -1, dtype=torch.long, device=q.device)
+    col[ids] = torch.arange(len(ids), device=q.device)
+    at = col[targets]  # a target that is a class: its column; a coarse one (-1): the classes under it
+    coarse = (at < 0).nonzero().squeeze(1)
+    under = tree_tables(taxonomy, q.device).is_ancestor(targets[coarse].unsqueeze(1), ids.unsqueeze(0))
+    logq_under = logq[coarse].masked_fill(~under, float("-inf"))
+    own = logq.gather(1, at.clamp(min=0).unsqueeze(1)).squeeze(1)
 
     def nll(log_t: float) -> float:
         inv = math.exp(-log_t)
-        return float((torch.logsumexp(logq * inv, 1) - torch.logsumexp(logq_under * inv, 1)).clamp(
-            max=-math.log(1e-12)).mean())
+        hit = (own * inv).index_put((coarse,), torch.logsumexp(logq_under * inv, 1))
+        return float((torch.logsumexp(logq * inv, 1) - hit).clamp(max=-math.log(1e-12)).mean())
 
     return math.exp(_golden_min(nll, lo, hi, iters))
 
@@ -174,9 +179,8 @@ def hedge_nodes(marginals: torch.Tensor, taxonomy: Taxonomy, lam: float, ends: s
     if lam < 0:
         raise ValueError(f"hedging multiplier λ must be ≥ 0, got {lam}")
     r = rewards(taxonomy, ends).to(marginals.device, marginals.dtype)
-    m = marginals.clone()
-    m[:, 0] = 1.0
-    score = (r + lam) * m
+    score = (r + lam) * marginals
+    score[:, 0] = r[0] + lam  # the root's probability is 1
     # a node with one child ties with it exactly (same leaves, same reward): answer the deeper, more
     # specific one — a tolerance absorbs float noise between genuinely equal answers
     best = score.max(1, keepdim=True).values
@@ -244,13 +248,12 @@ def backoff_nodes(marginals: torch.Tensor, taxonomy: Taxonomy, threshold: float,
                   start: torch.Tensor | None = None) -> torch.Tensor:
     """Naive baseline: from ``start`` (default the leaf with the largest marginal), go up to the parent
     while the node's probability is below ``threshold``; the root stops it."""
-    m = marginals.clone()
-    m[:, 0] = 1.0
+    m = marginals
     if start is None:
         start = m.masked_fill(~end_mask(taxonomy, "leaves").to(m.device), -1.0).argmax(1)
     node = torch.as_tensor(start).long().to(m.device).clone()
     parents = taxonomy.parent_tensor.to(m.device)
-    for _ in range(taxonomy.max_depth):
+    for _ in range(taxonomy.max_depth):  # the root (probability 1) always stops it
         low = (m.gather(1, node.unsqueeze(1)).squeeze(1) < threshold) & (node != 0)
         node = torch.where(low, parents[node.clamp(min=0)], node)
     return node
@@ -261,9 +264,10 @@ def fit_backoff(marginals: torch.Tensor, targets: torch.Tensor, taxonomy: Taxono
     """Smallest back-off threshold reaching ``target_accuracy`` on validation (bisection: a higher
     threshold only backs off further, so accuracy cannot fall)."""
     targets = torch.as_tensor(targets).long().to(marginals.device)
+    start = marginals.masked_fill(~end_mask(taxonomy, "leaves").to(marginals.device), -1.0).argmax(1)  # once
 
     def acc(t: float) -> float:
-        return float(covers(backoff_nodes(marginals, taxonomy, t), targets, taxonomy).float().mean())
+        return float(covers(backoff_nodes(marginals, taxonomy, t, start), targets, taxonomy).float().mean())
 
     if acc(0.0) >= target_accuracy:
         return 0.0

@@ -13,6 +13,8 @@ step (:mod:`hiervision.posthoc`) builds one per split and hands it to every rule
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -54,7 +56,13 @@ def node_marginals(q: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
 
 def rewards(taxonomy: Taxonomy, ends: str = "leaves") -> torch.Tensor:
     """``(N+1,)`` Deng et al.'s reward ``r(v) = log|ends| − log|ends under v|``: 0 at the root, largest
-    at an end class (information gained by the answer when it is right)."""
+    at an end class (information gained by the answer when it is right). Computed once per tree (a copy each
+    call): hedging's bisection asks for it hundreds of times."""
+    return _rewards(taxonomy, ends).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _rewards(taxonomy: Taxonomy, ends: str) -> torch.Tensor:
     mask = end_mask(taxonomy, ends).float()
     under = tree_tables(taxonomy, mask.device).subtree_sum(mask.unsqueeze(0))[0]  # end classes at or below
     return torch.log(mask.sum()) - torch.log(under.clamp(min=1))
