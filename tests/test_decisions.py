@@ -169,6 +169,23 @@ def test_conformal_hand_case(tree):
     assert conformal_nodes(q, tree, float("inf")).tolist() == [0, 0, 0]
 
 
+def test_conformal_answers_do_not_depend_on_how_many_ranks_a_pass_takes(tree, monkeypatch):
+    """The LCAs of the top-k classes are found a block of ranks at a time (stopping once every row is answered):
+    blocks of 1 and 2 ranks give what one block of all ranks gives."""
+    import hiervision.decisions as D_
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(200, 9, generator=gen) * 2
+    logits[:, [0, A, B, C]] = float("-inf")
+    q, truth = logits.softmax(1), torch.multinomial(logits.softmax(1), 1, generator=gen).squeeze(1)
+    whole = [(conformal_threshold(q, truth, tree, a), conformal_nodes(q, tree, tau).tolist())
+             for a, tau in ((0.1, 0.3), (0.3, 0.6), (0.5, 0.0))]
+    for ranks in (1, 2):
+        monkeypatch.setattr(D_, "_RANKS", ranks)
+        assert [(conformal_threshold(q, truth, tree, a), conformal_nodes(q, tree, tau).tolist())
+                for a, tau in ((0.1, 0.3), (0.3, 0.6), (0.5, 0.0))] == whole
+
+
 def test_conformal_coverage_on_random_exchangeable_data(tree):
     gen = torch.Generator().manual_seed(0)
     n = 4000

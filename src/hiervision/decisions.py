@@ -279,23 +279,30 @@ def fit_backoff(marginals: torch.Tensor, targets: torch.Tensor, taxonomy: Taxono
 
 
 # ---------------------------------------------------------------------- split-conformal hedging
-def _ranked_lcas(q: torch.Tensor, taxonomy: Taxonomy) -> tuple[torch.Tensor, torch.Tensor]:
-    """End classes by falling probability: ``(B, C)`` the mass *before* each rank and ``(B, C)`` the
-    lowest common ancestor of the top-k classes for k = 1..C (only end classes ranked).
-
-    The top-k classes all share the top class's path down to their LCA, so its depth is the smallest depth of
-    ``lca(top class, k-th class)`` so far: one pairwise LCA per rank (binary lifting) and a running minimum,
-    O(B·C·log depth) with no (B, C, depth) table."""
+def _ranked(q: torch.Tensor, taxonomy: Taxonomy) -> tuple[torch.Tensor, torch.Tensor]:
+    """End classes by falling probability: ``(B, C)`` their node ids and the mass *before* each rank."""
     ends = end_mask(taxonomy, "leaves").to(q.device) | (q > 0).any(0)
     ids = ends.nonzero().squeeze(1)
     qs, order = q[:, ids].sort(1, descending=True)
-    ranked = ids[order]  # (B, C) node ids
-    before = qs.cumsum(1) - qs
-    tables = tree_tables(taxonomy, q.device)
+    return ids[order], qs.cumsum(1) - qs
+
+
+#: ranks whose lowest common ancestors are found per pass; the search stops once every row is answered
+_RANKS = 512
+
+
+def _topk_lcas(ranked: torch.Tensor, taxonomy: Taxonomy, start: int, depth: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest common ancestors of the top-k classes for k in ``start + 1 .. start + _RANKS`` and the depth
+    reached. They all share the top class's path down to their LCA, so its depth is the smallest depth of
+    ``lca(top class, k-th class)`` so far (``depth``: that of the ranks before ``start``): one pairwise LCA per
+    rank (binary lifting) and a running minimum, never a (B, C, depth) table."""
+    tables = tree_tables(taxonomy, ranked.device)
     first = ranked[:, :1]
-    shared = tables.depth[tables.lca(first, ranked)].cummin(1).values  # (B, C) depth of the top-k's LCA
-    lca = torch.where(shared > 0, tables.paths[first.squeeze(1)].gather(1, (shared - 1).clamp(min=0)), 0)
-    return before, lca
+    d = tables.depth[tables.lca(first, ranked[:, start:start + _RANKS])].cummin(1).values
+    if depth is not None:
+        d = torch.minimum(d, depth.unsqueeze(1))
+    return torch.where(d > 0, tables.paths[first.squeeze(1)].gather(1, (d - 1).clamp(min=0)), 0), d[:, -1]
 
 
 def conformal_threshold(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, alpha: float) -> float:
@@ -311,10 +318,18 @@ def conformal_threshold(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxono
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     targets = torch.as_tensor(targets).long().to(q.device)
-    before, lca = _ranked_lcas(q, taxonomy)
-    ok = (lca == 0) | tree_tables(taxonomy, q.device).is_ancestor(lca, targets.unsqueeze(1))
-    first = ok.float().argmax(1)  # the root at rank C always covers, so there is a first covering rank
-    scores = before.gather(1, first.unsqueeze(1)).squeeze(1).sort().values
+    ranked, before = _ranked(q, taxonomy)
+    tables = tree_tables(taxonomy, q.device)
+    first = torch.full((len(q),), -1, dtype=torch.long, device=q.device)  # the first covering rank, per row
+    depth = None
+    for start in range(0, ranked.shape[1], _RANKS):  # answers are nested: stop once every row is covered
+        lca, depth = _topk_lcas(ranked, taxonomy, start, depth)
+        ok = (lca == 0) | tables.is_ancestor(lca, targets.unsqueeze(1))
+        found = (first < 0) & ok.any(1)
+        first[found] = start + ok[found].float().argmax(1)
+        if bool((first >= 0).all()):
+            break
+    scores = before.gather(1, first.unsqueeze(1)).squeeze(1).sort().values  # the root covers: all found
     n = len(scores)
     k = math.ceil((n + 1) * (1 - alpha))
     return float("inf") if k > n else float(scores[k - 1])
@@ -322,9 +337,14 @@ def conformal_threshold(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxono
 
 def conformal_nodes(q: torch.Tensor, taxonomy: Taxonomy, tau: float) -> torch.Tensor:
     """``(B,)`` answers at threshold ``tau`` (see :func:`conformal_threshold`)."""
-    before, lca = _ranked_lcas(q, taxonomy)
+    ranked, before = _ranked(q, taxonomy)
     k = (before <= tau + 1e-7).sum(1).clamp(min=1)  # at least the top class
-    return lca.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
+    out, depth = torch.zeros(len(q), dtype=torch.long, device=q.device), None
+    for start in range(0, int(k.max()) if len(q) else 0, _RANKS):  # only the ranks some row needs
+        lca, depth = _topk_lcas(ranked, taxonomy, start, depth)
+        here = (k > start) & (k <= start + lca.shape[1])
+        out[here] = lca[here].gather(1, (k[here] - 1 - start).unsqueeze(1)).squeeze(1)
+    return out
 
 
 # ---------------------------------------------------------------------- CRM
