@@ -112,6 +112,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--allow-changed-data", action="store_true",
                    help="evaluate although the data's splits differ from the run's splits.json (prints the overlap)")
     e.add_argument("--report", default=None, metavar="DIR",
-                   help="also write plots (per-level accuracy, confusion per level, tree coloured by node accuracy, "
-                   "mistake severity) and DIR/index.html showing them")
+                   help="also write DIR/index.html: each number in a sentence, then captioned plots (per-level "
+                   "accuracy, each level's most confused nodes, the tree coloured by node accuracy, mistake severity, "
+                   "reliability, operating curve, risk-coverage)")
     e.set_defaults(func=cmd_evaluate)
