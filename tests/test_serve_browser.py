@@ -427,6 +427,12 @@ def test_big_tree_page_shows_the_answer_and_expands_without_fetching_the_tree(bi
     assert [int(g.get_attribute("data-id")) for g in browser.find_elements(By.CSS_SELECTOR, kids)] == \
         list(tree.children[closed][:PAGE])
     in_view(browser, browser.find_elements(By.CSS_SELECTOR, kids)[-1])  # what a click opened comes into view
+    # every drawn node says its probability: the answer carries each node's at or above 0.1 %, the rest say "< 0.1%"
+    above = post_image(base, noise_png, "siblings=6&scores_above=0.001")["scores_above"]
+    known = {**{str(s["id"]): s["probability"] for level in expected["siblings"] for s in level["nodes"]}, **above}
+    for n, (_, shown) in drawn(browser).items():
+        if n:
+            assert shown == (pct(known[str(n)]) if str(n) in known else "< 0.1%"), (n, shown)
     click(browser, f"#tree g.node[data-id='{closed}']", lambda b: not b.find_elements(By.CSS_SELECTOR, kids))
     # a path node closes and opens again (its siblings kept); "+ N more" lists more of the root's children
     first = expected["path_ids"][0]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -85,6 +86,7 @@ class Record(BaseModel):
     node_probabilities: list[float]
     top_k: list[Alternative]
     node_scores: list[float] | None = None
+    scores_above: dict[int, float] | None = None
     siblings: list[dict[str, Any]] | None = None
     hedged: Any | None = None
 
@@ -336,6 +338,9 @@ def create_app(
         node_scores: Annotated[bool, Query(description="also return every node's score (to draw the tree)")] = False,
         siblings: Annotated[int, Query(ge=0, le=100, description="also return, at each level of the path, the "
                                        "parent's K most probable children (to draw a big tree)")] = 0,
+        scores_above: Annotated[float | None, Query(ge=0, le=1, description="also return the score of every node "
+                                                    "whose score is at least this, by node id (a big tree's "
+                                                    "probabilities without sending all of them)")] = None,
         within: Annotated[str | None, Form(description="answer only end classes under these nodes (comma-separated "
                                            "names or paths such as Animals/Dogs)")] = None,
         min_prob: Annotated[str | None, Form(description="roll each answer up to the deepest node on its path "
@@ -369,21 +374,26 @@ def create_app(
         if broken is not None:  # e.g. a NaN from the model: never sent as an answer
             raise HTTPException(500, f"prediction failed: {broken}")
         return {"results": [_finish(rec, upload.filename or f"file #{i + 1}", predictor.tree, hedge, node_scores,
-                                    siblings) for i, (upload, rec) in enumerate(zip(file, records))]}
+                                    siblings, scores_above) for i, (upload, rec) in enumerate(zip(file, records))]}
 
     _info_routes(app, name)
     return app
 
 
 def _finish(rec: dict[str, Any], name: str, tree: TreeView, hedge: Callable[[dict[str, Any]], Any] | None,
-            node_scores: bool, siblings: int) -> dict[str, Any]:
+            node_scores: bool, siblings: int, scores_above: float | None = None) -> dict[str, Any]:
     """The record as answered: its file name, the hedged answer (``runtime.Predictor.hedger``), the path's
-    siblings and ``node_scores`` (every node's, kept only on request), all read from the record's scores."""
+    siblings, ``scores_above`` (the nodes scoring at least that, by id) and ``node_scores`` (every node's, kept
+    only on request), all read from the record's scores."""
     rec = {**rec, "file": name}
     if hedge is not None:
         rec["hedged"] = hedge(rec)
     if siblings:
         rec["siblings"] = path_siblings(tree, rec["path_ids"], rec["node_scores"], siblings)
+    if scores_above is not None:
+        scores = np.asarray(rec["node_scores"], dtype=np.float64)
+        ids = np.flatnonzero(scores >= scores_above)
+        rec["scores_above"] = {int(n): round(float(scores[n]), 6) for n in ids if n}
     if not node_scores:
         rec.pop("node_scores", None)
     return rec

@@ -16,6 +16,7 @@
 const NS = "http://www.w3.org/2000/svg";
 const BOX_W = 150, BOX_H = 38, COL = 200, ROW = 46, PAD = 12;
 const MAX_DRAWN = 160, PAGE = 30, SIBLINGS = 6;
+const SHOWN_ABOVE = 0.001;  // a big tree's answer carries the probability of every node at least this likely
 // the tree as far as the page knows it: id -> {id, name, parent, depth, numKids (null: not known yet),
 // shown (the children drawn when open), offset (children listed so far, in id order), open}
 let tree = null;  // {big, n, nodes: Map}
@@ -236,13 +237,9 @@ function draw() {
 
 // the probability of the children of v not drawn: v's own less its drawn children's (null where unknown)
 function restProbability(v) {
-  if (!scores.has(v.id) && v.id !== 0) return null;
-  let rest = v.id === 0 ? 1 : scores.get(v.id);
-  for (const id of v.shown) {
-    if (!scores.has(id)) return null;
-    rest -= scores.get(id);
-  }
-  return Math.max(rest, 0);
+  const own = v.id === 0 ? 1 : probOf(v.id);
+  if (own === null || v.shown.some((id) => probOf(id) === null)) return null;
+  return Math.max(own - v.shown.reduce((sum, id) => sum + probOf(id), 0), 0);
 }
 
 // the answer in view: the tree card scrolls (sideways, then the page) until the box of `id` is inside the
@@ -273,8 +270,15 @@ function rollupMarks(result) {
   return marks;
 }
 
+// a node's probability for the tree; on a big tree with an answer, a node without one is below SHOWN_ABOVE
+function probOf(id) {
+  if (id === 0) return null;
+  if (scores.has(id)) return scores.get(id);
+  return answer && tree.big ? 0 : null;
+}
+
 function drawNode(g, v, x, y, onPath, onAlt, mark) {
-  const prob = scores.has(v.id) && v.id !== 0 ? scores.get(v.id) : null;
+  const prob = probOf(v.id);
   const open = v.open && v.shown.length > 0;
   const cls = ["node", onPath && "on-path", onAlt && !onPath && "alt", v.numKids !== 0 && v.id !== 0 && "expandable",
                open && "open", mark && mark.cls].filter(Boolean).join(" ");
@@ -287,7 +291,10 @@ function drawNode(g, v, x, y, onPath, onAlt, mark) {
   const step = mark && mark.step;
   el("title", {}, box).textContent = v.name + (v.numKids ? ` (${v.numKids} children)` : "") +
     (step ? ` · ${pct(step.probability)} ${step.met ? "≥" : "<"} threshold ${pct(step.threshold)}` : "");
-  if (prob !== null) el("text", { x: 9, y: 31, class: "prob" }, box).textContent = pct(prob);
+  if (prob !== null) {
+    const text = scores.has(v.id) ? pct(prob) : `< ${pct(SHOWN_ABOVE)}`;
+    el("text", { x: 9, y: 31, class: "prob" }, box).textContent = text;
+  }
   if (v.numKids !== 0 && v.id !== 0) el("text", { x: BOX_W - 16, y: 24, class: "toggle" }, box).textContent = open ? "−" : "+";
 }
 
@@ -427,13 +434,14 @@ async function predict(file) {
   try {
     if (!tree) throw new Error("the model's tree is not loaded");
     addOptions(form);
-    const query = tree.big ? `siblings=${SIBLINGS}` : "node_scores=true";
+    const query = tree.big ? `siblings=${SIBLINGS}&scores_above=${SHOWN_ABOVE}` : "node_scores=true";
     const r = await fetch(`/predict?${query}`, { method: "POST", body: form });
     const body = await r.json();
     if (!r.ok) throw new Error(body.detail || r.statusText);
     if (mine !== asked) return;  // a newer image or option is being answered
     const result = body.results[0];
     if (result.node_scores) result.node_scores.forEach((s, id) => scores.set(id, s));
+    for (const [id, s] of Object.entries(result.scores_above || {})) scores.set(Number(id), s);
     await reveal(result);
     answer = result;
     show(result);
