@@ -32,7 +32,7 @@ from hiervision.decoding import Prediction, last_node, tree_tables
 from hiervision.distributions import end_distribution, node_marginals
 from hiervision.taxonomy import PAD, Taxonomy
 
-__all__ = ["MAX_TREE_LEAVES", "metric_sentences", "node_accuracy_per_node", "plot_accuracy_specificity",
+__all__ = ["MAX_TREE_LEAVES", "SENTENCES", "metric_sentences", "node_accuracy_per_node", "plot_accuracy_specificity",
            "plot_reliability", "write_report"]
 
 
@@ -272,38 +272,29 @@ def write_report(
     return result
 
 
+#: (metrics key, its sentence): the report's plain words for each headline number
+SENTENCES = (
+    ("path_accuracy", "{v:.1%} of the images got their whole path right, from the top level to the end class."),
+    ("leaf_accuracy", "The end class was right for {v:.1%} (top-1)."),
+    ("node_accuracy", "On average {v:.1%} of the nodes on an image's true path were on its predicted path: a wrong "
+                      "end class with the right ancestors still earns part of the credit."),
+    ("mistake_severity", "When the end class was wrong, answer and truth met on average {v:.2f} levels up (1 = a "
+                         "sibling class: the mildest mistake)."),
+    ("hdist@5", "The five most likely classes lay on average {v:.2f} levels from the truth (hdist@5; lower is "
+                "better)."),
+    ("hops", "The ranking of all classes scored {v:.2f} on HOPS (1 = every class in order of its distance to the "
+             "truth)."),
+    ("ece", "Confidence and accuracy differed by {v:.1%} on average (expected calibration error; 0 = a 70 % answer "
+            "is right 70 % of the time)."),
+    ("valid_path_rate", "{invalid:.1%} of the predicted paths were not paths of the tree."),
+    ("num_samples", "{v:,} images."),
+)
+
+
 def metric_sentences(summary: dict) -> list[str]:
     """One plain sentence per headline number of ``summary`` (:func:`hiervision.metrics.evaluate`)."""
-    s, said = summary, []
-
-    def has(k: str) -> bool:
-        return s.get(k) is not None
-
-    if has("path_accuracy"):
-        said.append(f"{s['path_accuracy']:.1%} of the images got their whole path right, from the top level to the "
-                    "end class.")
-    if has("leaf_accuracy"):
-        said.append(f"The end class was right for {s['leaf_accuracy']:.1%} (top-1).")
-    if has("node_accuracy"):
-        said.append(f"On average {s['node_accuracy']:.1%} of the nodes on an image's true path were on its predicted "
-                    "path: a wrong end class with the right ancestors still earns part of the credit.")
-    if has("mistake_severity"):
-        said.append(f"When the end class was wrong, answer and truth met on average {s['mistake_severity']:.2f} "
-                    "levels up (1 = a sibling class: the mildest mistake).")
-    if has("hdist@5"):
-        said.append(f"The five most likely classes lay on average {s['hdist@5']:.2f} levels from the truth "
-                    "(hdist@5; lower is better).")
-    if has("hops"):
-        said.append(f"The ranking of all classes scored {s['hops']:.2f} on HOPS (1 = every class in order of its "
-                    "distance to the truth).")
-    if has("ece"):
-        said.append(f"Confidence and accuracy differed by {s['ece']:.1%} on average (expected calibration error; 0 "
-                    "= a 70 % answer is right 70 % of the time).")
-    if has("valid_path_rate") and s["valid_path_rate"] < 1:
-        said.append(f"{1 - s['valid_path_rate']:.1%} of the predicted paths were not paths of the tree.")
-    if has("num_samples"):
-        said.append(f"{s['num_samples']:,} images.")
-    return said
+    return [text.format(v=summary[k], invalid=1 - summary[k]) for k, text in SENTENCES
+            if summary.get(k) is not None and not (k == "valid_path_rate" and summary[k] >= 1)]
 
 
 def _write_html(path: Path, title: str, summary: dict, figures: list[tuple[str, str]], no_tree: bool) -> None:

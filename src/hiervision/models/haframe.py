@@ -33,7 +33,7 @@ from hiervision.models.registry import register_model
 from hiervision.taxonomy import Taxonomy
 from hiervision.tree.tables import column_index
 
-__all__ = ["HAFrameClassifier", "ResidualBlock", "hierarchy_aware_frame"]
+__all__ = ["HAFrameClassifier", "ResidualBlock", "check_batch", "hierarchy_aware_frame", "transformation_head"]
 
 
 def hierarchy_aware_frame(distances: np.ndarray, gamma: float = 2.0, grid: int = 100,
@@ -85,6 +85,20 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
+def transformation_head(in_features: int, width: int) -> nn.Sequential:
+    """The authors' transformation head: a bias-free projection to ``width`` (their 1×1 convolution before
+    pooling), batch norm, two :class:`ResidualBlock` — what a fixed frame's features pass through."""
+    return nn.Sequential(nn.Linear(in_features, width, bias=False), nn.BatchNorm1d(width), ResidualBlock(width),
+                         ResidualBlock(width))
+
+
+def check_batch(name: str, training: bool, features: torch.Tensor) -> None:
+    """A head that batch-normalises its features cannot train on a batch of one image: one line saying so."""
+    if training and len(features) < 2:
+        raise ValueError(f"model {name}: its head batch-normalises features, which a training batch of one image "
+                         "cannot be (train.batch_size must be at least 2)")
+
+
 #: the most classes a frame is built for (five eigen-decompositions of a C x C matrix: seconds at 1,000)
 MAX_FRAME_CLASSES = 5_000
 
@@ -109,8 +123,7 @@ class HAFrameClassifier(FlatClassifier):
                              f"eigen-decompositions (O(C³)), so it takes up to {MAX_FRAME_CLASSES:,} classes — "
                              "on a bigger tree use soft_max_margin, haf or flat with a decision rule")
         # the flat head's classifier slot holds the transformation head; the fixed frame replaces its weights
-        self.fc = nn.Sequential(nn.Linear(self.backbone.num_features, c, bias=False), nn.BatchNorm1d(c),
-                                ResidualBlock(c), ResidualBlock(c))
+        self.fc = transformation_head(self.backbone.num_features, c)
         lca = self.tables.lca(self.classes.unsqueeze(1), self.classes.unsqueeze(0))  # (C, C): the frame's own size
         dist = self.tables.height[lca].double().numpy()
         frame, sim = hierarchy_aware_frame(dist, frame_gamma)
@@ -126,9 +139,7 @@ class HAFrameClassifier(FlatClassifier):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.training and len(features) < 2:
-            raise ValueError("model haframe: its head batch-normalises features, which a training batch of one "
-                             "image cannot be (train.batch_size must be at least 2)")
+        check_batch("haframe", self.training, features)
         z = self.fc(self.dropout(features))
         return {"logits": z @ self.frame.T.to(z.dtype), "features": z}
 

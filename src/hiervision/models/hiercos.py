@@ -29,10 +29,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from hiervision.models.flat import FlatClassifier, single_label_leaves
-from hiervision.models.haframe import MAX_FRAME_CLASSES, ResidualBlock
+from hiervision.models.haframe import MAX_FRAME_CLASSES, check_batch, transformation_head
 from hiervision.models.registry import register_model
 from hiervision.taxonomy import PAD, Taxonomy
 
@@ -65,15 +64,12 @@ class HierCOSClassifier(FlatClassifier):
             raise ValueError(f"model hiercos: {d:,} nodes; its frame and head are dense D x D matrices, one row per "
                              f"node, so it takes trees of up to {MAX_FRAME_CLASSES:,} nodes — on a bigger tree use "
                              "soft_max_margin, haf or flat with a decision rule")
-        self.fc = nn.Sequential(nn.Linear(self.backbone.num_features, d, bias=False), nn.BatchNorm1d(d),
-                                ResidualBlock(d), ResidualBlock(d))
+        self.fc = transformation_head(self.backbone.num_features, d)
         frame, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((d, d)))
         self.register_buffer("frame", torch.from_numpy(frame).float(), persistent=False)
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.training and len(features) < 2:
-            raise ValueError("model hiercos: its head batch-normalises features, which a training batch of one "
-                             "image cannot be (train.batch_size must be at least 2)")
+        check_batch("hiercos", self.training, features)
         x = self.fc(self.dropout(features)) @ self.frame.T.to(features.dtype)  # (B, D): column n − 1 is node n
         squares = self.tables.path_sum(F.pad(x.float().square(), (1, 0)))  # (B, N+1): Σ x² along each path
         return {"logits": squares[:, self.classes].clamp(min=1e-12).sqrt(), "coords": x}
