@@ -91,6 +91,10 @@ class Record(BaseModel):
     hedged: Any | None = None
 
 
+_SCORES_ABOVE = ("also return the score of every node whose score is at least this, by node id (a big tree's "
+                 "probabilities without sending all of them)")
+
+
 class PredictResponse(BaseModel):
     results: list[Record]
 
@@ -338,9 +342,7 @@ def create_app(
         node_scores: Annotated[bool, Query(description="also return every node's score (to draw the tree)")] = False,
         siblings: Annotated[int, Query(ge=0, le=100, description="also return, at each level of the path, the "
                                        "parent's K most probable children (to draw a big tree)")] = 0,
-        scores_above: Annotated[float | None, Query(ge=0, le=1, description="also return the score of every node "
-                                                    "whose score is at least this, by node id (a big tree's "
-                                                    "probabilities without sending all of them)")] = None,
+        scores_above: Annotated[float | None, Query(ge=0, le=1, description=_SCORES_ABOVE)] = None,
         within: Annotated[str | None, Form(description="answer only end classes under these nodes (comma-separated "
                                            "names or paths such as Animals/Dogs)")] = None,
         min_prob: Annotated[str | None, Form(description="roll each answer up to the deepest node on its path "
