@@ -325,7 +325,6 @@ def create_app(
     app.add_middleware(_RequestGuard, limits=limits)
     app.add_middleware(_NoCache)
     _docs(app)
-
     _errors(app)
 
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
