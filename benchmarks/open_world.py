@@ -192,7 +192,9 @@ def coarse_and_extend_lines(ledger: dict, data_key: str) -> list[str]:
     """The coarse-label and extend rows of one data set."""
     lines = ["| head | path acc. %, full labels | path acc. %, 40 % coarsened | coarse / full | keeps (≥ 0.95)? |",
              "|---|---|---|---|---|"]
-    for head in ("flat", "haframe"):
+    if not any(k.startswith(f"coarse/{data_key}/") for k in ledger):
+        lines = ["Coarse labels: not measured yet (`python benchmarks/open_world.py --parts coarse`)."]
+    for head in ("flat", "haframe") if len(lines) > 1 else ():
         full = list(_by_seed(ledger, "coarse", data_key, lambda v, h=head: v[h]["full"]).values())
         coarse = list(_by_seed(ledger, "coarse", data_key, lambda v, h=head: v[h]["coarse"]).values())
         ratio = mean_std([c / f for c, f in zip(coarse, full)])["mean"] if full else None
@@ -203,9 +205,10 @@ def coarse_and_extend_lines(ledger: dict, data_key: str) -> list[str]:
     if ext:
         mean = lambda key: mean_std([e[key] for e in ext if e.get(key)])["mean"]  # noqa: E731
         secs, full_s, held_s = mean("seconds"), mean("full_seconds"), mean("holdout_seconds")
+        held = [e["holdout_seconds"] for e in ext if e.get("holdout_seconds")]
         against = (f"against {full_s:.0f} s for the full retrain" if full_s else
-                   f"against {held_s:.0f} s to train the held-out run from scratch (a full retrain sees the "
-                   "held-out classes' images too, so it costs more)" if held_s else
+                   f"against {held_s:.0f} s ({min(held):.0f}–{max(held):.0f} s) to train the held-out run from "
+                   "scratch (a full retrain sees the held-out classes' images too, so it costs more)" if held_s else
                    "(no retrain was timed in this sitting)")
         lines += ["", f"Extend (n = {len(ext)}): new classes {_pm([e['new_accuracy'] for e in ext])} % leaf accuracy, "
                   f"old classes {_pm([e['old_accuracy'] for e in ext])} %, path accuracy "
@@ -237,7 +240,7 @@ def plot(ledger: dict, data_key: str, path: Path) -> None:
 
 
 def section(ledger: dict, command: str, figures: str = "results") -> str:
-    lines = [f"Command: `{command}` (module docstring: cells, protocol, declared rules). Cells: "
+    lines = ["## open world", "", f"Command: `{command}` (module docstring: cells, protocol, declared rules). Cells: "
              + ", ".join(sorted(ledger)) + "."]
     for d in DATASETS:
         if any(f"/{d.key}/" in k for k in ledger):
