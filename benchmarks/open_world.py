@@ -2,6 +2,7 @@
 
     python benchmarks/open_world.py                          # both data sets, seeds 0 1 2 (trains what is missing)
     python benchmarks/open_world.py --data fmnist --seeds 0  # part of it; the section covers every cell measured
+    python benchmarks/open_world.py --parts coarse           # one part (novelty, extend, coarse; in that order)
     python benchmarks/open_world.py --budget tiny --seeds 0  # smoke test in minutes (results under the runs folder)
     python benchmarks/open_world.py --table-only             # rewrite the section from the measured cells
 
@@ -14,11 +15,13 @@ epochs; the full-label flat and HAFrame cells are the comparison's own folders):
   head (Lee et al.'s flatten + leave-one-out, its novel-class bias swept): the known–novel curve's area and the
   novel accuracy at flat's own known accuracy.
 * **coarse** — ``data.coarsen=0.4`` (40 % of the training labels cut to a random proper ancestor) for flat and
-  HAFrame (the recommended head): test path accuracy against the same head on full labels.
+  HAFrame (the hierarchy-aware head that met the comparison's rule on Fashion-MNIST): test path accuracy against
+  the same head on full labels.
 * **extend** — the novelty flat run extended with its held-out classes (``hiervision extend RUN --set
   data.holdout_leaves=null``: weights kept, new rows imprinted, the head fine-tuned 3 epochs): accuracy on the
-  new classes' and on the old classes' test images, and wall time, against the full-label flat cell (trained here
-  when missing, then timed).
+  new classes' and on the old classes' test images, and wall time, against the full-label flat cell's training
+  when this benchmark trained it, else the held-out run's own training (``train_seconds.txt`` in each folder it
+  trains; fewer images than a full retrain, so a lower bound on its cost).
 
 Declared before the runs: ``hnd`` *beats* the flat-threshold baseline on a data set when the seed-paired 95 %
 t-interval of (hnd's area − flat climbing's area) lies above 0, *loses* when below, else *not settled*; the
