@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +33,7 @@ from hiervision.decisions import (
     fit_temperature,
     hedge_nodes,
     hedge_records,
+    hedger,
     load_decisions,
     node_marginals,
     rewards,
@@ -113,6 +115,24 @@ def test_hedge_hand_cases(tree):
     assert hedge_nodes(single, tree, 0.0).tolist() == [H]
     with pytest.raises(ValueError, match="λ"):
         hedge_nodes(m, tree, -1.0)
+
+
+def test_the_hedger_answers_as_hedge_nodes_at_every_lambda_with_fewer_columns():
+    """Bisection and sweeps use :func:`hedger`, which drops the nodes that cannot win at any λ: its answers must be
+    hedge_nodes' own, ties (single-child chains, equal leaves) included, from flat to sharp distributions."""
+    rng = np.random.default_rng(0)
+    tax = Taxonomy([f"n{i}" for i in range(401)], [-1] + [int(rng.integers(0, i)) for i in range(1, 401)])
+    leaf = torch.zeros(tax.num_nodes, dtype=torch.bool)
+    leaf[list(tax.leaves)] = True
+    for sharpness in (0.0, 0.3, 3.0, 30.0):
+        logits = torch.from_numpy(rng.normal(size=(32, tax.num_nodes)) * sharpness).float()
+        m = node_marginals(torch.softmax(logits.masked_fill(~leaf, -1e9), 1) * leaf, tax)
+        hedge = hedger(m, tax)
+        for lam in (0.0, 1e-3, 0.1, 0.7, 2.0, 10.0, 1e3, 1e6):
+            assert torch.equal(hedge(lam), hedge_nodes(m, tax, lam)), (sharpness, lam)
+    assert len(hedge.kept) < tax.num_nodes / 4  # sharp answers: few nodes can ever win
+    with pytest.raises(ValueError, match="λ"):
+        hedge(-1.0)
 
 
 def test_fit_lambda_meets_target_on_constructed_case(tree):

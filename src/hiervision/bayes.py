@@ -130,35 +130,46 @@ def expected_scores(q: np.ndarray, tree, metric: str) -> np.ndarray:
         nodes = np.arange(1, n)
         weight = 2.0 / (t.depths[:, None] + np.arange(1, d + 1)[None, :])  # (N+1, D): 2 / (d_a + e)
         rows = max(1, _CHUNK // (n * d))
+        buffer = np.empty((n, min(rows, len(q)), d))  # one scratch block for every chunk
         for s in range(0, len(q), rows):
             qc = q[s : s + rows]
-            mass = np.zeros((n, len(qc), d))
+            mass = buffer[:, : len(qc)]
+            mass.fill(0.0)
             mass[nodes, :, t.depths[nodes] - 1] = qc[:, nodes].T  # truth at node v sits at depth d_v
-            under = t.subtree_sum(mass, nodes_first=True)  # the root is in no node set: path_sum leaves it out
-            out[s : s + rows] = np.einsum("nbe,ne->bn", t.path_sum(under, nodes_first=True), weight)
+            t.subtree_sum(mass, nodes_first=True, inplace=True)  # the root is in no node set: path_sum leaves it out
+            out[s : s + rows] = np.einsum("nbe,ne->bn", t.path_sum(mass, nodes_first=True, inplace=True), weight)
     out[:, 0] = -np.inf
     return out
 
 
-def bayes_nodes(q: np.ndarray, tree, metric: str, allow_inner: bool = False, only: np.ndarray | None = None
-                ) -> np.ndarray:
+def bayes_nodes(q: np.ndarray, tree, metric: str, allow_inner: bool = False, only: np.ndarray | None = None,
+                scores: np.ndarray | None = None) -> np.ndarray:
     """``(B,)`` int64: per row of ``q`` ``(B, N+1)``, the node (never the root) of largest expected
     ``metric`` (module docstring); ``allow_inner=False`` keeps the answer to end classes; ``only``: ``(N+1,)``
-    bool, the nodes an answer may be at all (answers restricted to some classes: :mod:`hiervision.restrict`)."""
+    bool, the nodes an answer may be at all (answers restricted to some classes: :mod:`hiervision.restrict`);
+    ``scores``: :func:`expected_scores` of ``q`` when the caller keeps them (several rules read one metric's)."""
     t = _view(tree)
     q = _check_q(q, t.num_nodes)
-    score = expected_scores(q, t, metric)
-    allowed = np.ones_like(q, dtype=bool) if allow_inner else (t.leaf_mask[None, :] | (q > 0))
-    if only is not None:
-        allowed &= only[None, :]
-    allowed[:, 0] = False
-    score = np.where(allowed, score, -np.inf)
+    score = expected_scores(q, t, metric) if scores is None else np.array(scores, dtype=np.float64)
+    if allow_inner:  # one mask for every row
+        allowed = np.ones(t.num_nodes, dtype=bool) if only is None else only.copy()
+    else:
+        allowed = t.leaf_mask[None, :] | (q > 0)
+        if only is not None:
+            allowed &= only[None, :]
+    allowed[..., 0] = False
+    np.putmask(score, ~np.broadcast_to(allowed, score.shape), -np.inf)
     best = score.max(1, keepdims=True)
     near = score >= best - 1e-9 * np.maximum(np.abs(best), 1.0)
-    for key in (q, t.subtree_sum(q)):  # ties: the likelier truth, then the likelier cover
-        k = np.where(near, key, -np.inf)
-        near &= k >= k.max(1, keepdims=True) - 1e-12
-    return near.argmax(1)  # the first (lowest) id left
+    out = near.argmax(1)  # the first (lowest) id left
+    tied = np.flatnonzero(near.sum(1) > 1)
+    if len(tied):  # ties: the likelier truth, then the likelier cover
+        near_t, q_t = near[tied], q[tied]
+        for key in (q_t, t.subtree_sum(q_t)):
+            k = np.where(near_t, key, -np.inf)
+            near_t &= k >= k.max(1, keepdims=True) - 1e-12
+        out[tied] = near_t.argmax(1)
+    return out
 
 
 def _check_q(q: np.ndarray, n: int) -> np.ndarray:

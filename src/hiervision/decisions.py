@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,7 @@ __all__ = [
     "backoff_nodes",
     "bayes_nodes",
     "conformal_nodes",
+    "conformal_scores",
     "conformal_threshold",
     "covers",
     "crm_nodes",
@@ -74,11 +75,14 @@ __all__ = [
     "hedge_nodes",
     "evaluate_hedging",
     "hedge_records",
+    "hedger",
     "coverage_report",
     "expected_lca_height",
     "load_decisions",
     "node_marginals",
+    "ranked_classes",
     "rewards",
+    "rule_nodes",
     "save_decisions",
     "set_temperature",
 ]
@@ -174,18 +178,53 @@ def hedge_nodes(marginals: torch.Tensor, taxonomy: Taxonomy, lam: float, ends: s
 
     ``marginals``: :func:`~hiervision.distributions.node_marginals` (probability the truth lies under each
     node). ``λ = 0`` answers the most probable end class (for leaf rewards); ``λ → ∞`` backs off to the
-    root, which is always right.
+    root, which is always right. Many λ on the same marginals: :func:`hedger`.
     """
     if lam < 0:
         raise ValueError(f"hedging multiplier λ must be ≥ 0, got {lam}")
     r = rewards(taxonomy, ends).to(marginals.device, marginals.dtype)
-    score = (r + lam) * marginals
+    return _hedged(marginals, r, _depths(taxonomy, marginals.device), lam)
+
+
+def hedger(marginals: torch.Tensor, taxonomy: Taxonomy, ends: str = "leaves") -> Callable[[float], torch.Tensor]:
+    """``λ ↦ hedge_nodes(marginals, taxonomy, λ, ends)``, for the many λ of a bisection or a sweep on the same
+    marginals: the nodes that cannot come within the tie band of the best score at any λ ≥ 0 are dropped
+    once, which on a 10⁵-node tree leaves a few hundred columns.
+
+    Why that is exact: scores only grow with λ and the root's is λ, so the best is at least ``max(S₀, λ)``,
+    ``S₀`` the best at λ = 0; a node's margin ``(r + λ)·p − max(S₀, λ)`` is largest at ``λ = S₀`` unless
+    ``p ≈ 1``. A node is kept when it reaches the band there (with room for float32 rounding) in some row; the
+    returned function's ``kept`` holds their ids."""
+    r = rewards(taxonomy, ends).to(marginals.device, marginals.dtype)
+    s0 = (r * marginals).max(1, keepdim=True).values.clamp(min=0)
+    slack = 2e-6 * s0.clamp(min=1)
+    keep = (((r + s0) * marginals >= s0 - slack) | (marginals >= 1 - 2e-6)).any(0)
+    keep[0] = True  # the root: its score is set, not read
+    ids = keep.nonzero().squeeze(1)
+    m, rk, depth = marginals[:, ids], r[ids], _depths(taxonomy, marginals.device)[ids]
+
+    def nodes(lam: float) -> torch.Tensor:
+        if lam < 0:
+            raise ValueError(f"hedging multiplier λ must be ≥ 0, got {lam}")
+        return ids[_hedged(m, rk, depth, lam)]
+
+    nodes.kept = ids  # type: ignore[attr-defined]  # the node ids it reads
+    return nodes
+
+
+def _depths(taxonomy: Taxonomy, device: torch.device) -> torch.Tensor:
+    """Node depths as small ints: the (B, N+1) tie pick below is most of a hedging call on a big tree."""
+    return taxonomy.depth_tensor.to(device, torch.int8 if taxonomy.max_depth < 127 else torch.int32)
+
+
+def _hedged(m: torch.Tensor, r: torch.Tensor, depth: torch.Tensor, lam: float) -> torch.Tensor:
+    """The column of ``argmax (r + λ)·m`` per row, column 0 being the root (probability 1), ties to the deepest."""
+    score = (r + lam) * m
     score[:, 0] = r[0] + lam  # the root's probability is 1
     # a node with one child ties with it exactly (same leaves, same reward): answer the deeper, more
     # specific one — a tolerance absorbs float noise between genuinely equal answers
     best = score.max(1, keepdim=True).values
     near = score >= best - 1e-6 * best.abs().clamp(min=1)
-    depth = taxonomy.depth_tensor.to(marginals.device)
     return torch.where(near, depth, -1).argmax(1)
 
 
@@ -223,9 +262,10 @@ def fit_lambda(marginals: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonom
     if not 0 < target_accuracy <= 1:
         raise ValueError(f"target accuracy must be in (0, 1], got {target_accuracy}")
     targets = torch.as_tensor(targets).long().to(marginals.device)
+    hedge = hedger(marginals, taxonomy, ends)
 
     def acc(lam: float) -> float:
-        return float(covers(hedge_nodes(marginals, taxonomy, lam, ends), targets, taxonomy).float().mean())
+        return float(covers(hedge(lam), targets, taxonomy).float().mean())
 
     if acc(0.0) >= target_accuracy:
         return 0.0
@@ -279,7 +319,7 @@ def fit_backoff(marginals: torch.Tensor, targets: torch.Tensor, taxonomy: Taxono
 
 
 # ---------------------------------------------------------------------- split-conformal hedging
-def _ranked(q: torch.Tensor, taxonomy: Taxonomy) -> tuple[torch.Tensor, torch.Tensor]:
+def ranked_classes(q: torch.Tensor, taxonomy: Taxonomy) -> tuple[torch.Tensor, torch.Tensor]:
     """End classes by falling probability: ``(B, C)`` their node ids and the mass *before* each rank."""
     ends = end_mask(taxonomy, "leaves").to(q.device) | (q > 0).any(0)
     ids = ends.nonzero().squeeze(1)
@@ -305,20 +345,30 @@ def _topk_lcas(ranked: torch.Tensor, taxonomy: Taxonomy, start: int, depth: torc
     return torch.where(d > 0, tables.paths[first.squeeze(1)].gather(1, (d - 1).clamp(min=0)), 0), d[:, -1]
 
 
-def conformal_threshold(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, alpha: float) -> float:
+def conformal_threshold(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, alpha: float,
+                        scores: torch.Tensor | None = None) -> float:
     """Split-conformal calibration of :func:`conformal_nodes` on held-out (validation) samples.
 
     The answer for threshold τ is the lowest common ancestor of the end classes whose higher-ranked
     mass is ≤ τ (the top class always counts). These answers are nested (a larger τ gives an ancestor),
-    so each sample has a score ``s`` = the smallest τ at which its answer covers the truth; τ̂ is the
+    so each sample has a score ``s`` = the smallest τ at which its answer covers the truth
+    (:func:`conformal_scores`, passed as ``scores`` when several α share them); τ̂ is the
     ``⌈(n+1)(1−α)⌉``-th smallest score. **Guarantee**: if calibration and test samples are
     exchangeable, ``P(answer covers the truth) ≥ 1 − α`` on a new sample, for any model and however
     badly calibrated it is (marginal over samples, not per image). τ̂ = ∞ (the root) when n is too small.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    scores = conformal_scores(q, targets, taxonomy) if scores is None else scores
+    n = len(scores)
+    k = math.ceil((n + 1) * (1 - alpha))
+    return float("inf") if k > n else float(scores[k - 1])
+
+
+def conformal_scores(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
+    """``(B,)`` sorted: per sample the smallest τ whose :func:`conformal_nodes` answer covers its target."""
     targets = torch.as_tensor(targets).long().to(q.device)
-    ranked, before = _ranked(q, taxonomy)
+    ranked, before = ranked_classes(q, taxonomy)
     tables = tree_tables(taxonomy, q.device)
     first = torch.full((len(q),), -1, dtype=torch.long, device=q.device)  # the first covering rank, per row
     depth = None
@@ -329,15 +379,14 @@ def conformal_threshold(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxono
         first[found] = start + ok[found].float().argmax(1)
         if bool((first >= 0).all()):
             break
-    scores = before.gather(1, first.unsqueeze(1)).squeeze(1).sort().values  # the root covers: all found
-    n = len(scores)
-    k = math.ceil((n + 1) * (1 - alpha))
-    return float("inf") if k > n else float(scores[k - 1])
+    return before.gather(1, first.unsqueeze(1)).squeeze(1).sort().values  # the root covers: all found
 
 
-def conformal_nodes(q: torch.Tensor, taxonomy: Taxonomy, tau: float) -> torch.Tensor:
-    """``(B,)`` answers at threshold ``tau`` (see :func:`conformal_threshold`)."""
-    ranked, before = _ranked(q, taxonomy)
+def conformal_nodes(q: torch.Tensor, taxonomy: Taxonomy, tau: float,
+                    ranked: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``(B,)`` answers at threshold ``tau`` (see :func:`conformal_threshold`); ``ranked``: ``q``'s classes by
+    falling probability when the caller keeps them for several τ (:func:`ranked_classes`)."""
+    ranked, before = ranked_classes(q, taxonomy) if ranked is None else ranked
     k = (before <= tau + 1e-7).sum(1).clamp(min=1)  # at least the top class
     out, depth = torch.zeros(len(q), dtype=torch.long, device=q.device), None
     for start in range(0, int(k.max()) if len(q) else 0, _RANKS):  # only the ranks some row needs
@@ -348,19 +397,32 @@ def conformal_nodes(q: torch.Tensor, taxonomy: Taxonomy, tau: float) -> torch.Te
 
 
 # ---------------------------------------------------------------------- CRM
-def expected_lca_height(q: torch.Tensor, taxonomy: Taxonomy) -> torch.Tensor:
+def expected_lca_height(q: torch.Tensor | EndDistribution, taxonomy: Taxonomy, temperature: Temperature = 1.0
+                        ) -> torch.Tensor:
     """``(B, N+1)``: for every answer, the expected height of its lowest common ancestor with the truth
     under ``q`` (CRM's risk), from ancestor sums in O(N·depth) per image (:mod:`hiervision.bayes`), never
-    an (N+1)² table of pairwise LCA heights."""
+    an (N+1)² table of pairwise LCA heights. Given an :class:`EndDistribution`, of its ``q(temperature)``,
+    computed once and kept there."""
+    if isinstance(q, EndDistribution):
+        return torch.from_numpy(-_expected(q, taxonomy, "severity", temperature)).to(q.q().device, torch.float32)
     scores = bayes.expected_scores(q.detach().cpu().double().numpy(), taxonomy, "severity")
     return torch.from_numpy(-scores).to(q.device, torch.float32)
 
 
-def crm_nodes(q: torch.Tensor, taxonomy: Taxonomy, allowed: Allowed | None = None) -> torch.Tensor:
+def _expected(dist: EndDistribution, taxonomy: Taxonomy, metric: str, temperature: Temperature) -> np.ndarray:
+    """:func:`hiervision.bayes.expected_scores` of ``dist.q(temperature)``, once per distribution."""
+    key = marginals.as_temperature(temperature)
+    return dist.cached(("expected", metric, key), lambda: bayes.expected_scores(
+        dist.q(key).detach().cpu().double().numpy(), taxonomy, metric))
+
+
+def crm_nodes(q: torch.Tensor, taxonomy: Taxonomy, allowed: Allowed | None = None,
+              risk: torch.Tensor | None = None) -> torch.Tensor:
     """Karthik et al.'s Conditional Risk Minimisation: ``(B,)`` the end class ``c`` minimising
     ``Σ_y q(y)·height(lca(c, y))``, the expected mistake severity (ties → the more probable class);
-    ``allowed``: among these end classes only (:mod:`hiervision.restrict`)."""
-    risk = expected_lca_height(q, taxonomy).to(q.dtype)
+    ``allowed``: among these end classes only (:mod:`hiervision.restrict`); ``risk``: that expected height when
+    already at hand (:func:`expected_lca_height`)."""
+    risk = (expected_lca_height(q, taxonomy) if risk is None else risk).to(q.dtype)
     ends = (q > 0).any(0) | end_mask(taxonomy, "leaves").to(q.device)
     if allowed is not None:
         ends = ends & torch.from_numpy(allowed.ends).to(q.device)
@@ -369,16 +431,44 @@ def crm_nodes(q: torch.Tensor, taxonomy: Taxonomy, allowed: Allowed | None = Non
 
 
 def bayes_nodes(q: torch.Tensor, taxonomy: Taxonomy, metric: str, allow_inner: bool = False,
-                allowed: Allowed | None = None) -> torch.Tensor:
+                allowed: Allowed | None = None, scores: np.ndarray | None = None) -> torch.Tensor:
     """``(B,)`` long: per image the node (never the root) that maximises the expected ``metric`` under the
     end-class distribution ``q`` ``(B, N+1)`` (:func:`~hiervision.distributions.end_distribution`): ``"hf1"``
     (Kiritchenko's per-image hierarchical F1), ``"severity"`` (minus the LCA height: :func:`crm_nodes`' answer) or
     ``"path_accuracy"`` (the most probable end class). ``allow_inner``: the answer may be an inner node;
     otherwise an end class. Exact, ties to the more probable node; O(N·depth) per image on ancestor
-    sums (the derivation and costs: :mod:`hiervision.bayes`, the numpy code the runtime shares)."""
+    sums (the derivation and costs: :mod:`hiervision.bayes`, the numpy code the runtime shares). ``scores``: the
+    expected scores when already at hand."""
     nodes = bayes.bayes_nodes(q.detach().cpu().double().numpy(), taxonomy, metric, allow_inner,
-                              bayes.answerable(allowed, allow_inner))
+                              bayes.answerable(allowed, allow_inner), scores)
     return torch.from_numpy(nodes).long().to(q.device)
+
+
+def rule_nodes(dist: EndDistribution, taxonomy: Taxonomy, temperature: Temperature, decode: str,
+               allowed: Allowed | None = None) -> torch.Tensor:
+    """``(B,)`` the answers of ``decode`` (``argmax | crm | bayes:METRIC[:inner]``) on ``dist`` at ``temperature``,
+    answering among ``allowed`` (``q`` renormalised over them first). Without ``allowed`` they and the expected
+    scores behind them are made once per distribution: the post-hoc step's reports ask for each rule again."""
+    rule, metric, inner = bayes.decode_rule(decode)
+    key = marginals.as_temperature(temperature)
+    if allowed is None:
+        return dist.cached(("nodes", decode, key), lambda: _rule_nodes(dist, taxonomy, key, rule, metric, inner))
+    q = restricted(dist.q(key), allowed)
+    if rule == "argmax":
+        return q.masked_fill(~torch.from_numpy(allowed.ends).to(q.device), -1.0).argmax(1)
+    if rule == "crm":
+        return crm_nodes(q, taxonomy, allowed)
+    return bayes_nodes(q, taxonomy, metric, inner, allowed)
+
+
+def _rule_nodes(dist: EndDistribution, taxonomy: Taxonomy, temperature: Temperature, rule: str, metric: str | None,
+                inner: bool) -> torch.Tensor:
+    q = dist.q(temperature)
+    if rule == "argmax":
+        return dist.prediction.nodes.to(q.device)
+    if rule == "crm":
+        return crm_nodes(q, taxonomy, risk=expected_lca_height(dist, taxonomy, temperature))
+    return bayes_nodes(q, taxonomy, metric, inner, scores=_expected(dist, taxonomy, metric, temperature))
 
 
 # ---------------------------------------------------------------------- whole predictions
@@ -422,12 +512,7 @@ def calibrate(prediction: Prediction | EndDistribution, taxonomy: Taxonomy, temp
     if rule == "argmax" and allowed is None:
         paths, end = raw.paths, raw.nodes
     else:
-        if rule == "argmax":
-            end = q.masked_fill(~torch.from_numpy(allowed.ends).to(q.device), -1.0).argmax(1)
-        elif rule == "crm":
-            end = crm_nodes(q, taxonomy, allowed)
-        else:
-            end = bayes_nodes(q, taxonomy, metric, inner, allowed)
+        end = rule_nodes(dist, taxonomy, temperature, decode, allowed)
         paths = taxonomy.path_matrix.to(q.device)[end]
     prob = (m if inner else q).gather(1, end.clamp(min=0).unsqueeze(1)).squeeze(1)
     return Prediction(paths, m, prob, None)
@@ -449,14 +534,15 @@ def fit_decisions(model, val: Prediction | EndDistribution, val_targets: torch.T
     :class:`~hiervision.distributions.EndDistribution`.
     Returns ``{"temperature", "hedge": {target: λ}, "conformal": {target: τ}}``."""
     val_targets = torch.as_tensor(val_targets).long()
-    q = distribution_of(val, taxonomy).q()
-    t = fit_temperature(q, val_targets, taxonomy, per_level)
+    dist = distribution_of(val, taxonomy)
+    t = fit_temperature(dist.q(), val_targets, taxonomy, per_level)
     set_temperature(model, t)
-    qt = apply_temperature(q, t, taxonomy)
-    m = node_marginals(qt, taxonomy)
+    qt, m = dist.q(t), dist.node_marginals(t)  # kept in dist: evaluate_hedging reads the same ones
     out = {"temperature": t,
            "hedge": {str(a): fit_lambda(m, val_targets, taxonomy, a) for a in targets},
-           "conformal": {str(a): conformal_threshold(qt, val_targets, taxonomy, 1 - a) for a in targets}}
+           "conformal": {}}
+    scores = conformal_scores(qt, val_targets, taxonomy)  # one ranking serves every target
+    out["conformal"] = {str(a): conformal_threshold(qt, val_targets, taxonomy, 1 - a, scores) for a in targets}
     if run_dir is not None:
         save_decisions(run_dir, **out)
     return out
@@ -488,7 +574,9 @@ def evaluate_hedging(val: Prediction | EndDistribution, val_targets: torch.Tenso
         **coverage_report(hedge_nodes(mt, taxonomy, lam), test_targets, taxonomy),
         "baseline": {"threshold": thr, **coverage_report(backoff_nodes(mt, taxonomy, thr), test_targets, taxonomy)},
         "conformal": {"alpha": 1 - target, "tau": tau if math.isfinite(tau) else None,
-                      **coverage_report(conformal_nodes(qt, taxonomy, tau), test_targets, taxonomy)},
+                      **coverage_report(conformal_nodes(qt, taxonomy, tau, dt.cached(
+                          ("ranked", marginals.as_temperature(temperature)), lambda: ranked_classes(qt, taxonomy))),
+                          test_targets, taxonomy)},
     }
 
 

@@ -14,6 +14,8 @@ step (:mod:`hiervision.posthoc`) builds one per split and hands it to every rule
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +24,8 @@ from hiervision import marginals
 from hiervision.decoding import Prediction, end_mask, tree_tables
 from hiervision.marginals import Temperature
 from hiervision.taxonomy import Taxonomy
+
+T = TypeVar("T")
 
 __all__ = ["EndDistribution", "apply_temperature", "distribution_of", "end_distribution", "node_marginals", "rewards"]
 
@@ -87,6 +91,7 @@ class EndDistribution:
         self._base = marginals.end_distribution(s.detach().float().cpu().numpy(), taxonomy, ends)
         self._q: dict[Temperature, torch.Tensor] = {}
         self._m: dict[Temperature, torch.Tensor] = {}
+        self._made: dict[Hashable, object] = {}
 
     def __len__(self) -> int:
         return len(self._base)
@@ -105,6 +110,14 @@ class EndDistribution:
         if key not in self._m:
             self._m[key] = node_marginals(self.q(key), self.taxonomy)
         return self._m[key]
+
+    def cached(self, key: Hashable, make: Callable[[], T]) -> T:
+        """``make()``, made once per ``key`` and kept: what the rules derive from this distribution (a rule's
+        expected scores, its answers) is asked for by several reports of one post-hoc step, and on a 10⁵-node
+        tree each costs seconds."""
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]  # type: ignore[return-value]
 
 
 def distribution_of(prediction: Prediction | EndDistribution, taxonomy: Taxonomy) -> EndDistribution:

@@ -64,7 +64,8 @@ def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature
     """
     tree = _view(tree)
     par, levels = _tables(tree)
-    s = np.clip(np.asarray(scores, dtype=np.float64), 0, 1).copy()
+    s = np.array(scores, dtype=np.float64)  # our own copy, changed in place below (rows may be 10⁵ wide)
+    np.clip(s, 0, 1, out=s)
     s[:, 0] = 1.0  # the truth always lies under the root
     mask = tree.end_mask(ends)
     child_sum = tree.children_sum(s)
@@ -74,12 +75,13 @@ def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature
         return apply_temperature(q / np.clip(q.sum(1, keepdims=True), 1e-12, None), temperature, tree, ends)
     inner = ~mask
     inner[0] = False
-    q = s * mask
-    total = q.sum(1, keepdims=True)
-    if np.allclose(total, 1.0, atol=1e-4) and np.allclose(child_sum[:, inner], s[:, inner], atol=1e-5):
+    total = (s @ mask.astype(np.float64))[:, None]
+    if np.abs(total - 1.0).max(initial=0.0) <= 1e-4 and _close(child_sum[:, inner], s[:, inner]):
         # coherent scores (a flat softmax's marginals, a restricted distribution's): every inner node holds its
         # leaves' sum, so pushing down would give the leaves back — one pass instead of one per level
-        return apply_temperature(q / total, temperature, tree, ends)
+        s *= mask
+        s /= total
+        return apply_temperature(s, temperature, tree, ends)
     n_leaves = tree.subtree_sum(mask[None].astype(np.float64))[0]  # (N+1,) leaves under each node
     rest = np.clip(s - child_sum, 0, None)
     unscored = s <= 0
@@ -98,6 +100,13 @@ def end_distribution(scores: np.ndarray, tree, ends: str = "leaves", temperature
     q = m * mask
     q = q / np.clip(q.sum(1, keepdims=True), 1e-12, None)
     return apply_temperature(q, temperature, tree, ends)
+
+
+def _close(a: np.ndarray, b: np.ndarray, tol: float = 1e-5) -> bool:
+    """``np.allclose(a, b, atol=tol, rtol=tol)`` for finite arrays, without its copies (10⁵-node rows)."""
+    d = np.subtract(a, b)
+    np.abs(d, out=d)
+    return bool((d <= tol + tol * np.abs(b)).all())
 
 
 def apply_temperature(q: np.ndarray, temperature: Temperature, tree=None, ends: str = "leaves") -> np.ndarray:
@@ -121,10 +130,12 @@ def apply_temperature(q: np.ndarray, temperature: Temperature, tree=None, ends: 
             raise ValueError("a per-level temperature needs the tree")
         return _apply_level_temperature(q, t, _view(tree), ends)
     with np.errstate(divide="ignore"):
-        logq = np.where(q > 0, np.log(np.clip(q, 1e-300, None)) / t, -np.inf)
-    logq = logq - logq.max(1, keepdims=True)
-    e = np.exp(logq)
-    return e / e.sum(1, keepdims=True)
+        e = np.log(q)  # zeros: -inf, and exp gives them back as zeros; in place from here (a row may be 10⁵ wide)
+    e /= t
+    e -= e.max(1, keepdims=True)
+    np.exp(e, out=e)
+    e /= e.sum(1, keepdims=True)
+    return e
 
 
 def conditionals(q: np.ndarray, tree, ends: str = "leaves") -> tuple[np.ndarray, np.ndarray]:
@@ -185,4 +196,5 @@ def _apply_level_temperature(q: np.ndarray, temps: tuple[float, ...], tree: Tree
 def node_marginals(q: np.ndarray, tree) -> np.ndarray:
     """``(B, N+1)`` probability that the truth lies under (or at) each node; the root's column is the
     row's total (1). Coherent by construction: a parent is never below its child."""
-    return _view(tree).subtree_sum(np.asarray(q, dtype=np.float64))
+    a = np.asarray(q, dtype=np.float64)
+    return _view(tree).subtree_sum(a, inplace=a is not q)  # a float64 copy made here is ours to sum into

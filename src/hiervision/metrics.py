@@ -492,12 +492,13 @@ def select_threshold(
 
 
 # ---------------------------------------------------------------------- the report
-def score_metrics(q: torch.Tensor, end: torch.Tensor, taxonomy: Taxonomy) -> dict:
+def score_metrics(q: torch.Tensor, end: torch.Tensor, taxonomy: Taxonomy, m: torch.Tensor | None = None) -> dict:
     """The metrics of the scores alone (end-class distribution ``q`` against the true end nodes): calibration,
     hdist@k, HOPS and the operating-curve areas — the same for every decision rule answering from ``q``, so a
-    report of several rules computes them once."""
-    curve = operating_curve(node_marginals(q, taxonomy), end, taxonomy)
-    return {**calibration_report(q, end, taxonomy), **hierarchical_distance_at_k(q, end, taxonomy),
+    report of several rules computes them once. ``m``: ``q``'s node marginals when the caller has them."""
+    m = node_marginals(q, taxonomy) if m is None else m
+    curve = operating_curve(m, end, taxonomy)
+    return {**calibration_report(q, end, taxonomy, m=m), **hierarchical_distance_at_k(q, end, taxonomy),
             "hops": hops(q, end, taxonomy)["hops"],
             "operating_area_correct": curve["correct_area"], "operating_area_exact": curve["exact_area"]}
 
@@ -603,13 +604,14 @@ def expected_calibration_error(
 
 
 def calibration_points(
-    q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy
+    q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, m: torch.Tensor | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(confidence, correct)`` per level, then for the end class (the last entry): at level d the
     confidence is the largest marginal among the nodes at depth d and it is correct when that node is
-    the target's ancestor there; samples whose target does not reach depth d are left out."""
+    the target's ancestor there; samples whose target does not reach depth d are left out. ``m``: ``q``'s
+    node marginals when the caller has them."""
     targets = torch.as_tensor(targets).long().to(q.device)
-    m = node_marginals(q, taxonomy)
+    m = node_marginals(q, taxonomy) if m is None else m
     true = taxonomy.encode_paths(targets)
     out = []
     for d, level in enumerate(taxonomy.levels):
@@ -622,11 +624,12 @@ def calibration_points(
     return out
 
 
-def calibration_report(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, bins: int = 15) -> dict:
+def calibration_report(q: torch.Tensor, targets: torch.Tensor, taxonomy: Taxonomy, bins: int = 15,
+                       m: torch.Tensor | None = None) -> dict:
     """``ece`` (top-1 end class, equal-width bins), ``ece_mass`` (equal-mass bins) and the same per level
     (``ece_per_level``, ``ece_per_level_mass``) from an end-class distribution
-    (:func:`hiervision.distributions.end_distribution`)."""
-    pts = calibration_points(q, targets, taxonomy)
+    (:func:`hiervision.distributions.end_distribution`); ``m``: its node marginals when at hand."""
+    pts = calibration_points(q, targets, taxonomy, m)
     return {
         "ece": expected_calibration_error(*pts[-1], bins, "width"),
         "ece_mass": expected_calibration_error(*pts[-1], bins, "mass"),

@@ -30,16 +30,15 @@ from hiervision import novelty as N
 from hiervision import selective as S
 from hiervision.bayes import decode_rule
 from hiervision.decisions import (
-    bayes_nodes,
     calibrate,
     coverage_report,
-    crm_nodes,
     evaluate_hedging,
     expected_lca_height,
     fit_decisions,
-    hedge_nodes,
+    hedger,
     load_decisions,
     restrict_prediction,
+    rule_nodes,
     save_decisions,
 )
 from hiervision.decoding import Prediction, last_node
@@ -101,7 +100,7 @@ def posthoc_report(
         q0, q1 = test_d.q(), test_d.q(t)
         reports = _rule_reports(test_d, test_targets, taxonomy, t, dict.fromkeys(("argmax", *RULES, decode)))
         # CRM's hdist@k and HOPS rank by expected risk, as in Karthik et al.
-        risk = expected_lca_height(q1, taxonomy)
+        risk = expected_lca_height(test_d, taxonomy, t)
         reports["crm"].update(M.hierarchical_distance_at_k(q1, test_targets, taxonomy, ranking=risk),
                               hops=M.hops(q1, test_targets, taxonomy, ranking=risk)["hops"])
         step("argmax, CRM and Bayes answers")
@@ -111,8 +110,8 @@ def posthoc_report(
             step(f"hedged answers at {a}")
         out = {
             "temperature": t,
-            "calibration": {"before": M.calibration_report(q0, test_targets, taxonomy),
-                            "after": M.calibration_report(q1, test_targets, taxonomy)},
+            "calibration": {"before": M.calibration_report(q0, test_targets, taxonomy, m=test_d.node_marginals()),
+                            "after": M.calibration_report(q1, test_targets, taxonomy, m=test_d.node_marginals(t))},
             "hedged": hedged,
             "crm": {rule: {k: reports[rule][k] for k in _MISTAKE_KEYS} for rule in ("argmax", *RULES)},
             "selective": selective_report(test_d, test_targets, taxonomy, t),
@@ -129,25 +128,16 @@ def _rule_reports(test: EndDistribution, targets: torch.Tensor, taxonomy: Taxono
                   rules: Sequence[str]) -> dict[str, dict]:
     """``{rule: metrics report}`` of each decision rule's answers on the calibrated scores.
 
-    Every rule calibrated from ``test`` carries the same scores (its calibrated node marginals, one
-    tensor), and the report reads the end-class distribution back from them: it and the metrics of the
-    scores alone (:func:`~hiervision.metrics.score_metrics`) are built once and shared, not once per rule.
-    (It equals ``test.q(temperature)`` up to float32 rounding of the marginals; reading it back keeps the
-    reports as ``evaluate`` gives them for a calibrated prediction.)
+    Every rule's answers come with the same calibrated scores, whose end-class distribution is ``test``'s at
+    ``temperature``: it and the metrics of the scores alone (:func:`~hiervision.metrics.score_metrics`) are
+    read once and shared, not once per rule.
     """
-    shared: dict[int, tuple[torch.Tensor, torch.Tensor, dict]] = {}  # id(scores) -> (scores, their q, metrics)
+    q = test.q(temperature)
     targets = torch.as_tensor(targets)
     end = last_node(M.target_paths(targets, taxonomy) if targets.dim() == 1 else targets.long())
-    reports = {}
-    for rule in rules:
-        pred = calibrate(test, taxonomy, temperature, rule)
-        if id(pred.scores) not in shared:
-            q = EndDistribution(pred, taxonomy).q()
-            shared[id(pred.scores)] = (pred.scores, q, M.score_metrics(q, end.to(q.device), taxonomy) if len(end)
-                                       else None)
-        _, q, scored = shared[id(pred.scores)]
-        reports[rule] = M.evaluate(pred, targets, taxonomy, q=q, scored=scored)
-    return reports
+    scored = M.score_metrics(q, end.to(q.device), taxonomy, test.node_marginals(temperature)) if len(end) else None
+    return {rule: M.evaluate(calibrate(test, taxonomy, temperature, rule), targets, taxonomy, q=q, scored=scored)
+            for rule in rules}
 
 
 @dataclass
@@ -251,19 +241,19 @@ def selective_report(test: EndDistribution, targets: torch.Tensor, taxonomy: Tax
     (Deng et al.'s λ swept over a grid). A restricted run passes its restricted prediction
     (:func:`hiervision.decisions.restrict_prediction`) and ``allowed``, which CRM and Bayes answer within."""
     tree, t = taxonomy.view, targets.cpu().numpy()
-    q, m = test.q(temperature), test.node_marginals(temperature)
+    m = test.node_marginals(temperature)
     m_np, start = m.double().cpu().numpy(), test.prediction.nodes.cpu().numpy()
     m1 = m_np if marginals.is_identity(temperature) else test.node_marginals(1.0).double().cpu().numpy()
-    r_max = float(rewards(taxonomy).max())
+    r_max, hedge = float(rewards(taxonomy).max()), hedger(m, taxonomy)
     curves = {
         "argmax": S.selective_curve(m_np, start, t, tree),
         "climbing": S.climbing_curve(m_np, start, t, tree),
         "climbing_t1": S.climbing_curve(m1, start, t, tree),
-        "crm": S.climbing_curve(m_np, crm_nodes(q, taxonomy, allowed).cpu().numpy(), t, tree),
-        "bayes:hf1": S.climbing_curve(m_np, bayes_nodes(q, taxonomy, "hf1", False, allowed).cpu().numpy(), t, tree),
+        **{rule: S.climbing_curve(m_np, rule_nodes(test, taxonomy, temperature, rule, allowed).cpu().numpy(), t, tree)
+           for rule in ("crm", "bayes:hf1")},
         # λ = 0 already hedges where an inner node's reward outweighs its lost probability: the curve starts
         # from the model's own answers (λ = −inf, as every other rule starts) so that areas span equal coverage
-        "darts": S.lambda_curve(lambda lam: start if lam == -np.inf else hedge_nodes(m, taxonomy, lam).cpu().numpy(),
+        "darts": S.lambda_curve(lambda lam: start if lam == -np.inf else hedge(lam).cpu().numpy(),
                                 [-np.inf, 0.0, *(r_max * np.logspace(-3, 4, 29))], t, tree),
     }
     return {rule: c.as_dict(max_points) for rule, c in curves.items()}
@@ -284,10 +274,10 @@ def open_world_report(test: EndDistribution, targets: torch.Tensor, novel: torch
     roll-up at 0.5, with the tree distance of its novel answers from the right ancestor; ``novel_bias`` (a head
     whose inner nodes are "novel" classes, ``hnd``) sweeps the bias on those classes' logits."""
     tree, t, nv = taxonomy.view, targets.cpu().numpy(), novel.cpu().numpy().astype(bool)
-    q, m = test.q(temperature), test.node_marginals(temperature)
+    m = test.node_marginals(temperature)
     m_np, start = m.double().cpu().numpy(), test.prediction.nodes.cpu().numpy()
     own = N.accuracies(start, t, nv, tree)
-    r_max = float(rewards(taxonomy).max())
+    r_max, hedge = float(rewards(taxonomy).max()), hedger(m, taxonomy)
     half = climb(m_np, start, tree, Thresholds((0.0,) + (0.5,) * tree.max_depth))
     biased = {}
     if novel_classes:  # inner nodes are "novel under it" classes (hnd): Lee et al.'s curve, their bias swept
@@ -297,9 +287,10 @@ def open_world_report(test: EndDistribution, targets: torch.Tensor, novel: torch
     return {
         "known_images": int((~nv).sum()), "novel_images": int(nv.sum()), "argmax": own,
         "climbing": N.climbing_curve(m_np, start, t, nv, tree, at=own["known"]),
-        "darts": N.points_curve(lambda lam: hedge_nodes(m, taxonomy, lam).cpu().numpy(),
+        "darts": N.points_curve(lambda lam: hedge(lam).cpu().numpy(),
                                 [0.0, *(r_max * np.logspace(-3, 4, 29))], t, nv, tree, at=own["known"]),
-        "bayes:hf1:inner": N.accuracies(bayes_nodes(q, taxonomy, "hf1", True).cpu().numpy(), t, nv, tree),
+        "bayes:hf1:inner": N.accuracies(rule_nodes(test, taxonomy, temperature, "bayes:hf1:inner").cpu().numpy(), t,
+                                        nv, tree),
         "min_prob_0.5": N.accuracies(half, t, nv, tree), **biased,
     }
 

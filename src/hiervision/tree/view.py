@@ -219,11 +219,12 @@ class TreeView:
             out.append((order, idx[order], par[starts], starts))
         return tuple(out)
 
-    def subtree_sum(self, x: np.ndarray, nodes_first: bool = False) -> np.ndarray:
+    def subtree_sum(self, x: np.ndarray, nodes_first: bool = False, inplace: bool = False) -> np.ndarray:
         """``(B, N+1)`` values per node → each node's sum over its subtree (itself included; the root's
         column holds the row's total), bottom-up one level at a time: O(B·N), never a (N+1)² product.
-        ``nodes_first``: ``x`` is ``(N+1, ...)`` (any trailing axes), and so is the result."""
-        out = np.array(x, copy=True)
+        ``nodes_first``: ``x`` is ``(N+1, ...)`` (any trailing axes), and so is the result. ``inplace``: into
+        ``x`` itself (a caller's scratch buffer: on a 10⁵-node tree fresh pages cost more than the sums)."""
+        out = x if inplace else np.array(x, copy=True)
         for _, kids, par, starts in reversed(self._groups):
             if nodes_first:
                 out[par] += np.add.reduceat(out[kids], starts, axis=0)
@@ -241,10 +242,11 @@ class TreeView:
             out[:, par] = np.add.reduceat(x[:, kids] if level is None else x[:, order], starts, axis=1)
         return out
 
-    def path_sum(self, x: np.ndarray, nodes_first: bool = False) -> np.ndarray:
+    def path_sum(self, x: np.ndarray, nodes_first: bool = False, inplace: bool = False) -> np.ndarray:
         """``(B, N+1)`` values per node → each node's sum along its path from depth 1 (the root's own
-        value left out, its column 0), top-down one level at a time. ``nodes_first``: as in :meth:`subtree_sum`."""
-        out = np.array(x, copy=True)
+        value left out, its column 0), top-down one level at a time. ``nodes_first``, ``inplace``: as in
+        :meth:`subtree_sum`."""
+        out = x if inplace else np.array(x, copy=True)
         view = out if nodes_first else out.T
         view[0] = 0
         for idx in self.levels[1:]:
