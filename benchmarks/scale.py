@@ -340,8 +340,9 @@ def render_posthoc(cell: dict, args) -> str:
         f"| {args.posthoc} | {cell['nodes']:,} | {cell['leaves']:,} | {cell['images']} + {cell['images']} | "
         f"{cell['posthoc_fit_s']:.1f} s | {cell['report_s']:.1f} s | {cell['peak_rss_mb']:.0f} MB |", "",
         f"Aim met: fit {'yes' if cell['posthoc_fit_s'] <= 60 else 'no'}, report "
-        f"{'yes' if cell['report_s'] <= 90 else 'no'} (one run, an untrained head: of the steps, only the "
-        "hedging search's cost depends on the scores, through how many nodes can win at some λ).", ""])
+        f"{'yes' if cell['report_s'] <= 90 else 'no'} (one run, an untrained head: the cost of the hedging "
+        "and conformal searches depends on the scores: how many nodes can win at some λ, how many ranks a set "
+        "needs).", ""])
 
 
 def median_cell(cells: list[dict]) -> dict:
