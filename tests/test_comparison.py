@@ -522,3 +522,23 @@ def test_induced_hiernet_cell_for_real_is_scored_in_the_given_tree(tmp_path, con
     # of 0, a wrong one at least 1 and at most the given tree's depth
     wrong, depth = 1 - given["path_accuracy"], load_run(cells[0].run_dir)[1].max_depth  # the pre-training's tree
     assert wrong - 1e-6 <= given["hdist@1"] <= depth * wrong + 1e-6
+
+
+def test_the_haframe_diagnosis_table_pairs_each_arm_with_its_flat_and_the_default_and_reads_the_declared_rule():
+    import haframe_diagnosis as HD
+
+    def entry(h: float, f: float) -> dict:
+        return {"digests": ["f", "h"], "haframe": {"leaf_accuracy": h, "mistake_severity": 2.0, "hdist@5": 3.0},
+                "flat": {"leaf_accuracy": f, "mistake_severity": 2.1, "hdist@5": 3.2}}
+
+    flat = {0: 0.280, 1: 0.285, 2: 0.282}
+    default = {0: 0.260, 1: 0.272, 2: 0.269}
+    ledger = {f"default/s{s}": entry(default[s], flat[s]) for s in flat}
+    ledger |= {f"authors_split/s{s}": entry(default[s] + 0.015 + 0.001 * s, flat[s]) for s in flat}  # recovers
+    ledger |= {f"no_cosine/s{s}": entry(default[s] + (0.01 if s else -0.01), flat[s]) for s in flat}  # noise
+    text = HD.section(ledger, "python benchmarks/haframe_diagnosis.py")
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"arm", "default", "authors_split", "no_cosine"}  # unmeasured arms get no row
+    assert "| 3 | 26.7 ± 0.6 | -1.53 [" in rows["default"] and "| – |" in rows["default"]
+    assert "+1.60 [+1.35, +1.85]" in rows["authors_split"]  # paired with the default arm, seed by seed
+    assert "Arms that recover top-1 (Δ vs default HAFrame above 0): authors_split." in text
