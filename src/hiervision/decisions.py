@@ -538,11 +538,10 @@ def fit_decisions(model, val: Prediction | EndDistribution, val_targets: torch.T
     t = fit_temperature(dist.q(), val_targets, taxonomy, per_level)
     set_temperature(model, t)
     qt, m = dist.q(t), dist.node_marginals(t)  # kept in dist: evaluate_hedging reads the same ones
+    scores = conformal_scores(qt, val_targets, taxonomy)  # one ranking serves every target
     out = {"temperature": t,
            "hedge": {str(a): fit_lambda(m, val_targets, taxonomy, a) for a in targets},
-           "conformal": {}}
-    scores = conformal_scores(qt, val_targets, taxonomy)  # one ranking serves every target
-    out["conformal"] = {str(a): conformal_threshold(qt, val_targets, taxonomy, 1 - a, scores) for a in targets}
+           "conformal": {str(a): conformal_threshold(qt, val_targets, taxonomy, 1 - a, scores) for a in targets}}
     if run_dir is not None:
         save_decisions(run_dir, **out)
     return out
@@ -567,6 +566,8 @@ def evaluate_hedging(val: Prediction | EndDistribution, val_targets: torch.Tenso
     thr = fit_backoff(mv, val_targets, taxonomy, target)
     tau = (fitted["conformal"][key] if fitted and key in fitted["conformal"] else
            conformal_threshold(qv, val_targets, taxonomy, 1 - target) if target < 1 else float("inf"))
+    # one ranking of the test classes serves every target
+    ranked = dt.cached(("ranked", marginals.as_temperature(temperature)), lambda: ranked_classes(qt, taxonomy))
     return {
         "target": target,
         "lambda": lam,
@@ -574,9 +575,7 @@ def evaluate_hedging(val: Prediction | EndDistribution, val_targets: torch.Tenso
         **coverage_report(hedge_nodes(mt, taxonomy, lam), test_targets, taxonomy),
         "baseline": {"threshold": thr, **coverage_report(backoff_nodes(mt, taxonomy, thr), test_targets, taxonomy)},
         "conformal": {"alpha": 1 - target, "tau": tau if math.isfinite(tau) else None,
-                      **coverage_report(conformal_nodes(qt, taxonomy, tau, dt.cached(
-                          ("ranked", marginals.as_temperature(temperature)), lambda: ranked_classes(qt, taxonomy))),
-                          test_targets, taxonomy)},
+                      **coverage_report(conformal_nodes(qt, taxonomy, tau, ranked), test_targets, taxonomy)},
     }
 
 
