@@ -92,3 +92,32 @@ def test_the_recipe_is_described_in_one_set_of_words_everywhere(capsys):
     train = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
                  if a.dest == "config")
     assert train.help.endswith(RECIPE_WORDS)
+
+
+def test_every_interval_and_mean_std_the_docs_quote_is_a_measured_cell():
+    """Issue 40: the README's and the docs' numbers about methods are the tables' own, digit for digit — every
+    ``x [lo, hi]`` interval and every ``mean ± std`` they quote is in benchmarks/RESULTS.md (a fraction there may be
+    quoted as a percentage with one decimal), so a rerun that moves a table cannot leave a stale claim behind."""
+    root = Path(__file__).resolve().parents[1]
+
+    def norm(s: str) -> str:
+        return s.replace("−", "-").replace(" pt", "").replace(" %", "")
+
+    interval = re.compile(r"([+\-−]?\d+\.\d+)(?: pt| %)? \[([+\-−]?\d+\.\d+), ([+\-−]?\d+\.\d+)\]")
+    pm = re.compile(r"(\d+\.\d+) ± (\d+\.\d+)")
+    results = norm((root / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8"))
+    intervals = {tuple(float(x) for x in m.groups()) for m in interval.finditer(results)}
+    pairs = {m.groups() for m in pm.finditer(results)}
+    pairs |= {(f"{float(a) * 100:.1f}", f"{float(b) * 100:.1f}") for a, b in list(pairs) if float(a) <= 1}
+    stale, quoted = [], 0
+    for f in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        text = f.read_text(encoding="utf-8")
+        for m in interval.finditer(text):
+            quoted += 1
+            if tuple(float(norm(x)) for x in m.groups()) not in intervals:
+                stale.append(f"{f.name}: {m.group(0)}")
+        for m in pm.finditer(text):
+            quoted += 1
+            if m.groups() not in pairs:
+                stale.append(f"{f.name}: {m.group(0)}")
+    assert quoted > 100 and not stale, stale
