@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from comparison_plan import Ledger, plan, recorder, run_cells, status
+from comparison_plan import Ledger, plan, record_new, recorder, run_cells, status
 from comparison_report import machines_note, write_outputs
 from comparison_stats import summarize
 
@@ -91,9 +91,7 @@ def main(args: argparse.Namespace, machine_fn: Callable[[], str]) -> int:
         except Preempted as e:  # the cell's last.pt holds the step: the same command resumes it
             print(f"[comparison] {e}", file=sys.stderr)
             return 128 + e.signum
-    for c in table:  # cells finished here before the ledger knew them
-        if c.finished_here():
-            ledger.record(c, machine)
+    record_new(table, ledger, machine)
     summary = summarize(table, args.budget)
     command = " ".join(["python benchmarks/run.py", *_without_only(sys.argv[1:])])
     where = {}

@@ -447,6 +447,16 @@ def recorder(ledger: Ledger, table: list[Cell], machine: str):
     return record
 
 
+def record_new(table: list[Cell], ledger: Ledger, machine: str) -> None:
+    """Keep the cells finished in their run folders that the ledger does not know yet (trained before it existed,
+    or by a sitting that stopped before recording). A cell it knows keeps its recorded metrics: a run folder may
+    hold a rerun of the same config that another script made (``open_world.py`` trains the comparison's flat and
+    HAFrame cells where their folders are missing), and silently swapping it in would move committed rows."""
+    for c in table:
+        if c.finished_here() and ledger.get(c) is None:
+            ledger.record(c, machine)
+
+
 def train_cell(cell: Cell, train_fn, log) -> None:
     log(f"[comparison] {cell.name} ({cell.cfg['train']['epochs']} epochs) -> {cell.run_dir}")
     train_fn(cell.cfg, cell.run_dir, resume=True)  # the run folder is the engine's: cell.json goes in after

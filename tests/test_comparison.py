@@ -400,6 +400,17 @@ def test_the_ledger_keeps_finished_cells_across_machines(tmp_path, configs):
     # a changed recipe is a new cell: the ledger's numbers never stand in for it
     changed = P.plan("cpu", [0], second, datasets=data, config_dir=configs, extra=["train.lr=0.05"], ledger=ledger)
     assert not any(c.done() for c in changed)
+    # a rerun of a recorded cell left in its folder by another script does not replace the recorded metrics;
+    # a finished cell the ledger has never seen is recorded
+    guo = next(c for c in P.plan("cpu", [0], first, datasets=data, config_dir=configs, ledger=ledger)
+               if c.method.key == "guo_rnn")
+    (guo.run_dir / "metrics.json").write_text(json.dumps({"path_accuracy": 0.1}))
+    new = next(c for c in changed if c.method.key == "flat")
+    train_fn(new.cfg, new.run_dir, True)
+    (new.run_dir / "cell.json").write_text(json.dumps({"digest": new.digest}))
+    P.record_new([guo, new], ledger, "machine B")
+    assert ledger.get(guo) == {"path_accuracy": pytest.approx(0.55)} and ledger.machine(guo) == "machine A"
+    assert ledger.get(new) == {"path_accuracy": pytest.approx(0.48)}
 
 
 @pytest.mark.slow
