@@ -197,9 +197,14 @@ class Cell:
         return "todo"
 
     def metrics(self) -> dict:
-        """Test metrics; an induced-tree run's are those in the data set's own tree (comparable with flat)."""
-        if not self.finished_here() and self.ledger is not None and self.ledger.get(self) is not None:
-            return self.ledger.get(self)
+        """Test metrics: the ledger's record of this config when it has one (the numbers the tables quote: a run
+        folder may hold a rerun that another script made), else this run folder's (:meth:`folder_metrics`)."""
+        recorded = self.ledger.get(self) if self.ledger is not None else None
+        return recorded if recorded is not None else self.folder_metrics()
+
+    def folder_metrics(self) -> dict:
+        """This run folder's test metrics; an induced-tree run's are those in the data set's own tree (comparable
+        with flat)."""
         m = json.loads((self.run_dir / "metrics.json").read_text(encoding="utf-8"))
         for extra in (self.given, self.decoded):
             if extra is not None:
@@ -244,7 +249,7 @@ class Ledger:
 
     def record(self, cell: Cell, machine: str) -> None:
         """Keep a cell finished in its run folder (written at once, atomically: a killed sitting loses nothing)."""
-        metrics = {k: v for k, v in cell.metrics().items() if k in LEDGER_KEYS}
+        metrics = {k: v for k, v in cell.folder_metrics().items() if k in LEDGER_KEYS}
         entry = {"digest": cell.digest, "machine": machine, "run_dir": str(cell.run_dir), "metrics": metrics}
         old = self.cells.get(cell.name, {})
         if {k: v for k, v in old.items() if k not in ("recorded", "earlier")} == entry:
