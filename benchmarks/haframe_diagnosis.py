@@ -75,10 +75,9 @@ def cells(arm: str, seed: int, runs: Path) -> dict[str, Cell]:
 
 
 def metrics(cell: Cell, train) -> dict:
-    """A cell's test metrics: from the comparison's ledger when it holds them, else trained (resumable)."""
-    if cell.done() and not cell.finished_here():
-        return cell.metrics()
-    return trained(cell, train)
+    """A cell's test metrics: the comparison ledger's record or this folder's (:meth:`Cell.metrics`), else trained
+    (resumable)."""
+    return cell.metrics() if cell.done() else trained(cell, train)
 
 
 def measure(arm: str, seed: int, runs: Path, ledger: dict, train) -> None:
