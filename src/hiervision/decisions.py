@@ -404,7 +404,7 @@ def expected_lca_height(q: torch.Tensor | EndDistribution, taxonomy: Taxonomy, t
     an (N+1)² table of pairwise LCA heights. Given an :class:`EndDistribution`, of its ``q(temperature)``,
     computed once and kept there."""
     if isinstance(q, EndDistribution):
-        return torch.from_numpy(-_expected(q, taxonomy, "severity", temperature)).to(q.q().device, torch.float32)
+        return torch.from_numpy(-_expected(q, taxonomy, "severity", temperature)).to(q.device, torch.float32)
     scores = bayes.expected_scores(q.detach().cpu().double().numpy(), taxonomy, "severity")
     return torch.from_numpy(-scores).to(q.device, torch.float32)
 

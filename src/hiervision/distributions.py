@@ -85,7 +85,7 @@ class EndDistribution:
     def __init__(self, prediction: Prediction, taxonomy: Taxonomy, ends: str = "leaves") -> None:
         self.prediction, self.taxonomy, self.ends = prediction, taxonomy, ends
         s = prediction.scores
-        self._device = s.device
+        self.device = s.device
         # temperature 1: the push-down alone; every temperature is applied to this float64 array, as
         # marginals.end_distribution itself does
         self._base = marginals.end_distribution(s.detach().float().cpu().numpy(), taxonomy, ends)
@@ -101,7 +101,7 @@ class EndDistribution:
         key = marginals.as_temperature(temperature)
         if key not in self._q:
             q = marginals.apply_temperature(self._base, key, self.taxonomy, self.ends)
-            self._q[key] = torch.from_numpy(np.asarray(q)).float().to(self._device)
+            self._q[key] = torch.from_numpy(np.asarray(q)).float().to(self.device)
         return self._q[key]
 
     def node_marginals(self, temperature: Temperature = 1.0) -> torch.Tensor:
