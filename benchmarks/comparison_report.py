@@ -35,7 +35,8 @@ train nothing: they answer the named run's calibrated test scores by the post-ho
 height; Bayes hF1: largest expected per-image hierarchical F1, inner answers allowed), and their hdist@k ranks the
 classes by the rule's expected score. "depth sev." counts the true path's levels a mistake misses (equal to
 "mistake sev.", the LCA height, on a fixed-depth tree); "op. curve area" is the area under Valmadre's
-correct-vs-specificity operating curve."""
+correct-vs-specificity operating curve; "HOPS" is Sani & Anand's score of the whole ranking of end classes
+(Hier-COS, issue 40), recorded for cells trained since it landed ("–" where a row's cells predate it)."""
 
 
 def _fmt(stat: dict, scale: float) -> str:
