@@ -553,3 +553,17 @@ def test_the_haframe_diagnosis_table_pairs_each_arm_with_its_flat_and_the_defaul
     assert "| 3 | 26.7 ± 0.6 | -1.53 [" in rows["default"] and "| – |" in rows["default"]
     assert "+1.60 [+1.35, +1.85]" in rows["authors_split"]  # paired with the default arm, seed by seed
     assert "Arms that recover top-1 (Δ vs default HAFrame above 0): authors_split." in text
+
+
+def test_the_hiercos_collapse_table_marks_an_arm_by_its_top1_and_its_most_common_answer(tmp_path):
+    import hiercos_collapse as HC
+
+    ledger = {"flat": {"digest": "a", "top1": 0.08, "most_common_share": 0.03},
+              "hiercos": {"digest": "b", "top1": 0.006, "most_common_share": 0.9},
+              "no_aux": {"digest": "c", "top1": 0.014, "most_common_share": 0.1}}  # near chance, answers spread
+    text = HC.section(ledger, "python benchmarks/hiercos_collapse.py", tmp_path)
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"arm", "flat", "hiercos", "no_aux"}  # an unmeasured arm gets no row
+    assert rows["flat"].endswith("| 8.0 | 3.0 | no |")
+    assert rows["hiercos"].endswith("| 0.6 | 90.0 | yes |")
+    assert rows["no_aux"].endswith("| 1.4 | 10.0 | no |")
