@@ -103,7 +103,8 @@ def main(args: argparse.Namespace, machine_fn: Callable[[], str]) -> int:
     progress = (f"Progress: {done} of {len(shown)} cells done; "
                 f"{'complete' if done == len(shown) else f'continue with `{command}`'} "
                 f"(`--status` lists the cells).{machines_note(shown, ledger, machine)}")
-    print(write_outputs(summary, args.budget, command, machine, time.perf_counter() - t0, progress=progress,
+    wall = None if args.table_only else time.perf_counter() - t0
+    print(write_outputs(summary, args.budget, command, machine, wall, progress=progress,
                         **where))
     print(status(cells))
     return 0

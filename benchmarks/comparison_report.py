@@ -243,7 +243,7 @@ def crm_on_deep_trees(summary: dict, synthetic: Path = HERE / "results" / "crm-d
             "is the column to compare mistakes across depths, `mistake sev.` the papers' (benchmarks/DECISIONS.md).")
 
 
-def section(summary: dict, budget: str, command: str, machine: str, wall_s: float, name: str,
+def section(summary: dict, budget: str, command: str, machine: str, wall_s: float | None, name: str,
             progress: str = "") -> str:
     """The RESULTS.md section: protocol, machine, command, then per data set the table (n per row),
     the paired differences, per-level accuracy and the length diagnostics of variable-length paths."""
@@ -253,8 +253,10 @@ def section(summary: dict, budget: str, command: str, machine: str, wall_s: floa
     lines = [f"## {name}", "", PROTOCOL.format(budget=f"{budget} ({epochs})", pre=pre,
                                                  widths=", ".join(map(str, BEAM_WIDTHS))).replace("\n", " "), "",
              f"Command: `{command}`  ", f"Machine: {machine}  ",
-             f"Wall time of this sitting: {wall_s / 60:.1f} min (cells are cached: earlier sittings add to the "
-             "tables)" + ("  " if progress else ""), *([progress] if progress else [])]
+             (f"Wall time of this sitting: {wall_s / 60:.1f} min (cells are cached: earlier sittings add to the "
+              "tables)" if wall_s is not None else "Wall time: this sitting trained nothing (tables rewritten from "
+              "the cached cells; each row's training speed is its train img/s column)") + ("  " if progress else ""),
+             *([progress] if progress else [])]
     for key, data in summary.items():
         rows = data["rows"]
         lines += ["", f"### {data['label']}", "",
@@ -352,7 +354,7 @@ def plot(summary: dict, name: str, outdir: Path) -> list[Path]:
 README_START, README_END = "<!-- which-method:start -->", "<!-- which-method:end -->"
 
 
-def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s: float,
+def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s: float | None,
                   results_dir: Path = HERE / "results", results_md: Path = HERE / "RESULTS.md",
                   readme: Path | None = HERE.parent / "README.md", progress: str = "") -> str:
     """JSON, plots, the RESULTS.md section and the README's "Which method?" paragraph (between

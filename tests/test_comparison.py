@@ -293,6 +293,8 @@ def test_a_decoding_only_row_decodes_the_trained_run_and_trains_nothing(tmp_path
     assert row["n"] == 1 and row["vs_flat"]["path_accuracy"]["n"] == 1 and row["beam_width"] == {0: m["beam_width"]}
     text = R.section(summary, "cpu", "cmd", "machine", 1.0, "comparison")
     assert f"Guo CNN-RNN, beam: beam width picked on val per seed: s0: {m['beam_width']}." in text
+    assert "Wall time of this sitting: 0.0 min" in text  # 1.0 s trained
+    assert "this sitting trained nothing" in R.section(summary, "cpu", "cmd", "machine", None, "comparison")
     dec.decoded.unlink()  # e.g. a row added after its run was trained: only the decoding is left to do
     assert dec.state() == "trained; to decode"
     assert P.run_cells(cells, train_fn=train_fn, log=lambda *_: None)["ran"] == [dec.name] and len(trained) == 2
