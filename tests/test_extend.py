@@ -6,11 +6,14 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hiervision.cli import main
+from hiervision.cli.extend import extend_config
 from hiervision.config import load_config
 from hiervision.data.base import grow_tree
-from hiervision.experiment import load_run
+from hiervision.experiment import load_run, run_data, run_model
+from hiervision.extend import IMPRINT_IMAGES, init_from_run
 from hiervision.taxonomy import Taxonomy
 from hiervision.training import train
 
@@ -45,7 +48,7 @@ def _parent(tmp_path, model: str = "flat"):
     return tmp_path / "parent"
 
 
-def test_extend_adds_the_held_out_classes_keeps_the_weights_and_imprints_the_new_rows(tmp_path, capsys):
+def test_extend_adds_the_held_out_classes_keeps_the_backbone_and_evaluates_and_exports(tmp_path, capsys):
     parent = _parent(tmp_path)
     new = tmp_path / "new"
     assert main(["extend", str(parent), "--out", str(new), "--epochs", "1", "--set", "data.holdout_leaves=null",
@@ -57,12 +60,36 @@ def test_extend_adds_the_held_out_classes_keeps_the_weights_and_imprints_the_new
     assert grown.num_nodes > known.num_nodes and grown.names[:known.num_nodes] == known.names
     for key, value in old.backbone.state_dict().items():  # the head alone was fine-tuned: the backbone is the parent's
         assert torch.equal(model.backbone.state_dict()[key], value), key
-    rows = [i for i, c in enumerate(model.classes.tolist()) if c >= known.num_nodes]
-    assert rows and all(model.fc.weight[r].norm() > 0 for r in rows)
     metrics = json.loads((new / "metrics.json").read_text())
     assert "started from" in metrics["data_note"] and "imprinted" in metrics["data_note"]
     assert main(["evaluate", str(new), "--device", "cpu"]) == 0  # evaluates like any run (its tree rebuilt)
     assert main(["export", str(new), "--out", str(tmp_path / "m.onnx")]) == 0
+
+
+def test_a_new_row_is_its_images_mean_feature_direction_at_the_known_rows_norm(tmp_path):
+    parent = _parent(tmp_path)
+    with torch.no_grad():  # features and weights compared, nothing trained
+        cfg = extend_config(parent, None, 1, False, 0.1, ["data.holdout_leaves=null"])
+        data = run_data(cfg)
+        model = run_model(cfg, data.taxonomy, data.meta()).eval()
+        record = init_from_run(model, parent, data)
+        old = load_run(parent)[2]
+        known, fc = record["known_classes"], model.fc
+        assert record["new_classes"] == len(model.classes) - known > 1
+        assert torch.equal(fc.weight[:known], old.fc.weight) and torch.equal(fc.bias[:known], old.fc.bias)
+        norm = old.fc.weight.norm(dim=1).mean()
+        targets = data.train.targets
+        means = []
+        for c in model.classes[known:].tolist():
+            idx = (targets == c).nonzero().flatten()[:IMPRINT_IMAGES]
+            images = torch.stack([data.train[int(i)][0] for i in idx])
+            means.append(F.normalize(model.backbone(data.normalize(images)), dim=1).mean(0))
+        cos = F.normalize(fc.weight[known:], dim=1) @ F.normalize(torch.stack(means), dim=1).T
+        own = cos.diagonal().clone()
+        assert torch.allclose(own, torch.ones(len(means)), atol=1e-5)  # its own images' direction ...
+        assert (own > cos.fill_diagonal_(-1).amax(1)).all()  # ... and no other new class's
+        assert torch.allclose(fc.weight[known:].norm(dim=1), norm.expand(len(means)), rtol=1e-4)  # the known rows' norm
+        assert torch.allclose(fc.bias[known:], old.fc.bias.mean().expand(len(means)))
 
 
 def test_extend_refuses_a_run_without_new_classes_and_a_head_that_cannot_grow(tmp_path, capsys):
