@@ -25,6 +25,7 @@ import io
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -467,7 +468,8 @@ def report_on_test(loop: Loop, cfg: dict, out: Path, progress: Progress, select_
     history = progress.history
     result.update(
         split="test",
-        train_images_per_s=sum(r["train_images_per_s"] for r in history) / max(len(history), 1),
+        # the median epoch: one epoch slowed by a suspended process or a busy neighbour does not move it
+        train_images_per_s=statistics.median(r["train_images_per_s"] for r in history) if history else 0.0,
         epochs=int(loop.tcfg["epochs"]),
         best_val=progress.best,
         select=select_key,
