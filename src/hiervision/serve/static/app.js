@@ -230,16 +230,25 @@ function draw() {
     el("rect", { width: BOX_W, height: BOX_H, rx: 7 }, b);
     const rest = restProbability(m.parent);
     el("text", { x: 9, y: rest === null ? 24 : 16 }, b).textContent = `+ ${m.rest} more`;
-    if (rest !== null) el("text", { x: 9, y: 31, class: "prob" }, b).textContent = `${pct(rest)} together`;
+    if (rest !== null) el("text", { x: 9, y: 31, class: "prob" }, b).textContent = `${pctRange(rest)} together`;
   }
   for (const v of drawn) drawNode(g, v, x(v), y.get(v.id), onPath.has(v.id), onAlt.has(v.id), marks.get(v.id));
 }
 
-// the probability of the children of v not drawn: v's own less its drawn children's (null where unknown)
+// the probability of the children of v not drawn, v's own less its drawn children's, as [low, high] (null where
+// unknown): on a big tree a node the answer did not score is only known to lie below SHOWN_ABOVE
 function restProbability(v) {
   const own = v.id === 0 ? 1 : probOf(v.id);
   if (own === null || v.shown.some((id) => probOf(id) === null)) return null;
-  return Math.max(own - v.shown.reduce((sum, id) => sum + probOf(id), 0), 0);
+  const known = v.shown.reduce((sum, id) => sum + probOf(id), 0);
+  const below = v.shown.filter((id) => !scores.has(id)).length;  // each somewhere in [0, SHOWN_ABOVE)
+  const high = (v.id === 0 || scores.has(v.id) ? own : SHOWN_ABOVE) - known;
+  return [Math.max(high - below * SHOWN_ABOVE, 0), Math.max(high, 0)];
+}
+
+// "x%", or "x–y%" where the two ends differ at one decimal
+function pctRange([low, high]) {
+  return pct(low) === pct(high) ? pct(high) : `${(100 * low).toFixed(1)}–${pct(high)}`;
 }
 
 // the answer in view: the tree card scrolls (sideways, then the page) until the box of `id` is inside the
