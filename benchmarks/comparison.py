@@ -1,6 +1,6 @@
 """Issue 14's comparison: every method against flat at budgets where flat is good, paired by seed.
 
-    python benchmarks/run.py --profile comparison                       # CPU budget, seeds 0 1 2
+    python benchmarks/run.py --profile comparison                       # CPU budget, 3 seeds (contenders 5)
     python benchmarks/run.py --profile comparison --status              # which cells are done
     python benchmarks/run.py --profile comparison --max-hours 2         # one sitting; rerun to continue
     python benchmarks/run.py --profile comparison --device cuda --budget gpu   # + Tiny-ImageNet at 64x64
@@ -50,12 +50,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def _without_only(argv: list[str]) -> list[str]:
-    """The command line minus ``--only PATTERN...`` and ``--table-only``: the command that regenerates
-    the whole table (and continues every cell) from the cache."""
+    """The command line minus ``--only PATTERN...``, ``--seeds N...`` and ``--table-only``: the command that
+    regenerates the whole table (and continues every cell, each row at its own seeds) from the cache."""
     out, skipping = [], False
     for a in argv:
         if a.startswith("--"):
-            skipping = a == "--only"
+            skipping = a in ("--only", "--seeds")
             if skipping or a == "--table-only":
                 continue
         if not skipping:
@@ -66,7 +66,7 @@ def _without_only(argv: list[str]) -> list[str]:
 def main(args: argparse.Namespace, machine_fn: Callable[[], str]) -> int:
     """``benchmarks/run.py --profile comparison`` lands here (one engine: run.py parses, this runs)."""
     root = Path(args.out) / f"comparison-{args.budget}"
-    seeds = args.seeds or [0, 1, 2]
+    seeds = args.seeds or None  # None: each row's own (three, five for the contenders)
     name = "comparison" if args.budget == "cpu" else f"comparison-{args.budget}"
     # the smoke test's ledger stays beside its runs; the budgets' is committed with their tables
     ledger = Ledger((root / "results" if args.budget == "tiny" else HERE / "results") / f"{name}-cells.json")
@@ -75,9 +75,9 @@ def main(args: argparse.Namespace, machine_fn: Callable[[], str]) -> int:
     if args.status:
         print(status(cells))
         return 0
-    # the tables cover every row and cached seed whatever this sitting runs: `--only` never shrinks them
-    table = plan(args.budget, sorted({0, 1, 2, *seeds}), root, args.device, None, args.optional, extra=args.set,
-                 ledger=ledger)
+    # the tables cover every row at its own seeds whatever this sitting runs (`--only`, `--seeds` never shrink
+    # them), and the cells this sitting adds beyond those
+    table = plan(args.budget, None, root, args.device, None, args.optional, extra=args.set, ledger=ledger)
     planned = {t.name for t in table}
     table += [c for c in cells if c.name not in planned]
     record = recorder(ledger, table, machine)

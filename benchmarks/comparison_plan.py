@@ -39,6 +39,7 @@ class Method:
     beam_widths: tuple[int, ...] = ()
     decode: str | None = None
     networks: int = 1  # networks trained and run (HiE's fine + coarse: 2); above 1 it is not equal budget
+    seeds: int = 3  # seeds 0 … seeds-1 when a sitting names none (the contenders: :data:`FIVE_SEEDS`)
 
     @property
     def run_key(self) -> str:
@@ -60,6 +61,8 @@ class DataSet:
 
 
 BEAM_WIDTHS = (1, 3, 10)  # the decoding-only row picks one of these on val
+#: issue 40's contenders (and the rows that decode their runs) run five seeds; every other row three
+FIVE_SEEDS = ("flat", "haframe", "soft_max_margin", "hie")
 
 
 def _mistake_rows(prefix: str) -> tuple[Method, ...]:
@@ -67,19 +70,20 @@ def _mistake_rows(prefix: str) -> tuple[Method, ...]:
     flat softmax (each also decoded by CRM). Optional until their cells are run: ``--optional``, or
     ``--only`` with their names."""
     rows = [Method("flat_crm", "flat + temperature + CRM", f"{prefix}-flat.yaml", reuses="flat", decode="crm",
-                   optional=True),
+                   optional=True, seeds=5),
             Method("flat_bayes_hf1", "flat + Bayes hF1 (inner answers)", f"{prefix}-flat.yaml", reuses="flat",
-                   decode="bayes:hf1:inner", optional=True)]
+                   decode="bayes:hf1:inner", optional=True, seeds=5)]
     for key, label, config in (("haframe", "HAFrame", "haframe"), ("haf", "HAF", "haf"),
                                ("soft_max_margin", "soft-max-margin", "soft-max-margin"), ("bilt", "BiLT", "bilt"),
                                ("hiercos", "Hier-COS", "hiercos")):
-        rows += [Method(key, label, f"{prefix}-{config}.yaml", optional=True),
+        n = 5 if key in FIVE_SEEDS else 3
+        rows += [Method(key, label, f"{prefix}-{config}.yaml", optional=True, seeds=n),
                  Method(f"{key}_crm", f"{label} + CRM", f"{prefix}-{config}.yaml", reuses=key, decode="crm",
-                        optional=True)]
+                        optional=True, seeds=n)]
     hie = "HiE (fine + coarse network: 2x flat's compute)"
-    rows += [Method("hie", hie, f"{prefix}-hie.yaml", optional=True, networks=2),
+    rows += [Method("hie", hie, f"{prefix}-hie.yaml", optional=True, networks=2, seeds=5),
              Method("hie_crm", f"{hie} + CRM", f"{prefix}-hie.yaml", reuses="hie", decode="crm", optional=True,
-                    networks=2)]
+                    networks=2, seeds=5)]
     return tuple(rows)
 
 
@@ -88,7 +92,7 @@ MISTAKE_ROWS = ("flat_crm", "flat_bayes_hf1", "haframe", "haframe_crm", "haf", "
 
 
 def _rows(prefix: str, dhnn: tuple[str, str], extra: tuple[Method, ...] = ()) -> tuple[Method, ...]:
-    return (Method("flat", "flat", f"{prefix}-flat.yaml"),
+    return (Method("flat", "flat", f"{prefix}-flat.yaml", seeds=5),
             Method("dhnn", dhnn[0], f"{prefix}-{dhnn[1]}.yaml"),
             Method("guo_rnn", "Guo CNN-RNN", f"{prefix}-guo-rnn.yaml"),
             Method("guo_rnn_beam", "Guo CNN-RNN, beam (width tuned on val)", f"{prefix}-guo-rnn.yaml",
@@ -278,10 +282,12 @@ def _cell(data: DataSet, method: Method, seed: int, root: Path, config_dir: Path
     return Cell(data, method, seed, cfg, root / data.key / f"{tag}-s{seed}-{d}", d, hidden=hidden)
 
 
-def plan(budget: str, seeds: list[int], root: Path, device: str | None = None, only: list[str] | None = None,
+def plan(budget: str, seeds: list[int] | None, root: Path, device: str | None = None, only: list[str] | None = None,
          optional: bool = False, datasets: tuple[DataSet, ...] = DATASETS, config_dir: Path = CONFIGS,
          extra: list[str] | None = None, ledger: Ledger | None = None) -> list[Cell]:
     """Every cell of the budget, seed-major (seed 0 of every row first, so pairs fill in early).
+
+    ``seeds``: every row's, or ``None`` for each row's own (:attr:`Method.seeds`: five for the contenders).
 
     ``only``: ``METHOD/DATA`` glob patterns (``guo_rnn/*``, ``*/fmnist``, ``flat``); the pre-train an
     induced cell needs is included with it. Optional rows come with ``optional`` or when named.
@@ -301,7 +307,7 @@ def plan(budget: str, seeds: list[int], root: Path, device: str | None = None, o
         return False
 
     cells: list[Cell] = []
-    for seed in seeds:
+    for seed in seeds if seeds is not None else range(max(m.seeds for d in datasets for m in d.methods)):
         for data in datasets:
             if budget not in data.epochs:
                 continue
@@ -310,7 +316,7 @@ def plan(budget: str, seeds: list[int], root: Path, device: str | None = None, o
             if device:
                 sets.append(f"train.device={device}")
             for m in data.methods:
-                if not wanted(m, data):
+                if not wanted(m, data) or (seeds is None and seed >= m.seeds):
                     continue
                 if not m.induced:
                     cells.append(_cell(data, m, seed, root, config_dir, [*sets, f"train.epochs={epochs}"]))

@@ -25,7 +25,9 @@ the LSTM heads add grad_clip 5). Budget: {budget}. HierNet-induced: a flat pre-t
 HierNet for the rest, transferred from it: the same total epochs as flat. "Guo CNN-RNN, beam" is
 the Guo run itself decoded with tree-restricted beam search instead of the paper's greedy decoding,
 the width ({widths}) picked on validation path accuracy: no extra training. best.pt is picked on
-validation path accuracy; every number is on the test set. Seeds are paired: each method's
+validation path accuracy; every number is on the test set. Issue 40's contenders (flat, HAFrame,
+soft-max-margin, HiE, and the rows that decode their runs) run five seeds, the other rows three. Seeds are
+paired: each method's
 difference to flat is taken seed by seed (same split and order) and reported as mean, std and a 95 %
 Student-t interval (n-1 degrees of freedom; none for n < 2); a row pairs with flat's run on the machine (the
 precision: amp auto picks bf16 where the CPU has it) its own cell ran on, kept by the ledger — the flat row shows the

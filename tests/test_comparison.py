@@ -508,9 +508,22 @@ def test_diagnose_reports_a_trained_run(tmp_path, configs, capsys):
 
 
 def test_the_table_command_drops_only():
-    # a sitting with --only still records (and tells you to continue with) the whole profile
-    argv = ["--profile", "comparison", "--only", "hiernet/fmnist", "guo_rnn", "--seeds", "0", "--table-only"]
-    assert C._without_only(argv) == ["--profile", "comparison", "--seeds", "0"]
+    # a sitting with --only or --seeds still records (and tells you to continue with) the whole profile
+    argv = ["--profile", "comparison", "--only", "hiernet/fmnist", "guo_rnn", "--seeds", "3", "4", "--table-only",
+            "--optional"]
+    assert C._without_only(argv) == ["--profile", "comparison", "--optional"]
+
+
+def test_the_contenders_run_five_seeds_and_the_other_rows_three(tmp_path):
+    cells = P.plan("cpu", None, tmp_path, optional=True, datasets=P.DATASETS[:1])
+    seeds: dict[str, set[int]] = {}
+    for c in cells:
+        seeds.setdefault(c.method.key, set()).add(c.seed)
+    five = {k for k, s in seeds.items() if s == set(range(5))}
+    assert five == {"flat", "flat_crm", "flat_bayes_hf1", "haframe", "haframe_crm", "soft_max_margin",
+                    "soft_max_margin_crm", "hie", "hie_crm"}
+    assert all(s == {0, 1, 2} for k, s in seeds.items() if k not in five)
+    assert {c.seed for c in P.plan("cpu", [3], tmp_path, only=["haf"])} == {3}  # named seeds: every row's
 
 
 def test_cached_cells_keep_their_identity(tmp_path):
