@@ -207,7 +207,8 @@ def recommendation(summary: dict, min_seeds: int = 3) -> str:
         else:
             text = f"{label}: no row meets it or lowers a mistake measure (flat)"
         if pick["ensembles"]:
-            text += " — " + ", ".join(first[k]["label"] for k in pick["ensembles"]) + " meets it at more compute"
+            names = [first[k]["label"] for k in pick["ensembles"]]
+            text += f" — {' and '.join(names)} {'meet' if len(names) > 1 else 'meets'} it at more compute"
         said.append(text)
     return (f"*Recommended recipe*: **flat** — no single-network row {RULE} on every data set. Per data set (95 % "
             f"CI, n >= {min_seeds}): " + "; ".join(said) + ".")
@@ -378,7 +379,8 @@ def write_outputs(summary: dict, budget: str, command: str, machine: str, wall_s
             old, tail = rest.split(README_END, 1)
             para = (f"{which_method(summary)}\n\n{recommendation(summary)}\n\n(Generated from `{command}`; protocol "
                     f"and tables: benchmarks/RESULTS.md, section `{name}`.)")
-            if para.count(_CLAIM) >= old.count(_CLAIM):
+            claims = f"{_CLAIM} ["  # an interval; the words ("ties (within ±0.5 pt)") are not claims
+            if para.count(claims) >= old.count(claims):
                 readme.write_text(f"{head}{README_START}\n{para}\n{README_END}{tail}", encoding="utf-8")
     return body
 

@@ -15,8 +15,8 @@ epochs; the full-label flat and HAFrame cells are the comparison's own folders):
   head (Lee et al.'s flatten + leave-one-out, its novel-class bias swept): the known–novel curve's area and the
   novel accuracy at flat's own known accuracy.
 * **coarse** — ``data.coarsen=0.4`` (40 % of the training labels cut to a random proper ancestor) for flat and
-  HAFrame (the hierarchy-aware head that met the comparison's rule on Fashion-MNIST): test path accuracy against
-  the same head on full labels.
+  HAFrame (the hierarchy-aware head of the Fashion-MNIST recipe, ``configs/recommended-fmnist.yaml``): test path
+  accuracy against the same head on full labels.
 * **extend** — the novelty flat run extended with its held-out classes (``hiervision extend RUN --set
   data.holdout_leaves=null``: weights kept, new rows imprinted, the head fine-tuned 3 epochs): accuracy on the
   new classes' and on the old classes' test images, and wall time, against the full-label flat cell's training

@@ -258,11 +258,11 @@ def test_profile_is_resumable_and_cumulative(tmp_path, configs):
     assert (results / "comparison-toy.png").stat().st_size > 0
     r = readme.read_text()
     assert "\nold\n" not in r and "not measured yet with >= 3 seeds" in r and r.endswith("rest\n")
-    # a paragraph with measured claims is never replaced by one with fewer
-    claim = "A beats flat (+1 pt, 95 % CI [+0.5, +1.5], n = 3)"
+    # a paragraph with measured claims (intervals) is never replaced by one with fewer
+    claim = "| A | 3 | +1.00 pt [+0.50, +1.50] | beats flat |"
     readme.write_text(f"intro\n{R.README_START}\n{claim}\n{R.README_END}\nrest\n")
     R.write_outputs(summary, "cpu", "cmd", "m", 1.0, results, md, readme)
-    assert "A beats flat" in readme.read_text()
+    assert claim in readme.read_text()
 
 
 def test_a_decoding_only_row_decodes_the_trained_run_and_trains_nothing(tmp_path, configs):
