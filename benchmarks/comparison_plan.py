@@ -65,25 +65,28 @@ BEAM_WIDTHS = (1, 3, 10)  # the decoding-only row picks one of these on val
 FIVE_SEEDS = ("flat", "haframe", "soft_max_margin", "hie")
 
 
+def _seeds(run_key: str) -> int:
+    return 5 if run_key in FIVE_SEEDS else 3
+
+
 def _mistake_rows(prefix: str) -> tuple[Method, ...]:
     """Issue 24's rows: the post-hoc rules on flat's runs, and the hierarchy-aware losses that keep a
     flat softmax (each also decoded by CRM). Optional until their cells are run: ``--optional``, or
     ``--only`` with their names."""
     rows = [Method("flat_crm", "flat + temperature + CRM", f"{prefix}-flat.yaml", reuses="flat", decode="crm",
-                   optional=True, seeds=5),
+                   optional=True, seeds=_seeds("flat")),
             Method("flat_bayes_hf1", "flat + Bayes hF1 (inner answers)", f"{prefix}-flat.yaml", reuses="flat",
-                   decode="bayes:hf1:inner", optional=True, seeds=5)]
+                   decode="bayes:hf1:inner", optional=True, seeds=_seeds("flat"))]
     for key, label, config in (("haframe", "HAFrame", "haframe"), ("haf", "HAF", "haf"),
                                ("soft_max_margin", "soft-max-margin", "soft-max-margin"), ("bilt", "BiLT", "bilt"),
                                ("hiercos", "Hier-COS", "hiercos")):
-        n = 5 if key in FIVE_SEEDS else 3
-        rows += [Method(key, label, f"{prefix}-{config}.yaml", optional=True, seeds=n),
+        rows += [Method(key, label, f"{prefix}-{config}.yaml", optional=True, seeds=_seeds(key)),
                  Method(f"{key}_crm", f"{label} + CRM", f"{prefix}-{config}.yaml", reuses=key, decode="crm",
-                        optional=True, seeds=n)]
+                        optional=True, seeds=_seeds(key))]
     hie = "HiE (fine + coarse network: 2x flat's compute)"
-    rows += [Method("hie", hie, f"{prefix}-hie.yaml", optional=True, networks=2, seeds=5),
+    rows += [Method("hie", hie, f"{prefix}-hie.yaml", optional=True, networks=2, seeds=_seeds("hie")),
              Method("hie_crm", f"{hie} + CRM", f"{prefix}-hie.yaml", reuses="hie", decode="crm", optional=True,
-                    networks=2, seeds=5)]
+                    networks=2, seeds=_seeds("hie"))]
     return tuple(rows)
 
 
@@ -92,7 +95,7 @@ MISTAKE_ROWS = ("flat_crm", "flat_bayes_hf1", "haframe", "haframe_crm", "haf", "
 
 
 def _rows(prefix: str, dhnn: tuple[str, str], extra: tuple[Method, ...] = ()) -> tuple[Method, ...]:
-    return (Method("flat", "flat", f"{prefix}-flat.yaml", seeds=5),
+    return (Method("flat", "flat", f"{prefix}-flat.yaml", seeds=_seeds("flat")),
             Method("dhnn", dhnn[0], f"{prefix}-{dhnn[1]}.yaml"),
             Method("guo_rnn", "Guo CNN-RNN", f"{prefix}-guo-rnn.yaml"),
             Method("guo_rnn_beam", "Guo CNN-RNN, beam (width tuned on val)", f"{prefix}-guo-rnn.yaml",
