@@ -74,18 +74,12 @@ def cells(arm: str, seed: int, runs: Path) -> dict[str, Cell]:
             "haframe": variant(base["haframe"], own)}
 
 
-def metrics(cell: Cell, train) -> dict:
-    """A cell's test metrics: the comparison ledger's record or this folder's (:meth:`Cell.metrics`), else trained
-    (resumable)."""
-    return cell.metrics() if cell.done() else trained(cell, train)
-
-
 def measure(arm: str, seed: int, runs: Path, ledger: dict, train) -> None:
     c = cells(arm, seed, runs)
     key, digests = f"{arm}/s{seed}", [c["flat"].digest, c["haframe"].digest]
     if ledger.get(key, {}).get("digests") == digests:
         return
-    ledger[key] = {"digests": digests, **{role: {k: metrics(cell, train).get(k) for k in KEYS}
+    ledger[key] = {"digests": digests, **{role: {k: trained(cell, train).get(k) for k in KEYS}
                                           for role, cell in c.items()}}
 
 

@@ -7,7 +7,8 @@
     python benchmarks/open_world.py --table-only             # rewrite the section from the measured cells
 
 Cells, per data set and seed, at the comparison's budget (``benchmarks/comparison_plan.py``: its configs and
-epochs; the full-label flat and HAFrame cells are the comparison's own folders):
+epochs; the full-label flat and HAFrame cells are the comparison's own: their folders, or their metrics from its
+ledger ``benchmarks/results/comparison-cells.json`` on a machine without the folders):
 
 * **novelty** — ``data.holdout_leaves`` (Fashion-MNIST: Shirt and Sandal, one end class per top-level group;
   Tiny-ImageNet: a seeded 20 % of the end classes). The flat head's rules (:func:`hiervision.posthoc.
@@ -43,7 +44,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from comparison_plan import CONFIGS, DATASETS, Cell, Method, _cell, plan, train_cell  # noqa: E402
+from comparison_plan import CONFIGS, DATASETS, Cell, Ledger, Method, _cell, plan, train_cell  # noqa: E402
 from comparison_stats import mean_std, paired_difference  # noqa: E402
 from results_md import write_section  # noqa: E402
 
@@ -57,8 +58,9 @@ def cells(budget: str, seed: int, data_key: str, runs: Path) -> dict[str, Cell]:
     """The cells of one data set and seed, by role (module docstring)."""
     data = next(d for d in DATASETS if d.key == data_key)
     root = runs / f"comparison-{budget}"
+    ledger = Ledger(HERE / "results" / "comparison-cells.json")
     full = {c.method.key: c for c in plan(budget, [seed], root, only=[f"flat/{data_key}", f"haframe/{data_key}"],
-                                          datasets=(data,)) if not c.hidden}
+                                          datasets=(data,), ledger=ledger) if not c.hidden}
     sets = [*data.overrides.get(budget, ()), f"train.epochs={data.epochs[budget]}"]
 
     def variant(base: Cell, key: str, *extra: str) -> Cell:
@@ -73,12 +75,13 @@ def cells(budget: str, seed: int, data_key: str, runs: Path) -> dict[str, Cell]:
 
 
 def trained(cell: Cell, train) -> dict:
-    """``cell``'s metrics, trained first (its wall time kept in ``train_seconds.txt``) when its folder lacks them."""
-    if not cell.trained():
+    """``cell``'s test metrics: the comparison ledger's record or its folder's (:meth:`Cell.metrics`), else trained
+    first (resumable; its wall time kept in ``train_seconds.txt``)."""
+    if not cell.done():
         t0 = time.perf_counter()
         train_cell(cell, train, print)
         (cell.run_dir / "train_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n", encoding="utf-8")
-    return json.loads((cell.run_dir / "metrics.json").read_text(encoding="utf-8"))
+    return cell.metrics()
 
 
 def _seconds(run: Path) -> float | None:
