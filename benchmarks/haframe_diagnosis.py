@@ -16,7 +16,8 @@ the order that answers most per CPU hour).
 Read: an arm *recovers* top-1 when the seed-paired 95 % interval of its top-1 minus the default HAFrame's lies
 above 0 (declared before the runs); its Δ against flat takes the comparison's words
 (:func:`comparison_report.top1_words`, margin 0.5 pt). The default arm and flat are the comparison's own cells
-(their metrics from ``benchmarks/results/comparison-cells.json`` when the run folders are not here). Per-arm
+(their metrics from ``benchmarks/results/comparison-cells.json`` when the run folders are not here), the default
+arm at all of HAFrame's comparison seeds; an arm pairs with it on the arm's seeds. Per-arm
 results accumulate in ``benchmarks/results/haframe_diagnosis.json``; every invocation rewrites
 ``## haframe diagnosis`` in RESULTS.md from all of them.
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from comparison_plan import CONFIGS, DATASETS, Cell, Ledger, Method, _cell, plan  # noqa: E402
+from comparison_plan import CONFIGS, DATASETS, Cell, Ledger, Method, _cell, _seeds, plan  # noqa: E402
 from comparison_report import top1_words  # noqa: E402
 from comparison_stats import mean_std, paired_difference  # noqa: E402
 from open_world import trained  # noqa: E402
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     path = HERE / "results" / "haframe_diagnosis.json"
     ledger = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     for arm in [] if args.table_only else ["default", *args.arms]:
-        for seed in args.seeds:
+        # the default arm is the comparison's own cells (free from its ledger): all of HAFrame's seeds
+        for seed in range(_seeds("haframe")) if arm == "default" else args.seeds:
             measure(arm, seed, Path(args.out), ledger, train)
             path.write_text(json.dumps(ledger, indent=1), encoding="utf-8")
     text = section(ledger, "python benchmarks/haframe_diagnosis.py")

@@ -163,7 +163,9 @@ def _ci(d: dict, scale: float = 100.0) -> str:
 
 def _pm(values: list, scale: float = 100.0) -> str:
     s = mean_std(values)
-    return "–" if s["mean"] is None else f"{s['mean'] * scale:.1f} ± {s['std'] * scale:.1f}"
+    if s["mean"] is None:
+        return "–"
+    return f"{s['mean'] * scale:.1f}" + (f" ± {s['std'] * scale:.1f}" if len(values) > 1 else " (n = 1)")
 
 
 def _by_seed(ledger: dict, part: str, data_key: str, get) -> dict[int, float]:
@@ -175,8 +177,10 @@ def _by_seed(ledger: dict, part: str, data_key: str, get) -> dict[int, float]:
     return out
 
 
-def novelty_lines(ledger: dict, data_key: str) -> list[str]:
-    """The novelty table of one data set and its verdict (the declared rule)."""
+def novelty_lines(ledger: dict, data_key: str, figures: str = "results") -> list[str]:
+    """The novelty table of one data set, its verdict (the declared rule) and its figure."""
+    if not any(k.startswith(f"novelty/{data_key}/") for k in ledger):
+        return ["Novelty: not measured yet (`python benchmarks/open_world.py --parts novelty`)."]
     rows = [("flat: climbing (the threshold baseline)", lambda v: v["climbing"]),
             ("flat: DARTS", lambda v: v["darts"]), ("hnd (novel bias swept)", lambda v: v["hnd"])]
     lines = ["| rule | known–novel area % | novel acc. % at flat's known acc. | novel acc. % at 50 % known |",
@@ -191,7 +195,8 @@ def novelty_lines(ledger: dict, data_key: str) -> list[str]:
                           _by_seed(ledger, "novelty", data_key, lambda v: v["climbing"]["area"]))
     verdict = ("not settled" if d["lo"] is None or d["lo"] <= 0 <= d["hi"] else "beats" if d["lo"] > 0 else "loses")
     return lines + ["", f"hnd − flat climbing, area: {_ci(d)} (seed-paired 95 % interval): hnd **{verdict}** "
-                        "the flat-threshold baseline by the declared rule."]
+                        "the flat-threshold baseline by the declared rule.", "",
+                    f"![known–novel curves]({figures}/open-world-{data_key}.png)"]
 
 
 def coarse_and_extend_lines(ledger: dict, data_key: str) -> list[str]:
@@ -250,8 +255,7 @@ def section(ledger: dict, command: str, figures: str = "results") -> str:
              + ", ".join(sorted(ledger)) + "."]
     for d in DATASETS:
         if any(f"/{d.key}/" in k for k in ledger):
-            lines += ["", f"### {d.label}", "", *novelty_lines(ledger, d.key), "",
-                      f"![known–novel curves]({figures}/open-world-{d.key}.png)", "",
+            lines += ["", f"### {d.label}", "", *novelty_lines(ledger, d.key, figures), "",
                       *coarse_and_extend_lines(ledger, d.key)]
     return "\n".join(lines) + "\n"
 
