@@ -1,4 +1,4 @@
-"""Issue 40's question: why HAFrame's top-1 trails flat's on Tiny-ImageNet (−1.4 pt [−3.7, +0.9] at n = 3), if it does.
+"""Issue 40's question: why HAFrame loses top-1 to flat on Tiny-ImageNet (−1.2 pt [−2.3, −0.1] at n = 5).
 
     python benchmarks/haframe_diagnosis.py                         # every arm, seeds 0 1 2 (trains what is missing)
     python benchmarks/haframe_diagnosis.py --arms authors_split no_cosine --seeds 0
