@@ -570,6 +570,16 @@ def test_the_haframe_diagnosis_table_pairs_each_arm_with_its_flat_and_the_defaul
     assert "Arms that recover top-1 (Δ vs default HAFrame above 0): authors_split." in text
 
 
+def test_the_open_world_section_says_which_parts_of_a_data_set_are_not_measured_yet():
+    import open_world as OW
+
+    ledger = {"coarse/tiny32/s0": {"digests": ["a"], "flat": {"coarse": 0.20, "full": 0.21},
+                                   "haframe": {"coarse": 0.19, "full": 0.20}}}
+    tiny = OW.section(ledger, "python benchmarks/open_world.py").split("### Tiny")[1]
+    assert "Novelty: not measured yet" in tiny and "open-world-tiny32.png" not in tiny  # no verdict, no figure
+    assert "| flat | 21.0 (n = 1) | 20.0 (n = 1) | 0.952 | yes |" in tiny  # one seed has no spread to show
+
+
 def test_the_hiercos_collapse_table_marks_an_arm_by_its_top1_and_its_most_common_answer(tmp_path):
     import hiercos_collapse as HC
 
