@@ -96,26 +96,29 @@ def _ci(d: dict, scale: float = 100.0) -> str:
 
 def section(ledger: dict, command: str) -> str:
     """The table of every measured arm: top-1, Δ against its flat (with the comparison's words) and against the
-    default HAFrame, mistake severity; then which arms recover top-1 by the declared rule."""
+    default HAFrame, Δ mistake severity and Δ hdist@5 against its flat (does it keep HAFrame's milder mistakes?);
+    then which arms recover top-1 by the declared rule."""
     top1 = {arm: _by_seed(ledger, arm, lambda v: v["haframe"]["leaf_accuracy"]) for arm in ["default", *ARMS]}
     lines = ["## haframe diagnosis", "",
              f"Command: `{command}` (module docstring: the arms, the declared rule). Tiny-ImageNet 32×32, the "
              "comparison's CPU budget; Δ are seed-paired, 95 % t-intervals, in points of top-1 (leaf accuracy).", "",
              "| arm | what changes | n | top-1 % | Δ vs its flat | words (margin 0.5 pt) | Δ vs default HAFrame | "
-             "mistake sev. |", "|---|---|---|---|---|---|---|---|"]
+             "Δ mistake sev. vs its flat | Δ hdist@5 vs its flat |", "|---|---|---|---|---|---|---|---|---|"]
     recovered = []
     for arm in top1:
         if not top1[arm]:
             continue
         vs_flat = paired_difference(top1[arm], _by_seed(ledger, arm, lambda v: v["flat"]["leaf_accuracy"]))
         vs_default = paired_difference(top1[arm], top1["default"]) if arm != "default" else None
-        sev = mean_std(list(_by_seed(ledger, arm, lambda v: v["haframe"]["mistake_severity"]).values()))
+        milder = [_ci(paired_difference(_by_seed(ledger, arm, lambda v, k=k: v["haframe"][k]),
+                                        _by_seed(ledger, arm, lambda v, k=k: v["flat"][k])), scale=1.0)
+                  for k in ("mistake_severity", "hdist@5")]
         what = "the comparison's HAFrame (α 0.4, γ 2, one learning rate)" if arm == "default" else ARMS[arm][0]
         acc = mean_std(list(top1[arm].values()))
         words = top1_words(vs_flat) if vs_flat["lo"] is not None else "–"
         lines.append(f"| {arm} | {what} | {len(top1[arm])} | {acc['mean'] * 100:.1f} ± {acc['std'] * 100:.1f} | "
                      f"{_ci(vs_flat)} | {words} | {'–' if vs_default is None else _ci(vs_default)} | "
-                     f"{sev['mean']:.3f} |")
+                     f"{milder[0]} | {milder[1]} |")
         if vs_default is not None and vs_default["lo"] is not None and vs_default["lo"] > 0:
             recovered.append(arm)
     measured = [a for a in ARMS if top1[a]]

@@ -567,6 +567,7 @@ def test_the_haframe_diagnosis_table_pairs_each_arm_with_its_flat_and_the_defaul
     assert set(rows) == {"arm", "default", "authors_split", "no_cosine"}  # unmeasured arms get no row
     assert "| 3 | 26.7 ± 0.6 | -1.53 [" in rows["default"] and "| – |" in rows["default"]
     assert "+1.60 [+1.35, +1.85]" in rows["authors_split"]  # paired with the default arm, seed by seed
+    assert rows["no_cosine"].endswith("| -0.10 [-0.10, -0.10] | -0.20 [-0.20, -0.20] |")  # severity, hdist@5 vs flat
     assert "Arms that recover top-1 (Δ vs default HAFrame above 0): authors_split." in text
 
 
